@@ -1,0 +1,21 @@
+"""Errors that end a command with a one-line message and a distinct exit code."""
+
+from resilient.exit_codes import ExitCode
+
+
+class ResilientError(Exception):
+    """An expected failure: printed as one line, mapped to `exit_code`."""
+
+    exit_code: ExitCode = ExitCode.INTERNAL_ERROR
+
+
+class ConfigError(ResilientError):
+    """Bad configuration or input files (config, data directory, tokenizer)."""
+
+    exit_code = ExitCode.CONFIG_ERROR
+
+
+class CheckpointError(ResilientError):
+    """A checkpoint is damaged, missing or incompatible with the run."""
+
+    exit_code = ExitCode.CHECKPOINT_DAMAGED

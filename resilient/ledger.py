@@ -1,0 +1,43 @@
+"""Append-only JSONL ledger of a run: launches, failures, restarts, requeues, checkpoints.
+
+One JSON object per line, each with `ts` (unix seconds) and `event`. Appends are single
+`write` calls on an O_APPEND descriptor, so concurrent writers (supervisor and ranks) never
+interleave within a line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+LEDGER_NAME = "ledger.jsonl"
+
+
+def append(run_dir: str | Path, event: str, **fields: Any) -> dict[str, Any]:
+    """Append one event to RUN_DIR/ledger.jsonl and return the record written."""
+    record = {"ts": time.time(), "event": event, **fields}
+    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
+    path = Path(run_dir) / LEDGER_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+    return record
+
+
+def read(run_dir: str | Path) -> Iterator[dict[str, Any]]:
+    """Yield the ledger's records in order; a torn last line (crash mid-write) is ignored."""
+    path = Path(run_dir) / LEDGER_NAME
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                yield json.loads(raw)
+            except json.JSONDecodeError:
+                continue
