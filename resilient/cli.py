@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 
@@ -33,6 +34,9 @@ def _register_all() -> None:
 
 def main() -> None:
     """Console entry point: expected failures print one line and exit with their code."""
+    # megatron-core warns at import about optional fused kernels; operators need none of it.
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
     _register_all()
     try:
         app(standalone_mode=False)

@@ -85,6 +85,10 @@ class TrainConfig(Section):
     """Seed for weights, dropout and the data order."""
     log_every: int = Field(1, ge=1)
     """Print a progress line every N steps (train_log.jsonl gets every step)."""
+    exit_at_step: int | None = Field(None, ge=1)
+    """Save and stop (exit code PREEMPTED: resumable) after this step, like Megatron's --exit-interval."""
+    eval_every: int = Field(0, ge=0)
+    """Evaluate on the validation set every N steps and at the end (0: never)."""
     peak_flops: float = Field(1e11, gt=0)
     """Per-device peak FLOP/s used for MFU on CPU (GPUs use the known bf16 peak)."""
 

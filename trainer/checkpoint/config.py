@@ -1,10 +1,30 @@
 """Checkpoint configuration."""
 
+from pathlib import Path
+
+from pydantic import Field
+
 from resilient.configbase import Section
 
 
 class CheckpointConfig(Section):
-    """When and how checkpoints are saved, kept and verified."""
+    """When and how checkpoints are saved, kept, verified and loaded."""
 
-    interval_steps: int = 0
-    """Save every N steps (0: off)."""
+    interval_steps: int = Field(50, ge=0)
+    """Save every N steps (0: no step trigger)."""
+    interval_minutes: float = Field(0.0, ge=0)
+    """Also save when this many minutes passed since the last save (0: no time trigger)."""
+    save_on_finish: bool = True
+    """Save the final step, so the last state can be inspected, digested and continued."""
+    async_save: bool = True
+    """Write in the background; the loop blocks only while tensors are staged to host memory."""
+    keep_last: int = Field(3, ge=1)
+    """Keep the newest K complete checkpoints."""
+    keep_every: int = Field(0, ge=0)
+    """Also keep every checkpoint whose step is a multiple of M, for rollback (0: none)."""
+    verify_checksums: bool = False
+    """On load, verify every file's checksum, not only its size (slower, reads everything once)."""
+    load_step: int | None = None
+    """Resume from this step instead of the latest complete checkpoint."""
+    dir: Path | None = None
+    """Checkpoint directory (None: RUN_DIR/checkpoints)."""

@@ -1,0 +1,208 @@
+"""Async distributed checkpoints with an atomic commit, verified loads and retention.
+
+Save: stage tensors (the only blocking part), write in a background process, and when every
+rank's write is done (megatron's collective finalize) rank 0 writes the marker with the
+manifest, then replaces `latest`. Called at step boundaries on all ranks in lockstep.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+from resilient import ledger
+from resilient.errors import CheckpointError
+from trainer.checkpoint import layout, manifest, policy
+from trainer.checkpoint.config import CheckpointConfig
+from trainer.checkpoint.state import TrainState, apply_loaded, sharded_state
+
+log = logging.getLogger(__name__)
+
+
+def _write_then_hash(write_fn, ckpt_dir: Path, rank: int, *args, **kwargs) -> None:
+    """Runs in the background writer: write this rank's files, then vouch for them."""
+    write_fn(*args, **kwargs)
+    manifest.write_rank_sums(ckpt_dir, rank)
+
+
+def identity_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """The first architecture field that differs, as a one-line reason (parallel layout may differ:
+    dist_checkpointing reshards tensor- and data-parallel changes)."""
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            return f"{key}: checkpoint has {saved.get(key)!r}, this run has {current.get(key)!r}"
+    return None
+
+
+class Checkpointer:
+    """One per rank; every public method is called by all ranks at the same step boundary."""
+
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, *, attempt: int = 0) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.attempt = attempt
+        self.root = cfg.dir or run_dir / "checkpoints"
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.queue = AsyncCallsQueue()
+        dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        self.strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), dp_group)
+        self.last_save_step: int | None = None
+        self.last_save_time = time.monotonic()
+        self.failed_saves = 0
+        self._pending_blocking = 0.0
+        self._retention: threading.Thread | None = None
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._clean_leftovers()
+        dist.barrier()
+
+    # -- saving ---------------------------------------------------------------------------
+
+    def should_save(self, step: int, final_step: int, stop_requested: bool) -> policy.Decision:
+        return policy.should_save(self.cfg, step=step, final_step=final_step, last_save_step=self.last_save_step,
+                                  seconds_since_save=time.monotonic() - self.last_save_time,
+                                  stop_requested=stop_requested)
+
+    def save(self, state: TrainState) -> float:
+        """Start saving `state.step`; returns the seconds the training loop was blocked."""
+        started = time.monotonic()
+        self.poll(blocking=True)  # one save in flight at a time: finish the previous first
+        step, ckpt_dir = state.step, layout.step_dir(self.root, state.step)
+        if (ckpt_dir / layout.MARKER).exists():
+            self.last_save_step = step
+            return time.monotonic() - started
+        if self.rank == 0:
+            if ckpt_dir.exists():
+                shutil.rmtree(ckpt_dir)  # an uncommitted leftover of the same step
+            ckpt_dir.mkdir(mode=0o700)
+        dist.barrier()
+        request = dist_checkpointing.save(sharded_state(state, include_rng=True), str(ckpt_dir), self.strategy,
+                                          async_sharded_save=True)
+        request = request._replace(
+            async_fn=partial(_write_then_hash, request.async_fn, ckpt_dir, self.rank),
+            finalize_fns=[*request.finalize_fns,
+                          partial(self._commit, step, ckpt_dir, started, state.consumed_samples,
+                                  state.consumed_tokens, state.identity)],
+        )
+        self.queue.schedule_async_request(request)
+        blocking = time.monotonic() - started
+        self.last_save_step, self.last_save_time = step, time.monotonic()
+        self._pending_blocking = blocking
+        if not self.cfg.async_save:
+            self.poll(blocking=True)
+            blocking = time.monotonic() - started
+        return blocking
+
+    def poll(self, blocking: bool = False) -> None:
+        """Finalize saves whose background write finished (a collective: call on every rank)."""
+        if not self.queue.get_num_unfinalized_calls():
+            return
+        try:
+            self.queue.maybe_finalize_async_calls(blocking=blocking)
+        except Exception as err:  # a failed write (ENOSPC, I/O error) never stops training
+            self.failed_saves += 1
+            step = self.last_save_step
+            log.error("checkpoint save of step %s failed: %s", step, err)
+            if self.rank == 0:
+                ledger.append(self.run_dir, "ckpt_save_failed", step=step, error=str(err).splitlines()[0][:500])
+            self.last_save_step = None
+            self.queue = AsyncCallsQueue()
+
+    def finish(self) -> None:
+        """Wait for the save in flight and for retention (end of run or stop)."""
+        self.poll(blocking=True)
+        if self._retention is not None:
+            self._retention.join()
+
+    def _commit(self, step: int, ckpt_dir: Path, started: float, consumed_samples: int,
+                consumed_tokens: int, identity: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        meta = {"step": step, "consumed_samples": consumed_samples, "consumed_tokens": consumed_tokens,
+                "world_size": self.world, "identity": identity,
+                "parallel": {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+                             "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+                             "dp": parallel_state.get_data_parallel_world_size()}}
+        written = manifest.commit(ckpt_dir, meta)
+        layout.write_latest(self.root, step)
+        ledger.append(self.run_dir, "ckpt_save", step=step, blocking_seconds=round(self._pending_blocking, 6),
+                      total_seconds=round(time.monotonic() - started, 6), bytes=written["bytes"])
+        self._start_retention(step)
+
+    def _start_retention(self, newest: int) -> None:
+        doomed = policy.to_delete(layout.committed_steps(self.root), keep_last=self.cfg.keep_last,
+                                  keep_every=self.cfg.keep_every, protected={newest})
+        if not doomed:
+            return
+        if self._retention is not None:
+            self._retention.join()
+        self._retention = threading.Thread(target=self._delete, args=(doomed,), name="ckpt-retention", daemon=True)
+        self._retention.start()
+
+    def _delete(self, steps: list[int]) -> None:
+        for step in steps:
+            path = layout.step_dir(self.root, step)
+            (path / layout.MARKER).unlink(missing_ok=True)  # uncommit first: never half a "complete" one
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _clean_leftovers(self) -> None:
+        """Directories a crash left without a marker, and stray temp files, are removed at start."""
+        for step, path in layout.step_dirs(self.root).items():
+            if not (path / layout.MARKER).exists():
+                log.info("removing incomplete checkpoint %s", path.name)
+                shutil.rmtree(path, ignore_errors=True)
+        for tmp in self.root.glob(".latest.tmp.*"):
+            tmp.unlink(missing_ok=True)
+
+    # -- loading --------------------------------------------------------------------------
+
+    def resume(self, state: TrainState) -> int | None:
+        """Load the newest intact checkpoint into `state` (falling back past damaged ones);
+        None when there is none. Raises CheckpointError when one was asked for and cannot be used."""
+        candidates = policy.load_candidates(layout.committed_steps(self.root), load_step=self.cfg.load_step)
+        skipped: list[tuple[int, str]] = []
+        for step in candidates:
+            ckpt_dir = layout.step_dir(self.root, step)
+            problems: list[str | None] = [None] * self.world
+            local = manifest.verify(ckpt_dir, checksums=self.cfg.verify_checksums, share=(self.rank, self.world))
+            dist.all_gather_object(problems, local)
+            problem = next((p for p in problems if p), None)
+            if problem:
+                if self.cfg.load_step is not None:
+                    raise CheckpointError(f"checkpoint step {step} is damaged: {problem}")
+                skipped.append((step, problem))
+                continue
+            started = time.monotonic()
+            common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))["common"]
+            mismatch = identity_mismatch(common["identity"], state.identity)
+            if mismatch:
+                raise CheckpointError(f"checkpoint {ckpt_dir.name} is incompatible with this run's model: {mismatch}")
+            tree = sharded_state(state, include_rng=common["world_size"] == self.world)
+            apply_loaded(state, dist_checkpointing.load(tree, str(ckpt_dir)))
+            if self.rank == 0:
+                for bad, why in skipped:
+                    log.warning("checkpoint step %d is damaged (%s); using step %d", bad, why, step)
+                    ledger.append(self.run_dir, "ckpt_fallback", from_step=bad, to_step=step, reason=why)
+                ledger.append(self.run_dir, "ckpt_load", rank=0, step=step,
+                              seconds=round(time.monotonic() - started, 6),
+                              attempt=self.attempt)
+            self.last_save_step = step
+            return step
+        if self.cfg.load_step is not None:
+            raise CheckpointError(f"no checkpoint for step {self.cfg.load_step} in {self.root}")
+        if skipped:
+            raise CheckpointError(
+                f"every checkpoint in {self.root} is damaged (newest: {skipped[0][1]}); refusing to start over"
+            )
+        return None

@@ -1,0 +1,83 @@
+"""Offline views of a checkpoint directory: list, verify, inspect, digest (one process, no job)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from resilient.errors import CheckpointError
+from trainer.checkpoint import layout, manifest
+
+# Tensors that make up "the state" for equality: model weights and optimizer moments.
+DIGEST_PREFIXES = ("embedding.", "decoder.", "output_layer.", "optimizer.")
+
+
+def resolve_root(path: Path) -> Path:
+    """Accept RUN_DIR or RUN_DIR/checkpoints."""
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def pick_step(root: Path, step: int | None) -> int:
+    """The requested step, or the newest committed one."""
+    if step is not None:
+        if step not in layout.step_dirs(root):
+            raise CheckpointError(f"no checkpoint directory for step {step} in {root}")
+        return step
+    committed = layout.committed_steps(root)
+    if not committed:
+        raise CheckpointError(f"no complete checkpoint in {root}")
+    return committed[-1]
+
+
+def listing(root: Path) -> list[dict[str, Any]]:
+    latest = layout.read_latest(root)
+    rows = []
+    for step, path in layout.step_dirs(root).items():
+        try:
+            meta = manifest.read_manifest(path)
+            state, size = "complete", meta.get("bytes", 0)
+        except ValueError:
+            state, size = "incomplete", sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+        rows.append({"step": step, "state": state, "bytes": size, "latest": step == latest, "path": str(path)})
+    return rows
+
+
+def inspect(root: Path, step: int) -> dict[str, Any]:
+    try:
+        found = manifest.read_manifest(layout.step_dir(root, step))
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    return {"step": step, **found["meta"], "bytes": found["bytes"], "files": len(found["files"]),
+            "committed_at": found["committed_at"]}
+
+
+def _single_process_group() -> None:
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def load_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, unsharded, keyed by its global name."""
+    from megatron.core import dist_checkpointing
+
+    _single_process_group()
+    return dist_checkpointing.load_plain_tensors(str(ckpt_dir))
+
+
+def digest(ckpt_dir: Path) -> str:
+    """One hex digest over model and optimizer tensors in sorted-key order: equal state, equal
+    digest, whatever the parallel layout it was saved from."""
+    tensors = load_tensors(ckpt_dir)
+    h = hashlib.sha256()
+    for key in sorted(k for k in tensors if k.startswith(DIGEST_PREFIXES)):
+        tensor = tensors[key]
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        h.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()

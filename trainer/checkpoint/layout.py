@@ -1,0 +1,75 @@
+"""Where checkpoints live and how the `latest` pointer is replaced atomically.
+
+    checkpoints/step_0000100/      megatron torch_dist files + COMMITTED.json (the marker)
+    checkpoints/latest             text file naming the step directory, replaced by rename
+A directory without a valid marker does not exist for loading.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+MARKER = "COMMITTED.json"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d{7,})$")
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:07d}"
+
+
+def parse_step(name: str) -> int | None:
+    match = _STEP_DIR.match(name)
+    return int(match.group(1)) if match else None
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write temp, fsync, rename over `path`, fsync the directory: readers see old or new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_latest(root: Path, step: int) -> None:
+    atomic_write(root / LATEST, f"{step_dir(root, step).name}\n".encode())
+
+
+def read_latest(root: Path) -> int | None:
+    """The step `latest` names, or None when absent or unreadable."""
+    try:
+        return parse_step((root / LATEST).read_text().strip())
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+
+
+def step_dirs(root: Path) -> dict[int, Path]:
+    """Every step_* directory, committed or not, by step."""
+    if not root.is_dir():
+        return {}
+    found = {}
+    for child in root.iterdir():
+        step = parse_step(child.name)
+        if step is not None and child.is_dir():
+            found[step] = child
+    return dict(sorted(found.items()))
+
+
+def committed_steps(root: Path) -> list[int]:
+    """Steps whose directory carries the marker (validity is checked by verify)."""
+    return [step for step, path in step_dirs(root).items() if (path / MARKER).is_file()]

@@ -1,0 +1,98 @@
+"""Checksums computed by the writers, the completion marker, and verification.
+
+Each rank's background writer hashes the files it wrote (`.sums.rank{R}.json`); after every rank
+finalized, rank 0 assembles the manifest (every file, size, checksum) into the marker. Verification
+checks sizes always and checksums on request, spreading the hashing over the ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from trainer.checkpoint.layout import MARKER, atomic_write
+
+SUMS_PREFIX = ".sums.rank"
+_CHUNK = 8 << 20
+
+
+def hash_file(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "blake2b": hash_file(path)}
+
+
+def rank_files(ckpt_dir: Path, rank: int) -> list[Path]:
+    """The data files megatron's torch_dist writer produced for one global rank."""
+    return sorted(ckpt_dir.glob(f"__{rank}_*.distcp"))
+
+
+def write_rank_sums(ckpt_dir: Path, rank: int) -> None:
+    """Run by the writer after its files are on disk: the checksums it vouches for."""
+    sums = {p.name: describe(p) for p in rank_files(ckpt_dir, rank)}
+    atomic_write(ckpt_dir / f"{SUMS_PREFIX}{rank}.json", json.dumps(sums).encode())
+
+
+def build_manifest(ckpt_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Merge the writers' checksums and hash the remaining (metadata) files once."""
+    files: dict[str, Any] = {}
+    for sums in sorted(ckpt_dir.glob(f"{SUMS_PREFIX}*.json")):
+        files.update(json.loads(sums.read_text()))
+    for path in sorted(ckpt_dir.iterdir()):
+        if path.is_file() and path.name not in files and path.name != MARKER and not path.name.startswith(SUMS_PREFIX):
+            files[path.name] = describe(path)
+    return {"format": 1, "committed_at": time.time(), "meta": meta, "files": files,
+            "bytes": sum(f["size"] for f in files.values())}
+
+
+def commit(ckpt_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write the marker (atomically): from now on the checkpoint exists."""
+    manifest = build_manifest(ckpt_dir, meta)
+    atomic_write(ckpt_dir / MARKER, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    for sums in ckpt_dir.glob(f"{SUMS_PREFIX}*.json"):
+        sums.unlink()
+    return manifest
+
+
+def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
+    """The marker's manifest; raises ValueError with the reason when missing or unreadable."""
+    try:
+        manifest = json.loads((ckpt_dir / MARKER).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{ckpt_dir.name}: no completion marker ({MARKER})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{ckpt_dir.name}: completion marker is not valid JSON") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise ValueError(f"{ckpt_dir.name}: completion marker has no file list")
+    return manifest
+
+
+def verify(ckpt_dir: Path, *, checksums: bool, share: tuple[int, int] = (0, 1)) -> str | None:
+    """None if intact, else the first problem found. `share=(i, n)` hashes only every n-th file
+    from i, so n ranks verify a checkpoint together; sizes are always checked in full."""
+    try:
+        manifest = read_manifest(ckpt_dir)
+    except ValueError as err:
+        return str(err)
+    index, count = share
+    for i, (name, expected) in enumerate(sorted(manifest["files"].items())):
+        path = ckpt_dir / name
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            return f"{ckpt_dir.name}/{name}: missing"
+        if size != expected["size"]:
+            return f"{ckpt_dir.name}/{name}: size {size} != {expected['size']} in the manifest"
+        if checksums and i % count == index and hash_file(path) != expected["blake2b"]:
+            return f"{ckpt_dir.name}/{name}: checksum mismatch (content changed after commit)"
+    return None

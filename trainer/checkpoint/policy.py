@@ -1,0 +1,48 @@
+"""Checkpoint decisions as pure functions: when to save, what to keep, which one to load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainer.checkpoint.config import CheckpointConfig
+
+
+@dataclass(frozen=True)
+class Decision:
+    yes: bool
+    reason: str
+
+
+def should_save(cfg: CheckpointConfig, *, step: int, final_step: int, last_save_step: int | None,
+                seconds_since_save: float, stop_requested: bool) -> Decision:
+    """Save after `step`? Stop requests and the final step always save (unless just saved)."""
+    if last_save_step == step:
+        return Decision(False, f"step {step} is already saved")
+    if stop_requested:
+        return Decision(True, "stop requested")
+    if step == final_step and cfg.save_on_finish:
+        return Decision(True, "final step")
+    if cfg.interval_steps and step % cfg.interval_steps == 0:
+        return Decision(True, f"every {cfg.interval_steps} steps")
+    if cfg.interval_minutes and seconds_since_save >= cfg.interval_minutes * 60:
+        return Decision(True, f"{cfg.interval_minutes:g} minutes since the last save")
+    return Decision(False, "no trigger")
+
+
+def to_delete(committed: list[int], *, keep_last: int, keep_every: int, protected: set[int]) -> list[int]:
+    """Committed steps retention may delete: all but the newest `keep_last`, the multiples of
+    `keep_every`, and `protected` (the one `latest` names, one being written)."""
+    newest = set(sorted(committed)[-keep_last:]) if keep_last else set()
+    keep = newest | protected | {s for s in committed if keep_every and s % keep_every == 0}
+    if not keep and committed:
+        keep = {max(committed)}  # never delete the only complete checkpoint
+    return sorted(s for s in committed if s not in keep)
+
+
+def load_candidates(committed: list[int], *, load_step: int | None) -> list[int]:
+    """Steps to try, in order: the requested one only, or every committed one newest first.
+    The marker, not the `latest` pointer, decides completeness: a crash between the marker and
+    the pointer update leaves a complete checkpoint that `latest` does not name yet."""
+    if load_step is not None:
+        return [load_step]
+    return sorted(committed, reverse=True)

@@ -1,0 +1,344 @@
+"""`prepare`: pre-tokenize C4 shards once into megatron-core's indexed format (.bin/.idx).
+
+Why pre-tokenize instead of tokenizing in the loader: a months-long run reads the same data for
+many epochs and restarts hundreds of times; tokenizing once makes every restart O(1) (the loader
+only maps window indices to byte offsets) and makes existing Megatron-preprocessed C4 usable as is.
+
+Layout of the cache directory (`DataConfig.cache_dir`, default RUN_DIR/data_cache, mode 0700):
+
+    shards/<shard stem>.<key>.{bin,idx,json}   one per source shard; key = hash(name, size, mtime,
+                                                tokenizer sha256, EOS id)
+    train.<key>.json                           manifest of a training set: its shards in order,
+                                                documents, tokens, skips and the data fingerprint
+    validation.<key>.{bin,idx,json}            the first K validation documents
+
+Every file is written under a temporary name and renamed into place, and a shard (or manifest)
+exists only once its `.json` is there, written last. A prepare killed at any point therefore
+resumes with the shards that were finished and never trusts a half-written one. Shards are
+tokenized in parallel processes (`workers`), each with a share of the tokenizer's threads.
+Each document gets EOS appended; damaged lines are skipped, counted and recorded in the `.json`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from resilient.errors import ConfigError
+from trainer.data.config import DataConfig
+from trainer.data.shards import SkipCounts, find_shards, read_documents
+from trainer.data.tokenizer import load_tokenizer, tokenizer_digest
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+ENCODE_BATCH = 256  # documents per tokenizer call: large enough to amortise the Python<->Rust crossing
+
+
+# ---------------------------------------------------------------------------------------------
+# Locations and keys (pure)
+
+
+def cache_root(cfg: DataConfig, run_dir: Path) -> Path:
+    return cfg.cache_dir if cfg.cache_dir is not None else Path(run_dir) / "data_cache"
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _stat_key(path: Path) -> list[object]:
+    st = path.stat()
+    return [path.name, st.st_size, st.st_mtime_ns]
+
+
+def shard_key(shard: Path, tok_sha: str, eos_id: int) -> str:
+    """Cache key of one tokenized shard: changes when the file or the tokenizer changes."""
+    return _digest([FORMAT_VERSION, _stat_key(shard), tok_sha, eos_id])[:16]
+
+
+def shard_prefix(root: Path, shard: Path, key: str) -> Path:
+    stem = shard.name
+    for suffix in (".gz", ".jsonl", ".json"):
+        stem = stem.removesuffix(suffix)
+    return root / "shards" / f"{stem}.{key}"
+
+
+def data_fingerprint(shards: Iterable[dict], tok_sha: str | None, eos_id: int | None) -> str:
+    """Identity of the token stream for checkpoint compatibility: content counts, not file times,
+    so the same data prepared again (or copied elsewhere) resumes, and different data does not."""
+    content = [[s["name"], s["documents"], s["tokens"]] for s in shards]
+    return _digest([content, tok_sha, eos_id])[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _write_json_atomic(path: Path, obj: object) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _token_dtype(vocab_size: int) -> type[np.number]:
+    from megatron.core.datasets.indexed_dataset import DType
+
+    return DType.optimal_dtype(vocab_size)
+
+
+def _encode(documents: Iterator[str], tokenizer, eos_id: int) -> Iterator[list[int]]:
+    """Token ids (EOS appended) of each document, encoded in batches."""
+    batch: list[str] = []
+
+    def flush() -> Iterator[list[int]]:
+        for enc in tokenizer.encode_batch_fast(batch, add_special_tokens=False):
+            ids = enc.ids
+            ids.append(eos_id)
+            yield ids
+        batch.clear()
+
+    for text in documents:
+        batch.append(text)
+        if len(batch) >= ENCODE_BATCH:
+            yield from flush()
+    if batch:
+        yield from flush()
+
+
+def _write_indexed(prefix: Path, token_lists: Iterable[list[int]], dtype) -> tuple[int, int]:
+    """Write prefix.bin/.idx atomically with megatron-core's builder; returns (documents, tokens)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    tmp = prefix.with_name(f".{prefix.name}.{os.getpid()}.tmp")
+    builder = IndexedDatasetBuilder(str(tmp) + ".bin", dtype=dtype)
+    documents = tokens = 0
+    for ids in token_lists:
+        builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+        documents += 1
+        tokens += len(ids)
+    builder.finalize(str(tmp) + ".idx")
+    for suffix in (".bin", ".idx"):
+        os.chmod(str(tmp) + suffix, 0o600)
+        os.replace(str(tmp) + suffix, str(prefix) + suffix)
+    return documents, tokens
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One unit of prepare work: tokenize `sources` (up to `limit` documents) into `prefix`."""
+
+    sources: tuple[Path, ...]
+    prefix: Path
+    tokenizer: Path
+    eos_token: str
+    limit: int | None = None
+
+
+def run_job(job: ShardJob) -> dict:
+    """Tokenize one job's documents into its .bin/.idx and write its metadata .json (last)."""
+    tokenizer, eos_id = load_tokenizer(job.tokenizer, job.eos_token)
+    dtype = _token_dtype(tokenizer.get_vocab_size())
+    skips = {src.name: SkipCounts() for src in job.sources}
+
+    def documents() -> Iterator[str]:
+        remaining = job.limit
+        for src in job.sources:
+            for text in read_documents(src, skips[src.name], remaining):
+                yield text
+                if remaining is not None:
+                    remaining -= 1
+            if remaining == 0:
+                return
+
+    n_docs, n_tokens = _write_indexed(job.prefix, _encode(documents(), tokenizer, eos_id), dtype)
+    meta = {
+        "version": FORMAT_VERSION,
+        "name": job.sources[0].name if len(job.sources) == 1 else "validation",
+        "sources": [s.name for s in job.sources],
+        "prefix": job.prefix.name,
+        "dtype": np.dtype(dtype).name,
+        "documents": n_docs,
+        "tokens": n_tokens,
+        "skipped": {name: s.as_dict() for name, s in skips.items()},
+    }
+    _write_json_atomic(_meta_path(job.prefix), meta)
+    return meta
+
+
+def _meta_path(prefix: Path) -> Path:
+    return prefix.with_name(prefix.name + ".json")
+
+
+def _worker_init(threads: int) -> None:
+    # The tokenizer's thread pool starts on first use; give each process its share of the cores.
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+
+
+def _run_jobs(jobs: list[ShardJob], workers: int) -> None:
+    if not jobs:
+        return
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    if workers == 1:
+        for job in jobs:
+            meta = run_job(job)
+            log.info("data: prepared %s (%d documents, %d tokens)", meta["name"], meta["documents"], meta["tokens"])
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    # spawn, not fork: prepare may run inside a trainer process that already holds threads.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(threads,)) as pool:
+        for meta in pool.imap_unordered(run_job, jobs):
+            log.info("data: prepared %s (%d documents, %d tokens)", meta["name"], meta["documents"], meta["tokens"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training set
+
+
+def train_manifest_path(cfg: DataConfig, run_dir: Path) -> Path:
+    """Where the manifest of the configured training data lives (it may not exist yet)."""
+    root = cache_root(cfg, run_dir)
+    megatron = megatron_prefixes(cfg.path)
+    if megatron:
+        return root / f"train.megatron.{_digest([_stat_key(p.with_suffix('.idx')) for p in megatron])[:16]}.json"
+    shards = find_shards(cfg.path, cfg.train_glob, what="data.path")
+    _, eos_id = load_tokenizer(cfg.tokenizer, cfg.eos_token)
+    tok_sha = tokenizer_digest(cfg.tokenizer)
+    keys = [shard_key(s, tok_sha, eos_id) for s in shards]
+    return root / f"train.{_digest(keys)[:16]}.json"
+
+
+def megatron_prefixes(path: Path) -> list[Path]:
+    """Prefixes of Megatron .bin/.idx pairs in a directory that holds no text shards."""
+    if not path.is_dir():
+        return []
+    prefixes = sorted(p.with_suffix("") for p in path.glob("*.idx") if p.with_suffix(".bin").is_file())
+    has_text = any(p.name.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")) for p in path.iterdir())
+    return [] if has_text else prefixes
+
+
+def _megatron_manifest(prefixes: list[Path]) -> dict:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    shards = []
+    for prefix in prefixes:
+        ds = IndexedDataset(str(prefix))
+        shards.append({
+            "name": prefix.name, "path": str(prefix.resolve()), "dtype": np.dtype(ds.index.dtype).name,
+            "documents": int(len(ds.document_indices) - 1), "tokens": int(ds.sequence_lengths.sum(dtype=np.int64)),
+            "skipped": {},
+        })
+    return _manifest(shards, tok_sha=None, eos_id=None)
+
+
+def _manifest(shards: list[dict], tok_sha: str | None, eos_id: int | None) -> dict:
+    lines = sum(s.get("malformed_lines", 0) for sh in shards for s in sh["skipped"].values())
+    truncated = sorted(name for sh in shards for name, s in sh["skipped"].items() if s.get("truncated"))
+    return {
+        "version": FORMAT_VERSION,
+        "fingerprint": data_fingerprint(shards, tok_sha, eos_id),
+        "tokenizer_sha256": tok_sha,
+        "eos_id": eos_id,
+        "documents": sum(s["documents"] for s in shards),
+        "tokens": sum(s["tokens"] for s in shards),
+        "skipped_lines": lines,
+        "truncated_shards": truncated,
+        "shards": shards,
+    }
+
+
+def prepare_train(cfg: DataConfig, run_dir: Path, workers: int | None = None) -> Path:
+    """Tokenize the missing training shards and write the training manifest; returns its path."""
+    manifest_path = train_manifest_path(cfg, run_dir)
+    if manifest_path.exists():
+        return manifest_path
+    root = cache_root(cfg, run_dir)
+    (root / "shards").mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(root, 0o700)
+    megatron = megatron_prefixes(cfg.path)
+    if megatron:
+        _write_json_atomic(manifest_path, _megatron_manifest(megatron))
+        return manifest_path
+
+    shards = find_shards(cfg.path, cfg.train_glob, what="data.path")
+    _, eos_id = load_tokenizer(cfg.tokenizer, cfg.eos_token)
+    tok_sha = tokenizer_digest(cfg.tokenizer)
+    prefixes = [shard_prefix(root, s, shard_key(s, tok_sha, eos_id)) for s in shards]
+    todo = [ShardJob((s,), p, cfg.tokenizer.resolve(), cfg.eos_token)
+            for s, p in zip(shards, prefixes) if not _meta_path(p).exists()]
+    if todo:
+        log.info("data: tokenizing %d of %d shards into %s", len(todo), len(shards), root)
+    _run_jobs(todo, cfg.prepare_workers if workers is None else workers)
+
+    metas = []
+    for prefix in prefixes:
+        meta = json.loads(_meta_path(prefix).read_text())
+        meta["path"] = str(prefix.resolve())
+        metas.append(meta)
+    manifest = _manifest(metas, tok_sha, eos_id)
+    if manifest["tokens"] == 0:
+        raise ConfigError(f"data.path: {cfg.path}: the shards hold no readable documents")
+    _write_json_atomic(manifest_path, manifest)
+    if manifest["skipped_lines"] or manifest["truncated_shards"]:
+        log.warning("data: prepare skipped %d malformed lines; truncated shards: %s",
+                    manifest["skipped_lines"], ", ".join(manifest["truncated_shards"]) or "none")
+    return manifest_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation set
+
+
+def validation_prefix(cfg: DataConfig, run_dir: Path) -> Path:
+    """Prefix of the prepared validation documents for this config (it may not exist yet)."""
+    location = cfg.validation_path if cfg.validation_path is not None else _data_dir(cfg.path)
+    shards = find_shards(location, cfg.validation_glob, what="data.validation_path")
+    _, eos_id = load_tokenizer(cfg.tokenizer, cfg.eos_token)
+    tok_sha = tokenizer_digest(cfg.tokenizer)
+    key = _digest([FORMAT_VERSION, [_stat_key(s) for s in shards], tok_sha, eos_id, cfg.validation_docs])[:16]
+    return cache_root(cfg, run_dir) / f"validation.{key}"
+
+
+def validation_meta_path(cfg: DataConfig, run_dir: Path) -> Path:
+    """The metadata .json of the prepared validation documents (it may not exist yet)."""
+    return _meta_path(validation_prefix(cfg, run_dir))
+
+
+def _data_dir(path: Path) -> Path:
+    return Path(str(path)).parent if glob.has_magic(str(path)) else path
+
+
+def prepare_validation(cfg: DataConfig, run_dir: Path) -> Path:
+    """Tokenize the first `validation_docs` validation documents; returns the .json metadata path."""
+    prefix = validation_prefix(cfg, run_dir)
+    if _meta_path(prefix).exists():
+        return _meta_path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    location = cfg.validation_path if cfg.validation_path is not None else _data_dir(cfg.path)
+    shards = find_shards(location, cfg.validation_glob, what="data.validation_path")
+    run_job(ShardJob(tuple(shards), prefix, cfg.tokenizer.resolve(), cfg.eos_token, cfg.validation_docs))
+    return _meta_path(prefix)
+
+
+def prepare_if_needed(cfg: DataConfig, run_dir: Path, workers: int | None = None) -> Path:
+    """Prepare what is missing for `cfg` (training shards, manifest, validation set) and return
+    the training manifest path. Run it on global rank 0 and barrier before building loaders."""
+    manifest = prepare_train(cfg, run_dir, workers)
+    if not megatron_prefixes(cfg.path):
+        prepare_validation(cfg, run_dir)
+    return manifest

@@ -1,0 +1,37 @@
+"""Model FLOPs per token and MFU (PaLM's accounting: 6N plus attention)."""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.presets import Architecture
+
+# Dense bf16 peak per device (no sparsity), by substring of the CUDA device name.
+_GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def parameter_count(arch: Architecture, *, padded_vocab: int | None = None) -> int:
+    """Parameters of the Llama architecture (untied input and output embeddings)."""
+    vocab = padded_vocab or arch.vocab_size
+    head_dim = arch.hidden_size // arch.num_attention_heads
+    kv = arch.num_query_groups * head_dim
+    attention = arch.hidden_size * (arch.hidden_size + 2 * kv) + arch.hidden_size * arch.hidden_size
+    mlp = 3 * arch.hidden_size * arch.ffn_hidden_size
+    per_layer = attention + mlp + 2 * arch.hidden_size
+    return arch.num_layers * per_layer + 2 * vocab * arch.hidden_size + arch.hidden_size
+
+
+def flops_per_token(arch: Architecture, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (non-input-embedding params) + 12 x layers x width x seq."""
+    matmul_params = parameter_count(arch) - arch.vocab_size * arch.hidden_size
+    return 6.0 * matmul_params + 12.0 * arch.num_layers * arch.hidden_size * seq_len
+
+
+def device_peak_flops(device: torch.device, configured: float) -> float:
+    """Known bf16 peak for the GPU model, else the configured figure (CPU)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in _GPU_PEAK_BF16.items():
+            if key in name:
+                return peak
+    return configured

@@ -1,0 +1,195 @@
+"""One Megatron rank: build everything, resume, train to the final step, checkpoint, stop on request."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import psutil
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from resilient import ledger
+from resilient.channel import HeartbeatClient
+from resilient.config import RunConfig
+from resilient.errors import ConfigError
+from resilient.exit_codes import ExitCode
+from trainer import distributed, stop
+from trainer.checkpoint.checkpointer import Checkpointer
+from trainer.checkpoint.state import TrainState, init_optimizer_state
+from trainer.data.loader import build_train_loader, build_validation_batches
+from trainer.data.prepare import prepare_if_needed
+from trainer.data.tokenizer import load_tokenizer
+from trainer.flops import device_peak_flops, flops_per_token
+from trainer.model import build_model, causal_mask, padded_vocab
+from trainer.optim import average_gradients, build_optimizer, build_scheduler, clip_gradients
+
+log = logging.getLogger("trainer")
+TRAIN_LOG = "train_log.jsonl"
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+class Trainer:
+    """Holds the rank's objects; `run` is the whole life of the rank."""
+
+    def __init__(self, cfg: RunConfig, env: distributed.RankEnv, run_dir: Path) -> None:
+        self.cfg, self.env, self.run_dir = cfg, env, run_dir
+        self.stop_flag = stop.StopFlag().install()
+        self.heartbeat = HeartbeatClient.from_env()
+        self.is_logger = env.rank == 0
+
+    def _beat(self, phase: str, step: int, **fields) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.send(phase, step, **fields)
+
+    def _build(self) -> None:
+        cfg, env = self.cfg, self.env
+        arch = cfg.model.architecture()
+        tokenizer, _ = load_tokenizer(cfg.data.tokenizer, cfg.data.eos_token)
+        if tokenizer.get_vocab_size() > arch.vocab_size:
+            raise ConfigError(f"data.tokenizer: vocabulary of {tokenizer.get_vocab_size()} tokens exceeds the "
+                              f"model's vocab_size {arch.vocab_size}")
+        p = cfg.parallel
+        self.device = distributed.init_distributed(env, tp=p.tp, pp=p.pp, cp=p.cp)
+        distributed.seed_all(cfg.train.seed)
+        self.model = build_model(arch, tp=p.tp, pp=p.pp, cp=p.cp, device=self.device)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        init_optimizer_state(self.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        if env.rank == 0:
+            prepare_if_needed(cfg.data, self.run_dir)
+        dist.barrier()
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        loader = build_train_loader(cfg.data, run_dir=self.run_dir, seq_len=cfg.seq_len,
+                                    global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch,
+                                    dp_rank=dp_rank, dp_size=dp_size, seed=cfg.train.seed)
+        self.val_batches = (build_validation_batches(cfg.data, run_dir=self.run_dir, seq_len=cfg.seq_len,
+                                                     micro_batch=cfg.train.micro_batch, dp_rank=dp_rank,
+                                                     dp_size=dp_size) if cfg.train.eval_every else [])
+        identity = arch.model_dump(exclude={"published_params"})
+        identity["padded_vocab"] = padded_vocab(arch.vocab_size, p.tp)
+        self.state = TrainState(self.model, self.optimizer, self.scheduler, loader, identity=identity)
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, attempt=env.attempt)
+        self.mask = causal_mask(cfg.seq_len, self.device)
+        self.positions = torch.arange(cfg.seq_len, device=self.device).unsqueeze(0)
+        self.flops_per_token = flops_per_token(arch, cfg.seq_len)
+        self.peak = device_peak_flops(self.device, cfg.train.peak_flops)
+
+    def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.device, non_blocking=True)
+        ids, labels = tokens[:, :-1], tokens[:, 1:]
+        positions = self.positions.expand(ids.shape[0], -1)
+        return self.model(ids, positions, self.mask, labels=labels).float().mean()
+
+    def _train_step(self) -> tuple[float, float]:
+        """Forward/backward over this rank's micro-batches, average, clip, update. Returns (loss, grad norm)."""
+        micro_batches = self.state.loader.next_step()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=False)
+        total = torch.zeros((), device=self.device)
+        for tokens in micro_batches:
+            loss = self._loss(tokens) / len(micro_batches)
+            loss.backward()
+            total += loss.detach()
+        average_gradients(self.model)
+        grad_norm = clip_gradients(self.model, self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step(1)
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        return total.item() / parallel_state.get_data_parallel_world_size(), grad_norm
+
+    @torch.no_grad()
+    def _evaluate(self) -> float:
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for tokens in self.val_batches:
+            total += self._loss(tokens)
+        total /= max(len(self.val_batches), 1)
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        return total.item() / parallel_state.get_data_parallel_world_size()
+
+    def _save(self, reason: str) -> None:
+        self._beat("checkpoint", self.state.step, ckpt_step=self.state.step)
+        blocking = self.checkpointer.save(self.state)
+        log.info("checkpoint step %d (%s): loop blocked %.3fs", self.state.step, reason, blocking)
+        self._beat("step", self.state.step, ckpt_blocking_s=blocking, ckpt_step=self.state.step)
+
+    def run(self) -> ExitCode:
+        started = psutil.Process().create_time()
+        self._beat("init", 0)
+        self._build()
+        cfg, state = self.cfg, self.state
+        if self.is_logger:
+            ledger.append(self.run_dir, "rank_init", rank=0, attempt=self.env.attempt,
+                          seconds=round(time.time() - started, 3))
+        self._beat("restore", 0)
+        resumed = self.checkpointer.resume(state)
+        if resumed is not None:
+            log.info("resumed from step %d (%d samples consumed)", resumed, state.consumed_samples)
+        tokens_per_step = cfg.train.global_batch * cfg.seq_len
+        outcome = ExitCode.FINISHED
+        while state.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            loss, grad_norm = self._train_step()
+            step_time = time.perf_counter() - t0
+            state.step += 1
+            state.consumed_samples += cfg.train.global_batch
+            state.consumed_tokens += tokens_per_step
+            self._record_step(loss, grad_norm, step_time, tokens_per_step)
+            if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps):
+                self._record_eval(self._evaluate())
+            self.checkpointer.poll()
+            (stop_requested,) = stop.agree([self.stop_flag.requested], self.device)
+            stop_requested = stop_requested or state.step == cfg.train.exit_at_step
+            decision = self.checkpointer.should_save(state.step, cfg.train.steps, stop_requested)
+            if decision.yes:
+                self._save(decision.reason)
+            if stop_requested:
+                outcome = ExitCode.PREEMPTED
+                break
+        self.checkpointer.finish()
+        state.loader.close()
+        if self.is_logger:
+            event = "finished" if outcome == ExitCode.FINISHED else "preempted"
+            ledger.append(self.run_dir, event, step=state.step, node=self.env.node_name)
+        self._beat("done", state.step)
+        distributed.shutdown()
+        return outcome
+
+    def _record_step(self, loss: float, grad_norm: float, step_time: float, tokens_per_step: int) -> None:
+        state = self.state
+        tokens_per_s = tokens_per_step / step_time
+        mfu = tokens_per_s * self.flops_per_token / (self.peak * self.env.world_size)
+        lr = self.optimizer.param_groups[0]["lr"]
+        record = {"ts": time.time(), "attempt": self.env.attempt, "step": state.step, "loss": loss, "lr": lr,
+                  "grad_norm": grad_norm, "step_time": step_time, "tokens": state.consumed_tokens,
+                  "tokens_per_s": tokens_per_s, "mfu": mfu, "consumed_samples": state.consumed_samples}
+        self._beat("step", state.step, loss=loss, lr=lr, grad_norm=grad_norm, step_time=step_time,
+                   tokens=state.consumed_tokens, tokens_per_s=tokens_per_s, mfu=mfu,
+                   consumed_samples=state.consumed_samples)
+        if not self.is_logger:
+            return
+        _append_jsonl(self.run_dir / TRAIN_LOG, record)
+        if state.step % self.cfg.train.log_every == 0 or state.step == self.cfg.train.steps:
+            log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s step %.3fs mfu %.2f%%",
+                     state.step, self.cfg.train.steps, loss, lr, grad_norm, tokens_per_s, step_time, 100 * mfu)
+
+    def _record_eval(self, val_loss: float) -> None:
+        self._beat("eval", self.state.step, val_loss=val_loss)
+        if self.is_logger:
+            _append_jsonl(self.run_dir / TRAIN_LOG, {"ts": time.time(), "attempt": self.env.attempt,
+                                                     "step": self.state.step, "val_loss": val_loss,
+                                                     "val_log_ppl": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+            log.info("step %d validation loss %.4f (ppl %.1f)", self.state.step, val_loss, math.exp(min(val_loss, 50)))

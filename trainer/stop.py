@@ -1,0 +1,40 @@
+"""Stop requests: a signal sets a local flag; ranks agree at a step boundary with one all-reduce.
+
+The supervisor sends SIGUSR1 (and Slurm sends SIGTERM to every process of the step); the handler
+only sets a flag, so a signal at any moment is safe. Agreeing on the flag with MAX means every
+rank stops after the same step and saves the same checkpoint (Megatron's signal-handler idea).
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM; read at step boundaries."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name: str | None = None
+
+    def install(self) -> "StopFlag":
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+
+def agree(flags: list[bool], device: torch.device) -> list[bool]:
+    """Element-wise OR of boolean flags over all ranks, in one small all-reduce."""
+    tensor = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
