@@ -41,7 +41,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except ResilientError as err:
-        print(f"resilient: {err}", file=sys.stderr)
+        print(f"resilient: {err.one_line()}", file=sys.stderr)
         sys.exit(int(err.exit_code))
     except typer.Exit as ex:
         sys.exit(ex.exit_code)

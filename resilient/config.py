@@ -164,7 +164,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for key in keys[:-1]:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"config error: {dotted}: {key!r} is not a section")
+            raise ConfigError(f"{dotted}: {key!r} is not a section")
         node = child
     node[keys[-1]] = value
 
@@ -174,7 +174,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"config error: override {item!r} is not of the form key.sub=value")
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
     return tree
 
@@ -184,7 +184,7 @@ def _one_line(err: ValidationError) -> str:
     where = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"config error: {where + ': ' if where else ''}{msg}{more}"
+    return f"{where + ': ' if where else ''}{msg}{more}"
 
 
 def parse_config(tree: dict[str, Any]) -> RunConfig:
@@ -203,11 +203,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             loaded = yaml.safe_load(path.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"config error: {path}: no such file") from None
+            raise ConfigError(f"{path}: no such file") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"config error: {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config error: {path}: top level must be a mapping")
+            raise ConfigError(f"{path}: top level must be a mapping")
         tree = loaded or {}
     return parse_config(apply_overrides(tree, overrides or []))
 

@@ -7,15 +7,22 @@ class ResilientError(Exception):
     """An expected failure: printed as one line, mapped to `exit_code`."""
 
     exit_code: ExitCode = ExitCode.INTERNAL_ERROR
+    label: str = "error"
+
+    def one_line(self) -> str:
+        """The message as printed: `label: message`, on one line."""
+        return f"{self.label}: {' '.join(str(self).split())}"
 
 
 class ConfigError(ResilientError):
     """Bad configuration or input files (config, data directory, tokenizer)."""
 
     exit_code = ExitCode.CONFIG_ERROR
+    label = "config error"
 
 
 class CheckpointError(ResilientError):
     """A checkpoint is damaged, missing or incompatible with the run."""
 
     exit_code = ExitCode.CHECKPOINT_DAMAGED
+    label = "checkpoint error"

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, env, run_dir_from_environ(cfg.run_dir))
         return int(trainer.run())
     except ResilientError as err:
-        print(f"resilient trainer: {err}", file=sys.stderr)
+        print(f"resilient trainer: {err.one_line()}", file=sys.stderr)
         if heartbeat is not None:
             heartbeat.send("error", -1, message=str(err))
         return int(err.exit_code)

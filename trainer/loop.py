@@ -24,6 +24,7 @@ from trainer.checkpoint.checkpointer import Checkpointer
 from trainer.checkpoint.state import TrainState, init_optimizer_state
 from trainer.data.loader import build_train_loader, build_validation_batches
 from trainer.data.prepare import prepare_if_needed
+from trainer.data.shards import find_shards
 from trainer.data.tokenizer import load_tokenizer
 from trainer.flops import device_peak_flops, flops_per_token
 from trainer.model import build_model, causal_mask, padded_vocab
@@ -57,6 +58,9 @@ class Trainer:
     def _build(self) -> None:
         cfg, env = self.cfg, self.env
         arch = cfg.model.architecture()
+        # Input checks run on every rank before the first collective, so a bad path fails all ranks
+        # at once with the config exit code instead of leaving the others waiting at a barrier.
+        find_shards(cfg.data.path, cfg.data.train_glob, what="data.path")
         tokenizer, _ = load_tokenizer(cfg.data.tokenizer, cfg.data.eos_token)
         if tokenizer.get_vocab_size() > arch.vocab_size:
             raise ConfigError(f"data.tokenizer: vocabulary of {tokenizer.get_vocab_size()} tokens exceeds the "

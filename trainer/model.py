@@ -90,3 +90,15 @@ def padded_vocab(vocab_size: int, tp: int, multiple: int = 128) -> int:
 def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
     """Megatron's mask convention: True marks a position that may not be attended."""
     return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), 1).view(1, 1, seq_len, seq_len)
+
+
+def meta_parameter_count(arch: Architecture) -> int:
+    """Parameters of the megatron-core model itself, built on the meta device (no memory), TP=1.
+    Needs an initialized process group and parallel_state (a 1-process gloo group will do)."""
+    with torch.device("meta"):
+        config = transformer_config(arch, tp=1, pp=1, cp=1, on_gpu=False, initialize=False)
+        model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+                         vocab_size=arch.vocab_size, max_sequence_length=arch.max_position_embeddings,
+                         position_embedding_type="rope", rotary_base=arch.rotary_base,
+                         share_embeddings_and_output_weights=False)
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,21 @@
+"""Shared fixtures: one uninterrupted reference run of the tiny config, reused by every suite
+that compares a disturbed run against it (same config, same bits)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.ranks import run_ranks
+
+# 24 steps, checkpoints at 12 and 24: long enough for loss to fall, short enough for CI.
+REFERENCE = ["train.steps=24", "train.warmup_steps=4", "train.eval_every=0", "checkpoint.interval_steps=12"]
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("reference")
+    codes = run_ranks(run_dir, REFERENCE)
+    assert codes == [0, 0], (run_dir / "rank0.log").read_text()[-3000:]
+    return run_dir

@@ -1,0 +1,85 @@
+"""Types, pre-flight, the monitor thread and the verdict -> action mapping."""
+
+import time
+
+from health.actions import Action, decide, record
+from health.config import HealthConfig
+from health.monitor import HealthMonitor
+from health.preflight import run_preflight
+from health.types import CheckResult, HealthReport, Severity, fatal, ok, warn
+from resilient import ledger
+from resilient.config import RunConfig
+from resilient.exit_codes import ExitCode
+from tests.health.conftest import healthy_device
+
+LAX = dict(shm_min_gib=0.01, mem_min_available_gib=0.01, ckpt_min_free_gib=0.0)
+
+
+def run_cfg(health: HealthConfig) -> RunConfig:
+    return RunConfig(health=health)
+
+
+def test_severity_is_ordered_and_verdict_names_node_and_check():
+    assert Severity.OK < Severity.WARN < Severity.FATAL
+    report = HealthReport("n7", [ok("a", "fine"), warn("b", "meh"), fatal("gpu.xid", "critical XID 79 on gpu3")])
+    assert report.worst() is Severity.FATAL
+    severity, reason = report.verdict()
+    assert severity is Severity.FATAL and reason == "node n7: gpu.xid: critical XID 79 on gpu3"
+    assert HealthReport("n7", []).verdict()[0] is Severity.OK
+    assert report.to_json()["results"][2]["severity"] == "fatal"
+
+
+def test_decide_maps_verdicts_to_actions():
+    bad = HealthReport("n2", [fatal("gpu.lost", "gpu1 lost")])
+    d = decide(bad, "preflight")
+    assert d.action is Action.STOP and d.exit_code is ExitCode.UNHEALTHY_NODE
+    assert "n2" in d.reason and "gpu.lost" in d.reason and "preflight" in d.reason
+    assert decide(bad, "training").exit_code is ExitCode.UNHEALTHY_NODE
+    w = decide(HealthReport("n2", [warn("gpu.throttle", "hw_thermal")]), "training")
+    assert w.action is Action.RECORD and w.exit_code is None
+    assert decide(HealthReport("n2", [ok("x", "fine")]), "training").action is Action.CONTINUE
+
+
+def test_record_writes_health_ledger_events(tmp_path):
+    report = HealthReport("n2", [ok("x", "fine"), warn("gpu.throttle", "hw_thermal on gpu0")])
+    assert record(tmp_path, report) == 1
+    [event] = list(ledger.read(tmp_path))
+    assert event["event"] == "health" and event["node"] == "n2" and event["severity"] == "warn"
+    assert event["check"] == "gpu.throttle" and event["reason"] == "hw_thermal on gpu0"
+
+
+def test_preflight_combines_gpu_and_node_checks(script, tmp_path):
+    cfg = script("n3", {"devices": [healthy_device(0, xids=[79])]}, **LAX)
+    report = run_preflight(run_cfg(cfg), node="n3", run_dir=tmp_path / "run")
+    names = [r.name for r in report.results]
+    assert "gpu.xid" in names and "node.ckpt_dir" in names
+    severity, reason = report.verdict()
+    assert severity is Severity.FATAL and reason.startswith("node n3: gpu.xid: critical XID 79 on gpu0")
+    healthy = run_preflight(run_cfg(cfg), node="n4", run_dir=tmp_path / "run")  # no script: no NVML
+    assert healthy.worst() is Severity.OK
+
+
+def test_monitor_sees_a_gpu_going_bad_during_training(script, tmp_path):
+    cfg = script("n5", {"devices": [healthy_device(0)]}, {"devices": [healthy_device(0)]},
+                 {"devices": [healthy_device(0, xids=[94])]}, **LAX)
+    monitor = HealthMonitor(run_cfg(cfg), "n5", tmp_path, interval_s=0.05).start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            latest = monitor.latest()
+            if latest is not None and latest.worst() is Severity.FATAL:
+                break
+            time.sleep(0.02)
+    finally:
+        monitor.stop()
+    assert latest.worst() is Severity.FATAL and "XID 94 on gpu0" in latest.verdict()[1]
+    assert not monitor._thread.is_alive()
+
+
+def test_monitor_survives_a_broken_provider(tmp_path):
+    (tmp_path / "n6.json").write_text("{broken")
+    cfg = HealthConfig(fake_nvml_dir=tmp_path, **LAX)
+    report = HealthMonitor(run_cfg(cfg), "n6", tmp_path).check_once()
+    gpu = [r for r in report.results if r.name == "gpu.sample"]
+    assert gpu and gpu[0].severity is Severity.WARN and "bad fake NVML state" in gpu[0].reason
+    assert isinstance(report.results[-1], CheckResult) and report.results[-1].name == "node.shm"

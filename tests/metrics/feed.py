@@ -1,0 +1,83 @@
+"""A supervisor stand-in for the tests: drives NodeMetrics with contract-shaped heartbeats, health and goodput."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from health.types import CheckResult, HealthReport, Severity
+from resilient.goodput import compute_goodput
+from resilient.metrics.exporter import NodeMetrics
+
+NODE = "node0"
+RANKS = (0, 1)
+
+
+def heartbeat(rank: int, step: int, **extra) -> dict:
+    """A step heartbeat with the contract's fields, as a rank sends it."""
+    return {"phase": "step", "step": step, "rank": rank, "local_rank": rank, "pid": 1000 + rank, "attempt": 0,
+            "loss": 4.0 - step * 0.001, "lr": 3e-3, "grad_norm": 1.5, "step_time": 0.4 + 0.1 * rank,
+            "tokens": step * 8192, "tokens_per_s": 20480.0, "mfu": 0.41, "consumed_samples": step * 8, **extra}
+
+
+def health_report() -> HealthReport:
+    gpus = {str(i): {"temperature_c": 60 + i, "power_w": 350.0, "ecc_uncorrectable": 0, "last_xid": 0,
+                     "remap_pending": False, "remap_failed": False, "lost": False, "throttle_reasons": 0}
+            for i in range(2)}
+    gpus["1"].update(temperature_c=91, throttle_reasons=0x40, last_xid=79)
+    return HealthReport(NODE, [
+        CheckResult("gpu.state", Severity.FATAL, "gpu 1: XID 79", {"gpus": gpus}),
+        CheckResult("node.collective", Severity.OK, "bus bandwidth ok", {"busbw_bytes_per_s": 180e9}),
+        CheckResult("node.disk", Severity.WARN, "ckpt dir 91% full", {"used_ratio": 0.91}),
+    ])
+
+
+def supervisor_ledger(now: float) -> list[dict]:
+    return [{"ts": now - 100, "event": "run_start", "attempt": 0, "node": NODE},
+            {"ts": now - 95, "event": "rank_init", "rank": 0, "attempt": 0, "seconds": 5.0},
+            {"ts": now - 50, "event": "ckpt_save", "step": 20, "blocking_seconds": 1.0, "total_seconds": 3.0,
+             "bytes": 1 << 20}]
+
+
+class Feeder:
+    """Calls NodeMetrics the way a supervisor does: heartbeats every `period` seconds, a checkpoint every 10 steps."""
+
+    def __init__(self, metrics: NodeMetrics, period: float = 0.2) -> None:
+        self.metrics, self.period, self.step = metrics, period, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def prime(self) -> None:
+        m = self.metrics
+        m.set_state("running", 0)
+        m.on_failure("rank_exit")
+        m.on_restart()
+        m.on_health(health_report())
+        self.advance()
+
+    def advance(self) -> None:
+        self.step += 1
+        ckpt = {}
+        if self.step % 10 == 0:
+            ckpt = {"ckpt_step": self.step, "ckpt_blocking_s": 0.3, "ckpt_total_s": 1.2, "ckpt_bytes": 1 << 20}
+        for rank in RANKS:
+            extra = {"val_loss": 3.9} if self.step % 5 == 0 else {}
+            self.metrics.on_heartbeat(rank, rank, heartbeat(rank, self.step, **ckpt, **extra))
+            self.metrics.heartbeat_age(rank, self.period)
+        self.metrics.on_stragglers({0: 1.0, 1: 1.25})
+        now = time.time()
+        train_log = [{"ts": now, "attempt": 0, "step": s, "step_time": 0.4} for s in range(1, self.step + 1)]
+        self.metrics.set_goodput(compute_goodput(supervisor_ledger(now), train_log, now))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.advance()
+
+    def start(self) -> "Feeder":
+        self.prime()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

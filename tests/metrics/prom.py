@@ -1,0 +1,154 @@
+"""Helpers for the Prometheus tests: a real Prometheus server on loopback, and the PromQL of our dashboards and alerts.
+
+`PrometheusServer` is reusable for any targets (an exporter fed by a test, or a real running job).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+GRAFANA = REPO / "grafana"
+RULES = GRAFANA / "alerts" / "resilient.yml"
+PROMETHEUS = shutil.which("prometheus")
+PROMTOOL = shutil.which("promtool")
+
+# What Grafana substitutes before sending a panel query: "All" for every template variable.
+GRAFANA_MACROS = {"$__rate_interval": "15s", "$__interval": "5s", "$__range": "2m"}
+LABEL_VALUES = re.compile(r"^label_values\((?P<selector>.+),\s*(?P<label>\w+)\)$")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str, timeout: float = 5.0) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.load(resp)
+
+
+def substitute(expr: str) -> str:
+    """A panel expression as Grafana would send it with every variable at "All"."""
+    for macro, value in GRAFANA_MACROS.items():
+        expr = expr.replace(macro, value)
+    return re.sub(r"\$\{?(job|node|rank|gpu)\}?", ".*", expr)
+
+
+def dashboards() -> dict[str, dict]:
+    return {p.name: json.loads(p.read_text()) for p in sorted((GRAFANA / "dashboards").glob("*.json"))}
+
+
+def _panels(panels: list[dict]) -> Iterator[dict]:
+    for panel in panels:
+        yield panel
+        yield from _panels(panel.get("panels", []))
+
+
+def panel_queries() -> list[tuple[str, str, str]]:
+    """(dashboard file, panel title, expression with variables substituted) for every panel target."""
+    return [(name, panel["title"], substitute(target["expr"]))
+            for name, dash in dashboards().items()
+            for panel in _panels(dash["panels"])
+            for target in panel.get("targets", [])]
+
+
+def variable_queries() -> list[tuple[str, str, str]]:
+    """(dashboard, variable, PromQL) for every `label_values(selector, label)` template variable."""
+    out = []
+    for name, dash in dashboards().items():
+        for var in dash["templating"]["list"]:
+            if var["type"] != "query":
+                continue
+            m = LABEL_VALUES.match(var["query"]["query"])
+            assert m, f"{name}: variable {var['name']} is not label_values(selector, label)"
+            out.append((name, var["name"], f"group by ({m['label']}) ({substitute(m['selector'])})"))
+    return out
+
+
+def alert_rules() -> list[dict]:
+    return [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+
+
+class PrometheusServer:
+    """/usr/bin/prometheus on 127.0.0.1 with a temp config and data dir, scraping `targets` every second."""
+
+    def __init__(self, workdir: Path, targets: list[str], job: str = "resilient") -> None:
+        self.workdir, self.port = workdir, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(RULES)],
+            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": targets}]}],
+        }
+        self.config_path = workdir / "prometheus.yml"
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(config, f)
+        self.log_path = workdir / "prometheus.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> "PrometheusServer":
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={self.config_path}", f"--storage.tsdb.path={self.workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"prometheus not ready after {timeout}s: {self.log_path.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def query(self, expr: str) -> dict[str, Any]:
+        """The /api/v1/query answer; a PromQL error comes back as {"status": "error", ...} (HTTP 400/422)."""
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        try:
+            return get_json(url)
+        except urllib.error.HTTPError as err:
+            return json.load(err)
+
+    def wait_for(self, expr: str, timeout: float = 60.0) -> list[dict]:
+        """Poll until `expr` returns a non-empty vector."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            answer = self.query(expr)
+            if answer.get("status") == "success" and answer["data"]["result"]:
+                return answer["data"]["result"]
+            time.sleep(0.5)
+        raise AssertionError(f"{expr!r} returned no data within {timeout}s")
+
+    def rules(self) -> list[dict]:
+        groups = get_json(f"{self.url}/api/v1/rules")["data"]["groups"]
+        return [rule for group in groups for rule in group["rules"]]

@@ -1,0 +1,122 @@
+"""Planner: published parameter counts, Young/Daly worked values, memory, and the `resilient plan` CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from resilient.exit_codes import ExitCode
+from resilient.planner import (
+    Layout,
+    daly_interval,
+    daly_wall_time,
+    memory_per_gpu,
+    param_count,
+    predicted_goodput,
+    stage_layers,
+    young_interval,
+)
+from trainer.presets import PRESETS
+
+PLAN_405B = Path(__file__).with_name("plan_405b.yaml")
+MIN, HOUR = 60.0, 3600.0
+
+
+@pytest.mark.parametrize("preset", ["llama3-8b", "llama3-70b", "llama31-405b"])
+def test_parameter_count_matches_published_within_one_percent(preset):
+    arch = PRESETS[preset]
+    assert param_count(arch) == pytest.approx(arch.published_params, rel=0.01)
+
+
+def test_daly_2006_worked_values():
+    # Daly 2006: delta = 5 min, R = 10 min; M = 24 h -> ~117 min, M = 6 h -> ~57 min.
+    assert round(daly_interval(5 * MIN, 24 * HOUR) / MIN) == 117
+    assert round(daly_interval(5 * MIN, 6 * HOUR) / MIN) == 57
+    # Young's first-order estimate for the same cases: sqrt(2 * 5 * 1440) = 120, sqrt(2 * 5 * 360) = 60.
+    assert young_interval(5 * MIN, 24 * HOUR) / MIN == pytest.approx(120.0)
+    assert young_interval(5 * MIN, 6 * HOUR) / MIN == pytest.approx(60.0)
+
+
+def test_daly_interval_is_the_mtbf_when_checkpoints_cost_more_than_two_mtbfs():
+    assert daly_interval(3 * HOUR, 1 * HOUR) == 1 * HOUR
+
+
+def test_daly_optimum_minimises_expected_wall_time():
+    delta, restart, mtbf = 5 * MIN, 10 * MIN, 6 * HOUR
+    best = daly_interval(delta, mtbf)
+    at_best = daly_wall_time(100 * HOUR, best, delta, restart, mtbf)
+    for factor in (0.5, 0.8, 1.25, 2.0):
+        assert daly_wall_time(100 * HOUR, best * factor, delta, restart, mtbf) > at_best
+    goodput = predicted_goodput(best, delta, restart, mtbf)
+    assert goodput < best / (best + delta)  # failures cost on top of the checkpoint overhead
+    # Daly's model by hand: T_w / T_s = M e^(R/M) (e^((tau+delta)/M) - 1) / tau.
+    by_hand = best / (mtbf * math.exp(restart / mtbf) * (math.exp((best + delta) / mtbf) - 1))
+    assert goodput == pytest.approx(by_hand)
+
+
+def test_uneven_pipeline_split_takes_layers_from_the_end_stages():
+    assert stage_layers(126, 8) == [15, 16, 16, 16, 16, 16, 16, 15]
+    assert stage_layers(126, 16) == [7] + [8] * 14 + [7]
+    assert stage_layers(32, 4) == [8, 8, 8, 8]
+
+
+def test_memory_shrinks_with_tp_and_distributed_optimizer():
+    arch = PRESETS["llama3-8b"]
+    kw = dict(seq_len=8192, micro_batch=1, grad_accum=8)
+    plain = memory_per_gpu(arch, Layout(tp=1, pp=1, cp=1, dp=8, distributed_optimizer=False), **kw)
+    # Megatron's table: bf16 params with fp32 grads cost 18 bytes per parameter without sharding.
+    assert (plain.weights + plain.grads + plain.optimizer) / plain.params == pytest.approx(18.0)
+    sharded = memory_per_gpu(arch, Layout(tp=1, pp=1, cp=1, dp=8, distributed_optimizer=True), **kw)
+    assert (sharded.weights + sharded.grads + sharded.optimizer) / sharded.params == pytest.approx(6 + 12 / 8)
+    tp8 = memory_per_gpu(arch, Layout(tp=8, pp=1, cp=1, dp=1, distributed_optimizer=False), **kw)
+    assert tp8.params < plain.params / 7
+    assert tp8.activations == pytest.approx(plain.activations / 8, rel=0.05)
+
+
+def run_plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "resilient.cli", "plan", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_plan_cli_405b_on_1024_h100s():
+    proc = run_plan(str(PLAN_405B), "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["gpus"] == 1024
+    assert plan["layout"] == {"tp": 8, "pp": 8, "cp": 2, "dp": 8, "distributed_optimizer": True, "world": 1024}
+    assert plan["params"] == pytest.approx(405.9e9, rel=0.01)
+    assert plan["checkpoint_bytes"] == pytest.approx(14 * plan["params"])
+    assert plan["memory"]["total"] < 80 * 2**30
+    assert plan["young_seconds"] > plan["daly_seconds"] > plan["ckpt_write_seconds"]
+    assert 0.9 < plan["predicted_goodput"] < 1.0
+
+
+def test_plan_cli_gpus_and_mtbf_change_the_interval():
+    base = json.loads(run_plan(str(PLAN_405B), "--json", "--mtbf-hours", "24").stdout)
+    assert base["mtbf_seconds"] == 24 * HOUR
+    doubled = json.loads(run_plan(str(PLAN_405B), "--json", "--gpus", "2048", "--mtbf-hours", "24",
+                                  "--ckpt-write-gbps", "400").stdout)
+    assert doubled["gpus"] == 2048 and doubled["layout"]["dp"] == 16
+    assert doubled["ckpt_write_seconds"] == pytest.approx(base["ckpt_write_seconds"] / 4)
+    assert doubled["daly_seconds"] < base["daly_seconds"]
+    text = run_plan(str(PLAN_405B), "--mtbf-hours", "24").stdout
+    assert "parameters        405.85B (published 405.9B)" in text
+    assert "Daly" in text and "predicted goodput" in text
+
+
+def test_plan_cli_rejects_a_gpu_count_that_does_not_fill_nodes():
+    proc = run_plan(str(PLAN_405B), "--gpus", "1020")
+    assert proc.returncode == ExitCode.CONFIG_ERROR
+    assert "--gpus 1020 is not a positive multiple of supervisor.nproc_per_node=8" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_plan_cli_checks_the_resized_layout_with_the_run_config_validator():
+    proc = run_plan(str(PLAN_405B), "--gpus", "1000")  # 125 nodes: not a multiple of tp*pp*cp = 128
+    assert proc.returncode == ExitCode.CONFIG_ERROR
+    assert "world size 1000" in proc.stderr and "tp*pp*cp = 128" in proc.stderr

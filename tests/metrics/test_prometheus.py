@@ -1,0 +1,65 @@
+"""A real Prometheus scrapes a fed exporter: every dashboard and alert expression parses, panels return data."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+
+from .prom import PROMETHEUS, PrometheusServer, alert_rules, panel_queries, variable_queries
+
+pytestmark = [
+    pytest.mark.prometheus,
+    pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed"),
+]
+
+
+@pytest.fixture
+def prometheus(tmp_path, exporter, feeder) -> Iterator[PrometheusServer]:
+    _metrics, port = exporter
+    server = PrometheusServer(tmp_path / "prometheus", [f"127.0.0.1:{port}"]).start()
+    try:
+        # Enough scrapes for rate() and increase() windows, with checkpoints saved in between.
+        server.wait_for("count_over_time(resilient_step[1m]) >= 6")
+        server.wait_for("increase(resilient_checkpoint_save_blocking_seconds_count[2m]) > 0")
+        yield server
+    finally:
+        server.stop()
+
+
+def test_dashboards_and_alerts_against_a_real_prometheus(prometheus):
+    # The scrape itself worked and our exporter is the target.
+    assert prometheus.wait_for('up{job="resilient"} == 1')
+
+    errors, empty = [], []
+    for dashboard, title, expr in panel_queries():
+        answer = prometheus.query(expr)
+        if answer["status"] != "success":
+            errors.append(f"{dashboard} / {title}: {answer.get('error')} in {expr}")
+        elif not answer["data"]["result"]:
+            empty.append(f"{dashboard} / {title}: {expr}")
+    assert not errors, "\n".join(errors)
+    assert not empty, "panels without data:\n" + "\n".join(empty)
+
+    for dashboard, variable, expr in variable_queries():
+        answer = prometheus.query(expr)
+        assert answer["status"] == "success", (dashboard, variable, answer)
+        assert answer["data"]["result"], f"{dashboard}: variable {variable} has no values ({expr})"
+
+    for rule in alert_rules():
+        answer = prometheus.query(rule["expr"])
+        assert answer["status"] == "success", (rule["alert"], answer)
+
+    # Prometheus loaded the same rule file and evaluates every rule without error.
+    rules = {r["name"]: r for r in prometheus.rules()}
+    assert {r["alert"] for r in alert_rules()} <= set(rules)
+    for name, rule in rules.items():
+        assert rule["health"] == "ok" and not rule.get("lastError"), (name, rule.get("lastError"))
+
+
+def test_fed_faults_raise_the_matching_alerts(prometheus):
+    """The feeder reports XID 79 on GPU 1: Prometheus itself fires ResilientGpuXidCritical for it."""
+    firing = prometheus.wait_for('ALERTS{alertname="ResilientGpuXidCritical", alertstate="firing"}')
+    assert {(a["metric"]["node"], a["metric"]["gpu"]) for a in firing} == {("node0", "1")}
+    quiet = prometheus.query('ALERTS{alertname=~"ResilientRankHeartbeatStale|ResilientLossNaN|ResilientScrapeTargetDown"}')
+    assert quiet["status"] == "success" and quiet["data"]["result"] == []

@@ -1,0 +1,74 @@
+"""Launch real trainer ranks (`python -m trainer`) the way the supervisor does, for tests and benches."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "examples" / "tiny.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int, run_dir: Path, extra: dict | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                "RESILIENT_RUN_DIR": str(run_dir), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    env.pop("RESILIENT_HEARTBEAT_SOCKET", None)
+    env.pop("RESILIENT_SUPERVISOR_PID", None)
+    env.update(extra or {})
+    return env
+
+
+def spawn_ranks(run_dir: Path, overrides: list[str], *, world: int = 2, config: Path = TINY,
+                extra_env: dict | None = None) -> list[subprocess.Popen]:
+    """Start `world` ranks on this machine, logs in run_dir/rank{R}.log."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    sets = [a for o in [f"supervisor.nproc_per_node={world}", *overrides] for a in ("--set", o)]
+    procs = []
+    for rank in range(world):
+        log = open(run_dir / f"rank{rank}.log", "ab")
+        procs.append(subprocess.Popen([sys.executable, "-m", "trainer", "--config", str(config), *sets],
+                                      cwd=REPO, env=rank_env(rank, world, port, run_dir, extra_env),
+                                      stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[int]:
+    deadline = time.monotonic() + timeout
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+    return codes
+
+
+def run_ranks(run_dir: Path, overrides: list[str], *, world: int = 2, timeout: float = 300, **kw) -> list[int]:
+    return wait_all(spawn_ranks(run_dir, overrides, world=world, **kw), timeout)
+
+
+def resilient_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "resilient.cli", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def digest(run_dir: Path, step: int | None = None) -> str:
+    args = ["ckpt", "digest", str(run_dir)] + (["--step", str(step)] if step is not None else [])
+    out = resilient_cli(*args)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]

@@ -1,0 +1,77 @@
+"""Helpers for supervisor tests: configs, supervisor processes, ledger and fake-rank progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import yaml
+
+from resilient import ledger
+
+FAKE_RANK = Path(__file__).with_name("fake_rank.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_config(path: Path, *, steps: int = 20, nodes: int = 1, nproc: int = 2,
+                 supervisor: dict[str, Any] | None = None, health: bool = True) -> Path:
+    tree = {
+        "nodes": nodes,
+        "train": {"steps": steps},
+        "supervisor": {
+            "nproc_per_node": nproc,
+            "rank_command": [sys.executable, str(FAKE_RANK)],
+            "backoff_initial_s": 0.1,
+            "backoff_max_s": 0.5,
+            "termination_grace_s": 2.0,
+            "step_timeout_initial_s": 20.0,
+            **(supervisor or {}),
+        },
+        "health": {"enabled": health},
+        "metrics": {"port": 0},
+    }
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def start(args: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen:
+    """`resilient ARGS` as a real process (stderr to `log` when given)."""
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, "-m", "resilient.cli", *args], cwd=REPO,
+                            env={**os.environ, **(env or {})}, stdout=out, stderr=out)
+
+
+def wait_until(probe: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = probe()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def events(run_dir: Path, name: str) -> list[dict[str, Any]]:
+    return [e for e in ledger.read(run_dir) if e["event"] == name]
+
+
+def steps_done(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "fake_steps.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def ranks_of(supervisor_pid: int) -> dict[int, psutil.Process]:
+    """Global rank -> live rank process among the supervisor's children (from their environment)."""
+    out = {}
+    for child in psutil.Process(supervisor_pid).children():
+        try:
+            out[int(child.environ()["RANK"])] = child
+        except (psutil.Error, KeyError):
+            continue
+    return out

@@ -1,0 +1,123 @@
+"""Pure decisions of the supervisor, with injected time and state."""
+
+import pytest
+
+from resilient.errors import ConfigError
+from resilient.exit_codes import ExitCode
+from resilient.supervisor import decisions as d
+from resilient.supervisor.config import SupervisorConfig
+from resilient.supervisor.topology import first_host, resolve_topology
+
+CFG = SupervisorConfig(step_timeout_initial_s=100, step_timeout_floor_s=10, step_timeout_factor=4,
+                       step_timeout_min_samples=3, step_timeout_window=5, init_timeout_s=50,
+                       restore_timeout_s=60, checkpoint_timeout_s=70, eval_timeout_s=80,
+                       max_restarts=3, max_attempts_without_progress=2, backoff_initial_s=1, backoff_max_s=5)
+
+
+def test_step_timeout_uses_initial_value_until_enough_samples():
+    timeout, reason = d.calibrated_step_timeout([1.0, 1.0], CFG)
+    assert timeout == 100 and "2/3" in reason
+
+
+def test_step_timeout_scales_slowest_recent_step():
+    timeout, reason = d.calibrated_step_timeout([9.0, 3.0, 4.0, 5.0], CFG)
+    assert timeout == 36.0 and "4 x slowest" in reason
+
+
+def test_step_timeout_only_looks_at_the_window():
+    # 20 s fell out of the 5-sample window
+    assert d.calibrated_step_timeout([20.0, 3.0, 3.0, 3.0, 3.0, 3.0], CFG)[0] == 12.0
+
+
+def test_step_timeout_never_below_floor():
+    timeout, reason = d.calibrated_step_timeout([0.1, 0.2, 0.1], CFG)
+    assert timeout == 10 and "floor" in reason
+
+
+@pytest.mark.parametrize("phase,expected", [("init", 50), ("restore", 60), ("checkpoint", 70), ("done", 70),
+                                            ("eval", 80), ("step", 7.5)])
+def test_phase_selects_its_timeout(phase, expected):
+    assert d.phase_timeout(phase, 7.5, CFG)[0] == expected
+
+
+def test_hang_declared_only_after_the_phase_timeout():
+    hung, reason = d.is_hung("step", last_progress=100.0, now=112.0, step_timeout=12.5, cfg=CFG)
+    assert not hung and "within step timeout" in reason
+    hung, reason = d.is_hung("step", last_progress=100.0, now=113.0, step_timeout=12.5, cfg=CFG)
+    assert hung and "13.0s" in reason and "step timeout 12.5s" in reason
+
+
+def test_restore_phase_is_not_judged_by_the_short_step_timeout():
+    assert not d.is_hung("restore", 0.0, 59.0, 1.0, CFG)[0]
+    assert d.is_hung("restore", 0.0, 61.0, 1.0, CFG)[0]
+
+
+@pytest.mark.parametrize("start,reached,progress", [(None, None, False), (100, None, False), (100, 100, False),
+                                                    (100, 101, True), (None, 1, True)])
+def test_progress_means_a_step_beyond_the_resume_point(start, reached, progress):
+    assert d.made_progress(start, reached)[0] is progress
+
+
+def test_backoff_is_exponential_and_capped():
+    assert [d.backoff_seconds(n, CFG) for n in range(1, 6)] == [1, 2, 4, 5, 5]
+
+
+def test_exit_codes_are_distinct_per_outcome():
+    codes = {o: d.exit_code_for(o)[0] for o in d.Outcome}
+    assert codes[d.Outcome.FINISHED] is ExitCode.FINISHED
+    assert codes[d.Outcome.PREEMPTED] is ExitCode.PREEMPTED
+    assert codes[d.Outcome.UNHEALTHY] is ExitCode.UNHEALTHY_NODE
+    assert codes[d.Outcome.BUDGET_EXHAUSTED] is ExitCode.RESTART_BUDGET_EXHAUSTED
+    assert codes[d.Outcome.NO_PROGRESS] is ExitCode.NO_PROGRESS
+    assert len(set(codes.values())) == len(codes)
+
+
+def test_restart_while_budget_and_progress_allow():
+    decision = d.decide(d.JobState(restarts_done=1, no_progress_streak=1), CFG)
+    assert decision.restart and decision.backoff_s == 2 and "restart 2 of 3" in decision.reason
+
+
+def test_budget_exhausted_gives_up():
+    decision = d.decide(d.JobState(restarts_done=3, no_progress_streak=0), CFG)
+    assert not decision.restart and decision.exit_code is ExitCode.RESTART_BUDGET_EXHAUSTED
+
+
+def test_no_progress_streak_gives_up():
+    decision = d.decide(d.JobState(restarts_done=0, no_progress_streak=2), CFG)
+    assert not decision.restart and decision.exit_code is ExitCode.NO_PROGRESS and "2 consecutive" in decision.reason
+
+
+def test_stop_reasons_take_precedence_in_order():
+    worst = d.JobState(restarts_done=9, no_progress_streak=9, preempted=True, unhealthy="node n1: gpu.xid: XID 79")
+    decision = d.decide(worst, CFG)
+    assert decision.exit_code is ExitCode.UNHEALTHY_NODE and "n1" in decision.reason
+    assert d.decide(d.JobState(9, 9, preempted=True), CFG).exit_code is ExitCode.PREEMPTED
+    assert d.decide(d.JobState(9, 9, all_finished=True, preempted=True), CFG).exit_code is ExitCode.FINISHED
+    lost = d.decide(d.JobState(0, 0, missing_nodes=(1,)), CFG)
+    assert lost.exit_code is ExitCode.RANK_FAILED and "node(s) 1" in lost.reason
+
+
+@pytest.mark.parametrize("nodelist,host", [("gpu[007-012,20],cpu1", "gpu007"), ("n1,n2", "n1"), ("single", "single"),
+                                           ("rack[2-3]-n[01-04]", "rack2-n01"), ("a[5]", "a5")])
+def test_first_host_of_a_slurm_nodelist(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+def test_topology_from_slurm_environment():
+    env = {"SLURM_NODEID": "2", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[10-13]", "SLURMD_NODENAME": "gpu12"}
+    topo = resolve_topology(env, node_rank=None, nnodes=None, master_addr=None, master_port=None, default_port=29400)
+    assert (topo.node_rank, topo.nnodes, topo.master_addr, topo.store_port, topo.node_name) == \
+        (2, 4, "gpu10", 29400, "gpu12")
+
+
+def test_topology_flags_override_slurm():
+    env = {"SLURM_NODEID": "2", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[10-13]"}
+    topo = resolve_topology(env, node_rank=1, nnodes=2, master_addr="h0", master_port=1234, default_port=29400)
+    assert (topo.node_rank, topo.nnodes, topo.master_addr, topo.store_port) == (1, 2, "h0", 1234)
+
+
+@pytest.mark.parametrize("kwargs,msg", [({"node_rank": 3, "nnodes": 2}, "not within"),
+                                        ({"node_rank": 0, "nnodes": 2}, "--master-addr is required")])
+def test_topology_errors_are_config_errors(kwargs, msg):
+    with pytest.raises(ConfigError, match=msg):
+        resolve_topology({}, master_addr=None, master_port=None, default_port=29400, **kwargs)

@@ -1,0 +1,160 @@
+"""The supervisor against a fake rank: real processes, real signals, real TCPStore coordination."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+
+import psutil
+import pytest
+
+from resilient.exit_codes import ExitCode
+from tests.supervisor.harness import events, ranks_of, start, steps_done, wait_until, write_config
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _run(tmp_path, cfg_kwargs=None, env=None, args=()):
+    cfg = write_config(tmp_path / "cfg.yaml", **(cfg_kwargs or {}))
+    run_dir = tmp_path / "run"
+    proc = start(["run", str(cfg), "--run-dir", str(run_dir), *args], env=env, log=tmp_path / "supervisor.log")
+    return proc, run_dir
+
+
+def _progress(run_dir, attempt, step):
+    return lambda: any(s["attempt"] == attempt and s["step"] >= step for s in steps_done(run_dir))
+
+
+def _assert_all_steps_done(run_dir, steps):
+    assert {s["step"] for s in steps_done(run_dir)} == set(range(1, steps + 1))
+    assert json.loads((run_dir / "fake_ckpt.json").read_text())["step"] == steps
+
+
+def test_rank_sigkill_restarts_and_finishes(tmp_path):
+    proc, run_dir = _run(tmp_path, {"steps": 30})
+    wait_until(_progress(run_dir, 0, 5), 60, "attempt 0 at step 5")
+    ranks_of(proc.pid)[1].send_signal(signal.SIGKILL)
+    assert proc.wait(90) == ExitCode.FINISHED
+    [failure] = events(run_dir, "failure")
+    assert failure["kind"] == "rank_exit" and failure["rank"] == 1 and "SIGKILL" in failure["reason"]
+    assert failure["latency_seconds"] < 1.0
+    assert [e["attempt"] for e in events(run_dir, "restart")] == [1]
+    assert [e["attempt"] for e in events(run_dir, "attempt_start")] == [0, 1]
+    _assert_all_steps_done(run_dir, 30)
+    assert events(run_dir, "finished")[0]["step"] == 30
+    assert (run_dir / "logs" / "attempt1.node0.rank1.log").exists()
+
+
+def test_sigstop_is_detected_as_a_hang_within_timeout(tmp_path):
+    sup = {"step_timeout_floor_s": 1.5, "step_timeout_factor": 3.0, "step_timeout_min_samples": 3}
+    proc, run_dir = _run(tmp_path, {"steps": 40, "supervisor": sup})
+    wait_until(_progress(run_dir, 0, 8), 60, "attempt 0 at step 8")
+    stopped_at = time.time()
+    ranks_of(proc.pid)[0].send_signal(signal.SIGSTOP)
+    assert proc.wait(90) == ExitCode.FINISHED
+    [failure] = events(run_dir, "failure")
+    assert failure["kind"] == "hang" and failure["rank"] == 0 and "step timeout" in failure["reason"]
+    assert failure["ts"] - stopped_at < 1.5 + 2.0
+    _assert_all_steps_done(run_dir, 40)
+
+
+def test_rank_error_report_restarts(tmp_path):
+    proc, run_dir = _run(tmp_path, {"steps": 12}, env={"FAKE_ERROR_AT": "4"})
+    assert proc.wait(90) == ExitCode.FINISHED
+    [failure] = events(run_dir, "failure")
+    assert failure["kind"] == "rank_error" and "injected error" in failure["reason"]
+    _assert_all_steps_done(run_dir, 12)
+
+
+def test_supervisor_sigterm_preempts_and_rerun_resumes_at_that_step(tmp_path):
+    proc, run_dir = _run(tmp_path, {"steps": 200}, env={"FAKE_CKPT_EVERY": "1000"})
+    wait_until(_progress(run_dir, 0, 6), 60, "attempt 0 at step 6")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == ExitCode.PREEMPTED
+    saved = json.loads((run_dir / "fake_ckpt.json").read_text())["step"]
+    assert saved == max(s["step"] for s in steps_done(run_dir))  # the step it stopped at was saved
+    assert events(run_dir, "preempted")[0]["step"] == saved
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "preempted"
+
+    proc = start(["run", str(tmp_path / "cfg.yaml"), "--run-dir", str(run_dir), "--set", "train.steps=" + str(saved + 5)],
+                 env={"FAKE_CKPT_EVERY": "1000"}, log=tmp_path / "supervisor.log")
+    assert proc.wait(60) == ExitCode.FINISHED
+    resumed = [s["step"] for s in steps_done(run_dir) if s["attempt"] == 1]
+    assert resumed == list(range(saved + 1, saved + 6))  # zero lost steps, none repeated
+    assert [e["attempt"] for e in events(run_dir, "run_start")] == [0, 1]
+
+
+def test_supervisor_sigkill_leaves_no_rank_behind(tmp_path):
+    proc, run_dir = _run(tmp_path, {"steps": 1000})
+    wait_until(_progress(run_dir, 0, 2), 60, "attempt 0 at step 2")
+    ranks = list(ranks_of(proc.pid).values())
+    assert len(ranks) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    gone, alive = psutil.wait_procs(ranks, timeout=5)
+    assert alive == [] and len(gone) == 2
+
+
+def test_restart_budget_exhausted_exit_code(tmp_path):
+    proc, run_dir = _run(tmp_path, {"steps": 100, "supervisor": {"max_restarts": 2}}, env={"FAKE_CRASH": "every:2"})
+    assert proc.wait(90) == ExitCode.RESTART_BUDGET_EXHAUSTED
+    assert len(events(run_dir, "failure")) == 3 and len(events(run_dir, "restart")) == 2
+    [gave_up] = events(run_dir, "gave_up")
+    assert gave_up["exit_code"] == ExitCode.RESTART_BUDGET_EXHAUSTED and "budget" in gave_up["reason"]
+
+
+def test_no_progress_loop_exit_code(tmp_path):
+    sup = {"max_restarts": 10, "max_attempts_without_progress": 2}
+    proc, run_dir = _run(tmp_path, {"steps": 100, "supervisor": sup}, env={"FAKE_CRASH": "init"})
+    assert proc.wait(90) == ExitCode.NO_PROGRESS
+    assert len(events(run_dir, "attempt_start")) == 2
+    [gave_up] = events(run_dir, "gave_up")
+    assert gave_up["exit_code"] == ExitCode.NO_PROGRESS and "no progress" in gave_up["reason"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_supervisors_as_two_nodes_restart_together(tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", steps=30, nodes=2, nproc=1)
+    run_dir, port = tmp_path / "run", _free_port()
+    nodes = [start(["supervise", str(cfg), "--run-dir", str(run_dir), "--node-rank", str(n), "--nnodes", "2",
+                    "--master-addr", "127.0.0.1", "--master-port", str(port)],
+                   env={"RESILIENT_NODE_NAME": f"fake{n}"}, log=tmp_path / f"node{n}.log")
+             for n in (0, 1)]
+    wait_until(_progress(run_dir, 0, 5), 60, "attempt 0 at step 5")
+    wait_until(lambda: 1 in ranks_of(nodes[1].pid), 10, "rank 1 under node 1")
+    ranks_of(nodes[1].pid)[1].send_signal(signal.SIGKILL)
+    assert [p.wait(90) for p in nodes] == [ExitCode.FINISHED, ExitCode.FINISHED]
+    [failure] = events(run_dir, "failure")
+    assert (failure["kind"], failure["rank"], failure["node"]) == ("rank_exit", 1, 1)
+    starts = sorted((e["attempt"], e["node"]) for e in events(run_dir, "attempt_start"))
+    assert starts == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    _assert_all_steps_done(run_dir, 30)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert {r["node_name"] for r in status["ranks"]} == {"fake0", "fake1"}
+
+
+def test_status_command_renders_a_run(tmp_path):
+    proc, run_dir = _run(tmp_path, {"steps": 3})
+    assert proc.wait(60) == ExitCode.FINISHED
+    shown = start(["status", str(run_dir), "--json"], log=tmp_path / "status.out")
+    assert shown.wait(30) == 0
+    out = (tmp_path / "status.out").read_text()
+    data = json.loads(out)
+    assert data["state"] == "finished" and data["step"] == 3 and len(data["ranks"]) == 2
+    assert os.stat(run_dir / "config.yaml").st_mode & 0o777 == 0o600
+
+
+def test_node_count_mismatch_is_a_config_error(tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", nodes=2)
+    proc = start(["run", str(cfg), "--run-dir", str(tmp_path / "run")], log=tmp_path / "err.log")
+    assert proc.wait(30) == ExitCode.CONFIG_ERROR
+    assert "nodes" in (tmp_path / "err.log").read_text()

@@ -1,0 +1,89 @@
+"""Issue 2 acceptance: real megatron-core ranks (gloo, CPU) trained end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REFERENCE
+from tests.ranks import REPO, TINY, digest, rank_env, run_ranks
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "train_log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def twin_runs(reference_run, tmp_path_factory) -> tuple[Path, Path]:
+    """The reference run and a second run of the same config."""
+    twin = tmp_path_factory.mktemp("twin")
+    assert run_ranks(twin, REFERENCE) == [0, 0], (twin / "rank0.log").read_text()[-3000:]
+    return reference_run, twin
+
+
+@pytest.mark.slow
+def test_tiny_run_finishes_with_falling_loss(twin_runs):
+    run_dir, _ = twin_runs
+    curve = losses(run_dir)
+    assert sorted(curve) == list(range(1, 25))
+    assert curve[24] < curve[1] - 0.5, curve
+    record = json.loads((run_dir / "train_log.jsonl").read_text().splitlines()[-1])
+    for key in ("lr", "grad_norm", "tokens_per_s", "step_time", "mfu"):
+        assert record[key] > 0, key
+
+
+@pytest.mark.slow
+def test_same_config_gives_bit_identical_parameters(twin_runs):
+    a, b = twin_runs
+    assert digest(a) == digest(b)
+    assert losses(a) == losses(b)
+
+
+@pytest.mark.slow
+def test_first_step_loss_independent_of_parallel_layout(tmp_path):
+    one = ["train.steps=1", "train.eval_every=0", "checkpoint.save_on_finish=false"]
+    layouts = {
+        "tp1_dp2": (2, ["parallel.tp=1"]),
+        "tp2_dp1": (2, ["parallel.tp=2"]),
+        "tp1_dp1_double_accumulation": (1, ["parallel.tp=1"]),
+    }
+    first = {}
+    for name, (world, extra) in layouts.items():
+        run_dir = tmp_path / name
+        assert run_ranks(run_dir, one + extra, world=world) == [0] * world, (run_dir / "rank0.log").read_text()[-3000:]
+        first[name] = losses(run_dir)[1]
+    reference = first["tp1_dp2"]
+    for name, value in first.items():
+        assert abs(value - reference) / reference < 1e-4, first
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["model.preset=llama5"], "model: unknown preset 'llama5'"),
+    (["train.stepz=3"], "train.stepz"),
+    (["supervisor.nproc_per_node=3", "parallel.tp=3"], "not divisible by tp=3"),
+    (["train.global_batch=7"], "train.global_batch: 7 is not divisible"),
+    (["data.path=/nonexistent/c4"], "/nonexistent/c4"),
+    (["data.tokenizer=EMPTY"], "data.tokenizer"),
+    (["data.tokenizer=GARBAGE"], "data.tokenizer"),
+])
+def test_bad_input_is_one_line_with_config_exit_code(tmp_path, overrides, needle):
+    (tmp_path / "empty.json").write_text("")
+    (tmp_path / "garbage.json").write_text("{not json")
+    overrides = [o.replace("EMPTY", str(tmp_path / "empty.json")).replace("GARBAGE", str(tmp_path / "garbage.json"))
+                 for o in overrides]
+    sets = [a for o in ["supervisor.nproc_per_node=1", *overrides] for a in ("--set", o)]
+    proc = subprocess.run([sys.executable, "-m", "trainer", "--config", str(TINY), *sets], cwd=REPO,
+                          env=rank_env(0, 1, 29999, tmp_path), capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 64, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0] and "config error" in lines[0], lines[0]
