@@ -97,8 +97,10 @@ class Trainer:
         positions = self.positions.expand(ids.shape[0], -1)
         return self.model(ids, positions, self.mask, labels=labels).float().mean()
 
-    def _train_step(self) -> tuple[float, float]:
-        """Forward/backward over this rank's micro-batches, average, clip, update. Returns (loss, grad norm)."""
+    def _train_step(self) -> tuple[float, float, float]:
+        """Forward/backward over this rank's micro-batches, average, clip, update.
+        Returns (loss, grad norm, this rank's compute seconds before the gradient all-reduce)."""
+        started = time.perf_counter()
         micro_batches = self.state.loader.next_step()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
@@ -107,12 +109,15 @@ class Trainer:
             loss = self._loss(tokens) / len(micro_batches)
             loss.backward()
             total += loss.detach()
+        # Wall step time is equal on all ranks (the all-reduce waits for the slowest); the time
+        # before it is what tells a straggler apart.
+        compute_time = time.perf_counter() - started
         average_gradients(self.model)
         grad_norm = clip_gradients(self.model, self.cfg.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step(1)
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-        return total.item() / parallel_state.get_data_parallel_world_size(), grad_norm
+        return total.item() / parallel_state.get_data_parallel_world_size(), grad_norm, compute_time
 
     @torch.no_grad()
     def _evaluate(self) -> float:
@@ -146,12 +151,12 @@ class Trainer:
         outcome = ExitCode.FINISHED
         while state.step < cfg.train.steps:
             t0 = time.perf_counter()
-            loss, grad_norm = self._train_step()
+            loss, grad_norm, compute_time = self._train_step()
             step_time = time.perf_counter() - t0
             state.step += 1
             state.consumed_samples += cfg.train.global_batch
             state.consumed_tokens += tokens_per_step
-            self._record_step(loss, grad_norm, step_time, tokens_per_step)
+            self._record_step(loss, grad_norm, step_time, compute_time, tokens_per_step)
             if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps):
                 self._record_eval(self._evaluate())
             self.checkpointer.poll()
@@ -172,7 +177,8 @@ class Trainer:
         distributed.shutdown()
         return outcome
 
-    def _record_step(self, loss: float, grad_norm: float, step_time: float, tokens_per_step: int) -> None:
+    def _record_step(self, loss: float, grad_norm: float, step_time: float, compute_time: float,
+                     tokens_per_step: int) -> None:
         state = self.state
         tokens_per_s = tokens_per_step / step_time
         mfu = tokens_per_s * self.flops_per_token / (self.peak * self.env.world_size)
@@ -181,6 +187,7 @@ class Trainer:
                   "grad_norm": grad_norm, "step_time": step_time, "tokens": state.consumed_tokens,
                   "tokens_per_s": tokens_per_s, "mfu": mfu, "consumed_samples": state.consumed_samples}
         self._beat("step", state.step, loss=loss, lr=lr, grad_norm=grad_norm, step_time=step_time,
+                   compute_time=compute_time,
                    tokens=state.consumed_tokens, tokens_per_s=tokens_per_s, mfu=mfu,
                    consumed_samples=state.consumed_samples)
         if not self.is_logger:

@@ -9,7 +9,7 @@ import pytest
 from resilient.metrics.config import MetricsConfig
 from resilient.metrics.exporter import NodeMetrics
 
-from .feed import NODE, Feeder
+from .feed import NODE
 
 
 @pytest.fixture
@@ -18,10 +18,3 @@ def exporter() -> Iterator[tuple[NodeMetrics, int]]:
     port = metrics.start()
     yield metrics, port
     metrics.stop()
-
-
-@pytest.fixture
-def feeder(exporter) -> Iterator[Feeder]:
-    f = Feeder(exporter[0]).start()
-    yield f
-    f.stop()

@@ -65,14 +65,15 @@ def test_injected_failure_loses_the_recomputed_steps():
 
 def test_requeue_gap_is_waiting_and_multinode_run_starts_are_one_allocation():
     job = {"slurm_job_id": "77", "slurm_restart_count": 0}
+    requeued = {"slurm_job_id": "77", "slurm_restart_count": 1}
     ledger = [
         {"ts": T0, "event": "run_start", "attempt": 0, "node": "n0", **job},
         {"ts": T0 + 1, "event": "run_start", "attempt": 0, "node": "n1", **job},  # same allocation
         {"ts": T0 + 30, "event": "preempted", "step": 20, "node": "n0"},
         {"ts": T0 + 31, "event": "requeue", "job_id": "77", "exclude": [], "reason": "preempted"},
         # the queue: nothing happens for 600 s
-        {"ts": T0 + 631, "event": "run_start", "attempt": 0, "node": "n0", "slurm_job_id": "77", "slurm_restart_count": 1},
-        {"ts": T0 + 632, "event": "run_start", "attempt": 0, "node": "n1", "slurm_job_id": "77", "slurm_restart_count": 1},
+        {"ts": T0 + 631, "event": "run_start", "attempt": 0, "node": "n0", **requeued},
+        {"ts": T0 + 632, "event": "run_start", "attempt": 0, "node": "n1", **requeued},
     ]
     log = steps(1, 20, T0 + 5, 1.0) + steps(21, 30, T0 + 640, 1.0)
     report = compute_goodput(ledger, log, now=T0 + 700)

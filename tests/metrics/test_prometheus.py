@@ -6,6 +6,10 @@ from typing import Iterator
 
 import pytest
 
+from resilient.metrics.config import MetricsConfig
+from resilient.metrics.exporter import NodeMetrics
+
+from .feed import NODE, Feeder
 from .prom import PROMETHEUS, PrometheusServer, alert_rules, panel_queries, variable_queries
 
 pytestmark = [
@@ -14,17 +18,22 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def prometheus(tmp_path, exporter, feeder) -> Iterator[PrometheusServer]:
-    _metrics, port = exporter
-    server = PrometheusServer(tmp_path / "prometheus", [f"127.0.0.1:{port}"]).start()
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory) -> Iterator[PrometheusServer]:
+    metrics = NodeMetrics(MetricsConfig(address="127.0.0.1", port=0), NODE)
+    port = metrics.start()
+    feeder = Feeder(metrics).start()
+    server = PrometheusServer(tmp_path_factory.mktemp("prometheus"), [f"127.0.0.1:{port}"])
     try:
+        server.start()
         # Enough scrapes for rate() and increase() windows, with checkpoints saved in between.
         server.wait_for("count_over_time(resilient_step[1m]) >= 6")
         server.wait_for("increase(resilient_checkpoint_save_blocking_seconds_count[2m]) > 0")
         yield server
     finally:
         server.stop()
+        feeder.stop()
+        metrics.stop()
 
 
 def test_dashboards_and_alerts_against_a_real_prometheus(prometheus):
@@ -61,5 +70,6 @@ def test_fed_faults_raise_the_matching_alerts(prometheus):
     """The feeder reports XID 79 on GPU 1: Prometheus itself fires ResilientGpuXidCritical for it."""
     firing = prometheus.wait_for('ALERTS{alertname="ResilientGpuXidCritical", alertstate="firing"}')
     assert {(a["metric"]["node"], a["metric"]["gpu"]) for a in firing} == {("node0", "1")}
-    quiet = prometheus.query('ALERTS{alertname=~"ResilientRankHeartbeatStale|ResilientLossNaN|ResilientScrapeTargetDown"}')
+    quiet = prometheus.query(
+        'ALERTS{alertname=~"ResilientRankHeartbeatStale|ResilientLossNaN|ResilientScrapeTargetDown"}')
     assert quiet["status"] == "success" and quiet["data"]["result"] == []

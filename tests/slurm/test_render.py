@@ -49,7 +49,7 @@ def test_launch_dry_run_for_405b_on_128_nodes_is_valid_bash_with_the_directives(
     assert signal_line == f"--signal=B:USR2@{signal_seconds(load_config(config))[0]}"
     assert "srun --kill-on-bad-exit=0" in script
     assert f"resilient.cli supervise {run_dir}/config.yaml &" in script
-    assert "trap 'forward USR2' USR2" in script
+    assert "trap forward USR2 TERM" in script and 'kill -s USR2 "$STEP_PID"' in script
     assert 'slurm on-exit "$RUN_DIR" "$STEP_RC"' in script
 
 

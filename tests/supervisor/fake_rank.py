@@ -53,6 +53,7 @@ def main() -> int:
             tmp = ckpt.with_suffix(".tmp")
             tmp.write_text(json.dumps({"step": step}))
             os.replace(tmp, ckpt)
+        hb.send("step", step, ckpt_step=step)  # back to stepping, as the trainer reports after a save
 
     step = json.loads(ckpt.read_text())["step"] if ckpt.exists() else 0
     hb.send("init", step)

@@ -156,6 +156,13 @@ class Checkpointer:
             (path / layout.MARKER).unlink(missing_ok=True)  # uncommit first: never half a "complete" one
             shutil.rmtree(path, ignore_errors=True)
 
+    def _quarantine(self, ckpt_dir: Path) -> None:
+        """Move a damaged checkpoint out of the way (kept for forensics, never loaded or overwritten)."""
+        target = ckpt_dir.with_name(f"{ckpt_dir.name}.damaged-{int(time.time())}")
+        ckpt_dir.rename(target)
+        layout.fsync_dir(self.root)
+        log.warning("moved damaged checkpoint %s to %s", ckpt_dir.name, target.name)
+
     def _clean_leftovers(self) -> None:
         """Directories a crash left without a marker, and stray temp files, are removed at start."""
         for step, path in layout.step_dirs(self.root).items():
@@ -182,6 +189,8 @@ class Checkpointer:
                 if self.cfg.load_step is not None:
                     raise CheckpointError(f"checkpoint step {step} is damaged: {problem}")
                 skipped.append((step, problem))
+                if self.rank == 0:
+                    self._quarantine(ckpt_dir)
                 continue
             started = time.monotonic()
             common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))["common"]

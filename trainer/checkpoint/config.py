@@ -22,8 +22,8 @@ class CheckpointConfig(Section):
     """Keep the newest K complete checkpoints."""
     keep_every: int = Field(0, ge=0)
     """Also keep every checkpoint whose step is a multiple of M, for rollback (0: none)."""
-    verify_checksums: bool = False
-    """On load, verify every file's checksum, not only its size (slower, reads everything once)."""
+    verify_checksums: bool = True
+    """On load, verify every file's checksum, not only its size (the ranks share the hashing)."""
     load_step: int | None = None
     """Resume from this step instead of the latest complete checkpoint."""
     dir: Path | None = None

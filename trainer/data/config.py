@@ -28,7 +28,8 @@ class DataConfig(Section):
     cache_dir: Path | None = None
     """Where pre-tokenized shards (.bin/.idx) are kept (None: RUN_DIR/data_cache). Share it between runs."""
     prepare_workers: int = Field(0, ge=0)
-    """Processes tokenizing shards in parallel during prepare (0: one per CPU core, at most one per shard)."""
+    """Processes tokenizing shards in parallel during prepare (0: one per CPU core, at most one per shard,
+    in-process for small inputs)."""
     num_workers: int = Field(2, ge=0)
     """DataLoader worker processes per rank reading windows (0: read in the training process)."""
     prefetch_factor: int = Field(4, ge=1)

@@ -21,6 +21,7 @@ Each document gets EOS appended; damaged lines are skipped, counted and recorded
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import json
@@ -28,6 +29,7 @@ import logging
 import multiprocessing
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,13 +37,12 @@ import numpy as np
 
 from resilient.errors import ConfigError
 from trainer.data.config import DataConfig
-from trainer.data.shards import SkipCounts, find_shards, read_documents
-from trainer.data.tokenizer import load_tokenizer, tokenizer_digest
+from trainer.data.shards import SkipCounts, find_shards, is_shard, read_documents
+from trainer.data.tokenizer import encode_documents, load_tokenizer, tokenizer_digest
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-ENCODE_BATCH = 256  # documents per tokenizer call: large enough to amortise the Python<->Rust crossing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,25 +101,6 @@ def _token_dtype(vocab_size: int) -> type[np.number]:
     return DType.optimal_dtype(vocab_size)
 
 
-def _encode(documents: Iterator[str], tokenizer, eos_id: int) -> Iterator[list[int]]:
-    """Token ids (EOS appended) of each document, encoded in batches."""
-    batch: list[str] = []
-
-    def flush() -> Iterator[list[int]]:
-        for enc in tokenizer.encode_batch_fast(batch, add_special_tokens=False):
-            ids = enc.ids
-            ids.append(eos_id)
-            yield ids
-        batch.clear()
-
-    for text in documents:
-        batch.append(text)
-        if len(batch) >= ENCODE_BATCH:
-            yield from flush()
-    if batch:
-        yield from flush()
-
-
 def _write_indexed(prefix: Path, token_lists: Iterable[list[int]], dtype) -> tuple[int, int]:
     """Write prefix.bin/.idx atomically with megatron-core's builder; returns (documents, tokens)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -164,7 +146,7 @@ def run_job(job: ShardJob) -> dict:
             if remaining == 0:
                 return
 
-    n_docs, n_tokens = _write_indexed(job.prefix, _encode(documents(), tokenizer, eos_id), dtype)
+    n_docs, n_tokens = _write_indexed(job.prefix, encode_documents(documents(), tokenizer, eos_id), dtype)
     meta = {
         "version": FORMAT_VERSION,
         "name": job.sources[0].name if len(job.sources) == 1 else "validation",
@@ -189,21 +171,39 @@ def _worker_init(threads: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
 
 
-def _run_jobs(jobs: list[ShardJob], workers: int) -> None:
+SPAWN_MIN_BYTES = 32 << 20  # below this, starting worker processes (each imports torch) costs more than it saves
+
+
+def choose_workers(requested: int, jobs: int, input_bytes: int, cpus: int) -> tuple[int, str]:
+    """How many processes tokenize `jobs` shards of `input_bytes` in total, and why."""
+    if jobs <= 1:
+        return 1, "one shard"
+    if requested == 0 and input_bytes < SPAWN_MIN_BYTES:
+        return 1, f"{input_bytes} input bytes: cheaper in-process than starting workers"
+    wanted = requested or cpus
+    return max(1, min(wanted, jobs)), f"{'requested' if requested else 'one per core'}, at most one per shard"
+
+
+def _run_jobs(jobs: list[ShardJob], requested_workers: int) -> None:
     if not jobs:
         return
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    input_bytes = sum(src.stat().st_size for job in jobs for src in job.sources)
+    workers, reason = choose_workers(requested_workers, len(jobs), input_bytes, os.cpu_count() or 1)
+    log.info("data: tokenizing %d shards with %d process(es) (%s)", len(jobs), workers, reason)
     if workers == 1:
         for job in jobs:
-            meta = run_job(job)
-            log.info("data: prepared %s (%d documents, %d tokens)", meta["name"], meta["documents"], meta["tokens"])
+            _log_done(run_job(job))
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
     # spawn, not fork: prepare may run inside a trainer process that already holds threads.
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers, initializer=_worker_init, initargs=(threads,)) as pool:
         for meta in pool.imap_unordered(run_job, jobs):
-            log.info("data: prepared %s (%d documents, %d tokens)", meta["name"], meta["documents"], meta["tokens"])
+            _log_done(meta)
+
+
+def _log_done(meta: dict) -> None:
+    log.info("data: prepared %s (%d documents, %d tokens)", meta["name"], meta["documents"], meta["tokens"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def train_manifest_path(cfg: DataConfig, run_dir: Path) -> Path:
     root = cache_root(cfg, run_dir)
     megatron = megatron_prefixes(cfg.path)
     if megatron:
-        return root / f"train.megatron.{_digest([_stat_key(p.with_suffix('.idx')) for p in megatron])[:16]}.json"
+        return root / f"train.megatron.{_digest([_stat_key(p.with_name(p.name + '.idx')) for p in megatron])[:16]}.json"
     shards = find_shards(cfg.path, cfg.train_glob, what="data.path")
     _, eos_id = load_tokenizer(cfg.tokenizer, cfg.eos_token)
     tok_sha = tokenizer_digest(cfg.tokenizer)
@@ -228,7 +228,9 @@ def megatron_prefixes(path: Path) -> list[Path]:
     if not path.is_dir():
         return []
     prefixes = sorted(p.with_suffix("") for p in path.glob("*.idx") if p.with_suffix(".bin").is_file())
-    has_text = any(p.name.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")) for p in path.iterdir())
+    # Our own cache keeps a metadata .json beside each .bin/.idx; that is not a text shard.
+    metadata = {p.with_name(p.name + ".json") for p in prefixes}
+    has_text = any(is_shard(p) and p not in metadata for p in path.iterdir())
     return [] if has_text else prefixes
 
 
@@ -262,14 +264,12 @@ def _manifest(shards: list[dict], tok_sha: str | None, eos_id: int | None) -> di
     }
 
 
-def prepare_train(cfg: DataConfig, run_dir: Path, workers: int | None = None) -> Path:
+def _prepare_train(cfg: DataConfig, run_dir: Path, workers: int | None) -> Path:
     """Tokenize the missing training shards and write the training manifest; returns its path."""
     manifest_path = train_manifest_path(cfg, run_dir)
     if manifest_path.exists():
         return manifest_path
     root = cache_root(cfg, run_dir)
-    (root / "shards").mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(root, 0o700)
     megatron = megatron_prefixes(cfg.path)
     if megatron:
         _write_json_atomic(manifest_path, _megatron_manifest(megatron))
@@ -304,41 +304,76 @@ def prepare_train(cfg: DataConfig, run_dir: Path, workers: int | None = None) ->
 # Validation set
 
 
-def validation_prefix(cfg: DataConfig, run_dir: Path) -> Path:
-    """Prefix of the prepared validation documents for this config (it may not exist yet)."""
+def validation_shards(cfg: DataConfig) -> list[Path]:
+    """The validation shards, in order; ConfigError (one line) when there are none."""
+    if cfg.validation_path is None and megatron_prefixes(cfg.path):
+        raise ConfigError(f"data.validation_path: {cfg.path} holds Megatron .bin/.idx data; "
+                          f"set validation_path to C4 validation shards to evaluate")
     location = cfg.validation_path if cfg.validation_path is not None else _data_dir(cfg.path)
-    shards = find_shards(location, cfg.validation_glob, what="data.validation_path")
-    _, eos_id = load_tokenizer(cfg.tokenizer, cfg.eos_token)
-    tok_sha = tokenizer_digest(cfg.tokenizer)
-    key = _digest([FORMAT_VERSION, [_stat_key(s) for s in shards], tok_sha, eos_id, cfg.validation_docs])[:16]
-    return cache_root(cfg, run_dir) / f"validation.{key}"
-
-
-def validation_meta_path(cfg: DataConfig, run_dir: Path) -> Path:
-    """The metadata .json of the prepared validation documents (it may not exist yet)."""
-    return _meta_path(validation_prefix(cfg, run_dir))
+    return find_shards(location, cfg.validation_glob, what="data.validation_path")
 
 
 def _data_dir(path: Path) -> Path:
     return Path(str(path)).parent if glob.has_magic(str(path)) else path
 
 
-def prepare_validation(cfg: DataConfig, run_dir: Path) -> Path:
-    """Tokenize the first `validation_docs` validation documents; returns the .json metadata path."""
-    prefix = validation_prefix(cfg, run_dir)
-    if _meta_path(prefix).exists():
-        return _meta_path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    location = cfg.validation_path if cfg.validation_path is not None else _data_dir(cfg.path)
-    shards = find_shards(location, cfg.validation_glob, what="data.validation_path")
-    run_job(ShardJob(tuple(shards), prefix, cfg.tokenizer.resolve(), cfg.eos_token, cfg.validation_docs))
-    return _meta_path(prefix)
+def validation_meta_path(cfg: DataConfig, run_dir: Path, shards: list[Path] | None = None) -> Path:
+    """The metadata .json of the prepared validation documents (it may not exist yet)."""
+    shards = validation_shards(cfg) if shards is None else shards
+    _, eos_id = load_tokenizer(cfg.tokenizer, cfg.eos_token)
+    tok_sha = tokenizer_digest(cfg.tokenizer)
+    key = _digest([FORMAT_VERSION, [_stat_key(s) for s in shards], tok_sha, eos_id, cfg.validation_docs])[:16]
+    return cache_root(cfg, run_dir) / f"validation.{key}.json"
+
+
+def _prepare_validation(cfg: DataConfig, run_dir: Path, shards: list[Path]) -> None:
+    """Tokenize the first `validation_docs` validation documents."""
+    meta = validation_meta_path(cfg, run_dir, shards)
+    if not meta.exists():
+        prefix = meta.with_name(meta.name.removesuffix(".json"))
+        run_job(ShardJob(tuple(shards), prefix, cfg.tokenizer.resolve(), cfg.eos_token, cfg.validation_docs))
+
+
+def _optional_validation_shards(cfg: DataConfig) -> list[Path]:
+    # Training without validation shards is fine; evaluation then fails with this ConfigError.
+    try:
+        return validation_shards(cfg)
+    except ConfigError as err:
+        log.info("data: no validation data (%s)", err)
+        return []
+
+
+@contextmanager
+def _exclusive(root: Path) -> Iterator[None]:
+    """One prepare at a time per cache directory (a second one waits, then finds the work done)."""
+    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    # Left by a prepare that was killed; safe to delete under the lock.
+    for tmp in [*root.glob(".*.tmp*"), *(root / "shards").glob(".*.tmp*")]:
+        tmp.unlink(missing_ok=True)
 
 
 def prepare_if_needed(cfg: DataConfig, run_dir: Path, workers: int | None = None) -> Path:
-    """Prepare what is missing for `cfg` (training shards, manifest, validation set) and return
-    the training manifest path. Run it on global rank 0 and barrier before building loaders."""
-    manifest = prepare_train(cfg, run_dir, workers)
-    if not megatron_prefixes(cfg.path):
-        prepare_validation(cfg, run_dir)
+    """Prepare what is missing for `cfg` (training shards, manifest, validation set if there are
+    validation shards) and return the training manifest path. Run it on global rank 0 and barrier
+    before building loaders."""
+    manifest = train_manifest_path(cfg, run_dir)
+    val_shards = _optional_validation_shards(cfg)
+    if manifest.exists() and (not val_shards or validation_meta_path(cfg, run_dir, val_shards).exists()):
+        return manifest
+    root = cache_root(cfg, run_dir)
+    (root / "shards").mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(root, 0o700)
+    with _exclusive(root):
+        _remove_stale_temporaries(root)
+        _prepare_train(cfg, run_dir, workers)
+        if val_shards:
+            _prepare_validation(cfg, run_dir, val_shards)
     return manifest

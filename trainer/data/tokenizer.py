@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -10,6 +11,7 @@ from tokenizers import Tokenizer
 from resilient.errors import ConfigError
 
 DEFAULT_EOS = "<|endoftext|>"
+ENCODE_BATCH = 256  # documents per tokenizer call: amortises the Python<->Rust crossing
 
 
 def load_tokenizer(path: str | Path, eos_token: str = DEFAULT_EOS) -> tuple[Tokenizer, int]:
@@ -37,3 +39,22 @@ def load_tokenizer(path: str | Path, eos_token: str = DEFAULT_EOS) -> tuple[Toke
 def tokenizer_digest(path: str | Path) -> str:
     """sha256 of the tokenizer file: part of every cache key, so a new tokenizer re-prepares."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def encode_documents(documents: Iterable[str], tokenizer: Tokenizer, eos_id: int) -> Iterator[list[int]]:
+    """Token ids of each document with EOS appended, encoded in batches (parallel in the tokenizer)."""
+    batch: list[str] = []
+    for text in documents:
+        batch.append(text)
+        if len(batch) >= ENCODE_BATCH:
+            yield from _encode_batch(batch, tokenizer, eos_id)
+            batch = []
+    if batch:
+        yield from _encode_batch(batch, tokenizer, eos_id)
+
+
+def _encode_batch(batch: list[str], tokenizer: Tokenizer, eos_id: int) -> Iterator[list[int]]:
+    for enc in tokenizer.encode_batch_fast(batch, add_special_tokens=False):
+        ids = enc.ids
+        ids.append(eos_id)
+        yield ids

@@ -1,0 +1,179 @@
+"""Whole runs on the local cluster: `resilient launch` -> sbatch -> srun -> one supervisor per node -> trainer.
+
+Tiny model, one rank per node, a few steps; each run takes well under a minute plus Slurm's
+requeue delay (cred_expire=10 s in deploy/slurm/slurm.conf.in).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from resilient import ledger
+from tests.slurm.conftest import REPO, Cluster
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+STEPS = 24
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+HEALTHY_GPU = {"available": True, "device_count": 1, "devices": [{"index": 0}]}
+FAILED_GPU = {"available": True, "device_count": 1, "devices": [{"index": 0, "lost": True}]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_run_config(tmp: Path, name: str, **slurm) -> tuple[Path, Path]:
+    """A tiny two-node run; returns (config path, run dir). Each node's GPU state is scripted in nvml/."""
+    nvml = tmp / f"{name}-nvml"
+    nvml.mkdir()
+    for node in ("n0", "n1"):
+        (nvml / f"{node}.json").write_text(json.dumps(HEALTHY_GPU))
+    run_dir = tmp / name
+    cfg = {
+        "run_dir": str(run_dir),
+        "nodes": 2,
+        "model": {"preset": "tiny"},
+        "train": {"steps": STEPS, "global_batch": 4, "micro_batch": 2, "seq_len": 64, "warmup_steps": 2},
+        "data": {"path": str(REPO / "examples/data/c4-sample"), "tokenizer": str(REPO / "examples/tokenizer.json"),
+                 "validation_docs": 20, "num_workers": 0},
+        "checkpoint": {"interval_steps": 8},
+        "supervisor": {"nproc_per_node": 1, "store_port": free_port()},
+        "metrics": {"port": 0},
+        "health": {"fake_nvml_dir": str(nvml)},
+        "slurm": {"time_limit_minutes": 10, "signal_seconds": 60, "exclusive": False, **slurm},
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, run_dir
+
+
+def launch(cluster: Cluster, config: Path) -> str:
+    out = cluster.run(sys.executable, "-m", "resilient.cli", "launch", str(config), timeout=120)
+    first = out.stdout.splitlines()[0]
+    assert first.startswith("submitted job "), out.stdout
+    return first.removeprefix("submitted job ")
+
+
+def events(run_dir: Path, name: str) -> list[dict]:
+    return [r for r in ledger.read(run_dir) if r.get("event") == name]
+
+
+def wait_for(probe, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = probe()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def last_step(run_dir: Path) -> int:
+    path = run_dir / "train_log.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
+    return max(steps, default=0)
+
+
+def digest(run_dir: Path) -> str:
+    out = subprocess.run([sys.executable, "-m", "resilient.cli", "ckpt", "digest", str(run_dir)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    assert lines[0] == f"step {STEPS}", out.stdout
+    return lines[1]
+
+
+def logs(run_dir: Path) -> str:
+    return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted((run_dir / "logs").glob("*.out")))
+
+
+def finished_job(cluster: Cluster, job_id: str, run_dir: Path, timeout: float = 300) -> dict[str, str]:
+    job = cluster.wait_job(job_id, DONE, timeout=timeout)
+    assert job["JobState"] == "COMPLETED", f"{job}\n{logs(run_dir)}"
+    return job
+
+
+@pytest.fixture(scope="module")
+def reference(slurm_cluster, tmp_path_factory):
+    """An uninterrupted two-node run: (run dir, job record, final checkpoint digest)."""
+    config, run_dir = write_run_config(tmp_path_factory.mktemp("reference"), "reference")
+    job_id = launch(slurm_cluster, config)
+    job = finished_job(slurm_cluster, job_id, run_dir)
+    return run_dir, job, digest(run_dir)
+
+
+def test_two_node_tiny_run_completes(reference):
+    run_dir, job, _ = reference
+    assert job["Restarts"] == "0" and job["NodeList"] == "n[0-1]"
+    starts = events(run_dir, "run_start")
+    assert sorted(r["node"] for r in starts) == [0, 1]
+    assert {r["slurm_job_id"] for r in starts} == {job["JobId"]}
+    assert events(run_dir, "finished")[-1]["step"] == STEPS
+    end = events(run_dir, "job_end")
+    assert [(e["state"], e["job_id"], e["slurm_restart_count"]) for e in end] == [("finished", job["JobId"], 0)]
+    assert last_step(run_dir) == STEPS
+
+
+# srun passes the forwarded signal to every process of the step, ranks included, so the ranks
+# must treat it as a stop request too (USR1 always; USR2, the default, once the trainer does).
+@pytest.mark.parametrize("sig", ["USR2", "USR1"])
+def test_preemption_signal_saves_requeues_and_resumes_to_the_same_weights(slurm_cluster, reference, tmp_path, sig):
+    config, run_dir = write_run_config(tmp_path, "preempted")
+    tree = yaml.safe_load(config.read_text())
+    tree["supervisor"]["preempt_signal"] = f"SIG{sig}"
+    config.write_text(yaml.safe_dump(tree))
+    job_id = launch(slurm_cluster, config)
+    wait_for(lambda: last_step(run_dir) >= 3, 240, "training to reach step 3")
+    slurm_cluster.run("scancel", f"--signal={sig}", "--batch", job_id)
+
+    job = finished_job(slurm_cluster, job_id, run_dir)
+    assert job["Restarts"] == "1"
+    preempted = {r["step"] for r in events(run_dir, "preempted")}
+    assert len(preempted) == 1, preempted
+    saved = preempted.pop()
+    assert 3 <= saved < STEPS
+    assert [c["step"] for c in events(run_dir, "ckpt_save")].count(saved) == 1
+    requeue = events(run_dir, "requeue")
+    assert [(r["cause"], r["exit_code"], r["exclude"], r["slurm_restart_count"]) for r in requeue] == \
+        [("preempted", 75, [], 0)]
+    second = [r for r in events(run_dir, "run_start") if r["slurm_restart_count"] == 1]
+    assert sorted(r["node"] for r in second) == [0, 1]
+    loads = [r for r in events(run_dir, "ckpt_load") if r["ts"] > requeue[0]["ts"]]
+    assert loads and {r["step"] for r in loads} == {saved}, "the second allocation resumes at the saved step"
+    assert events(run_dir, "job_end")[-1]["state"] == "finished"
+    assert digest(run_dir) == reference[2], "resumed run must end with the uninterrupted run's weights"
+
+
+def test_unhealthy_node_is_excluded_drained_and_the_run_finishes_on_the_other(slurm_cluster, tmp_path):
+    config, run_dir = write_run_config(tmp_path, "unhealthy", min_nodes=1, drain_bad_nodes=True)
+    (tmp_path / "unhealthy-nvml" / "n1.json").write_text(json.dumps(FAILED_GPU))
+    job_id = launch(slurm_cluster, config)
+    try:
+        job = finished_job(slurm_cluster, job_id, run_dir)
+        node = slurm_cluster.run("scontrol", "-o", "show", "node", "n1").stdout
+        assert "DRAIN" in node and "Reason=resilient:" in node, node
+    finally:
+        slurm_cluster.run("scontrol", "update", "NodeName=n1", "State=RESUME", check=False)
+
+    assert job["Restarts"] == "1" and job["NodeList"] == "n0" and job["ExcNodeList"] == "n1"
+    requeue = events(run_dir, "requeue")
+    assert [(r["cause"], r["exclude"], r["nodes"], r["drained"]) for r in requeue] == \
+        [("unhealthy_node", ["n1"], 1, ["n1"])]
+    assert any(h["node"] == "n1" and h["severity"] == "fatal" for h in events(run_dir, "health"))
+    assert [r["node"] for r in events(run_dir, "run_start") if r["slurm_restart_count"] == 1] == [0]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["nodes"] == 1
+    assert events(run_dir, "finished")[-1]["step"] == STEPS
+    assert events(run_dir, "job_end")[-1]["state"] == "finished"
