@@ -158,3 +158,24 @@ def test_node_count_mismatch_is_a_config_error(tmp_path):
     proc = start(["run", str(cfg), "--run-dir", str(tmp_path / "run")], log=tmp_path / "err.log")
     assert proc.wait(30) == ExitCode.CONFIG_ERROR
     assert "nodes" in (tmp_path / "err.log").read_text()
+
+
+def test_fatal_health_during_training_ends_unhealthy_naming_the_node(tmp_path):
+    nvml = tmp_path / "nvml"
+    nvml.mkdir()
+    state = nvml / "gpunode7.json"
+    state.write_text(json.dumps({"available": True, "device_count": 1, "devices": [{"index": 0}]}))
+    cfg = write_config(tmp_path / "cfg.yaml", steps=1000)
+    run_dir = tmp_path / "run"
+    proc = start(["run", str(cfg), "--run-dir", str(run_dir), "--set", f"health.fake_nvml_dir={nvml}",
+                  "--set", "health.monitor_interval_s=0.5"],
+                 env={"RESILIENT_NODE_NAME": "gpunode7"}, log=tmp_path / "supervisor.log")
+    wait_until(_progress(run_dir, 0, 3), 60, "attempt 0 at step 3")
+    state.write_text(json.dumps({"available": True, "device_count": 1, "devices": [{"index": 0, "xids": [79]}]}))
+    assert proc.wait(60) == ExitCode.UNHEALTHY_NODE
+    kinds = [f["kind"] for f in events(run_dir, "failure")]
+    assert kinds[0] == "health"
+    [gave_up] = events(run_dir, "gave_up")
+    assert gave_up["exit_code"] == ExitCode.UNHEALTHY_NODE and "gpunode7" in gave_up["reason"]
+    assert "79" in gave_up["reason"]
+    assert len(events(run_dir, "attempt_start")) == 1  # the pre-flight kept the ranks from respawning
