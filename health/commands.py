@@ -1,7 +1,44 @@
-"""CLI commands of this component."""
+"""CLI commands of this component: `resilient health check`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
 
 import typer
+
+from health.errors import UnhealthyNodeError
+from health.types import Severity
 
 
 def register(app: typer.Typer) -> None:
     """Add this component's commands to the `resilient` app."""
+    health = typer.Typer(help="Node health: GPUs (NVML), checkpoint disk, memory, /dev/shm, collectives.",
+                         no_args_is_help=True)
+
+    @health.command("check")
+    def check(
+        as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+        collective: bool = typer.Option(False, "--collective", help="Also run the local all-reduce probe."),
+        config: Optional[Path] = typer.Option(None, "--config", help="Run config YAML (default: built-in defaults)."),
+        overrides: Optional[list[str]] = typer.Option(None, "--set", help="Config override key.sub=value (repeatable)."),
+        run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory whose checkpoints/ is checked."),
+        nproc: Optional[int] = typer.Option(None, "--nproc", min=2, help="Probe ranks (default: supervisor.nproc_per_node)."),
+    ) -> None:
+        """Run every health check that applies here; a fatal result exits with UNHEALTHY_NODE (76)."""
+        from health.check import check_node
+
+        report = check_node(config, overrides or [], run_dir=run_dir, collective=collective, nproc=nproc)
+        if as_json:
+            typer.echo(json.dumps(report.to_json(), default=str))
+        else:
+            for r in report.results:
+                label = "skip" if r.skipped else str(r.severity)
+                typer.echo(f"{label:<6} {r.name:<22} {r.reason}")
+            typer.echo(report.verdict()[1])
+        severity, reason = report.verdict()
+        if severity is Severity.FATAL:
+            raise UnhealthyNodeError(reason)
+
+    app.add_typer(health, name="health")

@@ -39,7 +39,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     _register_all()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns the code of a typer.Exit here
     except ResilientError as err:
         print(f"resilient: {err.one_line()}", file=sys.stderr)
         sys.exit(int(err.exit_code))
@@ -54,6 +54,7 @@ def main() -> None:
             err.show()
             sys.exit(err.exit_code)
         raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

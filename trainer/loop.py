@@ -47,7 +47,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, env: distributed.RankEnv, run_dir: Path) -> None:
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
-        self.stop_flag = stop.StopFlag().install()
+        self.stop_flag = stop.StopFlag().install(cfg.supervisor.preempt_signal)
         self.heartbeat = HeartbeatClient.from_env()
         self.is_logger = env.rank == 0
 

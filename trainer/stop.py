@@ -16,14 +16,17 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class StopFlag:
-    """Set by SIGUSR1/SIGTERM; read at step boundaries."""
+    """Set by a stop signal; read at step boundaries."""
 
     def __init__(self) -> None:
         self.requested = False
         self.signal_name: str | None = None
 
-    def install(self) -> "StopFlag":
-        for sig in STOP_SIGNALS:
+    def install(self, preempt_signal: str | None = None) -> "StopFlag":
+        """Handle SIGUSR1, SIGTERM and the configured preemption signal: srun forwards a batch
+        script's `--signal` to every process of the step, ranks included."""
+        extra = (signal.Signals[preempt_signal],) if preempt_signal else ()
+        for sig in (*STOP_SIGNALS, *extra):
             signal.signal(sig, self._on_signal)
         return self
 

@@ -1,7 +1,60 @@
-"""CLI commands of this component."""
+"""CLI commands of this component: `resilient plan`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
 
 import typer
+
+from resilient.config import RunConfig, load_config
+from resilient.errors import ConfigError
+from resilient.planner import Assumptions, Layout, make_plan, render_plan
+
+
+def _config_for_gpus(path: Path, gpus: int | None) -> RunConfig:
+    """The run config, resized to `gpus` by setting nodes = gpus / nproc_per_node.
+
+    The resized config goes through the same validator as a real run (world divisible by
+    tp*pp*cp, global batch divisible by micro_batch*dp), so a plan is only made for a layout
+    the trainer would accept.
+    """
+    cfg = load_config(path)
+    if gpus is None:
+        return cfg
+    per_node = cfg.supervisor.nproc_per_node
+    if gpus < 1 or gpus % per_node:
+        raise ConfigError(f"config error: --gpus {gpus} is not a positive multiple of "
+                          f"supervisor.nproc_per_node={per_node}")
+    return load_config(path, [f"nodes={gpus // per_node}"])
+
+
+def plan(
+    config: Path = typer.Argument(..., help="Run config YAML."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs in the job (default: nodes x nproc_per_node)."),
+    mtbf_hours: Optional[float] = typer.Option(
+        None, "--mtbf-hours", min=0.001, help="Job MTBF in hours (default: Llama 3's per-GPU failure rate)."),
+    ckpt_write_gbps: float = typer.Option(Assumptions.ckpt_write_gbps, "--ckpt-write-gbps", min=0.001,
+                                          help="Aggregate checkpoint write bandwidth, GB/s."),
+    restart_overhead_s: float = typer.Option(Assumptions.restart_overhead_s, "--restart-overhead-s", min=0.0,
+                                             help="Restart cost besides reading the checkpoint, seconds."),
+    mfu: float = typer.Option(Assumptions.mfu, "--mfu", min=0.001, max=1.0, help="Expected model FLOPs utilisation."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+) -> None:
+    """Parameters, memory per GPU, checkpoint cost, Young/Daly checkpoint intervals and predicted goodput."""
+    cfg = _config_for_gpus(config, gpus)
+    layout = Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp, dp=cfg.dp,
+                    distributed_optimizer=cfg.parallel.distributed_optimizer)
+    result = make_plan(
+        cfg.model.architecture(), layout, seq_len=cfg.seq_len, micro_batch=cfg.train.micro_batch,
+        global_batch=cfg.train.global_batch,
+        assume=Assumptions(mtbf_hours=mtbf_hours, ckpt_write_gbps=ckpt_write_gbps,
+                           restart_overhead_s=restart_overhead_s, mfu=mfu),
+    )
+    typer.echo(json.dumps(result.to_json(), indent=2) if as_json else render_plan(result))
 
 
 def register(app: typer.Typer) -> None:
     """Add this component's commands to the `resilient` app."""
+    app.command("plan")(plan)

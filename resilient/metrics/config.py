@@ -1,14 +1,21 @@
 """Metrics endpoint configuration."""
 
+from pydantic import Field
+
 from resilient.configbase import Section
 
 
 class MetricsConfig(Section):
-    """Where each supervisor serves /metrics."""
+    """Where each supervisor serves /metrics, and the limits its alerts compare against."""
 
     enabled: bool = True
     """Serve Prometheus metrics from the supervisor."""
     address: str = "127.0.0.1"
     """Address to bind; loopback by default so a single-machine run exposes nothing."""
-    port: int = 9464
+    port: int = Field(9464, ge=0, le=65535)
     """TCP port; 0 picks a free one (written to status.json)."""
+    checkpoint_max_age_s: float = Field(7200.0, gt=0)
+    """Age of the last complete checkpoint above which the ResilientCheckpointTooOld alert fires
+    (exported as resilient_checkpoint_age_limit_seconds)."""
+    goodput_interval_s: float = Field(60.0, gt=0)
+    """How often the supervisor recomputes goodput from the ledger and train log for /metrics."""

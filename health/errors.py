@@ -1,0 +1,11 @@
+"""The error that ends a command on an unhealthy node (exit code UNHEALTHY_NODE)."""
+
+from resilient.errors import ResilientError
+from resilient.exit_codes import ExitCode
+
+
+class UnhealthyNodeError(ResilientError):
+    """A health check on this node was fatal; the message is the verdict naming node and check."""
+
+    exit_code = ExitCode.UNHEALTHY_NODE
+    label = "unhealthy node"

@@ -1,0 +1,36 @@
+"""The narrow interface between GPU rules and whatever reads GPU state, and its selection."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import TYPE_CHECKING, Protocol
+
+from health.gpu.state import GpuSample
+
+if TYPE_CHECKING:
+    from health.config import HealthConfig
+
+
+class GpuProvider(Protocol):
+    """Reads the node's GPU state; `sample()` waits at most the configured event timeout."""
+
+    def sample(self) -> GpuSample: ...
+
+    def close(self) -> None: ...
+
+
+def node_name() -> str:
+    """This node's name as the rest of the run knows it."""
+    return os.environ.get("RESILIENT_NODE_NAME") or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def provider_for(cfg: HealthConfig, node: str) -> GpuProvider:
+    """The scripted provider when `fake_nvml_dir` is set, else the real NVML provider."""
+    if cfg.fake_nvml_dir is not None:
+        from health.gpu.fake_provider import FakeProvider
+
+        return FakeProvider(cfg.fake_nvml_dir / f"{node}.json")
+    from health.gpu.nvml_provider import NvmlProvider
+
+    return NvmlProvider(event_timeout_ms=cfg.event_timeout_ms)

@@ -1,0 +1,24 @@
+"""Pre-flight: every GPU rule on one sample plus the node checks, before ranks are spawned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from health.gpu.provider import provider_for
+from health.gpu.rules import evaluate
+from health.node_checks import node_checks
+from health.types import HealthReport
+
+if TYPE_CHECKING:
+    from resilient.config import RunConfig
+
+
+def run_preflight(cfg: RunConfig, *, node: str, run_dir: Path) -> HealthReport:
+    """GPU state via the configured provider and the node checks, as one report for `node`."""
+    provider = provider_for(cfg.health, node)
+    try:
+        sample = provider.sample()
+    finally:
+        provider.close()
+    return HealthReport(node, evaluate(None, sample, cfg.health) + node_checks(Path(run_dir), cfg.health))

@@ -1,0 +1,264 @@
+"""Capacity and checkpoint-interval planning: parameters, memory, checkpoint cost, Young/Daly intervals.
+
+Pure functions of an architecture, a parallel layout and a few hardware/reliability assumptions.
+Sources (formulas reproduced from memory of the papers, no network at hand):
+- parameters: Llama layout (untied embeddings, GQA attention, SwiGLU MLP, RMSNorm);
+- memory: Megatron-LM distributed-optimizer table (bf16 params + fp32 grads: 18 B/param, or
+  6 + 12/d with the optimizer sharded over d data-parallel ranks); activations per layer
+  34*s*b*h/t bytes with sequence parallelism and selective recompute (Korthikanti et al. 2022);
+- interval: Young 1974 sqrt(2*delta*M); Daly 2006 higher-order optimum and expected wall time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from trainer.presets import Architecture
+
+H100_BF16_DENSE_TFLOPS = 989.0
+H100_HBM_GIB = 80.0
+
+# Llama 3 (Dubey et al. 2024, section 3.3.4): 419 unexpected interruptions in a 54-day snapshot on 16,384 H100s.
+LLAMA3_FAILURES_PER_GPU_HOUR = 419 / (54 * 24 * 16384)
+
+
+# -- parameters -------------------------------------------------------------------------------
+
+
+def layer_params(arch: Architecture) -> int:
+    """One transformer layer: GQA attention (q, k, v, o), SwiGLU MLP (gate, up, down), two RMSNorms."""
+    h = arch.hidden_size
+    kv = arch.num_query_groups * (h // arch.num_attention_heads)
+    attention = 2 * h * h + 2 * h * kv
+    mlp = 3 * h * arch.ffn_hidden_size
+    return attention + mlp + 2 * h
+
+
+def param_count(arch: Architecture) -> int:
+    """Embeddings + untied output layer + layers + final norm."""
+    return 2 * arch.vocab_size * arch.hidden_size + arch.num_layers * layer_params(arch) + arch.hidden_size
+
+
+def padded_vocab(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    """Megatron pads the vocabulary to a multiple of divisible_by * tp."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+# -- memory -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout; world = tp * pp * cp * dp."""
+
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    distributed_optimizer: bool = True
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes per parameter of each training state (defaults: bf16 weights, fp32 grads, fp32 master + Adam)."""
+
+    weights: float = 2.0
+    grads: float = 4.0
+    master: float = 4.0
+    moments: float = 8.0
+
+    @property
+    def checkpoint(self) -> float:
+        """What a checkpoint holds per parameter: weights, fp32 master copy, two Adam moments (14 B)."""
+        return self.weights + self.master + self.moments
+
+
+def stage_layers(num_layers: int, pp: int) -> list[int]:
+    """Layers per pipeline stage; an uneven remainder is taken from the first and last stages
+    (which also hold the embedding and the output layer), as Llama 3 did for 126 layers."""
+    per = -(-num_layers // pp)
+    layers = [per] * pp
+    deficit, i = per * pp - num_layers, 0
+    while deficit:
+        layers[0 if i % 2 == 0 or pp == 1 else -1] -= 1
+        deficit, i = deficit - 1, i + 1
+    return layers
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes on the busiest GPU (the pipeline stage with the largest total)."""
+
+    stage: int
+    params: float
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+
+def memory_per_gpu(arch: Architecture, layout: Layout, *, seq_len: int, micro_batch: int, grad_accum: int,
+                   state: StateBytes = StateBytes(), act_bytes_factor: float = 34.0) -> MemoryEstimate:
+    """Weights, grads, optimizer state and 1F1B activations of the busiest pipeline stage.
+
+    Matrices are split over TP (norms replicated); master weights and Adam moments are sharded
+    over DP x CP with the distributed optimizer (megatron shards over the data-parallel group that
+    includes context parallelism). Stage i holds activations of min(pp - i, grad_accum) micro-batches.
+    """
+    h, t = arch.hidden_size, layout.tp
+    per_layer = (layer_params(arch) - 2 * h) / t + 2 * h
+    vocab = padded_vocab(arch.vocab_size, t) * h / t
+    shard = layout.dp * layout.cp if layout.distributed_optimizer else 1
+    tokens = seq_len / layout.cp * micro_batch
+    best: MemoryEstimate | None = None
+    for i, n_layers in enumerate(stage_layers(arch.num_layers, layout.pp)):
+        params = n_layers * per_layer + (vocab if i == 0 else 0) + (vocab + h if i == layout.pp - 1 else 0)
+        in_flight = min(layout.pp - i, grad_accum)
+        acts = act_bytes_factor * tokens * h / t * n_layers * in_flight
+        if i == layout.pp - 1:
+            acts += 4 * tokens * padded_vocab(arch.vocab_size, t) / t  # fp32 logits for the loss
+        est = MemoryEstimate(stage=i, params=params, weights=params * state.weights, grads=params * state.grads,
+                             optimizer=params * (state.master + state.moments) / shard, activations=acts)
+        if best is None or est.total > best.total:
+            best = est
+    assert best is not None
+    return best
+
+
+# -- time and checkpoint intervals --------------------------------------------------------------
+
+
+def flops_per_token(arch: Architecture, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus 12*L*h*s for attention (PaLM appendix B)."""
+    return 6 * param_count(arch) + 12 * arch.num_layers * arch.hidden_size * seq_len
+
+
+def young_interval(delta: float, mtbf: float) -> float:
+    """Young's first-order optimal compute time between checkpoints: sqrt(2 delta M)."""
+    return math.sqrt(2 * delta * mtbf)
+
+
+def daly_interval(delta: float, mtbf: float) -> float:
+    """Daly 2006 higher-order optimum: sqrt(2dM)[1 + sqrt(d/2M)/3 + (d/2M)/9] - d for d < 2M, else M."""
+    if delta >= 2 * mtbf:
+        return mtbf
+    x = delta / (2 * mtbf)
+    return math.sqrt(2 * delta * mtbf) * (1 + math.sqrt(x) / 3 + x / 9) - delta
+
+
+def daly_wall_time(solve_time: float, tau: float, delta: float, restart: float, mtbf: float) -> float:
+    """Daly's expected wall time: M e^(R/M) (e^((tau+delta)/M) - 1) T_s / tau."""
+    return mtbf * math.exp(restart / mtbf) * math.expm1((tau + delta) / mtbf) * solve_time / tau
+
+
+def predicted_goodput(tau: float, delta: float, restart: float, mtbf: float) -> float:
+    """Solve time over expected wall time in Daly's model (independent of the solve time)."""
+    return 1.0 / daly_wall_time(1.0, tau, delta, restart, mtbf)
+
+
+# -- the whole plan -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    """Hardware and reliability figures the plan depends on."""
+
+    mtbf_hours: float | None = None
+    """Job mean time between failures (None: Llama 3's per-GPU failure rate scaled to the GPU count)."""
+    ckpt_write_gbps: float = 100.0
+    """Aggregate checkpoint write (and read) bandwidth, GB/s."""
+    restart_overhead_s: float = 300.0
+    """Restart cost besides reading the checkpoint: detection, teardown, rank init."""
+    mfu: float = 0.40
+    """Model FLOPs utilisation expected (Llama 3 405B: 38-43%)."""
+    peak_tflops: float = H100_BF16_DENSE_TFLOPS
+    """Per-GPU dense bf16 peak."""
+    hbm_gib: float = H100_HBM_GIB
+    """Per-GPU memory."""
+    state: StateBytes = StateBytes()
+    """Bytes per parameter of the training state."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    gpus: int
+    layout: Layout
+    params: int
+    published_params: float | None
+    checkpoint_bytes: float
+    memory: MemoryEstimate
+    hbm_bytes: float
+    step_seconds: float
+    tokens_per_gpu_per_second: float
+    mtbf_seconds: float
+    ckpt_write_seconds: float
+    restart_seconds: float
+    young_seconds: float
+    daly_seconds: float
+    daly_interval_steps: int
+    predicted_goodput: float
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["memory"]["total"] = self.memory.total
+        out["layout"]["world"] = self.layout.world
+        return out
+
+
+def make_plan(arch: Architecture, layout: Layout, *, seq_len: int, micro_batch: int, global_batch: int,
+              assume: Assumptions = Assumptions()) -> Plan:
+    """Everything `resilient plan` prints, for one architecture on one layout."""
+    gpus = layout.world
+    params = param_count(arch)
+    ckpt_bytes = params * assume.state.checkpoint
+    grad_accum = max(1, global_batch // (micro_batch * layout.dp))
+    memory = memory_per_gpu(arch, layout, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum,
+                            state=assume.state)
+    tokens_per_step = global_batch * seq_len
+    step_s = tokens_per_step * flops_per_token(arch, seq_len) / (gpus * assume.peak_tflops * 1e12 * assume.mfu)
+    mtbf_h = assume.mtbf_hours if assume.mtbf_hours is not None else 1 / (LLAMA3_FAILURES_PER_GPU_HOUR * gpus)
+    mtbf = mtbf_h * 3600
+    write_s = ckpt_bytes / (assume.ckpt_write_gbps * 1e9)
+    restart = assume.restart_overhead_s + write_s  # reading back at the write bandwidth
+    daly = daly_interval(write_s, mtbf)
+    return Plan(
+        gpus=gpus, layout=layout, params=params, published_params=arch.published_params,
+        checkpoint_bytes=ckpt_bytes, memory=memory, hbm_bytes=assume.hbm_gib * 2**30,
+        step_seconds=step_s, tokens_per_gpu_per_second=tokens_per_step / step_s / gpus,
+        mtbf_seconds=mtbf, ckpt_write_seconds=write_s, restart_seconds=restart,
+        young_seconds=young_interval(write_s, mtbf), daly_seconds=daly,
+        daly_interval_steps=max(1, round(daly / step_s)),
+        predicted_goodput=predicted_goodput(daly, write_s, restart, mtbf),
+    )
+
+
+def render_plan(plan: Plan) -> str:
+    """Human-readable plan."""
+    gib, m = 2**30, plan.memory
+    lay = plan.layout
+    published = f" (published {plan.published_params / 1e9:.1f}B)" if plan.published_params else ""
+    fits = "fits" if m.total <= plan.hbm_bytes else "DOES NOT FIT"
+    return "\n".join([
+        f"parameters        {plan.params / 1e9:.2f}B{published}",
+        f"layout            {plan.gpus} GPUs = TP{lay.tp} x PP{lay.pp} x CP{lay.cp} x DP{lay.dp}"
+        f"{' (distributed optimizer)' if lay.distributed_optimizer else ''}",
+        f"checkpoint        {plan.checkpoint_bytes / 1e12:.2f} TB, write {plan.ckpt_write_seconds:.0f} s",
+        f"memory per GPU    {m.total / gib:.1f} GiB on stage {m.stage} ({fits} in {plan.hbm_bytes / gib:.0f} GiB): "
+        f"weights {m.weights / gib:.1f}, grads {m.grads / gib:.1f}, optimizer {m.optimizer / gib:.1f}, "
+        f"activations {m.activations / gib:.1f}",
+        f"step time         {plan.step_seconds:.1f} s ({plan.tokens_per_gpu_per_second:.0f} tokens/s per GPU)",
+        f"job MTBF          {plan.mtbf_seconds / 3600:.1f} h, restart {plan.restart_seconds / 60:.1f} min",
+        f"interval          Young {plan.young_seconds / 60:.1f} min, Daly {plan.daly_seconds / 60:.1f} min "
+        f"= every {plan.daly_interval_steps} steps",
+        f"predicted goodput {plan.predicted_goodput:.1%} (Daly's expected-wall-time model)",
+    ])

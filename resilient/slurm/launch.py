@@ -1,0 +1,44 @@
+"""`resilient launch`: validate, render, write into the run directory, submit."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from resilient import ledger
+from resilient.config import RunConfig, dump_config
+from resilient.errors import ConfigError
+from resilient.slurm import jobs
+from resilient.slurm.render import CONFIG_NAME, SCRIPT_NAME
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace a file atomically, readable by its owner only."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def last_job_id(run_dir: Path) -> str | None:
+    """The job most recently submitted for this run (it keeps its ID across requeues)."""
+    job_id = None
+    for record in ledger.read(run_dir):
+        if record.get("event") == "submitted":
+            job_id = str(record.get("job_id"))
+    return job_id
+
+
+def submit_run(cfg: RunConfig, run_dir: Path, script: str) -> str:
+    """Write config.yaml and job.sbatch into RUN_DIR, submit, record `submitted`; returns the job ID."""
+    previous = last_job_id(run_dir)
+    if previous is not None and jobs.job_state(previous) in jobs.ACTIVE_STATES:
+        raise ConfigError(f"config error: {run_dir} already has an active job {previous} (scancel it first)")
+    (run_dir / "logs").mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(run_dir, 0o700)
+    write_private(run_dir / CONFIG_NAME, dump_config(cfg))
+    write_private(run_dir / SCRIPT_NAME, script)
+    job_id = jobs.submit(run_dir / SCRIPT_NAME)
+    ledger.append(run_dir, "submitted", job_id=job_id, script=str(run_dir / SCRIPT_NAME), nodes=cfg.nodes)
+    return job_id

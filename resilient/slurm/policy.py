@@ -1,0 +1,169 @@
+"""What the batch job does when its supervisors have exited: requeue, requeue without a node, or stop.
+
+Pure functions of the exit codes and the run's ledger; the batch script acts on the decision
+through `resilient slurm on-exit` (resilient/slurm/on_exit.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from resilient.exit_codes import ExitCode
+from resilient.slurm.config import SlurmConfig
+
+_CANNOT_HELP = {
+    ExitCode.CONFIG_ERROR: "configuration error",
+    ExitCode.CHECKPOINT_DAMAGED: "no loadable checkpoint",
+    ExitCode.RESTART_BUDGET_EXHAUSTED: "in-job restart budget exhausted",
+    ExitCode.NO_PROGRESS: "no progress over several attempts",
+}
+
+
+class Action(StrEnum):
+    REQUEUE = "requeue"
+    FINISHED = "finished"
+    STOP = "stop"
+
+
+class Cause(StrEnum):
+    """Why the job was requeued; crash requeues are counted against slurm.max_crash_requeues."""
+
+    PREEMPTED = "preempted"
+    UNHEALTHY = "unhealthy_node"
+    CRASH = "crash"
+
+
+@dataclass(frozen=True)
+class GaveUp:
+    """A supervisor's `gave_up` ledger record."""
+
+    exit_code: int
+    node: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class JobEnd:
+    """What is known when the supervisors of one allocation have exited."""
+
+    exit_code: int
+    """srun's exit code: the highest of the supervisors' codes (128+n for a signal)."""
+    gave_up: tuple[GaveUp, ...]
+    """`gave_up` records written during this allocation."""
+    nodes: int
+    """Nodes of this allocation."""
+    crash_requeues: int
+    """Earlier requeues of this run caused by crashes."""
+    fatal_nodes: tuple[str, ...] = ()
+    """Nodes with a fatal `health` record during this allocation."""
+    straggler_nodes: tuple[str, ...] = ()
+    """Nodes with a `straggler` record during this allocation."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    cause: Cause | None = None
+    exclude: tuple[str, ...] = ()
+    """Nodes to add to the job's excluded nodes before it runs again."""
+    drain: tuple[str, ...] = ()
+    """Nodes to drain (operator's choice: slurm.drain_bad_nodes)."""
+    nodes: int | None = None
+    """New node count for the requeued job (None: unchanged)."""
+
+
+def _known(code: int) -> ExitCode | None:
+    try:
+        return ExitCode(code)
+    except ValueError:
+        return None
+
+
+def _requeue(cause: Cause, reason: str, end: JobEnd, cfg: SlurmConfig, bad: tuple[str, ...],
+             stragglers: tuple[str, ...]) -> tuple[Decision, str]:
+    exclude = tuple(sorted({*bad, *stragglers}))
+    if stragglers:
+        reason += f"; straggler node(s) {', '.join(stragglers)} excluded"
+    nodes = max(cfg.min_nodes or end.nodes, end.nodes - len(exclude))
+    if nodes != end.nodes:
+        reason += f"; {nodes} node(s) from now on"
+    drain = bad if cfg.drain_bad_nodes else ()
+    return Decision(Action.REQUEUE, cause, exclude, drain, nodes if nodes != end.nodes else None), reason
+
+
+def decide(end: JobEnd, cfg: SlurmConfig, *, exclude_stragglers: bool = False) -> tuple[Decision, str]:
+    """The action for a finished allocation and a one-line reason.
+
+    Every supervisor's code counts, not only srun's maximum, and the most final one wins:
+    a condition a requeue cannot fix, then a bad node, then preemption, then success. The bad
+    node is the one named by an UNHEALTHY_NODE `gave_up` record, else the one with a fatal
+    `health` record. Persistent stragglers are excluded too when health.straggler_action says so.
+    """
+    codes = {end.exit_code, *(g.exit_code for g in end.gave_up)}
+    for code, what in _CANNOT_HELP.items():
+        if code in codes:
+            detail = next((g.reason for g in end.gave_up if g.exit_code == code and g.reason), "")
+            return Decision(Action.STOP), f"{what} (exit {int(code)}){': ' + detail if detail else ''}; not requeued"
+
+    stragglers = tuple(sorted(set(end.straggler_nodes))) if exclude_stragglers else ()
+    if ExitCode.UNHEALTHY_NODE in codes:
+        bad = tuple(sorted({g.node for g in end.gave_up if g.exit_code == ExitCode.UNHEALTHY_NODE and g.node}))
+        bad = bad or tuple(sorted(set(end.fatal_nodes)))
+        if bad:
+            reason = f"unhealthy node {', '.join(bad)}: requeued without it"
+            return _requeue(Cause.UNHEALTHY, reason, end, cfg, bad, stragglers)
+
+    if ExitCode.PREEMPTED in codes:
+        return _requeue(Cause.PREEMPTED, "preempted after saving: requeued", end, cfg, (), stragglers)
+    if codes == {ExitCode.FINISHED}:
+        return Decision(Action.FINISHED), "run finished"
+
+    unknown = max(codes - {ExitCode.FINISHED})
+    named = _known(unknown)
+    what = f"exit {unknown}" + (f" ({named.name})" if named else " (signal)" if unknown > 128 else "")
+    if ExitCode.UNHEALTHY_NODE in codes:
+        what += ", unhealthy node not named in the ledger"
+    if end.crash_requeues >= cfg.max_crash_requeues:
+        return Decision(Action.STOP), (
+            f"supervisors failed ({what}) after {end.crash_requeues} crash requeue(s) "
+            f"(slurm.max_crash_requeues={cfg.max_crash_requeues}); not requeued"
+        )
+    reason = f"supervisors failed ({what}): requeued, crash requeue {end.crash_requeues + 1} of {cfg.max_crash_requeues}"
+    return _requeue(Cause.CRASH, reason, end, cfg, (), stragglers)
+
+
+def job_end_from_ledger(records: Iterable[Mapping[str, Any]], *, exit_code: int, since: float,
+                        nodes: int) -> JobEnd:
+    """Collect this allocation's records (written at or after `since`) and the run's crash requeues."""
+    gave_up: list[GaveUp] = []
+    fatal: list[str] = []
+    stragglers: list[str] = []
+    crashes = 0
+    for r in records:
+        event, node, current = r.get("event"), r.get("node"), float(r.get("ts", 0)) >= since
+        if event == "requeue" and r.get("cause") == Cause.CRASH:
+            crashes += 1
+        if current and isinstance(node, str) and node:
+            if event == "health" and r.get("severity") == "fatal":
+                fatal.append(node)
+            elif event == "straggler":
+                stragglers.append(node)
+        if event == "gave_up" and current:
+            try:
+                code = int(r.get("exit_code"))
+            except (TypeError, ValueError):
+                continue
+            gave_up.append(GaveUp(code, r.get("node"), str(r.get("reason") or "")))
+    return JobEnd(exit_code=exit_code, gave_up=tuple(gave_up), nodes=nodes, crash_requeues=crashes,
+                  fatal_nodes=tuple(fatal), straggler_nodes=tuple(stragglers))
+
+
+def job_ref(env: Mapping[str, str]) -> str:
+    """The ID scontrol acts on: `ARRAYJOBID_TASKID` for an array task, as Slurm names array tasks
+    (requeueing SLURM_ARRAY_JOB_ID alone would hit the whole array), else SLURM_JOB_ID."""
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env["SLURM_JOB_ID"]
