@@ -1,7 +1,71 @@
-"""CLI commands of this component."""
+"""CLI commands of the supervisor: `run` (one machine), `supervise` (one per node), `status`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
+from rich.console import Console
+
+from resilient.config import RunConfig, load_config
+from resilient.errors import ConfigError
+from resilient.status import read_status, render_status
+from resilient.supervisor.topology import Topology, node_name, resolve_topology
+
+_RUN_DIR = typer.Option(None, "--run-dir", help="Run directory (default: the config's run_dir).")
+_SET = typer.Option([], "--set", help="Override a config key: --set train.steps=50 (repeatable).")
+
+
+def _load(config: Path, run_dir: Optional[Path], overrides: list[str]) -> RunConfig:
+    cfg = load_config(config, overrides)
+    resolved = (run_dir or cfg.run_dir).expanduser().resolve()
+    return load_config(config, [*overrides, f"run_dir={resolved}"])
+
+
+def _supervise(cfg: RunConfig, topo: Topology) -> None:
+    from resilient.supervisor.daemon import Supervisor  # heavy imports (torch) only when supervising
+
+    if cfg.nodes != topo.nnodes:
+        raise ConfigError(f"config error: nodes: the config says {cfg.nodes} node(s) but the job has {topo.nnodes}")
+    # sys.exit, not typer.Exit: in standalone_mode=False click returns typer.Exit's code instead of exiting.
+    sys.exit(Supervisor(cfg, topo, cfg.run_dir).run())
 
 
 def register(app: typer.Typer) -> None:
     """Add this component's commands to the `resilient` app."""
+
+    @app.command("run")
+    def run(config: Path = typer.Argument(..., help="Run config (YAML)."),
+            run_dir: Optional[Path] = _RUN_DIR, set_: list[str] = _SET) -> None:
+        """Train on this machine: one supervisor (node 0 of 1) spawning supervisor.nproc_per_node ranks."""
+        cfg = _load(config, run_dir, set_)
+        _supervise(cfg, Topology(0, 1, "127.0.0.1", 0, node_name(os.environ)))
+
+    @app.command("supervise")
+    def supervise(config: Path = typer.Argument(..., help="Run config (YAML)."),
+                  node_rank: Optional[int] = typer.Option(None, help="This node's rank (default: SLURM_NODEID)."),
+                  nnodes: Optional[int] = typer.Option(None, help="Nodes in the job (default: SLURM_NNODES)."),
+                  master_addr: Optional[str] = typer.Option(
+                      None, help="Host of node 0 (default: first host of SLURM_JOB_NODELIST)."),
+                  master_port: Optional[int] = typer.Option(
+                      None, help="Coordination store port on node 0 (default: supervisor.store_port)."),
+                  run_dir: Optional[Path] = _RUN_DIR, set_: list[str] = _SET) -> None:
+        """Supervise this node's ranks as one node of a multi-node job (one per node, e.g. under srun)."""
+        cfg = _load(config, run_dir, set_)
+        topo = resolve_topology(os.environ, node_rank=node_rank, nnodes=nnodes, master_addr=master_addr,
+                                master_port=master_port, default_port=cfg.supervisor.store_port)
+        _supervise(cfg, topo)
+
+    @app.command("status")
+    def status(run_dir: Path = typer.Argument(..., help="Run directory."),
+               as_json: bool = typer.Option(False, "--json", help="Print status.json as JSON.")) -> None:
+        """Show a run's state, attempt, step, checkpoint, ranks and last failure (from RUN_DIR/status.json)."""
+        data = read_status(run_dir)
+        if as_json:
+            typer.echo(json.dumps(data, indent=1))
+        else:
+            render_status(data, Console())

@@ -1,10 +1,71 @@
 """Supervisor configuration (owned by the supervisor package)."""
 
+import signal
+import sys
+
+from pydantic import Field, field_validator
+
 from resilient.configbase import Section
+
+
+def _default_rank_command() -> list[str]:
+    return [sys.executable, "-m", "trainer"]
 
 
 class SupervisorConfig(Section):
     """How the per-node supervisor spawns, watches and restarts ranks."""
 
-    nproc_per_node: int = 2
+    nproc_per_node: int = Field(2, ge=1)
     """Ranks spawned on each node (GPUs per node on GPU clusters)."""
+    rank_command: list[str] = Field(default_factory=_default_rank_command, min_length=1)
+    """Command of one rank; the supervisor appends `--config RUN_DIR/config.yaml`."""
+    store_port: int = Field(29400, ge=0, le=65535)
+    """TCP port of the coordination store on node 0 (`resilient run` picks a free one)."""
+    store_timeout_s: float = Field(300.0, gt=0)
+    """How long a supervisor waits for the others (store connect, attempt barrier, reports)."""
+    poll_interval_s: float = Field(0.25, gt=0, le=1.0)
+    """Longest sleep of the watch loop: hang checks and store polls happen at least this often."""
+    status_interval_s: float = Field(1.0, gt=0)
+    """How often status.json is rewritten."""
+
+    init_timeout_s: float = Field(600.0, gt=0)
+    """A rank may take this long from spawn (or its `init` heartbeat) to its next phase."""
+    restore_timeout_s: float = Field(900.0, gt=0)
+    """Longest `restore` phase (checkpoint load) before the rank counts as hung."""
+    checkpoint_timeout_s: float = Field(900.0, gt=0)
+    """Longest `checkpoint` or `done` phase (blocking save, final save) before a hang is declared."""
+    eval_timeout_s: float = Field(900.0, gt=0)
+    """Longest `eval` phase before a hang is declared."""
+    step_timeout_initial_s: float = Field(600.0, gt=0)
+    """Step timeout until enough step times were observed to calibrate it."""
+    step_timeout_factor: float = Field(5.0, ge=1.0)
+    """Calibrated step timeout = factor x the longest recent step time (but at least the floor)."""
+    step_timeout_floor_s: float = Field(30.0, gt=0)
+    """Smallest calibrated step timeout (absorbs jitter of very short steps)."""
+    step_timeout_min_samples: int = Field(5, ge=1)
+    """Step times needed before the step timeout is calibrated."""
+    step_timeout_window: int = Field(50, ge=1)
+    """Recent step times the calibration looks at."""
+
+    termination_grace_s: float = Field(10.0, ge=0)
+    """After SIGTERM to a rank's process group, wait this long before SIGKILL."""
+    preempt_signal: str = "SIGUSR2"
+    """Signal (besides SIGTERM) that means preemption, e.g. Slurm's `--signal=USR2@120`."""
+    preempt_grace_s: float = Field(120.0, gt=0)
+    """After a preemption request, ranks get this long to save and exit before SIGKILL."""
+
+    max_restarts: int = Field(10, ge=0)
+    """In-job restarts allowed before giving up with RESTART_BUDGET_EXHAUSTED."""
+    max_attempts_without_progress: int = Field(3, ge=1)
+    """Consecutive failed attempts that completed no step before giving up with NO_PROGRESS."""
+    backoff_initial_s: float = Field(1.0, ge=0)
+    """Wait before the first restart; doubles with every further restart."""
+    backoff_max_s: float = Field(60.0, ge=0)
+    """Upper bound of the restart backoff."""
+
+    @field_validator("preempt_signal")
+    @classmethod
+    def _known_signal(cls, name: str) -> str:
+        if name not in signal.Signals.__members__:
+            raise ValueError(f"unknown signal {name!r} (e.g. SIGUSR2)")
+        return name

@@ -10,7 +10,7 @@ import torch
 
 from resilient.errors import ConfigError
 from trainer.data.loader import build_train_loader, build_validation_batches
-from trainer.data.prepare import prepare_if_needed
+from trainer.data.prepare import check_inputs, prepare_if_needed
 
 
 def test_a_directory_of_bin_idx_pairs_trains_like_the_text_it_came_from(prepared, tmp_path):
@@ -33,3 +33,16 @@ def test_a_directory_of_bin_idx_pairs_trains_like_the_text_it_came_from(prepared
     assert all(torch.equal(a, b) for a, b in zip(batches(cfg, run_dir), batches(mcfg, tmp_path / "run")))
     with pytest.raises(ConfigError, match="data.validation_path: .* Megatron"):
         build_validation_batches(mcfg, run_dir=tmp_path / "run", seq_len=16, micro_batch=2, dp_rank=0, dp_size=1)
+
+
+def test_input_check_accepts_megatron_directories_and_rejects_empty_ones(prepared, tmp_path):
+    cfg, run_dir = prepared
+    check_inputs(cfg)
+    shard = json.loads(prepare_if_needed(cfg, run_dir).read_text())["shards"][0]
+    (tmp_path / "m").mkdir()
+    for suffix in (".bin", ".idx"):
+        shutil.copy(shard["path"] + suffix, tmp_path / "m")
+    check_inputs(cfg.model_copy(update={"path": tmp_path / "m"}))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no shards matching"):
+        check_inputs(cfg.model_copy(update={"path": tmp_path / "empty"}))

@@ -4,7 +4,8 @@ Its "checkpoint" is RUN_DIR/fake_ckpt.json (the last saved step, written by rank
 completed step is appended to RUN_DIR/fake_steps.jsonl. Behaviour comes from the environment:
 FAKE_STEP_S (seconds per step), FAKE_CKPT_EVERY (save interval), FAKE_CRASH ("init": exit 3
 before the first step of every attempt; "every:N": exit 3 after N steps of every attempt),
-FAKE_ERROR_AT (report phase=error at that step in attempt 0, then stall).
+FAKE_ERROR_AT (report phase=error at that step in attempt 0, then stall), FAKE_IGNORE_STOP=1
+(ignore SIGUSR1/SIGTERM).
 """
 
 from resilient.orphan import die_with_parent
@@ -32,8 +33,9 @@ def _on_stop(_sig, _frame):
 
 
 def main() -> int:
+    ignore = os.environ.get("FAKE_IGNORE_STOP") == "1"
     for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, _on_stop)
+        signal.signal(sig, signal.SIG_IGN if ignore else _on_stop)
     args = argparse.ArgumentParser()
     args.add_argument("--config", required=True)
     cfg = yaml.safe_load(Path(args.parse_args().config).read_text())

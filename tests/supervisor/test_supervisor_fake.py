@@ -69,10 +69,11 @@ def test_rank_error_report_restarts(tmp_path):
     _assert_all_steps_done(run_dir, 12)
 
 
-def test_supervisor_sigterm_preempts_and_rerun_resumes_at_that_step(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
+def test_supervisor_signal_preempts_and_rerun_resumes_at_that_step(tmp_path, sig):
     proc, run_dir = _run(tmp_path, {"steps": 200}, env={"FAKE_CKPT_EVERY": "1000"})
     wait_until(_progress(run_dir, 0, 6), 60, "attempt 0 at step 6")
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     assert proc.wait(60) == ExitCode.PREEMPTED
     saved = json.loads((run_dir / "fake_ckpt.json").read_text())["step"]
     assert saved == max(s["step"] for s in steps_done(run_dir))  # the step it stopped at was saved
@@ -86,6 +87,18 @@ def test_supervisor_sigterm_preempts_and_rerun_resumes_at_that_step(tmp_path):
     resumed = [s["step"] for s in steps_done(run_dir) if s["attempt"] == 1]
     assert resumed == list(range(saved + 1, saved + 6))  # zero lost steps, none repeated
     assert [e["attempt"] for e in events(run_dir, "run_start")] == [0, 1]
+
+
+def test_ranks_ignoring_the_stop_request_are_killed_after_the_grace(tmp_path):
+    proc, run_dir = _run(tmp_path, {"steps": 1000, "supervisor": {"preempt_grace_s": 2.0}},
+                         env={"FAKE_IGNORE_STOP": "1"})
+    wait_until(_progress(run_dir, 0, 2), 60, "attempt 0 at step 2")
+    ranks = list(ranks_of(proc.pid).values())
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == ExitCode.PREEMPTED
+    assert time.monotonic() - signalled < 2.0 + 5.0  # grace, then SIGKILL, reap and exit
+    assert psutil.wait_procs(ranks, timeout=1)[1] == []
 
 
 def test_supervisor_sigkill_leaves_no_rank_behind(tmp_path):

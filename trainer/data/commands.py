@@ -22,12 +22,14 @@ def prepare_cmd(
     config: Path = typer.Argument(..., help="Run config (YAML)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: --set data.path=/c4/en (repeatable)."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default: the config's run_dir)."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Tokenizing processes (default: data.prepare_workers)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                          help="Tokenizing processes (default: data.prepare_workers)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
 ) -> None:
-    """Tokenize the configured training shards and validation documents into the data cache
-    (megatron .bin/.idx), resuming shards a previous prepare finished. The trainer does this by
-    itself when the cache is missing; run it ahead for large data sets."""
+    """Pre-tokenize the configured data into the cache (megatron .bin/.idx).
+
+    Resumes the shards a previous prepare finished. The trainer prepares by itself when the cache
+    is missing; run this ahead for large data sets."""
     from resilient.config import load_config
     from trainer.data.prepare import prepare_if_needed
 
@@ -35,8 +37,8 @@ def prepare_cmd(
     cfg = load_config(config, set_)
     manifest_path = prepare_if_needed(cfg.data, run_dir or cfg.run_dir, workers)
     manifest = json.loads(manifest_path.read_text())
-    summary = {key: manifest[key] for key in ("fingerprint", "documents", "tokens", "skipped_lines", "truncated_shards")}
-    summary = {"manifest": str(manifest_path), "shards": len(manifest["shards"]), **summary}
+    keys = ("fingerprint", "documents", "tokens", "skipped_lines", "truncated_shards")
+    summary = {"manifest": str(manifest_path), "shards": len(manifest["shards"]), **{k: manifest[k] for k in keys}}
     if as_json:
         print(json.dumps(summary, indent=1))
     else:

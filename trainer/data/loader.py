@@ -13,7 +13,6 @@ the loader at that position, with no replay.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,8 +25,6 @@ from trainer.data.config import DataConfig
 from trainer.data.order import STATE_VERSION, GlobalOrder, check_resume, num_windows, rank_micro_batches
 from trainer.data.prepare import train_manifest_path, validation_meta_path
 from trainer.data.tokens import TokenStream
-
-log = logging.getLogger(__name__)
 
 
 class WindowDataset(Dataset):
@@ -55,7 +52,9 @@ class RankBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         consumed = self.start
         while True:
-            for samples in rank_micro_batches(consumed, self.global_batch, self.micro_batch, self.dp_rank, self.dp_size):
+            micro_batches = rank_micro_batches(consumed, self.global_batch, self.micro_batch, self.dp_rank,
+                                               self.dp_size)
+            for samples in micro_batches:
                 yield [self.order.window(s) for s in samples]
             consumed += self.global_batch
 

@@ -63,8 +63,10 @@ def rank_micro_batches(consumed: int, global_batch: int, micro_batch: int, dp_ra
 
 def check_resume(state: dict, *, fingerprint: str, seed: int, seq_len: int) -> tuple[bool, str]:
     """Whether a saved loader state can continue on the configured data, and why not."""
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        return False, f"data: loader state has unknown version {state.get('version') if isinstance(state, dict) else state!r}"
+    if not isinstance(state, dict):
+        return False, f"data: loader state is a {type(state).__name__}, not a mapping"
+    if state.get("version") != STATE_VERSION:
+        return False, f"data: loader state has unknown version {state.get('version')!r}"
     consumed = state.get("consumed_samples")
     if not isinstance(consumed, int) or consumed < 0:
         return False, f"data: loader state has invalid consumed_samples {consumed!r}"

@@ -114,7 +114,12 @@ def _write_indexed(prefix: Path, token_lists: Iterable[list[int]], dtype) -> tup
         tokens += len(ids)
     builder.finalize(str(tmp) + ".idx")
     for suffix in (".bin", ".idx"):
-        os.chmod(str(tmp) + suffix, 0o600)
+        fd = os.open(str(tmp) + suffix, os.O_RDONLY)
+        try:  # durable before the metadata that vouches for them is written
+            os.fchmod(fd, 0o600)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(str(tmp) + suffix, str(prefix) + suffix)
     return documents, tokens
 
@@ -210,12 +215,21 @@ def _log_done(meta: dict) -> None:
 # Training set
 
 
+def check_inputs(cfg: DataConfig) -> None:
+    """Fail fast with a one-line ConfigError on a missing/empty data location (text shards or
+    Megatron .bin/.idx) or an unusable tokenizer. Cheap: run it on every rank before collectives."""
+    if not megatron_prefixes(cfg.path):
+        find_shards(cfg.path, cfg.train_glob, what="data.path")
+    load_tokenizer(cfg.tokenizer, cfg.eos_token)
+
+
 def train_manifest_path(cfg: DataConfig, run_dir: Path) -> Path:
     """Where the manifest of the configured training data lives (it may not exist yet)."""
     root = cache_root(cfg, run_dir)
     megatron = megatron_prefixes(cfg.path)
     if megatron:
-        return root / f"train.megatron.{_digest([_stat_key(p.with_name(p.name + '.idx')) for p in megatron])[:16]}.json"
+        key = _digest([_stat_key(p.with_name(p.name + ".idx")) for p in megatron])[:16]
+        return root / f"train.megatron.{key}.json"
     shards = find_shards(cfg.path, cfg.train_glob, what="data.path")
     _, eos_id = load_tokenizer(cfg.tokenizer, cfg.eos_token)
     tok_sha = tokenizer_digest(cfg.tokenizer)

@@ -31,7 +31,8 @@ class TokenStream:
     @classmethod
     def from_manifest(cls, manifest: dict) -> "TokenStream":
         shards = manifest["shards"]
-        return cls([Path(s["path"] + ".bin") for s in shards], [s["dtype"] for s in shards], [s["tokens"] for s in shards])
+        return cls([Path(s["path"] + ".bin") for s in shards], [s["dtype"] for s in shards],
+                   [s["tokens"] for s in shards])
 
     @classmethod
     def from_meta_file(cls, meta_path: Path) -> "TokenStream":

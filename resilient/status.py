@@ -1,0 +1,64 @@
+"""RUN_DIR/status.json: the supervisor's view of the run, written atomically; `resilient status` renders it."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from resilient.errors import ConfigError
+
+STATUS_NAME = "status.json"
+
+
+def write_status(run_dir: str | Path, status: dict[str, Any]) -> None:
+    """Replace RUN_DIR/status.json atomically (temp file + rename), owner-only."""
+    run_dir = Path(run_dir)
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".status.", suffix=".tmp")  # mkstemp creates 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({**status, "written_at": time.time()}, f, indent=1, default=str)
+        os.replace(tmp, run_dir / STATUS_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_status(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / STATUS_NAME
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no {STATUS_NAME} in {run_dir} (no supervisor has run there)") from None
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"{path}: unreadable ({err})") from None
+
+
+def _age(ts: float | None, now: float) -> str:
+    return "-" if ts is None else f"{max(0.0, now - ts):.1f}s"
+
+
+def render_status(status: dict[str, Any], console: Console, now: float | None = None) -> None:
+    """Print the status as a summary line, a failure line and a per-rank table."""
+    now = time.time() if now is None else now
+    ports = ", ".join(f"{n}:{p}" for n, p in (status.get("metrics_ports") or {}).items() if p) or "-"
+    console.print(
+        f"[bold]{status.get('state', '?')}[/bold]  attempt {status.get('attempt')}  step {status.get('step')}  "
+        f"last checkpoint {status.get('last_checkpoint')}  restarts {status.get('restarts', 0)}  "
+        f"metrics {ports}  (updated {_age(status.get('written_at'), now)} ago)"
+    )
+    failure = status.get("last_failure")
+    if failure:
+        console.print(f"last failure: {failure.get('kind')} rank {failure.get('rank')} node {failure.get('node')} "
+                      f"step {failure.get('step')}: {failure.get('reason')}")
+    table = Table("rank", "node", "pid", "phase", "step", "heartbeat age")
+    for r in status.get("ranks", []):
+        table.add_row(str(r.get("rank")), str(r.get("node_name", r.get("node"))), str(r.get("pid")),
+                      str(r.get("phase")), str(r.get("step")), _age(r.get("last_heartbeat"), now))
+    console.print(table)

@@ -1,0 +1,153 @@
+"""The supervisor's decisions as pure functions of (time, state): each returns its answer and a reason.
+
+Nothing here touches processes, clocks or files, so every branch is unit-tested with injected time.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import tenacity
+
+from resilient.exit_codes import ExitCode
+from resilient.supervisor.config import SupervisorConfig
+
+
+def calibrated_step_timeout(step_times: Sequence[float], cfg: SupervisorConfig) -> tuple[float, str]:
+    """Step timeout from recent step times: factor x the slowest, never below the floor."""
+    recent = [t for t in step_times[-cfg.step_timeout_window:] if t > 0]
+    if len(recent) < cfg.step_timeout_min_samples:
+        return cfg.step_timeout_initial_s, (
+            f"initial step timeout {cfg.step_timeout_initial_s:g}s "
+            f"({len(recent)}/{cfg.step_timeout_min_samples} step times observed)"
+        )
+    slowest = max(recent)
+    scaled = cfg.step_timeout_factor * slowest
+    if scaled < cfg.step_timeout_floor_s:
+        return cfg.step_timeout_floor_s, (
+            f"step timeout floor {cfg.step_timeout_floor_s:g}s "
+            f"(> {cfg.step_timeout_factor:g} x slowest recent step {slowest:.3g}s)"
+        )
+    return scaled, f"calibrated step timeout {scaled:.3g}s = {cfg.step_timeout_factor:g} x slowest recent step {slowest:.3g}s"
+
+
+def phase_timeout(phase: str, step_timeout: float, cfg: SupervisorConfig) -> tuple[float, str]:
+    """Which timeout governs a rank whose last heartbeat was in `phase`."""
+    fixed = {
+        "init": cfg.init_timeout_s,
+        "restore": cfg.restore_timeout_s,
+        "checkpoint": cfg.checkpoint_timeout_s,
+        "done": cfg.checkpoint_timeout_s,
+        "eval": cfg.eval_timeout_s,
+    }
+    if phase in fixed:
+        return fixed[phase], f"{phase} timeout {fixed[phase]:g}s"
+    return step_timeout, f"step timeout {step_timeout:.3g}s"
+
+
+def is_hung(phase: str, last_progress: float, now: float, step_timeout: float,
+            cfg: SupervisorConfig) -> tuple[bool, str]:
+    """A rank is hung when it made no heartbeat progress (new phase or step) within its phase's timeout."""
+    limit, which = phase_timeout(phase, step_timeout, cfg)
+    idle = now - last_progress
+    if idle > limit:
+        return True, f"no heartbeat progress for {idle:.1f}s in phase {phase} (exceeds {which})"
+    return False, f"{idle:.1f}s since progress in phase {phase} (within {which})"
+
+
+def made_progress(start_step: int | None, reached_step: int | None) -> tuple[bool, str]:
+    """An attempt made progress when it completed a step beyond the step it resumed from."""
+    start = start_step or 0
+    if reached_step is None:
+        return False, f"no step completed after resuming at step {start}"
+    if reached_step > start:
+        return True, f"reached step {reached_step} from step {start}"
+    return False, f"stayed at step {reached_step} (resumed at step {start})"
+
+
+def backoff_seconds(restart_number: int, cfg: SupervisorConfig) -> float:
+    """Wait before restart number `restart_number` (1-based): exponential, capped (tenacity's policy)."""
+    wait = tenacity.wait_exponential(multiplier=cfg.backoff_initial_s, max=cfg.backoff_max_s)
+    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
+    state.attempt_number = max(1, restart_number)
+    return float(wait(state))
+
+
+class Outcome(enum.Enum):
+    """How a supervised job ends."""
+
+    FINISHED = "finished"
+    PREEMPTED = "preempted"
+    UNHEALTHY = "unhealthy"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    NO_PROGRESS = "no_progress"
+    COORDINATION_LOST = "coordination_lost"
+
+
+_EXIT_CODES = {
+    Outcome.FINISHED: (ExitCode.FINISHED, "the run reached its final step"),
+    Outcome.PREEMPTED: (ExitCode.PREEMPTED, "stopped on request after saving; requeue"),
+    Outcome.UNHEALTHY: (ExitCode.UNHEALTHY_NODE, "a node failed its health check; requeue without it"),
+    Outcome.BUDGET_EXHAUSTED: (ExitCode.RESTART_BUDGET_EXHAUSTED, "restart budget exhausted; do not requeue"),
+    Outcome.NO_PROGRESS: (ExitCode.NO_PROGRESS, "attempts keep failing without progress; do not requeue"),
+    Outcome.COORDINATION_LOST: (ExitCode.RANK_FAILED, "lost the coordination store (node 0's supervisor is gone)"),
+}
+
+
+def exit_code_for(outcome: Outcome) -> tuple[ExitCode, str]:
+    """The process exit code of a supervisor for `outcome`, with what it tells the batch script."""
+    return _EXIT_CODES[outcome]
+
+
+@dataclass(frozen=True)
+class JobState:
+    """What node 0 knows when an attempt has ended on every node."""
+
+    restarts_done: int
+    """In-job restarts already performed."""
+    no_progress_streak: int
+    """Consecutive ended attempts without progress, including the one that just ended."""
+    all_finished: bool = False
+    """Every node's ranks exited 0."""
+    preempted: bool = False
+    """A stop was requested (signal to a supervisor or a rank exiting PREEMPTED)."""
+    unhealthy: str | None = None
+    """Fatal health verdict of some node (names node and check), if any."""
+    missing_nodes: tuple[int, ...] = ()
+    """Nodes whose supervisor did not report in time."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    restart: bool
+    exit_code: ExitCode
+    outcome: Outcome | None
+    reason: str
+    backoff_s: float = 0.0
+
+
+def _stop(outcome: Outcome, reason: str) -> Decision:
+    return Decision(False, exit_code_for(outcome)[0], outcome, reason)
+
+
+def decide(state: JobState, cfg: SupervisorConfig) -> Decision:
+    """Restart or stop after an attempt ended; stop reasons are checked from most to least specific."""
+    if state.all_finished:
+        return _stop(Outcome.FINISHED, "all ranks finished")
+    if state.unhealthy:
+        return _stop(Outcome.UNHEALTHY, state.unhealthy)
+    if state.preempted:
+        return _stop(Outcome.PREEMPTED, "preemption requested")
+    if state.missing_nodes:
+        nodes = ", ".join(str(n) for n in state.missing_nodes)
+        return _stop(Outcome.COORDINATION_LOST, f"supervisor of node(s) {nodes} did not report")
+    if state.restarts_done >= cfg.max_restarts:
+        return _stop(Outcome.BUDGET_EXHAUSTED, f"restart budget of {cfg.max_restarts} exhausted")
+    if state.no_progress_streak >= cfg.max_attempts_without_progress:
+        return _stop(Outcome.NO_PROGRESS, f"{state.no_progress_streak} consecutive attempts made no progress")
+    number = state.restarts_done + 1
+    wait = backoff_seconds(number, cfg)
+    return Decision(True, ExitCode.FINISHED, None,
+                    f"restart {number} of {cfg.max_restarts} after {wait:g}s backoff", wait)

@@ -1,0 +1,159 @@
+"""The supervisor's one place of contact with the metrics and health components.
+
+Everything here is best-effort observability except `preflight` and `fatal_health`, whose
+verdicts decide whether this node may keep training.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from health.actions import Action, decide, record
+from health.monitor import HealthMonitor
+from health.preflight import run_preflight
+from health.stragglers import StragglerTracker
+from health.types import HealthReport, Severity
+from resilient import ledger
+from resilient.config import RunConfig
+from resilient.errors import ConfigError
+from resilient.goodput import compute_goodput
+from resilient.metrics.exporter import NodeMetrics
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                out.append(json.loads(raw))
+            except ValueError:
+                continue  # torn last line of a killed writer
+    return out
+
+
+class NodeHooks:
+    """Metrics exporter, health pre-flight/monitor and goodput refresh for one supervisor."""
+
+    def __init__(self, cfg: RunConfig, node: str, run_dir: Path, *, is_node0: bool) -> None:
+        self.cfg, self.node, self.run_dir = cfg, node, run_dir
+        self.metrics = NodeMetrics(cfg.metrics, node) if cfg.metrics.enabled else None
+        self.monitor: HealthMonitor | None = None
+        self._goodput_stop = threading.Event()
+        self._goodput_thread: threading.Thread | None = None
+        self._is_node0 = is_node0
+        self._last_health_ts: float | None = None
+        self._last_bad: frozenset[tuple[str, Severity]] = frozenset()
+        self.stragglers = StragglerTracker.from_config(cfg.health)
+        self._stragglers_recorded: set[int] = set()
+
+    def start(self) -> int | None:
+        """Start serving /metrics; returns the bound port (None when metrics are off)."""
+        if self.metrics is None:
+            return None
+        try:
+            port = self.metrics.start()
+        except OSError as err:
+            raise ConfigError(f"config error: metrics.port {self.cfg.metrics.port} on {self.cfg.metrics.address}: "
+                              f"{err.strerror} (set metrics.port=0 for any free port)") from None
+        if self._is_node0:
+            # Goodput reads the whole ledger and train log: off the watch loop, on node 0 only.
+            self._goodput_thread = threading.Thread(target=self._goodput_loop, name="goodput", daemon=True)
+            self._goodput_thread.start()
+        return port
+
+    def stop(self) -> None:
+        self.stop_monitor()
+        self._goodput_stop.set()
+        if self.metrics is not None:
+            self.metrics.stop()
+
+    # -- health -------------------------------------------------------------------------------
+
+    def preflight(self) -> str | None:
+        """Run the pre-flight checks; returns the fatal reason (naming node and check) or None."""
+        if not self.cfg.health.enabled:
+            return None
+        report = run_preflight(self.cfg, node=self.node, run_dir=self.run_dir)
+        self._on_report(report)
+        verdict = decide(report, "preflight")
+        return verdict.reason if verdict.action is Action.STOP else None
+
+    def start_monitor(self) -> None:
+        if self.cfg.health.enabled and self.monitor is None:
+            self.monitor = HealthMonitor(self.cfg, self.node, self.run_dir).start()
+
+    def stop_monitor(self) -> None:
+        if self.monitor is not None:
+            self.monitor.stop()
+            self.monitor = None
+
+    def fatal_health(self) -> str | None:
+        """The monitor's newest report, handled once: recorded, exported; returns the fatal reason if any."""
+        report = self.monitor.latest() if self.monitor is not None else None
+        if report is None or report.ts == self._last_health_ts:
+            return None
+        self._last_health_ts = report.ts
+        self._on_report(report)
+        verdict = decide(report, "training")
+        return verdict.reason if verdict.action is Action.STOP else None
+
+    def _on_report(self, report: HealthReport) -> None:
+        # The ledger gets a report only when its set of problems changes: a lasting warning is one entry, not one per check.
+        bad = frozenset((r.name, r.severity) for r in report.results if r.severity is not Severity.OK)
+        if bad != self._last_bad:
+            record(self.run_dir, report)
+            self._last_bad = bad
+        if self.metrics is not None:
+            self.metrics.on_health(report)
+
+    def check_stragglers(self) -> None:
+        """Export straggler scores; each newly persistent straggler gets one ledger entry."""
+        if self.metrics is not None:
+            self.metrics.on_stragglers(self.stragglers.scores())
+        for rank, score, _reason in self.stragglers.persistent():
+            if rank not in self._stragglers_recorded:
+                self._stragglers_recorded.add(rank)
+                ledger.append(self.run_dir, "straggler", rank=rank, node=self.node, score=round(score, 3))
+
+    # -- metrics ------------------------------------------------------------------------------
+
+    def on_heartbeat(self, hb: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.on_heartbeat(hb["rank"], hb.get("local_rank", 0), hb)
+        step_time = hb.get("step_time")
+        if hb.get("phase") == "step" and isinstance(step_time, (int, float)) and step_time > 0:
+            self.stragglers.observe(hb["rank"], float(step_time))
+
+    def heartbeat_age(self, rank: int, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.heartbeat_age(rank, seconds)
+
+    def on_failure(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.on_failure(kind)
+
+    def on_restart(self) -> None:
+        if self.metrics is not None:
+            self.metrics.on_restart()
+
+    def set_state(self, state: str, attempt: int) -> None:
+        if self.metrics is not None:
+            self.metrics.set_state(state, attempt)
+
+    def _goodput_loop(self) -> None:
+        while not self._goodput_stop.wait(self.cfg.metrics.goodput_interval_s):
+            try:
+                report = compute_goodput(list(ledger.read(self.run_dir)),
+                                         _read_jsonl(self.run_dir / "train_log.jsonl"), time.time())
+            except Exception as err:  # noqa: BLE001 - a goodput bug must not end the supervisor
+                print(f"resilient: goodput refresh failed: {err}", file=sys.stderr)
+                continue
+            if self.metrics is not None:
+                self.metrics.set_goodput(report)

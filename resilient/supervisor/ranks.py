@@ -1,0 +1,158 @@
+"""Spawning and stopping one node's rank processes.
+
+Each rank runs in its own process group (teardown reaches its helpers too) and is watched
+through a pidfd, so the supervisor's event loop wakes the moment a rank exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from resilient.channel import SOCKET_ENV
+from resilient.errors import ConfigError
+from resilient.orphan import SUPERVISOR_PID_ENV
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """Who a rank is in this attempt; everything its environment is made from."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    node_name: str
+    master_addr: str
+    master_port: int
+    attempt: int
+    run_dir: Path
+    heartbeat_socket: Path
+    supervisor_pid: int
+
+    def env(self) -> dict[str, str]:
+        """The contract's rank environment (torchrun-compatible plus RESILIENT_*)."""
+        return {
+            "RANK": str(self.rank),
+            "LOCAL_RANK": str(self.local_rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_WORLD_SIZE": str(self.local_world_size),
+            "GROUP_RANK": str(self.node_rank),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+            "RESILIENT_RUN_DIR": str(self.run_dir),
+            "RESILIENT_ATTEMPT": str(self.attempt),
+            "RESILIENT_NODE_RANK": str(self.node_rank),
+            "RESILIENT_NODE_NAME": self.node_name,
+            SOCKET_ENV: str(self.heartbeat_socket),
+            SUPERVISOR_PID_ENV: str(self.supervisor_pid),
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def log_path(self) -> Path:
+        return self.run_dir / "logs" / f"attempt{self.attempt}.node{self.node_rank}.rank{self.rank}.log"
+
+
+@dataclass
+class RankProcess:
+    spec: RankSpec
+    proc: subprocess.Popen
+    pidfd: int
+    spawned_at: float
+    """time.monotonic() at spawn."""
+    returncode: int | None = None
+    exited_at: float | None = None
+    """time.monotonic() when the exit was noticed."""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self, now: float) -> int | None:
+        """Reap the rank if it exited; remembers the exit code and when it was noticed."""
+        if self.returncode is None:
+            code = self.proc.poll()
+            if code is not None:
+                self.returncode, self.exited_at = code, now
+        return self.returncode
+
+    def signal_rank(self, sig: int) -> None:
+        """Signal the rank process only (a stop request must not hit its helpers)."""
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def signal_group(self, sig: int) -> None:
+        """Signal the rank and everything it started (its process group)."""
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def close(self) -> None:
+        """Release the pidfd (the event loop must have unregistered it)."""
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now: rank 0's process-group store gets a fresh one per attempt,
+    so a new attempt never meets the stale keys or lingering sockets of the last."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _thread_defaults(local_ranks: int) -> dict[str, str]:
+    """Like torchrun: unless the operator chose, ranks share the cores instead of each taking all of them
+    (oversubscribed intra-op threads made CPU steps ~20x slower in bench/recovery)."""
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // local_ranks))}
+
+
+def spawn(spec: RankSpec, command: list[str], config_path: Path) -> RankProcess:
+    """Start one rank with its log file; call from the main thread (PR_SET_PDEATHSIG follows the forking thread)."""
+    log = spec.log_path()
+    log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        proc = subprocess.Popen(
+            [*command, "--config", str(config_path)],
+            env={**_thread_defaults(spec.local_world_size), **os.environ, **spec.env()},
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=subprocess.STDOUT,
+            process_group=0,
+            close_fds=True,
+        )
+    except OSError as err:
+        raise ConfigError(f"config error: supervisor.rank_command: cannot start {command[0]!r}: {err.strerror}") from None
+    finally:
+        os.close(fd)
+    return RankProcess(spec, proc, os.pidfd_open(proc.pid), time.monotonic())
+
+
+def stop_all(ranks: list[RankProcess], grace_s: float) -> None:
+    """SIGTERM every rank's process group, SIGKILL what is left after `grace_s`, return once all are reaped."""
+    for r in ranks:
+        if r.poll(time.monotonic()) is None:
+            r.signal_group(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for r in ranks:
+        try:
+            r.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for r in ranks:
+        r.signal_group(signal.SIGKILL)  # also reaps helpers left in the group
+        r.proc.wait()
+        r.poll(time.monotonic())
+        r.close()
