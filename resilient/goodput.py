@@ -178,3 +178,4 @@ def render(report: GoodputReport) -> str:
     elif report.failed_saves:
         lines.append(f"no complete checkpoint; {report.failed_saves} failed saves")
     return "\n".join(lines)
+

@@ -31,8 +31,14 @@ def append(run_dir: str | Path, event: str, **fields: Any) -> dict[str, Any]:
 
 
 def read(run_dir: str | Path) -> Iterator[dict[str, Any]]:
-    """Yield the ledger's records in order; a torn last line (crash mid-write) is ignored."""
-    path = Path(run_dir) / LEDGER_NAME
+    """Yield the ledger's records in order."""
+    return read_jsonl(Path(run_dir) / LEDGER_NAME)
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Yield the JSON records of a JSONL file (ledger, train log); a torn line from a writer
+    killed mid-write is skipped; a missing file yields nothing."""
+    path = Path(path)
     if not path.exists():
         return
     with open(path, "rb") as f:

@@ -12,7 +12,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from resilient import ledger
 from resilient.errors import ConfigError
+from resilient.goodput import GoodputReport, compute_goodput
 
 STATUS_NAME = "status.json"
 
@@ -62,3 +64,9 @@ def render_status(status: dict[str, Any], console: Console, now: float | None = 
         table.add_row(str(r.get("rank")), str(r.get("node_name", r.get("node"))), str(r.get("pid")),
                       str(r.get("phase")), str(r.get("step")), _age(r.get("last_heartbeat"), now))
     console.print(table)
+
+
+def run_goodput(run_dir: str | Path, now: float | None = None) -> GoodputReport:
+    """Goodput of a run directory from its ledger and train log, at `now` (default: the clock)."""
+    return compute_goodput(list(ledger.read(run_dir)), list(ledger.read_jsonl(Path(run_dir) / "train_log.jsonl")),
+                           time.time() if now is None else now)

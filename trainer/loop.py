@@ -23,9 +23,7 @@ from trainer import distributed, stop
 from trainer.checkpoint.checkpointer import Checkpointer
 from trainer.checkpoint.state import TrainState, init_optimizer_state
 from trainer.data.loader import build_train_loader, build_validation_batches
-from trainer.data.prepare import prepare_if_needed
-from trainer.data.shards import find_shards
-from trainer.data.tokenizer import load_tokenizer
+from trainer.data.prepare import check_inputs, prepare_if_needed
 from trainer.flops import device_peak_flops, flops_per_token
 from trainer.model import build_model, causal_mask, padded_vocab
 from trainer.optim import average_gradients, build_optimizer, build_scheduler, clip_gradients
@@ -60,11 +58,10 @@ class Trainer:
         arch = cfg.model.architecture()
         # Input checks run on every rank before the first collective, so a bad path fails all ranks
         # at once with the config exit code instead of leaving the others waiting at a barrier.
-        find_shards(cfg.data.path, cfg.data.train_glob, what="data.path")
-        tokenizer, _ = load_tokenizer(cfg.data.tokenizer, cfg.data.eos_token)
-        if tokenizer.get_vocab_size() > arch.vocab_size:
-            raise ConfigError(f"data.tokenizer: vocabulary of {tokenizer.get_vocab_size()} tokens exceeds the "
-                              f"model's vocab_size {arch.vocab_size}")
+        vocab = check_inputs(cfg.data)
+        if vocab > arch.vocab_size:
+            raise ConfigError(f"data.tokenizer: vocabulary of {vocab} tokens exceeds the model's vocab_size "
+                              f"{arch.vocab_size}")
         p = cfg.parallel
         self.device = distributed.init_distributed(env, tp=p.tp, pp=p.pp, cp=p.cp)
         distributed.seed_all(cfg.train.seed)
@@ -147,6 +144,7 @@ class Trainer:
         resumed = self.checkpointer.resume(state)
         if resumed is not None:
             log.info("resumed from step %d (%d samples consumed)", resumed, state.consumed_samples)
+        self._beat("step", state.step, consumed_samples=state.consumed_samples)  # training starts here
         tokens_per_step = cfg.train.global_batch * cfg.seq_len
         outcome = ExitCode.FINISHED
         while state.step < cfg.train.steps:
@@ -158,6 +156,7 @@ class Trainer:
             state.consumed_tokens += tokens_per_step
             self._record_step(loss, grad_norm, step_time, compute_time, tokens_per_step)
             if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps):
+                self._beat("eval", state.step)
                 self._record_eval(self._evaluate())
             self.checkpointer.poll()
             (stop_requested,) = stop.agree([self.stop_flag.requested], self.device)
@@ -170,9 +169,6 @@ class Trainer:
                 break
         self.checkpointer.finish()
         state.loader.close()
-        if self.is_logger:
-            event = "finished" if outcome == ExitCode.FINISHED else "preempted"
-            ledger.append(self.run_dir, event, step=state.step, node=self.env.node_name)
         self._beat("done", state.step)
         distributed.shutdown()
         return outcome
@@ -198,7 +194,7 @@ class Trainer:
                      state.step, self.cfg.train.steps, loss, lr, grad_norm, tokens_per_s, step_time, 100 * mfu)
 
     def _record_eval(self, val_loss: float) -> None:
-        self._beat("eval", self.state.step, val_loss=val_loss)
+        self._beat("step", self.state.step, val_loss=val_loss)  # back to the step timeout
         if self.is_logger:
             _append_jsonl(self.run_dir / TRAIN_LOG, {"ts": time.time(), "attempt": self.env.attempt,
                                                      "step": self.state.step, "val_loss": val_loss,

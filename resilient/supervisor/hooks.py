@@ -6,7 +6,6 @@ verdicts decide whether this node may keep training.
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
@@ -21,21 +20,8 @@ from health.types import HealthReport, Severity
 from resilient import ledger
 from resilient.config import RunConfig
 from resilient.errors import ConfigError
-from resilient.goodput import compute_goodput
 from resilient.metrics.exporter import NodeMetrics
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                out.append(json.loads(raw))
-            except ValueError:
-                continue  # torn last line of a killed writer
-    return out
+from resilient.status import run_goodput
 
 
 class NodeHooks:
@@ -127,9 +113,20 @@ class NodeHooks:
     def on_heartbeat(self, hb: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.on_heartbeat(hb["rank"], hb.get("local_rank", 0), hb)
-        step_time = hb.get("step_time")
-        if hb.get("phase") == "step" and isinstance(step_time, (int, float)) and step_time > 0:
-            self.stragglers.observe(hb["rank"], float(step_time))
+        # Compute time before the gradient all-reduce: wall step time is the same on every rank.
+        busy = hb.get("compute_time", hb.get("step_time"))
+        if hb.get("phase") == "step" and isinstance(busy, (int, float)) and busy > 0:
+            self.stragglers.observe(hb["rank"], float(busy))
+        if self._is_node0 and hb["rank"] == 0 and hb.get("phase") == "step" and "loss" in hb:
+            self._progress(hb)
+
+    def _progress(self, hb: dict[str, Any]) -> None:
+        """The operator's console line, every `train.log_every` steps (rank 0's numbers)."""
+        step, total = hb["step"], self.cfg.train.steps
+        if step % self.cfg.train.log_every and step != total:
+            return
+        print(f"resilient: step {step}/{total} loss {hb['loss']:.4f} {hb.get('tokens_per_s', 0):,.0f} tok/s "
+              f"step {hb.get('step_time', 0):.3f}s mfu {100 * hb.get('mfu', 0):.1f}%", file=sys.stderr, flush=True)
 
     def heartbeat_age(self, rank: int, seconds: float) -> None:
         if self.metrics is not None:
@@ -150,8 +147,7 @@ class NodeHooks:
     def _goodput_loop(self) -> None:
         while not self._goodput_stop.wait(self.cfg.metrics.goodput_interval_s):
             try:
-                report = compute_goodput(list(ledger.read(self.run_dir)),
-                                         _read_jsonl(self.run_dir / "train_log.jsonl"), time.time())
+                report = run_goodput(self.run_dir)
             except Exception as err:  # noqa: BLE001 - a goodput bug must not end the supervisor
                 print(f"resilient: goodput refresh failed: {err}", file=sys.stderr)
                 continue

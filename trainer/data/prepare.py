@@ -215,12 +215,14 @@ def _log_done(meta: dict) -> None:
 # Training set
 
 
-def check_inputs(cfg: DataConfig) -> None:
+def check_inputs(cfg: DataConfig) -> int:
     """Fail fast with a one-line ConfigError on a missing/empty data location (text shards or
-    Megatron .bin/.idx) or an unusable tokenizer. Cheap: run it on every rank before collectives."""
+    Megatron .bin/.idx) or an unusable tokenizer; returns the tokenizer's vocabulary size.
+    Cheap: run it on every rank before collectives."""
     if not megatron_prefixes(cfg.path):
         find_shards(cfg.path, cfg.train_glob, what="data.path")
-    load_tokenizer(cfg.tokenizer, cfg.eos_token)
+    tokenizer, _ = load_tokenizer(cfg.tokenizer, cfg.eos_token)
+    return tokenizer.get_vocab_size()
 
 
 def train_manifest_path(cfg: DataConfig, run_dir: Path) -> Path:
