@@ -65,7 +65,7 @@ class HeartbeatServer:
         self.path = Path(path)
         if len(os.fsencode(self.path)) > _MAX_SOCKET_PATH:
             raise ConfigError(
-                f"config error: heartbeat socket path {self.path} is longer than {_MAX_SOCKET_PATH} bytes; "
+                f"heartbeat socket path {self.path} is longer than {_MAX_SOCKET_PATH} bytes; "
                 "use a shorter run directory"
             )
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

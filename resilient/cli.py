@@ -21,6 +21,7 @@ app = typer.Typer(
 def _register_all() -> None:
     # Each component owns its commands; imported here so `resilient --help` lists them all.
     from health.commands import register as register_health
+    from resilient.chaos.commands import register as register_chaos
     from resilient.metrics.commands import register as register_metrics
     from resilient.slurm.commands import register as register_slurm
     from resilient.supervisor.commands import register as register_supervisor
@@ -28,7 +29,7 @@ def _register_all() -> None:
     from trainer.data.commands import register as register_data
 
     for register in (register_supervisor, register_slurm, register_ckpt, register_data,
-                     register_health, register_metrics):
+                     register_health, register_metrics, register_chaos):
         register(app)
 
 

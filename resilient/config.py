@@ -7,7 +7,7 @@ and checks the constraints that span sections (parallel layout vs. batch and hea
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -53,7 +53,8 @@ class ParallelConfig(Section):
     cp: int = Field(1, ge=1)
     """Context-parallel size (GPU transformer-engine spec only)."""
     distributed_optimizer: bool = False
-    """Shard optimizer state across data-parallel ranks (megatron DistributedOptimizer)."""
+    """Shard optimizer state across data-parallel ranks (ZeRO-1, as megatron's DistributedOptimizer).
+    `resilient plan` sizes memory with it; the trainer does not implement it yet and refuses it."""
 
 
 class TrainConfig(Section):
@@ -91,6 +92,15 @@ class TrainConfig(Section):
     """Evaluate on the validation set every N steps and at the end (0: never)."""
     peak_flops: float = Field(1e11, gt=0)
     """Per-device peak FLOP/s used for MFU on CPU (GPUs use the known bf16 peak)."""
+    numeric_fault_action: Literal["rollback", "fail"] = "rollback"
+    """On a NaN/Inf loss or a loss spike: roll back to the last checkpoint and skip the step's data
+    window (recorded in the ledger), or fail the ranks."""
+    loss_spike_factor: float = Field(0.0, ge=0)
+    """A loss above this multiple of the median of the last `loss_spike_window` losses is a fault (0: off)."""
+    loss_spike_window: int = Field(20, ge=1)
+    """Recent losses the spike bound looks at (judged only once this many are known)."""
+    max_rollbacks: int = Field(5, ge=0)
+    """Data windows a run may skip in total (kept in checkpoints); the next numerical fault fails the ranks."""
 
 
 class RunConfig(Section):

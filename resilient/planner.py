@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from trainer.flops import flops_per_token, layer_params, padded_vocab, parameter_count
 from trainer.presets import Architecture
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -24,26 +25,6 @@ LLAMA3_FAILURES_PER_GPU_HOUR = 419 / (54 * 24 * 16384)
 
 
 # -- parameters -------------------------------------------------------------------------------
-
-
-def layer_params(arch: Architecture) -> int:
-    """One transformer layer: GQA attention (q, k, v, o), SwiGLU MLP (gate, up, down), two RMSNorms."""
-    h = arch.hidden_size
-    kv = arch.num_query_groups * (h // arch.num_attention_heads)
-    attention = 2 * h * h + 2 * h * kv
-    mlp = 3 * h * arch.ffn_hidden_size
-    return attention + mlp + 2 * h
-
-
-def param_count(arch: Architecture) -> int:
-    """Embeddings + untied output layer + layers + final norm."""
-    return 2 * arch.vocab_size * arch.hidden_size + arch.num_layers * layer_params(arch) + arch.hidden_size
-
-
-def padded_vocab(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
-    """Megatron pads the vocabulary to a multiple of divisible_by * tp."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
 
 
 # -- memory -----------------------------------------------------------------------------------
@@ -138,11 +119,6 @@ def memory_per_gpu(arch: Architecture, layout: Layout, *, seq_len: int, micro_ba
 # -- time and checkpoint intervals --------------------------------------------------------------
 
 
-def flops_per_token(arch: Architecture, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus 12*L*h*s for attention (PaLM appendix B)."""
-    return 6 * param_count(arch) + 12 * arch.num_layers * arch.hidden_size * seq_len
-
-
 def young_interval(delta: float, mtbf: float) -> float:
     """Young's first-order optimal compute time between checkpoints: sqrt(2 delta M)."""
     return math.sqrt(2 * delta * mtbf)
@@ -219,7 +195,7 @@ def make_plan(arch: Architecture, layout: Layout, *, seq_len: int, micro_batch: 
               assume: Assumptions = Assumptions()) -> Plan:
     """Everything `resilient plan` prints, for one architecture on one layout."""
     gpus = layout.world
-    params = param_count(arch)
+    params = parameter_count(arch)
     ckpt_bytes = params * assume.state.checkpoint
     grad_accum = max(1, global_batch // (micro_batch * layout.dp))
     memory = memory_per_gpu(arch, layout, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum,

@@ -1,4 +1,4 @@
-"""Model FLOPs per token and MFU (PaLM's accounting: 6N plus attention)."""
+"""Model arithmetic: parameter counts, vocabulary padding, FLOPs per token and MFU (PaLM's accounting)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,25 @@ from trainer.presets import Architecture
 _GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
-def parameter_count(arch: Architecture, *, padded_vocab: int | None = None) -> int:
-    """Parameters of the Llama architecture (untied input and output embeddings)."""
-    vocab = padded_vocab or arch.vocab_size
+def layer_params(arch: Architecture) -> int:
+    """One transformer layer: GQA attention (q, k, v, o), SwiGLU MLP (gate, up, down), two RMSNorms."""
     head_dim = arch.hidden_size // arch.num_attention_heads
     kv = arch.num_query_groups * head_dim
-    attention = arch.hidden_size * (arch.hidden_size + 2 * kv) + arch.hidden_size * arch.hidden_size
+    attention = 2 * arch.hidden_size * arch.hidden_size + 2 * arch.hidden_size * kv
     mlp = 3 * arch.hidden_size * arch.ffn_hidden_size
-    per_layer = attention + mlp + 2 * arch.hidden_size
-    return arch.num_layers * per_layer + 2 * vocab * arch.hidden_size + arch.hidden_size
+    return attention + mlp + 2 * arch.hidden_size
+
+
+def parameter_count(arch: Architecture, *, padded_vocab: int | None = None) -> int:
+    """Parameters of the Llama architecture: layers, untied input and output embeddings, final norm."""
+    vocab = padded_vocab or arch.vocab_size
+    return arch.num_layers * layer_params(arch) + 2 * vocab * arch.hidden_size + arch.hidden_size
+
+
+def padded_vocab(vocab_size: int, tp: int, multiple: int = 128) -> int:
+    """Megatron pads the vocabulary so every TP shard has equal, aligned rows."""
+    step = multiple * tp
+    return -(-vocab_size // step) * step
 
 
 def flops_per_token(arch: Architecture, seq_len: int) -> float:

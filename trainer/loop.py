@@ -19,13 +19,14 @@ from resilient.channel import HeartbeatClient
 from resilient.config import RunConfig
 from resilient.errors import ConfigError
 from resilient.exit_codes import ExitCode
-from trainer import distributed, stop
+from trainer import distributed, numerics, stop
+from trainer.checkpoint import layout
 from trainer.checkpoint.checkpointer import Checkpointer
 from trainer.checkpoint.state import TrainState, init_optimizer_state
 from trainer.data.loader import build_train_loader, build_validation_batches
 from trainer.data.prepare import check_inputs, prepare_if_needed
-from trainer.flops import device_peak_flops, flops_per_token
-from trainer.model import build_model, causal_mask, padded_vocab
+from trainer.flops import device_peak_flops, flops_per_token, padded_vocab
+from trainer.model import build_model, causal_mask
 from trainer.optim import average_gradients, build_optimizer, build_scheduler, clip_gradients
 
 log = logging.getLogger("trainer")
@@ -58,6 +59,8 @@ class Trainer:
         arch = cfg.model.architecture()
         # Input checks run on every rank before the first collective, so a bad path fails all ranks
         # at once with the config exit code instead of leaving the others waiting at a barrier.
+        if cfg.parallel.distributed_optimizer:
+            raise ConfigError("parallel.distributed_optimizer: not implemented by the trainer yet (planning only)")
         vocab = check_inputs(cfg.data)
         if vocab > arch.vocab_size:
             raise ConfigError(f"data.tokenizer: vocabulary of {vocab} tokens exceeds the model's vocab_size "
@@ -81,7 +84,10 @@ class Trainer:
                                                      dp_size=dp_size) if cfg.train.eval_every else [])
         identity = arch.model_dump(exclude={"published_params"})
         identity["padded_vocab"] = padded_vocab(arch.vocab_size, p.tp)
-        self.state = TrainState(self.model, self.optimizer, self.scheduler, loader, identity=identity)
+        self.state = TrainState(self.model, self.optimizer, self.scheduler, numerics.SkippingLoader(loader),
+                                identity=identity)
+        self.losses = numerics.LossHistory()
+        self.injection = numerics.FaultInjection(self.run_dir, self.env.attempt)
         self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, attempt=env.attempt)
         self.mask = causal_mask(cfg.seq_len, self.device)
         self.positions = torch.arange(cfg.seq_len, device=self.device).unsqueeze(0)
@@ -102,8 +108,9 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
         total = torch.zeros((), device=self.device)
+        poison = float("nan") if self.injection.nan_at(self.state.step + 1) else 1.0
         for tokens in micro_batches:
-            loss = self._loss(tokens) / len(micro_batches)
+            loss = self._loss(tokens) * poison / len(micro_batches)
             loss.backward()
             total += loss.detach()
         # Wall step time is equal on all ranks (the all-reduce waits for the slowest); the time
@@ -149,17 +156,25 @@ class Trainer:
         outcome = ExitCode.FINISHED
         while state.step < cfg.train.steps:
             t0 = time.perf_counter()
+            window_start = state.loader.position
             loss, grad_norm, compute_time = self._train_step()
             step_time = time.perf_counter() - t0
             state.step += 1
             state.consumed_samples += cfg.train.global_batch
             state.consumed_tokens += tokens_per_step
             self._record_step(loss, grad_norm, step_time, compute_time, tokens_per_step)
+            verdict = numerics.judge_loss(loss, self.losses.before(state.step), spike_factor=cfg.train.loss_spike_factor,
+                                          window=cfg.train.loss_spike_window)
+            self.losses.add(state.step, loss)
+            (stop_requested, numeric_fault) = stop.agree([self.stop_flag.requested, verdict.fault is not None],
+                                                         self.device)
+            if numeric_fault:  # every rank rolls back together; a pending stop is agreed on at the next step
+                self._roll_back(verdict, loss, window_start)
+                continue
             if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps):
                 self._beat("eval", state.step)
                 self._record_eval(self._evaluate())
             self.checkpointer.poll()
-            (stop_requested,) = stop.agree([self.stop_flag.requested], self.device)
             stop_requested = stop_requested or state.step == cfg.train.exit_at_step
             decision = self.checkpointer.should_save(state.step, cfg.train.steps, stop_requested)
             if decision.yes:
@@ -172,6 +187,31 @@ class Trainer:
         self._beat("done", state.step)
         distributed.shutdown()
         return outcome
+
+    def _roll_back(self, verdict: numerics.Verdict, loss: float, window_start: int) -> None:
+        """Undo the faulty step: reload the newest checkpoint and skip the samples that step consumed."""
+        state, train = self.state, self.cfg.train
+        step, window = state.step, (window_start, state.loader.position)
+        self.checkpointer.finish()  # a save in flight holds good state: commit it first
+        committed = layout.committed_steps(self.checkpointer.root)
+        allowed, why = numerics.rollback_allowed(len(state.loader.skips), train.max_rollbacks,
+                                                 committed[-1] if committed else None)
+        if self.is_logger:
+            ledger.append(self.run_dir, "numeric_fault", step=step, kind=verdict.fault, loss=str(loss),
+                          reason=verdict.reason, action=train.numeric_fault_action if allowed else "fail")
+        if train.numeric_fault_action == "fail" or not allowed:
+            raise numerics.NumericFaultError(f"step {step}: {verdict.reason}; {why if not allowed else 'policy fail'}")
+        state.loader.skip(*window)
+        # megatron's scheduler adds the loaded step count to its own: load into a fresh one, as a new process does
+        self.scheduler = state.scheduler = build_scheduler(self.optimizer, train)
+        resumed = self.checkpointer.resume(state)
+        self.losses.forget_after(resumed)
+        if self.is_logger:
+            ledger.append(self.run_dir, "data_skip", step=step, from_sample=window[0], to_sample=window[1],
+                          rollback_to=resumed)
+        log.warning("step %d: %s; rolled back to step %d, skipping samples [%d, %d)", step, verdict.reason,
+                    resumed, *window)
+        self._beat("step", state.step, consumed_samples=state.consumed_samples)
 
     def _record_step(self, loss: float, grad_norm: float, step_time: float, compute_time: float,
                      tokens_per_step: int) -> None:

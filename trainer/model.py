@@ -8,6 +8,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
+from trainer.flops import padded_vocab
 from trainer.presets import Architecture
 
 
@@ -79,12 +80,6 @@ def build_model(arch: Architecture, *, tp: int, pp: int, cp: int, device: torch.
         share_embeddings_and_output_weights=False,
     )
     return model.to(device)
-
-
-def padded_vocab(vocab_size: int, tp: int, multiple: int = 128) -> int:
-    """Megatron pads the vocabulary so every TP shard has equal, aligned rows."""
-    step = multiple * tp
-    return -(-vocab_size // step) * step
 
 
 def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:

@@ -94,9 +94,11 @@ class NvmlProvider:
             reasons = self._query(nv.nvmlDeviceGetCurrentClocksEventReasons, h)
             if reasons is None:  # drivers before 535 only know the older name; same bits
                 reasons = self._query(nv.nvmlDeviceGetCurrentClocksThrottleReasons, h)
+            milliwatts = self._query(nv.nvmlDeviceGetPowerUsage, h)
             return DeviceState(
                 index=index,
                 xids=xids,
+                power_w=None if milliwatts is None else milliwatts / 1000.0,
                 ecc_uncorrected=self._query(
                     nv.nvmlDeviceGetTotalEccErrors, h, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nv.NVML_VOLATILE_ECC
                 ),

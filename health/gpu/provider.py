@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from health.gpu.state import GpuSample
@@ -20,9 +21,9 @@ class GpuProvider(Protocol):
     def close(self) -> None: ...
 
 
-def node_name() -> str:
-    """This node's name as the rest of the run knows it."""
-    return os.environ.get("RESILIENT_NODE_NAME") or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+def node_name(env: Mapping[str, str] = os.environ) -> str:
+    """This node's name as the health checks, metrics and ledger label it."""
+    return env.get("RESILIENT_NODE_NAME") or env.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def provider_for(cfg: HealthConfig, node: str) -> GpuProvider:

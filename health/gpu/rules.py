@@ -153,4 +153,16 @@ def evaluate(prev: GpuSample | None, cur: GpuSample, cfg: HealthConfig) -> list[
         if cfg.gpus_per_node:
             return [device_count(prev, cur, cfg)]
         return [skipped("gpu", f"{cur.reason}; not checked: {', '.join(r.__name__ for r in RULES)}")]
-    return [rule(prev, cur, cfg) for rule in RULES]
+    return [*(rule(prev, cur, cfg) for rule in RULES), telemetry(cur)]
+
+
+def telemetry(cur: GpuSample) -> CheckResult:
+    """Not a rule: each GPU's raw readings, for the metrics exporter and `health check --json`."""
+    gpus = {
+        dev.index: {"temperature_c": dev.temperature_c, "power_w": dev.power_w,
+                    "ecc_uncorrectable": dev.ecc_uncorrected, "last_xid": dev.xids[-1] if dev.xids else 0,
+                    "remap_pending": dev.remap_pending, "remap_failed": dev.remap_failed, "lost": dev.lost,
+                    "throttle_reasons": list(dev.throttle)}
+        for dev in cur.devices
+    }
+    return CheckResult("gpu.telemetry", Severity.OK, f"{len(gpus)} GPU(s) read", {"gpus": gpus})

@@ -37,6 +37,8 @@ class DeviceState(_Strict):
     """Hardware clock-throttle reasons active now."""
     temperature_c: int | None = None
     """GPU core temperature in Celsius."""
+    power_w: float | None = None
+    """Board power draw in watts."""
     pcie_replay: int | None = None
     """PCIe replay counter (monotonic)."""
     nvlink_errors: int | None = None

@@ -25,7 +25,7 @@ def _config_for_gpus(path: Path, gpus: int | None) -> RunConfig:
         return cfg
     per_node = cfg.supervisor.nproc_per_node
     if gpus < 1 or gpus % per_node:
-        raise ConfigError(f"config error: --gpus {gpus} is not a positive multiple of "
+        raise ConfigError(f"--gpus {gpus} is not a positive multiple of "
                           f"supervisor.nproc_per_node={per_node}")
     return load_config(path, [f"nodes={gpus // per_node}"])
 

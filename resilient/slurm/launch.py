@@ -34,7 +34,7 @@ def submit_run(cfg: RunConfig, run_dir: Path, script: str) -> str:
     """Write config.yaml and job.sbatch into RUN_DIR, submit, record `submitted`; returns the job ID."""
     previous = last_job_id(run_dir)
     if previous is not None and jobs.job_state(previous) in jobs.ACTIVE_STATES:
-        raise ConfigError(f"config error: {run_dir} already has an active job {previous} (scancel it first)")
+        raise ConfigError(f"{run_dir} already has an active job {previous} (scancel it first)")
     (run_dir / "logs").mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(run_dir, 0o700)
     write_private(run_dir / CONFIG_NAME, dump_config(cfg))

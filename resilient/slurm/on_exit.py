@@ -17,7 +17,7 @@ from resilient.slurm.render import CONFIG_NAME
 def handle_job_end(run_dir: Path, exit_code: int, *, since: float, env: Mapping[str, str]) -> tuple[Decision, str]:
     """Run inside the batch job after its step ended. Writes `requeue` or `job_end` to the ledger."""
     if "SLURM_JOB_ID" not in env:
-        raise ConfigError("config error: on-exit runs inside a Slurm batch job (SLURM_JOB_ID is not set)")
+        raise ConfigError("on-exit runs inside a Slurm batch job (SLURM_JOB_ID is not set)")
     cfg = load_config(run_dir / CONFIG_NAME)
     nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or cfg.nodes)
     end = job_end_from_ledger(ledger.read(run_dir), exit_code=exit_code, since=since, nodes=nodes)

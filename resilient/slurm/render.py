@@ -40,19 +40,19 @@ def check_submittable(cfg: RunConfig, run_dir: Path) -> None:
     """Constraints that only matter on Slurm; raises a one-line ConfigError."""
     s = cfg.slurm
     if not run_dir.is_absolute() or re.search(r"\s", str(run_dir)):
-        raise ConfigError(f"config error: run_dir: {run_dir} must be an absolute path without whitespace")
+        raise ConfigError(f"run_dir: {run_dir} must be an absolute path without whitespace")
     if slurm_signal(cfg) not in FORWARDABLE_SIGNALS:
         raise ConfigError(
-            f"config error: supervisor.preempt_signal: {cfg.supervisor.preempt_signal} cannot be trapped "
+            f"supervisor.preempt_signal: {cfg.supervisor.preempt_signal} cannot be trapped "
             f"and forwarded by the batch shell (choose from SIG{', SIG'.join(FORWARDABLE_SIGNALS)})"
         )
     if s.gpus_per_node and s.gpus_per_node != cfg.supervisor.nproc_per_node:
         raise ConfigError(
-            f"config error: slurm.gpus_per_node: {s.gpus_per_node} differs from supervisor.nproc_per_node "
+            f"slurm.gpus_per_node: {s.gpus_per_node} differs from supervisor.nproc_per_node "
             f"{cfg.supervisor.nproc_per_node} (one rank per GPU)"
         )
     if s.min_nodes is not None and s.min_nodes > cfg.nodes:
-        raise ConfigError(f"config error: slurm.min_nodes: {s.min_nodes} exceeds nodes {cfg.nodes}")
+        raise ConfigError(f"slurm.min_nodes: {s.min_nodes} exceeds nodes {cfg.nodes}")
     p, t = cfg.parallel, cfg.train
     for n in node_range(cfg):
         world = n * cfg.supervisor.nproc_per_node
@@ -60,13 +60,13 @@ def check_submittable(cfg: RunConfig, run_dir: Path) -> None:
         dp = world // model_parallel
         if world % model_parallel or t.global_batch % (t.micro_batch * dp):
             raise ConfigError(
-                f"config error: slurm.min_nodes: on {n} node(s) the world size {world} does not fit "
+                f"slurm.min_nodes: on {n} node(s) the world size {world} does not fit "
                 f"tp*pp*cp={model_parallel} and global_batch={t.global_batch} (micro_batch {t.micro_batch})"
             )
     seconds, _ = signal_seconds(cfg)
     if seconds >= s.time_limit_minutes * 60:
         raise ConfigError(
-            f"config error: slurm.time_limit_minutes: {s.time_limit_minutes} min leaves no time to train "
+            f"slurm.time_limit_minutes: {s.time_limit_minutes} min leaves no time to train "
             f"before the {seconds}s checkpoint warning"
         )
 

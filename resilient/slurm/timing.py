@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 
 from resilient.config import RunConfig
-from resilient.planner import StateBytes, param_count
+from resilient.planner import StateBytes
+from trainer.flops import parameter_count
 
 
 def checkpoint_seconds(cfg: RunConfig) -> float:
     """Estimated time for one node to write its share of a full checkpoint (14 B per parameter)."""
-    total = param_count(cfg.model.architecture()) * StateBytes().checkpoint
+    total = parameter_count(cfg.model.architecture()) * StateBytes().checkpoint
     return total / cfg.nodes / (cfg.slurm.storage_write_gbps_per_node * 1e9)
 
 

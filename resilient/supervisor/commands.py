@@ -18,7 +18,8 @@ from resilient.slurm.jobs import job_state
 from resilient.slurm.launch import last_job_id
 from resilient.status import read_status, render_status, run_goodput
 from resilient.supervisor.decisions import Outcome
-from resilient.supervisor.topology import Topology, node_name, resolve_topology
+from health.gpu.provider import node_name
+from resilient.supervisor.topology import Topology, resolve_topology
 
 _RUN_DIR = typer.Option(None, "--run-dir", help="Run directory (default: the config's run_dir).")
 _SET = typer.Option([], "--set", help="Override a config key: --set train.steps=50 (repeatable).")
@@ -34,7 +35,7 @@ def _supervise(cfg: RunConfig, topo: Topology) -> None:
     from resilient.supervisor.daemon import Supervisor  # heavy imports (torch) only when supervising
 
     if cfg.nodes != topo.nnodes:
-        raise ConfigError(f"config error: nodes: the config says {cfg.nodes} node(s) but the job has {topo.nnodes}")
+        raise ConfigError(f"nodes: the config says {cfg.nodes} node(s) but the job has {topo.nnodes}")
     # sys.exit, not typer.Exit: in standalone_mode=False click returns typer.Exit's code instead of exiting.
     sys.exit(Supervisor(cfg, topo, cfg.run_dir).run())
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
+
 from resilient import ledger
 from resilient.channel import HeartbeatServer
 from resilient.config import RunConfig, dump_config
@@ -68,6 +70,7 @@ class Supervisor:
         self.ranks: list[RankProcess] = []
         self.views: dict[int, RankView] = {}
         self.step_times: collections.deque[float] = collections.deque(maxlen=self.scfg.step_timeout_window)
+        self.ckpt_times: collections.deque[float] = collections.deque(maxlen=self.scfg.step_timeout_window)
         self.start_step: int | None = None
         self.reached_step: int | None = None
         self.last_failure: dict[str, Any] | None = None
@@ -269,6 +272,8 @@ class Supervisor:
                 view.progress_key, view.last_progress = (phase, step), now
             if phase == "step" and _positive(hb.get("step_time")):
                 self.step_times.append(float(hb["step_time"]))
+            if _positive(hb.get("ckpt_blocking_s")):
+                self.ckpt_times.append(float(hb["ckpt_blocking_s"]))
             view.phase, view.step, view.last_heartbeat = phase, step, time.time()
             if phase in ("init", "restore"):
                 self.start_step = max(self.start_step or 0, step)
@@ -290,14 +295,23 @@ class Supervisor:
 
     def _hang_failure(self, now: float) -> tuple[str, int | None, str, float] | None:
         step_timeout, _ = decisions.calibrated_step_timeout(list(self.step_times), self.scfg)
+        ckpt_timeout, _ = decisions.calibrated_checkpoint_timeout(list(self.ckpt_times), self.scfg)
+        stale: dict[int, tuple[object, str]] = {}
         for r in self.ranks:
             if r.returncode is not None:
                 continue
             view = self.views[r.spec.rank]
-            hung, reason = decisions.is_hung(view.phase, view.last_progress, now, step_timeout, self.scfg)
+            hung, reason = decisions.is_hung(view.phase, view.last_progress, now, step_timeout, self.scfg,
+                                             ckpt_timeout)
             if hung:
-                return "hang", view.rank, f"rank {view.rank} (pid {r.pid}): {reason}", now - view.last_progress
-        return None
+                stale[view.rank] = (r, reason)
+        if not stale:
+            return None
+        rank, blame = decisions.blame_hang([(rank, self.views[rank].step, self.views[rank].last_progress,
+                                             _process_state(r.pid)) for rank, (r, _) in stale.items()])
+        r, reason = stale[rank]
+        view = self.views[rank]
+        return "hang", rank, f"rank {rank} (pid {r.pid}): {reason}; {blame}", now - view.last_progress
 
     def _post_failure(self, kind: str, rank: int | None, reason: str, latency: float) -> str:
         """Ask every node to restart; only the first request of an attempt is recorded as its failure."""
@@ -494,3 +508,11 @@ def _next_attempt(run_dir: Path) -> int:
     """Attempt numbers continue across requeued allocations, so log names never collide."""
     seen = [e["attempt"] for e in ledger.read(run_dir) if e.get("event") == "attempt_start"]
     return max(seen) + 1 if seen else 0
+
+
+def _process_state(pid: int) -> str:
+    """psutil's process status ('stopped' for SIGSTOP), or 'gone'."""
+    try:
+        return psutil.Process(pid).status()
+    except psutil.Error:
+        return "gone"

@@ -33,12 +33,24 @@ def calibrated_step_timeout(step_times: Sequence[float], cfg: SupervisorConfig) 
     return scaled, f"calibrated step timeout {scaled:.3g}s = {cfg.step_timeout_factor:g} x slowest recent step {slowest:.3g}s"
 
 
-def phase_timeout(phase: str, step_timeout: float, cfg: SupervisorConfig) -> tuple[float, str]:
+def calibrated_checkpoint_timeout(blocking_times: Sequence[float], cfg: SupervisorConfig) -> tuple[float, str]:
+    """Checkpoint-phase timeout: the configured one until a save was seen, then the step factor x the
+    slowest observed loop-blocking save time, within [step floor, configured]. A rank stuck while its
+    peers wait in the save's collectives is then caught in seconds, not at the configured maximum."""
+    recent = [t for t in blocking_times if t > 0]
+    if not recent:
+        return cfg.checkpoint_timeout_s, f"checkpoint timeout {cfg.checkpoint_timeout_s:g}s (no save observed yet)"
+    scaled = min(cfg.checkpoint_timeout_s, max(cfg.step_timeout_floor_s, cfg.step_timeout_factor * max(recent)))
+    return scaled, f"calibrated checkpoint timeout {scaled:.3g}s (slowest observed save {max(recent):.3g}s)"
+
+
+def phase_timeout(phase: str, step_timeout: float, cfg: SupervisorConfig,
+                  checkpoint_timeout: float | None = None) -> tuple[float, str]:
     """Which timeout governs a rank whose last heartbeat was in `phase`."""
     fixed = {
         "init": cfg.init_timeout_s,
         "restore": cfg.restore_timeout_s,
-        "checkpoint": cfg.checkpoint_timeout_s,
+        "checkpoint": checkpoint_timeout or cfg.checkpoint_timeout_s,
         "done": cfg.checkpoint_timeout_s,
         "eval": cfg.eval_timeout_s,
     }
@@ -48,13 +60,28 @@ def phase_timeout(phase: str, step_timeout: float, cfg: SupervisorConfig) -> tup
 
 
 def is_hung(phase: str, last_progress: float, now: float, step_timeout: float,
-            cfg: SupervisorConfig) -> tuple[bool, str]:
+            cfg: SupervisorConfig, checkpoint_timeout: float | None = None) -> tuple[bool, str]:
     """A rank is hung when it made no heartbeat progress (new phase or step) within its phase's timeout."""
-    limit, which = phase_timeout(phase, step_timeout, cfg)
+    limit, which = phase_timeout(phase, step_timeout, cfg, checkpoint_timeout)
     idle = now - last_progress
     if idle > limit:
         return True, f"no heartbeat progress for {idle:.1f}s in phase {phase} (exceeds {which})"
     return False, f"{idle:.1f}s since progress in phase {phase} (within {which})"
+
+
+def blame_hang(stale: list[tuple[int, int | None, float, str]]) -> tuple[int, str]:
+    """Among ranks past their timeout, given as (rank, last step, last progress time, process state),
+    the one that holds the others up: peers of a stuck rank wait in its collective and go stale too.
+    A stopped process (SIGSTOP, a debugger) first, then the lowest step, then the oldest progress."""
+    def key(item: tuple[int, int | None, float, str]) -> tuple[int, int, float, int]:
+        rank, step, last, state = item
+        return (0 if state in ("stopped", "tracing-stop") else 1, -1 if step is None else step, last, rank)
+
+    rank, step, _, state = min(stale, key=key)
+    if len(stale) == 1:
+        return rank, "the only rank without progress"
+    why = f"process {state}" if state in ("stopped", "tracing-stop") else f"lowest step ({step}) / oldest progress"
+    return rank, f"{len(stale)} ranks without progress; rank {rank} holds them up ({why})"
 
 
 def made_progress(start_step: int | None, reached_step: int | None) -> tuple[bool, str]:

@@ -46,7 +46,7 @@ class NodeHooks:
         try:
             port = self.metrics.start()
         except OSError as err:
-            raise ConfigError(f"config error: metrics.port {self.cfg.metrics.port} on {self.cfg.metrics.address}: "
+            raise ConfigError(f"metrics.port {self.cfg.metrics.port} on {self.cfg.metrics.address}: "
                               f"{err.strerror} (set metrics.port=0 for any free port)") from None
         if self._is_node0:
             # Goodput reads the whole ledger and train log: off the watch loop, on node 0 only.

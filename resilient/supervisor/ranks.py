@@ -134,7 +134,7 @@ def spawn(spec: RankSpec, command: list[str], config_path: Path) -> RankProcess:
             close_fds=True,
         )
     except OSError as err:
-        raise ConfigError(f"config error: supervisor.rank_command: cannot start {command[0]!r}: {err.strerror}") from None
+        raise ConfigError(f"supervisor.rank_command: cannot start {command[0]!r}: {err.strerror}") from None
     finally:
         os.close(fd)
     return RankProcess(spec, proc, os.pidfd_open(proc.pid), time.monotonic())

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from health.gpu.provider import node_name
 from resilient.errors import ConfigError
 
 
@@ -32,13 +32,8 @@ def first_host(nodelist: str) -> str:
     # Each bracket group contributes its first element, padding kept ('[007-012]' -> '007').
     host = re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], first)
     if not host or "[" in host or "]" in host:
-        raise ConfigError(f"config error: cannot read the first host of SLURM_JOB_NODELIST={nodelist!r}")
+        raise ConfigError(f"cannot read the first host of SLURM_JOB_NODELIST={nodelist!r}")
     return host
-
-
-def node_name(env: Mapping[str, str]) -> str:
-    """This node's name as the health checks and metrics label it."""
-    return env.get("RESILIENT_NODE_NAME") or env.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def resolve_topology(env: Mapping[str, str], *, node_rank: int | None, nnodes: int | None,
@@ -51,20 +46,20 @@ def resolve_topology(env: Mapping[str, str], *, node_rank: int | None, nnodes: i
         try:
             return int(raw)
         except ValueError:
-            raise ConfigError(f"config error: {key}={raw!r} is not an integer") from None
+            raise ConfigError(f"{key}={raw!r} is not an integer") from None
 
     rank = node_rank if node_rank is not None else slurm_int("SLURM_NODEID") or 0
     count = nnodes if nnodes is not None else slurm_int("SLURM_NNODES") or 1
     if count < 1 or not 0 <= rank < count:
-        raise ConfigError(f"config error: node rank {rank} is not within {count} node(s)")
+        raise ConfigError(f"node rank {rank} is not within {count} node(s)")
     addr = master_addr
     if addr is None and env.get("SLURM_JOB_NODELIST"):
         addr = first_host(env["SLURM_JOB_NODELIST"])
     if addr is None:
         if count > 1:
-            raise ConfigError("config error: --master-addr is required for several nodes outside Slurm")
+            raise ConfigError("--master-addr is required for several nodes outside Slurm")
         addr = "127.0.0.1"
     port = master_port if master_port is not None else default_port
     if not 0 <= port <= 65535 or (port == 0 and count > 1):
-        raise ConfigError(f"config error: store port {port} is not usable for {count} node(s)")
+        raise ConfigError(f"store port {port} is not usable for {count} node(s)")
     return Topology(rank, count, addr, port, node_name(env))

@@ -32,8 +32,10 @@ def sample(*devices) -> dict:
 def test_healthy_node_passes_every_rule(script):
     results = run_rules(script("n1", sample(healthy_device(0), healthy_device(1)), gpus_per_node=2))
     assert set(results) == {"gpu.count", "gpu.lost", "gpu.xid", "gpu.ecc", "gpu.row_remap", "gpu.throttle",
-                            "gpu.temperature", "gpu.pcie_replay", "gpu.nvlink"}
+                            "gpu.temperature", "gpu.pcie_replay", "gpu.nvlink", "gpu.telemetry"}
     assert all(r.severity is Severity.OK for r in results.values()), results
+    readings = results["gpu.telemetry"].values["gpus"]
+    assert sorted(readings) == [0, 1] and readings[1]["lost"] is False and readings[1]["last_xid"] == 0
 
 
 def test_xid_79_is_fatal(script):

@@ -16,11 +16,11 @@ from resilient.planner import (
     daly_interval,
     daly_wall_time,
     memory_per_gpu,
-    param_count,
     predicted_goodput,
     stage_layers,
     young_interval,
 )
+from trainer.flops import parameter_count
 from trainer.presets import PRESETS
 
 PLAN_405B = Path(__file__).with_name("plan_405b.yaml")
@@ -30,7 +30,7 @@ MIN, HOUR = 60.0, 3600.0
 @pytest.mark.parametrize("preset", ["llama3-8b", "llama3-70b", "llama31-405b"])
 def test_parameter_count_matches_published_within_one_percent(preset):
     arch = PRESETS[preset]
-    assert param_count(arch) == pytest.approx(arch.published_params, rel=0.01)
+    assert parameter_count(arch) == pytest.approx(arch.published_params, rel=0.01)
 
 
 def test_daly_2006_worked_values():

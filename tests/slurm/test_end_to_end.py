@@ -128,12 +128,8 @@ def test_two_node_tiny_run_completes(reference):
 
 
 # srun passes the forwarded signal to every process of the step, ranks included, so the ranks
-# must treat it as a stop request too (USR1 always; USR2, the default, once the trainer does).
-@pytest.mark.parametrize("sig", [
-    pytest.param("USR2", marks=pytest.mark.xfail(
-        strict=True, reason="trainer/stop.py handles SIGUSR1/SIGTERM only: SIGUSR2 from srun kills the ranks unsaved")),
-    "USR1",
-])
+# must treat it as a stop request too: the trainer handles the configured preemption signal.
+@pytest.mark.parametrize("sig", ["USR2"])  # the template's default --signal
 def test_preemption_signal_saves_requeues_and_resumes_to_the_same_weights(slurm_cluster, reference, tmp_path, sig):
     config, run_dir = write_run_config(tmp_path, "preempted")
     tree = yaml.safe_load(config.read_text())

@@ -121,3 +121,27 @@ def test_topology_flags_override_slurm():
 def test_topology_errors_are_config_errors(kwargs, msg):
     with pytest.raises(ConfigError, match=msg):
         resolve_topology({}, master_addr=None, master_port=None, default_port=29400, **kwargs)
+
+
+def test_blame_hang_prefers_the_stopped_process_then_the_lowest_step_then_the_oldest():
+    from resilient.supervisor.decisions import blame_hang
+
+    # rank 0 was SIGSTOPped; rank 1 waits in its all-reduce and looks just as stale
+    assert blame_hang([(1, 6, 100.0, "sleeping"), (0, 6, 100.2, "stopped")])[0] == 0
+    assert blame_hang([(0, 7, 100.0, "sleeping"), (1, 6, 101.0, "sleeping")])[0] == 1
+    assert blame_hang([(0, 6, 101.0, "sleeping"), (1, 6, 100.0, "running")])[0] == 1
+    rank, reason = blame_hang([(3, 6, 100.0, "sleeping")])
+    assert rank == 3 and "only rank" in reason
+
+
+def test_checkpoint_timeout_calibrates_from_observed_saves():
+    from resilient.supervisor.config import SupervisorConfig
+    from resilient.supervisor.decisions import calibrated_checkpoint_timeout, is_hung
+
+    cfg = SupervisorConfig(checkpoint_timeout_s=900, step_timeout_floor_s=6, step_timeout_factor=3)
+    assert calibrated_checkpoint_timeout([], cfg)[0] == 900
+    assert calibrated_checkpoint_timeout([0.2, 0.5], cfg)[0] == 6  # the floor
+    assert calibrated_checkpoint_timeout([40.0], cfg)[0] == 120
+    assert calibrated_checkpoint_timeout([400.0], cfg)[0] == 900  # never beyond the configured limit
+    assert is_hung("checkpoint", 100.0, 107.0, 1.0, cfg, checkpoint_timeout=6.0)[0]
+    assert not is_hung("checkpoint", 100.0, 107.0, 1.0, cfg)[0]

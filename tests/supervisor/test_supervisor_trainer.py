@@ -82,7 +82,7 @@ def test_rank_sigstop_hang_detected_same_digest(tmp_path, reference):
     assert proc.wait(600) == ExitCode.FINISHED
     [failure] = events(tmp_path / "run", "failure")
     assert failure["kind"] == "hang" and failure["rank"] == 0
-    timeout = float(re.search(r"step timeout ([\d.]+)s", failure["reason"]).group(1))
+    timeout = float(re.search(r"timeout ([\d.]+)s", failure["reason"]).group(1))
     assert failure["ts"] - stopped <= timeout + 2.0
     assert digest(tmp_path / "run") == reference
 

@@ -1,0 +1,26 @@
+"""The chaos tests' shared config: short runs, quick detection, small waits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from resilient.chaos.runner import DrillOptions, run_drill
+from resilient.chaos.schedule import build_schedule
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "examples" / "tiny.yaml"
+STEPS = 32
+COMMON = [f"train.steps={STEPS}", "train.warmup_steps=4", "train.eval_every=0", "train.log_every=100",
+          "checkpoint.interval_steps=4", "metrics.port=0",
+          "supervisor.termination_grace_s=2", "supervisor.backoff_initial_s=0.1", "supervisor.backoff_max_s=0.5",
+          "supervisor.step_timeout_floor_s=4", "supervisor.step_timeout_factor=3",
+          "supervisor.step_timeout_min_samples=3", "supervisor.checkpoint_timeout_s=20",
+          "supervisor.status_interval_s=0.25", "health.monitor_interval_s=1",
+          "health.straggler_window=3", "health.straggler_windows=2"]
+
+
+def drill(run_dir: Path, schedule: str, faults: list[str], *, steps: int = STEPS, seed: int = 7,
+          reference: str | None = None) -> dict:
+    opts = DrillOptions(config=CONFIG, run_dir=run_dir, overrides=[*COMMON, f"train.steps={steps}"],
+                        timeout_s=300, detect_timeout_s=60, orphan_wait_s=10)
+    return run_drill(opts, build_schedule(schedule, faults, seed), faults, seed=seed, reference_digest=reference)

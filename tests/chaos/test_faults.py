@@ -1,0 +1,88 @@
+"""Issue 9 acceptance: one drill per fault kind and a mixed schedule, each against real supervised runs.
+
+Every drill must finish, end on the fault-free run's bits (except the NaN rollback, which by design
+trains on other data and is compared against a rerun of its schedule), leave no process behind, and
+show every injected fault in the ledger with its detection latency.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from resilient import ledger
+from resilient.exit_codes import ExitCode
+from tests.chaos.drills import drill
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def _events(report: dict, name: str) -> list[dict]:
+    return [e for e in ledger.read(report["run_dir"]) if e["event"] == name]
+
+
+def _passed(report: dict) -> dict:
+    assert report["passed"], report["failed_checks"]
+    assert report["faults"] and all(f["detection_latency_s"] is not None for f in report["faults"])
+    return report
+
+
+def test_kill_rank_loses_only_recomputed_steps(tmp_path, reference):
+    report = _passed(drill(tmp_path / "run", "steps:9", ["kill_rank"], reference=reference))
+    assert report["digest"] == reference
+    [failure] = _events(report, "failure")
+    assert failure["kind"] == "rank_exit" and failure["rank"] == report["faults"][0]["rank"]
+    # issue 8: a failure shows up as goodput < 1 with lost progress equal to the recomputed steps
+    gp = report["goodput"]
+    assert gp["ratio"] < 1.0 and gp["badput_s"]["lost_progress"] > 0
+    assert gp["recomputed_steps"] == gp["expected_recomputed_steps"] > 0
+    assert gp["badput_s"]["lost_progress"] == pytest.approx(gp["expected_lost_s"], abs=1e-3)
+
+
+@pytest.mark.parametrize("fault, exits", [
+    ("hang_rank", [ExitCode.FINISHED]),
+    ("preempt", [ExitCode.PREEMPTED, ExitCode.FINISHED]),
+    pytest.param("kill_supervisor", [-9, ExitCode.FINISHED], marks=pytest.mark.xfail(
+        strict=True, reason="megatron's FileSystemWriterAsync spawns a multiprocessing Manager per rank that "
+                            "outlives a rank killed by PDEATHSIG (orphans); fix pending in trainer/checkpoint")),
+    ("ckpt_write_kill", [ExitCode.FINISHED]),
+    ("gpu_health", [ExitCode.UNHEALTHY_NODE, ExitCode.FINISHED]),
+    ("straggler", [ExitCode.FINISHED]),
+])
+def test_fault_leaves_the_same_bits(tmp_path, reference, fault, exits):
+    report = _passed(drill(tmp_path / "run", "steps:6", [fault], reference=reference))
+    assert report["digest"] == reference
+    assert report["exit_codes"] == [int(c) for c in exits]
+
+
+def test_corrupt_latest_falls_back_and_quarantines(tmp_path, reference):
+    report = _passed(drill(tmp_path / "run", "steps:10", ["corrupt_ckpt"], reference=reference))
+    assert report["digest"] == reference
+    bad = report["faults"][0]["corrupted_step"]
+    [fallback] = _events(report, "ckpt_fallback")
+    assert fallback["from_step"] == bad and fallback["to_step"] < bad
+    assert list((tmp_path / "run" / "checkpoints").glob(f"step_{bad:07d}.damaged-*"))
+
+
+def test_full_checkpoint_filesystem_fails_saves_and_training_goes_on(tmp_path, reference):
+    report = _passed(drill(tmp_path / "run", "steps:6", ["fill_disk"], reference=reference))
+    assert report["digest"] == reference and report["exit_codes"] == [0]
+    assert report["goodput"]["failed_saves"] >= 1
+    assert "No space left" in _events(report, "ckpt_save_failed")[0]["error"]
+
+
+def test_nan_loss_rolls_back_skips_the_window_and_reruns_identically(tmp_path, reference):
+    runs = [_passed(drill(tmp_path / f"run{i}", "steps:14", ["nan_loss"], reference=reference)) for i in (0, 1)]
+    for report in runs:
+        [fault] = _events(report, "numeric_fault")
+        [skip] = _events(report, "data_skip")
+        assert (fault["step"], fault["kind"], fault["action"]) == (14, "nan", "rollback")
+        assert skip["to_sample"] - skip["from_sample"] == 8 and skip["rollback_to"] == 12
+    assert runs[0]["digest"] == runs[1]["digest"] != reference  # other data seen, the same way twice
+
+
+def test_mixed_schedule_of_five_faults(tmp_path, reference):
+    # kill_supervisor joins once its orphan defect is fixed (see the xfail above)
+    faults = ["kill_rank", "preempt", "hang_rank", "corrupt_ckpt", "gpu_health"]
+    report = _passed(drill(tmp_path / "run", "steps:4,8,12,16,20", faults, reference=reference))
+    assert [f["kind"] for f in report["faults"]] == faults
+    assert report["digest"] == reference and report["goodput"]["ratio"] < 1.0

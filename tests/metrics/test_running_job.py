@@ -1,0 +1,113 @@
+"""Issue 8 acceptance against a real job: `resilient run` (2 gloo ranks) serves /metrics, scraped over
+real HTTP and by a real Prometheus, which accepts every dashboard and alert expression and returns
+data for every panel whose metrics the job emits."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from resilient.status import read_status
+from tests.ranks import REPO, TINY
+
+from .prom import PROMETHEUS, PrometheusServer, alert_rules, panel_queries
+
+pytestmark = [pytest.mark.slow, pytest.mark.prometheus,
+              pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed")]
+
+NODE = "metricsnode"
+HEALTHY_GPUS = {"available": True, "device_count": 2, "devices": [
+    {"index": 0, "temperature_c": 55, "xids": []}, {"index": 1, "temperature_c": 61, "xids": []}]}
+
+
+def scrape(port: int) -> dict[str, dict[tuple, float]]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+@pytest.fixture(scope="module")
+def running_job(tmp_path_factory) -> Iterator[tuple[Path, int]]:
+    work = tmp_path_factory.mktemp("job")
+    fake = work / "nvml"
+    fake.mkdir()
+    (fake / f"{NODE}.json").write_text(json.dumps(HEALTHY_GPUS))
+    run_dir = work / "run"
+    sets = ["train.steps=100000", "train.eval_every=10", "checkpoint.interval_steps=10", "metrics.port=0",
+            "metrics.goodput_interval_s=1", f"health.fake_nvml_dir={fake}", "health.monitor_interval_s=1"]
+    cmd = [sys.executable, "-m", "resilient.cli", "run", str(TINY), "--run-dir", str(run_dir)]
+    cmd += [a for s in sets for a in ("--set", s)]
+    env = {**os.environ, "RESILIENT_NODE_NAME": NODE, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(work / "sup.log", "wb"))
+    try:
+        deadline, port = time.monotonic() + 120, None
+        while time.monotonic() < deadline and port is None:
+            time.sleep(0.5)
+            assert proc.poll() is None, (work / "sup.log").read_text()[-3000:]
+            try:
+                status = read_status(run_dir)
+            except Exception:
+                continue
+            if status.get("state") == "running" and (status.get("step") or 0) >= 2:
+                port = next(iter((status.get("metrics_ports") or {}).values()), None)
+        assert port, "the job never reported a metrics port"
+        yield run_dir, port
+    finally:
+        proc.terminate()  # preemption: saves and exits
+        proc.wait(timeout=120)
+
+
+def test_metrics_endpoint_of_a_running_job(running_job):
+    _, port = running_job
+    first = scrape(port)
+    time.sleep(3)
+    second = scrape(port)
+    step = lambda m: max(m["resilient_step"].values())  # noqa: E731
+    assert step(second) > step(first) >= 2
+    assert max(second["resilient_tokens_per_second"].values()) > 0
+    assert 0 < max(second["resilient_loss"].values()) < 20
+    for family in ("resilient_run_state", "resilient_attempt", "resilient_consumed_tokens",
+                   "resilient_mfu_ratio", "resilient_step_time_seconds_count", "resilient_heartbeat_age_seconds",
+                   "resilient_gpu_temperature_celsius"):
+        assert any(name.startswith(family) for name in second), family
+
+
+def test_real_prometheus_scrapes_the_job(running_job, tmp_path):
+    _, port = running_job
+    server = PrometheusServer(tmp_path, [f"127.0.0.1:{port}"]).start()
+    try:
+        server.wait_for('up{job="resilient"} == 1')
+        server.wait_for("count_over_time(resilient_step[1m]) >= 4")
+        server.wait_for("resilient_checkpoint_last_complete_timestamp_seconds > 0")
+        emitted = {name for name in scrape(port)}
+        errors, missing = [], []
+        for dashboard, title, expr in panel_queries():
+            answer = server.query(expr)
+            if answer["status"] != "success":
+                errors.append(f"{dashboard}/{title}: {answer.get('error')}")
+                continue
+            names = set(re.findall(r"resilient_[a-z_]+", expr))
+            emits_all = bool(names) and names <= emitted
+            if emits_all and not answer["data"]["result"]:
+                missing.append(f"{dashboard}/{title}: {expr}")
+        for rule in alert_rules():
+            answer = server.query(rule["expr"])
+            if answer["status"] != "success":
+                errors.append(f"alert {rule['alert']}: {answer.get('error')}")
+        assert not errors, "\n".join(errors)
+        assert not missing, "panels without data although the job emits their metrics:\n" + "\n".join(missing)
+    finally:
+        server.stop()
