@@ -41,9 +41,7 @@ def test_kill_rank_loses_only_recomputed_steps(tmp_path, reference):
 @pytest.mark.parametrize("fault, exits", [
     ("hang_rank", [ExitCode.FINISHED]),
     ("preempt", [ExitCode.PREEMPTED, ExitCode.FINISHED]),
-    pytest.param("kill_supervisor", [-9, ExitCode.FINISHED], marks=pytest.mark.xfail(
-        strict=True, reason="megatron's FileSystemWriterAsync spawns a multiprocessing Manager per rank that "
-                            "outlives a rank killed by PDEATHSIG (orphans); fix pending in trainer/checkpoint")),
+    ("kill_supervisor", [-9, ExitCode.FINISHED]),
     ("ckpt_write_kill", [ExitCode.FINISHED]),
     ("gpu_health", [ExitCode.UNHEALTHY_NODE, ExitCode.FINISHED]),
     ("straggler", [ExitCode.FINISHED]),
@@ -81,8 +79,7 @@ def test_nan_loss_rolls_back_skips_the_window_and_reruns_identically(tmp_path, r
 
 
 def test_mixed_schedule_of_five_faults(tmp_path, reference):
-    # kill_supervisor joins once its orphan defect is fixed (see the xfail above)
-    faults = ["kill_rank", "preempt", "hang_rank", "corrupt_ckpt", "gpu_health"]
-    report = _passed(drill(tmp_path / "run", "steps:4,8,12,16,20", faults, reference=reference))
+    faults = ["kill_rank", "preempt", "hang_rank", "kill_supervisor", "corrupt_ckpt", "gpu_health"]
+    report = _passed(drill(tmp_path / "run", "steps:4,8,12,16,20,24", faults, reference=reference))
     assert [f["kind"] for f in report["faults"]] == faults
     assert report["digest"] == reference and report["goodput"]["ratio"] < 1.0

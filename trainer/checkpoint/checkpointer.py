@@ -8,21 +8,25 @@ manifest, then replaces `latest`. Called at step boundaries on all ranks in lock
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import shutil
 import threading
 import time
 from functools import partial
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
 from resilient import ledger
 from resilient.errors import CheckpointError
+from resilient.orphan import arm_parent_death_signal
 from trainer.checkpoint import layout, manifest, policy
 from trainer.checkpoint.config import CheckpointConfig
 from trainer.checkpoint.state import TrainState, apply_loaded, sharded_state
@@ -34,6 +38,15 @@ def _write_then_hash(write_fn, ckpt_dir: Path, rank: int, *args, **kwargs) -> No
     """Runs in the background writer: write this rank's files, then vouch for them."""
     write_fn(*args, **kwargs)
     manifest.write_rank_sums(ckpt_dir, rank)
+
+
+def _own_write_results_queue() -> None:
+    """megatron's async writer reports through a multiprocessing Manager it spawns lazily; a Manager
+    server outlives a SIGKILLed rank. Start it ourselves with a parent-death signal instead."""
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(initializer=arm_parent_death_signal)
+        filesystem_async._results_queue = manager.Queue()
 
 
 def identity_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
@@ -55,6 +68,7 @@ class Checkpointer:
         self.root = cfg.dir or run_dir / "checkpoints"
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.queue = AsyncCallsQueue()
+        _own_write_results_queue()
         dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), dp_group)
         self.last_save_step: int | None = None
