@@ -100,9 +100,9 @@ class Trainer:
         positions = self.positions.expand(ids.shape[0], -1)
         return self.model(ids, positions, self.mask, labels=labels).float().mean()
 
-    def _train_step(self) -> tuple[float, float, float]:
-        """Forward/backward over this rank's micro-batches, average, clip, update.
-        Returns (loss, grad norm, this rank's compute seconds before the gradient all-reduce)."""
+    def _train_step(self) -> tuple[float, float, float, bool]:
+        """Forward/backward over this rank's micro-batches, average, clip, update. Returns (loss, grad
+        norm, this rank's compute seconds before the gradient all-reduce, whether any rank was asked to stop)."""
         started = time.perf_counter()
         micro_batches = self.state.loader.next_step()
         self.model.train()
@@ -120,8 +120,13 @@ class Trainer:
         grad_norm = clip_gradients(self.model, self.cfg.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step(1)
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-        return total.item() / parallel_state.get_data_parallel_world_size(), grad_norm, compute_time
+        # One small all-reduce per step carries both the loss (equal on tensor-parallel peers, so the
+        # world mean is the data-parallel mean) and the stop flags: every rank then sees the same loss,
+        # judges it the same way and stops after the same step (Megatron's signal-handler idea).
+        flags = torch.stack([total, torch.tensor(float(self.stop_flag.requested), device=self.device)])
+        dist.all_reduce(flags)
+        loss_sum, stops = flags.tolist()
+        return loss_sum / dist.get_world_size(), grad_norm, compute_time, stops > 0
 
     @torch.no_grad()
     def _evaluate(self) -> float:
@@ -157,7 +162,7 @@ class Trainer:
         while state.step < cfg.train.steps:
             t0 = time.perf_counter()
             window_start = state.loader.position
-            loss, grad_norm, compute_time = self._train_step()
+            loss, grad_norm, compute_time, stop_requested = self._train_step()
             step_time = time.perf_counter() - t0
             state.step += 1
             state.consumed_samples += cfg.train.global_batch
@@ -166,9 +171,7 @@ class Trainer:
             verdict = numerics.judge_loss(loss, self.losses.before(state.step), spike_factor=cfg.train.loss_spike_factor,
                                           window=cfg.train.loss_spike_window)
             self.losses.add(state.step, loss)
-            (stop_requested, numeric_fault) = stop.agree([self.stop_flag.requested, verdict.fault is not None],
-                                                         self.device)
-            if numeric_fault:  # every rank rolls back together; a pending stop is agreed on at the next step
+            if verdict.fault is not None:  # same loss everywhere: every rank rolls back together
                 self._roll_back(verdict, loss, window_start)
                 continue
             if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps):

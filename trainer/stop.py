@@ -1,16 +1,15 @@
-"""Stop requests: a signal sets a local flag; ranks agree at a step boundary with one all-reduce.
+"""Stop requests: a signal sets a local flag; the ranks agree on it at the step boundary.
 
-The supervisor sends SIGUSR1 (and Slurm sends SIGTERM to every process of the step); the handler
-only sets a flag, so a signal at any moment is safe. Agreeing on the flag with MAX means every
-rank stops after the same step and saves the same checkpoint (Megatron's signal-handler idea).
+The supervisor sends SIGUSR1 (and Slurm sends SIGTERM or the `--signal` to every process of the
+step); the handler only sets a flag, so a signal at any moment is safe. The training step sums the
+flags over all ranks in its loss all-reduce, so every rank stops after the same step and saves the
+same checkpoint (Megatron's signal-handler idea).
 """
 
 from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -34,10 +33,3 @@ class StopFlag:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 
-
-def agree(flags: list[bool], device: torch.device) -> list[bool]:
-    """Element-wise OR of boolean flags over all ranks, in one small all-reduce."""
-    tensor = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in tensor.tolist()]
