@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import shutil
+import signal
 import threading
 import time
 from functools import partial
@@ -40,12 +41,20 @@ def _write_then_hash(write_fn, ckpt_dir: Path, rank: int, *args, **kwargs) -> No
     manifest.write_rank_sums(ckpt_dir, rank)
 
 
+def _manager_init() -> None:
+    """In the results-queue server: die with the rank, and leave stop signals to the rank. srun hands
+    the preemption signal to every process of the step, and the rank still needs its queue to save."""
+    arm_parent_death_signal()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _own_write_results_queue() -> None:
-    """megatron's async writer reports through a multiprocessing Manager it spawns lazily; a Manager
-    server outlives a SIGKILLed rank. Start it ourselves with a parent-death signal instead."""
+    """megatron's async writer reports through a multiprocessing Manager it spawns lazily; that server
+    would outlive a SIGKILLed rank and die of a forwarded preemption signal. Start it ourselves."""
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=arm_parent_death_signal)
+        manager.start(initializer=_manager_init)
         filesystem_async._results_queue = manager.Queue()
 
 
