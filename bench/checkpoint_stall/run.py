@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from resilient.supervisor.ranks import free_port  # noqa: E402
 
 
 def main() -> None:
@@ -29,10 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="ckpt-stall-"))
     env = {**os.environ, "RESILIENT_RUN_DIR": str(run_dir), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                           str(Path(__file__).with_name("rank.py")), str(run_dir), str(args.repeats)],
                          cwd=REPO, env=env, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]

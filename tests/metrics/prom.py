@@ -9,13 +9,14 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from resilient.supervisor.ranks import free_port
 from typing import Any, Iterator
 
 import yaml
@@ -29,12 +30,6 @@ PROMTOOL = shutil.which("promtool")
 # What Grafana substitutes before sending a panel query: "All" for every template variable.
 GRAFANA_MACROS = {"$__rate_interval": "15s", "$__interval": "5s", "$__range": "2m"}
 LABEL_VALUES = re.compile(r"^label_values\((?P<selector>.+),\s*(?P<label>\w+)\)$")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url: str, timeout: float = 5.0) -> dict[str, Any]:

@@ -7,17 +7,16 @@ requeue delay (cred_expire=10 s in deploy/slurm/slurm.conf.in).
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from resilient import ledger
+from resilient.supervisor.ranks import free_port
 from tests.slurm.conftest import REPO, Cluster
+from tests.supervisor.harness import events, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -25,12 +24,6 @@ STEPS = 24
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 HEALTHY_GPU = {"available": True, "device_count": 1, "devices": [{"index": 0}]}
 FAILED_GPU = {"available": True, "device_count": 1, "devices": [{"index": 0, "lost": True}]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_run_config(tmp: Path, name: str, **slurm) -> tuple[Path, Path]:
@@ -63,20 +56,6 @@ def launch(cluster: Cluster, config: Path) -> str:
     first = out.stdout.splitlines()[0]
     assert first.startswith("submitted job "), out.stdout
     return first.removeprefix("submitted job ")
-
-
-def events(run_dir: Path, name: str) -> list[dict]:
-    return [r for r in ledger.read(run_dir) if r.get("event") == name]
-
-
-def wait_for(probe, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = probe()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def last_step(run_dir: Path) -> int:
@@ -136,7 +115,7 @@ def test_preemption_signal_saves_requeues_and_resumes_to_the_same_weights(slurm_
     tree["supervisor"]["preempt_signal"] = f"SIG{sig}"
     config.write_text(yaml.safe_dump(tree))
     job_id = launch(slurm_cluster, config)
-    wait_for(lambda: last_step(run_dir) >= 3, 240, "training to reach step 3")
+    wait_until(lambda: last_step(run_dir) >= 3, 240, "training to reach step 3")
     slurm_cluster.run("scancel", f"--signal={sig}", "--batch", job_id)
 
     job = finished_job(slurm_cluster, job_id, run_dir)
