@@ -18,6 +18,7 @@ from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
@@ -105,11 +106,23 @@ class Checkpointer:
         if (ckpt_dir / layout.MARKER).exists():
             self.last_save_step = step
             return time.monotonic() - started
-        if self.rank == 0:
-            if ckpt_dir.exists():
-                shutil.rmtree(ckpt_dir)  # an uncommitted leftover of the same step
-            ckpt_dir.mkdir(mode=0o700)
-        dist.barrier()
+        problem = self._space_problem(state)
+        if self.rank == 0 and problem is None:
+            try:
+                if ckpt_dir.exists():
+                    shutil.rmtree(ckpt_dir)  # an uncommitted leftover of the same step
+                ckpt_dir.mkdir(mode=0o700)
+            except OSError as err:
+                problem = f"cannot create {ckpt_dir}: {err}"
+        # Agree before megatron's save: its rank-0 writes sit between collectives, so a rank that
+        # failed inside it would leave the others waiting. A skipped save is reported, training goes on.
+        problems: list[str | None] = [None] * self.world
+        dist.all_gather_object(problems, problem)
+        refused = next((f"rank {r}: {p}" for r, p in enumerate(problems) if p), None)
+        if refused:
+            self._report_failure(step, refused)
+            self.last_save_time = time.monotonic()  # the next trigger tries again
+            return time.monotonic() - started
         request = dist_checkpointing.save(sharded_state(state, include_rng=True), str(ckpt_dir), self.strategy,
                                           async_sharded_save=True)
         request = request._replace(
@@ -134,13 +147,33 @@ class Checkpointer:
         try:
             self.queue.maybe_finalize_async_calls(blocking=blocking)
         except Exception as err:  # a failed write (ENOSPC, I/O error) never stops training
-            self.failed_saves += 1
-            step = self.last_save_step
-            log.error("checkpoint save of step %s failed: %s", step, err)
-            if self.rank == 0:
-                ledger.append(self.run_dir, "ckpt_save_failed", step=step, error=str(err).splitlines()[0][:500])
+            self._report_failure(self.last_save_step, str(err))
             self.last_save_step = None
             self.queue = AsyncCallsQueue()
+
+    def _report_failure(self, step: int | None, error: str) -> None:
+        self.failed_saves += 1
+        log.error("checkpoint save of step %s failed: %s", step, error)
+        if self.rank == 0:
+            ledger.append(self.run_dir, "ckpt_save_failed", step=step, error=error.splitlines()[0][:500])
+
+    def _space_problem(self, state: TrainState) -> str | None:
+        """Refuse a save that cannot fit: the last checkpoint's size (or, before the first one, this
+        rank's state times the model-parallel ranks) plus 10%, against the free space of the filesystem."""
+        committed = layout.committed_steps(self.root)
+        if committed:
+            need = manifest.read_manifest(layout.step_dir(self.root, committed[-1])).get("bytes", 0)
+        else:
+            tensors = [p for p in state.model.parameters()]
+            tensors += [v for moments in state.optimizer.state.values() for v in moments.values()
+                        if isinstance(v, torch.Tensor)]
+            local = sum(t.numel() * t.element_size() for t in tensors)
+            need = local * self.world // parallel_state.get_data_parallel_world_size()
+        need = int(need * 1.1)
+        free = shutil.disk_usage(self.root).free
+        if free < need:
+            return f"No space left on the checkpoint filesystem: {free:,} bytes free, a checkpoint needs ~{need:,}"
+        return None
 
     def finish(self) -> None:
         """Wait for the save in flight and for retention (end of run or stop)."""
