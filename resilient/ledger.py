@@ -19,15 +19,20 @@ LEDGER_NAME = "ledger.jsonl"
 def append(run_dir: str | Path, event: str, **fields: Any) -> dict[str, Any]:
     """Append one event to RUN_DIR/ledger.jsonl and return the record written."""
     record = {"ts": time.time(), "event": event, **fields}
-    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
     path = Path(run_dir) / LEDGER_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
+    append_jsonl(path, record)
+    return record
+
+
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one JSON line (owner-only file) with a single write on an O_APPEND descriptor."""
+    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, line)
     finally:
         os.close(fd)
-    return record
 
 
 def read(run_dir: str | Path) -> Iterator[dict[str, Any]]:

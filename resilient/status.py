@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from resilient import ledger
+from resilient.atomic import atomic_write
 from resilient.errors import ConfigError
 from resilient.goodput import GoodputReport, compute_goodput
 
@@ -21,15 +20,8 @@ STATUS_NAME = "status.json"
 
 def write_status(run_dir: str | Path, status: dict[str, Any]) -> None:
     """Replace RUN_DIR/status.json atomically (temp file + rename), owner-only."""
-    run_dir = Path(run_dir)
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".status.", suffix=".tmp")  # mkstemp creates 0600
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({**status, "written_at": time.time()}, f, indent=1, default=str)
-        os.replace(tmp, run_dir / STATUS_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(Path(run_dir) / STATUS_NAME, json.dumps({**status, "written_at": time.time()}, indent=1, default=str),
+                 durable=False)  # rewritten every few seconds; a lost update after a crash is harmless
 
 
 def read_status(run_dir: str | Path) -> dict[str, Any]:

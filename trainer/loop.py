@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -31,14 +29,6 @@ from trainer.optim import average_gradients, build_optimizer, build_scheduler, c
 
 log = logging.getLogger("trainer")
 TRAIN_LOG = "train_log.jsonl"
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, (json.dumps(record) + "\n").encode())
-    finally:
-        os.close(fd)
 
 
 class Trainer:
@@ -231,7 +221,7 @@ class Trainer:
                    consumed_samples=state.consumed_samples)
         if not self.is_logger:
             return
-        _append_jsonl(self.run_dir / TRAIN_LOG, record)
+        ledger.append_jsonl(self.run_dir / TRAIN_LOG, record)
         if state.step % self.cfg.train.log_every == 0 or state.step == self.cfg.train.steps:
             log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s step %.3fs mfu %.2f%%",
                      state.step, self.cfg.train.steps, loss, lr, grad_norm, tokens_per_s, step_time, 100 * mfu)
@@ -239,7 +229,7 @@ class Trainer:
     def _record_eval(self, val_loss: float) -> None:
         self._beat("step", self.state.step, val_loss=val_loss)  # back to the step timeout
         if self.is_logger:
-            _append_jsonl(self.run_dir / TRAIN_LOG, {"ts": time.time(), "attempt": self.env.attempt,
+            ledger.append_jsonl(self.run_dir / TRAIN_LOG, {"ts": time.time(), "attempt": self.env.attempt,
                                                      "step": self.state.step, "val_loss": val_loss,
                                                      "val_log_ppl": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
             log.info("step %d validation loss %.4f (ppl %.1f)", self.state.step, val_loss, math.exp(min(val_loss, 50)))

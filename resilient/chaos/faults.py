@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import psutil
 
+from resilient.atomic import atomic_write
 from trainer.checkpoint import layout
 from trainer.numerics import FAULTS_FILE
 
@@ -249,9 +250,7 @@ class NanLoss(Fault):
         doc = json.loads(path.read_text()) if path.exists() else {}
         entry = {"step": step} if attempt is None else {"step": step, "attempt": attempt}
         doc.setdefault("nan_loss", []).append(entry)
-        tmp = path.with_name(f".{FAULTS_FILE}.tmp")
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(doc))
 
     def inject(self, d: Drill) -> dict[str, Any]:
         step = d.step + self.AHEAD
@@ -281,9 +280,7 @@ class GpuHealth(Fault):
 
     def inject(self, d: Drill) -> dict[str, Any]:
         state = {"devices": [{"index": 0, "xids": [79]}]}
-        tmp = d.fake_nvml_file.with_name(f".{d.fake_nvml_file.name}.tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, d.fake_nvml_file)
+        atomic_write(d.fake_nvml_file, json.dumps(state))
         return {"node": d.node_name, "xid": 79}
 
     detects = _failure("health")  # the drill clears the state when the supervisor exits UNHEALTHY_NODE

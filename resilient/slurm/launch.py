@@ -6,19 +6,11 @@ import os
 from pathlib import Path
 
 from resilient import ledger
+from resilient.atomic import atomic_write
 from resilient.config import RunConfig, dump_config
 from resilient.errors import ConfigError
 from resilient.slurm import jobs
 from resilient.slurm.render import CONFIG_NAME, SCRIPT_NAME
-
-
-def write_private(path: Path, text: str) -> None:
-    """Replace a file atomically, readable by its owner only."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def last_job_id(run_dir: Path) -> str | None:
@@ -37,8 +29,8 @@ def submit_run(cfg: RunConfig, run_dir: Path, script: str) -> str:
         raise ConfigError(f"{run_dir} already has an active job {previous} (scancel it first)")
     (run_dir / "logs").mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(run_dir, 0o700)
-    write_private(run_dir / CONFIG_NAME, dump_config(cfg))
-    write_private(run_dir / SCRIPT_NAME, script)
+    atomic_write(run_dir / CONFIG_NAME, dump_config(cfg))
+    atomic_write(run_dir / SCRIPT_NAME, script)
     job_id = jobs.submit(run_dir / SCRIPT_NAME)
     ledger.append(run_dir, "submitted", job_id=job_id, script=str(run_dir / SCRIPT_NAME), nodes=cfg.nodes)
     return job_id

@@ -10,7 +10,7 @@ from resilient.config import dump_config, load_config
 from resilient.errors import ConfigError
 from resilient.slurm import jobs
 from resilient.slurm.policy import Action, Decision, decide, job_end_from_ledger, job_ref
-from resilient.slurm.launch import write_private
+from resilient.atomic import atomic_write
 from resilient.slurm.render import CONFIG_NAME
 
 
@@ -38,7 +38,7 @@ def handle_job_end(run_dir: Path, exit_code: int, *, since: float, env: Mapping[
             drain_errors[node] = str(err)
     if decision.nodes is not None:
         # The next allocation is smaller: the run's config must say so (the supervisors check it).
-        write_private(run_dir / CONFIG_NAME, dump_config(cfg.model_copy(update={"nodes": decision.nodes})))
+        atomic_write(run_dir / CONFIG_NAME, dump_config(cfg.model_copy(update={"nodes": decision.nodes})))
     # Recorded before the requeue: the requeue ends this job, and the record must survive it.
     ledger.append(run_dir, "requeue", job_id=ref, exclude=list(decision.exclude), reason=reason,
                   cause=str(decision.cause), exit_code=exit_code, nodes=decision.nodes,

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import psutil
 
 from resilient import ledger
+from resilient.atomic import atomic_write
 from resilient.channel import HeartbeatServer
 from resilient.config import RunConfig, dump_config
 from resilient.errors import ResilientError
@@ -493,11 +494,7 @@ class Supervisor:
             self._drain_wakeups()
 
     def _write_config(self) -> None:
-        tmp = self.config_path.with_name(".config.yaml.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(dump_config(self.cfg))
-        os.replace(tmp, self.config_path)
+        atomic_write(self.config_path, dump_config(self.cfg))
 
 
 def _positive(value: Any) -> bool:

@@ -27,6 +27,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
 from resilient import ledger
+from resilient.atomic import fsync_dir
 from resilient.errors import CheckpointError
 from resilient.orphan import arm_parent_death_signal
 from trainer.checkpoint import layout, manifest, policy
@@ -216,7 +217,7 @@ class Checkpointer:
         """Move a damaged checkpoint out of the way (kept for forensics, never loaded or overwritten)."""
         target = ckpt_dir.with_name(f"{ckpt_dir.name}.damaged-{int(time.time())}")
         ckpt_dir.rename(target)
-        layout.fsync_dir(self.root)
+        fsync_dir(self.root)
         log.warning("moved damaged checkpoint %s to %s", ckpt_dir.name, target.name)
 
     def _clean_leftovers(self) -> None:

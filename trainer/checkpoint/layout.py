@@ -7,9 +7,10 @@ A directory without a valid marker does not exist for loading.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
+
+from resilient.atomic import atomic_write
 
 MARKER = "COMMITTED.json"
 LATEST = "latest"
@@ -23,27 +24,6 @@ def step_dir(root: Path, step: int) -> Path:
 def parse_step(name: str) -> int | None:
     match = _STEP_DIR.match(name)
     return int(match.group(1)) if match else None
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write temp, fsync, rename over `path`, fsync the directory: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def write_latest(root: Path, step: int) -> None:

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint.layout import MARKER, atomic_write
+from resilient.atomic import atomic_write
+from trainer.checkpoint.layout import MARKER
 
 SUMS_PREFIX = ".sums.rank"
 _CHUNK = 8 << 20

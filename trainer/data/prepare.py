@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from resilient.atomic import atomic_write
 from resilient.errors import ConfigError
 from trainer.data.config import DataConfig
 from trainer.data.shards import SkipCounts, find_shards, is_shard, read_documents
@@ -83,16 +84,6 @@ def data_fingerprint(shards: Iterable[dict], tok_sha: str | None, eos_id: int | 
 
 # ---------------------------------------------------------------------------------------------
 # Writing
-
-
-def _write_json_atomic(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _token_dtype(vocab_size: int) -> type[np.number]:
@@ -162,7 +153,7 @@ def run_job(job: ShardJob) -> dict:
         "tokens": n_tokens,
         "skipped": {name: s.as_dict() for name, s in skips.items()},
     }
-    _write_json_atomic(_meta_path(job.prefix), meta)
+    atomic_write(_meta_path(job.prefix), json.dumps(meta, indent=1))
     return meta
 
 
@@ -288,7 +279,7 @@ def _prepare_train(cfg: DataConfig, run_dir: Path, workers: int | None) -> Path:
     root = cache_root(cfg, run_dir)
     megatron = megatron_prefixes(cfg.path)
     if megatron:
-        _write_json_atomic(manifest_path, _megatron_manifest(megatron))
+        atomic_write(manifest_path, json.dumps(_megatron_manifest(megatron), indent=1))
         return manifest_path
 
     shards = find_shards(cfg.path, cfg.train_glob, what="data.path")
@@ -309,7 +300,7 @@ def _prepare_train(cfg: DataConfig, run_dir: Path, workers: int | None) -> Path:
     manifest = _manifest(metas, tok_sha, eos_id)
     if manifest["tokens"] == 0:
         raise ConfigError(f"data.path: {cfg.path}: the shards hold no readable documents")
-    _write_json_atomic(manifest_path, manifest)
+    atomic_write(manifest_path, json.dumps(manifest, indent=1))
     if manifest["skipped_lines"] or manifest["truncated_shards"]:
         log.warning("data: prepare skipped %d malformed lines; truncated shards: %s",
                     manifest["skipped_lines"], ", ".join(manifest["truncated_shards"]) or "none")
