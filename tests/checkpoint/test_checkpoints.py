@@ -14,19 +14,10 @@ import pytest
 from resilient import ledger
 from resilient.exit_codes import ExitCode
 from tests.conftest import REFERENCE
-from tests.ranks import digest, resilient_cli, run_ranks, spawn_ranks, wait_all
+from tests.ranks import digest, resilient_cli, run_ranks, spawn_ranks, train_losses, wait_all
 from trainer.checkpoint import layout, manifest
 
 pytestmark = pytest.mark.slow
-
-
-def train_losses(run_dir: Path) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for line in (run_dir / "train_log.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]  # the last occurrence of a recomputed step wins
-    return out
 
 
 def copy_run(src: Path, dst: Path) -> Path:

@@ -10,16 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REFERENCE
-from tests.ranks import REPO, TINY, digest, rank_env, run_ranks
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "train_log.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
+from tests.ranks import REPO, TINY, digest, rank_env, run_ranks, train_losses
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +24,7 @@ def twin_runs(reference_run, tmp_path_factory) -> tuple[Path, Path]:
 @pytest.mark.slow
 def test_tiny_run_finishes_with_falling_loss(twin_runs):
     run_dir, _ = twin_runs
-    curve = losses(run_dir)
+    curve = train_losses(run_dir)
     assert sorted(curve) == list(range(1, 25))
     assert curve[24] < curve[1] - 0.5, curve
     record = json.loads((run_dir / "train_log.jsonl").read_text().splitlines()[-1])
@@ -45,7 +36,7 @@ def test_tiny_run_finishes_with_falling_loss(twin_runs):
 def test_same_config_gives_bit_identical_parameters(twin_runs):
     a, b = twin_runs
     assert digest(a) == digest(b)
-    assert losses(a) == losses(b)
+    assert train_losses(a) == train_losses(b)
 
 
 @pytest.mark.slow
@@ -60,7 +51,7 @@ def test_first_step_loss_independent_of_parallel_layout(tmp_path):
     for name, (world, extra) in layouts.items():
         run_dir = tmp_path / name
         assert run_ranks(run_dir, one + extra, world=world) == [0] * world, (run_dir / "rank0.log").read_text()[-3000:]
-        first[name] = losses(run_dir)[1]
+        first[name] = train_losses(run_dir)[1]
     reference = first["tp1_dp2"]
     for name, value in first.items():
         assert abs(value - reference) / reference < 1e-4, first
