@@ -38,6 +38,10 @@ def _age(ts: float | None, now: float) -> str:
     return "-" if ts is None else f"{max(0.0, now - ts):.1f}s"
 
 
+def _origin(record: dict[str, Any]) -> str:
+    return f" (from {record['host']}, supervisor pid {record.get('pid')})" if record.get("host") else ""
+
+
 def render_status(status: dict[str, Any], console: Console, now: float | None = None) -> None:
     """Print the status as a summary line, a failure line and a per-rank table."""
     now = time.time() if now is None else now
@@ -50,7 +54,10 @@ def render_status(status: dict[str, Any], console: Console, now: float | None = 
     failure = status.get("last_failure")
     if failure:
         console.print(f"last failure: {failure.get('kind')} rank {failure.get('rank')} node {failure.get('node')} "
-                      f"step {failure.get('step')}: {failure.get('reason')}")
+                      f"step {failure.get('step')}: {failure.get('reason')}{_origin(failure)}")
+    stop = status.get("stop")
+    if stop:  # authenticated by the run's secret: who really asked
+        console.print(f"stop requested by node {stop.get('node')}: {stop.get('reason')}{_origin(stop)}")
     table = Table("rank", "node", "pid", "phase", "step", "heartbeat age")
     for r in status.get("ranks", []):
         table.add_row(str(r.get("rank")), str(r.get("node_name", r.get("node"))), str(r.get("pid")),

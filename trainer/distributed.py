@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -55,14 +56,35 @@ def init_distributed(env: RankEnv, *, tp: int, pp: int, cp: int, timeout_s: floa
         install_cpu_bridge()
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+        store = _rendezvous_store(env.rank, env.world_size, timeout_s)
+        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
                                 timeout=timedelta(seconds=timeout_s))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
     )
     return device
+
+
+def _rendezvous_store(rank: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """The process group's store, hosted by rank 0 on MASTER_ADDR only: torch's own would listen on every
+    interface. Rank 0 binds the socket itself and hands it to the (libuv) store server."""
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = int(os.environ.get("MASTER_PORT", "29500"))
+    timeout = timedelta(seconds=timeout_s)
+    if rank != 0:
+        return dist.TCPStore(addr, port, world_size=world_size, is_master=False, timeout=timeout)
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(sockaddr)
+    listener.listen(1024)
+    store = dist.TCPStore(addr, port, world_size=world_size, is_master=True, timeout=timeout,
+                          master_listen_fd=listener.fileno(), use_libuv=True)
+    _LISTENERS.append(listener)  # the server uses the fd for the life of the process group
+    return store
+
+
+_LISTENERS: list[socket.socket] = []
 
 
 def seed_all(seed: int) -> None:

@@ -33,7 +33,8 @@ from resilient.errors import ResilientError
 from resilient.exit_codes import ExitCode
 from resilient.status import write_status
 from resilient.supervisor import decisions
-from resilient.supervisor.coordination import CoordinationLost, Coordinator
+from resilient.supervisor.auth import Sealer, load_or_create_secret
+from resilient.supervisor.coordination import CoordinationLost, Coordinator, merged_ranks, summarize_reports
 from resilient.supervisor.hooks import NodeHooks
 from resilient.supervisor.ranks import RankProcess, RankSpec, free_port, spawn, stop_all
 from resilient.supervisor.topology import Topology
@@ -79,6 +80,7 @@ class Supervisor:
         self._signal: str | None = None
         self._stop_seen = False
         self._next_status = 0.0
+        self._forged_keys: set[str] = set()
         self.coord: Coordinator | None = None
         self.server: HeartbeatServer | None = None
         self.hooks = NodeHooks(cfg, topo.node_name, run_dir, is_node0=self.node == 0)
@@ -92,6 +94,7 @@ class Supervisor:
         except CoordinationLost as err:
             self.coord = None  # status stays local from here on
             self._record_failure("supervisor", None, str(err))
+            ledger.append(self.run_dir, "coordinator_lost", node=self.node, attempt=self.attempt, reason=str(err))
             stop_all(self.ranks, self.scfg.termination_grace_s)
             outcome = decisions.Outcome.PREEMPTED if self._stop_seen else decisions.Outcome.COORDINATION_LOST
             self._set_state(outcome.value)
@@ -104,6 +107,8 @@ class Supervisor:
         finally:
             stop_all(self.ranks, self.scfg.termination_grace_s)
             self.hooks.stop()
+            if self.coord is not None:
+                self.coord.close()
             if self.server is not None:
                 self.server.close()
 
@@ -113,7 +118,8 @@ class Supervisor:
             self._write_config()
         self.metrics_port = self.hooks.start()
         self.server = HeartbeatServer(self.run_dir / "sock" / f"node{self.node}.hb")
-        self.coord = Coordinator(self.topo, self.scfg.store_timeout_s)
+        sealer = Sealer(load_or_create_secret(self.run_dir), self.topo.instance)
+        self.coord = Coordinator.open(self.topo, self.scfg, sealer, self._on_forged)
         if self.node == 0:
             self.coord.publish_first_attempt(_next_attempt(self.run_dir))
         first = self._wait_for(self.coord.first_attempt, self.scfg.store_timeout_s)
@@ -170,14 +176,9 @@ class Supervisor:
 
     def _barrier(self) -> str | None:
         assert self.coord is not None
-        if self.coord.stop_requested() is not None:
-            self._stop_seen = True
-            return "stop"
-        if self.coord.restart_requested(self.attempt) is not None:
-            return "restart"
-        if self.coord.arrived(self.attempt) >= self.topo.nnodes:
-            return "go"
-        return None
+        gate = self.coord.barrier(self.attempt)
+        self._stop_seen = self._stop_seen or gate == "stop"
+        return gate
 
     def _spawn_ranks(self) -> None:
         assert self.coord is not None
@@ -208,7 +209,7 @@ class Supervisor:
         next_store_poll = 0.0
         try:
             while True:
-                events = sel.select(self.scfg.poll_interval_s)
+                events = sel.select(self.coord.intervals.poll_s)
                 now = time.monotonic()
                 for key, _ in events:
                     if isinstance(key.data, RankProcess):
@@ -239,10 +240,14 @@ class Supervisor:
                 if all(r.returncode == 0 for r in self.ranks):
                     return "finished"
                 if now >= next_store_poll:
-                    next_store_poll = now + self.scfg.poll_interval_s
-                    if self.coord.stop_requested() is not None:
-                        preempt_deadline = self._begin_preempt("stop requested by another supervisor", now)
-                    elif self.coord.restart_requested(self.attempt) is not None:
+                    next_store_poll = now + self.coord.intervals.poll_s
+                    seen = self.coord.poll(self.attempt)
+                    if seen == "stop":
+                        stop = self.coord.stop_requested() or {}
+                        preempt_deadline = self._begin_preempt(
+                            f"stop requested by node {stop.get('node')} ({stop.get('host')}, pid {stop.get('pid')}): "
+                            f"{stop.get('reason')}", now)
+                    elif seen == "restart":
                         return "restart"
                 self._maybe_publish_status()
         finally:
@@ -342,8 +347,8 @@ class Supervisor:
         assert self.coord is not None
         self._set_state("deciding")
         if self.node == 0:
-            reports = self._wait_for(lambda: self._all_reports(), self.scfg.store_timeout_s)
-            reports = reports or self.coord.reports(self.attempt, self.topo.nnodes)
+            reports = self._wait_for(lambda: self.coord.all_reports(self.attempt), self.scfg.store_timeout_s)
+            reports = reports or self.coord.reports(self.attempt)
             self.coord.publish_decision(self.attempt, self._node0_decision(reports))
         decision = self._wait_for(lambda: self.coord.decision(self.attempt), self.scfg.store_timeout_s)
         if decision is None:
@@ -353,34 +358,28 @@ class Supervisor:
             self.last_failure = failure
         return decision
 
-    def _all_reports(self) -> dict[int, dict[str, Any]] | None:
-        reports = self.coord.reports(self.attempt, self.topo.nnodes)
-        return reports if len(reports) == self.topo.nnodes else None
-
     def _node0_decision(self, reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        starts = [r["start_step"] for r in reports.values() if r["start_step"] is not None]
-        reached = [r["reached_step"] for r in reports.values() if r["reached_step"] is not None]
-        progressed, _ = decisions.made_progress(min(starts, default=None), max(reached, default=None))
+        summary = summarize_reports(reports, self.topo.nnodes)
+        progressed, _ = decisions.made_progress(summary.start_step, summary.reached_step)
         self.no_progress_streak = 0 if progressed else self.no_progress_streak + 1
         stop = self.coord.stop_requested()
         state = decisions.JobState(
-            restarts_done=self.restarts,
-            no_progress_streak=self.no_progress_streak,
-            all_finished=all(r["outcome"] == "finished" for r in reports.values()) and len(reports) == self.topo.nnodes,
-            preempted=stop is not None or any(r["outcome"] == "preempted" for r in reports.values()),
-            unhealthy=next((r["unhealthy"] for r in reports.values() if r["unhealthy"]), None),
-            missing_nodes=tuple(n for n in range(self.topo.nnodes) if n not in reports),
+            restarts_done=self.restarts, no_progress_streak=self.no_progress_streak,
+            all_finished=summary.all_finished, preempted=stop is not None or summary.preempted,
+            unhealthy=summary.unhealthy, missing_nodes=summary.missing_nodes,
         )
         d = decisions.decide(state, self.scfg)
-        step = max(reached, default=None)
+        step = summary.reached_step
         failure = self.coord.restart_requested(self.attempt)
         if d.restart:
             ledger.append(self.run_dir, "restart", attempt=self.attempt + 1, backoff_seconds=d.backoff_s,
-                          reason=f"{failure['reason'] if failure else 'restart'}; {d.reason}")
+                          reason=f"{failure['reason'] if failure else 'restart'}; {d.reason}",
+                          origin=_origin(failure))
         elif d.outcome is decisions.Outcome.FINISHED:
             ledger.append(self.run_dir, "finished", step=step)
         elif d.outcome is decisions.Outcome.PREEMPTED:
-            ledger.append(self.run_dir, "preempted", step=step, node=stop["node"] if stop else self.node)
+            ledger.append(self.run_dir, "preempted", step=step, node=stop["node"] if stop else self.node,
+                          origin=_origin(stop), reason=stop["reason"] if stop else None)
         else:
             ledger.append(self.run_dir, "gave_up", reason=d.reason, exit_code=int(d.exit_code))
         return {"restart": d.restart, "exit_code": int(d.exit_code), "reason": d.reason, "backoff_s": d.backoff_s,
@@ -393,7 +392,7 @@ class Supervisor:
         self._set_state(outcome.value)
         self.coord.ack(self.attempt)
         if self.node == 0 and self.topo.nnodes > 1:
-            self._wait_for(lambda: True if self.coord.acks(self.attempt) >= self.topo.nnodes else None, _ACK_WAIT_S)
+            self._wait_for(lambda: self.coord.all_acked(self.attempt), _ACK_WAIT_S)
             self._write_status()
         return self._exit_code(outcome, decision["reason"])
 
@@ -418,7 +417,7 @@ class Supervisor:
         now = time.monotonic()
         if now < self._next_status or self.coord is None:
             return
-        self._next_status = now + self.scfg.status_interval_s
+        self._next_status = now + self.coord.intervals.status_s
         self.hooks.check_stragglers()
         wall = time.time()
         ranks = []
@@ -436,14 +435,15 @@ class Supervisor:
             self._write_status()
 
     def _write_status(self) -> None:
-        nodes = self.coord.node_statuses(self.topo.nnodes)
-        ranks = sorted((r for s in nodes.values() for r in s["ranks"]), key=lambda r: r["rank"])
+        nodes = self.coord.node_statuses()
+        ranks = merged_ranks(nodes)
         steps = [r["step"] for r in ranks if r["step"] is not None]
         saves = [e["step"] for e in ledger.read(self.run_dir) if e.get("event") == "ckpt_save"]
         write_status(self.run_dir, {
             "state": self.state, "attempt": self.attempt, "step": max(steps, default=self.reached_step),
             "last_checkpoint": saves[-1] if saves else None, "restarts": self.restarts,
-            "last_failure": self.last_failure, "nodes": {str(n): s["state"] for n, s in nodes.items()},
+            "last_failure": self.last_failure, "stop": self.coord.stop_requested(),
+            "nodes": {str(n): s["state"] for n, s in nodes.items()},
             "metrics_ports": {s["node_name"]: s["metrics_port"] for s in nodes.values()}, "ranks": ranks,
         })
 
@@ -493,12 +493,24 @@ class Supervisor:
                 sel.select(min(self.scfg.poll_interval_s, max(0.0, deadline - time.monotonic())))
             self._drain_wakeups()
 
+    def _on_forged(self, key: str, reason: str) -> None:
+        """A store value that fails authentication: ignored, and recorded once per key."""
+        if key not in self._forged_keys:
+            self._forged_keys.add(key)
+            ledger.append(self.run_dir, "auth_rejected", node=self.node, key=key, reason=reason)
+            print(f"resilient: node {self.node}: rejected coordination value: {reason}", file=sys.stderr)
+
     def _write_config(self) -> None:
         atomic_write(self.config_path, dump_config(self.cfg))
 
 
 def _positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _origin(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Who (authenticated) asked for a stop or restart."""
+    return None if record is None else {k: record.get(k) for k in ("node", "host", "pid")}
 
 
 def _next_attempt(run_dir: Path) -> int:
