@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 import warnings
 
@@ -16,6 +17,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+# Components imported alone for their command: `resilient status` must answer fast (no torch import).
+_LIGHT = {"status": "resilient.supervisor.status_command"}
+
+
+def _register(argv: list[str]) -> None:
+    light = _LIGHT.get(argv[1]) if len(argv) > 1 else None
+    if light:
+        app.callback()(lambda: None)  # keeps `status` a subcommand when it is the only one registered
+        importlib.import_module(light).register(app)
+    else:
+        _register_all()
 
 
 def _register_all() -> None:
@@ -38,7 +52,7 @@ def main() -> None:
     # megatron-core warns at import about optional fused kernels; operators need none of it.
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    _register_all()
+    _register(sys.argv)
     try:
         code = app(standalone_mode=False)  # click returns the code of a typer.Exit here
     except ResilientError as err:

@@ -16,6 +16,8 @@ from resilient.errors import ConfigError
 from resilient.goodput import GoodputReport, compute_goodput
 
 STATUS_NAME = "status.json"
+ENDED_STATES = frozenset({"finished", "preempted", "unhealthy", "budget_exhausted", "no_progress", "coordination_lost"})
+"""States of a run that has ended (decisions.Outcome's values; a test keeps them equal)."""
 
 
 def write_status(run_dir: str | Path, status: dict[str, Any]) -> None:

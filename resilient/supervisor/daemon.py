@@ -34,7 +34,7 @@ from resilient.exit_codes import ExitCode
 from resilient.status import write_status
 from resilient.supervisor import decisions
 from resilient.supervisor.auth import Sealer, load_or_create_secret
-from resilient.supervisor.coordination import CoordinationLost, Coordinator, merged_ranks, summarize_reports
+from resilient.supervisor.coordination import CoordinationLost, Coordinator, status_document, summarize_reports
 from resilient.supervisor.hooks import NodeHooks
 from resilient.supervisor.ranks import RankProcess, RankSpec, free_port, spawn, stop_all
 from resilient.supervisor.topology import Topology
@@ -435,17 +435,11 @@ class Supervisor:
             self._write_status()
 
     def _write_status(self) -> None:
-        nodes = self.coord.node_statuses()
-        ranks = merged_ranks(nodes)
-        steps = [r["step"] for r in ranks if r["step"] is not None]
         saves = [e["step"] for e in ledger.read(self.run_dir) if e.get("event") == "ckpt_save"]
-        write_status(self.run_dir, {
-            "state": self.state, "attempt": self.attempt, "step": max(steps, default=self.reached_step),
-            "last_checkpoint": saves[-1] if saves else None, "restarts": self.restarts,
-            "last_failure": self.last_failure, "stop": self.coord.stop_requested(),
-            "nodes": {str(n): s["state"] for n, s in nodes.items()},
-            "metrics_ports": {s["node_name"]: s["metrics_port"] for s in nodes.values()}, "ranks": ranks,
-        })
+        write_status(self.run_dir, status_document(
+            self.coord.node_statuses(), state=self.state, attempt=self.attempt, step=self.reached_step,
+            last_checkpoint=saves[-1] if saves else None, restarts=self.restarts, last_failure=self.last_failure,
+            stop=self.coord.stop_requested()))
 
     # -- waiting, signals, files -------------------------------------------------------------------
 
