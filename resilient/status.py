@@ -22,7 +22,8 @@ ENDED_STATES = frozenset({"finished", "preempted", "unhealthy", "budget_exhauste
 
 def write_status(run_dir: str | Path, status: dict[str, Any]) -> None:
     """Replace RUN_DIR/status.json atomically (temp file + rename), owner-only."""
-    atomic_write(Path(run_dir) / STATUS_NAME, json.dumps({**status, "written_at": time.time()}, indent=1, default=str),
+    # Compact: json's C encoder writes 8192 ranks in milliseconds, its indenting Python encoder does not.
+    atomic_write(Path(run_dir) / STATUS_NAME, json.dumps({**status, "written_at": time.time()}, default=str),
                  durable=False)  # rewritten every few seconds; a lost update after a crash is harmless
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from resilient.supervisor.simulate import start_cluster, thread_cpu_s, wait_marks  # noqa: E402
+from resilient.supervisor.simulate import scenario  # noqa: E402
 
 COLUMNS = [("ops_per_s", "store ops/s", "{:.0f}"), ("fail_to_stop_s", "fail->all stopped s", "{:.2f}"),
            ("decide_to_go_s", "decision->all past barrier s", "{:.2f}"), ("preempt_to_stop_s", "preempt->all stopped s", "{:.2f}"),
@@ -48,45 +48,6 @@ def status_command(run_dir: Path) -> tuple[float, float]:
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-
-
-def measure(nnodes: int, work: Path, steady_s: float, ranks: int = 8) -> dict[str, float]:
-    run_dir = work / f"n{nnodes}"
-    run_dir.mkdir(mode=0o700)
-    cluster = start_cluster(nnodes, run_dir, ranks=ranks)
-    nodes, marks = cluster.nodes, cluster.marks
-    every = list(range(nnodes))
-    try:
-        wait_marks(marks.past_barrier, [(0, n) for n in every], 300)
-        coord0 = nodes[0].coord
-        time.sleep(2 * coord0.intervals.status_s)  # every node has published; node 0 merged once
-        node0 = [nodes[0].native_id, *cluster.server_threads]
-        ops0, cpu0, t0 = cluster.ops(), thread_cpu_s(node0), time.monotonic()
-        time.sleep(steady_s)
-        ops1, cpu1, t1 = cluster.ops(), thread_cpu_s(node0), time.monotonic()
-        status_wall, status_cpu = status_command(run_dir)
-        status_kb = (run_dir / "status.json").stat().st_size / 1024
-
-        failed_at = time.monotonic()
-        nodes[-1].fail()
-        fail_to_stop = wait_marks(marks.stopped, [(0, n) for n in every], 60) - failed_at
-        decide_to_go = wait_marks(marks.past_barrier, [(1, n) for n in every], 60) - marks.decided[0]
-        time.sleep(1.0)
-        signaled_at = time.monotonic()
-        nodes[nnodes // 2].signal()
-        preempt_to_stop = wait_marks(marks.stopped, [(1, n) for n in every], 60) - signaled_at
-        cluster.close()
-        ends = {marks.exits.get(n) for n in every}
-        if ends != {"preempted"}:
-            raise RuntimeError(f"{nnodes} nodes ended {sorted(map(str, ends))}")
-    finally:
-        for n in nodes:
-            n.fail()  # never leave a thousand threads behind on an error
-    return {"nodes": nnodes, "ranks": nnodes * ranks, "ops_per_s": (ops1 - ops0) / (t1 - t0),
-            "fail_to_stop_s": fail_to_stop, "decide_to_go_s": decide_to_go, "preempt_to_stop_s": preempt_to_stop,
-            "status_kb": status_kb, "status_cmd_s": status_wall, "status_cmd_cpu_s": status_cpu,
-            "node0_cpu": (cpu1 - cpu0) / (t1 - t0), "poll_s": coord0.intervals.poll_s,
-            "status_s": coord0.intervals.status_s}
 
 
 def power_fit(ns: list[int], ys: list[float]) -> tuple[float, float]:
@@ -120,7 +81,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
         for n in args.nodes:
-            rows.append(measure(n, Path(tmp), args.steady_s))
+            run_dir = Path(tmp) / f"n{n}"
+            run_dir.mkdir(mode=0o700)
+            rows.append(scenario(n, run_dir, args.steady_s, status_probe=status_command))
             print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
     if args.out:

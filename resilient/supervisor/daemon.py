@@ -484,7 +484,8 @@ class Supervisor:
             self._maybe_publish_status()
             with selectors.DefaultSelector() as sel:
                 sel.register(self._wake_r, selectors.EVENT_READ)
-                sel.select(min(self.scfg.poll_interval_s, max(0.0, deadline - time.monotonic())))
+                poll = self.coord.intervals.wait_s if self.coord is not None else self.scfg.poll_interval_s
+                sel.select(min(poll, max(0.0, deadline - time.monotonic())))
             self._drain_wakeups()
 
     def _on_forged(self, key: str, reason: str) -> None:

@@ -8,6 +8,7 @@ rank processes are replaced by fake ranks that step on the clock. Node 0 hosts t
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 import time
@@ -192,7 +193,7 @@ class SimNode(threading.Thread):
             if self.clock() > deadline:
                 raise TimeoutError(f"node {self.node}: waited {self.cfg.store_timeout_s:g}s in state {self.state}")
             self._maybe_publish_status()
-            self._wake.wait(self.coord.intervals.poll_s)
+            self._wake.wait(self.coord.intervals.wait_s)
             self._wake.clear()
         self.cpu_s = time.thread_time()
         return got
@@ -204,45 +205,132 @@ class SimNode(threading.Thread):
             time.sleep(min(left, self.coord.intervals.poll_s))
 
 
-@dataclass
-class Cluster:
-    """N simulated nodes: node 0 hosts the store on 127.0.0.1, every node has its own client."""
+def _forged(key: str, reason: str) -> None:
+    raise AssertionError(f"simulation saw a forged value: {reason}")
 
-    nodes: list[SimNode]
-    marks: Marks
-    run_dir: Path
-    server_threads: list[int]
-    """Thread ids of the store server (node 0's process), for its CPU time."""
+
+def _sim_config() -> SupervisorConfig:
+    return SupervisorConfig(backoff_initial_s=0.0, backoff_max_s=0.0, store_timeout_s=120.0)
+
+
+def _start_nodes(numbers: list[int], nnodes: int, port: int, sealer: Sealer, marks: Marks, ranks: int,
+                 step_s: float) -> list[SimNode]:
+    threading.stack_size(512 * 1024)  # hundreds of threads with 8 MiB stacks is a lot of address space
+    nodes = []
+    for n in numbers:
+        topo = Topology(n, nnodes, "127.0.0.1", port, f"sim{n:04d}", "sim")
+        nodes.append(SimNode(Coordinator.open(topo, _sim_config(), sealer, _forged), _sim_config(), ranks, step_s,
+                             marks))
+    for node in nodes:
+        node.start()
+    return nodes
+
+
+def _worker(numbers: list[int], nnodes: int, port: int, secret: bytes, ranks: int, step_s: float, conn) -> None:
+    """A process of simulated nodes, driven over `conn`: ('fail'|'signal', node), ('ops',), ('marks',), ('join',)."""
+    marks = Marks()
+    nodes = {node.node: node for node in _start_nodes(numbers, nnodes, port, Sealer(secret, "sim"), marks, ranks,
+                                                      step_s)}
+    while True:
+        cmd, *args = conn.recv()
+        if cmd in ("fail", "signal"):
+            getattr(nodes[args[0]], cmd)()
+            conn.send(None)
+        elif cmd == "ops":
+            conn.send(sum(n.coord.store.ops for n in nodes.values()))
+        elif cmd == "marks":
+            conn.send(marks)
+        elif cmd == "join":
+            for n in nodes.values():
+                n.join(timeout=10)
+            conn.send(marks)
+            return
+
+
+class Cluster:
+    """N simulated nodes: node 0 (this process) hosts the sealed store on 127.0.0.1; the others run as
+    threads of a few worker processes (one interpreter for a thousand nodes would measure its GIL)."""
+
+    def __init__(self, nnodes: int, run_dir: Path, *, ranks: int = 8, step_s: float = 1.0, workers: int = 0) -> None:
+        secret = os.urandom(32)
+        self.nnodes, self.run_dir, self.marks = nnodes, run_dir, Marks()
+        before = set(os.listdir("/proc/self/task"))
+        cfg = _sim_config()
+        coord0 = Coordinator.open(Topology(0, nnodes, "127.0.0.1", 0, "sim0000", "sim"), cfg, Sealer(secret, "sim"),
+                                  _forged)
+        self.server_threads = sorted(int(t) for t in set(os.listdir("/proc/self/task")) - before)
+        self.node0 = SimNode(coord0, cfg, ranks, step_s, self.marks, run_dir)
+        self.node0.start()
+        workers = workers or max(1, min(4, nnodes // 128))
+        ctx = multiprocessing.get_context("spawn")  # this process already runs threads (the store server)
+        self._procs, self._conns, self._home = [], [], {}
+        for w in range(workers):
+            numbers = list(range(1 + w, nnodes, workers))
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(numbers, nnodes, coord0.port, secret, ranks, step_s, theirs),
+                               daemon=True)
+            proc.start()
+            self._procs.append(proc)
+            self._conns.append(ours)
+            self._home.update({n: w for n in numbers})
+
+    def _ask(self, w: int, *cmd: Any) -> Any:
+        self._conns[w].send(cmd)
+        return self._conns[w].recv()
+
+    def _inject(self, what: str, node: int) -> None:
+        if node == 0:
+            getattr(self.node0, what)()
+        else:
+            self._ask(self._home[node], what, node)
+
+    def fail(self, node: int) -> None:
+        self._inject("fail", node)
+
+    def signal(self, node: int) -> None:
+        self._inject("signal", node)
 
     def ops(self) -> int:
-        return sum(n.coord.store.ops for n in self.nodes)
+        return self.node0.coord.store.ops + sum(self._ask(w, "ops") for w in range(len(self._conns)))
 
-    def close(self) -> None:
-        for n in self.nodes:
-            n.join(timeout=5)
-        self.nodes[0].coord.close()
+    def refresh_marks(self) -> Marks:
+        """Every node's marks so far (CLOCK_MONOTONIC is one clock for all processes of this machine)."""
+        merged = Marks(dict(self.marks.stopped), dict(self.marks.past_barrier), dict(self.marks.decided),
+                       dict(self.marks.exits))
+        for w in range(len(self._conns)):
+            theirs = self._ask(w, "marks")
+            for name in ("stopped", "past_barrier", "decided", "exits"):
+                getattr(merged, name).update(getattr(theirs, name))
+        return merged
 
+    def wait(self, which: str, keys: list, timeout_s: float) -> float:
+        """The latest of the marks `which`[keys] once all are set (raises after `timeout_s`)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            marks = getattr(self.refresh_marks(), which)
+            missing = [k for k in keys if k not in marks]
+            if not missing:
+                return max(marks[k] for k in keys)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(missing)} of {len(keys)} {which} marks missing, e.g. {missing[:3]}")
+            time.sleep(0.1)
 
-def start_cluster(nnodes: int, run_dir: Path, *, ranks: int = 8, step_s: float = 1.0,
-                  cfg: SupervisorConfig | None = None, secret: bytes | None = None) -> Cluster:
-    cfg = cfg or SupervisorConfig(backoff_initial_s=0.0, backoff_max_s=0.0, store_timeout_s=120.0)
-    sealer = Sealer(secret or os.urandom(32), "sim")
-    marks = Marks()
+    def close(self) -> dict[int, str]:
+        """Wait for every node to end; how each ended."""
+        exits = {}
+        for w in range(len(self._conns)):
+            exits.update(self._ask(w, "join").exits)
+        self.node0.join(timeout=10)
+        exits.update(self.marks.exits)
+        self.shutdown()
+        return exits
 
-    def forged(key: str, reason: str) -> None:
-        raise AssertionError(f"simulation saw a forged value: {reason}")
-
-    threading.stack_size(512 * 1024)  # a thousand threads with the default 8 MiB stacks is a lot of address space
-    before = set(os.listdir("/proc/self/task"))
-    coords = [Coordinator.open(Topology(0, nnodes, "127.0.0.1", 0, "sim0000", "sim"), cfg, sealer, forged)]
-    server = sorted(int(t) for t in set(os.listdir("/proc/self/task")) - before)
-    for n in range(1, nnodes):
-        coords.append(Coordinator.open(Topology(n, nnodes, "127.0.0.1", coords[0].port, f"sim{n:04d}", "sim"),
-                                       cfg, sealer, forged))
-    nodes = [SimNode(c, cfg, ranks, step_s, marks, run_dir if c.node == 0 else None) for c in coords]
-    for n in nodes:
-        n.start()
-    return Cluster(nodes, marks, run_dir, server)
+    def shutdown(self) -> None:
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+        self.node0.coord.close()
 
 
 def thread_cpu_s(tids: list[int]) -> float:
@@ -257,12 +345,38 @@ def thread_cpu_s(tids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def wait_marks(marks: dict, keys: list, timeout_s: float) -> float:
-    """The latest mark among `keys` once all are set (raises after `timeout_s`)."""
-    deadline = time.monotonic() + timeout_s
-    while any(k not in marks for k in keys):
-        if time.monotonic() > deadline:
-            missing = [k for k in keys if k not in marks]
-            raise TimeoutError(f"{len(missing)} of {len(keys)} marks missing, e.g. {missing[:3]}")
-        time.sleep(0.01)
-    return max(marks[k] for k in keys)
+def scenario(nnodes: int, run_dir: Path, steady_s: float, *, ranks: int = 8,
+             status_probe: Callable[[Path], tuple[float, float]] | None = None) -> dict[str, float]:
+    """Start N nodes, measure steady state, then a rank failure on the last node (-> restart), then a
+    preemption signal on node N/2 (-> every node stops); the figures bench/scale tabulates."""
+    cluster = Cluster(nnodes, run_dir, ranks=ranks)
+    every = list(range(nnodes))
+    try:
+        cluster.wait("past_barrier", [(0, n) for n in every], 300)
+        coord0 = cluster.node0.coord
+        time.sleep(2 * coord0.intervals.status_s)  # every node has published; node 0 merged once
+        node0 = [cluster.node0.native_id, *cluster.server_threads]
+        ops0, cpu0, t0 = cluster.ops(), thread_cpu_s(node0), time.monotonic()
+        time.sleep(steady_s)
+        ops1, cpu1, t1 = cluster.ops(), thread_cpu_s(node0), time.monotonic()
+        status_wall, status_cpu = status_probe(run_dir) if status_probe else (float("nan"), float("nan"))
+        status_kb = (run_dir / "status.json").stat().st_size / 1024
+
+        failed_at = time.monotonic()
+        cluster.fail(nnodes - 1)
+        fail_to_stop = cluster.wait("stopped", [(0, n) for n in every], 60) - failed_at
+        decide_to_go = cluster.wait("past_barrier", [(1, n) for n in every], 60) - cluster.marks.decided[0]
+        time.sleep(1.0)
+        signaled_at = time.monotonic()
+        cluster.signal(nnodes // 2)
+        preempt_to_stop = cluster.wait("stopped", [(1, n) for n in every], 60) - signaled_at
+        ends = set(cluster.close().values())
+        if ends != {"preempted"}:
+            raise RuntimeError(f"{nnodes} nodes ended {sorted(map(str, ends))}")
+    finally:
+        cluster.shutdown()
+    return {"nodes": nnodes, "ranks": nnodes * ranks, "ops_per_s": (ops1 - ops0) / (t1 - t0),
+            "fail_to_stop_s": fail_to_stop, "decide_to_go_s": decide_to_go, "preempt_to_stop_s": preempt_to_stop,
+            "status_kb": status_kb, "status_cmd_s": status_wall, "status_cmd_cpu_s": status_cpu,
+            "node0_cpu": (cpu1 - cpu0) / (t1 - t0), "poll_s": coord0.intervals.poll_s,
+            "status_s": coord0.intervals.status_s}

@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps({**data, "goodput": {"ratio": report.ratio, "wall_seconds": report.wall_seconds,
                                                        "productive_seconds": report.productive_seconds,
                                                        "badput_seconds": report.badput_seconds},
-                                   "slurm": slurm}, indent=1))
+                                   "slurm": slurm}))  # compact: the C encoder (8192 ranks)
             return
         console = Console()
         render_status(data, console)
