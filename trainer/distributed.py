@@ -2,49 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import socket
-from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+from resilient.rank.env import RankEnv
 from trainer.cpu_bridge import install_cpu_bridge
-
-
-@dataclass(frozen=True)
-class RankEnv:
-    """Who this rank is, as the supervisor (or torchrun) describes it in the environment."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-    local_world_size: int
-    attempt: int
-    node_rank: int
-    node_name: str
-
-    @classmethod
-    def from_environ(cls) -> "RankEnv":
-        env = os.environ
-        return cls(
-            rank=int(env.get("RANK", "0")),
-            local_rank=int(env.get("LOCAL_RANK", "0")),
-            world_size=int(env.get("WORLD_SIZE", "1")),
-            local_world_size=int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", "1"))),
-            attempt=int(env.get("RESILIENT_ATTEMPT", "0")),
-            node_rank=int(env.get("RESILIENT_NODE_RANK", env.get("GROUP_RANK", "0"))),
-            node_name=env.get("RESILIENT_NODE_NAME", os.uname().nodename),
-        )
-
-
-def run_dir_from_environ(default: Path) -> Path:
-    """The run directory the supervisor assigned, else the config's."""
-    return Path(os.environ.get("RESILIENT_RUN_DIR", default))
 
 
 def init_distributed(env: RankEnv, *, tp: int, pp: int, cp: int, timeout_s: float = 300.0) -> torch.device:
@@ -56,7 +23,7 @@ def init_distributed(env: RankEnv, *, tp: int, pp: int, cp: int, timeout_s: floa
         install_cpu_bridge()
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        store = _rendezvous_store(env.rank, env.world_size, timeout_s)
+        store = _rendezvous_store(env.master_addr, env.master_port, env.rank, env.world_size, timeout_s)
         dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
                                 timeout=timedelta(seconds=timeout_s))
     parallel_state.initialize_model_parallel(
@@ -65,11 +32,9 @@ def init_distributed(env: RankEnv, *, tp: int, pp: int, cp: int, timeout_s: floa
     return device
 
 
-def _rendezvous_store(rank: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+def _rendezvous_store(addr: str, port: int, rank: int, world_size: int, timeout_s: float) -> dist.TCPStore:
     """The process group's store, hosted by rank 0 on MASTER_ADDR only: torch's own would listen on every
     interface. Rank 0 binds the socket itself and hands it to the (libuv) store server."""
-    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    port = int(os.environ.get("MASTER_PORT", "29500"))
     timeout = timedelta(seconds=timeout_s)
     if rank != 0:
         return dist.TCPStore(addr, port, world_size=world_size, is_master=False, timeout=timeout)

@@ -21,7 +21,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from resilient.errors import ConfigError
+from resilient.core.errors import ConfigError
 
 SECRET_NAME = ".secret"
 _SECRET_BYTES = 32

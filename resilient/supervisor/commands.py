@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 
 from resilient.config import RunConfig, load_config
-from resilient.errors import ConfigError
-from health.gpu.provider import node_name
+from resilient.core.errors import ConfigError
+from resilient.rank.env import node_name
 from resilient.supervisor import status_command
 from resilient.supervisor.topology import Topology, resolve_topology
 

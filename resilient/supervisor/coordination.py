@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from resilient.errors import ResilientError
-from resilient.exit_codes import ExitCode
+from resilient.core.errors import ResilientError
+from resilient.core.exit_codes import ExitCode
 from resilient.supervisor.auth import Forged, Sealer
 from resilient.supervisor.config import SupervisorConfig
 from resilient.supervisor.store import SealedStore, connect_store, host_store
@@ -45,9 +45,19 @@ class Intervals:
     poll_s: float
     """Store poll of a running attempt (one round trip)."""
     wait_s: float
-    """Store poll while waiting at a barrier or for a decision: short phases may spend the whole budget."""
+    """Store poll while waiting at a barrier or for a decision."""
+    leader_wait_s: float
+    """Node 0's poll while it waits for every node (one round trip whatever the node count)."""
     status_s: float
+    """Each node's status publication."""
+    merge_s: float
+    """Node 0's merge of every node's status into status.json (its CPU grows with the node count)."""
     reason: str
+
+
+# Merging 1024 node summaries every second took ~20% of a core on node 0 in bench/scale (opening, parsing,
+# writing 8192 ranks); at most 512 a second bounds that share whatever the node count.
+_MERGED_NODES_PER_S = 512
 
 
 def intervals(nnodes: int, cfg: SupervisorConfig) -> Intervals:
@@ -57,10 +67,12 @@ def intervals(nnodes: int, cfg: SupervisorConfig) -> Intervals:
     poll = max(cfg.poll_interval_s, nnodes / (0.5 * cfg.store_ops_budget))
     wait = max(cfg.poll_interval_s / 4, nnodes / (0.5 * cfg.store_ops_budget))
     status = max(cfg.status_interval_s, nnodes / (0.25 * cfg.store_ops_budget))
+    merge = max(status, nnodes / _MERGED_NODES_PER_S)
     load = nnodes / poll + nnodes / status
-    return Intervals(poll, wait, status, f"{nnodes} node(s) poll every {poll:.3g}s (waits: {wait:.3g}s) and publish "
-                                         f"status every {status:.3g}s: ~{load:.0f} store ops/s of the "
-                                         f"{cfg.store_ops_budget:g} budget")
+    return Intervals(poll, wait, cfg.poll_interval_s / 4, status, merge,
+                     f"{nnodes} node(s) poll every {poll:.3g}s (waits: {wait:.3g}s) and publish status every "
+                     f"{status:.3g}s: ~{load:.0f} store ops/s of the {cfg.store_ops_budget:g} budget; "
+                     f"status.json every {merge:.3g}s")
 
 
 def _guard(fn):
@@ -77,6 +89,7 @@ class Coordinator:
                  host: str | None = None) -> None:
         self.store, self.node, self.nnodes, self.address = store, node, nnodes, address
         self.intervals = intervals(nnodes, cfg)
+        self.wait_s = self.intervals.leader_wait_s if node == 0 else self.intervals.wait_s
         self.origin = {"node": node, "pid": os.getpid(), "host": host or socket.gethostname()}
         self._ctl: int | None = None
         self._cache: dict[str, Any] = {}

@@ -25,19 +25,22 @@ from typing import Any, TypeVar
 
 import psutil
 
-from resilient import ledger
-from resilient.atomic import atomic_write
-from resilient.channel import HeartbeatServer
+from resilient.core import ledger
+from resilient.core.atomic import atomic_write
+from resilient.rank.heartbeat import HeartbeatServer
 from resilient.config import RunConfig, dump_config
-from resilient.errors import ResilientError
-from resilient.exit_codes import ExitCode
+from resilient.core.errors import ResilientError
+from resilient.core.exit_codes import ExitCode
 from resilient.status import write_status
 from resilient.supervisor import decisions
 from resilient.supervisor.auth import Sealer, load_or_create_secret
 from resilient.supervisor.coordination import CoordinationLost, Coordinator, status_document, summarize_reports
 from resilient.supervisor.hooks import NodeHooks
-from resilient.supervisor.ranks import RankProcess, RankSpec, free_port, spawn, stop_all
+from resilient.rank.env import DEFAULT_STOP_SIGNALS, RankEnv
+from resilient.supervisor.ranks import RankProcess, free_port, spawn, stop_all
 from resilient.supervisor.topology import Topology
+from resilient.core.rundir import RunDir
+from resilient.core.events import LedgerEvent
 
 T = TypeVar("T")
 # Coordinating a final decision: node 0 keeps the store up this long for the others to read it.
@@ -64,7 +67,7 @@ class Supervisor:
     def __init__(self, cfg: RunConfig, topo: Topology, run_dir: Path) -> None:
         self.cfg, self.scfg, self.topo, self.run_dir = cfg, cfg.supervisor, topo, run_dir
         self.node = topo.node_rank
-        self.config_path = run_dir / "config.yaml"
+        self.config_path = RunDir(run_dir).config
         self.attempt = 0
         self.restarts = 0
         self.no_progress_streak = 0
@@ -80,6 +83,7 @@ class Supervisor:
         self._signal: str | None = None
         self._stop_seen = False
         self._next_status = 0.0
+        self._next_merge = 0.0
         self._forged_keys: set[str] = set()
         self.coord: Coordinator | None = None
         self.server: HeartbeatServer | None = None
@@ -94,7 +98,7 @@ class Supervisor:
         except CoordinationLost as err:
             self.coord = None  # status stays local from here on
             self._record_failure("supervisor", None, str(err))
-            ledger.append(self.run_dir, "coordinator_lost", node=self.node, attempt=self.attempt, reason=str(err))
+            ledger.append(self.run_dir, LedgerEvent.COORDINATOR_LOST, node=self.node, attempt=self.attempt, reason=str(err))
             stop_all(self.ranks, self.scfg.termination_grace_s)
             outcome = decisions.Outcome.PREEMPTED if self._stop_seen else decisions.Outcome.COORDINATION_LOST
             self._set_state(outcome.value)
@@ -117,7 +121,7 @@ class Supervisor:
         if self.node == 0:
             self._write_config()
         self.metrics_port = self.hooks.start()
-        self.server = HeartbeatServer(self.run_dir / "sock" / f"node{self.node}.hb")
+        self.server = HeartbeatServer(RunDir(self.run_dir).heartbeat_socket(self.node))
         sealer = Sealer(load_or_create_secret(self.run_dir), self.topo.instance)
         self.coord = Coordinator.open(self.topo, self.scfg, sealer, self._on_forged)
         if self.node == 0:
@@ -126,7 +130,7 @@ class Supervisor:
         if first is None:
             raise CoordinationLost(f"node 0 did not publish the first attempt within {self.scfg.store_timeout_s:g}s")
         self.attempt = first
-        ledger.append(self.run_dir, "run_start", attempt=first, node=self.node,
+        ledger.append(self.run_dir, LedgerEvent.RUN_START, attempt=first, node=self.node,
                       slurm_job_id=os.environ.get("SLURM_JOB_ID"),
                       slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
         while True:
@@ -186,16 +190,17 @@ class Supervisor:
         nproc = self.scfg.nproc_per_node
         self.ranks, self.views = [], {}
         for local in range(nproc):
-            spec = RankSpec(
+            spec = RankEnv(
                 rank=self.node * nproc + local, local_rank=local, world_size=self.topo.nnodes * nproc,
                 local_world_size=nproc, node_rank=self.node, node_name=self.topo.node_name,
                 master_addr=self.topo.master_addr, master_port=port, attempt=self.attempt,
                 run_dir=self.run_dir, heartbeat_socket=self.server.path, supervisor_pid=os.getpid(),
+                stop_signals=tuple(dict.fromkeys((*DEFAULT_STOP_SIGNALS, self.scfg.preempt_signal))),
             )
             proc = spawn(spec, self.scfg.rank_command, self.config_path)
             self.ranks.append(proc)
             self.views[spec.rank] = RankView(spec.rank, local, proc.pid, last_progress=proc.spawned_at)
-        ledger.append(self.run_dir, "attempt_start", attempt=self.attempt, node=self.node)
+        ledger.append(self.run_dir, LedgerEvent.ATTEMPT_START, attempt=self.attempt, node=self.node)
 
     def _watch(self) -> str:
         """Until this attempt ends on this node: 'finished', 'failure', 'restart' or 'preempted'."""
@@ -331,7 +336,7 @@ class Supervisor:
     def _record_failure(self, kind: str, rank: int | None, reason: str, latency: float = 0.0) -> None:
         self.last_failure = {"kind": kind, "rank": rank, "node": self.node, "step": self._current_step(),
                              "latency_seconds": round(latency, 3), "reason": reason}
-        ledger.append(self.run_dir, "failure", **self.last_failure)
+        ledger.append(self.run_dir, LedgerEvent.FAILURE, **self.last_failure)
         self.hooks.on_failure(kind)
         print(f"resilient: node {self.node} attempt {self.attempt}: {kind}: {reason}", file=sys.stderr)
 
@@ -372,16 +377,16 @@ class Supervisor:
         step = summary.reached_step
         failure = self.coord.restart_requested(self.attempt)
         if d.restart:
-            ledger.append(self.run_dir, "restart", attempt=self.attempt + 1, backoff_seconds=d.backoff_s,
+            ledger.append(self.run_dir, LedgerEvent.RESTART, attempt=self.attempt + 1, backoff_seconds=d.backoff_s,
                           reason=f"{failure['reason'] if failure else 'restart'}; {d.reason}",
                           origin=_origin(failure))
         elif d.outcome is decisions.Outcome.FINISHED:
-            ledger.append(self.run_dir, "finished", step=step)
+            ledger.append(self.run_dir, LedgerEvent.FINISHED, step=step)
         elif d.outcome is decisions.Outcome.PREEMPTED:
-            ledger.append(self.run_dir, "preempted", step=step, node=stop["node"] if stop else self.node,
+            ledger.append(self.run_dir, LedgerEvent.PREEMPTED, step=step, node=stop["node"] if stop else self.node,
                           origin=_origin(stop), reason=stop["reason"] if stop else None)
         else:
-            ledger.append(self.run_dir, "gave_up", reason=d.reason, exit_code=int(d.exit_code))
+            ledger.append(self.run_dir, LedgerEvent.GAVE_UP, reason=d.reason, exit_code=int(d.exit_code))
         return {"restart": d.restart, "exit_code": int(d.exit_code), "reason": d.reason, "backoff_s": d.backoff_s,
                 "outcome": d.outcome.value if d.outcome else None}
 
@@ -410,7 +415,7 @@ class Supervisor:
     def _set_state(self, state: str) -> None:
         self.state = state
         self.hooks.set_state(state, self.attempt)
-        self._next_status = 0.0  # publish every state change at once
+        self._next_status = self._next_merge = 0.0  # publish (and on node 0 merge) every state change at once
         self._maybe_publish_status()
 
     def _maybe_publish_status(self) -> None:
@@ -431,7 +436,8 @@ class Supervisor:
                           "last_heartbeat": v.last_heartbeat, "heartbeat_age_s": age, "exit_code": r.returncode})
         self.coord.publish_status({"node": self.node, "node_name": self.topo.node_name, "state": self.state,
                                    "ranks": ranks, "metrics_port": self.metrics_port, "supervisor_pid": os.getpid()})
-        if self.node == 0:
+        if self.node == 0 and now >= self._next_merge:
+            self._next_merge = now + self.coord.intervals.merge_s
             self._write_status()
 
     def _write_status(self) -> None:
@@ -484,7 +490,7 @@ class Supervisor:
             self._maybe_publish_status()
             with selectors.DefaultSelector() as sel:
                 sel.register(self._wake_r, selectors.EVENT_READ)
-                poll = self.coord.intervals.wait_s if self.coord is not None else self.scfg.poll_interval_s
+                poll = self.coord.wait_s if self.coord is not None else self.scfg.poll_interval_s
                 sel.select(min(poll, max(0.0, deadline - time.monotonic())))
             self._drain_wakeups()
 
@@ -492,7 +498,7 @@ class Supervisor:
         """A store value that fails authentication: ignored, and recorded once per key."""
         if key not in self._forged_keys:
             self._forged_keys.add(key)
-            ledger.append(self.run_dir, "auth_rejected", node=self.node, key=key, reason=reason)
+            ledger.append(self.run_dir, LedgerEvent.AUTH_REJECTED, node=self.node, key=key, reason=reason)
             print(f"resilient: node {self.node}: rejected coordination value: {reason}", file=sys.stderr)
 
     def _write_config(self) -> None:

@@ -58,6 +58,7 @@ class SimNode(threading.Thread):
         """This thread's CPU time so far (node 0's share of the work, for the bench)."""
         self._start_step = 0
         self._next_status = 0.0
+        self._next_merge = 0.0
         self._wake = threading.Event()
         self._fail = threading.Event()
         self._signal = threading.Event()
@@ -162,7 +163,7 @@ class SimNode(threading.Thread):
 
     def _set_state(self, state: str) -> None:
         self.state = state
-        self._next_status = 0.0
+        self._next_status = self._next_merge = 0.0
         self._maybe_publish_status()
 
     def _maybe_publish_status(self) -> None:
@@ -179,7 +180,8 @@ class SimNode(threading.Thread):
                  for local in range(self.nranks)]
         self.coord.publish_status({"node": self.node, "node_name": f"sim{self.node:04d}", "state": self.state,
                                    "ranks": ranks, "metrics_port": None, "supervisor_pid": os.getpid()})
-        if self.node == 0 and self.run_dir is not None:
+        if self.node == 0 and self.run_dir is not None and now >= self._next_merge:
+            self._next_merge = now + self.coord.intervals.merge_s
             write_status(self.run_dir, status_document(
                 self.coord.node_statuses(), state=self.state, attempt=self.attempt, step=self.reached_step,
                 last_checkpoint=None, restarts=self.restarts, last_failure=None, stop=self.coord.stop_requested()))
@@ -193,7 +195,7 @@ class SimNode(threading.Thread):
             if self.clock() > deadline:
                 raise TimeoutError(f"node {self.node}: waited {self.cfg.store_timeout_s:g}s in state {self.state}")
             self._maybe_publish_status()
-            self._wake.wait(self.coord.intervals.wait_s)
+            self._wake.wait(self.coord.wait_s)
             self._wake.clear()
         self.cpu_s = time.thread_time()
         return got

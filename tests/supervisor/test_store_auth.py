@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from resilient.errors import ConfigError
-from resilient.exit_codes import ExitCode
+from resilient.core.errors import ConfigError
+from resilient.core.exit_codes import ExitCode
 from resilient.supervisor.auth import Forged, Sealer, load_or_create_secret
 from tests.supervisor.harness import events, start, steps_done, wait_until, write_config
 
@@ -124,13 +124,11 @@ def test_sealed_values_bind_key_and_job_instance():
             wrong()
 
 
-def test_rank_rendezvous_store_listens_on_master_addr_only(monkeypatch):
+def test_rank_rendezvous_store_listens_on_master_addr_only():
     from trainer.distributed import _rendezvous_store
 
     port = _free_port()
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
-    store = _rendezvous_store(0, 1, 10.0)
+    store = _rendezvous_store("127.0.0.1", port, 0, 1, 10.0)
     store.set("k", "v")
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.2", port)) != 0
