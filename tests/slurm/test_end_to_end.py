@@ -164,9 +164,10 @@ def _supervisor_of_node(job_id: str, node: int):
 
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            env = proc.environ()
-            if "supervise" in (proc.info["cmdline"] or []) and env.get("SLURM_JOB_ID") == job_id \
-                    and env.get("SLURM_NODEID") == str(node):
+            cmdline, env = proc.info["cmdline"] or [], proc.environ()
+            # the step's task, not the batch script's srun (same command line and job environment)
+            if "supervise" in cmdline and "srun" not in cmdline[0] and env.get("SLURM_JOB_ID") == job_id \
+                    and env.get("SLURM_PROCID") == str(node) and env.get("SLURM_NODEID") == str(node):
                 return proc
         except psutil.Error:
             continue
