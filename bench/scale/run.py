@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO))
 from resilient.supervisor.simulate import scenario  # noqa: E402
 
 COLUMNS = [("ops_per_s", "store ops/s", "{:.0f}"), ("fail_to_stop_s", "fail->all stopped s", "{:.2f}"),
-           ("decide_to_go_s", "decision->all past barrier s", "{:.2f}"), ("preempt_to_stop_s", "preempt->all stopped s", "{:.2f}"),
+           ("decide_to_go_s", "decision->all past barrier s", "{:.2f}"),
+           ("preempt_to_stop_s", "preempt->all stopped s", "{:.2f}"),
            ("status_kb", "status.json KB", "{:.0f}"), ("status_cmd_s", "`status --json` s", "{:.2f}"),
            ("status_cmd_cpu_s", "`status` CPU s", "{:.2f}"), ("node0_cpu", "node 0 CPU share", "{:.1%}"),
            ("poll_s", "poll interval s", "{:.3g}")]

@@ -98,7 +98,8 @@ class Supervisor:
         except CoordinationLost as err:
             self.coord = None  # status stays local from here on
             self._record_failure("supervisor", None, str(err))
-            ledger.append(self.run_dir, LedgerEvent.COORDINATOR_LOST, node=self.node, attempt=self.attempt, reason=str(err))
+            ledger.append(self.run_dir, LedgerEvent.COORDINATOR_LOST, node=self.node, attempt=self.attempt,
+                          reason=str(err))
             stop_all(self.ranks, self.scfg.termination_grace_s)
             outcome = decisions.Outcome.PREEMPTED if self._stop_seen else decisions.Outcome.COORDINATION_LOST
             self._set_state(outcome.value)

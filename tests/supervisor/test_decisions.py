@@ -104,7 +104,8 @@ def test_first_host_of_a_slurm_nodelist(nodelist, host):
 
 
 def test_topology_from_slurm_environment():
-    env = {"SLURM_JOB_ID": "7", "SLURM_NODEID": "2", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[10-13]", "SLURMD_NODENAME": "gpu12"}
+    env = {"SLURM_JOB_ID": "7", "SLURM_NODEID": "2", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[10-13]",
+           "SLURMD_NODENAME": "gpu12"}
     topo = resolve_topology(env, node_rank=None, nnodes=None, master_addr=None, master_port=None, default_port=29400)
     assert (topo.node_rank, topo.nnodes, topo.master_addr, topo.store_port, topo.node_name) == \
         (2, 4, "gpu10", 29400, "gpu12")
