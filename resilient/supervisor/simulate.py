@@ -309,12 +309,17 @@ class Cluster:
         """The latest of the marks `which`[keys] once all are set (raises after `timeout_s`)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            marks = getattr(self.refresh_marks(), which)
+            dead = [w for w, proc in enumerate(self._procs) if not proc.is_alive()]
+            if dead:
+                raise RuntimeError(f"simulation worker(s) {dead} died (exit {self._procs[dead[0]].exitcode})")
+            everything = self.refresh_marks()
+            marks = getattr(everything, which)
             missing = [k for k in keys if k not in marks]
             if not missing:
                 return max(marks[k] for k in keys)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(missing)} of {len(keys)} {which} marks missing, e.g. {missing[:3]}")
+            if everything.exits or time.monotonic() > deadline:  # a node that ended early holds the others up
+                raise TimeoutError(f"{len(missing)} of {len(keys)} {which} marks missing, e.g. {missing[:3]}; "
+                                   f"nodes ended: {dict(list(everything.exits.items())[:3])}")
             time.sleep(0.1)
 
     def close(self) -> dict[int, str]:
