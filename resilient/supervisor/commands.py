@@ -16,7 +16,7 @@ from resilient.errors import ConfigError
 from resilient.goodput import render as render_goodput
 from resilient.slurm.jobs import job_state
 from resilient.slurm.launch import last_job_id
-from resilient.status import read_status, render_status, run_goodput
+from resilient.status import last_incident, read_status, render_status, run_goodput
 from resilient.supervisor.decisions import Outcome
 from health.gpu.provider import node_name
 from resilient.supervisor.topology import Topology, resolve_topology
@@ -79,10 +79,10 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps({**data, "goodput": {"ratio": report.ratio, "wall_seconds": report.wall_seconds,
                                                        "productive_seconds": report.productive_seconds,
                                                        "badput_seconds": report.badput_seconds},
-                                   "slurm": slurm}, indent=1))
+                                   "slurm": slurm, "incident": last_incident(run_dir)}, indent=1))
             return
         console = Console()
-        render_status(data, console)
+        render_status(data, console, run_dir=run_dir)
         if slurm:
             console.print(f"slurm job {slurm['job_id']}: {slurm['state'] or 'not known to Slurm'}")
         console.print(render_goodput(report))

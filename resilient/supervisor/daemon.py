@@ -32,7 +32,7 @@ from resilient.config import RunConfig, dump_config
 from resilient.errors import ResilientError
 from resilient.exit_codes import ExitCode
 from resilient.status import write_status
-from resilient.supervisor import decisions
+from resilient.supervisor import decisions, incidents
 from resilient.supervisor.coordination import CoordinationLost, Coordinator
 from resilient.supervisor.hooks import NodeHooks
 from resilient.supervisor.ranks import RankProcess, RankSpec, free_port, spawn, stop_all
@@ -235,7 +235,10 @@ class Supervisor:
                     failure = ("health", None, reason, 0.0)
                 if failure is not None:
                     kind, rank, reason, latency = failure
-                    return self._post_failure(kind, rank, reason, latency)
+                    # Evidence before teardown (stacks of a hang, a crash's log tail): RUN_DIR/incidents/.
+                    incident = incidents.capture(self.run_dir, self.attempt, kind, rank, reason,
+                                                 incidents.targets(self.ranks, self.views))
+                    return self._post_failure(kind, rank, reason, latency, incident)
                 if all(r.returncode == 0 for r in self.ranks):
                     return "finished"
                 if now >= next_store_poll:
@@ -314,18 +317,21 @@ class Supervisor:
         view = self.views[rank]
         return "hang", rank, f"rank {rank} (pid {r.pid}): {reason}; {blame}", now - view.last_progress
 
-    def _post_failure(self, kind: str, rank: int | None, reason: str, latency: float) -> str:
+    def _post_failure(self, kind: str, rank: int | None, reason: str, latency: float,
+                      incident: str | None = None) -> str:
         """Ask every node to restart; only the first request of an attempt is recorded as its failure."""
         assert self.coord is not None
         step = self._current_step()
         if self.coord.request_restart(self.attempt, kind=kind, rank=rank, step=step, reason=reason):
-            self._record_failure(kind, rank, reason, latency)
+            self._record_failure(kind, rank, reason, latency, incident)
             return "failure"
         return "restart"
 
-    def _record_failure(self, kind: str, rank: int | None, reason: str, latency: float = 0.0) -> None:
+    def _record_failure(self, kind: str, rank: int | None, reason: str, latency: float = 0.0,
+                        incident: str | None = None) -> None:
         self.last_failure = {"kind": kind, "rank": rank, "node": self.node, "step": self._current_step(),
-                             "latency_seconds": round(latency, 3), "reason": reason}
+                             "latency_seconds": round(latency, 3), "reason": reason,
+                             **({"incident": incident} if incident else {})}
         ledger.append(self.run_dir, "failure", **self.last_failure)
         self.hooks.on_failure(kind)
         print(f"resilient: node {self.node} attempt {self.attempt}: {kind}: {reason}", file=sys.stderr)
