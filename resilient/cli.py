@@ -23,13 +23,14 @@ def _register_all() -> None:
     from health.commands import register as register_health
     from resilient.chaos.commands import register as register_chaos
     from resilient.metrics.commands import register as register_metrics
+    from resilient.report.commands import register as register_report
     from resilient.slurm.commands import register as register_slurm
     from resilient.supervisor.commands import register as register_supervisor
     from trainer.checkpoint.commands import register as register_ckpt
     from trainer.data.commands import register as register_data
 
     for register in (register_supervisor, register_slurm, register_ckpt, register_data,
-                     register_health, register_metrics, register_chaos):
+                     register_health, register_metrics, register_chaos, register_report):
         register(app)
 
 

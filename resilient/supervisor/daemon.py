@@ -31,6 +31,7 @@ from resilient.channel import HeartbeatServer
 from resilient.config import RunConfig, dump_config
 from resilient.errors import ResilientError
 from resilient.exit_codes import ExitCode
+from resilient.report.rank_steps import RankStepLog
 from resilient.status import write_status
 from resilient.supervisor import decisions, incidents
 from resilient.supervisor.coordination import CoordinationLost, Coordinator
@@ -82,6 +83,7 @@ class Supervisor:
         self.coord: Coordinator | None = None
         self.server: HeartbeatServer | None = None
         self.hooks = NodeHooks(cfg, topo.node_name, run_dir, is_node0=self.node == 0)
+        self.rank_steps = RankStepLog(run_dir, self.node)  # per-rank step times for `resilient report`
 
     # -- entry point --------------------------------------------------------------------------------
 
@@ -286,6 +288,7 @@ class Supervisor:
             elif phase == "error" and failure is None:
                 failure = ("rank_error", view.rank, f"rank {view.rank} reported an error: {hb.get('message', '')}", 0.0)
             self.hooks.on_heartbeat(hb)
+            self.rank_steps.observe(hb)
         return failure
 
     def _exit_failure(self, exits: list[RankProcess]) -> tuple[str, int | None, str, float] | None:
