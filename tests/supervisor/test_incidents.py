@@ -68,12 +68,13 @@ def _stuck_job(tmp_path: Path, mode: str) -> list[subprocess.Popen]:
     return procs
 
 
+@pytest.mark.timeout(300)  # four torch imports: slow on a busy machine
 def test_hung_jobs_name_the_rank_outside_the_collective(tmp_path):
     """Both hangs at once (their torch imports overlap): a rank asleep in its forward pass, a rank that
     skipped the all_reduce and stalls on data; the peer waits in all_reduce each time."""
     jobs = {mode: _stuck_job(tmp_path, mode) for mode in ("sleep", "skip")}
     try:
-        wait_until(lambda: all((tmp_path / m / f"rank{r}").exists() for m in jobs for r in range(2)), 90,
+        wait_until(lambda: all((tmp_path / m / f"rank{r}").exists() for m in jobs for r in range(2)), 240,
                    "all ranks stuck")
         time.sleep(0.5)  # rank 0 from its marker into all_reduce
         t0 = time.monotonic()
