@@ -79,16 +79,6 @@ def capture(run_dir: Path, attempt: int, kind: str, rank: int | None, reason: st
         return None
 
 
-def read_summary(run_dir: Path, incident: str | None) -> dict[str, Any] | None:
-    """The summary.json of an incident directory named in the ledger, or None."""
-    if not incident:
-        return None
-    try:
-        return json.loads((Path(run_dir) / incident / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def render_summary(s: dict[str, Any]) -> str:
     c = s.get("culprit") or {}
     lines = [f"{s['kind']} in attempt {s['attempt']}: {s['reason']}",
