@@ -17,7 +17,7 @@ import typer
 import typer.core
 import typer.main
 
-from resilient.errors import ResilientError
+from resilient.core.errors import ResilientError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("resilient.supervisor.commands",
@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "slurm": ("resilient.slurm.commands", "Slurm helpers used by the batch script."),
     "ckpt": ("trainer.checkpoint.commands", "Inspect and check checkpoints (DIR is RUN_DIR or RUN_DIR/checkpoints)."),
     "data": ("trainer.data.commands", "Prepare (pre-tokenize) and inspect C4-format training data."),
-    "health": ("health.commands", "Node health: GPUs (NVML), checkpoint disk, memory, /dev/shm, collectives."),
+    "health": ("resilient.health_commands", "Node health: GPUs (NVML), checkpoint disk, memory, /dev/shm, collectives."),
     "plan": ("resilient.metrics.commands",
              "Parameters, memory per GPU, checkpoint cost, Young/Daly checkpoint intervals and predicted goodput."),
     "chaos": ("resilient.chaos.commands",

@@ -15,12 +15,13 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from resilient import ledger
-from resilient.atomic import atomic_write
-from resilient.errors import ConfigError
+from resilient.core import ledger
+from resilient.core.atomic import atomic_write
+from resilient.core.errors import ConfigError
+from resilient.core.events import LedgerEvent
+from resilient.core.rundir import RunDir
 from resilient.goodput import GoodputReport, compute_goodput, render as render_goodput
 
-STATUS_NAME = "status.json"
 # supervisor.decisions.Outcome values (tests keep the two equal): a run in one of them has ended.
 ENDED_STATES = frozenset({"finished", "preempted", "unhealthy", "budget_exhausted", "no_progress",
                           "coordination_lost"})
@@ -28,16 +29,16 @@ ENDED_STATES = frozenset({"finished", "preempted", "unhealthy", "budget_exhauste
 
 def write_status(run_dir: str | Path, status: dict[str, Any]) -> None:
     """Replace RUN_DIR/status.json atomically (temp file + rename), owner-only."""
-    atomic_write(Path(run_dir) / STATUS_NAME, json.dumps({**status, "written_at": time.time()}, indent=1, default=str),
+    atomic_write(RunDir(run_dir).status, json.dumps({**status, "written_at": time.time()}, indent=1, default=str),
                  durable=False)  # rewritten every few seconds; a lost update after a crash is harmless
 
 
 def read_status(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / STATUS_NAME
+    path = RunDir(run_dir).status
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"no {STATUS_NAME} in {run_dir} (no supervisor has run there)") from None
+        raise ConfigError(f"no status.json in {run_dir} (no supervisor has run there)") from None
     except (ValueError, OSError) as err:
         raise ConfigError(f"{path}: unreadable ({err})") from None
 
@@ -76,7 +77,7 @@ def render_status(status: dict[str, Any], console: Console, now: float | None = 
 def last_incident(records: list[dict[str, Any]]) -> str | None:
     """The incident directory of the ledger's last failure (the coordination store's copy of a failure,
     which status.json shows, does not carry it)."""
-    failures = [e for e in records if e.get("event") == "failure"]
+    failures = [e for e in records if e.get("event") == LedgerEvent.FAILURE]
     return failures[-1].get("incident") if failures else None
 
 
@@ -94,7 +95,7 @@ def run_goodput(run_dir: str | Path, now: float | None = None,
                 records: list[dict[str, Any]] | None = None) -> GoodputReport:
     """Goodput of a run directory from its ledger and train log, at `now` (default: the clock)."""
     records = list(ledger.read(run_dir)) if records is None else records
-    return compute_goodput(records, list(ledger.read_jsonl(Path(run_dir) / "train_log.jsonl")),
+    return compute_goodput(records, list(ledger.read_jsonl(RunDir(run_dir).train_log)),
                            time.time() if now is None else now)
 
 
@@ -110,7 +111,7 @@ class StatusView:
         ended = self.data.get("state") in ENDED_STATES  # an ended run stops accruing wall time at its last update
         self.goodput = run_goodput(run_dir, now=self.data.get("written_at") if ended else None, records=records)
         self.incident = last_incident(records)
-        job_id = next((str(r.get("job_id")) for r in reversed(records) if r.get("event") == "submitted"), None)
+        job_id = next((str(r.get("job_id")) for r in reversed(records) if r.get("event") == LedgerEvent.SUBMITTED), None)
         self.slurm = {"job_id": job_id, "state": job_state(job_id)} if job_id else None
 
     def as_json(self) -> str:

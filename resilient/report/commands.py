@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
                out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default: RUN_DIR/report.html).")
                ) -> None:
         """Write one self-contained HTML report: loss, throughput/MFU, step time per rank, timeline, goodput."""
-        from resilient.atomic import atomic_write
+        from resilient.core.atomic import atomic_write
         from resilient.report.data import load
         from resilient.report.page import render
 

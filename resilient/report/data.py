@@ -8,13 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from resilient import ledger
-from resilient.errors import ConfigError
+from resilient.core import ledger
+from resilient.core.errors import ConfigError
+from resilient.core.events import LedgerEvent
+from resilient.core.rundir import RunDir
 from resilient.report import rank_steps
 
-TRAIN_LOG = "train_log.jsonl"
 # Ledger events that end an attempt on the timeline.
-_ATTEMPT_ENDS = ("failure", "restart", "finished", "preempted", "gave_up", "job_end", "run_start")
+_ATTEMPT_ENDS = (LedgerEvent.FAILURE, LedgerEvent.RESTART, LedgerEvent.FINISHED, LedgerEvent.PREEMPTED,
+                 LedgerEvent.GAVE_UP, LedgerEvent.JOB_END, LedgerEvent.RUN_START)
 
 
 @dataclass(frozen=True)
@@ -30,12 +32,13 @@ def load(run_dir: Path) -> RunData:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: no such run directory")
+    names = RunDir(run_dir)
     records = list(ledger.read(run_dir))
-    train = list(ledger.read_jsonl(run_dir / TRAIN_LOG))
+    train = list(ledger.read_jsonl(names.train_log))
     if not records and not train:
-        raise ConfigError(f"{run_dir}: no ledger.jsonl or {TRAIN_LOG} (not a run directory?)")
+        raise ConfigError(f"{run_dir}: no {names.ledger.name} or {names.train_log.name} (not a run directory?)")
     try:
-        status = json.loads((run_dir / "status.json").read_text())
+        status = json.loads(names.status.read_text())
     except (OSError, ValueError):
         status = None
     return RunData(run_dir, records, train, list(rank_steps.read(run_dir)), status)
@@ -88,7 +91,7 @@ def attempt_spans(records: list[dict[str, Any]], end_of_run: float) -> list[Span
         ev, ts = r.get("event"), r.get("ts")
         if not _num(ts):
             continue
-        if ev == "attempt_start":
+        if ev == LedgerEvent.ATTEMPT_START:
             if current is None or current[0] != r.get("attempt"):
                 if current is not None:
                     spans.append(Span(current[0], current[1], ts, "?"))

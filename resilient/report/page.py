@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from resilient.core.events import LedgerEvent
 from resilient.goodput import compute_goodput, render as render_goodput
 from resilient.report import plots
 from resilient.report.data import RunData, events, start_time
+from resilient.status import ENDED_STATES
 
-_EVENTS = ("run_start", "attempt_start", "failure", "restart", "ckpt_fallback", "data_skip", "numeric_fault",
-           "straggler", "preempted", "requeue", "finished", "gave_up", "job_end", "chaos_fault", "health")
+# The events table: everything but the per-checkpoint and per-rank records the figures already show.
+_EVENTS = tuple(e for e in LedgerEvent if e not in (LedgerEvent.CKPT_SAVE, LedgerEvent.CKPT_LOAD, LedgerEvent.RANK_INIT))
 _CSS = """body{font-family:sans-serif;margin:24px;color:#222;background:#fff}h1{font-size:22px}
 h2{font-size:17px;border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:28px}img{max-width:100%}
 table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ddd;padding:3px 6px;text-align:left}
@@ -43,14 +45,14 @@ def _detail(e: dict[str, Any], link_base: str) -> str:
 def render(data: RunData, out: Path, now: float | None = None) -> str:
     """The page for `data`; links to incident directories are relative to where `out` is written."""
     status = data.status or {}
-    end = status.get("written_at") if status.get("state") in ("finished", "preempted", "gave_up") else None
+    end = status.get("written_at") if status.get("state") in ENDED_STATES else None
     now = end or now or time.time()
     t0 = start_time(data)
     goodput = compute_goodput(data.ledger, data.train, now)
     link_base = os.path.relpath(data.run_dir.resolve(), out.resolve().parent)
-    failures = events(data.ledger, "failure")
+    failures = events(data.ledger, LedgerEvent.FAILURE)
     head = (f"state <b>{html.escape(str(status.get('state', '?')))}</b>, step {status.get('step', '?')}, "
-            f"attempts {len({e.get('attempt') for e in events(data.ledger, 'attempt_start')})}, "
+            f"attempts {len({e.get('attempt') for e in events(data.ledger, LedgerEvent.ATTEMPT_START)})}, "
             f"faults {len(failures)}, started {_when(t0) if t0 else '?'} UTC")
     rows = "\n".join(
         f'<tr class="{html.escape(str(e["event"]))}"><td>{_when(e["ts"])}</td><td>{html.escape(str(e["event"]))}'

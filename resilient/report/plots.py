@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from resilient.core.events import LedgerEvent  # noqa: E402
 from resilient.goodput import BADPUT_CATEGORIES, GoodputReport  # noqa: E402
 from resilient.report.data import RunData, Span, attempt_spans, by_attempt, events, per_rank_step_times  # noqa: E402
 
@@ -94,8 +95,9 @@ def timeline(data: RunData, t0: float, end: float) -> str | None:
         ax.broken_barh([(h(s.start), max(h(s.end) - h(s.start), 1e-4))], (2.6, 0.8),
                        color=_OUTCOME_COLOURS.get(s.outcome, "#1f77b4"), alpha=0.8)
         ax.text(h(s.start), 3.5, f"a{s.attempt}", fontsize=7)
-    rows = (("checkpoints", ("ckpt_save",), "|", "#2ca02c", 1.9), ("faults", ("failure",), "x", "#d62728", 1.2),
-            ("requeues / starts", ("run_start", "requeue", "preempted"), "v", "#ff7f0e", 0.5))
+    rows = (("checkpoints", (LedgerEvent.CKPT_SAVE,), "|", "#2ca02c", 1.9),
+            ("faults", (LedgerEvent.FAILURE,), "x", "#d62728", 1.2),
+            ("requeues / starts", (LedgerEvent.RUN_START, LedgerEvent.REQUEUE, LedgerEvent.PREEMPTED), "v", "#ff7f0e", 0.5))
     for label, kinds, marker, colour, y in rows:
         xs = [h(e["ts"]) for e in events(data.ledger, *kinds)]
         ax.plot(xs, [y] * len(xs), marker, color=colour, ms=9, mew=2, ls="none")

@@ -12,15 +12,15 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
 
-from resilient import ledger
+from resilient.core import ledger
+from resilient.core.rundir import RunDir
 
-RANK_STEPS = "rank_steps.jsonl"
 INTERVAL_S = 30.0
 
 
 class RankStepLog:
     def __init__(self, run_dir: Path, node: int, interval_s: float = INTERVAL_S) -> None:
-        self.path, self.node, self.interval_s = Path(run_dir) / RANK_STEPS, node, interval_s
+        self.path, self.node, self.interval_s = RunDir(run_dir).rank_steps, node, interval_s
         self._sums: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
         self._steps: dict[int, int] = {}
         self._attempt: Any = None
@@ -47,4 +47,4 @@ class RankStepLog:
 
 
 def read(run_dir: Path) -> Iterator[dict[str, Any]]:
-    return ledger.read_jsonl(Path(run_dir) / RANK_STEPS)
+    return ledger.read_jsonl(RunDir(run_dir).rank_steps)

@@ -10,8 +10,8 @@ from typing import Optional
 import typer
 
 from resilient.config import RunConfig, load_config
-from resilient.errors import ConfigError
-from health.gpu.provider import node_name
+from resilient.core.errors import ConfigError
+from resilient.rank.env import node_name
 from resilient.supervisor.topology import Topology, resolve_topology
 
 _RUN_DIR = typer.Option(None, "--run-dir", help="Run directory (default: the config's run_dir).")

@@ -24,11 +24,12 @@ from typing import Any, Iterable
 
 import psutil
 
-from resilient.atomic import atomic_write
+from resilient.core.atomic import atomic_write
+from resilient.core.rundir import RunDir
 from resilient.supervisor.incidents_culprit import Culprit, RankEvidence, find_culprit
 from resilient.supervisor.incidents_stacks import in_collective, last_traceback_frame, main_stack, parse_pyspy
+from resilient.supervisor.ranks import RankProcess, log_path
 
-INCIDENTS_DIR = "incidents"
 HANG_KINDS = ("hang",)
 CRASH_KINDS = ("rank_exit", "rank_error")
 DUMP_TIMEOUT_S = 10.0
@@ -50,9 +51,9 @@ class Target:
     returncode: int | None
 
 
-def targets(ranks: Iterable[Any], views: dict[int, Any]) -> list[Target]:
+def targets(ranks: Iterable[RankProcess], views: dict[int, Any]) -> list[Target]:
     """Targets from the supervisor's RankProcess list and RankView map."""
-    return [Target(r.spec.rank, r.pid, getattr(views.get(r.spec.rank), "step", None), r.spec.log_path(),
+    return [Target(r.spec.rank, r.pid, getattr(views.get(r.spec.rank), "step", None), log_path(r.spec),
                    r.returncode) for r in ranks]
 
 
@@ -62,9 +63,9 @@ def capture(run_dir: Path, attempt: int, kind: str, rank: int | None, reason: st
     the kind has no evidence to take or collecting failed)."""
     if kind not in HANG_KINDS + CRASH_KINDS:
         return None
-    rel = f"{INCIDENTS_DIR}/{attempt}-{kind}"
+    out = RunDir(run_dir).incidents / f"{attempt}-{kind}"
+    rel = str(out.relative_to(run_dir))
     try:
-        out = Path(run_dir) / rel
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
         summary = {"kind": kind, "attempt": attempt, "reason": reason, "failed_rank": rank, "created_at": time.time()}
         if kind in HANG_KINDS:

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from resilient.ledger import append_jsonl
+from resilient.core.ledger import append_jsonl
 
 T0 = 1_790_000_000.0
 

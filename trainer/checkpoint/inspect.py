@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from resilient.errors import CheckpointError
+from resilient.core.errors import CheckpointError
 from trainer.checkpoint import layout, manifest
 
 if TYPE_CHECKING:  # `ckpt list|verify|inspect` read files only; torch loads for `digest`
