@@ -53,3 +53,24 @@ def test_command_table_matches_the_components():
             short = (cmd.help or "").strip().split("\n\n")[0].replace("\n", " ")
             assert " ".join(short.split()) == COMMANDS[name][1], name
     assert ENDED_STATES == {o.value for o in Outcome}
+
+
+def test_status_watch_refreshes_in_place_until_interrupted(tmp_path):
+    import pty
+    import signal
+    import time
+
+    run_dir = make_run(tmp_path / "run")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "resilient.cli", "status", str(run_dir), "--watch",
+                             "--interval", "0.2"], cwd=REPO, stdin=slave, stdout=slave, stderr=slave,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"})
+    os.close(slave)
+    drawn = b""
+    deadline = time.monotonic() + 60
+    while drawn.count(b"goodput") < 3 and time.monotonic() < deadline:
+        drawn += os.read(master, 65536)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 0
+    os.close(master)
+    assert drawn.count(b"goodput") >= 3 and b"\x1b[1A" in drawn  # cursor up: redrawn in place, not appended
