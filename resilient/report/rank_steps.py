@@ -24,10 +24,13 @@ class RankStepLog:
         self._sums: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
         self._steps: dict[int, int] = {}
         self._attempt: Any = None
-        self._next = time.monotonic() + interval_s
+        self._next: float | None = None
 
-    def observe(self, hb: dict[str, Any]) -> None:
-        """Take one heartbeat; append a line when the interval has passed. Never raises."""
+    def observe(self, hb: dict[str, Any], now: float | None = None) -> None:
+        """Take one heartbeat (at monotonic time `now`); append a line when the interval has passed."""
+        now = time.monotonic() if now is None else now
+        if self._next is None:
+            self._next = now + self.interval_s
         t = hb.get("step_time")
         if hb.get("phase") == "step" and isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0:
             acc = self._sums[hb["rank"]]
@@ -35,8 +38,8 @@ class RankStepLog:
             acc[1] += 1
             self._steps[hb["rank"]] = hb["step"]
             self._attempt = hb.get("attempt")
-        if time.monotonic() >= self._next and self._sums:
-            self._next = time.monotonic() + self.interval_s
+        if now >= self._next and self._sums:
+            self._next = now + self.interval_s
             ranks = {str(r): {"step": self._steps[r], "step_time": round(s / n, 6)} for r, (s, n) in self._sums.items()}
             self._sums.clear()
             try:

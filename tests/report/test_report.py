@@ -55,3 +55,17 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert max(ImageStat.Stat(img).stddev) > 20  # not blank
     colours = img.resize((300, 750)).getcolors(maxcolors=1 << 16) or []
     assert len([c for c in colours if c[0] >= 20]) >= 8  # curves, bars and text in several colours
+
+
+def test_supervisor_samples_each_ranks_mean_step_time(tmp_path):
+    from resilient.report.rank_steps import RankStepLog, read
+
+    log = RankStepLog(tmp_path, node=1, interval_s=10.0)
+    for now, step, times in ((0.0, 1, (1.0, 2.0)), (5.0, 2, (3.0, 2.0)), (9.0, 3, (2.0, 5.0))):
+        for rank, t in zip((4, 5), times):
+            log.observe({"rank": rank, "step": step, "phase": "step", "step_time": t, "attempt": 2}, now=now)
+    assert list(read(tmp_path)) == []  # within the first interval: nothing written yet
+    log.observe({"rank": 4, "step": 3, "phase": "checkpoint", "attempt": 2}, now=10.5)  # no step time
+    [line] = read(tmp_path)
+    assert line["ranks"] == {"4": {"step": 3, "step_time": 2.0}, "5": {"step": 3, "step_time": 3.0}}
+    assert (line["node"], line["attempt"]) == (1, 2)
