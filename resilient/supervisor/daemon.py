@@ -243,7 +243,7 @@ class Supervisor:
                     kind, rank, reason, latency = failure
                     # Evidence before teardown (stacks of a hang, a crash's log tail): RUN_DIR/incidents/.
                     incident = incidents.capture(self.run_dir, self.attempt, kind, rank, reason,
-                                                 incidents.targets(self.ranks, self.views))
+                                                 incidents.targets(self.ranks, self.views), node=self.node)
                     return self._post_failure(kind, rank, reason, latency, incident)
                 if all(r.returncode == 0 for r in self.ranks):
                     return "finished"
@@ -251,7 +251,11 @@ class Supervisor:
                     next_store_poll = now + self.scfg.poll_interval_s
                     if self.coord.stop_requested() is not None:
                         preempt_deadline = self._begin_preempt("stop requested by another supervisor", now)
-                    elif self.coord.restart_requested(self.attempt) is not None:
+                    elif (request := self.coord.restart_requested(self.attempt)) is not None:
+                        # Another node's hang: add this node's stacks to its incident before teardown.
+                        incidents.capture(self.run_dir, self.attempt, request.get("kind", ""), request.get("rank"),
+                                          request.get("reason", ""), incidents.targets(self.ranks, self.views),
+                                          node=self.node, peer=True)
                         return "restart"
                 self._maybe_publish_status()
         finally:

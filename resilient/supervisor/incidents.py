@@ -4,8 +4,11 @@ Hang: every local rank's Python stack (py-spy, in parallel, each bounded by a ti
 the process without pausing it, so a stopped rank dumps too), NCCL flight-recorder dumps when
 PyTorch is configured to write them, and a summary naming the culprit (incidents_culprit).
 Crash: the exit code or signal and the last lines of the rank's log.
-Files: rank<N>.txt (stack or log tail), summary.json, summary.txt. Collection never raises: a
-failure to gather evidence must not delay or break recovery.
+Files: rank<N>.txt (stack or log tail), node<N>.json (a hang's per-rank evidence from each node),
+summary.json, summary.txt. In a multi-node hang every supervisor adds its ranks (the one that
+detected it, and the others when they see its restart request), and each rewrites the summary from
+all evidence present, so the culprit may be on any node. Collection never raises: a failure to
+gather evidence must not delay or break recovery.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import psutil
 from resilient.core.atomic import atomic_write
 from resilient.core.rundir import RunDir
 from resilient.supervisor.incidents_culprit import Culprit, RankEvidence, find_culprit
-from resilient.supervisor.incidents_stacks import in_collective, last_traceback_frame, main_stack, parse_pyspy
+from resilient.supervisor.incidents_stacks import (in_collective, last_traceback_frame, main_stack, parse_frame,
+                                                  parse_pyspy)
 from resilient.supervisor.ranks import RankProcess, log_path
 
 HANG_KINDS = ("hang",)
@@ -57,11 +61,12 @@ def targets(ranks: Iterable[RankProcess], views: dict[int, Any]) -> list[Target]
                    r.returncode) for r in ranks]
 
 
-def capture(run_dir: Path, attempt: int, kind: str, rank: int | None, reason: str,
-            ranks: list[Target]) -> str | None:
+def capture(run_dir: Path, attempt: int, kind: str, rank: int | None, reason: str, ranks: list[Target], *,
+            node: int = 0, peer: bool = False) -> str | None:
     """Write the incident for failure `kind` and return its directory relative to the run dir (None if
-    the kind has no evidence to take or collecting failed)."""
-    if kind not in HANG_KINDS + CRASH_KINDS:
+    the kind has no evidence to take or collecting failed). `peer`: the failure is another node's; only
+    a hang needs this node's stacks too."""
+    if kind not in (HANG_KINDS if peer else HANG_KINDS + CRASH_KINDS):
         return None
     out = RunDir(run_dir).incidents / f"{attempt}-{kind}"
     rel = str(out.relative_to(run_dir))
@@ -69,7 +74,7 @@ def capture(run_dir: Path, attempt: int, kind: str, rank: int | None, reason: st
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
         summary = {"kind": kind, "attempt": attempt, "reason": reason, "failed_rank": rank, "created_at": time.time()}
         if kind in HANG_KINDS:
-            summary |= _hang(out, ranks)
+            summary |= _hang(out, ranks, node)
         else:
             summary |= _crash(out, rank, ranks)
         atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=str), durable=False)
@@ -87,30 +92,34 @@ def render_summary(s: dict[str, Any]) -> str:
     if "exit" in s:
         lines.append(f"exit: {s['exit']}")
     for r in s.get("ranks", []):
-        lines.append(f"rank {r['rank']:>4} pid {r['pid']:>7} {r['state']:<12} step {r['step']!s:>8} "
+        lines.append(f"rank {r['rank']:>4} node {r.get('node', '-')!s:>3} pid {r['pid']:>7} {r['state']:<12} "
+                     f"step {r['step']!s:>8} "
                      f"{'in collective ' if r.get('in_collective') else ''}{r.get('frame') or ''}")
     return "\n".join(lines) + "\n"
 
 
 # -- hang ----------------------------------------------------------------------------------------------
 
-def _hang(out: Path, ranks: list[Target]) -> dict[str, Any]:
+def _hang(out: Path, ranks: list[Target], node: int) -> dict[str, Any]:
     live = [t for t in ranks if t.returncode is None]
     states = {t.rank: _process_state(t.pid) for t in live}  # before dumping: what the hang looked like
     triggered = _trigger_nccl_dumps(live)
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(live)))) as pool:
         dumps = dict(zip((t.rank for t in live), pool.map(_pyspy_dump, (t.pid for t in live))))
-    evidence = []
     rows = []
     for t in live:
         (out / f"rank{t.rank}.txt").write_text(dumps[t.rank])
         stack = main_stack(parse_pyspy(dumps[t.rank]))
-        evidence.append(RankEvidence(t.rank, states[t.rank], t.step, stack))
-        rows.append({"rank": t.rank, "pid": t.pid, "state": states[t.rank], "step": t.step,
+        rows.append({"rank": t.rank, "node": node, "pid": t.pid, "state": states[t.rank], "step": t.step,
                      "in_collective": in_collective(stack), "frame": str(stack[0]) if stack else None,
                      "stack": [str(f) for f in stack]})
-    culprit = find_culprit(evidence)
-    return {"culprit": asdict(culprit), "ranks": rows, "nccl_dumps": _copy_nccl_dumps(out, live, triggered)}
+    _copy_nccl_dumps(out, live, triggered)
+    atomic_write(out / f"node{node}.json", json.dumps(rows, indent=1), durable=False)
+    rows = sorted((r for f in out.glob("node*.json") for r in json.loads(f.read_text())), key=lambda r: r["rank"])
+    culprit = find_culprit([RankEvidence(r["rank"], r["state"], r["step"],
+                                         tuple(f for f in map(parse_frame, r["stack"]) if f)) for r in rows])
+    return {"culprit": asdict(culprit), "ranks": rows, "nodes": sorted({r["node"] for r in rows}),
+            "nccl_dumps": sorted(p.name for p in out.glob("nccl_trace_rank*"))}
 
 
 def _pyspy() -> str | None:
@@ -162,21 +171,18 @@ def _trigger_nccl_dumps(live: list[Target]) -> bool:
     return asked
 
 
-def _copy_nccl_dumps(out: Path, live: list[Target], triggered: bool) -> list[str]:
+def _copy_nccl_dumps(out: Path, live: list[Target], triggered: bool) -> None:
     """Copy `<TORCH_NCCL_DEBUG_INFO_TEMP_FILE><rank>` of each rank into the incident (GPU runs only)."""
     prefix = os.environ.get(NCCL_DUMP_ENV)
     if not prefix:
-        return []
+        return
     deadline = time.monotonic() + (NCCL_DUMP_WAIT_S if triggered else 0.0)
     wanted = {t.rank: Path(f"{prefix}{t.rank}") for t in live}
     while time.monotonic() < deadline and not all(p.exists() for p in wanted.values()):
         time.sleep(0.1)
-    copied = []
     for rank, src in wanted.items():
         if src.exists():
             shutil.copyfile(src, out / f"nccl_trace_rank{rank}")
-            copied.append(f"nccl_trace_rank{rank}")
-    return copied
 
 
 # -- crash ---------------------------------------------------------------------------------------------

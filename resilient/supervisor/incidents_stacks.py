@@ -60,6 +60,12 @@ def parse_pyspy(text: str) -> list[Thread]:
     return threads
 
 
+def parse_frame(text: str) -> Frame | None:
+    """A frame back from its `str()` form, 'func (file:line)' (as summaries store them)."""
+    m = _FRAME.match(" " + text)
+    return Frame(m["func"], m["file"], int(m["line"])) if m else None
+
+
 def main_stack(threads: list[Thread]) -> tuple[Frame, ...]:
     """The main thread's frames (where the training loop runs), else the first thread's."""
     main = next((t for t in threads if t.name == "MainThread"), threads[0] if threads else None)

@@ -106,21 +106,40 @@ def _supervise(tmp_path, sup, env=None):
     return start(["run", str(cfg), "--run-dir", str(run_dir)], env=env, log=tmp_path / "sup.log"), run_dir
 
 
-def test_sigstop_hang_records_an_incident_naming_the_stopped_rank(tmp_path):
-    proc, run_dir = _supervise(tmp_path, {"step_timeout_floor_s": 1.5, "step_timeout_factor": 3.0,
-                                              "step_timeout_min_samples": 3}, env={"FAKE_STEP_S": "0.05"})
+def _rank_step(run_dir: Path, rank: int) -> int:
     try:
-        wait_until(lambda: (run_dir / "fake_steps.jsonl").exists(), 60, "first step")
-        ranks_of(proc.pid)[1].send_signal(signal.SIGSTOP)
-        proc.wait(60)
+        ranks = json.loads((run_dir / "status.json").read_text())["ranks"]
+    except (OSError, ValueError, KeyError):
+        return -1
+    return next((r["step"] or -1 for r in ranks if r["rank"] == rank), -1)
+
+
+def test_sigstop_hang_records_an_incident_naming_the_stopped_rank_from_every_nodes_stacks(tmp_path):
+    """Two supervisors as two nodes: node 1 declares the hang of its SIGSTOPped rank; node 0 adds its
+    rank's stack when it sees the restart request; the summary is built from both nodes' evidence and
+    `resilient status` names it."""
+    sup = {"max_restarts": 0, "step_timeout_floor_s": 1.5, "step_timeout_factor": 3.0, "step_timeout_min_samples": 3}
+    cfg = write_config(tmp_path / "cfg.yaml", steps=5000, nodes=2, nproc=1, supervisor=sup, health=False)
+    run_dir, port = tmp_path / "run", free_port()
+    nodes = [start(["supervise", str(cfg), "--run-dir", str(run_dir), "--node-rank", str(n), "--nnodes", "2",
+                    "--master-addr", "127.0.0.1", "--master-port", str(port)],
+                   env={"RESILIENT_NODE_NAME": f"fake{n}", "FAKE_STEP_S": "0.05"}, log=tmp_path / f"node{n}.log")
+             for n in (0, 1)]
+    try:
+        wait_until(lambda: _rank_step(run_dir, 1) >= 3, 90, "rank 1 stepping")  # past init: the step timeout applies
+        ranks_of(nodes[1].pid)[1].send_signal(signal.SIGSTOP)
+        for p in nodes:
+            p.wait(60)
     finally:
-        proc.kill()
+        for p in nodes:
+            p.kill()
     [failure] = events(run_dir, "failure")
-    assert failure["kind"] == "hang" and failure["incident"] == "incidents/0-hang"
     summary = json.loads((run_dir / failure["incident"] / "summary.json").read_text())
-    assert summary["culprit"]["rank"] == 1 and "stopped" in summary["culprit"]["reason"]
-    assert "fake_rank.py" in summary["culprit"]["frame"]
-    assert {"rank0.txt", "rank1.txt", "summary.txt"} <= {p.name for p in (run_dir / failure["incident"]).iterdir()}
+    assert (failure["node"], summary["nodes"], summary["culprit"]["rank"]) == (1, [0, 1], 1), summary
+    assert failure["kind"] == "hang" and failure["incident"] == "incidents/0-hang"
+    assert "stopped" in summary["culprit"]["reason"] and "fake_rank.py" in summary["culprit"]["frame"]
+    assert {"rank0.txt", "rank1.txt", "node0.json", "node1.json", "summary.txt"} <= {
+        p.name for p in (run_dir / failure["incident"]).iterdir()}
     shown = subprocess.run([sys.executable, "-m", "resilient.cli", "status", str(run_dir)], cwd=REPO,
                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     assert "incidents/0-hang" in shown.stdout and "culprit rank 1" in shown.stdout, shown.stdout
