@@ -38,7 +38,7 @@ class RankStepLog:
             acc[1] += 1
             self._steps[hb["rank"]] = hb["step"]
             self._attempt = hb.get("attempt")
-        if now >= self._next and self._sums:
+        if (now >= self._next or hb.get("phase") == "done") and self._sums:  # a short run still leaves a sample
             self._next = now + self.interval_s
             ranks = {str(r): {"step": self._steps[r], "step_time": round(s / n, 6)} for r, (s, n) in self._sums.items()}
             self._sums.clear()

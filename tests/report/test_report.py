@@ -69,3 +69,6 @@ def test_supervisor_samples_each_ranks_mean_step_time(tmp_path):
     [line] = read(tmp_path)
     assert line["ranks"] == {"4": {"step": 3, "step_time": 2.0}, "5": {"step": 3, "step_time": 3.0}}
     assert (line["node"], line["attempt"]) == (1, 2)
+    log.observe({"rank": 5, "step": 4, "phase": "step", "step_time": 4.0, "attempt": 2}, now=11.0)
+    log.observe({"rank": 5, "step": 4, "phase": "done", "attempt": 2}, now=11.5)  # the run ended: flush
+    assert list(read(tmp_path))[-1]["ranks"] == {"5": {"step": 4, "step_time": 4.0}}
