@@ -102,8 +102,8 @@ def backoff_seconds(restart_number: int, cfg: SupervisorConfig) -> float:
     return float(wait(state))
 
 
-class Outcome(enum.Enum):
-    """How a supervised job ends."""
+class Outcome(enum.StrEnum):
+    """How a supervised job ends (the final state)."""
 
     FINISHED = "finished"
     PREEMPTED = "preempted"
