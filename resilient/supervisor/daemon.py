@@ -29,7 +29,8 @@ from resilient.channel import HeartbeatServer
 from resilient.config import RunConfig, dump_config
 from resilient.errors import ResilientError
 from resilient.exit_codes import ExitCode
-from resilient.supervisor import decisions, failures, publishing
+from resilient.supervisor import decisions, failures, progress, publishing
+from resilient.supervisor.config import RankProtocol
 from resilient.supervisor.coordination import CoordinationLost, Coordinator
 from resilient.supervisor.decisions import Outcome
 from resilient.supervisor.failures import Failure, FailureKind
@@ -71,6 +72,9 @@ class Supervisor:
         self.coord: Coordinator | None = None
         self.server: HeartbeatServer | None = None
         self.hooks = NodeHooks(cfg, topo.node_name, run_dir, is_node0=self.node == 0)
+        # exit_only: progress is the newest complete checkpoint, hangs are caught only for ranks that send heartbeats.
+        self.exit_only = self.scfg.rank_protocol is RankProtocol.EXIT_ONLY
+        self.progress_root = progress.progress_dir(self.scfg.progress_dir, cfg.checkpoint.dir, run_dir)
 
     # -- entry point --------------------------------------------------------------------------------
 
@@ -146,6 +150,7 @@ class Supervisor:
             return self._report(NodeOutcome.FAILED)
         if gate is not _Gate.GO:
             return self._report(NodeOutcome.PREEMPTED if gate is _Gate.STOP else NodeOutcome.FAILED)
+        start = progress.newest_complete_step(self.progress_root) if self.exit_only else None
         self._spawn_ranks()
         self.hooks.start_monitor()
         self._set_state(State.RUNNING)
@@ -156,6 +161,8 @@ class Supervisor:
         if end is NodeOutcome.FAILED:
             self._set_state(State.STOPPING)
         stop_all(self.ranks, self.scfg.termination_grace_s)  # after a clean end: only leftovers in the groups
+        if self.exit_only:
+            self.tracker.start_step, self.tracker.reached_step = start, progress.newest_complete_step(self.progress_root)
         return self._report(end)
 
     def _barrier(self) -> _Gate | None:
@@ -181,7 +188,7 @@ class Supervisor:
                 master_addr=self.topo.master_addr, master_port=port, attempt=self.attempt,
                 run_dir=self.run_dir, heartbeat_socket=self.server.path, supervisor_pid=os.getpid(),
             )
-            proc = spawn(spec, self.scfg.rank_command, self.config_path)
+            proc = spawn(spec, self.scfg.rank_argv(self.config_path, self.run_dir))
             self.ranks.append(proc)
             views.append(RankView(spec.rank, local, proc.pid, last_progress=proc.spawned_at))
         self.tracker.track(views)
@@ -243,7 +250,8 @@ class Supervisor:
         """This node's first failure now: a reported error, a bad exit, a hang, a fatal health verdict."""
         failure = (failures.reported_error(self.tracker, self.node)
                    or failures.exit_failure(exits, self.node, self.tracker.current_step(), now)
-                   or failures.hang_failure(self.ranks, self.tracker, self.scfg, self.node, now))
+                   or failures.hang_failure(self.ranks, self.tracker, self.scfg, self.node, now,
+                                            heard_only=self.exit_only))
         if failure is None and (reason := self.hooks.fatal_health()):
             failure = self._failure(FailureKind.HEALTH, None, reason)
         return failure
@@ -254,7 +262,7 @@ class Supervisor:
         self.coord.request_stop("preempted", f"node {self.node}: {reason}")
         self._set_state(State.PREEMPTING)
         for r in self.ranks:
-            r.signal_rank(signal.SIGUSR1)
+            r.signal_rank(self.scfg.stop_signal())
         return now + self.scfg.preempt_grace_s
 
     # -- failures ----------------------------------------------------------------------------------

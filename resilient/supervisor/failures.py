@@ -77,8 +77,9 @@ def exit_failure(exits: Sequence[RankProcess], node: int, step: int | None, now:
 
 
 def hang_failure(ranks: Sequence[RankProcess], tracker: HeartbeatTracker, cfg: SupervisorConfig, node: int,
-                 now: float) -> Failure | None:
-    """The live rank that holds the others up, when any is past its phase's (calibrated) timeout."""
+                 now: float, *, heard_only: bool = False) -> Failure | None:
+    """The live rank that holds the others up, when any is past its phase's (calibrated) timeout.
+    `heard_only` (exit-only ranks): judge only ranks that have sent a heartbeat."""
     step_timeout, _ = decisions.calibrated_step_timeout(list(tracker.step_times), cfg)
     ckpt_timeout, _ = decisions.calibrated_checkpoint_timeout(list(tracker.ckpt_times), cfg)
     stale: dict[int, tuple[RankProcess, str]] = {}
@@ -86,6 +87,8 @@ def hang_failure(ranks: Sequence[RankProcess], tracker: HeartbeatTracker, cfg: S
         if r.returncode is not None:
             continue
         view = tracker.views[r.spec.rank]
+        if heard_only and view.last_heartbeat is None:
+            continue
         hung, reason = decisions.is_hung(view.phase, view.last_progress, now, step_timeout, cfg, ckpt_timeout)
         if hung:
             stale[view.rank] = (r, reason)

@@ -3,8 +3,10 @@
     SAVE_DIR/latest_checkpointed_iteration.txt   the tracker: an iteration number (or `release`)
     SAVE_DIR/iter_0000100/                       torch_dist: metadata.json, common.pt, .metadata,
                                                  __R_N.distcp (one or more per writing rank)
-An iteration is complete when every file its storage metadata (`.metadata`) names is present and
-long enough for the byte ranges recorded there. `.metadata` is a pickle: it is read with an
+                                                 or legacy torch: mp_rank_XX[_YYY]/model_optim_rng.pt
+A torch_dist iteration is complete when every file its storage metadata (`.metadata`) names is
+present and long enough for the byte ranges recorded there; a legacy one when every model-parallel
+rank's file is a whole zip archive (torch.save's format, its central directory is written last). `.metadata` is a pickle: it is read with an
 unpickler that admits only torch.distributed.checkpoint's metadata types (and torch.Size/dtype),
 so a hostile file cannot run code.
 """
@@ -16,6 +18,7 @@ import enum
 import json
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 _STORAGE_METADATA = ".metadata"
 _COMMON = "common.pt"
 _SHARDED_CONFIG = "metadata.json"
+_LEGACY_FILE = "model_optim_rng.pt"
 
 
 def iteration_dir(root: Path, iteration: int) -> Path:
@@ -113,6 +117,9 @@ def storage_extents(ckpt_dir: Path) -> dict[str, int]:
 
 def check_iteration(ckpt_dir: Path) -> str | None:
     """None if the iteration is complete, else the first problem found."""
+    legacy = sorted(ckpt_dir.glob("mp_rank_*"))
+    if legacy and not (ckpt_dir / _SHARDED_CONFIG).exists():
+        return _check_legacy(ckpt_dir, legacy)
     try:
         config = json.loads((ckpt_dir / _SHARDED_CONFIG).read_text())
     except FileNotFoundError:
@@ -139,8 +146,18 @@ def check_iteration(ckpt_dir: Path) -> str | None:
     return None
 
 
+def _check_legacy(ckpt_dir: Path, rank_dirs: list[Path]) -> str | None:
+    for rank_dir in rank_dirs:
+        path = rank_dir / _LEGACY_FILE
+        if not path.is_file():
+            return f"{ckpt_dir.name}/{rank_dir.name}/{_LEGACY_FILE}: missing"
+        if not zipfile.is_zipfile(path):
+            return f"{ckpt_dir.name}/{rank_dir.name}/{_LEGACY_FILE}: not a whole torch.save archive (truncated?)"
+    return None
+
+
 def _bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def listing(root: Path) -> list[dict[str, Any]]:
