@@ -20,6 +20,7 @@ from resilient import ledger
 from resilient.config import RunConfig
 from resilient.errors import ConfigError
 from resilient.metrics.exporter import NodeMetrics
+from resilient.supervisor.failures import FailureKind
 from resilient.status import run_goodput
 
 
@@ -29,6 +30,8 @@ class NodeHooks:
     def __init__(self, cfg: RunConfig, node: str, run_dir: Path, *, is_node0: bool) -> None:
         self.cfg, self.node, self.run_dir = cfg, node, run_dir
         self.metrics = NodeMetrics(cfg.metrics, node) if cfg.metrics.enabled else None
+        if self.metrics is not None:
+            self.metrics.declare_failure_kinds(FailureKind)
         self.monitor: HealthMonitor | None = None
         self._goodput_stop = threading.Event()
         self._goodput_thread: threading.Thread | None = None
