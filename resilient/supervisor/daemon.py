@@ -162,7 +162,8 @@ class Supervisor:
             self._set_state(State.STOPPING)
         stop_all(self.ranks, self.scfg.termination_grace_s)  # after a clean end: only leftovers in the groups
         if self.exit_only:
-            self.tracker.start_step, self.tracker.reached_step = start, progress.newest_complete_step(self.progress_root)
+            reached = progress.newest_complete_step(self.progress_root)
+            self.tracker.start_step, self.tracker.reached_step = start, reached
         return self._report(end)
 
     def _barrier(self) -> _Gate | None:

@@ -98,8 +98,8 @@ def hang_failure(ranks: Sequence[RankProcess], tracker: HeartbeatTracker, cfg: S
     rank, blame = decisions.blame_hang([(rank, views[rank].step, views[rank].last_progress, process_state(r.pid))
                                         for rank, (r, _) in stale.items()])
     r, reason = stale[rank]
-    return Failure(FailureKind.HANG, rank, node, tracker.current_step(), f"rank {rank} (pid {r.pid}): {reason}; {blame}",
-                   now - views[rank].last_progress)
+    return Failure(FailureKind.HANG, rank, node, tracker.current_step(),
+                   f"rank {rank} (pid {r.pid}): {reason}; {blame}", now - views[rank].last_progress)
 
 
 def process_state(pid: int) -> str:

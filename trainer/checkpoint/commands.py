@@ -31,12 +31,14 @@ def list_cmd(directory: Path, as_json: bool = typer.Option(False, "--json", help
         return
     for row in rows:
         why = f"  ({row['problem']})" if row.get("problem") else ""
-        print(f"{row['step']:>9}  {row['state']:<10} {row['bytes']:>14,} B{'  <- latest' if row['latest'] else ''}{why}")
+        latest = "  <- latest" if row["latest"] else ""
+        print(f"{row['step']:>9}  {row['state']:<10} {row['bytes']:>14,} B{latest}{why}")
 
 
 @ckpt_app.command("verify")
 def verify_cmd(directory: Path,
-               step: Optional[int] = typer.Option(None, help="step (default: newest complete; Megatron-LM: the tracker's)"),
+               step: Optional[int] = typer.Option(
+                   None, help="step (default: newest complete; Megatron-LM: the tracker's)"),
                sizes_only: bool = typer.Option(False, "--sizes-only", help="skip checksums (Megatron-LM: always)"),
                as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
     """Own layout: the marker, every file's size and checksum. Megatron-LM: every file the storage metadata

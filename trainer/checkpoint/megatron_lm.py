@@ -3,12 +3,12 @@
     SAVE_DIR/latest_checkpointed_iteration.txt   the tracker: an iteration number (or `release`)
     SAVE_DIR/iter_0000100/                       torch_dist: metadata.json, common.pt, .metadata,
                                                  __R_N.distcp (one or more per writing rank)
-                                                 or legacy torch: mp_rank_XX[_YYY]/model_optim_rng.pt
+                                                 or legacy: mp_rank_XX[_YYY]/model_optim_rng.pt
 A torch_dist iteration is complete when every file its storage metadata (`.metadata`) names is
 present and long enough for the byte ranges recorded there; a legacy one when every model-parallel
-rank's file is a whole zip archive (torch.save's format, its central directory is written last). `.metadata` is a pickle: it is read with an
-unpickler that admits only torch.distributed.checkpoint's metadata types (and torch.Size/dtype),
-so a hostile file cannot run code.
+rank's file is a whole zip archive (torch.save's format; its central directory is written last).
+`.metadata` is a pickle: it is read with an unpickler that admits only torch.distributed.checkpoint's
+metadata types (and torch.Size/dtype), so a hostile file cannot run code.
 """
 
 from __future__ import annotations
@@ -81,12 +81,13 @@ class _MetadataUnpickler(pickle.Unpickler):
 
         if module in _DCP_MODULES or (module, name) == ("torch.distributed.checkpoint.filesystem", "_StorageInfo"):
             obj = getattr(__import__(module, fromlist=[name]), name, None)
-            if obj is not None and isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
                 return obj
         if module == "torch" and name == "Size":
             return torch.Size
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
-            return getattr(torch, name)
+        value = getattr(torch, name, None) if module == "torch" else None
+        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+            return value
         if (module, name) == ("torch.serialization", "_get_layout"):
             return torch.serialization._get_layout
         raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint metadata type")
