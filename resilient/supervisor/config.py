@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from resilient.configbase import Section
+from resilient.core.configbase import Section
 
 PLACEHOLDERS = ("config", "run_dir")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")

@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from resilient import ledger
+from resilient.core import ledger
+from resilient.core.events import LedgerEvent
 from resilient.status import write_status
 from resilient.supervisor.ranks import RankProcess
 from resilient.supervisor.topology import Topology
@@ -39,7 +40,7 @@ def write_run_status(run_dir: Path, nodes: Mapping[int, dict[str, Any]], *, stat
     """Node 0: merge every node's published status into RUN_DIR/status.json."""
     ranks = sorted((r for s in nodes.values() for r in s["ranks"]), key=lambda r: r["rank"])
     steps = [r["step"] for r in ranks if r["step"] is not None]
-    saves = [e["step"] for e in ledger.read(run_dir) if e.get("event") == "ckpt_save"]
+    saves = [e["step"] for e in ledger.read(run_dir) if e.get("event") == LedgerEvent.CKPT_SAVE]
     write_status(run_dir, {
         "state": str(state), "attempt": attempt, "step": max(steps, default=reached_step),
         "last_checkpoint": saves[-1] if saves else None, "restarts": restarts,

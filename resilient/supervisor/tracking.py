@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from resilient.rank.heartbeat import Heartbeat, Phase
+
 
 @dataclass
 class RankView:
@@ -20,11 +22,11 @@ class RankView:
     pid: int
     last_progress: float
     """Monotonic time of the last new (phase, step), or of the spawn."""
-    phase: str = "init"
+    phase: str = Phase.INIT
     step: int | None = None
     last_heartbeat: float | None = None
     """Wall-clock time of the last heartbeat (for status)."""
-    progress_key: tuple[str, int | None] = ("init", None)
+    progress_key: tuple[str, int | None] = (Phase.INIT, None)
     error: str | None = None
     """The message of an `error` heartbeat."""
 
@@ -52,7 +54,7 @@ class HeartbeatTracker:
         """The freshly spawned ranks of this attempt."""
         self.views = {v.rank: v for v in ranks}
 
-    def observe(self, hb: dict[str, Any], attempt: int, now: float) -> bool:
+    def observe(self, hb: Heartbeat, attempt: int, now: float) -> bool:
         """Apply one heartbeat; False when it is not for a rank of this attempt (a late one of an earlier attempt)."""
         view = self.views.get(hb["rank"])
         if view is None or hb.get("attempt") != attempt:
@@ -60,19 +62,19 @@ class HeartbeatTracker:
         phase, step = str(hb.get("phase")), hb["step"]
         if (phase, step) != view.progress_key:
             # Without a reported step time, the gap between two step heartbeats is the step time.
-            if phase == "step" and view.progress_key[0] == "step" and not _positive(hb.get("step_time")):
+            if phase == Phase.STEP and view.progress_key[0] == Phase.STEP and not _positive(hb.get("step_time")):
                 self.step_times.append(now - view.last_progress)
             view.progress_key, view.last_progress = (phase, step), now
-        if phase == "step" and _positive(hb.get("step_time")):
+        if phase == Phase.STEP and _positive(hb.get("step_time")):
             self.step_times.append(float(hb["step_time"]))
         if _positive(hb.get("ckpt_blocking_s")):
             self.ckpt_times.append(float(hb["ckpt_blocking_s"]))
         view.phase, view.step, view.last_heartbeat = phase, step, time.time()
-        if phase in ("init", "restore"):
+        if phase in (Phase.INIT, Phase.RESTORE):
             self.start_step = max(self.start_step or 0, step)
-        elif phase in ("step", "done"):
+        elif phase in (Phase.STEP, Phase.DONE):
             self.reached_step = max(self.reached_step or 0, step)
-        elif phase == "error":
+        elif phase == Phase.ERROR:
             view.error = str(hb.get("message", ""))
         return True
 

@@ -12,8 +12,8 @@ from typing import Optional
 
 import typer
 
-from resilient.errors import CheckpointError
-from resilient.exit_codes import ExitCode
+from resilient.core.errors import CheckpointError
+from resilient.core.exit_codes import ExitCode
 from trainer.checkpoint import inspect as ck
 from trainer.checkpoint import layout, manifest, megatron_lm
 
