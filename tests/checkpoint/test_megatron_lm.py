@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from resilient.exit_codes import ExitCode
+from resilient.core.exit_codes import ExitCode
 from tests.ranks import REPO, resilient_cli
 from trainer.checkpoint import megatron_lm as mlm
 
@@ -101,3 +101,19 @@ def test_not_a_directory_is_a_one_line_config_error(tmp_path):
     out = resilient_cli("ckpt", "list", str(tmp_path / "absent"))
     assert out.returncode == ExitCode.CONFIG_ERROR and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_repair_points_our_latest_back_to_the_newest_step_that_verifies(tmp_path):
+    from trainer.checkpoint import inspect as ck
+    from trainer.checkpoint import layout
+
+    for step in (10, 20):
+        ckpt = layout.step_dir(tmp_path, step)
+        ckpt.mkdir()
+        (ckpt / "__0_0.distcp").write_bytes(b"abc")
+        (ckpt / layout.MARKER).write_text(json.dumps({"files": {"__0_0.distcp": {"size": 3, "blake2b": "-"}}}))
+    layout.write_latest(tmp_path, 20)
+    assert ck.repair(tmp_path) == (20, 20, "latest already names complete step 20")
+    os.truncate(layout.step_dir(tmp_path, 20) / "__0_0.distcp", 1)
+    before, after, what = ck.repair(tmp_path)
+    assert (before, after) == (20, 10) and "size 1 != 3" in what and layout.read_latest(tmp_path) == 10

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from resilient.exit_codes import ExitCode
+from resilient.core.exit_codes import ExitCode
 from tests.supervisor.harness import events, ranks_of, start, wait_until
 from trainer.checkpoint import megatron_lm
 
