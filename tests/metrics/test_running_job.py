@@ -48,7 +48,8 @@ def running_job(tmp_path_factory) -> Iterator[tuple[Path, int]]:
     (fake / f"{NODE}.json").write_text(json.dumps(HEALTHY_GPUS))
     run_dir = work / "run"
     sets = ["train.steps=100000", "train.eval_every=10", "checkpoint.interval_steps=10", "metrics.port=0",
-            "metrics.goodput_interval_s=1", f"health.fake_nvml_dir={fake}", "health.monitor_interval_s=1"]
+            "metrics.goodput_interval_s=1", f"health.fake_nvml_dir={fake}", "health.monitor_interval_s=1",
+            "health.preflight_collective=true", "health.collective_nbytes=65536"]
     cmd = [sys.executable, "-m", "resilient.cli", "run", str(TINY), "--run-dir", str(run_dir)]
     cmd += [a for s in sets for a in ("--set", s)]
     env = {**os.environ, "RESILIENT_NODE_NAME": NODE, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
