@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from trainer.presets import Architecture
 
-if TYPE_CHECKING:  # the planner and `resilient status` use this module without paying for torch
+if TYPE_CHECKING:  # torch only where a device is asked about: the planner and `resilient plan` stay light
     import torch
 
 # Dense bf16 peak per device (no sparsity), by substring of the CUDA device name.

@@ -1,4 +1,4 @@
-"""CLI commands of the supervisor: `run` (one machine), `supervise` (one per node); `status`: status_command.py."""
+"""CLI commands of the supervisor: `run` (one machine), `supervise` (one per node); `status` is in resilient.status."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from resilient.config import RunConfig, load_config
 from resilient.core.errors import ConfigError
 from resilient.rank.env import node_name
-from resilient.supervisor import status_command
 from resilient.supervisor.topology import Topology, resolve_topology
 
 _RUN_DIR = typer.Option(None, "--run-dir", help="Run directory (default: the config's run_dir).")
@@ -59,5 +57,3 @@ def register(app: typer.Typer) -> None:
         topo = resolve_topology(os.environ, node_rank=node_rank, nnodes=nnodes, master_addr=master_addr,
                                 master_port=master_port, default_port=cfg.supervisor.store_port)
         _supervise(cfg, topo)
-
-    status_command.register(app)

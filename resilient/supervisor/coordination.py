@@ -323,18 +323,3 @@ def summarize_reports(reports: dict[int, dict[str, Any]], nnodes: int) -> Attemp
         unhealthy=next((r["unhealthy"] for r in reports.values() if r["unhealthy"]), None),
         missing_nodes=tuple(n for n in range(nnodes) if n not in reports),
     )
-
-
-def merged_ranks(nodes: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every node's ranks, in rank order (status.json's `ranks`)."""
-    return sorted((r for s in nodes.values() for r in s["ranks"]), key=lambda r: r["rank"])
-
-
-def status_document(nodes: dict[int, dict[str, Any]], **run: Any) -> dict[str, Any]:
-    """status.json from node 0's view of the run (`run`: state, attempt, restarts, ...) and the nodes'
-    summaries: every rank in rank order; `step` is the highest a rank reached (else run['step'])."""
-    ranks = merged_ranks(nodes)
-    steps = [r["step"] for r in ranks if r["step"] is not None]
-    return {**run, "step": max(steps, default=run.get("step")),
-            "nodes": {str(n): s["state"] for n, s in nodes.items()},
-            "metrics_ports": {s["node_name"]: s["metrics_port"] for s in nodes.values()}, "ranks": ranks}

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from resilient.status import write_status
-from resilient.supervisor import decisions
+from resilient.supervisor import decisions, publishing
 from resilient.supervisor.auth import Sealer
 from resilient.supervisor.config import SupervisorConfig
-from resilient.supervisor.coordination import Coordinator, status_document, summarize_reports
+from resilient.supervisor.coordination import Coordinator, summarize_reports
 from resilient.supervisor.topology import Topology
 
 T = TypeVar("T")
@@ -49,6 +48,7 @@ class SimNode(threading.Thread):
         super().__init__(name=f"sim-node-{coord.node}", daemon=True)
         self.coord, self.cfg, self.nranks, self.step_s, self.marks = coord, cfg, ranks, step_s, marks
         self.node, self.nnodes, self.run_dir, self.clock = coord.node, coord.nnodes, run_dir, clock
+        self.topo = Topology(self.node, self.nnodes, "127.0.0.1", 0, f"sim{self.node:04d}", "sim")
         self.attempt = 0
         self.state = "starting"
         self.restarts = 0
@@ -173,18 +173,17 @@ class SimNode(threading.Thread):
         self._next_status = now + self.coord.intervals.status_s
         wall = time.time()
         running = self.state == "running"
-        ranks = [{"rank": self.node * self.nranks + local, "local_rank": local, "node": self.node,
-                  "node_name": f"sim{self.node:04d}", "pid": 100000 + self.node * self.nranks + local,
-                  "phase": "step" if running else "init", "step": self.reached_step,
-                  "last_heartbeat": wall, "heartbeat_age_s": 0.0, "exit_code": None}
-                 for local in range(self.nranks)]
-        self.coord.publish_status({"node": self.node, "node_name": f"sim{self.node:04d}", "state": self.state,
-                                   "ranks": ranks, "metrics_port": None, "supervisor_pid": os.getpid()})
+        rows = [{"rank": self.node * self.nranks + local, "local_rank": local, "node": self.node,
+                 "node_name": self.topo.node_name, "pid": 100000 + self.node * self.nranks + local,
+                 "phase": "step" if running else "init", "step": self.reached_step,
+                 "last_heartbeat": wall, "heartbeat_age_s": 0.0, "exit_code": None}
+                for local in range(self.nranks)]  # the shape of publishing.rank_rows
+        self.coord.publish_status(publishing.node_status(self.topo, self.state, rows, None))
         if self.node == 0 and self.run_dir is not None and now >= self._next_merge:
             self._next_merge = now + self.coord.intervals.merge_s
-            write_status(self.run_dir, status_document(
-                self.coord.node_statuses(), state=self.state, attempt=self.attempt, step=self.reached_step,
-                last_checkpoint=None, restarts=self.restarts, last_failure=None, stop=self.coord.stop_requested()))
+            publishing.write_run_status(self.run_dir, self.coord.node_statuses(), state=self.state,
+                                        attempt=self.attempt, reached_step=self.reached_step,
+                                        restarts=self.restarts, last_failure=None, stop=self.coord.stop_requested())
         self.cpu_s = time.thread_time()
 
     # -- waiting ---------------------------------------------------------------------------------------
