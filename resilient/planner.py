@@ -11,8 +11,10 @@ Sources (formulas reproduced from memory of the papers, no network at hand):
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from trainer.flops import flops_per_token, layer_params, padded_vocab, parameter_count
 from trainer.presets import Architecture
@@ -142,6 +144,23 @@ def predicted_goodput(tau: float, delta: float, restart: float, mtbf: float) -> 
     return 1.0 / daly_wall_time(1.0, tau, delta, restart, mtbf)
 
 
+# -- restart cost -----------------------------------------------------------------------------
+
+RESTART_COORDINATION_FIT = Path(__file__).with_name("restart_coordination.json")
+"""bench/scale's power-law fits (y = a * nodes^b) of failure -> all ranks stopped and of the restart
+decision -> all nodes past the next barrier, from 2 to 1024 simulated nodes."""
+
+
+def restart_coordination_seconds(nodes: int, fit_path: Path = RESTART_COORDINATION_FIT) -> tuple[float, str]:
+    """The supervisors' share of a restart at `nodes` nodes, from the measured fit, with its source."""
+    data = json.loads(fit_path.read_text())
+    parts = [data["fits"][k]["a"] * nodes ** data["fits"][k]["b"] for k in ("fail_to_stop_s", "decide_to_go_s")]
+    largest = max(data["nodes_measured"])
+    how = f"extrapolated beyond the {largest} measured" if nodes > largest else "measured"
+    return sum(parts), (f"{sum(parts):.1f} s at {nodes} nodes ({how}; bench/scale: stop {parts[0]:.2f} s + "
+                        f"barrier {parts[1]:.2f} s, {data['source']})")
+
+
 # -- the whole plan -------------------------------------------------------------------------------
 
 
@@ -154,7 +173,11 @@ class Assumptions:
     ckpt_write_gbps: float = 100.0
     """Aggregate checkpoint write (and read) bandwidth, GB/s."""
     restart_overhead_s: float = 300.0
-    """Restart cost besides reading the checkpoint: detection, teardown, rank init."""
+    """Restart cost besides the supervisors' coordination (measured, see restart_coordination_seconds) and
+    reading the checkpoint: rank start after the barrier (interpreter, imports, process groups, model
+    build), not measurable on a CPU-only machine."""
+    gpus_per_node: int = 8
+    """GPUs per node: the node count sets the measured coordination cost."""
     mfu: float = 0.40
     """Model FLOPs utilisation expected (Llama 3 405B: 38-43%)."""
     peak_tflops: float = H100_BF16_DENSE_TFLOPS
@@ -179,6 +202,8 @@ class Plan:
     mtbf_seconds: float
     ckpt_write_seconds: float
     restart_seconds: float
+    restart_coordination_seconds: float
+    restart_coordination_source: str
     young_seconds: float
     daly_seconds: float
     daly_interval_steps: int
@@ -205,13 +230,15 @@ def make_plan(arch: Architecture, layout: Layout, *, seq_len: int, micro_batch: 
     mtbf_h = assume.mtbf_hours if assume.mtbf_hours is not None else 1 / (LLAMA3_FAILURES_PER_GPU_HOUR * gpus)
     mtbf = mtbf_h * 3600
     write_s = ckpt_bytes / (assume.ckpt_write_gbps * 1e9)
-    restart = assume.restart_overhead_s + write_s  # reading back at the write bandwidth
+    coordination, source = restart_coordination_seconds(-(-gpus // assume.gpus_per_node))
+    restart = coordination + assume.restart_overhead_s + write_s  # reading back at the write bandwidth
     daly = daly_interval(write_s, mtbf)
     return Plan(
         gpus=gpus, layout=layout, params=params, published_params=arch.published_params,
         checkpoint_bytes=ckpt_bytes, memory=memory, hbm_bytes=assume.hbm_gib * 2**30,
         step_seconds=step_s, tokens_per_gpu_per_second=tokens_per_step / step_s / gpus,
         mtbf_seconds=mtbf, ckpt_write_seconds=write_s, restart_seconds=restart,
+        restart_coordination_seconds=coordination, restart_coordination_source=source,
         young_seconds=young_interval(write_s, mtbf), daly_seconds=daly,
         daly_interval_steps=max(1, round(daly / step_s)),
         predicted_goodput=predicted_goodput(daly, write_s, restart, mtbf),
@@ -233,7 +260,11 @@ def render_plan(plan: Plan) -> str:
         f"weights {m.weights / gib:.1f}, grads {m.grads / gib:.1f}, optimizer {m.optimizer / gib:.1f}, "
         f"activations {m.activations / gib:.1f}",
         f"step time         {plan.step_seconds:.1f} s ({plan.tokens_per_gpu_per_second:.0f} tokens/s per GPU)",
-        f"job MTBF          {plan.mtbf_seconds / 3600:.1f} h, restart {plan.restart_seconds / 60:.1f} min",
+        f"job MTBF          {plan.mtbf_seconds / 3600:.1f} h, restart {plan.restart_seconds / 60:.1f} min "
+        f"(coordination {plan.restart_coordination_seconds:.1f} s + rank start "
+        f"{plan.restart_seconds - plan.restart_coordination_seconds - plan.ckpt_write_seconds:.0f} s + "
+        f"checkpoint read {plan.ckpt_write_seconds:.0f} s)",
+        f"coordination      {plan.restart_coordination_source}",
         f"interval          Young {plan.young_seconds / 60:.1f} min, Daly {plan.daly_seconds / 60:.1f} min "
         f"= every {plan.daly_interval_steps} steps",
         f"predicted goodput {plan.predicted_goodput:.1%} (Daly's expected-wall-time model)",

@@ -29,7 +29,8 @@ ENDED_STATES = frozenset({"finished", "preempted", "unhealthy", "budget_exhauste
 
 def write_status(run_dir: str | Path, status: dict[str, Any]) -> None:
     """Replace RUN_DIR/status.json atomically (temp file + rename), owner-only."""
-    atomic_write(RunDir(run_dir).status, json.dumps({**status, "written_at": time.time()}, indent=1, default=str),
+    # Compact: json's C encoder writes 8192 ranks in milliseconds, its indenting Python encoder does not.
+    atomic_write(RunDir(run_dir).status, json.dumps({**status, "written_at": time.time()}, default=str),
                  durable=False)  # rewritten every few seconds; a lost update after a crash is harmless
 
 
@@ -47,6 +48,10 @@ def _age(ts: float | None, now: float) -> str:
     return "-" if ts is None else f"{max(0.0, now - ts):.1f}s"
 
 
+def _origin(record: dict[str, Any]) -> str:
+    return f" (from {record['host']}, supervisor pid {record.get('pid')})" if record.get("host") else ""
+
+
 def _renderable(status: dict[str, Any], now: float, run_dir: str | Path, incident: str | None) -> Group:
     ports = ", ".join(f"{n}:{p}" for n, p in (status.get("metrics_ports") or {}).items() if p) or "-"
     head = Text.assemble((str(status.get("state", "?")), "bold"),
@@ -57,9 +62,12 @@ def _renderable(status: dict[str, Any], now: float, run_dir: str | Path, inciden
     failure = status.get("last_failure")
     if failure:
         parts.append(Text(f"last failure: {failure.get('kind')} rank {failure.get('rank')} node {failure.get('node')} "
-                          f"step {failure.get('step')}: {failure.get('reason')}"))
+                          f"step {failure.get('step')}: {failure.get('reason')}{_origin(failure)}"))
         if incident:
             parts.append(Text(f"incident: {render_incident(run_dir, incident)}"))
+    stop = status.get("stop")
+    if stop:  # authenticated by the run's secret: who really asked
+        parts.append(Text(f"stop requested by node {stop.get('node')}: {stop.get('reason')}{_origin(stop)}"))
     table = Table("rank", "node", "pid", "phase", "step", "heartbeat age")
     for r in status.get("ranks", []):
         table.add_row(str(r.get("rank")), str(r.get("node_name", r.get("node"))), str(r.get("pid")),
@@ -119,7 +127,7 @@ class StatusView:
         return json.dumps({**self.data, "goodput": {"ratio": g.ratio, "wall_seconds": g.wall_seconds,
                                                     "productive_seconds": g.productive_seconds,
                                                     "badput_seconds": g.badput_seconds},
-                           "slurm": self.slurm, "incident": self.incident}, indent=1)
+                           "slurm": self.slurm, "incident": self.incident})  # compact: C encoder
 
     def renderable(self) -> Group:
         parts: list[Any] = [_renderable(self.data, time.time(), self.run_dir, self.incident)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import socket
 from datetime import timedelta
 
 import torch
@@ -23,12 +23,33 @@ def init_distributed(env: RankEnv, *, tp: int, pp: int, cp: int, timeout_s: floa
         install_cpu_bridge()
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
-                                world_size=env.world_size, timeout=timedelta(seconds=timeout_s))
+        store = _rendezvous_store(env.master_addr, env.master_port, env.rank, env.world_size, timeout_s)
+        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
+                                timeout=timedelta(seconds=timeout_s))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
     )
     return device
+
+
+def _rendezvous_store(addr: str, port: int, rank: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """The process group's store, hosted by rank 0 on MASTER_ADDR only: torch's own would listen on every
+    interface. Rank 0 binds the socket itself and hands it to the (libuv) store server."""
+    timeout = timedelta(seconds=timeout_s)
+    if rank != 0:
+        return dist.TCPStore(addr, port, world_size=world_size, is_master=False, timeout=timeout)
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(sockaddr)
+    listener.listen(1024)
+    store = dist.TCPStore(addr, port, world_size=world_size, is_master=True, timeout=timeout,
+                          master_listen_fd=listener.fileno(), use_libuv=True)
+    _LISTENERS.append(listener)  # the server uses the fd for the life of the process group
+    return store
+
+
+_LISTENERS: list[socket.socket] = []
 
 
 def seed_all(seed: int) -> None:

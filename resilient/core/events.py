@@ -6,6 +6,8 @@ from enum import StrEnum
 class LedgerEvent(StrEnum):
     ATTEMPT_START = "attempt_start"
     """A node spawned its ranks for an attempt."""
+    AUTH_REJECTED = "auth_rejected"
+    """A coordination-store value failed authentication (forged, tampered or replayed): ignored."""
     CHAOS_FAULT = "chaos_fault"
     """The chaos runner injected a fault."""
     CKPT_FALLBACK = "ckpt_fallback"
@@ -16,6 +18,8 @@ class LedgerEvent(StrEnum):
     """A checkpoint was committed."""
     CKPT_SAVE_FAILED = "ckpt_save_failed"
     """A checkpoint save failed (training went on)."""
+    COORDINATOR_LOST = "coordinator_lost"
+    """A supervisor lost the coordination store (node 0's supervisor gone); it stopped its ranks."""
     DATA_SKIP = "data_skip"
     """A data window was skipped after a numeric fault."""
     FAILURE = "failure"

@@ -25,3 +25,6 @@ class ExitCode(IntEnum):
     """`ckpt verify` found a damaged checkpoint, or no loadable checkpoint exists for --load-step."""
     RANK_FAILED = 80
     """A rank exited abnormally (used by ranks and by an unsupervised run)."""
+    COORDINATOR_LOST = 81
+    """A supervisor lost the job's coordination (node 0's supervisor or store vanished, or a node's
+    supervisor never reported); every node stopped its ranks: requeue (counted as a crash requeue)."""

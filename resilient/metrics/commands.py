@@ -38,7 +38,8 @@ def plan(
     ckpt_write_gbps: float = typer.Option(Assumptions.ckpt_write_gbps, "--ckpt-write-gbps", min=0.001,
                                           help="Aggregate checkpoint write bandwidth, GB/s."),
     restart_overhead_s: float = typer.Option(Assumptions.restart_overhead_s, "--restart-overhead-s", min=0.0,
-                                             help="Restart cost besides reading the checkpoint, seconds."),
+                                             help="Rank start after a restart's barrier, seconds (the "
+                                                  "supervisors' coordination is measured, the checkpoint read computed)."),
     mfu: float = typer.Option(Assumptions.mfu, "--mfu", min=0.001, max=1.0, help="Expected model FLOPs utilisation."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
 ) -> None:
@@ -50,7 +51,8 @@ def plan(
         cfg.model.architecture(), layout, seq_len=cfg.seq_len, micro_batch=cfg.train.micro_batch,
         global_batch=cfg.train.global_batch,
         assume=Assumptions(mtbf_hours=mtbf_hours, ckpt_write_gbps=ckpt_write_gbps,
-                           restart_overhead_s=restart_overhead_s, mfu=mfu),
+                           restart_overhead_s=restart_overhead_s, mfu=mfu,
+                           gpus_per_node=cfg.supervisor.nproc_per_node),
     )
     typer.echo(json.dumps(result.to_json(), indent=2) if as_json else render_plan(result))
 

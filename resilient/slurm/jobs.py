@@ -6,6 +6,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from resilient.core import ledger
 from resilient.core.errors import ResilientError
 from resilient.core.exit_codes import ExitCode
 
@@ -88,3 +89,12 @@ def requeue(job_ref: str, *, exclude: Sequence[str] = (), nodes: int | None = No
 def drain(node: str, reason: str) -> None:
     """Drain a node so no job gets it until an operator resumes it (needs operator rights)."""
     _run(["scontrol", "update", f"NodeName={node}", "State=DRAIN", f"Reason={reason[:200]}"])
+
+
+def last_job_id(run_dir: Path) -> str | None:
+    """The job most recently submitted for this run (it keeps its ID across requeues)."""
+    job_id = None
+    for record in ledger.read(run_dir):
+        if record.get("event") == "submitted":
+            job_id = str(record.get("job_id"))
+    return job_id

@@ -10,18 +10,10 @@ from resilient.core.atomic import atomic_write
 from resilient.config import RunConfig, dump_config
 from resilient.core.errors import ConfigError
 from resilient.slurm import jobs
+from resilient.slurm.jobs import last_job_id
 from resilient.slurm.render import SCRIPT_NAME
 from resilient.core.rundir import RunDir
 from resilient.core.events import LedgerEvent
-
-
-def last_job_id(run_dir: Path) -> str | None:
-    """The job most recently submitted for this run (it keeps its ID across requeues)."""
-    job_id = None
-    for record in ledger.read(run_dir):
-        if record.get("event") == "submitted":
-            job_id = str(record.get("job_id"))
-    return job_id
 
 
 def submit_run(cfg: RunConfig, run_dir: Path, script: str) -> str:

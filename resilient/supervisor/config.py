@@ -51,6 +51,9 @@ class SupervisorConfig(Section):
     """Longest sleep of the watch loop: hang checks and store polls happen at least this often."""
     status_interval_s: float = Field(1.0, gt=0)
     """How often status.json is rewritten."""
+    store_ops_budget: float = Field(8000.0, gt=0)
+    """Store round trips per second all supervisors together may cost node 0's store at steady state;
+    large jobs poll and publish status less often to stay within it (see docs/scale.md)."""
 
     init_timeout_s: float = Field(600.0, gt=0)
     """A rank may take this long from spawn (or its `init` heartbeat) to its next phase."""

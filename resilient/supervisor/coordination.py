@@ -1,143 +1,325 @@
-"""Cross-node coordination of the supervisors through a torch.distributed TCPStore on node 0.
+"""Cross-node coordination of the supervisors through the sealed store hosted by node 0.
 
-Keys (values are JSON):
-  run/first_attempt            attempt number of this job's first attempt (set by node 0)
-  stop                         first stop request {kind, node, reason} (preemption); never cleared
-  a/{A}/master_port            rank 0's process-group port for attempt A (node 0)
-  a/{A}/ready                  counter: supervisors ready to spawn attempt A (the barrier)
-  a/{A}/restart                first restart request of attempt A {node, rank, kind, reason}
-  a/{A}/report/{N}             node N's account of how attempt A ended on it
-  a/{A}/decision               node 0's verdict for attempt A: restart (with backoff) or stop (exit code)
-  a/{A}/ack                    counter: supervisors that read the final decision (node 0 waits before exiting)
-  status/{N}                   node N's latest status summary (node 0 merges them into status.json)
+The real supervisor (daemon.py) and the scale simulator (simulate.py) both drive this class, so the
+bench measures the code that runs in production.
+
+Keys (values sealed, see auth.py; `N` is a node, `A` an attempt):
+  ctl                          wake-up counter, bumped after every write the others wait for: a node
+                               polls it (one round trip) and reads the keys below only when it moved
+  run/first_attempt            attempt number of this job's first attempt (node 0)
+  stop                         first stop request {kind, reason, node, pid, host}; never cleared
+  a/A/master_port              rank 0's process-group port for attempt A (node 0)
+  a/A/ready/N                  node N is ready to spawn attempt A
+  a/A/go                       node 0 saw every node ready: the attempt's barrier is open
+  a/A/restart                  first restart request of attempt A {kind, rank, step, reason, node, pid, host}
+  a/A/report/N                 node N's account of how attempt A ended on it
+  a/A/decision                 node 0's verdict for attempt A: restart (with backoff) or stop (exit code)
+  a/A/ack/N                    node N read the final decision (node 0 keeps the store up until all did)
+  status/N                     node N's latest status summary (node 0 merges them into status.json)
 """
 
 from __future__ import annotations
 
-import json
-from datetime import timedelta
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
-
-import torch.distributed as dist
 
 from resilient.core.errors import ResilientError
 from resilient.core.exit_codes import ExitCode
+from resilient.supervisor.auth import Forged, Sealer
+from resilient.supervisor.config import SupervisorConfig
+from resilient.supervisor.store import SealedStore, connect_store, host_store
 from resilient.supervisor.topology import Topology
 
 
 class CoordinationLost(ResilientError):
     """The store on node 0 cannot be reached (its supervisor is gone)."""
 
-    exit_code = ExitCode.RANK_FAILED
+    exit_code = ExitCode.COORDINATOR_LOST
+
+
+@dataclass(frozen=True)
+class Intervals:
+    poll_s: float
+    """Store poll of a running attempt (one round trip)."""
+    wait_s: float
+    """Store poll while waiting at a barrier or for a decision."""
+    leader_wait_s: float
+    """Node 0's poll while it waits for every node (one round trip whatever the node count)."""
+    status_s: float
+    """Each node's status publication."""
+    merge_s: float
+    """Node 0's merge of every node's status into status.json (its CPU grows with the node count)."""
+    reason: str
+
+
+# Merging 1024 node summaries every second took ~20% of a core on node 0 in bench/scale (opening, parsing,
+# writing 8192 ranks); at most 512 a second bounds that share whatever the node count.
+_MERGED_NODES_PER_S = 512
+
+
+def intervals(nnodes: int, cfg: SupervisorConfig) -> Intervals:
+    """Per-node store poll and status intervals that keep the store within `cfg.store_ops_budget`:
+    at steady state half of it for the wake-up polls (one round trip each) and a quarter for status
+    writes; the waits of a restart (a second or so) poll up to 4x faster within the same half."""
+    poll = max(cfg.poll_interval_s, nnodes / (0.5 * cfg.store_ops_budget))
+    wait = max(cfg.poll_interval_s / 4, nnodes / (0.5 * cfg.store_ops_budget))
+    status = max(cfg.status_interval_s, nnodes / (0.25 * cfg.store_ops_budget))
+    merge = max(status, nnodes / _MERGED_NODES_PER_S)
+    load = nnodes / poll + nnodes / status
+    return Intervals(poll, wait, cfg.poll_interval_s / 4, status, merge,
+                     f"{nnodes} node(s) poll every {poll:.3g}s (waits: {wait:.3g}s) and publish status every "
+                     f"{status:.3g}s: ~{load:.0f} store ops/s of the {cfg.store_ops_budget:g} budget; "
+                     f"status.json every {merge:.3g}s")
 
 
 def _guard(fn):
     def wrapped(self, *args, **kwargs):
         try:
             return fn(self, *args, **kwargs)
-        except (RuntimeError, OSError) as err:  # DistStoreError / DistNetworkError subclass RuntimeError
+        except (RuntimeError, OSError, Forged) as err:  # DistStoreError / DistNetworkError subclass RuntimeError
             raise CoordinationLost(f"coordination store at {self.address} lost: {str(err).splitlines()[0]}") from None
     return wrapped
 
 
 class Coordinator:
-    def __init__(self, topo: Topology, timeout_s: float) -> None:
-        self.address = f"{topo.master_addr}:{topo.store_port}"
-        try:
-            self._store = dist.TCPStore(
-                topo.master_addr, topo.store_port, is_master=topo.node_rank == 0,
-                timeout=timedelta(seconds=timeout_s), wait_for_workers=False,
-            )
-        except (RuntimeError, OSError) as err:
-            raise CoordinationLost(f"cannot reach the coordination store at {self.address}: "
-                                   f"{str(err).splitlines()[0]}") from None
-        self.port = self._store.port
-        self.node = topo.node_rank
+    def __init__(self, store: SealedStore, node: int, nnodes: int, cfg: SupervisorConfig, address: str,
+                 host: str | None = None) -> None:
+        self.store, self.node, self.nnodes, self.address = store, node, nnodes, address
+        self.intervals = intervals(nnodes, cfg)
+        self.wait_s = self.intervals.leader_wait_s if node == 0 else self.intervals.wait_s
+        self.origin = {"node": node, "pid": os.getpid(), "host": host or socket.gethostname()}
+        self._ctl: int | None = None
+        self._cache: dict[str, Any] = {}
+        self._missed_at: dict[str, int | None] = {}
+        self._status_seen: set[int] = set()
+        self._status_blobs: dict[int, tuple[bytes, dict[str, Any]]] = {}
+        self._last_status: dict[str, Any] | None = None
+        self._listener: socket.socket | None = None
 
-    def _get(self, key: str) -> Any | None:
-        if not self._store.check([key]):
+    @classmethod
+    def open(cls, topo: Topology, cfg: SupervisorConfig, sealer: Sealer,
+             on_forged: Callable[[str, str], None]) -> "Coordinator":
+        """Node 0 hosts the store on the job's named address; every node connects to it."""
+        address = f"{topo.master_addr}:{topo.store_port}"
+        listener = None
+        try:
+            if topo.node_rank == 0:
+                raw, listener = host_store(topo.master_addr, topo.store_port, cfg.store_timeout_s)
+                address = f"{topo.master_addr}:{raw.port}"
+            else:
+                raw = connect_store(topo.master_addr, topo.store_port, cfg.store_timeout_s)
+        except (RuntimeError, OSError) as err:
+            raise CoordinationLost(f"cannot reach the coordination store at {address}: "
+                                   f"{str(err).splitlines()[0]}") from None
+        coord = cls(SealedStore(raw, sealer, on_forged), topo.node_rank, topo.nnodes, cfg, address, topo.node_name)
+        coord._listener = listener
+        return coord
+
+    @property
+    def port(self) -> int:
+        return self.store.raw.port
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+
+    # -- the wake-up key ---------------------------------------------------------------------------
+
+    def _refresh(self) -> None:
+        self._ctl = self.store.counter("ctl")
+
+    def _publish(self, key: str, value: Any) -> None:
+        """Write a key others wait for, then wake them (the order makes a reader that sees the new
+        counter also see the key)."""
+        self.store.set(key, value)
+        self.store.counter("ctl", 1)
+
+    def _watched(self, key: str) -> Any | None:
+        """A write-once key, read only when the wake-up counter moved since it was last found missing."""
+        if key in self._cache:
+            return self._cache[key]
+        if key in self._missed_at and self._missed_at[key] == self._ctl:
             return None
-        return json.loads(self._store.get(key))
+        got = self.store.get(key)
+        if got is None:
+            self._missed_at[key] = self._ctl
+        else:
+            self._cache[key] = got
+        return got
 
     def _first_wins(self, key: str, value: dict[str, Any]) -> bool:
-        mine = json.dumps(value, sort_keys=True)
-        return self._store.compare_set(key, "", mine).decode() == mine
+        won, _ = self.store.first_wins(key, {**value, **self.origin})
+        if won:
+            self.store.counter("ctl", 1)
+        return won
+
+    # -- the job ---------------------------------------------------------------------------------
 
     @_guard
     def publish_first_attempt(self, attempt: int) -> None:
-        self._store.set("run/first_attempt", json.dumps(attempt))
+        self._publish("run/first_attempt", attempt)
 
     @_guard
     def first_attempt(self) -> int | None:
-        return self._get("run/first_attempt")
+        self._refresh()
+        return self._watched("run/first_attempt")
 
     @_guard
     def request_stop(self, kind: str, reason: str) -> bool:
         """Ask every supervisor to stop (preemption); True if this was the first request."""
-        return self._first_wins("stop", {"kind": kind, "node": self.node, "reason": reason})
+        return self._first_wins("stop", {"kind": kind, "reason": reason})
 
     @_guard
     def stop_requested(self) -> dict[str, Any] | None:
-        return self._get("stop")
+        self._refresh()
+        return self._watched("stop")
+
+    # -- an attempt --------------------------------------------------------------------------------
 
     @_guard
     def publish_master_port(self, attempt: int, port: int) -> None:
-        self._store.set(f"a/{attempt}/master_port", json.dumps(port))
+        self.store.set(f"a/{attempt}/master_port", port)  # written before node 0 arrives: no wake-up needed
 
     @_guard
     def master_port(self, attempt: int) -> int | None:
-        return self._get(f"a/{attempt}/master_port")
+        return self.store.get(f"a/{attempt}/master_port")
 
     @_guard
     def arrive(self, attempt: int) -> None:
-        self._store.add(f"a/{attempt}/ready", 1)
+        self.store.set(f"a/{attempt}/ready/{self.node}", self.node)
 
     @_guard
-    def arrived(self, attempt: int) -> int:
-        return self._store.add(f"a/{attempt}/ready", 0)
+    def barrier(self, attempt: int) -> str | None:
+        """'stop', 'restart' or 'go' once attempt `attempt` may (not) start; None while waiting.
+        Node 0 opens the barrier when every node's sealed ready key is present and genuine."""
+        self._refresh()
+        if self._watched("stop") is not None:
+            return "stop"
+        if self._watched(f"a/{attempt}/restart") is not None:
+            return "restart"
+        if self.node == 0 and f"a/{attempt}/go" not in self._cache:
+            keys = [f"a/{attempt}/ready/{n}" for n in range(self.nnodes)]
+            if self.store.all_present(keys) and self.store.get_many(keys) == list(range(self.nnodes)):
+                self._publish(f"a/{attempt}/go", True)
+        return "go" if self._watched(f"a/{attempt}/go") else None
 
     @_guard
     def request_restart(self, attempt: int, **failure: Any) -> bool:
         """Post a restart request for `attempt`; True if this supervisor's failure is the one recorded."""
-        return self._first_wins(f"a/{attempt}/restart", {"node": self.node, **failure})
+        return self._first_wins(f"a/{attempt}/restart", failure)
 
     @_guard
     def restart_requested(self, attempt: int) -> dict[str, Any] | None:
-        return self._get(f"a/{attempt}/restart")
+        self._refresh()
+        return self._watched(f"a/{attempt}/restart")
+
+    @_guard
+    def poll(self, attempt: int) -> str | None:
+        """The running attempt's one round trip per poll interval: 'stop', 'restart' or None."""
+        self._refresh()
+        if self._watched("stop") is not None:
+            return "stop"
+        if self._watched(f"a/{attempt}/restart") is not None:
+            return "restart"
+        return None
+
+    # -- the end of an attempt ---------------------------------------------------------------------
 
     @_guard
     def report(self, attempt: int, report: dict[str, Any]) -> None:
-        self._store.set(f"a/{attempt}/report/{self.node}", json.dumps(report))
+        self.store.set(f"a/{attempt}/report/{self.node}", report)
 
     @_guard
-    def reports(self, attempt: int, nnodes: int) -> dict[int, dict[str, Any]]:
+    def all_reports(self, attempt: int) -> dict[int, dict[str, Any]] | None:
+        """Every node's report once all are in (node 0), else None."""
+        keys = [f"a/{attempt}/report/{n}" for n in range(self.nnodes)]
+        if not self.store.all_present(keys):
+            return None
+        got = self.store.get_many(keys)
+        return None if any(r is None for r in got) else dict(enumerate(got))
+
+    @_guard
+    def reports(self, attempt: int) -> dict[int, dict[str, Any]]:
+        """The reports that are in (after a timeout: one round trip per node)."""
         out = {}
-        for n in range(nnodes):
-            got = self._get(f"a/{attempt}/report/{n}")
+        for n in range(self.nnodes):
+            got = self.store.get(f"a/{attempt}/report/{n}")
             if got is not None:
                 out[n] = got
         return out
 
     @_guard
     def publish_decision(self, attempt: int, decision: dict[str, Any]) -> None:
-        self._store.set(f"a/{attempt}/decision", json.dumps(decision))
+        self._publish(f"a/{attempt}/decision", decision)
 
     @_guard
     def decision(self, attempt: int) -> dict[str, Any] | None:
-        return self._get(f"a/{attempt}/decision")
+        self._refresh()
+        return self._watched(f"a/{attempt}/decision")
 
     @_guard
     def ack(self, attempt: int) -> None:
-        self._store.add(f"a/{attempt}/ack", 1)
+        self.store.set(f"a/{attempt}/ack/{self.node}", self.node)
 
     @_guard
-    def acks(self, attempt: int) -> int:
-        return self._store.add(f"a/{attempt}/ack", 0)
+    def all_acked(self, attempt: int) -> bool | None:
+        return True if self.store.all_present([f"a/{attempt}/ack/{n}" for n in range(self.nnodes)]) else None
+
+    # -- status ------------------------------------------------------------------------------------
 
     @_guard
     def publish_status(self, summary: dict[str, Any]) -> None:
-        self._store.set(f"status/{self.node}", json.dumps(summary))
+        """Publish this node's summary; an unchanged one is not sent again (a status delta)."""
+        if summary != self._last_status:
+            self.store.set(f"status/{self.node}", summary)
+            self._last_status = summary
 
     @_guard
-    def node_statuses(self, nnodes: int) -> dict[int, dict[str, Any]]:
-        return {n: s for n in range(nnodes) if (s := self._get(f"status/{n}")) is not None}
+    def node_statuses(self) -> dict[int, dict[str, Any]]:
+        """Every published node summary (node 0). One multi_get for the nodes seen before; only a changed
+        value is opened and parsed again."""
+        unseen = [n for n in range(self.nnodes) if n not in self._status_seen]
+        if unseen and self.store.all_present([f"status/{n}" for n in unseen]):
+            self._status_seen.update(unseen)
+        elif unseen:
+            for n in unseen:
+                if self.store.all_present([f"status/{n}"]):
+                    self._status_seen.add(n)
+        nodes = sorted(self._status_seen)
+        keys = [f"status/{n}" for n in nodes]
+        if keys:
+            self.store.ops += 1
+            for n, key, blob in zip(nodes, keys, self.store.raw.multi_get(keys)):
+                if n in self._status_blobs and self._status_blobs[n][0] == blob:
+                    continue
+                value = self.store._open(key, blob)
+                if value is not None:
+                    self._status_blobs[n] = (blob, value)
+        return {n: self._status_blobs[n][1] for n in nodes if n in self._status_blobs}
+
+
+@dataclass(frozen=True)
+class AttemptSummary:
+    """What the nodes' reports say about an ended attempt (node 0's input to decisions.decide)."""
+
+    start_step: int | None
+    reached_step: int | None
+    all_finished: bool
+    preempted: bool
+    unhealthy: str | None
+    missing_nodes: tuple[int, ...]
+
+
+def summarize_reports(reports: dict[int, dict[str, Any]], nnodes: int) -> AttemptSummary:
+    starts = [r["start_step"] for r in reports.values() if r["start_step"] is not None]
+    reached = [r["reached_step"] for r in reports.values() if r["reached_step"] is not None]
+    return AttemptSummary(
+        start_step=min(starts, default=None), reached_step=max(reached, default=None),
+        all_finished=len(reports) == nnodes and all(r["outcome"] == "finished" for r in reports.values()),
+        preempted=any(r["outcome"] == "preempted" for r in reports.values()),
+        unhealthy=next((r["unhealthy"] for r in reports.values() if r["unhealthy"]), None),
+        missing_nodes=tuple(n for n in range(nnodes) if n not in reports),
+    )

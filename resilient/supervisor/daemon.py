@@ -36,7 +36,8 @@ from resilient.rank.heartbeat import HeartbeatServer
 from resilient.report.rank_steps import RankStepLog
 from resilient.supervisor import decisions, failures, incidents, progress, publishing
 from resilient.supervisor.config import RankProtocol
-from resilient.supervisor.coordination import CoordinationLost, Coordinator
+from resilient.supervisor.auth import Sealer, load_or_create_secret
+from resilient.supervisor.coordination import CoordinationLost, Coordinator, summarize_reports
 from resilient.supervisor.decisions import Outcome
 from resilient.supervisor.failures import Failure, FailureKind
 from resilient.supervisor.hooks import NodeHooks
@@ -73,7 +74,9 @@ class Supervisor:
         self.metrics_port: int | None = None
         self._signal: str | None = None
         self._stop_seen = False
-        self._status_due = publishing.Throttle(self.scfg.status_interval_s)
+        self._status_due = publishing.Throttle(self.scfg.status_interval_s)  # the store's pace once it is open
+        self._merge_due = publishing.Throttle(self.scfg.status_interval_s)
+        self._forged_keys: set[str] = set()
         self.coord: Coordinator | None = None
         self.server: HeartbeatServer | None = None
         self.hooks = NodeHooks(cfg, topo.node_name, run_dir, is_node0=self.node == 0)
@@ -91,6 +94,8 @@ class Supervisor:
         except CoordinationLost as err:
             self.coord = None  # status stays local from here on
             self._record_failure(self._failure(FailureKind.SUPERVISOR, None, str(err)))
+            ledger.append(self.run_dir, LedgerEvent.COORDINATOR_LOST, node=self.node, attempt=self.attempt,
+                          reason=str(err))
             stop_all(self.ranks, self.scfg.termination_grace_s)
             outcome = Outcome.PREEMPTED if self._stop_seen else Outcome.COORDINATION_LOST
             self._set_state(outcome)
@@ -112,7 +117,10 @@ class Supervisor:
             atomic_write(self.config_path, dump_config(self.cfg))
         self.metrics_port = self.hooks.start()
         self.server = HeartbeatServer(RunDir(self.run_dir).heartbeat_socket(self.node))
-        self.coord = Coordinator(self.topo, self.scfg.store_timeout_s)
+        sealer = Sealer(load_or_create_secret(self.run_dir), self.topo.instance)
+        self.coord = Coordinator.open(self.topo, self.scfg, sealer, self._on_forged)
+        self._status_due.interval_s = self.coord.intervals.status_s
+        self._merge_due.interval_s = self.coord.intervals.merge_s
         if self.node == 0:
             self.coord.publish_first_attempt(_next_attempt(self.run_dir))
         first = self._wait_for(self.coord.first_attempt, self.scfg.store_timeout_s)
@@ -174,14 +182,9 @@ class Supervisor:
 
     def _barrier(self) -> _Gate | None:
         assert self.coord is not None
-        if self.coord.stop_requested() is not None:
-            self._stop_seen = True
-            return _Gate.STOP
-        if self.coord.restart_requested(self.attempt) is not None:
-            return _Gate.RESTART
-        if self.coord.arrived(self.attempt) >= self.topo.nnodes:
-            return _Gate.GO
-        return None
+        gate = self.coord.barrier(self.attempt)
+        self._stop_seen = self._stop_seen or gate == "stop"
+        return None if gate is None else _Gate(gate)
 
     def _spawn_ranks(self) -> None:
         assert self.coord is not None and self.server is not None
@@ -215,7 +218,7 @@ class Supervisor:
         next_store_poll = 0.0
         try:
             while True:
-                events = sel.select(self.scfg.poll_interval_s)
+                events = sel.select(self.coord.intervals.poll_s)
                 now = time.monotonic()
                 for key, _ in events:
                     if isinstance(key.data, RankProcess):
@@ -251,10 +254,14 @@ class Supervisor:
                 if all(r.returncode == 0 for r in self.ranks):
                     return NodeOutcome.FINISHED
                 if now >= next_store_poll:
-                    next_store_poll = now + self.scfg.poll_interval_s
-                    if self.coord.stop_requested() is not None:
-                        preempt_deadline = self._begin_preempt("stop requested by another supervisor", now)
-                    elif (request := self.coord.restart_requested(self.attempt)) is not None:
+                    next_store_poll = now + self.coord.intervals.poll_s
+                    seen = self.coord.poll(self.attempt)  # one round trip unless something was posted
+                    if seen == "stop":
+                        stop = self.coord.stop_requested() or {}
+                        preempt_deadline = self._begin_preempt(
+                            f"stop requested by node {stop.get('node')} ({stop.get('host')}, pid {stop.get('pid')}): "
+                            f"{stop.get('reason')}", now)
+                    elif seen == "restart" and (request := self.coord.restart_requested(self.attempt)) is not None:
                         # Another node's hang: add this node's stacks to its incident before teardown.
                         incidents.capture(self.run_dir, self.attempt, request.get("kind", ""), request.get("rank"),
                                           request.get("reason", ""), incidents.targets(self.ranks, self.tracker.views),
@@ -313,8 +320,8 @@ class Supervisor:
         assert self.coord is not None
         self._set_state(State.DECIDING)
         if self.node == 0:
-            reports = self._wait_for(lambda: self._all_reports(), self.scfg.store_timeout_s)
-            reports = reports or self.coord.reports(self.attempt, self.topo.nnodes)
+            reports = self._wait_for(lambda: self.coord.all_reports(self.attempt), self.scfg.store_timeout_s)
+            reports = reports or self.coord.reports(self.attempt)
             self.coord.publish_decision(self.attempt, self._node0_decision(reports))
         decision = self._wait_for(lambda: self.coord.decision(self.attempt), self.scfg.store_timeout_s)
         if decision is None:
@@ -324,35 +331,27 @@ class Supervisor:
             self.last_failure = failure
         return decision
 
-    def _all_reports(self) -> dict[int, dict[str, Any]] | None:
-        reports = self.coord.reports(self.attempt, self.topo.nnodes)
-        return reports if len(reports) == self.topo.nnodes else None
-
     def _node0_decision(self, reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        starts = [r["start_step"] for r in reports.values() if r["start_step"] is not None]
-        reached = [r["reached_step"] for r in reports.values() if r["reached_step"] is not None]
-        progressed, _ = decisions.made_progress(min(starts, default=None), max(reached, default=None))
+        summary = summarize_reports(reports, self.topo.nnodes)
+        progressed, _ = decisions.made_progress(summary.start_step, summary.reached_step)
         self.no_progress_streak = 0 if progressed else self.no_progress_streak + 1
         stop = self.coord.stop_requested()
-        outcomes = [NodeOutcome(r["outcome"]) for r in reports.values()]
         state = decisions.JobState(
-            restarts_done=self.restarts,
-            no_progress_streak=self.no_progress_streak,
-            all_finished=all(o is NodeOutcome.FINISHED for o in outcomes) and len(reports) == self.topo.nnodes,
-            preempted=stop is not None or NodeOutcome.PREEMPTED in outcomes,
-            unhealthy=next((r["unhealthy"] for r in reports.values() if r["unhealthy"]), None),
-            missing_nodes=tuple(n for n in range(self.topo.nnodes) if n not in reports),
+            restarts_done=self.restarts, no_progress_streak=self.no_progress_streak,
+            all_finished=summary.all_finished, preempted=stop is not None or summary.preempted,
+            unhealthy=summary.unhealthy, missing_nodes=summary.missing_nodes,
         )
         d = decisions.decide(state, self.scfg)
-        step = max(reached, default=None)
+        step = summary.reached_step
         failure = self.coord.restart_requested(self.attempt)
         if d.restart:
             ledger.append(self.run_dir, LedgerEvent.RESTART, attempt=self.attempt + 1, backoff_seconds=d.backoff_s,
-                          reason=f"{failure['reason'] if failure else 'restart'}; {d.reason}")
+                          reason=f"{failure['reason'] if failure else 'restart'}; {d.reason}", origin=_origin(failure))
         elif d.outcome is Outcome.FINISHED:
             ledger.append(self.run_dir, LedgerEvent.FINISHED, step=step)
         elif d.outcome is Outcome.PREEMPTED:
-            ledger.append(self.run_dir, LedgerEvent.PREEMPTED, step=step, node=stop["node"] if stop else self.node)
+            ledger.append(self.run_dir, LedgerEvent.PREEMPTED, step=step, node=stop["node"] if stop else self.node,
+                          origin=_origin(stop), reason=stop["reason"] if stop else None)
         else:
             ledger.append(self.run_dir, LedgerEvent.GAVE_UP, reason=d.reason, exit_code=int(d.exit_code))
         return {"restart": d.restart, "exit_code": int(d.exit_code), "reason": d.reason, "backoff_s": d.backoff_s,
@@ -365,7 +364,7 @@ class Supervisor:
         self._set_state(outcome)
         self.coord.ack(self.attempt)
         if self.node == 0 and self.topo.nnodes > 1:
-            self._wait_for(lambda: True if self.coord.acks(self.attempt) >= self.topo.nnodes else None, _ACK_WAIT_S)
+            self._wait_for(lambda: self.coord.all_acked(self.attempt), _ACK_WAIT_S)
             self._write_status()
         return self._exit_code(outcome, decision["reason"])
 
@@ -379,7 +378,8 @@ class Supervisor:
     def _set_state(self, state: State | Outcome) -> None:
         self.state = state
         self.hooks.set_state(str(state), self.attempt)
-        self._status_due.force()  # publish every state change at once
+        self._status_due.force()  # publish (and on node 0 merge) every state change at once
+        self._merge_due.force()
         self._maybe_publish_status()
 
     def _maybe_publish_status(self) -> None:
@@ -391,15 +391,23 @@ class Supervisor:
             if row["heartbeat_age_s"] is not None and row["exit_code"] is None:
                 self.hooks.heartbeat_age(row["rank"], row["heartbeat_age_s"])
         self.coord.publish_status(publishing.node_status(self.topo, self.state, rows, self.metrics_port))
-        if self.node == 0:
+        if self.node == 0 and self._merge_due.due():
             self._write_status()
 
     def _write_status(self) -> None:
-        publishing.write_run_status(self.run_dir, self.coord.node_statuses(self.topo.nnodes), state=self.state,
+        publishing.write_run_status(self.run_dir, self.coord.node_statuses(), state=self.state,
                                     attempt=self.attempt, reached_step=self.tracker.reached_step,
-                                    restarts=self.restarts, last_failure=self.last_failure)
+                                    restarts=self.restarts, last_failure=self.last_failure,
+                                    stop=self.coord.stop_requested())
 
     # -- waiting, signals, files -------------------------------------------------------------------
+
+    def _on_forged(self, key: str, reason: str) -> None:
+        """A store value that fails authentication: ignored, and recorded once per key."""
+        if key not in self._forged_keys:
+            self._forged_keys.add(key)
+            ledger.append(self.run_dir, LedgerEvent.AUTH_REJECTED, node=self.node, key=key, reason=reason)
+            print(f"resilient: node {self.node}: rejected coordination value: {reason}", file=sys.stderr)
 
     def _install_signals(self) -> None:
         self._wake_r, wake_w = socket.socketpair()
@@ -442,8 +450,14 @@ class Supervisor:
             self._maybe_publish_status()
             with selectors.DefaultSelector() as sel:
                 sel.register(self._wake_r, selectors.EVENT_READ)
-                sel.select(min(self.scfg.poll_interval_s, max(0.0, deadline - time.monotonic())))
+                poll = self.coord.wait_s if self.coord is not None else self.scfg.poll_interval_s
+                sel.select(min(poll, max(0.0, deadline - time.monotonic())))
             self._drain_wakeups()
+
+
+def _origin(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Who (authenticated) asked for a stop or restart."""
+    return None if record is None else {k: record.get(k) for k in ("node", "host", "pid")}
 
 
 def _next_attempt(run_dir: Path) -> int:

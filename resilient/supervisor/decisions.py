@@ -120,7 +120,8 @@ _EXIT_CODES = {
     Outcome.UNHEALTHY: (ExitCode.UNHEALTHY_NODE, "a node failed its health check; requeue without it"),
     Outcome.BUDGET_EXHAUSTED: (ExitCode.RESTART_BUDGET_EXHAUSTED, "restart budget exhausted; do not requeue"),
     Outcome.NO_PROGRESS: (ExitCode.NO_PROGRESS, "attempts keep failing without progress; do not requeue"),
-    Outcome.COORDINATION_LOST: (ExitCode.RANK_FAILED, "lost the coordination store (node 0's supervisor is gone)"),
+    Outcome.COORDINATION_LOST: (ExitCode.COORDINATOR_LOST,
+                                "lost the job's coordination (node 0's supervisor, or a node's report); requeue"),
 }
 
 

@@ -36,7 +36,8 @@ def node_status(topo: Topology, state: str, rows: list[dict[str, Any]], metrics_
 
 
 def write_run_status(run_dir: Path, nodes: Mapping[int, dict[str, Any]], *, state: str, attempt: int,
-                     reached_step: int | None, restarts: int, last_failure: dict[str, Any] | None) -> None:
+                     reached_step: int | None, restarts: int, last_failure: dict[str, Any] | None,
+                     stop: dict[str, Any] | None = None) -> None:
     """Node 0: merge every node's published status into RUN_DIR/status.json."""
     ranks = sorted((r for s in nodes.values() for r in s["ranks"]), key=lambda r: r["rank"])
     steps = [r["step"] for r in ranks if r["step"] is not None]
@@ -44,7 +45,7 @@ def write_run_status(run_dir: Path, nodes: Mapping[int, dict[str, Any]], *, stat
     write_status(run_dir, {
         "state": str(state), "attempt": attempt, "step": max(steps, default=reached_step),
         "last_checkpoint": saves[-1] if saves else None, "restarts": restarts,
-        "last_failure": last_failure, "nodes": {str(n): s["state"] for n, s in nodes.items()},
+        "last_failure": last_failure, "stop": stop, "nodes": {str(n): s["state"] for n, s in nodes.items()},
         "metrics_ports": {s["node_name"]: s["metrics_port"] for s in nodes.values()}, "ranks": ranks,
     })
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from resilient.rank.env import node_name
 from resilient.core.errors import ConfigError
@@ -18,6 +19,22 @@ class Topology:
     """Host of node 0: its supervisor hosts the coordination store, its first rank the process group."""
     store_port: int
     node_name: str
+    instance: str = field(default_factory=lambda: secrets.token_hex(8))
+    """This job instance, the same on every node and new on every requeue: sealed store values are bound
+    to it, so a value recorded in an earlier job cannot be replayed into this one."""
+
+
+def job_instance(env: Mapping[str, str], nnodes: int) -> str:
+    """Slurm's job id and restart count; one machine: a fresh random id (no other node must agree);
+    several nodes outside Slurm: RESILIENT_JOB_INSTANCE, which the launcher must set the same everywhere."""
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm:{env['SLURM_JOB_ID']}.{env.get('SLURM_RESTART_COUNT', '0')}"
+    if env.get("RESILIENT_JOB_INSTANCE"):
+        return f"env:{env['RESILIENT_JOB_INSTANCE']}"
+    if nnodes == 1:
+        return f"local:{secrets.token_hex(8)}"
+    raise ConfigError("RESILIENT_JOB_INSTANCE must be set (the same on every node, new per job) "
+                      "for several nodes outside Slurm")
 
 
 def first_host(nodelist: str) -> str:
@@ -62,4 +79,4 @@ def resolve_topology(env: Mapping[str, str], *, node_rank: int | None, nnodes: i
     port = master_port if master_port is not None else default_port
     if not 0 <= port <= 65535 or (port == 0 and count > 1):
         raise ConfigError(f"store port {port} is not usable for {count} node(s)")
-    return Topology(rank, count, addr, port, node_name(env))
+    return Topology(rank, count, addr, port, node_name(env), job_instance(env, count))

@@ -156,3 +156,37 @@ def test_unhealthy_node_is_excluded_drained_and_the_run_finishes_on_the_other(sl
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["nodes"] == 1
     assert events(run_dir, "finished")[-1]["step"] == STEPS
     assert events(run_dir, "job_end")[-1]["state"] == "finished"
+
+
+def _supervisor_of_node(job_id: str, node: int):
+    """The `resilient supervise` process of `node` in job `job_id` (slurmd runs every node on this host)."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline, env = proc.info["cmdline"] or [], proc.environ()
+            # the step's task, not the batch script's srun (same command line and job environment)
+            if "supervise" in cmdline and "srun" not in cmdline[0] and env.get("SLURM_JOB_ID") == job_id \
+                    and env.get("SLURM_PROCID") == str(node) and env.get("SLURM_NODEID") == str(node):
+                return proc
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_losing_node0s_supervisor_stops_every_node_and_requeues(slurm_cluster, tmp_path):
+    """Node 0 hosts the coordination store: when its supervisor dies, node 1 stops its ranks, records
+    `coordinator_lost` and exits COORDINATOR_LOST; the job requeues itself and finishes."""
+    config, run_dir = write_run_config(tmp_path, "node0-lost")
+    job_id = launch(slurm_cluster, config)
+    wait_until(lambda: last_step(run_dir) >= 3, 240, "training to reach step 3")
+    node0 = wait_until(lambda: _supervisor_of_node(job_id, 0), 30, "node 0's supervisor")
+    node0.kill()
+
+    job = finished_job(slurm_cluster, job_id, run_dir)
+    assert job["Restarts"] == "1"
+    [lost] = events(run_dir, "coordinator_lost")
+    assert lost["node"] == 1 and "coordination store" in lost["reason"]
+    assert [r["cause"] for r in events(run_dir, "requeue")] == ["crash"]
+    assert "exit 81: lost the job's coordination" in logs(run_dir)
+    assert events(run_dir, "job_end")[-1]["state"] == "finished" and last_step(run_dir) == STEPS

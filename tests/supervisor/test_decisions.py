@@ -94,7 +94,7 @@ def test_stop_reasons_take_precedence_in_order():
     assert d.decide(d.JobState(9, 9, preempted=True), CFG).exit_code is ExitCode.PREEMPTED
     assert d.decide(d.JobState(9, 9, all_finished=True, preempted=True), CFG).exit_code is ExitCode.FINISHED
     lost = d.decide(d.JobState(0, 0, missing_nodes=(1,)), CFG)
-    assert lost.exit_code is ExitCode.RANK_FAILED and "node(s) 1" in lost.reason
+    assert lost.exit_code is ExitCode.COORDINATOR_LOST and "node(s) 1" in lost.reason
 
 
 @pytest.mark.parametrize("nodelist,host", [("gpu[007-012,20],cpu1", "gpu007"), ("n1,n2", "n1"), ("single", "single"),
@@ -104,14 +104,15 @@ def test_first_host_of_a_slurm_nodelist(nodelist, host):
 
 
 def test_topology_from_slurm_environment():
-    env = {"SLURM_NODEID": "2", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[10-13]", "SLURMD_NODENAME": "gpu12"}
+    env = {"SLURM_JOB_ID": "7", "SLURM_NODEID": "2", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[10-13]",
+           "SLURMD_NODENAME": "gpu12"}
     topo = resolve_topology(env, node_rank=None, nnodes=None, master_addr=None, master_port=None, default_port=29400)
     assert (topo.node_rank, topo.nnodes, topo.master_addr, topo.store_port, topo.node_name) == \
         (2, 4, "gpu10", 29400, "gpu12")
 
 
 def test_topology_flags_override_slurm():
-    env = {"SLURM_NODEID": "2", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[10-13]"}
+    env = {"SLURM_JOB_ID": "7", "SLURM_NODEID": "2", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[10-13]"}
     topo = resolve_topology(env, node_rank=1, nnodes=2, master_addr="h0", master_port=1234, default_port=29400)
     assert (topo.node_rank, topo.nnodes, topo.master_addr, topo.store_port) == (1, 2, "h0", 1234)
 

@@ -140,7 +140,8 @@ def test_two_supervisors_as_two_nodes_restart_together(tmp_path):
     run_dir, port = tmp_path / "run", _free_port()
     nodes = [start(["supervise", str(cfg), "--run-dir", str(run_dir), "--node-rank", str(n), "--nnodes", "2",
                     "--master-addr", "127.0.0.1", "--master-port", str(port)],
-                   env={"RESILIENT_NODE_NAME": f"fake{n}"}, log=tmp_path / f"node{n}.log")
+                   env={"RESILIENT_NODE_NAME": f"fake{n}", "RESILIENT_JOB_INSTANCE": run_dir.name + str(port)},
+                   log=tmp_path / f"node{n}.log")
              for n in (0, 1)]
     wait_until(_progress(run_dir, 0, 5), 60, "attempt 0 at step 5")
     wait_until(lambda: 1 in ranks_of(nodes[1].pid), 10, "rank 1 under node 1")

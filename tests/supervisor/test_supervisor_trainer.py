@@ -123,7 +123,7 @@ def test_two_nodes_restart_together_same_digest(tmp_path, reference):
     nodes = [start(["supervise", str(CONFIG), "--run-dir", str(run_dir), "--node-rank", str(n), "--nnodes", "2",
                     "--master-addr", "127.0.0.1", "--master-port", str(port), *sets],
                    # one intra-op thread per rank as in the reference run: CPU float sums depend on the thread count
-                   env={"RESILIENT_NODE_NAME": f"node{n}", "OMP_NUM_THREADS": "1"},
+                   env={"RESILIENT_NODE_NAME": f"node{n}", "OMP_NUM_THREADS": "1", "RESILIENT_JOB_INSTANCE": str(port)},
                    log=tmp_path / f"node{n}.log") for n in (0, 1)]
     wait_until(trained(run_dir, 0, 5), 400, "step 5")
     ranks_of(nodes[1].pid)[1].send_signal(signal.SIGKILL)

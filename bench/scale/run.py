@@ -1,0 +1,98 @@
+"""Scale benchmark of the supervisors' coordination: 2..1024 simulated nodes x 8 fake ranks, one run.
+
+    python bench/scale/run.py [--nodes 2 8 32 128 512 1024] [--steady-s 4] [--out bench/results/scale.json]
+
+For every node count N (resilient/supervisor/simulate.py: the real Coordinator, decisions and status code
+on one thread per node, node 0 hosting the real sealed TCPStore on 127.0.0.1):
+  ops/s        store round trips per second of all nodes together at steady state
+  fail->stop   a rank failure on the last node -> every node's ranks stopped
+  decide->go   node 0's restart decision -> every node past the next attempt's barrier
+  preempt      a preemption signal on node N/2 -> every node's ranks stopped
+  status KB    size of status.json (8N ranks); status s: wall (and CPU) time of `resilient status --json`
+  node0 CPU    node 0's coordination thread + the store server's threads, as a share of one core
+Then a power-law fit y ~ N^b of each column. All nodes share this process's interpreter and the
+machine's cores, so latencies here are upper bounds for one node per machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from resilient.supervisor.simulate import scenario  # noqa: E402
+
+COLUMNS = [("ops_per_s", "store ops/s", "{:.0f}"), ("fail_to_stop_s", "fail->all stopped s", "{:.2f}"),
+           ("decide_to_go_s", "decision->all past barrier s", "{:.2f}"),
+           ("preempt_to_stop_s", "preempt->all stopped s", "{:.2f}"),
+           ("status_kb", "status.json KB", "{:.0f}"), ("status_cmd_s", "`status --json` s", "{:.2f}"),
+           ("status_cmd_cpu_s", "`status` CPU s", "{:.2f}"), ("node0_cpu", "node 0 CPU share", "{:.1%}"),
+           ("poll_s", "poll interval s", "{:.3g}")]
+
+
+def status_command(run_dir: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of `resilient status RUN_DIR --json` as an operator runs it."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "resilient.cli", "status", str(run_dir), "--json"], cwd=REPO, check=True,
+                   stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def power_fit(ns: list[int], ys: list[float]) -> tuple[float, float]:
+    """Least-squares fit of log y = log a + b log N: (a, b)."""
+    pts = [(math.log(n), math.log(y)) for n, y in zip(ns, ys) if y > 0]
+    if len(pts) < 2:
+        return float("nan"), float("nan")
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    b = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    return math.exp(my - b * mx), b
+
+
+def table(rows: list[dict[str, float]]) -> str:
+    head = "| nodes | ranks | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (2 + len(COLUMNS))]
+    for r in rows:
+        lines.append(f"| {r['nodes']} | {r['ranks']} | " + " | ".join(fmt.format(r[k]) for k, _, fmt in COLUMNS) + " |")
+    ns = [r["nodes"] for r in rows]
+    fits = [power_fit(ns, [r[k] for r in rows]) for k, _, _ in COLUMNS]
+    lines.append("| fit y ~ N^b | | " + " | ".join(f"b={b:.2f}" for _, b in fits) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, nargs="+", default=[2, 8, 32, 128, 512, 1024])
+    parser.add_argument("--steady-s", type=float, default=4.0)
+    parser.add_argument("--out", type=Path, default=None, help="Write the rows and fits as JSON here.")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
+        for n in args.nodes:
+            run_dir = Path(tmp) / f"n{n}"
+            run_dir.mkdir(mode=0o700)
+            rows.append(scenario(n, run_dir, args.steady_s, status_probe=status_command))
+            print(json.dumps(rows[-1]), flush=True)
+    print(table(rows))
+    if args.out:
+        ns = [r["nodes"] for r in rows]
+        fits = {k: dict(zip(("a", "b"), power_fit(ns, [r[k] for r in rows]))) for k, _, _ in COLUMNS}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"rows": rows, "fits": fits}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
