@@ -48,13 +48,9 @@ def main() -> None:
         sys.exit(ex.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as err:  # click usage errors
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+    except typer.TyperException as err:  # usage errors: typer >= 0.29 bundles its own click
+        err.show()
+        sys.exit(err.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 
 

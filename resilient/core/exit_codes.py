@@ -25,3 +25,8 @@ class ExitCode(IntEnum):
     """`ckpt verify` found a damaged checkpoint, or no loadable checkpoint exists for --load-step."""
     RANK_FAILED = 80
     """A rank exited abnormally (used by ranks and by an unsupervised run)."""
+    RUN_DIR_BUSY = 81
+    """Another run holds this run directory (its lock, or an active Slurm job): touched nothing."""
+    STORAGE_FAULT = 82
+    """The checkpoint or run-dir filesystem is full or failing; the final step is not committed.
+    Not a node fault: requeueing elsewhere does not help until space is freed."""

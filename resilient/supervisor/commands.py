@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from resilient.config import RunConfig, load_config
+from resilient.core import lock as run_lock
 from resilient.core.errors import ConfigError
 from resilient.goodput import render as render_goodput
 from resilient.slurm.jobs import job_state
@@ -36,6 +37,10 @@ def _supervise(cfg: RunConfig, topo: Topology) -> None:
 
     if cfg.nodes != topo.nnodes:
         raise ConfigError(f"nodes: the config says {cfg.nodes} node(s) but the job has {topo.nnodes}")
+    if topo.node_rank == 0:
+        # Before any side effect (cleanup, socket, config.yaml): a second run on this dir touches nothing.
+        # Held until this process exits; other nodes join through node 0's store.
+        run_lock.acquire(cfg.run_dir, os.environ.get("SLURM_JOB_ID"))
     # sys.exit, not typer.Exit: in standalone_mode=False click returns typer.Exit's code instead of exiting.
     sys.exit(Supervisor(cfg, topo, cfg.run_dir).run())
 
