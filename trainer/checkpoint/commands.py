@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from resilient.core.errors import ConfigError
 from resilient.core.exit_codes import ExitCode
 from trainer.checkpoint import inspect as ck
 from trainer.checkpoint import layout, manifest
@@ -19,6 +20,8 @@ ckpt_app = typer.Typer(help="Inspect and check checkpoints (DIR is RUN_DIR or RU
 @ckpt_app.command("list")
 def list_cmd(directory: Path, as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
     """Every step directory, complete or not, and which one `latest` names."""
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: no such directory")
     rows = ck.listing(ck.resolve_root(directory))
     if as_json:
         print(json.dumps(rows, indent=1))
