@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from resilient.core import ledger
+from resilient.core import guarded, ledger
 from resilient.core.atomic import atomic_write
 from resilient.core.errors import ConfigError
 from resilient.goodput import GoodputReport, compute_goodput
@@ -19,9 +19,13 @@ from resilient.core.rundir import RunDir
 
 
 def write_status(run_dir: str | Path, status: dict[str, Any]) -> None:
-    """Replace RUN_DIR/status.json atomically (temp file + rename), owner-only."""
-    atomic_write(RunDir(run_dir).status, json.dumps({**status, "written_at": time.time()}, indent=1, default=str),
-                 durable=False)  # rewritten every few seconds; a lost update after a crash is harmless
+    """Replace RUN_DIR/status.json atomically (temp file + rename), owner-only. A full filesystem is
+    reported once and survived; the next status that gets written names the files that could not be."""
+    path = RunDir(run_dir).status
+    failed = guarded.failures()
+    payload = {**status, "written_at": time.time(), **({"storage_errors": failed} if failed else {})}
+    guarded.write(path, lambda: atomic_write(path, json.dumps(payload, indent=1, default=str),
+                                             durable=False))  # rewritten every few seconds
 
 
 def read_status(run_dir: str | Path) -> dict[str, Any]:
@@ -51,6 +55,8 @@ def render_status(status: dict[str, Any], console: Console, now: float | None = 
     if failure:
         console.print(f"last failure: {failure.get('kind')} rank {failure.get('rank')} node {failure.get('node')} "
                       f"step {failure.get('step')}: {failure.get('reason')}")
+    for path, err in (status.get("storage_errors") or {}).items():
+        console.print(f"storage: {err.get('lost_writes')} write(s) of {path} lost ({err.get('error')})")
     table = Table("rank", "node", "pid", "phase", "step", "heartbeat age")
     for r in status.get("ranks", []):
         table.add_row(str(r.get("rank")), str(r.get("node_name", r.get("node"))), str(r.get("pid")),

@@ -40,6 +40,8 @@ class LedgerEvent(StrEnum):
     """Node 0 decided to restart every rank (attempt, backoff)."""
     RUN_START = "run_start"
     """A supervisor started (node, attempt, pid)."""
+    STORAGE_FAULT = "storage_fault"
+    """Checkpoint storage is low, full or failing, or the final step is not committed (node, reason)."""
     STRAGGLER = "straggler"
     """A rank's compute time stood out."""
     SUBMITTED = "submitted"

@@ -113,6 +113,9 @@ class NodeMetrics:
     def on_failure(self, kind: str) -> None:
         self.m.failures.labels(self.node, kind).inc()
 
+    def on_storage_fault(self) -> None:
+        self.m.storage_faults.labels(self.node).inc()
+
     def on_restart(self) -> None:
         self.m.restarts.labels(self.node).inc()
 

@@ -40,6 +40,7 @@ from resilient.supervisor.ranks import RankProcess, free_port, spawn, stop_all
 from resilient.supervisor.topology import Topology
 from resilient.core.rundir import RunDir
 from resilient.core.events import LedgerEvent
+from trainer.checkpoint.layout import committed_steps
 
 T = TypeVar("T")
 # Coordinating a final decision: node 0 keeps the store up this long for the others to read it.
@@ -81,6 +82,7 @@ class Supervisor:
         self.metrics_port: int | None = None
         self._signal: str | None = None
         self._stop_seen = False
+        self._final_exit: tuple[int, str] | None = None  # a rank's CONFIG_ERROR / CHECKPOINT_DAMAGED exit
         self._next_status = 0.0
         self.coord: Coordinator | None = None
         self.server: HeartbeatServer | None = None
@@ -142,12 +144,15 @@ class Supervisor:
     def _one_attempt(self) -> None:
         """Run attempt `self.attempt` on this node until it ends here; its account goes to the store."""
         assert self.coord is not None
-        self.start_step = self.reached_step = None
+        self.start_step = self.reached_step = self._final_exit = None
         self._set_state("preflight")
-        unhealthy = self.hooks.preflight()
-        if unhealthy:
-            self._post_failure("health", None, unhealthy, latency=0.0)
-            return self._report("unhealthy", unhealthy=unhealthy)
+        verdict = self.hooks.preflight()
+        if verdict and verdict[0] == "storage":
+            self._storage_fault(verdict[1])
+            return self._report("preempted")
+        if verdict:
+            self._post_failure("health", None, verdict[1], latency=0.0)
+            return self._report("unhealthy", unhealthy=verdict[1])
         if self.node == 0:
             self.coord.publish_master_port(self.attempt, free_port())
         self._set_state("waiting")
@@ -235,8 +240,12 @@ class Supervisor:
                         return "preempted"
                     continue
                 failure = failure or self._exit_failure(exits) or self._hang_failure(now)
-                if failure is None and (reason := self.hooks.fatal_health()):
-                    failure = ("health", None, reason, 0.0)
+                verdict = self.hooks.fatal_health() if failure is None else None
+                if verdict and verdict[0] == "storage":  # save while there is room, then stop: not a node fault
+                    preempt_deadline = self._begin_preempt(self._storage_fault(verdict[1]), now, kind="storage")
+                    continue
+                if verdict:
+                    failure = ("health", None, verdict[1], 0.0)
                 if failure is not None:
                     kind, rank, reason, latency = failure
                     return self._post_failure(kind, rank, reason, latency)
@@ -252,10 +261,10 @@ class Supervisor:
         finally:
             sel.close()
 
-    def _begin_preempt(self, reason: str, now: float) -> float:
+    def _begin_preempt(self, reason: str, now: float, kind: str = "preempted") -> float:
         assert self.coord is not None
         self._stop_seen = True
-        self.coord.request_stop("preempted", f"node {self.node}: {reason}")
+        self.coord.request_stop(kind, f"node {self.node}: {reason}")
         self._set_state("preempting")
         for r in self.ranks:
             r.signal_rank(signal.SIGUSR1)
@@ -295,7 +304,10 @@ class Supervisor:
                 continue
             code = r.returncode
             how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-            return "rank_exit", r.spec.rank, f"rank {r.spec.rank} (pid {r.pid}) {how}", time.monotonic() - r.exited_at
+            reason = f"rank {r.spec.rank} (pid {r.pid}) {how}"
+            if decisions.rank_exit_is_final(code):
+                self._final_exit = (code, reason)
+            return "rank_exit", r.spec.rank, reason, time.monotonic() - r.exited_at
         return None
 
     def _hang_failure(self, now: float) -> tuple[str, int | None, str, float] | None:
@@ -334,12 +346,28 @@ class Supervisor:
         self.hooks.on_failure(kind)
         print(f"resilient: node {self.node} attempt {self.attempt}: {kind}: {reason}", file=sys.stderr)
 
+    # -- storage -----------------------------------------------------------------------------------
+
+    def _storage_fault(self, reason: str) -> str:
+        """Record storage trouble (ledger, metric, stderr) as its own fault class; returns the reason."""
+        ledger.append(self.run_dir, LedgerEvent.STORAGE_FAULT, node=self.node, step=self._current_step(), reason=reason)
+        self.hooks.on_storage_fault()
+        print(f"resilient: node {self.node}: storage fault: {reason}", file=sys.stderr, flush=True)
+        if self.coord is not None:
+            self.coord.request_stop("storage", reason)  # every node saves and stops; first request wins
+        return reason
+
+    def _newest_committed(self) -> int | None:
+        steps = committed_steps(self.cfg.checkpoint.root(self.run_dir))
+        return steps[-1] if steps else None
+
     # -- end of an attempt -------------------------------------------------------------------------
 
     def _report(self, outcome: str, unhealthy: str | None = None) -> None:
         assert self.coord is not None
         self.coord.report(self.attempt, {"outcome": outcome, "start_step": self.start_step,
-                                         "reached_step": self.reached_step, "unhealthy": unhealthy})
+                                         "reached_step": self.reached_step, "unhealthy": unhealthy,
+                                         "final_rank_exit": self._final_exit})
 
     def _decide(self) -> dict[str, Any]:
         """Node 0 turns every node's report into the decision; the others wait for it."""
@@ -367,10 +395,16 @@ class Supervisor:
         progressed, _ = decisions.made_progress(min(starts, default=None), max(reached, default=None))
         self.no_progress_streak = 0 if progressed else self.no_progress_streak + 1
         stop = self.coord.stop_requested()
+        all_finished = all(r["outcome"] == "finished" for r in reports.values()) and len(reports) == self.topo.nnodes
+        storage = stop["reason"] if stop and stop.get("kind") == "storage" else None
+        if all_finished and storage is None and self.cfg.checkpoint.save_on_finish:
+            committed, why = decisions.final_step_committed(self.cfg.train.steps, self._newest_committed())
+            storage = None if committed else self._storage_fault(why)
+        final_exit = next((tuple(r["final_rank_exit"]) for r in reports.values() if r.get("final_rank_exit")), None)
         state = decisions.JobState(
             restarts_done=self.restarts,
             no_progress_streak=self.no_progress_streak,
-            all_finished=all(r["outcome"] == "finished" for r in reports.values()) and len(reports) == self.topo.nnodes,
+            all_finished=all_finished, storage=storage, final_rank_exit=final_exit,
             preempted=stop is not None or any(r["outcome"] == "preempted" for r in reports.values()),
             unhealthy=next((r["unhealthy"] for r in reports.values() if r["unhealthy"]), None),
             missing_nodes=tuple(n for n in range(self.topo.nnodes) if n not in reports),

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from resilient.core.atomic import atomic_write
+from resilient.core.errors import CheckpointError
+from trainer.checkpoint import safe_pickle
 from trainer.checkpoint.layout import MARKER
 
 SUMS_PREFIX = ".sums.rank"
@@ -96,4 +98,11 @@ def verify(ckpt_dir: Path, *, checksums: bool, share: tuple[int, int] = (0, 1)) 
             return f"{ckpt_dir.name}/{name}: size {size} != {expected['size']} in the manifest"
         if checksums and i % count == index and hash_file(path) != expected["blake2b"]:
             return f"{ckpt_dir.name}/{name}: checksum mismatch (content changed after commit)"
+    # A manifest can be recomputed by whoever planted the files: the metadata pickle must also hold
+    # nothing but checkpoint metadata before torch unpickles it.
+    if safe_pickle.METADATA in manifest["files"]:
+        try:
+            safe_pickle.check_metadata(ckpt_dir)
+        except CheckpointError as err:
+            return str(err)
     return None
