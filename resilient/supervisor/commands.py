@@ -13,6 +13,7 @@ from rich.console import Console
 
 from resilient.config import RunConfig, load_config
 from resilient.core import lock as run_lock
+from resilient.core import permissions
 from resilient.core.errors import ConfigError
 from resilient.goodput import render as render_goodput
 from resilient.slurm.jobs import job_state
@@ -37,6 +38,9 @@ def _supervise(cfg: RunConfig, topo: Topology) -> None:
 
     if cfg.nodes != topo.nnodes:
         raise ConfigError(f"nodes: the config says {cfg.nodes} node(s) but the job has {topo.nnodes}")
+    permissions.require_private([cfg.run_dir, cfg.checkpoint.root(cfg.run_dir)],
+                                allowed=cfg.supervisor.allow_shared_dir,
+                                flag="--set supervisor.allow_shared_dir=true")
     if topo.node_rank == 0:
         # Before any side effect (cleanup, socket, config.yaml): a second run on this dir touches nothing.
         # Held until this process exits; other nodes join through node 0's store.

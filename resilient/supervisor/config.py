@@ -19,6 +19,9 @@ class SupervisorConfig(Section):
     """Ranks spawned on each node (GPUs per node on GPU clusters)."""
     rank_command: list[str] = Field(default_factory=_default_rank_command, min_length=1)
     """Command of one rank; the supervisor appends `--config RUN_DIR/config.yaml`."""
+    allow_shared_dir: bool = False
+    """Use a run or checkpoint directory that another user owns or can write (refused by default: that
+    user could plant checkpoints or configs)."""
     store_port: int = Field(29400, ge=0, le=65535)
     """TCP port of the coordination store on node 0 (`resilient run` picks a free one)."""
     store_timeout_s: float = Field(300.0, gt=0)
