@@ -28,6 +28,8 @@ class LedgerEvent(StrEnum):
     """A health check result that led to an action."""
     JOB_END = "job_end"
     """A Slurm job of the run ended (exit code, decision)."""
+    LR_SCHEDULE_CHANGED = "lr_schedule_changed"
+    """A resumed run's learning-rate schedule differs from the checkpoint's (changes: name -> [saved, now])."""
     NUMERIC_FAULT = "numeric_fault"
     """A NaN/Inf loss or a loss spike."""
     PREEMPTED = "preempted"

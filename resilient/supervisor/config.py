@@ -50,6 +50,9 @@ class SupervisorConfig(Section):
     step_timeout_window: int = Field(50, ge=1)
     """Recent step times the calibration looks at."""
 
+    done_grace_s: float = Field(20.0, gt=0)
+    """Once every local rank reported `done`, how long one may take to exit before it is stopped and the
+    attempt counts as finished (node 0 still requires the final step to be committed)."""
     termination_grace_s: float = Field(10.0, ge=0)
     """After SIGTERM to a rank's process group, wait this long before SIGKILL."""
     preempt_signal: str = "SIGUSR2"

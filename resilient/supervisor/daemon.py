@@ -29,7 +29,7 @@ from resilient.core import ledger
 from resilient.core.atomic import atomic_write
 from resilient.rank.heartbeat import HeartbeatServer
 from resilient.config import RunConfig, dump_config
-from resilient.core.errors import ResilientError
+from resilient.core.errors import ConfigError, ResilientError
 from resilient.core.exit_codes import ExitCode
 from resilient.status import write_status
 from resilient.supervisor import decisions
@@ -41,6 +41,7 @@ from resilient.supervisor.topology import Topology
 from resilient.core.rundir import RunDir
 from resilient.core.events import LedgerEvent
 from trainer.checkpoint.layout import committed_steps
+from trainer.checkpoint.manifest import recorded_mismatch
 
 T = TypeVar("T")
 # Coordinating a final decision: node 0 keeps the store up this long for the others to read it.
@@ -214,6 +215,7 @@ class Supervisor:
         for r in self.ranks:
             sel.register(r.pidfd, selectors.EVENT_READ, r)
         preempt_deadline: float | None = None
+        done_since: float | None = None
         next_store_poll = 0.0
         try:
             while True:
@@ -251,6 +253,15 @@ class Supervisor:
                     return self._post_failure(kind, rank, reason, latency)
                 if all(r.returncode == 0 for r in self.ranks):
                     return "finished"
+                if decisions.all_done([(self.views[r.spec.rank].phase, r.returncode) for r in self.ranks]):
+                    done_since = done_since or now
+                    if now - done_since > self.scfg.done_grace_s:
+                        print(f"resilient: node {self.node}: every rank reported done; stopping the ones still "
+                              f"running {self.scfg.done_grace_s:g}s later", file=sys.stderr)
+                        stop_all(self.ranks, self.scfg.termination_grace_s)
+                        return "finished"
+                else:
+                    done_since = None
                 if now >= next_store_poll:
                     next_store_poll = now + self.scfg.poll_interval_s
                     if self.coord.stop_requested() is not None:
@@ -295,6 +306,8 @@ class Supervisor:
                 self.reached_step = max(self.reached_step or 0, step)
             elif phase == "error" and failure is None:
                 failure = ("rank_error", view.rank, f"rank {view.rank} reported an error: {hb.get('message', '')}", 0.0)
+                if decisions.rank_exit_is_final(hb.get("exit_code")):
+                    self._final_exit = (int(hb["exit_code"]), failure[2])
             self.hooks.on_heartbeat(hb)
         return failure
 
@@ -532,6 +545,13 @@ class Supervisor:
             self._drain_wakeups()
 
     def _write_config(self) -> None:
+        """Record the resolved config for ranks and requeues, unless it contradicts the checkpoints:
+        the recorded config must stay the one that can resume them."""
+        architecture = self.cfg.model.architecture().model_dump(exclude={"published_params"})
+        mismatch = recorded_mismatch(self.cfg.checkpoint.root(self.run_dir), architecture)
+        if mismatch:
+            raise ConfigError(f"{self.run_dir} holds checkpoints of another model ({mismatch}); config.yaml "
+                              "not overwritten: use a new run dir, or the model settings of the checkpoints")
         atomic_write(self.config_path, dump_config(self.cfg))
 
 

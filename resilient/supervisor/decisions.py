@@ -84,6 +84,12 @@ def blame_hang(stale: list[tuple[int, int | None, float, str]]) -> tuple[int, st
     return rank, f"{len(stale)} ranks without progress; rank {rank} holds them up ({why})"
 
 
+def all_done(ranks: Sequence[tuple[str, int | None]]) -> bool:
+    """Every rank, given as (last phase, exit code or None), exited 0 or reported `done` (it may be
+    lingering in teardown: a stuck process-group shutdown must not hold the node for the done timeout)."""
+    return all(code == 0 or (code is None and phase == "done") for phase, code in ranks)
+
+
 def made_progress(start_step: int | None, reached_step: int | None) -> tuple[bool, str]:
     """An attempt made progress when it completed a step beyond the step it resumed from."""
     start = start_step or 0

@@ -7,7 +7,7 @@ RUN_DIR/fake_steps.jsonl (skipped when the run dir is full). Behaviour comes fro
 FAKE_STEP_S (seconds per step), FAKE_CKPT_EVERY (save interval), FAKE_CRASH ("init": exit 3
 before the first step of every attempt; "every:N": exit 3 after N steps of every attempt),
 FAKE_ERROR_AT (report phase=error at that step in attempt 0, then stall), FAKE_IGNORE_STOP=1
-(ignore SIGUSR1/SIGTERM).
+(ignore SIGUSR1/SIGTERM), FAKE_LINGER_S (stay alive that long after reporting done).
 """
 
 from resilient.rank.orphan import die_with_parent
@@ -97,6 +97,7 @@ def main() -> int:
             return 3
     save(step)
     hb.send("done", step)
+    time.sleep(float(os.environ.get("FAKE_LINGER_S", "0")))  # a teardown that hangs after `done`
     return 0
 
 

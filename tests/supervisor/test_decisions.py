@@ -168,3 +168,9 @@ def test_config_or_checkpoint_error_in_a_rank_ends_the_run_at_once(code):
     assert d.rank_exit_is_final(int(code)) and not d.rank_exit_is_final(3) and not d.rank_exit_is_final(None)
     got = d.decide(d.JobState(0, 0, final_rank_exit=(int(code), "rank 1 exited with code 64")), CFG)
     assert not got.restart and got.exit_code is code and "not retried" in got.reason
+
+
+def test_all_done_counts_ranks_lingering_after_done():
+    assert d.all_done([("done", None), ("step", 0)])
+    assert not d.all_done([("done", None), ("step", None)])
+    assert not d.all_done([("done", None), ("done", 3)])
