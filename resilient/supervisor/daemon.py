@@ -31,8 +31,9 @@ from resilient.rank.heartbeat import HeartbeatServer
 from resilient.config import RunConfig, dump_config
 from resilient.core.errors import ConfigError, ResilientError
 from resilient.core.exit_codes import ExitCode
+from resilient.report.rank_steps import RankStepLog
 from resilient.status import write_status
-from resilient.supervisor import decisions
+from resilient.supervisor import decisions, incidents
 from resilient.supervisor.coordination import CoordinationLost, Coordinator
 from resilient.supervisor.hooks import NodeHooks
 from resilient.rank.env import DEFAULT_STOP_SIGNALS, RankEnv
@@ -88,6 +89,7 @@ class Supervisor:
         self.coord: Coordinator | None = None
         self.server: HeartbeatServer | None = None
         self.hooks = NodeHooks(cfg, topo.node_name, run_dir, is_node0=self.node == 0)
+        self.rank_steps = RankStepLog(run_dir, self.node)  # per-rank step times for `resilient report`
 
     # -- entry point --------------------------------------------------------------------------------
 
@@ -250,7 +252,10 @@ class Supervisor:
                     failure = ("health", None, verdict[1], 0.0)
                 if failure is not None:
                     kind, rank, reason, latency = failure
-                    return self._post_failure(kind, rank, reason, latency)
+                    # Evidence before teardown (stacks of a hang, a crash's log tail): RUN_DIR/incidents/.
+                    incident = incidents.capture(self.run_dir, self.attempt, kind, rank, reason,
+                                                 incidents.targets(self.ranks, self.views), node=self.node)
+                    return self._post_failure(kind, rank, reason, latency, incident)
                 if all(r.returncode == 0 for r in self.ranks):
                     return "finished"
                 if decisions.all_done([(self.views[r.spec.rank].phase, r.returncode) for r in self.ranks]):
@@ -266,7 +271,11 @@ class Supervisor:
                     next_store_poll = now + self.scfg.poll_interval_s
                     if self.coord.stop_requested() is not None:
                         preempt_deadline = self._begin_preempt("stop requested by another supervisor", now)
-                    elif self.coord.restart_requested(self.attempt) is not None:
+                    elif (request := self.coord.restart_requested(self.attempt)) is not None:
+                        # Another node's hang: add this node's stacks to its incident before teardown.
+                        incidents.capture(self.run_dir, self.attempt, request.get("kind", ""), request.get("rank"),
+                                          request.get("reason", ""), incidents.targets(self.ranks, self.views),
+                                          node=self.node, peer=True)
                         return "restart"
                 self._maybe_publish_status()
         finally:
@@ -309,6 +318,7 @@ class Supervisor:
                 if decisions.rank_exit_is_final(hb.get("exit_code")):
                     self._final_exit = (int(hb["exit_code"]), failure[2])
             self.hooks.on_heartbeat(hb)
+            self.rank_steps.observe(hb)
         return failure
 
     def _exit_failure(self, exits: list[RankProcess]) -> tuple[str, int | None, str, float] | None:
@@ -343,18 +353,21 @@ class Supervisor:
         view = self.views[rank]
         return "hang", rank, f"rank {rank} (pid {r.pid}): {reason}; {blame}", now - view.last_progress
 
-    def _post_failure(self, kind: str, rank: int | None, reason: str, latency: float) -> str:
+    def _post_failure(self, kind: str, rank: int | None, reason: str, latency: float,
+                      incident: str | None = None) -> str:
         """Ask every node to restart; only the first request of an attempt is recorded as its failure."""
         assert self.coord is not None
         step = self._current_step()
         if self.coord.request_restart(self.attempt, kind=kind, rank=rank, step=step, reason=reason):
-            self._record_failure(kind, rank, reason, latency)
+            self._record_failure(kind, rank, reason, latency, incident)
             return "failure"
         return "restart"
 
-    def _record_failure(self, kind: str, rank: int | None, reason: str, latency: float = 0.0) -> None:
+    def _record_failure(self, kind: str, rank: int | None, reason: str, latency: float = 0.0,
+                        incident: str | None = None) -> None:
         self.last_failure = {"kind": kind, "rank": rank, "node": self.node, "step": self._current_step(),
-                             "latency_seconds": round(latency, 3), "reason": reason}
+                             "latency_seconds": round(latency, 3), "reason": reason,
+                             **({"incident": incident} if incident else {})}
         ledger.append(self.run_dir, LedgerEvent.FAILURE, **self.last_failure)
         self.hooks.on_failure(kind)
         print(f"resilient: node {self.node} attempt {self.attempt}: {kind}: {reason}", file=sys.stderr)

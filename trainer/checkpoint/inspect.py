@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING, Any
 
 from resilient.core.errors import CheckpointError
 from trainer.checkpoint import layout, manifest
+
+if TYPE_CHECKING:  # `ckpt list|verify|inspect` read files only; torch loads for `digest`
+    import torch
 
 # Tensors that make up "the state" for equality: model weights and optimizer moments.
 DIGEST_PREFIXES = ("embedding.", "decoder.", "output_layer.", "optimizer.")
@@ -56,6 +56,8 @@ def inspect(root: Path, step: int) -> dict[str, Any]:
 
 
 def _single_process_group() -> None:
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
@@ -76,6 +78,8 @@ def load_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 def digest(ckpt_dir: Path) -> str:
     """One hex digest over model and optimizer tensors in sorted-key order: equal state, equal
     digest, whatever the parallel layout it was saved from."""
+    import torch
+
     tensors = load_tensors(ckpt_dir)
     h = hashlib.sha256()
     for key in sorted(k for k in tensors if k.startswith(DIGEST_PREFIXES)):

@@ -16,8 +16,8 @@ from typing import Any
 
 from resilient.core.atomic import atomic_write
 from resilient.core.errors import CheckpointError
-from trainer.checkpoint import safe_pickle
-from trainer.checkpoint import layout
+from resilient.core.progress import track
+from trainer.checkpoint import layout, safe_pickle
 from trainer.checkpoint.layout import MARKER
 
 SUMS_PREFIX = ".sums.rank"
@@ -89,7 +89,10 @@ def verify(ckpt_dir: Path, *, checksums: bool, share: tuple[int, int] = (0, 1)) 
     except ValueError as err:
         return str(err)
     index, count = share
-    for i, (name, expected) in enumerate(sorted(manifest["files"].items())):
+    files = sorted(manifest["files"].items())
+    total = sum(e["size"] for _, e in files)
+    for i, (name, expected) in track(enumerate(files), f"verifying {ckpt_dir.name}", total=total,
+                                     weight=lambda item: item[1][1]["size"]):
         path = ckpt_dir / name
         try:
             size = os.stat(path).st_size
