@@ -24,7 +24,7 @@ from resilient.goodput import GoodputReport, compute_goodput, render as render_g
 
 # supervisor.decisions.Outcome values (tests keep the two equal): a run in one of them has ended.
 ENDED_STATES = frozenset({"finished", "preempted", "unhealthy", "budget_exhausted", "no_progress",
-                          "coordination_lost"})
+                          "coordination_lost", "storage_fault", "config_error", "checkpoint_damaged"})
 
 
 def write_status(run_dir: str | Path, status: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -115,6 +115,11 @@ class NodeMetrics:
 
     def on_storage_fault(self) -> None:
         self.m.storage_faults.labels(self.node).inc()
+
+    def declare_failure_kinds(self, kinds: Iterable[str]) -> None:
+        """A zero series per known kind: "failures by kind" shows 0, not nothing, in a run without failures."""
+        for kind in kinds:
+            self.m.failures.labels(self.node, kind)
 
     def on_restart(self) -> None:
         self.m.restarts.labels(self.node).inc()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import tenacity
 
 from resilient.core.exit_codes import ExitCode
+from resilient.rank.heartbeat import Phase
 from resilient.supervisor.config import SupervisorConfig
 
 
@@ -48,11 +49,11 @@ def phase_timeout(phase: str, step_timeout: float, cfg: SupervisorConfig,
                   checkpoint_timeout: float | None = None) -> tuple[float, str]:
     """Which timeout governs a rank whose last heartbeat was in `phase`."""
     fixed = {
-        "init": cfg.init_timeout_s,
-        "restore": cfg.restore_timeout_s,
-        "checkpoint": checkpoint_timeout or cfg.checkpoint_timeout_s,
-        "done": cfg.checkpoint_timeout_s,
-        "eval": cfg.eval_timeout_s,
+        Phase.INIT: cfg.init_timeout_s,
+        Phase.RESTORE: cfg.restore_timeout_s,
+        Phase.CHECKPOINT: checkpoint_timeout or cfg.checkpoint_timeout_s,
+        Phase.DONE: cfg.checkpoint_timeout_s,
+        Phase.EVAL: cfg.eval_timeout_s,
     }
     if phase in fixed:
         return fixed[phase], f"{phase} timeout {fixed[phase]:g}s"
@@ -117,8 +118,8 @@ def final_step_committed(final_step: int, newest_committed: int | None) -> tuple
     return False, f"ranks finished step {final_step} but it is not in a committed checkpoint (newest committed: {newest})"
 
 
-class Outcome(enum.Enum):
-    """How a supervised job ends."""
+class Outcome(enum.StrEnum):
+    """How a supervised job ends (the final state)."""
 
     FINISHED = "finished"
     PREEMPTED = "preempted"

@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from resilient.core.errors import CheckpointError
+from resilient.core.errors import CheckpointError, ConfigError
 from trainer.checkpoint import layout, manifest
 
 if TYPE_CHECKING:  # `ckpt list|verify|inspect` read files only; torch loads for `digest`
@@ -17,7 +17,9 @@ DIGEST_PREFIXES = ("embedding.", "decoder.", "output_layer.", "optimizer.")
 
 
 def resolve_root(path: Path) -> Path:
-    """Accept RUN_DIR or RUN_DIR/checkpoints."""
+    """Accept RUN_DIR or RUN_DIR/checkpoints (or any checkpoint directory); a missing one is a config error."""
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such directory")
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
@@ -44,6 +46,24 @@ def listing(root: Path) -> list[dict[str, Any]]:
             state, size = "incomplete", sum(p.stat().st_size for p in path.iterdir() if p.is_file())
         rows.append({"step": step, "state": state, "bytes": size, "latest": step == latest, "path": str(path)})
     return rows
+
+
+def repair(root: Path) -> tuple[int | None, int | None, str]:
+    """Point `latest` at the newest step that verifies (sizes) when it names one that does not;
+    returns (before, after, what happened), `after` None when no step verifies."""
+    before = layout.read_latest(root)
+    if before is not None and before in layout.step_dirs(root):
+        problem = manifest.verify(layout.step_dir(root, before), checksums=False)
+        if problem is None:
+            return before, before, f"latest already names complete step {before}"
+    else:
+        problem = "latest is missing or names no step directory"
+    good = [s for s in reversed(layout.committed_steps(root))
+            if manifest.verify(layout.step_dir(root, s), checksums=False) is None]
+    if not good:
+        return before, None, f"{problem}; no complete step to point it at"
+    layout.write_latest(root, good[0])
+    return before, good[0], f"{problem}; latest now names step {good[0]}"
 
 
 def inspect(root: Path, step: int) -> dict[str, Any]:

@@ -9,8 +9,6 @@ import io
 import pickle
 from pathlib import Path
 
-import torch
-
 from resilient.core.errors import CheckpointError
 
 METADATA = ".metadata"
@@ -29,10 +27,15 @@ _ALLOWED: dict[str, frozenset[str]] = {
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
-        if name in _ALLOWED.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None),
-                                                                                     torch.dtype)):
+        if name in _ALLOWED.get(module, ()) or (module == "torch" and _is_dtype(name)):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint metadata type")
+
+
+def _is_dtype(name: str) -> bool:
+    import torch  # only here: `ckpt list` and `status` must not pay for importing torch
+
+    return isinstance(getattr(torch, name, None), torch.dtype)
 
 
 def check_metadata(ckpt_dir: Path) -> None:
