@@ -12,13 +12,13 @@ from resilient.core.errors import ConfigError
 
 def shared_problem(path: Path) -> str | None:
     """Why `path` (an existing directory) is not private to this user, or None. Missing paths are fine:
-    they will be created owner-only."""
+    they will be created owner-only; what cannot be a directory is reported by whoever creates it."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
+    except OSError:
         return None
-    except OSError as err:
-        return f"{path}: {err.strerror or err}"
+    if not stat.S_ISDIR(st.st_mode):
+        return None
     if st.st_uid != os.geteuid():
         return f"{path} is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
