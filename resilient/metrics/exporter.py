@@ -196,9 +196,9 @@ class NodeMetrics:
             worst = max(worst, severity)
             self.m.check_severity.labels(node, result.name).set(severity)
             values = result.values or {}
-            busbw = _num(values.get("busbw_bytes_per_s"))
+            busbw = _num(values.get("busbw_gbps"))  # the probe reports GB/s (nccl-tests); the metric is bytes/s
             if busbw is not None:
-                self.m.bus_bandwidth.labels(node).set(busbw)
+                self.m.bus_bandwidth.labels(node).set(busbw * 1e9)
             for gpu, measured in gpu_measurements(values).items():
                 for key, family in GPU_GAUGES.items():
                     raw = measured.get(key)

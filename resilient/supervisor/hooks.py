@@ -70,7 +70,8 @@ class NodeHooks:
         """Run the pre-flight checks; returns ("unhealthy" | "storage", reason naming node and check) or None."""
         if not self.cfg.health.enabled:
             return None
-        report = run_preflight(self.cfg.health, node=self.node, ckpt_dir=self.cfg.checkpoint.root(self.run_dir))
+        report = run_preflight(self.cfg.health, node=self.node, ckpt_dir=self.cfg.checkpoint.root(self.run_dir),
+                               nproc=self.cfg.supervisor.nproc_per_node)
         self._on_report(report)
         return _fault(decide(report, "preflight"))
 

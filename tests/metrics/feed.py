@@ -27,7 +27,7 @@ def health_report() -> HealthReport:
     gpus["1"].update(temperature_c=91, throttle_reasons=0x40, last_xid=79)
     return HealthReport(NODE, [
         CheckResult("gpu.state", Severity.FATAL, "gpu 1: XID 79", {"gpus": gpus}),
-        CheckResult("node.collective", Severity.OK, "bus bandwidth ok", {"busbw_bytes_per_s": 180e9}),
+        CheckResult("node.collective", Severity.OK, "bus bandwidth ok", {"busbw_gbps": 180.0}),
         CheckResult("node.disk", Severity.WARN, "ckpt dir 91% full", {"used_ratio": 0.91}),
     ])
 
