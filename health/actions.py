@@ -18,6 +18,12 @@ class Action(str, Enum):
     RECORD = "record"
     STOP = "stop"
     EXCLUDE = "exclude"
+    SAVE_AND_STOP = "save_and_stop"
+    """Storage trouble: save while there is still room, stop with STORAGE_FAULT; the node is fine."""
+
+# Checks about the checkpoint filesystem, not the node: a full shared filesystem must never exclude
+# a healthy node (requeueing elsewhere finds the same full disk).
+STORAGE_CHECKS = frozenset({"node.ckpt_dir"})
 
 
 @dataclass(frozen=True)
@@ -29,8 +35,12 @@ class Decision:
 
 
 def decide(report: HealthReport, phase: Literal["preflight", "training"]) -> Decision:
-    """fatal -> stop with UNHEALTHY_NODE; warn -> record; ok -> continue."""
+    """fatal -> stop with UNHEALTHY_NODE (fatal storage checks only: save and stop with STORAGE_FAULT);
+    warn -> record; ok -> continue."""
     severity, reason = report.verdict()
+    fatal = {r.name for r in report.results if r.severity is Severity.FATAL}
+    if fatal and fatal <= STORAGE_CHECKS:
+        return Decision(Action.SAVE_AND_STOP, f"storage ({phase}) {reason}", ExitCode.STORAGE_FAULT)
     if severity is Severity.FATAL:
         return Decision(Action.STOP, f"unhealthy ({phase}) {reason}", ExitCode.UNHEALTHY_NODE)
     if severity is Severity.WARN:

@@ -42,14 +42,17 @@ def write_test(directory: Path, nbytes: int) -> tuple[float | None, str]:
 
 
 def check_ckpt_dir(ckpt: Path, cfg: HealthConfig) -> CheckResult:
-    """The checkpoint directory has the configured free space and accepts a durable write."""
+    """The checkpoint directory's filesystem has the configured free space and accepts a durable
+    write. A directory not made yet is judged by its nearest existing parent: a check creates nothing."""
     name, ckpt = "node.ckpt_dir", Path(ckpt)
+    probe = next(p for p in (ckpt, *ckpt.parents) if p.exists() or p == p.parent)
+    if not probe.is_dir():
+        return fatal(name, f"{ckpt}: {probe} is not a directory", path=str(ckpt))
     try:
-        ckpt.mkdir(mode=0o700, parents=True, exist_ok=True)
-        free = shutil.disk_usage(ckpt).free
+        free = shutil.disk_usage(probe).free
     except OSError as err:
         return fatal(name, f"{ckpt}: {err.strerror or err}", path=str(ckpt))
-    seconds, error = write_test(ckpt, cfg.write_test_bytes)
+    seconds, error = write_test(probe, cfg.write_test_bytes)
     return judge_ckpt_dir(str(ckpt), free, seconds, error, cfg)
 
 

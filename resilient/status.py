@@ -15,7 +15,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from resilient.core import ledger
+from resilient.core import guarded, ledger
 from resilient.core.atomic import atomic_write
 from resilient.core.errors import ConfigError
 from resilient.core.events import LedgerEvent
@@ -24,14 +24,18 @@ from resilient.goodput import GoodputReport, compute_goodput, render as render_g
 
 # supervisor.decisions.Outcome values (tests keep the two equal): a run in one of them has ended.
 ENDED_STATES = frozenset({"finished", "preempted", "unhealthy", "budget_exhausted", "no_progress",
-                          "coordination_lost"})
+                          "coordination_lost", "storage_fault", "config_error", "checkpoint_damaged"})
 
 
 def write_status(run_dir: str | Path, status: dict[str, Any]) -> None:
-    """Replace RUN_DIR/status.json atomically (temp file + rename), owner-only."""
+    """Replace RUN_DIR/status.json atomically (temp file + rename), owner-only. A full filesystem is
+    reported once and survived; the next status that gets written names the files that could not be."""
+    path = RunDir(run_dir).status
+    failed = guarded.failures()
+    payload = {**status, "written_at": time.time(), **({"storage_errors": failed} if failed else {})}
     # Compact: json's C encoder writes 8192 ranks in milliseconds, its indenting Python encoder does not.
-    atomic_write(RunDir(run_dir).status, json.dumps({**status, "written_at": time.time()}, default=str),
-                 durable=False)  # rewritten every few seconds; a lost update after a crash is harmless
+    guarded.write(path, lambda: atomic_write(path, json.dumps(payload, default=str),
+                                             durable=False))  # rewritten every few seconds; a lost update is harmless
 
 
 def read_status(run_dir: str | Path) -> dict[str, Any]:
@@ -68,6 +72,8 @@ def _renderable(status: dict[str, Any], now: float, run_dir: str | Path, inciden
     stop = status.get("stop")
     if stop:  # authenticated by the run's secret: who really asked
         parts.append(Text(f"stop requested by node {stop.get('node')}: {stop.get('reason')}{_origin(stop)}"))
+    for path, err in (status.get("storage_errors") or {}).items():
+        parts.append(Text(f"storage: {err.get('lost_writes')} write(s) of {path} lost ({err.get('error')})"))
     table = Table("rank", "node", "pid", "phase", "step", "heartbeat age")
     for r in status.get("ranks", []):
         table.add_row(str(r.get("rank")), str(r.get("node_name", r.get("node"))), str(r.get("pid")),

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(trainer.run())
     except ResilientError as err:
         print(f"resilient trainer: {err.one_line()}", file=sys.stderr)
-        heartbeat.send(Phase.ERROR, -1, message=str(err))
+        heartbeat.send(Phase.ERROR, -1, message=str(err), exit_code=int(err.exit_code))
         return int(err.exit_code)
     except Exception as err:
         traceback.print_exc()

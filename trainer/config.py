@@ -72,9 +72,9 @@ class TrainConfig(Section):
     """Linear warm-up steps."""
     weight_decay: float = Field(0.1, ge=0)
     """Decoupled weight decay (AdamW)."""
-    beta1: float = 0.9
+    beta1: float = Field(0.9, ge=0, lt=1)
     """Adam beta1."""
-    beta2: float = 0.95
+    beta2: float = Field(0.95, ge=0, lt=1)
     """Adam beta2."""
     grad_clip: float = Field(1.0, ge=0)
     """Global gradient-norm clip (0: off)."""

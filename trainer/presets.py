@@ -2,29 +2,31 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from resilient.core.configbase import Section
 
 
 class Architecture(Section):
     """A decoder-only Llama-style transformer (RoPE, SwiGLU, RMSNorm, GQA, untied embeddings)."""
 
-    num_layers: int
+    num_layers: int = Field(gt=0)
     """Transformer layers."""
-    hidden_size: int
+    hidden_size: int = Field(gt=0)
     """Model width."""
-    num_attention_heads: int
+    num_attention_heads: int = Field(gt=0)
     """Query heads."""
-    num_query_groups: int
+    num_query_groups: int = Field(gt=0)
     """Key/value heads (grouped-query attention); equal to the heads for plain multi-head."""
-    ffn_hidden_size: int
+    ffn_hidden_size: int = Field(gt=0)
     """SwiGLU inner width."""
-    vocab_size: int
+    vocab_size: int = Field(gt=0)
     """Embedding rows before padding for tensor parallelism."""
-    max_position_embeddings: int
+    max_position_embeddings: int = Field(gt=0)
     """Context length the architecture was published with."""
-    rotary_base: int = 500_000
+    rotary_base: int = Field(500_000, gt=0)
     """RoPE theta."""
-    norm_epsilon: float = 1e-5
+    norm_epsilon: float = Field(1e-5, gt=0)
     """RMSNorm epsilon."""
     published_params: float | None = None
     """Published parameter count, for the preset tests and the planner."""

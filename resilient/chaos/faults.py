@@ -166,8 +166,9 @@ class CorruptCheckpoint(Fault):
 
 
 class FillDisk(Fault):
-    """Fill the checkpoint filesystem (a tmpfs the drill mounted as checkpoint.dir): saves must fail,
-    be recorded, and training must go on; the space is freed once the failure was seen."""
+    """Fill the checkpoint filesystem (a tmpfs the drill mounted as checkpoint.dir): saves must fail and
+    be recorded while training goes on, or the health monitor stops the run as a storage fault; the
+    space is freed once either was seen, and the run must still finish with the same bits."""
 
     name = "fill_disk"
     FILLER = ".chaos-filler"
@@ -189,7 +190,9 @@ class FillDisk(Fault):
         return {"filled_bytes": written}
 
     def detects(self, inj: Injection, rec: dict[str, Any], d: Drill) -> bool:
-        return rec.get("event") == "ckpt_save_failed"
+        # A failed save, or the health monitor's storage fault (save-and-stop, exit STORAGE_FAULT) if it
+        # saw the full filesystem first.
+        return rec.get("event") in ("ckpt_save_failed", "storage_fault")
 
     def cleanup(self, d: Drill, inj: Injection) -> None:
         (d.ckpt_root / self.FILLER).unlink(missing_ok=True)

@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[2]
 POLL_S = 0.02
 # A marker-less step directory is a save in flight only while it is being written to.
 IN_FLIGHT_S = 3.0
-RELAUNCH = {ExitCode.PREEMPTED, ExitCode.UNHEALTHY_NODE, -signal.SIGKILL}
+# STORAGE_FAULT: the fill_disk fault frees the space once seen, as an operator would before resubmitting.
+RELAUNCH = {ExitCode.PREEMPTED, ExitCode.UNHEALTHY_NODE, ExitCode.STORAGE_FAULT, -signal.SIGKILL}
 
 
 @dataclass
@@ -71,7 +72,8 @@ class Drill:
         self.fill_mount: Path | None = None
         if "fill_disk" in faults:
             self.fill_mount = self.run_dir / "ckpt-tmpfs"
-            extra.append(f"checkpoint.dir={self.fill_mount}")
+            # The tmpfs is small on purpose: only a failing write, not its size, is a storage fault here.
+            extra += [f"checkpoint.dir={self.fill_mount}", "health.ckpt_min_free_gib=0"]
         self.fake_nvml_file: Path | None = None
         if "gpu_health" in faults:
             nvml_dir = self.run_dir / "fake-nvml"

@@ -15,9 +15,10 @@ S = TypeVar("S", bound=BaseModel)
 
 
 class Section(BaseModel):
-    """A config section: unknown keys are errors, and each field's docstring documents it."""
+    """A config section: unknown keys are errors, floats are finite (`.inf`/`.nan` are refused before any
+    rank starts), and each field's docstring documents it."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=False, allow_inf_nan=False)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -26,3 +26,17 @@ class CheckpointError(ResilientError):
 
     exit_code = ExitCode.CHECKPOINT_DAMAGED
     label = "checkpoint error"
+
+
+class RunDirBusy(ResilientError):
+    """Another run (a live supervisor or an active Slurm job) owns the run directory."""
+
+    exit_code = ExitCode.RUN_DIR_BUSY
+    label = "run dir busy"
+
+
+class StorageError(ResilientError):
+    """The checkpoint or run-dir filesystem cannot hold what the run must keep."""
+
+    exit_code = ExitCode.STORAGE_FAULT
+    label = "storage fault"

@@ -25,6 +25,11 @@ class ExitCode(IntEnum):
     """`ckpt verify` found a damaged checkpoint, or no loadable checkpoint exists for --load-step."""
     RANK_FAILED = 80
     """A rank exited abnormally (used by ranks and by an unsupervised run)."""
-    COORDINATOR_LOST = 81
+    RUN_DIR_BUSY = 81
+    """Another run holds this run directory (its lock, or an active Slurm job): touched nothing."""
+    STORAGE_FAULT = 82
+    """The checkpoint or run-dir filesystem is full or failing; the final step is not committed.
+    Not a node fault: requeueing elsewhere does not help until space is freed."""
+    COORDINATOR_LOST = 83
     """A supervisor lost the job's coordination (node 0's supervisor or store vanished, or a node's
     supervisor never reported); every node stopped its ranks: requeue (counted as a crash requeue)."""

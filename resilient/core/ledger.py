@@ -13,16 +13,22 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from resilient.core import guarded
 from resilient.core.events import LedgerEvent
 from resilient.core.rundir import RunDir
 
 
 def append(run_dir: str | Path, event: LedgerEvent, **fields: Any) -> dict[str, Any]:
-    """Append one event to RUN_DIR/ledger.jsonl and return the record written."""
+    """Append one event to RUN_DIR/ledger.jsonl and return the record; a full or failing filesystem
+    is reported once (core.guarded), never raised: the ledger records the run, it must not end it."""
     record = {"ts": time.time(), "event": str(event), **fields}
     path = RunDir(run_dir).ledger
-    path.parent.mkdir(parents=True, exist_ok=True)
-    append_jsonl(path, record)
+
+    def _append() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        append_jsonl(path, record)
+
+    guarded.write(path, _append)
     return record
 
 

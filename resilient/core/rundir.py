@@ -21,6 +21,11 @@ class RunDir:
         return self.root / "config.yaml"
 
     @property
+    def lock(self) -> Path:
+        """Held (flock) by node 0's supervisor for the life of a run; records pid, host, run id."""
+        return self.root / ".lock"
+
+    @property
     def ledger(self) -> Path:
         """Append-only JSONL of what happened."""
         return self.root / "ledger.jsonl"

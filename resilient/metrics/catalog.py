@@ -104,6 +104,8 @@ class Catalog:
         # Failures and restarts (this supervisor's lifetime; the ledger keeps the whole run).
         self.restarts = Counter("resilient_restarts", "In-job restarts of all ranks", n, registry=r)
         self.failures = Counter("resilient_failures", "Detected failures by kind", n + ("kind",), registry=r)
+        self.storage_faults = Counter("resilient_storage_faults", "Checkpoint storage low, full or failing, or a "
+                                      "final step left uncommitted (never counted as a node failure)", n, registry=r)
         # Health.
         ng = ("node", "gpu")
         self.gpu_temperature = Gauge("resilient_gpu_temperature_celsius", "GPU core temperature", ng, registry=r)

@@ -13,21 +13,21 @@ from resilient.core.errors import ConfigError
 from resilient.planner import Assumptions, Layout, make_plan, render_plan
 
 
-def _config_for_gpus(path: Path, gpus: int | None) -> RunConfig:
+def _config_for_gpus(path: Path, gpus: int | None, overrides: list[str]) -> RunConfig:
     """The run config, resized to `gpus` by setting nodes = gpus / nproc_per_node.
 
     The resized config goes through the same validator as a real run (world divisible by
     tp*pp*cp, global batch divisible by micro_batch*dp), so a plan is only made for a layout
     the trainer would accept.
     """
-    cfg = load_config(path)
+    cfg = load_config(path, overrides)
     if gpus is None:
         return cfg
     per_node = cfg.supervisor.nproc_per_node
     if gpus < 1 or gpus % per_node:
         raise ConfigError(f"--gpus {gpus} is not a positive multiple of "
                           f"supervisor.nproc_per_node={per_node}")
-    return load_config(path, [f"nodes={gpus // per_node}"])
+    return load_config(path, [*overrides, f"nodes={gpus // per_node}"])
 
 
 def plan(
@@ -42,9 +42,10 @@ def plan(
                                                   "supervisors' coordination is measured, the checkpoint read computed)."),
     mfu: float = typer.Option(Assumptions.mfu, "--mfu", min=0.001, max=1.0, help="Expected model FLOPs utilisation."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config key: --set train.seq_len=8192."),
 ) -> None:
     """Parameters, memory per GPU, checkpoint cost, Young/Daly checkpoint intervals and predicted goodput."""
-    cfg = _config_for_gpus(config, gpus)
+    cfg = _config_for_gpus(config, gpus, overrides)
     layout = Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp, dp=cfg.dp(cfg.world_size),
                     distributed_optimizer=cfg.parallel.distributed_optimizer)
     result = make_plan(

@@ -113,6 +113,9 @@ class NodeMetrics:
     def on_failure(self, kind: str) -> None:
         self.m.failures.labels(self.node, kind).inc()
 
+    def on_storage_fault(self) -> None:
+        self.m.storage_faults.labels(self.node).inc()
+
     def declare_failure_kinds(self, kinds: Iterable[str]) -> None:
         """A zero series per known kind: "failures by kind" shows 0, not nothing, in a run without failures."""
         for kind in kinds:

@@ -69,6 +69,9 @@ class Fields(TypedDict, total=False):
     """Bytes of the last committed checkpoint."""
     message: str
     """Error text (phase `error`)."""
+    exit_code: int
+    """The code the rank is about to exit with (phase `error`): CONFIG_ERROR and CHECKPOINT_DAMAGED end
+    the run at once instead of a restart."""
 
 
 class Heartbeat(Fields):

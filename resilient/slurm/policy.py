@@ -19,6 +19,8 @@ _CANNOT_HELP = {
     ExitCode.CHECKPOINT_DAMAGED: "no loadable checkpoint",
     ExitCode.RESTART_BUDGET_EXHAUSTED: "in-job restart budget exhausted",
     ExitCode.NO_PROGRESS: "no progress over several attempts",
+    ExitCode.STORAGE_FAULT: "checkpoint storage full or failing (free space, then resubmit)",
+    ExitCode.RUN_DIR_BUSY: "another run holds the run directory",
 }
 
 

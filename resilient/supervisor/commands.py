@@ -10,6 +10,8 @@ from typing import Optional
 import typer
 
 from resilient.config import RunConfig, load_config
+from resilient.core import lock as run_lock
+from resilient.core import permissions
 from resilient.core.errors import ConfigError
 from resilient.rank.env import node_name
 from resilient.supervisor.topology import Topology, resolve_topology
@@ -29,6 +31,13 @@ def _supervise(cfg: RunConfig, topo: Topology) -> None:
 
     if cfg.nodes != topo.nnodes:
         raise ConfigError(f"nodes: the config says {cfg.nodes} node(s) but the job has {topo.nnodes}")
+    permissions.require_private([cfg.run_dir, cfg.checkpoint.root(cfg.run_dir)],
+                                allowed=cfg.supervisor.allow_shared_dir,
+                                flag="--set supervisor.allow_shared_dir=true")
+    if topo.node_rank == 0:
+        # Before any side effect (cleanup, socket, config.yaml): a second run on this dir touches nothing.
+        # Held until this process exits; other nodes join through node 0's store.
+        run_lock.acquire(cfg.run_dir, os.environ.get("SLURM_JOB_ID"))
     # sys.exit, not typer.Exit: in standalone_mode=False click returns typer.Exit's code instead of exiting.
     sys.exit(Supervisor(cfg, topo, cfg.run_dir).run())
 

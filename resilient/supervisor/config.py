@@ -43,6 +43,9 @@ class SupervisorConfig(Section):
     progress_dir: Path | None = None
     """exit_only: checkpoint directory whose newest complete step measures progress (ours or Megatron-LM's
     layout; default: checkpoint.dir, else RUN_DIR/checkpoints)."""
+    allow_shared_dir: bool = False
+    """Use a run or checkpoint directory that another user owns or can write (refused by default: that
+    user could plant checkpoints or configs)."""
     store_port: int = Field(29400, ge=0, le=65535)
     """TCP port of the coordination store on node 0 (`resilient run` picks a free one)."""
     store_timeout_s: float = Field(300.0, gt=0)
@@ -74,6 +77,9 @@ class SupervisorConfig(Section):
     step_timeout_window: int = Field(50, ge=1)
     """Recent step times the calibration looks at."""
 
+    done_grace_s: float = Field(20.0, gt=0)
+    """Once every local rank reported `done`, how long one may take to exit before it is stopped and the
+    attempt counts as finished (node 0 still requires the final step to be committed)."""
     termination_grace_s: float = Field(10.0, ge=0)
     """After SIGTERM to a rank's process group, wait this long before SIGKILL."""
     preempt_signal: str = "SIGUSR2"

@@ -311,6 +311,8 @@ class AttemptSummary:
     preempted: bool
     unhealthy: str | None
     missing_nodes: tuple[int, ...]
+    final_rank_exit: tuple[int, str] | None = None
+    """A rank's exit that no restart can change (config error, no loadable checkpoint): (code, reason)."""
 
 
 def summarize_reports(reports: dict[int, dict[str, Any]], nnodes: int) -> AttemptSummary:
@@ -322,4 +324,6 @@ def summarize_reports(reports: dict[int, dict[str, Any]], nnodes: int) -> Attemp
         preempted=any(r["outcome"] == "preempted" for r in reports.values()),
         unhealthy=next((r["unhealthy"] for r in reports.values() if r["unhealthy"]), None),
         missing_nodes=tuple(n for n in range(nnodes) if n not in reports),
+        final_rank_exit=next((tuple(r["final_rank_exit"]) for r in reports.values() if r.get("final_rank_exit")),
+                             None),
     )

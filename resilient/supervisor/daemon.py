@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from resilient.config import RunConfig, dump_config
 from resilient.core import ledger
 from resilient.core.atomic import atomic_write
-from resilient.core.errors import ResilientError
+from resilient.core.errors import ConfigError, ResilientError
 from resilient.core.events import LedgerEvent
 from resilient.core.exit_codes import ExitCode
 from resilient.core.rundir import RunDir
@@ -45,6 +45,7 @@ from resilient.supervisor.ranks import RankProcess, free_port, spawn, stop_all
 from resilient.supervisor.states import NodeOutcome, State
 from resilient.supervisor.topology import Topology
 from resilient.supervisor.tracking import HeartbeatTracker, RankView
+from trainer.checkpoint.manifest import recorded_mismatch
 
 T = TypeVar("T")
 # Coordinating a final decision: node 0 keeps the store up this long for the others to read it.
@@ -77,6 +78,7 @@ class Supervisor:
         self._status_due = publishing.Throttle(self.scfg.status_interval_s)  # the store's pace once it is open
         self._merge_due = publishing.Throttle(self.scfg.status_interval_s)
         self._forged_keys: set[str] = set()
+        self._final_exit: tuple[int, str] | None = None  # a rank's CONFIG_ERROR / CHECKPOINT_DAMAGED
         self.coord: Coordinator | None = None
         self.server: HeartbeatServer | None = None
         self.hooks = NodeHooks(cfg, topo.node_name, run_dir, is_node0=self.node == 0)
@@ -114,7 +116,7 @@ class Supervisor:
     def _run(self) -> ExitCode:
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.node == 0:
-            atomic_write(self.config_path, dump_config(self.cfg))
+            self._write_config()
         self.metrics_port = self.hooks.start()
         self.server = HeartbeatServer(RunDir(self.run_dir).heartbeat_socket(self.node))
         sealer = Sealer(load_or_create_secret(self.run_dir), self.topo.instance)
@@ -147,11 +149,15 @@ class Supervisor:
         """Run attempt `self.attempt` on this node until it ends here; its account goes to the store."""
         assert self.coord is not None
         self.tracker.new_attempt()
+        self._final_exit = None
         self._set_state(State.PREFLIGHT)
-        unhealthy = self.hooks.preflight()
-        if unhealthy:
-            self._post_failure(self._failure(FailureKind.HEALTH, None, unhealthy))
-            return self._report(NodeOutcome.UNHEALTHY, unhealthy=unhealthy)
+        verdict = self.hooks.preflight()
+        if verdict and verdict[0] == "storage":  # every node stops; node 0 decides STORAGE_FAULT
+            self._storage_fault(verdict[1])
+            return self._report(NodeOutcome.PREEMPTED)
+        if verdict:
+            self._post_failure(self._failure(FailureKind.HEALTH, None, verdict[1]))
+            return self._report(NodeOutcome.UNHEALTHY, unhealthy=verdict[1])
         if self.node == 0:
             self.coord.publish_master_port(self.attempt, free_port())
         self._set_state(State.WAITING)
@@ -215,6 +221,7 @@ class Supervisor:
         for r in self.ranks:
             sel.register(r.pidfd, selectors.EVENT_READ, r)
         preempt_deadline: float | None = None
+        done_since: float | None = None
         next_store_poll = 0.0
         try:
             while True:
@@ -244,6 +251,9 @@ class Supervisor:
                         return NodeOutcome.PREEMPTED
                     continue
                 failure = self._detect(exits, now)
+                if failure is not None and failure.kind is FailureKind.STORAGE:  # save while there is room
+                    preempt_deadline = self._begin_preempt(self._storage_fault(failure.reason), now, kind="storage")
+                    continue
                 if failure is not None:
                     # Evidence before teardown (stacks of a hang, a crash's log tail): RUN_DIR/incidents/.
                     incident = incidents.capture(self.run_dir, self.attempt, str(failure.kind), failure.rank,
@@ -253,6 +263,15 @@ class Supervisor:
                     return NodeOutcome.FAILED
                 if all(r.returncode == 0 for r in self.ranks):
                     return NodeOutcome.FINISHED
+                if decisions.all_done([(self.tracker.views[r.spec.rank].phase, r.returncode) for r in self.ranks]):
+                    done_since = done_since or now
+                    if now - done_since > self.scfg.done_grace_s:
+                        print(f"resilient: node {self.node}: every rank reported done; stopping the ones still "
+                              f"running {self.scfg.done_grace_s:g}s later", file=sys.stderr)
+                        stop_all(self.ranks, self.scfg.termination_grace_s)
+                        return NodeOutcome.FINISHED
+                else:
+                    done_since = None
                 if now >= next_store_poll:
                     next_store_poll = now + self.coord.intervals.poll_s
                     seen = self.coord.poll(self.attempt)  # one round trip unless something was posted
@@ -277,14 +296,17 @@ class Supervisor:
                    or failures.exit_failure(exits, self.node, self.tracker.current_step(), now)
                    or failures.hang_failure(self.ranks, self.tracker, self.scfg, self.node, now,
                                             heard_only=self.exit_only))
-        if failure is None and (reason := self.hooks.fatal_health()):
-            failure = self._failure(FailureKind.HEALTH, None, reason)
+        if failure is None and (verdict := self.hooks.fatal_health()):
+            kind = FailureKind.STORAGE if verdict[0] == "storage" else FailureKind.HEALTH
+            failure = self._failure(kind, None, verdict[1])
+        if failure is not None and self._final_exit is None:
+            self._final_exit = failures.final_exit(failure, exits, self.tracker)
         return failure
 
-    def _begin_preempt(self, reason: str, now: float) -> float:
+    def _begin_preempt(self, reason: str, now: float, kind: str = "preempted") -> float:
         assert self.coord is not None
         self._stop_seen = True
-        self.coord.request_stop("preempted", f"node {self.node}: {reason}")
+        self.coord.request_stop(kind, f"node {self.node}: {reason}")
         self._set_state(State.PREEMPTING)
         for r in self.ranks:
             r.signal_rank(self.scfg.stop_signal())
@@ -308,12 +330,34 @@ class Supervisor:
         self.hooks.on_failure(failure.kind)
         print(f"resilient: node {self.node} attempt {self.attempt}: {failure.kind}: {failure.reason}", file=sys.stderr)
 
+    # -- storage -----------------------------------------------------------------------------------
+
+    def _storage_fault(self, reason: str) -> str:
+        """Record storage trouble (ledger, metric, stderr) as its own fault class; returns the reason."""
+        ledger.append(self.run_dir, LedgerEvent.STORAGE_FAULT, node=self.node, step=self.tracker.current_step(), reason=reason)
+        self.hooks.on_storage_fault()
+        print(f"resilient: node {self.node}: storage fault: {reason}", file=sys.stderr, flush=True)
+        if self.coord is not None:
+            self.coord.request_stop("storage", reason)  # every node saves and stops; first request wins
+        return reason
+
+    def _write_config(self) -> None:
+        """Record the resolved config for ranks and requeues, unless it contradicts the checkpoints:
+        the recorded config must stay the one that can resume them."""
+        architecture = self.cfg.model.architecture().model_dump(exclude={"published_params"})
+        mismatch = recorded_mismatch(self.cfg.checkpoint.root(self.run_dir), architecture)
+        if mismatch:
+            raise ConfigError(f"{self.run_dir} holds checkpoints of another model ({mismatch}); config.yaml "
+                              "not overwritten: use a new run dir, or the model settings of the checkpoints")
+        atomic_write(self.config_path, dump_config(self.cfg))
+
     # -- end of an attempt -------------------------------------------------------------------------
 
     def _report(self, outcome: NodeOutcome, unhealthy: str | None = None) -> None:
         assert self.coord is not None
         self.coord.report(self.attempt, {"outcome": str(outcome), "start_step": self.tracker.start_step,
-                                         "reached_step": self.tracker.reached_step, "unhealthy": unhealthy})
+                                         "reached_step": self.tracker.reached_step, "unhealthy": unhealthy,
+                                         "final_rank_exit": self._final_exit})
 
     def _decide(self) -> dict[str, Any]:
         """Node 0 turns every node's report into the decision; the others wait for it."""
@@ -336,9 +380,15 @@ class Supervisor:
         progressed, _ = decisions.made_progress(summary.start_step, summary.reached_step)
         self.no_progress_streak = 0 if progressed else self.no_progress_streak + 1
         stop = self.coord.stop_requested()
+        storage = stop["reason"] if stop and stop.get("kind") == "storage" else None
+        if summary.all_finished and storage is None and self.cfg.checkpoint.save_on_finish:
+            committed, why = decisions.final_step_committed(self.cfg.train.steps,
+                                                            progress.newest_complete_step(self.progress_root))
+            storage = None if committed else self._storage_fault(why)
         state = decisions.JobState(
             restarts_done=self.restarts, no_progress_streak=self.no_progress_streak,
-            all_finished=summary.all_finished, preempted=stop is not None or summary.preempted,
+            all_finished=summary.all_finished, storage=storage, final_rank_exit=summary.final_rank_exit,
+            preempted=stop is not None or summary.preempted,
             unhealthy=summary.unhealthy, missing_nodes=summary.missing_nodes,
         )
         d = decisions.decide(state, self.scfg)

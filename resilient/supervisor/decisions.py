@@ -85,6 +85,12 @@ def blame_hang(stale: list[tuple[int, int | None, float, str]]) -> tuple[int, st
     return rank, f"{len(stale)} ranks without progress; rank {rank} holds them up ({why})"
 
 
+def all_done(ranks: Sequence[tuple[str, int | None]]) -> bool:
+    """Every rank, given as (last phase, exit code or None), exited 0 or reported `done` (it may be
+    lingering in teardown: a stuck process-group shutdown must not hold the node for the done timeout)."""
+    return all(code == 0 or (code is None and phase == "done") for phase, code in ranks)
+
+
 def made_progress(start_step: int | None, reached_step: int | None) -> tuple[bool, str]:
     """An attempt made progress when it completed a step beyond the step it resumed from."""
     start = start_step or 0
@@ -103,6 +109,15 @@ def backoff_seconds(restart_number: int, cfg: SupervisorConfig) -> float:
     return float(wait(state))
 
 
+def final_step_committed(final_step: int, newest_committed: int | None) -> tuple[bool, str]:
+    """A run that reached its final step counts as finished only if that step is in a committed
+    checkpoint: saves refused for lack of space would otherwise end "finished" with work unsaved."""
+    if newest_committed is not None and newest_committed >= final_step:
+        return True, f"final step {final_step} is committed"
+    newest = "none" if newest_committed is None else f"step {newest_committed}"
+    return False, f"ranks finished step {final_step} but it is not in a committed checkpoint (newest committed: {newest})"
+
+
 class Outcome(enum.StrEnum):
     """How a supervised job ends (the final state)."""
 
@@ -112,6 +127,9 @@ class Outcome(enum.StrEnum):
     BUDGET_EXHAUSTED = "budget_exhausted"
     NO_PROGRESS = "no_progress"
     COORDINATION_LOST = "coordination_lost"
+    STORAGE_FAULT = "storage_fault"
+    CONFIG_ERROR = "config_error"
+    CHECKPOINT_DAMAGED = "checkpoint_damaged"
 
 
 _EXIT_CODES = {
@@ -122,7 +140,21 @@ _EXIT_CODES = {
     Outcome.NO_PROGRESS: (ExitCode.NO_PROGRESS, "attempts keep failing without progress; do not requeue"),
     Outcome.COORDINATION_LOST: (ExitCode.COORDINATOR_LOST,
                                 "lost the job's coordination (node 0's supervisor, or a node's report); requeue"),
+    Outcome.STORAGE_FAULT: (ExitCode.STORAGE_FAULT,
+                            "checkpoint storage is full or failing (not a node fault); free space, then rerun"),
+    Outcome.CONFIG_ERROR: (ExitCode.CONFIG_ERROR, "a rank found a configuration error; fix it, then rerun"),
+    Outcome.CHECKPOINT_DAMAGED: (ExitCode.CHECKPOINT_DAMAGED, "no loadable checkpoint; restarting cannot help"),
 }
+
+# A rank exiting with one of these found something no restart can change (bad config or data, no
+# loadable checkpoint): the run ends at once with the rank's own code.
+_FINAL_RANK_EXITS = {int(ExitCode.CONFIG_ERROR): Outcome.CONFIG_ERROR,
+                     int(ExitCode.CHECKPOINT_DAMAGED): Outcome.CHECKPOINT_DAMAGED}
+
+
+def rank_exit_is_final(code: int | None) -> bool:
+    """Whether a rank's exit code ends the run instead of a restart."""
+    return code in _FINAL_RANK_EXITS
 
 
 def exit_code_for(outcome: Outcome) -> tuple[ExitCode, str]:
@@ -146,6 +178,10 @@ class JobState:
     """Fatal health verdict of some node (names node and check), if any."""
     missing_nodes: tuple[int, ...] = ()
     """Nodes whose supervisor did not report in time."""
+    storage: str | None = None
+    """Storage trouble (low or no space, failed writes, final step not committed), if any."""
+    final_rank_exit: tuple[int, str] | None = None
+    """(code, reason) of a rank that exited CONFIG_ERROR or CHECKPOINT_DAMAGED, if any."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +199,11 @@ def _stop(outcome: Outcome, reason: str) -> Decision:
 
 def decide(state: JobState, cfg: SupervisorConfig) -> Decision:
     """Restart or stop after an attempt ended; stop reasons are checked from most to least specific."""
+    if state.final_rank_exit:
+        code, reason = state.final_rank_exit
+        return _stop(_FINAL_RANK_EXITS[code], f"{reason}; not retried")
+    if state.storage:  # before "finished": success is only reported when the final step is committed
+        return _stop(Outcome.STORAGE_FAULT, state.storage)
     if state.all_finished:
         return _stop(Outcome.FINISHED, "all ranks finished")
     if state.unhealthy:

@@ -31,6 +31,8 @@ class FailureKind(enum.StrEnum):
     """A rank reported phase `error`."""
     HEALTH = "health"
     """A fatal health verdict for this node (pre-flight or monitor)."""
+    STORAGE = "storage"
+    """The checkpoint filesystem is low, full or failing: save and stop (STORAGE_FAULT), never a node fault."""
     SUPERVISOR = "supervisor"
     """The supervisor itself: lost coordination, an unexpected exception."""
 
@@ -78,6 +80,17 @@ def exit_failure(exits: Sequence[RankProcess], node: int, step: int | None, now:
         return Failure(FailureKind.RANK_EXIT, r.spec.rank, node, step, f"rank {r.spec.rank} (pid {r.pid}) {how}",
                        now - (r.exited_at or now))
     return None
+
+
+def final_exit(failure: Failure, exits: Sequence[RankProcess], tracker: HeartbeatTracker) -> tuple[int, str] | None:
+    """(code, reason) when `failure` is a rank exiting, or reporting it will exit, CONFIG_ERROR or
+    CHECKPOINT_DAMAGED: no restart can change those, so the run ends with that code."""
+    code = None
+    if failure.kind is FailureKind.RANK_EXIT:
+        code = next((r.returncode for r in exits if r.spec.rank == failure.rank), None)
+    elif failure.kind is FailureKind.RANK_ERROR and failure.rank is not None:
+        code = tracker.views[failure.rank].error_code
+    return (code, failure.reason) if decisions.rank_exit_is_final(code) else None
 
 
 def hang_failure(ranks: Sequence[RankProcess], tracker: HeartbeatTracker, cfg: SupervisorConfig, node: int,

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from health.actions import Action, decide, record
+from health.actions import Action, Decision, decide, record
 from health.monitor import HealthMonitor
 from health.preflight import run_preflight
 from health.stragglers import StragglerTracker
@@ -66,15 +66,14 @@ class NodeHooks:
 
     # -- health -------------------------------------------------------------------------------
 
-    def preflight(self) -> str | None:
-        """Run the pre-flight checks; returns the fatal reason (naming node and check) or None."""
+    def preflight(self) -> tuple[str, str] | None:
+        """Run the pre-flight checks; returns ("unhealthy" | "storage", reason naming node and check) or None."""
         if not self.cfg.health.enabled:
             return None
         report = run_preflight(self.cfg.health, node=self.node, ckpt_dir=self.cfg.checkpoint.root(self.run_dir),
                                nproc=self.cfg.supervisor.nproc_per_node)
         self._on_report(report)
-        verdict = decide(report, "preflight")
-        return verdict.reason if verdict.action is Action.STOP else None
+        return _fault(decide(report, "preflight"))
 
     def start_monitor(self) -> None:
         if self.cfg.health.enabled and self.monitor is None:
@@ -85,15 +84,19 @@ class NodeHooks:
             self.monitor.stop()
             self.monitor = None
 
-    def fatal_health(self) -> str | None:
-        """The monitor's newest report, handled once: recorded, exported; returns the fatal reason if any."""
+    def fatal_health(self) -> tuple[str, str] | None:
+        """The monitor's newest report, handled once: recorded, exported; returns ("unhealthy" | "storage",
+        reason) when it ends this attempt."""
         report = self.monitor.latest() if self.monitor is not None else None
         if report is None or report.ts == self._last_health_ts:
             return None
         self._last_health_ts = report.ts
         self._on_report(report)
-        verdict = decide(report, "training")
-        return verdict.reason if verdict.action is Action.STOP else None
+        return _fault(decide(report, "training"))
+
+    def on_storage_fault(self) -> None:
+        if self.metrics is not None:
+            self.metrics.on_storage_fault()
 
     def _on_report(self, report: HealthReport) -> None:
         # The ledger gets a report only when its set of problems changes: a lasting warning is one entry, not one per check.
@@ -158,3 +161,8 @@ class NodeHooks:
                 continue
             if self.metrics is not None:
                 self.metrics.set_goodput(report)
+
+
+def _fault(verdict: Decision) -> tuple[str, str] | None:
+    kinds = {Action.STOP: "unhealthy", Action.SAVE_AND_STOP: "storage"}
+    return (kinds[verdict.action], verdict.reason) if verdict.action in kinds else None

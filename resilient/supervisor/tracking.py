@@ -29,6 +29,8 @@ class RankView:
     progress_key: tuple[str, int | None] = (Phase.INIT, None)
     error: str | None = None
     """The message of an `error` heartbeat."""
+    error_code: int | None = None
+    """The exit code an `error` heartbeat announced, if any."""
 
 
 @dataclass
@@ -76,6 +78,7 @@ class HeartbeatTracker:
             self.reached_step = max(self.reached_step or 0, step)
         elif phase == Phase.ERROR:
             view.error = str(hb.get("message", ""))
+            view.error_code = hb.get("exit_code")
         return True
 
     def current_step(self) -> int | None:

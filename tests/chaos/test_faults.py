@@ -63,9 +63,13 @@ def test_corrupt_latest_falls_back_and_quarantines(tmp_path, reference):
 
 def test_full_checkpoint_filesystem_fails_saves_and_training_goes_on(tmp_path, reference):
     report = _passed(drill(tmp_path / "run", "steps:6", ["fill_disk"], reference=reference))
-    assert report["digest"] == reference and report["exit_codes"] == [0]
-    assert report["goodput"]["failed_saves"] >= 1
-    assert "No space left" in _events(report, "ckpt_save_failed")[0]["error"]
+    # Saves fail and training goes on, or the monitor saw the full filesystem first: a storage fault
+    # (82, never 76 "unhealthy node"), and the rerun after the space was freed finishes.
+    assert report["digest"] == reference and report["exit_codes"][-1] == 0
+    assert set(report["exit_codes"][:-1]) <= {ExitCode.STORAGE_FAULT}
+    saves, storage = _events(report, "ckpt_save_failed"), _events(report, "storage_fault")
+    assert saves or storage
+    assert "No space left" in (saves[0]["error"] if saves else storage[0]["reason"])
 
 
 def test_nan_loss_rolls_back_skips_the_window_and_reruns_identically(tmp_path, reference):

@@ -21,7 +21,7 @@ REQUIRED = {
     "ResilientGpuXidCritical", "ResilientGpuEccUncorrectable", "ResilientGpuRowRemapPending",
     "ResilientGpuRowRemapFailed", "ResilientGpuLost", "ResilientGpuThermalThrottling", "ResilientRankHeartbeatStale",
     "ResilientRestartLoop", "ResilientNoProgress", "ResilientThroughputDrop", "ResilientCheckpointTooOld",
-    "ResilientLossNaN", "ResilientLossSpike", "ResilientScrapeTargetDown",
+    "ResilientLossNaN", "ResilientLossSpike", "ResilientScrapeTargetDown", "ResilientStorageFault",
 }
 
 

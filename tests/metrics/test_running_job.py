@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from resilient.status import read_status
 from tests.ranks import REPO, TINY
 
+from .feed import DcgmExporter
 from .prom import PROMETHEUS, PrometheusServer, alert_rules, panel_queries
 
 pytestmark = [pytest.mark.slow, pytest.mark.prometheus,
@@ -89,7 +90,10 @@ def test_metrics_endpoint_of_a_running_job(running_job):
 
 def test_real_prometheus_scrapes_the_job(running_job, tmp_path):
     _, port = running_job
-    server = PrometheusServer(tmp_path, [f"127.0.0.1:{port}"]).start()
+    # GPU panels read NVML (the run's own exporter) or dcgm-exporter, as the operator chooses; clusters
+    # run NVIDIA's dcgm-exporter beside the job, so a stand-in for it is scraped too (no GPU here).
+    dcgm = DcgmExporter()
+    server = PrometheusServer(tmp_path, [f"127.0.0.1:{port}", f"127.0.0.1:{dcgm.start()}"]).start()
     try:
         server.wait_for('up{job="resilient"} == 1')
         server.wait_for("count_over_time(resilient_step[1m]) >= 4")
@@ -110,3 +114,4 @@ def test_real_prometheus_scrapes_the_job(running_job, tmp_path):
         assert not empty, "dashboard panels a real run leaves empty:\n" + "\n".join(empty)
     finally:
         server.stop()
+        dcgm.stop()

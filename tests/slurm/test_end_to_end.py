@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from resilient.core.exit_codes import ExitCode
 from resilient.supervisor.ranks import free_port
 from tests.slurm.conftest import REPO, Cluster
 from tests.supervisor.harness import events, wait_until
@@ -116,6 +117,10 @@ def test_preemption_signal_saves_requeues_and_resumes_to_the_same_weights(slurm_
     config.write_text(yaml.safe_dump(tree))
     job_id = launch(slurm_cluster, config)
     wait_until(lambda: last_step(run_dir) >= 3, 240, "training to reach step 3")
+    config_before = (run_dir / "config.yaml").read_bytes()
+    again = slurm_cluster.run(sys.executable, "-m", "resilient.cli", "launch", str(config), timeout=120, check=False)
+    assert again.returncode == ExitCode.RUN_DIR_BUSY and f"active job {job_id}" in again.stderr, again.stderr
+    assert (run_dir / "config.yaml").read_bytes() == config_before
     slurm_cluster.run("scancel", f"--signal={sig}", "--batch", job_id)
 
     job = finished_job(slurm_cluster, job_id, run_dir)
@@ -188,5 +193,5 @@ def test_losing_node0s_supervisor_stops_every_node_and_requeues(slurm_cluster, t
     [lost] = events(run_dir, "coordinator_lost")
     assert lost["node"] == 1 and "coordination store" in lost["reason"]
     assert [r["cause"] for r in events(run_dir, "requeue")] == ["crash"]
-    assert "exit 81: lost the job's coordination" in logs(run_dir)
+    assert "exit 83: lost the job's coordination" in logs(run_dir)
     assert events(run_dir, "job_end")[-1]["state"] == "finished" and last_step(run_dir) == STEPS

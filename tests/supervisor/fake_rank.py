@@ -1,11 +1,14 @@
 """A stand-in rank for supervisor tests: a real process with real heartbeats and signals.
 
-Its "checkpoint" is RUN_DIR/fake_ckpt.json (the last saved step, written by rank 0); every
-completed step is appended to RUN_DIR/fake_steps.jsonl. Behaviour comes from the environment:
+Its "checkpoint" is RUN_DIR/fake_ckpt.json (the last saved step, written by rank 0), mirrored as an
+empty committed step directory in the checkpoint dir (what the supervisor checks at the end); a save
+that hits a full filesystem is skipped, as the trainer does. Every completed step is appended to
+RUN_DIR/fake_steps.jsonl (skipped when the run dir is full). Behaviour comes from the environment:
 FAKE_STEP_S (seconds per step), FAKE_CKPT_EVERY (save interval), FAKE_CRASH ("init": exit 3
 before the first step of every attempt; "every:N": exit 3 after N steps of every attempt),
 FAKE_ERROR_AT (report phase=error at that step in attempt 0, then stall), FAKE_IGNORE_STOP=1
-(ignore the stop signals). It speaks the rank protocol only through the public `resilient.rank` API.
+(ignore the stop signals), FAKE_LINGER_S (stay alive that long after reporting done). It speaks the
+rank protocol only through the public `resilient.rank` API.
 """
 
 from resilient.rank import die_with_parent
@@ -45,12 +48,21 @@ def main() -> int:
     ckpt = run_dir / "fake_ckpt.json"
     hb = connect(env)
 
+    ckpt_root = Path((cfg.get("checkpoint") or {}).get("dir") or run_dir / "checkpoints")
+
     def save(step: int) -> None:
         hb.send(Phase.CHECKPOINT, step)
         if rank == 0:
-            tmp = ckpt.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"step": step}))
-            os.replace(tmp, ckpt)
+            try:
+                marker = ckpt_root / f"step_{step:07d}" / "COMMITTED.json"
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.with_suffix(".tmp").write_text(json.dumps({"files": {}, "meta": {"step": step}}))
+                os.replace(marker.with_suffix(".tmp"), marker)  # a full disk never leaves an empty marker
+                tmp = ckpt.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"step": step}))
+                os.replace(tmp, ckpt)
+            except OSError as err:
+                print(f"fake rank: save of step {step} skipped: {err}", file=sys.stderr, flush=True)
         hb.send(Phase.STEP, step, ckpt_step=step)  # back to stepping, as the trainer reports after a save
 
     step = json.loads(ckpt.read_text())["step"] if ckpt.exists() else 0
@@ -67,8 +79,11 @@ def main() -> int:
         step += 1
         done_here += 1
         if rank == 0:
-            with open(run_dir / "fake_steps.jsonl", "a") as f:
-                f.write(json.dumps({"attempt": attempt, "step": step}) + "\n")
+            try:
+                with open(run_dir / "fake_steps.jsonl", "a") as f:
+                    f.write(json.dumps({"attempt": attempt, "step": step}) + "\n")
+            except OSError:
+                pass
         hb.send(Phase.STEP, step, step_time=time.monotonic() - t0, loss=1.0 / step)
         if attempt == 0 and step == error_at:
             hb.send(Phase.ERROR, step, message="injected error")
@@ -79,6 +94,7 @@ def main() -> int:
             return 3
     save(step)
     hb.send(Phase.DONE, step)
+    time.sleep(float(os.environ.get("FAKE_LINGER_S", "0")))  # a teardown that hangs after `done`
     return 0
 
 

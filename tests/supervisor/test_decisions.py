@@ -146,3 +146,32 @@ def test_checkpoint_timeout_calibrates_from_observed_saves():
     assert calibrated_checkpoint_timeout([400.0], cfg)[0] == 900  # never beyond the configured limit
     assert is_hung("checkpoint", 100.0, 107.0, 1.0, cfg, checkpoint_timeout=6.0)[0]
     assert not is_hung("checkpoint", 100.0, 107.0, 1.0, cfg)[0]
+
+
+def test_final_step_must_be_committed_to_finish():
+    assert d.final_step_committed(16, 16)[0]
+    ok, why = d.final_step_committed(16, 4)
+    assert not ok and "newest committed: step 4" in why
+    assert "newest committed: none" in d.final_step_committed(16, None)[1]
+    finished_uncommitted = d.JobState(0, 0, all_finished=True, storage=why)
+    got = d.decide(finished_uncommitted, CFG)
+    assert got.exit_code is ExitCode.STORAGE_FAULT and not got.restart and "step 4" in got.reason
+
+
+def test_storage_trouble_is_its_own_outcome_never_a_node_fault_nor_a_preemption():
+    got = d.decide(d.JobState(0, 0, preempted=True, storage="node n0: node.ckpt_dir: 0.1 GiB free"), CFG)
+    assert got.outcome is d.Outcome.STORAGE_FAULT and got.exit_code is ExitCode.STORAGE_FAULT
+    assert d.exit_code_for(d.Outcome.STORAGE_FAULT)[0] is not ExitCode.UNHEALTHY_NODE
+
+
+@pytest.mark.parametrize("code", [ExitCode.CONFIG_ERROR, ExitCode.CHECKPOINT_DAMAGED])
+def test_config_or_checkpoint_error_in_a_rank_ends_the_run_at_once(code):
+    assert d.rank_exit_is_final(int(code)) and not d.rank_exit_is_final(3) and not d.rank_exit_is_final(None)
+    got = d.decide(d.JobState(0, 0, final_rank_exit=(int(code), "rank 1 exited with code 64")), CFG)
+    assert not got.restart and got.exit_code is code and "not retried" in got.reason
+
+
+def test_all_done_counts_ranks_lingering_after_done():
+    assert d.all_done([("done", None), ("step", 0)])
+    assert not d.all_done([("done", None), ("step", None)])
+    assert not d.all_done([("done", None), ("done", 3)])

@@ -61,13 +61,10 @@ def _own_write_results_queue() -> None:
         filesystem_async._results_queue = manager.Queue()
 
 
-def identity_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
-    """The first architecture field that differs, as a one-line reason (parallel layout may differ:
-    dist_checkpointing reshards tensor- and data-parallel changes)."""
-    for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
-            return f"{key}: checkpoint has {saved.get(key)!r}, this run has {current.get(key)!r}"
-    return None
+def schedule_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
+    """Scheduler settings that differ between a checkpoint and this run: name -> [saved, now]."""
+    return {k: [saved[k], current[k]] for k in sorted(saved.keys() & current.keys())
+            if k != "num_steps" and saved[k] != current[k]}
 
 
 class Checkpointer:
@@ -112,6 +109,8 @@ class Checkpointer:
             self.last_save_step = step
             return time.monotonic() - started
         problem = self._space_problem(state)
+        if self.rank == 0 and problem is None:
+            problem = layout.latest_problem(self.root)  # rank 0 alone would fail it, after the collectives
         if self.rank == 0 and problem is None:
             try:
                 if ckpt_dir.exists():
@@ -258,15 +257,21 @@ class Checkpointer:
                 continue
             started = time.monotonic()
             common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))["common"]
-            mismatch = identity_mismatch(common["identity"], state.identity)
+            mismatch = manifest.identity_mismatch(common["identity"], state.identity)
             if mismatch:
                 raise CheckpointError(f"checkpoint {ckpt_dir.name} is incompatible with this run's model: {mismatch}")
             tree = sharded_state(state, include_rng=common["world_size"] == self.world)
+            # The schedule follows this run's config (an extended run decays over its new length); the
+            # checkpoint contributes only the step count. Differences go to the ledger below.
+            state.scheduler.override_opt_param_scheduler = True
             apply_loaded(state, dist_checkpointing.load(tree, str(ckpt_dir)))
+            changed = schedule_changes(common["scheduler"], state.scheduler.state_dict())
             if self.rank == 0:
                 for bad, why in skipped:
                     log.warning("checkpoint step %d is damaged (%s); using step %d", bad, why, step)
                     ledger.append(self.run_dir, LedgerEvent.CKPT_FALLBACK, from_step=bad, to_step=step, reason=why)
+                if changed:
+                    ledger.append(self.run_dir, LedgerEvent.LR_SCHEDULE_CHANGED, step=step, changes=changed)
                 ledger.append(self.run_dir, LedgerEvent.CKPT_LOAD, rank=0, step=step,
                               seconds=round(time.monotonic() - started, 6),
                               attempt=self.attempt)

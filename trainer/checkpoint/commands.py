@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from resilient.core.errors import CheckpointError
+from resilient.core.errors import CheckpointError, ConfigError
 from resilient.core.exit_codes import ExitCode
 from trainer.checkpoint import inspect as ck
 from trainer.checkpoint import layout, manifest, megatron_lm
@@ -24,6 +24,8 @@ ckpt_app = typer.Typer(help="Inspect, check and repair checkpoints (DIR: RUN_DIR
 @ckpt_app.command("list")
 def list_cmd(directory: Path, as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
     """Every step (iteration) directory, complete or not, and which one `latest` (the tracker) names."""
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: no such directory")
     root = ck.resolve_root(directory)
     rows = megatron_lm.listing(root) if megatron_lm.is_layout(root) else ck.listing(root)
     if as_json:

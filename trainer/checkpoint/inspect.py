@@ -83,8 +83,13 @@ def _single_process_group() -> None:
 
 
 def load_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, unsharded, keyed by its global name."""
+    """Every tensor of the checkpoint, unsharded, keyed by its global name; verified (manifest, checksums,
+    metadata types) before torch reads anything."""
     from megatron.core import dist_checkpointing
+
+    problem = manifest.verify(ckpt_dir, checksums=True)
+    if problem:
+        raise CheckpointError(f"{ckpt_dir.name} not loaded: {problem}")
 
     _single_process_group()
     return dist_checkpointing.load_plain_tensors(str(ckpt_dir))

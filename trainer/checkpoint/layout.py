@@ -34,8 +34,16 @@ def read_latest(root: Path) -> int | None:
     """The step `latest` names, or None when absent or unreadable."""
     try:
         return parse_step((root / LATEST).read_text().strip())
-    except (FileNotFoundError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError):  # missing, or not a file (a directory in its place)
         return None
+
+
+def latest_problem(root: Path) -> str | None:
+    """Why `latest` cannot be replaced by a rename (something other than a file is in its place)."""
+    path = root / LATEST
+    if path.exists() and not path.is_file():
+        return f"{path} is not a file; the pointer cannot be replaced (remove it)"
+    return None
 
 
 def step_dirs(root: Path) -> dict[int, Path]:

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from resilient.core.atomic import atomic_write
+from resilient.core.errors import CheckpointError
 from resilient.core.progress import track
+from trainer.checkpoint import layout, safe_pickle
 from trainer.checkpoint.layout import MARKER
 
 SUMS_PREFIX = ".sums.rank"
@@ -100,4 +102,35 @@ def verify(ckpt_dir: Path, *, checksums: bool, share: tuple[int, int] = (0, 1)) 
             return f"{ckpt_dir.name}/{name}: size {size} != {expected['size']} in the manifest"
         if checksums and i % count == index and hash_file(path) != expected["blake2b"]:
             return f"{ckpt_dir.name}/{name}: checksum mismatch (content changed after commit)"
+    # A manifest can be recomputed by whoever planted the files: the metadata pickle must also hold
+    # nothing but checkpoint metadata before torch unpickles it.
+    if safe_pickle.METADATA in manifest["files"]:
+        try:
+            safe_pickle.check_metadata(ckpt_dir)
+        except CheckpointError as err:
+            return str(err)
     return None
+
+
+def identity_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """The first architecture field that differs, as a one-line reason (parallel layout may differ:
+    dist_checkpointing reshards tensor- and data-parallel changes)."""
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            return f"{key}: checkpoint has {saved.get(key)!r}, this run has {current.get(key)!r}"
+    return None
+
+
+def recorded_mismatch(root: Path, architecture: dict[str, Any]) -> str | None:
+    """How the newest committed checkpoint under `root` differs from `architecture` (the model's fields),
+    or None (also when there is none). Read from the marker (JSON): nothing is unpickled."""
+    steps = layout.committed_steps(root)
+    if not steps:
+        return None
+    try:
+        saved = read_manifest(layout.step_dir(root, steps[-1])).get("meta", {}).get("identity") or {}
+    except ValueError:
+        return None  # a damaged marker is the loader's business (it falls back or refuses)
+    saved = {k: v for k, v in saved.items() if k != "padded_vocab"}  # follows tp, which may change
+    mismatch = identity_mismatch(saved, architecture) if saved else None
+    return f"step {steps[-1]}: {mismatch}" if mismatch else None

@@ -1,0 +1,70 @@
+"""Opening a checkpoint never runs code: a planted `.metadata` pickle with a recomputed manifest is
+refused by verify, digest and resume before anything unpickles it."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from resilient.core.exit_codes import ExitCode
+from tests.ranks import run_ranks
+from tests.supervisor.harness import REPO
+from trainer.checkpoint import layout, manifest
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class _Payload:
+    """Unpickling this runs `code` (what an attacker would plant)."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __reduce__(self):
+        return (exec, (self.code,))
+
+
+def plant(root: Path, step: int, marker: Path) -> Path:
+    """A checkpoint whose .metadata pickle writes `marker`, committed with a correct manifest."""
+    ckpt = layout.step_dir(root, step)
+    ckpt.mkdir(parents=True)
+    (ckpt / ".metadata").write_bytes(pickle.dumps(_Payload(f"open({str(marker)!r}, 'w').write('ran')")))
+    (ckpt / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                                                    "common_backend": "torch", "common_backend_version": 1}))
+    (ckpt / "common.pt").write_bytes(b"")
+    manifest.commit(ckpt, {"step": step})
+    layout.write_latest(root, step)
+    return ckpt
+
+
+@pytest.mark.parametrize("command", ["verify", "digest"])
+def test_ckpt_commands_refuse_a_planted_metadata_pickle_without_running_it(tmp_path, command):
+    marker = tmp_path / "pwned"
+    plant(tmp_path / "checkpoints", 8, marker)
+    p = subprocess.run([sys.executable, "-m", "resilient.cli", "ckpt", command, str(tmp_path)], cwd=REPO,
+                       capture_output=True, text=True, timeout=240)
+    assert not marker.exists(), "the planted pickle ran"
+    assert p.returncode == ExitCode.CHECKPOINT_DAMAGED, p.stdout + p.stderr
+    assert "builtins.exec is not a checkpoint metadata type" in p.stdout + p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_real_checkpoint_metadata_passes_the_allowlist(reference_run):
+    root = reference_run / "checkpoints"
+    for step in layout.committed_steps(root):
+        assert manifest.verify(layout.step_dir(root, step), checksums=False) is None
+
+
+def test_resume_refuses_a_planted_checkpoint_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    plant(tmp_path / "run" / "checkpoints", 8, marker)
+    codes = run_ranks(tmp_path / "run", ["train.steps=10", "train.eval_every=0"], timeout=280)
+    log = (tmp_path / "run" / "rank0.log").read_text()
+    assert not marker.exists(), "the planted pickle ran in a rank"
+    assert codes == [ExitCode.CHECKPOINT_DAMAGED] * 2, log[-2000:]
+    assert "not a checkpoint metadata type" in log

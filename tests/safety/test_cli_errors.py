@@ -1,0 +1,87 @@
+"""Bad command lines and bad inputs: click's usage message and exit 2, or one line and exit 64; never a
+traceback. Every case is a real `resilient` process; they run concurrently to keep the suite fast."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from resilient.core.exit_codes import ExitCode
+from tests.supervisor.harness import REPO, write_config
+
+pytestmark = pytest.mark.timeout(300)
+
+USAGE = 2
+
+
+def _cases(tmp: Path) -> dict[str, tuple[list[str], int, str]]:
+    """name -> (argv, expected exit code, text the one line must contain)."""
+    cfg = write_config(tmp / "cfg.yaml", steps=3)
+    (tmp / "latin1.yaml").write_bytes(b"run_dir: caf\xe9\n")
+    (tmp / "a_file").write_text("not a directory")
+    (tmp / "cfgdir").mkdir()
+    return {
+        "run_without_config": (["run"], USAGE, "Missing argument"),
+        "run_unknown_option": (["run", str(cfg), "--bogus"], USAGE, "No such option"),
+        "plan_gpus_not_int": (["plan", "examples/tiny.yaml", "--gpus", "abc"], USAGE, "Invalid value for '--gpus'"),
+        "verify_step_not_int": (["ckpt", "verify", str(tmp), "--step", "abc"], USAGE, "Invalid value for '--step'"),
+        "set_bad_yaml": (["run", str(cfg), "--set", "train.steps=[1"], ExitCode.CONFIG_ERROR, "train.steps=[1"),
+        "config_is_a_directory": (["run", str(tmp / "cfgdir")], ExitCode.CONFIG_ERROR, "is a directory"),
+        "config_not_utf8": (["run", str(tmp / "latin1.yaml")], ExitCode.CONFIG_ERROR, "not UTF-8"),
+        "run_dir_is_a_file": (["run", str(cfg), "--run-dir", str(tmp / "a_file")], ExitCode.CONFIG_ERROR,
+                              "not a directory"),
+        "plan_set_bad_key": (["plan", "examples/tiny.yaml", "--set", "train.nope=1"], ExitCode.CONFIG_ERROR,
+                             "train.nope"),
+        "ckpt_list_missing_dir": (["ckpt", "list", str(tmp / "missing")], ExitCode.CONFIG_ERROR, "no such directory"),
+    }
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    cases = _cases(tmp)
+    procs = {name: subprocess.Popen([sys.executable, "-m", "resilient.cli", *argv], cwd=REPO, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name, (argv, _, _) in cases.items()}
+    out = {name: (p.wait(240), *p.communicate()) for name, p in procs.items()}
+    return cases, out
+
+
+@pytest.mark.parametrize("name", [
+    "run_without_config", "run_unknown_option", "plan_gpus_not_int", "verify_step_not_int", "set_bad_yaml",
+    "config_is_a_directory", "config_not_utf8", "run_dir_is_a_file", "plan_set_bad_key", "ckpt_list_missing_dir"])
+def test_bad_input_is_one_message_and_a_distinct_exit_code(results, name):
+    cases, out = results
+    _, code, text = cases[name]
+    rc, stdout, stderr = out[name]
+    assert "Traceback" not in stderr, stderr
+    assert rc == code, stderr
+    assert text in stderr, stderr
+    if code != USAGE:
+        assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("resilient: "), stderr
+
+
+def test_read_only_run_dir_is_one_line(tmp_path):
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        cfg = write_config(tmp_path / "cfg.yaml", steps=3)
+        p = subprocess.run([sys.executable, "-m", "resilient.cli", "run", str(cfg), "--run-dir", str(mnt / "run")],
+                           cwd=REPO, capture_output=True, text=True, timeout=240)
+    finally:
+        subprocess.run(["umount", str(mnt)])
+    assert p.returncode == ExitCode.CONFIG_ERROR and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1 and "Read-only file system" in p.stderr, p.stderr
+
+
+def test_health_check_without_config_creates_nothing(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "resilient.cli", "health", "check", "--json"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert "Traceback" not in p.stderr, p.stderr
+    assert list(tmp_path.iterdir()) == []
