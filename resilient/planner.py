@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 from trainer.flops import flops_per_token, layer_params, padded_vocab, parameter_count
 from trainer.presets import Architecture
+from trainer.stages import stage_layers
 
 H100_BF16_DENSE_TFLOPS = 989.0
 H100_HBM_GIB = 80.0
@@ -58,18 +59,6 @@ class StateBytes:
     def checkpoint(self) -> float:
         """What a checkpoint holds per parameter: weights, fp32 master copy, two Adam moments (14 B)."""
         return self.weights + self.master + self.moments
-
-
-def stage_layers(num_layers: int, pp: int) -> list[int]:
-    """Layers per pipeline stage; an uneven remainder is taken from the first and last stages
-    (which also hold the embedding and the output layer), as Llama 3 did for 126 layers."""
-    per = -(-num_layers // pp)
-    layers = [per] * pp
-    deficit, i = per * pp - num_layers, 0
-    while deficit:
-        layers[0 if i % 2 == 0 or pp == 1 else -1] -= 1
-        deficit, i = deficit - 1, i + 1
-    return layers
 
 
 @dataclass(frozen=True)
