@@ -4,7 +4,8 @@ Installed once per process by `install_cpu_bridge`, and only when `torch.cuda.is
 False; on a GPU nothing here runs. It covers what the trainer's megatron-core paths touch:
 
 - a torch function mode, entered for the life of the process, that maps `device="cuda"` (or a
-  CUDA index) on tensor factories and `.to()` to the CPU, makes `Tensor.cuda()` a no-op, and
+  CUDA index) on tensor factories to the default device (CPU, or meta in a meta-device build) and
+  on `.to()` to the CPU, makes `Tensor.cuda()` a no-op, and
   answers `Tensor.type()` with the `torch.cuda.*Tensor` name megatron's optimizers check for;
 - `torch.cuda` module calls used for placement and overlap: current_device, synchronize,
   streams and events (no-ops: on CPU every op is already ordered), empty_cache;
@@ -72,8 +73,9 @@ class CudaToCpu(TorchFunctionMode):
         if func is torch.Tensor.cuda:
             return args[0]
         device = kwargs.get("device")
+        # The default device is the CPU, or meta inside `with torch.device("meta")` (planning builds).
         if device is not None and _is_cuda(device):
-            kwargs = {**kwargs, "device": _CPU}
+            kwargs = {**kwargs, "device": torch.get_default_device()}
         elif func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], _CPU, *args[2:])
         return func(*args, **kwargs)

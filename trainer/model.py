@@ -6,7 +6,7 @@ One chunk per virtual pipeline stage; each chunk knows whether it holds the embe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -156,23 +156,28 @@ def unwrap(chunk: torch.nn.Module) -> GPTModel:
 
 
 def stage_parameter_count(arch: Architecture, layout: Layout, *, pp_rank: int) -> int:
-    """Parameters of one pipeline stage (this TP rank's share), built on the meta device.
-    Needs parallel_state initialized (any world size; pp_rank is set here only for the build)."""
-    config = transformer_config(arch, layout, on_gpu=False, initialize=False)
-    config.use_cpu_initialization = False
-    parallel_state.set_pipeline_model_parallel_rank(pp_rank)
-    try:
-        total = 0
-        with torch.device("meta"):
-            for vp in range(layout.vpp or 1):
-                vp_stage = vp if layout.vpp else None
-                chunk = build_chunk(arch, config, tp=layout.tp, vp_stage=vp_stage,
-                                    pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
-                                                                                        vp_stage=vp_stage),
-                                    post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
-                                                                                       vp_stage=vp_stage),
-                                    use_te=False)
-                total += sum(p.numel() for p in chunk.parameters())
-        return total
-    finally:
-        parallel_state.set_pipeline_model_parallel_rank(None)
+    """Parameters of one pipeline stage, built on the meta device (no memory) at TP=1: megatron's
+    own split decides the stage's layer count, the stage is then built as a one-stage model with
+    that many layers, the embedding on the first stage and the output layer on the last.
+    Needs an initialized process group and parallel_state (a 1-process gloo group will do)."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    full = transformer_config(arch, replace(layout, tp=1), on_gpu=False, initialize=False)
+    total = 0
+    with torch.device("meta"):
+        for vp in range(layout.vpp or 1):
+            vp_stage = vp if layout.vpp else None
+            layers = get_num_layers_to_build(full, vp_stage=vp_stage, pp_rank=pp_rank)
+            stage = transformer_config(arch.model_copy(update={"num_layers": layers}), Layout(), on_gpu=False,
+                                       initialize=False)
+            stage.use_cpu_initialization = False
+            chunk = build_chunk(arch, stage, tp=1, vp_stage=None, use_te=False,
+                                pre_process=pp_rank == 0 and vp == 0,
+                                post_process=pp_rank == layout.pp - 1 and vp == (layout.vpp or 1) - 1)
+            total += sum(p.numel() for p in chunk.parameters())
+    return total
+
+
+def meta_parameter_count(arch: Architecture) -> int:
+    """Parameters of the whole megatron-core model (TP=1, PP=1), built on the meta device."""
+    return stage_parameter_count(arch, Layout(), pp_rank=0)
