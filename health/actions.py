@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Literal
 
 from health.types import HealthReport, Severity
-from resilient import ledger
-from resilient.exit_codes import ExitCode
+from resilient.core import ledger
+from resilient.core.exit_codes import ExitCode
+from resilient.core.events import LedgerEvent
 
 
 class Action(str, Enum):
@@ -49,5 +50,5 @@ def record(run_dir: Path, report: HealthReport) -> int:
     """Append one `health` ledger event per non-ok result; returns how many were written."""
     bad = [r for r in report.results if r.severity is not Severity.OK]
     for r in bad:
-        ledger.append(run_dir, "health", node=report.node, severity=str(r.severity), check=r.name, reason=r.reason)
+        ledger.append(run_dir, LedgerEvent.HEALTH, node=report.node, severity=str(r.severity), check=r.name, reason=r.reason)
     return len(bad)

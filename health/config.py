@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from resilient.configbase import Section
+from resilient.core.configbase import Section
 
 # Application-caused XIDs (illegal address, MMU fault from user code, reset channel, preemption cleanup,
 # video decoder, ECC-contained kill of another context): they do not mean the GPU is broken.

@@ -1,7 +1,7 @@
 """The error that ends a command on an unhealthy node (exit code UNHEALTHY_NODE)."""
 
-from resilient.errors import ResilientError
-from resilient.exit_codes import ExitCode
+from resilient.core.errors import ResilientError
+from resilient.core.exit_codes import ExitCode
 
 
 class UnhealthyNodeError(ResilientError):

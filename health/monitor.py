@@ -4,25 +4,20 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
-
+from health.config import HealthConfig
 from health.gpu.provider import GpuProvider, provider_for
 from health.gpu.rules import evaluate
 from health.gpu.state import GpuSample
 from health.node_checks import node_checks
 from health.types import CheckResult, HealthReport, Severity
 
-if TYPE_CHECKING:
-    from resilient.config import RunConfig
-
-
 class HealthMonitor:
     """Samples GPU and node health every `interval_s` seconds; growth rules compare consecutive samples."""
 
-    def __init__(self, cfg: RunConfig, node: str, run_dir: Path, interval_s: float | None = None) -> None:
-        self.cfg = cfg.health
+    def __init__(self, cfg: HealthConfig, node: str, ckpt_dir: Path, interval_s: float | None = None) -> None:
+        self.cfg = cfg
         self.node = node
-        self.run_dir = Path(run_dir)
+        self.ckpt_dir = Path(ckpt_dir)
         self.interval_s = self.cfg.monitor_interval_s if interval_s is None else interval_s
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -60,7 +55,7 @@ class HealthMonitor:
         except Exception as err:  # a broken probe must not kill the monitor; it shows up as a warning
             results.append(CheckResult("gpu.sample", Severity.WARN, f"GPU sampling failed: {err}"))
         try:
-            results += node_checks(self.run_dir, self.cfg)
+            results += node_checks(self.ckpt_dir, self.cfg)
         except Exception as err:
             results.append(CheckResult("node.checks", Severity.WARN, f"node checks failed: {err}"))
         report = HealthReport(self.node, results)

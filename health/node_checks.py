@@ -41,9 +41,9 @@ def write_test(directory: Path, nbytes: int) -> tuple[float | None, str]:
         path.unlink(missing_ok=True)
 
 
-def check_ckpt_dir(run_dir: Path, cfg: HealthConfig) -> CheckResult:
-    """RUN_DIR/checkpoints has the configured free space and accepts a durable write."""
-    name, ckpt = "node.ckpt_dir", Path(run_dir) / "checkpoints"
+def check_ckpt_dir(ckpt: Path, cfg: HealthConfig) -> CheckResult:
+    """The checkpoint directory has the configured free space and accepts a durable write."""
+    name, ckpt = "node.ckpt_dir", Path(ckpt)
     try:
         ckpt.mkdir(mode=0o700, parents=True, exist_ok=True)
         free = shutil.disk_usage(ckpt).free
@@ -95,5 +95,6 @@ def judge_shm(total_bytes: int, cfg: HealthConfig) -> CheckResult:
     return ok(name, f"{cfg.shm_path} is {gib:.1f} GiB", size_gib=round(gib, 3))
 
 
-def node_checks(run_dir: Path, cfg: HealthConfig) -> list[CheckResult]:
-    return [check_ckpt_dir(run_dir, cfg), check_memory(cfg), check_shm(cfg)]
+def node_checks(ckpt_dir: Path, cfg: HealthConfig) -> list[CheckResult]:
+    """The node checks against the run's checkpoint directory (`checkpoint.dir`, not a guess)."""
+    return [check_ckpt_dir(ckpt_dir, cfg), check_memory(cfg), check_shm(cfg)]

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from health.config import HealthConfig
 from health.gpu.provider import provider_for
 from health.gpu.rules import evaluate
 from health.node_checks import node_checks
 from health.types import HealthReport
 
-if TYPE_CHECKING:
-    from resilient.config import RunConfig
 
-
-def run_preflight(cfg: RunConfig, *, node: str, run_dir: Path) -> HealthReport:
+def run_preflight(cfg: HealthConfig, *, node: str, ckpt_dir: Path) -> HealthReport:
     """GPU state via the configured provider and the node checks, as one report for `node`."""
-    provider = provider_for(cfg.health, node)
+    provider = provider_for(cfg, node)
     try:
         sample = provider.sample()
     finally:
         provider.close()
-    return HealthReport(node, evaluate(None, sample, cfg.health) + node_checks(Path(run_dir), cfg.health))
+    return HealthReport(node, evaluate(None, sample, cfg) + node_checks(Path(ckpt_dir), cfg))

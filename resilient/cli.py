@@ -7,7 +7,7 @@ import warnings
 
 import typer
 
-from resilient.errors import ResilientError
+from resilient.core.errors import ResilientError
 
 app = typer.Typer(
     name="resilient",
@@ -20,7 +20,7 @@ app = typer.Typer(
 
 def _register_all() -> None:
     # Each component owns its commands; imported here so `resilient --help` lists them all.
-    from health.commands import register as register_health
+    from resilient.health_commands import register as register_health
     from resilient.chaos.commands import register as register_chaos
     from resilient.metrics.commands import register as register_metrics
     from resilient.slurm.commands import register as register_slurm

@@ -1,150 +1,34 @@
 """The run configuration: one YAML file, validated, with dotted `--set key=value` overrides.
 
-Every component owns its small typed section (torchtitan style); this module composes them
-and checks the constraints that span sections (parallel layout vs. batch and heads).
+Every component owns its small typed section (torchtitan style): the trainer's in trainer.config,
+health's in health.config, the supervisor's, metrics' and Slurm's beside their code. `RunConfig`
+composes them on top of the trainer's view and checks what spans sections (the layout for the job's
+world size).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from health.config import HealthConfig
-from resilient.configbase import Section
-from resilient.errors import ConfigError
+from resilient.core.configbase import load_section, parse_section
 from resilient.metrics.config import MetricsConfig
 from resilient.slurm.config import SlurmConfig
 from resilient.supervisor.config import SupervisorConfig
-from trainer.checkpoint.config import CheckpointConfig
-from trainer.data.config import DataConfig
-from trainer.presets import PRESETS, Architecture
-from trainer.stages import layer_split_problem
+from trainer.config import TrainerConfig
 
 
-class ModelConfig(Section):
-    """Which architecture to train; `preset` fields can be overridden one by one."""
+class RunConfig(TrainerConfig):
+    """A whole run: the trainer's sections plus supervision, health, metrics and Slurm."""
 
-    preset: str = "tiny"
-    """One of: tiny, llama3-8b, llama3-70b, llama31-405b."""
-    overrides: dict[str, Any] = Field(default_factory=dict)
-    """Architecture fields replacing the preset's (e.g. num_layers: 4)."""
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    @model_validator(mode="after")
-    def _known_preset(self) -> "ModelConfig":
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})")
-        self.architecture()  # validates the overrides' keys and types
-        return self
-
-    def architecture(self) -> Architecture:
-        """The preset with the overrides applied."""
-        return Architecture.model_validate({**PRESETS[self.preset].model_dump(), **self.overrides})
-
-
-class ParallelConfig(Section):
-    """Model-parallel layout; data parallelism takes the remaining ranks."""
-
-    tp: int = Field(1, ge=1)
-    """Tensor-parallel size."""
-    pp: int = Field(1, ge=1)
-    """Pipeline-parallel size (1F1B schedule; uneven layer counts go to the first and last stages)."""
-    vpp: int | None = Field(None, ge=2)
-    """Virtual pipeline stages per pipeline rank (interleaved 1F1B); None: not interleaved."""
-    cp: int = Field(1, ge=1)
-    """Context-parallel size: each CP rank gets 2 of 2*cp load-balanced sequence chunks
-    (transformer-engine attention, GPU only)."""
-    sequence_parallel: bool = False
-    """Split norm/dropout activations over the TP group along the sequence (needs tp > 1)."""
-    distributed_optimizer: bool = False
-    """Shard fp32 main parameters and Adam state over data x context parallel ranks (megatron's
-    DistributedOptimizer, ZeRO-1): gradients are reduce-scattered, parameters all-gathered."""
-    overlap_grad_reduce: bool = False
-    """Start each gradient bucket's reduce during the backward pass (megatron DDP)."""
-    overlap_param_gather: bool = False
-    """All-gather updated parameters during the next forward (needs distributed_optimizer)."""
-    timeout_s: float = Field(1800.0, gt=0)
-    """Process-group (NCCL/gloo) collective timeout; generous, since the first step at scale can
-    wait minutes on compilation, allocation and a slow rank's data."""
-
-
-class TrainConfig(Section):
-    """The optimisation: batch, schedule, precision, logging."""
-
-    steps: int = Field(100, ge=1)
-    """Optimizer steps to train in total."""
-    global_batch: int = Field(8, ge=1)
-    """Sequences per optimizer step, across all data-parallel ranks."""
-    micro_batch: int = Field(2, ge=1)
-    """Sequences per forward/backward on one rank; the rest is gradient accumulation."""
-    seq_len: int | None = Field(None, ge=8)
-    """Tokens per sequence (None: the architecture's context length)."""
-    lr: float = Field(3e-3, gt=0)
-    """Peak learning rate."""
-    min_lr: float = Field(3e-4, ge=0)
-    """Learning rate at the end of the cosine decay."""
-    warmup_steps: int = Field(10, ge=0)
-    """Linear warm-up steps."""
-    weight_decay: float = Field(0.1, ge=0)
-    """Decoupled weight decay (AdamW)."""
-    beta1: float = 0.9
-    """Adam beta1."""
-    beta2: float = 0.95
-    """Adam beta2."""
-    grad_clip: float = Field(1.0, ge=0)
-    """Global gradient-norm clip (0: off)."""
-    seed: int = 1234
-    """Seed for weights, dropout and the data order."""
-    log_every: int = Field(1, ge=1)
-    """Print a progress line every N steps (train_log.jsonl gets every step)."""
-    exit_at_step: int | None = Field(None, ge=1)
-    """Save and stop (exit code PREEMPTED: resumable) after this step, like Megatron's --exit-interval."""
-    eval_every: int = Field(0, ge=0)
-    """Evaluate on the validation set every N steps and at the end (0: never)."""
-    peak_flops: float = Field(1e11, gt=0)
-    """Per-device peak FLOP/s used for MFU on CPU (GPUs use the known bf16 peak)."""
-    numeric_fault_action: Literal["rollback", "fail"] = "rollback"
-    """On a NaN/Inf loss or a loss spike: roll back to the last checkpoint and skip the step's data
-    window (recorded in the ledger), or fail the ranks."""
-    loss_spike_factor: float = Field(0.0, ge=0)
-    """A loss above this multiple of the median of the last `loss_spike_window` losses is a fault (0: off)."""
-    loss_spike_window: int = Field(20, ge=1)
-    """Recent losses the spike bound looks at (judged only once this many are known)."""
-    max_rollbacks: int = Field(5, ge=0)
-    """Data windows a run may skip in total (kept in checkpoints); the next numerical fault fails the ranks."""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """Model parameters and activations: bf16 (with fp32 main parameters, gradients and Adam state in
-    the optimizer) or fp32; auto is bf16 on GPU and fp32 on CPU."""
-    grad_reduce_in_fp32: bool = True
-    """Accumulate and reduce gradients in fp32 buffers even with bf16 parameters."""
-    recompute_granularity: Literal["selective", "full"] | None = None
-    """Activation recomputation: selective (attention core only) or full transformer layers."""
-    recompute_method: Literal["uniform", "block"] | None = None
-    """With full recomputation: uniform (every group of recompute_num_layers layers) or block
-    (the first recompute_num_layers layers of each stage)."""
-    recompute_num_layers: int | None = Field(None, ge=1)
-    """Layers per recompute group (uniform) or recomputed per stage (block); full recompute only."""
-
-
-class RunConfig(Section):
-    """A whole run: model, parallel layout, training, data, checkpoints, supervision."""
-
-    run_dir: Path = Path("runs/default")
-    """Run directory: checkpoints, ledger, status, logs (the CLI's --run-dir overrides it)."""
     nodes: int = Field(1, ge=1)
     """Nodes in the job (one supervisor each)."""
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    """Architecture."""
-    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
-    """Parallel layout."""
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    """Optimisation."""
-    data: DataConfig = Field(default_factory=DataConfig)
-    """Training and validation data."""
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    """Checkpointing."""
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
     """Rank supervision and restarts."""
     health: HealthConfig = Field(default_factory=HealthConfig)
@@ -159,122 +43,28 @@ class RunConfig(Section):
         return self.nodes * self.supervisor.nproc_per_node
 
     @property
-    def dp(self) -> int:
-        return self.world_size // (self.parallel.tp * self.parallel.pp * self.parallel.cp)
-
-    @property
-    def seq_len(self) -> int:
-        return self.train.seq_len or self.model.architecture().max_position_embeddings
-
-    @property
     def grad_accum(self) -> int:
-        return self.train.global_batch // (self.train.micro_batch * self.dp)
+        return self.train.global_batch // (self.train.micro_batch * self.dp(self.world_size))
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where checkpoints go: `checkpoint.dir`, else RUN_DIR/checkpoints."""
+        return self.checkpoint.root(self.run_dir)
 
     @model_validator(mode="after")
     def _layout(self) -> "RunConfig":
-        arch, p, t = self.model.architecture(), self.parallel, self.train
-        model_parallel = p.tp * p.pp * p.cp
-        if self.world_size % model_parallel:
-            raise ValueError(
-                f"parallel: world size {self.world_size} (nodes x nproc_per_node) is not divisible "
-                f"by tp*pp*cp = {model_parallel}"
-            )
-        if arch.num_attention_heads % p.tp:
-            raise ValueError(f"parallel.tp: {arch.num_attention_heads} attention heads are not divisible by tp={p.tp}")
-        if arch.num_query_groups % p.tp:
-            raise ValueError(f"parallel.tp: {arch.num_query_groups} query groups are not divisible by tp={p.tp}")
-        if t.global_batch % (t.micro_batch * self.dp):
-            raise ValueError(
-                f"train.global_batch: {t.global_batch} is not divisible by micro_batch x dp = "
-                f"{t.micro_batch} x {self.dp}"
-            )
-        problem = _runnable(arch, p, t, self.seq_len, self.grad_accum)
-        if problem:
-            raise ValueError(problem)
-        if self.seq_len > arch.max_position_embeddings:
-            raise ValueError(f"train.seq_len: {self.seq_len} exceeds the context length {arch.max_position_embeddings}")
+        self.check_layout(self.world_size)
         return self
-
-
-def _runnable(arch: Architecture, p: ParallelConfig, t: TrainConfig, seq_len: int, grad_accum: int) -> str | None:
-    """Why the trainer cannot run this parallel/precision combination (one line), or None."""
-    if p.vpp and p.pp < 2:
-        return f"parallel.vpp: virtual pipeline stages need pp >= 2 (pp={p.pp})"
-    split = layer_split_problem(arch.num_layers, p.pp, p.vpp)
-    if split:
-        return f"parallel.pp: {split}"
-    if p.vpp and grad_accum % p.pp:
-        return (f"parallel.vpp: the interleaved schedule needs micro-batches per step ({grad_accum}) "
-                f"divisible by pp={p.pp}")
-    if p.sequence_parallel and p.tp < 2:
-        return "parallel.sequence_parallel: needs tp > 1"
-    if p.overlap_param_gather and not p.distributed_optimizer:
-        return "parallel.overlap_param_gather: needs distributed_optimizer"
-    if seq_len % (2 * p.cp):
-        return f"parallel.cp: sequence length {seq_len} is not divisible by 2 x cp = {2 * p.cp}"
-    if p.sequence_parallel and (seq_len // p.cp) % p.tp:
-        return f"parallel.sequence_parallel: sequence share {seq_len // p.cp} is not divisible by tp={p.tp}"
-    if t.recompute_method and t.recompute_granularity != "full":
-        return "train.recompute_method: only with recompute_granularity full"
-    if t.recompute_granularity == "full" and not (t.recompute_method and t.recompute_num_layers):
-        return "train.recompute_granularity: full recomputation needs recompute_method and recompute_num_layers"
-    if t.recompute_num_layers and t.recompute_granularity != "full":
-        return "train.recompute_num_layers: only with recompute_granularity full"
-    return None
-
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: {key!r} is not a section")
-        node = child
-    node[keys[-1]] = value
-
-
-def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key.sub=value` strings; values are parsed as YAML scalars (50 -> int, true -> bool)."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    return tree
-
-
-def _one_line(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")
-    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{where + ': ' if where else ''}{msg}{more}"
 
 
 def parse_config(tree: dict[str, Any]) -> RunConfig:
     """Validate a config tree; errors become one-line ConfigErrors naming the key."""
-    try:
-        return RunConfig.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(_one_line(err)) from None
+    return parse_section(RunConfig, tree)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run config (None: all defaults), apply overrides, validate."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        tree = loaded or {}
-    return parse_config(apply_overrides(tree, overrides or []))
+    return load_section(RunConfig, path, overrides)
 
 
 def dump_config(cfg: RunConfig) -> str:

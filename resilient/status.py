@@ -10,26 +10,26 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from resilient import ledger
-from resilient.atomic import atomic_write
-from resilient.errors import ConfigError
+from resilient.core import ledger
+from resilient.core.atomic import atomic_write
+from resilient.core.errors import ConfigError
 from resilient.goodput import GoodputReport, compute_goodput
+from resilient.core.rundir import RunDir
 
-STATUS_NAME = "status.json"
 
 
 def write_status(run_dir: str | Path, status: dict[str, Any]) -> None:
     """Replace RUN_DIR/status.json atomically (temp file + rename), owner-only."""
-    atomic_write(Path(run_dir) / STATUS_NAME, json.dumps({**status, "written_at": time.time()}, indent=1, default=str),
+    atomic_write(RunDir(run_dir).status, json.dumps({**status, "written_at": time.time()}, indent=1, default=str),
                  durable=False)  # rewritten every few seconds; a lost update after a crash is harmless
 
 
 def read_status(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / STATUS_NAME
+    path = RunDir(run_dir).status
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"no {STATUS_NAME} in {run_dir} (no supervisor has run there)") from None
+        raise ConfigError(f"no status.json in {run_dir} (no supervisor has run there)") from None
     except (ValueError, OSError) as err:
         raise ConfigError(f"{path}: unreadable ({err})") from None
 
@@ -60,5 +60,5 @@ def render_status(status: dict[str, Any], console: Console, now: float | None = 
 
 def run_goodput(run_dir: str | Path, now: float | None = None) -> GoodputReport:
     """Goodput of a run directory from its ledger and train log, at `now` (default: the clock)."""
-    return compute_goodput(list(ledger.read(run_dir)), list(ledger.read_jsonl(Path(run_dir) / "train_log.jsonl")),
+    return compute_goodput(list(ledger.read(run_dir)), list(ledger.read_jsonl(RunDir(run_dir).train_log)),
                            time.time() if now is None else now)

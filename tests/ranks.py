@@ -71,6 +71,6 @@ def digest(run_dir: Path, step: int | None = None) -> str:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     """Loss per step from RUN_DIR/train_log.jsonl; the last occurrence of a recomputed step wins."""
-    from resilient.ledger import read_jsonl
+    from resilient.core.ledger import read_jsonl
 
     return {rec["step"]: rec["loss"] for rec in read_jsonl(run_dir / "train_log.jsonl") if "loss" in rec}

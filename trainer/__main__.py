@@ -12,13 +12,14 @@ import os
 import sys
 import traceback
 
-from resilient.exit_codes import ExitCode
+from resilient.core.exit_codes import ExitCode
 
 
 def main(argv: list[str] | None = None) -> int:
-    from resilient.orphan import die_with_parent
+    from resilient.rank import Phase, RankEnv, connect, die_with_parent
 
-    die_with_parent()  # first: a rank must never outlive its supervisor
+    env = RankEnv.from_environ()
+    die_with_parent(env)  # first: a rank must never outlive its supervisor
     os.umask(0o077)  # checkpoints, logs and caches are the operator's alone
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="run config YAML")
@@ -26,31 +27,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="dotted override, e.g. train.steps=50 (repeatable)")
     args = parser.parse_args(argv)
 
-    from resilient.config import load_config
-    from resilient.errors import ResilientError
-    from trainer.distributed import RankEnv, run_dir_from_environ
+    from resilient.core.errors import ResilientError
+    from trainer.config import load_trainer_config
 
-    env = RankEnv.from_environ()
-    logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s rank{env.rank} %(name)s: %(message)s")
-    heartbeat = None
+    # Our own progress lines on rank 0 only; libraries (megatron logs at import) only when they warn.
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s rank{env.rank} %(name)s: %(message)s")
+    logging.getLogger("trainer").setLevel(logging.INFO if env.rank == 0 else logging.WARNING)
+    heartbeat = connect(env)
     try:
-        cfg = load_config(args.config, args.overrides)
-        from resilient.channel import HeartbeatClient
+        cfg = load_trainer_config(args.config, args.overrides, world_size=env.world_size)
         from trainer.loop import Trainer
 
-        heartbeat = HeartbeatClient.from_env()
-        trainer = Trainer(cfg, env, run_dir_from_environ(cfg.run_dir))
+        trainer = Trainer(cfg, env, env.run_dir or cfg.run_dir)
         return int(trainer.run())
     except ResilientError as err:
         print(f"resilient trainer: {err.one_line()}", file=sys.stderr)
-        if heartbeat is not None:
-            heartbeat.send("error", -1, message=str(err))
+        heartbeat.send(Phase.ERROR, -1, message=str(err))
         return int(err.exit_code)
     except Exception as err:
         traceback.print_exc()
-        if heartbeat is not None:
-            heartbeat.send("error", -1, message=f"{type(err).__name__}: {err}"[:500])
+        heartbeat.send(Phase.ERROR, -1, message=f"{type(err).__name__}: {err}"[:500])
         return int(ExitCode.RANK_FAILED)
 
 

@@ -3,49 +3,16 @@
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+from resilient.rank.env import RankEnv
 from trainer.cpu_bridge import install_cpu_bridge
 from trainer.model import Layout
-
-
-@dataclass(frozen=True)
-class RankEnv:
-    """Who this rank is, as the supervisor (or torchrun) describes it in the environment."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-    local_world_size: int
-    attempt: int
-    node_rank: int
-    node_name: str
-
-    @classmethod
-    def from_environ(cls) -> "RankEnv":
-        env = os.environ
-        return cls(
-            rank=int(env.get("RANK", "0")),
-            local_rank=int(env.get("LOCAL_RANK", "0")),
-            world_size=int(env.get("WORLD_SIZE", "1")),
-            local_world_size=int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", "1"))),
-            attempt=int(env.get("RESILIENT_ATTEMPT", "0")),
-            node_rank=int(env.get("RESILIENT_NODE_RANK", env.get("GROUP_RANK", "0"))),
-            node_name=env.get("RESILIENT_NODE_NAME", os.uname().nodename),
-        )
-
-
-def run_dir_from_environ(default: Path) -> Path:
-    """The run directory the supervisor assigned, else the config's."""
-    return Path(os.environ.get("RESILIENT_RUN_DIR", default))
 
 
 def init_distributed(env: RankEnv, layout: Layout, *, timeout_s: float) -> torch.device:
@@ -58,10 +25,8 @@ def init_distributed(env: RankEnv, layout: Layout, *, timeout_s: float) -> torch
         install_cpu_bridge()
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
+                                world_size=env.world_size, timeout=timedelta(seconds=timeout_s))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp, context_parallel_size=layout.cp,

@@ -12,15 +12,17 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from resilient import ledger
-from resilient.channel import HeartbeatClient
-from resilient.config import RunConfig
-from resilient.errors import ConfigError
-from resilient.exit_codes import ExitCode
-from trainer import distributed, numerics, stop
+from resilient.core import ledger
+from resilient.core.events import LedgerEvent
+from resilient.core.rundir import RunDir
+from resilient.rank import Phase, RankEnv, StopFlag, connect
+from resilient.core.errors import ConfigError
+from resilient.core.exit_codes import ExitCode
+from trainer import distributed, numerics
 from trainer.checkpoint import layout
 from trainer.checkpoint.checkpointer import Checkpointer
 from trainer.checkpoint.state import TrainState
+from trainer.config import TrainerConfig
 from trainer.data.loader import build_train_loader, build_validation_batches
 from trainer.data.prepare import check_inputs, prepare_if_needed
 from trainer.flops import device_peak_flops, flops_per_token, padded_vocab
@@ -30,10 +32,9 @@ from trainer.optim import build_optimizer, build_scheduler
 from trainer.step import StepRunner
 
 log = logging.getLogger("trainer")
-TRAIN_LOG = "train_log.jsonl"
 
 
-def model_layout(cfg: RunConfig, *, on_gpu: bool) -> Layout:
+def model_layout(cfg: TrainerConfig, *, on_gpu: bool) -> Layout:
     """The config's parallel and precision fields, as the model and optimizer builders take them."""
     p, t = cfg.parallel, cfg.train
     return Layout(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, sequence_parallel=p.sequence_parallel,
@@ -47,15 +48,14 @@ def model_layout(cfg: RunConfig, *, on_gpu: bool) -> Layout:
 class Trainer:
     """Holds the rank's objects; `run` is the whole life of the rank."""
 
-    def __init__(self, cfg: RunConfig, env: distributed.RankEnv, run_dir: Path) -> None:
+    def __init__(self, cfg: TrainerConfig, env: RankEnv, run_dir: Path) -> None:
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
-        self.stop_flag = stop.StopFlag().install(cfg.supervisor.preempt_signal)
-        self.heartbeat = HeartbeatClient.from_env()
+        self.stop_flag = StopFlag().install(env)
+        self.heartbeat = connect(env)
         self.is_logger = env.rank == 0
 
-    def _beat(self, phase: str, step: int, **fields) -> None:
-        if self.heartbeat is not None:
-            self.heartbeat.send(phase, step, **fields)
+    def _beat(self, phase: Phase, step: int, **fields) -> None:
+        self.heartbeat.send(phase, step, **fields)
 
     def _build(self) -> None:
         cfg, env = self.cfg, self.env
@@ -132,24 +132,24 @@ class Trainer:
         return total.item() / self._loss_ranks
 
     def _save(self, reason: str) -> None:
-        self._beat("checkpoint", self.state.step, ckpt_step=self.state.step)
+        self._beat(Phase.CHECKPOINT, self.state.step, ckpt_step=self.state.step)
         blocking = self.checkpointer.save(self.state)
         log.info("checkpoint step %d (%s): loop blocked %.3fs", self.state.step, reason, blocking)
-        self._beat("step", self.state.step, ckpt_blocking_s=blocking, ckpt_step=self.state.step)
+        self._beat(Phase.STEP, self.state.step, ckpt_blocking_s=blocking, ckpt_step=self.state.step)
 
     def run(self) -> ExitCode:
         started = psutil.Process().create_time()
-        self._beat("init", 0)
+        self._beat(Phase.INIT, 0)
         self._build()
         cfg, state = self.cfg, self.state
         if self.is_logger:
-            ledger.append(self.run_dir, "rank_init", rank=0, attempt=self.env.attempt,
+            ledger.append(self.run_dir, LedgerEvent.RANK_INIT, rank=0, attempt=self.env.attempt,
                           seconds=round(time.time() - started, 3))
-        self._beat("restore", 0)
+        self._beat(Phase.RESTORE, 0)
         resumed = self.checkpointer.resume(state)
         if resumed is not None:
             log.info("resumed from step %d (%d samples consumed)", resumed, state.consumed_samples)
-        self._beat("step", state.step, consumed_samples=state.consumed_samples)  # training starts here
+        self._beat(Phase.STEP, state.step, consumed_samples=state.consumed_samples)  # training starts here
         tokens_per_step = cfg.train.global_batch * cfg.seq_len
         outcome = ExitCode.FINISHED
         while state.step < cfg.train.steps:
@@ -168,7 +168,7 @@ class Trainer:
                 self._roll_back(verdict, loss, window_start)
                 continue
             if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps):
-                self._beat("eval", state.step)
+                self._beat(Phase.EVAL, state.step)
                 self._record_eval(self._evaluate())
             self.checkpointer.poll()
             stop_requested = stop_requested or state.step == cfg.train.exit_at_step
@@ -180,7 +180,7 @@ class Trainer:
                 break
         self.checkpointer.finish()
         state.loader.close()
-        self._beat("done", state.step)
+        self._beat(Phase.DONE, state.step)
         distributed.shutdown()
         return outcome
 
@@ -193,7 +193,7 @@ class Trainer:
         allowed, why = numerics.rollback_allowed(len(state.loader.skips), train.max_rollbacks,
                                                  committed[-1] if committed else None)
         if self.is_logger:
-            ledger.append(self.run_dir, "numeric_fault", step=step, kind=verdict.fault, loss=str(loss),
+            ledger.append(self.run_dir, LedgerEvent.NUMERIC_FAULT, step=step, kind=verdict.fault, loss=str(loss),
                           reason=verdict.reason, action=train.numeric_fault_action if allowed else "fail")
         if train.numeric_fault_action == "fail" or not allowed:
             raise numerics.NumericFaultError(f"step {step}: {verdict.reason}; {why if not allowed else 'policy fail'}")
@@ -203,11 +203,11 @@ class Trainer:
         resumed = self.checkpointer.resume(state)
         self.losses.forget_after(resumed)
         if self.is_logger:
-            ledger.append(self.run_dir, "data_skip", step=step, from_sample=window[0], to_sample=window[1],
+            ledger.append(self.run_dir, LedgerEvent.DATA_SKIP, step=step, from_sample=window[0], to_sample=window[1],
                           rollback_to=resumed)
         log.warning("step %d: %s; rolled back to step %d, skipping samples [%d, %d)", step, verdict.reason,
                     resumed, *window)
-        self._beat("step", state.step, consumed_samples=state.consumed_samples)
+        self._beat(Phase.STEP, state.step, consumed_samples=state.consumed_samples)
 
     def _record_step(self, loss: float, grad_norm: float, step_time: float, compute_time: float,
                      tokens_per_step: int) -> None:
@@ -218,21 +218,21 @@ class Trainer:
         record = {"ts": time.time(), "attempt": self.env.attempt, "step": state.step, "loss": loss, "lr": lr,
                   "grad_norm": grad_norm, "step_time": step_time, "tokens": state.consumed_tokens,
                   "tokens_per_s": tokens_per_s, "mfu": mfu, "consumed_samples": state.consumed_samples}
-        self._beat("step", state.step, loss=loss, lr=lr, grad_norm=grad_norm, step_time=step_time,
+        self._beat(Phase.STEP, state.step, loss=loss, lr=lr, grad_norm=grad_norm, step_time=step_time,
                    compute_time=compute_time,
                    tokens=state.consumed_tokens, tokens_per_s=tokens_per_s, mfu=mfu,
                    consumed_samples=state.consumed_samples)
         if not self.is_logger:
             return
-        ledger.append_jsonl(self.run_dir / TRAIN_LOG, record)
+        ledger.append_jsonl(RunDir(self.run_dir).train_log, record)
         if state.step % self.cfg.train.log_every == 0 or state.step == self.cfg.train.steps:
             log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s step %.3fs mfu %.2f%%",
                      state.step, self.cfg.train.steps, loss, lr, grad_norm, tokens_per_s, step_time, 100 * mfu)
 
     def _record_eval(self, val_loss: float) -> None:
-        self._beat("step", self.state.step, val_loss=val_loss)  # back to the step timeout
+        self._beat(Phase.STEP, self.state.step, val_loss=val_loss)  # back to the step timeout
         if self.is_logger:
-            ledger.append_jsonl(self.run_dir / TRAIN_LOG, {"ts": time.time(), "attempt": self.env.attempt,
+            ledger.append_jsonl(RunDir(self.run_dir).train_log, {"ts": time.time(), "attempt": self.env.attempt,
                                                      "step": self.state.step, "val_loss": val_loss,
                                                      "val_log_ppl": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
             log.info("step %d validation loss %.4f (ppl %.1f)", self.state.step, val_loss, math.exp(min(val_loss, 50)))

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from resilient.errors import ResilientError
-from resilient.exit_codes import ExitCode
+from resilient.core.errors import ResilientError
+from resilient.core.exit_codes import ExitCode
+from resilient.core.rundir import RunDir
 
 log = logging.getLogger(__name__)
-FAULTS_FILE = "faults.json"
 
 
 class NumericFaultError(ResilientError):
@@ -129,7 +129,7 @@ class FaultInjection:
     The file is re-read when it changes, so a chaos drill can add entries while the run trains."""
 
     def __init__(self, run_dir: Path, attempt: int) -> None:
-        self.path = Path(run_dir) / FAULTS_FILE
+        self.path = RunDir(run_dir).faults
         self.attempt = attempt
         self._mtime: float | None = None
         self._steps: set[int] = set()

@@ -11,7 +11,7 @@ import torch
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from resilient.config import TrainConfig
+from trainer.config import TrainConfig
 from trainer.model import Layout
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from resilient.configbase import Section
+from resilient.core.configbase import Section
 
 
 class Architecture(Section):

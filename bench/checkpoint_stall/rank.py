@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from resilient.config import load_config
-from trainer.distributed import RankEnv
+from resilient.rank.env import RankEnv
 from trainer.loop import Trainer
 
 

@@ -32,7 +32,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from resilient import ledger  # noqa: E402
+from resilient.core import ledger  # noqa: E402
 from resilient.config import dump_config, load_config  # noqa: E402
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from resilient import ledger  # noqa: E402
+from resilient.core import ledger  # noqa: E402
 from resilient.chaos.runner import DrillOptions, run_drill  # noqa: E402
 from resilient.chaos.schedule import build_schedule  # noqa: E402
 from resilient.planner import predicted_goodput  # noqa: E402

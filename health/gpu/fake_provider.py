@@ -24,7 +24,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from health.gpu.state import GpuSample
-from resilient.errors import ConfigError
+from resilient.core.errors import ConfigError
 
 
 class FakeProvider:

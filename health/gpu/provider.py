@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from health.gpu.state import GpuSample
@@ -19,11 +16,6 @@ class GpuProvider(Protocol):
     def sample(self) -> GpuSample: ...
 
     def close(self) -> None: ...
-
-
-def node_name(env: Mapping[str, str] = os.environ) -> str:
-    """This node's name as the health checks, metrics and ledger label it."""
-    return env.get("RESILIENT_NODE_NAME") or env.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def provider_for(cfg: HealthConfig, node: str) -> GpuProvider:

@@ -12,7 +12,7 @@ import typer
 from resilient.chaos.faults import FAULTS
 from resilient.chaos.runner import DrillOptions, run_drill
 from resilient.chaos.schedule import build_schedule
-from resilient.exit_codes import ExitCode
+from resilient.core.exit_codes import ExitCode
 
 
 def register(app: typer.Typer) -> None:

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import psutil
 
-from resilient.atomic import atomic_write
+from resilient.core.atomic import atomic_write
 from trainer.checkpoint import layout
-from trainer.numerics import FAULTS_FILE
+from resilient.core.rundir import RunDir
 
 if TYPE_CHECKING:
     from resilient.chaos.runner import Drill
@@ -246,7 +246,7 @@ class NanLoss(Fault):
         return d.training() and bool(layout.committed_steps(d.ckpt_root))
 
     def arm(self, run_dir: Path, step: int, attempt: int | None) -> None:
-        path = run_dir / FAULTS_FILE
+        path = RunDir(run_dir).faults
         doc = json.loads(path.read_text()) if path.exists() else {}
         entry = {"step": step} if attempt is None else {"step": step, "attempt": attempt}
         doc.setdefault("nan_loss", []).append(entry)

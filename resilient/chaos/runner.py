@@ -22,15 +22,17 @@ from typing import Any
 
 import psutil
 
-from resilient import ledger
+from resilient.core import ledger
 from resilient.chaos import checks
 from resilient.chaos.faults import FAULTS, Fault, Injection, NanLoss
 from resilient.chaos.schedule import Trigger, due
 from resilient.config import RunConfig, load_config
-from resilient.errors import ConfigError
-from resilient.exit_codes import ExitCode
+from resilient.core.errors import ConfigError
+from resilient.core.exit_codes import ExitCode
 from resilient.status import read_status, run_goodput
 from trainer.checkpoint import layout
+from resilient.core.rundir import RunDir
+from resilient.core.events import LedgerEvent
 
 REPO = Path(__file__).resolve().parents[2]
 POLL_S = 0.02
@@ -78,7 +80,7 @@ class Drill:
             extra.append(f"health.fake_nvml_dir={nvml_dir}")
         self.overrides = [*opts.overrides, *extra]
         self.cfg: RunConfig = load_config(opts.config, [*self.overrides, f"run_dir={self.run_dir}"])
-        self.ckpt_root = self.cfg.checkpoint.dir or self.run_dir / "checkpoints"
+        self.ckpt_root = self.cfg.checkpoint.root(self.run_dir)
         self.supervisor: psutil.Popen | None = None
         self.launched_at = 0.0
         self.exit_codes: list[int] = []
@@ -189,11 +191,11 @@ class Drill:
 
     def follow(self) -> list[dict[str, Any]]:
         """Read what the run wrote since the last call; returns the new ledger records."""
-        for rec in self._tail("train", self.run_dir / "train_log.jsonl", self.train_records):
+        for rec in self._tail("train", RunDir(self.run_dir).train_log, self.train_records):
             if "loss" in rec:
                 self.step = rec["step"]
                 self.first_step_ts = self.first_step_ts or rec["ts"]
-        return self._tail("ledger", self.run_dir / ledger.LEDGER_NAME, self.ledger_records)
+        return self._tail("ledger", RunDir(self.run_dir).ledger, self.ledger_records)
 
 
 @dataclass
@@ -259,7 +261,7 @@ def run_drill(opts: DrillOptions, schedule: list[Trigger], faults: list[str], *,
                     if fault.ready(d):
                         inj = Injection(trig.fault, time.time(), d.step, d.attempt(), {})
                         inj.details = fault.inject(d)
-                        ledger.append(d.run_dir, "chaos_fault", kind=trig.fault, step=d.step, **inj.details)
+                        ledger.append(d.run_dir, LedgerEvent.CHAOS_FAULT, kind=trig.fault, step=d.step, **inj.details)
                         injections.append(inj)
                         pending.append(Pending(fault, inj))
                         triggers.pop(0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from resilient.errors import ConfigError
+from resilient.core.errors import ConfigError
 
 # Enough faults for any run a drill will watch; the runner stops at the end of the run.
 MTBF_MAX_FAULTS = 10_000

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from resilient.config import RunConfig, load_config
-from resilient.errors import ConfigError
+from resilient.core.errors import ConfigError
 from resilient.planner import Assumptions, Layout, make_plan, render_plan
 
 
@@ -44,7 +44,7 @@ def plan(
 ) -> None:
     """Parameters, memory per GPU, checkpoint cost, Young/Daly checkpoint intervals and predicted goodput."""
     cfg = _config_for_gpus(config, gpus)
-    layout = Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp, dp=cfg.dp,
+    layout = Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp, dp=cfg.dp(cfg.world_size),
                     distributed_optimizer=cfg.parallel.distributed_optimizer)
     result = make_plan(
         cfg.model.architecture(), layout, seq_len=cfg.seq_len, micro_batch=cfg.train.micro_batch,

@@ -2,7 +2,7 @@
 
 from pydantic import Field
 
-from resilient.configbase import Section
+from resilient.core.configbase import Section
 
 
 class MetricsConfig(Section):

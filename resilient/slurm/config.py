@@ -6,7 +6,7 @@ import re
 
 from pydantic import Field, field_validator
 
-from resilient.configbase import Section
+from resilient.core.configbase import Section
 
 _NODE_NAME = re.compile(r"^[A-Za-z0-9_.\-\[\],]+$")
 _SAFE_WORD = re.compile(r"^[A-Za-z0-9_.\-:+=/,@%]+$")

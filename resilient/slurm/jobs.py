@@ -6,8 +6,8 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from resilient.errors import ResilientError
-from resilient.exit_codes import ExitCode
+from resilient.core.errors import ResilientError
+from resilient.core.exit_codes import ExitCode
 
 TIMEOUT_S = 60.0
 # Job states in which a run's job still holds or waits for an allocation.

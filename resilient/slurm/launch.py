@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from resilient import ledger
-from resilient.atomic import atomic_write
+from resilient.core import ledger
+from resilient.core.atomic import atomic_write
 from resilient.config import RunConfig, dump_config
-from resilient.errors import ConfigError
+from resilient.core.errors import ConfigError
 from resilient.slurm import jobs
-from resilient.slurm.render import CONFIG_NAME, SCRIPT_NAME
+from resilient.slurm.render import SCRIPT_NAME
+from resilient.core.rundir import RunDir
+from resilient.core.events import LedgerEvent
 
 
 def last_job_id(run_dir: Path) -> str | None:
@@ -27,10 +29,10 @@ def submit_run(cfg: RunConfig, run_dir: Path, script: str) -> str:
     previous = last_job_id(run_dir)
     if previous is not None and jobs.job_state(previous) in jobs.ACTIVE_STATES:
         raise ConfigError(f"{run_dir} already has an active job {previous} (scancel it first)")
-    (run_dir / "logs").mkdir(mode=0o700, parents=True, exist_ok=True)
+    RunDir(run_dir).logs.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(run_dir, 0o700)
-    atomic_write(run_dir / CONFIG_NAME, dump_config(cfg))
+    atomic_write(RunDir(run_dir).config, dump_config(cfg))
     atomic_write(run_dir / SCRIPT_NAME, script)
     job_id = jobs.submit(run_dir / SCRIPT_NAME)
-    ledger.append(run_dir, "submitted", job_id=job_id, script=str(run_dir / SCRIPT_NAME), nodes=cfg.nodes)
+    ledger.append(run_dir, LedgerEvent.SUBMITTED, job_id=job_id, script=str(run_dir / SCRIPT_NAME), nodes=cfg.nodes)
     return job_id

@@ -5,20 +5,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from resilient import ledger
+from resilient.core import ledger
 from resilient.config import dump_config, load_config
-from resilient.errors import ConfigError
+from resilient.core.errors import ConfigError
 from resilient.slurm import jobs
 from resilient.slurm.policy import Action, Decision, decide, job_end_from_ledger, job_ref
-from resilient.atomic import atomic_write
-from resilient.slurm.render import CONFIG_NAME
+from resilient.core.atomic import atomic_write
+from resilient.core.rundir import RunDir
+from resilient.core.events import LedgerEvent
 
 
 def handle_job_end(run_dir: Path, exit_code: int, *, since: float, env: Mapping[str, str]) -> tuple[Decision, str]:
     """Run inside the batch job after its step ended. Writes `requeue` or `job_end` to the ledger."""
     if "SLURM_JOB_ID" not in env:
         raise ConfigError("on-exit runs inside a Slurm batch job (SLURM_JOB_ID is not set)")
-    cfg = load_config(run_dir / CONFIG_NAME)
+    cfg = load_config(RunDir(run_dir).config)
     nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or cfg.nodes)
     end = job_end_from_ledger(ledger.read(run_dir), exit_code=exit_code, since=since, nodes=nodes)
     decision, reason = decide(end, cfg.slurm, exclude_stragglers=cfg.health.straggler_action == "exclude")
@@ -26,7 +27,7 @@ def handle_job_end(run_dir: Path, exit_code: int, *, since: float, env: Mapping[
     restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
 
     if decision.action is not Action.REQUEUE:
-        ledger.append(run_dir, "job_end", job_id=ref, exit_code=exit_code, state=str(decision.action),
+        ledger.append(run_dir, LedgerEvent.JOB_END, job_id=ref, exit_code=exit_code, state=str(decision.action),
                       reason=reason, slurm_restart_count=restarts)
         return decision, reason
 
@@ -38,9 +39,9 @@ def handle_job_end(run_dir: Path, exit_code: int, *, since: float, env: Mapping[
             drain_errors[node] = str(err)
     if decision.nodes is not None:
         # The next allocation is smaller: the run's config must say so (the supervisors check it).
-        atomic_write(run_dir / CONFIG_NAME, dump_config(cfg.model_copy(update={"nodes": decision.nodes})))
+        atomic_write(RunDir(run_dir).config, dump_config(cfg.model_copy(update={"nodes": decision.nodes})))
     # Recorded before the requeue: the requeue ends this job, and the record must survive it.
-    ledger.append(run_dir, "requeue", job_id=ref, exclude=list(decision.exclude), reason=reason,
+    ledger.append(run_dir, LedgerEvent.REQUEUE, job_id=ref, exclude=list(decision.exclude), reason=reason,
                   cause=str(decision.cause), exit_code=exit_code, nodes=decision.nodes,
                   drained=[n for n in decision.drain if n not in drain_errors], drain_errors=drain_errors,
                   slurm_restart_count=restarts)
@@ -50,6 +51,6 @@ def handle_job_end(run_dir: Path, exit_code: int, *, since: float, env: Mapping[
         if jobs.job_state(ref) in ("PENDING", "REQUEUED", "REQUEUE_HOLD"):
             return decision, f"{reason} (Slurm had requeued it already)"
         reason = f"requeue failed: {err}"
-        ledger.append(run_dir, "job_end", job_id=ref, exit_code=exit_code, state="requeue_failed",
+        ledger.append(run_dir, LedgerEvent.JOB_END, job_id=ref, exit_code=exit_code, state="requeue_failed",
                       reason=reason, slurm_restart_count=restarts)
     return decision, reason

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from resilient.exit_codes import ExitCode
+from resilient.core.exit_codes import ExitCode
 from resilient.slurm.config import SlurmConfig
 
 _CANNOT_HELP = {

@@ -9,12 +9,12 @@ from pathlib import Path
 import jinja2
 
 from resilient.config import RunConfig
-from resilient.errors import ConfigError
+from resilient.core.errors import ConfigError
 from resilient.slurm.timing import signal_seconds
+from resilient.core.rundir import RunDir
 
 # Signals a bash trap can catch and forward (Slurm's --signal takes the name without SIG).
 FORWARDABLE_SIGNALS = ("USR1", "USR2", "TERM", "INT", "HUP", "URG")
-CONFIG_NAME = "config.yaml"
 SCRIPT_NAME = "job.sbatch"
 
 _TEMPLATE = jinja2.Environment(
@@ -78,7 +78,7 @@ def _time_limit(minutes: int) -> str:
 
 def supervise_command(python: str, run_dir: Path) -> list[str]:
     """What srun starts on every node."""
-    return [python, "-m", "resilient.cli", "supervise", str(run_dir / CONFIG_NAME)]
+    return [python, "-m", "resilient.cli", "supervise", str(RunDir(run_dir).config)]
 
 
 def render_batch_script(cfg: RunConfig, run_dir: Path, *, python: str) -> str:

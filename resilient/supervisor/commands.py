@@ -12,13 +12,13 @@ import typer
 from rich.console import Console
 
 from resilient.config import RunConfig, load_config
-from resilient.errors import ConfigError
+from resilient.core.errors import ConfigError
 from resilient.goodput import render as render_goodput
 from resilient.slurm.jobs import job_state
 from resilient.slurm.launch import last_job_id
 from resilient.status import read_status, render_status, run_goodput
 from resilient.supervisor.decisions import Outcome
-from health.gpu.provider import node_name
+from resilient.rank.env import node_name
 from resilient.supervisor.topology import Topology, resolve_topology
 
 _RUN_DIR = typer.Option(None, "--run-dir", help="Run directory (default: the config's run_dir).")

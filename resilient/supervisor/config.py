@@ -5,7 +5,7 @@ import sys
 
 from pydantic import Field, field_validator
 
-from resilient.configbase import Section
+from resilient.core.configbase import Section
 
 
 def _default_rank_command() -> list[str]:

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from resilient.errors import ResilientError
-from resilient.exit_codes import ExitCode
+from resilient.core.errors import ResilientError
+from resilient.core.exit_codes import ExitCode
 from resilient.supervisor.topology import Topology
 
 

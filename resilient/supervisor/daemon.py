@@ -25,18 +25,21 @@ from typing import Any, TypeVar
 
 import psutil
 
-from resilient import ledger
-from resilient.atomic import atomic_write
-from resilient.channel import HeartbeatServer
+from resilient.core import ledger
+from resilient.core.atomic import atomic_write
+from resilient.rank.heartbeat import HeartbeatServer
 from resilient.config import RunConfig, dump_config
-from resilient.errors import ResilientError
-from resilient.exit_codes import ExitCode
+from resilient.core.errors import ResilientError
+from resilient.core.exit_codes import ExitCode
 from resilient.status import write_status
 from resilient.supervisor import decisions
 from resilient.supervisor.coordination import CoordinationLost, Coordinator
 from resilient.supervisor.hooks import NodeHooks
-from resilient.supervisor.ranks import RankProcess, RankSpec, free_port, spawn, stop_all
+from resilient.rank.env import DEFAULT_STOP_SIGNALS, RankEnv
+from resilient.supervisor.ranks import RankProcess, free_port, spawn, stop_all
 from resilient.supervisor.topology import Topology
+from resilient.core.rundir import RunDir
+from resilient.core.events import LedgerEvent
 
 T = TypeVar("T")
 # Coordinating a final decision: node 0 keeps the store up this long for the others to read it.
@@ -63,7 +66,7 @@ class Supervisor:
     def __init__(self, cfg: RunConfig, topo: Topology, run_dir: Path) -> None:
         self.cfg, self.scfg, self.topo, self.run_dir = cfg, cfg.supervisor, topo, run_dir
         self.node = topo.node_rank
-        self.config_path = run_dir / "config.yaml"
+        self.config_path = RunDir(run_dir).config
         self.attempt = 0
         self.restarts = 0
         self.no_progress_streak = 0
@@ -112,7 +115,7 @@ class Supervisor:
         if self.node == 0:
             self._write_config()
         self.metrics_port = self.hooks.start()
-        self.server = HeartbeatServer(self.run_dir / "sock" / f"node{self.node}.hb")
+        self.server = HeartbeatServer(RunDir(self.run_dir).heartbeat_socket(self.node))
         self.coord = Coordinator(self.topo, self.scfg.store_timeout_s)
         if self.node == 0:
             self.coord.publish_first_attempt(_next_attempt(self.run_dir))
@@ -120,7 +123,7 @@ class Supervisor:
         if first is None:
             raise CoordinationLost(f"node 0 did not publish the first attempt within {self.scfg.store_timeout_s:g}s")
         self.attempt = first
-        ledger.append(self.run_dir, "run_start", attempt=first, node=self.node,
+        ledger.append(self.run_dir, LedgerEvent.RUN_START, attempt=first, node=self.node,
                       slurm_job_id=os.environ.get("SLURM_JOB_ID"),
                       slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
         while True:
@@ -185,16 +188,17 @@ class Supervisor:
         nproc = self.scfg.nproc_per_node
         self.ranks, self.views = [], {}
         for local in range(nproc):
-            spec = RankSpec(
+            spec = RankEnv(
                 rank=self.node * nproc + local, local_rank=local, world_size=self.topo.nnodes * nproc,
                 local_world_size=nproc, node_rank=self.node, node_name=self.topo.node_name,
                 master_addr=self.topo.master_addr, master_port=port, attempt=self.attempt,
                 run_dir=self.run_dir, heartbeat_socket=self.server.path, supervisor_pid=os.getpid(),
+                stop_signals=tuple(dict.fromkeys((*DEFAULT_STOP_SIGNALS, self.scfg.preempt_signal))),
             )
             proc = spawn(spec, self.scfg.rank_command, self.config_path)
             self.ranks.append(proc)
             self.views[spec.rank] = RankView(spec.rank, local, proc.pid, last_progress=proc.spawned_at)
-        ledger.append(self.run_dir, "attempt_start", attempt=self.attempt, node=self.node)
+        ledger.append(self.run_dir, LedgerEvent.ATTEMPT_START, attempt=self.attempt, node=self.node)
 
     def _watch(self) -> str:
         """Until this attempt ends on this node: 'finished', 'failure', 'restart' or 'preempted'."""
@@ -326,7 +330,7 @@ class Supervisor:
     def _record_failure(self, kind: str, rank: int | None, reason: str, latency: float = 0.0) -> None:
         self.last_failure = {"kind": kind, "rank": rank, "node": self.node, "step": self._current_step(),
                              "latency_seconds": round(latency, 3), "reason": reason}
-        ledger.append(self.run_dir, "failure", **self.last_failure)
+        ledger.append(self.run_dir, LedgerEvent.FAILURE, **self.last_failure)
         self.hooks.on_failure(kind)
         print(f"resilient: node {self.node} attempt {self.attempt}: {kind}: {reason}", file=sys.stderr)
 
@@ -375,14 +379,14 @@ class Supervisor:
         step = max(reached, default=None)
         failure = self.coord.restart_requested(self.attempt)
         if d.restart:
-            ledger.append(self.run_dir, "restart", attempt=self.attempt + 1, backoff_seconds=d.backoff_s,
+            ledger.append(self.run_dir, LedgerEvent.RESTART, attempt=self.attempt + 1, backoff_seconds=d.backoff_s,
                           reason=f"{failure['reason'] if failure else 'restart'}; {d.reason}")
         elif d.outcome is decisions.Outcome.FINISHED:
-            ledger.append(self.run_dir, "finished", step=step)
+            ledger.append(self.run_dir, LedgerEvent.FINISHED, step=step)
         elif d.outcome is decisions.Outcome.PREEMPTED:
-            ledger.append(self.run_dir, "preempted", step=step, node=stop["node"] if stop else self.node)
+            ledger.append(self.run_dir, LedgerEvent.PREEMPTED, step=step, node=stop["node"] if stop else self.node)
         else:
-            ledger.append(self.run_dir, "gave_up", reason=d.reason, exit_code=int(d.exit_code))
+            ledger.append(self.run_dir, LedgerEvent.GAVE_UP, reason=d.reason, exit_code=int(d.exit_code))
         return {"restart": d.restart, "exit_code": int(d.exit_code), "reason": d.reason, "backoff_s": d.backoff_s,
                 "outcome": d.outcome.value if d.outcome else None}
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import tenacity
 
-from resilient.exit_codes import ExitCode
+from resilient.core.exit_codes import ExitCode
 from resilient.supervisor.config import SupervisorConfig
 
 

@@ -16,11 +16,12 @@ from health.monitor import HealthMonitor
 from health.preflight import run_preflight
 from health.stragglers import StragglerTracker
 from health.types import HealthReport, Severity
-from resilient import ledger
+from resilient.core import ledger
 from resilient.config import RunConfig
-from resilient.errors import ConfigError
+from resilient.core.errors import ConfigError
 from resilient.metrics.exporter import NodeMetrics
 from resilient.status import run_goodput
+from resilient.core.events import LedgerEvent
 
 
 class NodeHooks:
@@ -65,14 +66,14 @@ class NodeHooks:
         """Run the pre-flight checks; returns the fatal reason (naming node and check) or None."""
         if not self.cfg.health.enabled:
             return None
-        report = run_preflight(self.cfg, node=self.node, run_dir=self.run_dir)
+        report = run_preflight(self.cfg.health, node=self.node, ckpt_dir=self.cfg.checkpoint.root(self.run_dir))
         self._on_report(report)
         verdict = decide(report, "preflight")
         return verdict.reason if verdict.action is Action.STOP else None
 
     def start_monitor(self) -> None:
         if self.cfg.health.enabled and self.monitor is None:
-            self.monitor = HealthMonitor(self.cfg, self.node, self.run_dir).start()
+            self.monitor = HealthMonitor(self.cfg.health, self.node, self.cfg.checkpoint.root(self.run_dir)).start()
 
     def stop_monitor(self) -> None:
         if self.monitor is not None:
@@ -105,7 +106,7 @@ class NodeHooks:
         for rank, score, _reason in self.stragglers.persistent():
             if rank not in self._stragglers_recorded:
                 self._stragglers_recorded.add(rank)
-                ledger.append(self.run_dir, "straggler", rank=rank, node=self.node, score=round(score, 3))
+                ledger.append(self.run_dir, LedgerEvent.STRAGGLER, rank=rank, node=self.node, score=round(score, 3))
 
     # -- metrics ------------------------------------------------------------------------------
 

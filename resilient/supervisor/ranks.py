@@ -14,54 +14,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from resilient.channel import SOCKET_ENV
-from resilient.errors import ConfigError
-from resilient.orphan import SUPERVISOR_PID_ENV
+from resilient.core.errors import ConfigError
+from resilient.rank.env import RankEnv
+from resilient.core.rundir import RunDir
 
 
-@dataclass(frozen=True)
-class RankSpec:
-    """Who a rank is in this attempt; everything its environment is made from."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-    local_world_size: int
-    node_rank: int
-    node_name: str
-    master_addr: str
-    master_port: int
-    attempt: int
-    run_dir: Path
-    heartbeat_socket: Path
-    supervisor_pid: int
-
-    def env(self) -> dict[str, str]:
-        """The contract's rank environment (torchrun-compatible plus RESILIENT_*)."""
-        return {
-            "RANK": str(self.rank),
-            "LOCAL_RANK": str(self.local_rank),
-            "WORLD_SIZE": str(self.world_size),
-            "LOCAL_WORLD_SIZE": str(self.local_world_size),
-            "GROUP_RANK": str(self.node_rank),
-            "MASTER_ADDR": self.master_addr,
-            "MASTER_PORT": str(self.master_port),
-            "RESILIENT_RUN_DIR": str(self.run_dir),
-            "RESILIENT_ATTEMPT": str(self.attempt),
-            "RESILIENT_NODE_RANK": str(self.node_rank),
-            "RESILIENT_NODE_NAME": self.node_name,
-            SOCKET_ENV: str(self.heartbeat_socket),
-            SUPERVISOR_PID_ENV: str(self.supervisor_pid),
-            "PYTHONUNBUFFERED": "1",
-        }
-
-    def log_path(self) -> Path:
-        return self.run_dir / "logs" / f"attempt{self.attempt}.node{self.node_rank}.rank{self.rank}.log"
+def log_path(env: RankEnv) -> Path:
+    """One log file per rank per attempt."""
+    assert env.run_dir is not None
+    return RunDir(env.run_dir).logs / f"attempt{env.attempt}.node{env.node_rank}.rank{env.rank}.log"
 
 
 @dataclass
 class RankProcess:
-    spec: RankSpec
+    spec: RankEnv
     proc: subprocess.Popen
     pidfd: int
     spawned_at: float
@@ -118,15 +84,15 @@ def _thread_defaults(local_ranks: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // local_ranks))}
 
 
-def spawn(spec: RankSpec, command: list[str], config_path: Path) -> RankProcess:
+def spawn(spec: RankEnv, command: list[str], config_path: Path) -> RankProcess:
     """Start one rank with its log file; call from the main thread (PR_SET_PDEATHSIG follows the forking thread)."""
-    log = spec.log_path()
+    log = log_path(spec)
     log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         proc = subprocess.Popen(
             [*command, "--config", str(config_path)],
-            env={**_thread_defaults(spec.local_world_size), **os.environ, **spec.env()},
+            env={**_thread_defaults(spec.local_world_size), **os.environ, **spec.to_environ(), "PYTHONUNBUFFERED": "1"},
             stdin=subprocess.DEVNULL,
             stdout=fd,
             stderr=subprocess.STDOUT,

@@ -6,8 +6,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from health.gpu.provider import node_name
-from resilient.errors import ConfigError
+from resilient.rank.env import node_name
+from resilient.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from resilient import ledger
-from resilient.exit_codes import ExitCode
+from resilient.core import ledger
+from resilient.core.exit_codes import ExitCode
 from tests.chaos.drills import drill
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -8,7 +8,7 @@ import pytest
 
 from resilient.chaos.checks import recomputed_executions
 from resilient.chaos.schedule import Trigger, build_schedule, due
-from resilient.errors import ConfigError
+from resilient.core.errors import ConfigError
 from trainer.numerics import LossHistory, SkippingLoader, judge_loss, rollback_allowed
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from resilient import ledger
-from resilient.exit_codes import ExitCode
+from resilient.core import ledger
+from resilient.core.exit_codes import ExitCode
 from tests.conftest import REFERENCE
 from tests.ranks import digest, resilient_cli, run_ranks, spawn_ranks, train_losses, wait_all
 from trainer.checkpoint import layout, manifest

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from resilient.errors import ConfigError
-from resilient.exit_codes import ExitCode
+from resilient.core.errors import ConfigError
+from resilient.core.exit_codes import ExitCode
 from tests.data.conftest import REPO, TOKENIZER, data_config, sample_records, write_c4_dir, write_shard
 from trainer.data.config import DataConfig
 from trainer.data.loader import build_train_loader, build_validation_batches

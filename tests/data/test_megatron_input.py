@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from resilient.errors import ConfigError
+from resilient.core.errors import ConfigError
 from trainer.data.loader import build_train_loader, build_validation_batches
 from trainer.data.prepare import check_inputs, prepare_if_needed
 

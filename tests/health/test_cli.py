@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from resilient.exit_codes import ExitCode
+from resilient.core.exit_codes import ExitCode
 from tests.health.conftest import healthy_device
 
 REPO = Path(__file__).resolve().parents[2]

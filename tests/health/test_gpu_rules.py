@@ -10,7 +10,7 @@ from health.gpu.nvml_provider import NvmlProvider
 from health.gpu.provider import provider_for
 from health.gpu.rules import evaluate
 from health.types import Severity
-from resilient.errors import ConfigError
+from resilient.core.errors import ConfigError
 from tests.health.conftest import healthy_device
 
 

@@ -57,15 +57,15 @@ def test_write_test_alone_catches_a_full_disk_under_a_lax_threshold(small_tmpfs)
 
 
 def test_checkpoint_dir_is_created_owner_only(tmp_path):
-    r = check_ckpt_dir(tmp_path / "run", HealthConfig(ckpt_min_free_gib=0))
+    r = check_ckpt_dir(tmp_path / "ckpt", HealthConfig(ckpt_min_free_gib=0))
     assert r.severity is Severity.OK and r.values["write_mb_per_s"] > 0
-    assert (tmp_path / "run" / "checkpoints").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o700
 
 
 def test_unwritable_checkpoint_dir_is_fatal(tmp_path):
     blocker = tmp_path / "run"
     blocker.write_text("a file where the run directory should be")
-    r = check_ckpt_dir(blocker, HealthConfig())
+    r = check_ckpt_dir(blocker / "checkpoints", HealthConfig())
     assert r.severity is Severity.FATAL and str(blocker / "checkpoints") in r.reason
 
 
@@ -82,7 +82,7 @@ def test_shm_threshold(small_tmpfs):
 
 
 def test_node_checks_here_are_healthy(tmp_path):
-    results = node_checks(tmp_path, HealthConfig(shm_min_gib=0.01, mem_min_available_gib=0.01))
+    results = node_checks(tmp_path / "checkpoints", HealthConfig(shm_min_gib=0.01, mem_min_available_gib=0.01))
     assert [r.name for r in results] == ["node.ckpt_dir", "node.memory", "node.shm"]
     assert all(r.severity is Severity.OK for r in results), results
     assert os.listdir(tmp_path / "checkpoints") == []

@@ -7,16 +7,11 @@ from health.config import HealthConfig
 from health.monitor import HealthMonitor
 from health.preflight import run_preflight
 from health.types import CheckResult, HealthReport, Severity, fatal, ok, warn
-from resilient import ledger
-from resilient.config import RunConfig
-from resilient.exit_codes import ExitCode
+from resilient.core import ledger
+from resilient.core.exit_codes import ExitCode
 from tests.health.conftest import healthy_device
 
 LAX = dict(shm_min_gib=0.01, mem_min_available_gib=0.01, ckpt_min_free_gib=0.0)
-
-
-def run_cfg(health: HealthConfig) -> RunConfig:
-    return RunConfig(health=health)
 
 
 def test_severity_is_ordered_and_verdict_names_node_and_check():
@@ -50,19 +45,19 @@ def test_record_writes_health_ledger_events(tmp_path):
 
 def test_preflight_combines_gpu_and_node_checks(script, tmp_path):
     cfg = script("n3", {"devices": [healthy_device(0, xids=[79])]}, **LAX)
-    report = run_preflight(run_cfg(cfg), node="n3", run_dir=tmp_path / "run")
+    report = run_preflight(cfg, node="n3", ckpt_dir=tmp_path / "run" / "checkpoints")
     names = [r.name for r in report.results]
     assert "gpu.xid" in names and "node.ckpt_dir" in names
     severity, reason = report.verdict()
     assert severity is Severity.FATAL and reason.startswith("node n3: gpu.xid: critical XID 79 on gpu0")
-    healthy = run_preflight(run_cfg(cfg), node="n4", run_dir=tmp_path / "run")  # no script: no NVML
+    healthy = run_preflight(cfg, node="n4", ckpt_dir=tmp_path / "run" / "checkpoints")  # no script: no NVML
     assert healthy.worst() is Severity.OK
 
 
 def test_monitor_sees_a_gpu_going_bad_during_training(script, tmp_path):
     cfg = script("n5", {"devices": [healthy_device(0)]}, {"devices": [healthy_device(0)]},
                  {"devices": [healthy_device(0, xids=[94])]}, **LAX)
-    monitor = HealthMonitor(run_cfg(cfg), "n5", tmp_path, interval_s=0.05).start()
+    monitor = HealthMonitor(cfg, "n5", tmp_path, interval_s=0.05).start()
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -79,7 +74,7 @@ def test_monitor_sees_a_gpu_going_bad_during_training(script, tmp_path):
 def test_monitor_survives_a_broken_provider(tmp_path):
     (tmp_path / "n6.json").write_text("{broken")
     cfg = HealthConfig(fake_nvml_dir=tmp_path, **LAX)
-    report = HealthMonitor(run_cfg(cfg), "n6", tmp_path).check_once()
+    report = HealthMonitor(cfg, "n6", tmp_path).check_once()
     gpu = [r for r in report.results if r.name == "gpu.sample"]
     assert gpu and gpu[0].severity is Severity.WARN and "bad fake NVML state" in gpu[0].reason
     assert isinstance(report.results[-1], CheckResult) and report.results[-1].name == "node.shm"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from resilient.exit_codes import ExitCode
+from resilient.core.exit_codes import ExitCode
 from resilient.planner import (
     Layout,
     daly_interval,

@@ -1,6 +1,6 @@
 """The exit-code -> scheduler-action policy, without Slurm."""
 
-from resilient.exit_codes import ExitCode
+from resilient.core.exit_codes import ExitCode
 from resilient.slurm.config import SlurmConfig
 from resilient.slurm.policy import Action, Cause, GaveUp, JobEnd, decide, job_end_from_ledger, job_ref
 

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from resilient.config import load_config
-from resilient.errors import ConfigError
-from resilient.exit_codes import ExitCode
+from resilient.core.errors import ConfigError
+from resilient.core.exit_codes import ExitCode
 from resilient.slurm.render import render_batch_script
 from resilient.slurm.timing import checkpoint_seconds, signal_seconds
 

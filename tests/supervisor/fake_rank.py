@@ -8,7 +8,7 @@ FAKE_ERROR_AT (report phase=error at that step in attempt 0, then stall), FAKE_I
 (ignore SIGUSR1/SIGTERM).
 """
 
-from resilient.orphan import die_with_parent
+from resilient.rank.orphan import die_with_parent
 
 die_with_parent()
 
@@ -22,8 +22,8 @@ from pathlib import Path  # noqa: E402
 
 import yaml  # noqa: E402
 
-from resilient.channel import HeartbeatClient  # noqa: E402
-from resilient.exit_codes import ExitCode  # noqa: E402
+from resilient.rank import connect  # noqa: E402
+from resilient.core.exit_codes import ExitCode  # noqa: E402
 
 stop = {"requested": False}
 
@@ -47,7 +47,7 @@ def main() -> int:
     crash = os.environ.get("FAKE_CRASH", "")
     error_at = int(os.environ.get("FAKE_ERROR_AT", "-1"))
     ckpt = run_dir / "fake_ckpt.json"
-    hb = HeartbeatClient.from_env()
+    hb = connect()
 
     def save(step: int) -> None:
         hb.send("checkpoint", step)

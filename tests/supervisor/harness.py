@@ -13,7 +13,7 @@ from typing import Any, Callable
 import psutil
 import yaml
 
-from resilient import ledger
+from resilient.core import ledger
 
 FAKE_RANK = Path(__file__).with_name("fake_rank.py")
 REPO = Path(__file__).resolve().parents[2]

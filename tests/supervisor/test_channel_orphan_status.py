@@ -8,14 +8,15 @@ import sys
 import pytest
 from rich.console import Console
 
-from resilient.channel import HeartbeatClient, HeartbeatServer
-from resilient.errors import ConfigError
+from resilient.rank.env import RankEnv
+from resilient.rank.heartbeat import HeartbeatClient, HeartbeatServer, NullHeartbeat, connect
+from resilient.core.errors import ConfigError
 from resilient.status import read_status, render_status, write_status
 
 
 def test_heartbeats_arrive_with_identity_fields(tmp_path):
     server = HeartbeatServer(tmp_path / "sock" / "node0.hb")
-    client = HeartbeatClient(server.path, attempt=3, rank=5, local_rank=1)
+    client = HeartbeatClient(RankEnv(heartbeat_socket=server.path, attempt=3, rank=5, local_rank=1))
     client.send("step", 7, loss=2.5, step_time=0.1)
     client.send("error", 7, message="boom")
     got = server.drain()
@@ -35,20 +36,32 @@ def test_socket_and_directory_are_owner_only(tmp_path):
 
 
 def test_client_never_raises_or_blocks_without_a_reader(tmp_path):
-    client = HeartbeatClient(tmp_path / "absent.hb", attempt=0, rank=0, local_rank=0)
+    client = HeartbeatClient(RankEnv(heartbeat_socket=tmp_path / "absent.hb"))
     client.send("step", 1)  # no socket at all
     server = HeartbeatServer(tmp_path / "s.hb")
-    client = HeartbeatClient(server.path, attempt=0, rank=0, local_rank=0)
+    client = HeartbeatClient(RankEnv(heartbeat_socket=server.path))
     for i in range(20000):  # far beyond the receive buffer: the extra datagrams are dropped
-        client.send("step", i, payload="x" * 200)
-    client.send("step", 1, weird=object())  # not JSON-serialisable natively: sent as str
+        client.send("step", i, message="x" * 200)
+    client.send("step", 1, message=object())  # not JSON-serialisable natively: sent as str
+    with pytest.raises(TypeError, match="unknown heartbeat fields"):
+        client.send("step", 1, typo=1.0)  # every field is declared in one place
     assert 0 < len(server.drain()) < 20001
     server.close()
 
 
-def test_client_from_env_is_none_when_unsupervised(monkeypatch):
+def test_client_is_null_when_unsupervised(monkeypatch):
     monkeypatch.delenv("RESILIENT_HEARTBEAT_SOCKET", raising=False)
-    assert HeartbeatClient.from_env() is None
+    assert isinstance(connect(), NullHeartbeat)
+    connect().send("step", 1, loss=1.0)  # same API, goes nowhere
+
+
+def test_rank_env_round_trips_through_the_environment(tmp_path):
+    env = RankEnv(rank=9, local_rank=1, world_size=16, local_world_size=8, node_rank=1, node_name="n1",
+                  master_addr="10.0.0.1", master_port=1234, attempt=2, run_dir=tmp_path,
+                  heartbeat_socket=tmp_path / "s.hb", supervisor_pid=77, stop_signals=("SIGTERM", "SIGUSR2"))
+    assert RankEnv.from_environ(env.to_environ()) == env
+    plain = RankEnv.from_environ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})  # torchrun's variables only
+    assert (plain.rank, plain.world_size, plain.local_world_size, plain.supervised) == (3, 4, 4, False)
 
 
 def test_overlong_socket_path_is_a_config_error(tmp_path):
@@ -62,7 +75,7 @@ def _child(code: str, env: dict) -> subprocess.CompletedProcess:
 
 
 def test_rank_with_a_different_parent_kills_itself():
-    code = "from resilient.orphan import die_with_parent; die_with_parent(); print('survived')"
+    code = "from resilient.rank.orphan import die_with_parent; die_with_parent(); print('survived')"
     wrong = _child(code, {"RESILIENT_SUPERVISOR_PID": "1"})
     assert wrong.returncode == -9 and "survived" not in wrong.stdout
     right = _child(code, {"RESILIENT_SUPERVISOR_PID": str(os.getpid())})
@@ -70,7 +83,7 @@ def test_rank_with_a_different_parent_kills_itself():
 
 
 def test_die_with_parent_is_a_no_op_unsupervised(monkeypatch):
-    from resilient.orphan import die_with_parent
+    from resilient.rank.orphan import die_with_parent
 
     monkeypatch.delenv("RESILIENT_SUPERVISOR_PID", raising=False)
     assert die_with_parent() is False

@@ -2,8 +2,8 @@
 
 import pytest
 
-from resilient.errors import ConfigError
-from resilient.exit_codes import ExitCode
+from resilient.core.errors import ConfigError
+from resilient.core.exit_codes import ExitCode
 from resilient.supervisor import decisions as d
 from resilient.supervisor.config import SupervisorConfig
 from resilient.supervisor.topology import first_host, resolve_topology

@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from resilient.exit_codes import ExitCode
+from resilient.core.exit_codes import ExitCode
 from tests.supervisor.harness import events, ranks_of, start, steps_done, wait_until, write_config
 
 pytestmark = pytest.mark.timeout(120)

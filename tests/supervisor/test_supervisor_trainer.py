@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from resilient.exit_codes import ExitCode
+from resilient.core.exit_codes import ExitCode
 from tests.supervisor.harness import REPO, events, ranks_of, start, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

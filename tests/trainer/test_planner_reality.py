@@ -40,16 +40,16 @@ def test_405b_example_first_and_last_stage_parameters_match_the_planner(single_p
 
     cfg = load_config(EXAMPLE_405B, [])
     arch, p = cfg.model.architecture(), cfg.parallel
-    assert (cfg.world_size, p.tp, p.pp, p.cp, cfg.dp) == (1024, 8, 8, 2, 8)
+    assert (cfg.world_size, p.tp, p.pp, p.cp, cfg.dp(cfg.world_size)) == (1024, 8, 8, 2, 8)
     # Built at TP=1: a one-process group cannot hold TP=8 shapes (megatron sizes them from the real
     # TP group); the planner divides these matrices by TP and keeps the norms whole.
-    layout = planner.Layout(tp=1, pp=p.pp, cp=p.cp, dp=cfg.dp)
+    layout = planner.Layout(tp=1, pp=p.pp, cp=p.cp, dp=cfg.dp(cfg.world_size))
     stages = planner.memory_per_stage(arch, layout, seq_len=cfg.seq_len, micro_batch=1, grad_accum=cfg.grad_accum)
     for pp_rank in (0, p.pp - 1):
         built = stage_parameter_count(arch, Layout(pp=p.pp), pp_rank=pp_rank)
         assert built == stages[pp_rank].params, pp_rank
     assert stages[0].params == stages[-1].params - arch.hidden_size  # 15 layers + embedding / + output, norm
-    plan = planner.make_plan(arch, planner.Layout(tp=p.tp, pp=p.pp, cp=p.cp, dp=cfg.dp), seq_len=cfg.seq_len,
+    plan = planner.make_plan(arch, planner.Layout(tp=p.tp, pp=p.pp, cp=p.cp, dp=cfg.dp(cfg.world_size)), seq_len=cfg.seq_len,
                              micro_batch=cfg.train.micro_batch, global_batch=cfg.train.global_batch)
     assert plan.memory.total < 80 * 2**30
 
@@ -57,16 +57,17 @@ def test_405b_example_first_and_last_stage_parameters_match_the_planner(single_p
 def _measure(rank: int, world: int, port: int, out: str) -> None:
     """One rank of a PP2 x DP2 distributed-optimizer build: bytes of parameters, gradient buffers
     and optimizer state, as megatron allocated them."""
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    os.environ["OMP_NUM_THREADS"] = "1"
     from megatron.core import parallel_state
 
-    from resilient.config import TrainConfig
+    from resilient.rank.env import RankEnv
     from trainer import distributed
+    from trainer.config import TrainConfig
     from trainer.model import Layout, build_model
     from trainer.optim import build_optimizer
 
-    env = distributed.RankEnv(rank=rank, local_rank=rank, world_size=world, local_world_size=world, attempt=0,
-                              node_rank=0, node_name="local")
+    env = RankEnv(rank=rank, local_rank=rank, world_size=world, local_world_size=world, master_addr="127.0.0.1",
+                  master_port=port)
     layout = Layout(pp=2, distributed_optimizer=True)
     device = distributed.init_distributed(env, layout, timeout_s=120)
     chunks = build_model(PRESETS["tiny"].model_copy(update={"num_layers": 4}), layout, device=device)

@@ -26,13 +26,14 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
-from resilient import ledger
-from resilient.atomic import fsync_dir
-from resilient.errors import CheckpointError
-from resilient.orphan import arm_parent_death_signal
+from resilient.core import ledger
+from resilient.core.atomic import fsync_dir
+from resilient.core.errors import CheckpointError
+from resilient.rank.orphan import arm_parent_death_signal
 from trainer.checkpoint import layout, manifest, policy
 from trainer.checkpoint.config import CheckpointConfig
 from trainer.checkpoint.state import TrainState, apply_loaded, sharded_state
+from resilient.core.events import LedgerEvent
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class Checkpointer:
         self.cfg = cfg
         self.run_dir = run_dir
         self.attempt = attempt
-        self.root = cfg.dir or run_dir / "checkpoints"
+        self.root = cfg.root(run_dir)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.queue = AsyncCallsQueue()
         _own_write_results_queue()
@@ -156,7 +157,7 @@ class Checkpointer:
         self.failed_saves += 1
         log.error("checkpoint save of step %s failed: %s", step, error)
         if self.rank == 0:
-            ledger.append(self.run_dir, "ckpt_save_failed", step=step, error=error.splitlines()[0][:500])
+            ledger.append(self.run_dir, LedgerEvent.CKPT_SAVE_FAILED, step=step, error=error.splitlines()[0][:500])
 
     def _space_problem(self, state: TrainState) -> str | None:
         """Refuse a save that cannot fit: the last checkpoint's size (or, before the first one, this
@@ -191,7 +192,7 @@ class Checkpointer:
                              "dp": parallel_state.get_data_parallel_world_size()}}
         written = manifest.commit(ckpt_dir, meta)
         layout.write_latest(self.root, step)
-        ledger.append(self.run_dir, "ckpt_save", step=step, blocking_seconds=round(self._pending_blocking, 6),
+        ledger.append(self.run_dir, LedgerEvent.CKPT_SAVE, step=step, blocking_seconds=round(self._pending_blocking, 6),
                       total_seconds=round(time.monotonic() - started, 6), bytes=written["bytes"])
         self._start_retention(step)
 
@@ -257,8 +258,8 @@ class Checkpointer:
             if self.rank == 0:
                 for bad, why in skipped:
                     log.warning("checkpoint step %d is damaged (%s); using step %d", bad, why, step)
-                    ledger.append(self.run_dir, "ckpt_fallback", from_step=bad, to_step=step, reason=why)
-                ledger.append(self.run_dir, "ckpt_load", rank=0, step=step,
+                    ledger.append(self.run_dir, LedgerEvent.CKPT_FALLBACK, from_step=bad, to_step=step, reason=why)
+                ledger.append(self.run_dir, LedgerEvent.CKPT_LOAD, rank=0, step=step,
                               seconds=round(time.monotonic() - started, 6),
                               attempt=self.attempt)
             self.last_save_step = step

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from resilient.exit_codes import ExitCode
+from resilient.core.exit_codes import ExitCode
 from trainer.checkpoint import inspect as ck
 from trainer.checkpoint import layout, manifest
 

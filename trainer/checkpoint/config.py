@@ -4,7 +4,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from resilient.configbase import Section
+from resilient.core.configbase import Section
+from resilient.core.rundir import RunDir
 
 
 class CheckpointConfig(Section):
@@ -28,3 +29,7 @@ class CheckpointConfig(Section):
     """Resume from this step instead of the latest complete checkpoint."""
     dir: Path | None = None
     """Checkpoint directory (None: RUN_DIR/checkpoints)."""
+
+    def root(self, run_dir: Path) -> Path:
+        """The checkpoint directory of a run in `run_dir`."""
+        return self.dir or RunDir(run_dir).checkpoints

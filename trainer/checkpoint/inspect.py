@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from resilient.errors import CheckpointError
+from resilient.core.errors import CheckpointError
 from trainer.checkpoint import layout, manifest
 
 # Tensors that make up "the state" for equality: model weights and optimizer moments.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from resilient.atomic import atomic_write
+from resilient.core.atomic import atomic_write
 
 MARKER = "COMMITTED.json"
 LATEST = "latest"

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from resilient.atomic import atomic_write
+from resilient.core.atomic import atomic_write
 from trainer.checkpoint.layout import MARKER
 
 SUMS_PREFIX = ".sums.rank"

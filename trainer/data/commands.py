@@ -30,11 +30,11 @@ def prepare_cmd(
 
     Resumes the shards a previous prepare finished. The trainer prepares by itself when the cache
     is missing; run this ahead for large data sets."""
-    from resilient.config import load_config
+    from trainer.config import load_trainer_config
     from trainer.data.prepare import prepare_if_needed
 
     _log_to_stderr()
-    cfg = load_config(config, set_)
+    cfg = load_trainer_config(config, set_)
     manifest_path = prepare_if_needed(cfg.data, run_dir or cfg.run_dir, workers)
     manifest = json.loads(manifest_path.read_text())
     keys = ("fingerprint", "documents", "tokens", "skipped_lines", "truncated_shards")

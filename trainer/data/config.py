@@ -4,7 +4,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from resilient.configbase import Section
+from resilient.core.configbase import Section
 
 
 class DataConfig(Section):

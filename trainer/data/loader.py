@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from resilient.errors import ConfigError
+from resilient.core.errors import ConfigError
 from trainer.data.config import DataConfig
 from trainer.data.order import STATE_VERSION, GlobalOrder, check_resume, num_windows, rank_micro_batches
 from trainer.data.prepare import train_manifest_path, validation_meta_path

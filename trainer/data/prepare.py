@@ -35,11 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from resilient.atomic import atomic_write
-from resilient.errors import ConfigError
+from resilient.core.atomic import atomic_write
+from resilient.core.errors import ConfigError
 from trainer.data.config import DataConfig
 from trainer.data.shards import SkipCounts, find_shards, is_shard, read_documents
 from trainer.data.tokenizer import encode_documents, load_tokenizer, tokenizer_digest
+from resilient.core.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ FORMAT_VERSION = 1
 
 
 def cache_root(cfg: DataConfig, run_dir: Path) -> Path:
-    return cfg.cache_dir if cfg.cache_dir is not None else Path(run_dir) / "data_cache"
+    return cfg.cache_dir if cfg.cache_dir is not None else RunDir(run_dir).data_cache
 
 
 def _digest(obj: object) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from resilient.errors import ConfigError
+from resilient.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from resilient.errors import ConfigError
+from resilient.core.errors import ConfigError
 
 DEFAULT_EOS = "<|endoftext|>"
 ENCODE_BATCH = 256  # documents per tokenizer call: amortises the Python<->Rust crossing

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from resilient.errors import ConfigError
+from resilient.core.errors import ConfigError
 
 
 class TokenStream:

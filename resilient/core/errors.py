@@ -1,6 +1,6 @@
 """Errors that end a command with a one-line message and a distinct exit code."""
 
-from resilient.exit_codes import ExitCode
+from resilient.core.exit_codes import ExitCode
 
 
 class ResilientError(Exception):

@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-LEDGER_NAME = "ledger.jsonl"
+from resilient.core.events import LedgerEvent
+from resilient.core.rundir import RunDir
 
 
-def append(run_dir: str | Path, event: str, **fields: Any) -> dict[str, Any]:
+def append(run_dir: str | Path, event: LedgerEvent, **fields: Any) -> dict[str, Any]:
     """Append one event to RUN_DIR/ledger.jsonl and return the record written."""
-    record = {"ts": time.time(), "event": event, **fields}
-    path = Path(run_dir) / LEDGER_NAME
+    record = {"ts": time.time(), "event": str(event), **fields}
+    path = RunDir(run_dir).ledger
     path.parent.mkdir(parents=True, exist_ok=True)
     append_jsonl(path, record)
     return record
@@ -37,7 +38,7 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
 
 def read(run_dir: str | Path) -> Iterator[dict[str, Any]]:
     """Yield the ledger's records in order."""
-    return read_jsonl(Path(run_dir) / LEDGER_NAME)
+    return read_jsonl(RunDir(run_dir).ledger)
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:

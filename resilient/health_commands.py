@@ -1,4 +1,7 @@
-"""CLI commands of this component: `resilient health check`."""
+"""`resilient health check`: every health check that applies on this machine, as one report.
+
+Composition: reads the run config, hands health its own section and the run's checkpoint directory.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +11,9 @@ from typing import Optional
 
 import typer
 
-from health.errors import UnhealthyNodeError
-from health.types import Severity
-
 
 def register(app: typer.Typer) -> None:
-    """Add this component's commands to the `resilient` app."""
+    """Add `resilient health` to the app."""
     health = typer.Typer(help="Node health: GPUs (NVML), checkpoint disk, memory, /dev/shm, collectives.",
                          no_args_is_help=True)
 
@@ -23,13 +23,31 @@ def register(app: typer.Typer) -> None:
         collective: bool = typer.Option(False, "--collective", help="Also run the local all-reduce probe."),
         config: Optional[Path] = typer.Option(None, "--config", help="Run config YAML (default: built-in defaults)."),
         overrides: Optional[list[str]] = typer.Option(None, "--set", help="Config override key.sub=value (repeatable)."),
-        run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory whose checkpoints/ is checked."),
+        run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory whose checkpoint directory is checked."),
         nproc: Optional[int] = typer.Option(None, "--nproc", min=2, help="Probe ranks (default: supervisor.nproc_per_node)."),
     ) -> None:
         """Run every health check that applies here; a fatal result exits with UNHEALTHY_NODE (76)."""
-        from health.check import check_node
+        from health.errors import UnhealthyNodeError
+        from health.preflight import run_preflight
+        from health.types import HealthReport, Severity, skipped
+        from resilient.config import load_config
+        from resilient.rank.env import node_name
 
-        report = check_node(config, overrides or [], run_dir=run_dir, collective=collective, nproc=nproc)
+        cfg = load_config(config, overrides or [])
+        node = node_name()
+        report = run_preflight(cfg.health, node=node, ckpt_dir=cfg.checkpoint.root(run_dir or cfg.run_dir))
+        if collective:
+            import torch
+
+            from health.collective import judge
+            from health.collective_local import run_local_probe
+
+            n = nproc or cfg.supervisor.nproc_per_node
+            backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= n else "gloo"
+            probe = judge(run_local_probe(cfg.health, n, node=node, backend=backend), cfg.health)
+        else:
+            probe = skipped("collective.allreduce", "not requested (pass --collective)")
+        report = HealthReport(node, [*report.results, probe])
         if as_json:
             typer.echo(json.dumps(report.to_json(), default=str))
         else:

@@ -12,8 +12,9 @@ import ctypes
 import os
 import signal
 
+from resilient.rank.env import RankEnv
+
 _PR_SET_PDEATHSIG = 1
-SUPERVISOR_PID_ENV = "RESILIENT_SUPERVISOR_PID"
 
 
 def arm_parent_death_signal() -> None:
@@ -24,12 +25,12 @@ def arm_parent_death_signal() -> None:
         raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
 
 
-def die_with_parent() -> bool:
+def die_with_parent(env: RankEnv | None = None) -> bool:
     """Arm parent-death SIGKILL when supervised; returns whether it was armed (False: unsupervised)."""
-    expected = os.environ.get(SUPERVISOR_PID_ENV)
-    if not expected:
+    expected = (env or RankEnv.from_environ()).supervisor_pid
+    if expected is None:
         return False
     arm_parent_death_signal()
-    if os.getppid() != int(expected):
+    if os.getppid() != expected:
         os.kill(os.getpid(), signal.SIGKILL)  # the supervisor is already gone
     return True
