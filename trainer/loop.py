@@ -218,6 +218,8 @@ class Trainer:
         record = {"ts": time.time(), "attempt": self.env.attempt, "step": state.step, "loss": loss, "lr": lr,
                   "grad_norm": grad_norm, "step_time": step_time, "tokens": state.consumed_tokens,
                   "tokens_per_s": tokens_per_s, "mfu": mfu, "consumed_samples": state.consumed_samples}
+        if self.device.type == "cuda":  # rank 0's high-water mark, for checking the planner's memory model
+            record["max_memory_allocated"] = torch.cuda.max_memory_allocated(self.device)
         self._beat(Phase.STEP, state.step, loss=loss, lr=lr, grad_norm=grad_norm, step_time=step_time,
                    compute_time=compute_time,
                    tokens=state.consumed_tokens, tokens_per_s=tokens_per_s, mfu=mfu,
