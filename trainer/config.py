@@ -53,7 +53,8 @@ class ParallelConfig(Section):
     """Context-parallel size: each CP rank gets 2 of 2*cp load-balanced sequence chunks
     (transformer-engine attention, GPU only; refused on CPU)."""
     sequence_parallel: bool = False
-    """Split norm/dropout activations over the TP group along the sequence (needs tp > 1)."""
+    """Split norm/dropout activations over the TP group along the sequence (needs tp > 1 and
+    transformer-engine norms, GPU only; refused on CPU)."""
     distributed_optimizer: bool = False
     """Shard fp32 main parameters and Adam state over data x context parallel ranks (megatron's
     DistributedOptimizer, ZeRO-1): gradients are reduce-scattered, parameters all-gathered."""

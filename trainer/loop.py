@@ -68,9 +68,13 @@ class Trainer:
                               f"{arch.vocab_size}")
         p = cfg.parallel
         on_gpu = torch.cuda.is_available()
-        if p.cp > 1 and not on_gpu:
-            raise ConfigError("parallel.cp: context parallelism needs transformer-engine attention on GPU; "
-                              "megatron's local attention (CPU) cannot split the sequence")
+        if not on_gpu:  # what megatron's local (non-TE) layers cannot do
+            if p.cp > 1:
+                raise ConfigError("parallel.cp: context parallelism needs transformer-engine attention on GPU; "
+                                  "megatron's local attention (CPU) cannot split the sequence")
+            if p.sequence_parallel:
+                raise ConfigError("parallel.sequence_parallel: needs transformer-engine (or apex) norms on GPU; "
+                                  "megatron's torch norm (CPU) refuses it")
         self.layout = model_layout(cfg, on_gpu=on_gpu)
         self.device = distributed.init_distributed(env, self.layout, timeout_s=p.timeout_s)
         distributed.seed_all(cfg.train.seed)
@@ -91,6 +95,10 @@ class Trainer:
         self.val_batches = (build_validation_batches(cfg.data, run_dir=self.run_dir, seq_len=cfg.seq_len,
                                                      micro_batch=cfg.train.micro_batch, dp_rank=dp_rank,
                                                      dp_size=dp_size) if cfg.train.eval_every else [])
+        if p.vpp:  # the interleaved schedule runs whole groups of pp micro-batches
+            self.val_batches = self.val_batches[:len(self.val_batches) - len(self.val_batches) % p.pp]
+            if cfg.train.eval_every and not self.val_batches:
+                raise ConfigError(f"data.validation_docs: too few validation windows for pp={p.pp} with vpp")
         identity = arch.model_dump(exclude={"published_params"})
         identity["padded_vocab"] = padded_vocab(arch.vocab_size, p.tp)
         self.state = TrainState(self.chunks, self.optimizer, self.scheduler, numerics.SkippingLoader(loader),

@@ -23,7 +23,8 @@ from trainer.stages import stage_layers
 
 @dataclass(frozen=True)
 class Layout:
-    """The parallel and precision choices a model build depends on (from the trainer config)."""
+    """The parallel and precision choices a model build depends on; each field is the trainer config
+    field of the same name (trainer.config: parallel.*, train.*), `bf16` resolved from train.precision."""
 
     tp: int = 1
     pp: int = 1
@@ -40,8 +41,7 @@ class Layout:
     grad_reduce_in_fp32: bool = True
 
 
-def transformer_config(arch: Architecture, layout: Layout, *, on_gpu: bool, initialize: bool = True,
-                       use_te: bool = False) -> TransformerConfig:
+def transformer_config(arch: Architecture, layout: Layout, *, on_gpu: bool, initialize: bool = True) -> TransformerConfig:
     """Llama: RMSNorm, SwiGLU, no biases, no dropout, RoPE; bf16 or fp32 parameters."""
     dtype = torch.bfloat16 if layout.bf16 else torch.float32
     layers = stage_layers(arch.num_layers, layout.pp)
@@ -128,7 +128,7 @@ def build_model(arch: Architecture, layout: Layout, *, device: torch.device) -> 
     buffers; reduce-scatter instead of all-reduce with the distributed optimizer)."""
     on_gpu = device.type == "cuda"
     use_te = on_gpu and transformer_engine_available()
-    config = transformer_config(arch, layout, on_gpu=on_gpu, use_te=use_te)
+    config = transformer_config(arch, layout, on_gpu=on_gpu)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=layout.grad_reduce_in_fp32,
         overlap_grad_reduce=layout.overlap_grad_reduce,
@@ -144,7 +144,8 @@ def build_model(arch: Architecture, layout: Layout, *, device: torch.device) -> 
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         chunk = build_chunk(arch, config, tp=layout.tp, vp_stage=vp_stage, pre_process=pre, post_process=post,
                             use_te=use_te).to(device)
-        # Megatron buckets buffers per chunk; only the first chunk's reduce starts without overlap.
+        # As Megatron-LM: later chunks' reduces already overlap the earlier chunks' backward, so
+        # only the first chunk is split into buckets.
         chunks.append(DistributedDataParallel(config, ddp_config, chunk,
                                               disable_bucketing=vp > 0))
     return chunks
