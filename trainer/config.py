@@ -174,6 +174,8 @@ class TrainerConfig(Section):
             raise ValueError(
                 f"train.global_batch: {t.global_batch} is not divisible by micro_batch x dp = {t.micro_batch} x {dp}"
             )
+        if t.min_lr > t.lr:
+            raise ValueError(f"train.min_lr: {t.min_lr:g} exceeds the peak lr {t.lr:g}")
         problem = _runnable(arch, p, t, self.seq_len, t.global_batch // (t.micro_batch * dp))
         if problem:
             raise ValueError(problem)

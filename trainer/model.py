@@ -84,6 +84,10 @@ def transformer_config(arch: Architecture, layout: Layout, *, on_gpu: bool, init
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         deallocate_pipeline_outputs=on_gpu,
+        # gloo matches point-to-point messages between two ranks by posting order; megatron's batched
+        # ops post both directions in one order on both ranks, which with pp=2 (prev == next) pairs an
+        # activation with a gradient of the same shape. Unbatched, megatron orders them by rank parity.
+        batch_p2p_comm=on_gpu,
     )
 
 
