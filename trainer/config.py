@@ -117,7 +117,8 @@ class TrainConfig(Section):
     grad_reduce_in_fp32: bool = True
     """Accumulate and reduce gradients in fp32 buffers even with bf16 parameters."""
     recompute_granularity: Literal["selective", "full"] | None = None
-    """Activation recomputation: selective (attention core only) or full transformer layers."""
+    """Activation recomputation: selective (attention core only) or full transformer layers (GPU only;
+    refused on CPU)."""
     recompute_method: Literal["uniform", "block"] | None = None
     """With full recomputation: uniform (every group of recompute_num_layers layers) or block
     (the first recompute_num_layers layers of each stage)."""

@@ -11,6 +11,9 @@ False; on a GPU nothing here runs. It covers what the trainer's megatron-core pa
   streams and events (no-ops: on CPU every op is already ordered), empty_cache;
 - the CUDA RNG tracker (`tensor_parallel.random`), replaced by a CPU-generator twin with the same
   interface, so tracker states stay part of the checkpointed RNG state.
+
+Not covered: activation recomputation. megatron recomputes inside autograd functions, where torch
+function modes are not active, so the trainer refuses `train.recompute_granularity` on CPU.
 """
 
 from __future__ import annotations

@@ -75,6 +75,9 @@ class Trainer:
             if p.sequence_parallel:
                 raise ConfigError("parallel.sequence_parallel: needs transformer-engine (or apex) norms on GPU; "
                                   "megatron's torch norm (CPU) refuses it")
+            if cfg.train.recompute_granularity:
+                raise ConfigError("train.recompute_granularity: activation recomputation runs on GPU only; on CPU "
+                                  "megatron recomputes where the CPU bridge cannot map its CUDA calls")
         self.layout = model_layout(cfg, on_gpu=on_gpu)
         self.device = distributed.init_distributed(env, self.layout, timeout_s=p.timeout_s)
         distributed.seed_all(cfg.train.seed)

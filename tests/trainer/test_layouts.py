@@ -95,6 +95,7 @@ def test_checkpoint_resumes_resharded_on_one_rank(runs, tmp_path, name, one_rank
     (["parallel.tp=2", "parallel.sequence_parallel=true"], "parallel.sequence_parallel: needs transformer-engine"),
     (["parallel.overlap_param_gather=true"], "parallel.overlap_param_gather: needs distributed_optimizer"),
     (["train.recompute_granularity=full"], "train.recompute_granularity: full recomputation needs"),
+    (["train.recompute_granularity=selective"], "train.recompute_granularity: activation recomputation runs on GPU"),
 ])
 def test_a_layout_the_trainer_cannot_run_is_one_line_and_exit_64(tmp_path, overrides, needle):
     sets = [a for o in ["supervisor.nproc_per_node=2", *overrides] for a in ("--set", o)]
@@ -103,3 +104,18 @@ def test_a_layout_the_trainer_cannot_run_is_one_line_and_exit_64(tmp_path, overr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == ExitCode.CONFIG_ERROR, proc.stderr
     assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_chaos_drills_pass_with_pp2_and_the_distributed_optimizer(tmp_path, monkeypatch):
+    """A killed rank and a preemption, with the acceptance layout: the run ends on the fault-free bits."""
+    from tests.chaos.drills import drill
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # reference and drill: the same float sums
+    layout_sets = ("parallel.pp=2", "parallel.distributed_optimizer=true")
+    reference = drill(tmp_path / "ref", "none", [], steps=12, overrides=layout_sets)
+    assert reference["passed"] and reference["digest"], reference
+    report = drill(tmp_path / "run", "steps:5,9", ["kill_rank", "preempt"], steps=12, reference=reference["digest"],
+                   overrides=layout_sets)
+    assert report["passed"], report["failed_checks"]
+    assert report["digest"] == reference["digest"]
+    assert [f["kind"] for f in report["faults"]] == ["kill_rank", "preempt"]
