@@ -14,6 +14,7 @@ from typing import Any
 
 from health.collective import Culprit, ProbeResult, probe_collective
 from health.config import HealthConfig
+from health.types import CheckResult
 
 _STARTUP_MARGIN_S = 15.0
 
@@ -103,3 +104,13 @@ def _worker(rank: int, world_size: int, port: int, backend: str, cfg_json: dict,
     store.set(f"result/{rank}", result.model_dump_json())
 
 
+
+
+def check_local_collective(cfg: HealthConfig, nproc: int, *, node: str) -> CheckResult:
+    """The probe over this node's `nproc` local ranks, judged: NCCL when there are enough GPUs, else gloo."""
+    import torch
+
+    from health.collective import judge
+
+    backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= nproc else "gloo"
+    return judge(run_local_probe(cfg, nproc, node=node, backend=backend), cfg)

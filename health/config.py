@@ -53,6 +53,9 @@ class HealthConfig(Section):
     """Size (GiB) of /dev/shm below which the node is unhealthy (NCCL and loaders need it)."""
     shm_path: Path = Path("/dev/shm")
     """Shared-memory mount checked by the /dev/shm rule."""
+    preflight_collective: bool = False
+    """Also run the collective probe over this node's ranks in the supervisor's pre-flight (a few seconds
+    per start; catches a bad link or NCCL before training and feeds the bus-bandwidth metric)."""
     collective_nbytes: int = Field(32 << 20, ge=4)
     """Bytes per all-reduce in the collective probe."""
     collective_iters: int = Field(5, ge=1)

@@ -37,14 +37,9 @@ def register(app: typer.Typer) -> None:
         node = node_name()
         report = run_preflight(cfg.health, node=node, ckpt_dir=cfg.checkpoint.root(run_dir or cfg.run_dir))
         if collective:
-            import torch
+            from health.collective_local import check_local_collective
 
-            from health.collective import judge
-            from health.collective_local import run_local_probe
-
-            n = nproc or cfg.supervisor.nproc_per_node
-            backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= n else "gloo"
-            probe = judge(run_local_probe(cfg.health, n, node=node, backend=backend), cfg.health)
+            probe = check_local_collective(cfg.health, nproc or cfg.supervisor.nproc_per_node, node=node)
         else:
             probe = skipped("collective.allreduce", "not requested (pass --collective)")
         report = HealthReport(node, [*report.results, probe])

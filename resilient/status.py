@@ -1,4 +1,8 @@
-"""RUN_DIR/status.json: the supervisor's view of the run, written atomically; `resilient status` renders it."""
+"""RUN_DIR/status.json: the supervisor's view of the run, written atomically; `resilient status` renders it.
+
+`resilient status` must answer at once: this module imports nothing heavy (no torch, no pydantic
+config); the run's end states are listed here rather than imported from the supervisor.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
 from resilient.core import ledger
 from resilient.core.atomic import atomic_write
 from resilient.core.errors import ConfigError
-from resilient.goodput import GoodputReport, compute_goodput
+from resilient.core.events import LedgerEvent
 from resilient.core.rundir import RunDir
+from resilient.goodput import GoodputReport, compute_goodput, render as render_goodput
 
+# supervisor.decisions.Outcome values (tests keep the two equal): a run in one of them has ended.
+ENDED_STATES = frozenset({"finished", "preempted", "unhealthy", "budget_exhausted", "no_progress",
+                          "coordination_lost"})
 
 
 def write_status(run_dir: str | Path, status: dict[str, Any]) -> None:
@@ -38,27 +47,110 @@ def _age(ts: float | None, now: float) -> str:
     return "-" if ts is None else f"{max(0.0, now - ts):.1f}s"
 
 
-def render_status(status: dict[str, Any], console: Console, now: float | None = None) -> None:
-    """Print the status as a summary line, a failure line and a per-rank table."""
-    now = time.time() if now is None else now
+def _renderable(status: dict[str, Any], now: float, run_dir: str | Path, incident: str | None) -> Group:
     ports = ", ".join(f"{n}:{p}" for n, p in (status.get("metrics_ports") or {}).items() if p) or "-"
-    console.print(
-        f"[bold]{status.get('state', '?')}[/bold]  attempt {status.get('attempt')}  step {status.get('step')}  "
-        f"last checkpoint {status.get('last_checkpoint')}  restarts {status.get('restarts', 0)}  "
-        f"metrics {ports}  (updated {_age(status.get('written_at'), now)} ago)"
-    )
+    head = Text.assemble((str(status.get("state", "?")), "bold"),
+                         f"  attempt {status.get('attempt')}  step {status.get('step')}  "
+                         f"last checkpoint {status.get('last_checkpoint')}  restarts {status.get('restarts', 0)}  "
+                         f"metrics {ports}  (updated {_age(status.get('written_at'), now)} ago)")
+    parts: list[Any] = [head]
     failure = status.get("last_failure")
     if failure:
-        console.print(f"last failure: {failure.get('kind')} rank {failure.get('rank')} node {failure.get('node')} "
-                      f"step {failure.get('step')}: {failure.get('reason')}")
+        parts.append(Text(f"last failure: {failure.get('kind')} rank {failure.get('rank')} node {failure.get('node')} "
+                          f"step {failure.get('step')}: {failure.get('reason')}"))
+        if incident:
+            parts.append(Text(f"incident: {render_incident(run_dir, incident)}"))
     table = Table("rank", "node", "pid", "phase", "step", "heartbeat age")
     for r in status.get("ranks", []):
         table.add_row(str(r.get("rank")), str(r.get("node_name", r.get("node"))), str(r.get("pid")),
                       str(r.get("phase")), str(r.get("step")), _age(r.get("last_heartbeat"), now))
-    console.print(table)
+    parts.append(table)
+    return Group(*parts)
 
 
-def run_goodput(run_dir: str | Path, now: float | None = None) -> GoodputReport:
+def render_status(status: dict[str, Any], console: Console, now: float | None = None,
+                  run_dir: str | Path = ".", incident: str | None = None) -> None:
+    """Print the status as a summary line, a failure line (and its incident) and a per-rank table."""
+    console.print(_renderable(status, time.time() if now is None else now, run_dir, incident))
+
+
+def last_incident(records: list[dict[str, Any]]) -> str | None:
+    """The incident directory of the ledger's last failure (the coordination store's copy of a failure,
+    which status.json shows, does not carry it)."""
+    failures = [e for e in records if e.get("event") == LedgerEvent.FAILURE]
+    return failures[-1].get("incident") if failures else None
+
+
+def render_incident(run_dir: str | Path, incident: str) -> str:
+    """One line: where the incident's evidence is and whom its summary blames."""
+    where = Path(run_dir) / incident
+    try:
+        culprit = json.loads((where / "summary.json").read_text())["culprit"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{where} (no readable summary)"
+    return f"{where}: culprit rank {culprit.get('rank')} at {culprit.get('frame') or '?'} ({culprit.get('reason')})"
+
+
+def run_goodput(run_dir: str | Path, now: float | None = None,
+                records: list[dict[str, Any]] | None = None) -> GoodputReport:
     """Goodput of a run directory from its ledger and train log, at `now` (default: the clock)."""
-    return compute_goodput(list(ledger.read(run_dir)), list(ledger.read_jsonl(RunDir(run_dir).train_log)),
+    records = list(ledger.read(run_dir)) if records is None else records
+    return compute_goodput(records, list(ledger.read_jsonl(RunDir(run_dir).train_log)),
                            time.time() if now is None else now)
+
+
+class StatusView:
+    """Everything `resilient status` shows, read once from the run directory."""
+
+    def __init__(self, run_dir: Path) -> None:
+        from resilient.slurm.jobs import job_state  # light: subprocess only
+
+        self.run_dir = run_dir
+        self.data = read_status(run_dir)
+        records = list(ledger.read(run_dir))
+        ended = self.data.get("state") in ENDED_STATES  # an ended run stops accruing wall time at its last update
+        self.goodput = run_goodput(run_dir, now=self.data.get("written_at") if ended else None, records=records)
+        self.incident = last_incident(records)
+        job_id = next((str(r.get("job_id")) for r in reversed(records) if r.get("event") == LedgerEvent.SUBMITTED), None)
+        self.slurm = {"job_id": job_id, "state": job_state(job_id)} if job_id else None
+
+    def as_json(self) -> str:
+        g = self.goodput
+        return json.dumps({**self.data, "goodput": {"ratio": g.ratio, "wall_seconds": g.wall_seconds,
+                                                    "productive_seconds": g.productive_seconds,
+                                                    "badput_seconds": g.badput_seconds},
+                           "slurm": self.slurm, "incident": self.incident}, indent=1)
+
+    def renderable(self) -> Group:
+        parts: list[Any] = [_renderable(self.data, time.time(), self.run_dir, self.incident)]
+        if self.slurm:
+            parts.append(Text(f"slurm job {self.slurm['job_id']}: {self.slurm['state'] or 'not known to Slurm'}"))
+        parts.append(Text(render_goodput(self.goodput)))
+        return Group(*parts)
+
+
+def register(app: Any) -> None:
+    import typer
+
+    @app.command("status")
+    def status(run_dir: Path = typer.Argument(..., help="Run directory."),
+               as_json: bool = typer.Option(False, "--json", help="Print status.json as JSON."),
+               watch: bool = typer.Option(False, "--watch", help="Refresh in place until interrupted."),
+               interval: float = typer.Option(2.0, "--interval", min=0.2, help="Seconds between refreshes.")) -> None:
+        """Show a run's state, attempt, step, checkpoint, ranks and last failure (from RUN_DIR/status.json)."""
+        if as_json:
+            typer.echo(StatusView(run_dir).as_json())
+            return
+        console = Console()
+        if not watch:
+            console.print(StatusView(run_dir).renderable())
+            return
+        from rich.live import Live
+
+        with Live(StatusView(run_dir).renderable(), console=console, auto_refresh=False) as live:
+            try:
+                while True:
+                    time.sleep(interval)
+                    live.update(StatusView(run_dir).renderable(), refresh=True)
+            except KeyboardInterrupt:
+                pass

@@ -2,7 +2,7 @@
 # Install resilient into the current Python (activate a venv first if you want one).
 #   bash scripts/setup.sh          runtime: torch (CPU build), megatron-core, the package
 #   bash scripts/setup.sh --test   + test tools and the Debian packages the tests start for real
-#                                    (slurmctld/slurmd/munge, prometheus/promtool)
+#                                    (slurmctld/slurmd/munge, prometheus/promtool, chromium)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,6 +15,7 @@ if [[ "${1:-}" == "--test" ]]; then
   command -v slurmctld >/dev/null || need+=(slurm-wlm)
   command -v munged >/dev/null || need+=(munge)
   command -v promtool >/dev/null || need+=(prometheus)
+  command -v chromium >/dev/null || need+=(chromium)  # renders `resilient report` in tests
   if (( ${#need[@]} )); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q

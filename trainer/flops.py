@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from trainer.presets import Architecture
+
+if TYPE_CHECKING:  # torch only where a device is asked about: the planner and `resilient plan` stay light
+    import torch
 
 # Dense bf16 peak per device (no sparsity), by substring of the CUDA device name.
 _GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -40,6 +43,8 @@ def flops_per_token(arch: Architecture, seq_len: int) -> float:
 def device_peak_flops(device: torch.device, configured: float) -> float:
     """Known bf16 peak for the GPU model, else the configured figure (CPU)."""
     if device.type == "cuda":
+        import torch
+
         name = torch.cuda.get_device_name(device)
         for key, peak in _GPU_PEAK_BF16.items():
             if key in name:

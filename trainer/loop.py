@@ -55,7 +55,12 @@ class Trainer:
         self.is_logger = env.rank == 0
 
     def _beat(self, phase: Phase, step: int, **fields) -> None:
+        self._last_beat = (phase, step)
         self.heartbeat.send(phase, step, **fields)
+
+    def _on_commit(self, step: int, total_s: float, size: int) -> None:
+        # Same phase and step as the last heartbeat: reports the commit without counting as progress.
+        self._beat(*self._last_beat, ckpt_step=step, ckpt_total_s=total_s, ckpt_bytes=size)
 
     def _build(self) -> None:
         cfg, env = self.cfg, self.env
@@ -108,7 +113,7 @@ class Trainer:
                                 identity=identity)
         self.losses = numerics.LossHistory()
         self.injection = numerics.FaultInjection(self.run_dir, self.env.attempt)
-        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, attempt=env.attempt)
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, attempt=env.attempt, on_commit=self._on_commit)
         self.flops_per_token = flops_per_token(arch, cfg.seq_len)
         self.peak = device_peak_flops(self.device, cfg.train.peak_flops)
 

@@ -51,6 +51,11 @@ class RunDir:
         return self.root / "incidents"
 
     @property
+    def rank_steps(self) -> Path:
+        """Sampled step time of every rank (for `resilient report`)."""
+        return self.root / "rank_steps.jsonl"
+
+    @property
     def sockets(self) -> Path:
         """The supervisors' heartbeat sockets (0700)."""
         return self.root / "sock"

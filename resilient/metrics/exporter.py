@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -113,6 +113,11 @@ class NodeMetrics:
     def on_failure(self, kind: str) -> None:
         self.m.failures.labels(self.node, kind).inc()
 
+    def declare_failure_kinds(self, kinds: Iterable[str]) -> None:
+        """A zero series per known kind: "failures by kind" shows 0, not nothing, in a run without failures."""
+        for kind in kinds:
+            self.m.failures.labels(self.node, kind)
+
     def on_restart(self) -> None:
         self.m.restarts.labels(self.node).inc()
 
@@ -188,9 +193,9 @@ class NodeMetrics:
             worst = max(worst, severity)
             self.m.check_severity.labels(node, result.name).set(severity)
             values = result.values or {}
-            busbw = _num(values.get("busbw_bytes_per_s"))
+            busbw = _num(values.get("busbw_gbps"))  # the probe reports GB/s (nccl-tests); the metric is bytes/s
             if busbw is not None:
-                self.m.bus_bandwidth.labels(node).set(busbw)
+                self.m.bus_bandwidth.labels(node).set(busbw * 1e9)
             for gpu, measured in gpu_measurements(values).items():
                 for key, family in GPU_GAUGES.items():
                     raw = measured.get(key)

@@ -1,23 +1,16 @@
-"""CLI commands of the supervisor: `run` (one machine), `supervise` (one per node), `status`."""
+"""CLI commands of the supervisor: `run` (one machine), `supervise` (one per node); `status` is in resilient.status."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from resilient.config import RunConfig, load_config
 from resilient.core.errors import ConfigError
-from resilient.goodput import render as render_goodput
-from resilient.slurm.jobs import job_state
-from resilient.slurm.launch import last_job_id
-from resilient.status import read_status, render_status, run_goodput
-from resilient.supervisor.decisions import Outcome
 from resilient.rank.env import node_name
 from resilient.supervisor.topology import Topology, resolve_topology
 
@@ -64,25 +57,3 @@ def register(app: typer.Typer) -> None:
         topo = resolve_topology(os.environ, node_rank=node_rank, nnodes=nnodes, master_addr=master_addr,
                                 master_port=master_port, default_port=cfg.supervisor.store_port)
         _supervise(cfg, topo)
-
-    @app.command("status")
-    def status(run_dir: Path = typer.Argument(..., help="Run directory."),
-               as_json: bool = typer.Option(False, "--json", help="Print status.json as JSON.")) -> None:
-        """Show a run's state, attempt, step, checkpoint, ranks and last failure (from RUN_DIR/status.json)."""
-        data = read_status(run_dir)
-        # A run that has ended stops accruing wall time at its last update.
-        ended = data.get("state") in {o.value for o in Outcome}
-        report = run_goodput(run_dir, now=data.get("written_at") if ended else None)
-        job_id = last_job_id(run_dir)
-        slurm = {"job_id": job_id, "state": job_state(job_id)} if job_id else None
-        if as_json:
-            typer.echo(json.dumps({**data, "goodput": {"ratio": report.ratio, "wall_seconds": report.wall_seconds,
-                                                       "productive_seconds": report.productive_seconds,
-                                                       "badput_seconds": report.badput_seconds},
-                                   "slurm": slurm}, indent=1))
-            return
-        console = Console()
-        render_status(data, console)
-        if slurm:
-            console.print(f"slurm job {slurm['job_id']}: {slurm['state'] or 'not known to Slurm'}")
-        console.print(render_goodput(report))

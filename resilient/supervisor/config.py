@@ -1,15 +1,30 @@
 """Supervisor configuration (owned by the supervisor package)."""
 
+import enum
+import re
 import signal
 import sys
+from pathlib import Path
 
 from pydantic import Field, field_validator
 
 from resilient.core.configbase import Section
 
+PLACEHOLDERS = ("config", "run_dir")
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
 
 def _default_rank_command() -> list[str]:
-    return [sys.executable, "-m", "trainer"]
+    return [sys.executable, "-m", "trainer", "--config", "{config}"]
+
+
+class RankProtocol(enum.StrEnum):
+    """How the supervisor learns what a rank is doing."""
+
+    HEARTBEAT = "heartbeat"
+    """Ranks use the rank protocol (docs/rank-protocol.md): heartbeats, hang detection, progress."""
+    EXIT_ONLY = "exit_only"
+    """Any torchrun-style script: crashes by exit, progress from checkpoints, stop by signal."""
 
 
 class SupervisorConfig(Section):
@@ -18,7 +33,16 @@ class SupervisorConfig(Section):
     nproc_per_node: int = Field(2, ge=1)
     """Ranks spawned on each node (GPUs per node on GPU clusters)."""
     rank_command: list[str] = Field(default_factory=_default_rank_command, min_length=1)
-    """Command of one rank; the supervisor appends `--config RUN_DIR/config.yaml`."""
+    """Argv of one rank; `{config}` becomes RUN_DIR/config.yaml and `{run_dir}` the run directory in
+    every argument. Nothing is appended."""
+    rank_protocol: RankProtocol = RankProtocol.HEARTBEAT
+    """`heartbeat` (ranks speak the rank protocol) or `exit_only` (any script; see docs/rank-protocol.md)."""
+    rank_stop_signal: str | None = None
+    """Signal that asks a rank to save and exit (default: SIGUSR1 with heartbeats, SIGTERM in exit_only,
+    which Megatron-LM's --exit-signal-handler listens for)."""
+    progress_dir: Path | None = None
+    """exit_only: checkpoint directory whose newest complete step measures progress (ours or Megatron-LM's
+    layout; default: checkpoint.dir, else RUN_DIR/checkpoints)."""
     store_port: int = Field(29400, ge=0, le=65535)
     """TCP port of the coordination store on node 0 (`resilient run` picks a free one)."""
     store_timeout_s: float = Field(300.0, gt=0)
@@ -63,9 +87,30 @@ class SupervisorConfig(Section):
     backoff_max_s: float = Field(60.0, ge=0)
     """Upper bound of the restart backoff."""
 
-    @field_validator("preempt_signal")
+    @field_validator("preempt_signal", "rank_stop_signal")
     @classmethod
-    def _known_signal(cls, name: str) -> str:
-        if name not in signal.Signals.__members__:
+    def _known_signal(cls, name: str | None) -> str | None:
+        if name is not None and name not in signal.Signals.__members__:
             raise ValueError(f"unknown signal {name!r} (e.g. SIGUSR2)")
         return name
+
+    @field_validator("rank_command")
+    @classmethod
+    def _known_placeholders(cls, argv: list[str]) -> list[str]:
+        for arg in argv:
+            for name in _PLACEHOLDER.findall(arg):
+                if name not in PLACEHOLDERS:
+                    raise ValueError(f"unknown placeholder {{{name}}} in {arg!r} (known: "
+                                     + ", ".join(f"{{{p}}}" for p in PLACEHOLDERS) + ")")
+        return argv
+
+    def stop_signal(self) -> signal.Signals:
+        """The signal that asks a rank to save and exit."""
+        if self.rank_stop_signal is not None:
+            return signal.Signals[self.rank_stop_signal]
+        return signal.SIGTERM if self.rank_protocol is RankProtocol.EXIT_ONLY else signal.SIGUSR1
+
+    def rank_argv(self, config: Path, run_dir: Path) -> list[str]:
+        """`rank_command` with its placeholders filled in."""
+        values = {"config": str(config), "run_dir": str(run_dir)}
+        return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in self.rank_command]

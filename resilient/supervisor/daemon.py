@@ -5,13 +5,15 @@ One attempt, on every node:
   (posted as the attempt's restart request) | another node's restart request | a stop request
   -> tear down -> report to the store -> node 0 decides (restart with backoff, or stop with an
   exit code) -> every node follows the decision.
-All process work happens on the main thread: PR_SET_PDEATHSIG in the ranks follows the thread
-that forked them.
+Heartbeats are tracked in `tracking`, failures detected in `failures`, status published by
+`publishing`; this module sequences them. All process work happens on the main thread:
+PR_SET_PDEATHSIG in the ranks follows the thread that forked them.
 """
 
 from __future__ import annotations
 
-import collections
+import dataclasses
+import enum
 import os
 import selectors
 import signal
@@ -19,47 +21,41 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import psutil
-
+from resilient.config import RunConfig, dump_config
 from resilient.core import ledger
 from resilient.core.atomic import atomic_write
-from resilient.rank.heartbeat import HeartbeatServer
-from resilient.config import RunConfig, dump_config
 from resilient.core.errors import ResilientError
-from resilient.core.exit_codes import ExitCode
-from resilient.status import write_status
-from resilient.supervisor import decisions
-from resilient.supervisor.coordination import CoordinationLost, Coordinator
-from resilient.supervisor.hooks import NodeHooks
-from resilient.rank.env import DEFAULT_STOP_SIGNALS, RankEnv
-from resilient.supervisor.ranks import RankProcess, free_port, spawn, stop_all
-from resilient.supervisor.topology import Topology
-from resilient.core.rundir import RunDir
 from resilient.core.events import LedgerEvent
+from resilient.core.exit_codes import ExitCode
+from resilient.core.rundir import RunDir
+from resilient.rank.env import DEFAULT_STOP_SIGNALS, RankEnv
+from resilient.rank.heartbeat import HeartbeatServer
+from resilient.report.rank_steps import RankStepLog
+from resilient.supervisor import decisions, failures, incidents, progress, publishing
+from resilient.supervisor.config import RankProtocol
+from resilient.supervisor.coordination import CoordinationLost, Coordinator
+from resilient.supervisor.decisions import Outcome
+from resilient.supervisor.failures import Failure, FailureKind
+from resilient.supervisor.hooks import NodeHooks
+from resilient.supervisor.ranks import RankProcess, free_port, spawn, stop_all
+from resilient.supervisor.states import NodeOutcome, State
+from resilient.supervisor.topology import Topology
+from resilient.supervisor.tracking import HeartbeatTracker, RankView
 
 T = TypeVar("T")
 # Coordinating a final decision: node 0 keeps the store up this long for the others to read it.
 _ACK_WAIT_S = 10.0
 
 
-@dataclass
-class RankView:
-    """What the supervisor knows about one local rank from its heartbeats."""
+class _Gate(enum.Enum):
+    """The attempt barrier's answer."""
 
-    rank: int
-    local_rank: int
-    pid: int
-    phase: str = "init"
-    step: int | None = None
-    last_heartbeat: float | None = None
-    """Wall-clock time of the last heartbeat (for status)."""
-    last_progress: float = 0.0
-    """Monotonic time of the last new (phase, step) (or spawn)."""
-    progress_key: tuple[str, int | None] = ("init", None)
+    GO = "go"
+    STOP = "stop"
+    RESTART = "restart"
 
 
 class Supervisor:
@@ -70,21 +66,21 @@ class Supervisor:
         self.attempt = 0
         self.restarts = 0
         self.no_progress_streak = 0
-        self.state = "starting"
+        self.state: State | Outcome = State.STARTING
         self.ranks: list[RankProcess] = []
-        self.views: dict[int, RankView] = {}
-        self.step_times: collections.deque[float] = collections.deque(maxlen=self.scfg.step_timeout_window)
-        self.ckpt_times: collections.deque[float] = collections.deque(maxlen=self.scfg.step_timeout_window)
-        self.start_step: int | None = None
-        self.reached_step: int | None = None
+        self.tracker = HeartbeatTracker(self.scfg.step_timeout_window)
         self.last_failure: dict[str, Any] | None = None
         self.metrics_port: int | None = None
         self._signal: str | None = None
         self._stop_seen = False
-        self._next_status = 0.0
+        self._status_due = publishing.Throttle(self.scfg.status_interval_s)
         self.coord: Coordinator | None = None
         self.server: HeartbeatServer | None = None
         self.hooks = NodeHooks(cfg, topo.node_name, run_dir, is_node0=self.node == 0)
+        self.rank_steps = RankStepLog(run_dir, self.node)  # per-rank step times for `resilient report`
+        # exit_only: progress is the newest complete checkpoint, hangs are caught only for ranks that send heartbeats.
+        self.exit_only = self.scfg.rank_protocol is RankProtocol.EXIT_ONLY
+        self.progress_root = progress.progress_dir(self.scfg.progress_dir, cfg.checkpoint.dir, run_dir)
 
     # -- entry point --------------------------------------------------------------------------------
 
@@ -94,15 +90,15 @@ class Supervisor:
             return int(self._run())
         except CoordinationLost as err:
             self.coord = None  # status stays local from here on
-            self._record_failure("supervisor", None, str(err))
+            self._record_failure(self._failure(FailureKind.SUPERVISOR, None, str(err)))
             stop_all(self.ranks, self.scfg.termination_grace_s)
-            outcome = decisions.Outcome.PREEMPTED if self._stop_seen else decisions.Outcome.COORDINATION_LOST
-            self._set_state(outcome.value)
+            outcome = Outcome.PREEMPTED if self._stop_seen else Outcome.COORDINATION_LOST
+            self._set_state(outcome)
             return int(self._exit_code(outcome, str(err)))
         except ResilientError:
             raise
         except BaseException as err:
-            self._record_failure("supervisor", None, f"{type(err).__name__}: {err}")
+            self._record_failure(self._failure(FailureKind.SUPERVISOR, None, f"{type(err).__name__}: {err}"))
             raise
         finally:
             stop_all(self.ranks, self.scfg.termination_grace_s)
@@ -113,7 +109,7 @@ class Supervisor:
     def _run(self) -> ExitCode:
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.node == 0:
-            self._write_config()
+            atomic_write(self.config_path, dump_config(self.cfg))
         self.metrics_port = self.hooks.start()
         self.server = HeartbeatServer(RunDir(self.run_dir).heartbeat_socket(self.node))
         self.coord = Coordinator(self.topo, self.scfg.store_timeout_s)
@@ -133,7 +129,7 @@ class Supervisor:
                 return self._finish(decision)
             self.restarts += 1
             self.hooks.on_restart()
-            self._set_state("backoff")
+            self._set_state(State.BACKOFF)
             self._sleep_interruptibly(decision["backoff_s"])
             self.attempt += 1
 
@@ -142,66 +138,73 @@ class Supervisor:
     def _one_attempt(self) -> None:
         """Run attempt `self.attempt` on this node until it ends here; its account goes to the store."""
         assert self.coord is not None
-        self.start_step = self.reached_step = None
-        self._set_state("preflight")
+        self.tracker.new_attempt()
+        self._set_state(State.PREFLIGHT)
         unhealthy = self.hooks.preflight()
         if unhealthy:
-            self._post_failure("health", None, unhealthy, latency=0.0)
-            return self._report("unhealthy", unhealthy=unhealthy)
+            self._post_failure(self._failure(FailureKind.HEALTH, None, unhealthy))
+            return self._report(NodeOutcome.UNHEALTHY, unhealthy=unhealthy)
         if self.node == 0:
             self.coord.publish_master_port(self.attempt, free_port())
-        self._set_state("waiting")
+        self._set_state(State.WAITING)
         self.coord.arrive(self.attempt)
         gate = self._wait_for(self._barrier, self.scfg.store_timeout_s)
         if gate is None:
-            self._post_failure("supervisor", None, f"not all {self.topo.nnodes} supervisors joined attempt "
-                                                   f"{self.attempt} within {self.scfg.store_timeout_s:g}s", latency=0.0)
-            return self._report("failed")
-        if gate != "go":
-            return self._report("preempted" if gate == "stop" else "failed")
+            self._post_failure(self._failure(FailureKind.SUPERVISOR, None,
+                                             f"not all {self.topo.nnodes} supervisors joined attempt "
+                                             f"{self.attempt} within {self.scfg.store_timeout_s:g}s"))
+            return self._report(NodeOutcome.FAILED)
+        if gate is not _Gate.GO:
+            return self._report(NodeOutcome.PREEMPTED if gate is _Gate.STOP else NodeOutcome.FAILED)
+        start = progress.newest_complete_step(self.progress_root) if self.exit_only else None
         self._spawn_ranks()
         self.hooks.start_monitor()
-        self._set_state("running")
+        self._set_state(State.RUNNING)
         try:
             end = self._watch()
         finally:
             self.hooks.stop_monitor()
-        if end in ("failure", "restart"):
-            self._set_state("stopping")
+        if end is NodeOutcome.FAILED:
+            self._set_state(State.STOPPING)
         stop_all(self.ranks, self.scfg.termination_grace_s)  # after a clean end: only leftovers in the groups
-        return self._report({"failure": "failed", "restart": "failed"}.get(end, end))
+        if self.exit_only:
+            reached = progress.newest_complete_step(self.progress_root)
+            self.tracker.start_step, self.tracker.reached_step = start, reached
+        return self._report(end)
 
-    def _barrier(self) -> str | None:
+    def _barrier(self) -> _Gate | None:
         assert self.coord is not None
         if self.coord.stop_requested() is not None:
             self._stop_seen = True
-            return "stop"
+            return _Gate.STOP
         if self.coord.restart_requested(self.attempt) is not None:
-            return "restart"
+            return _Gate.RESTART
         if self.coord.arrived(self.attempt) >= self.topo.nnodes:
-            return "go"
+            return _Gate.GO
         return None
 
     def _spawn_ranks(self) -> None:
-        assert self.coord is not None
+        assert self.coord is not None and self.server is not None
         port = self.coord.master_port(self.attempt)
         nproc = self.scfg.nproc_per_node
-        self.ranks, self.views = [], {}
+        self.ranks, views = [], []
         for local in range(nproc):
             spec = RankEnv(
                 rank=self.node * nproc + local, local_rank=local, world_size=self.topo.nnodes * nproc,
                 local_world_size=nproc, node_rank=self.node, node_name=self.topo.node_name,
                 master_addr=self.topo.master_addr, master_port=port, attempt=self.attempt,
                 run_dir=self.run_dir, heartbeat_socket=self.server.path, supervisor_pid=os.getpid(),
-                stop_signals=tuple(dict.fromkeys((*DEFAULT_STOP_SIGNALS, self.scfg.preempt_signal))),
+                stop_signals=tuple(dict.fromkeys((self.scfg.stop_signal().name, *DEFAULT_STOP_SIGNALS,
+                                                  self.scfg.preempt_signal))),
             )
-            proc = spawn(spec, self.scfg.rank_command, self.config_path)
+            proc = spawn(spec, self.scfg.rank_argv(self.config_path, self.run_dir))
             self.ranks.append(proc)
-            self.views[spec.rank] = RankView(spec.rank, local, proc.pid, last_progress=proc.spawned_at)
+            views.append(RankView(spec.rank, local, proc.pid, last_progress=proc.spawned_at))
+        self.tracker.track(views)
         ledger.append(self.run_dir, LedgerEvent.ATTEMPT_START, attempt=self.attempt, node=self.node)
 
-    def _watch(self) -> str:
-        """Until this attempt ends on this node: 'finished', 'failure', 'restart' or 'preempted'."""
+    def _watch(self) -> NodeOutcome:
+        """Until this attempt ends on this node: FINISHED, FAILED (here or on another node) or PREEMPTED."""
         assert self.coord is not None and self.server is not None
         sel = selectors.DefaultSelector()
         sel.register(self.server, selectors.EVENT_READ)
@@ -218,7 +221,10 @@ class Supervisor:
                     if isinstance(key.data, RankProcess):
                         sel.unregister(key.fileobj)
                 self._drain_wakeups()
-                failure = self._handle_heartbeats(now)
+                for hb in self.server.drain():
+                    if self.tracker.observe(hb, self.attempt, now):
+                        self.hooks.on_heartbeat(hb)
+                        self.rank_steps.observe(hb)
                 exits = [r for r in self.ranks if r.returncode is None and r.poll(now) is not None]
                 if preempt_deadline is None:
                     if self._signal is not None:
@@ -227,124 +233,85 @@ class Supervisor:
                         preempt_deadline = self._begin_preempt("a rank exited PREEMPTED", now)
                 if preempt_deadline is not None:
                     if all(r.returncode is not None for r in self.ranks):
-                        return "preempted"
+                        return NodeOutcome.PREEMPTED
                     if now > preempt_deadline:
                         print(f"resilient: node {self.node}: ranks did not stop within "
                               f"{self.scfg.preempt_grace_s:g}s of the stop request; killing them", file=sys.stderr)
                         stop_all(self.ranks, 0.0)
-                        return "preempted"
+                        return NodeOutcome.PREEMPTED
                     continue
-                failure = failure or self._exit_failure(exits) or self._hang_failure(now)
-                if failure is None and (reason := self.hooks.fatal_health()):
-                    failure = ("health", None, reason, 0.0)
+                failure = self._detect(exits, now)
                 if failure is not None:
-                    kind, rank, reason, latency = failure
-                    return self._post_failure(kind, rank, reason, latency)
+                    # Evidence before teardown (stacks of a hang, a crash's log tail): RUN_DIR/incidents/.
+                    incident = incidents.capture(self.run_dir, self.attempt, str(failure.kind), failure.rank,
+                                                 failure.reason, incidents.targets(self.ranks, self.tracker.views),
+                                                 node=self.node)
+                    self._post_failure(dataclasses.replace(failure, incident=incident))
+                    return NodeOutcome.FAILED
                 if all(r.returncode == 0 for r in self.ranks):
-                    return "finished"
+                    return NodeOutcome.FINISHED
                 if now >= next_store_poll:
                     next_store_poll = now + self.scfg.poll_interval_s
                     if self.coord.stop_requested() is not None:
                         preempt_deadline = self._begin_preempt("stop requested by another supervisor", now)
-                    elif self.coord.restart_requested(self.attempt) is not None:
-                        return "restart"
+                    elif (request := self.coord.restart_requested(self.attempt)) is not None:
+                        # Another node's hang: add this node's stacks to its incident before teardown.
+                        incidents.capture(self.run_dir, self.attempt, request.get("kind", ""), request.get("rank"),
+                                          request.get("reason", ""), incidents.targets(self.ranks, self.tracker.views),
+                                          node=self.node, peer=True)
+                        return NodeOutcome.FAILED
                 self._maybe_publish_status()
         finally:
             sel.close()
+
+    def _detect(self, exits: list[RankProcess], now: float) -> Failure | None:
+        """This node's first failure now: a reported error, a bad exit, a hang, a fatal health verdict."""
+        failure = (failures.reported_error(self.tracker, self.node)
+                   or failures.exit_failure(exits, self.node, self.tracker.current_step(), now)
+                   or failures.hang_failure(self.ranks, self.tracker, self.scfg, self.node, now,
+                                            heard_only=self.exit_only))
+        if failure is None and (reason := self.hooks.fatal_health()):
+            failure = self._failure(FailureKind.HEALTH, None, reason)
+        return failure
 
     def _begin_preempt(self, reason: str, now: float) -> float:
         assert self.coord is not None
         self._stop_seen = True
         self.coord.request_stop("preempted", f"node {self.node}: {reason}")
-        self._set_state("preempting")
+        self._set_state(State.PREEMPTING)
         for r in self.ranks:
-            r.signal_rank(signal.SIGUSR1)
+            r.signal_rank(self.scfg.stop_signal())
         return now + self.scfg.preempt_grace_s
 
-    # -- detection ---------------------------------------------------------------------------------
+    # -- failures ----------------------------------------------------------------------------------
 
-    def _handle_heartbeats(self, now: float) -> tuple[str, int | None, str, float] | None:
-        assert self.server is not None
-        failure = None
-        for hb in self.server.drain():
-            view = self.views.get(hb["rank"])
-            if view is None or hb.get("attempt") != self.attempt:
-                continue  # a late heartbeat of an earlier attempt
-            phase, step = str(hb.get("phase")), hb["step"]
-            if (phase, step) != view.progress_key:
-                if phase == "step" and view.progress_key[0] == "step" and not _positive(hb.get("step_time")):
-                    self.step_times.append(now - view.last_progress)
-                view.progress_key, view.last_progress = (phase, step), now
-            if phase == "step" and _positive(hb.get("step_time")):
-                self.step_times.append(float(hb["step_time"]))
-            if _positive(hb.get("ckpt_blocking_s")):
-                self.ckpt_times.append(float(hb["ckpt_blocking_s"]))
-            view.phase, view.step, view.last_heartbeat = phase, step, time.time()
-            if phase in ("init", "restore"):
-                self.start_step = max(self.start_step or 0, step)
-            elif phase in ("step", "done"):
-                self.reached_step = max(self.reached_step or 0, step)
-            elif phase == "error" and failure is None:
-                failure = ("rank_error", view.rank, f"rank {view.rank} reported an error: {hb.get('message', '')}", 0.0)
-            self.hooks.on_heartbeat(hb)
-        return failure
+    def _failure(self, kind: FailureKind, rank: int | None, reason: str) -> Failure:
+        return Failure(kind, rank, self.node, self.tracker.current_step(), reason)
 
-    def _exit_failure(self, exits: list[RankProcess]) -> tuple[str, int | None, str, float] | None:
-        for r in exits:
-            if r.returncode == 0:
-                continue
-            code = r.returncode
-            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-            return "rank_exit", r.spec.rank, f"rank {r.spec.rank} (pid {r.pid}) {how}", time.monotonic() - r.exited_at
-        return None
-
-    def _hang_failure(self, now: float) -> tuple[str, int | None, str, float] | None:
-        step_timeout, _ = decisions.calibrated_step_timeout(list(self.step_times), self.scfg)
-        ckpt_timeout, _ = decisions.calibrated_checkpoint_timeout(list(self.ckpt_times), self.scfg)
-        stale: dict[int, tuple[object, str]] = {}
-        for r in self.ranks:
-            if r.returncode is not None:
-                continue
-            view = self.views[r.spec.rank]
-            hung, reason = decisions.is_hung(view.phase, view.last_progress, now, step_timeout, self.scfg,
-                                             ckpt_timeout)
-            if hung:
-                stale[view.rank] = (r, reason)
-        if not stale:
-            return None
-        rank, blame = decisions.blame_hang([(rank, self.views[rank].step, self.views[rank].last_progress,
-                                             _process_state(r.pid)) for rank, (r, _) in stale.items()])
-        r, reason = stale[rank]
-        view = self.views[rank]
-        return "hang", rank, f"rank {rank} (pid {r.pid}): {reason}; {blame}", now - view.last_progress
-
-    def _post_failure(self, kind: str, rank: int | None, reason: str, latency: float) -> str:
+    def _post_failure(self, failure: Failure) -> None:
         """Ask every node to restart; only the first request of an attempt is recorded as its failure."""
         assert self.coord is not None
-        step = self._current_step()
-        if self.coord.request_restart(self.attempt, kind=kind, rank=rank, step=step, reason=reason):
-            self._record_failure(kind, rank, reason, latency)
-            return "failure"
-        return "restart"
+        if self.coord.request_restart(self.attempt, kind=str(failure.kind), rank=failure.rank, step=failure.step,
+                                      reason=failure.reason):
+            self._record_failure(failure)
 
-    def _record_failure(self, kind: str, rank: int | None, reason: str, latency: float = 0.0) -> None:
-        self.last_failure = {"kind": kind, "rank": rank, "node": self.node, "step": self._current_step(),
-                             "latency_seconds": round(latency, 3), "reason": reason}
+    def _record_failure(self, failure: Failure) -> None:
+        self.last_failure = failure.record()
         ledger.append(self.run_dir, LedgerEvent.FAILURE, **self.last_failure)
-        self.hooks.on_failure(kind)
-        print(f"resilient: node {self.node} attempt {self.attempt}: {kind}: {reason}", file=sys.stderr)
+        self.hooks.on_failure(failure.kind)
+        print(f"resilient: node {self.node} attempt {self.attempt}: {failure.kind}: {failure.reason}", file=sys.stderr)
 
     # -- end of an attempt -------------------------------------------------------------------------
 
-    def _report(self, outcome: str, unhealthy: str | None = None) -> None:
+    def _report(self, outcome: NodeOutcome, unhealthy: str | None = None) -> None:
         assert self.coord is not None
-        self.coord.report(self.attempt, {"outcome": outcome, "start_step": self.start_step,
-                                         "reached_step": self.reached_step, "unhealthy": unhealthy})
+        self.coord.report(self.attempt, {"outcome": str(outcome), "start_step": self.tracker.start_step,
+                                         "reached_step": self.tracker.reached_step, "unhealthy": unhealthy})
 
     def _decide(self) -> dict[str, Any]:
         """Node 0 turns every node's report into the decision; the others wait for it."""
         assert self.coord is not None
-        self._set_state("deciding")
+        self._set_state(State.DECIDING)
         if self.node == 0:
             reports = self._wait_for(lambda: self._all_reports(), self.scfg.store_timeout_s)
             reports = reports or self.coord.reports(self.attempt, self.topo.nnodes)
@@ -367,11 +334,12 @@ class Supervisor:
         progressed, _ = decisions.made_progress(min(starts, default=None), max(reached, default=None))
         self.no_progress_streak = 0 if progressed else self.no_progress_streak + 1
         stop = self.coord.stop_requested()
+        outcomes = [NodeOutcome(r["outcome"]) for r in reports.values()]
         state = decisions.JobState(
             restarts_done=self.restarts,
             no_progress_streak=self.no_progress_streak,
-            all_finished=all(r["outcome"] == "finished" for r in reports.values()) and len(reports) == self.topo.nnodes,
-            preempted=stop is not None or any(r["outcome"] == "preempted" for r in reports.values()),
+            all_finished=all(o is NodeOutcome.FINISHED for o in outcomes) and len(reports) == self.topo.nnodes,
+            preempted=stop is not None or NodeOutcome.PREEMPTED in outcomes,
             unhealthy=next((r["unhealthy"] for r in reports.values() if r["unhealthy"]), None),
             missing_nodes=tuple(n for n in range(self.topo.nnodes) if n not in reports),
         )
@@ -381,75 +349,55 @@ class Supervisor:
         if d.restart:
             ledger.append(self.run_dir, LedgerEvent.RESTART, attempt=self.attempt + 1, backoff_seconds=d.backoff_s,
                           reason=f"{failure['reason'] if failure else 'restart'}; {d.reason}")
-        elif d.outcome is decisions.Outcome.FINISHED:
+        elif d.outcome is Outcome.FINISHED:
             ledger.append(self.run_dir, LedgerEvent.FINISHED, step=step)
-        elif d.outcome is decisions.Outcome.PREEMPTED:
+        elif d.outcome is Outcome.PREEMPTED:
             ledger.append(self.run_dir, LedgerEvent.PREEMPTED, step=step, node=stop["node"] if stop else self.node)
         else:
             ledger.append(self.run_dir, LedgerEvent.GAVE_UP, reason=d.reason, exit_code=int(d.exit_code))
         return {"restart": d.restart, "exit_code": int(d.exit_code), "reason": d.reason, "backoff_s": d.backoff_s,
-                "outcome": d.outcome.value if d.outcome else None}
+                "outcome": str(d.outcome) if d.outcome else None}
 
     def _finish(self, decision: dict[str, Any]) -> ExitCode:
         """Publish the final state, then let node 0 keep the store up until every node has read the decision."""
         assert self.coord is not None
-        outcome = decisions.Outcome(decision["outcome"])
-        self._set_state(outcome.value)
+        outcome = Outcome(decision["outcome"])
+        self._set_state(outcome)
         self.coord.ack(self.attempt)
         if self.node == 0 and self.topo.nnodes > 1:
             self._wait_for(lambda: True if self.coord.acks(self.attempt) >= self.topo.nnodes else None, _ACK_WAIT_S)
             self._write_status()
         return self._exit_code(outcome, decision["reason"])
 
-    def _exit_code(self, outcome: decisions.Outcome, reason: str) -> ExitCode:
+    def _exit_code(self, outcome: Outcome, reason: str) -> ExitCode:
         code, meaning = decisions.exit_code_for(outcome)
-        print(f"resilient: node {self.node}: {outcome.value}: {reason} (exit {int(code)}: {meaning})", file=sys.stderr)
+        print(f"resilient: node {self.node}: {outcome}: {reason} (exit {int(code)}: {meaning})", file=sys.stderr)
         return code
 
     # -- status --------------------------------------------------------------------------------------
 
-    def _current_step(self) -> int | None:
-        steps = [v.step for v in self.views.values() if v.step is not None]
-        return max(steps, default=self.reached_step)
-
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: State | Outcome) -> None:
         self.state = state
-        self.hooks.set_state(state, self.attempt)
-        self._next_status = 0.0  # publish every state change at once
+        self.hooks.set_state(str(state), self.attempt)
+        self._status_due.force()  # publish every state change at once
         self._maybe_publish_status()
 
     def _maybe_publish_status(self) -> None:
-        now = time.monotonic()
-        if now < self._next_status or self.coord is None:
+        if self.coord is None or not self._status_due.due():
             return
-        self._next_status = now + self.scfg.status_interval_s
         self.hooks.check_stragglers()
-        wall = time.time()
-        ranks = []
-        for r in self.ranks:
-            v = self.views[r.spec.rank]
-            age = None if v.last_heartbeat is None else wall - v.last_heartbeat
-            if age is not None and r.returncode is None:
-                self.hooks.heartbeat_age(v.rank, age)
-            ranks.append({"rank": v.rank, "local_rank": v.local_rank, "node": self.node,
-                          "node_name": self.topo.node_name, "pid": v.pid, "phase": v.phase, "step": v.step,
-                          "last_heartbeat": v.last_heartbeat, "heartbeat_age_s": age, "exit_code": r.returncode})
-        self.coord.publish_status({"node": self.node, "node_name": self.topo.node_name, "state": self.state,
-                                   "ranks": ranks, "metrics_port": self.metrics_port, "supervisor_pid": os.getpid()})
+        rows = publishing.rank_rows(self.ranks, self.tracker.views, self.topo, time.time())
+        for row in rows:
+            if row["heartbeat_age_s"] is not None and row["exit_code"] is None:
+                self.hooks.heartbeat_age(row["rank"], row["heartbeat_age_s"])
+        self.coord.publish_status(publishing.node_status(self.topo, self.state, rows, self.metrics_port))
         if self.node == 0:
             self._write_status()
 
     def _write_status(self) -> None:
-        nodes = self.coord.node_statuses(self.topo.nnodes)
-        ranks = sorted((r for s in nodes.values() for r in s["ranks"]), key=lambda r: r["rank"])
-        steps = [r["step"] for r in ranks if r["step"] is not None]
-        saves = [e["step"] for e in ledger.read(self.run_dir) if e.get("event") == "ckpt_save"]
-        write_status(self.run_dir, {
-            "state": self.state, "attempt": self.attempt, "step": max(steps, default=self.reached_step),
-            "last_checkpoint": saves[-1] if saves else None, "restarts": self.restarts,
-            "last_failure": self.last_failure, "nodes": {str(n): s["state"] for n, s in nodes.items()},
-            "metrics_ports": {s["node_name"]: s["metrics_port"] for s in nodes.values()}, "ranks": ranks,
-        })
+        publishing.write_run_status(self.run_dir, self.coord.node_statuses(self.topo.nnodes), state=self.state,
+                                    attempt=self.attempt, reached_step=self.tracker.reached_step,
+                                    restarts=self.restarts, last_failure=self.last_failure)
 
     # -- waiting, signals, files -------------------------------------------------------------------
 
@@ -497,23 +445,9 @@ class Supervisor:
                 sel.select(min(self.scfg.poll_interval_s, max(0.0, deadline - time.monotonic())))
             self._drain_wakeups()
 
-    def _write_config(self) -> None:
-        atomic_write(self.config_path, dump_config(self.cfg))
-
-
-def _positive(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-
 
 def _next_attempt(run_dir: Path) -> int:
     """Attempt numbers continue across requeued allocations, so log names never collide."""
-    seen = [e["attempt"] for e in ledger.read(run_dir) if e.get("event") == "attempt_start"]
+    seen = [e["attempt"] for e in ledger.read(run_dir) if e.get("event") == LedgerEvent.ATTEMPT_START]
     return max(seen) + 1 if seen else 0
 
-
-def _process_state(pid: int) -> str:
-    """psutil's process status ('stopped' for SIGSTOP), or 'gone'."""
-    try:
-        return psutil.Process(pid).status()
-    except psutil.Error:
-        return "gone"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import tenacity
 
 from resilient.core.exit_codes import ExitCode
+from resilient.rank.heartbeat import Phase
 from resilient.supervisor.config import SupervisorConfig
 
 
@@ -48,11 +49,11 @@ def phase_timeout(phase: str, step_timeout: float, cfg: SupervisorConfig,
                   checkpoint_timeout: float | None = None) -> tuple[float, str]:
     """Which timeout governs a rank whose last heartbeat was in `phase`."""
     fixed = {
-        "init": cfg.init_timeout_s,
-        "restore": cfg.restore_timeout_s,
-        "checkpoint": checkpoint_timeout or cfg.checkpoint_timeout_s,
-        "done": cfg.checkpoint_timeout_s,
-        "eval": cfg.eval_timeout_s,
+        Phase.INIT: cfg.init_timeout_s,
+        Phase.RESTORE: cfg.restore_timeout_s,
+        Phase.CHECKPOINT: checkpoint_timeout or cfg.checkpoint_timeout_s,
+        Phase.DONE: cfg.checkpoint_timeout_s,
+        Phase.EVAL: cfg.eval_timeout_s,
     }
     if phase in fixed:
         return fixed[phase], f"{phase} timeout {fixed[phase]:g}s"
@@ -102,8 +103,8 @@ def backoff_seconds(restart_number: int, cfg: SupervisorConfig) -> float:
     return float(wait(state))
 
 
-class Outcome(enum.Enum):
-    """How a supervised job ends."""
+class Outcome(enum.StrEnum):
+    """How a supervised job ends (the final state)."""
 
     FINISHED = "finished"
     PREEMPTED = "preempted"

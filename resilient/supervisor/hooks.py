@@ -20,6 +20,8 @@ from resilient.core import ledger
 from resilient.config import RunConfig
 from resilient.core.errors import ConfigError
 from resilient.metrics.exporter import NodeMetrics
+from resilient.rank.heartbeat import Phase
+from resilient.supervisor.failures import FailureKind
 from resilient.status import run_goodput
 from resilient.core.events import LedgerEvent
 
@@ -30,6 +32,8 @@ class NodeHooks:
     def __init__(self, cfg: RunConfig, node: str, run_dir: Path, *, is_node0: bool) -> None:
         self.cfg, self.node, self.run_dir = cfg, node, run_dir
         self.metrics = NodeMetrics(cfg.metrics, node) if cfg.metrics.enabled else None
+        if self.metrics is not None:
+            self.metrics.declare_failure_kinds(FailureKind)
         self.monitor: HealthMonitor | None = None
         self._goodput_stop = threading.Event()
         self._goodput_thread: threading.Thread | None = None
@@ -66,7 +70,8 @@ class NodeHooks:
         """Run the pre-flight checks; returns the fatal reason (naming node and check) or None."""
         if not self.cfg.health.enabled:
             return None
-        report = run_preflight(self.cfg.health, node=self.node, ckpt_dir=self.cfg.checkpoint.root(self.run_dir))
+        report = run_preflight(self.cfg.health, node=self.node, ckpt_dir=self.cfg.checkpoint.root(self.run_dir),
+                               nproc=self.cfg.supervisor.nproc_per_node)
         self._on_report(report)
         verdict = decide(report, "preflight")
         return verdict.reason if verdict.action is Action.STOP else None
@@ -115,9 +120,9 @@ class NodeHooks:
             self.metrics.on_heartbeat(hb["rank"], hb.get("local_rank", 0), hb)
         # Compute time before the gradient all-reduce: wall step time is the same on every rank.
         busy = hb.get("compute_time", hb.get("step_time"))
-        if hb.get("phase") == "step" and isinstance(busy, (int, float)) and busy > 0:
+        if hb.get("phase") == Phase.STEP and isinstance(busy, (int, float)) and busy > 0:
             self.stragglers.observe(hb["rank"], float(busy))
-        if self._is_node0 and hb["rank"] == 0 and hb.get("phase") == "step" and "loss" in hb:
+        if self._is_node0 and hb["rank"] == 0 and hb.get("phase") == Phase.STEP and "loss" in hb:
             self._progress(hb)
 
     def _progress(self, hb: dict[str, Any]) -> None:

@@ -84,14 +84,15 @@ def _thread_defaults(local_ranks: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // local_ranks))}
 
 
-def spawn(spec: RankEnv, command: list[str], config_path: Path) -> RankProcess:
-    """Start one rank with its log file; call from the main thread (PR_SET_PDEATHSIG follows the forking thread)."""
+def spawn(spec: RankEnv, argv: list[str]) -> RankProcess:
+    """Start one rank (`argv` as is) with its log file; call from the main thread (PR_SET_PDEATHSIG
+    follows the forking thread)."""
     log = log_path(spec)
     log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         proc = subprocess.Popen(
-            [*command, "--config", str(config_path)],
+            argv,
             env={**_thread_defaults(spec.local_world_size), **os.environ, **spec.to_environ(), "PYTHONUNBUFFERED": "1"},
             stdin=subprocess.DEVNULL,
             stdout=fd,
@@ -100,7 +101,7 @@ def spawn(spec: RankEnv, command: list[str], config_path: Path) -> RankProcess:
             close_fds=True,
         )
     except OSError as err:
-        raise ConfigError(f"supervisor.rank_command: cannot start {command[0]!r}: {err.strerror}") from None
+        raise ConfigError(f"supervisor.rank_command: cannot start {argv[0]!r}: {err.strerror}") from None
     finally:
         os.close(fd)
     return RankProcess(spec, proc, os.pidfd_open(proc.pid), time.monotonic())

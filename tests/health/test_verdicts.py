@@ -78,3 +78,12 @@ def test_monitor_survives_a_broken_provider(tmp_path):
     gpu = [r for r in report.results if r.name == "gpu.sample"]
     assert gpu and gpu[0].severity is Severity.WARN and "bad fake NVML state" in gpu[0].reason
     assert isinstance(report.results[-1], CheckResult) and report.results[-1].name == "node.shm"
+
+
+def test_preflight_runs_the_collective_probe_when_asked(tmp_path):
+    cfg = HealthConfig(preflight_collective=True, collective_nbytes=4096, collective_iters=1, **LAX)
+    report = run_preflight(cfg, node="n8", ckpt_dir=tmp_path / "ckpt", nproc=2)
+    [probe] = [r for r in report.results if r.name == "collective.allreduce"]
+    assert probe.severity is Severity.OK and probe.values["busbw_gbps"] > 0 and probe.values["world_size"] == 2
+    alone = run_preflight(cfg, node="n8", ckpt_dir=tmp_path / "ckpt", nproc=1)  # nothing to probe with one rank
+    assert "collective.allreduce" not in [r.name for r in alone.results]

@@ -27,7 +27,7 @@ def health_report() -> HealthReport:
     gpus["1"].update(temperature_c=91, throttle_reasons=0x40, last_xid=79)
     return HealthReport(NODE, [
         CheckResult("gpu.state", Severity.FATAL, "gpu 1: XID 79", {"gpus": gpus}),
-        CheckResult("node.collective", Severity.OK, "bus bandwidth ok", {"busbw_bytes_per_s": 180e9}),
+        CheckResult("node.collective", Severity.OK, "bus bandwidth ok", {"busbw_gbps": 180.0}),
         CheckResult("node.disk", Severity.WARN, "ckpt dir 91% full", {"used_ratio": 0.91}),
     ])
 
@@ -81,3 +81,41 @@ class Feeder:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+# The dcgm-exporter fields the GPU dashboard and alerts read, with dcgm-exporter's labels.
+DCGM_FIELDS = {"DCGM_FI_DEV_GPU_TEMP": 61.0, "DCGM_FI_DEV_POWER_USAGE": 350.0, "DCGM_FI_DEV_GPU_UTIL": 97.0,
+               "DCGM_FI_DEV_FB_USED": 61000.0, "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL": 0.0, "DCGM_FI_DEV_XID_ERRORS": 0.0,
+               "DCGM_FI_DEV_ROW_REMAP_PENDING": 0.0, "DCGM_FI_DEV_ROW_REMAP_FAILURE": 0.0}
+DCGM_COUNTERS = ("DCGM_FI_DEV_THERMAL_VIOLATION", "DCGM_FI_DEV_POWER_VIOLATION")  # microseconds, rising
+
+
+class DcgmExporter:
+    """A stand-in for NVIDIA's dcgm-exporter on this node: two healthy GPUs, throttled a little."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Gauge
+
+        self.registry = CollectorRegistry()
+        labels = ("gpu", "UUID", "device", "modelName", "Hostname")
+        t0 = time.time()
+        for name in (*DCGM_FIELDS, *DCGM_COUNTERS):
+            gauge = Gauge(name, f"dcgm-exporter field {name}", labels, registry=self.registry)
+            for gpu in ("0", "1"):
+                child = gauge.labels(gpu, f"GPU-{gpu}", f"nvidia{gpu}", "NVIDIA H100 80GB HBM3", NODE)
+                if name in DCGM_COUNTERS:
+                    child.set_function(lambda: (time.time() - t0) * 1e5)  # throttled 10% of the time
+                else:
+                    child.set(DCGM_FIELDS[name])
+        self.server = None
+
+    def start(self) -> int:
+        from prometheus_client import start_http_server
+
+        self.server, _ = start_http_server(0, addr="127.0.0.1", registry=self.registry)
+        return self.server.server_port
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()

@@ -38,10 +38,13 @@ def get_json(url: str, timeout: float = 5.0) -> dict[str, Any]:
 
 
 def substitute(expr: str) -> str:
-    """A panel expression as Grafana would send it with every variable at "All"."""
+    """A panel expression as Grafana would send it with every variable at "All", and the GPU source
+    variable at the source the target is gated on (`and on() (vector($gpu_source) == N)`)."""
     for macro, value in GRAFANA_MACROS.items():
         expr = expr.replace(macro, value)
-    return re.sub(r"\$\{?(job|node|rank|gpu)\}?", ".*", expr)
+    if gate := re.search(r"vector\(\$gpu_source\) == (\d+)", expr):
+        expr = expr.replace("$gpu_source", gate[1])
+    return re.sub(r"\$\{?(job|node|rank|gpu)\b\}?", ".*", expr)
 
 
 def dashboards() -> dict[str, dict]:

@@ -100,3 +100,18 @@ def test_unit_tests_notice_an_alert_that_fires_on_healthy_series(tmp_path, alert
     proc = run_mutated(tmp_path, alert, first_selector)
     assert proc.returncode != 0, f"no unit test notices that {alert} fires on healthy series"
     assert f"alertname: {alert}" in proc.stdout + proc.stderr
+
+
+DCGM_ALERTS = sorted(r["alert"] for r in alert_rules() if "DCGM_FI_" in r["expr"])
+
+
+def test_gpu_alerts_read_dcgm_exporter_too():
+    assert set(DCGM_ALERTS) == {a for a in REQUIRED if a.startswith("ResilientGpu")} - {"ResilientGpuLost"}
+
+
+@pytest.mark.parametrize("alert", DCGM_ALERTS)
+def test_unit_tests_notice_a_missing_dcgm_source(tmp_path, alert):
+    """Keep only the NVML half of the expression: the dcgm-exporter cases must fail."""
+    proc = run_mutated(tmp_path, alert, lambda expr: re.split(r"\s+or\s+label_replace\(", expr)[0])
+    assert proc.returncode != 0, f"no unit test notices that {alert} ignores dcgm-exporter"
+    assert f"alertname: {alert}" in proc.stdout + proc.stderr

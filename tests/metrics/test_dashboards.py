@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import sys
 
+import pytest
 import yaml
 
 from .prom import GRAFANA, dashboards
@@ -43,3 +45,37 @@ def test_provisioning_files():
     sources = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
     assert sources["datasources"][0]["type"] == "prometheus"
     assert sources["datasources"][0]["url"] == "${PROMETHEUS_URL}"
+
+
+def _generator():
+    import importlib.util
+
+    pytest.importorskip("grafana_foundation_sdk", reason="pip install -e '.[test]'")
+    spec = importlib.util.spec_from_file_location("grafana_generate", GRAFANA / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_dashboards_are_the_generators_output():
+    gen = _generator()
+    assert set(gen.DASHBOARDS) == set(dashboards())
+    for name in gen.DASHBOARDS:
+        assert (GRAFANA / "dashboards" / name).read_text() == gen.render(name), \
+            f"{name} differs from grafana/generate.py's output: run python grafana/generate.py"
+
+
+def test_gpu_panels_read_nvml_or_dcgm_exporter_by_variable():
+    dash = dashboards()["gpu-node-health.json"]
+    source = {v["name"]: v for v in dash["templating"]["list"]}["gpu_source"]
+    assert source["type"] == "custom" and source["query"] == "nvml : 1, dcgm-exporter : 2"
+    gpu_panels = [p for p in dash["panels"] if p["type"] != "row" and any("gpu" in t["expr"] for t in p["targets"])]
+    both = 0
+    for panel in gpu_panels:
+        gates = {re.search(r"vector\(\$gpu_source\) == (\d)", t["expr"])[1] for t in panel["targets"]}
+        both += gates == {"1", "2"}
+        for t in panel["targets"]:
+            if "DCGM_FI_" in t["expr"]:
+                assert '"node", "$1", "Hostname"' in t["expr"] and 'Hostname=~"$node"' in t["expr"], t["expr"]
+    assert both == 6  # temperature, power, throttling, ECC, XID, row remap: either source

@@ -1,4 +1,5 @@
-"""A real Prometheus scrapes a fed exporter: every dashboard and alert expression parses, panels return data."""
+"""A real Prometheus scrapes a fed exporter and a dcgm-exporter stand-in: every dashboard and alert expression
+parses, every panel target returns data (GPU targets under the source they are gated on)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from resilient.metrics.config import MetricsConfig
 from resilient.metrics.exporter import NodeMetrics
 
-from .feed import NODE, Feeder
+from .feed import NODE, DcgmExporter, Feeder
 from .prom import PROMETHEUS, PrometheusServer, alert_rules, panel_queries, variable_queries
 
 pytestmark = [
@@ -23,7 +24,9 @@ def prometheus(tmp_path_factory) -> Iterator[PrometheusServer]:
     metrics = NodeMetrics(MetricsConfig(address="127.0.0.1", port=0), NODE)
     port = metrics.start()
     feeder = Feeder(metrics).start()
-    server = PrometheusServer(tmp_path_factory.mktemp("prometheus"), [f"127.0.0.1:{port}"])
+    dcgm = DcgmExporter()
+    dcgm_port = dcgm.start()
+    server = PrometheusServer(tmp_path_factory.mktemp("prometheus"), [f"127.0.0.1:{port}", f"127.0.0.1:{dcgm_port}"])
     try:
         server.start()
         # Enough scrapes for rate() and increase() windows, with checkpoints saved in between.
@@ -34,6 +37,7 @@ def prometheus(tmp_path_factory) -> Iterator[PrometheusServer]:
         server.stop()
         feeder.stop()
         metrics.stop()
+        dcgm.stop()
 
 
 def test_dashboards_and_alerts_against_a_real_prometheus(prometheus):

@@ -5,10 +5,10 @@ completed step is appended to RUN_DIR/fake_steps.jsonl. Behaviour comes from the
 FAKE_STEP_S (seconds per step), FAKE_CKPT_EVERY (save interval), FAKE_CRASH ("init": exit 3
 before the first step of every attempt; "every:N": exit 3 after N steps of every attempt),
 FAKE_ERROR_AT (report phase=error at that step in attempt 0, then stall), FAKE_IGNORE_STOP=1
-(ignore SIGUSR1/SIGTERM).
+(ignore the stop signals). It speaks the rank protocol only through the public `resilient.rank` API.
 """
 
-from resilient.rank.orphan import die_with_parent
+from resilient.rank import die_with_parent
 
 die_with_parent()
 
@@ -22,48 +22,44 @@ from pathlib import Path  # noqa: E402
 
 import yaml  # noqa: E402
 
-from resilient.rank import connect  # noqa: E402
-from resilient.core.exit_codes import ExitCode  # noqa: E402
-
-stop = {"requested": False}
-
-
-def _on_stop(_sig, _frame):
-    stop["requested"] = True
+from resilient.rank import ExitCode, Phase, RankEnv, StopFlag, connect  # noqa: E402
 
 
 def main() -> int:
-    ignore = os.environ.get("FAKE_IGNORE_STOP") == "1"
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN if ignore else _on_stop)
+    env = RankEnv.from_environ()
+    stop = StopFlag()
+    if os.environ.get("FAKE_IGNORE_STOP") == "1":
+        for name in env.stop_signals:
+            signal.signal(signal.Signals[name], signal.SIG_IGN)
+    else:
+        stop.install(env)
     args = argparse.ArgumentParser()
     args.add_argument("--config", required=True)
     cfg = yaml.safe_load(Path(args.parse_args().config).read_text())
-    run_dir = Path(os.environ["RESILIENT_RUN_DIR"])
-    rank, attempt = int(os.environ["RANK"]), int(os.environ["RESILIENT_ATTEMPT"])
+    run_dir, rank, attempt = env.run_dir, env.rank, env.attempt
     steps = cfg["train"]["steps"]
     step_s = float(os.environ.get("FAKE_STEP_S", "0.1"))
     every = int(os.environ.get("FAKE_CKPT_EVERY", "1"))
     crash = os.environ.get("FAKE_CRASH", "")
     error_at = int(os.environ.get("FAKE_ERROR_AT", "-1"))
     ckpt = run_dir / "fake_ckpt.json"
-    hb = connect()
+    hb = connect(env)
 
     def save(step: int) -> None:
-        hb.send("checkpoint", step)
+        hb.send(Phase.CHECKPOINT, step)
         if rank == 0:
             tmp = ckpt.with_suffix(".tmp")
             tmp.write_text(json.dumps({"step": step}))
             os.replace(tmp, ckpt)
-        hb.send("step", step, ckpt_step=step)  # back to stepping, as the trainer reports after a save
+        hb.send(Phase.STEP, step, ckpt_step=step)  # back to stepping, as the trainer reports after a save
 
     step = json.loads(ckpt.read_text())["step"] if ckpt.exists() else 0
-    hb.send("init", step)
+    hb.send(Phase.INIT, step)
     if crash == "init":
         return 3
     done_here = 0
     while step < steps:
-        if stop["requested"]:
+        if stop.requested:
             save(step)
             return ExitCode.PREEMPTED
         t0 = time.monotonic()
@@ -73,16 +69,16 @@ def main() -> int:
         if rank == 0:
             with open(run_dir / "fake_steps.jsonl", "a") as f:
                 f.write(json.dumps({"attempt": attempt, "step": step}) + "\n")
-        hb.send("step", step, step_time=time.monotonic() - t0, loss=1.0 / step)
+        hb.send(Phase.STEP, step, step_time=time.monotonic() - t0, loss=1.0 / step)
         if attempt == 0 and step == error_at:
-            hb.send("error", step, message="injected error")
+            hb.send(Phase.ERROR, step, message="injected error")
             time.sleep(3600)
         if step % every == 0:
             save(step)
         if crash.startswith("every:") and done_here >= int(crash.split(":")[1]):
             return 3
     save(step)
-    hb.send("done", step)
+    hb.send(Phase.DONE, step)
     return 0
 
 

@@ -26,7 +26,7 @@ def write_config(path: Path, *, steps: int = 20, nodes: int = 1, nproc: int = 2,
         "train": {"steps": steps},
         "supervisor": {
             "nproc_per_node": nproc,
-            "rank_command": [sys.executable, str(FAKE_RANK)],
+            "rank_command": [sys.executable, str(FAKE_RANK), "--config", "{config}"],
             "backoff_initial_s": 0.1,
             "backoff_max_s": 0.5,
             "termination_grace_s": 2.0,

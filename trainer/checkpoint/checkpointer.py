@@ -16,8 +16,7 @@ import time
 from functools import partial
 from multiprocessing.managers import SyncManager
 from pathlib import Path
-from typing import Any
-
+from typing import Any, Callable
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
@@ -73,8 +72,11 @@ def identity_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | N
 class Checkpointer:
     """One per rank; every public method is called by all ranks at the same step boundary."""
 
-    def __init__(self, cfg: CheckpointConfig, run_dir: Path, *, attempt: int = 0) -> None:
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, *, attempt: int = 0,
+                 on_commit: Callable[[int, float, int], None] | None = None) -> None:
+        """`on_commit(step, total_seconds, bytes)` runs on rank 0 once a checkpoint is committed."""
         self.cfg = cfg
+        self.on_commit = on_commit
         self.run_dir = run_dir
         self.attempt = attempt
         self.root = cfg.root(run_dir)
@@ -192,8 +194,11 @@ class Checkpointer:
                              "dp": parallel_state.get_data_parallel_world_size()}}
         written = manifest.commit(ckpt_dir, meta)
         layout.write_latest(self.root, step)
+        total = time.monotonic() - started
         ledger.append(self.run_dir, LedgerEvent.CKPT_SAVE, step=step, blocking_seconds=round(self._pending_blocking, 6),
-                      total_seconds=round(time.monotonic() - started, 6), bytes=written["bytes"])
+                      total_seconds=round(total, 6), bytes=written["bytes"])
+        if self.on_commit is not None:
+            self.on_commit(step, total, written["bytes"])
         self._start_retention(step)
 
     def _start_retention(self, newest: int) -> None:

@@ -1,4 +1,8 @@
-"""`resilient ckpt list|verify|inspect|digest DIR`."""
+"""`resilient ckpt list|verify|repair|inspect|digest DIR`.
+
+DIR is a run directory, its checkpoints/ directory, or a Megatron-LM save directory
+(`latest_checkpointed_iteration.txt` + `iter_NNNNNNN/`); list, verify and repair understand both layouts.
+"""
 
 from __future__ import annotations
 
@@ -8,38 +12,69 @@ from typing import Optional
 
 import typer
 
+from resilient.core.errors import CheckpointError
 from resilient.core.exit_codes import ExitCode
 from trainer.checkpoint import inspect as ck
-from trainer.checkpoint import layout, manifest
+from trainer.checkpoint import layout, manifest, megatron_lm
 
-ckpt_app = typer.Typer(help="Inspect and check checkpoints (DIR is RUN_DIR or RUN_DIR/checkpoints).",
-                       no_args_is_help=True)
+ckpt_app = typer.Typer(help="Inspect, check and repair checkpoints (DIR: RUN_DIR, RUN_DIR/checkpoints or a "
+                            "Megatron-LM save directory).", no_args_is_help=True)
 
 
 @ckpt_app.command("list")
 def list_cmd(directory: Path, as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
-    """Every step directory, complete or not, and which one `latest` names."""
-    rows = ck.listing(ck.resolve_root(directory))
+    """Every step (iteration) directory, complete or not, and which one `latest` (the tracker) names."""
+    root = ck.resolve_root(directory)
+    rows = megatron_lm.listing(root) if megatron_lm.is_layout(root) else ck.listing(root)
     if as_json:
         print(json.dumps(rows, indent=1))
         return
     for row in rows:
-        print(f"{row['step']:>9}  {row['state']:<10} {row['bytes']:>14,} B{'  <- latest' if row['latest'] else ''}")
+        why = f"  ({row['problem']})" if row.get("problem") else ""
+        latest = "  <- latest" if row["latest"] else ""
+        print(f"{row['step']:>9}  {row['state']:<10} {row['bytes']:>14,} B{latest}{why}")
 
 
 @ckpt_app.command("verify")
-def verify_cmd(directory: Path, step: Optional[int] = typer.Option(None, help="step (default: newest complete)"),
-               sizes_only: bool = typer.Option(False, "--sizes-only", help="skip checksums"),
+def verify_cmd(directory: Path,
+               step: Optional[int] = typer.Option(
+                   None, help="step (default: newest complete; Megatron-LM: the tracker's)"),
+               sizes_only: bool = typer.Option(False, "--sizes-only", help="skip checksums (Megatron-LM: always)"),
                as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
-    """Check the marker, every file's size and checksum. Exit 0 intact, CHECKPOINT_DAMAGED otherwise."""
+    """Own layout: the marker, every file's size and checksum. Megatron-LM: every file the storage metadata
+    names, with its recorded size, and (without --step) that the tracker names a complete iteration.
+    Exit 0 intact, CHECKPOINT_DAMAGED otherwise."""
     root = ck.resolve_root(directory)
-    chosen = ck.pick_step(root, step)
-    problem = manifest.verify(layout.step_dir(root, chosen), checksums=not sizes_only)
+    if megatron_lm.is_layout(root):
+        chosen, problem = _verify_megatron_lm(root, step)
+    else:
+        chosen = ck.pick_step(root, step)
+        problem = manifest.verify(layout.step_dir(root, chosen), checksums=not sizes_only)
     if as_json:
         print(json.dumps({"step": chosen, "ok": problem is None, "problem": problem}))
     else:
         print(f"step {chosen}: " + ("intact" if problem is None else f"DAMAGED: {problem}"))
     if problem is not None:
+        raise typer.Exit(int(ExitCode.CHECKPOINT_DAMAGED))
+
+
+def _verify_megatron_lm(root: Path, step: int | None) -> tuple[int | None, str | None]:
+    if step is None:
+        return megatron_lm.read_tracker(root), megatron_lm.tracker_problem(root)
+    if step not in megatron_lm.iterations(root):
+        raise CheckpointError(f"no iteration directory for {step} in {root}")
+    return step, megatron_lm.check_iteration(megatron_lm.iteration_dir(root, step))
+
+
+@ckpt_app.command("repair")
+def repair_cmd(directory: Path) -> None:
+    """Point a `latest` pointer (Megatron-LM: the tracker) that names a missing or incomplete checkpoint
+    at the newest complete one, atomically; a pointer naming a complete checkpoint is left alone.
+    Exit 0 when it names a complete checkpoint afterwards, CHECKPOINT_DAMAGED when none exists."""
+    root = ck.resolve_root(directory)
+    _, after, what = megatron_lm.repair(root) if megatron_lm.is_layout(root) else ck.repair(root)
+    print(what)
+    if after is None:
         raise typer.Exit(int(ExitCode.CHECKPOINT_DAMAGED))
 
 

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
-
-from resilient.core.errors import CheckpointError
+from resilient.core.errors import CheckpointError, ConfigError
 from trainer.checkpoint import layout, manifest
+
+if TYPE_CHECKING:  # `ckpt list|verify|inspect` read files only; torch loads for `digest`
+    import torch
 
 # Tensors that make up "the state" for equality: model weights and optimizer moments.
 DIGEST_PREFIXES = ("embedding.", "decoder.", "output_layer.", "optimizer.")
 
 
 def resolve_root(path: Path) -> Path:
-    """Accept RUN_DIR or RUN_DIR/checkpoints."""
+    """Accept RUN_DIR or RUN_DIR/checkpoints (or any checkpoint directory); a missing one is a config error."""
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such directory")
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
@@ -46,6 +48,24 @@ def listing(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def repair(root: Path) -> tuple[int | None, int | None, str]:
+    """Point `latest` at the newest step that verifies (sizes) when it names one that does not;
+    returns (before, after, what happened), `after` None when no step verifies."""
+    before = layout.read_latest(root)
+    if before is not None and before in layout.step_dirs(root):
+        problem = manifest.verify(layout.step_dir(root, before), checksums=False)
+        if problem is None:
+            return before, before, f"latest already names complete step {before}"
+    else:
+        problem = "latest is missing or names no step directory"
+    good = [s for s in reversed(layout.committed_steps(root))
+            if manifest.verify(layout.step_dir(root, s), checksums=False) is None]
+    if not good:
+        return before, None, f"{problem}; no complete step to point it at"
+    layout.write_latest(root, good[0])
+    return before, good[0], f"{problem}; latest now names step {good[0]}"
+
+
 def inspect(root: Path, step: int) -> dict[str, Any]:
     try:
         found = manifest.read_manifest(layout.step_dir(root, step))
@@ -56,6 +76,8 @@ def inspect(root: Path, step: int) -> dict[str, Any]:
 
 
 def _single_process_group() -> None:
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
@@ -71,6 +93,8 @@ def load_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 def digest(ckpt_dir: Path) -> str:
     """One hex digest over model and optimizer tensors in sorted-key order: equal state, equal
     digest, whatever the parallel layout it was saved from."""
+    import torch
+
     tensors = load_tensors(ckpt_dir)
     h = hashlib.sha256()
     for key in sorted(k for k in tensors if k.startswith(DIGEST_PREFIXES)):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from resilient.core.atomic import atomic_write
+from resilient.core.progress import track
 from trainer.checkpoint.layout import MARKER
 
 SUMS_PREFIX = ".sums.rank"
@@ -86,7 +87,10 @@ def verify(ckpt_dir: Path, *, checksums: bool, share: tuple[int, int] = (0, 1)) 
     except ValueError as err:
         return str(err)
     index, count = share
-    for i, (name, expected) in enumerate(sorted(manifest["files"].items())):
+    files = sorted(manifest["files"].items())
+    total = sum(e["size"] for _, e in files)
+    for i, (name, expected) in track(enumerate(files), f"verifying {ckpt_dir.name}", total=total,
+                                     weight=lambda item: item[1][1]["size"]):
         path = ckpt_dir / name
         try:
             size = os.stat(path).st_size

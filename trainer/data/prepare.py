@@ -37,6 +37,7 @@ import numpy as np
 
 from resilient.core.atomic import atomic_write
 from resilient.core.errors import ConfigError
+from resilient.core.progress import track
 from trainer.data.config import DataConfig
 from trainer.data.shards import SkipCounts, find_shards, is_shard, read_documents
 from trainer.data.tokenizer import encode_documents, load_tokenizer, tokenizer_digest
@@ -188,14 +189,14 @@ def _run_jobs(jobs: list[ShardJob], requested_workers: int) -> None:
     workers, reason = choose_workers(requested_workers, len(jobs), input_bytes, os.cpu_count() or 1)
     log.info("data: tokenizing %d shards with %d process(es) (%s)", len(jobs), workers, reason)
     if workers == 1:
-        for job in jobs:
+        for job in track(jobs, "tokenizing shards", total=len(jobs)):
             _log_done(run_job(job))
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
     # spawn, not fork: prepare may run inside a trainer process that already holds threads.
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers, initializer=_worker_init, initargs=(threads,)) as pool:
-        for meta in pool.imap_unordered(run_job, jobs):
+        for meta in track(pool.imap_unordered(run_job, jobs), "tokenizing shards", total=len(jobs)):
             _log_done(meta)
 
 

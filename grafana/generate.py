@@ -1,0 +1,333 @@
+"""The three Grafana dashboards, built with grafana-foundation-sdk: the one source of grafana/dashboards/*.json.
+
+    python grafana/generate.py           rewrite the JSON files
+    python grafana/generate.py --check   exit 1 when a committed file differs from what this builds
+
+Every panel reads Prometheus through the `datasource` variable and filters on the `job`/`node`
+(`rank`, `gpu`) variables. GPU panels read either source, chosen by the `gpu_source` variable:
+this project's NVML metrics (resilient_gpu_*) or NVIDIA dcgm-exporter's (DCGM_FI_*). Each GPU
+panel has one target per source, gated by `and on() (vector($gpu_source) == N)` so only the chosen
+source draws; dcgm-exporter's host label `Hostname` is renamed to `node`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from grafana_foundation_sdk.builders import common as cb
+from grafana_foundation_sdk.builders import dashboard as db
+from grafana_foundation_sdk.builders import prometheus, stat, table, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common as cm
+from grafana_foundation_sdk.models import dashboard as dm
+from grafana_foundation_sdk.models import prometheus as pm
+
+OUT = Path(__file__).with_name("dashboards")
+DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
+JOB_NODE = 'job=~"$job", node=~"$node"'
+RANK = JOB_NODE + ', rank=~"$rank"'
+GPU = JOB_NODE + ', gpu=~"$gpu"'
+DCGM_GPU = 'Hostname=~"$node", gpu=~"$gpu"'
+SOURCES = {"nvml": 1, "dcgm": 2}
+
+
+# -- queries ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Q:
+    expr: str
+    legend: str = ""
+    table: bool = False
+
+
+def gated(source: str, expr: str) -> str:
+    """`expr` only while the dashboard's gpu_source variable selects `source`."""
+    return f"({expr}) and on() (vector($gpu_source) == {SOURCES[source]})"
+
+
+def dcgm(field: str, by: str = "node, gpu", fn: Callable[[str], str] = lambda s: s) -> str:
+    """A dcgm-exporter field per (node, gpu), its `Hostname` label renamed to `node`."""
+    return f'max by ({by}) (label_replace({fn(f"{field}{{{DCGM_GPU}}}")}, "node", "$1", "Hostname", "(.*)"))'
+
+
+def _target(q: Q, ref: str) -> prometheus.Dataquery:
+    t = prometheus.Dataquery().expr(q.expr).legend_format(q.legend).ref_id(ref).datasource(DS)
+    return t.format(pm.PromQueryFormat.TABLE).instant() if q.table else t
+
+
+# -- panels ----------------------------------------------------------------------------------------------
+
+class Layout:
+    """Places panels left to right in rows of 24 columns."""
+
+    def __init__(self) -> None:
+        self.x = self.y = self.row_h = 0
+
+    def row(self) -> dm.GridPos:
+        self._wrap(24)
+        pos = dm.GridPos(h=1, w=24, x=0, y=self.y)
+        self.y += 1
+        return pos
+
+    def place(self, w: int, h: int) -> dm.GridPos:
+        self._wrap(w)
+        pos = dm.GridPos(h=h, w=w, x=self.x, y=self.y)
+        self.x, self.row_h = self.x + w, max(self.row_h, h)
+        return pos
+
+    def _wrap(self, w: int) -> None:
+        if self.x and self.x + w > 24 or w == 24:
+            self.x, self.y, self.row_h = 0, self.y + self.row_h, 0
+
+
+def _common(panel, title: str, queries: Sequence[Q], pos: dm.GridPos, unit: str | None, description: str | None):
+    panel = panel.title(title).datasource(DS).grid_pos(pos)
+    for ref, q in zip("ABCDEFGH", queries):
+        panel = panel.with_target(_target(q, ref))
+    if unit:
+        panel = panel.unit(unit)
+    return panel.description(description) if description else panel
+
+
+def stat_panel(layout: Layout, title: str, q: Q, w: int, h: int, unit: str | None = None, *,
+               text_mode: cm.BigValueTextMode = cm.BigValueTextMode.AUTO,
+               thresholds: Sequence[tuple[float | None, str]] | None = None):
+    p = _common(stat.Panel(), title, [q], layout.place(w, h), unit, None)
+    p = (p.reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).fields("").values(False))
+         .color_mode(cm.BigValueColorMode.VALUE).graph_mode(cm.BigValueGraphMode.AREA).text_mode(text_mode))
+    if thresholds:
+        p = p.thresholds(db.ThresholdsConfig().mode(dm.ThresholdsMode.ABSOLUTE)
+                         .steps([dm.Threshold(value=v, color=c) for v, c in thresholds]))
+    return p
+
+
+def series_panel(layout: Layout, title: str, queries: Sequence[Q], w: int, h: int = 8, unit: str | None = None, *,
+                 description: str | None = None, bars: bool = False, stacked: bool = False):
+    p = _common(timeseries.Panel(), title, queries, layout.place(w, h), unit, description)
+    p = (p.legend(cb.VizLegendOptions().display_mode(cm.LegendDisplayMode.LIST)
+                  .placement(cm.LegendPlacement.BOTTOM).show_legend(True))
+         .tooltip(cb.VizTooltipOptions().mode(cm.TooltipDisplayMode.MULTI).sort(cm.SortOrder.DESCENDING)))
+    if bars:
+        p = p.draw_style(cm.GraphDrawStyle.BARS)
+    if stacked:
+        p = p.stacking(cb.StackingConfig().mode(cm.StackingMode.NORMAL)).fill_opacity(30)
+    return p
+
+
+def table_panel(layout: Layout, title: str, q: Q, w: int, h: int = 8):
+    return _common(table.Panel(), title, [Q(q.expr, q.legend, table=True)], layout.place(w, h), None, None)
+
+
+def row(layout: Layout, title: str) -> db.Row:
+    return db.Row(title).grid_pos(layout.row()).collapsed(False)
+
+
+# -- variables -------------------------------------------------------------------------------------------
+
+def query_variable(name: str, label: str, query: str) -> db.QueryVariable:
+    return (db.QueryVariable(name).label(label).datasource(DS).query({"query": query, "refId": f"{name}-var"})
+            .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).multi(True).include_all(True).all_value(".*")
+            .current(dm.VariableOption(selected=True, text=["All"], value=["$__all"]))
+            .sort(dm.VariableSort.NUMERICAL_ASC))
+
+
+def base(uid: str, title: str, *extra_variables) -> db.Dashboard:
+    d = (db.Dashboard(title).uid(uid).tags(["resilient"]).editable().time("now-6h", "now").refresh("30s")
+         .timezone("").tooltip(dm.DashboardCursorSync.CROSSHAIR)
+         .link(db.DashboardLink("resilient").type(dm.DashboardLinkType.DASHBOARDS).tags(["resilient"])
+               .as_dropdown(True).include_vars(True).keep_time(True))
+         .with_variable(db.DatasourceVariable("datasource").label("Prometheus").type("prometheus"))
+         .with_variable(query_variable("job", "Job", "label_values(resilient_step, job)"))
+         .with_variable(query_variable("node", "Node", 'label_values(resilient_step{job=~"$job"}, node)')))
+    for v in extra_variables:
+        d = d.with_variable(v)
+    return d
+
+
+# -- the dashboards --------------------------------------------------------------------------------------
+
+def run_overview() -> db.Dashboard:
+    L = Layout()
+    by_rank = "{{node}} rank {{rank}}"
+    rate = "[$__rate_interval]"
+    step_hist = f"rate(resilient_step_time_seconds_bucket{{{JOB_NODE}}}{rate})"
+    return (base("resilient-run", "resilient / run overview",
+                 query_variable("rank", "Rank", f"label_values(resilient_rank_step{{{JOB_NODE}}}, rank)"))
+            .with_row(row(L, "Progress"))
+            .with_panel(stat_panel(L, "State", Q(f"max by (state) (resilient_run_state{{{JOB_NODE}}}) == 1", "{{state}}"),
+                                   4, 4, text_mode=cm.BigValueTextMode.NAME))
+            .with_panel(stat_panel(L, "Step", Q(f"max(resilient_step{{{JOB_NODE}}})", "step"), 4, 4))
+            .with_panel(stat_panel(L, "Attempt", Q(f"max(resilient_attempt{{{JOB_NODE}}})", "attempt"), 4, 4))
+            .with_panel(stat_panel(L, "Consumed tokens", Q(f"max(resilient_consumed_tokens{{{JOB_NODE}}})", "tokens"),
+                                   4, 4, "short"))
+            .with_panel(stat_panel(L, "Goodput", Q(f"max(resilient_goodput_ratio{{{JOB_NODE}}})", "goodput"), 4, 4,
+                                   "percentunit"))
+            .with_panel(stat_panel(L, "Restarts in range",
+                                   Q(f"max(increase(resilient_restarts_total{{{JOB_NODE}}}[$__range]))", "restarts"),
+                                   4, 4))
+            .with_panel(series_panel(L, "Loss", [Q(f"max(resilient_loss{{{JOB_NODE}}})", "train"),
+                                                 Q(f"max(resilient_validation_loss{{{JOB_NODE}}})", "validation")], 12))
+            .with_panel(series_panel(L, "Throughput", [Q(f"max(resilient_tokens_per_second{{{JOB_NODE}}})", "tokens/s")],
+                                     6, unit="short"))
+            .with_panel(series_panel(L, "MFU", [Q(f"max(resilient_mfu_ratio{{{JOB_NODE}}})", "MFU")], 6,
+                                     unit="percentunit"))
+            .with_panel(series_panel(L, "Step time", [
+                Q(f"histogram_quantile(0.5, sum by (le) ({step_hist}))", "p50"),
+                Q(f"histogram_quantile(0.99, sum by (le) ({step_hist}))", "p99"),
+                Q(f"sum(rate(resilient_step_time_seconds_sum{{{JOB_NODE}}}{rate})) / "
+                  f"sum(rate(resilient_step_time_seconds_count{{{JOB_NODE}}}{rate}))", "mean")], 8, unit="s"))
+            .with_panel(series_panel(L, "Learning rate", [Q(f"max(resilient_learning_rate{{{JOB_NODE}}})", "lr")], 8))
+            .with_panel(series_panel(L, "Gradient norm", [Q(f"max(resilient_grad_norm{{{JOB_NODE}}})", "grad norm")], 8))
+            .with_row(row(L, "Ranks"))
+            .with_panel(series_panel(L, "Heartbeat age", [
+                Q(f"max by (node, rank) (resilient_heartbeat_age_seconds{{{RANK}}})", by_rank)], 8, unit="s",
+                description="Seconds since each rank's last heartbeat; a rising line is a hang."))
+            .with_panel(series_panel(L, "Straggler score", [
+                Q(f"max by (node, rank) (resilient_straggler_score{{{RANK}}})", by_rank)], 8,
+                description="Rank step time over the run's median; 1 is typical."))
+            .with_panel(series_panel(L, "Rank step time", [
+                Q(f"max by (node, rank) (resilient_rank_step_time_seconds{{{RANK}}})", by_rank)], 8, unit="s"))
+            .with_panel(series_panel(L, "Step spread across ranks", [
+                Q(f"max(resilient_rank_step{{{RANK}}}) - min(resilient_rank_step{{{RANK}}})", "max - min")], 8,
+                description="Ranks should be on the same step; a growing spread points at a stuck rank."))
+            .with_row(row(L, "Failures"))
+            .with_panel(series_panel(L, "Failures by kind", [
+                Q(f"sum by (kind) (increase(resilient_failures_total{{{JOB_NODE}}}{rate}))", "{{kind}}")], 12,
+                bars=True, description="Each failure's evidence (stacks, culprit rank) is in "
+                                       "RUN_DIR/incidents/<attempt>-<kind>/; `resilient status RUN_DIR` names it."))
+            .with_panel(series_panel(L, "Restarts", [
+                Q(f"max(increase(resilient_restarts_total{{{JOB_NODE}}}{rate}))", "restarts")], 12, bars=True)))
+
+
+def checkpoints_goodput() -> db.Dashboard:
+    L = Layout()
+
+    def mean(metric: str) -> str:
+        return (f"increase({metric}_sum{{{JOB_NODE}}}[$__range]) / increase({metric}_count{{{JOB_NODE}}}[$__range])")
+
+    return (base("resilient-goodput", "resilient / checkpoints and goodput")
+            .with_row(row(L, "Goodput"))
+            .with_panel(stat_panel(L, "Goodput", Q(f"max(resilient_goodput_ratio{{{JOB_NODE}}})", "goodput"), 6, 5,
+                                   "percentunit"))
+            .with_panel(stat_panel(L, "Productive time", Q(f"max(resilient_productive_seconds{{{JOB_NODE}}})",
+                                                           "productive"), 6, 5, "s"))
+            .with_panel(stat_panel(L, "Wall time", Q(f"max(resilient_run_wall_seconds{{{JOB_NODE}}})", "wall"), 6, 5, "s"))
+            .with_panel(stat_panel(L, "Failed checkpoint saves",
+                                   Q(f"max(resilient_checkpoint_save_failures_total{{{JOB_NODE}}})", "failed saves"), 6, 5))
+            .with_panel(series_panel(L, "Goodput over time", [Q(f"max(resilient_goodput_ratio{{{JOB_NODE}}})", "goodput")],
+                                     12, unit="percentunit"))
+            .with_panel(series_panel(L, "Badput by category", [
+                Q(f"max by (category) (resilient_badput_seconds{{{JOB_NODE}}})", "{{category}}")], 12, stacked=True))
+            .with_row(row(L, "Checkpoints"))
+            .with_panel(stat_panel(L, "Last complete checkpoint", Q(f"max(resilient_checkpoint_last_step{{{JOB_NODE}}})",
+                                                                    "step"), 6, 5))
+            .with_panel(stat_panel(L, "Checkpoint age", Q(
+                f"min(resilient_checkpoint_last_complete_age_seconds{{{JOB_NODE}}})", "age"), 6, 5, "s"))
+            .with_panel(stat_panel(L, "Completed at", Q(
+                f"max(resilient_checkpoint_last_complete_timestamp_seconds{{{JOB_NODE}}}) * 1000", "completed"), 6, 5,
+                "dateTimeFromNow"))
+            .with_panel(stat_panel(L, "Checkpoint size", Q(f"max(resilient_checkpoint_size_bytes{{{JOB_NODE}}})", "size"),
+                                   6, 5, "bytes"))
+            .with_panel(series_panel(L, "Save time (mean over the range)", [
+                Q(f"max({mean('resilient_checkpoint_save_blocking_seconds')})", "blocking"),
+                Q(f"max({mean('resilient_checkpoint_save_total_seconds')})", "total")], 8, unit="s"))
+            .with_panel(series_panel(L, "Checkpoint age vs limit", [
+                Q(f"min(resilient_checkpoint_last_complete_age_seconds{{{JOB_NODE}}})", "age"),
+                Q(f"max(resilient_checkpoint_age_limit_seconds{{{JOB_NODE}}})", "alert limit")], 8, unit="s"))
+            .with_panel(series_panel(L, "Checkpoint write rate", [
+                Q(f"max(rate(resilient_checkpoint_written_bytes_total{{{JOB_NODE}}}[$__rate_interval]))", "written")],
+                8, unit="Bps")))
+
+
+def gpu_node_health() -> db.Dashboard:
+    L = Layout()
+    per_gpu = "{{node}} gpu {{gpu}}"
+
+    def nvml(metric: str, by: str = "node, gpu") -> str:
+        return gated("nvml", f"max by ({by}) ({metric}{{{GPU}}})")
+
+    def dc(field: str, fn: Callable[[str], str] = lambda s: s) -> str:
+        return gated("dcgm", dcgm(field, fn=fn))
+
+    def rate(s: str) -> str:  # DCGM violation counters are microseconds: per second of wall time, a ratio
+        return f"rate({s}[$__rate_interval]) / 1e6"
+
+    source = (db.CustomVariable("gpu_source").label("GPU metrics").values("nvml : 1, dcgm-exporter : 2")
+              .current(dm.VariableOption(selected=True, text="nvml", value="1"))
+              .description("resilient's own NVML metrics, or NVIDIA dcgm-exporter's DCGM_FI_* fields"))
+    gpu = query_variable("gpu", "GPU", 'label_values({__name__=~"resilient_gpu_temperature_celsius|DCGM_FI_DEV_GPU_TEMP"}, gpu)')
+    return (base("resilient-health", "resilient / GPU and node health", source, gpu)
+            .with_row(row(L, "Nodes"))
+            .with_panel(stat_panel(L, "Node health (0 ok, 1 warn, 2 fatal)",
+                                   Q(f"max by (node) (resilient_node_health_severity{{{JOB_NODE}}})", "{{node}}"), 12, 5,
+                                   thresholds=[(None, "green"), (1, "orange"), (2, "red")]))
+            .with_panel(stat_panel(L, "Metrics targets up", Q('up{job=~"$job"}', "{{instance}}"), 12, 5))
+            .with_panel(table_panel(L, "Health checks",
+                                    Q(f"max by (node, check) (resilient_health_check_severity{{{JOB_NODE}}})"), 12))
+            .with_panel(series_panel(L, "Collective bus bandwidth", [
+                Q(f"max by (node) (resilient_collective_bus_bandwidth_bytes_per_second{{{JOB_NODE}}})", "{{node}}")],
+                12, unit="Bps"))
+            .with_row(row(L, "GPUs"))
+            .with_panel(series_panel(L, "Temperature", [Q(nvml("resilient_gpu_temperature_celsius"), per_gpu),
+                                                        Q(dc("DCGM_FI_DEV_GPU_TEMP"), per_gpu)], 8, unit="celsius"))
+            .with_panel(series_panel(L, "Power", [Q(nvml("resilient_gpu_power_watts"), per_gpu),
+                                                  Q(dc("DCGM_FI_DEV_POWER_USAGE"), per_gpu)], 8, unit="watt"))
+            .with_panel(series_panel(L, "Throttling", [
+                Q(nvml("resilient_gpu_throttle_active", "node, gpu, reason"), per_gpu + " {{reason}}"),
+                Q(dc("DCGM_FI_DEV_THERMAL_VIOLATION", rate), per_gpu + " thermal"),
+                Q(dc("DCGM_FI_DEV_POWER_VIOLATION", rate), per_gpu + " power")], 8,
+                description="NVML: 1 while throttled for the reason; dcgm-exporter: share of time throttled."))
+            .with_panel(series_panel(L, "Uncorrectable ECC errors", [
+                Q(nvml("resilient_gpu_ecc_uncorrectable_errors"), per_gpu),
+                Q(dc("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL"), per_gpu)], 8))
+            .with_panel(series_panel(L, "Last XID", [Q(nvml("resilient_gpu_last_xid"), per_gpu),
+                                                     Q(dc("DCGM_FI_DEV_XID_ERRORS"), per_gpu)], 8))
+            .with_panel(series_panel(L, "Row remap pending / failed, GPU lost", [
+                Q(nvml("resilient_gpu_row_remap_pending"), per_gpu + " remap pending"),
+                Q(nvml("resilient_gpu_row_remap_failed"), per_gpu + " remap failed"),
+                Q(nvml("resilient_gpu_lost"), per_gpu + " lost"),
+                Q(dc("DCGM_FI_DEV_ROW_REMAP_PENDING"), per_gpu + " remap pending"),
+                Q(dc("DCGM_FI_DEV_ROW_REMAP_FAILURE"), per_gpu + " remap failed")], 8))
+            .with_panel(series_panel(L, "Utilization (dcgm-exporter)", [Q(dc("DCGM_FI_DEV_GPU_UTIL"), per_gpu)], 12,
+                                     unit="percent", description="dcgm-exporter only: NVML metrics carry no utilization."))
+            .with_panel(series_panel(L, "Framebuffer used (dcgm-exporter)", [Q(dc("DCGM_FI_DEV_FB_USED"), per_gpu)], 12,
+                                     unit="decmbytes", description="dcgm-exporter only (MiB).")))
+
+
+DASHBOARDS = {"run-overview.json": run_overview, "checkpoints-goodput.json": checkpoints_goodput,
+              "gpu-node-health.json": gpu_node_health}
+
+
+def render(name: str) -> str:
+    """The JSON text of dashboard `name` (panels numbered in order, stable key order)."""
+    model = json.loads(JSONEncoder().encode(DASHBOARDS[name]().build()))
+    for i, panel in enumerate(model["panels"], start=1):
+        panel["id"] = i
+    for var in model["templating"]["list"]:  # the SDK fills interval-variable fields and a zero id into every kind
+        for key in ("id", "auto", "auto_count", "auto_min"):
+            var.pop(key, None)
+    return json.dumps(model, indent=2, sort_keys=True) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    check = "--check" in argv
+    stale = []
+    for name in DASHBOARDS:
+        text, path = render(name), OUT / name
+        if check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(name)
+        else:
+            path.write_text(text)
+    if stale:
+        print(f"grafana/generate.py: out of date: {', '.join(stale)} (run python grafana/generate.py)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

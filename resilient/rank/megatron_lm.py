@@ -1,0 +1,135 @@
+"""Heartbeats from a Megatron-LM training loop, sent where it calls its fault-tolerance hooks.
+
+Megatron-LM's `megatron/training/training.py` calls `ft_integration.<hook>()` at these points; call
+the function of the same name here next to each one (the iteration where the loop has it at hand):
+
+    setup()                                    before initialize_megatron        -> init
+    on_checkpoint_loaded(iteration)            after load_checkpoint             -> restore at the resume point
+    on_training_step_start()                   before train_step
+    on_training_step_end(iteration, loss=...)  after train_step                  -> step, with its step time
+    on_eval_step_start() / on_eval_step_end()  around each evaluation step       -> eval
+    on_checkpointing_start()                   before save_checkpoint / async finalization -> checkpoint
+    on_checkpointing_end(is_async_finalization) after them                       -> step (and the save's time)
+    shutdown()                                 at the end of pretrain            -> done
+
+Every function is a no-op before `setup()` and when the process is not supervised (null client).
+Run the script with `supervisor.rank_protocol: heartbeat` for hang detection with calibrated
+timeouts, or keep `exit_only` and still get hang detection for these ranks.
+"""
+
+from __future__ import annotations
+
+import time
+
+from resilient.rank.env import RankEnv
+from resilient.rank.heartbeat import HeartbeatClient, NullHeartbeat, Phase, connect
+
+
+class MegatronLMHeartbeats:
+    """The hook points of one rank; the module functions below drive one instance."""
+
+    def __init__(self, client: HeartbeatClient | NullHeartbeat) -> None:
+        self.client = client
+        self.iteration = 0
+        self.phase = Phase.INIT
+        self._step_started: float | None = None
+        self._save_started: float | None = None
+
+    def _send(self, phase: Phase, **fields: object) -> None:
+        self.phase = phase
+        self.client.send(phase, self.iteration, **fields)  # type: ignore[arg-type]
+
+    def setup(self) -> None:
+        self._send(Phase.INIT)
+
+    def on_checkpoint_loaded(self, iteration: int) -> None:
+        self.iteration = iteration
+        self._send(Phase.RESTORE)
+
+    def on_training_step_start(self) -> None:
+        self._step_started = time.monotonic()
+
+    def on_training_step_end(self, iteration: int | None = None, **fields: object) -> None:
+        """`iteration`: the loop's count after the step (default: one more than the last)."""
+        self.iteration = self.iteration + 1 if iteration is None else iteration
+        if self._step_started is not None:
+            fields.setdefault("step_time", time.monotonic() - self._step_started)
+        self._send(Phase.STEP, **fields)
+
+    def on_eval_step_start(self) -> None:
+        if self.phase is not Phase.EVAL:  # the eval timeout covers the whole evaluation
+            self._send(Phase.EVAL)
+
+    def on_eval_step_end(self) -> None:
+        pass  # the next training step (or save) ends the eval phase
+
+    def on_checkpointing_start(self) -> None:
+        self._save_started = time.monotonic()
+        self._send(Phase.CHECKPOINT)
+
+    def on_checkpointing_end(self, is_async_finalization: bool = False) -> None:
+        """Back to stepping; a save (not the per-iteration async finalization) reports its blocking time."""
+        blocked = time.monotonic() - (self._save_started or time.monotonic())
+        if is_async_finalization:
+            self._send(Phase.STEP)
+        else:
+            self._send(Phase.STEP, ckpt_step=self.iteration, ckpt_blocking_s=blocked)
+
+    def shutdown(self) -> None:
+        self._send(Phase.DONE)
+        self.client.close()
+
+
+_hooks: MegatronLMHeartbeats | None = None
+
+
+def setup(env: RankEnv | None = None) -> MegatronLMHeartbeats:
+    """Connect to the supervisor (a null client when unsupervised) and report `init`."""
+    global _hooks
+    _hooks = MegatronLMHeartbeats(connect(env))
+    _hooks.setup()
+    return _hooks
+
+
+def on_checkpoint_loaded(iteration: int) -> None:
+    if _hooks is not None:
+        _hooks.on_checkpoint_loaded(iteration)
+
+
+def on_training_step_start() -> None:
+    if _hooks is not None:
+        _hooks.on_training_step_start()
+
+
+def on_training_step_end(iteration: int | None = None, **fields: object) -> None:
+    """Optional `fields` as in `resilient.rank.Fields` (loss, lr, grad_norm, tokens_per_s, ...)."""
+    if _hooks is not None:
+        _hooks.on_training_step_end(iteration, **fields)
+
+
+def on_eval_step_start() -> None:
+    if _hooks is not None:
+        _hooks.on_eval_step_start()
+
+
+def on_eval_step_end() -> None:
+    if _hooks is not None:
+        _hooks.on_eval_step_end()
+
+
+def on_checkpointing_start() -> None:
+    if _hooks is not None:
+        _hooks.on_checkpointing_start()
+
+
+def on_checkpointing_end(is_async_finalization: bool = False) -> None:
+    if _hooks is not None:
+        _hooks.on_checkpointing_end(is_async_finalization)
+
+
+def shutdown() -> None:
+    global _hooks
+    if _hooks is not None:
+        _hooks.shutdown()
+        _hooks = None
+

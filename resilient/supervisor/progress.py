@@ -1,0 +1,25 @@
+"""Progress of an exit-only rank: the newest complete checkpoint step in its checkpoint directory.
+
+Both layouts count: ours (`step_NNNNNNN/` with a completion marker) and Megatron-LM's
+(`latest_checkpointed_iteration.txt` + `iter_NNNNNNN/`, torch_dist or legacy torch format).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainer.checkpoint import layout, megatron_lm
+
+
+def progress_dir(configured: Path | None, checkpoint_dir: Path | None, run_dir: Path) -> Path:
+    """`supervisor.progress_dir`, else `checkpoint.dir`, else RUN_DIR/checkpoints; relative to the run directory."""
+    chosen = configured or checkpoint_dir or Path("checkpoints")
+    return chosen if chosen.is_absolute() else run_dir / chosen
+
+
+def newest_complete_step(root: Path) -> int | None:
+    """The newest step (iteration) whose checkpoint is complete, or None."""
+    if megatron_lm.is_layout(root):
+        return megatron_lm.newest_complete(root)
+    committed = layout.committed_steps(root)
+    return committed[-1] if committed else None

@@ -1,0 +1,66 @@
+"""Status publishing: each node's view goes to the coordination store; node 0 merges them into status.json."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from resilient.core import ledger
+from resilient.core.events import LedgerEvent
+from resilient.status import write_status
+from resilient.supervisor.ranks import RankProcess
+from resilient.supervisor.topology import Topology
+from resilient.supervisor.tracking import RankView
+
+
+def rank_rows(ranks: Sequence[RankProcess], views: Mapping[int, RankView], topo: Topology,
+              wall: float) -> list[dict[str, Any]]:
+    """One status row per local rank (pid, phase, step, heartbeat age, exit code)."""
+    rows = []
+    for r in ranks:
+        v = views[r.spec.rank]
+        age = None if v.last_heartbeat is None else wall - v.last_heartbeat
+        rows.append({"rank": v.rank, "local_rank": v.local_rank, "node": topo.node_rank, "node_name": topo.node_name,
+                     "pid": v.pid, "phase": v.phase, "step": v.step, "last_heartbeat": v.last_heartbeat,
+                     "heartbeat_age_s": age, "exit_code": r.returncode})
+    return rows
+
+
+def node_status(topo: Topology, state: str, rows: list[dict[str, Any]], metrics_port: int | None) -> dict[str, Any]:
+    """What one node publishes to the store."""
+    return {"node": topo.node_rank, "node_name": topo.node_name, "state": str(state), "ranks": rows,
+            "metrics_port": metrics_port, "supervisor_pid": os.getpid()}
+
+
+def write_run_status(run_dir: Path, nodes: Mapping[int, dict[str, Any]], *, state: str, attempt: int,
+                     reached_step: int | None, restarts: int, last_failure: dict[str, Any] | None) -> None:
+    """Node 0: merge every node's published status into RUN_DIR/status.json."""
+    ranks = sorted((r for s in nodes.values() for r in s["ranks"]), key=lambda r: r["rank"])
+    steps = [r["step"] for r in ranks if r["step"] is not None]
+    saves = [e["step"] for e in ledger.read(run_dir) if e.get("event") == LedgerEvent.CKPT_SAVE]
+    write_status(run_dir, {
+        "state": str(state), "attempt": attempt, "step": max(steps, default=reached_step),
+        "last_checkpoint": saves[-1] if saves else None, "restarts": restarts,
+        "last_failure": last_failure, "nodes": {str(n): s["state"] for n, s in nodes.items()},
+        "metrics_ports": {s["node_name"]: s["metrics_port"] for s in nodes.values()}, "ranks": ranks,
+    })
+
+
+class Throttle:
+    """At most one publication per interval, unless forced (every state change publishes at once)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s, self._next = interval_s, 0.0
+
+    def force(self) -> None:
+        self._next = 0.0
+
+    def due(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        if now < self._next:
+            return False
+        self._next = now + self.interval_s
+        return True

@@ -1,0 +1,30 @@
+"""The supervisor's activity states and how an attempt ends on one node (final states: `decisions.Outcome`)."""
+
+from __future__ import annotations
+
+import enum
+
+
+class State(enum.StrEnum):
+    """What the supervisor is doing now (status.json `state`, the metrics state label)."""
+
+    STARTING = "starting"
+    PREFLIGHT = "preflight"
+    WAITING = "waiting"
+    """At the attempt barrier, for the other nodes."""
+    RUNNING = "running"
+    PREEMPTING = "preempting"
+    """Stop requested; ranks save and exit."""
+    STOPPING = "stopping"
+    """Tearing the ranks down after a failure."""
+    DECIDING = "deciding"
+    BACKOFF = "backoff"
+
+
+class NodeOutcome(enum.StrEnum):
+    """How an attempt ended on one node: its report to node 0."""
+
+    FINISHED = "finished"
+    FAILED = "failed"
+    PREEMPTED = "preempted"
+    UNHEALTHY = "unhealthy"
