@@ -119,7 +119,9 @@ train_save_resume() {
 
 preempt() {
   local run="$OUT/preempt"
-  resilient run "$OUT/smoke.yaml" --run-dir "$run" --set train.steps=100000 --set checkpoint.interval_steps=0 &
+  # the CLI itself in the background (not the shell function: the signal must reach the supervisor)
+  "$PY" -m resilient.cli run "$OUT/smoke.yaml" --run-dir "$run" --set train.steps=100000 \
+    --set checkpoint.interval_steps=0 &
   local pid=$! waited=0
   until [[ -f "$run/train_log.jsonl" && $(wc -l <"$run/train_log.jsonl") -ge 3 ]]; do
     sleep 1; waited=$((waited + 1))
