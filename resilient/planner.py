@@ -18,6 +18,7 @@ from pathlib import Path
 
 from trainer.flops import flops_per_token, layer_params, padded_vocab, parameter_count
 from trainer.presets import Architecture
+from trainer.stages import stage_layers
 
 H100_BF16_DENSE_TFLOPS = 989.0
 H100_HBM_GIB = 80.0
@@ -56,22 +57,15 @@ class StateBytes:
     master: float = 4.0
     moments: float = 8.0
 
+    @classmethod
+    def fp32(cls) -> "StateBytes":
+        """fp32 parameters (the CPU trainer): the optimizer updates them in place, no master copy."""
+        return cls(weights=4.0, grads=4.0, master=0.0, moments=8.0)
+
     @property
     def checkpoint(self) -> float:
         """What a checkpoint holds per parameter: weights, fp32 master copy, two Adam moments (14 B)."""
         return self.weights + self.master + self.moments
-
-
-def stage_layers(num_layers: int, pp: int) -> list[int]:
-    """Layers per pipeline stage; an uneven remainder is taken from the first and last stages
-    (which also hold the embedding and the output layer), as Llama 3 did for 126 layers."""
-    per = -(-num_layers // pp)
-    layers = [per] * pp
-    deficit, i = per * pp - num_layers, 0
-    while deficit:
-        layers[0 if i % 2 == 0 or pp == 1 else -1] -= 1
-        deficit, i = deficit - 1, i + 1
-    return layers
 
 
 @dataclass(frozen=True)
@@ -90,9 +84,9 @@ class MemoryEstimate:
         return self.weights + self.grads + self.optimizer + self.activations
 
 
-def memory_per_gpu(arch: Architecture, layout: Layout, *, seq_len: int, micro_batch: int, grad_accum: int,
-                   state: StateBytes = StateBytes(), act_bytes_factor: float = 34.0) -> MemoryEstimate:
-    """Weights, grads, optimizer state and 1F1B activations of the busiest pipeline stage.
+def memory_per_stage(arch: Architecture, layout: Layout, *, seq_len: int, micro_batch: int, grad_accum: int,
+                     state: StateBytes = StateBytes(), act_bytes_factor: float = 34.0) -> list[MemoryEstimate]:
+    """Weights, grads, optimizer state and 1F1B activations of one GPU of each pipeline stage.
 
     Matrices are split over TP (norms replicated); master weights and Adam moments are sharded
     over DP x CP with the distributed optimizer (megatron shards over the data-parallel group that
@@ -103,19 +97,24 @@ def memory_per_gpu(arch: Architecture, layout: Layout, *, seq_len: int, micro_ba
     vocab = padded_vocab(arch.vocab_size, t) * h / t
     shard = layout.dp * layout.cp if layout.distributed_optimizer else 1
     tokens = seq_len / layout.cp * micro_batch
-    best: MemoryEstimate | None = None
+    stages = []
     for i, n_layers in enumerate(stage_layers(arch.num_layers, layout.pp)):
         params = n_layers * per_layer + (vocab if i == 0 else 0) + (vocab + h if i == layout.pp - 1 else 0)
         in_flight = min(layout.pp - i, grad_accum)
         acts = act_bytes_factor * tokens * h / t * n_layers * in_flight
         if i == layout.pp - 1:
             acts += 4 * tokens * padded_vocab(arch.vocab_size, t) / t  # fp32 logits for the loss
-        est = MemoryEstimate(stage=i, params=params, weights=params * state.weights, grads=params * state.grads,
-                             optimizer=params * (state.master + state.moments) / shard, activations=acts)
-        if best is None or est.total > best.total:
-            best = est
-    assert best is not None
-    return best
+        stages.append(MemoryEstimate(stage=i, params=params, weights=params * state.weights,
+                                     grads=params * state.grads,
+                                     optimizer=params * (state.master + state.moments) / shard, activations=acts))
+    return stages
+
+
+def memory_per_gpu(arch: Architecture, layout: Layout, *, seq_len: int, micro_batch: int, grad_accum: int,
+                   state: StateBytes = StateBytes(), act_bytes_factor: float = 34.0) -> MemoryEstimate:
+    """The busiest pipeline stage of `memory_per_stage`."""
+    return max(memory_per_stage(arch, layout, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum,
+                                state=state, act_bytes_factor=act_bytes_factor), key=lambda m: m.total)
 
 
 # -- time and checkpoint intervals --------------------------------------------------------------

@@ -17,6 +17,7 @@ from resilient.core.configbase import Section, load_section
 from trainer.checkpoint.config import CheckpointConfig
 from trainer.data.config import DataConfig
 from trainer.presets import PRESETS, Architecture
+from trainer.stages import layer_split_problem
 
 
 class ModelConfig(Section):
@@ -45,12 +46,25 @@ class ParallelConfig(Section):
     tp: int = Field(1, ge=1)
     """Tensor-parallel size."""
     pp: int = Field(1, ge=1)
-    """Pipeline-parallel size (the trainer supports 1 on CPU)."""
+    """Pipeline-parallel size (1F1B schedule; uneven layer counts go to the first and last stages)."""
+    vpp: int | None = Field(None, ge=2)
+    """Virtual pipeline stages per pipeline rank (interleaved 1F1B); None: not interleaved."""
     cp: int = Field(1, ge=1)
-    """Context-parallel size (GPU transformer-engine spec only)."""
+    """Context-parallel size: each CP rank gets 2 of 2*cp load-balanced sequence chunks
+    (transformer-engine attention, GPU only; refused on CPU)."""
+    sequence_parallel: bool = False
+    """Split norm/dropout activations over the TP group along the sequence (needs tp > 1 and
+    transformer-engine norms, GPU only; refused on CPU)."""
     distributed_optimizer: bool = False
-    """Shard optimizer state across data-parallel ranks (ZeRO-1, as megatron's DistributedOptimizer).
-    `resilient plan` sizes memory with it; the trainer does not implement it yet and refuses it."""
+    """Shard fp32 main parameters and Adam state over data x context parallel ranks (megatron's
+    DistributedOptimizer, ZeRO-1): gradients are reduce-scattered, parameters all-gathered."""
+    overlap_grad_reduce: bool = False
+    """Start each gradient bucket's reduce during the backward pass (megatron DDP)."""
+    overlap_param_gather: bool = False
+    """All-gather updated parameters during the next forward (needs distributed_optimizer)."""
+    timeout_s: float = Field(1800.0, gt=0)
+    """Process-group (NCCL/gloo) collective timeout; generous, since the first step at scale can
+    wait minutes on compilation, allocation and a slow rank's data."""
 
 
 class TrainConfig(Section):
@@ -97,6 +111,19 @@ class TrainConfig(Section):
     """Recent losses the spike bound looks at (judged only once this many are known)."""
     max_rollbacks: int = Field(5, ge=0)
     """Data windows a run may skip in total (kept in checkpoints); the next numerical fault fails the ranks."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Model parameters and activations: bf16 (with fp32 main parameters, gradients and Adam state in
+    the optimizer) or fp32; auto is bf16 on GPU and fp32 on CPU."""
+    grad_reduce_in_fp32: bool = True
+    """Accumulate and reduce gradients in fp32 buffers even with bf16 parameters."""
+    recompute_granularity: Literal["selective", "full"] | None = None
+    """Activation recomputation: selective (attention core only) or full transformer layers (GPU only;
+    refused on CPU)."""
+    recompute_method: Literal["uniform", "block"] | None = None
+    """With full recomputation: uniform (every group of recompute_num_layers layers) or block
+    (the first recompute_num_layers layers of each stage)."""
+    recompute_num_layers: int | None = Field(None, ge=1)
+    """Layers per recompute group (uniform) or recomputed per stage (block); full recompute only."""
 
 
 class TrainerConfig(Section):
@@ -148,6 +175,38 @@ class TrainerConfig(Section):
             raise ValueError(
                 f"train.global_batch: {t.global_batch} is not divisible by micro_batch x dp = {t.micro_batch} x {dp}"
             )
+        if t.min_lr > t.lr:
+            raise ValueError(f"train.min_lr: {t.min_lr:g} exceeds the peak lr {t.lr:g}")
+        problem = _runnable(arch, p, t, self.seq_len, t.global_batch // (t.micro_batch * dp))
+        if problem:
+            raise ValueError(problem)
+
+
+def _runnable(arch: Architecture, p: ParallelConfig, t: TrainConfig, seq_len: int, grad_accum: int) -> str | None:
+    """Why megatron cannot run this parallel/precision combination (one line), or None."""
+    if p.vpp and p.pp < 2:
+        return f"parallel.vpp: virtual pipeline stages need pp >= 2 (pp={p.pp})"
+    split = layer_split_problem(arch.num_layers, p.pp, p.vpp)
+    if split:
+        return f"parallel.pp: {split}"
+    if p.vpp and grad_accum % p.pp:
+        return (f"parallel.vpp: the interleaved schedule needs micro-batches per step ({grad_accum}) "
+                f"divisible by pp={p.pp}")
+    if p.sequence_parallel and p.tp < 2:
+        return "parallel.sequence_parallel: needs tp > 1"
+    if p.overlap_param_gather and not p.distributed_optimizer:
+        return "parallel.overlap_param_gather: needs distributed_optimizer"
+    if seq_len % (2 * p.cp):
+        return f"parallel.cp: sequence length {seq_len} is not divisible by 2 x cp = {2 * p.cp}"
+    if p.sequence_parallel and (seq_len // p.cp) % p.tp:
+        return f"parallel.sequence_parallel: sequence share {seq_len // p.cp} is not divisible by tp={p.tp}"
+    if t.recompute_method and t.recompute_granularity != "full":
+        return "train.recompute_method: only with recompute_granularity full"
+    if t.recompute_granularity == "full" and not (t.recompute_method and t.recompute_num_layers):
+        return "train.recompute_granularity: full recomputation needs recompute_method and recompute_num_layers"
+    if t.recompute_num_layers and t.recompute_granularity != "full":
+        return "train.recompute_num_layers: only with recompute_granularity full"
+    return None
 
 
 def load_trainer_config(path: str | Path | None, overrides: list[str] | None = None,

@@ -1,10 +1,19 @@
-"""Bridge for megatron-core's CUDA-only calls when a rank runs on CPU (gloo).
+"""The one place where megatron-core's CUDA-only calls are answered on a CPU-only machine (gloo).
 
-Installed only when no GPU is present. It covers exactly what the trainer's megatron-core
-paths touch: `torch.cuda.current_device` (rotary embeddings, checkpoint collectives),
-`torch.cuda.synchronize` (async checkpoint preload) and the CUDA RNG tracker
-(`tensor_parallel.random`), which gets a CPU-generator twin with the same interface so
-tracker states stay part of the checkpointed RNG state.
+Installed once per process by `install_cpu_bridge`, and only when `torch.cuda.is_available()` is
+False; on a GPU nothing here runs. It covers what the trainer's megatron-core paths touch:
+
+- a torch function mode, entered for the life of the process, that maps `device="cuda"` (or a
+  CUDA index) on tensor factories to the default device (CPU, or meta in a meta-device build) and
+  on `.to()` to the CPU, makes `Tensor.cuda()` a no-op, and
+  answers `Tensor.type()` with the `torch.cuda.*Tensor` name megatron's optimizers check for;
+- `torch.cuda` module calls used for placement and overlap: current_device, synchronize,
+  streams and events (no-ops: on CPU every op is already ordered), empty_cache;
+- the CUDA RNG tracker (`tensor_parallel.random`), replaced by a CPU-generator twin with the same
+  interface, so tracker states stay part of the checkpointed RNG state.
+
+Not covered: activation recomputation. megatron recomputes inside autograd functions, where torch
+function modes are not active, so the trainer refuses `train.recompute_granularity` on CPU.
 """
 
 from __future__ import annotations
@@ -13,8 +22,9 @@ import contextlib
 
 import torch
 from megatron.core.tensor_parallel import random as mcore_random
+from torch.overrides import TorchFunctionMode
 
-_installed = False
+_mode: "CudaToCpu | None" = None
 
 
 class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
@@ -42,13 +52,76 @@ class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
             torch.set_rng_state(outer)
 
 
+def _is_cuda(device: object) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)  # a bare index means a CUDA device
+
+
+_CPU = torch.device("cpu")
+_TYPE_NAMES = {"torch.FloatTensor", "torch.HalfTensor", "torch.BFloat16Tensor", "torch.DoubleTensor",
+               "torch.IntTensor", "torch.LongTensor", "torch.ByteTensor", "torch.BoolTensor"}
+
+
+class CudaToCpu(TorchFunctionMode):
+    """Rewrites CUDA placement to the CPU; everything else passes straight through."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if name in _TYPE_NAMES else name
+        if func is torch.Tensor.cuda:
+            return args[0]
+        device = kwargs.get("device")
+        # The default device is the CPU, or meta inside `with torch.device("meta")` (planning builds).
+        if device is not None and _is_cuda(device):
+            kwargs = {**kwargs, "device": torch.get_default_device()}
+        elif func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+class _NoStream:
+    """Stands in for torch.cuda.Stream / Event: CPU ops are already ordered."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def wait_stream(self, *args) -> None:
+        pass
+
+    def wait_event(self, *args) -> None:
+        pass
+
+    def record_event(self, *args) -> "_NoStream":
+        return _NoStream()
+
+    def record(self, *args) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
 def install_cpu_bridge() -> None:
-    """Make megatron-core's CUDA-only calls work on CPU; a no-op when CUDA is available."""
-    global _installed
-    if _installed or torch.cuda.is_available():
+    """Make megatron-core's CUDA-only calls work on CPU; a no-op when CUDA is available or installed."""
+    global _mode
+    if _mode is not None or torch.cuda.is_available():
         return
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    torch.cuda.synchronize = lambda device=None: None
+    cuda = torch.cuda
+    cuda.current_device = lambda: _CPU
+    cuda.synchronize = lambda device=None: None
+    cuda.empty_cache = lambda: None
+    cuda.Stream = cuda.Event = _NoStream
+    cuda.current_stream = cuda.default_stream = lambda device=None: _NoStream()
+    cuda.stream = lambda stream=None: contextlib.nullcontext()
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-    _installed = True
+    _mode = CudaToCpu()
+    _mode.__enter__()  # for the life of the rank process; never exited

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 from datetime import timedelta
 
@@ -12,10 +13,12 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from resilient.rank.env import RankEnv
 from trainer.cpu_bridge import install_cpu_bridge
+from trainer.model import Layout
 
 
-def init_distributed(env: RankEnv, *, tp: int, pp: int, cp: int, timeout_s: float = 300.0) -> torch.device:
-    """Join the job's process group (NCCL on GPU, gloo on CPU) and build megatron's groups."""
+def init_distributed(env: RankEnv, layout: Layout, *, timeout_s: float) -> torch.device:
+    """Join the job's process group (NCCL on GPU, gloo on CPU) and build megatron's groups, all with
+    the configured collective timeout."""
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
         device, backend = torch.device("cuda", env.local_rank), "nccl"
@@ -27,7 +30,9 @@ def init_distributed(env: RankEnv, *, tp: int, pp: int, cp: int, timeout_s: floa
         dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
                                 timeout=timedelta(seconds=timeout_s))
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp, context_parallel_size=layout.cp,
+        distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
     )
     return device
 

@@ -13,23 +13,36 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from resilient.core import ledger
+from resilient.core.events import LedgerEvent
+from resilient.core.rundir import RunDir
 from resilient.rank import Phase, RankEnv, StopFlag, connect
 from resilient.core.errors import ConfigError
 from resilient.core.exit_codes import ExitCode
 from trainer import distributed, numerics
 from trainer.checkpoint import layout
 from trainer.checkpoint.checkpointer import Checkpointer
+from trainer.checkpoint.state import TrainState
 from trainer.config import TrainerConfig
-from trainer.checkpoint.state import TrainState, init_optimizer_state
 from trainer.data.loader import build_train_loader, build_validation_batches
 from trainer.data.prepare import check_inputs, prepare_if_needed
 from trainer.flops import device_peak_flops, flops_per_token, padded_vocab
-from trainer.model import build_model, causal_mask
-from trainer.optim import average_gradients, build_optimizer, build_scheduler, clip_gradients
-from resilient.core.rundir import RunDir
-from resilient.core.events import LedgerEvent
+from trainer.init import init_layout_invariant
+from trainer.model import Layout, build_model
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.step import StepRunner
 
 log = logging.getLogger("trainer")
+
+
+def model_layout(cfg: TrainerConfig, *, on_gpu: bool) -> Layout:
+    """The config's parallel and precision fields, as the model and optimizer builders take them."""
+    p, t = cfg.parallel, cfg.train
+    return Layout(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, sequence_parallel=p.sequence_parallel,
+                  bf16=t.precision == "bf16" or (t.precision == "auto" and on_gpu),
+                  recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
+                  recompute_num_layers=t.recompute_num_layers, distributed_optimizer=p.distributed_optimizer,
+                  overlap_grad_reduce=p.overlap_grad_reduce, overlap_param_gather=p.overlap_param_gather,
+                  grad_reduce_in_fp32=t.grad_reduce_in_fp32)
 
 
 class Trainer:
@@ -54,19 +67,32 @@ class Trainer:
         arch = cfg.model.architecture()
         # Input checks run on every rank before the first collective, so a bad path fails all ranks
         # at once with the config exit code instead of leaving the others waiting at a barrier.
-        if cfg.parallel.distributed_optimizer:
-            raise ConfigError("parallel.distributed_optimizer: not implemented by the trainer yet (planning only)")
         vocab = check_inputs(cfg.data)
         if vocab > arch.vocab_size:
             raise ConfigError(f"data.tokenizer: vocabulary of {vocab} tokens exceeds the model's vocab_size "
                               f"{arch.vocab_size}")
         p = cfg.parallel
-        self.device = distributed.init_distributed(env, tp=p.tp, pp=p.pp, cp=p.cp)
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:  # what megatron's local (non-TE) layers cannot do
+            if p.cp > 1:
+                raise ConfigError("parallel.cp: context parallelism needs transformer-engine attention on GPU; "
+                                  "megatron's local attention (CPU) cannot split the sequence")
+            if p.sequence_parallel:
+                raise ConfigError("parallel.sequence_parallel: needs transformer-engine (or apex) norms on GPU; "
+                                  "megatron's torch norm (CPU) refuses it")
+            if cfg.train.recompute_granularity:
+                raise ConfigError("train.recompute_granularity: activation recomputation runs on GPU only; on CPU "
+                                  "megatron recomputes where the CPU bridge cannot map its CUDA calls")
+        self.layout = model_layout(cfg, on_gpu=on_gpu)
+        self.device = distributed.init_distributed(env, self.layout, timeout_s=p.timeout_s)
         distributed.seed_all(cfg.train.seed)
-        self.model = build_model(arch, tp=p.tp, pp=p.pp, cp=p.cp, device=self.device)
-        self.optimizer = build_optimizer(self.model, cfg.train)
-        init_optimizer_state(self.optimizer)
+        self.chunks = build_model(arch, self.layout, device=self.device)
+        if not on_gpu:
+            init_layout_invariant(self.chunks, cfg.train.seed)
+        self.optimizer = build_optimizer(self.chunks, cfg.train, self.layout)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.runner = StepRunner(self.chunks, self.optimizer, seq_len=cfg.seq_len, micro_batch=cfg.train.micro_batch,
+                                 device=self.device)
         if env.rank == 0:
             prepare_if_needed(cfg.data, self.run_dir)
         dist.barrier()
@@ -77,61 +103,49 @@ class Trainer:
         self.val_batches = (build_validation_batches(cfg.data, run_dir=self.run_dir, seq_len=cfg.seq_len,
                                                      micro_batch=cfg.train.micro_batch, dp_rank=dp_rank,
                                                      dp_size=dp_size) if cfg.train.eval_every else [])
+        if p.vpp:  # the interleaved schedule runs whole groups of pp micro-batches
+            self.val_batches = self.val_batches[:len(self.val_batches) - len(self.val_batches) % p.pp]
+            if cfg.train.eval_every and not self.val_batches:
+                raise ConfigError(f"data.validation_docs: too few validation windows for pp={p.pp} with vpp")
         identity = arch.model_dump(exclude={"published_params"})
         identity["padded_vocab"] = padded_vocab(arch.vocab_size, p.tp)
-        self.state = TrainState(self.model, self.optimizer, self.scheduler, numerics.SkippingLoader(loader),
+        self.state = TrainState(self.chunks, self.optimizer, self.scheduler, numerics.SkippingLoader(loader),
                                 identity=identity)
         self.losses = numerics.LossHistory()
         self.injection = numerics.FaultInjection(self.run_dir, self.env.attempt)
         self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, attempt=env.attempt, on_commit=self._on_commit)
-        self.mask = causal_mask(cfg.seq_len, self.device)
-        self.positions = torch.arange(cfg.seq_len, device=self.device).unsqueeze(0)
         self.flops_per_token = flops_per_token(arch, cfg.seq_len)
         self.peak = device_peak_flops(self.device, cfg.train.peak_flops)
 
-    def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        tokens = tokens.to(self.device, non_blocking=True)
-        ids, labels = tokens[:, :-1], tokens[:, 1:]
-        positions = self.positions.expand(ids.shape[0], -1)
-        return self.model(ids, positions, self.mask, labels=labels).float().mean()
-
     def _train_step(self) -> tuple[float, float, float, bool]:
-        """Forward/backward over this rank's micro-batches, average, clip, update. Returns (loss, grad
-        norm, this rank's compute seconds before the gradient all-reduce, whether any rank was asked to stop)."""
+        """Forward/backward over this rank's micro-batches, reduce, clip, update. Returns (loss, grad
+        norm, this rank's seconds before the optimizer step, whether any rank was asked to stop)."""
         started = time.perf_counter()
         micro_batches = self.state.loader.next_step()
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=False)
-        total = torch.zeros((), device=self.device)
         poison = float("nan") if self.injection.nan_at(self.state.step + 1) else 1.0
-        for tokens in micro_batches:
-            loss = self._loss(tokens) * poison / len(micro_batches)
-            loss.backward()
-            total += loss.detach()
-        # Wall step time is equal on all ranks (the all-reduce waits for the slowest); the time
-        # before it is what tells a straggler apart.
+        loss, grad_norm = self.runner.train(micro_batches, poison=poison)
+        # Wall step time is equal on all ranks (collectives wait for the slowest); the time before the
+        # final flag exchange is what tells a straggler apart.
         compute_time = time.perf_counter() - started
-        average_gradients(self.model)
-        grad_norm = clip_gradients(self.model, self.cfg.train.grad_clip)
-        self.optimizer.step()
         self.scheduler.step(1)
-        # One small all-reduce per step carries both the loss (equal on tensor-parallel peers, so the
-        # world mean is the data-parallel mean) and the stop flags: every rank then sees the same loss,
-        # judges it the same way and stops after the same step (Megatron's signal-handler idea).
-        flags = torch.stack([total, torch.tensor(float(self.stop_flag.requested), device=self.device)])
+        # One small all-reduce per step carries both the loss (known on the last pipeline stage, equal
+        # on its tensor- and context-parallel peers) and the stop flags: every rank then sees the same
+        # data-parallel mean loss, judges it the same way and stops after the same step (Megatron's
+        # signal-handler idea).
+        flags = torch.stack([loss.detach().float(), torch.tensor(float(self.stop_flag.requested), device=self.device)])
         dist.all_reduce(flags)
         loss_sum, stops = flags.tolist()
-        return loss_sum / dist.get_world_size(), grad_norm, compute_time, stops > 0
+        return loss_sum / self._loss_ranks, grad_norm, compute_time, stops > 0
 
-    @torch.no_grad()
+    @property
+    def _loss_ranks(self) -> int:
+        """Ranks whose loss enters the world sum: the last pipeline stage."""
+        return dist.get_world_size() // parallel_state.get_pipeline_model_parallel_world_size()
+
     def _evaluate(self) -> float:
-        self.model.eval()
-        total = torch.zeros((), device=self.device)
-        for tokens in self.val_batches:
-            total += self._loss(tokens)
-        total /= max(len(self.val_batches), 1)
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-        return total.item() / parallel_state.get_data_parallel_world_size()
+        total = self.runner.evaluate(self.val_batches).reshape(1).float()
+        dist.all_reduce(total)
+        return total.item() / self._loss_ranks
 
     def _save(self, reason: str) -> None:
         self._beat(Phase.CHECKPOINT, self.state.step, ckpt_step=self.state.step)
@@ -220,6 +234,8 @@ class Trainer:
         record = {"ts": time.time(), "attempt": self.env.attempt, "step": state.step, "loss": loss, "lr": lr,
                   "grad_norm": grad_norm, "step_time": step_time, "tokens": state.consumed_tokens,
                   "tokens_per_s": tokens_per_s, "mfu": mfu, "consumed_samples": state.consumed_samples}
+        if self.device.type == "cuda":  # rank 0's high-water mark, for checking the planner's memory model
+            record["max_memory_allocated"] = torch.cuda.max_memory_allocated(self.device)
         self._beat(Phase.STEP, state.step, loss=loss, lr=lr, grad_norm=grad_norm, step_time=step_time,
                    compute_time=compute_time,
                    tokens=state.consumed_tokens, tokens_per_s=tokens_per_s, mfu=mfu,

@@ -1,38 +1,61 @@
-"""AdamW with warm-up + cosine LR, data-parallel gradient averaging and TP-aware clipping.
+"""megatron-core's optimizer (AdamW; distributed or not) and its warm-up + cosine LR schedule.
 
-megatron-core's optimizer wrappers allocate their scalars on CUDA; plain torch AdamW runs on
-both devices and its per-parameter state maps one-to-one onto megatron's sharded tensors
-for checkpointing (see trainer/checkpoint/state.py).
+The optimizer owns gradient clipping and, with bf16 parameters, the fp32 main parameters and
+gradients; with `distributed_optimizer` its state is sharded over the data-parallel (x context
+parallel) group and the gradient reduce becomes a reduce-scatter plus a parameter all-gather.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from trainer.config import TrainConfig
+from trainer.model import Layout
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """Weight decay on matrices only (norm gains are 1-D), as in Llama and Megatron."""
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
-        if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0},
-    ]
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                             weight_decay=cfg.weight_decay, fused=fused, foreach=not fused)
+def build_optimizer(chunks: list[torch.nn.Module], cfg: TrainConfig, layout: Layout) -> MegatronOptimizer:
+    """AdamW with weight decay on matrices only (megatron's default groups skip norms and biases)."""
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.beta1,
+        adam_beta2=cfg.beta2,
+        adam_eps=1e-8,
+        clip_grad=cfg.grad_clip,
+        bf16=layout.bf16,
+        params_dtype=torch.bfloat16 if layout.bf16 else torch.float32,
+        use_distributed_optimizer=layout.distributed_optimizer,
+        overlap_param_gather=layout.overlap_param_gather,
+    )
+    optimizer = get_megatron_optimizer(config, chunks)
+    init_optimizer_state(optimizer)
+    return optimizer
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> OptimizerParamScheduler:
+def init_optimizer_state(optimizer: MegatronOptimizer) -> None:
+    """Create torch Adam's moments and step counters up front (megatron's own init_state_fn leaves
+    `step` out, which its distributed optimizer's state_dict then asserts on), so a fresh and a
+    resumed run have the same state layout. TE/apex fused Adam keeps its step per group instead.
+    The step lives where torch expects it: on the parameter's device for fused or capturable Adam."""
+    for inner in (o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])):
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            on_device = group.get("fused") or group.get("capturable")
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {
+                        "step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    }
+
+
+def build_scheduler(optimizer: MegatronOptimizer, cfg: TrainConfig) -> OptimizerParamScheduler:
     """Linear warm-up to `lr`, cosine decay to `min_lr` at the last step (megatron's scheduler)."""
     return OptimizerParamScheduler(
         optimizer,
@@ -47,34 +70,3 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Optim
         wd_incr_steps=cfg.steps,
         wd_incr_style="constant",
     )
-
-
-def average_gradients(model: torch.nn.Module) -> None:
-    """Average gradients over the data-parallel group in one coalesced all-reduce."""
-    group = parallel_state.get_data_parallel_group()
-    size = dist.get_world_size(group)
-    if size == 1:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = _flatten_dense_tensors(grads)
-    flat.div_(size)
-    dist.all_reduce(flat, group=group)
-    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        grad.copy_(synced)
-
-
-def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
-    """Global L2 norm over the whole model (TP shards summed, TP-duplicated params counted once);
-    scales gradients when it exceeds `max_norm` (0 disables clipping). Returns the norm."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)]
-    local = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
-    local = local.reshape(1)
-    if parallel_state.get_model_parallel_group() is not None and dist.get_world_size(parallel_state.get_model_parallel_group()) > 1:
-        dist.all_reduce(local, group=parallel_state.get_model_parallel_group())
-    norm = float(local.sqrt().item())
-    if max_norm > 0 and norm > max_norm:
-        coef = max_norm / (norm + 1e-6)
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(coef)
-    return norm

@@ -20,7 +20,7 @@ COMMON = [f"train.steps={STEPS}", "train.warmup_steps=4", "train.eval_every=0", 
 
 
 def drill(run_dir: Path, schedule: str, faults: list[str], *, steps: int = STEPS, seed: int = 7,
-          reference: str | None = None) -> dict:
-    opts = DrillOptions(config=CONFIG, run_dir=run_dir, overrides=[*COMMON, f"train.steps={steps}"],
+          reference: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
+    opts = DrillOptions(config=CONFIG, run_dir=run_dir, overrides=[*COMMON, f"train.steps={steps}", *overrides],
                         timeout_s=300, detect_timeout_s=60, orphan_wait_s=10)
     return run_drill(opts, build_schedule(schedule, faults, seed), faults, seed=seed, reference_digest=reference)

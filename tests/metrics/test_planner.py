@@ -23,7 +23,7 @@ from resilient.planner import (
 from trainer.flops import parameter_count
 from trainer.presets import PRESETS
 
-PLAN_405B = Path(__file__).with_name("plan_405b.yaml")
+PLAN_405B = Path(__file__).resolve().parents[2] / "examples" / "llama31-405b.yaml"
 MIN, HOUR = 60.0, 3600.0
 
 

@@ -18,7 +18,6 @@ from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
@@ -168,10 +167,8 @@ class Checkpointer:
         if committed:
             need = manifest.read_manifest(layout.step_dir(self.root, committed[-1])).get("bytes", 0)
         else:
-            tensors = [p for p in state.model.parameters()]
-            tensors += [v for moments in state.optimizer.state.values() for v in moments.values()
-                        if isinstance(v, torch.Tensor)]
-            local = sum(t.numel() * t.element_size() for t in tensors)
+            # parameters plus an fp32 main copy and two Adam moments each (14-16 B per parameter)
+            local = sum(p.numel() * (p.element_size() + 12) for c in state.chunks for p in c.parameters())
             need = local * self.world // parallel_state.get_data_parallel_world_size()
         need = int(need * 1.1)
         free = shutil.disk_usage(self.root).free
@@ -260,7 +257,7 @@ class Checkpointer:
             mismatch = manifest.identity_mismatch(common["identity"], state.identity)
             if mismatch:
                 raise CheckpointError(f"checkpoint {ckpt_dir.name} is incompatible with this run's model: {mismatch}")
-            tree = sharded_state(state, include_rng=common["world_size"] == self.world)
+            tree = sharded_state(state, include_rng=common["world_size"] == self.world, is_loading=True)
             # The schedule follows this run's config (an extended run decays over its new length); the
             # checkpoint contributes only the step count. Differences go to the ledger below.
             state.scheduler.override_opt_param_scheduler = True

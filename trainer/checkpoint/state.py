@@ -1,9 +1,11 @@
 """What a checkpoint holds, as megatron sharded state dicts, and how it is put back.
 
-Model and Adam moments are ShardedTensors (resharded by dist_checkpointing on load); every
-rank's RNG states are one row of a [world_size, n] ShardedTensor (restored when the world
-size is unchanged); step, consumed samples, scheduler and data-loader position are common
-state written once by rank 0 (plain Python values, loadable with torch.load(weights_only=True)).
+Model chunks and the megatron optimizer's state are ShardedTensors keyed by global parameter
+names (resharded by dist_checkpointing on load when TP/PP/DP change); the distributed optimizer
+saves its fp32 main parameters and moments in the same per-parameter form (OPTIMIZER_SHARDING). Every rank's RNG states are one row of a
+[world_size, n] ShardedTensor (restored when the world size is unchanged); step, consumed samples,
+scheduler and data-loader position are common state written once by rank 0 (plain Python values,
+loadable with torch.load(weights_only=True)).
 """
 
 from __future__ import annotations
@@ -14,42 +16,31 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core.dist_checkpointing import ShardedTensor
-from megatron.core.dist_checkpointing.optimizer import (
-    get_param_id_to_sharded_param_map,
-    optim_state_to_sharding_state,
-)
+from megatron.core.optimizer import DistributedOptimizer, MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from trainer.model import unwrap
+
+# 'fully_sharded_model_space' would save each rank's flat slice without gathering, but megatron-core
+# 0.16.1's dist_checkpointing refuses its flattened ShardedTensors; 'fully_reshardable' gathers the
+# distributed optimizer's shards per data-parallel group and saves per-parameter tensors, which
+# reshard on load to any TP/PP/DP layout.
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 @dataclass
 class TrainState:
     """Everything a bit-identical continuation needs, by reference."""
 
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    chunks: list[torch.nn.Module]
+    optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
     loader: Any
     step: int = 0
     consumed_samples: int = 0
     consumed_tokens: int = 0
     identity: dict[str, Any] = field(default_factory=dict)
-
-
-def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create Adam's moments up front, so a fresh and a resumed run have the same state layout."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if not optimizer.state[p]:
-                optimizer.state[p] = {
-                    "step": torch.zeros((), dtype=torch.float32),
-                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-                }
-
-
-def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _rng_rows() -> dict[str, torch.Tensor]:
@@ -74,13 +65,13 @@ def _set_rng_rows(rows: dict[str, torch.Tensor]) -> None:
     tracker.set_states(states)
 
 
-def sharded_state(state: TrainState, *, include_rng: bool) -> dict[str, Any]:
+def sharded_state(state: TrainState, *, include_rng: bool, is_loading: bool = False) -> dict[str, Any]:
     """The sharded state dict to save, or to load into (same structure both ways)."""
-    model_sd = state.model.sharded_state_dict()
-    optim_sd = state.optimizer.state_dict()
-    id_map = get_param_id_to_sharded_param_map(model_sd, _optimizer_params(state.optimizer))
-    optim_state_to_sharding_state(optim_sd, id_map, exclude_keys=("step",))
-    tree: dict[str, Any] = {"model": model_sd, "optimizer": {"state": optim_sd["state"]}}
+    model_sd = {f"chunk{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(state.chunks)}
+    tree: dict[str, Any] = {
+        "model": model_sd,
+        "optimizer": state.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_SHARDING),
+    }
     if include_rng:
         rank, world = dist.get_rank(), dist.get_world_size()
         tree["rng"] = {
@@ -92,12 +83,10 @@ def sharded_state(state: TrainState, *, include_rng: bool) -> dict[str, Any]:
 
 
 def common_state(state: TrainState) -> dict[str, Any]:
-    first = next(iter(state.optimizer.state.values()), {})
     return {
         "step": state.step,
         "consumed_samples": state.consumed_samples,
         "consumed_tokens": state.consumed_tokens,
-        "adam_step": float(first.get("step", torch.zeros(())).item()),
         "scheduler": state.scheduler.state_dict(),
         "loader": state.loader.state_dict(),
         "identity": state.identity,
@@ -105,16 +94,39 @@ def common_state(state: TrainState) -> dict[str, Any]:
     }
 
 
+def _load_optimizer(optimizer: MegatronOptimizer, loaded: dict[str, Any]) -> None:
+    """megatron's load, with one repair for its distributed optimizer over plain torch Adam (no
+    TE/apex, as on CPU): it puts one shared `step` tensor into every parameter's state (torch would
+    then add 1 per parameter each step) and then copies per-parameter tensors into every state key,
+    `step` included, which the checkpoint does not carry. The steps are taken out right after the
+    inner load and put back, one tensor each, when megatron is done."""
+    steps: dict[torch.Tensor, torch.Tensor] = {}
+
+    def take_steps(inner: torch.optim.Optimizer) -> None:
+        for param, st in inner.state.items():
+            if "step" in st:
+                steps[param] = st.pop("step").detach().clone()
+
+    inners = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])
+              if isinstance(o, DistributedOptimizer) and isinstance(o.optimizer, torch.optim.Adam | torch.optim.AdamW)]
+    hooks = [inner.register_load_state_dict_post_hook(take_steps) for inner in inners]
+    try:
+        optimizer.load_state_dict(loaded)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for inner in inners:
+            for param, step in steps.items():
+                if param in inner.state:
+                    inner.state[param]["step"] = step
+
+
 def apply_loaded(state: TrainState, loaded: dict[str, Any]) -> None:
     """Copy a loaded tree (plain tensors in place of ShardedTensors) into the live objects."""
-    state.model.load_state_dict(loaded["model"], strict=True)
-    params = _optimizer_params(state.optimizer)
+    for i, chunk in enumerate(state.chunks):
+        unwrap(chunk).load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
+    _load_optimizer(state.optimizer, loaded["optimizer"])
     common = loaded["common"]
-    for idx, moments in loaded["optimizer"]["state"].items():
-        target = state.optimizer.state[params[int(idx)]]
-        for key, value in moments.items():
-            target[key].copy_(value)
-        target["step"].fill_(common["adam_step"])
     state.scheduler.load_state_dict(common["scheduler"])
     state.loader.load_state_dict(common["loader"])
     state.step = int(common["step"])
