@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from resilient import planner
@@ -18,21 +17,6 @@ from trainer.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_405B = REPO / "examples" / "llama31-405b.yaml"
-
-
-@pytest.fixture(scope="module")
-def single_process_megatron():
-    from megatron.core import parallel_state
-
-    from trainer.cpu_bridge import install_cpu_bridge
-
-    install_cpu_bridge()
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    yield
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def test_405b_example_first_and_last_stage_parameters_match_the_planner(single_process_megatron):
