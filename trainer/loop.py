@@ -119,14 +119,12 @@ class Trainer:
 
     def _train_step(self) -> tuple[float, float, float, bool]:
         """Forward/backward over this rank's micro-batches, reduce, clip, update. Returns (loss, grad
-        norm, this rank's seconds before the optimizer step, whether any rank was asked to stop)."""
+        norm, this rank's seconds before the gradient reduction, whether any rank was asked to stop)."""
         started = time.perf_counter()
         micro_batches = self.state.loader.next_step()
         poison = float("nan") if self.injection.nan_at(self.state.step + 1) else 1.0
         loss, grad_norm = self.runner.train(micro_batches, poison=poison)
-        # Wall step time is equal on all ranks (collectives wait for the slowest); the time before the
-        # final flag exchange is what tells a straggler apart.
-        compute_time = time.perf_counter() - started
+        compute_time = self.runner.compute_done - started  # up to the gradient reduction (stragglers)
         self.scheduler.step(1)
         # One small all-reduce per step carries both the loss (known on the last pipeline stage, equal
         # on its tensor- and context-parallel peers) and the stop flags: every rank then sees the same

@@ -9,6 +9,7 @@ The loss returned is the data-parallel mean, known on every rank.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import time
 from functools import partial
 
 import torch
@@ -31,7 +32,9 @@ class StepRunner:
         self.seq_len, self.micro_batch, self.device = seq_len, micro_batch, device
         self.schedule = get_forward_backward_func()
         config = unwrap(chunks[0]).config
-        config.finalize_model_grads_func = finalize_model_grads
+        config.finalize_model_grads_func = self._finalize_grads
+        self.compute_done = 0.0
+        """perf_counter() when this rank's last backward ended and the gradient reduction began."""
         config.grad_scale_func = optimizer.scale_loss
         # Gradient accumulation: DDP reduces only after the last micro-batch's backward.
         no_sync = [c.no_sync for c in chunks]
@@ -41,6 +44,12 @@ class StepRunner:
             config.param_sync_func = sync[0] if len(sync) == 1 else sync
         self.positions = torch.arange(seq_len, device=device).unsqueeze(0)
         self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+
+    def _finalize_grads(self, *args, **kwargs):
+        # The first collective every rank of the step waits in: the time before it is this rank's own
+        # work, which tells a straggler apart (wall step time is equal on all ranks).
+        self.compute_done = time.perf_counter()
+        return finalize_model_grads(*args, **kwargs)
 
     def _forward(self, poison: float, data_iterator, model) -> tuple[torch.Tensor, Callable]:
         tokens = next(data_iterator).to(self.device, non_blocking=True)
