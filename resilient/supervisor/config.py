@@ -119,6 +119,11 @@ class SupervisorConfig(Section):
             return signal.Signals[self.rank_stop_signal]
         return signal.SIGTERM if self.rank_protocol is RankProtocol.EXIT_ONLY else signal.SIGUSR1
 
+    @property
+    def runs_own_trainer(self) -> bool:
+        """Whether the ranks are this project's trainer (`python -m trainer ...`)."""
+        return self.rank_command[1:3] == ["-m", "trainer"]
+
     def rank_argv(self, config: Path, run_dir: Path) -> list[str]:
         """`rank_command` with its placeholders filled in."""
         values = {"config": str(config), "run_dir": str(run_dir)}

@@ -382,9 +382,12 @@ class Supervisor:
         stop = self.coord.stop_requested()
         storage = stop["reason"] if stop and stop.get("kind") == "storage" else None
         if summary.all_finished and storage is None and self.cfg.checkpoint.save_on_finish:
-            committed, why = decisions.final_step_committed(self.cfg.train.steps,
-                                                            progress.newest_complete_step(self.progress_root))
-            storage = None if committed else self._storage_fault(why)
+            newest = progress.newest_complete_step(self.progress_root)
+            final = decisions.final_step_to_check(self.scfg.runs_own_trainer, self.cfg.train.steps,
+                                                  summary.reached_step, newest)
+            if final is not None:
+                committed, why = decisions.final_step_committed(final, newest)
+                storage = None if committed else self._storage_fault(why)
         state = decisions.JobState(
             restarts_done=self.restarts, no_progress_streak=self.no_progress_streak,
             all_finished=summary.all_finished, storage=storage, final_rank_exit=summary.final_rank_exit,

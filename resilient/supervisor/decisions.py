@@ -109,6 +109,17 @@ def backoff_seconds(restart_number: int, cfg: SupervisorConfig) -> float:
     return float(wait(state))
 
 
+def final_step_to_check(own_trainer: bool, train_steps: int, reached_step: int | None,
+                        newest_committed: int | None) -> int | None:
+    """The step that must be committed before a run may end "finished", or None where the supervisor
+    cannot know it: the own trainer's final step is `train.steps`; another script's is the step its
+    heartbeats reached, checked only once its checkpoints are in a layout the supervisor reads (ours or
+    Megatron-LM's); an exit-only script reports no step (docs/rank-protocol.md)."""
+    if own_trainer:
+        return train_steps
+    return reached_step if newest_committed is not None else None
+
+
 def final_step_committed(final_step: int, newest_committed: int | None) -> tuple[bool, str]:
     """A run that reached its final step counts as finished only if that step is in a committed
     checkpoint: saves refused for lack of space would otherwise end "finished" with work unsaved."""

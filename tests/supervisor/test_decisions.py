@@ -175,3 +175,11 @@ def test_all_done_counts_ranks_lingering_after_done():
     assert d.all_done([("done", None), ("step", 0)])
     assert not d.all_done([("done", None), ("step", None)])
     assert not d.all_done([("done", None), ("done", 3)])
+
+
+def test_final_step_to_check_knows_whose_checkpoints_it_can_read():
+    assert d.final_step_to_check(True, 16, 16, 4) == 16  # own trainer: train.steps, saves or not
+    assert d.final_step_to_check(True, 16, None, None) == 16
+    assert d.final_step_to_check(False, 16, 100, 30) == 100  # a readable layout: the step reached
+    assert d.final_step_to_check(False, 16, 100, None) is None  # its own format: cannot be checked
+    assert d.final_step_to_check(False, 16, None, 30) is None  # exit-only: no step reported

@@ -123,7 +123,8 @@ def test_sigstop_hang_records_an_incident_naming_the_stopped_rank_from_every_nod
     run_dir, port = tmp_path / "run", free_port()
     nodes = [start(["supervise", str(cfg), "--run-dir", str(run_dir), "--node-rank", str(n), "--nnodes", "2",
                     "--master-addr", "127.0.0.1", "--master-port", str(port)],
-                   env={"RESILIENT_NODE_NAME": f"fake{n}", "FAKE_STEP_S": "0.05"}, log=tmp_path / f"node{n}.log")
+                   env={"RESILIENT_NODE_NAME": f"fake{n}", "FAKE_STEP_S": "0.05", "RESILIENT_JOB_INSTANCE": str(port)},
+                   log=tmp_path / f"node{n}.log")
              for n in (0, 1)]
     try:
         wait_until(lambda: _rank_step(run_dir, 1) >= 3, 90, "rank 1 stepping")  # past init: the step timeout applies
