@@ -9,8 +9,8 @@ from typing import Literal
 
 from health.types import HealthReport, Severity
 from resilient.core import ledger
-from resilient.core.exit_codes import ExitCode
 from resilient.core.events import LedgerEvent
+from resilient.core.exit_codes import ExitCode
 
 
 class Action(str, Enum):

@@ -20,7 +20,8 @@ from resilient.core.atomic import atomic_write
 from resilient.core.errors import ConfigError
 from resilient.core.events import LedgerEvent
 from resilient.core.rundir import RunDir
-from resilient.goodput import GoodputReport, compute_goodput, render as render_goodput
+from resilient.goodput import GoodputReport, compute_goodput
+from resilient.goodput import render as render_goodput
 
 # supervisor.decisions.Outcome values (tests keep the two equal): a run in one of them has ended.
 ENDED_STATES = frozenset({"finished", "preempted", "unhealthy", "budget_exhausted", "no_progress",

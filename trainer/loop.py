@@ -13,11 +13,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from resilient.core import ledger
+from resilient.core.errors import ConfigError
 from resilient.core.events import LedgerEvent
+from resilient.core.exit_codes import ExitCode
 from resilient.core.rundir import RunDir
 from resilient.rank import Phase, RankEnv, StopFlag, connect
-from resilient.core.errors import ConfigError
-from resilient.core.exit_codes import ExitCode
 from trainer import distributed, numerics
 from trainer.checkpoint import layout
 from trainer.checkpoint.checkpointer import Checkpointer

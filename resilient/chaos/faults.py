@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import psutil
 
 from resilient.core.atomic import atomic_write
-from trainer.checkpoint import layout
 from resilient.core.rundir import RunDir
+from trainer.checkpoint import layout
 
 if TYPE_CHECKING:
     from resilient.chaos.runner import Drill

@@ -22,17 +22,17 @@ from typing import Any
 
 import psutil
 
-from resilient.core import ledger
 from resilient.chaos import checks
 from resilient.chaos.faults import FAULTS, Fault, Injection, NanLoss
 from resilient.chaos.schedule import Trigger, due
 from resilient.config import RunConfig, load_config
+from resilient.core import ledger
 from resilient.core.errors import ConfigError
+from resilient.core.events import LedgerEvent
 from resilient.core.exit_codes import ExitCode
+from resilient.core.rundir import RunDir
 from resilient.status import read_status, run_goodput
 from trainer.checkpoint import layout
-from resilient.core.rundir import RunDir
-from resilient.core.events import LedgerEvent
 
 REPO = Path(__file__).resolve().parents[2]
 POLL_S = 0.02

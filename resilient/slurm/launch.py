@@ -5,16 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from resilient.core import ledger
-from resilient.core.atomic import atomic_write
 from resilient.config import RunConfig, dump_config
+from resilient.core import ledger
 from resilient.core import lock as run_lock
+from resilient.core.atomic import atomic_write
 from resilient.core.errors import RunDirBusy
+from resilient.core.events import LedgerEvent
+from resilient.core.rundir import RunDir
 from resilient.slurm import jobs
 from resilient.slurm.jobs import last_job_id
 from resilient.slurm.render import SCRIPT_NAME
-from resilient.core.rundir import RunDir
-from resilient.core.events import LedgerEvent
 
 
 def submit_run(cfg: RunConfig, run_dir: Path, script: str) -> str:

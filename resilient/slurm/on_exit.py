@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from resilient.core import ledger
 from resilient.config import dump_config, load_config
+from resilient.core import ledger
+from resilient.core.atomic import atomic_write
 from resilient.core.errors import ConfigError
+from resilient.core.events import LedgerEvent
+from resilient.core.rundir import RunDir
 from resilient.slurm import jobs
 from resilient.slurm.policy import Action, Decision, decide, job_end_from_ledger, job_ref
-from resilient.core.atomic import atomic_write
-from resilient.core.rundir import RunDir
-from resilient.core.events import LedgerEvent
 
 
 def handle_job_end(run_dir: Path, exit_code: int, *, since: float, env: Mapping[str, str]) -> tuple[Decision, str]:

@@ -10,8 +10,8 @@ import jinja2
 
 from resilient.config import RunConfig
 from resilient.core.errors import ConfigError
-from resilient.slurm.timing import signal_seconds
 from resilient.core.rundir import RunDir
+from resilient.slurm.timing import signal_seconds
 
 # Signals a bash trap can catch and forward (Slurm's --signal takes the name without SIG).
 FORWARDABLE_SIGNALS = ("USR1", "USR2", "TERM", "INT", "HUP", "URG")

@@ -35,8 +35,8 @@ from resilient.rank.env import DEFAULT_STOP_SIGNALS, RankEnv
 from resilient.rank.heartbeat import HeartbeatServer
 from resilient.report.rank_steps import RankStepLog
 from resilient.supervisor import decisions, failures, incidents, progress, publishing
-from resilient.supervisor.config import RankProtocol
 from resilient.supervisor.auth import Sealer, load_or_create_secret
+from resilient.supervisor.config import RankProtocol
 from resilient.supervisor.coordination import CoordinationLost, Coordinator, summarize_reports
 from resilient.supervisor.decisions import Outcome
 from resilient.supervisor.failures import Failure, FailureKind

@@ -16,14 +16,14 @@ from health.monitor import HealthMonitor
 from health.preflight import run_preflight
 from health.stragglers import StragglerTracker
 from health.types import HealthReport, Severity
-from resilient.core import ledger
 from resilient.config import RunConfig
+from resilient.core import ledger
 from resilient.core.errors import ConfigError
+from resilient.core.events import LedgerEvent
 from resilient.metrics.exporter import NodeMetrics
 from resilient.rank.heartbeat import Phase
-from resilient.supervisor.failures import FailureKind
 from resilient.status import run_goodput
-from resilient.core.events import LedgerEvent
+from resilient.supervisor.failures import FailureKind
 
 
 class NodeHooks:

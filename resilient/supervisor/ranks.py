@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from resilient.core.errors import ConfigError
-from resilient.rank.env import RankEnv
 from resilient.core.rundir import RunDir
+from resilient.rank.env import RankEnv
 
 
 def log_path(env: RankEnv) -> Path:

@@ -28,11 +28,11 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyPara
 from resilient.core import ledger
 from resilient.core.atomic import fsync_dir
 from resilient.core.errors import CheckpointError
+from resilient.core.events import LedgerEvent
 from resilient.rank.orphan import arm_parent_death_signal
 from trainer.checkpoint import layout, manifest, policy
 from trainer.checkpoint.config import CheckpointConfig
 from trainer.checkpoint.state import TrainState, apply_loaded, sharded_state
-from resilient.core.events import LedgerEvent
 
 log = logging.getLogger(__name__)
 

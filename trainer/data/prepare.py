@@ -38,10 +38,10 @@ import numpy as np
 from resilient.core.atomic import atomic_write
 from resilient.core.errors import ConfigError
 from resilient.core.progress import track
+from resilient.core.rundir import RunDir
 from trainer.data.config import DataConfig
 from trainer.data.shards import SkipCounts, find_shards, is_shard, read_documents
 from trainer.data.tokenizer import encode_documents, load_tokenizer, tokenizer_digest
-from resilient.core.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
