@@ -43,6 +43,12 @@ class SupervisorConfig(Section):
     progress_dir: Path | None = None
     """exit_only: checkpoint directory whose newest complete step measures progress (ours or Megatron-LM's
     layout; default: checkpoint.dir, else RUN_DIR/checkpoints)."""
+    final_save_check: bool | None = None
+    """Whether a run ends "finished" only once the final step is in a committed checkpoint in
+    `progress_dir` (a refused save then ends the run `storage_fault`, exit 82). Default: on for the own
+    trainer; for another script, on once a checkpoint in a layout the supervisor reads exists there.
+    Set it for a script that saves in such a layout, so that a run whose every save was refused is
+    caught too."""
     allow_shared_dir: bool = False
     """Use a run or checkpoint directory that another user owns or can write (refused by default: that
     user could plant checkpoints or configs)."""

@@ -383,8 +383,9 @@ class Supervisor:
         storage = stop["reason"] if stop and stop.get("kind") == "storage" else None
         if summary.all_finished and storage is None and self.cfg.checkpoint.save_on_finish:
             newest = progress.newest_complete_step(self.progress_root)
-            final = decisions.final_step_to_check(self.scfg.runs_own_trainer, self.cfg.train.steps,
-                                                  summary.reached_step, newest)
+            final = decisions.final_step_to_check(
+                self.scfg.runs_own_trainer, self.scfg.final_save_check, self.cfg.train.steps,
+                summary.reached_step, newest)
             if final is not None:
                 committed, why = decisions.final_step_committed(final, newest)
                 storage = None if committed else self._storage_fault(why)

@@ -109,15 +109,17 @@ def backoff_seconds(restart_number: int, cfg: SupervisorConfig) -> float:
     return float(wait(state))
 
 
-def final_step_to_check(own_trainer: bool, train_steps: int, reached_step: int | None,
-                        newest_committed: int | None) -> int | None:
-    """The step that must be committed before a run may end "finished", or None where the supervisor
-    cannot know it: the own trainer's final step is `train.steps`; another script's is the step its
-    heartbeats reached, checked only once its checkpoints are in a layout the supervisor reads (ours or
-    Megatron-LM's); an exit-only script reports no step (docs/rank-protocol.md)."""
-    if own_trainer:
-        return train_steps
-    return reached_step if newest_committed is not None else None
+def final_step_to_check(own_trainer: bool, configured: bool | None, train_steps: int,
+                        reached_step: int | None, newest_committed: int | None) -> int | None:
+    """The step that must be committed before a run may end "finished", or None where it is not checked.
+    The own trainer's final step is `train.steps`; another script's is the step its heartbeats reached.
+    `configured` (supervisor.final_save_check) decides; unset, another script is checked only once its
+    checkpoints are found in a layout the supervisor reads (ours or Megatron-LM's). An exit-only script
+    reports no step (docs/rank-protocol.md)."""
+    check = configured if configured is not None else (own_trainer or newest_committed is not None)
+    if not check:
+        return None
+    return train_steps if own_trainer else reached_step
 
 
 def final_step_committed(final_step: int, newest_committed: int | None) -> tuple[bool, str]:

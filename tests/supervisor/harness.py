@@ -31,6 +31,7 @@ def write_config(path: Path, *, steps: int = 20, nodes: int = 1, nproc: int = 2,
             "backoff_max_s": 0.5,
             "termination_grace_s": 2.0,
             "step_timeout_initial_s": 20.0,
+            "final_save_check": True,  # fake_rank.py saves in our layout
             **(supervisor or {}),
         },
         "health": {"enabled": health},

@@ -178,8 +178,11 @@ def test_all_done_counts_ranks_lingering_after_done():
 
 
 def test_final_step_to_check_knows_whose_checkpoints_it_can_read():
-    assert d.final_step_to_check(True, 16, 16, 4) == 16  # own trainer: train.steps, saves or not
-    assert d.final_step_to_check(True, 16, None, None) == 16
-    assert d.final_step_to_check(False, 16, 100, 30) == 100  # a readable layout: the step reached
-    assert d.final_step_to_check(False, 16, 100, None) is None  # its own format: cannot be checked
-    assert d.final_step_to_check(False, 16, None, 30) is None  # exit-only: no step reported
+    assert d.final_step_to_check(True, None, 16, 16, 4) == 16  # own trainer: train.steps, saves or not
+    assert d.final_step_to_check(True, None, 16, None, None) == 16
+    assert d.final_step_to_check(False, None, 16, 100, 30) == 100  # a readable layout: the step reached
+    assert d.final_step_to_check(False, None, 16, 100, None) is None  # its own format: cannot be checked
+    assert d.final_step_to_check(False, None, 16, None, 30) is None  # exit-only: no step reported
+    # configured: a script that saves in a readable layout is checked even when every save was refused
+    assert d.final_step_to_check(False, True, 16, 6, None) == 6
+    assert d.final_step_to_check(True, False, 16, 16, None) is None
