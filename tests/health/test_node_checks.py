@@ -18,7 +18,7 @@ def small_tmpfs(tmp_path: Path):
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mnt)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        pytest.fail(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     try:
         yield mnt
     finally:

@@ -24,8 +24,20 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 GRAFANA = REPO / "grafana"
 RULES = GRAFANA / "alerts" / "resilient.yml"
-PROMETHEUS = shutil.which("prometheus")
-PROMTOOL = shutil.which("promtool")
+
+
+PROMETHEUS = shutil.which("prometheus") or "prometheus"
+PROMTOOL = shutil.which("promtool") or "promtool"
+
+
+def require(*tools: str) -> None:
+    """Fail with the fix when a tool is missing: the suites that need one never skip."""
+    import pytest
+
+    for tool in tools:
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed: run scripts/setup.sh --test", pytrace=False)
+
 
 # What Grafana substitutes before sending a panel query: "All" for every template variable.
 GRAFANA_MACROS = {"$__rate_interval": "15s", "$__interval": "5s", "$__range": "2m"}

@@ -9,12 +9,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .prom import GRAFANA, PROMTOOL, RULES, alert_rules
+from .prom import require, GRAFANA, PROMTOOL, RULES, alert_rules
 
 pytestmark = [
     pytest.mark.prometheus,
-    pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _tool_installed():
+    require("promtool")
 
 TESTS = sorted((GRAFANA / "alerts" / "tests").glob("*.yml"))
 REQUIRED = {

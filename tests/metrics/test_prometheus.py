@@ -11,12 +11,16 @@ from resilient.metrics.config import MetricsConfig
 from resilient.metrics.exporter import NodeMetrics
 
 from .feed import NODE, DcgmExporter, Feeder
-from .prom import PROMETHEUS, PrometheusServer, alert_rules, panel_queries, variable_queries
+from .prom import require, PROMETHEUS, PrometheusServer, alert_rules, panel_queries, variable_queries
 
 pytestmark = [
     pytest.mark.prometheus,
-    pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _tool_installed():
+    require("prometheus")
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,14 @@ from resilient.status import read_status
 from tests.ranks import REPO, TINY
 
 from .feed import DcgmExporter
-from .prom import PROMETHEUS, PrometheusServer, alert_rules, panel_queries
+from .prom import require, PROMETHEUS, PrometheusServer, alert_rules, panel_queries
 
-pytestmark = [pytest.mark.slow, pytest.mark.prometheus,
-              pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed")]
+pytestmark = [pytest.mark.slow, pytest.mark.prometheus]
+
+
+@pytest.fixture(autouse=True)
+def _tool_installed():
+    require("prometheus")
 
 NODE = "metricsnode"
 # Every reading a real NVML gives, so every GPU panel has data.

@@ -38,8 +38,9 @@ def test_bad_run_dir_is_one_line_and_distinct_exit(tmp_path):
     assert done.returncode not in (0, 1) and done.stderr.count("\n") == 1 and "no such run directory" in done.stderr
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (scripts/setup.sh --test)")
 def test_report_renders_in_headless_chromium(tmp_path):
+    if CHROMIUM is None:
+        pytest.fail("chromium is not installed: run scripts/setup.sh --test", pytrace=False)
     from PIL import Image, ImageStat
 
     run_dir = make_run(tmp_path / "run", ranks=24)  # > 16 ranks: the heat map

@@ -20,7 +20,7 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
         proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mnt)],
                               capture_output=True, text=True)
         if proc.returncode:
-            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+            pytest.fail(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
         mounted.append(mnt)
         return mnt
 

@@ -59,7 +59,7 @@ class Cluster:
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
     why = slurm_missing()
     if why:
-        pytest.skip(why)
+        pytest.fail(f"{why}: run scripts/setup.sh --test")
     state = tmp_path_factory.mktemp("slurm-cluster")
     start = subprocess.run([str(CLUSTER_SH), "start", str(state)], capture_output=True, text=True, timeout=180)
     cluster = Cluster(state)
