@@ -16,6 +16,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from trainer.checkpoint.interval import daly_interval, young_interval
 from trainer.flops import flops_per_token, layer_params, padded_vocab, parameter_count
 from trainer.presets import Architecture
 from trainer.stages import stage_layers
@@ -118,19 +119,6 @@ def memory_per_gpu(arch: Architecture, layout: Layout, *, seq_len: int, micro_ba
 
 
 # -- time and checkpoint intervals --------------------------------------------------------------
-
-
-def young_interval(delta: float, mtbf: float) -> float:
-    """Young's first-order optimal compute time between checkpoints: sqrt(2 delta M)."""
-    return math.sqrt(2 * delta * mtbf)
-
-
-def daly_interval(delta: float, mtbf: float) -> float:
-    """Daly 2006 higher-order optimum: sqrt(2dM)[1 + sqrt(d/2M)/3 + (d/2M)/9] - d for d < 2M, else M."""
-    if delta >= 2 * mtbf:
-        return mtbf
-    x = delta / (2 * mtbf)
-    return math.sqrt(2 * delta * mtbf) * (1 + math.sqrt(x) / 3 + x / 9) - delta
 
 
 def daly_wall_time(solve_time: float, tau: float, delta: float, restart: float, mtbf: float) -> float:

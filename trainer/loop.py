@@ -20,6 +20,7 @@ from resilient.core.rundir import RunDir
 from resilient.rank import Phase, RankEnv, StopFlag, connect
 from trainer import distributed, numerics
 from trainer.checkpoint import layout
+from trainer.checkpoint.adaptive import AdaptiveInterval
 from trainer.checkpoint.checkpointer import Checkpointer
 from trainer.checkpoint.state import TrainState
 from trainer.config import TrainerConfig
@@ -114,6 +115,8 @@ class Trainer:
         self.losses = numerics.LossHistory()
         self.injection = numerics.FaultInjection(self.run_dir, self.env.attempt)
         self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, attempt=env.attempt, on_commit=self._on_commit)
+        self.adaptive = AdaptiveInterval(cfg.checkpoint, self.run_dir, attempt=env.attempt, is_logger=self.is_logger,
+                                         device=self.device)
         self.flops_per_token = flops_per_token(arch, cfg.seq_len)
         self.peak = device_peak_flops(self.device, cfg.train.peak_flops)
 
@@ -163,6 +166,8 @@ class Trainer:
         resumed = self.checkpointer.resume(state)
         if resumed is not None:
             log.info("resumed from step %d (%d samples consumed)", resumed, state.consumed_samples)
+        self.adaptive.start(state.step)
+        self.checkpointer.cfg = self.adaptive.config
         self._beat(Phase.STEP, state.step, consumed_samples=state.consumed_samples)  # training starts here
         tokens_per_step = cfg.train.global_batch * cfg.seq_len
         outcome = ExitCode.FINISHED
@@ -181,14 +186,19 @@ class Trainer:
             if verdict.fault is not None:  # same loss everywhere: every rank rolls back together
                 self._roll_back(verdict, loss, window_start)
                 continue
+            eval_s = 0.0
             if cfg.train.eval_every and (state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps):
                 self._beat(Phase.EVAL, state.step)
+                eval_started = time.perf_counter()
                 self._record_eval(self._evaluate())
+                eval_s = time.perf_counter() - eval_started
             self.checkpointer.poll()
             stop_requested = stop_requested or state.step == cfg.train.exit_at_step
             decision = self.checkpointer.should_save(state.step, cfg.train.steps, stop_requested)
             if decision.yes:
                 self._save(decision.reason)
+            self.adaptive.iteration_done(state.step, decision.yes, excluded_s=eval_s)
+            self.checkpointer.cfg = self.adaptive.config  # the interval the next save decision uses
             if stop_requested:
                 outcome = ExitCode.PREEMPTED
                 break
@@ -237,7 +247,7 @@ class Trainer:
         self._beat(Phase.STEP, state.step, loss=loss, lr=lr, grad_norm=grad_norm, step_time=step_time,
                    compute_time=compute_time,
                    tokens=state.consumed_tokens, tokens_per_s=tokens_per_s, mfu=mfu,
-                   consumed_samples=state.consumed_samples)
+                   consumed_samples=state.consumed_samples, ckpt_intervals=self.adaptive.intervals)
         if not self.is_logger:
             return
         ledger.append_jsonl(RunDir(self.run_dir).train_log, record)

@@ -12,6 +12,8 @@ class LedgerEvent(StrEnum):
     """The chaos runner injected a fault."""
     CKPT_FALLBACK = "ckpt_fallback"
     """The newest checkpoint was damaged; an older one was used."""
+    CKPT_INTERVAL = "ckpt_interval"
+    """The trainer set a checkpoint tier's interval (tier, steps, previous, reason, the measurements)."""
     CKPT_LOAD = "ckpt_load"
     """Ranks resumed from a checkpoint."""
     CKPT_SAVE = "ckpt_save"

@@ -74,6 +74,15 @@ class RunDir:
         return self.root / "data_cache"
 
     @property
+    def calibration(self) -> Path:
+        """Per-node calibration that survives requeues (0700): failure history, supervised time and the
+        observed step/save times behind the hang timeouts."""
+        return self.root / "calibration"
+
+    def calibration_file(self, node: int) -> Path:
+        return self.calibration / f"node{node}.json"
+
+    @property
     def faults(self) -> Path:
         """Chaos fault injections the ranks read."""
         return self.root / "faults.json"

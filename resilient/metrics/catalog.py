@@ -1,7 +1,7 @@
 """Every Prometheus metric family the supervisor exports, defined once on a dedicated registry.
 
 Conventions (ARCHITECTURE.md): prefix `resilient_`, counters end in `_total`, durations in
-`_seconds`, sizes in `_bytes`. Labels are bounded: node, rank, gpu, kind, check, reason,
+`_seconds`, sizes in `_bytes`. Labels are bounded: node, rank, gpu, kind, check, reason, tier,
 category, state; never a step number. Run-level values (loss, tokens/s, ...) carry only `node`:
 every node reports the same run, so dashboards aggregate them with `max`.
 """
@@ -99,6 +99,9 @@ class Catalog:
                                   "Unix time the latest complete checkpoint was committed", n, registry=r)
         self.ckpt_age = Gauge("resilient_checkpoint_last_complete_age_seconds",
                               "Seconds since the latest complete checkpoint was committed", n, registry=r)
+        self.ckpt_interval = Gauge("resilient_checkpoint_interval_steps", "Steps between saves of a checkpoint "
+                                   "tier as the trainer uses them now (checkpoint.adaptive: Daly's optimum)",
+                                   n + ("tier",), registry=r)
         self.ckpt_age_limit = Gauge("resilient_checkpoint_age_limit_seconds",
                                     "Checkpoint age above which the CheckpointTooOld alert fires", n, registry=r)
         # Failures and restarts (this supervisor's lifetime; the ledger keeps the whole run).

@@ -31,6 +31,10 @@ GPU_GAUGES = {
 }
 
 
+CHECKPOINT_TIERS = ("disk", "memory")
+"""The `tier` label's values (bounded: anything else a heartbeat names is ignored)."""
+
+
 def _num(value: Any) -> float | None:
     """The value as a float if it is an int or float (not a bool), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -156,6 +160,11 @@ class NodeMetrics:
             if value is not None:
                 getattr(self.m, family).labels(node).set(value)
         self._on_checkpoint_fields(hb)
+        intervals = hb.get("ckpt_intervals")
+        if isinstance(intervals, dict):
+            for tier, steps in intervals.items():
+                if tier in CHECKPOINT_TIERS and _num(steps) is not None:
+                    self.m.ckpt_interval.labels(node, tier).set(steps)
 
     def _on_checkpoint_fields(self, hb: Mapping[str, Any]) -> None:
         """Record each checkpoint once per node, though every rank may report it."""

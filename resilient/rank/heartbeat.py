@@ -67,6 +67,8 @@ class Fields(TypedDict, total=False):
     """Seconds from the start of the last save to its commit."""
     ckpt_bytes: int
     """Bytes of the last committed checkpoint."""
+    ckpt_intervals: dict[str, int]
+    """Steps between saves of each checkpoint tier ("disk", ...), as the loop uses them now."""
     message: str
     """Error text (phase `error`)."""
     exit_code: int

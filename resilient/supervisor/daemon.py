@@ -36,6 +36,7 @@ from resilient.rank.heartbeat import HeartbeatServer
 from resilient.report.rank_steps import RankStepLog
 from resilient.supervisor import decisions, failures, incidents, progress, publishing
 from resilient.supervisor.auth import Sealer, load_or_create_secret
+from resilient.supervisor.calibration import CalibrationStore
 from resilient.supervisor.config import RankProtocol
 from resilient.supervisor.coordination import CoordinationLost, Coordinator, summarize_reports
 from resilient.supervisor.decisions import Outcome
@@ -71,6 +72,7 @@ class Supervisor:
         self.state: State | Outcome = State.STARTING
         self.ranks: list[RankProcess] = []
         self.tracker = HeartbeatTracker(self.scfg.step_timeout_window)
+        self.calibration = CalibrationStore(run_dir, self.node, self.tracker)  # seeds the tracker
         self.last_failure: dict[str, Any] | None = None
         self.metrics_port: int | None = None
         self._signal: str | None = None
@@ -109,6 +111,7 @@ class Supervisor:
             raise
         finally:
             stop_all(self.ranks, self.scfg.termination_grace_s)
+            self.calibration.close()
             self.hooks.stop()
             if self.server is not None:
                 self.server.close()
@@ -129,6 +132,7 @@ class Supervisor:
         if first is None:
             raise CoordinationLost(f"node 0 did not publish the first attempt within {self.scfg.store_timeout_s:g}s")
         self.attempt = first
+        self.calibration.begin(first)
         ledger.append(self.run_dir, LedgerEvent.RUN_START, attempt=first, node=self.node,
                       slurm_job_id=os.environ.get("SLURM_JOB_ID"),
                       slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
@@ -327,6 +331,7 @@ class Supervisor:
     def _record_failure(self, failure: Failure) -> None:
         self.last_failure = failure.record()
         ledger.append(self.run_dir, LedgerEvent.FAILURE, **self.last_failure)
+        self.calibration.on_failure(self.last_failure, self.attempt)
         self.hooks.on_failure(failure.kind)
         print(f"resilient: node {self.node} attempt {self.attempt}: {failure.kind}: {failure.reason}", file=sys.stderr)
 
@@ -437,6 +442,7 @@ class Supervisor:
         self._maybe_publish_status()
 
     def _maybe_publish_status(self) -> None:
+        self.calibration.maybe_write()
         if self.coord is None or not self._status_due.due():
             return
         self.hooks.check_stragglers()

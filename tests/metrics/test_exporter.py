@@ -22,6 +22,7 @@ FAMILIES = {
     "resilient_checkpoint_size_bytes", "resilient_checkpoint_written_bytes", "resilient_checkpoint_last_step",
     "resilient_checkpoint_last_complete_timestamp_seconds", "resilient_checkpoint_last_complete_age_seconds",
     "resilient_checkpoint_age_limit_seconds", "resilient_checkpoint_save_failures",
+    "resilient_checkpoint_interval_steps",
     "resilient_restarts", "resilient_failures",
     "resilient_gpu_temperature_celsius", "resilient_gpu_power_watts", "resilient_gpu_ecc_uncorrectable_errors",
     "resilient_gpu_last_xid", "resilient_gpu_row_remap_pending", "resilient_gpu_row_remap_failed",
@@ -140,6 +141,17 @@ def test_checkpoint_age_is_nan_until_a_checkpoint_is_known_then_follows_the_cloc
                                 "ckpt_total_s": 2.0, "ckpt_bytes": 100})
     now[0] = 1030.0
     assert age() == 30.0
+
+
+def test_checkpoint_interval_gauge_per_known_tier_only():
+    metrics = NodeMetrics(MetricsConfig(port=0), NODE)
+    metrics.on_heartbeat(0, 0, heartbeat(0, 5, ckpt_intervals={"disk": 37, "memory": 4, "step 5": 1}))
+    def interval(tier: str) -> float | None:
+        return metrics.registry.get_sample_value("resilient_checkpoint_interval_steps", {"node": NODE, "tier": tier})
+
+    assert (interval("disk"), interval("memory"), interval("step 5")) == (37.0, 4.0, None)
+    metrics.on_heartbeat(0, 0, heartbeat(0, 6, ckpt_intervals={"disk": 52}))
+    assert interval("disk") == 52.0
 
 
 def test_throttle_flags_from_bitmask_or_names():

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from resilient.core.configbase import Section
 from resilient.core.rundir import RunDir
@@ -29,6 +29,29 @@ class CheckpointConfig(Section):
     """Resume from this step instead of the latest complete checkpoint."""
     dir: Path | None = None
     """Checkpoint directory (None: RUN_DIR/checkpoints)."""
+    adaptive: bool = False
+    """Let the trainer set each tier's step interval (`interval_steps` is the starting value) to Daly's
+    optimum for the save's measured cost to the loop and the run's failure rate; every change goes to
+    the ledger (`ckpt_interval`) and the `resilient_checkpoint_interval_steps` metric."""
+    prior_mtbf_hours: float = Field(24.0, gt=0)
+    """Adaptive interval: the mean time between failures assumed before the run has its own history
+    (weighted as one failure; the run's observed failures and time take over as they accumulate)."""
+    min_interval_steps: int = Field(1, ge=1)
+    """Adaptive interval: never save more often than every N steps."""
+    max_interval_steps: int = Field(10000, ge=1)
+    """Adaptive interval: never save less often than every N steps."""
+    cost_window_steps: int = Field(5, ge=1)
+    """Adaptive interval: iterations, from the save's own on, whose extra wall time over the median
+    iteration counts as the save's cost to the loop (the background write slows the steps after it)."""
+
+    @model_validator(mode="after")
+    def _adaptive_bounds(self) -> "CheckpointConfig":
+        if self.min_interval_steps > self.max_interval_steps:
+            raise ValueError(f"min_interval_steps {self.min_interval_steps} exceeds max_interval_steps "
+                             f"{self.max_interval_steps}")
+        if self.adaptive and not self.interval_steps:
+            raise ValueError("adaptive needs interval_steps > 0 as the starting interval (saves are what it measures)")
+        return self
 
     def root(self, run_dir: Path) -> Path:
         """The checkpoint directory of a run in `run_dir`."""

@@ -1,0 +1,84 @@
+"""The supervisor's persisted calibration: failure history, supervised time, step/save times survive a restart."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+from resilient.core.rundir import RunDir
+from resilient.supervisor.calibration import CalibrationStore, parse
+from resilient.supervisor.tracking import HeartbeatTracker
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_new_supervisor_starts_from_what_the_last_one_learned(tmp_path):
+    clock = Clock()
+    first = HeartbeatTracker(window=4)
+    store = CalibrationStore(tmp_path, 1, first, clock)
+    store.begin(attempt=0)
+    first.step_times.extend([0.5, 0.6, 0.7, 0.8, 0.9])  # the window keeps the newest 4
+    first.ckpt_times.append(1.5)
+    clock.now += 30
+    store.on_failure({"kind": "crash", "step": 12, "rank": 1, "reason": "x"}, attempt=0)
+    clock.now += 20
+    store.close()
+
+    path = RunDir(tmp_path).calibration_file(1)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    second = HeartbeatTracker(window=4)
+    again = CalibrationStore(tmp_path, 1, second, clock)
+    assert list(second.step_times) == [0.6, 0.7, 0.8, 0.9] and list(second.ckpt_times) == [1.5]
+    assert not again.died_before
+    again.begin(attempt=1)
+    clock.now += 10
+    again.write()
+    saved = json.loads(path.read_text())
+    assert saved["exposure_s"] == 60.0 and saved["open"] is True
+    assert [(f["kind"], f["step"], f["attempt"]) for f in saved["failures"]] == [("crash", 12, 0)]
+
+
+def test_a_supervisor_that_died_counts_as_a_failure(tmp_path):
+    clock = Clock()
+    CalibrationStore(tmp_path, 0, HeartbeatTracker(window=4), clock).begin(attempt=3)  # then SIGKILL: never closed
+    after = CalibrationStore(tmp_path, 0, HeartbeatTracker(window=4), clock)
+    assert after.died_before
+    after.begin(attempt=4)
+    after.close()
+    saved = json.loads(RunDir(tmp_path).calibration_file(0).read_text())
+    assert [(f["kind"], f["attempt"]) for f in saved["failures"]] == [("supervisor_lost", 4)]
+    assert saved["open"] is False
+
+
+def test_periodic_writes_are_throttled(tmp_path):
+    clock = Clock()
+    tracker = HeartbeatTracker(window=4)
+    store = CalibrationStore(tmp_path, 0, tracker, clock)
+    store.maybe_write()  # not begun: nothing
+    assert not RunDir(tmp_path).calibration_file(0).exists()
+    store.begin(attempt=0)
+    tracker.step_times.append(0.4)
+    clock.now += 1
+    store.maybe_write()
+    assert json.loads(RunDir(tmp_path).calibration_file(0).read_text())["step_times"] == []
+    clock.now += 10
+    store.maybe_write()
+    assert json.loads(RunDir(tmp_path).calibration_file(0).read_text())["step_times"] == [0.4]
+
+
+def test_a_damaged_file_starts_empty_with_one_line(tmp_path, capsys):
+    assert parse("[1, 2]")[1] == "ValueError: not a JSON object"
+    path = RunDir(tmp_path).calibration_file(0)
+    path.parent.mkdir(mode=0o700)
+    path.write_text("{not json")
+    tracker = HeartbeatTracker(window=4)
+    store = CalibrationStore(tmp_path, 0, tracker, Clock())
+    assert store.cal.failures == [] and not tracker.step_times
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "damaged calibration" in err[0]

@@ -1,0 +1,93 @@
+"""The adaptive checkpoint interval's pure parts: Young/Daly, bounds, prior vs observed failures, save cost."""
+
+from __future__ import annotations
+
+import pytest
+
+from resilient.core.configbase import parse_section
+from resilient.core.errors import ConfigError
+from trainer.checkpoint.config import CheckpointConfig
+from trainer.checkpoint.interval import (
+    CostMeter,
+    choose_interval,
+    daly_interval,
+    estimate_mtbf,
+    failure_history,
+    save_cost,
+    young_interval,
+)
+
+HOUR = 3600.0
+
+
+def test_daly_is_young_to_first_order_and_below_it_for_costly_saves():
+    assert daly_interval(1.0, 1e6) == pytest.approx(young_interval(1.0, 1e6), rel=1e-3)
+    assert daly_interval(300, 6 * HOUR) < young_interval(300, 6 * HOUR)
+
+
+def test_interval_is_daly_in_median_steps():
+    steps, why = choose_interval(save_cost_s=2.0, step_s=0.5, mtbf_s=HOUR, min_steps=1, max_steps=10_000)
+    assert steps == round(daly_interval(2.0, HOUR) / 0.5)
+    assert "Daly" in why and "bounded" not in why
+
+
+def test_interval_is_held_within_bounds():
+    assert choose_interval(save_cost_s=0.01, step_s=1.0, mtbf_s=60, min_steps=5, max_steps=100)[0] == 5
+    high, why = choose_interval(save_cost_s=30.0, step_s=0.1, mtbf_s=24 * HOUR, min_steps=5, max_steps=100)
+    assert high == 100 and "bounded to [5, 100]" in why
+
+
+def test_free_saves_take_the_lower_bound_and_unmeasured_steps_the_upper():
+    assert choose_interval(save_cost_s=0.0, step_s=1.0, mtbf_s=HOUR, min_steps=3, max_steps=50)[0] == 3
+    assert choose_interval(save_cost_s=1.0, step_s=0.0, mtbf_s=HOUR, min_steps=3, max_steps=50)[0] == 50
+
+
+def test_more_failures_mean_shorter_intervals():
+    calm = choose_interval(save_cost_s=1.0, step_s=0.2, mtbf_s=estimate_mtbf(HOUR, 0, 600)[0], min_steps=1,
+                           max_steps=10_000)[0]
+    stormy = choose_interval(save_cost_s=1.0, step_s=0.2, mtbf_s=estimate_mtbf(HOUR, 20, 600)[0], min_steps=1,
+                             max_steps=10_000)[0]
+    assert stormy < calm
+
+
+def test_prior_rules_a_young_run_and_observation_an_old_one():
+    assert estimate_mtbf(24 * HOUR, 0, 0)[0] == 24 * HOUR
+    young, why = estimate_mtbf(24 * HOUR, 1, 60)
+    assert young == pytest.approx((24 * HOUR + 60) / 2) and "1 failures" in why
+    # 100 failures in 100 hours: close to the observed 1 h, whatever the prior said
+    assert estimate_mtbf(24 * HOUR, 100, 100 * HOUR)[0] == pytest.approx(124 * HOUR / 101)
+
+
+def test_failure_history_sums_failures_and_takes_the_longest_node():
+    nodes = [{"failures": [{"kind": "crash"}, {"kind": "hang"}], "exposure_s": 100.0},
+             {"failures": [{"kind": "supervisor_lost"}], "exposure_s": 90.0}, {}]
+    assert failure_history(nodes) == (3, 100.0)
+    assert failure_history([]) == (0, 0.0)
+
+
+def test_save_cost_is_the_extra_wall_time_not_the_blocking_call():
+    # blocking 0.1 s in the save's iteration, then two steps slowed by the background write
+    assert save_cost([1.1, 1.6, 1.3, 1.0], baseline=1.0) == pytest.approx(1.0)
+    assert save_cost([0.9, 1.0], baseline=1.0) == 0.0
+
+
+def test_meter_measures_each_save_over_its_window_against_plain_iterations():
+    meter = CostMeter(window=3, warmup=2)
+    assert not meter.iteration(9.0) and not meter.iteration(5.0)  # warm-up: neither baseline nor cost
+    for _ in range(5):
+        assert not meter.iteration(1.0)
+    meter.saved()
+    assert not meter.iteration(1.2) and not meter.iteration(2.0)
+    assert meter.iteration(1.3)  # the window closes: one cost measured
+    assert meter.cost() == pytest.approx(1.5) and meter.baseline() == 1.0
+    meter.saved()
+    assert not meter.iteration(1.5)
+    meter.saved()  # the next save closes a window still open with what it has
+    assert meter.costs[-1] == pytest.approx(0.5)
+
+
+def test_config_refuses_crossed_bounds_and_adaptive_without_a_start():
+    with pytest.raises(ConfigError, match="min_interval_steps 9 exceeds max_interval_steps 3"):
+        parse_section(CheckpointConfig, {"min_interval_steps": 9, "max_interval_steps": 3})
+    with pytest.raises(ConfigError, match="adaptive needs interval_steps > 0"):
+        parse_section(CheckpointConfig, {"adaptive": True, "interval_steps": 0})

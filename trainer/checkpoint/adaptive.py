@@ -1,0 +1,116 @@
+"""The trainer's adaptive checkpoint interval: measure each save's cost to the loop, agree across ranks,
+set each tier's interval to Daly's optimum, record every change.
+
+Every rank measures its own iterations; each decision all-reduces (max) the measurements, so all ranks
+take the same decision at the same step without rank 0 sending anything. Decisions are taken when a
+save's cost window closes (the same iteration on every rank) and once at start, from the newest
+`ckpt_interval` ledger record (the save cost and step time measured before the restart) and the run's
+failure history (the supervisors' calibration files, RUN_DIR/calibration/): a failure that caused this
+restart moves the interval before the first save of the new attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from resilient.core import ledger
+from resilient.core.events import LedgerEvent
+from resilient.core.rundir import RunDir
+from trainer.checkpoint import interval
+from trainer.checkpoint.config import CheckpointConfig
+
+log = logging.getLogger("trainer")
+
+TIER_FIELDS = {"disk": "interval_steps"}
+"""Each checkpoint tier and its interval field in CheckpointConfig (the memory tier adds its own)."""
+
+
+def read_calibrations(run_dir: Path) -> list[dict[str, Any]]:
+    """The supervisors' persisted records (unreadable ones are skipped: the prior stands in for them)."""
+    out = []
+    for path in sorted(RunDir(run_dir).calibration.glob("node*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+def last_measurement(run_dir: Path, tier: str) -> tuple[float, float]:
+    """(save cost, step seconds) of the newest `ckpt_interval` record of `tier`, or zeros."""
+    cost = step = 0.0
+    for rec in ledger.read(run_dir):
+        if rec.get("event") == LedgerEvent.CKPT_INTERVAL and rec.get("tier") == tier:
+            cost, step = float(rec.get("save_cost_s") or 0.0), float(rec.get("step_s") or 0.0)
+    return cost, step
+
+
+class AdaptiveInterval:
+    """Owns the checkpoint config the loop saves by; `config` changes as intervals adapt."""
+
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, *, attempt: int, is_logger: bool,
+                 device: torch.device, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config, self.run_dir, self.attempt, self.is_logger = cfg, run_dir, attempt, is_logger
+        self.device, self.clock = device, clock
+        self.meter = interval.CostMeter(cfg.cost_window_steps)
+        self.failures, self.exposure_s = interval.failure_history(read_calibrations(run_dir))
+        self.started = clock()
+        self._last_end: float | None = None
+
+    @property
+    def intervals(self) -> dict[str, int]:
+        """Each tier's current interval (heartbeat field `ckpt_intervals`, the metric's source)."""
+        return {"disk": self.config.interval_steps}
+
+    def start(self, step: int) -> None:
+        """Before the first step (every rank): decide from what earlier attempts measured, if anything."""
+        if not self.config.adaptive:
+            return
+        cost, step_s = last_measurement(self.run_dir, "disk")
+        self._decide(step, cost, step_s, why="at start, from the last measurement and the failure history")
+        self._last_end = self.clock()
+
+    def iteration_done(self, step: int, saved: bool, excluded_s: float = 0.0) -> None:
+        """At the end of each loop iteration (every rank): `saved` when this iteration saved; `excluded_s`
+        (evaluation) is not loop time a save could have cost."""
+        if not self.config.adaptive:
+            return
+        now = self.clock()
+        seconds = now - (self._last_end if self._last_end is not None else now) - excluded_s
+        self._last_end = now
+        if saved:
+            self.meter.saved()
+        if self.meter.iteration(max(0.0, seconds)):
+            self._decide(step, self.meter.cost(), self.meter.baseline(), why=f"save cost measured at step {step}")
+
+    def _decide(self, step: int, cost: float, step_s: float, *, why: str) -> None:
+        exposure = self.exposure_s + (self.clock() - self.started)
+        agreed = torch.tensor([cost, step_s, float(self.failures), exposure], dtype=torch.float64, device=self.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        cost, step_s, failures, exposure = agreed.tolist()
+        if step_s <= 0:
+            return  # nothing measured yet: keep the configured interval
+        mtbf, mtbf_why = interval.estimate_mtbf(self.config.prior_mtbf_hours * 3600, int(failures), exposure)
+        steps, reason = interval.choose_interval(save_cost_s=cost, step_s=step_s, mtbf_s=mtbf,
+                                                 min_steps=self.config.min_interval_steps,
+                                                 max_steps=self.config.max_interval_steps)
+        previous = self.config.interval_steps
+        if steps == previous:
+            return
+        self.config = self.config.model_copy(update={TIER_FIELDS["disk"]: steps})
+        log.info("checkpoint interval (disk) %d -> %d steps at step %d: %s; %s", previous, steps, step, reason, mtbf_why)
+        if self.is_logger:
+            ledger.append(self.run_dir, LedgerEvent.CKPT_INTERVAL, tier="disk", steps=steps, previous=previous,
+                          step=step, attempt=self.attempt, save_cost_s=round(cost, 4), step_s=round(step_s, 4),
+                          mtbf_s=round(mtbf, 1), failures=int(failures), exposure_s=round(exposure, 1),
+                          reason=f"{why}: {reason}; {mtbf_why}")

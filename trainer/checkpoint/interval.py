@@ -1,0 +1,121 @@
+"""The adaptive checkpoint interval as pure functions: a save's true cost, the failure rate, Young/Daly.
+
+- A save's cost to the loop is the extra wall time of the iterations from the save on (the blocking
+  call, then the steps slowed by the background write: copy-on-write faults, hashing and writing
+  competing for the cores) over the median iteration without a save, not the blocking call alone.
+- The mean time between failures blends a prior with what the run observed: the prior counts as one
+  failure seen after `prior` seconds, so (prior + exposure) / (1 + failures): the prior rules while
+  the run is young, the observed rate once failures accumulate.
+- The interval is Daly's higher-order optimum (Young 1974 to first order) of compute time between
+  saves, in steps of the median iteration, within the configured bounds.
+
+Nothing here touches processes, clocks or files.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+
+
+def young_interval(delta: float, mtbf: float) -> float:
+    """Young's first-order optimal compute time between checkpoints: sqrt(2 delta M)."""
+    return math.sqrt(2 * delta * mtbf)
+
+
+def daly_interval(delta: float, mtbf: float) -> float:
+    """Daly 2006 higher-order optimum: sqrt(2dM)[1 + sqrt(d/2M)/3 + (d/2M)/9] - d for d < 2M, else M."""
+    if delta >= 2 * mtbf:
+        return mtbf
+    x = delta / (2 * mtbf)
+    return math.sqrt(2 * delta * mtbf) * (1 + math.sqrt(x) / 3 + x / 9) - delta
+
+
+def save_cost(iterations: Sequence[float], baseline: float) -> float:
+    """Extra wall seconds of `iterations` (the save's own iteration and the ones after it) over
+    `baseline` (the median iteration without a save), never negative."""
+    return max(0.0, sum(iterations) - baseline * len(iterations))
+
+
+def estimate_mtbf(prior_s: float, failures: int, exposure_s: float) -> tuple[float, str]:
+    """Mean time between failures from a prior (worth one failure) and the run's own history."""
+    mtbf = (prior_s + max(0.0, exposure_s)) / (1 + max(0, failures))
+    return mtbf, (f"MTBF {mtbf:.4g}s = (prior {prior_s:.4g}s + {exposure_s:.4g}s run) / (1 + {failures} failures)")
+
+
+def choose_interval(*, save_cost_s: float, step_s: float, mtbf_s: float, min_steps: int,
+                    max_steps: int) -> tuple[int, str]:
+    """Steps between saves: Daly's optimum for a save costing `save_cost_s` and a failure every
+    `mtbf_s`, over iterations of `step_s`, clamped to [min_steps, max_steps]."""
+    if step_s <= 0 or mtbf_s <= 0:
+        return max_steps, f"no step time or MTBF measured: the upper bound {max_steps}"
+    if save_cost_s <= 0:
+        return min_steps, f"saves cost the loop nothing measurable: the lower bound {min_steps}"
+    tau = daly_interval(save_cost_s, mtbf_s)
+    raw = tau / step_s
+    steps = min(max_steps, max(min_steps, round(raw)))
+    why = (f"Daly {tau:.4g}s of compute = {raw:.1f} steps of {step_s:.3g}s "
+           f"(save costs the loop {save_cost_s:.3g}s, MTBF {mtbf_s:.4g}s)")
+    if steps != round(raw):
+        why += f", bounded to [{min_steps}, {max_steps}]"
+    return steps, why
+
+
+def failure_history(calibrations: Sequence[Mapping]) -> tuple[int, float]:
+    """(failures, exposure seconds) of a run from its nodes' persisted calibration records: every
+    failure is recorded by exactly one node; the nodes run side by side, so the run's exposure is the
+    longest any node has supervised."""
+    failures = sum(len(c.get("failures") or []) for c in calibrations)
+    exposure = max((float(c.get("exposure_s") or 0.0) for c in calibrations), default=0.0)
+    return failures, exposure
+
+
+class CostMeter:
+    """Iteration wall times of one rank, and the cost of each save measured over the `window`
+    iterations that start with it. Feed `iteration(seconds)` once per step and `saved()` at a save."""
+
+    def __init__(self, window: int, warmup: int = 2, keep: int = 200) -> None:
+        self.window, self.warmup, self.keep = window, warmup, keep
+        self.plain: list[float] = []
+        """Recent iterations without a save in flight (the baseline)."""
+        self.costs: list[float] = []
+        """Measured save costs, oldest first."""
+        self._open: list[float] | None = None
+        self._seen = 0
+
+    def saved(self) -> None:
+        """A save happened in the current iteration: its cost window starts here (a window still
+        open is closed with what it has)."""
+        self._close()
+        self._open = []
+
+    def iteration(self, seconds: float) -> bool:
+        """Record one iteration (the save's own one included); True when a save's cost was just measured."""
+        self._seen += 1
+        if self._seen <= self.warmup:  # restore, first-step allocations: neither baseline nor cost
+            self._open = None
+            return False
+        if self._open is None:
+            self.plain = (self.plain + [seconds])[-self.keep:]
+            return False
+        self._open.append(seconds)
+        if len(self._open) >= self.window:
+            return self._close()
+        return False
+
+    def _close(self) -> bool:
+        if not self._open or not self.plain:
+            self._open = None
+            return False
+        self.costs = (self.costs + [save_cost(self._open, self.baseline())])[-self.keep:]
+        self._open = None
+        return True
+
+    def baseline(self) -> float:
+        """The median iteration without a save (0 before any)."""
+        return statistics.median(self.plain) if self.plain else 0.0
+
+    def cost(self) -> float:
+        """The median of the last five measured save costs (0 before any)."""
+        return statistics.median(self.costs[-5:]) if self.costs else 0.0
