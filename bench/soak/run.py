@@ -123,9 +123,10 @@ def main() -> None:
 
     run_dir = args.run_dir or Path(f"/tmp/bench-soak-{int(time.time())}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    opts = DrillOptions(config=args.config, run_dir=run_dir, overrides=[*_overrides(args.steps, args.ckpt_every, adaptive=not args.fixed, mtbf_s=args.mtbf),
-                                                                f"checkpoint.cost_window_steps={args.cost_window}"],
-                        timeout_s=args.duration, detect_timeout_s=90, max_launches=1000)
+    overrides = [*_overrides(args.steps, args.ckpt_every, adaptive=not args.fixed, mtbf_s=args.mtbf),
+                 f"checkpoint.cost_window_steps={args.cost_window}"]
+    opts = DrillOptions(config=args.config, run_dir=run_dir, overrides=overrides, timeout_s=args.duration,
+                        detect_timeout_s=90, max_launches=1000)
     report = run_drill(opts, build_schedule(f"mtbf:{args.mtbf}", FAULTS, args.seed), FAULTS, seed=args.seed)
 
     records = list(ledger.read(run_dir))

@@ -10,6 +10,7 @@ the next start means the previous supervisor died (node loss, SIGKILL), which co
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -40,6 +41,9 @@ class Calibration:
     """The newest observed loop-blocking save times (seconds), the calibrated checkpoint timeout's input."""
     open: bool = False
     """A supervisor is (or was, when it died) running with this file."""
+    signature: str = ""
+    """What the step and save times were measured on (model, layout, batch, topology): times measured
+    on another are dropped, the failure history is kept."""
 
 
 def parse(text: str) -> tuple[Calibration, str | None]:
@@ -52,7 +56,7 @@ def parse(text: str) -> tuple[Calibration, str | None]:
                           exposure_s=float(raw.get("exposure_s", 0.0)),
                           step_times=[float(t) for t in raw.get("step_times", [])],
                           ckpt_times=[float(t) for t in raw.get("ckpt_times", [])],
-                          open=bool(raw.get("open", False)))
+                          open=bool(raw.get("open", False)), signature=str(raw.get("signature", "")))
     except (ValueError, TypeError) as err:
         return Calibration(), f"{type(err).__name__}: {err}"
     return cal, None
@@ -73,15 +77,25 @@ def load(path: Path) -> Calibration:
     return cal
 
 
+def signature(*parts: Any) -> str:
+    """A short digest of what step and save times depend on (JSON-able parts)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 class CalibrationStore:
     """The supervisor's handle on its node's record: seeds the tracker, records failures, keeps time."""
 
-    def __init__(self, run_dir: Path, node: int, tracker: HeartbeatTracker,
+    def __init__(self, run_dir: Path, node: int, tracker: HeartbeatTracker, signature: str,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.path = RunDir(run_dir).calibration_file(node)
         self.tracker, self.clock = tracker, clock
         self.cal = load(self.path)
         self.died_before = self.cal.open
+        if self.cal.signature != signature:
+            if self.cal.step_times or self.cal.ckpt_times:
+                print(f"resilient: {self.path}: step and save times were measured on another model, layout or "
+                      "topology; calibrating again", file=sys.stderr)
+            self.cal.step_times, self.cal.ckpt_times, self.cal.signature = [], [], signature
         tracker.step_times.extend(self.cal.step_times)
         tracker.ckpt_times.extend(self.cal.ckpt_times)
         self._base_exposure = self.cal.exposure_s

@@ -34,7 +34,7 @@ from resilient.core.rundir import RunDir
 from resilient.rank.env import DEFAULT_STOP_SIGNALS, RankEnv
 from resilient.rank.heartbeat import HeartbeatServer
 from resilient.report.rank_steps import RankStepLog
-from resilient.supervisor import decisions, failures, incidents, progress, publishing
+from resilient.supervisor import calibration, decisions, failures, incidents, progress, publishing
 from resilient.supervisor.auth import Sealer, load_or_create_secret
 from resilient.supervisor.calibration import CalibrationStore
 from resilient.supervisor.config import RankProtocol
@@ -72,7 +72,9 @@ class Supervisor:
         self.state: State | Outcome = State.STARTING
         self.ranks: list[RankProcess] = []
         self.tracker = HeartbeatTracker(self.scfg.step_timeout_window)
-        self.calibration = CalibrationStore(run_dir, self.node, self.tracker)  # seeds the tracker
+        self.calibration = CalibrationStore(run_dir, self.node, self.tracker, calibration.signature(
+            cfg.model.model_dump(), cfg.parallel.model_dump(), cfg.train.global_batch, cfg.train.micro_batch,
+            cfg.seq_len, topo.nnodes, self.scfg.nproc_per_node, self.scfg.rank_command))  # seeds the tracker
         self.last_failure: dict[str, Any] | None = None
         self.metrics_port: int | None = None
         self._signal: str | None = None

@@ -6,7 +6,7 @@ import json
 import stat
 
 from resilient.core.rundir import RunDir
-from resilient.supervisor.calibration import CalibrationStore, parse
+from resilient.supervisor.calibration import CalibrationStore, parse, signature
 from resilient.supervisor.tracking import HeartbeatTracker
 
 
@@ -21,7 +21,7 @@ class Clock:
 def test_a_new_supervisor_starts_from_what_the_last_one_learned(tmp_path):
     clock = Clock()
     first = HeartbeatTracker(window=4)
-    store = CalibrationStore(tmp_path, 1, first, clock)
+    store = CalibrationStore(tmp_path, 1, first, "sig", clock)
     store.begin(attempt=0)
     first.step_times.extend([0.5, 0.6, 0.7, 0.8, 0.9])  # the window keeps the newest 4
     first.ckpt_times.append(1.5)
@@ -33,7 +33,7 @@ def test_a_new_supervisor_starts_from_what_the_last_one_learned(tmp_path):
     path = RunDir(tmp_path).calibration_file(1)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     second = HeartbeatTracker(window=4)
-    again = CalibrationStore(tmp_path, 1, second, clock)
+    again = CalibrationStore(tmp_path, 1, second, "sig", clock)
     assert list(second.step_times) == [0.6, 0.7, 0.8, 0.9] and list(second.ckpt_times) == [1.5]
     assert not again.died_before
     again.begin(attempt=1)
@@ -46,8 +46,9 @@ def test_a_new_supervisor_starts_from_what_the_last_one_learned(tmp_path):
 
 def test_a_supervisor_that_died_counts_as_a_failure(tmp_path):
     clock = Clock()
-    CalibrationStore(tmp_path, 0, HeartbeatTracker(window=4), clock).begin(attempt=3)  # then SIGKILL: never closed
-    after = CalibrationStore(tmp_path, 0, HeartbeatTracker(window=4), clock)
+    # begun, then SIGKILLed: never closed
+    CalibrationStore(tmp_path, 0, HeartbeatTracker(window=4), "sig", clock).begin(attempt=3)
+    after = CalibrationStore(tmp_path, 0, HeartbeatTracker(window=4), "sig", clock)
     assert after.died_before
     after.begin(attempt=4)
     after.close()
@@ -59,7 +60,7 @@ def test_a_supervisor_that_died_counts_as_a_failure(tmp_path):
 def test_periodic_writes_are_throttled(tmp_path):
     clock = Clock()
     tracker = HeartbeatTracker(window=4)
-    store = CalibrationStore(tmp_path, 0, tracker, clock)
+    store = CalibrationStore(tmp_path, 0, tracker, "sig", clock)
     store.maybe_write()  # not begun: nothing
     assert not RunDir(tmp_path).calibration_file(0).exists()
     store.begin(attempt=0)
@@ -78,7 +79,24 @@ def test_a_damaged_file_starts_empty_with_one_line(tmp_path, capsys):
     path.parent.mkdir(mode=0o700)
     path.write_text("{not json")
     tracker = HeartbeatTracker(window=4)
-    store = CalibrationStore(tmp_path, 0, tracker, Clock())
+    store = CalibrationStore(tmp_path, 0, tracker, "sig", Clock())
     assert store.cal.failures == [] and not tracker.step_times
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "damaged calibration" in err[0]
+
+
+def test_times_from_another_layout_are_dropped_and_failures_kept(tmp_path, capsys):
+    clock = Clock()
+    tracker = HeartbeatTracker(window=4)
+    store = CalibrationStore(tmp_path, 0, tracker, signature({"layers": 2}, 2), clock)
+    store.begin(attempt=0)
+    tracker.step_times.append(0.4)
+    store.on_failure({"kind": "hang", "step": 3}, attempt=0)
+    store.close()
+    same = HeartbeatTracker(window=4)
+    CalibrationStore(tmp_path, 0, same, signature({"layers": 2}, 2), clock)
+    assert list(same.step_times) == [0.4]
+    other = HeartbeatTracker(window=4)
+    moved = CalibrationStore(tmp_path, 0, other, signature({"layers": 4}, 2), clock)
+    assert not other.step_times and len(moved.cal.failures) == 1
+    assert "calibrating again" in capsys.readouterr().err

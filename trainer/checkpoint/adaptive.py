@@ -108,7 +108,8 @@ class AdaptiveInterval:
         if steps == previous:
             return
         self.config = self.config.model_copy(update={TIER_FIELDS["disk"]: steps})
-        log.info("checkpoint interval (disk) %d -> %d steps at step %d: %s; %s", previous, steps, step, reason, mtbf_why)
+        log.info("checkpoint interval (disk) %d -> %d steps at step %d: %s; %s", previous, steps, step, reason,
+                 mtbf_why)
         if self.is_logger:
             ledger.append(self.run_dir, LedgerEvent.CKPT_INTERVAL, tier="disk", steps=steps, previous=previous,
                           step=step, attempt=self.attempt, save_cost_s=round(cost, 4), step_s=round(step_s, 4),
