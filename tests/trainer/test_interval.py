@@ -59,9 +59,15 @@ def test_prior_rules_a_young_run_and_observation_an_old_one():
 
 
 def test_failure_history_sums_failures_and_takes_the_longest_node():
-    nodes = [{"failures": [{"kind": "crash"}, {"kind": "hang"}], "exposure_s": 100.0},
-             {"failures": [{"kind": "supervisor_lost"}], "exposure_s": 90.0}, {}]
+    nodes = [{"failures": [{"kind": "crash", "step": 5}, {"kind": "hang", "step": 9}], "exposure_s": 100.0},
+             {"failures": [{"kind": "supervisor_lost", "step": None}], "exposure_s": 90.0}, {}]
     assert failure_history(nodes) == (3, 100.0)
+
+
+def test_a_failure_at_the_step_of_the_last_one_lost_nothing_and_counts_once():
+    unhealthy = [{"kind": "health", "step": 33}, {"kind": "health", "step": 33}, {"kind": "crash", "step": 40},
+                 {"kind": "supervisor_lost", "step": None}, {"kind": "supervisor_lost", "step": None}]
+    assert failure_history([{"failures": unhealthy, "exposure_s": 10.0}]) == (4, 10.0)
     assert failure_history([]) == (0, 0.0)
 
 

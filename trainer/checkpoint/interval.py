@@ -63,10 +63,17 @@ def choose_interval(*, save_cost_s: float, step_s: float, mtbf_s: float, min_ste
 
 
 def failure_history(calibrations: Sequence[Mapping]) -> tuple[int, float]:
-    """(failures, exposure seconds) of a run from its nodes' persisted calibration records: every
-    failure is recorded by exactly one node; the nodes run side by side, so the run's exposure is the
-    longest any node has supervised."""
-    failures = sum(len(c.get("failures") or []) for c in calibrations)
+    """(failures, exposure seconds) of a run from its nodes' persisted calibration records. Every failure
+    is recorded by exactly one node; one at the same step as that node's previous one (an unhealthy node
+    failing its pre-flight again, a crash loop) lost no work since and counts once. The nodes run side by
+    side, so the run's exposure is the longest any node has supervised."""
+    failures = 0
+    for cal in calibrations:
+        last: object = object()
+        for f in cal.get("failures") or []:
+            step = f.get("step")
+            failures += step is None or step != last
+            last = step
     exposure = max((float(c.get("exposure_s") or 0.0) for c in calibrations), default=0.0)
     return failures, exposure
 
