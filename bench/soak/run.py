@@ -140,9 +140,13 @@ def main() -> None:
     blocking = statistics.mean(r["blocking_seconds"] for r in saves) if saves else 0.0
     spacing = save_spacing(saves)
     tau = spacing * step_s
-    restart = statistics.mean(restart_costs(train_log, injected))
+    restarts = restart_costs(train_log, injected)
+    if not restarts or not tau:
+        print("bench/soak: no fault was followed by a step of a later attempt, or no two saves in one attempt, "
+              "within --duration: Daly's inputs are not measured; run longer", file=sys.stderr)
+    restart = statistics.mean(restarts) if restarts else 0.0
     mtbf = gp["wall_s"] / max(1, len(injected))
-    predicted = predicted_goodput(tau, delta, restart, mtbf)
+    predicted = predicted_goodput(tau, delta, restart, mtbf) if restarts and tau else None
     best_tau = daly_interval(delta, mtbf)
     changes = [r for r in records if r["event"] == "ckpt_interval"]
     result = {
@@ -161,9 +165,9 @@ def main() -> None:
         "interval_changes": [{k: c.get(k) for k in ("attempt", "step", "previous", "steps", "save_cost_s", "mtbf_s",
                                                      "failures")} for c in changes],
         "goodput_predicted": predicted,
-        "goodput_predicted_at_optimum": predicted_goodput(best_tau, delta, restart, mtbf) if delta > 0 else None,
-        "goodput_predicted_with_blocking_cost": predicted_goodput(tau, blocking, restart, mtbf),
-        "measured_over_predicted": gp["ratio"] / predicted,
+        "goodput_predicted_at_optimum": predicted_goodput(best_tau, delta, restart, mtbf) if predicted and delta > 0 else None,
+        "goodput_predicted_with_blocking_cost": predicted_goodput(tau, blocking, restart, mtbf) if predicted else None,
+        "measured_over_predicted": gp["ratio"] / predicted if predicted else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"soak-{time.strftime('%Y%m%d-%H%M%S')}.json"
