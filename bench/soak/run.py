@@ -148,6 +148,7 @@ def main() -> None:
     mtbf = gp["wall_s"] / max(1, len(injected))
     predicted = predicted_goodput(tau, delta, restart, mtbf) if restarts and tau else None
     best_tau = daly_interval(delta, mtbf)
+    at_optimum = predicted_goodput(best_tau, delta, restart, mtbf) if predicted and delta > 0 else None
     changes = [r for r in records if r["event"] == "ckpt_interval"]
     result = {
         "config": str(args.config), "duration_s": args.duration, "mtbf_target_s": args.mtbf, "seed": args.seed,
@@ -165,7 +166,7 @@ def main() -> None:
         "interval_changes": [{k: c.get(k) for k in ("attempt", "step", "previous", "steps", "save_cost_s", "mtbf_s",
                                                      "failures")} for c in changes],
         "goodput_predicted": predicted,
-        "goodput_predicted_at_optimum": predicted_goodput(best_tau, delta, restart, mtbf) if predicted and delta > 0 else None,
+        "goodput_predicted_at_optimum": at_optimum,
         "goodput_predicted_with_blocking_cost": predicted_goodput(tau, blocking, restart, mtbf) if predicted else None,
         "measured_over_predicted": gp["ratio"] / predicted if predicted else None,
     }
