@@ -240,7 +240,9 @@ def checkpoints_goodput() -> db.Dashboard:
                 Q(f"max(resilient_checkpoint_age_limit_seconds{{{JOB_NODE}}})", "alert limit")], 8, unit="s"))
             .with_panel(series_panel(L, "Checkpoint write rate", [
                 Q(f"max(rate(resilient_checkpoint_written_bytes_total{{{JOB_NODE}}}[$__rate_interval]))", "written")],
-                8, unit="Bps")))
+                8, unit="Bps"))
+            .with_panel(series_panel(L, "Checkpoint interval (steps; adaptive: Daly)", [
+                Q(f"max by (tier) (resilient_checkpoint_interval_steps{{{JOB_NODE}}})", "{{tier}}")], 8)))
 
 
 def gpu_node_health() -> db.Dashboard:
