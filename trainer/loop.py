@@ -197,7 +197,8 @@ class Trainer:
             decision = self.checkpointer.should_save(state.step, cfg.train.steps, stop_requested)
             if decision.yes:
                 self._save(decision.reason)
-            self.adaptive.iteration_done(state.step, decision.yes, excluded_s=eval_s)
+            self.adaptive.iteration_done(state.step, decision.yes, in_flight=self.checkpointer.in_flight,
+                                         excluded_s=eval_s)
             self.checkpointer.cfg = self.adaptive.config  # the interval the next save decision uses
             if stop_requested:
                 outcome = ExitCode.PREEMPTED

@@ -8,8 +8,9 @@ config with enough steps to outlast --duration; when the time is up the drill's 
 checkpoint interval (`checkpoint.adaptive`, starting at --ckpt-every, prior MTBF --mtbf) unless --fixed.
 The Daly prediction uses what this very run measured:
   delta  a save's true cost to the loop: the extra wall time of the iterations from the save on (the
-         blocking call, then the steps slowed by the background write) over the median iteration, read
-         from the train log's timestamps (`ckpt_save.blocking_seconds` alone is reported beside it)
+         blocking call, then the steps slowed by the background write: at least --cost-window, and all
+         until the commit) over the median iteration, read from the train log's timestamps
+         (`ckpt_save.blocking_seconds` alone is reported beside it)
   tau    compute between checkpoints: the mean spacing of consecutive saves of an attempt x the median step
   R      restart cost: mean time from an injected fault to the start of the first step of the next attempt
          (the steps recomputed after it are lost work in Daly's model, not restart time)
@@ -83,15 +84,23 @@ def with_attempts(saves: list[dict], train_log: list[dict]) -> list[dict]:
 
 
 def true_save_costs(train_log: list[dict], saves: list[dict], window: int) -> tuple[list[float], float]:
-    """Each save's extra wall time over the `window` iterations after the saved step, against the median
+    """Each save's extra wall time over the iterations after the saved step (at least `window`, and every
+    one that ended before the save was committed: the background write slows them), against the median
     gap of the iterations no save touched; returns (costs, median gap)."""
     gaps = iteration_gaps(train_log)
-    touched = {(s["attempt"], s["step"] + k) for s in saves for k in range(1, window + 1)}
+    ends = {(r["attempt"], r["step"]): r["ts"] for r in train_log}
+    spans = {}
+    for s in saves:
+        a, k = s["attempt"], 1
+        while k <= window or ends.get((a, s["step"] + k), float("inf")) <= s["ts"]:
+            k += 1
+        spans[(a, s["step"])] = range(1, k)
+    touched = {(a, step + k) for (a, step), span in spans.items() for k in span}
     plain = [g for key, g in gaps.items() if key not in touched]
     baseline = statistics.median(plain) if plain else 0.0
     costs = []
-    for s in saves:
-        after = [gaps.get((s["attempt"], s["step"] + k)) for k in range(1, window + 1)]
+    for (a, step), span in spans.items():
+        after = [gaps.get((a, step + k)) for k in span]
         if all(g is not None for g in after):  # a save a fault or the end cut short tells nothing
             costs.append(save_cost(after, baseline))
     return costs, baseline

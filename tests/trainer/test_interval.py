@@ -92,6 +92,21 @@ def test_meter_measures_each_save_over_its_window_against_plain_iterations():
     assert meter.costs[-1] == pytest.approx(0.5)
 
 
+def test_meter_window_stays_open_while_the_write_is_in_flight():
+    meter = CostMeter(window=2, warmup=0, longest=6)
+    for _ in range(3):
+        meter.iteration(1.0)
+    meter.iteration(1.0, in_flight=True)  # another save's write still running: not a baseline iteration
+    assert meter.plain == [1.0, 1.0, 1.0]
+    meter.saved()
+    assert not meter.iteration(1.1, in_flight=True) and not meter.iteration(1.5, in_flight=True)
+    assert not meter.iteration(1.4, in_flight=True)  # past the window, but the write goes on
+    assert meter.iteration(1.0, in_flight=False)
+    assert meter.cost() == pytest.approx(1.0)
+    meter.saved()
+    assert [meter.iteration(1.0, in_flight=True) for _ in range(6)] == [False] * 5 + [True]  # `longest` bounds it
+
+
 def test_config_refuses_crossed_bounds_and_adaptive_without_a_start():
     with pytest.raises(ConfigError, match="min_interval_steps 9 exceeds max_interval_steps 3"):
         parse_section(CheckpointConfig, {"min_interval_steps": 9, "max_interval_steps": 3})

@@ -80,9 +80,10 @@ class AdaptiveInterval:
         self._decide(step, cost, step_s, why="at start, from the last measurement and the failure history")
         self._last_end = self.clock()
 
-    def iteration_done(self, step: int, saved: bool, excluded_s: float = 0.0) -> None:
-        """At the end of each loop iteration (every rank): `saved` when this iteration saved; `excluded_s`
-        (evaluation) is not loop time a save could have cost."""
+    def iteration_done(self, step: int, saved: bool, in_flight: bool, excluded_s: float = 0.0) -> None:
+        """At the end of each loop iteration (every rank): `saved` when this iteration saved; `in_flight`
+        while a save's background write is unfinished (the same on every rank: finalizing is collective);
+        `excluded_s` (evaluation) is not loop time a save could have cost."""
         if not self.config.adaptive:
             return
         now = self.clock()
@@ -90,7 +91,7 @@ class AdaptiveInterval:
         self._last_end = now
         if saved:
             self.meter.saved()
-        if self.meter.iteration(max(0.0, seconds)):
+        if self.meter.iteration(max(0.0, seconds), in_flight):
             self._decide(step, self.meter.cost(), self.meter.baseline(), why=f"save cost measured at step {step}")
 
     def _decide(self, step: int, cost: float, step_s: float, *, why: str) -> None:

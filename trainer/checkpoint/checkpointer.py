@@ -143,6 +143,11 @@ class Checkpointer:
             blocking = time.monotonic() - started
         return blocking
 
+    @property
+    def in_flight(self) -> bool:
+        """A save's background write is not finalized yet (the same on every rank after `poll`)."""
+        return bool(self.queue.get_num_unfinalized_calls())
+
     def poll(self, blocking: bool = False) -> None:
         """Finalize saves whose background write finished (a collective: call on every rank)."""
         if not self.queue.get_num_unfinalized_calls():

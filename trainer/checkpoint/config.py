@@ -42,7 +42,8 @@ class CheckpointConfig(Section):
     """Adaptive interval: never save less often than every N steps."""
     cost_window_steps: int = Field(5, ge=1)
     """Adaptive interval: iterations, from the save's own on, whose extra wall time over the median
-    iteration counts as the save's cost to the loop (the background write slows the steps after it)."""
+    iteration counts as the save's cost to the loop (at least these; more while the background write,
+    which slows the steps after it, is still in flight)."""
 
     @model_validator(mode="after")
     def _adaptive_bounds(self) -> "CheckpointConfig":

@@ -79,11 +79,12 @@ def failure_history(calibrations: Sequence[Mapping]) -> tuple[int, float]:
 
 
 class CostMeter:
-    """Iteration wall times of one rank, and the cost of each save measured over the `window`
-    iterations that start with it. Feed `iteration(seconds)` once per step and `saved()` at a save."""
+    """Iteration wall times of one rank, and the cost of each save measured over the iterations that
+    start with it: at least `window`, and on while its background write is in flight (up to `longest`).
+    Feed `iteration(seconds, in_flight)` once per step and `saved()` at a save."""
 
-    def __init__(self, window: int, warmup: int = 2, keep: int = 200) -> None:
-        self.window, self.warmup, self.keep = window, warmup, keep
+    def __init__(self, window: int, warmup: int = 2, keep: int = 200, longest: int = 1000) -> None:
+        self.window, self.warmup, self.keep, self.longest = window, warmup, keep, max(window, longest)
         self.plain: list[float] = []
         """Recent iterations without a save in flight (the baseline)."""
         self.costs: list[float] = []
@@ -97,17 +98,19 @@ class CostMeter:
         self._close()
         self._open = []
 
-    def iteration(self, seconds: float) -> bool:
-        """Record one iteration (the save's own one included); True when a save's cost was just measured."""
+    def iteration(self, seconds: float, in_flight: bool = False) -> bool:
+        """Record one iteration (the save's own one included); `in_flight`: the save's background write
+        has not finished yet. True when a save's cost was just measured."""
         self._seen += 1
         if self._seen <= self.warmup:  # restore, first-step allocations: neither baseline nor cost
             self._open = None
             return False
         if self._open is None:
-            self.plain = (self.plain + [seconds])[-self.keep:]
+            if not in_flight:
+                self.plain = (self.plain + [seconds])[-self.keep:]
             return False
         self._open.append(seconds)
-        if len(self._open) >= self.window:
+        if (len(self._open) >= self.window and not in_flight) or len(self._open) >= self.longest:
             return self._close()
         return False
 
