@@ -13,7 +13,7 @@ from resilient.core.exit_codes import ExitCode
 from resilient.core.rundir import RunDir
 from tests.supervisor.harness import REPO, events, ranks_of, start, wait_until
 
-pytestmark = [pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 # Starts at 3 steps, outside the bounds [4, 8]: every decision is a change, whatever the machine measures.
 SETS = ["train.steps=30", "train.eval_every=0", "train.warmup_steps=4", "metrics.port=0", "checkpoint.adaptive=true",
