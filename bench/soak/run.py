@@ -157,6 +157,10 @@ def main() -> None:
     mtbf = gp["wall_s"] / max(1, len(injected))
     predicted = predicted_goodput(tau, delta, restart, mtbf) if restarts and tau else None
     best_tau = daly_interval(delta, mtbf)
+    # Daly's model is a run in steady state: it has no first start. The same measurement from the start
+    # of the first step on (the first cold start taken out of the wall time):
+    first_start = train_log[0]["ts"] - train_log[0]["step_time"] - min(r["ts"] for r in records)
+    steady = gp["productive_s"] / (gp["wall_s"] - first_start)
     at_optimum = predicted_goodput(best_tau, delta, restart, mtbf) if predicted and delta > 0 else None
     changes = [r for r in records if r["event"] == "ckpt_interval"]
     result = {
@@ -178,6 +182,9 @@ def main() -> None:
         "goodput_predicted_at_optimum": at_optimum,
         "goodput_predicted_with_blocking_cost": predicted_goodput(tau, blocking, restart, mtbf) if predicted else None,
         "measured_over_predicted": gp["ratio"] / predicted if predicted else None,
+        "first_start_s": first_start,
+        "goodput_measured_from_first_step": steady,
+        "measured_from_first_step_over_predicted": steady / predicted if predicted and steady else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"soak-{time.strftime('%Y%m%d-%H%M%S')}.json"

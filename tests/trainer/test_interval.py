@@ -16,6 +16,7 @@ from trainer.checkpoint.interval import (
     save_cost,
     young_interval,
 )
+from trainer.checkpoint.policy import should_save
 
 HOUR = 3600.0
 
@@ -112,3 +113,15 @@ def test_config_refuses_crossed_bounds_and_adaptive_without_a_start():
         parse_section(CheckpointConfig, {"min_interval_steps": 9, "max_interval_steps": 3})
     with pytest.raises(ConfigError, match="adaptive needs interval_steps > 0"):
         parse_section(CheckpointConfig, {"adaptive": True, "interval_steps": 0})
+
+
+def test_an_adaptive_interval_counts_from_the_last_save_a_fixed_one_at_multiples():
+    def due(cfg: CheckpointConfig, step: int, last: int | None) -> bool:
+        return should_save(cfg, step=step, final_step=1000, last_save_step=last, seconds_since_save=0.0,
+                           stop_requested=False).yes
+
+    fixed = CheckpointConfig(interval_steps=127)
+    adaptive = CheckpointConfig(interval_steps=127, adaptive=True)
+    assert due(fixed, 381, last=375)  # a multiple of the new interval, 6 steps after the last save
+    assert not due(adaptive, 381, last=375) and due(adaptive, 502, last=375)
+    assert due(adaptive, 127, last=None) and not due(adaptive, 128, last=None)  # no save yet this attempt
