@@ -49,6 +49,17 @@ class SupervisorConfig(Section):
     trainer; for another script, on once a checkpoint in a layout the supervisor reads exists there.
     Set it for a script that saves in such a layout, so that a run whose every save was refused is
     caught too."""
+    warm_spares: bool = True
+    """Keep one parked process per local rank (torch, megatron-core and the rank command's imports loaded,
+    no process group yet) that takes the rank of the next attempt instead of a cold start; replenished
+    once the new ranks step; costs their resident memory (status.json, resilient_spares_rss_bytes).
+    Python rank commands only (`{python} -m MODULE ...` or `{python} SCRIPT ...`)."""
+    warm_imports: list[str] = Field(default_factory=list)
+    """Modules a spare imports besides the defaults (own trainer: torch, megatron.core, its modules;
+    another script: its top-level imports)."""
+    spare_refill_delay_s: float = Field(15.0, ge=0)
+    """Start the next spares at the latest this long after a new attempt's ranks were spawned (sooner
+    once every local rank reports a step)."""
     allow_shared_dir: bool = False
     """Use a run or checkpoint directory that another user owns or can write (refused by default: that
     user could plant checkpoints or configs)."""
@@ -98,7 +109,8 @@ class SupervisorConfig(Section):
     max_attempts_without_progress: int = Field(3, ge=1)
     """Consecutive failed attempts that completed no step before giving up with NO_PROGRESS."""
     backoff_initial_s: float = Field(1.0, ge=0)
-    """Wait before the first restart; doubles with every further restart."""
+    """Wait before a restart after an attempt that made no progress; doubles with every further restart.
+    An attempt that made progress is restarted at once."""
     backoff_max_s: float = Field(60.0, ge=0)
     """Upper bound of the restart backoff."""
 
