@@ -158,6 +158,12 @@ def trial(launcher: str, config: Path, sets: list[str], work: Path, number: int,
         if victim is None:
             return {**out, "error": "rank 1 not found"}
         killed_after = max(r["step"] for r in _train_steps(run_dir))
+        if launcher == "resilient":  # the spares of attempt 0's ranks took them; did the next ones finish importing?
+            out["spares_warm_at_kill"] = max(0, _warm_lines(run_dir) - cfg.supervisor.nproc_per_node)
+            try:
+                out["spares_status"] = json.loads((run_dir / "status.json").read_text()).get("spares")
+            except (OSError, json.JSONDecodeError):
+                pass
         killed = time.time()
         victim.send_signal(signal.SIGKILL)
         nxt = _wait(lambda: [r for r in _train_steps(run_dir) if r["ts"] > killed][:1], timeout)
@@ -170,6 +176,13 @@ def trial(launcher: str, config: Path, sets: list[str], work: Path, number: int,
     finally:
         _end(proc, run_dir)
         log.close()
+
+
+def _warm_lines(run_dir: Path) -> int:
+    """Spares of this run that finished their imports (resilient.rank.park says so in the spares log)."""
+    logs = list((run_dir / "logs").glob("spares.node*.log"))
+    return sum(line.startswith("resilient park: pid") and " warm after " in line
+               for log in logs for line in log.read_text(errors="replace").splitlines())
 
 
 def _phases(run_dir: Path, killed: float, step: dict) -> dict:

@@ -24,7 +24,8 @@ from resilient.core.rundir import RunDir
 from resilient.rank.env import RankEnv
 from resilient.supervisor.ranks import RankProcess, log_path, rank_environ
 
-OWN_TRAINER_IMPORTS = ("torch", "megatron.core", "trainer.config", "trainer.loop", "resilient.rank")
+OWN_TRAINER_IMPORTS = ("torch", "megatron.core", "megatron.core.datasets.indexed_dataset", "trainer.config",
+                       "trainer.loop", "resilient.rank")
 """What `python -m trainer` imports lazily in main(): importing them is most of a rank's start-up."""
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
