@@ -36,10 +36,10 @@ import psutil
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from resilient.config import dump_config, load_config  # noqa: E402
-from resilient.core import ledger  # noqa: E402
-from resilient.supervisor.progress import newest_complete_step  # noqa: E402
-from resilient.supervisor.spares import is_parked  # noqa: E402
+from resilient.config import dump_config, load_config
+from resilient.core import ledger
+from resilient.supervisor.progress import newest_complete_step
+from resilient.supervisor.spares import is_parked
 
 LAUNCHERS = ("resilient", "ft_launcher", "torchrun")
 
@@ -140,10 +140,10 @@ def trial(launcher: str, config: Path, sets: list[str], work: Path, number: int,
     env["BENCH_RECOVERY_RUN"] = str(run_dir)  # marks every process of the trial (leftover check)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     argv = _command(launcher, run_dir / "config.yaml", run_dir, cfg.supervisor.nproc_per_node)
-    log = open(work / f"{launcher}-{number}.log", "ab")
-    launched = time.time()
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True)
-    out: dict = {"launcher": launcher, "trial": number, "run_dir": str(run_dir)}
+    with open(work / f"{launcher}-{number}.log", "ab") as log:
+        launched = time.time()
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True)
+    out: dict = {"launcher": launcher, "trial": number, "run_dir": str(run_dir), "launched": launched}
     try:
         first = _wait(lambda: _train_steps(run_dir)[:1], timeout)
         if not first:
@@ -175,7 +175,6 @@ def trial(launcher: str, config: Path, sets: list[str], work: Path, number: int,
         return out
     finally:
         _end(proc, run_dir)
-        log.close()
 
 
 def _warm_lines(run_dir: Path) -> int:
@@ -268,7 +267,7 @@ def main() -> None:
     s = result["summary"]
     for name in launchers:
         r = s[name]
-        fmt = lambda v: "-" if v is None else f"{v:.2f}s"  # noqa: E731
+        fmt = lambda v: "-" if v is None else f"{v:.2f}s"
         print(f"{name:<12} cold start p50 {fmt(r['cold_start_p50_s'])}  SIGKILL -> next step p50 "
               f"{fmt(r['recovery_p50_s'])} p95 {fmt(r['recovery_p95_s'])}  ({r['trials']} trials, "
               f"{len(r['failed'])} failed)")

@@ -6,7 +6,6 @@ import json
 import signal
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -84,7 +83,7 @@ def test_a_foreign_python_script_runs_from_a_spare(tmp_path):
         "health": {"enabled": False}, "metrics": {"enabled": False}}))
     run_dir = tmp_path / "run"
     proc = start(["run", str(cfg), "--run-dir", str(run_dir)], log=tmp_path / "supervisor.log")
-    saved = lambda r: json.loads(p.read_text())["step"] if (p := run_dir / "state" / f"rank{r}.json").exists() else 0  # noqa: E731
+    saved = lambda r: json.loads(p.read_text())["step"] if (p := run_dir / "state" / f"rank{r}.json").exists() else 0
     wait_until(lambda: saved(1) >= 10, 60, "rank 1 saved step 10")
     parked = wait_until(lambda: len(_parked(proc.pid)) == 2 and _parked(proc.pid), 60, "two parked spares")
     ranks_of(proc.pid)[1].send_signal(signal.SIGKILL)
