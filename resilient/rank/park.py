@@ -28,6 +28,7 @@ import sys
 import time
 from typing import Any
 
+from resilient.rank.env import ASSIGNED_AT
 from resilient.rank.orphan import die_with_parent
 
 IMPORT_FAILED = "resilient park: warm import"
@@ -62,6 +63,7 @@ def run_assignment(assignment: dict[str, Any]) -> None:
     _redirect(str(assignment["log"]))
     os.environ.clear()
     os.environ.update({str(k): str(v) for k, v in assignment["environ"].items()})
+    os.environ[ASSIGNED_AT] = repr(time.time())  # the rank's start-up counts from here, not from the park
     if len(argv) >= 3 and argv[1] == "-m":
         sys.argv = [argv[2], *argv[3:]]
         sys.path[0] = os.getcwd()

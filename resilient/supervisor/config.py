@@ -98,7 +98,8 @@ class SupervisorConfig(Section):
     """Once every local rank reported `done`, how long one may take to exit before it is stopped and the
     attempt counts as finished (node 0 still requires the final step to be committed)."""
     termination_grace_s: float = Field(10.0, ge=0)
-    """After SIGTERM to a rank's process group, wait this long before SIGKILL."""
+    """After SIGTERM to a rank's process group, wait this long before SIGKILL (ranks left at a clean end or
+    when the supervisor stops; the ranks of a failed attempt are SIGKILLed at once)."""
     preempt_signal: str = "SIGUSR2"
     """Signal (besides SIGTERM) that means preemption, e.g. Slurm's `--signal=USR2@120`."""
     preempt_grace_s: float = Field(120.0, gt=0)
