@@ -141,3 +141,14 @@ def test_100_warm_restarts_leak_no_fds_processes_or_memory(tmp_path):
     assert max(s[1] for s in late) <= max(s[1] for s in early) + FDS_BOUND
     assert max(s[2] for s in samples) <= 2 * 2 + 2  # two ranks, two spares (+ a dying rank not yet reaped)
     assert max(s[3] for s in late) <= max(s[3] for s in early) + RSS_BOUND
+
+
+def test_status_shows_the_spares_and_their_memory(tmp_path):
+    from rich.console import Console
+
+    from resilient.status import render_status
+
+    console = Console(record=True, width=200)
+    render_status({"state": "running", "ranks": [], "spares": {"vm": {"count": 2, "rss_bytes": 3 * 2**29}}},
+                  console, run_dir=tmp_path)
+    assert "warm spares: vm 2 (1.50 GiB)" in console.export_text()
