@@ -240,10 +240,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60, help="train.steps (the run is ended after the recovery)")
     ap.add_argument("--kill-at", type=int, default=25)
     ap.add_argument("--ckpt-every", type=int, default=10)
-    ap.add_argument("--timeout", type=float, default=120.0, help="per phase of a trial before it counts as failed")
+    ap.add_argument("--timeout", type=float, default=300.0, help="per phase of a trial before it counts as failed")
     ap.add_argument("--launchers", default=",".join(LAUNCHERS))
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped benchmark still ends its trial's run
     launchers = [name for name in args.launchers.split(",") if name]
     unknown = set(launchers) - set(LAUNCHERS)
     if unknown:
