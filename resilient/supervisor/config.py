@@ -58,8 +58,8 @@ class SupervisorConfig(Section):
     """Modules a spare imports besides the defaults (own trainer: torch, megatron.core, its modules;
     another script: its top-level imports)."""
     spare_refill_delay_s: float = Field(15.0, ge=0)
-    """Start the next spares at the latest this long after a new attempt's ranks were spawned (sooner
-    once every local rank reports a step)."""
+    """Ranks that send no heartbeats: start the next spares this long after a new attempt's ranks were
+    spawned (ranks that send heartbeats: once every local rank reports a step)."""
     allow_shared_dir: bool = False
     """Use a run or checkpoint directory that another user owns or can write (refused by default: that
     user could plant checkpoints or configs)."""

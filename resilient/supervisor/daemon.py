@@ -249,7 +249,8 @@ class Supervisor:
     def _maybe_refill_spares(self, now: float) -> None:
         if self._refill_at is None or self.spares is None:
             return
-        phases = [self.tracker.views[r.spec.rank].phase for r in self.ranks]
+        views = [self.tracker.views[r.spec.rank] for r in self.ranks]
+        phases = [v.phase if v.last_heartbeat is not None else None for v in views]
         due, _ = spares.refill_due(phases, now - self._refill_at, self.scfg.spare_refill_delay_s)
         if due:
             self._refill_spares()

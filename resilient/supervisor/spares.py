@@ -81,13 +81,16 @@ def module_imports(name: str) -> list[str]:
 
 
 def refill_due(phases: list[str | None], since_spawn_s: float, delay_s: float) -> tuple[bool, str]:
-    """Whether to start the next spares now: once every local rank is stepping (heartbeats), or `delay_s`
-    after the ranks were spawned (ranks without heartbeats, slow starts)."""
+    """Whether to start the next spares now. `phases`: each local rank's latest heartbeat phase (None: none
+    heard yet). Ranks that send heartbeats: once every one is stepping, so the spares' imports never compete
+    with the ranks' start-up; ranks that send none: `delay_s` after they were spawned."""
     if phases and all(p in ("step", "checkpoint", "eval", "done") for p in phases):
         return True, "every local rank is stepping"
+    if any(p is not None for p in phases):
+        return False, "ranks still starting"
     if since_spawn_s >= delay_s:
-        return True, f"{since_spawn_s:.1f}s since the ranks were spawned"
-    return False, "ranks still starting"
+        return True, f"no heartbeats {since_spawn_s:.1f}s after the ranks were spawned"
+    return False, "no heartbeats yet"
 
 
 def rss_bytes(pid: int) -> int:

@@ -47,8 +47,9 @@ def test_other_commands_get_no_spares(argv, why):
 def test_refill_waits_for_stepping_ranks_or_the_delay():
     assert spares.refill_due(["step", "step"], 1.0, 15.0)[0]
     assert not spares.refill_due(["step", "init"], 1.0, 15.0)[0]
-    assert not spares.refill_due(["restore", "restore"], 14.9, 15.0)[0]
-    assert spares.refill_due([None, None], 15.0, 15.0)[0]
+    assert not spares.refill_due(["restore", "init"], 100.0, 15.0)[0]  # heartbeats: wait for steps
+    assert not spares.refill_due([None, None], 14.9, 15.0)[0]
+    assert spares.refill_due([None, None], 15.0, 15.0)[0]  # no heartbeats: after the delay
 
 
 # -- processes ---------------------------------------------------------------------------------------
