@@ -75,6 +75,10 @@ def _renderable(status: dict[str, Any], now: float, run_dir: str | Path, inciden
         parts.append(Text(f"stop requested by node {stop.get('node')}: {stop.get('reason')}{_origin(stop)}"))
     for path, err in (status.get("storage_errors") or {}).items():
         parts.append(Text(f"storage: {err.get('lost_writes')} write(s) of {path} lost ({err.get('error')})"))
+    spares = {n: s for n, s in (status.get("spares") or {}).items() if s}
+    if spares:  # warm standby ranks per node and what they cost
+        parts.append(Text("warm spares: " + ", ".join(f"{n} {s.get('count')} ({(s.get('rss_bytes') or 0) / 2**30:.2f} GiB)"
+                                                     for n, s in spares.items())))
     table = Table("rank", "node", "pid", "phase", "step", "heartbeat age")
     for r in status.get("ranks", []):
         table.add_row(str(r.get("rank")), str(r.get("node_name", r.get("node"))), str(r.get("pid")),

@@ -105,6 +105,9 @@ class Catalog:
         self.ckpt_age_limit = Gauge("resilient_checkpoint_age_limit_seconds",
                                     "Checkpoint age above which the CheckpointTooOld alert fires", n, registry=r)
         # Failures and restarts (this supervisor's lifetime; the ledger keeps the whole run).
+        self.spares = Gauge("resilient_spares", "Warm standby rank processes parked on the node", n, registry=r)
+        self.spares_rss = Gauge("resilient_spares_rss_bytes", "Resident memory of the node's parked spares",
+                                n, registry=r)
         self.restarts = Counter("resilient_restarts", "In-job restarts of all ranks", n, registry=r)
         self.failures = Counter("resilient_failures", "Detected failures by kind", n + ("kind",), registry=r)
         self.storage_faults = Counter("resilient_storage_faults", "Checkpoint storage low, full or failing, or a "

@@ -128,6 +128,10 @@ class NodeMetrics:
     def on_restart(self) -> None:
         self.m.restarts.labels(self.node).inc()
 
+    def on_spares(self, count: int, rss_bytes: int) -> None:
+        self.m.spares.labels(self.node).set(count)
+        self.m.spares_rss.labels(self.node).set(rss_bytes)
+
     def heartbeat_age(self, rank: int, seconds: float) -> None:
         self.m.heartbeat_age.labels(self.node, str(rank)).set(seconds)
 

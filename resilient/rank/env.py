@@ -21,6 +21,18 @@ NODE_RANK = "RESILIENT_NODE_RANK"
 NODE_NAME = "RESILIENT_NODE_NAME"
 STOP_SIGNALS = "RESILIENT_STOP_SIGNALS"
 DEFAULT_STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
+ASSIGNED_AT = "RESILIENT_ASSIGNED_AT"
+"""Set by a parked spare (resilient.rank.park) when it takes a rank: Unix time the rank began."""
+
+
+def assigned_at(env: Mapping[str, str] = os.environ) -> float | None:
+    """When this process became a rank, if it was a parked spare (its own start time is then earlier, by
+    however long it was parked); None for a rank started as a new process."""
+    value = env.get(ASSIGNED_AT)
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
 
 
 def node_name(env: Mapping[str, str] = os.environ) -> str:

@@ -49,6 +49,17 @@ class SupervisorConfig(Section):
     trainer; for another script, on once a checkpoint in a layout the supervisor reads exists there.
     Set it for a script that saves in such a layout, so that a run whose every save was refused is
     caught too."""
+    warm_spares: bool = True
+    """Keep one parked process per local rank (torch, megatron-core and the rank command's imports loaded,
+    no process group yet) that takes the rank of the next attempt instead of a cold start; replenished
+    once the new ranks step; costs their resident memory (status.json, resilient_spares_rss_bytes).
+    Python rank commands only (`{python} -m MODULE ...` or `{python} SCRIPT ...`)."""
+    warm_imports: list[str] = Field(default_factory=list)
+    """Modules a spare imports besides the defaults (own trainer: torch, megatron.core, its modules;
+    another script: its top-level imports)."""
+    spare_refill_delay_s: float = Field(15.0, ge=0)
+    """Ranks that send no heartbeats: start the next spares this long after a new attempt's ranks were
+    spawned (ranks that send heartbeats: once every local rank reports a step)."""
     allow_shared_dir: bool = False
     """Use a run or checkpoint directory that another user owns or can write (refused by default: that
     user could plant checkpoints or configs)."""
@@ -87,7 +98,8 @@ class SupervisorConfig(Section):
     """Once every local rank reported `done`, how long one may take to exit before it is stopped and the
     attempt counts as finished (node 0 still requires the final step to be committed)."""
     termination_grace_s: float = Field(10.0, ge=0)
-    """After SIGTERM to a rank's process group, wait this long before SIGKILL."""
+    """After SIGTERM to a rank's process group, wait this long before SIGKILL (ranks left at a clean end or
+    when the supervisor stops; the ranks of a failed attempt are SIGKILLed at once)."""
     preempt_signal: str = "SIGUSR2"
     """Signal (besides SIGTERM) that means preemption, e.g. Slurm's `--signal=USR2@120`."""
     preempt_grace_s: float = Field(120.0, gt=0)
@@ -98,7 +110,8 @@ class SupervisorConfig(Section):
     max_attempts_without_progress: int = Field(3, ge=1)
     """Consecutive failed attempts that completed no step before giving up with NO_PROGRESS."""
     backoff_initial_s: float = Field(1.0, ge=0)
-    """Wait before the first restart; doubles with every further restart."""
+    """Wait before a restart after an attempt that made no progress; doubles with every further restart.
+    An attempt that made progress is restarted at once."""
     backoff_max_s: float = Field(60.0, ge=0)
     """Upper bound of the restart backoff."""
 

@@ -34,7 +34,7 @@ from resilient.core.rundir import RunDir
 from resilient.rank.env import DEFAULT_STOP_SIGNALS, RankEnv
 from resilient.rank.heartbeat import HeartbeatServer
 from resilient.report.rank_steps import RankStepLog
-from resilient.supervisor import calibration, decisions, failures, incidents, progress, publishing
+from resilient.supervisor import calibration, decisions, failures, incidents, progress, publishing, spares
 from resilient.supervisor.auth import Sealer, load_or_create_secret
 from resilient.supervisor.calibration import CalibrationStore
 from resilient.supervisor.config import RankProtocol
@@ -90,6 +90,8 @@ class Supervisor:
         # exit_only: progress is the newest complete checkpoint, hangs are caught only for ranks that send heartbeats.
         self.exit_only = self.scfg.rank_protocol is RankProtocol.EXIT_ONLY
         self.progress_root = progress.progress_dir(self.scfg.progress_dir, cfg.checkpoint.dir, run_dir)
+        self.spares: spares.Spares | None = None
+        self._refill_at: float | None = None  # when the current attempt's ranks were spawned, until refilled
 
     # -- entry point --------------------------------------------------------------------------------
 
@@ -114,6 +116,8 @@ class Supervisor:
         finally:
             stop_all(self.ranks, self.scfg.termination_grace_s)
             self.calibration.close()
+            if self.spares is not None:
+                self.spares.close()
             self.hooks.stop()
             if self.server is not None:
                 self.server.close()
@@ -124,6 +128,7 @@ class Supervisor:
             self._write_config()
         self.metrics_port = self.hooks.start()
         self.server = HeartbeatServer(RunDir(self.run_dir).heartbeat_socket(self.node))
+        self._start_spares()
         sealer = Sealer(load_or_create_secret(self.run_dir), self.topo.instance)
         self.coord = Coordinator.open(self.topo, self.scfg, sealer, self._on_forged)
         self._status_due.interval_s = self.coord.intervals.status_s
@@ -186,7 +191,10 @@ class Supervisor:
             self.hooks.stop_monitor()
         if end is NodeOutcome.FAILED:
             self._set_state(State.STOPPING)
-        stop_all(self.ranks, self.scfg.termination_grace_s)  # after a clean end: only leftovers in the groups
+        # A failed attempt's survivors are SIGKILLed at once: every rank is replaced anyway, and a rank
+        # blocked in a gloo collective cannot be aborted (on GPU, NCCL communicators die with the process).
+        # After a clean end only leftovers in the groups remain; a preemption had its grace in _watch.
+        stop_all(self.ranks, 0.0 if end is NodeOutcome.FAILED else self.scfg.termination_grace_s)
         if self.exit_only:
             reached = progress.newest_complete_step(self.progress_root)
             self.tracker.start_step, self.tracker.reached_step = start, reached
@@ -198,25 +206,60 @@ class Supervisor:
         self._stop_seen = self._stop_seen or gate == "stop"
         return None if gate is None else _Gate(gate)
 
-    def _spawn_ranks(self) -> None:
-        assert self.coord is not None and self.server is not None
-        port = self.coord.master_port(self.attempt)
+    def _rank_specs(self, port: int, attempt: int) -> list[RankEnv]:
+        assert self.server is not None
         nproc = self.scfg.nproc_per_node
-        self.ranks, views = [], []
-        for local in range(nproc):
-            spec = RankEnv(
-                rank=self.node * nproc + local, local_rank=local, world_size=self.topo.nnodes * nproc,
-                local_world_size=nproc, node_rank=self.node, node_name=self.topo.node_name,
-                master_addr=self.topo.master_addr, master_port=port, attempt=self.attempt,
-                run_dir=self.run_dir, heartbeat_socket=self.server.path, supervisor_pid=os.getpid(),
-                stop_signals=tuple(dict.fromkeys((self.scfg.stop_signal().name, *DEFAULT_STOP_SIGNALS,
-                                                  self.scfg.preempt_signal))),
-            )
-            proc = spawn(spec, self.scfg.rank_argv(self.config_path, self.run_dir))
+        return [RankEnv(
+            rank=self.node * nproc + local, local_rank=local, world_size=self.topo.nnodes * nproc,
+            local_world_size=nproc, node_rank=self.node, node_name=self.topo.node_name,
+            master_addr=self.topo.master_addr, master_port=port, attempt=attempt,
+            run_dir=self.run_dir, heartbeat_socket=self.server.path, supervisor_pid=os.getpid(),
+            stop_signals=tuple(dict.fromkeys((self.scfg.stop_signal().name, *DEFAULT_STOP_SIGNALS,
+                                              self.scfg.preempt_signal))),
+        ) for local in range(nproc)]
+
+    def _spawn_ranks(self) -> None:
+        assert self.coord is not None
+        argv = self.scfg.rank_argv(self.config_path, self.run_dir)
+        self.ranks, views, warm = [], [], 0
+        for spec in self._rank_specs(self.coord.master_port(self.attempt), self.attempt):
+            proc = self.spares.take(spec, argv) if self.spares is not None else None
+            warm += proc is not None
+            proc = proc or spawn(spec, argv)
             self.ranks.append(proc)
-            views.append(RankView(spec.rank, local, proc.pid, last_progress=proc.spawned_at))
+            views.append(RankView(spec.rank, spec.local_rank, proc.pid, last_progress=proc.spawned_at))
         self.tracker.track(views)
-        ledger.append(self.run_dir, LedgerEvent.ATTEMPT_START, attempt=self.attempt, node=self.node)
+        self._refill_at = time.monotonic() if self.spares is not None else None
+        ledger.append(self.run_dir, LedgerEvent.ATTEMPT_START, attempt=self.attempt, node=self.node,
+                      warm_ranks=warm, pids=[r.pid for r in self.ranks])
+
+    def _start_spares(self) -> None:
+        """Park one process per local rank, if the rank command can be parked (else say why not)."""
+        if not self.scfg.warm_spares:
+            return
+        cmd, reason = spares.park_argv(self.scfg.rank_argv(self.config_path, self.run_dir), sys.executable,
+                                       self.scfg.warm_imports)
+        print(f"resilient: node {self.node}: warm spares: {reason}", file=sys.stderr)
+        if cmd is not None:
+            self.spares = spares.Spares(cmd, self.run_dir, self.node)
+            self._refill_spares()
+
+    def _refill_spares(self) -> None:
+        """Replace the spares the last attempt took; they carry their future rank's identity, with
+        placeholders (attempt -1, port 0) for what the assignment sets."""
+        assert self.spares is not None
+        self._refill_at = None
+        if self.spares.fill(self._rank_specs(0, -1)):
+            self._status_due.force()  # their count and memory go out with the next status
+
+    def _maybe_refill_spares(self, now: float) -> None:
+        if self._refill_at is None or self.spares is None:
+            return
+        views = [self.tracker.views[r.spec.rank] for r in self.ranks]
+        phases = [v.phase if v.last_heartbeat is not None else None for v in views]
+        due, _ = spares.refill_due(phases, now - self._refill_at, self.scfg.spare_refill_delay_s)
+        if due:
+            self._refill_spares()
 
     def _watch(self) -> NodeOutcome:
         """Until this attempt ends on this node: FINISHED, FAILED (here or on another node) or PREEMPTED."""
@@ -292,6 +335,7 @@ class Supervisor:
                                           request.get("reason", ""), incidents.targets(self.ranks, self.tracker.views),
                                           node=self.node, peer=True)
                         return NodeOutcome.FAILED
+                self._maybe_refill_spares(now)
                 self._maybe_publish_status()
         finally:
             sel.close()
@@ -452,7 +496,11 @@ class Supervisor:
         for row in rows:
             if row["heartbeat_age_s"] is not None and row["exit_code"] is None:
                 self.hooks.heartbeat_age(row["rank"], row["heartbeat_age_s"])
-        self.coord.publish_status(publishing.node_status(self.topo, self.state, rows, self.metrics_port))
+        spare = None
+        if self.spares is not None:
+            spare = {"count": len(self.spares), "rss_bytes": self.spares.rss_bytes()}
+            self.hooks.on_spares(spare["count"], spare["rss_bytes"])
+        self.coord.publish_status(publishing.node_status(self.topo, self.state, rows, self.metrics_port, spare))
         if self.node == 0 and self._merge_due.due():
             self._write_status()
 

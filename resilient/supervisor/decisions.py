@@ -231,6 +231,9 @@ def decide(state: JobState, cfg: SupervisorConfig) -> Decision:
     if state.no_progress_streak >= cfg.max_attempts_without_progress:
         return _stop(Outcome.NO_PROGRESS, f"{state.no_progress_streak} consecutive attempts made no progress")
     number = state.restarts_done + 1
+    if state.no_progress_streak == 0:  # the failed attempt made progress: not a crash loop, no backoff
+        return Decision(True, ExitCode.FINISHED, None,
+                        f"restart {number} of {cfg.max_restarts} at once (the attempt made progress)", 0.0)
     wait = backoff_seconds(number, cfg)
     return Decision(True, ExitCode.FINISHED, None,
                     f"restart {number} of {cfg.max_restarts} after {wait:g}s backoff", wait)

@@ -148,6 +148,10 @@ class NodeHooks:
         if self.metrics is not None:
             self.metrics.on_restart()
 
+    def on_spares(self, count: int, rss_bytes: int) -> None:
+        if self.metrics is not None:
+            self.metrics.on_spares(count, rss_bytes)
+
     def set_state(self, state: str, attempt: int) -> None:
         if self.metrics is not None:
             self.metrics.set_state(state, attempt)

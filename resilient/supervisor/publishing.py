@@ -29,10 +29,11 @@ def rank_rows(ranks: Sequence[RankProcess], views: Mapping[int, RankView], topo:
     return rows
 
 
-def node_status(topo: Topology, state: str, rows: list[dict[str, Any]], metrics_port: int | None) -> dict[str, Any]:
-    """What one node publishes to the store."""
+def node_status(topo: Topology, state: str, rows: list[dict[str, Any]], metrics_port: int | None,
+                spares: dict[str, int] | None = None) -> dict[str, Any]:
+    """What one node publishes to the store; `spares`: {"count", "rss_bytes"} of its warm standby ranks."""
     return {"node": topo.node_rank, "node_name": topo.node_name, "state": str(state), "ranks": rows,
-            "metrics_port": metrics_port, "supervisor_pid": os.getpid()}
+            "metrics_port": metrics_port, "supervisor_pid": os.getpid(), "spares": spares}
 
 
 def write_run_status(run_dir: Path, nodes: Mapping[int, dict[str, Any]], *, state: str, attempt: int,
@@ -47,6 +48,7 @@ def write_run_status(run_dir: Path, nodes: Mapping[int, dict[str, Any]], *, stat
         "last_checkpoint": saves[-1] if saves else None, "restarts": restarts,
         "last_failure": last_failure, "stop": stop, "nodes": {str(n): s["state"] for n, s in nodes.items()},
         "metrics_ports": {s["node_name"]: s["metrics_port"] for s in nodes.values()}, "ranks": ranks,
+        "spares": {s["node_name"]: s.get("spares") for s in nodes.values()},
     })
 
 

@@ -84,6 +84,11 @@ def _thread_defaults(local_ranks: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // local_ranks))}
 
 
+def rank_environ(spec: RankEnv) -> dict[str, str]:
+    """The whole environment of rank `spec`: the supervisor's, thread defaults, the rank's identity."""
+    return {**_thread_defaults(spec.local_world_size), **os.environ, **spec.to_environ(), "PYTHONUNBUFFERED": "1"}
+
+
 def spawn(spec: RankEnv, argv: list[str]) -> RankProcess:
     """Start one rank (`argv` as is) with its log file; call from the main thread (PR_SET_PDEATHSIG
     follows the forking thread)."""
@@ -93,7 +98,7 @@ def spawn(spec: RankEnv, argv: list[str]) -> RankProcess:
     try:
         proc = subprocess.Popen(
             argv,
-            env={**_thread_defaults(spec.local_world_size), **os.environ, **spec.to_environ(), "PYTHONUNBUFFERED": "1"},
+            env=rank_environ(spec),
             stdin=subprocess.DEVNULL,
             stdout=fd,
             stderr=subprocess.STDOUT,

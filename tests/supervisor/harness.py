@@ -14,6 +14,7 @@ import psutil
 import yaml
 
 from resilient.core import ledger
+from resilient.supervisor.spares import is_parked
 
 FAKE_RANK = Path(__file__).with_name("fake_rank.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -68,10 +69,13 @@ def steps_done(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def ranks_of(supervisor_pid: int) -> dict[int, psutil.Process]:
-    """Global rank -> live rank process among the supervisor's children (from their environment)."""
+    """Global rank -> live rank process among the supervisor's children (from their environment); parked
+    spares carry the identity of the rank they will take, so they are left out."""
     out = {}
     for child in psutil.Process(supervisor_pid).children():
         try:
+            if is_parked(child.pid):
+                continue
             out[int(child.environ()["RANK"])] = child
         except (psutil.Error, KeyError):
             continue

@@ -77,6 +77,11 @@ def test_restart_while_budget_and_progress_allow():
     assert decision.restart and decision.backoff_s == 2 and "restart 2 of 3" in decision.reason
 
 
+def test_an_attempt_that_made_progress_restarts_without_backoff():
+    decision = d.decide(d.JobState(restarts_done=2, no_progress_streak=0), CFG)
+    assert decision.restart and decision.backoff_s == 0 and "at once" in decision.reason
+
+
 def test_budget_exhausted_gives_up():
     decision = d.decide(d.JobState(restarts_done=3, no_progress_streak=0), CFG)
     assert not decision.restart and decision.exit_code is ExitCode.RESTART_BUDGET_EXHAUSTED

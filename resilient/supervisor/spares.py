@@ -1,0 +1,204 @@
+"""Warm standby ranks: one parked process per local rank (resilient.rank.park), kept ahead of need.
+
+A new attempt hands each local rank to its spare (an assignment on the spare's stdin) instead of
+paying for interpreter start and imports; spares are replenished once the new attempt's ranks are
+stepping (so the imports do not compete with their start-up for the cores), and their resident
+memory is reported. Only Python rank commands (`PYTHON -m MODULE ...`, `PYTHON SCRIPT ...` with
+the supervisor's own interpreter) can be parked; any other command is spawned cold.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from resilient.core.rundir import RunDir
+from resilient.rank.env import RankEnv
+from resilient.supervisor.ranks import RankProcess, log_path, rank_environ
+
+OWN_TRAINER_IMPORTS = ("torch", "megatron.core", "megatron.core.datasets.indexed_dataset", "trainer.config",
+                       "trainer.loop", "resilient.rank")
+"""What `python -m trainer` imports lazily in main(): importing them is most of a rank's start-up."""
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def park_argv(argv: list[str], python: str, extra: Iterable[str] = ()) -> tuple[list[str] | None, str]:
+    """The command of a spare for rank command `argv`, or None with the reason no spare can run it."""
+    if not argv or argv[0] != python:
+        return None, f"rank command {argv[:1]} is not this interpreter ({python}): spawned cold"
+    if len(argv) >= 3 and argv[1] == "-m":
+        imports = list(OWN_TRAINER_IMPORTS) if argv[2] == "trainer" else [*module_imports(argv[2]), argv[2].rpartition(".")[0]]
+        script: list[str] = []
+        what = f"module {argv[2]}"
+    elif len(argv) >= 2 and not argv[1].startswith("-") and Path(argv[1]).is_file():
+        imports, script, what = script_imports(Path(argv[1])), ["--script", argv[1]], f"script {argv[1]}"
+    else:
+        return None, f"interpreter options {argv[1:2]} are not supported by spares: spawned cold"
+    modules = [m for m in dict.fromkeys([*imports, *extra]) if m]
+    cmd = [python, "-m", "resilient.rank.park", *script]
+    for m in modules:
+        cmd += ["--import", m]
+    return cmd, f"{what} parked with {len(modules)} warm imports"
+
+
+def script_imports(path: Path) -> list[str]:
+    """Absolute modules a script imports at its top level (importing the script itself would run it)."""
+    try:
+        tree = ast.parse(path.read_text(), str(path))
+    except (OSError, SyntaxError, ValueError):
+        return []
+    out = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append(node.module)
+    return out
+
+
+def module_imports(name: str) -> list[str]:
+    """A `-m` module's top-level imports, read from its source without running it."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return []
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return []
+    if spec.submodule_search_locations:  # a package: `-m pkg` runs pkg/__main__.py
+        main = Path(spec.origin).parent / "__main__.py"
+        return script_imports(main) if main.exists() else []
+    return script_imports(Path(spec.origin))
+
+
+def refill_due(phases: list[str | None], since_spawn_s: float, delay_s: float) -> tuple[bool, str]:
+    """Whether to start the next spares now. `phases`: each local rank's latest heartbeat phase (None: none
+    heard yet). Ranks that send heartbeats: once every one is stepping, so the spares' imports never compete
+    with the ranks' start-up; ranks that send none: `delay_s` after they were spawned."""
+    if phases and all(p in ("step", "checkpoint", "eval", "done") for p in phases):
+        return True, "every local rank is stepping"
+    if any(p is not None for p in phases):
+        return False, "ranks still starting"
+    if since_spawn_s >= delay_s:
+        return True, f"no heartbeats {since_spawn_s:.1f}s after the ranks were spawned"
+    return False, "no heartbeats yet"
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of one process (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def is_parked(pid: int) -> bool:
+    """Whether `pid` is a spare still waiting for its assignment (its stdin is the assignment pipe)."""
+    try:
+        return os.readlink(f"/proc/{pid}/fd/0").startswith("pipe:")
+    except OSError:
+        return False
+
+
+@dataclass
+class Spare:
+    local_rank: int
+    proc: subprocess.Popen
+    spawned_at: float
+
+
+class Spares:
+    """This node's parked processes, one per local rank."""
+
+    def __init__(self, cmd: list[str], run_dir: Path, node: int) -> None:
+        self.cmd, self.run_dir, self.node = cmd, run_dir, node
+        self.parked: dict[int, Spare] = {}
+        self.taken = 0
+        """Ranks handed to spares so far (for tests and status)."""
+
+    def fill(self, specs: list[RankEnv]) -> int:
+        """Start a spare for every local rank in `specs` that has none; call from the main thread
+        (PR_SET_PDEATHSIG follows the forking thread). Returns how many were started."""
+        self._reap()
+        log = RunDir(self.run_dir).logs / f"spares.node{self.node}.log"
+        log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        started = 0
+        for spec in specs:
+            if spec.local_rank in self.parked:
+                continue
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                proc = subprocess.Popen(self.cmd, env=rank_environ(spec), stdin=subprocess.PIPE, stdout=fd,
+                                        stderr=subprocess.STDOUT, process_group=0, close_fds=True)
+            except OSError as err:
+                print(f"resilient: node {self.node}: cannot start a spare: {err}", file=sys.stderr)
+                return started
+            finally:
+                os.close(fd)
+            self.parked[spec.local_rank] = Spare(spec.local_rank, proc, time.monotonic())
+            started += 1
+        return started
+
+    def take(self, spec: RankEnv, argv: list[str]) -> RankProcess | None:
+        """Hand rank `spec` to its spare; None when there is none (or it died): spawn cold then."""
+        spare = self.parked.pop(spec.local_rank, None)
+        if spare is None or spare.proc.poll() is not None:
+            if spare is not None:
+                _kill(spare.proc)
+            return None
+        log = log_path(spec)
+        log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        line = json.dumps({"environ": rank_environ(spec), "argv": argv, "log": str(log)}) + "\n"
+        assert spare.proc.stdin is not None
+        try:
+            spare.proc.stdin.write(line.encode())
+            spare.proc.stdin.close()
+        except OSError:  # BrokenPipe: it died meanwhile
+            _kill(spare.proc)
+            return None
+        spare.proc.stdin = None
+        self.taken += 1
+        return RankProcess(spec, spare.proc, os.pidfd_open(spare.proc.pid), time.monotonic())
+
+    def rss_bytes(self) -> int:
+        return sum(rss_bytes(s.proc.pid) for s in self.parked.values())
+
+    def __len__(self) -> int:
+        return len(self.parked)
+
+    def _reap(self) -> None:
+        for local, spare in list(self.parked.items()):
+            if spare.proc.poll() is not None:
+                print(f"resilient: node {self.node}: spare for local rank {local} exited "
+                      f"{spare.proc.returncode}; starting another", file=sys.stderr)
+                _kill(spare.proc)
+                del self.parked[local]
+
+    def close(self) -> None:
+        """Kill every spare (and whatever it started) and reap it."""
+        for spare in self.parked.values():
+            _kill(spare.proc)
+        self.parked.clear()
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if proc.stdin is not None:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+    proc.wait()
