@@ -113,7 +113,8 @@ class Trainer:
                                 identity=identity)
         self.losses = numerics.LossHistory()
         self.injection = numerics.FaultInjection(self.run_dir, self.env.attempt)
-        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, attempt=env.attempt, on_commit=self._on_commit)
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, attempt=env.attempt, on_commit=self._on_commit,
+                                         local_world=env.local_world_size)
         self.flops_per_token = flops_per_token(arch, cfg.seq_len)
         self.peak = device_peak_flops(self.device, cfg.train.peak_flops)
 
@@ -189,10 +190,15 @@ class Trainer:
             decision = self.checkpointer.should_save(state.step, cfg.train.steps, stop_requested)
             if decision.yes:
                 self._save(decision.reason)
+            elif self.checkpointer.should_snapshot(state.step, cfg.train.steps).yes:
+                blocking = self.checkpointer.snapshot(state)
+                log.info("memory snapshot step %d: loop blocked %.3fs", state.step, blocking)
             if stop_requested:
                 outcome = ExitCode.PREEMPTED
                 break
         self.checkpointer.finish()
+        if outcome == ExitCode.FINISHED:
+            self.checkpointer.discard_memory()
         state.loader.close()
         self._beat(Phase.DONE, state.step)
         distributed.shutdown()
@@ -214,7 +220,7 @@ class Trainer:
         state.loader.skip(*window)
         # megatron's scheduler adds the loaded step count to its own: load into a fresh one, as a new process does
         self.scheduler = state.scheduler = build_scheduler(self.optimizer, train)
-        resumed = self.checkpointer.resume(state)
+        resumed = self.checkpointer.resume(state, memory=False)  # the rollback bound counts disk steps
         self.losses.forget_after(resumed)
         if self.is_logger:
             ledger.append(self.run_dir, LedgerEvent.DATA_SKIP, step=step, from_sample=window[0], to_sample=window[1],
