@@ -25,6 +25,7 @@ import mmap
 import os
 import queue
 import shutil
+import stat
 import threading
 import zlib
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess, s
 from megatron.core.dist_checkpointing.utils import extract_sharded_base
 from megatron.core.dist_checkpointing.mapping import apply_factory_merges
 
+from resilient.core.errors import CheckpointError
 from trainer.checkpoint import replication
 from trainer.checkpoint.policy import Inventory
 from trainer.checkpoint.state import TrainState, apply_loaded, sharded_state
@@ -76,6 +78,18 @@ def steps_in(base: Path) -> dict[int, Path]:
 
 def _mkdir(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def check_root(root: Path) -> None:
+    """Create the tier's root owner-only; refuse one (in world-writable /dev/shm) that another user
+    made, that is a link, or that others can open."""
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = root.lstat()
+    except OSError as err:
+        raise CheckpointError(f"memory tier {root}: {err}") from None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise CheckpointError(f"memory tier {root}: not an owner-only directory of this user; refusing it")
 
 
 def write_file(path: Path, data: bytes) -> None:
@@ -299,8 +313,8 @@ class MemoryTier:
         self._jobs: queue.Queue[Staged | None] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="memory-tier", daemon=True)
         self._worker.start()
+        check_root(root)
         _mkdir(own_dir(root, self.node))
-        os.chmod(root, 0o700)
 
     def snapshot(self, state: TrainState) -> None:
         """Copy `state` into shared memory (the loop's only cost); the rest happens in the background."""

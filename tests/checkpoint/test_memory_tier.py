@@ -1,0 +1,140 @@
+"""Issue 17: the in-memory checkpoint tier (own node), its choice at restart and its fallbacks.
+
+The decision (`choose_tier`) is tested as a pure function; real ranks check that a resume from memory
+lands on the reference run's bits and that a flipped byte in shared memory falls back to the next
+valid tier (disk here), never further."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from resilient.core import ledger
+from tests.conftest import REFERENCE
+from tests.ranks import digest, resilient_cli, run_ranks, spawn_ranks, train_losses, wait_all
+from trainer.checkpoint.config import CheckpointConfig
+from trainer.checkpoint.policy import Inventory, choose_tier, should_snapshot
+
+MEMORY = REFERENCE + ["checkpoint.memory_interval_steps=5"]  # memory 5, 10, 15, 20; disk 12, 24
+
+
+# -- the decision ---------------------------------------------------------------------------
+
+def test_own_memory_newer_than_disk_wins():
+    invs = [Inventory({10: None, 15: None}), Inventory({10: None, 15: None})]
+    choice = choose_tier(invs, disk_step=12)
+    assert (choice.step, choice.sources, choice.tier) == (15, ("own", "own"), "memory-own")
+
+
+def test_lost_node_uses_the_replica_its_peer_holds():
+    # 2 nodes x 1 rank: rank 0 holds rank 1's replica and vice versa; node 1 lost its own memory
+    invs = [Inventory({15: None}, replica_of=1, replica={15: None}), Inventory({}, replica_of=0, replica={15: None})]
+    choice = choose_tier(invs, disk_step=12)
+    assert (choice.step, choice.sources, choice.tier) == (15, ("own", "replica@0"), "memory-replica")
+
+
+def test_stale_replica_falls_back_to_the_step_every_rank_has():
+    invs = [Inventory({15: None, 20: None}, replica_of=1, replica={15: None}),
+            Inventory({}, replica_of=0, replica={15: None, 20: None})]
+    choice = choose_tier(invs, disk_step=12)
+    assert choice.step == 15 and "step 20: no valid copy for rank 1" in choice.reason
+
+
+def test_corrupt_copy_falls_back_only_as_far_as_needed():
+    invs = [Inventory({10: None, 15: None}), Inventory({10: None, 15: "checksum mismatch"})]
+    assert choose_tier(invs, disk_step=None).step == 10
+    choice = choose_tier(invs, disk_step=12)
+    assert choice.step is None and choice.tier == "disk" and "checksum mismatch" in choice.reason
+
+
+def test_disk_wins_ties_and_no_memory_means_disk():
+    assert choose_tier([Inventory({12: None})], disk_step=12).step is None
+    assert choose_tier([Inventory({}), Inventory({})], disk_step=None).step is None
+
+
+def test_should_snapshot():
+    assert should_snapshot(5, step=10, final_step=24, disk_saved=False).yes
+    assert not should_snapshot(5, step=12, final_step=24, disk_saved=False).yes
+    assert not should_snapshot(5, step=10, final_step=24, disk_saved=True).yes
+    assert not should_snapshot(5, step=25, final_step=25, disk_saved=False).yes
+    assert not should_snapshot(0, step=10, final_step=24, disk_saved=False).yes
+
+
+# -- real ranks -----------------------------------------------------------------------------
+
+def memory_root(run_dir: Path) -> Path:
+    return CheckpointConfig().memory_root(run_dir)
+
+
+def kill_after(run_dir: Path, overrides: list[str], step: int) -> None:
+    """Train until rank 0 logged `step`, then SIGKILL every rank (no save on the way out)."""
+    procs = spawn_ranks(run_dir, overrides)
+    log = run_dir / "train_log.jsonl"
+    while not (log.exists() and max(train_losses(run_dir), default=0) >= step):
+        assert all(p.poll() is None for p in procs), (run_dir / "rank0.log").read_text()[-3000:]
+        time.sleep(0.1)
+    for p in procs:
+        p.kill()
+    wait_all(procs)
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory):
+    """A run SIGKILLed after step 18: memory snapshots 10 and 15 committed, disk 12."""
+    run_dir = tmp_path_factory.mktemp("memtier") / "killed"
+    kill_after(run_dir, MEMORY, 18)
+    yield run_dir
+    shutil.rmtree(memory_root(run_dir), ignore_errors=True)
+
+
+def clone(run_dir: Path, dst: Path) -> Path:
+    shutil.copytree(run_dir, dst, ignore=shutil.ignore_patterns("rank*.log"))
+    shutil.rmtree(memory_root(dst), ignore_errors=True)
+    shutil.copytree(memory_root(run_dir), memory_root(dst))
+    return dst
+
+
+def loads(run_dir: Path) -> list[dict]:
+    return [r for r in ledger.read(run_dir) if r["event"] == "ckpt_load"]
+
+
+@pytest.mark.slow
+def test_resume_from_memory_is_bit_identical(reference_run, killed_run, tmp_path):
+    run_dir = clone(killed_run, tmp_path / "resumed")
+    try:
+        rows = json.loads(resilient_cli("ckpt", "list", str(run_dir), "--json").stdout)
+        assert {(r["tier"], r["step"], r["state"]) for r in rows} >= {
+            ("disk", 12, "complete"), ("memory-own", 10, "complete"), ("memory-own", 15, "complete")}
+        assert run_ranks(run_dir, MEMORY) == [0, 0]
+        load = loads(run_dir)[-1]
+        assert (load["tier"], load["step"], load["sources"]) == ("memory-own", 15, ["own", "own"])
+        assert digest(run_dir) == digest(reference_run)
+        ref, got = train_losses(reference_run), train_losses(run_dir)
+        assert {s: got[s] for s in range(16, 25)} == {s: ref[s] for s in range(16, 25)}
+        assert not memory_root(run_dir).exists(), "a finished run leaves nothing in /dev/shm"
+    finally:
+        shutil.rmtree(memory_root(run_dir), ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_flipped_byte_in_memory_falls_back_to_disk(reference_run, killed_run, tmp_path):
+    run_dir = clone(killed_run, tmp_path / "flipped")
+    try:
+        victim = memory_root(run_dir) / "node0" / "own" / "step_0000015" / "rank1.bin"
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 3] ^= 0x01
+        victim.write_bytes(bytes(data))
+        rows = json.loads(resilient_cli("ckpt", "list", str(run_dir), "--json").stdout)
+        assert [r["state"] for r in rows if r["tier"] == "memory-own" and r["step"] == 15] == ["damaged"]
+        assert run_ranks(run_dir, MEMORY) == [0, 0]
+        # 15 is damaged on rank 1; 10 is older than disk 12: disk 12, not a memory step further back
+        load = loads(run_dir)[-1]
+        assert (load["tier"], load["step"]) == ("disk", 12)
+        assert "checksum mismatch" in load["reason"]
+        assert digest(run_dir) == digest(reference_run)
+    finally:
+        shutil.rmtree(memory_root(run_dir), ignore_errors=True)
