@@ -70,11 +70,17 @@ def memory_root(run_dir: Path) -> Path:
     return CheckpointConfig().memory_root(run_dir)
 
 
-def kill_after(run_dir: Path, overrides: list[str], step: int) -> None:
-    """Train until rank 0 logged `step`, then SIGKILL every rank (no save on the way out)."""
-    procs = spawn_ranks(run_dir, overrides)
+# Two "nodes" of one rank each on this host: rank r's node is r // LOCAL_WORLD_SIZE.
+TWO_NODES = {"LOCAL_WORLD_SIZE": "1"}
+
+
+def kill_after(run_dir: Path, overrides: list[str], step: int, extra_env: dict | None = None,
+               committed: Path | None = None) -> None:
+    """Train until rank 0 logged `step` (and `committed` exists), then SIGKILL every rank."""
+    procs = spawn_ranks(run_dir, overrides, extra_env=extra_env)
     log = run_dir / "train_log.jsonl"
-    while not (log.exists() and max(train_losses(run_dir), default=0) >= step):
+    while not (log.exists() and max(train_losses(run_dir), default=0) >= step
+               and (committed is None or (memory_root(run_dir) / committed).exists())):
         assert all(p.poll() is None for p in procs), (run_dir / "rank0.log").read_text()[-3000:]
         time.sleep(0.1)
     for p in procs:
@@ -87,6 +93,15 @@ def killed_run(tmp_path_factory):
     """A run SIGKILLed after step 18: memory snapshots 10 and 15 committed, disk 12."""
     run_dir = tmp_path_factory.mktemp("memtier") / "killed"
     kill_after(run_dir, MEMORY, 18)
+    yield run_dir
+    shutil.rmtree(memory_root(run_dir), ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def killed_two_nodes(tmp_path_factory):
+    """As `killed_run`, each rank on its own node: each holds the other's replica of 10 and 15."""
+    run_dir = tmp_path_factory.mktemp("memtier2") / "killed"
+    kill_after(run_dir, MEMORY, 18, TWO_NODES, committed=Path("node1/replica/node0/step_0000015/COMMITTED"))
     yield run_dir
     shutil.rmtree(memory_root(run_dir), ignore_errors=True)
 
@@ -138,3 +153,28 @@ def test_flipped_byte_in_memory_falls_back_to_disk(reference_run, killed_run, tm
         assert digest(run_dir) == digest(reference_run)
     finally:
         shutil.rmtree(memory_root(run_dir), ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lost", ["own", "own_and_replica_15"])
+def test_lost_node_memory_resumes_from_the_peer_replica(reference_run, killed_two_nodes, tmp_path, lost):
+    """Node 1 lost its memory: rank 1 gets its step-15 copy from the replica rank 0 holds; when that
+    replica is stale (15 gone, 10 older than disk 12) the run resumes from disk."""
+    run_dir = clone(killed_two_nodes, tmp_path / lost)
+    root = memory_root(run_dir)
+    try:
+        shutil.rmtree(root / "node1" / "own")
+        if lost == "own_and_replica_15":
+            shutil.rmtree(root / "node0" / "replica" / "node1" / "step_0000015")
+        rows = json.loads(resilient_cli("ckpt", "list", str(run_dir), "--json").stdout)
+        assert ("memory-replica", 0, 1, 10) in {(r["tier"], r.get("node"), r.get("of_node"), r["step"]) for r in rows}
+        assert run_ranks(run_dir, MEMORY, extra_env=TWO_NODES) == [0, 0]
+        load = loads(run_dir)[-1]
+        if lost == "own":
+            assert (load["tier"], load["step"], load["sources"]) == ("memory-replica", 15, ["own", "replica@0"])
+        else:
+            assert (load["tier"], load["step"]) == ("disk", 12)
+            assert "step 15: no valid copy for rank 1" in load["reason"]
+        assert digest(run_dir) == digest(reference_run)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
