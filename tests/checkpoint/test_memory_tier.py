@@ -178,3 +178,29 @@ def test_lost_node_memory_resumes_from_the_peer_replica(reference_run, killed_tw
         assert digest(run_dir) == digest(reference_run)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_prune_keeps_the_newest_committed_and_what_is_in_flight(tmp_path):
+    from trainer.checkpoint.memory_tier import COMMITTED, prune, step_dir, steps_in
+
+    for step, committed in [(5, True), (10, False), (15, True), (20, True), (25, False)]:
+        step_dir(tmp_path, step).mkdir()
+        if committed:
+            (step_dir(tmp_path, step) / COMMITTED).write_text("{}")
+    prune(tmp_path, keep_last=2)
+    assert list(steps_in(tmp_path)) == [15, 20, 25]
+
+
+def test_memory_root_made_by_someone_else_or_open_to_others_is_refused(tmp_path):
+    from resilient.core.errors import CheckpointError
+    from trainer.checkpoint.memory_tier import check_root
+
+    check_root(tmp_path / "mine")
+    assert (tmp_path / "mine").stat().st_mode & 0o777 == 0o700
+    (tmp_path / "open").mkdir(mode=0o777)
+    (tmp_path / "open").chmod(0o777)
+    with pytest.raises(CheckpointError, match="owner-only"):
+        check_root(tmp_path / "open")
+    (tmp_path / "link").symlink_to(tmp_path / "mine")
+    with pytest.raises(CheckpointError, match="owner-only"):
+        check_root(tmp_path / "link")

@@ -213,6 +213,8 @@ def test_losing_node1_and_its_memory_resumes_from_node0s_replica(slurm_cluster, 
     config, run_dir = write_run_config(tmp_path, "memtier")
     tree = yaml.safe_load(config.read_text())
     tree["checkpoint"]["memory_interval_steps"] = MEMORY_EVERY  # memory 5, 10, 15, 20; disk 8, 16, 24
+    # node 0 gives up waiting for the lost node after this long and exits; the job requeues
+    tree["supervisor"]["store_timeout_s"] = 30
     config.write_text(yaml.safe_dump(tree))
     root = CheckpointConfig().memory_root(run_dir)
     job_id = launch(slurm_cluster, config)
@@ -229,7 +231,7 @@ def test_losing_node1_and_its_memory_resumes_from_node0s_replica(slurm_cluster, 
             shutil.rmtree(root / "node0" / "replica")
         killed_at = max((r["ts"] for r in events(run_dir, "ckpt_load")), default=0)
 
-        finished_job(slurm_cluster, job_id, run_dir)
+        finished_job(slurm_cluster, job_id, run_dir, timeout=900)
         load = next(r for r in events(run_dir, "ckpt_load") if r["ts"] > killed_at)
         disk = max(r["step"] for r in events(run_dir, "ckpt_save") if r["ts"] < load["ts"])
         if replica:

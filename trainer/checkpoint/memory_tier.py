@@ -35,10 +35,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
-from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, merge, nested_values
-from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess, save_preprocess
-from megatron.core.dist_checkpointing.utils import extract_sharded_base
+from megatron.core.dist_checkpointing.dict_utils import (
+    dict_list_map_inplace,
+    merge,
+    nested_values,
+)
 from megatron.core.dist_checkpointing.mapping import apply_factory_merges
+from megatron.core.dist_checkpointing.state_dict_utils import (
+    load_preprocess,
+    save_preprocess,
+)
+from megatron.core.dist_checkpointing.utils import extract_sharded_base
 
 from resilient.core.errors import CheckpointError
 from trainer.checkpoint import replication
@@ -90,6 +97,17 @@ def check_root(root: Path) -> None:
         raise CheckpointError(f"memory tier {root}: {err}") from None
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise CheckpointError(f"memory tier {root}: not an owner-only directory of this user; refusing it")
+
+
+def shm_file(path: Path, size: int) -> mmap.mmap:
+    """A new owner-only file of `size` bytes, mapped. The blocks are reserved up front: a full tmpfs
+    fails here with ENOSPC instead of killing the process with SIGBUS on the first write."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, max(size, 1))
+        return mmap.mmap(fd, max(size, 1))
+    finally:
+        os.close(fd)
 
 
 def write_file(path: Path, data: bytes) -> None:
@@ -147,13 +165,9 @@ def stage(state: TrainState, directory: Path, rank: int, layout: dict[str, int])
     blob_bytes = blob.getbuffer()
     total = offset + len(blob_bytes)
     _mkdir(directory)
-    path = directory / f"rank{rank}.bin"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.ftruncate(fd, max(total, 1))
-        buffer = mmap.mmap(fd, max(total, 1))
-    finally:
-        os.close(fd)
+    (directory / COMMITTED).unlink(missing_ok=True)  # a step trained again (after a fallback) is new
+    (directory / f"rank{rank}.json").unlink(missing_ok=True)
+    buffer = shm_file(directory / f"rank{rank}.bin", total)
     flat = torch.frombuffer(buffer, dtype=torch.uint8, count=total) if total else None
     for entry, data in zip(entries, tensors):
         if entry["nbytes"]:
@@ -310,7 +324,7 @@ class MemoryTier:
         self.last_step: int | None = None
         self.last_committed: int | None = None
         self.failures = 0
-        self._jobs: queue.Queue[Staged | None] = queue.Queue()
+        self._jobs: queue.Queue[Staged | int] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="memory-tier", daemon=True)
         self._worker.start()
         check_root(root)
@@ -319,7 +333,12 @@ class MemoryTier:
     def snapshot(self, state: TrainState) -> None:
         """Copy `state` into shared memory (the loop's only cost); the rest happens in the background."""
         self._jobs.join()  # one snapshot in flight at a time
-        staged = stage(state, step_dir(own_dir(self.root, self.node), state.step), self.rank, self.layout)
+        try:
+            staged: Staged | int = stage(state, step_dir(own_dir(self.root, self.node), state.step), self.rank,
+                                         self.layout)
+        except OSError as err:  # /dev/shm full or failing: this step has no memory copy, training goes on
+            log.error("memory snapshot of step %d not staged: %s", state.step, err)
+            staged = state.step  # the background still joins the commit vote (with a no)
         self.last_step = state.step
         self._jobs.put(staged)
 
@@ -330,15 +349,19 @@ class MemoryTier:
         while True:
             staged = self._jobs.get()
             try:
-                if staged is not None:
-                    self._finish(staged)
+                self._finish(staged)
             except Exception:  # a broken peer or a full /dev/shm never stops training
                 log.exception("memory snapshot of step %s failed", getattr(staged, "step", None))
                 self.failures += 1
             finally:
                 self._jobs.task_done()
 
-    def _finish(self, staged: Staged) -> None:
+    def _finish(self, staged: Staged | int) -> None:
+        if isinstance(staged, int):  # not staged on this rank: vote no
+            flag = torch.tensor([0], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+            self.failures += 1
+            return
         ok = True
         try:
             text = seal(staged)

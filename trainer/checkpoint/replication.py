@@ -9,8 +9,6 @@ At a restart, `transfer` hands a rank whose own copy is gone the replica its hol
 from __future__ import annotations
 
 import json
-import mmap
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +43,13 @@ def _recv_header(group: dist.ProcessGroup, src: int) -> tuple[dict[str, Any], in
 def ring_exchange(group: dist.ProcessGroup, staged: Staged, text: bytes, *, root: Path, rank: int, world: int,
                   local_world: int) -> None:
     """Send this rank's sealed snapshot to the next node and store the previous node's."""
-    from trainer.checkpoint.memory_tier import replica_dir, step_dir, write_file
+    from trainer.checkpoint.memory_tier import (
+        COMMITTED,
+        replica_dir,
+        shm_file,
+        step_dir,
+        write_file,
+    )
 
     dst, src = peers(rank, world, local_world)
     nbytes = staged.meta["bytes"]
@@ -61,13 +65,9 @@ def ring_exchange(group: dist.ProcessGroup, staged: Staged, text: bytes, *, root
         meta, size = _recv_header(group, src)
     directory = step_dir(replica_dir(root, node, (node - 1) % nodes), meta["step"])
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = directory / f"rank{src}.bin"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.ftruncate(fd, max(size, 1))
-        buffer = mmap.mmap(fd, max(size, 1))
-    finally:
-        os.close(fd)
+    (directory / COMMITTED).unlink(missing_ok=True)  # a step trained again is a new snapshot
+    (directory / f"rank{src}.json").unlink(missing_ok=True)
+    buffer = shm_file(directory / f"rank{src}.bin", size)
     try:
         if size:
             target = torch.frombuffer(buffer, dtype=torch.uint8, count=size)
