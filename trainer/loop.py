@@ -115,7 +115,8 @@ class Trainer:
                                 identity=identity)
         self.losses = numerics.LossHistory()
         self.injection = numerics.FaultInjection(self.run_dir, self.env.attempt)
-        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, attempt=env.attempt, on_commit=self._on_commit)
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, attempt=env.attempt, on_commit=self._on_commit,
+                                         local_world=env.local_world_size)
         self.adaptive = AdaptiveInterval(cfg.checkpoint, self.run_dir, attempt=env.attempt, is_logger=self.is_logger,
                                          device=self.device)
         self.flops_per_token = flops_per_token(arch, cfg.seq_len)
@@ -198,6 +199,9 @@ class Trainer:
             decision = self.checkpointer.should_save(state.step, cfg.train.steps, stop_requested)
             if decision.yes:
                 self._save(decision.reason)
+            elif self.checkpointer.should_snapshot(state.step, cfg.train.steps).yes:
+                blocking = self.checkpointer.snapshot(state)
+                log.info("memory snapshot step %d: loop blocked %.3fs", state.step, blocking)
             self.adaptive.iteration_done(state.step, decision.yes, in_flight=self.checkpointer.in_flight,
                                          excluded_s=eval_s)
             self.checkpointer.cfg = self.adaptive.config  # the interval the next save decision uses
@@ -205,6 +209,8 @@ class Trainer:
                 outcome = ExitCode.PREEMPTED
                 break
         self.checkpointer.finish()
+        if outcome == ExitCode.FINISHED:
+            self.checkpointer.discard_memory()
         state.loader.close()
         self._beat(Phase.DONE, state.step)
         distributed.shutdown()
@@ -226,7 +232,7 @@ class Trainer:
         state.loader.skip(*window)
         # megatron's scheduler adds the loaded step count to its own: load into a fresh one, as a new process does
         self.scheduler = state.scheduler = build_scheduler(self.optimizer, train)
-        resumed = self.checkpointer.resume(state)
+        resumed = self.checkpointer.resume(state, memory=False)  # the rollback bound counts disk steps
         self.losses.forget_after(resumed)
         if self.is_logger:
             ledger.append(self.run_dir, LedgerEvent.DATA_SKIP, step=step, from_sample=window[0], to_sample=window[1],

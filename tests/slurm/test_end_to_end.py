@@ -195,3 +195,53 @@ def test_losing_node0s_supervisor_stops_every_node_and_requeues(slurm_cluster, t
     assert [r["cause"] for r in events(run_dir, "requeue")] == ["crash"]
     assert "exit 83: lost the job's coordination" in logs(run_dir)
     assert events(run_dir, "job_end")[-1]["state"] == "finished" and last_step(run_dir) == STEPS
+
+
+MEMORY_EVERY = 5
+
+
+@pytest.mark.parametrize("replica", [True, False], ids=["replica", "no-replica"])
+def test_losing_node1_and_its_memory_resumes_from_node0s_replica(slurm_cluster, reference, tmp_path, replica):
+    """Issue 17: every process of node 1 (supervisor and ranks) is killed and its shared memory is
+    gone (both nodes share this host: removing node1/ simulates it). The requeued job resumes from the
+    replica node 0 holds for node 1, losing at most a memory interval (plus the one being committed),
+    and ends on the fault-free run's weights; with no replica left it resumes from disk."""
+    import shutil
+
+    from trainer.checkpoint.config import CheckpointConfig
+
+    config, run_dir = write_run_config(tmp_path, "memtier")
+    tree = yaml.safe_load(config.read_text())
+    tree["checkpoint"]["memory_interval_steps"] = MEMORY_EVERY  # memory 5, 10, 15, 20; disk 8, 16, 24
+    # node 0 gives up waiting for the lost node after this long and exits; the job requeues
+    tree["supervisor"]["store_timeout_s"] = 30
+    config.write_text(yaml.safe_dump(tree))
+    root = CheckpointConfig().memory_root(run_dir)
+    job_id = launch(slurm_cluster, config)
+    try:
+        wait_until(lambda: (root / "node0/replica/node1/step_0000010/COMMITTED").exists(), 300,
+                   "node 1's step-10 snapshot replicated to node 0")
+        node1 = wait_until(lambda: _supervisor_of_node(job_id, 1), 30, "node 1's supervisor")
+        victims = [node1, *node1.children(recursive=True)]
+        for proc in victims:
+            proc.kill()
+        reached = last_step(run_dir)
+        shutil.rmtree(root / "node1")
+        if not replica:
+            shutil.rmtree(root / "node0" / "replica")
+        killed_at = max((r["ts"] for r in events(run_dir, "ckpt_load")), default=0)
+
+        finished_job(slurm_cluster, job_id, run_dir, timeout=900)
+        load = next(r for r in events(run_dir, "ckpt_load") if r["ts"] > killed_at)
+        disk = max(r["step"] for r in events(run_dir, "ckpt_save") if r["ts"] < load["ts"])
+        if replica:
+            assert load["tier"] == "memory-replica" and load["sources"] == ["own", "replica@0"], load
+            assert load["step"] > disk and load["step"] % MEMORY_EVERY == 0
+            assert reached - load["step"] <= 2 * MEMORY_EVERY, (reached, load)
+        else:
+            assert load["tier"] == "disk" and load["step"] == disk, load
+        assert digest(run_dir) == reference[2], "the resumed run ends on the fault-free run's weights"
+        assert not root.exists(), "a finished run leaves nothing in /dev/shm"
+    finally:
+        slurm_cluster.run("scancel", job_id, check=False)
+        shutil.rmtree(root, ignore_errors=True)

@@ -30,7 +30,7 @@ from resilient.core.atomic import fsync_dir
 from resilient.core.errors import CheckpointError
 from resilient.core.events import LedgerEvent
 from resilient.rank.orphan import arm_parent_death_signal
-from trainer.checkpoint import layout, manifest, policy
+from trainer.checkpoint import layout, manifest, memory_tier, policy
 from trainer.checkpoint.config import CheckpointConfig
 from trainer.checkpoint.state import TrainState, apply_loaded, sharded_state
 
@@ -70,8 +70,9 @@ class Checkpointer:
     """One per rank; every public method is called by all ranks at the same step boundary."""
 
     def __init__(self, cfg: CheckpointConfig, run_dir: Path, *, attempt: int = 0,
-                 on_commit: Callable[[int, float, int], None] | None = None) -> None:
-        """`on_commit(step, total_seconds, bytes)` runs on rank 0 once a checkpoint is committed."""
+                 on_commit: Callable[[int, float, int], None] | None = None, local_world: int | None = None) -> None:
+        """`on_commit(step, total_seconds, bytes)` runs on rank 0 once a checkpoint is committed;
+        `local_world` (ranks per node, default: all on one node) places the memory tier's replicas."""
         self.cfg = cfg
         self.on_commit = on_commit
         self.run_dir = run_dir
@@ -90,7 +91,17 @@ class Checkpointer:
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._clean_leftovers()
+        self.memory: memory_tier.MemoryTier | None = None
+        if cfg.memory_interval_steps:
+            self.memory = memory_tier.MemoryTier(
+                cfg.memory_root(run_dir), rank=self.rank, world=self.world, local_world=local_world or self.world,
+                layout=self._layout(), keep_last=cfg.memory_keep_last)
         dist.barrier()
+
+    def _layout(self) -> dict[str, int]:
+        return {"world": self.world, "tp": parallel_state.get_tensor_model_parallel_world_size(),
+                "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+                "dp": parallel_state.get_data_parallel_world_size()}
 
     # -- saving ---------------------------------------------------------------------------
 
@@ -98,6 +109,17 @@ class Checkpointer:
         return policy.should_save(self.cfg, step=step, final_step=final_step, last_save_step=self.last_save_step,
                                   seconds_since_save=time.monotonic() - self.last_save_time,
                                   stop_requested=stop_requested)
+
+    def should_snapshot(self, step: int, final_step: int) -> policy.Decision:
+        return policy.should_snapshot(self.cfg.memory_interval_steps if self.memory else 0, step=step,
+                                      final_step=final_step, disk_saved=self.last_save_step == step)
+
+    def snapshot(self, state: TrainState) -> float:
+        """Copy `state` into the memory tier; returns the seconds the loop was blocked."""
+        started = time.monotonic()
+        assert self.memory is not None
+        self.memory.snapshot(state)
+        return time.monotonic() - started
 
     def save(self, state: TrainState) -> float:
         """Start saving `state.step`; returns the seconds the training loop was blocked."""
@@ -186,6 +208,17 @@ class Checkpointer:
         self.poll(blocking=True)
         if self._retention is not None:
             self._retention.join()
+        if self.memory is not None:
+            self.memory.wait()
+
+    def discard_memory(self) -> None:
+        """The run finished and its final step is on disk: drop this node's memory tier (all ranks call)."""
+        if self.memory is None:
+            return
+        self.memory.wait()
+        dist.barrier()
+        if self.rank % self.memory.local_world == 0:
+            self.memory.remove_node_dir()
 
     def _commit(self, step: int, ckpt_dir: Path, started: float, consumed_samples: int,
                 consumed_tokens: int, identity: dict[str, Any]) -> None:
@@ -239,9 +272,16 @@ class Checkpointer:
 
     # -- loading --------------------------------------------------------------------------
 
-    def resume(self, state: TrainState) -> int | None:
-        """Load the newest intact checkpoint into `state` (falling back past damaged ones);
-        None when there is none. Raises CheckpointError when one was asked for and cannot be used."""
+    def resume(self, state: TrainState, *, memory: bool = True) -> int | None:
+        """Load the newest intact checkpoint into `state`: from the memory tier when every rank has a
+        valid copy of a step newer than the newest committed disk checkpoint, else from disk (falling
+        back past damaged ones); None when there is none. Raises CheckpointError when one was asked
+        for and cannot be used."""
+        why = None
+        if memory and self.memory is not None and self.cfg.load_step is None:
+            step, why = self._resume_memory(state)
+            if step is not None:
+                return step
         candidates = policy.load_candidates(layout.committed_steps(self.root), load_step=self.cfg.load_step)
         skipped: list[tuple[int, str]] = []
         for step in candidates:
@@ -276,7 +316,7 @@ class Checkpointer:
                     ledger.append(self.run_dir, LedgerEvent.LR_SCHEDULE_CHANGED, step=step, changes=changed)
                 ledger.append(self.run_dir, LedgerEvent.CKPT_LOAD, rank=0, step=step,
                               seconds=round(time.monotonic() - started, 6),
-                              attempt=self.attempt)
+                              attempt=self.attempt, tier="disk", **({"reason": why} if why else {}))
             self.last_save_step = step
             return step
         if self.cfg.load_step is not None:
@@ -286,3 +326,39 @@ class Checkpointer:
                 f"every checkpoint in {self.root} is damaged (newest: {skipped[0][1]}); refusing to start over"
             )
         return None
+
+    def _resume_memory(self, state: TrainState) -> tuple[int | None, str]:
+        """Try the memory tier (all ranks): (step loaded or None, why)."""
+        assert self.memory is not None
+        started = time.monotonic()
+        inventories: list[policy.Inventory | None] = [None] * self.world
+        dist.all_gather_object(inventories, self.memory.inventory())
+        committed = layout.committed_steps(self.root)
+        choice = policy.choose_tier(inventories, disk_step=committed[-1] if committed else None)
+        if choice.step is None:
+            if self.rank == 0:
+                log.info("memory tier not used: %s", choice.reason)
+            return None, choice.reason
+        problem = None
+        try:
+            meta, data = self.memory.fetch(choice.step, choice.sources)
+            state.scheduler.override_opt_param_scheduler = True
+            memory_tier.load_copy(state, meta, data)
+        except (ValueError, KeyError, TypeError, RuntimeError, OSError) as err:
+            problem = f"rank {self.rank}: {type(err).__name__}: {err}"
+        problems: list[str | None] = [None] * self.world
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+        if problem:
+            why = f"memory step {choice.step} did not load ({problem}); {choice.reason}"
+            if self.rank == 0:
+                log.warning("%s; falling back to disk", why)
+                ledger.append(self.run_dir, LedgerEvent.CKPT_FALLBACK, from_step=choice.step, to_step=None,
+                              from_tier=choice.tier, reason=why[:500])
+            return None, why
+        if self.rank == 0:
+            ledger.append(self.run_dir, LedgerEvent.CKPT_LOAD, rank=0, step=choice.step,
+                          seconds=round(time.monotonic() - started, 6), attempt=self.attempt,
+                          tier=choice.tier, sources=list(choice.sources), reason=choice.reason[:500])
+        log.info("resumed from memory tier (%s) step %d: %s", choice.tier, choice.step, choice.reason)
+        return choice.step, choice.reason

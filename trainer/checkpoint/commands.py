@@ -16,25 +16,41 @@ from resilient.core.errors import CheckpointError, ConfigError
 from resilient.core.exit_codes import ExitCode
 from trainer.checkpoint import inspect as ck
 from trainer.checkpoint import layout, manifest, megatron_lm
+from trainer.checkpoint.config import CheckpointConfig
 
 ckpt_app = typer.Typer(help="Inspect, check and repair checkpoints (DIR: RUN_DIR, RUN_DIR/checkpoints or a "
                             "Megatron-LM save directory).", no_args_is_help=True)
 
 
 @ckpt_app.command("list")
-def list_cmd(directory: Path, as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
-    """Every step (iteration) directory, complete or not, and which one `latest` (the tracker) names."""
+def list_cmd(directory: Path, as_json: bool = typer.Option(False, "--json", help="JSON output"),
+             memory_dir: Optional[Path] = typer.Option(
+                 None, "--memory-dir", help="the run's memory tier (default: the one derived from RUN_DIR)")) -> None:
+    """Every step (iteration) directory, complete or not, and which one `latest` (the tracker) names; for a
+    run directory also the memory tier: each node's own snapshots and the replicas it holds (checksums verified)."""
     if not directory.is_dir():
         raise ConfigError(f"{directory}: no such directory")
     root = ck.resolve_root(directory)
-    rows = megatron_lm.listing(root) if megatron_lm.is_layout(root) else ck.listing(root)
+    if megatron_lm.is_layout(root):
+        rows = megatron_lm.listing(root)
+    else:
+        rows = [{"tier": "disk", **row} for row in ck.listing(root)]
+        memory = memory_dir or (CheckpointConfig().memory_root(directory) if root != directory else None)
+        if memory is not None and memory.is_dir():
+            from trainer.checkpoint.memory_tier import listing as memory_listing
+
+            rows += memory_listing(memory)
     if as_json:
         print(json.dumps(rows, indent=1))
         return
     for row in rows:
         why = f"  ({row['problem']})" if row.get("problem") else ""
-        latest = "  <- latest" if row["latest"] else ""
-        print(f"{row['step']:>9}  {row['state']:<10} {row['bytes']:>14,} B{latest}{why}")
+        latest = "  <- latest" if row.get("latest") else ""
+        tier = row.get("tier", "disk")
+        if tier.startswith("memory"):
+            held = f" of node{row['of_node']}" if row["of_node"] is not None else ""
+            tier = f"{tier} node{row['node']}{held} ranks {','.join(map(str, row['ranks']))}"
+        print(f"{row['step']:>9}  {row['state']:<10} {row['bytes']:>14,} B  {tier}{latest}{why}")
 
 
 @ckpt_app.command("verify")

@@ -1,5 +1,6 @@
 """Checkpoint configuration."""
 
+import hashlib
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -45,6 +46,15 @@ class CheckpointConfig(Section):
     iteration counts as the save's cost to the loop (at least these; more while the background write,
     which slows the steps after it, is still in flight)."""
 
+    memory_interval_steps: int = Field(0, ge=0)
+    """Snapshot the full training state into host shared memory every N steps, replicated to a rank on
+    the next node; a restart takes the newest step every rank has in memory when it is newer than disk
+    (0: memory tier off)."""
+    memory_keep_last: int = Field(2, ge=1)
+    """Keep the newest K committed memory snapshots per tier (own, and each replica held)."""
+    memory_dir: Path | None = None
+    """Root of the memory tier (None: /dev/shm/resilient-<run key>, the key derived from the run dir)."""
+
     @model_validator(mode="after")
     def _adaptive_bounds(self) -> "CheckpointConfig":
         if self.min_interval_steps > self.max_interval_steps:
@@ -53,6 +63,13 @@ class CheckpointConfig(Section):
         if self.adaptive and not self.interval_steps:
             raise ValueError("adaptive needs interval_steps > 0 as the starting interval (saves are what it measures)")
         return self
+
+    def memory_root(self, run_dir: Path) -> Path:
+        """The memory tier's directory of a run in `run_dir` (shared by the nodes' subdirectories)."""
+        if self.memory_dir is not None:
+            return self.memory_dir
+        key = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+        return Path("/dev/shm") / f"resilient-{key}"
 
     def root(self, run_dir: Path) -> Path:
         """The checkpoint directory of a run in `run_dir`."""

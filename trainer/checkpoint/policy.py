@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trainer.checkpoint.config import CheckpointConfig
 
@@ -54,3 +54,75 @@ def load_candidates(committed: list[int], *, load_step: int | None) -> list[int]
     if load_step is not None:
         return [load_step]
     return sorted(committed, reverse=True)
+
+
+def should_snapshot(interval_steps: int, *, step: int, final_step: int, disk_saved: bool) -> Decision:
+    """Take a memory-tier snapshot after `step`? Not when the disk tier just saved the same step (a
+    restart would prefer disk at an equal step) and not at the final step (nothing left to resume)."""
+    if not interval_steps:
+        return Decision(False, "memory tier off")
+    if disk_saved:
+        return Decision(False, f"step {step} is on disk")
+    if step >= final_step:
+        return Decision(False, "final step")
+    if step % interval_steps:
+        return Decision(False, "no trigger")
+    return Decision(True, f"every {interval_steps} steps")
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What one rank can offer at a restart: its own memory snapshots and the replicas it holds for
+    `replica_of` (the rank one node back in the ring, None when the run has one node). Each maps
+    step -> None (valid) or the problem found (checksum mismatch, not committed, other layout...)."""
+
+    own: dict[int, str | None]
+    replica_of: int | None = None
+    replica: dict[int, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TierChoice:
+    """A restart's source: `step` None means disk; `sources[r]` is "own" or "replica@<holder rank>"."""
+
+    step: int | None
+    sources: tuple[str, ...]
+    reason: str
+
+    @property
+    def tier(self) -> str:
+        if self.step is None:
+            return "disk"
+        return "memory-replica" if any(s != "own" for s in self.sources) else "memory-own"
+
+
+def choose_tier(inventories: list[Inventory], *, disk_step: int | None) -> TierChoice:
+    """The newest step for which EVERY rank has a valid memory copy (its own, else the replica a rank
+    on the next node holds for it), when it is newer than the newest committed disk checkpoint;
+    otherwise disk. The reason names each newer step that was passed over and why."""
+    world = len(inventories)
+    holders = {inv.replica_of: h for h, inv in enumerate(inventories) if inv.replica_of is not None}
+    steps = sorted({s for inv in inventories for s in (*inv.own, *inv.replica)}, reverse=True)
+    passed: list[str] = []
+    for step in steps:
+        if disk_step is not None and step <= disk_step:
+            break
+        sources, missing = [], []
+        for rank, inv in enumerate(inventories):
+            if step in inv.own and inv.own[step] is None:
+                sources.append("own")
+                continue
+            holder = holders.get(rank)
+            held = inventories[holder].replica.get(step, "missing") if holder is not None else "no replica holder"
+            if holder is not None and step in inventories[holder].replica and held is None:
+                sources.append(f"replica@{holder}")
+                continue
+            missing.append(f"rank {rank} (own: {inv.own.get(step, 'missing')}; replica: {held})")
+        if not missing:
+            why = "; ".join(passed)
+            used = "own memory" if all(s == "own" for s in sources) else "memory with replicas"
+            return TierChoice(step, tuple(sources),
+                              f"step {step} from {used}, newer than disk step {disk_step}" + (f"; passed over {why}" if why else ""))
+        passed.append(f"step {step}: no valid copy for {', '.join(missing)}")
+    why = "; ".join(passed) if passed else "no memory snapshot newer than disk"
+    return TierChoice(None, ("disk",) * world, f"disk step {disk_step}: {why}")
