@@ -168,6 +168,9 @@ class Trainer:
         resumed = self.checkpointer.resume(state)
         if resumed is not None:
             log.info("resumed from step %d (%d samples consumed)", resumed, state.consumed_samples)
+        if state.step > cfg.train.steps:  # would end at once with its final step neither trained nor saved
+            raise ConfigError(f"train.steps: {cfg.train.steps} is below the step the run resumed at ({state.step}); "
+                              "raise it to continue the run")
         self.adaptive.start(state.step)
         self.checkpointer.cfg = self.adaptive.config
         self._beat(Phase.STEP, state.step, consumed_samples=state.consumed_samples)  # training starts here
@@ -197,12 +200,15 @@ class Trainer:
             self.checkpointer.poll()
             stop_requested = stop_requested or state.step == cfg.train.exit_at_step
             decision = self.checkpointer.should_save(state.step, cfg.train.steps, stop_requested)
+            saved = None
             if decision.yes:
                 self._save(decision.reason)
+                saved = "disk"
             elif self.checkpointer.should_snapshot(state.step, cfg.train.steps).yes:
                 blocking = self.checkpointer.snapshot(state)
                 log.info("memory snapshot step %d: loop blocked %.3fs", state.step, blocking)
-            self.adaptive.iteration_done(state.step, decision.yes, in_flight=self.checkpointer.in_flight,
+                saved = "memory"
+            self.adaptive.iteration_done(state.step, saved, in_flight=self.checkpointer.in_flight,
                                          excluded_s=eval_s)
             self.checkpointer.cfg = self.adaptive.config  # the interval the next save decision uses
             if stop_requested:

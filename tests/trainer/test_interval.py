@@ -125,3 +125,12 @@ def test_an_adaptive_interval_counts_from_the_last_save_a_fixed_one_at_multiples
     assert due(fixed, 381, last=375)  # a multiple of the new interval, 6 steps after the last save
     assert not due(adaptive, 381, last=375) and due(adaptive, 502, last=375)
     assert due(adaptive, 127, last=None) and not due(adaptive, 128, last=None)  # no save yet this attempt
+
+
+def test_adaptive_memory_interval_counts_from_the_last_snapshot():
+    from trainer.checkpoint.policy import should_snapshot
+
+    assert should_snapshot(7, step=21, final_step=100, disk_saved=False).yes  # fixed: multiples
+    assert not should_snapshot(7, step=22, final_step=100, disk_saved=False).yes
+    assert should_snapshot(7, step=22, final_step=100, disk_saved=False, last_snapshot=15).yes
+    assert not should_snapshot(7, step=21, final_step=100, disk_saved=False, last_snapshot=15).yes

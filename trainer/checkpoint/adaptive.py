@@ -29,8 +29,9 @@ from trainer.checkpoint.config import CheckpointConfig
 
 log = logging.getLogger("trainer")
 
-TIER_FIELDS = {"disk": "interval_steps"}
-"""Each checkpoint tier and its interval field in CheckpointConfig (the memory tier adds its own)."""
+TIER_FIELDS = {"disk": "interval_steps", "memory": "memory_interval_steps"}
+"""Each checkpoint tier and its interval field in CheckpointConfig. A tier adapts only when it is on
+(its configured interval > 0); each has its own cost meter and its own Daly optimum."""
 
 
 def read_calibrations(run_dir: Path) -> list[dict[str, Any]]:
@@ -62,7 +63,8 @@ class AdaptiveInterval:
                  device: torch.device, clock: Callable[[], float] = time.monotonic) -> None:
         self.config, self.run_dir, self.attempt, self.is_logger = cfg, run_dir, attempt, is_logger
         self.device, self.clock = device, clock
-        self.meter = interval.CostMeter(cfg.cost_window_steps)
+        self.meters = {tier: interval.CostMeter(cfg.cost_window_steps)
+                       for tier, name in TIER_FIELDS.items() if getattr(cfg, name)}
         self.failures, self.exposure_s = interval.failure_history(read_calibrations(run_dir))
         self.started = clock()
         self._last_end: float | None = None
@@ -70,31 +72,36 @@ class AdaptiveInterval:
     @property
     def intervals(self) -> dict[str, int]:
         """Each tier's current interval (heartbeat field `ckpt_intervals`, the metric's source)."""
-        return {"disk": self.config.interval_steps}
+        return {tier: getattr(self.config, name) for tier, name in TIER_FIELDS.items() if tier in self.meters}
 
     def start(self, step: int) -> None:
         """Before the first step (every rank): decide from what earlier attempts measured, if anything."""
         if not self.config.adaptive:
             return
-        cost, step_s = last_measurement(self.run_dir, "disk")
-        self._decide(step, cost, step_s, why="at start, from the last measurement and the failure history")
+        for tier in self.meters:
+            cost, step_s = last_measurement(self.run_dir, tier)
+            self._decide(tier, step, cost, step_s, why="at start, from the last measurement and the failure history")
         self._last_end = self.clock()
 
-    def iteration_done(self, step: int, saved: bool, in_flight: bool, excluded_s: float = 0.0) -> None:
-        """At the end of each loop iteration (every rank): `saved` when this iteration saved; `in_flight`
-        while a save's background write is unfinished (the same on every rank: finalizing is collective);
-        `excluded_s` (evaluation) is not loop time a save could have cost."""
+    def iteration_done(self, step: int, saved: str | None, in_flight: bool, excluded_s: float = 0.0) -> None:
+        """At the end of each loop iteration (every rank): `saved` names the tier this iteration saved
+        to; `in_flight` while a disk save's background write is unfinished (the same on every rank:
+        finalizing is collective). A memory snapshot's window is its fixed `cost_window_steps`: its
+        background work (checksum, replica) ends at different times on different ranks, and every
+        rank must close the window at the same step. `excluded_s` (evaluation) is not loop time a save
+        could have cost."""
         if not self.config.adaptive:
             return
         now = self.clock()
         seconds = now - (self._last_end if self._last_end is not None else now) - excluded_s
         self._last_end = now
-        if saved:
-            self.meter.saved()
-        if self.meter.iteration(max(0.0, seconds), in_flight):
-            self._decide(step, self.meter.cost(), self.meter.baseline(), why=f"save cost measured at step {step}")
+        if saved in self.meters:
+            self.meters[saved].saved()
+        for tier, meter in self.meters.items():
+            if meter.iteration(max(0.0, seconds), in_flight and tier == "disk"):
+                self._decide(tier, step, meter.cost(), meter.baseline(), why=f"save cost measured at step {step}")
 
-    def _decide(self, step: int, cost: float, step_s: float, *, why: str) -> None:
+    def _decide(self, tier: str, step: int, cost: float, step_s: float, *, why: str) -> None:
         exposure = self.exposure_s + (self.clock() - self.started)
         agreed = torch.tensor([cost, step_s, float(self.failures), exposure], dtype=torch.float64, device=self.device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
@@ -105,14 +112,14 @@ class AdaptiveInterval:
         steps, reason = interval.choose_interval(save_cost_s=cost, step_s=step_s, mtbf_s=mtbf,
                                                  min_steps=self.config.min_interval_steps,
                                                  max_steps=self.config.max_interval_steps)
-        previous = self.config.interval_steps
+        previous = getattr(self.config, TIER_FIELDS[tier])
         if steps == previous:
             return
-        self.config = self.config.model_copy(update={TIER_FIELDS["disk"]: steps})
-        log.info("checkpoint interval (disk) %d -> %d steps at step %d: %s; %s", previous, steps, step, reason,
+        self.config = self.config.model_copy(update={TIER_FIELDS[tier]: steps})
+        log.info("checkpoint interval (%s) %d -> %d steps at step %d: %s; %s", tier, previous, steps, step, reason,
                  mtbf_why)
         if self.is_logger:
-            ledger.append(self.run_dir, LedgerEvent.CKPT_INTERVAL, tier="disk", steps=steps, previous=previous,
+            ledger.append(self.run_dir, LedgerEvent.CKPT_INTERVAL, tier=tier, steps=steps, previous=previous,
                           step=step, attempt=self.attempt, save_cost_s=round(cost, 4), step_s=round(step_s, 4),
                           mtbf_s=round(mtbf, 1), failures=int(failures), exposure_s=round(exposure, 1),
                           reason=f"{why}: {reason}; {mtbf_why}")

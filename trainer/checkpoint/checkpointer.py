@@ -111,8 +111,10 @@ class Checkpointer:
                                   stop_requested=stop_requested)
 
     def should_snapshot(self, step: int, final_step: int) -> policy.Decision:
+        last = self.memory.last_step if self.memory and self.cfg.adaptive else None
         return policy.should_snapshot(self.cfg.memory_interval_steps if self.memory else 0, step=step,
-                                      final_step=final_step, disk_saved=self.last_save_step == step)
+                                      final_step=final_step, disk_saved=self.last_save_step == step,
+                                      last_snapshot=last)
 
     def snapshot(self, state: TrainState) -> float:
         """Copy `state` into the memory tier; returns the seconds the loop was blocked."""

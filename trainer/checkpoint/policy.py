@@ -56,16 +56,19 @@ def load_candidates(committed: list[int], *, load_step: int | None) -> list[int]
     return sorted(committed, reverse=True)
 
 
-def should_snapshot(interval_steps: int, *, step: int, final_step: int, disk_saved: bool) -> Decision:
+def should_snapshot(interval_steps: int, *, step: int, final_step: int, disk_saved: bool,
+                    last_snapshot: int | None = None) -> Decision:
     """Take a memory-tier snapshot after `step`? Not when the disk tier just saved the same step (a
-    restart would prefer disk at an equal step) and not at the final step (nothing left to resume)."""
+    restart would prefer disk at an equal step) and not at the final step (nothing left to resume).
+    With `last_snapshot` (an adaptive interval) the interval counts from it, else from step 0."""
     if not interval_steps:
         return Decision(False, "memory tier off")
     if disk_saved:
         return Decision(False, f"step {step} is on disk")
     if step >= final_step:
         return Decision(False, "final step")
-    if step % interval_steps:
+    due = step - last_snapshot >= interval_steps if last_snapshot is not None else step % interval_steps == 0
+    if not due:
         return Decision(False, "no trigger")
     return Decision(True, f"every {interval_steps} steps")
 
