@@ -57,11 +57,16 @@ def _origin(record: dict[str, Any]) -> str:
     return f" (from {record['host']}, supervisor pid {record.get('pid')})" if record.get("host") else ""
 
 
+def _memory(status: dict[str, Any]) -> str:
+    step = status.get("last_memory_snapshot")
+    return f" (memory {step})" if step is not None else ""
+
+
 def _renderable(status: dict[str, Any], now: float, run_dir: str | Path, incident: str | None) -> Group:
     ports = ", ".join(f"{n}:{p}" for n, p in (status.get("metrics_ports") or {}).items() if p) or "-"
     head = Text.assemble((str(status.get("state", "?")), "bold"),
                          f"  attempt {status.get('attempt')}  step {status.get('step')}  "
-                         f"last checkpoint {status.get('last_checkpoint')}  restarts {status.get('restarts', 0)}  "
+                         f"last checkpoint {status.get('last_checkpoint')}{_memory(status)}  restarts {status.get('restarts', 0)}  "
                          f"metrics {ports}  (updated {_age(status.get('written_at'), now)} ago)")
     parts: list[Any] = [head]
     failure = status.get("last_failure")

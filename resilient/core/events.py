@@ -18,6 +18,8 @@ class LedgerEvent(StrEnum):
     """Ranks resumed from a checkpoint."""
     CKPT_SAVE = "ckpt_save"
     """A checkpoint was committed."""
+    MEM_SNAPSHOT = "mem_snapshot"
+    """A memory-tier snapshot was committed on every rank (and replicated to the peer node, if any)."""
     CKPT_SAVE_FAILED = "ckpt_save_failed"
     """A checkpoint save failed (training went on)."""
     COORDINATOR_LOST = "coordinator_lost"

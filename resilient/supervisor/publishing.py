@@ -42,10 +42,13 @@ def write_run_status(run_dir: Path, nodes: Mapping[int, dict[str, Any]], *, stat
     """Node 0: merge every node's published status into RUN_DIR/status.json."""
     ranks = sorted((r for s in nodes.values() for r in s["ranks"]), key=lambda r: r["rank"])
     steps = [r["step"] for r in ranks if r["step"] is not None]
-    saves = [e["step"] for e in ledger.read(run_dir) if e.get("event") == LedgerEvent.CKPT_SAVE]
+    events = ledger.read(run_dir)
+    saves = [e["step"] for e in events if e.get("event") == LedgerEvent.CKPT_SAVE]
+    snapshots = [e["step"] for e in events if e.get("event") == LedgerEvent.MEM_SNAPSHOT]
     write_status(run_dir, {
         "state": str(state), "attempt": attempt, "step": max(steps, default=reached_step),
-        "last_checkpoint": saves[-1] if saves else None, "restarts": restarts,
+        "last_checkpoint": saves[-1] if saves else None,
+        "last_memory_snapshot": snapshots[-1] if snapshots else None, "restarts": restarts,
         "last_failure": last_failure, "stop": stop, "nodes": {str(n): s["state"] for n, s in nodes.items()},
         "metrics_ports": {s["node_name"]: s["metrics_port"] for s in nodes.values()}, "ranks": ranks,
         "spares": {s["node_name"]: s.get("spares") for s in nodes.values()},

@@ -124,6 +124,8 @@ def test_resume_from_memory_is_bit_identical(reference_run, killed_run, tmp_path
         rows = json.loads(resilient_cli("ckpt", "list", str(run_dir), "--json").stdout)
         assert {(r["tier"], r["step"], r["state"]) for r in rows} >= {
             ("disk", 12, "complete"), ("memory-own", 10, "complete"), ("memory-own", 15, "complete")}
+        snapshots = [e["step"] for e in ledger.read(run_dir) if e["event"] == "mem_snapshot"]
+        assert snapshots[:2] == [5, 10]  # commits reach the ledger (status.json shows the newest)
         assert run_ranks(run_dir, MEMORY) == [0, 0]
         load = loads(run_dir)[-1]
         assert (load["tier"], load["step"], load["sources"]) == ("memory-own", 15, ["own", "own"])

@@ -90,7 +90,8 @@ def test_die_with_parent_is_a_no_op_unsupervised(monkeypatch):
 
 
 def test_status_round_trip_owner_only_and_rendered(tmp_path):
-    status = {"state": "running", "attempt": 2, "step": 40, "last_checkpoint": 30, "restarts": 1,
+    status = {"state": "running", "attempt": 2, "step": 40, "last_checkpoint": 30, "last_memory_snapshot": 38,
+              "restarts": 1,
               "last_failure": {"kind": "hang", "rank": 1, "node": 0, "step": 33, "reason": "no progress"},
               "metrics_ports": {"n0": 9464},
               "ranks": [{"rank": 0, "node": 0, "node_name": "n0", "pid": 11, "phase": "step", "step": 40,
@@ -102,6 +103,7 @@ def test_status_round_trip_owner_only_and_rendered(tmp_path):
     console = Console(record=True, width=200)
     render_status(back, console, now=1002.5)
     text = console.export_text()
+    assert "last checkpoint 30 (memory 38)" in text
     assert "running" in text and "hang rank 1" in text and "2.5s" in text and "n0:9464" in text
     assert [p.name for p in tmp_path.iterdir()] == ["status.json"]  # no temp file left behind
 

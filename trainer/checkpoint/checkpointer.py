@@ -95,7 +95,8 @@ class Checkpointer:
         if cfg.memory_interval_steps:
             self.memory = memory_tier.MemoryTier(
                 cfg.memory_root(run_dir), rank=self.rank, world=self.world, local_world=local_world or self.world,
-                layout=self._layout(), keep_last=cfg.memory_keep_last)
+                layout=self._layout(), keep_last=cfg.memory_keep_last,
+                on_commit=self._on_memory_commit if self.rank == 0 else None)
         dist.barrier()
 
     def _layout(self) -> dict[str, int]:
@@ -109,6 +110,10 @@ class Checkpointer:
         return policy.should_save(self.cfg, step=step, final_step=final_step, last_save_step=self.last_save_step,
                                   seconds_since_save=time.monotonic() - self.last_save_time,
                                   stop_requested=stop_requested)
+
+    def _on_memory_commit(self, step: int, size: int, replicated: bool) -> None:
+        ledger.append(self.run_dir, LedgerEvent.MEM_SNAPSHOT, step=step, attempt=self.attempt, bytes=size,
+                      replicated=replicated)
 
     def should_snapshot(self, step: int, final_step: int) -> policy.Decision:
         last = self.memory.last_step if self.memory and self.cfg.adaptive else None

@@ -28,6 +28,7 @@ import shutil
 import stat
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -316,10 +317,12 @@ class MemoryTier:
     thread checksums, replicates and commits, one snapshot at a time, in the same order on every rank."""
 
     def __init__(self, root: Path, *, rank: int, world: int, local_world: int, layout: dict[str, int],
-                 keep_last: int) -> None:
+                 keep_last: int, on_commit: Callable[[int, int, bool], None] | None = None) -> None:
         self.root, self.rank, self.world, self.local_world = root, rank, world, local_world
         self.node, self.nodes = rank // local_world, max(1, world // local_world)
         self.layout, self.keep_last = layout, keep_last
+        self.on_commit = on_commit
+        """Called on the background thread after each commit with (step, bytes, replicated)."""
         self.group = dist.new_group(backend="gloo")  # the tier's own: its collectives run off the loop
         self.last_step: int | None = None
         self.last_committed: int | None = None
@@ -386,6 +389,8 @@ class MemoryTier:
             for base in bases:
                 write_file(step_dir(base, staged.step) / COMMITTED, json.dumps({"step": staged.step}).encode())
                 prune(base, self.keep_last)
+        if self.on_commit is not None:
+            self.on_commit(staged.step, staged.meta["bytes"], self.nodes > 1)
 
     def inventory(self) -> Inventory:
         return inventory(self.root, rank=self.rank, world=self.world, local_world=self.local_world,
