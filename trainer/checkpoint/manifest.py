@@ -22,10 +22,11 @@ from trainer.checkpoint.layout import MARKER
 
 SUMS_PREFIX = ".sums.rank"
 _CHUNK = 8 << 20
+DIGEST_SIZE = 20
 
 
 def hash_file(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=20)
+    digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
@@ -41,9 +42,11 @@ def rank_files(ckpt_dir: Path, rank: int) -> list[Path]:
     return sorted(ckpt_dir.glob(f"__{rank}_*.distcp"))
 
 
-def write_rank_sums(ckpt_dir: Path, rank: int) -> None:
-    """Run by the writer after its files are on disk: the checksums it vouches for."""
-    sums = {p.name: describe(p) for p in rank_files(ckpt_dir, rank)}
+def write_rank_sums(ckpt_dir: Path, rank: int, sums: dict[str, Any] | None = None) -> None:
+    """Run by the writer after its files are on disk: the checksums it vouches for (hashed as it
+    wrote them, or else read back from disk)."""
+    if sums is None:
+        sums = {p.name: describe(p) for p in rank_files(ckpt_dir, rank)}
     atomic_write(ckpt_dir / f"{SUMS_PREFIX}{rank}.json", json.dumps(sums).encode())
 
 
