@@ -5,14 +5,13 @@ the fork's copy-on-write is the snapshot, paid page by page by the next optimize
 forks once more per file, and the files were then read back to be hashed, all competing with training
 for the cores. Here the loop copies its share once into buffers kept from save to save (the memcpy
 floor, no page faults after the first save); a thread that runs when a core is otherwise idle
-(SCHED_IDLE) writes each file and hashes it in the same pass (file writes and hashlib release the
+(SCHED_IDLE) writes each file and checksums it in the same pass (file writes and zlib.crc32 release the
 GIL); when the loop has to wait for it (the next save, the end of the run) it gets normal priority.
 A synchronous save runs the same writer at normal priority from the live tensors, without staging.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
@@ -72,7 +71,7 @@ class _HashingStream:
     Append-only on purpose (no seek), so the digest is the file's."""
 
     def __init__(self, f: Any) -> None:
-        self.file, self.digest = f, hashlib.blake2b(digest_size=manifest.DIGEST_SIZE)
+        self.file, self.digest = f, manifest.new_digest()
 
     def write(self, data: Any) -> int:
         self.digest.update(data)
@@ -100,7 +99,7 @@ def write_share(transforms: Any, ckpt_dir: Path, rank: int, _rank: int, buckets:
                                   for item, data in [*byte_items, *tensor_items]]
                 f.flush()
                 os.fsync(f.fileno())
-                sums[Path(path).name] = {"size": f.tell(), "blake2b": stream.digest.hexdigest()}
+                sums[Path(path).name] = {"size": f.tell(), manifest.CHECKSUM: stream.digest.hexdigest()}
         manifest.write_rank_sums(ckpt_dir, rank, sums)
     except Exception as err:  # reported by megatron's finalize on every rank
         log.error("checkpoint writer failed: %s", err)
