@@ -1,19 +1,26 @@
-"""One rank of the checkpoint-stall benchmark (started by run.py through torchrun).
+"""One rank of the checkpoint-stall benchmark (started by run.py, two ranks, gloo).
 
-Builds the real trainer state (megatron GPTModel + AdamW moments), trains one step, then times, on
-the same bytes: a memcpy of the rank's state, a write+fsync of it, a synchronous checkpoint save,
-and the training-loop blocking time of an asynchronous save (plus its background total).
+Builds the real trainer state (megatron GPTModel + distributed-optimizer fp32 state), then trains in
+blocks of `interval` steps, one mode per block, the modes rotating so that they share the machine's
+load: `none` trains only; the others save at the start of the block and poll like the loop does, and
+the block ends once that save is committed. A block's cost is its wall time minus `interval` times the
+median step of the `none` blocks: what the save cost the loop in all, blocking call, copy-on-write
+faults and CPU stolen by the writer included. Also reported: the memcpy floor (copy this rank's state
+once, into a fresh buffer and into a reused one), the blocking call, minor page faults per block and
+the CPU seconds the process and its children spent.
+
+New modes go in MODES: a name -> function(trainer) returning the callable that starts one save.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -24,61 +31,101 @@ from trainer.loop import Trainer
 
 
 def state_tensors(trainer: Trainer) -> list[torch.Tensor]:
-    tensors = [p.data for p in trainer.model.parameters()]
-    for moments in trainer.optimizer.state.values():
-        tensors += [moments["exp_avg"], moments["exp_avg_sq"]]
+    """The rank's training state: model parameters and the optimizer's moments."""
+    tensors = [p.data for chunk in trainer.chunks for p in chunk.parameters()]
+    for opt in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+        for moments in opt.optimizer.state.values():
+            tensors += [t for t in moments.values() if isinstance(t, torch.Tensor) and t.numel() > 1]
     return tensors
 
 
-def timed(fn) -> float:
+def disk_save(async_save: bool) -> Callable[[Trainer], Callable[[], None]]:
+    def setup(trainer: Trainer) -> Callable[[], None]:
+        ckpt = trainer.checkpointer
+
+        def save() -> None:
+            ckpt.cfg.async_save = async_save
+            ckpt.save(trainer.state)
+        return save
+    return setup
+
+
+MODES: dict[str, Callable[[Trainer], Callable[[], None]] | None] = {
+    "none": None,
+    "async": disk_save(True),
+    "sync": disk_save(False),
+    # "memory": the in-memory tier, once it exists (a setup returning the callable that snapshots)
+}
+
+
+def usage() -> tuple[float, float, float, int]:
+    """CPU seconds of the loop's thread, of this process (all threads), of its reaped children, and
+    the process's minor faults. The loop thread's CPU time holds what a save puts on the loop's own
+    path (staging, copy-on-write faults) whatever the machine's load."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.thread_time(), own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime, own.ru_minflt
+
+
+def step(trainer: Trainer) -> None:
+    trainer._train_step()
+    trainer.state.step += 1
+    trainer.checkpointer.poll()
+
+
+def block(trainer: Trainer, interval: int, save: Callable[[], None] | None) -> dict:
     dist.barrier()
+    loop0, cpu0, kids0, faults0 = usage()
     started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
+    blocking = 0.0
+    if save is not None:
+        save()
+        blocking = time.perf_counter() - started
+    steps = []
+    for _ in range(interval):
+        t0 = time.perf_counter()
+        step(trainer)
+        steps.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    trainer.checkpointer.finish()
+    tail = time.perf_counter() - t0
+    loop1, cpu1, kids1, faults1 = usage()
+    return {"wall": time.perf_counter() - started, "blocking": blocking, "steps": steps, "finish_wait": tail,
+            "loop_cpu": loop1 - loop0, "cpu": cpu1 - cpu0, "children_cpu": kids1 - kids0, "minor_faults": faults1 - faults0}
+
+
+def floors(tensors: list[torch.Tensor]) -> dict[str, float]:
+    started = time.perf_counter()
+    copies = [t.clone() for t in tensors]
+    fresh = time.perf_counter() - started
+    started = time.perf_counter()
+    for c, t in zip(copies, tensors):
+        c.copy_(t)
+    return {"memcpy_fresh": fresh, "memcpy_reused": time.perf_counter() - started}
 
 
 def main() -> None:
-    run_dir, repeats = Path(sys.argv[1]), int(sys.argv[2])
+    run_dir, interval, repeats, modes = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
     cfg = load_config(Path(__file__).parent / "stall.yaml")
     trainer = Trainer(cfg, RankEnv.from_environ(), run_dir)
     trainer._build()
-    trainer._train_step()
-    trainer.state.step = 1
+    trainer.checkpointer.on_commit = None  # the trainer's hook reports to a supervisor: none here
+    for _ in range(2):  # warm-up: optimizer state allocated, caches warm
+        step(trainer)
     tensors = state_tensors(trainer)
-    nbytes = sum(t.numel() * t.element_size() for t in tensors)
-
-    def memcpy() -> None:
-        for t in tensors:
-            t.clone()
-
-    scratch = Path(tempfile.mkdtemp(dir=run_dir))
-
-    def disk() -> None:
-        with open(scratch / f"floor{dist.get_rank()}.bin", "wb") as f:
-            for t in tensors:
-                f.write(t.numpy().tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-
-    results = {"memcpy": [], "disk": [], "sync_save": [], "async_blocking": [], "async_total": []}
-    ckpt = trainer.checkpointer
-    for i in range(repeats):
-        results["memcpy"].append(timed(memcpy))
-        results["disk"].append(timed(disk))
-        ckpt.cfg.async_save = False
-        trainer.state.step += 1
-        results["sync_save"].append(timed(lambda: ckpt.save(trainer.state)))
-        ckpt.cfg.async_save = True
-        trainer.state.step += 1
-        started = time.perf_counter()
-        results["async_blocking"].append(timed(lambda: ckpt.save(trainer.state)))
-        ckpt.finish()
-        results["async_total"].append(time.perf_counter() - started)
-    medians = {k: statistics.median(v) for k, v in results.items()}
+    result = {"rank": dist.get_rank(), "state_bytes": sum(t.numel() * t.element_size() for t in tensors),
+              **floors(tensors), "blocks": {m: [] for m in modes}}
+    del tensors
+    saves = {m: (MODES[m](trainer) if MODES[m] else None) for m in modes}
+    for m in modes:  # one save per mode first, reported apart: the rest is the steady state
+        if saves[m] is not None:
+            result[f"first_{m}"] = block(trainer, 1, saves[m])
+    for r in range(repeats):
+        for m in modes[r % len(modes):] + modes[:r % len(modes)]:  # rotate the order
+            result["blocks"][m].append(block(trainer, interval, saves[m]))
     gathered: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
-    dist.all_gather_object(gathered, {"rank": dist.get_rank(), "state_bytes": nbytes, **medians})
+    dist.all_gather_object(gathered, result)
     if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(gathered))
+        print("RESULT " + json.dumps(gathered), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

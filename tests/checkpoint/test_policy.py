@@ -61,3 +61,19 @@ def test_verify_reports_size_checksum_missing_and_marker(tmp_path):
     (ckpt / layout.MARKER).write_text("{torn")
     assert "not valid JSON" in manifest.verify(ckpt, checksums=False)
     assert json.loads(json.dumps(written))  # the manifest is plain JSON
+
+
+def test_checkpoints_written_with_blake2b_sums_still_verify(tmp_path):
+    ckpt = tmp_path / "step_0000005"
+    ckpt.mkdir()
+    shard = ckpt / "__0_0.distcp"
+    shard.write_bytes(b"a" * 1000)
+    written = manifest.commit(ckpt, {"step": 5})
+    assert set(written["files"]["__0_0.distcp"]) == {"size", manifest.CHECKSUM}
+    legacy = {"size": 1000, "blake2b": manifest.hash_file(shard, "blake2b")}
+    marker = json.loads((ckpt / layout.MARKER).read_text())
+    marker["files"]["__0_0.distcp"] = legacy
+    (ckpt / layout.MARKER).write_text(json.dumps(marker))
+    assert manifest.verify(ckpt, checksums=True) is None
+    shard.write_bytes(b"b" * 1000)
+    assert "checksum mismatch" in manifest.verify(ckpt, checksums=True)

@@ -1,63 +1,35 @@
 """Async distributed checkpoints with an atomic commit, verified loads and retention.
 
-Save: stage tensors (the only blocking part), write in a background process, and when every
-rank's write is done (megatron's collective finalize) rank 0 writes the marker with the
-manifest, then replaces `latest`. Called at step boundaries on all ranks in lockstep.
+Save: stage this rank's share into kept host buffers (the only blocking part), write and hash it in
+a background thread at idle priority (trainer/checkpoint/writer.py), and when every rank's write is
+done (megatron's collective finalize) rank 0 writes the marker with the manifest, then replaces
+`latest`. Called at step boundaries on all ranks in lockstep.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import shutil
-import signal
 import threading
 import time
 from functools import partial
-from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any, Callable
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-from megatron.core.dist_checkpointing.strategies import filesystem_async
-from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
 from resilient.core import ledger
 from resilient.core.atomic import fsync_dir
 from resilient.core.errors import CheckpointError
 from resilient.core.events import LedgerEvent
-from resilient.rank.orphan import arm_parent_death_signal
-from trainer.checkpoint import layout, manifest, memory_tier, policy
+from trainer.checkpoint import layout, manifest, memory_tier, policy, writer
 from trainer.checkpoint.config import CheckpointConfig
 from trainer.checkpoint.state import TrainState, apply_loaded, sharded_state
 
 log = logging.getLogger(__name__)
-
-
-def _write_then_hash(write_fn, ckpt_dir: Path, rank: int, *args, **kwargs) -> None:
-    """Runs in the background writer: write this rank's files, then vouch for them."""
-    write_fn(*args, **kwargs)
-    manifest.write_rank_sums(ckpt_dir, rank)
-
-
-def _manager_init() -> None:
-    """In the results-queue server: die with the rank, and leave stop signals to the rank. srun hands
-    the preemption signal to every process of the step, and the rank still needs its queue to save."""
-    arm_parent_death_signal()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def _own_write_results_queue() -> None:
-    """megatron's async writer reports through a multiprocessing Manager it spawns lazily; that server
-    would outlive a SIGKILLed rank and die of a forwarded preemption signal. Start it ourselves."""
-    if filesystem_async._results_queue is None:
-        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=_manager_init)
-        filesystem_async._results_queue = manager.Queue()
 
 
 def schedule_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
@@ -79,8 +51,9 @@ class Checkpointer:
         self.attempt = attempt
         self.root = cfg.root(run_dir)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.queue = AsyncCallsQueue()
-        _own_write_results_queue()
+        self.queue = writer.WriterQueue()
+        self.staging = writer.Staging()
+        writer.use_thread_results_queue()
         dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), dp_group)
         self.last_save_step: int | None = None
@@ -157,12 +130,18 @@ class Checkpointer:
             return time.monotonic() - started
         request = dist_checkpointing.save(sharded_state(state, include_rng=True), str(ckpt_dir), self.strategy,
                                           async_sharded_save=True)
+        if request.async_fn is not None:  # None: nothing to write on this rank
+            # Async: staged on the loop, written by an idle-priority thread. Sync: written from the
+            # live tensors while the loop waits, so nothing is copied.
+            request = request._replace(
+                async_fn=writer.writer_fn(request, ckpt_dir, self.rank),
+                preload_fn=partial(self.staging.stage, request.async_fn_args[1]) if self.cfg.async_save else None)
         request = request._replace(
-            async_fn=partial(_write_then_hash, request.async_fn, ckpt_dir, self.rank),
             finalize_fns=[*request.finalize_fns,
                           partial(self._commit, step, ckpt_dir, started, state.consumed_samples,
                                   state.consumed_tokens, state.identity)],
         )
+        self.queue.idle = self.cfg.async_save
         self.queue.schedule_async_request(request)
         blocking = time.monotonic() - started
         self.last_save_step, self.last_save_time = step, time.monotonic()
@@ -186,7 +165,7 @@ class Checkpointer:
         except Exception as err:  # a failed write (ENOSPC, I/O error) never stops training
             self._report_failure(self.last_save_step, str(err))
             self.last_save_step = None
-            self.queue = AsyncCallsQueue()
+            self.queue = writer.WriterQueue()
 
     def _report_failure(self, step: int | None, error: str) -> None:
         self.failed_saves += 1

@@ -19,7 +19,8 @@ class CheckpointConfig(Section):
     save_on_finish: bool = True
     """Save the final step, so the last state can be inspected, digested and continued."""
     async_save: bool = True
-    """Write in the background; the loop blocks only while tensors are staged to host memory."""
+    """Write in the background (a thread of the rank at idle CPU priority); the loop blocks only while
+    this rank's share is copied into host buffers kept from save to save (trainer/checkpoint/writer.py)."""
     keep_last: int = Field(3, ge=1)
     """Keep the newest K complete checkpoints."""
     keep_every: int = Field(0, ge=0)
