@@ -15,11 +15,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-
-from resilient.supervisor.ranks import free_port
 from typing import Any, Iterator
 
 import yaml
+
+from resilient.supervisor.ranks import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 GRAFANA = REPO / "grafana"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .prom import require, GRAFANA, PROMTOOL, RULES, alert_rules
+from .prom import GRAFANA, PROMTOOL, RULES, alert_rules, require
 
 pytestmark = [
     pytest.mark.prometheus,

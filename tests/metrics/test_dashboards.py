@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import sys
 
-import pytest
 import yaml
 
 from .prom import GRAFANA, dashboards

@@ -11,7 +11,13 @@ from resilient.metrics.config import MetricsConfig
 from resilient.metrics.exporter import NodeMetrics
 
 from .feed import NODE, DcgmExporter, Feeder
-from .prom import require, PROMETHEUS, PrometheusServer, alert_rules, panel_queries, variable_queries
+from .prom import (
+    PrometheusServer,
+    alert_rules,
+    panel_queries,
+    require,
+    variable_queries,
+)
 
 pytestmark = [
     pytest.mark.prometheus,

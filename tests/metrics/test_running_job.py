@@ -20,7 +20,7 @@ from resilient.status import read_status
 from tests.ranks import REPO, TINY
 
 from .feed import DcgmExporter
-from .prom import require, PROMETHEUS, PrometheusServer, alert_rules, panel_queries
+from .prom import PrometheusServer, alert_rules, panel_queries, require
 
 pytestmark = [pytest.mark.slow, pytest.mark.prometheus]
 
