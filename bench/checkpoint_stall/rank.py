@@ -49,11 +49,17 @@ def disk_save(async_save: bool) -> Callable[[Trainer], Callable[[], None]]:
     return setup
 
 
+def memory_snapshot(trainer: Trainer) -> Callable[[], None]:
+    ckpt = trainer.checkpointer
+    assert ckpt.memory is not None, "memory mode needs checkpoint.memory_interval_steps > 0 (run.py sets it)"
+    return lambda: ckpt.snapshot(trainer.state)
+
+
 MODES: dict[str, Callable[[Trainer], Callable[[], None]] | None] = {
     "none": None,
     "async": disk_save(True),
     "sync": disk_save(False),
-    # "memory": the in-memory tier, once it exists (a setup returning the callable that snapshots)
+    "memory": memory_snapshot,  # the in-memory tier (single node: no replica); the block waits for its commit
 }
 
 
@@ -104,7 +110,8 @@ def floors(tensors: list[torch.Tensor]) -> dict[str, float]:
 
 def main() -> None:
     run_dir, interval, repeats, modes = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
-    cfg = load_config(Path(__file__).parent / "stall.yaml")
+    overrides = ["checkpoint.memory_interval_steps=1000000"] if "memory" in modes else []  # the tier exists; the bench triggers it
+    cfg = load_config(Path(__file__).parent / "stall.yaml", overrides)
     trainer = Trainer(cfg, RankEnv.from_environ(), run_dir)
     trainer._build()
     trainer.checkpointer.on_commit = None  # the trainer's hook reports to a supervisor: none here

@@ -81,6 +81,8 @@ def summarize(ranks: list[dict]) -> dict:
     if "async" in modes and "sync" in modes:
         out["async_over_sync"] = modes["async"]["extra_s"] / modes["sync"]["extra_s"]
         out["async_over_sync_loop_cpu"] = modes["async"]["extra_loop_cpu_s"] / modes["sync"]["extra_loop_cpu_s"]
+    if "memory" in modes:  # goal: the memory tier costs the loop <= 1.5 x one copy of the state
+        out["memory_over_memcpy"] = modes["memory"]["extra_s"] / out["memcpy_reused_s"]
     return out
 
 
@@ -88,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--interval", type=int, default=10)
-    parser.add_argument("--modes", default="none,async,sync")
+    parser.add_argument("--modes", default="none,async,sync,memory")
     parser.add_argument("--run-dir", type=Path, default=None)
     args = parser.parse_args()
     if "none" not in args.modes.split(","):
@@ -113,6 +115,8 @@ def main() -> None:
     if "async_over_sync" in summary:
         print(f"async / sync: extra wall time {summary['async_over_sync']:.2f} (goal <= 0.25), "
               f"extra loop-thread CPU {summary['async_over_sync_loop_cpu']:.2f}")
+    if "memory_over_memcpy" in summary:
+        print(f"memory / memcpy floor: extra wall time {summary['memory_over_memcpy']:.2f} (goal <= 1.5)")
     mach = summary["machine"]
     print(f"machine: {mach['cpus']} CPUs, load average {mach['loadavg_before']:.2f} -> {mach['loadavg_after']:.2f}, "
           f"busy {mach['busy_share']:.0%} during the run")
