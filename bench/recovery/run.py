@@ -154,6 +154,11 @@ def trial(launcher: str, config: Path, sets: list[str], work: Path, number: int,
                       and max(r["step"] for r in _train_steps(run_dir)) >= kill_at, timeout)
         if not ready:
             return {**out, "error": f"no committed checkpoint and step {kill_at} within {timeout:g}s"}
+        if launcher == "resilient":  # a failure hours in finds the spares refilled: wait until they are warm
+            nproc = cfg.supervisor.nproc_per_node
+            out["spares_wait_s"] = -time.time()
+            _wait(lambda: _warm_lines(run_dir) >= 2 * nproc, timeout)
+            out["spares_wait_s"] += time.time()
         victim = _wait(lambda: _rank1(psutil.Process(proc.pid)), 10)
         if victim is None:
             return {**out, "error": "rank 1 not found"}
