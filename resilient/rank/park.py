@@ -9,7 +9,8 @@ With the assignment and the imports done, it appends stdout/stderr to the rank l
 its environment with `environ` and runs `argv` in-process: `python -m MODULE ARGS` via
 runpy.run_module, `python SCRIPT ARGS` via runpy.run_path, both as `__main__`. Its exit status is the
 rank's. End of input without an assignment: exit 0 quietly. It dies with its supervisor
-(PR_SET_PDEATHSIG, armed first), whose pid it gets in RESILIENT_SUPERVISOR_PID.
+(PR_SET_PDEATHSIG, armed first), whose pid it gets in RESILIENT_SUPERVISOR_PID. Where it may return
+to normal priority afterwards, it imports at SCHED_IDLE: a refill never takes CPU from training ranks.
 
 Contract for tools that look at processes from outside: while parked, fd 0 is the assignment pipe;
 once assigned it is /dev/null. The initial environment (/proc/PID/environ) carries the identity of
@@ -33,6 +34,31 @@ from resilient.rank.env import ASSIGNED_AT
 from resilient.rank.orphan import die_with_parent
 
 IMPORT_FAILED = "resilient park: warm import"
+
+
+def _set_policy(tid: int, idle: bool) -> bool:
+    try:
+        os.sched_setscheduler(tid, os.SCHED_IDLE if idle else os.SCHED_OTHER, os.sched_param(0))
+        return True
+    except OSError:
+        return False
+
+
+def idle_until_assigned() -> bool:
+    """Import on otherwise idle CPU only (SCHED_IDLE), so that refilling spares never slows the ranks
+    training next to them (a 4 s step timeout tripped on 2 cores otherwise). Only where the way back to
+    normal priority is allowed (root, CAP_SYS_NICE, RLIMIT_NICE): probed on a throwaway thread first."""
+    ok: list[bool] = []
+    probe = threading.Thread(target=lambda: ok.append(_set_policy(0, True) and _set_policy(0, False)))
+    probe.start()
+    probe.join()
+    return bool(ok and ok[0]) and _set_policy(0, True)  # threads started from here on inherit it
+
+
+def normal_priority() -> None:
+    """Every thread of this process back to normal scheduling (the spare is a rank now)."""
+    for tid in os.listdir("/proc/self/task"):
+        _set_policy(int(tid), False)
 
 
 def warm(modules: list[str]) -> list[str]:
@@ -82,10 +108,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.script:
         sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
+    idle = idle_until_assigned()
     # The assignment is read while the imports run: fd 0 turns /dev/null the moment this process is a
     # rank (what tools outside see), and a spare still importing when it is needed loses no time.
     received: list[bytes] = []
-    reader = threading.Thread(target=_receive, args=(received,), name="park-assignment", daemon=True)
+    reader = threading.Thread(target=_receive, args=(received, idle), name="park-assignment", daemon=True)
     reader.start()
     t0 = time.monotonic()
     for line in warm(args.modules):
@@ -100,10 +127,13 @@ def main() -> int:
     return 0
 
 
-def _receive(out: list[bytes]) -> None:
-    """Wait for the assignment line; then stdin becomes /dev/null and the rank's start time is recorded."""
+def _receive(out: list[bytes], idle: bool) -> None:
+    """Wait for the assignment line; then normal priority (imports still running finish at full speed),
+    stdin becomes /dev/null and the rank's start time is recorded."""
     with os.fdopen(os.dup(0), "rb") as stdin:
         out.append(stdin.readline())
+    if idle:
+        normal_priority()
     os.environ[ASSIGNED_AT] = repr(time.time())
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)

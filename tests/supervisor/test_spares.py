@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -64,7 +65,11 @@ def test_spares_take_the_ranks_of_the_next_attempt(tmp_path):
                   str(run_dir)], log=tmp_path / "supervisor.log")
     wait_until(lambda: any(s["step"] >= 5 for s in steps_done(run_dir)), 60, "step 5")
     parked = wait_until(lambda: len(_parked(proc.pid)) == 2 and _parked(proc.pid), 60, "two parked spares")
+    # root here: spares import on idle CPU only, and are ranks at normal priority once assigned
+    assert {os.sched_getscheduler(pid) for pid in parked} == {os.SCHED_IDLE}
     ranks_of(proc.pid)[1].send_signal(signal.SIGKILL)
+    wait_until(lambda: set(p.pid for p in ranks_of(proc.pid).values()) == parked, 60, "spares to take the ranks")
+    assert {os.sched_getscheduler(pid) for pid in parked} == {os.SCHED_OTHER}
     assert proc.wait(90) == ExitCode.FINISHED, (tmp_path / "supervisor.log").read_text()[-2000:]
     second = [e for e in events(run_dir, "attempt_start") if e["attempt"] == 1]
     assert second and second[0]["warm_ranks"] == 2 and set(second[0]["pids"]) == parked  # existed before the kill
@@ -87,7 +92,11 @@ def test_a_foreign_python_script_runs_from_a_spare(tmp_path):
     saved = lambda r: json.loads(p.read_text())["step"] if (p := run_dir / "state" / f"rank{r}.json").exists() else 0
     wait_until(lambda: saved(1) >= 10, 60, "rank 1 saved step 10")
     parked = wait_until(lambda: len(_parked(proc.pid)) == 2 and _parked(proc.pid), 60, "two parked spares")
+    # root here: spares import on idle CPU only, and are ranks at normal priority once assigned
+    assert {os.sched_getscheduler(pid) for pid in parked} == {os.SCHED_IDLE}
     ranks_of(proc.pid)[1].send_signal(signal.SIGKILL)
+    wait_until(lambda: set(p.pid for p in ranks_of(proc.pid).values()) == parked, 60, "spares to take the ranks")
+    assert {os.sched_getscheduler(pid) for pid in parked} == {os.SCHED_OTHER}
     assert proc.wait(90) == ExitCode.FINISHED, (tmp_path / "supervisor.log").read_text()[-2000:]
     second = [e for e in events(run_dir, "attempt_start") if e["attempt"] == 1]
     assert second and second[0]["warm_ranks"] == 2 and set(second[0]["pids"]) == parked
