@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from resilient.core import guarded
 from resilient.core.atomic import atomic_write
 from resilient.core.rundir import RunDir
 from resilient.supervisor.tracking import HeartbeatTracker
@@ -134,8 +135,10 @@ class CalibrationStore:
             self.cal.exposure_s = self._base_exposure + (now - self._started)
         self.cal.step_times = list(self.tracker.step_times)
         self.cal.ckpt_times = list(self.tracker.ckpt_times)
-        try:
+        text = json.dumps(asdict(self.cal))
+
+        def write_file() -> None:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            atomic_write(self.path, json.dumps(asdict(self.cal)), durable=False)
-        except OSError as err:  # calibration is an optimisation: never fail the run for it
-            print(f"resilient: cannot write {self.path}: {err}", file=sys.stderr)
+            atomic_write(self.path, text, durable=False)
+
+        guarded.write(self.path, write_file)  # an optimisation: never fail the run for it; said once

@@ -59,7 +59,8 @@ class Feeder:
         self.step += 1
         ckpt = {}
         if self.step % 10 == 0:
-            ckpt = {"ckpt_step": self.step, "ckpt_blocking_s": 0.3, "ckpt_total_s": 1.2, "ckpt_bytes": 1 << 20}
+            ckpt = {"ckpt_step": self.step, "ckpt_blocking_s": 0.3, "ckpt_total_s": 1.2, "ckpt_bytes": 1 << 20,
+                    "ckpt_intervals": {"disk": 10, "memory": 2}}  # an adaptive run's tiers
         for rank in RANKS:
             extra = {"val_loss": 3.9} if self.step % 5 == 0 else {}
             self.metrics.on_heartbeat(rank, rank, heartbeat(rank, self.step, **ckpt, **extra))
