@@ -68,6 +68,16 @@ def _wait(probe, timeout: float):
     return None
 
 
+def _status_rank1(run_dir: Path) -> psutil.Process | None:
+    """resilient: rank 1 as its supervisor publishes it (status.json), never a parked spare."""
+    try:
+        ranks = json.loads((run_dir / "status.json").read_text())["ranks"]
+        [pid] = [r["pid"] for r in ranks if r["rank"] == 1 and r.get("exit_code") is None]
+        return psutil.Process(pid)
+    except (OSError, ValueError, KeyError, psutil.Error):
+        return None
+
+
 def _rank1(launcher: psutil.Process) -> psutil.Process | None:
     """The rank-1 process below the launcher: RANK=1 in its environment, not a parked spare, and not a
     child of another RANK=1 process (data-loader workers inherit the environment)."""
@@ -157,9 +167,10 @@ def trial(launcher: str, config: Path, sets: list[str], work: Path, number: int,
         if launcher == "resilient":  # a failure hours in finds the spares refilled: wait until they are warm
             nproc = cfg.supervisor.nproc_per_node
             out["spares_wait_s"] = -time.time()
-            _wait(lambda: _warm_lines(run_dir) >= 2 * nproc, timeout)
+            _wait(lambda: _warm_lines(run_dir) >= 2 * nproc, min(timeout, 90))
             out["spares_wait_s"] += time.time()
-        victim = _wait(lambda: _rank1(psutil.Process(proc.pid)), 10)
+        victim = _wait(lambda: (_status_rank1(run_dir) if launcher == "resilient" else _rank1(psutil.Process(proc.pid))),
+                       10)
         if victim is None:
             return {**out, "error": "rank 1 not found"}
         killed_after = max(r["step"] for r in _train_steps(run_dir))
@@ -171,7 +182,13 @@ def trial(launcher: str, config: Path, sets: list[str], work: Path, number: int,
                 pass
         killed = time.time()
         victim.send_signal(signal.SIGKILL)
-        nxt = _wait(lambda: [r for r in _train_steps(run_dir) if r["ts"] > killed][:1], timeout)
+        attempt = max(r["attempt"] for r in _train_steps(run_dir))
+
+        def resumed(r: dict) -> bool:
+            # The new attempt's first step: a step the old rank 0 finished just after the kill is not one.
+            # resilient numbers its attempts; under the peers (attempt 0 always) it is a step done again.
+            return r["attempt"] > attempt if launcher == "resilient" else r["step"] <= killed_after
+        nxt = _wait(lambda: [r for r in _train_steps(run_dir) if r["ts"] > killed and resumed(r)][:1], timeout)
         if not nxt:
             return {**out, "error": f"no step within {timeout:g}s of the kill", "killed_after_step": killed_after}
         out.update(recovery_s=nxt[0]["ts"] - killed, killed_after_step=killed_after, resumed_step=nxt[0]["step"])
@@ -242,7 +259,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=REPO / "examples" / "tiny.yaml")
     ap.add_argument("--trials", type=int, default=10, help="trials per launcher (>= 10 for the p95)")
-    ap.add_argument("--steps", type=int, default=60, help="train.steps (the run is ended after the recovery)")
+    ap.add_argument("--steps", type=int, default=100000, help="train.steps (the run is ended after the recovery)")
     ap.add_argument("--kill-at", type=int, default=25)
     ap.add_argument("--ckpt-every", type=int, default=10)
     ap.add_argument("--timeout", type=float, default=300.0, help="per phase of a trial before it counts as failed")
