@@ -30,18 +30,11 @@ import threading
 import time
 from typing import Any
 
+from resilient.core import sched
 from resilient.rank.env import ASSIGNED_AT
 from resilient.rank.orphan import die_with_parent
 
 IMPORT_FAILED = "resilient park: warm import"
-
-
-def _set_policy(tid: int, idle: bool) -> bool:
-    try:
-        os.sched_setscheduler(tid, os.SCHED_IDLE if idle else os.SCHED_OTHER, os.sched_param(0))
-        return True
-    except OSError:
-        return False
 
 
 def idle_until_assigned() -> bool:
@@ -49,16 +42,16 @@ def idle_until_assigned() -> bool:
     training next to them (a 4 s step timeout tripped on 2 cores otherwise). Only where the way back to
     normal priority is allowed (root, CAP_SYS_NICE, RLIMIT_NICE): probed on a throwaway thread first."""
     ok: list[bool] = []
-    probe = threading.Thread(target=lambda: ok.append(_set_policy(0, True) and _set_policy(0, False)))
+    probe = threading.Thread(target=lambda: ok.append(sched.set_idle(0, True) and sched.set_idle(0, False)))
     probe.start()
     probe.join()
-    return bool(ok and ok[0]) and _set_policy(0, True)  # threads started from here on inherit it
+    return bool(ok and ok[0]) and sched.set_idle(0, True)  # threads started from here on inherit it
 
 
 def normal_priority() -> None:
     """Every thread of this process back to normal scheduling (the spare is a rank now)."""
     for tid in os.listdir("/proc/self/task"):
-        _set_policy(int(tid), False)
+        sched.set_idle(int(tid), False)
 
 
 def warm(modules: list[str]) -> list[str]:

@@ -24,6 +24,7 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCaller, AsyncCallsQueue, AsyncRequest
 from torch.distributed.checkpoint.filesystem import SerializationFormat, _StorageWriterTransforms, _write_item
 
+from resilient.core import sched
 from trainer.checkpoint import manifest
 
 log = logging.getLogger(__name__)
@@ -115,11 +116,8 @@ def writer_fn(request: AsyncRequest, ckpt_dir: Path, rank: int) -> Callable[...,
 
 
 def _set_idle(tid: int, idle: bool) -> None:
-    """SCHED_IDLE for a thread (runs only on otherwise idle CPU), or back to normal."""
-    try:
-        os.sched_setscheduler(tid, os.SCHED_IDLE if idle else os.SCHED_OTHER, os.sched_param(0))
-    except OSError as err:  # not fatal: the writer then competes with the loop as before
-        log.debug("cannot change the checkpoint writer's priority: %s", err)
+    if not sched.set_idle(tid, idle):  # not fatal: the writer then competes with the loop as before
+        log.debug("cannot change the checkpoint writer's priority")
 
 
 class ThreadCaller(AsyncCaller):
