@@ -59,18 +59,25 @@ def _parked(supervisor_pid: int) -> set[int]:
     return {c.pid for c in psutil.Process(supervisor_pid).children() if is_parked(c.pid)}
 
 
+def _kill_rank1_spares_take_over(proc, log) -> set[int]:
+    """SIGKILL rank 1 once two spares are parked; they must become the ranks and the run finish.
+    Returns the spares' pids. Root here: spares import on idle CPU only, and are ranks at normal
+    priority once assigned."""
+    parked = wait_until(lambda: len(_parked(proc.pid)) == 2 and _parked(proc.pid), 60, "two parked spares")
+    assert {os.sched_getscheduler(pid) for pid in parked} == {os.SCHED_IDLE}
+    ranks_of(proc.pid)[1].send_signal(signal.SIGKILL)
+    wait_until(lambda: set(p.pid for p in ranks_of(proc.pid).values()) == parked, 60, "spares to take the ranks")
+    assert {os.sched_getscheduler(pid) for pid in parked} == {os.SCHED_OTHER}
+    assert proc.wait(90) == ExitCode.FINISHED, log.read_text()[-2000:]
+    return parked
+
+
 def test_spares_take_the_ranks_of_the_next_attempt(tmp_path):
     run_dir = tmp_path / "run"
     proc = start(["run", str(write_config(tmp_path / "cfg.yaml", steps=40, health=False)), "--run-dir",
                   str(run_dir)], log=tmp_path / "supervisor.log")
     wait_until(lambda: any(s["step"] >= 5 for s in steps_done(run_dir)), 60, "step 5")
-    parked = wait_until(lambda: len(_parked(proc.pid)) == 2 and _parked(proc.pid), 60, "two parked spares")
-    # root here: spares import on idle CPU only, and are ranks at normal priority once assigned
-    assert {os.sched_getscheduler(pid) for pid in parked} == {os.SCHED_IDLE}
-    ranks_of(proc.pid)[1].send_signal(signal.SIGKILL)
-    wait_until(lambda: set(p.pid for p in ranks_of(proc.pid).values()) == parked, 60, "spares to take the ranks")
-    assert {os.sched_getscheduler(pid) for pid in parked} == {os.SCHED_OTHER}
-    assert proc.wait(90) == ExitCode.FINISHED, (tmp_path / "supervisor.log").read_text()[-2000:]
+    parked = _kill_rank1_spares_take_over(proc, tmp_path / "supervisor.log")
     second = [e for e in events(run_dir, "attempt_start") if e["attempt"] == 1]
     assert second and second[0]["warm_ranks"] == 2 and set(second[0]["pids"]) == parked  # existed before the kill
     assert {s["step"] for s in steps_done(run_dir)} == set(range(1, 41))
@@ -91,13 +98,7 @@ def test_a_foreign_python_script_runs_from_a_spare(tmp_path):
     proc = start(["run", str(cfg), "--run-dir", str(run_dir)], log=tmp_path / "supervisor.log")
     saved = lambda r: json.loads(p.read_text())["step"] if (p := run_dir / "state" / f"rank{r}.json").exists() else 0
     wait_until(lambda: saved(1) >= 10, 60, "rank 1 saved step 10")
-    parked = wait_until(lambda: len(_parked(proc.pid)) == 2 and _parked(proc.pid), 60, "two parked spares")
-    # root here: spares import on idle CPU only, and are ranks at normal priority once assigned
-    assert {os.sched_getscheduler(pid) for pid in parked} == {os.SCHED_IDLE}
-    ranks_of(proc.pid)[1].send_signal(signal.SIGKILL)
-    wait_until(lambda: set(p.pid for p in ranks_of(proc.pid).values()) == parked, 60, "spares to take the ranks")
-    assert {os.sched_getscheduler(pid) for pid in parked} == {os.SCHED_OTHER}
-    assert proc.wait(90) == ExitCode.FINISHED, (tmp_path / "supervisor.log").read_text()[-2000:]
+    parked = _kill_rank1_spares_take_over(proc, tmp_path / "supervisor.log")
     second = [e for e in events(run_dir, "attempt_start") if e["attempt"] == 1]
     assert second and second[0]["warm_ranks"] == 2 and set(second[0]["pids"]) == parked
     assert saved(0) == saved(1) == 200
