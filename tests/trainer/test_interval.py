@@ -108,6 +108,26 @@ def test_meter_window_stays_open_while_the_write_is_in_flight():
     assert [meter.iteration(1.0, in_flight=True) for _ in range(6)] == [False] * 5 + [True]  # `longest` bounds it
 
 
+def test_writes_outlasting_the_interval_still_measure_a_cost():
+    # Every write is still in flight when the next save comes (a loaded machine): no quiet iteration
+    # ever runs, and each window is closed by the next save. Each closing still reports a cost, against
+    # the fastest iteration seen, so the interval adapts (a CI run once never decided).
+    meter = CostMeter(window=2, warmup=0)
+    results = []
+    for _ in range(3):
+        meter.saved()
+        results += [meter.iteration(s, in_flight=True) for s in (2.0, 1.5, 1.0)]
+    assert results == [False, False, False, True, False, False, True, False, False]
+    assert meter.plain == [] and meter.baseline() == 1.0 and meter.cost() == pytest.approx(1.5)
+
+
+def test_only_quiet_iterations_are_baseline():
+    meter = CostMeter(window=2, warmup=0)
+    meter.iteration(5.0, quiet=False)  # another tier saved, or its write ran, in this iteration
+    meter.iteration(1.0)
+    assert meter.plain == [1.0]
+
+
 def test_config_refuses_crossed_bounds_and_adaptive_without_a_start():
     with pytest.raises(ConfigError, match="min_interval_steps 9 exceeds max_interval_steps 3"):
         parse_section(CheckpointConfig, {"min_interval_steps": 9, "max_interval_steps": 3})

@@ -97,8 +97,9 @@ class AdaptiveInterval:
         self._last_end = now
         if saved in self.meters:
             self.meters[saved].saved()
+        quiet = saved is None and not in_flight
         for tier, meter in self.meters.items():
-            if meter.iteration(max(0.0, seconds), in_flight and tier == "disk"):
+            if meter.iteration(max(0.0, seconds), in_flight and tier == "disk", quiet):
                 self._decide(tier, step, meter.cost(), meter.baseline(), why=f"save cost measured at step {step}")
 
     def _decide(self, tier: str, step: int, cost: float, step_s: float, *, why: str) -> None:

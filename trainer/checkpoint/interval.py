@@ -80,51 +80,61 @@ def failure_history(calibrations: Sequence[Mapping]) -> tuple[int, float]:
 
 class CostMeter:
     """Iteration wall times of one rank, and the cost of each save measured over the iterations that
-    start with it: at least `window`, and on while its background write is in flight (up to `longest`).
-    Feed `iteration(seconds, in_flight)` once per step and `saved()` at a save."""
+    start with it: at least `window`, and on while its background write is in flight (up to `longest`),
+    or until the next save. Feed `iteration(...)` once per step and `saved()` at a save."""
 
     def __init__(self, window: int, warmup: int = 2, keep: int = 200, longest: int = 1000) -> None:
         self.window, self.warmup, self.keep, self.longest = window, warmup, keep, max(window, longest)
         self.plain: list[float] = []
-        """Recent iterations without a save in flight (the baseline)."""
+        """Recent quiet iterations outside any cost window (the baseline)."""
         self.costs: list[float] = []
         """Measured save costs, oldest first."""
+        self.fastest = math.inf
+        """The fastest iteration inside a window: the baseline while no quiet one has run (every
+        write outlasting the interval), so a decision is still taken, and errs towards a lower cost."""
         self._open: list[float] | None = None
         self._seen = 0
+        self._measured = False
+        """A window closed by the next save (its write outlasted the interval), reported by the next
+        `iteration` so that decision is taken too."""
 
     def saved(self) -> None:
         """A save happened in the current iteration: its cost window starts here (a window still
         open is closed with what it has)."""
-        self._close()
+        self._measured = self._close() or self._measured
         self._open = []
 
-    def iteration(self, seconds: float, in_flight: bool = False) -> bool:
-        """Record one iteration (the save's own one included); `in_flight`: the save's background write
-        has not finished yet. True when a save's cost was just measured."""
+    def iteration(self, seconds: float, in_flight: bool = False, quiet: bool = True) -> bool:
+        """Record one iteration (the save's own one included). `in_flight`: this tier's background
+        write has not finished (the window stays open); `quiet`: no tier saved or wrote during it (only
+        quiet iterations are baseline). True when a save's cost was just measured."""
         self._seen += 1
+        measured, self._measured = self._measured, False
         if self._seen <= self.warmup:  # restore, first-step allocations: neither baseline nor cost
             self._open = None
             return False
         if self._open is None:
-            if not in_flight:
+            if quiet and not in_flight:
                 self.plain = (self.plain + [seconds])[-self.keep:]
-            return False
+            return measured
         self._open.append(seconds)
+        self.fastest = min(self.fastest, seconds)
         if (len(self._open) >= self.window and not in_flight) or len(self._open) >= self.longest:
-            return self._close()
-        return False
+            return self._close() or measured
+        return measured
 
     def _close(self) -> bool:
-        if not self._open or not self.plain:
-            self._open = None
+        window, self._open = self._open, None
+        if not window:
             return False
-        self.costs = (self.costs + [save_cost(self._open, self.baseline())])[-self.keep:]
-        self._open = None
+        self.costs = (self.costs + [save_cost(window, self.baseline())])[-self.keep:]
         return True
 
     def baseline(self) -> float:
-        """The median iteration without a save (0 before any)."""
-        return statistics.median(self.plain) if self.plain else 0.0
+        """The median quiet iteration (the fastest windowed one before any; 0 before either)."""
+        if self.plain:
+            return statistics.median(self.plain)
+        return self.fastest if self.fastest < math.inf else 0.0
 
     def cost(self) -> float:
         """The median of the last five measured save costs (0 before any)."""
