@@ -79,7 +79,8 @@ def test_sigkill_during_async_writes_never_leaves_a_bad_latest(tmp_path):
     run_dir = tmp_path / "crashy"
     config = ["train.steps=400", "train.eval_every=0", "checkpoint.interval_steps=1", "checkpoint.keep_last=2"]
     latest_after_kill = []
-    for trial in range(20):
+    trials = 10  # each a fresh launch (~7 s on 2 cores): CI's budget, not the property, sets the count
+    for trial in range(trials):
         saves_before = _saves(run_dir)
         procs = spawn_ranks(run_dir, config)
         deadline = time.monotonic() + 120
@@ -97,7 +98,7 @@ def test_sigkill_during_async_writes_never_leaves_a_bad_latest(tmp_path):
     loads = [r["step"] for r in ledger.read(run_dir) if r["event"] == "ckpt_load"]
     # Each relaunch resumed from the newest complete checkpoint the previous kill left, which is the one
     # `latest` named, or one committed after `latest` was read (marker written, pointer not yet).
-    assert len(loads) == 19
+    assert len(loads) == trials - 1
     assert all(load >= named for load, named in zip(loads, latest_after_kill[:-1]))
     assert all(load <= named for load, named in zip(loads, latest_after_kill[1:]))
     assert latest_after_kill == sorted(latest_after_kill) and latest_after_kill[-1] > latest_after_kill[0]

@@ -193,6 +193,34 @@ def test_prune_keeps_the_newest_committed_and_what_is_in_flight(tmp_path):
     assert list(steps_in(tmp_path)) == [15, 20, 25]
 
 
+def test_snapshots_reuse_the_pruned_file_and_its_mapping(tmp_path):
+    from trainer.checkpoint.memory_tier import COMMITTED, SPARE, Slots, prune, step_dir, steps_in
+
+    slots, taken = Slots(tmp_path, rank=0), []
+    for step in range(1, 8):
+        slots.forget_gone()
+        path = step_dir(tmp_path, step) / "rank0.bin"
+        path.parent.mkdir()
+        buffer = slots.take(path, 1000 + step)  # the size varies a little, as the common blob does
+        buffer[:8] = step.to_bytes(8, "little")
+        taken.append((path.stat().st_ino, id(buffer)))
+        (path.parent / COMMITTED).write_text("{}")
+        prune(tmp_path, keep_last=2, spare=True)
+        assert len(slots.maps) <= 3 and list(steps_in(tmp_path))[-2:] == [step - 1, step][-min(step, 2):]
+    # Steps 1-3 needed fresh files; from step 4 on each reuses the one pruned two steps before, mapping
+    # included, so three files (two kept, one spare) serve every snapshot.
+    assert len({ino for ino, _ in taken}) == 3 and taken[3] == taken[0] and taken[6] == taken[3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SPARE, "step_0000006", "step_0000007"]
+    assert (tmp_path / "step_0000007" / "rank0.bin").read_bytes()[:8] == (7).to_bytes(8, "little")
+
+    slots.forget_gone()
+    fresh = step_dir(tmp_path, 8) / "rank0.bin"
+    fresh.parent.mkdir()
+    slots.take(fresh, 4 << 20)  # larger than the spare: a new file, the spare is left to the next prune
+    assert fresh.stat().st_ino not in {ino for ino, _ in taken} and (tmp_path / SPARE / "rank0.bin").exists()
+    slots.close()
+
+
 def test_memory_root_made_by_someone_else_or_open_to_others_is_refused(tmp_path):
     from resilient.core.errors import CheckpointError
     from trainer.checkpoint.memory_tier import check_root

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from trainer.checkpoint import layout, manifest, policy
 from trainer.checkpoint.config import CheckpointConfig
 
@@ -63,14 +65,15 @@ def test_verify_reports_size_checksum_missing_and_marker(tmp_path):
     assert json.loads(json.dumps(written))  # the manifest is plain JSON
 
 
-def test_checkpoints_written_with_blake2b_sums_still_verify(tmp_path):
+@pytest.mark.parametrize("legacy_algorithm", ["crc32", "blake2b"])
+def test_checkpoints_written_with_older_sums_still_verify(tmp_path, legacy_algorithm):
     ckpt = tmp_path / "step_0000005"
     ckpt.mkdir()
     shard = ckpt / "__0_0.distcp"
     shard.write_bytes(b"a" * 1000)
     written = manifest.commit(ckpt, {"step": 5})
     assert set(written["files"]["__0_0.distcp"]) == {"size", manifest.CHECKSUM}
-    legacy = {"size": 1000, "blake2b": manifest.hash_file(shard, "blake2b")}
+    legacy = {"size": 1000, legacy_algorithm: manifest.hash_file(shard, legacy_algorithm)}
     marker = json.loads((ckpt / layout.MARKER).read_text())
     marker["files"]["__0_0.distcp"] = legacy
     (ckpt / layout.MARKER).write_text(json.dumps(marker))

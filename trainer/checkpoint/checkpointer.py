@@ -53,7 +53,7 @@ class Checkpointer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.queue = writer.WriterQueue()
         self.staging = writer.Staging()
-        writer.use_thread_results_queue()
+        writer.configure()
         dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), dp_group)
         self.last_save_step: int | None = None

@@ -8,8 +8,10 @@ Layout under the tier's root (/dev/shm/resilient-<run key>, 0700 dirs, 0600 file
 `rank<r>.bin` holds the local data of every ShardedTensor of `sharded_state` (each at a 64-byte
 aligned offset) followed by one torch.save blob with the common state and the ShardedObjects;
 `rank<r>.json` says where each tensor is (key, global offset, flattened range, dtype, shape), the
-parallel layout, and the zlib.crc32 of the .bin. The loop pays only the copy into the (mmap'ed)
-file; the checksum, the replica (replication.py) and the commit run on a background thread. A
+parallel layout, and the xxh3-64 checksum of the .bin. The loop pays only the copy into the mapped
+file: a pruned own snapshot's file is renamed to `own/.spare/` and reused, still mapped, by the next
+snapshot (a fresh file costs ~3x the copy in page faults); the checksum, the replica (replication.py)
+and the commit run on a background thread. A
 step's COMMITTED marker is written by each node's local rank 0 once every rank of the job reported
 its copy written and checksummed (one all_reduce on the tier's own gloo group): the disk tier's
 commit rule. Loading verifies the checksum before torch.load(weights_only=True) sees the blob, and
@@ -27,13 +29,13 @@ import queue
 import shutil
 import stat
 import threading
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 import torch.distributed as dist
 from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.dict_utils import (
@@ -57,7 +59,12 @@ log = logging.getLogger(__name__)
 
 COMMITTED = "COMMITTED"
 ALIGN = 64
-FORMAT = 1
+FORMAT = 2
+"""2: xxh3-64 checksums (1: zlib CRC-32; such snapshots are refused and the restart uses disk)."""
+SPARE = ".spare"
+SLACK = 1 << 20
+"""Files are sized up to a MiB multiple: the common-state blob's size varies a little from step to
+step, and a spare file must still fit."""
 
 
 # -- names ----------------------------------------------------------------------------------
@@ -111,6 +118,61 @@ def shm_file(path: Path, size: int) -> mmap.mmap:
         os.close(fd)
 
 
+def checksum(data: Any) -> str:
+    """xxh3-64: ~4x zlib.crc32's speed on this data, and it releases the GIL while hashing."""
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+class Slots:
+    """This rank's own snapshot files, kept mapped: a pruned one (moved to `own/.spare/` by prune)
+    is renamed into the next snapshot's directory and written through the mapping it already has,
+    so steady-state snapshots cost the copy, not page faults. Anything missing or too small: a fresh
+    file (correct, only slower). Mappings whose file is gone are closed."""
+
+    def __init__(self, base: Path, rank: int) -> None:
+        self.spare = base / SPARE / f"rank{rank}.bin"
+        self.base, self.name = base, f"rank{rank}.bin"
+        self.maps: dict[int, mmap.mmap] = {}
+        """inode -> the mapping of that file."""
+
+    def take(self, path: Path, size: int) -> mmap.mmap:
+        """A mapped owner-only file of at least `size` bytes at `path`."""
+        try:
+            st = self.spare.lstat()
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_size >= size:
+                buffer = self.maps.pop(st.st_ino, None)
+                if buffer is None:  # left by an earlier process: its pages exist, map them
+                    fd = os.open(self.spare, os.O_RDWR | os.O_NOFOLLOW)
+                    try:
+                        buffer = mmap.mmap(fd, st.st_size)
+                    finally:
+                        os.close(fd)
+                os.replace(self.spare, path)  # ENOENT if prune removed it meanwhile: a fresh file then
+                self.maps[st.st_ino] = buffer
+                return buffer
+        except OSError:
+            pass
+        buffer = shm_file(path, -(-size // SLACK) * SLACK)
+        self.maps[path.stat().st_ino] = buffer
+        return buffer
+
+    def forget_gone(self) -> None:
+        """Close the mappings of files no longer among this rank's snapshots or the spare."""
+        alive = set()
+        for path in [self.spare, *(d / self.name for d in steps_in(self.base).values())]:
+            try:
+                alive.add(path.lstat().st_ino)
+            except OSError:
+                pass
+        for ino in [i for i in self.maps if i not in alive]:
+            self.maps.pop(ino).close()
+
+    def close(self) -> None:
+        for buffer in self.maps.values():
+            buffer.close()
+        self.maps.clear()
+
+
 def write_file(path: Path, data: bytes) -> None:
     """Owner-only, replaced atomically (tmpfs: no fsync)."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -144,8 +206,10 @@ class Staged:
     buffer: mmap.mmap
 
 
-def stage(state: TrainState, directory: Path, rank: int, layout: dict[str, int]) -> Staged:
-    """The loop's part: build the sharded state and copy it into directory/rank<r>.bin."""
+def stage(state: TrainState, directory: Path, rank: int, layout: dict[str, int],
+          allocate: Callable[[Path, int], mmap.mmap] = shm_file) -> Staged:
+    """The loop's part: build the sharded state and copy it into directory/rank<r>.bin (a mapped file
+    of at least the size needed from `allocate`)."""
     tree = sharded_state(state, include_rng=True)
     sharded, common = save_preprocess(tree, validate_access_integrity=False)
     entries, tensors, objects, offset = [], [], {}, 0
@@ -168,7 +232,7 @@ def stage(state: TrainState, directory: Path, rank: int, layout: dict[str, int])
     _mkdir(directory)
     (directory / COMMITTED).unlink(missing_ok=True)  # a step trained again (after a fallback) is new
     (directory / f"rank{rank}.json").unlink(missing_ok=True)
-    buffer = shm_file(directory / f"rank{rank}.bin", total)
+    buffer = allocate(directory / f"rank{rank}.bin", total)
     flat = torch.frombuffer(buffer, dtype=torch.uint8, count=total) if total else None
     for entry, data in zip(entries, tensors):
         if entry["nbytes"]:
@@ -183,7 +247,7 @@ def stage(state: TrainState, directory: Path, rank: int, layout: dict[str, int])
 
 def seal(staged: Staged) -> bytes:
     """The background part: checksum the staged bytes and write rank<r>.json; returns the json bytes."""
-    staged.meta["crc32"] = zlib.crc32(memoryview(staged.buffer)[:staged.meta["bytes"]])
+    staged.meta["xxh3"] = checksum(memoryview(staged.buffer)[:staged.meta["bytes"]])
     text = json.dumps(staged.meta).encode()
     write_file(staged.directory / f"rank{staged.meta['rank']}.json", text)
     return text
@@ -209,7 +273,7 @@ def check_copy(meta: dict[str, Any], data: bytes, rank: int, layout: dict[str, i
     if len(data) < meta["bytes"]:
         raise ValueError(f"size {len(data)} < {meta['bytes']}")
     data = data[:meta["bytes"]]
-    if zlib.crc32(data) != meta.get("crc32"):
+    if checksum(data) != meta.get("xxh3"):
         raise ValueError("checksum mismatch")
     return data
 
@@ -273,17 +337,27 @@ def inventory(root: Path, *, rank: int, world: int, local_world: int, layout: di
     return Inventory(own, src, {step: copy_problem(path, src, layout) for step, path in held.items()})
 
 
-def prune(base: Path, keep_last: int) -> None:
+def prune(base: Path, keep_last: int, spare: bool = False) -> None:
     """Keep the newest `keep_last` committed steps; drop older ones and uncommitted ones older than
-    the newest committed (a newer uncommitted one may be in flight)."""
+    the newest committed (a newer uncommitted one may be in flight). With `spare`, the newest dropped
+    directory replaces `base/.spare` (its files are reused by the next snapshot: `Slots`)."""
     steps = steps_in(base)
     committed = [s for s, p in steps.items() if (p / COMMITTED).exists()]
     keep = set(committed[-keep_last:])
     newest = committed[-1] if committed else None
-    for step, path in steps.items():
-        if step in keep or newest is None or step > newest:
-            continue
+    dropped = [p for step, p in steps.items() if not (step in keep or newest is None or step > newest)]
+    for path in dropped:
         (path / COMMITTED).unlink(missing_ok=True)  # uncommit first
+    if spare and dropped:
+        shutil.rmtree(base / SPARE, ignore_errors=True)
+        for meta in dropped[-1].glob("rank*.json"):
+            meta.unlink(missing_ok=True)
+        try:
+            os.replace(dropped[-1], base / SPARE)
+            dropped.pop()
+        except OSError:
+            pass  # removed below like the rest
+    for path in dropped:
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -332,13 +406,15 @@ class MemoryTier:
         self._worker.start()
         check_root(root)
         _mkdir(own_dir(root, self.node))
+        self.slots = Slots(own_dir(root, self.node), rank)
 
     def snapshot(self, state: TrainState) -> None:
         """Copy `state` into shared memory (the loop's only cost); the rest happens in the background."""
         self._jobs.join()  # one snapshot in flight at a time
+        self.slots.forget_gone()
         try:
             staged: Staged | int = stage(state, step_dir(own_dir(self.root, self.node), state.step), self.rank,
-                                         self.layout)
+                                         self.layout, self.slots.take)
         except OSError as err:  # /dev/shm full or failing: this step has no memory copy, training goes on
             log.error("memory snapshot of step %d not staged: %s", state.step, err)
             staged = state.step  # the background still joins the commit vote (with a no)
@@ -374,8 +450,6 @@ class MemoryTier:
         except Exception:
             log.exception("memory snapshot of step %d not written", staged.step)
             ok = False
-        finally:
-            staged.buffer.close()
         flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         if not flag.item():
@@ -388,7 +462,7 @@ class MemoryTier:
                 bases.append(replica_dir(self.root, self.node, (self.node - 1) % self.nodes))
             for base in bases:
                 write_file(step_dir(base, staged.step) / COMMITTED, json.dumps({"step": staged.step}).encode())
-                prune(base, self.keep_last)
+                prune(base, self.keep_last, spare=base == bases[0])
         if self.on_commit is not None:
             self.on_commit(staged.step, staged.meta["bytes"], self.nodes > 1)
 

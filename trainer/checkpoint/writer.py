@@ -5,7 +5,7 @@ the fork's copy-on-write is the snapshot, paid page by page by the next optimize
 forks once more per file, and the files were then read back to be hashed, all competing with training
 for the cores. Here the loop copies its share once into buffers kept from save to save (the memcpy
 floor, no page faults after the first save); a thread that runs when a core is otherwise idle
-(SCHED_IDLE) writes each file and checksums it in the same pass (file writes and zlib.crc32 release the
+(SCHED_IDLE) writes each file and checksums it in the same pass (file writes and xxh3 release the
 GIL); when the loop has to wait for it (the next save, the end of the run) it gets normal priority.
 A synchronous save runs the same writer at normal priority from the live tensors, without staging.
 """
@@ -23,6 +23,7 @@ import torch
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCaller, AsyncCallsQueue, AsyncRequest
 from torch.distributed.checkpoint.filesystem import SerializationFormat, _StorageWriterTransforms, _write_item
+from torch.utils.serialization import config as serialization_config
 
 from resilient.core import sched
 from trainer.checkpoint import manifest
@@ -33,11 +34,16 @@ log = logging.getLogger(__name__)
 Bucket = tuple[str, str, tuple[list[tuple[Any, Any]], list[tuple[Any, torch.Tensor]]]]
 
 
-def use_thread_results_queue() -> None:
-    """megatron's writer reports through a process-shared queue (a Manager server process); the
-    writer is a thread here, so a plain queue does, and no server process exists to outlive the rank."""
+def configure() -> None:
+    """Process-wide settings the writer relies on, set once by the checkpointer:
+    - megatron's writer reports through a process-shared queue (a Manager server process); the writer
+      is a thread here, so a plain queue does, and no server process exists to outlive the rank;
+    - torch.save's zip records skip their own CRC-32: the manifest's checksum (hashed as each file is
+      written, verified before anything is loaded) covers every byte, and the second hash was most
+      of the writer's CPU time (torch.load does not check it)."""
     if not isinstance(filesystem_async._results_queue, queue.Queue):
         filesystem_async._results_queue = queue.Queue()
+    serialization_config.save.compute_crc32 = False
 
 
 class Staging:
