@@ -1,6 +1,6 @@
 """bench/checkpoint_stall: what does a checkpoint cost the training loop, in all?
 
-    python bench/checkpoint_stall/run.py [--repeats 2] [--interval 10] [--modes none,async,sync] [--run-dir DIR]
+    python bench/checkpoint_stall/run.py [--repeats 2] [--interval 10] [--modes none,async,sync] [--ranks 2] [--run-dir DIR]
 
 Two CPU ranks (gloo) each hold ~0.9 GB of model + optimizer state (stall.yaml). In one run the modes
 take turns, a block of `--interval` steps each (see rank.py): per mode, the extra wall time a save
@@ -35,7 +35,7 @@ def cpu_busy() -> tuple[int, int]:
 
 
 def launch(run_dir: Path, args: argparse.Namespace) -> list[dict]:
-    port, world = free_port(), 2
+    port, world = free_port(), args.ranks
     rank_py = Path(__file__).with_name("rank.py")
     procs = []
     for rank in range(world):
@@ -92,6 +92,10 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=10)
     parser.add_argument("--modes", default="none,async,sync,memory")
     parser.add_argument("--run-dir", type=Path, default=None)
+    parser.add_argument("--ranks", type=int, default=2,
+                        help="ranks on this machine: 2 keep both cores of a 2-core machine busy (nothing idle for "
+                             "a background writer); 1 leaves a core idle, as a GPU node's host cores are while the "
+                             "GPU trains")
     args = parser.parse_args()
     if "none" not in args.modes.split(","):
         sys.exit("--modes must include none (the baseline)")
