@@ -17,7 +17,7 @@ from resilient.core import ledger
 from tests.conftest import REFERENCE
 from tests.ranks import digest, resilient_cli, run_ranks, spawn_ranks, train_losses, wait_all
 from trainer.checkpoint.config import CheckpointConfig
-from trainer.checkpoint.policy import Inventory, choose_tier, should_snapshot
+from trainer.checkpoint.policy import Inventory, choose_tier, mark_failed, should_snapshot
 
 MEMORY = REFERENCE + ["checkpoint.memory_interval_steps=5"]  # memory 5, 10, 15, 20; disk 12, 24
 
@@ -49,6 +49,22 @@ def test_corrupt_copy_falls_back_only_as_far_as_needed():
     assert choose_tier(invs, disk_step=None).step == 10
     choice = choose_tier(invs, disk_step=12)
     assert choice.step is None and choice.tier == "disk" and "checksum mismatch" in choice.reason
+
+
+def test_a_copy_that_fails_its_checksum_at_load_is_replaced_by_the_next_valid_one():
+    # A restart checks only metadata up front and verifies the copies it picks: a bad one is marked
+    # and the choice taken again, a replica of the same step before an older step.
+    invs = [Inventory({10: None, 15: None}, replica_of=1, replica={10: None, 15: None}),
+            Inventory({10: None, 15: None}, replica_of=0, replica={10: None, 15: None})]
+    first = choose_tier(invs, disk_step=None)
+    assert (first.step, first.sources) == (15, ("own", "own"))
+    invs = mark_failed(invs, first, [None, "checksum mismatch"])
+    second = choose_tier(invs, disk_step=None)
+    assert (second.step, second.sources) == (15, ("own", "replica@0"))
+    invs = mark_failed(invs, second, [None, "checksum mismatch"])
+    third = choose_tier(invs, disk_step=None)
+    assert third.step == 10 and "step 15: no valid copy for rank 1 (own: checksum mismatch; replica: checksum mismatch)" in third.reason
+    assert choose_tier(invs, disk_step=12).tier == "disk"
 
 
 def test_disk_wins_ties_and_no_memory_means_disk():
@@ -205,7 +221,7 @@ def test_snapshots_reuse_the_pruned_file_and_its_mapping(tmp_path):
         buffer[:8] = step.to_bytes(8, "little")
         taken.append((path.stat().st_ino, id(buffer)))
         (path.parent / COMMITTED).write_text("{}")
-        prune(tmp_path, keep_last=2, spare=True)
+        prune(tmp_path, keep_last=2)
         assert len(slots.maps) <= 3 and list(steps_in(tmp_path))[-2:] == [step - 1, step][-min(step, 2):]
     # Steps 1-3 needed fresh files; from step 4 on each reuses the one pruned two steps before, mapping
     # included, so three files (two kept, one spare) serve every snapshot.

@@ -317,22 +317,30 @@ class Checkpointer:
         """Try the memory tier (all ranks): (step loaded or None, why)."""
         assert self.memory is not None
         started = time.monotonic()
-        inventories: list[policy.Inventory | None] = [None] * self.world
+        inventories: list[policy.Inventory] = [None] * self.world  # type: ignore[list-item]
         dist.all_gather_object(inventories, self.memory.inventory())
         committed = layout.committed_steps(self.root)
-        choice = policy.choose_tier(inventories, disk_step=committed[-1] if committed else None)
-        if choice.step is None:
-            if self.rank == 0:
-                log.info("memory tier not used: %s", choice.reason)
-            return None, choice.reason
-        problem = None
+        while True:  # verify only the copies chosen; a bad one is passed over and the choice taken again
+            choice = policy.choose_tier(inventories, disk_step=committed[-1] if committed else None)
+            if choice.step is None:
+                if self.rank == 0:
+                    log.info("memory tier not used: %s", choice.reason)
+                return None, choice.reason
+            problem = None
+            try:
+                meta, data = self.memory.fetch(choice.step, choice.sources)
+            except (ValueError, OSError) as err:
+                problem = str(err)
+            problems: list[str | None] = [None] * self.world
+            dist.all_gather_object(problems, problem)
+            if not any(problems):
+                break
+            inventories = policy.mark_failed(inventories, choice, problems)
         try:
-            meta, data = self.memory.fetch(choice.step, choice.sources)
             state.scheduler.override_opt_param_scheduler = True
             memory_tier.load_copy(state, meta, data)
         except (ValueError, KeyError, TypeError, RuntimeError, OSError) as err:
             problem = f"rank {self.rank}: {type(err).__name__}: {err}"
-        problems: list[str | None] = [None] * self.world
         dist.all_gather_object(problems, problem)
         problem = next((p for p in problems if p), None)
         if problem:

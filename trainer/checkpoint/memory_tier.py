@@ -9,12 +9,12 @@ Layout under the tier's root (/dev/shm/resilient-<run key>, 0700 dirs, 0600 file
 aligned offset) followed by one torch.save blob with the common state and the ShardedObjects;
 `rank<r>.json` says where each tensor is (key, global offset, flattened range, dtype, shape), the
 parallel layout, and the xxh3-64 checksum of the .bin. The loop pays only the copy into the mapped
-file: a pruned own snapshot's file is renamed to `own/.spare/` and reused, still mapped, by the next
-snapshot (a fresh file costs ~3x the copy in page faults); the checksum, the replica (replication.py)
-and the commit run on a background thread. A
-step's COMMITTED marker is written by each node's local rank 0 once every rank of the job reported
-its copy written and checksummed (one all_reduce on the tier's own gloo group): the disk tier's
-commit rule. Loading verifies the checksum before torch.load(weights_only=True) sees the blob, and
+file: a pruned snapshot's file is renamed to `.spare/` and reused, still mapped, by the next one
+(a fresh file costs ~3x the copy in page faults; replicas are received the same way). The checksum,
+the replica (replication.py) and the commit run on a background thread. A step's COMMITTED marker
+is written by each node's local rank 0 once every rank of the job reported its copy written and
+checksummed (one all_reduce on the tier's own gloo group): the disk tier's commit rule. A restart
+verifies the checksum of the copy it picks before torch.load(weights_only=True) sees the blob, and
 works for the same layout only (another layout falls back to disk).
 """
 
@@ -124,9 +124,9 @@ def checksum(data: Any) -> str:
 
 
 class Slots:
-    """This rank's own snapshot files, kept mapped: a pruned one (moved to `own/.spare/` by prune)
-    is renamed into the next snapshot's directory and written through the mapping it already has,
-    so steady-state snapshots cost the copy, not page faults. Anything missing or too small: a fresh
+    """One rank's snapshot files in one base (its own, or a replica it receives), kept mapped: a
+    pruned one (moved to `.spare/` by prune) is renamed into the next snapshot's directory and written
+    through the mapping it already has, so steady-state snapshots cost the copy, not page faults. Anything missing or too small: a fresh
     file (correct, only slower). Mappings whose file is gone are closed."""
 
     def __init__(self, base: Path, rank: int) -> None:
@@ -255,40 +255,71 @@ def seal(staged: Staged) -> bytes:
 
 def read_copy(directory: Path, rank: int, layout: dict[str, int] | None) -> tuple[dict[str, Any], bytes]:
     """A verified copy: (meta, data). Raises ValueError with the problem."""
-    if not (directory / COMMITTED).exists():
-        raise ValueError("not committed")
+    meta = read_meta(directory, rank)
     try:
-        meta = json.loads((directory / f"rank{rank}.json").read_text())
-        data = (directory / f"rank{rank}.bin").read_bytes()
-    except (OSError, ValueError) as err:
+        data = read_data(directory / f"rank{rank}.bin", int(meta["bytes"]))
+    except OSError as err:
         raise ValueError(f"unreadable: {err}") from None
     return meta, check_copy(meta, data, rank, layout)
 
 
-def check_copy(meta: dict[str, Any], data: bytes, rank: int, layout: dict[str, int] | None) -> bytes:
+def read_data(path: Path, nbytes: int) -> bytearray:
+    """The first `nbytes` of a snapshot file, read once into memory the loader can use as it is."""
+    data = bytearray(nbytes)
+    with open(path, "rb", buffering=0) as f:
+        got = f.readinto(data) if nbytes else 0
+    if got != nbytes:
+        raise ValueError(f"size {got} < {nbytes}")
+    return data
+
+
+def read_meta(directory: Path, rank: int) -> dict[str, Any]:
+    if not (directory / COMMITTED).exists():
+        raise ValueError("not committed")
+    try:
+        return json.loads((directory / f"rank{rank}.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"unreadable: {err}") from None
+
+
+def check_meta(meta: dict[str, Any], size: int, rank: int, layout: dict[str, int] | None) -> None:
+    """What can be checked without reading the data: whose, which layout, the size."""
     if meta.get("format") != FORMAT or meta.get("rank") != rank:
         raise ValueError("not this rank's snapshot")
     if layout is not None and meta.get("layout") != layout:
         raise ValueError(f"other layout {meta.get('layout')}")
-    if len(data) < meta["bytes"]:
-        raise ValueError(f"size {len(data)} < {meta['bytes']}")
-    data = data[:meta["bytes"]]
-    if checksum(data) != meta.get("xxh3"):
+    if size < meta["bytes"]:
+        raise ValueError(f"size {size} < {meta['bytes']}")
+
+
+def check_copy(meta: dict[str, Any], data: bytearray, rank: int, layout: dict[str, int] | None) -> bytearray:
+    """`data` (at least the snapshot's size) verified against `meta`: the snapshot's bytes."""
+    check_meta(meta, len(data), rank, layout)
+    nbytes = meta["bytes"]
+    if checksum(memoryview(data)[:nbytes]) != meta.get("xxh3"):
         raise ValueError("checksum mismatch")
-    return data
+    return data if len(data) == nbytes else data[:nbytes]
 
 
-def copy_problem(directory: Path, rank: int, layout: dict[str, int] | None) -> str | None:
+def copy_problem(directory: Path, rank: int, layout: dict[str, int] | None, checksums: bool = True) -> str | None:
+    """None if the copy is usable, else why not. Without `checksums` only what needs no read of the
+    data: committed, metadata, layout, size (a restart verifies the checksum of the copy it picks)."""
     try:
-        read_copy(directory, rank, layout)
+        if checksums:
+            read_copy(directory, rank, layout)
+        else:
+            meta = read_meta(directory, rank)
+            check_meta(meta, (directory / f"rank{rank}.bin").stat().st_size, rank, layout)
+    except OSError as err:
+        return f"unreadable: {err}"
     except ValueError as err:
         return str(err)
     return None
 
 
-def load_copy(state: TrainState, meta: dict[str, Any], data: bytes) -> None:
+def load_copy(state: TrainState, meta: dict[str, Any], data: bytearray) -> None:
     """Fill the loading tree from a verified copy and put it into the live objects."""
-    buffer = bytearray(data)  # owned and writable: tensors below are views of it
+    buffer = data  # owned and writable: tensors below are views of it
     flat = torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
     tensors = {}
     for entry in meta["tensors"]:
@@ -325,22 +356,23 @@ def load_copy(state: TrainState, meta: dict[str, Any], data: bytes) -> None:
 
 # -- inventory, retention, listing ----------------------------------------------------------
 
-def inventory(root: Path, *, rank: int, world: int, local_world: int, layout: dict[str, int]) -> Inventory:
-    """This rank's valid (checksum-verified, committed, same layout) own copies and the replicas it
-    holds for the rank one node back in the ring."""
+def inventory(root: Path, *, rank: int, world: int, local_world: int, layout: dict[str, int],
+              checksums: bool = True) -> Inventory:
+    """This rank's usable (committed, same layout; with `checksums`, checksum-verified) own copies and
+    the replicas it holds for the rank one node back in the ring."""
     node, nodes = rank // local_world, world // local_world
-    own = {step: copy_problem(path, rank, layout) for step, path in steps_in(own_dir(root, node)).items()}
+    own = {step: copy_problem(path, rank, layout, checksums) for step, path in steps_in(own_dir(root, node)).items()}
     if nodes < 2:
         return Inventory(own)
     src = (rank - local_world) % world
     held = steps_in(replica_dir(root, node, src // local_world))
-    return Inventory(own, src, {step: copy_problem(path, src, layout) for step, path in held.items()})
+    return Inventory(own, src, {step: copy_problem(path, src, layout, checksums) for step, path in held.items()})
 
 
-def prune(base: Path, keep_last: int, spare: bool = False) -> None:
+def prune(base: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` committed steps; drop older ones and uncommitted ones older than
-    the newest committed (a newer uncommitted one may be in flight). With `spare`, the newest dropped
-    directory replaces `base/.spare` (its files are reused by the next snapshot: `Slots`)."""
+    the newest committed (a newer uncommitted one may be in flight). The newest dropped directory
+    replaces `base/.spare`: its files are reused by the next snapshot (`Slots`)."""
     steps = steps_in(base)
     committed = [s for s, p in steps.items() if (p / COMMITTED).exists()]
     keep = set(committed[-keep_last:])
@@ -348,7 +380,7 @@ def prune(base: Path, keep_last: int, spare: bool = False) -> None:
     dropped = [p for step, p in steps.items() if not (step in keep or newest is None or step > newest)]
     for path in dropped:
         (path / COMMITTED).unlink(missing_ok=True)  # uncommit first
-    if spare and dropped:
+    if dropped:
         shutil.rmtree(base / SPARE, ignore_errors=True)
         for meta in dropped[-1].glob("rank*.json"):
             meta.unlink(missing_ok=True)
@@ -406,15 +438,20 @@ class MemoryTier:
         self._worker.start()
         check_root(root)
         _mkdir(own_dir(root, self.node))
-        self.slots = Slots(own_dir(root, self.node), rank)
+        self.slots = [Slots(own_dir(root, self.node), rank)]
+        """This rank's own files, and the replica files it receives (the rank one node back)."""
+        if self.nodes > 1:
+            src = (rank - local_world) % world
+            self.slots.append(Slots(replica_dir(root, self.node, src // local_world), src))
 
     def snapshot(self, state: TrainState) -> None:
         """Copy `state` into shared memory (the loop's only cost); the rest happens in the background."""
         self._jobs.join()  # one snapshot in flight at a time
-        self.slots.forget_gone()
+        for slots in self.slots:
+            slots.forget_gone()
         try:
             staged: Staged | int = stage(state, step_dir(own_dir(self.root, self.node), state.step), self.rank,
-                                         self.layout, self.slots.take)
+                                         self.layout, self.slots[0].take)
         except OSError as err:  # /dev/shm full or failing: this step has no memory copy, training goes on
             log.error("memory snapshot of step %d not staged: %s", state.step, err)
             staged = state.step  # the background still joins the commit vote (with a no)
@@ -446,7 +483,8 @@ class MemoryTier:
             text = seal(staged)
             if self.nodes > 1:
                 replication.ring_exchange(self.group, staged, text, root=self.root, rank=self.rank,
-                                          world=self.world, local_world=self.local_world)
+                                          world=self.world, local_world=self.local_world,
+                                          allocate=self.slots[1].take)
         except Exception:
             log.exception("memory snapshot of step %d not written", staged.step)
             ok = False
@@ -462,15 +500,17 @@ class MemoryTier:
                 bases.append(replica_dir(self.root, self.node, (self.node - 1) % self.nodes))
             for base in bases:
                 write_file(step_dir(base, staged.step) / COMMITTED, json.dumps({"step": staged.step}).encode())
-                prune(base, self.keep_last, spare=base == bases[0])
+                prune(base, self.keep_last)
         if self.on_commit is not None:
             self.on_commit(staged.step, staged.meta["bytes"], self.nodes > 1)
 
     def inventory(self) -> Inventory:
+        """What this rank offers at a restart, checksums not yet verified: `fetch` verifies the one
+        chosen, so a restart hashes one copy per rank, not every one kept."""
         return inventory(self.root, rank=self.rank, world=self.world, local_world=self.local_world,
-                         layout=self.layout)
+                         layout=self.layout, checksums=False)
 
-    def fetch(self, step: int, sources: tuple[str, ...]) -> tuple[dict[str, Any], bytes]:
+    def fetch(self, step: int, sources: tuple[str, ...]) -> tuple[dict[str, Any], bytearray]:
         """This rank's copy of `step`: its own, or received from the rank holding its replica (every
         rank calls this: holders send in one global order)."""
         received = replication.transfer(self.group, self.root, step, sources, rank=self.rank,

@@ -99,6 +99,22 @@ class TierChoice:
         return "memory-replica" if any(s != "own" for s in self.sources) else "memory-own"
 
 
+def mark_failed(inventories: list[Inventory], choice: TierChoice, problems: list[str | None]) -> list[Inventory]:
+    """The inventories with the copies `choice` took that failed at load (`problems[r]`, rank r's copy
+    from `choice.sources[r]`) marked bad, so the next `choose_tier` passes them over: another copy of
+    the same step (a replica for a damaged own copy) or the next step, never further than needed."""
+    out = [Inventory(dict(inv.own), inv.replica_of, dict(inv.replica)) for inv in inventories]
+    for rank, problem in enumerate(problems):
+        if problem is None or choice.step is None:
+            continue
+        source = choice.sources[rank]
+        if source == "own":
+            out[rank].own[choice.step] = problem
+        else:
+            out[int(source.split("@", 1)[1])].replica[choice.step] = problem
+    return out
+
+
 def choose_tier(inventories: list[Inventory], *, disk_step: int | None) -> TierChoice:
     """The newest step for which EVERY rank has a valid memory copy (its own, else the replica a rank
     on the next node holds for it), when it is newer than the newest committed disk checkpoint;

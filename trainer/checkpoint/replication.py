@@ -9,6 +9,8 @@ At a restart, `transfer` hands a rank whose own copy is gone the replica its hol
 from __future__ import annotations
 
 import json
+import mmap
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,15 +43,10 @@ def _recv_header(group: dist.ProcessGroup, src: int) -> tuple[dict[str, Any], in
 
 
 def ring_exchange(group: dist.ProcessGroup, staged: Staged, text: bytes, *, root: Path, rank: int, world: int,
-                  local_world: int) -> None:
-    """Send this rank's sealed snapshot to the next node and store the previous node's."""
-    from trainer.checkpoint.memory_tier import (
-        COMMITTED,
-        replica_dir,
-        shm_file,
-        step_dir,
-        write_file,
-    )
+                  local_world: int, allocate: Callable[[Path, int], mmap.mmap]) -> None:
+    """Send this rank's sealed snapshot to the next node and store the previous node's (into a mapped
+    file from `allocate`)."""
+    from trainer.checkpoint.memory_tier import COMMITTED, replica_dir, step_dir, write_file
 
     dst, src = peers(rank, world, local_world)
     nbytes = staged.meta["bytes"]
@@ -67,14 +64,11 @@ def ring_exchange(group: dist.ProcessGroup, staged: Staged, text: bytes, *, root
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     (directory / COMMITTED).unlink(missing_ok=True)  # a step trained again is a new snapshot
     (directory / f"rank{src}.json").unlink(missing_ok=True)
-    buffer = shm_file(directory / f"rank{src}.bin", size)
-    try:
-        if size:
-            target = torch.frombuffer(buffer, dtype=torch.uint8, count=size)
-            dist.recv(target, src, group=group)
-            del target
-    finally:
-        buffer.close()
+    buffer = allocate(directory / f"rank{src}.bin", size)
+    if size:
+        target = torch.frombuffer(buffer, dtype=torch.uint8, count=size)
+        dist.recv(target, src, group=group)
+        del target
     write_file(directory / f"rank{src}.json", json.dumps(meta).encode())
     if node % 2 == 1:
         _send(group, dst, text, view)
@@ -82,11 +76,11 @@ def ring_exchange(group: dist.ProcessGroup, staged: Staged, text: bytes, *, root
 
 
 def transfer(group: dist.ProcessGroup, root: Path, step: int, sources: tuple[str, ...], *, rank: int,
-             local_world: int, world: int) -> tuple[dict[str, Any], bytes] | None:
+             local_world: int, world: int) -> tuple[dict[str, Any], bytearray] | None:
     """Every rank calls this with the same `sources`: each holder sends the replica it keeps to the
     rank that lacks its own copy, pair by pair in rank order (so no cycle of blocked sends).
     Returns what this rank received, if anything."""
-    from trainer.checkpoint.memory_tier import replica_dir, step_dir
+    from trainer.checkpoint.memory_tier import read_data, replica_dir, step_dir
 
     received = None
     for owner, source in enumerate(sources):
@@ -96,12 +90,11 @@ def transfer(group: dist.ProcessGroup, root: Path, step: int, sources: tuple[str
         if rank == holder:
             directory = step_dir(replica_dir(root, holder // local_world, owner // local_world), step)
             text = (directory / f"rank{owner}.json").read_bytes()
-            data = (directory / f"rank{owner}.bin").read_bytes()
-            _send(group, owner, text, bytearray(data))
+            _send(group, owner, text, read_data(directory / f"rank{owner}.bin", json.loads(text)["bytes"]))
         elif rank == owner:
             meta, size = _recv_header(group, holder)
-            data = torch.empty(size, dtype=torch.uint8)
+            data = bytearray(size)  # received in place: the loader uses it as it is
             if size:
-                dist.recv(data, holder, group=group)
-            received = (meta, bytes(data.numpy()))
+                dist.recv(torch.frombuffer(data, dtype=torch.uint8), holder, group=group)
+            received = (meta, data)
     return received
