@@ -14,6 +14,7 @@ from trainer.checkpoint.interval import (
     estimate_mtbf,
     failure_history,
     save_cost,
+    worth_changing,
     young_interval,
 )
 from trainer.checkpoint.policy import should_save
@@ -126,6 +127,22 @@ def test_only_quiet_iterations_are_baseline():
     meter.iteration(5.0, quiet=False)  # another tier saved, or its write ran, in this iteration
     meter.iteration(1.0)
     assert meter.plain == [1.0]
+
+
+def test_the_interval_moves_only_for_a_real_difference():
+    assert not worth_changing(40, 46, min_steps=1, max_steps=100)  # 15 %: noise
+    assert worth_changing(40, 50, min_steps=1, max_steps=100) and worth_changing(40, 30, min_steps=1, max_steps=100)
+    assert worth_changing(3, 4, min_steps=4, max_steps=8)  # outside the bounds: any change
+    assert not worth_changing(5, 5, min_steps=4, max_steps=8)
+
+
+def test_a_new_attempt_starts_from_the_last_measured_cost():
+    meter = CostMeter(window=1, warmup=0)
+    meter.seed(0.5)
+    meter.iteration(1.0)
+    meter.saved()
+    assert meter.iteration(1.0)  # this attempt's first save measured free: one sample, not the verdict
+    assert meter.cost() == pytest.approx(0.25)
 
 
 def test_config_refuses_crossed_bounds_and_adaptive_without_a_start():

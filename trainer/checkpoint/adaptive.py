@@ -78,8 +78,9 @@ class AdaptiveInterval:
         """Before the first step (every rank): decide from what earlier attempts measured, if anything."""
         if not self.config.adaptive:
             return
-        for tier in self.meters:
+        for tier, meter in self.meters.items():
             cost, step_s = last_measurement(self.run_dir, tier)
+            meter.seed(cost)
             self._decide(tier, step, cost, step_s, why="at start, from the last measurement and the failure history")
         self._last_end = self.clock()
 
@@ -114,7 +115,8 @@ class AdaptiveInterval:
                                                  min_steps=self.config.min_interval_steps,
                                                  max_steps=self.config.max_interval_steps)
         previous = getattr(self.config, TIER_FIELDS[tier])
-        if steps == previous:
+        if not interval.worth_changing(previous, steps, min_steps=self.config.min_interval_steps,
+                                       max_steps=self.config.max_interval_steps):
             return
         self.config = self.config.model_copy(update={TIER_FIELDS[tier]: steps})
         log.info("checkpoint interval (%s) %d -> %d steps at step %d: %s; %s", tier, previous, steps, step, reason,

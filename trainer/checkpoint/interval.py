@@ -62,6 +62,19 @@ def choose_interval(*, save_cost_s: float, step_s: float, mtbf_s: float, min_ste
     return steps, why
 
 
+HYSTERESIS = 0.2
+"""An interval moves only when the optimum differs from it by more than this share of it."""
+
+
+def worth_changing(previous: int, proposed: int, *, min_steps: int, max_steps: int) -> bool:
+    """Move from `previous` to `proposed`? Only by more than HYSTERESIS of `previous`, or when
+    `previous` is outside the bounds: a save's cost is measured over a few noisy iterations, and
+    following every measurement moved a soak's interval 127 times in 10 minutes."""
+    if not min_steps <= previous <= max_steps:
+        return proposed != previous
+    return abs(proposed - previous) > HYSTERESIS * previous
+
+
 def failure_history(calibrations: Sequence[Mapping]) -> tuple[int, float]:
     """(failures, exposure seconds) of a run from its nodes' persisted calibration records. Every failure
     is recorded by exactly one node; one at the same step as that node's previous one (an unhealthy node
@@ -97,6 +110,12 @@ class CostMeter:
         self._measured = False
         """A window closed by the next save (its write outlasted the interval), reported by the next
         `iteration` so that decision is taken too."""
+
+    def seed(self, cost: float) -> None:
+        """A cost measured before this process (the previous attempt's): one sample among the next
+        ones, so the first noisy measurements of a new attempt do not decide alone."""
+        if cost > 0:
+            self.costs = [cost]
 
     def saved(self) -> None:
         """A save happened in the current iteration: its cost window starts here (a window still
