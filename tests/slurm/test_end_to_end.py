@@ -219,8 +219,10 @@ def test_losing_node1_and_its_memory_resumes_from_node0s_replica(slurm_cluster, 
     root = CheckpointConfig().memory_root(run_dir)
     job_id = launch(slurm_cluster, config)
     try:
-        wait_until(lambda: (root / "node0/replica/node1/step_0000010/COMMITTED").exists(), 300,
-                   "node 1's step-10 snapshot replicated to node 0")
+        # the disk save of step 8 commits in the background: it may come after memory step 10 (CI once)
+        wait_until(lambda: (root / "node0/replica/node1/step_0000010/COMMITTED").exists()
+                   and list(events(run_dir, "ckpt_save")), 300,
+                   "node 1's step-10 snapshot replicated to node 0, and a disk checkpoint committed")
         node1 = wait_until(lambda: _supervisor_of_node(job_id, 1), 30, "node 1's supervisor")
         victims = [node1, *node1.children(recursive=True)]
         for proc in victims:
