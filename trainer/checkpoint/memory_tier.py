@@ -126,8 +126,9 @@ def checksum(data: Any) -> str:
 class Slots:
     """One rank's snapshot files in one base (its own, or a replica it receives), kept mapped: a
     pruned one (moved to `.spare/` by prune) is renamed into the next snapshot's directory and written
-    through the mapping it already has, so steady-state snapshots cost the copy, not page faults. Anything missing or too small: a fresh
-    file (correct, only slower). Mappings whose file is gone are closed."""
+    through the mapping it already has, so steady-state snapshots cost the copy, not page faults.
+    Anything missing or too small: a fresh file (correct, only slower). Mappings whose file is gone
+    are closed."""
 
     def __init__(self, base: Path, rank: int) -> None:
         self.spare = base / SPARE / f"rank{rank}.bin"
