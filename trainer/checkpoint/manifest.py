@@ -53,6 +53,13 @@ def new_digest(algorithm: str = CHECKSUM) -> Any:
     return Crc32() if algorithm == "crc32" else hashlib.blake2b(digest_size=20)
 
 
+def hexdigest(data: Any, algorithm: str = CHECKSUM) -> str:
+    """The checksum of one in-memory buffer."""
+    digest = new_digest(algorithm)
+    digest.update(data)
+    return digest.hexdigest()
+
+
 def hash_file(path: Path, algorithm: str = CHECKSUM) -> str:
     digest = new_digest(algorithm)
     with open(path, "rb") as f:

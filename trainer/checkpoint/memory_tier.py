@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import xxhash
 import torch.distributed as dist
 from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.dict_utils import (
@@ -51,7 +50,7 @@ from megatron.core.dist_checkpointing.state_dict_utils import (
 from megatron.core.dist_checkpointing.utils import extract_sharded_base
 
 from resilient.core.errors import CheckpointError
-from trainer.checkpoint import replication
+from trainer.checkpoint import manifest, replication
 from trainer.checkpoint.policy import Inventory
 from trainer.checkpoint.state import TrainState, apply_loaded, sharded_state
 
@@ -116,11 +115,6 @@ def shm_file(path: Path, size: int) -> mmap.mmap:
         return mmap.mmap(fd, max(size, 1))
     finally:
         os.close(fd)
-
-
-def checksum(data: Any) -> str:
-    """xxh3-64: ~4x zlib.crc32's speed on this data, and it releases the GIL while hashing."""
-    return xxhash.xxh3_64_hexdigest(data)
 
 
 class Slots:
@@ -248,7 +242,7 @@ def stage(state: TrainState, directory: Path, rank: int, layout: dict[str, int],
 
 def seal(staged: Staged) -> bytes:
     """The background part: checksum the staged bytes and write rank<r>.json; returns the json bytes."""
-    staged.meta["xxh3"] = checksum(memoryview(staged.buffer)[:staged.meta["bytes"]])
+    staged.meta["xxh3"] = manifest.hexdigest(memoryview(staged.buffer)[:staged.meta["bytes"]], "xxh3")
     text = json.dumps(staged.meta).encode()
     write_file(staged.directory / f"rank{staged.meta['rank']}.json", text)
     return text
@@ -297,7 +291,7 @@ def check_copy(meta: dict[str, Any], data: bytearray, rank: int, layout: dict[st
     """`data` (at least the snapshot's size) verified against `meta`: the snapshot's bytes."""
     check_meta(meta, len(data), rank, layout)
     nbytes = meta["bytes"]
-    if checksum(memoryview(data)[:nbytes]) != meta.get("xxh3"):
+    if manifest.hexdigest(memoryview(data)[:nbytes], "xxh3") != meta.get("xxh3"):
         raise ValueError("checksum mismatch")
     return data if len(data) == nbytes else data[:nbytes]
 
