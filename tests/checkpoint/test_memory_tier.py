@@ -250,3 +250,51 @@ def test_memory_root_made_by_someone_else_or_open_to_others_is_refused(tmp_path)
     (tmp_path / "link").symlink_to(tmp_path / "mine")
     with pytest.raises(CheckpointError, match="owner-only"):
         check_root(tmp_path / "link")
+
+
+def _transfer(rank: int, root: str, init: str, results) -> None:
+    """One of two gloo ranks on two "nodes": rank 1 lost its own copy of step 15, rank 0 holds its replica."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from trainer.checkpoint import replication
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    got = replication.transfer(dist.group.WORLD, Path(root), 15, ("own", "replica@0"), rank=rank,
+                               local_world=1, world=2)
+    results.put((rank, None if got is None else (got[0], bytes(got[1]))))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("replica_there", [True, False])
+def test_a_replica_that_vanished_before_the_transfer_is_reported_not_waited_for(tmp_path, replica_there):
+    """The holder answers for a replica pruned or damaged since the inventory; its owner fails that copy
+    (and the restart chooses again) instead of blocking in recv until the hang detector fires."""
+    import multiprocessing
+
+    from trainer.checkpoint.memory_tier import replica_dir, step_dir
+    from trainer.checkpoint.replication import UNAVAILABLE
+
+    held = step_dir(replica_dir(tmp_path, 0, 1), 15)
+    held.mkdir(parents=True)
+    (held / "rank1.json").write_text(json.dumps({"bytes": 4, "step": 15}))
+    (held / "rank1.bin").write_bytes(b"abcd" + bytes(60))
+    if not replica_there:
+        (held / "rank1.bin").unlink()
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_transfer, args=(r, str(tmp_path), str(tmp_path / "init"), results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=90) for _ in procs)
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert got[0] is None
+    meta, data = got[1]
+    if replica_there:
+        assert (meta, data) == ({"bytes": 4, "step": 15}, b"abcd")
+    else:
+        assert data == b"" and "rank 0: FileNotFoundError" in meta[UNAVAILABLE]

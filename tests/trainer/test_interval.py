@@ -13,6 +13,7 @@ from trainer.checkpoint.interval import (
     daly_interval,
     estimate_mtbf,
     failure_history,
+    restored_interval,
     save_cost,
     worth_changing,
     young_interval,
@@ -143,6 +144,12 @@ def test_a_new_attempt_starts_from_the_last_measured_cost():
     meter.saved()
     assert meter.iteration(1.0)  # this attempt's first save measured free: one sample, not the verdict
     assert meter.cost() == pytest.approx(0.25)
+
+
+def test_a_new_attempt_continues_from_the_last_chosen_interval():
+    assert restored_interval(37, 100, min_steps=4, max_steps=200) == 37
+    assert restored_interval(0, 100, min_steps=4, max_steps=200) == 100  # nothing chosen yet
+    assert restored_interval(300, 100, min_steps=4, max_steps=200) == 200  # bounds changed across a requeue
 
 
 def test_config_refuses_crossed_bounds_and_adaptive_without_a_start():

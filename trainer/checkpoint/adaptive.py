@@ -4,7 +4,8 @@ set each tier's interval to Daly's optimum, record every change.
 Every rank measures its own iterations; each decision all-reduces (max) the measurements, so all ranks
 take the same decision at the same step without rank 0 sending anything. Decisions are taken when a
 save's cost window closes (the same iteration on every rank) and once at start, from the newest
-`ckpt_interval` ledger record (the save cost and step time measured before the restart) and the run's
+`ckpt_interval` ledger record (the interval chosen, the save cost and step time measured before the
+restart: the new attempt continues from that interval) and the run's
 failure history (the supervisors' calibration files, RUN_DIR/calibration/): a failure that caused this
 restart moves the interval before the first save of the new attempt.
 """
@@ -47,13 +48,15 @@ def read_calibrations(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def last_measurement(run_dir: Path, tier: str) -> tuple[float, float]:
-    """(save cost, step seconds) of the newest `ckpt_interval` record of `tier`, or zeros."""
-    cost = step = 0.0
+def last_decision(run_dir: Path, tier: str) -> tuple[float, float, int]:
+    """(save cost, step seconds, interval in steps) of the newest `ckpt_interval` record of `tier`, or
+    zeros."""
+    cost, step, steps = 0.0, 0.0, 0
     for rec in ledger.read(run_dir):
         if rec.get("event") == LedgerEvent.CKPT_INTERVAL and rec.get("tier") == tier:
             cost, step = float(rec.get("save_cost_s") or 0.0), float(rec.get("step_s") or 0.0)
-    return cost, step
+            steps = int(rec.get("steps") or 0)
+    return cost, step, steps
 
 
 class AdaptiveInterval:
@@ -78,9 +81,11 @@ class AdaptiveInterval:
         """Before the first step (every rank): decide from what earlier attempts measured, if anything."""
         if not self.config.adaptive:
             return
+        last = {tier: last_decision(self.run_dir, tier) for tier in self.meters}  # before this attempt writes
         for tier, meter in self.meters.items():
-            cost, step_s = last_measurement(self.run_dir, tier)
+            cost, step_s, steps = last[tier]
             meter.seed(cost)
+            self._restore(tier, step, steps, cost, step_s)
             self._decide(tier, step, cost, step_s, why="at start, from the last measurement and the failure history")
         self._last_end = self.clock()
 
@@ -102,6 +107,24 @@ class AdaptiveInterval:
         for tier, meter in self.meters.items():
             if meter.iteration(max(0.0, seconds), in_flight and tier == "disk", quiet):
                 self._decide(tier, step, meter.cost(), meter.baseline(), why=f"save cost measured at step {step}")
+
+    def _restore(self, tier: str, step: int, steps: int, cost: float, step_s: float) -> None:
+        """Take up the interval the previous attempts chose (within this config's bounds), so that a
+        restart continues from it rather than from the configured start; hysteresis then applies to it."""
+        name = TIER_FIELDS[tier]
+        previous = getattr(self.config, name)
+        restored = interval.restored_interval(steps, previous, min_steps=self.config.min_interval_steps,
+                                              max_steps=self.config.max_interval_steps)
+        if restored == previous:
+            return
+        self.config = self.config.model_copy(update={name: restored})
+        log.info("checkpoint interval (%s) %d -> %d steps at step %d: the last decision, restored", tier, previous,
+                 restored, step)
+        if self.is_logger:
+            ledger.append(self.run_dir, LedgerEvent.CKPT_INTERVAL, tier=tier, steps=restored, previous=previous,
+                          step=step, attempt=self.attempt, save_cost_s=round(cost, 4), step_s=round(step_s, 4),
+                          failures=self.failures, exposure_s=round(self.exposure_s, 1),
+                          reason=f"at start: the interval chosen before the restart ({steps} steps), restored")
 
     def _decide(self, tier: str, step: int, cost: float, step_s: float, *, why: str) -> None:
         exposure = self.exposure_s + (self.clock() - self.started)

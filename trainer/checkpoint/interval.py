@@ -75,6 +75,12 @@ def worth_changing(previous: int, proposed: int, *, min_steps: int, max_steps: i
     return abs(proposed - previous) > HYSTERESIS * previous
 
 
+def restored_interval(last: int, configured: int, *, min_steps: int, max_steps: int) -> int:
+    """The interval a new attempt starts from: the last one chosen (`last`, 0 if none), held within
+    today's bounds (the config may have changed across a requeue), else the configured one."""
+    return min(max_steps, max(min_steps, last)) if last > 0 else configured
+
+
 def failure_history(calibrations: Sequence[Mapping]) -> tuple[int, float]:
     """(failures, exposure seconds) of a run from its nodes' persisted calibration records. Every failure
     is recorded by exactly one node; one at the same step as that node's previous one (an unhealthy node

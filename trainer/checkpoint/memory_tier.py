@@ -513,6 +513,8 @@ class MemoryTier:
         if sources[self.rank] == "own":
             return read_copy(step_dir(own_dir(self.root, self.node), step), self.rank, self.layout)
         meta, data = received
+        if replication.UNAVAILABLE in meta:
+            raise ValueError(f"replica unavailable ({meta[replication.UNAVAILABLE]})")
         return meta, check_copy(meta, data, self.rank, self.layout)
 
     def remove_node_dir(self) -> None:

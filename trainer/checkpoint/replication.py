@@ -3,7 +3,9 @@
 Ring over nodes: rank r sends its snapshot to rank (r + local_world) mod world and receives the one of
 rank (r - local_world) mod world, which it stores under node<me>/replica/node<src>/step_<N>/ (as
 NVRx's local checkpointing exchanges with torch.distributed). Runs on the tier's background thread.
-At a restart, `transfer` hands a rank whose own copy is gone the replica its holder keeps.
+At a restart, `transfer` hands a rank whose own copy is gone the replica its holder keeps; a holder
+whose replica vanished since the inventory says so instead, and its owner reports the copy as failed
+(the choice is then taken again) rather than waiting for bytes that never come.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import torch.distributed as dist
 
 if TYPE_CHECKING:
     from trainer.checkpoint.memory_tier import Staged
+
+
+UNAVAILABLE = "unavailable"  # the key of a holder's answer in place of a replica's metadata
 
 
 def peers(rank: int, world: int, local_world: int) -> tuple[int, int]:
@@ -79,7 +84,8 @@ def transfer(group: dist.ProcessGroup, root: Path, step: int, sources: tuple[str
              local_world: int, world: int) -> tuple[dict[str, Any], bytearray] | None:
     """Every rank calls this with the same `sources`: each holder sends the replica it keeps to the
     rank that lacks its own copy, pair by pair in rank order (so no cycle of blocked sends).
-    Returns what this rank received, if anything."""
+    Returns what this rank received, if anything: (metadata, bytes), the metadata being
+    {UNAVAILABLE: why} when its holder could not read it."""
     from trainer.checkpoint.memory_tier import read_data, replica_dir, step_dir
 
     received = None
@@ -89,8 +95,12 @@ def transfer(group: dist.ProcessGroup, root: Path, step: int, sources: tuple[str
         holder = int(source.split("@", 1)[1])
         if rank == holder:
             directory = step_dir(replica_dir(root, holder // local_world, owner // local_world), step)
-            text = (directory / f"rank{owner}.json").read_bytes()
-            _send(group, owner, text, read_data(directory / f"rank{owner}.bin", json.loads(text)["bytes"]))
+            try:
+                text = (directory / f"rank{owner}.json").read_bytes()
+                data = read_data(directory / f"rank{owner}.bin", json.loads(text)["bytes"])
+            except (OSError, ValueError, KeyError) as err:  # pruned or damaged since the inventory
+                text, data = json.dumps({UNAVAILABLE: f"rank {holder}: {type(err).__name__}: {err}"}).encode(), b""
+            _send(group, owner, text, data)
         elif rank == owner:
             meta, size = _recv_header(group, holder)
             data = bytearray(size)  # received in place: the loader uses it as it is
