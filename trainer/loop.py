@@ -150,11 +150,13 @@ class Trainer:
         dist.all_reduce(total)
         return total.item() / self._loss_ranks
 
-    def _save(self, reason: str) -> None:
+    def _save(self, reason: str) -> float:
+        """Save to disk; how long the loop was blocked."""
         self._beat(Phase.CHECKPOINT, self.state.step, ckpt_step=self.state.step)
         blocking = self.checkpointer.save(self.state)
         log.info("checkpoint step %d (%s): loop blocked %.3fs", self.state.step, reason, blocking)
         self._beat(Phase.STEP, self.state.step, ckpt_blocking_s=blocking, ckpt_step=self.state.step)
+        return blocking
 
     def run(self) -> ExitCode:
         started = assigned_at() or psutil.Process().create_time()  # a warm spare: from its assignment
@@ -200,16 +202,16 @@ class Trainer:
             self.checkpointer.poll()
             stop_requested = stop_requested or state.step == cfg.train.exit_at_step
             decision = self.checkpointer.should_save(state.step, cfg.train.steps, stop_requested)
-            saved = None
+            saved, blocking = None, 0.0
             if decision.yes:
-                self._save(decision.reason)
+                blocking = self._save(decision.reason)
                 saved = "disk"
             elif self.checkpointer.should_snapshot(state.step, cfg.train.steps).yes:
                 blocking = self.checkpointer.snapshot(state)
                 log.info("memory snapshot step %d: loop blocked %.3fs", state.step, blocking)
                 saved = "memory"
             self.adaptive.iteration_done(state.step, saved, in_flight=self.checkpointer.in_flight,
-                                         excluded_s=eval_s)
+                                         excluded_s=eval_s, blocking_s=blocking)
             self.checkpointer.cfg = self.adaptive.config  # the interval the next save decision uses
             if stop_requested:
                 outcome = ExitCode.PREEMPTED

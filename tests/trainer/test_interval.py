@@ -95,6 +95,20 @@ def test_meter_measures_each_save_over_its_window_against_plain_iterations():
     assert meter.costs[-1] == pytest.approx(0.5)
 
 
+def test_a_save_costs_at_least_its_blocking_time():
+    # the soak's steps after a save sometimes ran faster than the median: a cost of 0 sent the interval
+    # to its lower bound (2 steps) and back, again and again
+    meter = CostMeter(window=2, warmup=0)
+    for _ in range(3):
+        meter.iteration(1.0)
+    meter.saved(blocking_s=0.05)
+    meter.iteration(0.98)
+    assert meter.iteration(0.99) and meter.cost() == pytest.approx(0.05)
+    meter.saved(blocking_s=0.05)
+    meter.iteration(1.3)
+    assert meter.iteration(1.0) and meter.costs[-1] == pytest.approx(0.3)  # more than the floor: measured
+
+
 def test_meter_window_stays_open_while_the_write_is_in_flight():
     meter = CostMeter(window=2, warmup=0, longest=6)
     for _ in range(3):
@@ -147,9 +161,11 @@ def test_a_new_attempt_starts_from_the_last_measured_cost():
 
 
 def test_a_new_attempt_continues_from_the_last_chosen_interval():
-    assert restored_interval(37, 100, min_steps=4, max_steps=200) == 37
-    assert restored_interval(0, 100, min_steps=4, max_steps=200) == 100  # nothing chosen yet
-    assert restored_interval(300, 100, min_steps=4, max_steps=200) == 200  # bounds changed across a requeue
+    assert restored_interval(37, 100, 100, min_steps=4, max_steps=200) == 37
+    assert restored_interval(37, None, 100, min_steps=4, max_steps=200) == 37  # a record older than the field
+    assert restored_interval(0, None, 100, min_steps=4, max_steps=200) == 100  # nothing chosen yet
+    assert restored_interval(300, 100, 100, min_steps=4, max_steps=200) == 200  # bounds changed across a requeue
+    assert restored_interval(37, 100, 50, min_steps=4, max_steps=200) == 50  # the operator changed the config
 
 
 def test_config_refuses_crossed_bounds_and_adaptive_without_a_start():

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +49,24 @@ def read_calibrations(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def last_decision(run_dir: Path, tier: str) -> tuple[float, float, int]:
-    """(save cost, step seconds, interval in steps) of the newest `ckpt_interval` record of `tier`, or
-    zeros."""
-    cost, step, steps = 0.0, 0.0, 0
+@dataclass(frozen=True)
+class LastDecision:
+    """The newest `ckpt_interval` record of a tier (zeros when there is none)."""
+
+    cost_s: float = 0.0
+    step_s: float = 0.0
+    steps: int = 0
+    configured: int | None = None
+    """The tier's configured interval when it was recorded (None in records older than the field)."""
+
+
+def last_decision(run_dir: Path, tier: str) -> LastDecision:
+    last = LastDecision()
     for rec in ledger.read(run_dir):
         if rec.get("event") == LedgerEvent.CKPT_INTERVAL and rec.get("tier") == tier:
-            cost, step = float(rec.get("save_cost_s") or 0.0), float(rec.get("step_s") or 0.0)
-            steps = int(rec.get("steps") or 0)
-    return cost, step, steps
+            last = LastDecision(float(rec.get("save_cost_s") or 0.0), float(rec.get("step_s") or 0.0),
+                                int(rec.get("steps") or 0), rec.get("configured"))
+    return last
 
 
 class AdaptiveInterval:
@@ -68,6 +78,7 @@ class AdaptiveInterval:
         self.device, self.clock = device, clock
         self.meters = {tier: interval.CostMeter(cfg.cost_window_steps)
                        for tier, name in TIER_FIELDS.items() if getattr(cfg, name)}
+        self.configured = {tier: getattr(cfg, name) for tier, name in TIER_FIELDS.items()}
         self.failures, self.exposure_s = interval.failure_history(read_calibrations(run_dir))
         self.started = clock()
         self._last_end: float | None = None
@@ -83,37 +94,40 @@ class AdaptiveInterval:
             return
         last = {tier: last_decision(self.run_dir, tier) for tier in self.meters}  # before this attempt writes
         for tier, meter in self.meters.items():
-            cost, step_s, steps = last[tier]
-            meter.seed(cost)
-            self._restore(tier, step, steps, cost, step_s)
-            self._decide(tier, step, cost, step_s, why="at start, from the last measurement and the failure history")
+            meter.seed(last[tier].cost_s)
+            self._restore(tier, step, last[tier])
+            self._decide(tier, step, last[tier].cost_s, last[tier].step_s,
+                         why="at start, from the last measurement and the failure history")
         self._last_end = self.clock()
 
-    def iteration_done(self, step: int, saved: str | None, in_flight: bool, excluded_s: float = 0.0) -> None:
+    def iteration_done(self, step: int, saved: str | None, in_flight: bool, excluded_s: float = 0.0,
+                       blocking_s: float = 0.0) -> None:
         """At the end of each loop iteration (every rank): `saved` names the tier this iteration saved
         to; `in_flight` while a disk save's background write is unfinished (the same on every rank:
         finalizing is collective). A memory snapshot's window is its fixed `cost_window_steps`: its
         background work (checksum, replica) ends at different times on different ranks, and every
         rank must close the window at the same step. `excluded_s` (evaluation) is not loop time a save
-        could have cost."""
+        could have cost. `blocking_s`: how long the save blocked the loop (the least it cost)."""
         if not self.config.adaptive:
             return
         now = self.clock()
         seconds = now - (self._last_end if self._last_end is not None else now) - excluded_s
         self._last_end = now
         if saved in self.meters:
-            self.meters[saved].saved()
+            self.meters[saved].saved(blocking_s)
         quiet = saved is None and not in_flight
         for tier, meter in self.meters.items():
             if meter.iteration(max(0.0, seconds), in_flight and tier == "disk", quiet):
                 self._decide(tier, step, meter.cost(), meter.baseline(), why=f"save cost measured at step {step}")
 
-    def _restore(self, tier: str, step: int, steps: int, cost: float, step_s: float) -> None:
+    def _restore(self, tier: str, step: int, last: LastDecision) -> None:
         """Take up the interval the previous attempts chose (within this config's bounds), so that a
-        restart continues from it rather than from the configured start; hysteresis then applies to it."""
+        restart continues from it rather than from the configured start; hysteresis then applies to it.
+        An operator who changed the configured interval since has the last word."""
         name = TIER_FIELDS[tier]
         previous = getattr(self.config, name)
-        restored = interval.restored_interval(steps, previous, min_steps=self.config.min_interval_steps,
+        restored = interval.restored_interval(last.steps, last.configured, previous,
+                                              min_steps=self.config.min_interval_steps,
                                               max_steps=self.config.max_interval_steps)
         if restored == previous:
             return
@@ -122,9 +136,10 @@ class AdaptiveInterval:
                  restored, step)
         if self.is_logger:
             ledger.append(self.run_dir, LedgerEvent.CKPT_INTERVAL, tier=tier, steps=restored, previous=previous,
-                          step=step, attempt=self.attempt, save_cost_s=round(cost, 4), step_s=round(step_s, 4),
-                          failures=self.failures, exposure_s=round(self.exposure_s, 1),
-                          reason=f"at start: the interval chosen before the restart ({steps} steps), restored")
+                          configured=self.configured[tier], step=step, attempt=self.attempt,
+                          save_cost_s=round(last.cost_s, 4), step_s=round(last.step_s, 4), failures=self.failures,
+                          exposure_s=round(self.exposure_s, 1),
+                          reason=f"at start: the interval chosen before the restart ({last.steps} steps), restored")
 
     def _decide(self, tier: str, step: int, cost: float, step_s: float, *, why: str) -> None:
         exposure = self.exposure_s + (self.clock() - self.started)
@@ -146,6 +161,6 @@ class AdaptiveInterval:
                  mtbf_why)
         if self.is_logger:
             ledger.append(self.run_dir, LedgerEvent.CKPT_INTERVAL, tier=tier, steps=steps, previous=previous,
-                          step=step, attempt=self.attempt, save_cost_s=round(cost, 4), step_s=round(step_s, 4),
+                          configured=self.configured[tier], step=step, attempt=self.attempt, save_cost_s=round(cost, 4), step_s=round(step_s, 4),
                           mtbf_s=round(mtbf, 1), failures=int(failures), exposure_s=round(exposure, 1),
                           reason=f"{why}: {reason}; {mtbf_why}")

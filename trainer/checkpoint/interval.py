@@ -75,10 +75,15 @@ def worth_changing(previous: int, proposed: int, *, min_steps: int, max_steps: i
     return abs(proposed - previous) > HYSTERESIS * previous
 
 
-def restored_interval(last: int, configured: int, *, min_steps: int, max_steps: int) -> int:
+def restored_interval(last: int, last_configured: int | None, configured: int, *, min_steps: int,
+                      max_steps: int) -> int:
     """The interval a new attempt starts from: the last one chosen (`last`, 0 if none), held within
-    today's bounds (the config may have changed across a requeue), else the configured one."""
-    return min(max_steps, max(min_steps, last)) if last > 0 else configured
+    today's bounds (the config may have changed across a requeue); the configured one when nothing
+    was chosen yet, or when the configured interval is no longer the one the last choice started from
+    (`last_configured`; None: not recorded), an operator's change overriding the past."""
+    if last <= 0 or (last_configured is not None and last_configured != configured):
+        return configured
+    return min(max_steps, max(min_steps, last))
 
 
 def failure_history(calibrations: Sequence[Mapping]) -> tuple[int, float]:
@@ -112,6 +117,8 @@ class CostMeter:
         """The fastest iteration inside a window: the baseline while no quiet one has run (every
         write outlasting the interval), so a decision is still taken, and errs towards a lower cost."""
         self._open: list[float] | None = None
+        self._floor = 0.0
+        """The open window's save's blocking time."""
         self._seen = 0
         self._measured = False
         """A window closed by the next save (its write outlasted the interval), reported by the next
@@ -123,11 +130,13 @@ class CostMeter:
         if cost > 0:
             self.costs = [cost]
 
-    def saved(self) -> None:
-        """A save happened in the current iteration: its cost window starts here (a window still
-        open is closed with what it has)."""
+    def saved(self, blocking_s: float = 0.0) -> None:
+        """A save happened in the current iteration, blocking the loop `blocking_s`: its cost window
+        starts here (a window still open is closed with what it has). The blocking time is the least
+        the save can have cost: a window that measures less (its steps ran faster than the baseline)
+        is noise, and a cost of 0 would send the interval to its lower bound."""
         self._measured = self._close() or self._measured
-        self._open = []
+        self._open, self._floor = [], max(0.0, blocking_s)
 
     def iteration(self, seconds: float, in_flight: bool = False, quiet: bool = True) -> bool:
         """Record one iteration (the save's own one included). `in_flight`: this tier's background
@@ -152,7 +161,7 @@ class CostMeter:
         window, self._open = self._open, None
         if not window:
             return False
-        self.costs = (self.costs + [save_cost(window, self.baseline())])[-self.keep:]
+        self.costs = (self.costs + [max(self._floor, save_cost(window, self.baseline()))])[-self.keep:]
         return True
 
     def baseline(self) -> float:
