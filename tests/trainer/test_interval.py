@@ -81,7 +81,7 @@ def test_save_cost_is_the_extra_wall_time_not_the_blocking_call():
 
 
 def test_meter_measures_each_save_over_its_window_against_plain_iterations():
-    meter = CostMeter(window=3, warmup=2)
+    meter = CostMeter(window=3, warmup=2, first_saves=0)
     assert not meter.iteration(9.0) and not meter.iteration(5.0)  # warm-up: neither baseline nor cost
     for _ in range(5):
         assert not meter.iteration(1.0)
@@ -98,7 +98,7 @@ def test_meter_measures_each_save_over_its_window_against_plain_iterations():
 def test_a_save_costs_at_least_its_blocking_time():
     # the soak's steps after a save sometimes ran faster than the median: a cost of 0 sent the interval
     # to its lower bound (2 steps) and back, again and again
-    meter = CostMeter(window=2, warmup=0)
+    meter = CostMeter(window=2, warmup=0, first_saves=0)
     for _ in range(3):
         meter.iteration(1.0)
     meter.saved(blocking_s=0.05)
@@ -109,8 +109,18 @@ def test_a_save_costs_at_least_its_blocking_time():
     assert meter.iteration(1.0) and meter.costs[-1] == pytest.approx(0.3)  # more than the floor: measured
 
 
+def test_a_process_first_save_is_not_its_cost():
+    meter = CostMeter(window=1, warmup=0)  # first_saves=1
+    meter.iteration(1.0)
+    meter.saved()
+    assert not meter.iteration(3.0)  # allocations a later save reuses: neither cost nor baseline
+    assert meter.costs == [] and meter.plain == [1.0]
+    meter.saved()
+    assert meter.iteration(1.5) and meter.cost() == pytest.approx(0.5)
+
+
 def test_meter_window_stays_open_while_the_write_is_in_flight():
-    meter = CostMeter(window=2, warmup=0, longest=6)
+    meter = CostMeter(window=2, warmup=0, longest=6, first_saves=0)
     for _ in range(3):
         meter.iteration(1.0)
     meter.iteration(1.0, in_flight=True)  # another save's write still running: not a baseline iteration
@@ -128,7 +138,7 @@ def test_writes_outlasting_the_interval_still_measure_a_cost():
     # Every write is still in flight when the next save comes (a loaded machine): no quiet iteration
     # ever runs, and each window is closed by the next save. Each closing still reports a cost, against
     # the fastest iteration seen, so the interval adapts (a CI run once never decided).
-    meter = CostMeter(window=2, warmup=0)
+    meter = CostMeter(window=2, warmup=0, first_saves=0)
     results = []
     for _ in range(3):
         meter.saved()
@@ -138,7 +148,7 @@ def test_writes_outlasting_the_interval_still_measure_a_cost():
 
 
 def test_only_quiet_iterations_are_baseline():
-    meter = CostMeter(window=2, warmup=0)
+    meter = CostMeter(window=2, warmup=0, first_saves=0)
     meter.iteration(5.0, quiet=False)  # another tier saved, or its write ran, in this iteration
     meter.iteration(1.0)
     assert meter.plain == [1.0]
@@ -152,7 +162,7 @@ def test_the_interval_moves_only_for_a_real_difference():
 
 
 def test_a_new_attempt_starts_from_the_last_measured_cost():
-    meter = CostMeter(window=1, warmup=0)
+    meter = CostMeter(window=1, warmup=0, first_saves=0)
     meter.seed(0.5)
     meter.iteration(1.0)
     meter.saved()

@@ -107,8 +107,13 @@ class CostMeter:
     start with it: at least `window`, and on while its background write is in flight (up to `longest`),
     or until the next save. Feed `iteration(...)` once per step and `saved()` at a save."""
 
-    def __init__(self, window: int, warmup: int = 2, keep: int = 200, longest: int = 1000) -> None:
+    def __init__(self, window: int, warmup: int = 2, keep: int = 200, longest: int = 1000, first_saves: int = 1) -> None:
         self.window, self.warmup, self.keep, self.longest = window, warmup, keep, max(window, longest)
+        self.first_saves = first_saves
+        """Saves of this process whose cost is not recorded: the first one allocates what later ones
+        reuse (staging buffers, the memory tier's files), and one such cost set a soak's interval to
+        111 steps where 35 was right; their iterations are not baseline either."""
+        self._windows = 0
         self.plain: list[float] = []
         """Recent quiet iterations outside any cost window (the baseline)."""
         self.costs: list[float] = []
@@ -160,6 +165,9 @@ class CostMeter:
     def _close(self) -> bool:
         window, self._open = self._open, None
         if not window:
+            return False
+        self._windows += 1
+        if self._windows <= self.first_saves:
             return False
         self.costs = (self.costs + [max(self._floor, save_cost(window, self.baseline()))])[-self.keep:]
         return True
