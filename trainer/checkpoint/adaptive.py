@@ -161,6 +161,7 @@ class AdaptiveInterval:
                  mtbf_why)
         if self.is_logger:
             ledger.append(self.run_dir, LedgerEvent.CKPT_INTERVAL, tier=tier, steps=steps, previous=previous,
-                          configured=self.configured[tier], step=step, attempt=self.attempt, save_cost_s=round(cost, 4), step_s=round(step_s, 4),
+                          configured=self.configured[tier], step=step, attempt=self.attempt,
+                          save_cost_s=round(cost, 4), step_s=round(step_s, 4),
                           mtbf_s=round(mtbf, 1), failures=int(failures), exposure_s=round(exposure, 1),
                           reason=f"{why}: {reason}; {mtbf_why}")

@@ -107,7 +107,8 @@ class CostMeter:
     start with it: at least `window`, and on while its background write is in flight (up to `longest`),
     or until the next save. Feed `iteration(...)` once per step and `saved()` at a save."""
 
-    def __init__(self, window: int, warmup: int = 2, keep: int = 200, longest: int = 1000, first_saves: int = 1) -> None:
+    def __init__(self, window: int, warmup: int = 2, keep: int = 200, longest: int = 1000,
+                 first_saves: int = 1) -> None:
         self.window, self.warmup, self.keep, self.longest = window, warmup, keep, max(window, longest)
         self.first_saves = first_saves
         """Saves of this process whose cost is not recorded: the first one allocates what later ones
