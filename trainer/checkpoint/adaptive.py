@@ -124,22 +124,12 @@ class AdaptiveInterval:
         """Take up the interval the previous attempts chose (within this config's bounds), so that a
         restart continues from it rather than from the configured start; hysteresis then applies to it.
         An operator who changed the configured interval since has the last word."""
-        name = TIER_FIELDS[tier]
-        previous = getattr(self.config, name)
-        restored = interval.restored_interval(last.steps, last.configured, previous,
+        restored = interval.restored_interval(last.steps, last.configured, getattr(self.config, TIER_FIELDS[tier]),
                                               min_steps=self.config.min_interval_steps,
                                               max_steps=self.config.max_interval_steps)
-        if restored == previous:
-            return
-        self.config = self.config.model_copy(update={name: restored})
-        log.info("checkpoint interval (%s) %d -> %d steps at step %d: the last decision, restored", tier, previous,
-                 restored, step)
-        if self.is_logger:
-            ledger.append(self.run_dir, LedgerEvent.CKPT_INTERVAL, tier=tier, steps=restored, previous=previous,
-                          configured=self.configured[tier], step=step, attempt=self.attempt,
-                          save_cost_s=round(last.cost_s, 4), step_s=round(last.step_s, 4), failures=self.failures,
-                          exposure_s=round(self.exposure_s, 1),
-                          reason=f"at start: the interval chosen before the restart ({last.steps} steps), restored")
+        self._set(tier, step, restored, f"at start: the interval chosen before the restart ({last.steps} steps), "
+                  "restored", save_cost_s=last.cost_s, step_s=last.step_s, failures=self.failures,
+                  exposure_s=self.exposure_s)
 
     def _decide(self, tier: str, step: int, cost: float, step_s: float, *, why: str) -> None:
         exposure = self.exposure_s + (self.clock() - self.started)
@@ -152,16 +142,20 @@ class AdaptiveInterval:
         steps, reason = interval.choose_interval(save_cost_s=cost, step_s=step_s, mtbf_s=mtbf,
                                                  min_steps=self.config.min_interval_steps,
                                                  max_steps=self.config.max_interval_steps)
+        if interval.worth_changing(getattr(self.config, TIER_FIELDS[tier]), steps,
+                                   min_steps=self.config.min_interval_steps, max_steps=self.config.max_interval_steps):
+            self._set(tier, step, steps, f"{why}: {reason}; {mtbf_why}", save_cost_s=cost, step_s=step_s,
+                      mtbf_s=mtbf, failures=int(failures), exposure_s=exposure)
+
+    def _set(self, tier: str, step: int, steps: int, reason: str, **measured: float) -> None:
+        """Change `tier`'s interval to `steps` (if it differs): the config, the log, the ledger."""
         previous = getattr(self.config, TIER_FIELDS[tier])
-        if not interval.worth_changing(previous, steps, min_steps=self.config.min_interval_steps,
-                                       max_steps=self.config.max_interval_steps):
+        if steps == previous:
             return
         self.config = self.config.model_copy(update={TIER_FIELDS[tier]: steps})
-        log.info("checkpoint interval (%s) %d -> %d steps at step %d: %s; %s", tier, previous, steps, step, reason,
-                 mtbf_why)
+        log.info("checkpoint interval (%s) %d -> %d steps at step %d: %s", tier, previous, steps, step, reason)
         if self.is_logger:
+            rounded = {k: round(v, 1 if k in ("mtbf_s", "exposure_s") else 4) for k, v in measured.items()}
             ledger.append(self.run_dir, LedgerEvent.CKPT_INTERVAL, tier=tier, steps=steps, previous=previous,
-                          configured=self.configured[tier], step=step, attempt=self.attempt,
-                          save_cost_s=round(cost, 4), step_s=round(step_s, 4),
-                          mtbf_s=round(mtbf, 1), failures=int(failures), exposure_s=round(exposure, 1),
-                          reason=f"{why}: {reason}; {mtbf_why}")
+                          configured=self.configured[tier], step=step, attempt=self.attempt, **rounded,
+                          reason=reason)
