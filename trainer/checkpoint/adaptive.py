@@ -60,12 +60,13 @@ class LastDecision:
     """The tier's configured interval when it was recorded (None in records older than the field)."""
 
 
-def last_decision(run_dir: Path, tier: str) -> LastDecision:
-    last = LastDecision()
+def last_decisions(run_dir: Path) -> dict[str, LastDecision]:
+    """Each tier's newest `ckpt_interval` record, in one read of the ledger (a tier without one: zeros)."""
+    last = dict.fromkeys(TIER_FIELDS, LastDecision())
     for rec in ledger.read(run_dir):
-        if rec.get("event") == LedgerEvent.CKPT_INTERVAL and rec.get("tier") == tier:
-            last = LastDecision(float(rec.get("save_cost_s") or 0.0), float(rec.get("step_s") or 0.0),
-                                int(rec.get("steps") or 0), rec.get("configured"))
+        if rec.get("event") == LedgerEvent.CKPT_INTERVAL and rec.get("tier") in last:
+            last[rec["tier"]] = LastDecision(float(rec.get("save_cost_s") or 0.0), float(rec.get("step_s") or 0.0),
+                                             int(rec.get("steps") or 0), rec.get("configured"))
     return last
 
 
@@ -92,7 +93,7 @@ class AdaptiveInterval:
         """Before the first step (every rank): decide from what earlier attempts measured, if anything."""
         if not self.config.adaptive:
             return
-        last = {tier: last_decision(self.run_dir, tier) for tier in self.meters}  # before this attempt writes
+        last = last_decisions(self.run_dir)  # before this attempt writes
         for tier, meter in self.meters.items():
             meter.seed(last[tier].cost_s)
             self._restore(tier, step, last[tier])
