@@ -18,8 +18,8 @@ from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import get_batch_on_this_cp_rank
 
+from trainer.compat import split_for_context_parallel
 from trainer.model import unwrap
 
 
@@ -44,6 +44,8 @@ class StepRunner:
             config.param_sync_func = sync[0] if len(sync) == 1 else sync
         self.positions = torch.arange(seq_len, device=device).unsqueeze(0)
         self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.cp_group = (parallel_state.get_context_parallel_group()
+                         if parallel_state.get_context_parallel_world_size() > 1 else None)
 
     def _finalize_grads(self, *args, **kwargs):
         # The first collective every rank of the step waits in: the time before it is this rank's own
@@ -55,7 +57,8 @@ class StepRunner:
         tokens = next(data_iterator).to(self.device, non_blocking=True)
         batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
                  "position_ids": self.positions.expand(tokens.shape[0], -1)}
-        batch = get_batch_on_this_cp_rank(batch)  # this CP rank's 2 of 2*cp load-balanced chunks
+        if self.cp_group is not None:
+            batch = split_for_context_parallel(batch, self.cp_group)
         per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return per_token, partial(_loss, poison)
 

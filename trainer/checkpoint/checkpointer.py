@@ -25,6 +25,7 @@ from resilient.core import ledger
 from resilient.core.atomic import fsync_dir
 from resilient.core.errors import CheckpointError
 from resilient.core.events import LedgerEvent
+from trainer import compat
 from trainer.checkpoint import layout, manifest, memory_tier, policy, writer
 from trainer.checkpoint.config import CheckpointConfig
 from trainer.checkpoint.state import TrainState, apply_loaded, sharded_state
@@ -128,8 +129,7 @@ class Checkpointer:
             self._report_failure(step, refused)
             self.last_save_time = time.monotonic()  # the next trigger tries again
             return time.monotonic() - started
-        request = dist_checkpointing.save(sharded_state(state, include_rng=True), str(ckpt_dir), self.strategy,
-                                          async_sharded_save=True)
+        request = compat.save_async(sharded_state(state, include_rng=True), str(ckpt_dir), self.strategy)
         if request.async_fn is not None:  # None: nothing to write on this rank
             # Async: staged on the loop, written by an idle-priority thread. Sync: written from the
             # live tensors while the loop waits, so nothing is copied.
