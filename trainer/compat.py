@@ -13,12 +13,6 @@ from typing import Any
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core import utils as mcore_utils
-from packaging.version import Version
-
-import megatron.core
-
-VERSION = Version(megatron.core.__version__)
-"""The installed megatron-core release."""
 
 
 @lru_cache(maxsize=None)
