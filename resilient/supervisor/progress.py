@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.checkpoint import layout, megatron_lm
+from trainer.checkpoint import layout
+from trainer.megatron_lm import checkpoints as megatron_lm
 
 
 def progress_dir(configured: Path | None, checkpoint_dir: Path | None, run_dir: Path) -> Path:

@@ -14,7 +14,7 @@ import pytest
 
 from resilient.core.exit_codes import ExitCode
 from tests.ranks import REPO, resilient_cli
-from trainer.checkpoint import megatron_lm as mlm
+from trainer.megatron_lm import checkpoints as mlm
 
 
 @pytest.fixture(scope="module")

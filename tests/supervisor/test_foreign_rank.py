@@ -12,7 +12,7 @@ import yaml
 
 from resilient.core.exit_codes import ExitCode
 from tests.supervisor.harness import events, ranks_of, start, wait_until
-from trainer.checkpoint import megatron_lm
+from trainer.megatron_lm import checkpoints as megatron_lm
 
 pytestmark = pytest.mark.timeout(180)
 

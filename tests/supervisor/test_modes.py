@@ -9,7 +9,8 @@ from pydantic import ValidationError
 
 from resilient.supervisor.config import RankProtocol, SupervisorConfig
 from resilient.supervisor.progress import newest_complete_step, progress_dir
-from trainer.checkpoint import layout, megatron_lm
+from trainer.checkpoint import layout
+from trainer.megatron_lm import checkpoints as megatron_lm
 
 
 def test_placeholders_are_filled_and_nothing_is_appended():

@@ -14,7 +14,7 @@ import yaml
 
 from resilient.core.exit_codes import ExitCode
 from resilient.rank import Phase, RankEnv
-from resilient.rank import megatron_lm as mlm_hooks
+from resilient.rank import ft_hooks as mlm_hooks
 from resilient.rank.heartbeat import HeartbeatServer
 from tests.supervisor.harness import REPO, events, ranks_of, start, wait_until
 

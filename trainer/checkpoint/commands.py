@@ -15,7 +15,8 @@ import typer
 from resilient.core.errors import CheckpointError, ConfigError
 from resilient.core.exit_codes import ExitCode
 from trainer.checkpoint import inspect as ck
-from trainer.checkpoint import layout, manifest, megatron_lm
+from trainer.checkpoint import layout, manifest
+from trainer.megatron_lm import checkpoints as megatron_lm
 from trainer.checkpoint.config import CheckpointConfig
 
 ckpt_app = typer.Typer(help="Inspect, check and repair checkpoints (DIR: RUN_DIR, RUN_DIR/checkpoints or a "

@@ -1,0 +1,4 @@
+"""Megatron-LM's own training loop (`megatron.training`) under resilient, and its checkpoint layouts.
+
+    checkpoints   list, verify and repair every save layout Megatron-LM writes (no megatron import)
+"""
