@@ -12,6 +12,9 @@ False; on a GPU nothing here runs. It covers what the trainer's megatron-core pa
 - the CUDA RNG tracker (`tensor_parallel.random`), replaced by a CPU-generator twin with the same
   interface, so tracker states stay part of the checkpointed RNG state.
 
+For Megatron-LM's own loop (`megatron.training`, run by `python -m trainer.megatron_lm`),
+`install_megatron_training_bridge` adds what that loop asks of CUDA beyond megatron-core.
+
 Not covered: activation recomputation. megatron recomputes inside autograd functions, where torch
 function modes are not active, so the trainer refuses `train.recompute_granularity` on CPU.
 """
@@ -19,6 +22,7 @@ function modes are not active, so the trainer refuses `train.recompute_granulari
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from megatron.core.tensor_parallel import random as mcore_random
@@ -125,3 +129,26 @@ def install_cpu_bridge() -> None:
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     _mode = CudaToCpu()
     _mode.__enter__()  # for the life of the rank process; never exited
+
+
+def install_megatron_training_bridge() -> None:
+    """On top of `install_cpu_bridge`, what `megatron.training.pretrain` needs on a CPU-only machine:
+    - `initialize_megatron(allow_no_cuda=True)`: pretrain passes nothing and would assert CUDA;
+    - no JIT-fusion warm-up: it runs fused kernels on CUDA tensors to compile them (a GPU speed-up only);
+    - one visible device (`device_count() == 1`, `set_device` a no-op): megatron builds its
+      model-parallel groups only when it sees a device;
+    - an empty CUDA RNG state (get/set): no CUDA generator exists; the CPU generator and the tracker
+      states above are the ones that matter, and megatron saves and restores those too.
+    A no-op when CUDA is available."""
+    if torch.cuda.is_available():
+        return
+    install_cpu_bridge()
+    from megatron.training import training
+
+    if not isinstance(training.initialize_megatron, functools.partial):
+        training.initialize_megatron = functools.partial(training.initialize_megatron, allow_no_cuda=True)
+    training.set_jit_fusion_options = lambda *args, **kwargs: None
+    torch.cuda.device_count = lambda: 1
+    torch.cuda.set_device = lambda device: None
+    torch.cuda.get_rng_state = lambda device="cuda": torch.empty(0, dtype=torch.uint8)
+    torch.cuda.set_rng_state = lambda state, device="cuda": None

@@ -1,20 +1,20 @@
-"""Heartbeats from a Megatron-LM training loop, sent where it calls its fault-tolerance hooks.
+"""Heartbeats from a training loop with Megatron-LM's fault-tolerance hook points.
 
-Megatron-LM's `megatron/training/training.py` calls `ft_integration.<hook>()` at these points; call
-the function of the same name here next to each one (the iteration where the loop has it at hand):
+Megatron-LM's `megatron/training/training.py` calls `ft_integration.<hook>()` at these points, with
+these arguments; `python -m trainer.megatron_lm` chains the function of the same name here onto each
+(another loop may call them itself):
 
     setup()                                    before initialize_megatron        -> init
-    on_checkpoint_loaded(iteration)            after load_checkpoint             -> restore at the resume point
+    resumed(iteration)                         after load_checkpoint returned    -> restore at the resume point
+    on_checkpoint_loaded(is_local_chkpt)       inside load_checkpoint            (no heartbeat: `resumed` follows)
     on_training_step_start()                   before train_step
-    on_training_step_end(iteration, loss=...)  after train_step                  -> step, with its step time
+    on_training_step_end()                     after train_step                  -> step (one more), with its step time
     on_eval_step_start() / on_eval_step_end()  around each evaluation step       -> eval
     on_checkpointing_start()                   before save_checkpoint / async finalization -> checkpoint
     on_checkpointing_end(is_async_finalization) after them                       -> step (and the save's time)
     shutdown()                                 at the end of pretrain            -> done
 
 Every function is a no-op before `setup()` and when the process is not supervised (null client).
-Run the script with `supervisor.rank_protocol: heartbeat` for hang detection with calibrated
-timeouts, or keep `exit_only` and still get hang detection for these ranks.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class MegatronLMHeartbeats:
     def setup(self) -> None:
         self._send(Phase.INIT)
 
-    def on_checkpoint_loaded(self, iteration: int) -> None:
+    def resumed(self, iteration: int) -> None:
         self.iteration = iteration
         self._send(Phase.RESTORE)
 
@@ -91,9 +91,14 @@ def setup(env: RankEnv | None = None) -> MegatronLMHeartbeats:
     return _hooks
 
 
-def on_checkpoint_loaded(iteration: int) -> None:
+def resumed(iteration: int) -> None:
+    """The loop continues after `iteration` (0: from scratch)."""
     if _hooks is not None:
-        _hooks.on_checkpoint_loaded(iteration)
+        _hooks.resumed(iteration)
+
+
+def on_checkpoint_loaded(is_local_chkpt: bool = False) -> None:
+    """Megatron's call inside load_checkpoint; the resume point follows with `resumed`."""
 
 
 def on_training_step_start() -> None:

@@ -6,12 +6,22 @@ import signal
 import sys
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from resilient.core.configbase import Section
 
-PLACEHOLDERS = ("config", "run_dir")
+PLACEHOLDERS = ("config", "run_dir", "python")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def save_dir_of(argv: list[str]) -> Path | None:
+    """The directory a Megatron-LM command line saves to (`--save DIR` / `--save=DIR`), with `{run_dir}/`
+    made relative to the run directory; None when it names none."""
+    value = next((b for a, b in zip(argv, argv[1:]) if a == "--save"), None)
+    value = value or next((a.partition("=")[2] for a in argv if a.startswith("--save=")), None)
+    if not value:
+        return None
+    return Path(value.removeprefix("{run_dir}/")) if value.startswith("{run_dir}/") else Path(value).absolute()
 
 
 def _default_rank_command() -> list[str]:
@@ -33,16 +43,17 @@ class SupervisorConfig(Section):
     nproc_per_node: int = Field(2, ge=1)
     """Ranks spawned on each node (GPUs per node on GPU clusters)."""
     rank_command: list[str] = Field(default_factory=_default_rank_command, min_length=1)
-    """Argv of one rank; `{config}` becomes RUN_DIR/config.yaml and `{run_dir}` the run directory in
-    every argument. Nothing is appended."""
+    """Argv of one rank; `{config}` becomes RUN_DIR/config.yaml, `{run_dir}` the run directory and
+    `{python}` the supervisor's own interpreter, in every argument. Nothing is appended."""
     rank_protocol: RankProtocol = RankProtocol.HEARTBEAT
     """`heartbeat` (ranks speak the rank protocol) or `exit_only` (any script; see docs/rank-protocol.md)."""
     rank_stop_signal: str | None = None
     """Signal that asks a rank to save and exit (default: SIGUSR1 with heartbeats, SIGTERM in exit_only,
     which Megatron-LM's --exit-signal-handler listens for)."""
     progress_dir: Path | None = None
-    """exit_only: checkpoint directory whose newest complete step measures progress (ours or Megatron-LM's
-    layout; default: checkpoint.dir, else RUN_DIR/checkpoints)."""
+    """Checkpoint directory whose newest complete step measures exit-only progress and holds the final
+    save the supervisor checks (ours or Megatron-LM's layout). Default: the rank command's `--save`
+    directory (Megatron-LM), else checkpoint.dir, else RUN_DIR/checkpoints; relative: to RUN_DIR."""
     final_save_check: bool | None = None
     """Whether a run ends "finished" only once the final step is in a committed checkpoint in
     `progress_dir` (a refused save then ends the run `storage_fault`, exit 82). Default: on for the own
@@ -132,6 +143,12 @@ class SupervisorConfig(Section):
                                      + ", ".join(f"{{{p}}}" for p in PLACEHOLDERS) + ")")
         return argv
 
+    @model_validator(mode="after")
+    def _progress_in_save_dir(self) -> "SupervisorConfig":
+        if self.progress_dir is None:
+            self.progress_dir = save_dir_of(self.rank_command)
+        return self
+
     def stop_signal(self) -> signal.Signals:
         """The signal that asks a rank to save and exit."""
         if self.rank_stop_signal is not None:
@@ -145,5 +162,5 @@ class SupervisorConfig(Section):
 
     def rank_argv(self, config: Path, run_dir: Path) -> list[str]:
         """`rank_command` with its placeholders filled in."""
-        values = {"config": str(config), "run_dir": str(run_dir)}
+        values = {"config": str(config), "run_dir": str(run_dir), "python": sys.executable}
         return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in self.rank_command]

@@ -27,6 +27,8 @@ from resilient.supervisor.ranks import RankProcess, log_path, rank_environ
 OWN_TRAINER_IMPORTS = ("torch", "megatron.core", "megatron.core.datasets.indexed_dataset", "trainer.config",
                        "trainer.loop", "resilient.rank")
 """What `python -m trainer` imports lazily in main(): importing them is most of a rank's start-up."""
+MEGATRON_LM_IMPORTS = ("torch", "megatron.core", "megatron.training", "trainer.megatron_lm.wrapper")
+"""What `python -m trainer.megatron_lm SCRIPT` imports besides the script's own top-level imports."""
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -34,9 +36,13 @@ def park_argv(argv: list[str], python: str, extra: Iterable[str] = ()) -> tuple[
     """The command of a spare for rank command `argv`, or None with the reason no spare can run it."""
     if not argv or argv[0] != python:
         return None, f"rank command {argv[:1]} is not this interpreter ({python}): spawned cold"
-    if len(argv) >= 3 and argv[1] == "-m":
-        imports = list(OWN_TRAINER_IMPORTS) if argv[2] == "trainer" else [*module_imports(argv[2]), argv[2].rpartition(".")[0]]
+    if len(argv) >= 4 and argv[1:3] == ["-m", "trainer.megatron_lm"]:
+        imports = [*MEGATRON_LM_IMPORTS, *(script_imports(Path(argv[3])) if Path(argv[3]).is_file() else [])]
         script: list[str] = []
+        what = f"Megatron-LM script {argv[3]}"
+    elif len(argv) >= 3 and argv[1] == "-m":
+        imports = list(OWN_TRAINER_IMPORTS) if argv[2] == "trainer" else [*module_imports(argv[2]), argv[2].rpartition(".")[0]]
+        script = []
         what = f"module {argv[2]}"
     elif len(argv) >= 2 and not argv[1].startswith("-") and Path(argv[1]).is_file():
         imports, script, what = script_imports(Path(argv[1])), ["--script", argv[1]], f"script {argv[1]}"

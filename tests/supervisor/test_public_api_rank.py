@@ -66,7 +66,8 @@ def test_supervisor_sigterm_preempts_with_a_save(tmp_path):
 def test_megatron_lm_hook_points_become_heartbeats(tmp_path):
     server = HeartbeatServer(tmp_path / "hb")
     hooks = mlm_hooks.setup(RankEnv(rank=3, heartbeat_socket=server.path))
-    mlm_hooks.on_checkpoint_loaded(100)
+    mlm_hooks.on_checkpoint_loaded(is_local_chkpt=False)  # Megatron's own call: no heartbeat
+    mlm_hooks.resumed(100)
     for _ in range(2):
         mlm_hooks.on_checkpointing_start()  # the async finalization before each iteration
         mlm_hooks.on_checkpointing_end(is_async_finalization=True)
