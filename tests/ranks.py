@@ -57,14 +57,15 @@ def run_ranks(run_dir: Path, overrides: list[str], *, world: int = 2, timeout: f
     return wait_all(spawn_ranks(run_dir, overrides, world=world, **kw), timeout)
 
 
-def resilient_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "resilient.cli", *args], cwd=REPO, capture_output=True,
+def resilient_cli(*args: str, timeout: float = 120, python: str = sys.executable) -> subprocess.CompletedProcess:
+    """`resilient ARGS` with `python` (another megatron-core line's interpreter, when given)."""
+    return subprocess.run([python, "-m", "resilient.cli", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
-def digest(run_dir: Path, step: int | None = None) -> str:
+def digest(run_dir: Path, step: int | None = None, python: str = sys.executable) -> str:
     args = ["ckpt", "digest", str(run_dir)] + (["--step", str(step)] if step is not None else [])
-    out = resilient_cli(*args)
+    out = resilient_cli(*args, python=python)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().splitlines()[-1]
 

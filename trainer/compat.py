@@ -7,18 +7,25 @@ through a function here, so the rest of the trainer is written against one API.
 
 from __future__ import annotations
 
+import inspect
 from functools import lru_cache
+from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core import utils as mcore_utils
+from packaging.version import Version
+
+from resilient.core.errors import ConfigError
+
+RELEASE = Version(version("megatron-core"))
+"""The installed megatron-core release (where a difference is a format, not a signature)."""
 
 
 @lru_cache(maxsize=None)
 def _has_param(func: Any, name: str) -> bool:
-    import inspect
-
     return name in inspect.signature(func).parameters
 
 
@@ -42,3 +49,12 @@ def save_async(sharded_state: dict, ckpt_dir: str, strategy: Any) -> Any:
     if _has_param(dist_checkpointing.save, "async_strategy"):
         kwargs["async_strategy"] = "mcore"
     return dist_checkpointing.save(sharded_state, ckpt_dir, strategy, **kwargs)
+
+
+def load_common(ckpt_dir: Path) -> dict[str, Any]:
+    """The non-tensor state of a torch_dist checkpoint. 0.19 keeps it inside the shards (no `common.pt`),
+    which 0.16.1 cannot read: such a checkpoint is refused with one line instead of a crash."""
+    if not (ckpt_dir / "common.pt").exists() and RELEASE < Version("0.19"):
+        raise ConfigError(f"{ckpt_dir.name} was written by megatron-core >= 0.19 (its common state is inside the "
+                          "shards); this megatron-core cannot read it: run the current megatron-core line")
+    return dist_checkpointing.load_common_state_dict(str(ckpt_dir))

@@ -12,6 +12,7 @@ import pytest
 from resilient.core import ledger
 from resilient.core.exit_codes import ExitCode
 from tests.chaos.drills import drill
+from tests.mcore import current_python
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -36,6 +37,17 @@ def test_kill_rank_loses_only_recomputed_steps(tmp_path, reference):
     assert gp["ratio"] < 1.0 and gp["badput_s"]["lost_progress"] > 0
     assert gp["recomputed_steps"] == gp["expected_recomputed_steps"] > 0
     assert gp["badput_s"]["lost_progress"] == pytest.approx(gp["expected_lost_s"], abs=1e-3)
+
+
+def test_the_current_megatron_core_line_recovers_to_the_same_bits(tmp_path, reference):
+    # megatron-core 0.19 ranks, the memory tier on: a killed rank resumes from memory, a preemption from
+    # disk, and the run ends on the bits of the fault-free 0.16.1 reference (the two lines compute alike)
+    report = _passed(drill(tmp_path / "run", "steps:7,15", ["kill_rank", "preempt"], reference=reference,
+                           overrides=("checkpoint.memory_interval_steps=2",), python=current_python()))
+    assert report["digest"] == reference
+    assert report["exit_codes"] == [ExitCode.PREEMPTED, ExitCode.FINISHED]
+    loads = [e for e in _events(report, "ckpt_load") if e.get("rank") == 0]
+    assert [e["tier"] for e in loads][:2] == ["memory", "disk"], loads
 
 
 @pytest.mark.parametrize("fault, exits", [

@@ -284,7 +284,7 @@ class Checkpointer:
                     self._quarantine(ckpt_dir)
                 continue
             started = time.monotonic()
-            common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))["common"]
+            common = compat.load_common(ckpt_dir)["common"]
             mismatch = manifest.identity_mismatch(common["identity"], state.identity)
             if mismatch:
                 raise CheckpointError(f"checkpoint {ckpt_dir.name} is incompatible with this run's model: {mismatch}")
