@@ -346,9 +346,18 @@ class Supervisor:
         return failure
 
     def _judge_rank_exit(self, rank_exit: RankExit | None) -> None:
-        """A rank's exit code that is a verdict, not a crash: CONFIG_ERROR / CHECKPOINT_DAMAGED end the run."""
-        if rank_exit is not None and decisions.rank_exit_is_final(rank_exit.code) and self._final_exit is None:
+        """A rank's exit code that is a verdict, not a crash: CONFIG_ERROR / CHECKPOINT_DAMAGED end the run;
+        UNHEALTHY_NODE condemns this node, recorded like a fatal health check (`slurm on-exit` then
+        requeues the job without it)."""
+        if rank_exit is None:
+            return
+        if decisions.rank_exit_is_final(rank_exit.code) and self._final_exit is None:
             self._final_exit = rank_exit
+        elif decisions.rank_exit_condemns_node(rank_exit.code) and self._unhealthy is None:
+            self._unhealthy = (f"node {self.topo.node_name}: {rank_exit.reason} "
+                               "(UNHEALTHY_NODE: the rank found this node unfit)")
+            ledger.append(self.run_dir, LedgerEvent.HEALTH, node=self.topo.node_name, severity="fatal",
+                          check="rank.exit", reason=self._unhealthy)
 
     def _begin_preempt(self, reason: str, now: float, kind: StopKind = StopKind.PREEMPTED) -> float:
         assert self.coord is not None

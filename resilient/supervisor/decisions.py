@@ -70,6 +70,12 @@ def rank_exit_is_final(code: int | None) -> bool:
     return code in _FINAL_RANK_EXITS
 
 
+def rank_exit_condemns_node(code: int | None) -> bool:
+    """Whether a rank's exit code is a fatal verdict on its own node (UNHEALTHY_NODE: e.g. Megatron's rerun
+    state machine found the node's results unreproducible): the node reports itself unhealthy."""
+    return code == ExitCode.UNHEALTHY_NODE
+
+
 @dataclass(frozen=True)
 class AttemptContext:
     """What node 0 knows besides the reports when an attempt has ended on every node."""

@@ -104,6 +104,11 @@ def test_every_node_at_fault_is_named_unhealthy_first_then_missing():
                                                            (3, NodeFaultKind.MISSING)]
 
 
+def test_a_rank_exiting_unhealthy_node_condemns_its_node_not_the_run_config():
+    assert d.rank_exit_condemns_node(int(ExitCode.UNHEALTHY_NODE)) and not d.rank_exit_is_final(76)
+    assert not d.rank_exit_condemns_node(3) and not d.rank_exit_condemns_node(None)
+
+
 def test_the_final_step_must_be_committed_to_finish():
     assert d.final_step_committed(16, 16)[0]
     ok, why = d.final_step_committed(16, 4)
