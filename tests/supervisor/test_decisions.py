@@ -41,7 +41,7 @@ def stop(kind=StopKind.PREEMPTED, reason="node 0: supervisor received SIGTERM"):
     return StopRequest(kind, reason, node=0, pid=123, host="h0")
 
 
-def decide(reports, context):
+def decision(reports, context):
     return d.decide_attempt({r.node: r for r in reports}, context, CFG)
 
 
@@ -56,48 +56,48 @@ def test_exit_codes_are_distinct_per_outcome():
 
 
 def test_restart_with_backoff_while_budget_and_progress_allow():
-    got = decide([stuck()], ctx(restarts=1, streak=0))
+    got = decision([stuck()], ctx(restarts=1, streak=0))
     assert got.restart and got.outcome is None and got.exit_code is None
     assert got.backoff_s == 2 and "restart 2 of 3" in got.reason and got.no_progress_streak == 1
 
 
 def test_an_attempt_that_made_progress_restarts_without_backoff_and_resets_the_streak():
-    got = decide([moved()], ctx(restarts=2, streak=1))
+    got = decision([moved()], ctx(restarts=2, streak=1))
     assert got.restart and got.backoff_s == 0 and "at once" in got.reason
     assert got.no_progress_streak == 0 and got.reached_step == 14
 
 
 def test_budget_exhausted_gives_up():
-    got = decide([moved()], ctx(restarts=3))
+    got = decision([moved()], ctx(restarts=3))
     assert not got.restart and got.exit_code is ExitCode.RESTART_BUDGET_EXHAUSTED
 
 
 def test_no_progress_streak_gives_up():
-    got = decide([stuck()], ctx(streak=1))
+    got = decision([stuck()], ctx(streak=1))
     assert got.exit_code is ExitCode.NO_PROGRESS and "2 consecutive" in got.reason and got.no_progress_streak == 2
 
 
 def test_progress_counts_over_all_nodes_from_the_lowest_resume_step():
     # node 1 resumed from an older step: the attempt progressed from 8 to 10 (the highest step reached)
     reports = [NodeReport(0, FAILED, 10, 10), NodeReport(1, FAILED, 8, 9)]
-    got = decide(reports, ctx(nnodes=2, streak=1))
+    got = decision(reports, ctx(nnodes=2, streak=1))
     assert got.restart and got.no_progress_streak == 0 and got.reached_step == 10
 
 
 def test_stop_reasons_take_precedence_in_order():
-    worst = decide([stuck(0, PREEMPTED), unhealthy(1)], ctx(restarts=9, streak=9, nnodes=2, stop=stop()))
+    worst = decision([stuck(0, PREEMPTED), unhealthy(1)], ctx(restarts=9, streak=9, nnodes=2, stop=stop()))
     assert worst.exit_code is ExitCode.UNHEALTHY_NODE and "node n1: gpu.xid" in worst.reason
-    assert decide([stuck(0, PREEMPTED)], ctx(9, 9)).exit_code is ExitCode.PREEMPTED
-    assert decide([stuck()], ctx(9, 9, stop=stop())).exit_code is ExitCode.PREEMPTED
-    finished = decide([moved(0, FINISHED)], ctx(9, 9, stop=stop(), newest=16))
+    assert decision([stuck(0, PREEMPTED)], ctx(9, 9)).exit_code is ExitCode.PREEMPTED
+    assert decision([stuck()], ctx(9, 9, stop=stop())).exit_code is ExitCode.PREEMPTED
+    finished = decision([moved(0, FINISHED)], ctx(9, 9, stop=stop(), newest=16))
     assert finished.exit_code is ExitCode.FINISHED and finished.reason == "all ranks finished"
-    lost = decide([moved()], ctx(nnodes=2))
+    lost = decision([moved()], ctx(nnodes=2))
     assert lost.exit_code is ExitCode.COORDINATOR_LOST and "node(s) 1" in lost.reason
     assert lost.faulty_nodes == (NodeFault(1, NodeFaultKind.MISSING, "the supervisor of node 1 did not report"),)
 
 
 def test_every_node_at_fault_is_named_unhealthy_first_then_missing():
-    got = decide([unhealthy(2), moved(0), unhealthy(1, "rank.exit: UNHEALTHY_NODE")], ctx(nnodes=4))
+    got = decision([unhealthy(2), moved(0), unhealthy(1, "rank.exit: UNHEALTHY_NODE")], ctx(nnodes=4))
     assert got.outcome is Outcome.UNHEALTHY and got.exit_code is ExitCode.UNHEALTHY_NODE
     assert "node n1: rank.exit" in got.reason and "node n2: gpu.xid" in got.reason
     assert [(f.node, f.kind) for f in got.faulty_nodes] == [(1, NodeFaultKind.UNHEALTHY), (2, NodeFaultKind.UNHEALTHY),
@@ -114,11 +114,11 @@ def test_the_final_step_must_be_committed_to_finish():
     ok, why = d.final_step_committed(16, 4)
     assert not ok and "newest committed: step 4" in why
     assert "newest committed: none" in d.final_step_committed(16, None)[1]
-    got = decide([moved(0, FINISHED)], ctx(newest=4))
+    got = decision([moved(0, FINISHED)], ctx(newest=4))
     assert got.outcome is Outcome.STORAGE_FAULT and got.exit_code is ExitCode.STORAGE_FAULT
     assert got.final_step_uncommitted and "step 4" in got.reason
     # not checked when the run does not save its final step
-    assert decide([moved(0, FINISHED)], ctx(newest=4, save_on_finish=False)).outcome is Outcome.FINISHED
+    assert decision([moved(0, FINISHED)], ctx(newest=4, save_on_finish=False)).outcome is Outcome.FINISHED
 
 
 def test_another_script_is_checked_at_the_step_it_reached_once_its_checkpoints_are_readable():
@@ -131,7 +131,7 @@ def test_another_script_is_checked_at_the_step_it_reached_once_its_checkpoints_a
 
 def test_storage_trouble_is_its_own_outcome_never_a_node_fault_nor_a_preemption():
     trouble = stop(StopKind.STORAGE, "node n0: node.ckpt_dir: 0.1 GiB free")
-    got = decide([stuck(0, PREEMPTED)], ctx(stop=trouble))
+    got = decision([stuck(0, PREEMPTED)], ctx(stop=trouble))
     assert got.outcome is Outcome.STORAGE_FAULT and got.exit_code is ExitCode.STORAGE_FAULT
     assert got.reason == trouble.reason and not got.final_step_uncommitted  # recorded by the node that found it
     assert exit_code_for(Outcome.STORAGE_FAULT)[0] is not ExitCode.UNHEALTHY_NODE
@@ -141,7 +141,7 @@ def test_storage_trouble_is_its_own_outcome_never_a_node_fault_nor_a_preemption(
 def test_config_or_checkpoint_error_in_a_rank_ends_the_run_at_once(code):
     assert d.rank_exit_is_final(int(code)) and not d.rank_exit_is_final(3) and not d.rank_exit_is_final(None)
     final = stuck(1, final_rank_exit=RankExit(int(code), "rank 1 exited with code 64"))
-    got = decide([moved(0), final, unhealthy(2)], ctx(nnodes=3, stop=stop(StopKind.STORAGE)))
+    got = decision([moved(0), final, unhealthy(2)], ctx(nnodes=3, stop=stop(StopKind.STORAGE)))
     assert not got.restart and got.exit_code is code and "not retried" in got.reason
 
 
@@ -156,8 +156,8 @@ def test_reports_and_decisions_survive_the_store_encoding():
     report = NodeReport(3, NodeOutcome.UNHEALTHY, 4, 9, "node n3: rank 25 exited with code 76",
                         RankExit(64, "rank 24 exited with code 64"))
     assert wire.report_from_store(json.loads(json.dumps(wire.report_to_store(report)))) == report
-    for got in (decide([unhealthy(1), moved(0)], ctx(nnodes=3)), decide([stuck()], ctx(restarts=1)),
-                decide([moved(0, FINISHED)], ctx(newest=2))):
+    for got in (decision([unhealthy(1), moved(0)], ctx(nnodes=3)), decision([stuck()], ctx(restarts=1)),
+                decision([moved(0, FINISHED)], ctx(newest=2))):
         assert wire.decision_from_store(json.loads(json.dumps(wire.decision_to_store(got)))) == got
 
 

@@ -14,7 +14,7 @@ import pytest
 from resilient.core import ledger
 from resilient.core.exit_codes import ExitCode
 from resilient.slurm.config import SlurmConfig
-from resilient.slurm.policy import Action, decide, job_end_from_ledger
+from resilient.slurm.policy import Action, decide_requeue, job_end_from_ledger
 from tests.supervisor.harness import events, ranks_of, start, steps_done, wait_until, write_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -216,5 +216,5 @@ def test_a_rank_exiting_unhealthy_node_condemns_its_node_and_the_job_is_requeued
     assert status["state"] == "unhealthy"
     # what `resilient slurm on-exit` does with this run's ledger: requeue without the node
     end = job_end_from_ledger(ledger.read(run_dir), exit_code=int(ExitCode.UNHEALTHY_NODE), since=0, nodes=1)
-    action, why = decide(end, SlurmConfig())
+    action, why = decide_requeue(end, SlurmConfig())
     assert action.action is Action.REQUEUE and action.exclude == ("badnode",) and "badnode" in why
