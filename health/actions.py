@@ -27,33 +27,33 @@ STORAGE_CHECKS = frozenset({"node.ckpt_dir"})
 
 
 @dataclass(frozen=True)
-class Decision:
+class HealthDecision:
     action: Action
     reason: str
     exit_code: ExitCode | None = None
     """Set when the action ends the supervisor."""
 
 
-def decide(report: HealthReport, phase: Literal["preflight", "training"]) -> Decision:
+def decide_health(report: HealthReport, phase: Literal["preflight", "training"]) -> HealthDecision:
     """fatal -> stop with UNHEALTHY_NODE (fatal storage checks only: save and stop with STORAGE_FAULT);
     warn -> record; ok -> continue."""
     severity, reason = report.verdict()
     fatal = {r.name for r in report.results if r.severity is Severity.FATAL}
     if fatal and fatal <= STORAGE_CHECKS:
-        return Decision(Action.SAVE_AND_STOP, f"storage ({phase}) {reason}", ExitCode.STORAGE_FAULT)
+        return HealthDecision(Action.SAVE_AND_STOP, f"storage ({phase}) {reason}", ExitCode.STORAGE_FAULT)
     if severity is Severity.FATAL:
-        return Decision(Action.STOP, f"unhealthy ({phase}) {reason}", ExitCode.UNHEALTHY_NODE)
+        return HealthDecision(Action.STOP, f"unhealthy ({phase}) {reason}", ExitCode.UNHEALTHY_NODE)
     if severity is Severity.WARN:
-        return Decision(Action.RECORD, f"warning ({phase}) {reason}")
-    return Decision(Action.CONTINUE, reason)
+        return HealthDecision(Action.RECORD, f"warning ({phase}) {reason}")
+    return HealthDecision(Action.CONTINUE, reason)
 
 
-def decide_stragglers(persistent: list[tuple[int, float, str]], policy: Literal["record", "exclude"]) -> Decision:
+def decide_stragglers(persistent: list[tuple[int, float, str]], policy: Literal["record", "exclude"]) -> HealthDecision:
     """Persistent stragglers are recorded; with policy "exclude" their nodes are also excluded on requeue."""
     if not persistent:
-        return Decision(Action.CONTINUE, "no persistent stragglers")
+        return HealthDecision(Action.CONTINUE, "no persistent stragglers")
     what = "; ".join(reason for _, _, reason in persistent)
-    return Decision(Action.EXCLUDE if policy == "exclude" else Action.RECORD, what)
+    return HealthDecision(Action.EXCLUDE if policy == "exclude" else Action.RECORD, what)
 
 
 def record(run_dir: Path, report: HealthReport) -> int:

@@ -1,7 +1,7 @@
 """RUN_DIR/status.json: the supervisor's view of the run, written atomically; `resilient status` renders it.
 
 `resilient status` must answer at once: this module imports nothing heavy (no torch, no pydantic
-config); the run's end states are listed here rather than imported from the supervisor.
+config, no supervisor); the run's end states come from the core.
 """
 
 from __future__ import annotations
@@ -19,14 +19,10 @@ from resilient.core import guarded, ledger
 from resilient.core.atomic import atomic_write
 from resilient.core.errors import ConfigError
 from resilient.core.events import LedgerEvent
+from resilient.core.outcome import ENDED_STATES
 from resilient.core.rundir import RunDir
 from resilient.goodput import GoodputReport, compute_goodput
 from resilient.goodput import render as render_goodput
-
-# supervisor.decisions.Outcome values (tests keep the two equal): a run in one of them has ended.
-ENDED_STATES = frozenset({"finished", "preempted", "unhealthy", "budget_exhausted", "no_progress",
-                          "coordination_lost", "storage_fault", "config_error", "checkpoint_damaged"})
-
 
 def write_status(run_dir: str | Path, status: dict[str, Any]) -> None:
     """Replace RUN_DIR/status.json atomically (temp file + rename), owner-only. A full filesystem is

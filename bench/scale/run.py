@@ -2,16 +2,20 @@
 
     python bench/scale/run.py [--nodes 2 8 32 128 512 1024] [--steady-s 4] [--out bench/results/scale.json]
 
-For every node count N (resilient/supervisor/simulate.py: the real Coordinator, decisions and status code
-on one thread per node, node 0 hosting the real sealed TCPStore on 127.0.0.1):
+For every node count N (bench/scale/simulate.py: the real Coordinator, typed reports, node 0's
+`decide_attempt` and status code on one thread per node, node 0 hosting the real sealed TCPStore on
+127.0.0.1):
   ops/s        store round trips per second of all nodes together at steady state
   fail->stop   a rank failure on the last node -> every node's ranks stopped
   decide->go   node 0's restart decision -> every node past the next attempt's barrier
   preempt      a preemption signal on node N/2 -> every node's ranks stopped
   status KB    size of status.json (8N ranks); status s: wall (and CPU) time of `resilient status --json`
   node0 CPU    node 0's coordination thread + the store server's threads, as a share of one core
-Then a power-law fit y ~ N^b of each column. All nodes share this process's interpreter and the
-machine's cores, so latencies here are upper bounds for one node per machine.
+Then a power-law fit y ~ N^b of each column, and each row against the goals (GOALS; docs/scale.md):
+failure, decision and preemption each reach every node within 2 s, the store stays within its ops
+budget at ~2-10 round trips per node and second, `resilient status --json` costs <= 0.5 s of CPU.
+All nodes share the machine's cores, so latencies here are upper bounds for one node per machine;
+these are measurements, not test assertions (tests/supervisor/test_scale_sim.py checks behaviour only).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from resilient.supervisor.simulate import scenario  # noqa: E402
+from bench.scale.simulate import scenario  # noqa: E402
 
 COLUMNS = [("ops_per_s", "store ops/s", "{:.0f}"), ("fail_to_stop_s", "fail->all stopped s", "{:.2f}"),
            ("decide_to_go_s", "decision->all past barrier s", "{:.2f}"),
@@ -49,6 +53,23 @@ def status_command(run_dir: Path) -> tuple[float, float]:
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+GOALS = [("fail_to_stop_s", "failure -> all stopped <= 2 s", lambda r: r["fail_to_stop_s"] <= 2.0),
+         ("decide_to_go_s", "decision -> all past the barrier <= 2 s", lambda r: r["decide_to_go_s"] <= 2.0),
+         ("preempt_to_stop_s", "preemption -> all stopped <= 2 s", lambda r: r["preempt_to_stop_s"] <= 2.0),
+         ("ops_per_s", "store ops/s within 2..10 per node and the 8000 budget",
+          lambda r: 2 * r["nodes"] < r["ops_per_s"] < min(10 * r["nodes"], 8000)),
+         ("status_cmd_cpu_s", "`status --json` CPU <= 0.5 s", lambda r: not r["status_cmd_cpu_s"] > 0.5)]
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+    """One line per node count: each goal met or missed, with the measured value."""
+    lines = []
+    for r in rows:
+        verdicts = [f"{title}: {'met' if ok(r) else 'MISSED'} ({r[key]:.3g})" for key, title, ok in GOALS]
+        lines.append(f"{r['nodes']} nodes: " + "; ".join(verdicts))
+    return lines
 
 
 def power_fit(ns: list[int], ys: list[float]) -> tuple[float, float]:
@@ -87,6 +108,7 @@ def main() -> None:
             rows.append(scenario(n, run_dir, args.steady_s, status_probe=status_command))
             print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
+    print("\n".join(goal_lines(rows)))
     if args.out:
         ns = [r["nodes"] for r in rows]
         fits = {k: dict(zip(("a", "b"), power_fit(ns, [r[k] for r in rows]))) for k, _, _ in COLUMNS}

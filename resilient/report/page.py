@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from resilient.core.events import LedgerEvent
+from resilient.core.outcome import ENDED_STATES
 from resilient.goodput import compute_goodput, render as render_goodput
 from resilient.report import plots
 from resilient.report.data import RunData, events, start_time
-from resilient.status import ENDED_STATES
 
 # The events table: everything but the per-checkpoint and per-rank records the figures already show.
 _EVENTS = tuple(e for e in LedgerEvent if e not in (LedgerEvent.CKPT_SAVE, LedgerEvent.CKPT_LOAD, LedgerEvent.RANK_INIT))

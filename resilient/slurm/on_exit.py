@@ -12,17 +12,18 @@ from resilient.core.errors import ConfigError
 from resilient.core.events import LedgerEvent
 from resilient.core.rundir import RunDir
 from resilient.slurm import jobs
-from resilient.slurm.policy import Action, Decision, decide, job_end_from_ledger, job_ref
+from resilient.slurm.policy import Action, RequeueDecision, decide_requeue, job_end_from_ledger, job_ref
 
 
-def handle_job_end(run_dir: Path, exit_code: int, *, since: float, env: Mapping[str, str]) -> tuple[Decision, str]:
+def handle_job_end(run_dir: Path, exit_code: int, *, since: float,
+                   env: Mapping[str, str]) -> tuple[RequeueDecision, str]:
     """Run inside the batch job after its step ended. Writes `requeue` or `job_end` to the ledger."""
     if "SLURM_JOB_ID" not in env:
         raise ConfigError("on-exit runs inside a Slurm batch job (SLURM_JOB_ID is not set)")
     cfg = load_config(RunDir(run_dir).config)
     nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or cfg.nodes)
     end = job_end_from_ledger(ledger.read(run_dir), exit_code=exit_code, since=since, nodes=nodes)
-    decision, reason = decide(end, cfg.slurm, exclude_stragglers=cfg.health.straggler_action == "exclude")
+    decision, reason = decide_requeue(end, cfg.slurm, exclude_stragglers=cfg.health.straggler_action == "exclude")
     ref = job_ref(env)
     restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
 

@@ -66,7 +66,7 @@ class JobEnd:
 
 
 @dataclass(frozen=True)
-class Decision:
+class RequeueDecision:
     action: Action
     cause: Cause | None = None
     exclude: tuple[str, ...] = ()
@@ -85,7 +85,7 @@ def _known(code: int) -> ExitCode | None:
 
 
 def _requeue(cause: Cause, reason: str, end: JobEnd, cfg: SlurmConfig, bad: tuple[str, ...],
-             stragglers: tuple[str, ...]) -> tuple[Decision, str]:
+             stragglers: tuple[str, ...]) -> tuple[RequeueDecision, str]:
     exclude = tuple(sorted({*bad, *stragglers}))
     if stragglers:
         reason += f"; straggler node(s) {', '.join(stragglers)} excluded"
@@ -93,10 +93,10 @@ def _requeue(cause: Cause, reason: str, end: JobEnd, cfg: SlurmConfig, bad: tupl
     if nodes != end.nodes:
         reason += f"; {nodes} node(s) from now on"
     drain = bad if cfg.drain_bad_nodes else ()
-    return Decision(Action.REQUEUE, cause, exclude, drain, nodes if nodes != end.nodes else None), reason
+    return RequeueDecision(Action.REQUEUE, cause, exclude, drain, nodes if nodes != end.nodes else None), reason
 
 
-def decide(end: JobEnd, cfg: SlurmConfig, *, exclude_stragglers: bool = False) -> tuple[Decision, str]:
+def decide_requeue(end: JobEnd, cfg: SlurmConfig, *, exclude_stragglers: bool = False) -> tuple[RequeueDecision, str]:
     """The action for a finished allocation and a one-line reason.
 
     Every supervisor's code counts, not only srun's maximum, and the most final one wins:
@@ -108,7 +108,8 @@ def decide(end: JobEnd, cfg: SlurmConfig, *, exclude_stragglers: bool = False) -
     for code, what in _CANNOT_HELP.items():
         if code in codes:
             detail = next((g.reason for g in end.gave_up if g.exit_code == code and g.reason), "")
-            return Decision(Action.STOP), f"{what} (exit {int(code)}){': ' + detail if detail else ''}; not requeued"
+            why = f"{what} (exit {int(code)}){': ' + detail if detail else ''}; not requeued"
+            return RequeueDecision(Action.STOP), why
 
     stragglers = tuple(sorted(set(end.straggler_nodes))) if exclude_stragglers else ()
     if ExitCode.UNHEALTHY_NODE in codes:
@@ -121,7 +122,7 @@ def decide(end: JobEnd, cfg: SlurmConfig, *, exclude_stragglers: bool = False) -
     if ExitCode.PREEMPTED in codes:
         return _requeue(Cause.PREEMPTED, "preempted after saving: requeued", end, cfg, (), stragglers)
     if codes == {ExitCode.FINISHED}:
-        return Decision(Action.FINISHED), "run finished"
+        return RequeueDecision(Action.FINISHED), "run finished"
 
     unknown = max(codes - {ExitCode.FINISHED})
     named = _known(unknown)
@@ -129,7 +130,7 @@ def decide(end: JobEnd, cfg: SlurmConfig, *, exclude_stragglers: bool = False) -
     if ExitCode.UNHEALTHY_NODE in codes:
         what += ", unhealthy node not named in the ledger"
     if end.crash_requeues >= cfg.max_crash_requeues:
-        return Decision(Action.STOP), (
+        return RequeueDecision(Action.STOP), (
             f"supervisors failed ({what}) after {end.crash_requeues} crash requeue(s) "
             f"(slurm.max_crash_requeues={cfg.max_crash_requeues}); not requeued"
         )

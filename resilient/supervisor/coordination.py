@@ -1,7 +1,8 @@
 """Cross-node coordination of the supervisors through the sealed store hosted by node 0.
 
-The real supervisor (daemon.py) and the scale simulator (simulate.py) both drive this class, so the
-bench measures the code that runs in production.
+The real supervisor (daemon.py) and the scale simulator (bench/scale/simulate.py) both drive this
+class, so the bench measures the code that runs in production. Values are typed records (reports.py,
+decisions.py), encoded for the store in wire.py.
 
 Keys (values sealed, see auth.py; `N` is a node, `A` an attempt):
   ctl                          wake-up counter, bumped after every write the others wait for: a node
@@ -20,6 +21,7 @@ Keys (values sealed, see auth.py; `N` is a node, `A` an attempt):
 
 from __future__ import annotations
 
+import enum
 import os
 import socket
 from collections.abc import Callable
@@ -28,10 +30,24 @@ from typing import Any
 
 from resilient.core.errors import ResilientError
 from resilient.core.exit_codes import ExitCode
+from resilient.supervisor import wire
 from resilient.supervisor.auth import Forged, Sealer
 from resilient.supervisor.config import SupervisorConfig
+from resilient.supervisor.decisions import AttemptDecision
+from resilient.supervisor.reports import NodeReport, StopKind, StopRequest
 from resilient.supervisor.store import SealedStore, connect_store, host_store
 from resilient.supervisor.topology import Topology
+
+
+class Gate(enum.Enum):
+    """What a node waiting at an attempt's barrier, or watching a running attempt, is told."""
+
+    GO = "go"
+    """Every node is ready: spawn the ranks."""
+    STOP = "stop"
+    """A stop was requested: save and stop."""
+    RESTART = "restart"
+    """A node posted a failure: tear down for the next attempt."""
 
 
 class CoordinationLost(ResilientError):
@@ -168,14 +184,15 @@ class Coordinator:
         return self._watched("run/first_attempt")
 
     @_guard
-    def request_stop(self, kind: str, reason: str) -> bool:
-        """Ask every supervisor to stop (preemption); True if this was the first request."""
-        return self._first_wins("stop", {"kind": kind, "reason": reason})
+    def request_stop(self, kind: StopKind, reason: str) -> bool:
+        """Ask every supervisor to stop (preemption, storage); True if this was the first request."""
+        return self._first_wins("stop", wire.stop_to_store(kind, reason))
 
     @_guard
-    def stop_requested(self) -> dict[str, Any] | None:
+    def stop_requested(self) -> StopRequest | None:
         self._refresh()
-        return self._watched("stop")
+        got = self._watched("stop")
+        return None if got is None else wire.stop_from_store(got)
 
     # -- an attempt --------------------------------------------------------------------------------
 
@@ -192,19 +209,19 @@ class Coordinator:
         self.store.set(f"a/{attempt}/ready/{self.node}", self.node)
 
     @_guard
-    def barrier(self, attempt: int) -> str | None:
-        """'stop', 'restart' or 'go' once attempt `attempt` may (not) start; None while waiting.
+    def barrier(self, attempt: int) -> Gate | None:
+        """STOP, RESTART or GO once attempt `attempt` may (not) start; None while waiting.
         Node 0 opens the barrier when every node's sealed ready key is present and genuine."""
         self._refresh()
         if self._watched("stop") is not None:
-            return "stop"
+            return Gate.STOP
         if self._watched(f"a/{attempt}/restart") is not None:
-            return "restart"
+            return Gate.RESTART
         if self.node == 0 and f"a/{attempt}/go" not in self._cache:
             keys = [f"a/{attempt}/ready/{n}" for n in range(self.nnodes)]
             if self.store.all_present(keys) and self.store.get_many(keys) == list(range(self.nnodes)):
                 self._publish(f"a/{attempt}/go", True)
-        return "go" if self._watched(f"a/{attempt}/go") else None
+        return Gate.GO if self._watched(f"a/{attempt}/go") else None
 
     @_guard
     def request_restart(self, attempt: int, **failure: Any) -> bool:
@@ -217,48 +234,50 @@ class Coordinator:
         return self._watched(f"a/{attempt}/restart")
 
     @_guard
-    def poll(self, attempt: int) -> str | None:
-        """The running attempt's one round trip per poll interval: 'stop', 'restart' or None."""
+    def poll(self, attempt: int) -> Gate | None:
+        """The running attempt's one round trip per poll interval: STOP, RESTART or None."""
         self._refresh()
         if self._watched("stop") is not None:
-            return "stop"
+            return Gate.STOP
         if self._watched(f"a/{attempt}/restart") is not None:
-            return "restart"
+            return Gate.RESTART
         return None
 
     # -- the end of an attempt ---------------------------------------------------------------------
 
     @_guard
-    def report(self, attempt: int, report: dict[str, Any]) -> None:
-        self.store.set(f"a/{attempt}/report/{self.node}", report)
+    def report(self, attempt: int, report: NodeReport) -> None:
+        assert report.node == self.node, f"node {self.node} reporting for node {report.node}"
+        self.store.set(f"a/{attempt}/report/{self.node}", wire.report_to_store(report))
 
     @_guard
-    def all_reports(self, attempt: int) -> dict[int, dict[str, Any]] | None:
+    def all_reports(self, attempt: int) -> dict[int, NodeReport] | None:
         """Every node's report once all are in (node 0), else None."""
         keys = [f"a/{attempt}/report/{n}" for n in range(self.nnodes)]
         if not self.store.all_present(keys):
             return None
         got = self.store.get_many(keys)
-        return None if any(r is None for r in got) else dict(enumerate(got))
+        return None if any(r is None for r in got) else {n: wire.report_from_store(r) for n, r in enumerate(got)}
 
     @_guard
-    def reports(self, attempt: int) -> dict[int, dict[str, Any]]:
+    def reports(self, attempt: int) -> dict[int, NodeReport]:
         """The reports that are in (after a timeout: one round trip per node)."""
         out = {}
         for n in range(self.nnodes):
             got = self.store.get(f"a/{attempt}/report/{n}")
             if got is not None:
-                out[n] = got
+                out[n] = wire.report_from_store(got)
         return out
 
     @_guard
-    def publish_decision(self, attempt: int, decision: dict[str, Any]) -> None:
-        self._publish(f"a/{attempt}/decision", decision)
+    def publish_decision(self, attempt: int, decision: AttemptDecision) -> None:
+        self._publish(f"a/{attempt}/decision", wire.decision_to_store(decision))
 
     @_guard
-    def decision(self, attempt: int) -> dict[str, Any] | None:
+    def decision(self, attempt: int) -> AttemptDecision | None:
         self._refresh()
-        return self._watched(f"a/{attempt}/decision")
+        got = self._watched(f"a/{attempt}/decision")
+        return None if got is None else wire.decision_from_store(got)
 
     @_guard
     def ack(self, attempt: int) -> None:
@@ -299,31 +318,3 @@ class Coordinator:
                 if value is not None:
                     self._status_blobs[n] = (blob, value)
         return {n: self._status_blobs[n][1] for n in nodes if n in self._status_blobs}
-
-
-@dataclass(frozen=True)
-class AttemptSummary:
-    """What the nodes' reports say about an ended attempt (node 0's input to decisions.decide)."""
-
-    start_step: int | None
-    reached_step: int | None
-    all_finished: bool
-    preempted: bool
-    unhealthy: str | None
-    missing_nodes: tuple[int, ...]
-    final_rank_exit: tuple[int, str] | None = None
-    """A rank's exit that no restart can change (config error, no loadable checkpoint): (code, reason)."""
-
-
-def summarize_reports(reports: dict[int, dict[str, Any]], nnodes: int) -> AttemptSummary:
-    starts = [r["start_step"] for r in reports.values() if r["start_step"] is not None]
-    reached = [r["reached_step"] for r in reports.values() if r["reached_step"] is not None]
-    return AttemptSummary(
-        start_step=min(starts, default=None), reached_step=max(reached, default=None),
-        all_finished=len(reports) == nnodes and all(r["outcome"] == "finished" for r in reports.values()),
-        preempted=any(r["outcome"] == "preempted" for r in reports.values()),
-        unhealthy=next((r["unhealthy"] for r in reports.values() if r["unhealthy"]), None),
-        missing_nodes=tuple(n for n in range(nnodes) if n not in reports),
-        final_rank_exit=next((tuple(r["final_rank_exit"]) for r in reports.values() if r.get("final_rank_exit")),
-                             None),
-    )

@@ -13,14 +13,13 @@ PR_SET_PDEATHSIG in the ranks follows the thread that forked them.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import os
 import selectors
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,20 +29,22 @@ from resilient.core.atomic import atomic_write
 from resilient.core.errors import ConfigError, ResilientError
 from resilient.core.events import LedgerEvent
 from resilient.core.exit_codes import ExitCode
+from resilient.core.outcome import Outcome, exit_code_for
 from resilient.core.rundir import RunDir
 from resilient.rank.env import DEFAULT_STOP_SIGNALS, RankEnv
 from resilient.rank.heartbeat import HeartbeatServer
 from resilient.report.rank_steps import RankStepLog
-from resilient.supervisor import calibration, decisions, failures, incidents, progress, publishing, spares
+from resilient.supervisor import calibration, decisions, failures, incidents, progress, publishing, spares, timeouts
 from resilient.supervisor.auth import Sealer, load_or_create_secret
 from resilient.supervisor.calibration import CalibrationStore
 from resilient.supervisor.config import RankProtocol
-from resilient.supervisor.coordination import CoordinationLost, Coordinator, summarize_reports
-from resilient.supervisor.decisions import Outcome
+from resilient.supervisor.coordination import CoordinationLost, Coordinator, Gate
+from resilient.supervisor.decisions import AttemptContext, AttemptDecision
 from resilient.supervisor.failures import Failure, FailureKind
 from resilient.supervisor.hooks import NodeHooks
 from resilient.supervisor.ranks import RankProcess, free_port, spawn, stop_all
-from resilient.supervisor.states import NodeOutcome, State
+from resilient.supervisor.reports import NodeOutcome, NodeReport, RankExit, StopKind, StopRequest
+from resilient.supervisor.states import State
 from resilient.supervisor.topology import Topology
 from resilient.supervisor.tracking import HeartbeatTracker, RankView
 from trainer.checkpoint.manifest import recorded_mismatch
@@ -51,14 +52,6 @@ from trainer.checkpoint.manifest import recorded_mismatch
 T = TypeVar("T")
 # Coordinating a final decision: node 0 keeps the store up this long for the others to read it.
 _ACK_WAIT_S = 10.0
-
-
-class _Gate(enum.Enum):
-    """The attempt barrier's answer."""
-
-    GO = "go"
-    STOP = "stop"
-    RESTART = "restart"
 
 
 class Supervisor:
@@ -82,7 +75,8 @@ class Supervisor:
         self._status_due = publishing.Throttle(self.scfg.status_interval_s)  # the store's pace once it is open
         self._merge_due = publishing.Throttle(self.scfg.status_interval_s)
         self._forged_keys: set[str] = set()
-        self._final_exit: tuple[int, str] | None = None  # a rank's CONFIG_ERROR / CHECKPOINT_DAMAGED
+        self._final_exit: RankExit | None = None  # a rank's CONFIG_ERROR / CHECKPOINT_DAMAGED this attempt
+        self._unhealthy: str | None = None  # this attempt's fatal verdict on this node, naming it
         self.coord: Coordinator | None = None
         self.server: HeartbeatServer | None = None
         self.hooks = NodeHooks(cfg, topo.node_name, run_dir, is_node0=self.node == 0)
@@ -146,12 +140,12 @@ class Supervisor:
         while True:
             self._one_attempt()
             decision = self._decide()
-            if not decision["restart"]:
+            if not decision.restart:
                 return self._finish(decision)
             self.restarts += 1
             self.hooks.on_restart()
             self._set_state(State.BACKOFF)
-            self._sleep_interruptibly(decision["backoff_s"])
+            self._sleep_interruptibly(decision.backoff_s)
             self.attempt += 1
 
     # -- one attempt -------------------------------------------------------------------------------
@@ -160,7 +154,7 @@ class Supervisor:
         """Run attempt `self.attempt` on this node until it ends here; its account goes to the store."""
         assert self.coord is not None
         self.tracker.new_attempt()
-        self._final_exit = None
+        self._final_exit = self._unhealthy = None
         self._set_state(State.PREFLIGHT)
         verdict = self.hooks.preflight()
         if verdict and verdict[0] == "storage":  # every node stops; node 0 decides STORAGE_FAULT
@@ -168,7 +162,8 @@ class Supervisor:
             return self._report(NodeOutcome.PREEMPTED)
         if verdict:
             self._post_failure(self._failure(FailureKind.HEALTH, None, verdict[1]))
-            return self._report(NodeOutcome.UNHEALTHY, unhealthy=verdict[1])
+            self._unhealthy = verdict[1]
+            return self._report(NodeOutcome.UNHEALTHY)
         if self.node == 0:
             self.coord.publish_master_port(self.attempt, free_port())
         self._set_state(State.WAITING)
@@ -179,8 +174,8 @@ class Supervisor:
                                              f"not all {self.topo.nnodes} supervisors joined attempt "
                                              f"{self.attempt} within {self.scfg.store_timeout_s:g}s"))
             return self._report(NodeOutcome.FAILED)
-        if gate is not _Gate.GO:
-            return self._report(NodeOutcome.PREEMPTED if gate is _Gate.STOP else NodeOutcome.FAILED)
+        if gate is not Gate.GO:
+            return self._report(NodeOutcome.PREEMPTED if gate is Gate.STOP else NodeOutcome.FAILED)
         start = progress.newest_complete_step(self.progress_root) if self.exit_only else None
         self._spawn_ranks()
         self.hooks.start_monitor()
@@ -200,11 +195,11 @@ class Supervisor:
             self.tracker.start_step, self.tracker.reached_step = start, reached
         return self._report(end)
 
-    def _barrier(self) -> _Gate | None:
+    def _barrier(self) -> Gate | None:
         assert self.coord is not None
         gate = self.coord.barrier(self.attempt)
-        self._stop_seen = self._stop_seen or gate == "stop"
-        return None if gate is None else _Gate(gate)
+        self._stop_seen = self._stop_seen or gate is Gate.STOP
+        return gate
 
     def _rank_specs(self, port: int, attempt: int) -> list[RankEnv]:
         assert self.server is not None
@@ -301,7 +296,7 @@ class Supervisor:
                     continue
                 failure = self._detect(exits, now)
                 if failure is not None and failure.kind is FailureKind.STORAGE:  # save while there is room
-                    preempt_deadline = self._begin_preempt(self._storage_fault(failure.reason), now, kind="storage")
+                    preempt_deadline = self._begin_preempt(self._storage_fault(failure.reason), now, StopKind.STORAGE)
                     continue
                 if failure is not None:
                     # Evidence before teardown (stacks of a hang, a crash's log tail): RUN_DIR/incidents/.
@@ -312,7 +307,7 @@ class Supervisor:
                     return NodeOutcome.FAILED
                 if all(r.returncode == 0 for r in self.ranks):
                     return NodeOutcome.FINISHED
-                if decisions.all_done([(self.tracker.views[r.spec.rank].phase, r.returncode) for r in self.ranks]):
+                if timeouts.all_done([(self.tracker.views[r.spec.rank].phase, r.returncode) for r in self.ranks]):
                     done_since = done_since or now
                     if now - done_since > self.scfg.done_grace_s:
                         print(f"resilient: node {self.node}: every rank reported done; stopping the ones still "
@@ -324,12 +319,9 @@ class Supervisor:
                 if now >= next_store_poll:
                     next_store_poll = now + self.coord.intervals.poll_s
                     seen = self.coord.poll(self.attempt)  # one round trip unless something was posted
-                    if seen == "stop":
-                        stop = self.coord.stop_requested() or {}
-                        preempt_deadline = self._begin_preempt(
-                            f"stop requested by node {stop.get('node')} ({stop.get('host')}, pid {stop.get('pid')}): "
-                            f"{stop.get('reason')}", now)
-                    elif seen == "restart" and (request := self.coord.restart_requested(self.attempt)) is not None:
+                    if seen is Gate.STOP:
+                        preempt_deadline = self._begin_preempt(_stop_seen_reason(self.coord.stop_requested()), now)
+                    elif seen is Gate.RESTART and (request := self.coord.restart_requested(self.attempt)) is not None:
                         # Another node's hang: add this node's stacks to its incident before teardown.
                         incidents.capture(self.run_dir, self.attempt, request.get("kind", ""), request.get("rank"),
                                           request.get("reason", ""), incidents.targets(self.ranks, self.tracker.views),
@@ -349,11 +341,25 @@ class Supervisor:
         if failure is None and (verdict := self.hooks.fatal_health()):
             kind = FailureKind.STORAGE if verdict[0] == "storage" else FailureKind.HEALTH
             failure = self._failure(kind, None, verdict[1])
-        if failure is not None and self._final_exit is None:
-            self._final_exit = failures.final_exit(failure, exits, self.tracker)
+        if failure is not None:
+            self._judge_rank_exit(failures.rank_exit(failure, exits, self.tracker))
         return failure
 
-    def _begin_preempt(self, reason: str, now: float, kind: str = "preempted") -> float:
+    def _judge_rank_exit(self, rank_exit: RankExit | None) -> None:
+        """A rank's exit code that is a verdict, not a crash: CONFIG_ERROR / CHECKPOINT_DAMAGED end the run;
+        UNHEALTHY_NODE condemns this node, recorded like a fatal health check (`slurm on-exit` then
+        requeues the job without it)."""
+        if rank_exit is None:
+            return
+        if decisions.rank_exit_is_final(rank_exit.code) and self._final_exit is None:
+            self._final_exit = rank_exit
+        elif decisions.rank_exit_condemns_node(rank_exit.code) and self._unhealthy is None:
+            self._unhealthy = (f"node {self.topo.node_name}: {rank_exit.reason} "
+                               "(UNHEALTHY_NODE: the rank found this node unfit)")
+            ledger.append(self.run_dir, LedgerEvent.HEALTH, node=self.topo.node_name, severity="fatal",
+                          check="rank.exit", reason=self._unhealthy)
+
+    def _begin_preempt(self, reason: str, now: float, kind: StopKind = StopKind.PREEMPTED) -> float:
         assert self.coord is not None
         self._stop_seen = True
         self.coord.request_stop(kind, f"node {self.node}: {reason}")
@@ -389,7 +395,7 @@ class Supervisor:
         self.hooks.on_storage_fault()
         print(f"resilient: node {self.node}: storage fault: {reason}", file=sys.stderr, flush=True)
         if self.coord is not None:
-            self.coord.request_stop("storage", reason)  # every node saves and stops; first request wins
+            self.coord.request_stop(StopKind.STORAGE, reason)  # every node saves and stops; first request wins
         return reason
 
     def _write_config(self) -> None:
@@ -404,20 +410,20 @@ class Supervisor:
 
     # -- end of an attempt -------------------------------------------------------------------------
 
-    def _report(self, outcome: NodeOutcome, unhealthy: str | None = None) -> None:
+    def _report(self, outcome: NodeOutcome) -> None:
+        """Post this node's account of the attempt; a node condemned this attempt reports UNHEALTHY."""
         assert self.coord is not None
-        self.coord.report(self.attempt, {"outcome": str(outcome), "start_step": self.tracker.start_step,
-                                         "reached_step": self.tracker.reached_step, "unhealthy": unhealthy,
-                                         "final_rank_exit": self._final_exit})
+        self.coord.report(self.attempt, NodeReport(
+            self.node, NodeOutcome.UNHEALTHY if self._unhealthy is not None else outcome, self.tracker.start_step,
+            self.tracker.reached_step, self._unhealthy, self._final_exit))
 
-    def _decide(self) -> dict[str, Any]:
+    def _decide(self) -> AttemptDecision:
         """Node 0 turns every node's report into the decision; the others wait for it."""
         assert self.coord is not None
         self._set_state(State.DECIDING)
         if self.node == 0:
             reports = self._wait_for(lambda: self.coord.all_reports(self.attempt), self.scfg.store_timeout_s)
-            reports = reports or self.coord.reports(self.attempt)
-            self.coord.publish_decision(self.attempt, self._node0_decision(reports))
+            self.coord.publish_decision(self.attempt, self._node0_decision(reports or self.coord.reports(self.attempt)))
         decision = self._wait_for(lambda: self.coord.decision(self.attempt), self.scfg.store_timeout_s)
         if decision is None:
             raise CoordinationLost(f"no decision for attempt {self.attempt} within {self.scfg.store_timeout_s:g}s")
@@ -426,55 +432,57 @@ class Supervisor:
             self.last_failure = failure
         return decision
 
-    def _node0_decision(self, reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        summary = summarize_reports(reports, self.topo.nnodes)
-        progressed, _ = decisions.made_progress(summary.start_step, summary.reached_step)
-        self.no_progress_streak = 0 if progressed else self.no_progress_streak + 1
+    def _node0_decision(self, reports: Mapping[int, NodeReport]) -> AttemptDecision:
+        """Gather what node 0 knows (the store's stop request, the newest committed step), decide, record."""
+        assert self.coord is not None
         stop = self.coord.stop_requested()
-        storage = stop["reason"] if stop and stop.get("kind") == "storage" else None
-        if summary.all_finished and storage is None and self.cfg.checkpoint.save_on_finish:
-            newest = progress.newest_complete_step(self.progress_root)
-            final = decisions.final_step_to_check(
-                self.scfg.runs_own_trainer, self.scfg.final_save_check, self.cfg.train.steps,
-                summary.reached_step, newest)
-            if final is not None:
-                committed, why = decisions.final_step_committed(final, newest)
-                storage = None if committed else self._storage_fault(why)
-        state = decisions.JobState(
-            restarts_done=self.restarts, no_progress_streak=self.no_progress_streak,
-            all_finished=summary.all_finished, storage=storage, final_rank_exit=summary.final_rank_exit,
-            preempted=stop is not None or summary.preempted,
-            unhealthy=summary.unhealthy, missing_nodes=summary.missing_nodes,
-        )
-        d = decisions.decide(state, self.scfg)
-        step = summary.reached_step
+        context = AttemptContext(
+            nnodes=self.topo.nnodes, restarts_done=self.restarts, no_progress_streak=self.no_progress_streak,
+            train_steps=self.cfg.train.steps, stop=stop, newest_committed=self._newest_committed(),
+            save_on_finish=self.cfg.checkpoint.save_on_finish)
+        decision = decisions.decide_attempt(reports, context, self.scfg)
+        self.no_progress_streak = decision.no_progress_streak
+        self._record_decision(decision, stop)
+        return decision
+
+    def _newest_committed(self) -> int | None:
+        """The newest committed step in the progress directory; an unreadable directory has none."""
+        try:
+            return progress.newest_complete_step(self.progress_root)
+        except OSError as err:
+            print(f"resilient: node {self.node}: cannot read {self.progress_root}: {err}", file=sys.stderr)
+            return None
+
+    def _record_decision(self, d: AttemptDecision, stop: StopRequest | None) -> None:
+        """Node 0's ledger record of its decision (and of the storage fault the decision found)."""
+        assert self.coord is not None
+        if d.final_step_uncommitted:
+            self._storage_fault(d.reason)
         failure = self.coord.restart_requested(self.attempt)
         if d.restart:
             ledger.append(self.run_dir, LedgerEvent.RESTART, attempt=self.attempt + 1, backoff_seconds=d.backoff_s,
                           reason=f"{failure['reason'] if failure else 'restart'}; {d.reason}", origin=_origin(failure))
         elif d.outcome is Outcome.FINISHED:
-            ledger.append(self.run_dir, LedgerEvent.FINISHED, step=step)
+            ledger.append(self.run_dir, LedgerEvent.FINISHED, step=d.reached_step)
         elif d.outcome is Outcome.PREEMPTED:
-            ledger.append(self.run_dir, LedgerEvent.PREEMPTED, step=step, node=stop["node"] if stop else self.node,
-                          origin=_origin(stop), reason=stop["reason"] if stop else None)
+            ledger.append(self.run_dir, LedgerEvent.PREEMPTED, step=d.reached_step,
+                          node=stop.node if stop else self.node, origin=_stop_origin(stop),
+                          reason=stop.reason if stop else None)
         else:
             ledger.append(self.run_dir, LedgerEvent.GAVE_UP, reason=d.reason, exit_code=int(d.exit_code))
-        return {"restart": d.restart, "exit_code": int(d.exit_code), "reason": d.reason, "backoff_s": d.backoff_s,
-                "outcome": str(d.outcome) if d.outcome else None}
 
-    def _finish(self, decision: dict[str, Any]) -> ExitCode:
+    def _finish(self, decision: AttemptDecision) -> ExitCode:
         """Publish the final state, then let node 0 keep the store up until every node has read the decision."""
-        assert self.coord is not None
-        outcome = Outcome(decision["outcome"])
-        self._set_state(outcome)
+        assert self.coord is not None and decision.outcome is not None
+        self._set_state(decision.outcome)
         self.coord.ack(self.attempt)
         if self.node == 0 and self.topo.nnodes > 1:
             self._wait_for(lambda: self.coord.all_acked(self.attempt), _ACK_WAIT_S)
             self._write_status()
-        return self._exit_code(outcome, decision["reason"])
+        return self._exit_code(decision.outcome, decision.reason)
 
     def _exit_code(self, outcome: Outcome, reason: str) -> ExitCode:
-        code, meaning = decisions.exit_code_for(outcome)
+        code, meaning = exit_code_for(outcome)
         print(f"resilient: node {self.node}: {outcome}: {reason} (exit {int(code)}: {meaning})", file=sys.stderr)
         return code
 
@@ -553,7 +561,7 @@ class Supervisor:
         while True:
             if self._signal is not None and not self._stop_seen and self.coord is not None:
                 self._stop_seen = True
-                self.coord.request_stop("preempted", f"node {self.node}: supervisor received {self._signal}")
+                self.coord.request_stop(StopKind.PREEMPTED, f"node {self.node}: supervisor received {self._signal}")
             got = probe()
             if got is not None or time.monotonic() > deadline:
                 return got
@@ -566,8 +574,19 @@ class Supervisor:
 
 
 def _origin(record: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Who (authenticated) asked for a stop or restart."""
+    """Who (authenticated) asked for a restart."""
     return None if record is None else {k: record.get(k) for k in ("node", "host", "pid")}
+
+
+def _stop_origin(stop: StopRequest | None) -> dict[str, Any] | None:
+    """Who (authenticated) asked for a stop."""
+    return None if stop is None else {"node": stop.node, "host": stop.host, "pid": stop.pid}
+
+
+def _stop_seen_reason(stop: StopRequest | None) -> str:
+    if stop is None:  # the poll saw the key, the read lost it: the store is going away
+        return "stop requested by another node"
+    return f"stop requested by node {stop.node} ({stop.host}, pid {stop.pid}): {stop.reason}"
 
 
 def _next_attempt(run_dir: Path) -> int:

@@ -1,7 +1,7 @@
 """Failure detection: a rank's exit, a hang (calibrated timeouts), an error the rank reported.
 
 Each detector returns a `Failure` record or None; the supervisor posts the first one of an attempt.
-The timeouts and the blame are pure functions in `decisions`; this module reads the processes.
+The timeouts and the blame are pure functions in `timeouts`; this module reads the processes.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Any
 
 import psutil
 
-from resilient.supervisor import decisions
+from resilient.supervisor import timeouts
 from resilient.supervisor.config import SupervisorConfig
 from resilient.supervisor.ranks import RankProcess
+from resilient.supervisor.reports import RankExit
 from resilient.supervisor.tracking import HeartbeatTracker
 
 
@@ -82,23 +83,23 @@ def exit_failure(exits: Sequence[RankProcess], node: int, step: int | None, now:
     return None
 
 
-def final_exit(failure: Failure, exits: Sequence[RankProcess], tracker: HeartbeatTracker) -> tuple[int, str] | None:
-    """(code, reason) when `failure` is a rank exiting, or reporting it will exit, CONFIG_ERROR or
-    CHECKPOINT_DAMAGED: no restart can change those, so the run ends with that code."""
+def rank_exit(failure: Failure, exits: Sequence[RankProcess], tracker: HeartbeatTracker) -> RankExit | None:
+    """The code the rank of `failure` exited with, or announced in its `error` heartbeat, with the failure's
+    reason; None for other failures (a hang, a health verdict) and an error heartbeat without a code."""
     code = None
     if failure.kind is FailureKind.RANK_EXIT:
         code = next((r.returncode for r in exits if r.spec.rank == failure.rank), None)
     elif failure.kind is FailureKind.RANK_ERROR and failure.rank is not None:
         code = tracker.views[failure.rank].error_code
-    return (code, failure.reason) if decisions.rank_exit_is_final(code) else None
+    return None if code is None else RankExit(int(code), failure.reason)
 
 
 def hang_failure(ranks: Sequence[RankProcess], tracker: HeartbeatTracker, cfg: SupervisorConfig, node: int,
                  now: float, *, heard_only: bool = False) -> Failure | None:
     """The live rank that holds the others up, when any is past its phase's (calibrated) timeout.
     `heard_only` (exit-only ranks): judge only ranks that have sent a heartbeat."""
-    step_timeout, _ = decisions.calibrated_step_timeout(list(tracker.step_times), cfg)
-    ckpt_timeout, _ = decisions.calibrated_checkpoint_timeout(list(tracker.ckpt_times), cfg)
+    step_timeout, _ = timeouts.calibrated_step_timeout(list(tracker.step_times), cfg)
+    ckpt_timeout, _ = timeouts.calibrated_checkpoint_timeout(list(tracker.ckpt_times), cfg)
     stale: dict[int, tuple[RankProcess, str]] = {}
     for r in ranks:
         if r.returncode is not None:
@@ -106,13 +107,13 @@ def hang_failure(ranks: Sequence[RankProcess], tracker: HeartbeatTracker, cfg: S
         view = tracker.views[r.spec.rank]
         if heard_only and view.last_heartbeat is None:
             continue
-        hung, reason = decisions.is_hung(view.phase, view.last_progress, now, step_timeout, cfg, ckpt_timeout)
+        hung, reason = timeouts.is_hung(view.phase, view.last_progress, now, step_timeout, cfg, ckpt_timeout)
         if hung:
             stale[view.rank] = (r, reason)
     if not stale:
         return None
     views = tracker.views
-    rank, blame = decisions.blame_hang([(rank, views[rank].step, views[rank].last_progress, process_state(r.pid))
+    rank, blame = timeouts.blame_hang([(rank, views[rank].step, views[rank].last_progress, process_state(r.pid))
                                         for rank, (r, _) in stale.items()])
     r, reason = stale[rank]
     return Failure(FailureKind.HANG, rank, node, tracker.current_step(),

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from health.actions import Action, Decision, decide, record
+from health.actions import Action, HealthDecision, decide_health, record
 from health.monitor import HealthMonitor
 from health.preflight import run_preflight
 from health.stragglers import StragglerTracker
@@ -73,7 +73,7 @@ class NodeHooks:
         report = run_preflight(self.cfg.health, node=self.node, ckpt_dir=self.cfg.checkpoint.root(self.run_dir),
                                nproc=self.cfg.supervisor.nproc_per_node)
         self._on_report(report)
-        return _fault(decide(report, "preflight"))
+        return _fault(decide_health(report, "preflight"))
 
     def start_monitor(self) -> None:
         if self.cfg.health.enabled and self.monitor is None:
@@ -92,7 +92,7 @@ class NodeHooks:
             return None
         self._last_health_ts = report.ts
         self._on_report(report)
-        return _fault(decide(report, "training"))
+        return _fault(decide_health(report, "training"))
 
     def on_storage_fault(self) -> None:
         if self.metrics is not None:
@@ -167,6 +167,6 @@ class NodeHooks:
                 self.metrics.set_goodput(report)
 
 
-def _fault(verdict: Decision) -> tuple[str, str] | None:
+def _fault(verdict: HealthDecision) -> tuple[str, str] | None:
     kinds = {Action.STOP: "unhealthy", Action.SAVE_AND_STOP: "storage"}
     return (kinds[verdict.action], verdict.reason) if verdict.action in kinds else None

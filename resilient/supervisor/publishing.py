@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -12,6 +13,7 @@ from resilient.core import ledger
 from resilient.core.events import LedgerEvent
 from resilient.status import write_status
 from resilient.supervisor.ranks import RankProcess
+from resilient.supervisor.reports import StopRequest
 from resilient.supervisor.topology import Topology
 from resilient.supervisor.tracking import RankView
 
@@ -38,8 +40,8 @@ def node_status(topo: Topology, state: str, rows: list[dict[str, Any]], metrics_
 
 def write_run_status(run_dir: Path, nodes: Mapping[int, dict[str, Any]], *, state: str, attempt: int,
                      reached_step: int | None, restarts: int, last_failure: dict[str, Any] | None,
-                     stop: dict[str, Any] | None = None) -> None:
-    """Node 0: merge every node's published status into RUN_DIR/status.json."""
+                     stop: StopRequest | None = None) -> None:
+    """Node 0: merge every node's published status into RUN_DIR/status.json (`stop`: who asked, from where, why)."""
     ranks = sorted((r for s in nodes.values() for r in s["ranks"]), key=lambda r: r["rank"])
     steps = [r["step"] for r in ranks if r["step"] is not None]
     events = ledger.read(run_dir)
@@ -49,7 +51,8 @@ def write_run_status(run_dir: Path, nodes: Mapping[int, dict[str, Any]], *, stat
         "state": str(state), "attempt": attempt, "step": max(steps, default=reached_step),
         "last_checkpoint": saves[-1] if saves else None,
         "last_memory_snapshot": snapshots[-1] if snapshots else None, "restarts": restarts,
-        "last_failure": last_failure, "stop": stop, "nodes": {str(n): s["state"] for n, s in nodes.items()},
+        "last_failure": last_failure, "stop": None if stop is None else dataclasses.asdict(stop),
+        "nodes": {str(n): s["state"] for n, s in nodes.items()},
         "metrics_ports": {s["node_name"]: s["metrics_port"] for s in nodes.values()}, "ranks": ranks,
         "spares": {s["node_name"]: s.get("spares") for s in nodes.values()},
     })

@@ -1,4 +1,4 @@
-"""The supervisor's activity states and how an attempt ends on one node (final states: `decisions.Outcome`)."""
+"""The supervisor's activity states (its final states: `resilient.core.outcome.Outcome`)."""
 
 from __future__ import annotations
 
@@ -20,11 +20,3 @@ class State(enum.StrEnum):
     DECIDING = "deciding"
     BACKOFF = "backoff"
 
-
-class NodeOutcome(enum.StrEnum):
-    """How an attempt ended on one node: its report to node 0."""
-
-    FINISHED = "finished"
-    FAILED = "failed"
-    PREEMPTED = "preempted"
-    UNHEALTHY = "unhealthy"

@@ -2,7 +2,7 @@
 
 import time
 
-from health.actions import Action, decide, record
+from health.actions import Action, decide_health, record
 from health.config import HealthConfig
 from health.monitor import HealthMonitor
 from health.preflight import run_preflight
@@ -26,13 +26,13 @@ def test_severity_is_ordered_and_verdict_names_node_and_check():
 
 def test_decide_maps_verdicts_to_actions():
     bad = HealthReport("n2", [fatal("gpu.lost", "gpu1 lost")])
-    d = decide(bad, "preflight")
+    d = decide_health(bad, "preflight")
     assert d.action is Action.STOP and d.exit_code is ExitCode.UNHEALTHY_NODE
     assert "n2" in d.reason and "gpu.lost" in d.reason and "preflight" in d.reason
-    assert decide(bad, "training").exit_code is ExitCode.UNHEALTHY_NODE
-    w = decide(HealthReport("n2", [warn("gpu.throttle", "hw_thermal")]), "training")
+    assert decide_health(bad, "training").exit_code is ExitCode.UNHEALTHY_NODE
+    w = decide_health(HealthReport("n2", [warn("gpu.throttle", "hw_thermal")]), "training")
     assert w.action is Action.RECORD and w.exit_code is None
-    assert decide(HealthReport("n2", [ok("x", "fine")]), "training").action is Action.CONTINUE
+    assert decide_health(HealthReport("n2", [ok("x", "fine")]), "training").action is Action.CONTINUE
 
 
 def test_record_writes_health_ledger_events(tmp_path):

@@ -2,7 +2,7 @@
 
 from resilient.core.exit_codes import ExitCode
 from resilient.slurm.config import SlurmConfig
-from resilient.slurm.policy import Action, Cause, GaveUp, JobEnd, decide, job_end_from_ledger, job_ref
+from resilient.slurm.policy import Action, Cause, GaveUp, JobEnd, decide_requeue, job_end_from_ledger, job_ref
 
 
 def end(code, *gave_up, nodes=2, crashes=0):
@@ -10,30 +10,30 @@ def end(code, *gave_up, nodes=2, crashes=0):
 
 
 def test_finished_is_final():
-    d, reason = decide(end(ExitCode.FINISHED), SlurmConfig())
+    d, reason = decide_requeue(end(ExitCode.FINISHED), SlurmConfig())
     assert d.action is Action.FINISHED and reason == "run finished"
 
 
 def test_preempted_requeues_without_changes():
-    d, reason = decide(end(ExitCode.PREEMPTED), SlurmConfig())
+    d, reason = decide_requeue(end(ExitCode.PREEMPTED), SlurmConfig())
     assert (d.action, d.cause, d.exclude, d.nodes) == (Action.REQUEUE, Cause.PREEMPTED, (), None)
     assert "preempted" in reason
 
 
 def test_unhealthy_node_is_excluded_and_drained_when_allowed():
     bad = GaveUp(int(ExitCode.UNHEALTHY_NODE), "n1", "n1: gpu xid 79")
-    d, reason = decide(end(ExitCode.UNHEALTHY_NODE, bad), SlurmConfig())
+    d, reason = decide_requeue(end(ExitCode.UNHEALTHY_NODE, bad), SlurmConfig())
     assert (d.action, d.cause, d.exclude, d.drain, d.nodes) == (Action.REQUEUE, Cause.UNHEALTHY, ("n1",), (), None)
     assert "n1" in reason
-    d, _ = decide(end(ExitCode.UNHEALTHY_NODE, bad), SlurmConfig(drain_bad_nodes=True))
+    d, _ = decide_requeue(end(ExitCode.UNHEALTHY_NODE, bad), SlurmConfig(drain_bad_nodes=True))
     assert d.drain == ("n1",)
 
 
 def test_unhealthy_node_shrinks_the_job_down_to_min_nodes_only():
     bad = [GaveUp(int(ExitCode.UNHEALTHY_NODE), n, "") for n in ("n1", "n2", "n3")]
-    d, reason = decide(end(ExitCode.UNHEALTHY_NODE, *bad, nodes=4), SlurmConfig(min_nodes=2))
+    d, reason = decide_requeue(end(ExitCode.UNHEALTHY_NODE, *bad, nodes=4), SlurmConfig(min_nodes=2))
     assert d.exclude == ("n1", "n2", "n3") and d.nodes == 2 and "2 node(s)" in reason
-    d, _ = decide(end(ExitCode.UNHEALTHY_NODE, bad[0], nodes=4), SlurmConfig(min_nodes=2))
+    d, _ = decide_requeue(end(ExitCode.UNHEALTHY_NODE, bad[0], nodes=4), SlurmConfig(min_nodes=2))
     assert d.nodes == 3
 
 
@@ -41,27 +41,27 @@ def test_code_a_requeue_cannot_fix_wins_over_preemption_and_bad_nodes():
     for code in (ExitCode.CONFIG_ERROR, ExitCode.RESTART_BUDGET_EXHAUSTED, ExitCode.NO_PROGRESS,
                  ExitCode.CHECKPOINT_DAMAGED):
         records = (GaveUp(int(code), None, "why not"), GaveUp(int(ExitCode.UNHEALTHY_NODE), "n1", ""))
-        d, reason = decide(end(ExitCode.PREEMPTED, *records), SlurmConfig())
+        d, reason = decide_requeue(end(ExitCode.PREEMPTED, *records), SlurmConfig())
         assert d.action is Action.STOP, code
         assert "why not" in reason and "not requeued" in reason
 
 
 def test_bad_node_wins_over_preemption_even_when_srun_reports_less():
     # srun returns the highest code; a supervisor's gave_up record still counts.
-    d, _ = decide(end(ExitCode.PREEMPTED, GaveUp(int(ExitCode.UNHEALTHY_NODE), "n0", "")), SlurmConfig())
+    d, _ = decide_requeue(end(ExitCode.PREEMPTED, GaveUp(int(ExitCode.UNHEALTHY_NODE), "n0", "")), SlurmConfig())
     assert d.exclude == ("n0",)
 
 
 def test_crashes_requeue_until_the_budget_is_spent():
     cfg = SlurmConfig(max_crash_requeues=2)
-    d, reason = decide(end(137, crashes=1), cfg)
+    d, reason = decide_requeue(end(137, crashes=1), cfg)
     assert (d.action, d.cause) == (Action.REQUEUE, Cause.CRASH) and "signal" in reason and "2 of 2" in reason
-    d, reason = decide(end(ExitCode.RANK_FAILED, crashes=2), cfg)
+    d, reason = decide_requeue(end(ExitCode.RANK_FAILED, crashes=2), cfg)
     assert d.action is Action.STOP and "RANK_FAILED" in reason
 
 
 def test_unhealthy_code_without_a_node_is_a_bounded_crash_requeue():
-    d, reason = decide(end(ExitCode.UNHEALTHY_NODE), SlurmConfig(max_crash_requeues=0))
+    d, reason = decide_requeue(end(ExitCode.UNHEALTHY_NODE), SlurmConfig(max_crash_requeues=0))
     assert d.action is Action.STOP and "not named" in reason
 
 
@@ -88,13 +88,13 @@ def test_bad_node_falls_back_to_the_fatal_health_record():
          {"ts": 6, "event": "health", "node": "n1", "severity": "fatal"},
          {"ts": 7, "event": "gave_up", "exit_code": 76, "reason": "node 1 unhealthy"}],
         exit_code=76, since=0, nodes=2)
-    d, reason = decide(e, SlurmConfig(min_nodes=1))
+    d, reason = decide_requeue(e, SlurmConfig(min_nodes=1))
     assert (d.exclude, d.nodes) == (("n1",), 1) and "1 node(s) from now on" in reason
 
 
 def test_stragglers_are_excluded_only_when_health_says_so():
     e = end(ExitCode.PREEMPTED, nodes=4)
     e = JobEnd(e.exit_code, e.gave_up, e.nodes, 0, straggler_nodes=("n3", "n3"))
-    assert decide(e, SlurmConfig())[0].exclude == ()
-    d, reason = decide(e, SlurmConfig(), exclude_stragglers=True)
+    assert decide_requeue(e, SlurmConfig())[0].exclude == ()
+    d, reason = decide_requeue(e, SlurmConfig(), exclude_stragglers=True)
     assert d.exclude == ("n3",) and d.nodes is None and "straggler" in reason

@@ -6,7 +6,8 @@ that hits a full filesystem is skipped, as the trainer does. Every completed ste
 RUN_DIR/fake_steps.jsonl (skipped when the run dir is full). Behaviour comes from the environment:
 FAKE_STEP_S (seconds per step), FAKE_CKPT_EVERY (save interval), FAKE_CRASH ("init": exit 3
 before the first step of every attempt; "every:N": exit 3 after N steps of every attempt),
-FAKE_ERROR_AT (report phase=error at that step in attempt 0, then stall), FAKE_IGNORE_STOP=1
+FAKE_CRASH_CODE (the code of those exits instead of 3), FAKE_ERROR_AT (report phase=error at that
+step in attempt 0, then stall), FAKE_ERROR_CODE (the exit code that error announces), FAKE_IGNORE_STOP=1
 (ignore the stop signals), FAKE_LINGER_S (stay alive that long after reporting done). It speaks the
 rank protocol only through the public `resilient.rank` API.
 """
@@ -44,7 +45,9 @@ def main() -> int:
     step_s = float(os.environ.get("FAKE_STEP_S", "0.1"))
     every = int(os.environ.get("FAKE_CKPT_EVERY", "1"))
     crash = os.environ.get("FAKE_CRASH", "")
+    crash_code = int(os.environ.get("FAKE_CRASH_CODE", "3"))
     error_at = int(os.environ.get("FAKE_ERROR_AT", "-1"))
+    error_code = {"exit_code": int(os.environ["FAKE_ERROR_CODE"])} if "FAKE_ERROR_CODE" in os.environ else {}
     ckpt = run_dir / "fake_ckpt.json"
     hb = connect(env)
 
@@ -68,7 +71,7 @@ def main() -> int:
     step = json.loads(ckpt.read_text())["step"] if ckpt.exists() else 0
     hb.send(Phase.INIT, step)
     if crash == "init":
-        return 3
+        return crash_code
     done_here = 0
     while step < steps:
         if stop.requested:
@@ -86,12 +89,12 @@ def main() -> int:
                 pass
         hb.send(Phase.STEP, step, step_time=time.monotonic() - t0, loss=1.0 / step)
         if attempt == 0 and step == error_at:
-            hb.send(Phase.ERROR, step, message="injected error")
+            hb.send(Phase.ERROR, step, message="injected error", **error_code)
             time.sleep(3600)
         if step % every == 0:
             save(step)
         if crash.startswith("every:") and done_here >= int(crash.split(":")[1]):
-            return 3
+            return crash_code
     save(step)
     hb.send(Phase.DONE, step)
     time.sleep(float(os.environ.get("FAKE_LINGER_S", "0")))  # a teardown that hangs after `done`

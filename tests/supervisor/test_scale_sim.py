@@ -1,5 +1,6 @@
-"""Issue 16: the supervisors' real coordination code for 64 simulated nodes (512 fake ranks) against one
-real sealed TCPStore; the restart and stop paths stay within the 1024-node goals with room to spare."""
+"""The supervisors' real coordination code for 64 simulated nodes (512 fake ranks) against one real sealed
+TCPStore (bench/scale/simulate.py): a rank failure restarts every node, a preemption stops every node.
+How fast is measured by bench/scale (docs/scale.md), not asserted here."""
 
 from __future__ import annotations
 
@@ -7,26 +8,24 @@ import json
 
 import pytest
 
-from resilient.status import ENDED_STATES
+from bench.scale.simulate import scenario
 from resilient.supervisor.config import SupervisorConfig
 from resilient.supervisor.coordination import intervals
-from resilient.supervisor.decisions import Outcome
-from resilient.supervisor.simulate import scenario
 
 
-@pytest.mark.timeout(60)
-def test_64_nodes_restart_and_stop_within_the_goals(tmp_path):
+@pytest.mark.timeout(120)
+def test_64_nodes_restart_together_then_stop_together(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir(mode=0o700)
-    got = scenario(64, run_dir, steady_s=1.0)
-    assert got["fail_to_stop_s"] < 2.0
-    assert got["decide_to_go_s"] < 2.0
-    assert got["preempt_to_stop_s"] < 2.0
-    # ~4 wake-up polls and one status write per node and second, within the store's budget
-    assert 64 * 2 < got["ops_per_s"] < 64 * 10
+    got = scenario(64, run_dir, steady_s=1.0)  # raises unless every node stopped, restarted and ended preempted
+    [(first, why), (second, _)] = got["decisions"]
+    assert first == "restart" and "restart 1 of" in why
+    assert second == "preempted"
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "preempted" and len(status["ranks"]) == 512
+    assert status["attempt"] == 1 and status["restarts"] == 1
     assert "simulated preemption" in status["stop"]["reason"] and status["stop"]["node"] == 32
+    assert len(status["nodes"]) == 64
 
 
 def test_poll_and_status_intervals_keep_the_store_within_its_budget():
@@ -35,10 +34,6 @@ def test_poll_and_status_intervals_keep_the_store_within_its_budget():
     assert (small.poll_s, small.status_s) == (cfg.poll_interval_s, cfg.status_interval_s)
     assert 8192 / large.poll_s + 8192 / large.status_s <= 0.75 * 8000 + 1e-6
     assert "budget" in large.reason
-
-
-def test_status_command_knows_every_ending():
-    assert ENDED_STATES == {o.value for o in Outcome}
 
 
 def test_planner_restart_cost_uses_the_measured_coordination_at_the_node_count():

@@ -11,7 +11,10 @@ import time
 import psutil
 import pytest
 
+from resilient.core import ledger
 from resilient.core.exit_codes import ExitCode
+from resilient.slurm.config import SlurmConfig
+from resilient.slurm.policy import Action, decide_requeue, job_end_from_ledger
 from tests.supervisor.harness import events, ranks_of, start, steps_done, wait_until, write_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -193,3 +196,25 @@ def test_fatal_health_during_training_ends_unhealthy_naming_the_node(tmp_path):
     assert gave_up["exit_code"] == ExitCode.UNHEALTHY_NODE and "gpunode7" in gave_up["reason"]
     assert "79" in gave_up["reason"]
     assert len(events(run_dir, "attempt_start")) == 1  # the pre-flight kept the ranks from respawning
+
+
+@pytest.mark.parametrize("how", ["exit", "error heartbeat"])
+def test_a_rank_exiting_unhealthy_node_condemns_its_node_and_the_job_is_requeued_without_it(tmp_path, how):
+    verdict = ({"FAKE_CRASH": "every:3", "FAKE_CRASH_CODE": "76"} if how == "exit"
+               else {"FAKE_ERROR_AT": "3", "FAKE_ERROR_CODE": "76"})
+    proc, run_dir = _run(tmp_path, {"steps": 30}, env={**verdict, "RESILIENT_NODE_NAME": "badnode"})
+    assert proc.wait(90) == ExitCode.UNHEALTHY_NODE
+    assert len(events(run_dir, "attempt_start")) == 1  # no restart on a condemned node
+    [failure] = events(run_dir, "failure")
+    assert failure["kind"] == ("rank_exit" if how == "exit" else "rank_error")
+    [gave_up] = events(run_dir, "gave_up")
+    assert gave_up["exit_code"] == ExitCode.UNHEALTHY_NODE and "node badnode" in gave_up["reason"]
+    assert "UNHEALTHY_NODE" in gave_up["reason"] and failure["reason"] in gave_up["reason"]
+    [health] = events(run_dir, "health")
+    assert (health["node"], health["severity"], health["check"]) == ("badnode", "fatal", "rank.exit")
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "unhealthy"
+    # what `resilient slurm on-exit` does with this run's ledger: requeue without the node
+    end = job_end_from_ledger(ledger.read(run_dir), exit_code=int(ExitCode.UNHEALTHY_NODE), since=0, nodes=1)
+    action, why = decide_requeue(end, SlurmConfig())
+    assert action.action is Action.REQUEUE and action.exclude == ("badnode",) and "badnode" in why

@@ -80,7 +80,7 @@ class Checkpointer:
 
     # -- saving ---------------------------------------------------------------------------
 
-    def should_save(self, step: int, final_step: int, stop_requested: bool) -> policy.Decision:
+    def should_save(self, step: int, final_step: int, stop_requested: bool) -> policy.SaveDecision:
         return policy.should_save(self.cfg, step=step, final_step=final_step, last_save_step=self.last_save_step,
                                   seconds_since_save=time.monotonic() - self.last_save_time,
                                   stop_requested=stop_requested)
@@ -89,7 +89,7 @@ class Checkpointer:
         ledger.append(self.run_dir, LedgerEvent.MEM_SNAPSHOT, step=step, attempt=self.attempt, bytes=size,
                       replicated=replicated)
 
-    def should_snapshot(self, step: int, final_step: int) -> policy.Decision:
+    def should_snapshot(self, step: int, final_step: int) -> policy.SaveDecision:
         last = self.memory.last_step if self.memory and self.cfg.adaptive else None
         return policy.should_snapshot(self.cfg.memory_interval_steps if self.memory else 0, step=step,
                                       final_step=final_step, disk_saved=self.last_save_step == step,

@@ -8,25 +8,25 @@ from trainer.checkpoint.config import CheckpointConfig
 
 
 @dataclass(frozen=True)
-class Decision:
+class SaveDecision:
     yes: bool
     reason: str
 
 
 def should_save(cfg: CheckpointConfig, *, step: int, final_step: int, last_save_step: int | None,
-                seconds_since_save: float, stop_requested: bool) -> Decision:
+                seconds_since_save: float, stop_requested: bool) -> SaveDecision:
     """Save after `step`? Stop requests and the final step always save (unless just saved)."""
     if last_save_step == step:
-        return Decision(False, f"step {step} is already saved")
+        return SaveDecision(False, f"step {step} is already saved")
     if stop_requested:
-        return Decision(True, "stop requested")
+        return SaveDecision(True, "stop requested")
     if step == final_step and cfg.save_on_finish:
-        return Decision(True, "final step")
+        return SaveDecision(True, "final step")
     if cfg.interval_steps and _interval_due(cfg, step, last_save_step):
-        return Decision(True, f"every {cfg.interval_steps} steps")
+        return SaveDecision(True, f"every {cfg.interval_steps} steps")
     if cfg.interval_minutes and seconds_since_save >= cfg.interval_minutes * 60:
-        return Decision(True, f"{cfg.interval_minutes:g} minutes since the last save")
-    return Decision(False, "no trigger")
+        return SaveDecision(True, f"{cfg.interval_minutes:g} minutes since the last save")
+    return SaveDecision(False, "no trigger")
 
 
 def _interval_due(cfg: CheckpointConfig, step: int, last_save_step: int | None) -> bool:
@@ -57,20 +57,20 @@ def load_candidates(committed: list[int], *, load_step: int | None) -> list[int]
 
 
 def should_snapshot(interval_steps: int, *, step: int, final_step: int, disk_saved: bool,
-                    last_snapshot: int | None = None) -> Decision:
+                    last_snapshot: int | None = None) -> SaveDecision:
     """Take a memory-tier snapshot after `step`? Not when the disk tier just saved the same step (a
     restart would prefer disk at an equal step) and not at the final step (nothing left to resume).
     With `last_snapshot` (an adaptive interval) the interval counts from it, else from step 0."""
     if not interval_steps:
-        return Decision(False, "memory tier off")
+        return SaveDecision(False, "memory tier off")
     if disk_saved:
-        return Decision(False, f"step {step} is on disk")
+        return SaveDecision(False, f"step {step} is on disk")
     if step >= final_step:
-        return Decision(False, "final step")
+        return SaveDecision(False, "final step")
     due = step - last_snapshot >= interval_steps if last_snapshot is not None else step % interval_steps == 0
     if not due:
-        return Decision(False, "no trigger")
-    return Decision(True, f"every {interval_steps} steps")
+        return SaveDecision(False, "no trigger")
+    return SaveDecision(True, f"every {interval_steps} steps")
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""Scale simulation: many supervisors' coordination on threads of one process, against one real store.
+"""Scale simulation: many supervisors' coordination on threads of a few processes, against one real store.
 
 Each simulated node runs the supervisor's attempt cycle (barrier, watch, report, node 0's decision,
-status merge) through the same Coordinator, decisions and status functions as daemon.py; only the
-rank processes are replaced by fake ranks that step on the clock. Node 0 hosts the real TCPStore
-(bound, sealed) exactly as in a job. bench/scale drives it for 2..1024 nodes, the tests at 64.
+status merge) through the same Coordinator, typed reports, `decisions.decide_attempt` and status
+functions as resilient/supervisor/daemon.py; only the rank processes are replaced by fake ranks that
+step on the clock (they save nothing: `newest_committed` stands for the run's checkpoints). Node 0
+hosts the real TCPStore (bound, sealed) exactly as in a job. bench/scale/run.py drives it for 2..1024
+nodes, tests/supervisor/test_scale_sim.py at 64.
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from resilient.core.outcome import Outcome
 from resilient.supervisor import decisions, publishing
 from resilient.supervisor.auth import Sealer
 from resilient.supervisor.config import SupervisorConfig
-from resilient.supervisor.coordination import Coordinator, summarize_reports
+from resilient.supervisor.coordination import Coordinator, Gate
+from resilient.supervisor.decisions import AttemptContext, AttemptDecision
+from resilient.supervisor.reports import NodeOutcome, NodeReport, StopKind
+from resilient.supervisor.states import State
 from resilient.supervisor.topology import Topology
 
 T = TypeVar("T")
@@ -36,7 +42,7 @@ class Marks:
     """(attempt, node) -> this node passed the attempt's barrier (its ranks would spawn now)."""
     decided: dict[int, float] = field(default_factory=dict)
     """attempt -> node 0 published its decision."""
-    exits: dict[int, str] = field(default_factory=dict)
+    exits: dict[int, Outcome | str] = field(default_factory=dict)
     """node -> how its supervisor ended (the outcome, or the exception)."""
 
 
@@ -50,10 +56,17 @@ class SimNode(threading.Thread):
         self.node, self.nnodes, self.run_dir, self.clock = coord.node, coord.nnodes, run_dir, clock
         self.topo = Topology(self.node, self.nnodes, "127.0.0.1", 0, f"sim{self.node:04d}", "sim")
         self.attempt = 0
-        self.state = "starting"
+        self.state: State | Outcome = State.STARTING
         self.restarts = 0
         self.no_progress_streak = 0
         self.reached_step = 0
+        self.train_steps = 10**9
+        """The simulated run's final step (it never gets there: the scenario ends it by preemption)."""
+        self.save_on_finish = True
+        self.newest_committed: int | None = None
+        """The newest committed checkpoint step node 0 would find (the fake ranks save nothing)."""
+        self.decisions: list[AttemptDecision] = []
+        """Node 0: its decision for each attempt, in order."""
         self.cpu_s = 0.0
         """This thread's CPU time so far (node 0's share of the work, for the bench)."""
         self._start_step = 0
@@ -79,44 +92,44 @@ class SimNode(threading.Thread):
         except Exception as err:  # recorded for the bench and tests, which check every node's end
             self.marks.exits[self.node] = f"{type(err).__name__}: {err}"
 
-    def _run(self) -> str:
+    def _run(self) -> Outcome:
         coord = self.coord
         if self.node == 0:
             coord.publish_first_attempt(0)
         self.attempt = self._wait(coord.first_attempt)
         while True:
             end = self._one_attempt()
-            coord.report(self.attempt, {"outcome": end, "start_step": self._start_step,
-                                        "reached_step": self.reached_step, "unhealthy": None})
-            self._set_state("deciding")
+            coord.report(self.attempt, NodeReport(self.node, end, self._start_step, self.reached_step))
+            self._set_state(State.DECIDING)
             if self.node == 0:
-                coord.publish_decision(self.attempt, self._decide(self._wait(lambda: coord.all_reports(self.attempt))))
+                coord.publish_decision(self.attempt, self.decide(self._wait(lambda: coord.all_reports(self.attempt))))
                 self.marks.decided[self.attempt] = self.clock()
             decision = self._wait(lambda: coord.decision(self.attempt))
-            if not decision["restart"]:
+            if decision.outcome is not None:
                 coord.ack(self.attempt)
-                self._set_state(decision["outcome"])
+                self._set_state(decision.outcome)
                 if self.node == 0:
                     self._wait(lambda: coord.all_acked(self.attempt))
-                return decision["outcome"]
+                return decision.outcome
             self.restarts += 1
-            self._sleep(decision["backoff_s"])
+            self._set_state(State.BACKOFF)
+            self._sleep(decision.backoff_s)
             self.attempt += 1
 
-    def _one_attempt(self) -> str:
+    def _one_attempt(self) -> NodeOutcome:
         coord = self.coord
         self._start_step = self.reached_step
         if self.node == 0:
             coord.publish_master_port(self.attempt, 29500 + self.attempt)
-        self._set_state("waiting")
+        self._set_state(State.WAITING)
         coord.arrive(self.attempt)
         gate = self._wait(lambda: coord.barrier(self.attempt))
         self.marks.past_barrier[(self.attempt, self.node)] = self.clock()
-        if gate != "go":
-            return self._stop_ranks("preempted" if gate == "stop" else "failed")
+        if gate is not Gate.GO:
+            return self._stop_ranks(NodeOutcome.PREEMPTED if gate is Gate.STOP else NodeOutcome.FAILED)
         coord.master_port(self.attempt)
         self._spawned = self.clock()
-        self._set_state("running")
+        self._set_state(State.RUNNING)
         next_poll = self.clock() + coord.intervals.poll_s * (self.node % 64) / 64  # nodes start out of phase
         while True:
             now = self.clock()
@@ -125,43 +138,43 @@ class SimNode(threading.Thread):
                 self._fail.clear()
                 coord.request_restart(self.attempt, kind="rank_exit", rank=self.node * self.nranks,
                                       step=self.reached_step, reason="simulated rank failure")
-                return self._stop_ranks("failed")
+                return self._stop_ranks(NodeOutcome.FAILED)
             if self._signal.is_set():
                 self._signal.clear()
-                coord.request_stop("preempted", f"node {self.node}: simulated preemption signal")
-                return self._stop_ranks("preempted")
+                coord.request_stop(StopKind.PREEMPTED, f"node {self.node}: simulated preemption signal")
+                return self._stop_ranks(NodeOutcome.PREEMPTED)
             if now >= next_poll:
                 next_poll = now + coord.intervals.poll_s
                 seen = coord.poll(self.attempt)
-                if seen == "stop":
-                    coord.request_stop("preempted", "stop requested by another supervisor")  # as daemon._begin_preempt
-                    return self._stop_ranks("preempted")
-                if seen == "restart":
-                    return self._stop_ranks("failed")
+                if seen is Gate.STOP:  # as daemon._begin_preempt
+                    coord.request_stop(StopKind.PREEMPTED, "stop requested by another supervisor")
+                    return self._stop_ranks(NodeOutcome.PREEMPTED)
+                if seen is Gate.RESTART:
+                    return self._stop_ranks(NodeOutcome.FAILED)
             self._maybe_publish_status()
             self._wake.wait(max(0.0, min(next_poll, self._next_status) - self.clock()))
             self._wake.clear()
 
-    def _stop_ranks(self, outcome: str) -> str:
+    def _stop_ranks(self, outcome: NodeOutcome) -> NodeOutcome:
         self.marks.stopped[(self.attempt, self.node)] = self.clock()  # fake ranks stop at once
-        self._set_state("stopping")
+        self._set_state(State.STOPPING)
         return outcome
 
-    def _decide(self, reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        summary = summarize_reports(reports, self.nnodes)
-        progressed, _ = decisions.made_progress(summary.start_step, summary.reached_step)
-        self.no_progress_streak = 0 if progressed else self.no_progress_streak + 1
-        stop = self.coord.stop_requested()
-        d = decisions.decide(decisions.JobState(
-            restarts_done=self.restarts, no_progress_streak=self.no_progress_streak,
-            all_finished=summary.all_finished, preempted=stop is not None or summary.preempted,
-            unhealthy=summary.unhealthy, missing_nodes=summary.missing_nodes), self.cfg)
-        return {"restart": d.restart, "exit_code": int(d.exit_code), "reason": d.reason, "backoff_s": d.backoff_s,
-                "outcome": d.outcome.value if d.outcome else None}
+    def decide(self, reports: dict[int, NodeReport]) -> AttemptDecision:
+        """Node 0's decision, from what it knows as the daemon's node 0 does (the store's stop request, the
+        newest committed step); the daemon records it in the ledger, the simulation only carries the streak."""
+        context = AttemptContext(nnodes=self.nnodes, restarts_done=self.restarts,
+                                 no_progress_streak=self.no_progress_streak, train_steps=self.train_steps,
+                                 stop=self.coord.stop_requested(), newest_committed=self.newest_committed,
+                                 save_on_finish=self.save_on_finish)
+        decision = decisions.decide_attempt(reports, context, self.cfg)
+        self.no_progress_streak = decision.no_progress_streak
+        self.decisions.append(decision)
+        return decision
 
     # -- status ---------------------------------------------------------------------------------------
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: State | Outcome) -> None:
         self.state = state
         self._next_status = self._next_merge = 0.0
         self._maybe_publish_status()
@@ -172,7 +185,7 @@ class SimNode(threading.Thread):
             return
         self._next_status = now + self.coord.intervals.status_s
         wall = time.time()
-        running = self.state == "running"
+        running = self.state is State.RUNNING
         rows = [{"rank": self.node * self.nranks + local, "local_rank": local, "node": self.node,
                  "node_name": self.topo.node_name, "pid": 100000 + self.node * self.nranks + local,
                  "phase": "step" if running else "init", "step": self.reached_step,
@@ -352,9 +365,10 @@ def thread_cpu_s(tids: list[int]) -> float:
 
 
 def scenario(nnodes: int, run_dir: Path, steady_s: float, *, ranks: int = 8,
-             status_probe: Callable[[Path], tuple[float, float]] | None = None) -> dict[str, float]:
+             status_probe: Callable[[Path], tuple[float, float]] | None = None) -> dict[str, Any]:
     """Start N nodes, measure steady state, then a rank failure on the last node (-> restart), then a
-    preemption signal on node N/2 (-> every node stops); the figures bench/scale tabulates."""
+    preemption signal on node N/2 (-> every node stops); the figures bench/scale tabulates, plus node 0's
+    decisions as [outcome or "restart", reason]. Raises unless every node ended preempted."""
     cluster = Cluster(nnodes, run_dir, ranks=ranks)
     every = list(range(nnodes))
     try:
@@ -377,7 +391,7 @@ def scenario(nnodes: int, run_dir: Path, steady_s: float, *, ranks: int = 8,
         cluster.signal(nnodes // 2)
         preempt_to_stop = cluster.wait("stopped", [(1, n) for n in every], 60) - signaled_at
         ends = set(cluster.close().values())
-        if ends != {"preempted"}:
+        if ends != {Outcome.PREEMPTED}:
             raise RuntimeError(f"{nnodes} nodes ended {sorted(map(str, ends))}")
     finally:
         cluster.shutdown()
@@ -385,4 +399,5 @@ def scenario(nnodes: int, run_dir: Path, steady_s: float, *, ranks: int = 8,
             "fail_to_stop_s": fail_to_stop, "decide_to_go_s": decide_to_go, "preempt_to_stop_s": preempt_to_stop,
             "status_kb": status_kb, "status_cmd_s": status_wall, "status_cmd_cpu_s": status_cpu,
             "node0_cpu": (cpu1 - cpu0) / (t1 - t0), "poll_s": coord0.intervals.poll_s,
-            "status_s": coord0.intervals.status_s}
+            "status_s": coord0.intervals.status_s,
+            "decisions": [[str(d.outcome or "restart"), d.reason] for d in cluster.node0.decisions]}
