@@ -26,8 +26,12 @@ from resilient.core.atomic import fsync_dir
 from resilient.core.errors import CheckpointError
 from resilient.core.events import LedgerEvent
 from trainer import compat
-from trainer.checkpoint import layout, manifest, memory_tier, policy, writer
+from trainer.checkpoint import layout, manifest, policy, writer
 from trainer.checkpoint.config import CheckpointConfig
+from trainer.checkpoint.memory import choice, snapshot
+from trainer.checkpoint.memory.ring import Ring
+from trainer.checkpoint.memory.snapshot import SnapshotFormat
+from trainer.checkpoint.memory.tier import MemoryTier
 from trainer.checkpoint.state import TrainState, apply_loaded, sharded_state
 
 log = logging.getLogger(__name__)
@@ -65,11 +69,11 @@ class Checkpointer:
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._clean_leftovers()
-        self.memory: memory_tier.MemoryTier | None = None
+        self.memory: MemoryTier | None = None
         if cfg.memory_interval_steps:
-            self.memory = memory_tier.MemoryTier(
-                cfg.memory_root(run_dir), rank=self.rank, world=self.world, local_world=local_world or self.world,
-                layout=self._layout(), keep_last=cfg.memory_keep_last,
+            self.memory = MemoryTier(
+                cfg.memory_root(run_dir), rank=self.rank, ring=Ring(self.world, local_world or self.world),
+                fmt=SnapshotFormat(self._layout()), keep_last=cfg.memory_keep_last,
                 on_commit=self._on_memory_commit if self.rank == 0 else None)
         dist.barrier()
 
@@ -203,7 +207,7 @@ class Checkpointer:
             return
         self.memory.wait()
         dist.barrier()
-        if self.rank % self.memory.local_world == 0:
+        if self.memory.node_leader:
             self.memory.remove_node_dir()
 
     def _commit(self, step: int, ckpt_dir: Path, started: float, consumed_samples: int,
@@ -317,42 +321,42 @@ class Checkpointer:
         """Try the memory tier (all ranks): (step loaded or None, why)."""
         assert self.memory is not None
         started = time.monotonic()
-        inventories: list[policy.Inventory] = [None] * self.world  # type: ignore[list-item]
+        inventories: list[choice.Inventory] = [None] * self.world  # type: ignore[list-item]
         dist.all_gather_object(inventories, self.memory.inventory())
         committed = layout.committed_steps(self.root)
         while True:  # verify only the copies chosen; a bad one is passed over and the choice taken again
-            choice = policy.choose_tier(inventories, disk_step=committed[-1] if committed else None)
-            if choice.step is None:
+            chosen = choice.choose_tier(inventories, disk_step=committed[-1] if committed else None)
+            if chosen.step is None:
                 if self.rank == 0:
-                    log.info("memory tier not used: %s", choice.reason)
-                return None, choice.reason
+                    log.info("memory tier not used: %s", chosen.reason)
+                return None, chosen.reason
             problem = None
             try:
-                meta, data = self.memory.fetch(choice.step, choice.sources)
+                meta, data = self.memory.fetch(chosen.step, chosen.sources)
             except (ValueError, OSError) as err:
                 problem = str(err)
             problems: list[str | None] = [None] * self.world
             dist.all_gather_object(problems, problem)
             if not any(problems):
                 break
-            inventories = policy.mark_failed(inventories, choice, problems)
+            inventories = choice.mark_failed(inventories, chosen, problems)
         try:
             state.scheduler.override_opt_param_scheduler = True
-            memory_tier.load_copy(state, meta, data)
+            snapshot.load(state, meta, data)
         except (ValueError, KeyError, TypeError, RuntimeError, OSError) as err:
             problem = f"rank {self.rank}: {type(err).__name__}: {err}"
         dist.all_gather_object(problems, problem)
         problem = next((p for p in problems if p), None)
         if problem:
-            why = f"memory step {choice.step} did not load ({problem}); {choice.reason}"
+            why = f"memory step {chosen.step} did not load ({problem}); {chosen.reason}"
             if self.rank == 0:
                 log.warning("%s; falling back to disk", why)
-                ledger.append(self.run_dir, LedgerEvent.CKPT_FALLBACK, from_step=choice.step, to_step=None,
-                              from_tier=choice.tier, reason=why[:500])
+                ledger.append(self.run_dir, LedgerEvent.CKPT_FALLBACK, from_step=chosen.step, to_step=None,
+                              from_tier=chosen.tier, reason=why[:500])
             return None, why
         if self.rank == 0:
-            ledger.append(self.run_dir, LedgerEvent.CKPT_LOAD, rank=0, step=choice.step,
+            ledger.append(self.run_dir, LedgerEvent.CKPT_LOAD, rank=0, step=chosen.step,
                           seconds=round(time.monotonic() - started, 6), attempt=self.attempt,
-                          tier=choice.tier, sources=list(choice.sources), reason=choice.reason[:500])
-        log.info("resumed from memory tier (%s) step %d: %s", choice.tier, choice.step, choice.reason)
-        return choice.step, choice.reason
+                          tier=chosen.tier, sources=list(chosen.sources), reason=chosen.reason[:500])
+        log.info("resumed from memory tier (%s) step %d: %s", chosen.tier, chosen.step, chosen.reason)
+        return chosen.step, chosen.reason
