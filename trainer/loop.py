@@ -118,7 +118,7 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, attempt=env.attempt, on_commit=self._on_commit,
                                          local_world=env.local_world_size)
         self.adaptive = AdaptiveInterval(cfg.checkpoint, self.run_dir, attempt=env.attempt, is_logger=self.is_logger,
-                                         device=self.device)
+                                         device=self.device, history=env.history)
         self.flops_per_token = flops_per_token(arch, cfg.seq_len)
         self.peak = device_peak_flops(self.device, cfg.train.peak_flops)
 

@@ -1,31 +1,29 @@
-"""The trainer's adaptive checkpoint interval: measure each save's cost to the loop, agree across ranks,
-set each tier's interval to Daly's optimum, record every change.
+"""Each checkpoint tier's current interval, and with `adaptive` its changes: measure each save's cost to
+the loop, agree across ranks, set the interval to Daly's optimum, record every change.
 
 Every rank measures its own iterations; each decision all-reduces (max) the measurements, so all ranks
 take the same decision at the same step without rank 0 sending anything. Decisions are taken when a
 save's cost window closes (the same iteration on every rank) and once at start, from the newest
 `ckpt_interval` ledger record (the interval chosen, the save cost and step time measured before the
-restart: the new attempt continues from that interval) and the run's
-failure history (the supervisors' calibration files, RUN_DIR/calibration/): a failure that caused this
-restart moves the interval before the first save of the new attempt.
+restart: the new attempt continues from that interval) and the run's failure history (which the
+supervisor passes in the rank environment, `RankEnv.history`): a failure that caused this restart moves
+the interval before the first save of the new attempt.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from resilient.core import ledger
 from resilient.core.events import LedgerEvent
-from resilient.core.rundir import RunDir
+from resilient.rank.env import FailureHistory
 from trainer.checkpoint import interval
 from trainer.checkpoint.config import CheckpointConfig
 
@@ -34,19 +32,6 @@ log = logging.getLogger("trainer")
 TIER_FIELDS = {"disk": "interval_steps", "memory": "memory_interval_steps"}
 """Each checkpoint tier and its interval field in CheckpointConfig. A tier adapts only when it is on
 (its configured interval > 0); each has its own cost meter and its own Daly optimum."""
-
-
-def read_calibrations(run_dir: Path) -> list[dict[str, Any]]:
-    """The supervisors' persisted records (unreadable ones are skipped: the prior stands in for them)."""
-    out = []
-    for path in sorted(RunDir(run_dir).calibration.glob("node*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
 
 
 @dataclass(frozen=True)
@@ -74,13 +59,14 @@ class AdaptiveInterval:
     """Owns the checkpoint config the loop saves by; `config` changes as intervals adapt."""
 
     def __init__(self, cfg: CheckpointConfig, run_dir: Path, *, attempt: int, is_logger: bool,
-                 device: torch.device, clock: Callable[[], float] = time.monotonic) -> None:
+                 device: torch.device, history: FailureHistory,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config, self.run_dir, self.attempt, self.is_logger = cfg, run_dir, attempt, is_logger
         self.device, self.clock = device, clock
         self.meters = {tier: interval.CostMeter(cfg.cost_window_steps)
                        for tier, name in TIER_FIELDS.items() if getattr(cfg, name)}
         self.configured = {tier: getattr(cfg, name) for tier, name in TIER_FIELDS.items()}
-        self.failures, self.exposure_s = interval.failure_history(read_calibrations(run_dir))
+        self.failures, self.exposure_s = history.failures, history.exposure_s
         self.started = clock()
         self._last_end: float | None = None
 
