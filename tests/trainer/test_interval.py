@@ -173,8 +173,8 @@ def test_config_refuses_crossed_bounds_and_adaptive_without_a_start():
 
 def test_an_adaptive_interval_counts_from_the_last_save_a_fixed_one_at_multiples():
     def due(cfg: CheckpointConfig, step: int, last: int | None) -> bool:
-        return should_save(cfg, step=step, final_step=1000, last_save_step=last, seconds_since_save=0.0,
-                           stop_requested=False).yes
+        return should_save(cfg, interval_steps=cfg.interval_steps, step=step, final_step=1000, last_save_step=last,
+                           seconds_since_save=0.0, stop_requested=False).yes
 
     fixed = CheckpointConfig(interval_steps=127)
     adaptive = CheckpointConfig(interval_steps=127, adaptive=True)

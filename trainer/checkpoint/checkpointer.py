@@ -1,4 +1,5 @@
-"""Async distributed checkpoints with an atomic commit, verified loads and retention.
+"""Async distributed checkpoints with an atomic commit, verified loads and retention, on the
+checkpointer's own schedule (disk and memory tier, adaptive.py) that `after_step` follows.
 
 Save: stage this rank's share into kept host buffers (the only blocking part), write and hash it in
 a background thread at idle priority (trainer/checkpoint/writer.py), and when every rank's write is
@@ -12,10 +13,12 @@ import logging
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
@@ -25,8 +28,10 @@ from resilient.core import ledger
 from resilient.core.atomic import fsync_dir
 from resilient.core.errors import CheckpointError
 from resilient.core.events import LedgerEvent
+from resilient.rank.env import FailureHistory
 from trainer import compat
 from trainer.checkpoint import layout, manifest, policy, writer
+from trainer.checkpoint.adaptive import AdaptiveInterval
 from trainer.checkpoint.config import CheckpointConfig
 from trainer.checkpoint.memory import choice, snapshot
 from trainer.checkpoint.memory.ring import Ring
@@ -43,15 +48,34 @@ def schedule_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str
             if k != "num_steps" and saved[k] != current[k]}
 
 
+@dataclass(frozen=True)
+class StepSave:
+    """What `after_step` did at one step boundary."""
+
+    tier: str | None
+    """"disk" (a save started), "memory" (a snapshot taken) or None (nothing was due)."""
+    reason: str
+    """Why: the trigger, or why nothing was due."""
+    blocking_s: float
+    """Seconds the loop was blocked by it."""
+
+
 class Checkpointer:
     """One per rank; every public method is called by all ranks at the same step boundary."""
 
-    def __init__(self, cfg: CheckpointConfig, run_dir: Path, *, attempt: int = 0,
-                 on_commit: Callable[[int, float, int], None] | None = None, local_world: int | None = None) -> None:
-        """`on_commit(step, total_seconds, bytes)` runs on rank 0 once a checkpoint is committed;
-        `local_world` (ranks per node, default: all on one node) places the memory tier's replicas."""
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, *, final_step: int, device: torch.device,
+                 attempt: int = 0, history: FailureHistory = FailureHistory(),
+                 on_commit: Callable[[int, float, int], None] | None = None,
+                 on_save_start: Callable[[int], None] | None = None, local_world: int | None = None) -> None:
+        """`final_step`: the run's last step (always saved; never snapshot); `device`: where the schedule's
+        agreement collective runs; `history`: the run's failure history (the adaptive interval's MTBF);
+        `on_commit(step, total_seconds, bytes)` runs on rank 0 once a checkpoint is committed;
+        `on_save_start(step)` runs on every rank before a disk save blocks the loop; `local_world` (ranks
+        per node, default: all on one node) places the memory tier's replicas."""
         self.cfg = cfg
-        self.on_commit = on_commit
+        """As configured; the current intervals are the schedule's."""
+        self.final_step = final_step
+        self.on_commit, self.on_save_start = on_commit, on_save_start
         self.run_dir = run_dir
         self.attempt = attempt
         self.root = cfg.root(run_dir)
@@ -75,6 +99,8 @@ class Checkpointer:
                 cfg.memory_root(run_dir), rank=self.rank, ring=Ring(self.world, local_world or self.world),
                 fmt=SnapshotFormat(self._layout()), keep_last=cfg.memory_keep_last,
                 on_commit=self._on_memory_commit if self.rank == 0 else None)
+        self.schedule = AdaptiveInterval(cfg, run_dir, attempt=attempt, is_logger=self.rank == 0, device=device,
+                                         history=history)
         dist.barrier()
 
     def _layout(self) -> dict[str, int]:
@@ -82,22 +108,52 @@ class Checkpointer:
                 "pp": parallel_state.get_pipeline_model_parallel_world_size(),
                 "dp": parallel_state.get_data_parallel_world_size()}
 
-    # -- saving ---------------------------------------------------------------------------
+    # -- the schedule -----------------------------------------------------------------------
 
-    def should_save(self, step: int, final_step: int, stop_requested: bool) -> policy.Decision:
-        return policy.should_save(self.cfg, step=step, final_step=final_step, last_save_step=self.last_save_step,
-                                  seconds_since_save=time.monotonic() - self.last_save_time,
-                                  stop_requested=stop_requested)
+    def start(self, step: int) -> None:
+        """Before the first step of the attempt (after `resume`): the schedule takes up what earlier
+        attempts decided and measured."""
+        self.schedule.start(step)
+
+    @property
+    def intervals(self) -> dict[str, int]:
+        """Each tier's current interval in steps (the tiers that are on)."""
+        return self.schedule.intervals
+
+    def after_step(self, state: TrainState, *, stop_requested: bool, excluded_s: float = 0.0) -> StepSave:
+        """At every step boundary, after `state.step` was trained: finalize the saves whose write
+        finished; save to disk when due (a stop request and the final step always are), else snapshot
+        to memory when due; then feed the schedule this iteration. `excluded_s` (evaluation) is not loop
+        time a save could have cost."""
+        self.poll()
+        step, tier, blocking = state.step, None, 0.0
+        decision = policy.should_save(self.cfg, interval_steps=self.schedule.current["disk"], step=step,
+                                      final_step=self.final_step, last_save_step=self.last_save_step,
+                                      seconds_since_save=time.monotonic() - self.last_save_time,
+                                      stop_requested=stop_requested)
+        if decision.yes:
+            if self.on_save_start is not None:
+                self.on_save_start(step)
+            tier, blocking = "disk", self.save(state)
+        else:
+            decision = self._snapshot_due(step)
+            if decision.yes:
+                tier, blocking = "memory", self.snapshot(state)
+        self.schedule.iteration_done(step, tier, in_flight=self.in_flight, excluded_s=excluded_s,
+                                     blocking_s=blocking)
+        return StepSave(tier, decision.reason, blocking)
+
+    def _snapshot_due(self, step: int) -> policy.Decision:
+        last = self.memory.last_step if self.memory and self.cfg.adaptive else None
+        return policy.should_snapshot(self.schedule.current["memory"] if self.memory else 0, step=step,
+                                      final_step=self.final_step, disk_saved=self.last_save_step == step,
+                                      last_snapshot=last)
+
+    # -- saving ---------------------------------------------------------------------------
 
     def _on_memory_commit(self, step: int, size: int, replicated: bool) -> None:
         ledger.append(self.run_dir, LedgerEvent.MEM_SNAPSHOT, step=step, attempt=self.attempt, bytes=size,
                       replicated=replicated)
-
-    def should_snapshot(self, step: int, final_step: int) -> policy.Decision:
-        last = self.memory.last_step if self.memory and self.cfg.adaptive else None
-        return policy.should_snapshot(self.cfg.memory_interval_steps if self.memory else 0, step=step,
-                                      final_step=final_step, disk_saved=self.last_save_step == step,
-                                      last_snapshot=last)
 
     def snapshot(self, state: TrainState) -> float:
         """Copy `state` into the memory tier; returns the seconds the loop was blocked."""

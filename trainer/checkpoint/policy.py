@@ -14,28 +14,30 @@ class Decision:
     reason: str
 
 
-def should_save(cfg: CheckpointConfig, *, step: int, final_step: int, last_save_step: int | None,
-                seconds_since_save: float, stop_requested: bool) -> Decision:
-    """Save after `step`? Stop requests and the final step always save (unless just saved)."""
+def should_save(cfg: CheckpointConfig, *, interval_steps: int, step: int, final_step: int,
+                last_save_step: int | None, seconds_since_save: float, stop_requested: bool) -> Decision:
+    """Save after `step`? Stop requests and the final step always save (unless just saved).
+    `interval_steps` is the disk tier's current interval (`cfg.interval_steps` is only where an
+    adaptive one starts)."""
     if last_save_step == step:
         return Decision(False, f"step {step} is already saved")
     if stop_requested:
         return Decision(True, "stop requested")
     if step == final_step and cfg.save_on_finish:
         return Decision(True, "final step")
-    if cfg.interval_steps and _interval_due(cfg, step, last_save_step):
-        return Decision(True, f"every {cfg.interval_steps} steps")
+    if interval_steps and _interval_due(interval_steps, cfg.adaptive, step, last_save_step):
+        return Decision(True, f"every {interval_steps} steps")
     if cfg.interval_minutes and seconds_since_save >= cfg.interval_minutes * 60:
         return Decision(True, f"{cfg.interval_minutes:g} minutes since the last save")
     return Decision(False, "no trigger")
 
 
-def _interval_due(cfg: CheckpointConfig, step: int, last_save_step: int | None) -> bool:
+def _interval_due(interval_steps: int, adaptive: bool, step: int, last_save_step: int | None) -> bool:
     """Fixed intervals save at multiples of the interval; an adaptive one counts from the last save of
     the attempt (a change of interval neither saves twice in a row nor skips one), else from step 0."""
-    if cfg.adaptive and last_save_step is not None:
-        return step - last_save_step >= cfg.interval_steps
-    return step % cfg.interval_steps == 0
+    if adaptive and last_save_step is not None:
+        return step - last_save_step >= interval_steps
+    return step % interval_steps == 0
 
 
 def to_delete(committed: list[int], *, keep_last: int, keep_every: int, protected: set[int]) -> list[int]:
