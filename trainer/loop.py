@@ -21,7 +21,6 @@ from resilient.rank import Phase, RankEnv, StopFlag, connect
 from resilient.rank.env import assigned_at
 from trainer import distributed, numerics
 from trainer.checkpoint import layout
-from trainer.checkpoint.adaptive import AdaptiveInterval
 from trainer.checkpoint.checkpointer import Checkpointer
 from trainer.checkpoint.state import TrainState
 from trainer.config import TrainerConfig
@@ -115,10 +114,9 @@ class Trainer:
                                 identity=identity)
         self.losses = numerics.LossHistory()
         self.injection = numerics.FaultInjection(self.run_dir, self.env.attempt)
-        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, attempt=env.attempt, on_commit=self._on_commit,
-                                         local_world=env.local_world_size)
-        self.adaptive = AdaptiveInterval(cfg.checkpoint, self.run_dir, attempt=env.attempt, is_logger=self.is_logger,
-                                         device=self.device)
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, final_step=cfg.train.steps, device=self.device,
+                                         attempt=env.attempt, history=env.history, on_commit=self._on_commit,
+                                         on_save_start=self._on_save_start, local_world=env.local_world_size)
         self.flops_per_token = flops_per_token(arch, cfg.seq_len)
         self.peak = device_peak_flops(self.device, cfg.train.peak_flops)
 
@@ -150,13 +148,9 @@ class Trainer:
         dist.all_reduce(total)
         return total.item() / self._loss_ranks
 
-    def _save(self, reason: str) -> float:
-        """Save to disk; how long the loop was blocked."""
-        self._beat(Phase.CHECKPOINT, self.state.step, ckpt_step=self.state.step)
-        blocking = self.checkpointer.save(self.state)
-        log.info("checkpoint step %d (%s): loop blocked %.3fs", self.state.step, reason, blocking)
-        self._beat(Phase.STEP, self.state.step, ckpt_blocking_s=blocking, ckpt_step=self.state.step)
-        return blocking
+    def _on_save_start(self, step: int) -> None:
+        # The save blocks the loop: the supervisor applies its checkpoint timeout, not the step timeout.
+        self._beat(Phase.CHECKPOINT, step, ckpt_step=step)
 
     def run(self) -> ExitCode:
         started = assigned_at() or psutil.Process().create_time()  # a warm spare: from its assignment
@@ -173,8 +167,7 @@ class Trainer:
         if state.step > cfg.train.steps:  # would end at once with its final step neither trained nor saved
             raise ConfigError(f"train.steps: {cfg.train.steps} is below the step the run resumed at ({state.step}); "
                               "raise it to continue the run")
-        self.adaptive.start(state.step)
-        self.checkpointer.cfg = self.adaptive.config
+        self.checkpointer.start(state.step)
         self._beat(Phase.STEP, state.step, consumed_samples=state.consumed_samples)  # training starts here
         tokens_per_step = cfg.train.global_batch * cfg.seq_len
         outcome = ExitCode.FINISHED
@@ -199,20 +192,13 @@ class Trainer:
                 eval_started = time.perf_counter()
                 self._record_eval(self._evaluate())
                 eval_s = time.perf_counter() - eval_started
-            self.checkpointer.poll()
             stop_requested = stop_requested or state.step == cfg.train.exit_at_step
-            decision = self.checkpointer.should_save(state.step, cfg.train.steps, stop_requested)
-            saved, blocking = None, 0.0
-            if decision.yes:
-                blocking = self._save(decision.reason)
-                saved = "disk"
-            elif self.checkpointer.should_snapshot(state.step, cfg.train.steps).yes:
-                blocking = self.checkpointer.snapshot(state)
-                log.info("memory snapshot step %d: loop blocked %.3fs", state.step, blocking)
-                saved = "memory"
-            self.adaptive.iteration_done(state.step, saved, in_flight=self.checkpointer.in_flight,
-                                         excluded_s=eval_s, blocking_s=blocking)
-            self.checkpointer.cfg = self.adaptive.config  # the interval the next save decision uses
+            saved = self.checkpointer.after_step(state, stop_requested=stop_requested, excluded_s=eval_s)
+            if saved.tier == "disk":
+                log.info("checkpoint step %d (%s): loop blocked %.3fs", state.step, saved.reason, saved.blocking_s)
+                self._beat(Phase.STEP, state.step, ckpt_blocking_s=saved.blocking_s, ckpt_step=state.step)
+            elif saved.tier == "memory":
+                log.info("memory snapshot step %d: loop blocked %.3fs", state.step, saved.blocking_s)
             if stop_requested:
                 outcome = ExitCode.PREEMPTED
                 break
@@ -263,7 +249,7 @@ class Trainer:
         self._beat(Phase.STEP, state.step, loss=loss, lr=lr, grad_norm=grad_norm, step_time=step_time,
                    compute_time=compute_time,
                    tokens=state.consumed_tokens, tokens_per_s=tokens_per_s, mfu=mfu,
-                   consumed_samples=state.consumed_samples, ckpt_intervals=self.adaptive.intervals)
+                   consumed_samples=state.consumed_samples, ckpt_intervals=self.checkpointer.intervals)
         if not self.is_logger:
             return
         ledger.append_jsonl(RunDir(self.run_dir).train_log, record)

@@ -2,7 +2,8 @@
 
 torchrun-compatible (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR,
 MASTER_PORT) so any torch.distributed script runs under the supervisor unchanged, plus RESILIENT_*
-for what only a protocol-aware rank uses (heartbeat socket, attempt, stop signals, run directory).
+for what only a protocol-aware rank uses (heartbeat socket, attempt, stop signals, run directory, the
+run's failure history).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ NODE_RANK = "RESILIENT_NODE_RANK"
 NODE_NAME = "RESILIENT_NODE_NAME"
 STOP_SIGNALS = "RESILIENT_STOP_SIGNALS"
 DEFAULT_STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
+FAILURES = "RESILIENT_FAILURES"
+EXPOSURE_S = "RESILIENT_EXPOSURE_S"
 ASSIGNED_AT = "RESILIENT_ASSIGNED_AT"
 """Set by a parked spare (resilient.rank.park) when it takes a rank: Unix time the rank began."""
 
@@ -38,6 +41,17 @@ def assigned_at(env: Mapping[str, str] = os.environ) -> float | None:
 def node_name(env: Mapping[str, str] = os.environ) -> str:
     """This node's name as the health checks, metrics and ledger label it."""
     return env.get(NODE_NAME) or env.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+@dataclass(frozen=True)
+class FailureHistory:
+    """The run's failures so far and the time it has been supervised, as the supervisor knows them when
+    it starts the rank (the trainer's adaptive checkpoint interval estimates the failure rate from it)."""
+
+    failures: int = 0
+    """Failures of the run, across attempts and requeues (a repeat at the same step counts once)."""
+    exposure_s: float = 0.0
+    """Wall seconds the run has been supervised (the longest any node has)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,8 @@ class RankEnv:
     """The supervisor that spawned this rank: the rank dies with it."""
     stop_signals: tuple[str, ...] = DEFAULT_STOP_SIGNALS
     """Signals that ask the rank to save and stop at the next step boundary."""
+    history: FailureHistory = FailureHistory()
+    """The run's failure history when the rank was started (empty: unsupervised, or none yet)."""
 
     @property
     def supervised(self) -> bool:
@@ -80,6 +96,8 @@ class RankEnv:
             NODE_RANK: str(self.node_rank),
             NODE_NAME: self.node_name,
             STOP_SIGNALS: ",".join(self.stop_signals),
+            FAILURES: str(self.history.failures),
+            EXPOSURE_S: repr(self.history.exposure_s),
         }
         optional = {RUN_DIR: self.run_dir, HEARTBEAT_SOCKET: self.heartbeat_socket,
                     SUPERVISOR_PID: self.supervisor_pid}
@@ -105,4 +123,5 @@ class RankEnv:
             heartbeat_socket=optional_path(HEARTBEAT_SOCKET),
             supervisor_pid=int(env[SUPERVISOR_PID]) if env.get(SUPERVISOR_PID) else None,
             stop_signals=tuple(s for s in env.get(STOP_SIGNALS, ",".join(DEFAULT_STOP_SIGNALS)).split(",") if s),
+            history=FailureHistory(int(env.get(FAILURES, "0")), float(env.get(EXPOSURE_S, "0.0"))),
         )

@@ -1,8 +1,9 @@
 """What a node's supervisor learns about a run that must survive requeues and its own death: the
 failures it recorded, the time it has supervised, and the step and save times behind its calibrated
 hang timeouts. One JSON file per node, RUN_DIR/calibration/node<N>.json (0700 dir, 0600 file, replaced
-atomically), read when the supervisor starts: a requeued run keeps its calibrated timeouts and the
-trainer's adaptive checkpoint interval sees the whole failure history.
+atomically), read when the supervisor starts: a requeued run keeps its calibrated timeouts. The run's
+failure history over every node's file goes to each rank it starts (`RankEnv.history`), for the
+trainer's adaptive checkpoint interval: only the supervisor reads these files.
 
 A supervisor marks its file `open` while it runs and closes it at a clean end; a file still open at
 the next start means the previous supervisor died (node loss, SIGKILL), which counts as a failure.
@@ -14,7 +15,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 from resilient.core import guarded
 from resilient.core.atomic import atomic_write
 from resilient.core.rundir import RunDir
+from resilient.rank.env import FailureHistory
 from resilient.supervisor.tracking import HeartbeatTracker
 
 WRITE_EVERY_S = 10.0
@@ -78,6 +80,21 @@ def load(path: Path) -> Calibration:
     return cal
 
 
+def failure_history(records: Sequence[Calibration]) -> FailureHistory:
+    """The run's history from its nodes' records. Every failure is recorded by exactly one node; one at
+    the same step as that node's previous one (an unhealthy node failing its pre-flight again, a crash
+    loop) lost no work since and counts once. The nodes run side by side, so the run's exposure is the
+    longest any node has supervised."""
+    failures = 0
+    for cal in records:
+        last: object = object()
+        for f in cal.failures:
+            step = f.get("step")
+            failures += step is None or step != last
+            last = step
+    return FailureHistory(failures, max((cal.exposure_s for cal in records), default=0.0))
+
+
 def signature(*parts: Any) -> str:
     """A short digest of what step and save times depend on (JSON-able parts)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -117,6 +134,22 @@ class CalibrationStore:
                                   "step": record.get("step")})
         self.write()
 
+    def history(self) -> FailureHistory:
+        """The run's failure history now: this node's record as it stands, the other nodes' files as
+        last written (an unreadable one is left out: the trainer's prior stands in for it)."""
+        self._update_exposure()
+        records = [self.cal]
+        for path in sorted(self.path.parent.glob("node*.json")):
+            if path.name == self.path.name:
+                continue
+            try:
+                cal, problem = parse(path.read_text())
+            except OSError:
+                continue
+            if problem is None:
+                records.append(cal)
+        return failure_history(records)
+
     def maybe_write(self) -> None:
         if self._started is not None and self.clock() >= self._next_write:
             self.write()
@@ -128,11 +161,13 @@ class CalibrationStore:
         self.cal.open = False
         self.write()
 
-    def write(self) -> None:
-        now = self.clock()
-        self._next_write = now + WRITE_EVERY_S
+    def _update_exposure(self) -> None:
         if self._started is not None:
-            self.cal.exposure_s = self._base_exposure + (now - self._started)
+            self.cal.exposure_s = self._base_exposure + (self.clock() - self._started)
+
+    def write(self) -> None:
+        self._next_write = self.clock() + WRITE_EVERY_S
+        self._update_exposure()
         self.cal.step_times = list(self.tracker.step_times)
         self.cal.ckpt_times = list(self.tracker.ckpt_times)
         text = json.dumps(asdict(self.cal))

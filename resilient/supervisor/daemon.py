@@ -31,7 +31,7 @@ from resilient.core.events import LedgerEvent
 from resilient.core.exit_codes import ExitCode
 from resilient.core.outcome import Outcome, exit_code_for
 from resilient.core.rundir import RunDir
-from resilient.rank.env import DEFAULT_STOP_SIGNALS, RankEnv
+from resilient.rank.env import DEFAULT_STOP_SIGNALS, FailureHistory, RankEnv
 from resilient.rank.heartbeat import HeartbeatServer
 from resilient.report.rank_steps import RankStepLog
 from resilient.supervisor import calibration, decisions, failures, incidents, progress, publishing, spares, timeouts
@@ -201,7 +201,7 @@ class Supervisor:
         self._stop_seen = self._stop_seen or gate is Gate.STOP
         return gate
 
-    def _rank_specs(self, port: int, attempt: int) -> list[RankEnv]:
+    def _rank_specs(self, port: int, attempt: int, history: FailureHistory = FailureHistory()) -> list[RankEnv]:
         assert self.server is not None
         nproc = self.scfg.nproc_per_node
         return [RankEnv(
@@ -211,13 +211,14 @@ class Supervisor:
             run_dir=self.run_dir, heartbeat_socket=self.server.path, supervisor_pid=os.getpid(),
             stop_signals=tuple(dict.fromkeys((self.scfg.stop_signal().name, *DEFAULT_STOP_SIGNALS,
                                               self.scfg.preempt_signal))),
+            history=history,
         ) for local in range(nproc)]
 
     def _spawn_ranks(self) -> None:
         assert self.coord is not None
         argv = self.scfg.rank_argv(self.config_path, self.run_dir)
         self.ranks, views, warm = [], [], 0
-        for spec in self._rank_specs(self.coord.master_port(self.attempt), self.attempt):
+        for spec in self._rank_specs(self.coord.master_port(self.attempt), self.attempt, self.calibration.history()):
             proc = self.spares.take(spec, argv) if self.spares is not None else None
             warm += proc is not None
             proc = proc or spawn(spec, argv)
@@ -241,7 +242,7 @@ class Supervisor:
 
     def _refill_spares(self) -> None:
         """Replace the spares the last attempt took; they carry their future rank's identity, with
-        placeholders (attempt -1, port 0) for what the assignment sets."""
+        placeholders (attempt -1, port 0, no failure history) for what the assignment sets."""
         assert self.spares is not None
         self._refill_at = None
         if self.spares.fill(self._rank_specs(0, -1)):

@@ -1,8 +1,8 @@
-"""Issue 17: the in-memory checkpoint tier (own node), its choice at restart and its fallbacks.
+"""The in-memory checkpoint tier (own node), its choice at restart and its fallbacks.
 
 The decision (`choose_tier`) is tested as a pure function; real ranks check that a resume from memory
 lands on the reference run's bits and that a flipped byte in shared memory falls back to the next
-valid tier (disk here), never further."""
+valid tier (disk here), never further. Replication without processes: test_memory_replication.py."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from resilient.core import ledger
 from tests.conftest import REFERENCE
 from tests.ranks import digest, resilient_cli, run_ranks, spawn_ranks, train_losses, wait_all
 from trainer.checkpoint.config import CheckpointConfig
-from trainer.checkpoint.policy import Inventory, choose_tier, mark_failed, should_snapshot
+from trainer.checkpoint.memory.choice import Inventory, choose_tier, mark_failed
+from trainer.checkpoint.policy import should_snapshot
 
 MEMORY = REFERENCE + ["checkpoint.memory_interval_steps=5"]  # memory 5, 10, 15, 20; disk 12, 24
 
@@ -199,7 +200,8 @@ def test_lost_node_memory_resumes_from_the_peer_replica(reference_run, killed_tw
 
 
 def test_prune_keeps_the_newest_committed_and_what_is_in_flight(tmp_path):
-    from trainer.checkpoint.memory_tier import COMMITTED, prune, step_dir, steps_in
+    from trainer.checkpoint.memory.naming import COMMITTED, step_dir, steps_in
+    from trainer.checkpoint.memory.retention import prune
 
     for step, committed in [(5, True), (10, False), (15, True), (20, True), (25, False)]:
         step_dir(tmp_path, step).mkdir()
@@ -210,7 +212,9 @@ def test_prune_keeps_the_newest_committed_and_what_is_in_flight(tmp_path):
 
 
 def test_snapshots_reuse_the_pruned_file_and_its_mapping(tmp_path):
-    from trainer.checkpoint.memory_tier import COMMITTED, SPARE, Slots, prune, step_dir, steps_in
+    from trainer.checkpoint.memory.naming import COMMITTED, SPARE, step_dir, steps_in
+    from trainer.checkpoint.memory.retention import prune
+    from trainer.checkpoint.memory.slots import Slots
 
     slots, taken = Slots(tmp_path, rank=0), []
     for step in range(1, 8):
@@ -239,7 +243,7 @@ def test_snapshots_reuse_the_pruned_file_and_its_mapping(tmp_path):
 
 def test_memory_root_made_by_someone_else_or_open_to_others_is_refused(tmp_path):
     from resilient.core.errors import CheckpointError
-    from trainer.checkpoint.memory_tier import check_root
+    from trainer.checkpoint.memory.files import check_root
 
     check_root(tmp_path / "mine")
     assert (tmp_path / "mine").stat().st_mode & 0o777 == 0o700
@@ -250,51 +254,3 @@ def test_memory_root_made_by_someone_else_or_open_to_others_is_refused(tmp_path)
     (tmp_path / "link").symlink_to(tmp_path / "mine")
     with pytest.raises(CheckpointError, match="owner-only"):
         check_root(tmp_path / "link")
-
-
-def _transfer(rank: int, root: str, init: str, results) -> None:
-    """One of two gloo ranks on two "nodes": rank 1 lost its own copy of step 15, rank 0 holds its replica."""
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    from trainer.checkpoint import replication
-
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    got = replication.transfer(dist.group.WORLD, Path(root), 15, ("own", "replica@0"), rank=rank,
-                               local_world=1, world=2)
-    results.put((rank, None if got is None else (got[0], bytes(got[1]))))
-    dist.destroy_process_group()
-
-
-@pytest.mark.parametrize("replica_there", [True, False])
-def test_a_replica_that_vanished_before_the_transfer_is_reported_not_waited_for(tmp_path, replica_there):
-    """The holder answers for a replica pruned or damaged since the inventory; its owner fails that copy
-    (and the restart chooses again) instead of blocking in recv until the hang detector fires."""
-    import multiprocessing
-
-    from trainer.checkpoint.memory_tier import replica_dir, step_dir
-    from trainer.checkpoint.replication import UNAVAILABLE
-
-    held = step_dir(replica_dir(tmp_path, 0, 1), 15)
-    held.mkdir(parents=True)
-    (held / "rank1.json").write_text(json.dumps({"bytes": 4, "step": 15}))
-    (held / "rank1.bin").write_bytes(b"abcd" + bytes(60))
-    if not replica_there:
-        (held / "rank1.bin").unlink()
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_transfer, args=(r, str(tmp_path), str(tmp_path / "init"), results)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    got = dict(results.get(timeout=90) for _ in procs)
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
-    assert got[0] is None
-    meta, data = got[1]
-    if replica_there:
-        assert (meta, data) == ({"bytes": 4, "step": 15}, b"abcd")
-    else:
-        assert data == b"" and "rank 0: FileNotFoundError" in meta[UNAVAILABLE]

@@ -10,7 +10,7 @@ from trainer.checkpoint.config import CheckpointConfig
 
 def test_save_triggers():
     cfg = CheckpointConfig(interval_steps=10, interval_minutes=5)
-    kw = dict(final_step=100, last_save_step=None, seconds_since_save=0.0, stop_requested=False)
+    kw = dict(interval_steps=10, final_step=100, last_save_step=None, seconds_since_save=0.0, stop_requested=False)
     assert policy.should_save(cfg, step=10, **kw).yes
     assert not policy.should_save(cfg, step=11, **kw).yes
     assert policy.should_save(cfg, step=11, **{**kw, "seconds_since_save": 301}).reason.startswith("5 minutes")
@@ -18,7 +18,10 @@ def test_save_triggers():
     assert policy.should_save(cfg, step=100, **kw).reason == "final step"
     assert not policy.should_save(cfg, step=10, **{**kw, "last_save_step": 10, "stop_requested": True}).yes
     off = CheckpointConfig(interval_steps=0, save_on_finish=False)
-    assert not policy.should_save(off, step=100, **kw).yes
+    assert not policy.should_save(off, step=100, **{**kw, "interval_steps": 0}).yes
+    # the interval is the schedule's current one, not the configured start
+    assert policy.should_save(cfg, step=11, **{**kw, "interval_steps": 11}).reason == "every 11 steps"
+    assert not policy.should_save(cfg, step=10, **{**kw, "interval_steps": 11}).yes
 
 
 def test_retention_keeps_last_k_and_every_mth_and_protected():

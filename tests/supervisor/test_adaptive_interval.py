@@ -23,6 +23,22 @@ SETS = ["train.eval_every=0", "train.warmup_steps=4", "metrics.port=0", "checkpo
         "supervisor.backoff_initial_s=0.1", "supervisor.nproc_per_node=1"]
 
 
+def assert_saves_follow_the_schedule(run_dir, attempt: int, configured: int) -> None:
+    """The disk saves of one attempt came at the intervals the schedule chose: after the save at step a,
+    the next is the first step b with b - a >= the interval in force at b (the newest change recorded
+    at a step before b: a decision is taken after that step's save decision)."""
+    changes = sorted((e["step"], e["steps"]) for e in events(run_dir, "ckpt_interval")
+                     if e["tier"] == "disk" and e["attempt"] == attempt)
+
+    def interval_at(step: int) -> int:
+        return ([steps for at, steps in changes if at < step] or [configured])[-1]
+
+    saves = sorted(e["step"] for e in events(run_dir, "ckpt_save"))
+    assert len(saves) >= 2, saves
+    for a, b in zip(saves, saves[1:]):
+        assert b - a >= interval_at(b) and all(t - a < interval_at(t) for t in range(a + 1, b)), (a, b, changes)
+
+
 def _run(run_dir, log, steps):
     return start(["run", str(REPO / "examples" / "tiny.yaml"), "--run-dir", str(run_dir),
                   *[a for s in [*SETS, f"train.steps={steps}"] for a in ("--set", s)]], log=log)
@@ -45,6 +61,8 @@ def test_interval_change_reaches_the_ledger_and_history_survives_the_supervisor(
         for e in tiers.values():
             assert 4 <= e["steps"] <= 8 and e["save_cost_s"] >= 0 and e["step_s"] > 0
             assert "save cost measured" in e["reason"]
+        wait_until(lambda: any(e["step"] > first["step"] for e in events(run_dir, "ckpt_save")), 240,
+                   "a disk save at the changed interval")
         wait_until(lambda: json.loads(RunDir(run_dir).calibration_file(0).read_text())["step_times"], 30,
                    "step times persisted")
         ranks = list(ranks_of(proc.pid).values())
@@ -53,6 +71,7 @@ def test_interval_change_reaches_the_ledger_and_history_survives_the_supervisor(
         psutil.wait_procs(ranks, timeout=10)
     finally:
         proc.kill()
+    assert_saves_follow_the_schedule(run_dir, first["attempt"], configured=3)
     died = json.loads(RunDir(run_dir).calibration_file(0).read_text())
     assert died["open"] is True and died["step_times"] and died["exposure_s"] > 0
 

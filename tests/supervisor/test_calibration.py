@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import stat
 
+import torch
+
 from resilient.core.rundir import RunDir
-from resilient.supervisor.calibration import CalibrationStore, parse, signature
+from resilient.rank.env import FailureHistory, RankEnv
+from resilient.supervisor.calibration import Calibration, CalibrationStore, failure_history, parse, signature
 from resilient.supervisor.tracking import HeartbeatTracker
+from trainer.checkpoint.adaptive import AdaptiveInterval
+from trainer.checkpoint.config import CheckpointConfig
 
 
 class Clock:
@@ -100,3 +105,43 @@ def test_times_from_another_layout_are_dropped_and_failures_kept(tmp_path, capsy
     moved = CalibrationStore(tmp_path, 0, other, signature({"layers": 4}, 2), clock)
     assert not other.step_times and len(moved.cal.failures) == 1
     assert "calibrating again" in capsys.readouterr().err
+
+
+def test_failure_history_sums_failures_and_takes_the_longest_node():
+    nodes = [Calibration(failures=[{"kind": "crash", "step": 5}, {"kind": "hang", "step": 9}], exposure_s=100.0),
+             Calibration(failures=[{"kind": "supervisor_lost", "step": None}], exposure_s=90.0), Calibration()]
+    assert failure_history(nodes) == FailureHistory(3, 100.0)
+
+
+def test_a_failure_at_the_step_of_the_last_one_lost_nothing_and_counts_once():
+    unhealthy = [{"kind": "health", "step": 33}, {"kind": "health", "step": 33}, {"kind": "crash", "step": 40},
+                 {"kind": "supervisor_lost", "step": None}, {"kind": "supervisor_lost", "step": None}]
+    assert failure_history([Calibration(failures=unhealthy, exposure_s=10.0)]) == FailureHistory(4, 10.0)
+    assert failure_history([]) == FailureHistory(0, 0.0)
+
+
+def test_the_history_the_supervisor_passes_is_the_one_the_trainer_uses(tmp_path):
+    """Writer and reader agree: every node's record, through the rank environment, into the trainer's
+    adaptive interval (the only way the history reaches a rank)."""
+    clock = Clock()
+    node1 = CalibrationStore(tmp_path, 1, HeartbeatTracker(window=4), "sig", clock)
+    node1.begin(attempt=0)
+    node1.on_failure({"kind": "crash", "step": 12}, attempt=0)
+    clock.now += 50
+    node1.write()  # 50 s supervised, as node 1 last wrote it
+    node0 = CalibrationStore(tmp_path, 0, HeartbeatTracker(window=4), "sig", clock)
+    node0.begin(attempt=0)
+    node0.on_failure({"kind": "hang", "step": 20}, attempt=0)
+    node0.on_failure({"kind": "health", "step": 20}, attempt=1)  # no step lost since: counts once
+    clock.now += 70  # node 0's own time counts up to now, written or not
+    damaged = RunDir(tmp_path).calibration_file(2)
+    damaged.write_text("{not json")  # left out: the prior stands in for it
+
+    environ = RankEnv(rank=3, history=node0.history()).to_environ()  # what node 0's ranks get
+
+    env = RankEnv.from_environ(environ)  # the trainer's side
+    schedule = AdaptiveInterval(CheckpointConfig(adaptive=True), tmp_path, attempt=1, is_logger=False,
+                                device=torch.device("cpu"), history=env.history)
+    assert (schedule.failures, schedule.exposure_s) == (2, 70.0)
+    # node 1 counts the same failures; its own time up to now (the ranks agree on the largest)
+    assert node1.history() == FailureHistory(2, 120.0)

@@ -8,7 +8,7 @@ import sys
 import pytest
 from rich.console import Console
 
-from resilient.rank.env import RankEnv
+from resilient.rank.env import FailureHistory, RankEnv
 from resilient.rank.heartbeat import HeartbeatClient, HeartbeatServer, NullHeartbeat, connect
 from resilient.core.errors import ConfigError
 from resilient.status import read_status, render_status, write_status
@@ -58,10 +58,12 @@ def test_client_is_null_when_unsupervised(monkeypatch):
 def test_rank_env_round_trips_through_the_environment(tmp_path):
     env = RankEnv(rank=9, local_rank=1, world_size=16, local_world_size=8, node_rank=1, node_name="n1",
                   master_addr="10.0.0.1", master_port=1234, attempt=2, run_dir=tmp_path,
-                  heartbeat_socket=tmp_path / "s.hb", supervisor_pid=77, stop_signals=("SIGTERM", "SIGUSR2"))
+                  heartbeat_socket=tmp_path / "s.hb", supervisor_pid=77, stop_signals=("SIGTERM", "SIGUSR2"),
+                  history=FailureHistory(3, 1234.567890123))
     assert RankEnv.from_environ(env.to_environ()) == env
     plain = RankEnv.from_environ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})  # torchrun's variables only
     assert (plain.rank, plain.world_size, plain.local_world_size, plain.supervised) == (3, 4, 4, False)
+    assert plain.history == FailureHistory(0, 0.0)
 
 
 def test_overlong_socket_path_is_a_config_error(tmp_path):

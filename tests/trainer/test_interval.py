@@ -12,7 +12,6 @@ from trainer.checkpoint.interval import (
     choose_interval,
     daly_interval,
     estimate_mtbf,
-    failure_history,
     restored_interval,
     save_cost,
     worth_changing,
@@ -59,19 +58,6 @@ def test_prior_rules_a_young_run_and_observation_an_old_one():
     assert young == pytest.approx((24 * HOUR + 60) / 2) and "1 failures" in why
     # 100 failures in 100 hours: close to the observed 1 h, whatever the prior said
     assert estimate_mtbf(24 * HOUR, 100, 100 * HOUR)[0] == pytest.approx(124 * HOUR / 101)
-
-
-def test_failure_history_sums_failures_and_takes_the_longest_node():
-    nodes = [{"failures": [{"kind": "crash", "step": 5}, {"kind": "hang", "step": 9}], "exposure_s": 100.0},
-             {"failures": [{"kind": "supervisor_lost", "step": None}], "exposure_s": 90.0}, {}]
-    assert failure_history(nodes) == (3, 100.0)
-
-
-def test_a_failure_at_the_step_of_the_last_one_lost_nothing_and_counts_once():
-    unhealthy = [{"kind": "health", "step": 33}, {"kind": "health", "step": 33}, {"kind": "crash", "step": 40},
-                 {"kind": "supervisor_lost", "step": None}, {"kind": "supervisor_lost", "step": None}]
-    assert failure_history([{"failures": unhealthy, "exposure_s": 10.0}]) == (4, 10.0)
-    assert failure_history([]) == (0, 0.0)
 
 
 def test_save_cost_is_the_extra_wall_time_not_the_blocking_call():
@@ -187,8 +173,8 @@ def test_config_refuses_crossed_bounds_and_adaptive_without_a_start():
 
 def test_an_adaptive_interval_counts_from_the_last_save_a_fixed_one_at_multiples():
     def due(cfg: CheckpointConfig, step: int, last: int | None) -> bool:
-        return should_save(cfg, step=step, final_step=1000, last_save_step=last, seconds_since_save=0.0,
-                           stop_requested=False).yes
+        return should_save(cfg, interval_steps=cfg.interval_steps, step=step, final_step=1000, last_save_step=last,
+                           seconds_since_save=0.0, stop_requested=False).yes
 
     fixed = CheckpointConfig(interval_steps=127)
     adaptive = CheckpointConfig(interval_steps=127, adaptive=True)

@@ -1,31 +1,29 @@
-"""The trainer's adaptive checkpoint interval: measure each save's cost to the loop, agree across ranks,
-set each tier's interval to Daly's optimum, record every change.
+"""Each checkpoint tier's current interval, and with `adaptive` its changes: measure each save's cost to
+the loop, agree across ranks, set the interval to Daly's optimum, record every change.
 
 Every rank measures its own iterations; each decision all-reduces (max) the measurements, so all ranks
 take the same decision at the same step without rank 0 sending anything. Decisions are taken when a
 save's cost window closes (the same iteration on every rank) and once at start, from the newest
 `ckpt_interval` ledger record (the interval chosen, the save cost and step time measured before the
-restart: the new attempt continues from that interval) and the run's
-failure history (the supervisors' calibration files, RUN_DIR/calibration/): a failure that caused this
-restart moves the interval before the first save of the new attempt.
+restart: the new attempt continues from that interval) and the run's failure history (which the
+supervisor passes in the rank environment, `RankEnv.history`): a failure that caused this restart moves
+the interval before the first save of the new attempt. The checkpointer owns the one instance.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from resilient.core import ledger
 from resilient.core.events import LedgerEvent
-from resilient.core.rundir import RunDir
+from resilient.rank.env import FailureHistory
 from trainer.checkpoint import interval
 from trainer.checkpoint.config import CheckpointConfig
 
@@ -34,19 +32,6 @@ log = logging.getLogger("trainer")
 TIER_FIELDS = {"disk": "interval_steps", "memory": "memory_interval_steps"}
 """Each checkpoint tier and its interval field in CheckpointConfig. A tier adapts only when it is on
 (its configured interval > 0); each has its own cost meter and its own Daly optimum."""
-
-
-def read_calibrations(run_dir: Path) -> list[dict[str, Any]]:
-    """The supervisors' persisted records (unreadable ones are skipped: the prior stands in for them)."""
-    out = []
-    for path in sorted(RunDir(run_dir).calibration.glob("node*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
 
 
 @dataclass(frozen=True)
@@ -71,27 +56,31 @@ def last_decisions(run_dir: Path) -> dict[str, LastDecision]:
 
 
 class AdaptiveInterval:
-    """Owns the checkpoint config the loop saves by; `config` changes as intervals adapt."""
+    """The one owner of each tier's current interval: the configured one, moved as `cfg.adaptive`
+    decides. `cfg` itself never changes."""
 
     def __init__(self, cfg: CheckpointConfig, run_dir: Path, *, attempt: int, is_logger: bool,
-                 device: torch.device, clock: Callable[[], float] = time.monotonic) -> None:
-        self.config, self.run_dir, self.attempt, self.is_logger = cfg, run_dir, attempt, is_logger
+                 device: torch.device, history: FailureHistory,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg, self.run_dir, self.attempt, self.is_logger = cfg, run_dir, attempt, is_logger
         self.device, self.clock = device, clock
         self.meters = {tier: interval.CostMeter(cfg.cost_window_steps)
                        for tier, name in TIER_FIELDS.items() if getattr(cfg, name)}
         self.configured = {tier: getattr(cfg, name) for tier, name in TIER_FIELDS.items()}
-        self.failures, self.exposure_s = interval.failure_history(read_calibrations(run_dir))
+        self.current = dict(self.configured)
+        """Each tier's interval now (0: the tier is off)."""
+        self.failures, self.exposure_s = history.failures, history.exposure_s
         self.started = clock()
         self._last_end: float | None = None
 
     @property
     def intervals(self) -> dict[str, int]:
         """Each tier's current interval (heartbeat field `ckpt_intervals`, the metric's source)."""
-        return {tier: getattr(self.config, name) for tier, name in TIER_FIELDS.items() if tier in self.meters}
+        return {tier: self.current[tier] for tier in self.meters}
 
     def start(self, step: int) -> None:
         """Before the first step (every rank): decide from what earlier attempts measured, if anything."""
-        if not self.config.adaptive:
+        if not self.cfg.adaptive:
             return
         last = last_decisions(self.run_dir)  # before this attempt writes
         for tier, meter in self.meters.items():
@@ -109,7 +98,7 @@ class AdaptiveInterval:
         background work (checksum, replica) ends at different times on different ranks, and every
         rank must close the window at the same step. `excluded_s` (evaluation) is not loop time a save
         could have cost. `blocking_s`: how long the save blocked the loop (the least it cost)."""
-        if not self.config.adaptive:
+        if not self.cfg.adaptive:
             return
         now = self.clock()
         seconds = now - (self._last_end if self._last_end is not None else now) - excluded_s
@@ -125,9 +114,9 @@ class AdaptiveInterval:
         """Take up the interval the previous attempts chose (within this config's bounds), so that a
         restart continues from it rather than from the configured start; hysteresis then applies to it.
         An operator who changed the configured interval since has the last word."""
-        restored = interval.restored_interval(last.steps, last.configured, getattr(self.config, TIER_FIELDS[tier]),
-                                              min_steps=self.config.min_interval_steps,
-                                              max_steps=self.config.max_interval_steps)
+        restored = interval.restored_interval(last.steps, last.configured, self.current[tier],
+                                              min_steps=self.cfg.min_interval_steps,
+                                              max_steps=self.cfg.max_interval_steps)
         self._set(tier, step, restored, f"at start: the interval chosen before the restart ({last.steps} steps), "
                   "restored", save_cost_s=last.cost_s, step_s=last.step_s, failures=self.failures,
                   exposure_s=self.exposure_s)
@@ -139,21 +128,21 @@ class AdaptiveInterval:
         cost, step_s, failures, exposure = agreed.tolist()
         if step_s <= 0:
             return  # nothing measured yet: keep the configured interval
-        mtbf, mtbf_why = interval.estimate_mtbf(self.config.prior_mtbf_hours * 3600, int(failures), exposure)
+        mtbf, mtbf_why = interval.estimate_mtbf(self.cfg.prior_mtbf_hours * 3600, int(failures), exposure)
         steps, reason = interval.choose_interval(save_cost_s=cost, step_s=step_s, mtbf_s=mtbf,
-                                                 min_steps=self.config.min_interval_steps,
-                                                 max_steps=self.config.max_interval_steps)
-        if interval.worth_changing(getattr(self.config, TIER_FIELDS[tier]), steps,
-                                   min_steps=self.config.min_interval_steps, max_steps=self.config.max_interval_steps):
+                                                 min_steps=self.cfg.min_interval_steps,
+                                                 max_steps=self.cfg.max_interval_steps)
+        if interval.worth_changing(self.current[tier], steps,
+                                   min_steps=self.cfg.min_interval_steps, max_steps=self.cfg.max_interval_steps):
             self._set(tier, step, steps, f"{why}: {reason}; {mtbf_why}", save_cost_s=cost, step_s=step_s,
                       mtbf_s=mtbf, failures=int(failures), exposure_s=exposure)
 
     def _set(self, tier: str, step: int, steps: int, reason: str, **measured: float) -> None:
-        """Change `tier`'s interval to `steps` (if it differs): the config, the log, the ledger."""
-        previous = getattr(self.config, TIER_FIELDS[tier])
+        """Change `tier`'s interval to `steps` (if it differs): the interval, the log, the ledger."""
+        previous = self.current[tier]
         if steps == previous:
             return
-        self.config = self.config.model_copy(update={TIER_FIELDS[tier]: steps})
+        self.current[tier] = steps
         log.info("checkpoint interval (%s) %d -> %d steps at step %d: %s", tier, previous, steps, step, reason)
         if self.is_logger:
             rounded = {k: round(v, 1 if k in ("mtbf_s", "exposure_s") else 4) for k, v in measured.items()}

@@ -1,4 +1,5 @@
-"""Async distributed checkpoints with an atomic commit, verified loads and retention.
+"""Async distributed checkpoints with an atomic commit, verified loads and retention, on the
+checkpointer's own schedule (disk and memory tier, adaptive.py) that `after_step` follows.
 
 Save: stage this rank's share into kept host buffers (the only blocking part), write and hash it in
 a background thread at idle priority (trainer/checkpoint/writer.py), and when every rank's write is
@@ -12,10 +13,12 @@ import logging
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
@@ -25,9 +28,15 @@ from resilient.core import ledger
 from resilient.core.atomic import fsync_dir
 from resilient.core.errors import CheckpointError
 from resilient.core.events import LedgerEvent
+from resilient.rank.env import FailureHistory
 from trainer import compat
-from trainer.checkpoint import layout, manifest, memory_tier, policy, writer
+from trainer.checkpoint import layout, manifest, policy, writer
+from trainer.checkpoint.adaptive import AdaptiveInterval
 from trainer.checkpoint.config import CheckpointConfig
+from trainer.checkpoint.memory import choice, snapshot
+from trainer.checkpoint.memory.ring import Ring
+from trainer.checkpoint.memory.snapshot import SnapshotFormat
+from trainer.checkpoint.memory.tier import MemoryTier
 from trainer.checkpoint.state import TrainState, apply_loaded, sharded_state
 
 log = logging.getLogger(__name__)
@@ -39,15 +48,34 @@ def schedule_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str
             if k != "num_steps" and saved[k] != current[k]}
 
 
+@dataclass(frozen=True)
+class StepSave:
+    """What `after_step` did at one step boundary."""
+
+    tier: str | None
+    """"disk" (a save started), "memory" (a snapshot taken) or None (nothing was due)."""
+    reason: str
+    """Why: the trigger, or why nothing was due."""
+    blocking_s: float
+    """Seconds the loop was blocked by it."""
+
+
 class Checkpointer:
     """One per rank; every public method is called by all ranks at the same step boundary."""
 
-    def __init__(self, cfg: CheckpointConfig, run_dir: Path, *, attempt: int = 0,
-                 on_commit: Callable[[int, float, int], None] | None = None, local_world: int | None = None) -> None:
-        """`on_commit(step, total_seconds, bytes)` runs on rank 0 once a checkpoint is committed;
-        `local_world` (ranks per node, default: all on one node) places the memory tier's replicas."""
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, *, final_step: int, device: torch.device,
+                 attempt: int = 0, history: FailureHistory = FailureHistory(),
+                 on_commit: Callable[[int, float, int], None] | None = None,
+                 on_save_start: Callable[[int], None] | None = None, local_world: int | None = None) -> None:
+        """`final_step`: the run's last step (always saved; never snapshot); `device`: where the schedule's
+        agreement collective runs; `history`: the run's failure history (the adaptive interval's MTBF);
+        `on_commit(step, total_seconds, bytes)` runs on rank 0 once a checkpoint is committed;
+        `on_save_start(step)` runs on every rank before a disk save blocks the loop; `local_world` (ranks
+        per node, default: all on one node) places the memory tier's replicas."""
         self.cfg = cfg
-        self.on_commit = on_commit
+        """As configured; the current intervals are the schedule's."""
+        self.final_step = final_step
+        self.on_commit, self.on_save_start = on_commit, on_save_start
         self.run_dir = run_dir
         self.attempt = attempt
         self.root = cfg.root(run_dir)
@@ -65,12 +93,14 @@ class Checkpointer:
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._clean_leftovers()
-        self.memory: memory_tier.MemoryTier | None = None
+        self.memory: MemoryTier | None = None
         if cfg.memory_interval_steps:
-            self.memory = memory_tier.MemoryTier(
-                cfg.memory_root(run_dir), rank=self.rank, world=self.world, local_world=local_world or self.world,
-                layout=self._layout(), keep_last=cfg.memory_keep_last,
+            self.memory = MemoryTier(
+                cfg.memory_root(run_dir), rank=self.rank, ring=Ring(self.world, local_world or self.world),
+                fmt=SnapshotFormat(self._layout()), keep_last=cfg.memory_keep_last,
                 on_commit=self._on_memory_commit if self.rank == 0 else None)
+        self.schedule = AdaptiveInterval(cfg, run_dir, attempt=attempt, is_logger=self.rank == 0, device=device,
+                                         history=history)
         dist.barrier()
 
     def _layout(self) -> dict[str, int]:
@@ -78,22 +108,52 @@ class Checkpointer:
                 "pp": parallel_state.get_pipeline_model_parallel_world_size(),
                 "dp": parallel_state.get_data_parallel_world_size()}
 
-    # -- saving ---------------------------------------------------------------------------
+    # -- the schedule -----------------------------------------------------------------------
 
-    def should_save(self, step: int, final_step: int, stop_requested: bool) -> policy.SaveDecision:
-        return policy.should_save(self.cfg, step=step, final_step=final_step, last_save_step=self.last_save_step,
-                                  seconds_since_save=time.monotonic() - self.last_save_time,
-                                  stop_requested=stop_requested)
+    def start(self, step: int) -> None:
+        """Before the first step of the attempt (after `resume`): the schedule takes up what earlier
+        attempts decided and measured."""
+        self.schedule.start(step)
+
+    @property
+    def intervals(self) -> dict[str, int]:
+        """Each tier's current interval in steps (the tiers that are on)."""
+        return self.schedule.intervals
+
+    def after_step(self, state: TrainState, *, stop_requested: bool, excluded_s: float = 0.0) -> StepSave:
+        """At every step boundary, after `state.step` was trained: finalize the saves whose write
+        finished; save to disk when due (a stop request and the final step always are), else snapshot
+        to memory when due; then feed the schedule this iteration. `excluded_s` (evaluation) is not loop
+        time a save could have cost."""
+        self.poll()
+        step, tier, blocking = state.step, None, 0.0
+        decision = policy.should_save(self.cfg, interval_steps=self.schedule.current["disk"], step=step,
+                                      final_step=self.final_step, last_save_step=self.last_save_step,
+                                      seconds_since_save=time.monotonic() - self.last_save_time,
+                                      stop_requested=stop_requested)
+        if decision.yes:
+            if self.on_save_start is not None:
+                self.on_save_start(step)
+            tier, blocking = "disk", self.save(state)
+        else:
+            decision = self._snapshot_due(step)
+            if decision.yes:
+                tier, blocking = "memory", self.snapshot(state)
+        self.schedule.iteration_done(step, tier, in_flight=self.in_flight, excluded_s=excluded_s,
+                                     blocking_s=blocking)
+        return StepSave(tier, decision.reason, blocking)
+
+    def _snapshot_due(self, step: int) -> policy.SaveDecision:
+        last = self.memory.last_step if self.memory and self.cfg.adaptive else None
+        return policy.should_snapshot(self.schedule.current["memory"] if self.memory else 0, step=step,
+                                      final_step=self.final_step, disk_saved=self.last_save_step == step,
+                                      last_snapshot=last)
+
+    # -- saving ---------------------------------------------------------------------------
 
     def _on_memory_commit(self, step: int, size: int, replicated: bool) -> None:
         ledger.append(self.run_dir, LedgerEvent.MEM_SNAPSHOT, step=step, attempt=self.attempt, bytes=size,
                       replicated=replicated)
-
-    def should_snapshot(self, step: int, final_step: int) -> policy.SaveDecision:
-        last = self.memory.last_step if self.memory and self.cfg.adaptive else None
-        return policy.should_snapshot(self.cfg.memory_interval_steps if self.memory else 0, step=step,
-                                      final_step=final_step, disk_saved=self.last_save_step == step,
-                                      last_snapshot=last)
 
     def snapshot(self, state: TrainState) -> float:
         """Copy `state` into the memory tier; returns the seconds the loop was blocked."""
@@ -203,7 +263,7 @@ class Checkpointer:
             return
         self.memory.wait()
         dist.barrier()
-        if self.rank % self.memory.local_world == 0:
+        if self.memory.node_leader:
             self.memory.remove_node_dir()
 
     def _commit(self, step: int, ckpt_dir: Path, started: float, consumed_samples: int,
@@ -317,42 +377,42 @@ class Checkpointer:
         """Try the memory tier (all ranks): (step loaded or None, why)."""
         assert self.memory is not None
         started = time.monotonic()
-        inventories: list[policy.Inventory] = [None] * self.world  # type: ignore[list-item]
+        inventories: list[choice.Inventory] = [None] * self.world  # type: ignore[list-item]
         dist.all_gather_object(inventories, self.memory.inventory())
         committed = layout.committed_steps(self.root)
         while True:  # verify only the copies chosen; a bad one is passed over and the choice taken again
-            choice = policy.choose_tier(inventories, disk_step=committed[-1] if committed else None)
-            if choice.step is None:
+            chosen = choice.choose_tier(inventories, disk_step=committed[-1] if committed else None)
+            if chosen.step is None:
                 if self.rank == 0:
-                    log.info("memory tier not used: %s", choice.reason)
-                return None, choice.reason
+                    log.info("memory tier not used: %s", chosen.reason)
+                return None, chosen.reason
             problem = None
             try:
-                meta, data = self.memory.fetch(choice.step, choice.sources)
+                meta, data = self.memory.fetch(chosen.step, chosen.sources)
             except (ValueError, OSError) as err:
                 problem = str(err)
             problems: list[str | None] = [None] * self.world
             dist.all_gather_object(problems, problem)
             if not any(problems):
                 break
-            inventories = policy.mark_failed(inventories, choice, problems)
+            inventories = choice.mark_failed(inventories, chosen, problems)
         try:
             state.scheduler.override_opt_param_scheduler = True
-            memory_tier.load_copy(state, meta, data)
+            snapshot.load(state, meta, data)
         except (ValueError, KeyError, TypeError, RuntimeError, OSError) as err:
             problem = f"rank {self.rank}: {type(err).__name__}: {err}"
         dist.all_gather_object(problems, problem)
         problem = next((p for p in problems if p), None)
         if problem:
-            why = f"memory step {choice.step} did not load ({problem}); {choice.reason}"
+            why = f"memory step {chosen.step} did not load ({problem}); {chosen.reason}"
             if self.rank == 0:
                 log.warning("%s; falling back to disk", why)
-                ledger.append(self.run_dir, LedgerEvent.CKPT_FALLBACK, from_step=choice.step, to_step=None,
-                              from_tier=choice.tier, reason=why[:500])
+                ledger.append(self.run_dir, LedgerEvent.CKPT_FALLBACK, from_step=chosen.step, to_step=None,
+                              from_tier=chosen.tier, reason=why[:500])
             return None, why
         if self.rank == 0:
-            ledger.append(self.run_dir, LedgerEvent.CKPT_LOAD, rank=0, step=choice.step,
+            ledger.append(self.run_dir, LedgerEvent.CKPT_LOAD, rank=0, step=chosen.step,
                           seconds=round(time.monotonic() - started, 6), attempt=self.attempt,
-                          tier=choice.tier, sources=list(choice.sources), reason=choice.reason[:500])
-        log.info("resumed from memory tier (%s) step %d: %s", choice.tier, choice.step, choice.reason)
-        return choice.step, choice.reason
+                          tier=chosen.tier, sources=list(chosen.sources), reason=chosen.reason[:500])
+        log.info("resumed from memory tier (%s) step %d: %s", chosen.tier, chosen.step, chosen.reason)
+        return chosen.step, chosen.reason

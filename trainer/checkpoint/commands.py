@@ -38,7 +38,7 @@ def list_cmd(directory: Path, as_json: bool = typer.Option(False, "--json", help
         rows = [{"tier": "disk", **row} for row in ck.listing(root)]
         memory = memory_dir or (CheckpointConfig().memory_root(directory) if root != directory else None)
         if memory is not None and memory.is_dir():
-            from trainer.checkpoint.memory_tier import listing as memory_listing
+            from trainer.checkpoint.memory.listing import listing as memory_listing
 
             rows += memory_listing(memory)
     if as_json:

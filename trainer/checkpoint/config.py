@@ -1,12 +1,12 @@
 """Checkpoint configuration."""
 
-import hashlib
 from pathlib import Path
 
 from pydantic import Field, model_validator
 
 from resilient.core.configbase import Section
 from resilient.core.rundir import RunDir
+from trainer.checkpoint.memory import naming
 
 
 class CheckpointConfig(Section):
@@ -67,10 +67,7 @@ class CheckpointConfig(Section):
 
     def memory_root(self, run_dir: Path) -> Path:
         """The memory tier's directory of a run in `run_dir` (shared by the nodes' subdirectories)."""
-        if self.memory_dir is not None:
-            return self.memory_dir
-        key = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
-        return Path("/dev/shm") / f"resilient-{key}"
+        return self.memory_dir if self.memory_dir is not None else naming.default_root(run_dir)
 
     def root(self, run_dir: Path) -> Path:
         """The checkpoint directory of a run in `run_dir`."""

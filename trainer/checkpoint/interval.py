@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 
 def young_interval(delta: float, mtbf: float) -> float:
@@ -84,22 +84,6 @@ def restored_interval(last: int, last_configured: int | None, configured: int, *
     if last <= 0 or (last_configured is not None and last_configured != configured):
         return configured
     return min(max_steps, max(min_steps, last))
-
-
-def failure_history(calibrations: Sequence[Mapping]) -> tuple[int, float]:
-    """(failures, exposure seconds) of a run from its nodes' persisted calibration records. Every failure
-    is recorded by exactly one node; one at the same step as that node's previous one (an unhealthy node
-    failing its pre-flight again, a crash loop) lost no work since and counts once. The nodes run side by
-    side, so the run's exposure is the longest any node has supervised."""
-    failures = 0
-    for cal in calibrations:
-        last: object = object()
-        for f in cal.get("failures") or []:
-            step = f.get("step")
-            failures += step is None or step != last
-            last = step
-    exposure = max((float(c.get("exposure_s") or 0.0) for c in calibrations), default=0.0)
-    return failures, exposure
 
 
 class CostMeter:
