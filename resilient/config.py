@@ -53,7 +53,8 @@ class RunConfig(TrainerConfig):
 
     @model_validator(mode="after")
     def _layout(self) -> "RunConfig":
-        self.check_layout(self.world_size)
+        if self.supervisor.runs_own_trainer:  # another script's model and layout are its own business
+            self.check_layout(self.world_size)
         return self
 
 

@@ -86,6 +86,7 @@ class Trainer:
                                   "megatron recomputes where the CPU bridge cannot map its CUDA calls")
         self.layout = model_layout(cfg, on_gpu=on_gpu)
         self.device = distributed.init_distributed(env, self.layout, timeout_s=p.timeout_s)
+        self._beat(Phase.BUILD, 0)
         distributed.seed_all(cfg.train.seed)
         self.chunks = build_model(arch, self.layout, device=self.device)
         if not on_gpu:
@@ -202,6 +203,7 @@ class Trainer:
             if stop_requested:
                 outcome = ExitCode.PREEMPTED
                 break
+        self._beat(Phase.FINALIZE, state.step)  # the last write may take long: not the step timeout
         self.checkpointer.finish()
         if outcome == ExitCode.FINISHED:
             self.checkpointer.discard_memory()

@@ -75,9 +75,19 @@ class MegatronLMHeartbeats:
         else:
             self._send(Phase.STEP, ckpt_step=self.iteration, ckpt_blocking_s=blocked)
 
-    def shutdown(self) -> None:
-        self._send(Phase.DONE)
+    def shutdown(self, message: str | None = None) -> None:
+        self._send(Phase.DONE, **({"message": message} if message else {}))
         self.client.close()
+
+    def abort(self, message: str, exit_code: int) -> None:
+        """A fatal end instead of `shutdown`: the supervisor acts on `exit_code` (e.g. no retry for a
+        configuration error, the node taken out for 76)."""
+        self._send(Phase.ERROR, message=message[:2000], exit_code=exit_code)
+        self.client.close()
+
+    def send(self, phase: Phase) -> None:
+        """A phase the hook points above do not mark (e.g. model build, the final wait for saves)."""
+        self._send(phase)
 
 
 _hooks: MegatronLMHeartbeats | None = None
@@ -132,9 +142,28 @@ def on_checkpointing_end(is_async_finalization: bool = False) -> None:
         _hooks.on_checkpointing_end(is_async_finalization)
 
 
-def shutdown() -> None:
+def shutdown(message: str | None = None) -> None:
+    """The loop is done (`message`: why it ended)."""
     global _hooks
     if _hooks is not None:
-        _hooks.shutdown()
+        _hooks.shutdown(message)
         _hooks = None
+
+
+def abort(message: str, exit_code: int) -> None:
+    """The loop failed: an `error` heartbeat with the code the process exits with."""
+    global _hooks
+    if _hooks is not None:
+        _hooks.abort(message, exit_code)
+        _hooks = None
+
+
+def send(phase: Phase) -> None:
+    if _hooks is not None:
+        _hooks.send(phase)
+
+
+def iteration() -> int:
+    """The iteration the hooks counted to (0 before `setup`)."""
+    return _hooks.iteration if _hooks is not None else 0
 

@@ -28,7 +28,9 @@ class Phase(StrEnum):
     """What a rank is doing; each phase has its own hang timeout in the supervisor."""
 
     INIT = "init"
-    """Process start, imports, process groups, model build."""
+    """Process start, imports, process groups."""
+    BUILD = "build"
+    """Building the model, the optimizer and the data pipeline (minutes at scale)."""
     RESTORE = "restore"
     """Loading a checkpoint."""
     STEP = "step"
@@ -37,6 +39,9 @@ class Phase(StrEnum):
     """Saving (blocking part)."""
     EVAL = "eval"
     """Validation."""
+    FINALIZE = "finalize"
+    """Waiting for checkpoint writes in flight to finish (end of run or stop): a whole write, not only
+    the blocking part a save costs the loop."""
     DONE = "done"
     """Finished its work and about to exit."""
     ERROR = "error"

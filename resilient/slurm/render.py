@@ -54,7 +54,7 @@ def check_submittable(cfg: RunConfig, run_dir: Path) -> None:
     if s.min_nodes is not None and s.min_nodes > cfg.nodes:
         raise ConfigError(f"slurm.min_nodes: {s.min_nodes} exceeds nodes {cfg.nodes}")
     p, t = cfg.parallel, cfg.train
-    for n in node_range(cfg):
+    for n in node_range(cfg) if cfg.supervisor.runs_own_trainer else ():  # another script sizes itself
         world = n * cfg.supervisor.nproc_per_node
         model_parallel = p.tp * p.pp * p.cp
         dp = world // model_parallel

@@ -10,13 +10,29 @@ from __future__ import annotations
 import math
 
 from resilient.config import RunConfig
+from resilient.core.errors import ConfigError
 from resilient.planner import StateBytes
 from trainer.flops import parameter_count
+from trainer.megatron_lm.arguments import MegatronRun
+from trainer.presets import Architecture
+
+
+def _model(cfg: RunConfig) -> tuple[Architecture, bool, str]:
+    """(the model the ranks train, whether its saves are asynchronous, where that was read): the config's
+    own model, or for a Megatron-LM rank command its command line."""
+    run = MegatronRun.of(cfg.supervisor.rank_command)
+    if run is None:
+        return cfg.model.architecture(), cfg.checkpoint.async_save, "the model section"
+    arch, where = run.architecture()
+    if arch is None:
+        raise ConfigError(f"slurm.signal_seconds: cannot size the Megatron-LM run's checkpoints ({where}); set it, "
+                          "in seconds: the longest step + 2 x one node's checkpoint write + a margin")
+    return arch, run.has("--async-save"), where
 
 
 def checkpoint_seconds(cfg: RunConfig) -> float:
     """Estimated time for one node to write its share of a full checkpoint (14 B per parameter)."""
-    total = parameter_count(cfg.model.architecture()) * StateBytes().checkpoint
+    total = parameter_count(_model(cfg)[0]) * StateBytes().checkpoint
     return total / cfg.nodes / (cfg.slurm.storage_write_gbps_per_node * 1e9)
 
 
@@ -25,11 +41,13 @@ def signal_seconds(cfg: RunConfig) -> tuple[int, str]:
     s = cfg.slurm
     if s.signal_seconds is not None:
         return s.signal_seconds, "slurm.signal_seconds set explicitly"
+    _, asynchronous, where = _model(cfg)
     save = checkpoint_seconds(cfg)
-    # The in-flight async save and the final save both have to finish: 2 x save.
-    seconds = math.ceil(s.expected_step_seconds + 2 * save + s.signal_margin_seconds)
+    # Asynchronous saves: the one in flight and the final one both have to finish (2 x save).
+    saves = 2 if asynchronous else 1
+    seconds = math.ceil(s.expected_step_seconds + saves * save + s.signal_margin_seconds)
     reason = (
-        f"step {s.expected_step_seconds:g}s + 2 x checkpoint {save:.1f}s "
-        f"(at {s.storage_write_gbps_per_node:g} GB/s per node) + margin {s.signal_margin_seconds}s"
+        f"step {s.expected_step_seconds:g}s + {saves} x checkpoint {save:.1f}s "
+        f"(at {s.storage_write_gbps_per_node:g} GB/s per node; model {where}) + margin {s.signal_margin_seconds}s"
     )
     return min(seconds, 65535), reason

@@ -87,11 +87,15 @@ class SupervisorConfig(Section):
     large jobs poll and publish status less often to stay within it (see docs/scale.md)."""
 
     init_timeout_s: float = Field(600.0, gt=0)
-    """A rank may take this long from spawn (or its `init` heartbeat) to its next phase."""
+    """A rank may take this long from spawn (or its `init` heartbeat: imports, process groups) to its next
+    phase."""
+    build_timeout_s: float = Field(1800.0, gt=0)
+    """Longest `build` phase (model, optimizer and data pipeline construction) before the rank counts as hung."""
     restore_timeout_s: float = Field(900.0, gt=0)
     """Longest `restore` phase (checkpoint load) before the rank counts as hung."""
     checkpoint_timeout_s: float = Field(900.0, gt=0)
-    """Longest `checkpoint` or `done` phase (blocking save, final save) before a hang is declared."""
+    """Longest `checkpoint` phase (blocking save; calibrated lower once saves were seen), and longest
+    `finalize` (waiting for a whole write in flight) or `done` phase, before a hang is declared."""
     eval_timeout_s: float = Field(900.0, gt=0)
     """Longest `eval` phase before a hang is declared."""
     step_timeout_initial_s: float = Field(600.0, gt=0)

@@ -284,8 +284,10 @@ class Supervisor:
                 if preempt_deadline is None:
                     if self._signal is not None:
                         preempt_deadline = self._begin_preempt(f"supervisor received {self._signal}", now)
-                    elif any(r.returncode == ExitCode.PREEMPTED for r in exits):
-                        preempt_deadline = self._begin_preempt("a rank exited PREEMPTED", now)
+                    elif stopped := next((r for r in exits if r.returncode == ExitCode.PREEMPTED), None):
+                        said = self.tracker.views[stopped.spec.rank].done_message
+                        preempt_deadline = self._begin_preempt(
+                            f"rank {stopped.spec.rank} exited PREEMPTED" + (f": {said}" if said else ""), now)
                 if preempt_deadline is not None:
                     if all(r.returncode is not None for r in self.ranks):
                         return NodeOutcome.PREEMPTED

@@ -178,7 +178,7 @@ def decide_attempt(reports: Mapping[int, NodeReport], ctx: AttemptContext,
     if unhealthy:
         return stop(Outcome.UNHEALTHY, "; ".join(unhealthy))
     if ctx.stop is not None or any(reports[n].outcome is NodeOutcome.PREEMPTED for n in nodes):
-        return stop(Outcome.PREEMPTED, "preemption requested")
+        return stop(Outcome.PREEMPTED, f"stop requested ({ctx.stop.reason})" if ctx.stop else "preemption requested")
     if missing:
         nodes_missing = ", ".join(map(str, missing))
         return stop(Outcome.COORDINATION_LOST, f"supervisor of node(s) {nodes_missing} did not report")

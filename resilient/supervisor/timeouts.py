@@ -45,8 +45,10 @@ def phase_timeout(phase: str, step_timeout: float, cfg: SupervisorConfig,
     """Which timeout governs a rank whose last heartbeat was in `phase`."""
     fixed = {
         Phase.INIT: cfg.init_timeout_s,
+        Phase.BUILD: cfg.build_timeout_s,
         Phase.RESTORE: cfg.restore_timeout_s,
         Phase.CHECKPOINT: checkpoint_timeout or cfg.checkpoint_timeout_s,
+        Phase.FINALIZE: cfg.checkpoint_timeout_s,  # a whole write: never the calibrated blocking time
         Phase.DONE: cfg.checkpoint_timeout_s,
         Phase.EVAL: cfg.eval_timeout_s,
     }

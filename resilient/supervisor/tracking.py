@@ -31,6 +31,8 @@ class RankView:
     """The message of an `error` heartbeat."""
     error_code: int | None = None
     """The exit code an `error` heartbeat announced, if any."""
+    done_message: str | None = None
+    """Why the rank's work ended, as its `done` heartbeat said (e.g. Megatron's --exit-interval)."""
 
 
 @dataclass
@@ -72,10 +74,12 @@ class HeartbeatTracker:
         if _positive(hb.get("ckpt_blocking_s")):
             self.ckpt_times.append(float(hb["ckpt_blocking_s"]))
         view.phase, view.step, view.last_heartbeat = phase, step, time.time()
-        if phase in (Phase.INIT, Phase.RESTORE):
+        if phase in (Phase.INIT, Phase.BUILD, Phase.RESTORE):
             self.start_step = max(self.start_step or 0, step)
         elif phase in (Phase.STEP, Phase.DONE):
             self.reached_step = max(self.reached_step or 0, step)
+            if phase == Phase.DONE and hb.get("message"):
+                view.done_message = str(hb["message"])
         elif phase == Phase.ERROR:
             view.error = str(hb.get("message", ""))
             view.error_code = hb.get("exit_code")

@@ -107,3 +107,20 @@ def test_launch_reports_a_bad_config_with_the_config_error_code(tmp_path):
     out = subprocess.run([sys.executable, "-m", "resilient.cli", "launch", str(tmp_path / "missing.yaml"),
                           "--dry-run"], capture_output=True, text=True, timeout=120)
     assert out.returncode == ExitCode.CONFIG_ERROR and "no such file" in out.stderr
+
+
+def test_a_megatron_lm_runs_lead_time_comes_from_its_command_line():
+    # Llama 3.1 405B as a Megatron-LM command line (SwiGLU, GQA), synchronous saves: one save to finish
+    args = ["--num-layers", "126", "--hidden-size", "16384", "--ffn-hidden-size", "53248", "--num-attention-heads",
+            "128", "--group-query-attention", "--num-query-groups", "8", "--swiglu", "--vocab-size", "128256"]
+    command = ["{python}", "-m", "trainer.megatron_lm", "pretrain_gpt.py", *args]
+    cfg = load_config(None, ["nodes=128", f"supervisor.rank_command={command}"])  # train.* is not its business
+    seconds, reason = signal_seconds(cfg)
+    assert 20 < checkpoint_seconds(cfg) < 25  # the same model as the 405B preset above
+    assert seconds == int(30 + checkpoint_seconds(cfg) + 60) + 1 and "1 x checkpoint" in reason
+    assert "from the Megatron-LM command line" in reason
+    cfg.supervisor.rank_command = [*command, "--async-save"]
+    assert "2 x checkpoint" in signal_seconds(cfg)[1]
+    cfg.supervisor.rank_command = command[:4]  # no model size on the command line
+    with pytest.raises(ConfigError, match="set it, in seconds"):
+        signal_seconds(cfg)

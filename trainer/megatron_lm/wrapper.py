@@ -5,8 +5,9 @@
 The script runs as `__main__`, as `python pretrain_gpt.py ARGS...` would run it. Around it:
 - heartbeats: resilient's hook adapter (`resilient.rank.ft_hooks`) is chained onto Megatron's
   `ft_integration` hooks (Megatron calls them as module attributes; its own FT client, if enabled,
-  still runs first), and onto its checkpoint load, so the supervisor sees init, restore, every
-  iteration, evaluation and saves with phase timeouts;
+  still runs first), and onto its model build, checkpoint load and final wait for async saves, so
+  the supervisor sees init, build, restore, every iteration, evaluation, saves and the final write,
+  each with its own timeout;
 - signals: every stop signal the supervisor names (its stop request, SIGTERM, the scheduler's
   warning signal) becomes Megatron's `--exit-signal-handler` request, so all ranks save the same
   iteration and exit; no stop signal kills a rank;
@@ -96,13 +97,26 @@ class Wrapper:
         load = training.load_checkpoint
 
         def load_checkpoint(*args: Any, **kwargs: Any) -> Any:
-            self._heartbeat(Phase.RESTORE)
+            ft_hooks.send(Phase.RESTORE)
             result = load(*args, **kwargs)
             self.trained = True
             ft_hooks.resumed(int(result[0]))  # (iteration, floating-point operations so far)
             return result
 
         training.load_checkpoint = load_checkpoint
+        build, finalize = training.setup_model_and_optimizer, training.maybe_finalize_async_save
+
+        def setup_model_and_optimizer(*args: Any, **kwargs: Any) -> Any:
+            ft_hooks.send(Phase.BUILD)  # model and optimizer construction (then the load): its own timeout
+            return build(*args, **kwargs)
+
+        def maybe_finalize_async_save(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("blocking", args[0] if args else False):
+                ft_hooks.send(Phase.FINALIZE)  # waits for a whole write: not the calibrated save timeout
+            return finalize(*args, **kwargs)
+
+        training.setup_model_and_optimizer = setup_model_and_optimizer
+        training.maybe_finalize_async_save = maybe_finalize_async_save
 
     def _chained(self, megatron_hook: Callable[..., Any], ours: Callable[..., Any]) -> Callable[..., Any]:
         def hook(*args: Any, **kwargs: Any) -> Any:
@@ -114,11 +128,6 @@ class Wrapper:
             return result
 
         return hook
-
-    def _heartbeat(self, phase: Phase) -> None:
-        hooks = ft_hooks._hooks
-        if hooks is not None:
-            hooks.client.send(phase, hooks.iteration)
 
     # -- running --------------------------------------------------------------------------------
 
@@ -136,29 +145,20 @@ class Wrapper:
             error = _describe(err)
         exit_code, reason = exits.classify(self._end(code, error))
         print(f"resilient: rank {self.env.rank}: {reason} (exit {int(exit_code)})", file=sys.stderr, flush=True)
-        hooks = ft_hooks._hooks
-        if exit_code in (ExitCode.FINISHED, ExitCode.PREEMPTED) and hooks is not None:
-            hooks.client.send(Phase.DONE, hooks.iteration, message=reason)
-        elif exit_code != ExitCode.FINISHED:
-            ft_hooks_send_error(reason, exit_code)
-        ft_hooks.shutdown()
+        if exit_code in (ExitCode.FINISHED, ExitCode.PREEMPTED):
+            ft_hooks.shutdown(reason)
+        else:
+            ft_hooks.abort(reason, exit_code)
         return exit_code
 
     def _end(self, code: int | None, error: str | None) -> exits.LoopEnd:
         args = _megatron_args()
-        hooks = ft_hooks._hooks
         return exits.LoopEnd(
-            megatron_code=code, iteration=hooks.iteration if hooks is not None else 0,
+            megatron_code=code, iteration=ft_hooks.iteration(),
             train_iters=getattr(args, "train_iters", None), stop_requested=self.stop.requested or _megatron_stopped(),
             exit_interval=getattr(args, "exit_interval", None),
             exit_duration_mins=getattr(args, "exit_duration_in_mins", None), trained=self.trained, error=error,
             args_parsed=args is not None)
-
-
-def ft_hooks_send_error(message: str, code: ExitCode) -> None:
-    hooks = ft_hooks._hooks
-    if hooks is not None:
-        hooks.client.send(Phase.ERROR, hooks.iteration, message=message[:2000], exit_code=int(code))
 
 
 def _describe(err: Exception) -> str:
