@@ -1,7 +1,8 @@
 """Progress of an exit-only rank: the newest complete checkpoint step in its checkpoint directory.
 
 Both layouts count: ours (`step_NNNNNNN/` with a completion marker) and Megatron-LM's
-(`latest_checkpointed_iteration.txt` + `iter_NNNNNNN/`, torch_dist or legacy torch format).
+(`iter_NNNNNNN/` in any --ckpt-format, and the global non-persistent ones in `non_persistent/`:
+a complete one newer than every persistent iteration is progress too).
 """
 
 from __future__ import annotations
