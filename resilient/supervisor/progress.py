@@ -20,8 +20,12 @@ def progress_dir(configured: Path | None, checkpoint_dir: Path | None, run_dir: 
 
 
 def newest_complete_step(root: Path) -> int | None:
-    """The newest step (iteration) whose checkpoint is complete, or None."""
-    if megatron_lm.is_layout(root):
-        return megatron_lm.newest_complete(root)
-    committed = layout.committed_steps(root)
+    """The newest step (iteration) whose checkpoint is complete, or None (also when the directory
+    cannot be read: the supervisor then sees no progress rather than failing)."""
+    try:
+        if megatron_lm.is_layout(root):
+            return megatron_lm.newest_complete(root)
+        committed = layout.committed_steps(root)
+    except OSError:
+        return None
     return committed[-1] if committed else None

@@ -237,13 +237,15 @@ def test_release_tracker_names_the_release_directory(copy):
 
 # -- bad input: one line, a distinct exit code, nothing lost --------------------------------------------------
 
-def test_a_non_utf8_tracker_is_one_line_and_repair_rewrites_it(copy):
+def test_a_non_utf8_or_garbage_tracker_is_one_line_and_repair_rewrites_it(copy):
     save = copy("core19-torch_dcp")
     (save / mlm.TRACKER).write_bytes(b"\xff\xfe1\x00")
     [damaged] = _damaged_lines(resilient_cli("ckpt", "verify", str(save)))
     assert "not UTF-8 text" in damaged
     out = resilient_cli("ckpt", "repair", str(save))
     assert out.returncode == 0 and mlm.read_tracker(save) == 10
+    (save / mlm.TRACKER).write_text("latest please")
+    assert "names neither an iteration nor `release` ('latest please')" in mlm.tracker_problem(save)
 
 
 def test_a_tracker_that_is_a_directory_is_refused_and_kept(copy):
@@ -260,7 +262,12 @@ def test_a_tracker_that_is_a_directory_is_refused_and_kept(copy):
 
 def test_garbage_storage_metadata_is_one_line(copy):
     save = copy("core16-torch_dist-common.pt")
-    (mlm.iteration_dir(save, 20) / ".metadata").write_bytes(os.urandom(256))
+    metadata = mlm.iteration_dir(save, 20) / ".metadata"
+    real = pickle.loads(metadata.read_bytes())  # the writer's own file: trusted here
+    next(iter(real.storage_data.values())).offset = "0"
+    metadata.write_bytes(pickle.dumps(real))
+    assert "bad byte range for __0_0.distcp" in mlm.check(metadata.parent)
+    metadata.write_bytes(os.urandom(256))
     [damaged] = _damaged_lines(resilient_cli("ckpt", "verify", str(save)))
     assert "refusing to load" in damaged and "iter_0000020/.metadata" in damaged
     assert mlm.repair(save)[0][2] == 10

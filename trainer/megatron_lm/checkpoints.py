@@ -159,16 +159,16 @@ def listing(root: Path) -> list[dict[str, Any]]:
 
 def newest_complete(root: Path) -> int | None:
     """The newest complete iteration of either tier (a release checkpoint is no training progress);
-    an unreadable directory counts as holding none."""
-    newest = None
-    for _, path in tiers(root):
-        try:
-            found = next((it for it, ckpt in reversed(iterations(path).items()) if check(ckpt) is None), None)
-        except OSError:
-            continue
-        if found is not None and (newest is None or found > newest):
-            newest = found
-    return newest
+    an unreadable save directory holds none."""
+    try:
+        found = [_newest_complete_iteration(path) for _, path in tiers(root)]
+    except OSError:
+        return None
+    return max((it for it in found if it is not None), default=None)
+
+
+def _newest_complete_iteration(path: Path) -> int | None:
+    return next((it for it, ckpt in reversed(iterations(path).items()) if check(ckpt) is None), None)
 
 
 def tracker_problem(root: Path, *, checksums: bool = False) -> str | None:
@@ -216,7 +216,7 @@ def repair(root: Path) -> list[tuple[str, Key | None, Key | None, str]]:
         if problem is None:
             done.append((tier, before, before, f"tracker already names complete {describe(before)}"))
             continue
-        target = next((it for it, ckpt in reversed(iterations(path).items()) if check(ckpt) is None), None)
+        target = _newest_complete_iteration(path)
         if target is None:
             hint = (" (Megatron-LM resumes from it while it is at least the persistent iteration: move it aside)"
                     if tier == NON_PERSISTENT else "")

@@ -1,9 +1,9 @@
 """What each Megatron-LM `--ckpt-format` leaves in one checkpoint directory, and whether it is whole.
 
     torch_dist     metadata.json (written last), .metadata, __R_N.distcp; the common state (args,
-                   iteration, ...) in common.pt (megatron-core <= 0.18) or as the `common_state` item
-                   inside the .distcp files (0.19+); with --verify-integrity also integrity.json
-                   (sha256 of every other file, written after metadata.json)
+                   iteration, ...) in common.pt (as megatron-core 0.16.1 writes it) or as the
+                   `common_state` item inside the .distcp files (0.19); with --verify-integrity also
+                   integrity.json (sha256 of every other file, written after metadata.json)
     torch_dcp,     .metadata and __R_N.distcp only (torch.distributed.checkpoint.save); the items are
     fsdp_dtensor   Megatron-LM's state dict keys: `iteration`, `args`, `model...`
     torch          mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt (torch.save), one directory per model-parallel
@@ -37,7 +37,7 @@ COMMON = "common.pt"
 INTEGRITY = "integrity.json"
 LEGACY_MODEL = "model_optim_rng.pt"
 LEGACY_OPTIMIZER = "distrib_optim.pt"
-# dist_checkpointing's key of the common state saved as a ShardedObject (megatron-core 0.19+).
+# dist_checkpointing's key of the common state saved as a ShardedObject (megatron-core 0.19).
 COMMON_STATE_ITEM = "common_state/shard_0_1"
 # Megatron-LM reads only these items of a torch_dcp / fsdp_dtensor save before the sharded load.
 DCP_ITEMS = ("iteration", "args")
@@ -132,7 +132,13 @@ def _storage_metadata(ckpt_dir: Path) -> Any:
         name = getattr(info, "relative_path", None)
         if not _plain_name(name):
             raise _Damaged(f"{ckpt_dir.name}/{STORAGE_METADATA}: bad storage file name {name!r}")
+        if not all(_count(getattr(info, field, None)) for field in ("offset", "length")):
+            raise _Damaged(f"{ckpt_dir.name}/{STORAGE_METADATA}: bad byte range for {name}")
     return metadata
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _items(metadata: Any) -> dict:
@@ -148,7 +154,7 @@ def _check_extents(ckpt_dir: Path, metadata: Any) -> None:
     """Every storage file holds at least the bytes its recorded items end at."""
     needed: dict[str, int] = {}
     for info in metadata.storage_data.values():
-        end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
+        end = info.offset + info.length
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
     for name, end in sorted(needed.items()):
         try:
