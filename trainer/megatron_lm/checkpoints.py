@@ -1,5 +1,5 @@
 """Megatron-LM's save directory: list, verify and repair it, and find its newest complete iteration,
-without importing torch or megatron at module level (the supervisor imports this).
+without torch or megatron (the supervisor and the read-only commands import this).
 
     SAVE_DIR/latest_checkpointed_iteration.txt   the tracker: an iteration number, or `release`
     SAVE_DIR/iter_0000100/                       one checkpoint per saved iteration, in any --ckpt-format

@@ -25,6 +25,7 @@ import io
 import json
 import re
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,11 @@ _RANK_DIR = re.compile(r"^mp_rank_(\d{2,})(?:_(\d{3,}))?(?:_(\d{3,}))?$")
 _HASH_CHUNK = 1 << 20
 
 
+TORCH, TORCH_DIST, DCP, UNKNOWN = "torch", "torch_dist", "torch_dcp/fsdp_dtensor", "unknown"
+
+
 class _Damaged(Exception):
     """The first problem found, as one line."""
-
-
-TORCH, TORCH_DIST, DCP, UNKNOWN = "torch", "torch_dist", "torch_dcp/fsdp_dtensor", "unknown"
 
 
 def save_format(ckpt_dir: Path) -> str:
@@ -132,12 +133,12 @@ def _storage_metadata(ckpt_dir: Path) -> Any:
         name = getattr(info, "relative_path", None)
         if not _plain_name(name):
             raise _Damaged(f"{ckpt_dir.name}/{STORAGE_METADATA}: bad storage file name {name!r}")
-        if not all(_count(getattr(info, field, None)) for field in ("offset", "length")):
+        if not all(_non_negative_int(getattr(info, field, None)) for field in ("offset", "length")):
             raise _Damaged(f"{ckpt_dir.name}/{STORAGE_METADATA}: bad byte range for {name}")
     return metadata
 
 
-def _count(value: object) -> bool:
+def _non_negative_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -185,7 +186,7 @@ def _check_archive(source: Path | io.BytesIO, label: str, checksums: bool) -> No
     try:
         with zipfile.ZipFile(source) as archive:
             bad = archive.testzip() if checksums else None
-    except (zipfile.BadZipFile, EOFError, ValueError):
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError):
         raise _Damaged(f"{label}: not a whole torch.save archive (truncated?)") from None
     except FileNotFoundError:
         raise _Damaged(f"{label}: missing") from None
