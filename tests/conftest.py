@@ -1,5 +1,5 @@
 """Shared fixtures: one uninterrupted reference run of the tiny config, reused by every suite
-that compares a disturbed run against it (same config, same bits)."""
+that compares a disturbed run against it (same config, same bits); every Megatron-LM checkpoint layout."""
 
 from __future__ import annotations
 
@@ -19,3 +19,13 @@ def reference_run(tmp_path_factory) -> Path:
     codes = run_ranks(run_dir, REFERENCE)
     assert codes == [0, 0], (run_dir / "rank0.log").read_text()[-3000:]
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def megatron_lm_saves(tmp_path_factory):
+    """Every checkpoint layout Megatron-LM writes, by both megatron-core lines' real save calls
+    (tests/checkpoint/megatron_lm_writer.py); shared by the checkpoint and supervisor suites. Copy a
+    layout before damaging it."""
+    from tests.checkpoint.megatron_lm_writer import write_all
+
+    return write_all(tmp_path_factory.mktemp("megatron_lm_saves"))

@@ -1,7 +1,8 @@
 """Progress of an exit-only rank: the newest complete checkpoint step in its checkpoint directory.
 
 Both layouts count: ours (`step_NNNNNNN/` with a completion marker) and Megatron-LM's
-(`latest_checkpointed_iteration.txt` + `iter_NNNNNNN/`, torch_dist or legacy torch format).
+(`iter_NNNNNNN/` in any --ckpt-format, and the global non-persistent ones in `non_persistent/`:
+a complete one newer than every persistent iteration is progress too).
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ def progress_dir(configured: Path | None, checkpoint_dir: Path | None, run_dir: 
 
 
 def newest_complete_step(root: Path) -> int | None:
-    """The newest step (iteration) whose checkpoint is complete, or None."""
-    if megatron_lm.is_layout(root):
-        return megatron_lm.newest_complete(root)
-    committed = layout.committed_steps(root)
+    """The newest step (iteration) whose checkpoint is complete, or None (also when the directory
+    cannot be read: the supervisor then sees no progress rather than failing)."""
+    try:
+        if megatron_lm.is_layout(root):
+            return megatron_lm.newest_complete(root)
+        committed = layout.committed_steps(root)
+    except OSError:
+        return None
     return committed[-1] if committed else None

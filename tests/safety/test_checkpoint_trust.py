@@ -14,7 +14,7 @@ import pytest
 from resilient.core.exit_codes import ExitCode
 from tests.ranks import run_ranks
 from tests.supervisor.harness import REPO
-from trainer.checkpoint import layout, manifest
+from trainer.checkpoint import layout, manifest, safe_pickle
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -58,6 +58,17 @@ def test_real_checkpoint_metadata_passes_the_allowlist(reference_run):
     root = reference_run / "checkpoints"
     for step in layout.committed_steps(root):
         assert manifest.verify(layout.step_dir(root, step), checksums=False) is None
+
+
+def test_the_allowlist_names_every_dtype_torch_pickles_and_rebuilds_them_inert(tmp_path):
+    import torch
+
+    pickled = {value.__reduce__() for value in vars(torch).values() if isinstance(value, torch.dtype)}
+    assert pickled <= safe_pickle.DTYPES, sorted(pickled - safe_pickle.DTYPES)
+    (tmp_path / ".metadata").write_bytes(pickle.dumps({"dtype": torch.bfloat16, "shape": torch.Size([2, 3])}))
+    loaded = safe_pickle.load_metadata(tmp_path)
+    assert isinstance(loaded["dtype"], type) and issubclass(loaded["dtype"], safe_pickle.Record)
+    assert loaded["shape"].args == ((2, 3),) and not isinstance(loaded["shape"], torch.Size)
 
 
 def test_resume_refuses_a_planted_checkpoint_without_running_it(tmp_path):

@@ -1,14 +1,18 @@
-"""Supervisor modes from the config: rank argv placeholders, stop signal, exit-only progress (no processes)."""
+"""Supervisor modes from the config: rank argv placeholders, stop signal, exit-only progress (no rank
+processes; the Megatron-LM layouts come from the session's writers, tests/checkpoint/megatron_lm_writer.py)."""
 
+import os
+import shutil
 import signal
-import zipfile
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from resilient.supervisor.config import RankProtocol, SupervisorConfig
+from resilient.supervisor.decisions import made_progress
 from resilient.supervisor.progress import newest_complete_step, progress_dir
+from tests.checkpoint.megatron_lm_writer import LAYOUTS
 from trainer.checkpoint import layout
 from trainer.megatron_lm import checkpoints as megatron_lm
 
@@ -47,15 +51,19 @@ def test_newest_complete_step_in_our_layout(tmp_path):
     assert newest_complete_step(tmp_path) == 20
 
 
-def test_newest_complete_step_in_megatron_lm_legacy_layout(tmp_path):
-    for iteration in (5, 10):
-        rank_dir = megatron_lm.iteration_dir(tmp_path, iteration) / "mp_rank_00"
-        rank_dir.mkdir(parents=True)
-        with zipfile.ZipFile(rank_dir / "model_optim_rng.pt", "w") as z:
-            z.writestr("archive/data.pkl", b"x" * 100)
-    megatron_lm.write_tracker(tmp_path, 10)
-    assert newest_complete_step(tmp_path) == 10
-    shard = megatron_lm.iteration_dir(tmp_path, 10) / "mp_rank_00" / "model_optim_rng.pt"
-    shard.write_bytes(shard.read_bytes()[:50])  # truncated: the zip directory at its end is gone
-    assert "truncated" in megatron_lm.check_iteration(megatron_lm.iteration_dir(tmp_path, 10))
-    assert newest_complete_step(tmp_path) == 5
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_newest_complete_step_in_every_megatron_lm_layout(megatron_lm_saves, name):
+    """Every layout Megatron-LM writes (both megatron-core lines); a release checkpoint is no progress."""
+    assert newest_complete_step(megatron_lm_saves.path(name)) == LAYOUTS[name].newest
+
+
+def test_a_newer_non_persistent_save_is_progress_until_it_is_damaged(megatron_lm_saves, tmp_path):
+    save = Path(shutil.copytree(megatron_lm_saves.path("core19-torch_dist+non_persistent"), tmp_path / "save"))
+    assert made_progress(20, newest_complete_step(save)) == (True, "reached step 25 from step 20")
+    newest_of_each_tier = (megatron_lm.iteration_dir(save / megatron_lm.NON_PERSISTENT, 25),
+                           megatron_lm.iteration_dir(save, 20))
+    for damaged in newest_of_each_tier:
+        shard = damaged / "__0_0.distcp"
+        os.truncate(shard, shard.stat().st_size - 1)
+    assert newest_complete_step(save) == 10
+    assert not made_progress(20, newest_complete_step(save))[0]

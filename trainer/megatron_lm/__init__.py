@@ -3,4 +3,5 @@
     wrapper       `python -m trainer.megatron_lm SCRIPT ARGS...`: the script under the supervisor
     exits         why the loop ended, as the exit code the supervisor acts on
     checkpoints   list, verify and repair every save layout Megatron-LM writes (no megatron import)
+    save_formats  whether one checkpoint directory of each --ckpt-format is whole
 """

@@ -1,44 +1,63 @@
-"""Megatron-LM's own checkpoint layout: list, verify and repair without Megatron-LM installed.
+"""Megatron-LM's save directory: list, verify and repair it, and find its newest complete iteration,
+without torch or megatron (the supervisor and the read-only commands import this).
 
-    SAVE_DIR/latest_checkpointed_iteration.txt   the tracker: an iteration number (or `release`)
-    SAVE_DIR/iter_0000100/                       torch_dist: metadata.json, common.pt, .metadata,
-                                                 __R_N.distcp (one or more per writing rank)
-                                                 or legacy: mp_rank_XX[_YYY]/model_optim_rng.pt
-A torch_dist iteration is complete when every file its storage metadata (`.metadata`) names is
-present and long enough for the byte ranges recorded there; a legacy one when every model-parallel
-rank's file is a whole zip archive (torch.save's format; its central directory is written last).
-`.metadata` is a pickle: it is read with an unpickler that admits only torch.distributed.checkpoint's
-metadata types (and torch.Size/dtype), so a hostile file cannot run code.
+    SAVE_DIR/latest_checkpointed_iteration.txt   the tracker: an iteration number, or `release`
+    SAVE_DIR/iter_0000100/                       one checkpoint per saved iteration, in any --ckpt-format
+                                                 (trainer.megatron_lm.save_formats says when one is whole)
+    SAVE_DIR/release/                            a release checkpoint, loaded when the tracker says `release`
+    SAVE_DIR/non_persistent/                     --non-persistent-ckpt-type global: the same layout with its
+                                                 own tracker; Megatron-LM keeps only its newest iteration and
+                                                 resumes from it when that is at least the persistent one
+
+Each of the two tiers is checked against its own tracker; repair rewrites a tracker (atomically,
+owner-only) and never deletes anything.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import json
-import pickle
 import re
-import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from resilient.core.atomic import atomic_write
+from resilient.core.errors import CheckpointError
+from trainer.megatron_lm import save_formats
 
 TRACKER = "latest_checkpointed_iteration.txt"
+RELEASE = "release"
+NON_PERSISTENT = "non_persistent"
+PERSISTENT = "persistent"
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
-_STORAGE_METADATA = ".metadata"
-_COMMON = "common.pt"
-_SHARDED_CONFIG = "metadata.json"
-_LEGACY_FILE = "model_optim_rng.pt"
+_ITERATION = re.compile(r"^[0-9]+$")
+
+Key = Union[int, str]
+"""A checkpoint of a save directory: its iteration, or RELEASE."""
+
+
+class TrackerError(ValueError):
+    """The tracker exists but names nothing Megatron-LM can load (one line)."""
+
+
+@dataclass(frozen=True)
+class TierCheck:
+    """What one tier's tracker names and the first problem with it (None: it names a whole checkpoint)."""
+
+    tier: str
+    tracked: Key | None
+    problem: str | None
 
 
 def iteration_dir(root: Path, iteration: int) -> Path:
     return root / f"iter_{iteration:07d}"
 
 
-def is_layout(root: Path) -> bool:
-    """Whether `root` looks like a Megatron-LM save directory (tracker or iter_* directories)."""
-    return (root / TRACKER).is_file() or bool(iterations(root))
+def checkpoint_dir(root: Path, key: Key) -> Path:
+    return root / RELEASE if key == RELEASE else iteration_dir(root, int(key))
+
+
+def describe(key: Key) -> str:
+    return "the release checkpoint" if key == RELEASE else f"iteration {key}"
 
 
 def iterations(root: Path) -> dict[int, Path]:
@@ -53,150 +72,156 @@ def iterations(root: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def read_tracker(root: Path) -> int | None:
-    """The iteration the tracker names; None when there is no tracker, it says `release` or is unreadable."""
-    try:
-        text = (root / TRACKER).read_text().strip()
-    except (FileNotFoundError, UnicodeDecodeError, IsADirectoryError):
+def checkpoints(root: Path) -> dict[Key, Path]:
+    """The release checkpoint (if any) first, then every iteration directory."""
+    found: dict[Key, Path] = {RELEASE: root / RELEASE} if (root / RELEASE).is_dir() else {}
+    found.update(iterations(root))
+    return found
+
+
+def read_tracker(root: Path) -> Key | None:
+    """The iteration (or RELEASE) the tracker names; None when there is no tracker. TrackerError when it
+    cannot be read or names neither, as Megatron-LM's read_metadata would refuse it."""
+    path = root / TRACKER
+    if not path.exists() and not path.is_symlink():
         return None
-    return int(text) if text.isdigit() else None
-
-
-def write_tracker(root: Path, iteration: int) -> None:
-    """Replace the tracker atomically (Megatron-LM writes the bare number)."""
-    atomic_write(root / TRACKER, str(iteration))
-
-
-# -- torch_dist storage metadata ---------------------------------------------------------------------
-
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner")
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits torch.distributed.checkpoint's metadata dataclasses and enums, torch.Size, dtypes and
-    layouts, nothing else: no callable with side effects can be reached."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        import torch
-
-        if module in _DCP_MODULES or (module, name) == ("torch.distributed.checkpoint.filesystem", "_StorageInfo"):
-            obj = getattr(__import__(module, fromlist=[name]), name, None)
-            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
-                return obj
-        if module == "torch" and name == "Size":
-            return torch.Size
-        value = getattr(torch, name, None) if module == "torch" else None
-        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
-            return value
-        if (module, name) == ("torch.serialization", "_get_layout"):
-            return torch.serialization._get_layout
-        raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint metadata type")
-
-
-def storage_extents(ckpt_dir: Path) -> dict[str, int]:
-    """File name -> bytes its storage metadata says it holds (the end of its last recorded item).
-    Raises ValueError with the reason when `.metadata` is missing or not a torch_dist metadata."""
-    path = ckpt_dir / _STORAGE_METADATA
     try:
-        with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-    except FileNotFoundError:
-        raise ValueError(f"{ckpt_dir.name}: no {_STORAGE_METADATA} (the save never finished)") from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError) as err:
-        raise ValueError(f"{ckpt_dir.name}/{_STORAGE_METADATA}: unreadable ({err})") from None
-    storage = getattr(metadata, "storage_data", None)
-    if not isinstance(storage, dict) or not storage:
-        raise ValueError(f"{ckpt_dir.name}/{_STORAGE_METADATA}: names no storage files")
-    extents: dict[str, int] = {}
-    for info in storage.values():
-        name, end = getattr(info, "relative_path", None), getattr(info, "offset", 0) + getattr(info, "length", 0)
-        if not isinstance(name, str) or "/" in name or name.startswith("."):
-            raise ValueError(f"{ckpt_dir.name}/{_STORAGE_METADATA}: bad storage file name {name!r}")
-        extents[name] = max(extents.get(name, 0), end)
-    return extents
+        text = path.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise TrackerError(f"{path}: not UTF-8 text") from None
+    except OSError as err:
+        raise TrackerError(f"{path}: unreadable ({err.strerror or err})") from None
+    if text == RELEASE:
+        return RELEASE
+    if not _ITERATION.match(text):
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise TrackerError(f"{path}: names neither an iteration nor `release` ({shown!r})")
+    return int(text)
 
 
-def check_iteration(ckpt_dir: Path) -> str | None:
-    """None if the iteration is complete, else the first problem found."""
-    legacy = sorted(ckpt_dir.glob("mp_rank_*"))
-    if legacy and not (ckpt_dir / _SHARDED_CONFIG).exists():
-        return _check_legacy(ckpt_dir, legacy)
+def write_tracker(root: Path, key: Key) -> None:
+    """Replace the tracker atomically, owner-only (Megatron-LM writes the bare number or `release`)."""
+    path = root / TRACKER
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; repair deletes nothing: move it aside")
     try:
-        config = json.loads((ckpt_dir / _SHARDED_CONFIG).read_text())
-    except FileNotFoundError:
-        return f"{ckpt_dir.name}: no {_SHARDED_CONFIG} (not a dist_checkpointing save, or unfinished)"
-    except (ValueError, UnicodeDecodeError):
-        return f"{ckpt_dir.name}/{_SHARDED_CONFIG}: not valid JSON"
-    backend = config.get("sharded_backend") if isinstance(config, dict) else None
-    if backend != "torch_dist":
-        return f"{ckpt_dir.name}: sharded backend {backend!r} is not torch_dist (cannot verify)"
-    common = ckpt_dir / _COMMON
-    if not common.is_file() or common.stat().st_size == 0:
-        return f"{ckpt_dir.name}/{_COMMON}: missing or empty"
-    try:
-        extents = storage_extents(ckpt_dir)
-    except ValueError as err:
-        return str(err)
-    for name, needed in sorted(extents.items()):
-        try:
-            size = (ckpt_dir / name).stat().st_size
-        except FileNotFoundError:
-            return f"{ckpt_dir.name}/{name}: missing"
-        if size < needed:
-            return f"{ckpt_dir.name}/{name}: truncated ({size} bytes, metadata records {needed})"
-    return None
+        atomic_write(path, str(key))
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot write ({err.strerror or err})") from None
 
 
-def _check_legacy(ckpt_dir: Path, rank_dirs: list[Path]) -> str | None:
-    for rank_dir in rank_dirs:
-        path = rank_dir / _LEGACY_FILE
-        if not path.is_file():
-            return f"{ckpt_dir.name}/{rank_dir.name}/{_LEGACY_FILE}: missing"
-        if not zipfile.is_zipfile(path):
-            return f"{ckpt_dir.name}/{rank_dir.name}/{_LEGACY_FILE}: not a whole torch.save archive (truncated?)"
-    return None
+def tiers(root: Path) -> list[tuple[str, Path]]:
+    """The tiers `root` holds: itself (persistent) and non_persistent/, each when it has a tracker or a
+    checkpoint directory."""
+    found = []
+    for tier, path in ((PERSISTENT, root), (NON_PERSISTENT, root / NON_PERSISTENT)):
+        tracker = path / TRACKER
+        if tracker.exists() or tracker.is_symlink() or checkpoints(path):
+            found.append((tier, path))
+    return found
+
+
+def is_layout(root: Path) -> bool:
+    """Whether `root` looks like a Megatron-LM save directory."""
+    return bool(tiers(root))
+
+
+def check(ckpt_dir: Path, *, checksums: bool = False) -> str | None:
+    """None if the checkpoint directory is whole (structure and sizes; with `checksums` its recorded
+    digests too), else the first problem found."""
+    return save_formats.check(ckpt_dir, checksums=checksums)
 
 
 def _bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _tracked_or_none(root: Path) -> Key | None:
+    try:
+        return read_tracker(root)
+    except TrackerError:
+        return None
+
+
 def listing(root: Path) -> list[dict[str, Any]]:
-    """Every iteration with its state (complete / incomplete: problem), bytes and whether the tracker names it."""
-    tracked = read_tracker(root)
+    """Every checkpoint of both tiers with its state (complete / incomplete: problem), format, bytes and
+    whether its tier's tracker names it."""
     rows = []
-    for iteration, path in iterations(root).items():
-        problem = check_iteration(path)
-        rows.append({"step": iteration, "state": "complete" if problem is None else "incomplete", "problem": problem,
-                     "bytes": _bytes(path), "latest": iteration == tracked, "path": str(path)})
+    for tier, path in tiers(root):
+        tracked = _tracked_or_none(path)
+        for key, ckpt in checkpoints(path).items():
+            problem = check(ckpt)
+            rows.append({"step": key, "tier": tier, "format": save_formats.save_format(ckpt),
+                         "state": "complete" if problem is None else "incomplete", "problem": problem,
+                         "bytes": _bytes(ckpt), "latest": key == tracked, "path": str(ckpt)})
     return rows
 
 
 def newest_complete(root: Path) -> int | None:
-    return next((it for it, path in reversed(iterations(root).items()) if check_iteration(path) is None), None)
+    """The newest complete iteration of either tier (a release checkpoint is no training progress);
+    an unreadable save directory holds none."""
+    try:
+        found = [_newest_complete_iteration(path) for _, path in tiers(root)]
+    except OSError:
+        return None
+    return max((it for it in found if it is not None), default=None)
 
 
-def tracker_problem(root: Path) -> str | None:
-    """None when the tracker names a complete iteration, else what is wrong with it."""
-    tracked = read_tracker(root)
+def _newest_complete_iteration(path: Path) -> int | None:
+    return next((it for it, ckpt in reversed(iterations(path).items()) if check(ckpt) is None), None)
+
+
+def tracker_problem(root: Path, *, checksums: bool = False) -> str | None:
+    """None when the tracker of this tier names a whole checkpoint, else what is wrong with it."""
+    try:
+        tracked = read_tracker(root)
+    except TrackerError as err:
+        return str(err)
     if tracked is None:
-        return f"{TRACKER} is missing or does not name an iteration"
-    if tracked not in iterations(root):
-        return f"{TRACKER} names iteration {tracked}, which has no directory"
-    problem = check_iteration(iteration_dir(root, tracked))
-    return None if problem is None else f"{TRACKER} names iteration {tracked}, which is incomplete: {problem}"
+        return f"{TRACKER} is missing"
+    ckpt = checkpoint_dir(root, tracked)
+    if not ckpt.is_dir():
+        return f"{TRACKER} names {describe(tracked)}, which has no directory"
+    problem = check(ckpt, checksums=checksums)
+    return None if problem is None else f"{TRACKER} names {describe(tracked)}, which is incomplete: {problem}"
 
 
-def repair(root: Path) -> tuple[int | None, int | None, str]:
-    """Point a broken tracker at the newest complete iteration; a tracker naming a complete iteration
-    is left alone (an operator may have rolled back on purpose). Returns (before, after, what happened);
-    `after` is None when no complete iteration exists."""
-    before = read_tracker(root)
-    problem = tracker_problem(root)
-    if problem is None:
-        return before, before, f"tracker already names complete iteration {before}"
-    target = newest_complete(root)
-    if target is None:
-        return before, None, f"{problem}; no complete iteration to point it at"
-    write_tracker(root, target)
-    return before, target, f"{problem}; tracker now names iteration {target}"
+def verify(root: Path, *, checksums: bool = True) -> list[TierCheck]:
+    """Each tier's tracker against the checkpoint it names."""
+    return [TierCheck(tier, _tracked_or_none(path), tracker_problem(path, checksums=checksums))
+            for tier, path in tiers(root)]
+
+
+def resumes_from(root: Path) -> tuple[str, Key] | None:
+    """The tier and checkpoint Megatron-LM's load would pick: the non-persistent tracker's iteration when
+    it is at least the persistent one's (a release counts as iteration 0), else the persistent tracker's."""
+    named = {tier: _tracked_or_none(path) for tier, path in tiers(root)}
+    persistent, non_persistent = named.get(PERSISTENT), named.get(NON_PERSISTENT)
+    as_iteration = -1 if persistent is None else 0 if persistent == RELEASE else int(persistent)
+    if isinstance(non_persistent, int) and non_persistent >= as_iteration:
+        return NON_PERSISTENT, non_persistent
+    return None if persistent is None else (PERSISTENT, persistent)
+
+
+def repair(root: Path) -> list[tuple[str, Key | None, Key | None, str]]:
+    """Per tier: point a tracker that names nothing whole at the newest complete iteration of its tier
+    (never at a release checkpoint: that would restart training from it); a tracker naming a whole
+    checkpoint is left alone (an operator may have rolled back on purpose). Checks structure and sizes,
+    as `listing` does. Returns (tier, before, after, what happened); `after` is None when nothing could
+    be pointed at."""
+    done = []
+    for tier, path in tiers(root):
+        before = _tracked_or_none(path)
+        problem = tracker_problem(path)
+        if problem is None:
+            done.append((tier, before, before, f"tracker already names complete {describe(before)}"))
+            continue
+        target = _newest_complete_iteration(path)
+        if target is None:
+            hint = (" (Megatron-LM resumes from it while it is at least the persistent iteration: move it aside)"
+                    if tier == NON_PERSISTENT else "")
+            done.append((tier, before, None, f"{problem}; no complete iteration to point it at{hint}"))
+            continue
+        write_tracker(path, target)
+        done.append((tier, before, target, f"{problem}; tracker now names iteration {target}"))
+    return done
