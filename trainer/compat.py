@@ -58,3 +58,15 @@ def load_common(ckpt_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"{ckpt_dir.name} was written by megatron-core >= 0.19 (its common state is inside the "
                           "shards); this megatron-core cannot read it: run the current megatron-core line")
     return dist_checkpointing.load_common_state_dict(str(ckpt_dir))
+
+
+def use_packaged_dataset_helpers() -> None:
+    """megatron.training compiles its C++ dataset helpers with `make` in the package directory, which only
+    a Megatron-LM source checkout has a Makefile for; a pip-installed megatron-core ships them built."""
+    try:
+        from megatron.core.datasets import helpers_cpp  # noqa: F401
+    except ImportError:
+        return
+    from megatron.core.datasets import utils
+
+    utils.compile_helpers = lambda: None

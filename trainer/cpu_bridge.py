@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import types
 
 import torch
 from megatron.core.tensor_parallel import random as mcore_random
@@ -100,6 +101,9 @@ class _NoStream:
     def wait_event(self, *args) -> None:
         pass
 
+    def wait(self, *args, **kwargs) -> None:
+        pass
+
     def record_event(self, *args) -> "_NoStream":
         return _NoStream()
 
@@ -132,13 +136,16 @@ def install_cpu_bridge() -> None:
 
 
 def install_megatron_training_bridge() -> None:
-    """On top of `install_cpu_bridge`, what `megatron.training.pretrain` needs on a CPU-only machine:
+    """On top of `install_cpu_bridge`, what `megatron.training` (Megatron-LM's loop) needs on a CPU-only machine:
     - `initialize_megatron(allow_no_cuda=True)`: pretrain passes nothing and would assert CUDA;
     - no JIT-fusion warm-up: it runs fused kernels on CUDA tensors to compile them (a GPU speed-up only);
-    - one visible device (`device_count() == 1`, `set_device` a no-op): megatron builds its
-      model-parallel groups only when it sees a device;
+    - one visible device (`device_count() == 1`, `set_device` a no-op, `current_device() == 0`, which the
+      mode above maps to the CPU): megatron builds its model-parallel groups only when it sees a device,
+      and Megatron-FSDP names its device `cuda:{current_device()}`;
+    - device properties of a compute capability 9 device (argument validation asks, for Megatron-FSDP);
     - an empty CUDA RNG state (get/set): no CUDA generator exists; the CPU generator and the tracker
-      states above are the ones that matter, and megatron saves and restores those too.
+      states above are the ones that matter, and megatron saves and restores those too;
+    - `Event.wait` (Megatron-FSDP waits on its gradient-reduce events).
     A no-op when CUDA is available."""
     if torch.cuda.is_available():
         return
@@ -148,7 +155,11 @@ def install_megatron_training_bridge() -> None:
     if not isinstance(training.initialize_megatron, functools.partial):
         training.initialize_megatron = functools.partial(training.initialize_megatron, allow_no_cuda=True)
     training.set_jit_fusion_options = lambda *args, **kwargs: None
-    torch.cuda.device_count = lambda: 1
-    torch.cuda.set_device = lambda device: None
-    torch.cuda.get_rng_state = lambda device="cuda": torch.empty(0, dtype=torch.uint8)
-    torch.cuda.set_rng_state = lambda state, device="cuda": None
+    cuda = torch.cuda
+    cuda.device_count = lambda: 1
+    cuda.set_device = lambda device: None
+    cuda.current_device = lambda: 0
+    cuda.get_device_properties = lambda device=None: types.SimpleNamespace(
+        name="cpu", major=9, minor=0, total_memory=1 << 34, multi_processor_count=1)
+    cuda.get_rng_state = lambda device="cuda": torch.empty(0, dtype=torch.uint8)
+    cuda.set_rng_state = lambda state, device="cuda": None

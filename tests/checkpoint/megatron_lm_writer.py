@@ -174,34 +174,13 @@ _MODEL = ("--num-layers 1 --hidden-size 16 --num-attention-heads 2 --seq-length 
           "--position-embedding-type rope --use-distributed-optimizer --save-interval 10").split()
 
 
-def _bridge_megatron_training(fsdp: bool) -> None:
-    """Megatron-LM's loop on a CPU-only machine. TEMPORARY: these lines stand in for the shared bridge
-    (trainer/cpu_bridge.py) the lead is extending for `python -m trainer.megatron_lm`."""
-    import torch
+def _bridge_megatron_training() -> None:
+    """Megatron-LM's loop on a CPU-only machine, as `python -m trainer.megatron_lm` runs it."""
+    from trainer.compat import use_packaged_dataset_helpers
+    from trainer.cpu_bridge import install_megatron_training_bridge
 
-    from trainer import cpu_bridge
-
-    cpu_bridge.install_cpu_bridge()
-    import megatron.core.datasets.utils as dataset_utils
-
-    # initialize_megatron runs `make` for the dataset helpers; the installed wheel ships them built.
-    dataset_utils.compile_helpers = lambda: None
-    # One visible device: megatron builds its model-parallel groups only when it sees one.
-    torch.cuda.device_count = lambda: 1
-    torch.cuda.set_device = lambda device: None
-    # No CUDA generator exists; the CPU generator and the RNG tracker are what megatron saves.
-    torch.cuda.get_rng_state = lambda device="cuda": torch.empty(0, dtype=torch.uint8)
-    torch.cuda.set_rng_state = lambda state, device="cuda": None
-    if fsdp:
-        import types
-
-        # validate_args asks the device's compute capability for Megatron-FSDP (>= 10 would add checks).
-        torch.cuda.get_device_properties = lambda device=None: types.SimpleNamespace(
-            major=9, minor=0, name="cpu", total_memory=1 << 34, multi_processor_count=1)
-        # Megatron-FSDP names its device f"cuda:{current_device()}"; the bridge maps cuda:0 to the CPU.
-        torch.cuda.current_device = lambda: 0
-        # Megatron-FSDP waits on its gradient-reduce events.
-        cpu_bridge._NoStream.wait = lambda self, *args, **kwargs: None
+    install_megatron_training_bridge()
+    use_packaged_dataset_helpers()
 
 
 def write_training(out: Path, fsdp: bool) -> None:
@@ -210,7 +189,7 @@ def write_training(out: Path, fsdp: bool) -> None:
             import einops  # noqa: F401 - Megatron-FSDP's device mesh needs it
         except ModuleNotFoundError:
             sys.exit("einops is missing from this environment (scripts/setup.sh --test installs it)")
-    _bridge_megatron_training(fsdp)
+    _bridge_megatron_training()
     import torch
     import torch.distributed as dist
     from megatron.core.enums import ModelType

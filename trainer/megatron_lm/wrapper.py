@@ -189,18 +189,6 @@ def _megatron_stopped() -> bool:
     return bool(getattr(handler, "_signal_received", False))
 
 
-def _use_packaged_dataset_helpers() -> None:
-    """megatron.training compiles its C++ dataset helpers with `make` in the package directory, which
-    only a source checkout has a Makefile for; a pip install ships them built (`helpers_cpp`)."""
-    try:
-        from megatron.core.datasets import helpers_cpp  # noqa: F401
-    except ImportError:
-        return
-    from megatron.core.datasets import utils
-
-    utils.compile_helpers = lambda: None
-
-
 def main(argv: list[str]) -> int:
     env = RankEnv.from_environ()
     die_with_parent(env)
@@ -216,7 +204,9 @@ def main(argv: list[str]) -> int:
         from trainer.cpu_bridge import install_megatron_training_bridge
 
         install_megatron_training_bridge()
-    _use_packaged_dataset_helpers()
+    from trainer.compat import use_packaged_dataset_helpers
+
+    use_packaged_dataset_helpers()
     wrapper.chain()
     # a second SIGINT from a terminal still interrupts; everything else the supervisor sends is a stop
     signal.signal(signal.SIGINT, signal.default_int_handler)
