@@ -28,10 +28,9 @@ if [[ "${1:-}" == "--test" ]]; then
   # C++ helper is built) and shares everything else with the main environment.
   current=.venv/mcore-current
   [[ -x $current/bin/python ]] || "$PY" -m venv --system-site-packages "$current"
-  # (built outside this git checkout: megatron's build would stamp its version with our commit;
-  # einops: Megatron-FSDP's device mesh, for the fsdp_dtensor checkpoint test)
-  (cd "$(mktemp -d)" && "$OLDPWD/$current/bin/python" -m pip install --quiet --ignore-requires-python --no-deps \
-    "megatron-core==${MCORE_CURRENT:-0.19.2}" "triton==3.9.0" "einops==0.8.2")
+  # (einops: Megatron-FSDP's device mesh, for the fsdp_dtensor checkpoint test)
+  "$current/bin/python" -m pip install --quiet --ignore-requires-python --no-deps \
+    "megatron-core==${MCORE_CURRENT:-0.19.2}" "triton==3.9.0" "einops==0.8.2"
   # megatron.training uses typing.override (3.12); on 3.11 this test environment alone provides it, for
   # every interpreter of the environment (megatron's checkpoint writer spawns fresh ones).
   site=$("$current/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

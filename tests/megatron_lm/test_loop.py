@@ -104,7 +104,7 @@ def test_a_killed_rank_and_a_preemption_resume_from_megatrons_checkpoints(tmp_pa
     assert [(f["kind"], f["rank"]) for f in failures] == [("rank_exit", 1)] and "SIGKILL" in failures[0]["reason"]
     stopped_at = checkpoints.read_tracker(save)
     assert stopped_at is not None and 20 <= stopped_at < TRAIN_ITERS
-    assert checkpoints.check_iteration(checkpoints.iteration_dir(save, stopped_at)) is None
+    assert checkpoints.check(checkpoints.iteration_dir(save, stopped_at)) is None
     assert _rank_lines(run_dir, 1) == [f"resilient: rank {r}: stopped on request at iteration {stopped_at} after "
                                        f"saving (exit 75)" for r in (0, 1)]
 
