@@ -1,4 +1,4 @@
-"""What the supervisor does with a health verdict and with persistent stragglers (pure decisions)."""
+"""What the supervisor does with a health verdict (a pure decision), and the verdict's ledger records."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ class Action(str, Enum):
     CONTINUE = "continue"
     RECORD = "record"
     STOP = "stop"
-    EXCLUDE = "exclude"
     SAVE_AND_STOP = "save_and_stop"
     """Storage trouble: save while there is still room, stop with STORAGE_FAULT; the node is fine."""
 
@@ -46,14 +45,6 @@ def decide_health(report: HealthReport, phase: Literal["preflight", "training"])
     if severity is Severity.WARN:
         return HealthDecision(Action.RECORD, f"warning ({phase}) {reason}")
     return HealthDecision(Action.CONTINUE, reason)
-
-
-def decide_stragglers(persistent: list[tuple[int, float, str]], policy: Literal["record", "exclude"]) -> HealthDecision:
-    """Persistent stragglers are recorded; with policy "exclude" their nodes are also excluded on requeue."""
-    if not persistent:
-        return HealthDecision(Action.CONTINUE, "no persistent stragglers")
-    what = "; ".join(reason for _, _, reason in persistent)
-    return HealthDecision(Action.EXCLUDE if policy == "exclude" else Action.RECORD, what)
 
 
 def record(run_dir: Path, report: HealthReport) -> int:

@@ -9,13 +9,12 @@ world size).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import yaml
 from pydantic import ConfigDict, Field, model_validator
 
 from health.config import HealthConfig
-from resilient.core.configbase import load_section, parse_section
+from resilient.core.configbase import load_section
 from resilient.metrics.config import MetricsConfig
 from resilient.slurm.config import SlurmConfig
 from resilient.supervisor.config import SupervisorConfig
@@ -56,11 +55,6 @@ class RunConfig(TrainerConfig):
         if self.supervisor.runs_own_trainer:  # another script's model and layout are its own business
             self.check_layout(self.world_size)
         return self
-
-
-def parse_config(tree: dict[str, Any]) -> RunConfig:
-    """Validate a config tree; errors become one-line ConfigErrors naming the key."""
-    return parse_section(RunConfig, tree)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -34,9 +34,3 @@ class RunDirBusy(ResilientError):
     exit_code = ExitCode.RUN_DIR_BUSY
     label = "run dir busy"
 
-
-class StorageError(ResilientError):
-    """The checkpoint or run-dir filesystem cannot hold what the run must keep."""
-
-    exit_code = ExitCode.STORAGE_FAULT
-    label = "storage fault"

@@ -129,7 +129,6 @@ class Spares:
     def __init__(self, cmd: list[str], run_dir: Path, node: int) -> None:
         self.cmd, self.run_dir, self.node = cmd, run_dir, node
         self.parked: dict[int, Spare] = {}
-        self.taken = 0
         """Ranks handed to spares so far (for tests and status)."""
 
     def fill(self, specs: list[RankEnv]) -> int:
@@ -173,7 +172,6 @@ class Spares:
             _kill(spare.proc)
             return None
         spare.proc.stdin = None
-        self.taken += 1
         return RankProcess(spec, spare.proc, os.pidfd_open(spare.proc.pid), time.monotonic())
 
     def rss_bytes(self) -> int:

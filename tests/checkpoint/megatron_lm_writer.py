@@ -190,7 +190,6 @@ def write_training(out: Path, fsdp: bool) -> None:
         except ModuleNotFoundError:
             sys.exit("einops is missing from this environment (scripts/setup.sh --test installs it)")
     _bridge_megatron_training()
-    import torch
     import torch.distributed as dist
     from megatron.core.enums import ModelType
     from megatron.core.pipeline_parallel import get_forward_backward_func

@@ -5,7 +5,6 @@ import time
 
 import pytest
 
-from health.actions import Action, decide_stragglers
 from health.config import HealthConfig
 from health.stragglers import StragglerTracker
 
@@ -41,14 +40,6 @@ def test_single_rank_has_no_stragglers():
     tracker = StragglerTracker(window=2, threshold=1.1, windows=1)
     assert feed(tracker, 10, {0: 5.0}) is None
     assert tracker.scores() == {0: 1.0}
-
-
-def test_policy_decides_record_or_exclude():
-    persistent = [(3, 1.8, "rank 3 is a persistent straggler")]
-    assert decide_stragglers(persistent, "record").action is Action.RECORD
-    d = decide_stragglers(persistent, "exclude")
-    assert d.action is Action.EXCLUDE and "rank 3" in d.reason
-    assert decide_stragglers([], "exclude").action is Action.CONTINUE
 
 
 def test_from_config_rejects_nothing_silently():
