@@ -1,6 +1,6 @@
 """Every Prometheus metric family the supervisor exports, defined once on a dedicated registry.
 
-Conventions (ARCHITECTURE.md): prefix `resilient_`, counters end in `_total`, durations in
+Conventions (Prometheus naming): prefix `resilient_`, counters end in `_total`, durations in
 `_seconds`, sizes in `_bytes`. Labels are bounded: node, rank, gpu, kind, check, reason, tier,
 category, state; never a step number. Run-level values (loss, tokens/s, ...) carry only `node`:
 every node reports the same run, so dashboards aggregate them with `max`.
