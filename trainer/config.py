@@ -182,6 +182,21 @@ class TrainerConfig(Section):
             raise ValueError(problem)
 
 
+def cpu_refusal(cfg: TrainerConfig) -> str | None:
+    """Why megatron's local (non-TE) layers cannot run this layout on CPU (one line), or None."""
+    p, t = cfg.parallel, cfg.train
+    if p.cp > 1:
+        return ("parallel.cp: context parallelism needs transformer-engine attention on GPU; megatron's local "
+                "attention (CPU) cannot split the sequence")
+    if p.sequence_parallel:
+        return ("parallel.sequence_parallel: needs transformer-engine (or apex) norms on GPU; megatron's torch "
+                "norm (CPU) refuses it")
+    if t.recompute_granularity:
+        return ("train.recompute_granularity: activation recomputation runs on GPU only; on CPU megatron recomputes "
+                "where the CPU bridge cannot map its CUDA calls")
+    return None
+
+
 def _runnable(arch: Architecture, p: ParallelConfig, t: TrainConfig, seq_len: int, grad_accum: int) -> str | None:
     """Why megatron cannot run this parallel/precision combination (one line), or None."""
     if p.vpp and p.pp < 2:

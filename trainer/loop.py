@@ -23,7 +23,7 @@ from trainer import distributed, numerics
 from trainer.checkpoint import layout
 from trainer.checkpoint.checkpointer import Checkpointer
 from trainer.checkpoint.state import TrainState
-from trainer.config import TrainerConfig
+from trainer.config import TrainerConfig, cpu_refusal
 from trainer.data.loader import build_train_loader, build_validation_batches
 from trainer.data.prepare import check_inputs, prepare_if_needed
 from trainer.flops import device_peak_flops, flops_per_token, padded_vocab
@@ -74,16 +74,8 @@ class Trainer:
                               f"{arch.vocab_size}")
         p = cfg.parallel
         on_gpu = torch.cuda.is_available()
-        if not on_gpu:  # what megatron's local (non-TE) layers cannot do
-            if p.cp > 1:
-                raise ConfigError("parallel.cp: context parallelism needs transformer-engine attention on GPU; "
-                                  "megatron's local attention (CPU) cannot split the sequence")
-            if p.sequence_parallel:
-                raise ConfigError("parallel.sequence_parallel: needs transformer-engine (or apex) norms on GPU; "
-                                  "megatron's torch norm (CPU) refuses it")
-            if cfg.train.recompute_granularity:
-                raise ConfigError("train.recompute_granularity: activation recomputation runs on GPU only; on CPU "
-                                  "megatron recomputes where the CPU bridge cannot map its CUDA calls")
+        if not on_gpu and (problem := cpu_refusal(cfg)):
+            raise ConfigError(problem)
         self.layout = model_layout(cfg, on_gpu=on_gpu)
         self.device = distributed.init_distributed(env, self.layout, timeout_s=p.timeout_s)
         self._beat(Phase.BUILD, 0)

