@@ -7,11 +7,19 @@ show every injected fault in the ledger with its detection latency.
 
 from __future__ import annotations
 
+import signal
+
+import psutil
 import pytest
 
 from resilient.core import ledger
 from resilient.core.exit_codes import ExitCode
-from tests.chaos.drills import drill
+from resilient.core.ledger import read_jsonl
+from resilient.supervisor.ranks import free_port
+from tests.chaos.drills import COMMON, CONFIG, drill
+from tests.ranks import digest
+from tests.supervisor.harness import events as ledger_events
+from tests.supervisor.harness import ranks_of, start, wait_until
 from tests.mcore import current_python
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -62,6 +70,50 @@ def test_fault_leaves_the_same_bits(tmp_path, reference, fault, exits):
     report = _passed(drill(tmp_path / "run", "steps:6", [fault], reference=reference))
     assert report["digest"] == reference
     assert report["exit_codes"] == [int(c) for c in exits]
+    if fault == "preempt":  # the stop saved the step it stopped at: the rerun loses no step
+        stopped = [e["step"] for e in _events(report, "preempted") if "node" in e][-1]
+        assert stopped in [e["step"] for e in _events(report, "ckpt_save")]
+        resumed = [r["step"] for r in read_jsonl(tmp_path / "run" / "train_log.jsonl") if r.get("attempt") == 1
+                   and "loss" in r]
+        assert resumed[0] == stopped + 1
+
+
+def test_two_nodes_restart_together_and_end_on_the_same_bits(tmp_path, reference):
+    # Two supervisors of one rank each, coordinated through node 0's store: a rank killed on node 1
+    # restarts both nodes, and the run ends on the single-node reference bits (same world size).
+    port, run_dir = free_port(), tmp_path / "run"
+    sets = [a for s in [*COMMON, "nodes=2", "supervisor.nproc_per_node=1"] for a in ("--set", s)]
+    nodes = [start(["supervise", str(CONFIG), "--run-dir", str(run_dir), "--node-rank", str(n), "--nnodes", "2",
+                    "--master-addr", "127.0.0.1", "--master-port", str(port), *sets],
+                   env={"RESILIENT_NODE_NAME": f"node{n}", "RESILIENT_JOB_INSTANCE": str(port)},
+                   log=tmp_path / f"node{n}.log") for n in (0, 1)]
+    try:
+        wait_until(lambda: len(ledger_events(run_dir, "ckpt_save")) >= 2, 300, "two checkpoints")
+        ranks_of(nodes[1].pid)[1].send_signal(signal.SIGKILL)
+        assert [p.wait(600) for p in nodes] == [ExitCode.FINISHED, ExitCode.FINISHED]
+    finally:
+        for p in nodes:
+            p.kill()
+    [failure] = ledger_events(run_dir, "failure")
+    assert (failure["kind"], failure["rank"], failure["node"]) == ("rank_exit", 1, 1)
+    assert sorted((e["attempt"], e["node"]) for e in ledger_events(run_dir, "attempt_start")) == \
+        [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert digest(run_dir) == reference
+
+
+def test_a_killed_supervisor_leaves_no_rank(tmp_path):
+    proc = start(["run", str(CONFIG), "--run-dir", str(tmp_path / "run"),
+                  *(a for s in [*COMMON, "train.steps=1000"] for a in ("--set", s))], log=tmp_path / "supervisor.log")
+    try:
+        ranks = wait_until(lambda: list(ranks_of(proc.pid).values()) if len(ranks_of(proc.pid)) == 2 else None, 120,
+                           "two ranks")
+        wait_until(lambda: ledger_events(tmp_path / "run", "rank_init"), 300, "the ranks to start")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+    _, alive = psutil.wait_procs(ranks, timeout=5)
+    assert alive == []
 
 
 def test_corrupt_latest_falls_back_and_quarantines(tmp_path, reference):
