@@ -66,6 +66,8 @@ class Catalog:
         self.consumed_tokens = Gauge("resilient_consumed_tokens", "Training tokens consumed by the run so far",
                                      n, registry=r)
         self.loss = Gauge("resilient_loss", "Training loss of the latest step", n, registry=r)
+        self.loss_nonfinite_ts = Gauge("resilient_loss_nonfinite_timestamp_seconds",
+                                       "Unix time of the latest step whose loss was NaN or infinite", n, registry=r)
         self.validation_loss = Gauge("resilient_validation_loss", "Latest validation loss (nats)", n, registry=r)
         self.learning_rate = Gauge("resilient_learning_rate", "Learning rate of the latest step", n, registry=r)
         self.grad_norm = Gauge("resilient_grad_norm", "Global gradient norm of the latest step", n, registry=r)

@@ -1,6 +1,7 @@
-"""Helpers for the Prometheus tests: a real Prometheus server on loopback, and the PromQL of our dashboards and alerts.
+"""Helpers for the Prometheus tests: a real Prometheus server and a real node_exporter on loopback, and the
+PromQL of our dashboards and alerts.
 
-`PrometheusServer` is reusable for any targets (an exporter fed by a test, or a real running job).
+`PrometheusServer` is reusable for any targets (an exporter fed by a test, a real running job, node_exporter).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ RULES = GRAFANA / "alerts" / "resilient.yml"
 
 PROMETHEUS = shutil.which("prometheus") or "prometheus"
 PROMTOOL = shutil.which("promtool") or "promtool"
+NODE_EXPORTER = shutil.which("prometheus-node-exporter") or "prometheus-node-exporter"  # Debian's name
 
 
 def require(*tools: str) -> None:
@@ -95,16 +97,26 @@ def alert_rules() -> list[dict]:
 
 
 class PrometheusServer:
-    """/usr/bin/prometheus on 127.0.0.1 with a temp config and data dir, scraping `targets` every second."""
+    """/usr/bin/prometheus on 127.0.0.1 with a temp config and data dir, scraping `targets` (job `job`) every
+    `scrape_interval`, plus static `jobs` ({job: [target, ...]}) and, with `file_sd`, the targets written by
+    `add_targets` (job `job`)."""
 
-    def __init__(self, workdir: Path, targets: list[str], job: str = "resilient") -> None:
-        self.workdir, self.port = workdir, free_port()
+    def __init__(self, workdir: Path, targets: list[str], job: str = "resilient", *, scrape_interval: str = "1s",
+                 evaluation_interval: str = "1s", jobs: dict[str, list[str]] | None = None,
+                 file_sd: bool = False) -> None:
+        self.workdir, self.port, self.job = workdir, free_port(), job
         self.url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.sd_dir = workdir / "targets"
+        main: dict[str, Any] = {"job_name": job, "static_configs": [{"targets": targets}]}
+        if file_sd:
+            self.sd_dir.mkdir(exist_ok=True)
+            main["file_sd_configs"] = [{"files": [str(self.sd_dir / "*.json")], "refresh_interval": "1s"}]
         config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "global": {"scrape_interval": scrape_interval, "evaluation_interval": evaluation_interval},
             "rule_files": [str(RULES)],
-            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": targets}]}],
+            "scrape_configs": [main, *({"job_name": name, "static_configs": [{"targets": t}]}
+                                       for name, t in (jobs or {}).items())],
         }
         self.config_path = workdir / "prometheus.yml"
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -112,6 +124,12 @@ class PrometheusServer:
             yaml.safe_dump(config, f)
         self.log_path = workdir / "prometheus.log"
         self.proc: subprocess.Popen | None = None
+
+    def add_targets(self, name: str, targets: list[str]) -> None:
+        """Scrape `targets` (job `job`) from now on (file service discovery: no restart, no reload)."""
+        tmp = self.sd_dir / f".{name}.tmp"
+        tmp.write_text(json.dumps([{"targets": targets}]))
+        tmp.rename(self.sd_dir / f"{name}.json")
 
     def start(self, timeout: float = 60.0) -> "PrometheusServer":
         log = open(self.log_path, "wb")
@@ -162,3 +180,45 @@ class PrometheusServer:
     def rules(self) -> list[dict]:
         groups = get_json(f"{self.url}/api/v1/rules")["data"]["groups"]
         return [rule for group in groups for rule in group["rules"]]
+
+    def alerts(self) -> list[dict]:
+        """/api/v1/alerts: every pending and firing alert with its labels, annotations and state."""
+        return get_json(f"{self.url}/api/v1/alerts")["data"]["alerts"]
+
+
+class NodeExporter:
+    """Debian's prometheus-node-exporter on 127.0.0.1 with only its textfile collector, serving `textfile_dir`
+    (what runs on every cluster node, there with all its collectors)."""
+
+    def __init__(self, textfile_dir: Path, log_dir: Path) -> None:
+        self.textfile_dir, self.port = textfile_dir, free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = log_dir / "node_exporter.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> "NodeExporter":
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [NODE_EXPORTER, "--collector.disable-defaults", "--collector.textfile",
+             f"--collector.textfile.directory={self.textfile_dir}", f"--web.listen-address={self.address}",
+             "--log.level=warn"], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node_exporter exited {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
+            try:
+                self.scrape()
+                return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"node_exporter not ready after {timeout}s: {self.log_path.read_text()[-2000:]}")
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(f"http://{self.address}/metrics", timeout=5) as resp:
+            return resp.read().decode()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=15)
