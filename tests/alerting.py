@@ -91,6 +91,12 @@ class AlertWatch:
         with self._lock:
             return [a for _, a in self._seen if want.items() <= a["labels"].items()]
 
+    def first_seen(self, alertname: str, **labels: str) -> float | None:
+        """When an alert `alertname` with these labels was first seen firing (unix time), if ever."""
+        want = {"alertname": alertname, **labels}
+        with self._lock:
+            return min((t for t, a in self._seen if want.items() <= a["labels"].items()), default=None)
+
     def firing_now(self, alertname: str, **labels: str) -> list[dict[str, Any]]:
         want = {"alertname": alertname, **labels}
         return [a for a in self.prometheus.alerts() if a["state"] == "firing" and want.items() <= a["labels"].items()]
@@ -126,11 +132,12 @@ def alert_watch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AlertWatch
 
 class LiveRun:
     """`resilient run examples/tiny.yaml` as node `node` with one rank, its GPUs scripted through
-    `health.fake_nvml_dir`, its node facts written to `textfile_dir`."""
+    `health.fake_nvml_dir`, its node facts written to `textfile_dir` (None: not written). `repo`: the
+    source tree to run (a bench compares another commit's)."""
 
-    def __init__(self, work: Path, node: str, textfile_dir: Path, sets: list[str],
-                 gpu_state: dict[str, Any] = HEALTHY_GPUS) -> None:
-        self.node, self.work = node, work
+    def __init__(self, work: Path, node: str, textfile_dir: Path | None, sets: list[str],
+                 gpu_state: dict[str, Any] = HEALTHY_GPUS, repo: Path = REPO) -> None:
+        self.node, self.work, self.repo = node, work, repo
         self.run_dir = work / "run"
         nvml = work / "nvml"
         nvml.mkdir(parents=True)
@@ -138,16 +145,19 @@ class LiveRun:
         self.set_gpus(gpu_state)
         self.log = work / "supervisor.log"
         self.sets = ["supervisor.nproc_per_node=1", "train.steps=100000", "train.eval_every=0", "metrics.port=0",
-                     f"metrics.textfile_dir={textfile_dir}", f"health.fake_nvml_dir={nvml}",
-                     "health.write_test_bytes=4096", *sets]
+                     f"health.fake_nvml_dir={nvml}", "health.write_test_bytes=4096", *sets]
+        if textfile_dir is not None:
+            self.sets.append(f"metrics.textfile_dir={textfile_dir}")
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> LiveRun:
-        cmd = [sys.executable, "-m", "resilient.cli", "run", str(TINY), "--run-dir", str(self.run_dir)]
+        config = self.repo / TINY.relative_to(REPO)
+        cmd = [sys.executable, "-m", "resilient.cli", "run", str(config), "--run-dir", str(self.run_dir)]
         cmd += [a for s in self.sets for a in ("--set", s)]
-        env = {**os.environ, "RESILIENT_NODE_NAME": self.node, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        env = {**os.environ, "PYTHONPATH": str(self.repo), "RESILIENT_NODE_NAME": self.node, "OMP_NUM_THREADS": "1",
+               "PYTHONWARNINGS": "ignore"}
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log,
+            self.proc = subprocess.Popen(cmd, cwd=self.repo, env=env, stdout=subprocess.DEVNULL, stderr=log,
                                          start_new_session=True)
         return self
 

@@ -16,8 +16,8 @@ Facts, each labelled `node`:
 
 The file is rewritten only when a fact changes (a healthy run writes it once per start), replaced
 atomically (node_exporter reads the old facts or the new, never half), and not fsynced: the path to
-the next attempt waits for no disk. A new supervisor or `resilient health check` on the node starts
-from no facts: its first verdict replaces the last one.
+the next attempt waits for no disk. A new supervisor or `resilient health check` on the node keeps the
+previous supervisor's exit until its own, and its first verdict replaces the node's last one.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from health.actions import HealthVerdict
 from resilient.core.atomic import atomic_write
@@ -75,7 +76,7 @@ class NodeFacts:
         self.directory, self.node, self._clock = directory, node, clock
         self.path = None if directory is None else Path(directory) / textfile_name(node)
         self._verdict: _Verdict | None = None
-        self._exit: tuple[ExitCode, str, float] | None = None
+        self._exit = None if self.path is None else _previous_exit(self.path)
         self._errors_told: set[int] = set()
 
     def check(self) -> None:
@@ -142,3 +143,13 @@ class NodeFacts:
                 self._errors_told.add(err.errno or 0)
                 print(f"resilient: cannot write node facts to {self.path}: {err.strerror or err}", file=sys.stderr)
             return False
+
+
+def _previous_exit(path: Path) -> tuple[ExitCode, str, float] | None:
+    """The exit of the node's previous supervisor, from its file; None when there is none or it is unreadable."""
+    try:
+        samples = {s.name: s for f in text_string_to_metric_families(path.read_text()) for s in f.samples}
+        code, ts = samples["resilient_supervisor_exit_code"], samples["resilient_supervisor_exit_timestamp_seconds"]
+        return ExitCode(int(code.value)), code.labels["reason"], ts.value
+    except (OSError, ValueError, KeyError):
+        return None

@@ -58,7 +58,7 @@ def substitute(expr: str) -> str:
         expr = expr.replace(macro, value)
     if gate := re.search(r"vector\(\$gpu_source\) == (\d+)", expr):
         expr = expr.replace("$gpu_source", gate[1])
-    return re.sub(r"\$\{?(job|node|rank|gpu)\b\}?", ".*", expr)
+    return re.sub(r"\$\{?(job|facts_job|node|rank|gpu)\b\}?", ".*", expr)
 
 
 def dashboards() -> dict[str, dict]:
@@ -86,7 +86,7 @@ def variable_queries() -> list[tuple[str, str, str]]:
         for var in dash["templating"]["list"]:
             if var["type"] != "query":
                 continue
-            m = LABEL_VALUES.match(var["query"]["query"])
+            m = LABEL_VALUES.match(var["query"])
             assert m, f"{name}: variable {var['name']} is not label_values(selector, label)"
             out.append((name, var["name"], f"group by ({m['label']}) ({substitute(m['selector'])})"))
     return out

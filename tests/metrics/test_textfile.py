@@ -82,6 +82,23 @@ def test_the_exit_reason_joins_the_facts(tmp_path):
     assert "resilient_node_health_verdict" in got, "the exit keeps the verdict"
 
 
+def test_a_new_supervisor_keeps_the_previous_exit_until_its_own(tmp_path):
+    before = NodeFacts(tmp_path, "n1", clock=lambda: 100.0)
+    before.on_exit(ExitCode.STORAGE_FAULT, "checkpoint storage is full")
+    after = NodeFacts(tmp_path, "n1", clock=lambda: 200.0)
+    report = gpu_report("n1")
+    after.on_health(decide_health(report, "preflight"), {}, report.ts)
+    got = samples(after.path.read_text())
+    assert got["resilient_supervisor_exit_code"] == {
+        (("node", "n1"), ("outcome", "storage_fault"), ("reason", "checkpoint storage is full")): 82}
+    assert got["resilient_supervisor_exit_timestamp_seconds"][(("node", "n1"),)] == 100.0
+    after.on_exit(ExitCode.FINISHED, "the run reached its final step")
+    got = samples(after.path.read_text())
+    assert [dict(k)["outcome"] for k in got["resilient_supervisor_exit_code"]] == ["finished"]
+    (tmp_path / textfile_name("n2")).write_text("not the text format {")
+    assert b"resilient_supervisor_exit" not in NodeFacts(tmp_path, "n2").render()
+
+
 def test_a_bad_directory_is_one_config_error_and_later_failures_never_raise(tmp_path, capsys):
     missing = NodeFacts(tmp_path / "nope", "n1")
     with pytest.raises(ConfigError, match=r"metrics.textfile_dir .*nope: not a directory"):
