@@ -96,9 +96,8 @@ class NodeMetrics:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> int | None:
-        """Check the facts directory; serve /metrics on cfg.address:cfg.port (0: any free port) and return
-        the bound port, None when metrics are off. A port in use or a bad directory is a ConfigError."""
-        self.facts.check()
+        """Serve /metrics on cfg.address:cfg.port (0: any free port) and return the bound port, None when
+        metrics are off. A port in use is a ConfigError."""
         if not self.cfg.enabled:
             return None
         try:

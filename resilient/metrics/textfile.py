@@ -80,7 +80,8 @@ class NodeFacts:
         self._errors_told: set[int] = set()
 
     def check(self) -> None:
-        """A configured directory must exist and be writable (one line naming it otherwise)."""
+        """A configured directory must exist and be writable (one line naming it otherwise): checked by the
+        commands that write here before anything else they do."""
         if self.directory is None:
             return
         d, why = Path(self.directory), None
