@@ -37,6 +37,12 @@ def register(app: typer.Typer) -> None:
 
         cfg = load_config(config, overrides or [])
         node = node_name()
+        metrics = None
+        if cfg.metrics.textfile_dir is not None:
+            from resilient.metrics.exporter import NodeMetrics
+
+            metrics = NodeMetrics(cfg.metrics, node)  # not served: only the node's durable facts are written
+            metrics.facts.check()
         report = run_preflight(cfg.health, node=node, ckpt_dir=cfg.checkpoint.root(run_dir or cfg.run_dir))
         if collective:
             from health.collective_local import check_local_collective
@@ -45,11 +51,7 @@ def register(app: typer.Typer) -> None:
         else:
             probe = skipped("collective.allreduce", "not requested (pass --collective)")
         report = HealthReport(node, [*report.results, probe])
-        if cfg.metrics.textfile_dir is not None:
-            from resilient.metrics.exporter import NodeMetrics
-
-            metrics = NodeMetrics(cfg.metrics, node)  # not served: only the node's durable facts are written
-            metrics.facts.check()
+        if metrics is not None:
             metrics.on_health(report, decide_health(report, "check"))
         if as_json:
             typer.echo(json.dumps(report.to_json(), default=str))

@@ -13,13 +13,15 @@ With --baseline-tree (a checkout of the commit before the node facts, e.g.
 `git archive 9543d96 | tar -x -C DIR`), every trial also runs that tree the same way (no
 textfile_dir: it has none), alternating, and the path to the exit is compared: injection -> exit,
 and the supervisor's own part of it, the fatal `health` ledger record (written before the node facts)
--> exit. Ratios are this tree over the baseline, medians. JSON in bench/results/alerts-<time>.json.
+-> exit. Ratios are this tree over the baseline, medians. The write itself is also timed alone (a verdict
+change: render and atomic replace of resilient_<node>.prom, 8 GPUs). JSON in bench/results/alerts-<time>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -52,6 +54,29 @@ def trial(work: Path, node: str, kind: str, textfile_dir: Path | None, repo: Pat
     return {"node": node, "kind": kind, "tree": "baseline" if textfile_dir is None else "this", "exit_code": code,
             "injected": injected, "inject_to_exit_s": exited - injected,
             "verdict_to_exit_s": exited - fatal[0]["ts"] if fatal else None}
+
+
+def facts_write_cost(directory: Path, writes: int = 400) -> dict:
+    """What the node facts add where they are written: one verdict change (render + atomic replace), median."""
+    from health.actions import decide_health
+    from health.types import HealthReport, fatal, ok
+    from resilient.core.exit_codes import ExitCode
+    from resilient.metrics.textfile import NodeFacts
+
+    facts = NodeFacts(directory, "bench-write")
+    reports = [HealthReport("bench-write", [ok("gpu.xid", "no XID")]),
+               HealthReport("bench-write", [fatal("gpu.xid", "critical XID 79 on gpu0")])]
+    gpu = {str(i): {"last_xid": 0.0, "ecc_uncorrectable": 0.0, "lost": 0.0, "remap_failed": 0.0} for i in range(8)}
+    times = []
+    for i in range(writes):  # alternating verdicts: every call rewrites the file
+        report = reports[i % 2]
+        t0 = time.perf_counter()
+        facts.on_health(decide_health(report, "training"), gpu, report.ts)
+        times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    facts.on_exit(ExitCode.UNHEALTHY_NODE, "unhealthy (training) node bench-write: gpu.xid: critical XID 79 on gpu0")
+    return {"verdict_write_s_median": statistics.median(times), "verdict_write_s_max": max(times),
+            "exit_write_s": time.perf_counter() - t0, "writes": writes, "gpus": len(gpu)}
 
 
 def main() -> int:
@@ -107,6 +132,8 @@ def main() -> int:
                 s[f"{key}_median_baseline"] = base
                 s[f"{key}_ratio_this_over_baseline"] = (s[f"{key}_median_this"] / base) if base else None
         summary[kind] = s
+    summary["facts_write"] = facts_write_cost(work)
+    summary["load_average_at_end"] = os.getloadavg()
     out = REPO / "bench" / "results" / f"alerts-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"summary": summary, "trials": rows}, indent=2))

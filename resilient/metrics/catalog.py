@@ -82,6 +82,8 @@ class Catalog:
         self.rank_step_time = Gauge("resilient_rank_step_time_seconds", "The rank's latest step time", nr, registry=r)
         self.heartbeat_age = Gauge("resilient_heartbeat_age_seconds", "Seconds since the rank's last heartbeat",
                                    nr, registry=r)
+        self.heartbeat_age_limit = Gauge("resilient_heartbeat_age_limit_seconds", "Heartbeat age above which the "
+                                         "RankHeartbeatStale alert fires", n, registry=r)
         self.straggler_score = Gauge("resilient_straggler_score", "Rank step time over the run's median (1 = typical)",
                                      nr, registry=r)
         # Checkpoints.

@@ -22,6 +22,10 @@ class MetricsConfig(Section):
     and ECC counters per GPU, why it exited), as resilient_<node>.prom; node_exporter keeps serving them
     after the supervisor exits or the job moves to other nodes. Unset: those facts live only as long as
     the supervisor, and a GPU alert may never fire (docs/operations.md#node-facts)."""
+    heartbeat_max_age_s: float = Field(300.0, gt=0)
+    """Heartbeat age above which the ResilientRankHeartbeatStale alert fires while running (exported as
+    resilient_heartbeat_age_limit_seconds): longer than the run's longest step, save or evaluation, so that
+    it fires only when a rank hangs and the supervisor's own hang detection has not acted."""
     checkpoint_max_age_s: float = Field(7200.0, gt=0)
     """Age of the last complete checkpoint above which the ResilientCheckpointTooOld alert fires
     (exported as resilient_checkpoint_age_limit_seconds)."""

@@ -90,6 +90,7 @@ class NodeMetrics:
         self._ckpt_seen: set[tuple[str, int]] = set()
         self._ckpt_ts: float | None = None
         self.m.ckpt_age_limit.labels(node).set(cfg.checkpoint_max_age_s)
+        self.m.heartbeat_age_limit.labels(node).set(cfg.heartbeat_max_age_s)
         self.m.ckpt_age.labels(node).set_function(self._checkpoint_age)
         self.m.restarts.labels(node)
 
