@@ -16,7 +16,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -132,32 +132,18 @@ class PrometheusServer:
         tmp.rename(self.sd_dir / f"{name}.json")
 
     def start(self, timeout: float = 60.0) -> "PrometheusServer":
-        log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={self.config_path}", f"--storage.tsdb.path={self.workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"prometheus not ready after {timeout}s: {self.log_path.read_text()[-2000:]}")
+        def ready() -> None:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
+                if resp.status != 200:
+                    raise OSError(f"HTTP {resp.status}")
+
+        self.proc = start_server("prometheus", [
+            PROMETHEUS, f"--config.file={self.config_path}", f"--storage.tsdb.path={self.workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"], self.log_path, ready, timeout)
+        return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_server(self.proc)
 
     def query(self, expr: str) -> dict[str, Any]:
         """The /api/v1/query answer; a PromQL error comes back as {"status": "error", ...} (HTTP 400/422)."""
@@ -197,28 +183,43 @@ class NodeExporter:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> "NodeExporter":
-        log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [NODE_EXPORTER, "--collector.disable-defaults", "--collector.textfile",
-             f"--collector.textfile.directory={self.textfile_dir}", f"--web.listen-address={self.address}",
-             "--log.level=warn"], stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"node_exporter exited {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
-            try:
-                self.scrape()
-                return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"node_exporter not ready after {timeout}s: {self.log_path.read_text()[-2000:]}")
+        self.proc = start_server("node_exporter", [
+            NODE_EXPORTER, "--collector.disable-defaults", "--collector.textfile",
+            f"--collector.textfile.directory={self.textfile_dir}", f"--web.listen-address={self.address}",
+            "--log.level=warn"], self.log_path, self.scrape, timeout)
+        return self
 
     def scrape(self) -> str:
         with urllib.request.urlopen(f"http://{self.address}/metrics", timeout=5) as resp:
             return resp.read().decode()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=15)
+        stop_server(self.proc)
+
+
+def start_server(name: str, argv: list[str], log_path: Path, ready: Callable[[], Any],
+                 timeout: float) -> subprocess.Popen:
+    """Start a server process (output to `log_path`) and return once `ready()` stops raising OSError."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            ready()
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    stop_server(proc)
+    raise RuntimeError(f"{name} not ready after {timeout}s: {log_path.read_text()[-2000:]}")
+
+
+def stop_server(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
