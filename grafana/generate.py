@@ -4,7 +4,9 @@
     python grafana/generate.py --check   exit 1 when a committed file differs from what this builds
 
 Every panel reads Prometheus through the `datasource` variable and filters on the `job`/`node`
-(`rank`, `gpu`) variables. GPU panels read either source, chosen by the `gpu_source` variable:
+(`rank`, `gpu`) variables; the node facts (the supervisors' durable facts, served by node_exporter's
+textfile collector: docs/operations.md#node-facts) filter on `facts_job`, node_exporter's scrape job.
+GPU panels read either source, chosen by the `gpu_source` variable:
 this project's NVML metrics (resilient_gpu_*) or NVIDIA dcgm-exporter's (DCGM_FI_*). Each GPU
 panel has one target per source, gated by `and on() (vector($gpu_source) == N)` so only the chosen
 source draws; dcgm-exporter's host label `Hostname` is renamed to `node`.
@@ -31,6 +33,7 @@ DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 JOB_NODE = 'job=~"$job", node=~"$node"'
 RANK = JOB_NODE + ', rank=~"$rank"'
 GPU = JOB_NODE + ', gpu=~"$gpu"'
+FACTS = 'job=~"$facts_job", node=~"$node"'
 DCGM_GPU = 'Hostname=~"$node", gpu=~"$gpu"'
 SOURCES = {"nvml": 1, "dcgm": 2}
 
@@ -95,8 +98,10 @@ def _common(panel, title: str, queries: Sequence[Q], pos: dm.GridPos, unit: str 
 
 def stat_panel(layout: Layout, title: str, q: Q, w: int, h: int, unit: str | None = None, *,
                text_mode: cm.BigValueTextMode = cm.BigValueTextMode.AUTO,
-               thresholds: Sequence[tuple[float | None, str]] | None = None):
-    p = _common(stat.Panel(), title, [q], layout.place(w, h), unit, None)
+               thresholds: Sequence[tuple[float, str]] | None = None, description: str | None = None):
+    """`thresholds`: (value, color) steps; the first is the base, which Grafana reads as -Infinity whatever its
+    value (Grafana writes null there, Grafana's published schema asks for a number)."""
+    p = _common(stat.Panel(), title, [q], layout.place(w, h), unit, description)
     p = (p.reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).fields("").values(False))
          .color_mode(cm.BigValueColorMode.VALUE).graph_mode(cm.BigValueGraphMode.AREA).text_mode(text_mode))
     if thresholds:
@@ -118,8 +123,9 @@ def series_panel(layout: Layout, title: str, queries: Sequence[Q], w: int, h: in
     return p
 
 
-def table_panel(layout: Layout, title: str, q: Q, w: int, h: int = 8):
-    return _common(table.Panel(), title, [Q(q.expr, q.legend, table=True)], layout.place(w, h), None, None)
+def table_panel(layout: Layout, title: str, q: Q, w: int, h: int = 8, *, description: str | None = None):
+    return (_common(table.Panel(), title, [Q(q.expr, q.legend, table=True)], layout.place(w, h), None, description)
+            .frame_index(0).show_header(True))
 
 
 def row(layout: Layout, title: str) -> db.Row:
@@ -129,7 +135,7 @@ def row(layout: Layout, title: str) -> db.Row:
 # -- variables -------------------------------------------------------------------------------------------
 
 def query_variable(name: str, label: str, query: str) -> db.QueryVariable:
-    return (db.QueryVariable(name).label(label).datasource(DS).query({"query": query, "refId": f"{name}-var"})
+    return (db.QueryVariable(name).label(label).datasource(DS).query(query)
             .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).multi(True).include_all(True).all_value(".*")
             .current(dm.VariableOption(selected=True, text=["All"], value=["$__all"]))
             .sort(dm.VariableSort.NUMERICAL_ASC))
@@ -262,11 +268,33 @@ def gpu_node_health() -> db.Dashboard:
               .current(dm.VariableOption(selected=True, text="nvml", value="1"))
               .description("resilient's own NVML metrics, or NVIDIA dcgm-exporter's DCGM_FI_* fields"))
     gpu = query_variable("gpu", "GPU", 'label_values({__name__=~"resilient_gpu_temperature_celsius|DCGM_FI_DEV_GPU_TEMP"}, gpu)')
-    return (base("resilient-health", "resilient / GPU and node health", source, gpu)
+    facts_job = query_variable("facts_job", "Node facts job", "label_values(resilient_node_health_verdict, job)")
+
+    def fact(metric: str, name: str) -> str:  # one table row per (node, gpu, fact)
+        return f'label_replace(max by (node, gpu) ({metric}{{{FACTS}}}), "fact", "{name}", "", "")'
+
+    return (base("resilient-health", "resilient / GPU and node health", source, gpu, facts_job)
+            .with_row(row(L, "Node facts (kept after the supervisor exits)"))
+            .with_panel(stat_panel(L, "Unhealthy nodes", Q(
+                f'count(max by (node) (resilient_node_health_verdict{{{FACTS}, verdict="unhealthy"}})) or vector(0)',
+                "unhealthy"), 6, 8, thresholds=[(0, "green"), (1, "red")],
+                description="Nodes whose last health verdict is unhealthy: the ResilientNodeUnhealthy alert."))
+            .with_panel(table_panel(L, "Last health verdict per node", Q(
+                f"max by (node, verdict, check, reason) (resilient_node_health_verdict{{{FACTS}}})"), 18,
+                description="Written by each node's supervisor (and `resilient health check`) for node_exporter; "
+                            "it stays after the supervisor exits and the job moves to other nodes."))
+            .with_panel(table_panel(L, "GPU faults at the last verdict", Q(
+                f'{fact("resilient_gpu_last_xid", "last XID")} '
+                f'or {fact("resilient_gpu_ecc_uncorrectable_errors", "uncorrectable ECC errors")} '
+                f'or {fact("resilient_gpu_lost", "lost")} or {fact("resilient_gpu_row_remap_failed", "row remap failed")}'),
+                12))
+            .with_panel(table_panel(L, "Last supervisor exit per node", Q(
+                f"max by (node, outcome, reason) (resilient_supervisor_exit_code{{{FACTS}}})"), 12,
+                description="Exit code (value), its name and reason: why each node's last supervisor stopped."))
             .with_row(row(L, "Nodes"))
             .with_panel(stat_panel(L, "Node health (0 ok, 1 warn, 2 fatal)",
                                    Q(f"max by (node) (resilient_node_health_severity{{{JOB_NODE}}})", "{{node}}"), 12, 5,
-                                   thresholds=[(None, "green"), (1, "orange"), (2, "red")]))
+                                   thresholds=[(0, "green"), (1, "orange"), (2, "red")]))
             .with_panel(stat_panel(L, "Metrics targets up", Q('up{job=~"$job"}', "{{instance}}"), 12, 5))
             .with_panel(table_panel(L, "Health checks",
                                     Q(f"max by (node, check) (resilient_health_check_severity{{{JOB_NODE}}})"), 12))
@@ -309,8 +337,8 @@ def render(name: str) -> str:
     model = json.loads(JSONEncoder().encode(DASHBOARDS[name]().build()))
     for i, panel in enumerate(model["panels"], start=1):
         panel["id"] = i
-    for var in model["templating"]["list"]:  # the SDK fills interval-variable fields and a zero id into every kind
-        for key in ("id", "auto", "auto_count", "auto_min"):
+    for var in model["templating"]["list"]:  # the SDK fills interval-variable fields into every kind
+        for key in ("auto", "auto_count", "auto_min"):
             var.pop(key, None)
     return json.dumps(model, indent=2, sort_keys=True) + "\n"
 

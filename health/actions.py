@@ -1,4 +1,4 @@
-"""What the supervisor does with a health verdict (a pure decision), and the verdict's ledger records."""
+"""Health reports judged into typed verdicts (a pure decision), and the verdicts' ledger records."""
 
 from __future__ import annotations
 
@@ -13,38 +13,54 @@ from resilient.core.events import LedgerEvent
 from resilient.core.exit_codes import ExitCode
 
 
-class Action(str, Enum):
-    CONTINUE = "continue"
-    RECORD = "record"
-    STOP = "stop"
-    SAVE_AND_STOP = "save_and_stop"
-    """Storage trouble: save while there is still room, stop with STORAGE_FAULT; the node is fine."""
+class Verdict(str, Enum):
+    """What a health report means for this node's attempt."""
+
+    HEALTHY = "healthy"
+    WARNING = "warning"
+    """Recorded; training goes on."""
+    UNHEALTHY = "unhealthy"
+    """The node is unfit: the attempt ends, the job exits UNHEALTHY_NODE and is requeued without the node."""
+    STORAGE = "storage"
+    """The checkpoint filesystem is low or failing: save while there is room, stop STORAGE_FAULT; the node is fine."""
+
 
 # Checks about the checkpoint filesystem, not the node: a full shared filesystem must never exclude
 # a healthy node (requeueing elsewhere finds the same full disk).
 STORAGE_CHECKS = frozenset({"node.ckpt_dir"})
 
+_EXIT_CODES = {Verdict.UNHEALTHY: ExitCode.UNHEALTHY_NODE, Verdict.STORAGE: ExitCode.STORAGE_FAULT}
+
 
 @dataclass(frozen=True)
-class HealthDecision:
-    action: Action
+class HealthVerdict:
+    """A health report judged: the verdict, the checks behind it (those of the worst severity), and why."""
+
+    verdict: Verdict
     reason: str
-    exit_code: ExitCode | None = None
-    """Set when the action ends the supervisor."""
+    checks: tuple[str, ...] = ()
+
+    @property
+    def ends_attempt(self) -> bool:
+        return self.verdict in _EXIT_CODES
+
+    @property
+    def exit_code(self) -> ExitCode | None:
+        """The supervisor's exit code when the verdict ends the job on this node."""
+        return _EXIT_CODES.get(self.verdict)
 
 
-def decide_health(report: HealthReport, phase: Literal["preflight", "training"]) -> HealthDecision:
-    """fatal -> stop with UNHEALTHY_NODE (fatal storage checks only: save and stop with STORAGE_FAULT);
-    warn -> record; ok -> continue."""
+def decide_health(report: HealthReport, phase: Literal["preflight", "training", "check"]) -> HealthVerdict:
+    """fatal -> UNHEALTHY (fatal storage checks only: STORAGE); warn -> WARNING; ok -> HEALTHY."""
     severity, reason = report.verdict()
-    fatal = {r.name for r in report.results if r.severity is Severity.FATAL}
-    if fatal and fatal <= STORAGE_CHECKS:
-        return HealthDecision(Action.SAVE_AND_STOP, f"storage ({phase}) {reason}", ExitCode.STORAGE_FAULT)
+    worst = tuple(sorted(r.name for r in report.results if r.severity is severity and severity is not Severity.OK))
+    if severity is Severity.FATAL and set(worst) <= STORAGE_CHECKS:
+        return HealthVerdict(Verdict.STORAGE, f"storage ({phase}) {reason}", worst)
     if severity is Severity.FATAL:
-        return HealthDecision(Action.STOP, f"unhealthy ({phase}) {reason}", ExitCode.UNHEALTHY_NODE)
+        return HealthVerdict(Verdict.UNHEALTHY, f"unhealthy ({phase}) {reason}", worst)
     if severity is Severity.WARN:
-        return HealthDecision(Action.RECORD, f"warning ({phase}) {reason}")
-    return HealthDecision(Action.CONTINUE, reason)
+        return HealthVerdict(Verdict.WARNING, f"warning ({phase}) {reason}", worst)
+    return HealthVerdict(Verdict.HEALTHY, reason)
 
 
 def record(run_dir: Path, report: HealthReport) -> int:

@@ -26,7 +26,9 @@ def register(app: typer.Typer) -> None:
         run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory whose checkpoint directory is checked."),
         nproc: Optional[int] = typer.Option(None, "--nproc", min=2, help="Probe ranks (default: supervisor.nproc_per_node)."),
     ) -> None:
-        """Run every health check that applies here; a fatal result exits with UNHEALTHY_NODE (76)."""
+        """Run every health check that applies here; a fatal result exits with UNHEALTHY_NODE (76). With
+        metrics.textfile_dir set, the verdict replaces the node's last one there (e.g. after a repair)."""
+        from health.actions import decide_health
         from health.errors import UnhealthyNodeError
         from health.preflight import run_preflight
         from health.types import HealthReport, Severity, skipped
@@ -35,6 +37,12 @@ def register(app: typer.Typer) -> None:
 
         cfg = load_config(config, overrides or [])
         node = node_name()
+        metrics = None
+        if cfg.metrics.textfile_dir is not None:
+            from resilient.metrics.exporter import NodeMetrics
+
+            metrics = NodeMetrics(cfg.metrics, node)  # not served: only the node's durable facts are written
+            metrics.facts.check()
         report = run_preflight(cfg.health, node=node, ckpt_dir=cfg.checkpoint.root(run_dir or cfg.run_dir))
         if collective:
             from health.collective_local import check_local_collective
@@ -43,6 +51,8 @@ def register(app: typer.Typer) -> None:
         else:
             probe = skipped("collective.allreduce", "not requested (pass --collective)")
         report = HealthReport(node, [*report.results, probe])
+        if metrics is not None:
+            metrics.on_health(report, decide_health(report, "check"))
         if as_json:
             typer.echo(json.dumps(report.to_json(), default=str))
         else:

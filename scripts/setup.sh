@@ -2,7 +2,7 @@
 # Install resilient into the current Python (activate a venv first if you want one).
 #   bash scripts/setup.sh          runtime: torch (CPU build), megatron-core, the package
 #   bash scripts/setup.sh --test   + test tools and the Debian packages the tests start for real
-#                                    (slurmctld/slurmd/munge, prometheus/promtool, chromium), and a
+#                                    (slurmctld/slurmd/munge, prometheus/promtool/node-exporter, chromium), and a
 #                                    second environment with the current megatron-core line
 #                                    (.venv/mcore-current, see tests/mcore.py)
 set -euo pipefail
@@ -17,6 +17,7 @@ if [[ "${1:-}" == "--test" ]]; then
   command -v slurmctld >/dev/null || need+=(slurm-wlm)
   command -v munged >/dev/null || need+=(munge)
   command -v promtool >/dev/null || need+=(prometheus)
+  command -v prometheus-node-exporter >/dev/null || need+=(prometheus-node-exporter)  # serves node facts
   command -v chromium >/dev/null || need+=(chromium)  # renders `resilient report` in tests
   if (( ${#need[@]} )); then
     export DEBIAN_FRONTEND=noninteractive

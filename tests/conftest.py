@@ -1,5 +1,6 @@
 """Shared fixtures: one uninterrupted reference run of the tiny config, reused by every suite
-that compares a disturbed run against it (same config, same bits); every Megatron-LM checkpoint layout."""
+that compares a disturbed run against it (same config, same bits); every Megatron-LM checkpoint layout;
+one live Prometheus for every suite that drives the system into an alert (tests/alerting.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.alerting import alert_watch  # noqa: F401 - one Prometheus for every suite that drives alerts live
 from tests.ranks import run_ranks
 
 # 24 steps, checkpoints at 12 and 24: long enough for loss to fall, short enough for CI.

@@ -66,6 +66,8 @@ class Catalog:
         self.consumed_tokens = Gauge("resilient_consumed_tokens", "Training tokens consumed by the run so far",
                                      n, registry=r)
         self.loss = Gauge("resilient_loss", "Training loss of the latest step", n, registry=r)
+        self.loss_nonfinite_ts = Gauge("resilient_loss_nonfinite_timestamp_seconds",
+                                       "Unix time of the latest step whose loss was NaN or infinite", n, registry=r)
         self.validation_loss = Gauge("resilient_validation_loss", "Latest validation loss (nats)", n, registry=r)
         self.learning_rate = Gauge("resilient_learning_rate", "Learning rate of the latest step", n, registry=r)
         self.grad_norm = Gauge("resilient_grad_norm", "Global gradient norm of the latest step", n, registry=r)
@@ -80,6 +82,8 @@ class Catalog:
         self.rank_step_time = Gauge("resilient_rank_step_time_seconds", "The rank's latest step time", nr, registry=r)
         self.heartbeat_age = Gauge("resilient_heartbeat_age_seconds", "Seconds since the rank's last heartbeat",
                                    nr, registry=r)
+        self.heartbeat_age_limit = Gauge("resilient_heartbeat_age_limit_seconds", "Heartbeat age above which the "
+                                         "RankHeartbeatStale alert fires", n, registry=r)
         self.straggler_score = Gauge("resilient_straggler_score", "Rank step time over the run's median (1 = typical)",
                                      nr, registry=r)
         # Checkpoints.

@@ -1,4 +1,5 @@
-"""One supervisor's /metrics endpoint: translates heartbeats, health, stragglers and goodput into metrics.
+"""One supervisor's metrics: heartbeats, health, stragglers and goodput, served live on /metrics, and the
+node's facts that must outlive the supervisor (resilient.metrics.textfile) written for node_exporter.
 
 The supervisor calls these methods from its own threads; prometheus-client metrics are
 thread-safe and the little state kept here is guarded by a lock. Malformed heartbeat fields are
@@ -7,15 +8,21 @@ ignored (a rank must never crash its supervisor through the metrics path).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import Any, Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from health.actions import HealthVerdict
+from health.types import HealthReport
+from resilient.core.errors import ConfigError
+from resilient.core.exit_codes import ExitCode
 from resilient.goodput import BADPUT_CATEGORIES, GoodputReport
 from resilient.metrics.catalog import THROTTLE_REASONS, Catalog
 from resilient.metrics.config import MetricsConfig
+from resilient.metrics.textfile import GPU_FACTS, NodeFacts
 
 SEVERITY_NAMES = {"ok": 0, "warn": 1, "fatal": 2}
 
@@ -67,10 +74,12 @@ def throttle_flags(raw: Any) -> dict[str, int]:
 
 
 class NodeMetrics:
-    """The metrics of one node, served over HTTP from a dedicated registry."""
+    """The metrics of one node: served over HTTP from a dedicated registry while `cfg.enabled`; the facts
+    that must outlive the supervisor go to `cfg.textfile_dir` either way."""
 
     def __init__(self, cfg: MetricsConfig, node: str, *, clock: Callable[[], float] = time.time) -> None:
         self.cfg, self.node, self._clock = cfg, node, clock
+        self.facts = NodeFacts(cfg.textfile_dir, node, clock=clock)
         self.registry = CollectorRegistry()
         self.m = Catalog(self.registry)
         self._lock = threading.Lock()
@@ -81,14 +90,22 @@ class NodeMetrics:
         self._ckpt_seen: set[tuple[str, int]] = set()
         self._ckpt_ts: float | None = None
         self.m.ckpt_age_limit.labels(node).set(cfg.checkpoint_max_age_s)
+        self.m.heartbeat_age_limit.labels(node).set(cfg.heartbeat_max_age_s)
         self.m.ckpt_age.labels(node).set_function(self._checkpoint_age)
         self.m.restarts.labels(node)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def start(self) -> int:
-        """Serve /metrics on cfg.address:cfg.port (0: any free port); return the bound port."""
-        self._server, _thread = start_http_server(self.cfg.port, addr=self.cfg.address, registry=self.registry)
+    def start(self) -> int | None:
+        """Serve /metrics on cfg.address:cfg.port (0: any free port) and return the bound port, None when
+        metrics are off. A port in use is a ConfigError."""
+        if not self.cfg.enabled:
+            return None
+        try:
+            self._server, _thread = start_http_server(self.cfg.port, addr=self.cfg.address, registry=self.registry)
+        except OSError as err:
+            raise ConfigError(f"metrics.port {self.cfg.port} on {self.cfg.address}: {err.strerror} "
+                              "(set metrics.port=0 for any free port)") from None
         return int(self._server.server_port)
 
     def stop(self) -> None:
@@ -128,6 +145,10 @@ class NodeMetrics:
     def on_restart(self) -> None:
         self.m.restarts.labels(self.node).inc()
 
+    def on_exit(self, code: ExitCode, reason: str) -> None:
+        """Why the supervisor exits, kept in the node's facts (the live series end with the process)."""
+        self.facts.on_exit(code, reason)
+
     def on_spares(self, count: int, rss_bytes: int) -> None:
         self.m.spares.labels(self.node).set(count)
         self.m.spares_rss.labels(self.node).set(rss_bytes)
@@ -163,6 +184,10 @@ class NodeMetrics:
             value = _num(hb.get(key))
             if value is not None:
                 getattr(self.m, family).labels(node).set(value)
+        loss = _num(hb.get("loss"))
+        if loss is not None and not math.isfinite(loss):
+            # The loss gauge is NaN for one step only (the trainer rolls back): a 15 s scrape needs a lasting fact.
+            self.m.loss_nonfinite_ts.labels(node).set(self._clock())
         self._on_checkpoint_fields(hb)
         intervals = hb.get("ckpt_intervals")
         if isinstance(intervals, dict):
@@ -201,9 +226,10 @@ class NodeMetrics:
 
     # -- health, goodput -----------------------------------------------------------------------
 
-    def on_health(self, report: Any) -> None:
-        """A health.types.HealthReport (or anything with .results of name/severity/values)."""
+    def on_health(self, report: HealthReport, verdict: HealthVerdict) -> None:
+        """Export a health report; its verdict and GPU fault readings also go to the node's facts."""
         node, worst = self.node, 0
+        durable: dict[str, dict[str, float]] = {}
         for result in report.results:
             severity = severity_value(result.severity)
             worst = max(worst, severity)
@@ -218,10 +244,13 @@ class NodeMetrics:
                     value = float(raw) if isinstance(raw, bool) else _num(raw)  # lost/remap flags may be bools
                     if value is not None:
                         getattr(self.m, family).labels(node, gpu).set(value)
+                        if key in GPU_FACTS:
+                            durable.setdefault(gpu, {})[key] = value
                 if "throttle_reasons" in measured:
                     for reason, active in throttle_flags(measured["throttle_reasons"]).items():
                         self.m.gpu_throttle.labels(node, gpu, reason).set(active)
         self.m.node_severity.labels(node).set(worst)
+        self.facts.on_health(verdict, durable, report.ts)
 
     def set_goodput(self, report: GoodputReport) -> None:
         node = self.node

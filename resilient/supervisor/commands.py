@@ -13,6 +13,7 @@ from resilient.config import RunConfig, load_config
 from resilient.core import lock as run_lock
 from resilient.core import permissions
 from resilient.core.errors import ConfigError
+from resilient.metrics.textfile import NodeFacts
 from resilient.rank.env import node_name
 from resilient.supervisor.topology import Topology, resolve_topology
 
@@ -34,6 +35,7 @@ def _supervise(cfg: RunConfig, topo: Topology) -> None:
     permissions.require_private([cfg.run_dir, cfg.checkpoint.root(cfg.run_dir)],
                                 allowed=cfg.supervisor.allow_shared_dir,
                                 flag="--set supervisor.allow_shared_dir=true")
+    NodeFacts(cfg.metrics.textfile_dir, topo.node_name).check()
     if topo.node_rank == 0:
         # Before any side effect (cleanup, socket, config.yaml): a second run on this dir touches nothing.
         # Held until this process exits; other nodes join through node 0's store.

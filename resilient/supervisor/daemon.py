@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from health.actions import Verdict
 from resilient.config import RunConfig, dump_config
 from resilient.core import ledger
 from resilient.core.atomic import atomic_write
@@ -31,6 +32,7 @@ from resilient.core.events import LedgerEvent
 from resilient.core.exit_codes import ExitCode
 from resilient.core.outcome import Outcome, exit_code_for
 from resilient.core.rundir import RunDir
+from resilient.metrics.exporter import NodeMetrics
 from resilient.rank.env import DEFAULT_STOP_SIGNALS, FailureHistory, RankEnv
 from resilient.rank.heartbeat import HeartbeatServer
 from resilient.report.rank_steps import RankStepLog
@@ -38,13 +40,16 @@ from resilient.supervisor import calibration, decisions, failures, incidents, pr
 from resilient.supervisor.auth import Sealer, load_or_create_secret
 from resilient.supervisor.calibration import CalibrationStore
 from resilient.supervisor.config import RankProtocol
+from resilient.supervisor.console import progress_line
 from resilient.supervisor.coordination import CoordinationLost, Coordinator, Gate
 from resilient.supervisor.decisions import AttemptContext, AttemptDecision
 from resilient.supervisor.failures import Failure, FailureKind
-from resilient.supervisor.hooks import NodeHooks
+from resilient.supervisor.goodput_refresh import GoodputRefresh
+from resilient.supervisor.health_watch import HealthWatch
 from resilient.supervisor.ranks import RankProcess, free_port, spawn, stop_all
 from resilient.supervisor.reports import NodeOutcome, NodeReport, RankExit, StopKind, StopRequest
 from resilient.supervisor.states import State
+from resilient.supervisor.straggler_ledger import StragglerLedger
 from resilient.supervisor.topology import Topology
 from resilient.supervisor.tracking import HeartbeatTracker, RankView
 from trainer.checkpoint.manifest import recorded_mismatch
@@ -79,7 +84,12 @@ class Supervisor:
         self._unhealthy: str | None = None  # this attempt's fatal verdict on this node, naming it
         self.coord: Coordinator | None = None
         self.server: HeartbeatServer | None = None
-        self.hooks = NodeHooks(cfg, topo.node_name, run_dir, is_node0=self.node == 0)
+        self.metrics = NodeMetrics(cfg.metrics, topo.node_name)
+        self.metrics.declare_failure_kinds(FailureKind)
+        self.health = HealthWatch(cfg.health, topo.node_name, run_dir, cfg.checkpoint.root(run_dir),
+                                  self.scfg.nproc_per_node, self.metrics)
+        self.stragglers = StragglerLedger(cfg.health, run_dir, topo.node_name, self.metrics)
+        self.goodput: GoodputRefresh | None = None  # node 0, while metrics are served
         self.rank_steps = RankStepLog(run_dir, self.node)  # per-rank step times for `resilient report`
         # exit_only: progress is the newest complete checkpoint, hangs are caught only for ranks that send heartbeats.
         self.exit_only = self.scfg.rank_protocol is RankProtocol.EXIT_ONLY
@@ -102,17 +112,22 @@ class Supervisor:
             outcome = Outcome.PREEMPTED if self._stop_seen else Outcome.COORDINATION_LOST
             self._set_state(outcome)
             return int(self._exit_code(outcome, str(err)))
-        except ResilientError:
+        except ResilientError as err:
+            self.metrics.on_exit(err.exit_code, err.one_line())
             raise
         except BaseException as err:
             self._record_failure(self._failure(FailureKind.SUPERVISOR, None, f"{type(err).__name__}: {err}"))
+            self.metrics.on_exit(ExitCode.INTERNAL_ERROR, f"{type(err).__name__}: {err}")
             raise
         finally:
             stop_all(self.ranks, self.scfg.termination_grace_s)
             self.calibration.close()
             if self.spares is not None:
                 self.spares.close()
-            self.hooks.stop()
+            self.health.stop_monitor()
+            if self.goodput is not None:
+                self.goodput.stop()
+            self.metrics.stop()
             if self.server is not None:
                 self.server.close()
 
@@ -120,7 +135,9 @@ class Supervisor:
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.node == 0:
             self._write_config()
-        self.metrics_port = self.hooks.start()
+        self.metrics_port = self.metrics.start()
+        if self.node == 0 and self.metrics_port is not None:
+            self.goodput = GoodputRefresh(self.run_dir, self.cfg.metrics.goodput_interval_s, self.metrics).start()
         self.server = HeartbeatServer(RunDir(self.run_dir).heartbeat_socket(self.node))
         self._start_spares()
         sealer = Sealer(load_or_create_secret(self.run_dir), self.topo.instance)
@@ -143,7 +160,7 @@ class Supervisor:
             if not decision.restart:
                 return self._finish(decision)
             self.restarts += 1
-            self.hooks.on_restart()
+            self.metrics.on_restart()
             self._set_state(State.BACKOFF)
             self._sleep_interruptibly(decision.backoff_s)
             self.attempt += 1
@@ -156,13 +173,13 @@ class Supervisor:
         self.tracker.new_attempt()
         self._final_exit = self._unhealthy = None
         self._set_state(State.PREFLIGHT)
-        verdict = self.hooks.preflight()
-        if verdict and verdict[0] == "storage":  # every node stops; node 0 decides STORAGE_FAULT
-            self._storage_fault(verdict[1])
+        verdict = self.health.preflight()
+        if verdict is not None and verdict.verdict is Verdict.STORAGE:  # every node stops; node 0 decides STORAGE_FAULT
+            self._storage_fault(verdict.reason)
             return self._report(NodeOutcome.PREEMPTED)
-        if verdict:
-            self._post_failure(self._failure(FailureKind.HEALTH, None, verdict[1]))
-            self._unhealthy = verdict[1]
+        if verdict is not None:
+            self._post_failure(self._failure(FailureKind.HEALTH, None, verdict.reason))
+            self._unhealthy = verdict.reason
             return self._report(NodeOutcome.UNHEALTHY)
         if self.node == 0:
             self.coord.publish_master_port(self.attempt, free_port())
@@ -178,12 +195,12 @@ class Supervisor:
             return self._report(NodeOutcome.PREEMPTED if gate is Gate.STOP else NodeOutcome.FAILED)
         start = progress.newest_complete_step(self.progress_root) if self.exit_only else None
         self._spawn_ranks()
-        self.hooks.start_monitor()
+        self.health.start_monitor()
         self._set_state(State.RUNNING)
         try:
             end = self._watch()
         finally:
-            self.hooks.stop_monitor()
+            self.health.stop_monitor()
         if end is NodeOutcome.FAILED:
             self._set_state(State.STOPPING)
         # A failed attempt's survivors are SIGKILLed at once: every rank is replaced anyway, and a rank
@@ -278,8 +295,11 @@ class Supervisor:
                 self._drain_wakeups()
                 for hb in self.server.drain():
                     if self.tracker.observe(hb, self.attempt, now):
-                        self.hooks.on_heartbeat(hb)
+                        self.metrics.on_heartbeat(hb["rank"], hb.get("local_rank", 0), hb)
+                        self.stragglers.observe(hb)
                         self.rank_steps.observe(hb)
+                        if line := progress_line(hb, self.cfg.train):
+                            print(line, file=sys.stderr, flush=True)
                 exits = [r for r in self.ranks if r.returncode is None and r.poll(now) is not None]
                 if preempt_deadline is None:
                     if self._signal is not None:
@@ -341,9 +361,9 @@ class Supervisor:
                    or failures.exit_failure(exits, self.node, self.tracker.current_step(), now)
                    or failures.hang_failure(self.ranks, self.tracker, self.scfg, self.node, now,
                                             heard_only=self.exit_only))
-        if failure is None and (verdict := self.hooks.fatal_health()):
-            kind = FailureKind.STORAGE if verdict[0] == "storage" else FailureKind.HEALTH
-            failure = self._failure(kind, None, verdict[1])
+        if failure is None and (verdict := self.health.fatal()) is not None:
+            kind = FailureKind.STORAGE if verdict.verdict is Verdict.STORAGE else FailureKind.HEALTH
+            failure = self._failure(kind, None, verdict.reason)
         if failure is not None:
             self._judge_rank_exit(failures.rank_exit(failure, exits, self.tracker))
         return failure
@@ -387,7 +407,7 @@ class Supervisor:
         self.last_failure = failure.record()
         ledger.append(self.run_dir, LedgerEvent.FAILURE, **self.last_failure)
         self.calibration.on_failure(self.last_failure, self.attempt)
-        self.hooks.on_failure(failure.kind)
+        self.metrics.on_failure(failure.kind)
         print(f"resilient: node {self.node} attempt {self.attempt}: {failure.kind}: {failure.reason}", file=sys.stderr)
 
     # -- storage -----------------------------------------------------------------------------------
@@ -395,7 +415,7 @@ class Supervisor:
     def _storage_fault(self, reason: str) -> str:
         """Record storage trouble (ledger, metric, stderr) as its own fault class; returns the reason."""
         ledger.append(self.run_dir, LedgerEvent.STORAGE_FAULT, node=self.node, step=self.tracker.current_step(), reason=reason)
-        self.hooks.on_storage_fault()
+        self.metrics.on_storage_fault()
         print(f"resilient: node {self.node}: storage fault: {reason}", file=sys.stderr, flush=True)
         if self.coord is not None:
             self.coord.request_stop(StopKind.STORAGE, reason)  # every node saves and stops; first request wins
@@ -486,6 +506,7 @@ class Supervisor:
 
     def _exit_code(self, outcome: Outcome, reason: str) -> ExitCode:
         code, meaning = exit_code_for(outcome)
+        self.metrics.on_exit(code, reason)
         print(f"resilient: node {self.node}: {outcome}: {reason} (exit {int(code)}: {meaning})", file=sys.stderr)
         return code
 
@@ -493,7 +514,7 @@ class Supervisor:
 
     def _set_state(self, state: State | Outcome) -> None:
         self.state = state
-        self.hooks.set_state(str(state), self.attempt)
+        self.metrics.set_state(str(state), self.attempt)
         self._status_due.force()  # publish (and on node 0 merge) every state change at once
         self._merge_due.force()
         self._maybe_publish_status()
@@ -502,15 +523,15 @@ class Supervisor:
         self.calibration.maybe_write()
         if self.coord is None or not self._status_due.due():
             return
-        self.hooks.check_stragglers()
+        self.stragglers.check()
         rows = publishing.rank_rows(self.ranks, self.tracker.views, self.topo, time.time())
         for row in rows:
             if row["heartbeat_age_s"] is not None and row["exit_code"] is None:
-                self.hooks.heartbeat_age(row["rank"], row["heartbeat_age_s"])
+                self.metrics.heartbeat_age(row["rank"], row["heartbeat_age_s"])
         spare = None
         if self.spares is not None:
             spare = {"count": len(self.spares), "rss_bytes": self.spares.rss_bytes()}
-            self.hooks.on_spares(spare["count"], spare["rss_bytes"])
+            self.metrics.on_spares(spare["count"], spare["rss_bytes"])
         self.coord.publish_status(publishing.node_status(self.topo, self.state, rows, self.metrics_port, spare))
         if self.node == 0 and self._merge_due.due():
             self._write_status()

@@ -40,10 +40,17 @@ def test_fatal_gpu_exits_unhealthy_node(tmp_path):
     report = json.loads(proc.stdout)
     assert report["severity"] == "fatal"
     assert report["reason"] == "node n1: gpu.xid: critical XID 79 on gpu1"
-    text = health_check(tmp_path, "--set", f"health.fake_nvml_dir={fake}")
+    textfiles = tmp_path / "textfiles"
+    textfiles.mkdir()
+    text = health_check(tmp_path, "--set", f"health.fake_nvml_dir={fake}", "--set", f"metrics.textfile_dir={textfiles}")
     assert text.returncode == ExitCode.UNHEALTHY_NODE
     assert "fatal  gpu.xid" in text.stdout
     assert text.stderr.strip() == "resilient: unhealthy node: node n1: gpu.xid: critical XID 79 on gpu1"
+    # The verdict is the node's new fact for node_exporter (as after a repair, or from Slurm's HealthCheckProgram).
+    facts = (textfiles / "resilient_n1.prom").read_text()
+    assert 'resilient_node_health_verdict{check="gpu.xid",node="n1",reason="unhealthy (check) node n1: gpu.xid: ' \
+           'critical XID 79 on gpu1",verdict="unhealthy"} 1.0' in facts
+    assert 'resilient_gpu_last_xid{gpu="1",node="n1"} 79.0' in facts
 
 
 def test_collective_probe_from_the_cli(tmp_path):

@@ -2,7 +2,7 @@
 
 import time
 
-from health.actions import Action, decide_health, record
+from health.actions import Verdict, decide_health, record
 from health.config import HealthConfig
 from health.monitor import HealthMonitor
 from health.preflight import run_preflight
@@ -24,15 +24,22 @@ def test_severity_is_ordered_and_verdict_names_node_and_check():
     assert report.to_json()["results"][2]["severity"] == "fatal"
 
 
-def test_decide_maps_verdicts_to_actions():
-    bad = HealthReport("n2", [fatal("gpu.lost", "gpu1 lost")])
+def test_decide_judges_reports_into_typed_verdicts():
+    bad = HealthReport("n2", [ok("x", "fine"), fatal("gpu.lost", "gpu1 lost"), fatal("gpu.xid", "critical XID 79")])
     d = decide_health(bad, "preflight")
-    assert d.action is Action.STOP and d.exit_code is ExitCode.UNHEALTHY_NODE
+    assert d.verdict is Verdict.UNHEALTHY and d.exit_code is ExitCode.UNHEALTHY_NODE and d.ends_attempt
+    assert d.checks == ("gpu.lost", "gpu.xid")
     assert "n2" in d.reason and "gpu.lost" in d.reason and "preflight" in d.reason
     assert decide_health(bad, "training").exit_code is ExitCode.UNHEALTHY_NODE
+    # A full checkpoint filesystem is storage trouble, never the node's fault.
+    full = decide_health(HealthReport("n2", [fatal("node.ckpt_dir", "0.1 GiB free")]), "training")
+    assert full.verdict is Verdict.STORAGE and full.exit_code is ExitCode.STORAGE_FAULT and full.checks == ("node.ckpt_dir",)
+    both = decide_health(HealthReport("n2", [fatal("node.ckpt_dir", "full"), fatal("gpu.lost", "gpu1")]), "training")
+    assert both.verdict is Verdict.UNHEALTHY
     w = decide_health(HealthReport("n2", [warn("gpu.throttle", "hw_thermal")]), "training")
-    assert w.action is Action.RECORD and w.exit_code is None
-    assert decide_health(HealthReport("n2", [ok("x", "fine")]), "training").action is Action.CONTINUE
+    assert w.verdict is Verdict.WARNING and w.exit_code is None and not w.ends_attempt and w.checks == ("gpu.throttle",)
+    healthy = decide_health(HealthReport("n2", [ok("x", "fine")]), "training")
+    assert healthy.verdict is Verdict.HEALTHY and healthy.checks == () and not healthy.ends_attempt
 
 
 def test_record_writes_health_ledger_events(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+from health.actions import decide_health
 from health.types import CheckResult, HealthReport, Severity
 from resilient.goodput import compute_goodput
 from resilient.metrics.exporter import NodeMetrics
@@ -52,7 +53,8 @@ class Feeder:
         m.set_state("running", 0)
         m.on_failure("rank_exit")
         m.on_restart()
-        m.on_health(health_report())
+        report = health_report()
+        m.on_health(report, decide_health(report, "training"))
         self.advance()
 
     def advance(self) -> None:

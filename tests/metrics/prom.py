@@ -1,6 +1,7 @@
-"""Helpers for the Prometheus tests: a real Prometheus server on loopback, and the PromQL of our dashboards and alerts.
+"""Helpers for the Prometheus tests: a real Prometheus server and a real node_exporter on loopback, and the
+PromQL of our dashboards and alerts.
 
-`PrometheusServer` is reusable for any targets (an exporter fed by a test, or a real running job).
+`PrometheusServer` is reusable for any targets (an exporter fed by a test, a real running job, node_exporter).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -28,6 +29,7 @@ RULES = GRAFANA / "alerts" / "resilient.yml"
 
 PROMETHEUS = shutil.which("prometheus") or "prometheus"
 PROMTOOL = shutil.which("promtool") or "promtool"
+NODE_EXPORTER = shutil.which("prometheus-node-exporter") or "prometheus-node-exporter"  # Debian's name
 
 
 def require(*tools: str) -> None:
@@ -56,7 +58,7 @@ def substitute(expr: str) -> str:
         expr = expr.replace(macro, value)
     if gate := re.search(r"vector\(\$gpu_source\) == (\d+)", expr):
         expr = expr.replace("$gpu_source", gate[1])
-    return re.sub(r"\$\{?(job|node|rank|gpu)\b\}?", ".*", expr)
+    return re.sub(r"\$\{?(job|facts_job|node|rank|gpu)\b\}?", ".*", expr)
 
 
 def dashboards() -> dict[str, dict]:
@@ -84,7 +86,7 @@ def variable_queries() -> list[tuple[str, str, str]]:
         for var in dash["templating"]["list"]:
             if var["type"] != "query":
                 continue
-            m = LABEL_VALUES.match(var["query"]["query"])
+            m = LABEL_VALUES.match(var["query"])
             assert m, f"{name}: variable {var['name']} is not label_values(selector, label)"
             out.append((name, var["name"], f"group by ({m['label']}) ({substitute(m['selector'])})"))
     return out
@@ -95,16 +97,26 @@ def alert_rules() -> list[dict]:
 
 
 class PrometheusServer:
-    """/usr/bin/prometheus on 127.0.0.1 with a temp config and data dir, scraping `targets` every second."""
+    """/usr/bin/prometheus on 127.0.0.1 with a temp config and data dir, scraping `targets` (job `job`) every
+    `scrape_interval`, plus static `jobs` ({job: [target, ...]}) and, with `file_sd`, the targets written by
+    `add_targets` (job `job`)."""
 
-    def __init__(self, workdir: Path, targets: list[str], job: str = "resilient") -> None:
-        self.workdir, self.port = workdir, free_port()
+    def __init__(self, workdir: Path, targets: list[str], job: str = "resilient", *, scrape_interval: str = "1s",
+                 evaluation_interval: str = "1s", jobs: dict[str, list[str]] | None = None,
+                 file_sd: bool = False) -> None:
+        self.workdir, self.port, self.job = workdir, free_port(), job
         self.url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.sd_dir = workdir / "targets"
+        main: dict[str, Any] = {"job_name": job, "static_configs": [{"targets": targets}]}
+        if file_sd:
+            self.sd_dir.mkdir(exist_ok=True)
+            main["file_sd_configs"] = [{"files": [str(self.sd_dir / "*.json")], "refresh_interval": "1s"}]
         config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "global": {"scrape_interval": scrape_interval, "evaluation_interval": evaluation_interval},
             "rule_files": [str(RULES)],
-            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": targets}]}],
+            "scrape_configs": [main, *({"job_name": name, "static_configs": [{"targets": t}]}
+                                       for name, t in (jobs or {}).items())],
         }
         self.config_path = workdir / "prometheus.yml"
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -113,33 +125,25 @@ class PrometheusServer:
         self.log_path = workdir / "prometheus.log"
         self.proc: subprocess.Popen | None = None
 
+    def add_targets(self, name: str, targets: list[str]) -> None:
+        """Scrape `targets` (job `job`) from now on (file service discovery: no restart, no reload)."""
+        tmp = self.sd_dir / f".{name}.tmp"
+        tmp.write_text(json.dumps([{"targets": targets}]))
+        tmp.rename(self.sd_dir / f"{name}.json")
+
     def start(self, timeout: float = 60.0) -> "PrometheusServer":
-        log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={self.config_path}", f"--storage.tsdb.path={self.workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"prometheus not ready after {timeout}s: {self.log_path.read_text()[-2000:]}")
+        def ready() -> None:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
+                if resp.status != 200:
+                    raise OSError(f"HTTP {resp.status}")
+
+        self.proc = start_server("prometheus", [
+            PROMETHEUS, f"--config.file={self.config_path}", f"--storage.tsdb.path={self.workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"], self.log_path, ready, timeout)
+        return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_server(self.proc)
 
     def query(self, expr: str) -> dict[str, Any]:
         """The /api/v1/query answer; a PromQL error comes back as {"status": "error", ...} (HTTP 400/422)."""
@@ -162,3 +166,60 @@ class PrometheusServer:
     def rules(self) -> list[dict]:
         groups = get_json(f"{self.url}/api/v1/rules")["data"]["groups"]
         return [rule for group in groups for rule in group["rules"]]
+
+    def alerts(self) -> list[dict]:
+        """/api/v1/alerts: every pending and firing alert with its labels, annotations and state."""
+        return get_json(f"{self.url}/api/v1/alerts")["data"]["alerts"]
+
+
+class NodeExporter:
+    """Debian's prometheus-node-exporter on 127.0.0.1 with only its textfile collector, serving `textfile_dir`
+    (what runs on every cluster node, there with all its collectors)."""
+
+    def __init__(self, textfile_dir: Path, log_dir: Path) -> None:
+        self.textfile_dir, self.port = textfile_dir, free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = log_dir / "node_exporter.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> "NodeExporter":
+        self.proc = start_server("node_exporter", [
+            NODE_EXPORTER, "--collector.disable-defaults", "--collector.textfile",
+            f"--collector.textfile.directory={self.textfile_dir}", f"--web.listen-address={self.address}",
+            "--log.level=warn"], self.log_path, self.scrape, timeout)
+        return self
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(f"http://{self.address}/metrics", timeout=5) as resp:
+            return resp.read().decode()
+
+    def stop(self) -> None:
+        stop_server(self.proc)
+
+
+def start_server(name: str, argv: list[str], log_path: Path, ready: Callable[[], Any],
+                 timeout: float) -> subprocess.Popen:
+    """Start a server process (output to `log_path`) and return once `ready()` stops raising OSError."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            ready()
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    stop_server(proc)
+    raise RuntimeError(f"{name} not ready after {timeout}s: {log_path.read_text()[-2000:]}")
+
+
+def stop_server(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

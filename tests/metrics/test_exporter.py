@@ -21,7 +21,7 @@ FAMILIES = {
     "resilient_checkpoint_save_blocking_seconds", "resilient_checkpoint_save_total_seconds",
     "resilient_checkpoint_size_bytes", "resilient_checkpoint_written_bytes", "resilient_checkpoint_last_step",
     "resilient_checkpoint_last_complete_timestamp_seconds", "resilient_checkpoint_last_complete_age_seconds",
-    "resilient_checkpoint_age_limit_seconds", "resilient_checkpoint_save_failures",
+    "resilient_checkpoint_age_limit_seconds", "resilient_checkpoint_save_failures", "resilient_heartbeat_age_limit_seconds",
     "resilient_checkpoint_interval_steps",
     "resilient_restarts", "resilient_failures",
     "resilient_gpu_temperature_celsius", "resilient_gpu_power_watts", "resilient_gpu_ecc_uncorrectable_errors",
@@ -127,6 +127,18 @@ def test_malformed_heartbeat_fields_are_ignored(exporter):
     assert one(samples, "resilient_step") == 5
     assert math.isnan(one(samples, "resilient_loss"))  # NaN is exported: the LossNaN alert needs it
     assert "resilient_tokens_per_second" not in samples
+
+
+def test_a_non_finite_loss_leaves_its_time_after_the_next_finite_one():
+    now = [1000.0]
+    metrics = NodeMetrics(MetricsConfig(port=0), NODE, clock=lambda: now[0])
+    ts = lambda: metrics.registry.get_sample_value("resilient_loss_nonfinite_timestamp_seconds", {"node": NODE})  # noqa: E731
+    metrics.on_heartbeat(0, 0, heartbeat(0, 4))
+    assert ts() is None
+    metrics.on_heartbeat(0, 0, {**heartbeat(0, 5), "loss": float("inf")})
+    now[0] = 1001.0
+    metrics.on_heartbeat(0, 0, heartbeat(0, 6))  # the trainer rolled back: the gauge is finite again
+    assert ts() == 1000.0 and metrics.registry.get_sample_value("resilient_loss", {"node": NODE}) < 10
 
 
 def test_checkpoint_age_is_nan_until_a_checkpoint_is_known_then_follows_the_clock():

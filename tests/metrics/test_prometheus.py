@@ -7,11 +7,14 @@ from typing import Iterator
 
 import pytest
 
+from resilient.core.exit_codes import ExitCode
 from resilient.metrics.config import MetricsConfig
 from resilient.metrics.exporter import NodeMetrics
+from resilient.metrics.textfile import NodeFacts
 
 from .feed import NODE, DcgmExporter, Feeder
 from .prom import (
+    NodeExporter,
     PrometheusServer,
     alert_rules,
     panel_queries,
@@ -31,12 +34,18 @@ def _tool_installed():
 
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory) -> Iterator[PrometheusServer]:
-    metrics = NodeMetrics(MetricsConfig(address="127.0.0.1", port=0), NODE)
+    require("prometheus-node-exporter")
+    textfiles = tmp_path_factory.mktemp("textfiles")
+    metrics = NodeMetrics(MetricsConfig(address="127.0.0.1", port=0, textfile_dir=textfiles), NODE)
     port = metrics.start()
     feeder = Feeder(metrics).start()
+    # Another node's supervisor exited earlier: its node facts remain.
+    NodeFacts(textfiles, "node1").on_exit(ExitCode.UNHEALTHY_NODE, "unhealthy (training) node node1: gpu.lost")
+    node_exporter = NodeExporter(textfiles, tmp_path_factory.mktemp("node_exporter")).start()
     dcgm = DcgmExporter()
     dcgm_port = dcgm.start()
-    server = PrometheusServer(tmp_path_factory.mktemp("prometheus"), [f"127.0.0.1:{port}", f"127.0.0.1:{dcgm_port}"])
+    server = PrometheusServer(tmp_path_factory.mktemp("prometheus"), [f"127.0.0.1:{port}", f"127.0.0.1:{dcgm_port}"],
+                              jobs={"node": [node_exporter.address]})
     try:
         server.start()
         # Enough scrapes for rate() and increase() windows, with checkpoints saved in between.
@@ -47,6 +56,7 @@ def prometheus(tmp_path_factory) -> Iterator[PrometheusServer]:
         server.stop()
         feeder.stop()
         metrics.stop()
+        node_exporter.stop()
         dcgm.stop()
 
 
@@ -81,9 +91,11 @@ def test_dashboards_and_alerts_against_a_real_prometheus(prometheus):
 
 
 def test_fed_faults_raise_the_matching_alerts(prometheus):
-    """The feeder reports XID 79 on GPU 1: Prometheus itself fires ResilientGpuXidCritical for it."""
+    """The feeder reports XID 79 on GPU 1: Prometheus itself fires ResilientGpuXidCritical for it, once, though
+    both the exporter and the node facts say so."""
     firing = prometheus.wait_for('ALERTS{alertname="ResilientGpuXidCritical", alertstate="firing"}')
-    assert {(a["metric"]["node"], a["metric"]["gpu"]) for a in firing} == {("node0", "1")}
+    assert {(a["metric"]["node"], a["metric"]["gpu"]) for a in firing} == {("node0", "1")} and len(firing) == 1
+    assert prometheus.wait_for('resilient_gpu_last_xid{job="node", node="node0", gpu="1"} == 79')
     quiet = prometheus.query(
         'ALERTS{alertname=~"ResilientRankHeartbeatStale|ResilientLossNaN|ResilientScrapeTargetDown"}')
     assert quiet["status"] == "success" and quiet["data"]["result"] == []

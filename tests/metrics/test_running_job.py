@@ -16,11 +16,12 @@ from typing import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from resilient.core.exit_codes import ExitCode
 from resilient.status import read_status
 from tests.ranks import REPO, TINY
 
 from .feed import DcgmExporter
-from .prom import PrometheusServer, alert_rules, panel_queries, require
+from .prom import NodeExporter, PrometheusServer, alert_rules, panel_queries, require
 
 pytestmark = [pytest.mark.slow, pytest.mark.prometheus]
 
@@ -46,19 +47,31 @@ def scrape(port: int) -> dict[str, dict[tuple, float]]:
 
 
 @pytest.fixture(scope="module")
-def running_job(tmp_path_factory) -> Iterator[tuple[Path, int]]:
+def running_job(tmp_path_factory) -> Iterator[tuple[Path, int, Path]]:
+    """The job, its metrics port, and node_exporter's textfile directory where it writes its node facts."""
     work = tmp_path_factory.mktemp("job")
     fake = work / "nvml"
     fake.mkdir()
     (fake / f"{NODE}.json").write_text(json.dumps(HEALTHY_GPUS))
+    textfiles = work / "textfiles"
+    textfiles.mkdir()
     run_dir = work / "run"
     sets = ["train.steps=100000", "train.eval_every=10", "checkpoint.interval_steps=10", "metrics.port=0",
             "metrics.goodput_interval_s=1", f"health.fake_nvml_dir={fake}", "health.monitor_interval_s=1",
-            "health.preflight_collective=true", "health.collective_nbytes=65536"]
-    cmd = [sys.executable, "-m", "resilient.cli", "run", str(TINY), "--run-dir", str(run_dir)]
-    cmd += [a for s in sets for a in ("--set", s)]
+            "health.preflight_collective=true", "health.collective_nbytes=65536", f"metrics.textfile_dir={textfiles}"]
+
+    def command(run: Path, *more: str) -> list[str]:
+        cmd = [sys.executable, "-m", "resilient.cli", "run", str(TINY), "--run-dir", str(run)]
+        return cmd + [a for s in (*sets, *more) for a in ("--set", s)]
+
     env = {**os.environ, "RESILIENT_NODE_NAME": NODE, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(work / "sup.log", "wb"))
+    # An earlier supervisor on the node stopped at once (its checkpoint filesystem too small): the node's
+    # facts keep why, beside the running job's verdict.
+    earlier = subprocess.run(command(work / "earlier", "health.ckpt_min_free_gib=1000000", "supervisor.warm_spares=false"),
+                             cwd=REPO, env=env, capture_output=True, timeout=300)
+    assert earlier.returncode == ExitCode.STORAGE_FAULT, earlier.stderr.decode()[-2000:]
+    proc = subprocess.Popen(command(run_dir), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(work / "sup.log", "wb"))
     try:
         deadline, port = time.monotonic() + 120, None
         while time.monotonic() < deadline and port is None:
@@ -71,14 +84,14 @@ def running_job(tmp_path_factory) -> Iterator[tuple[Path, int]]:
             if status.get("state") == "running" and (status.get("step") or 0) >= 2:
                 port = next(iter((status.get("metrics_ports") or {}).values()), None)
         assert port, "the job never reported a metrics port"
-        yield run_dir, port
+        yield run_dir, port, textfiles
     finally:
         proc.terminate()  # preemption: saves and exits
         proc.wait(timeout=120)
 
 
 def test_metrics_endpoint_of_a_running_job(running_job):
-    _, port = running_job
+    _, port, _ = running_job
     first = scrape(port)
     time.sleep(3)
     second = scrape(port)
@@ -93,11 +106,15 @@ def test_metrics_endpoint_of_a_running_job(running_job):
 
 
 def test_real_prometheus_scrapes_the_job(running_job, tmp_path):
-    _, port = running_job
+    _, port, textfiles = running_job
+    require("prometheus-node-exporter")
     # GPU panels read NVML (the run's own exporter) or dcgm-exporter, as the operator chooses; clusters
-    # run NVIDIA's dcgm-exporter beside the job, so a stand-in for it is scraped too (no GPU here).
+    # run NVIDIA's dcgm-exporter beside the job, so a stand-in for it is scraped too (no GPU here);
+    # and node_exporter, which serves the node facts.
     dcgm = DcgmExporter()
-    server = PrometheusServer(tmp_path, [f"127.0.0.1:{port}", f"127.0.0.1:{dcgm.start()}"]).start()
+    node_exporter = NodeExporter(textfiles, tmp_path).start()
+    server = PrometheusServer(tmp_path / "prometheus", [f"127.0.0.1:{port}", f"127.0.0.1:{dcgm.start()}"],
+                              jobs={"node": [node_exporter.address]}).start()
     try:
         server.wait_for('up{job="resilient"} == 1')
         server.wait_for("count_over_time(resilient_step[1m]) >= 4")
@@ -118,4 +135,5 @@ def test_real_prometheus_scrapes_the_job(running_job, tmp_path):
         assert not empty, "dashboard panels a real run leaves empty:\n" + "\n".join(empty)
     finally:
         server.stop()
+        node_exporter.stop()
         dcgm.stop()

@@ -37,6 +37,9 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], int, str]]:
         "plan_set_bad_key": (["plan", "examples/tiny.yaml", "--set", "train.nope=1"], ExitCode.CONFIG_ERROR,
                              "train.nope"),
         "ckpt_list_missing_dir": (["ckpt", "list", str(tmp / "missing")], ExitCode.CONFIG_ERROR, "no such directory"),
+        "textfile_dir_missing": (["run", str(cfg), "--run-dir", str(tmp / "tf-run"), "--set",
+                                  f"metrics.textfile_dir={tmp / 'no-such-dir'}"], ExitCode.CONFIG_ERROR,
+                                 "metrics.textfile_dir"),
     }
 
 
@@ -53,16 +56,19 @@ def results(tmp_path_factory):
 
 @pytest.mark.parametrize("name", [
     "run_without_config", "run_unknown_option", "plan_gpus_not_int", "verify_step_not_int", "set_bad_yaml",
-    "config_is_a_directory", "config_not_utf8", "run_dir_is_a_file", "plan_set_bad_key", "ckpt_list_missing_dir"])
+    "config_is_a_directory", "config_not_utf8", "run_dir_is_a_file", "plan_set_bad_key", "ckpt_list_missing_dir",
+    "textfile_dir_missing"])
 def test_bad_input_is_one_message_and_a_distinct_exit_code(results, name):
     cases, out = results
-    _, code, text = cases[name]
+    argv, code, text = cases[name]
     rc, stdout, stderr = out[name]
     assert "Traceback" not in stderr, stderr
     assert rc == code, stderr
     assert text in stderr, stderr
     if code != USAGE:
         assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("resilient: "), stderr
+    if "--run-dir" in argv and name != "run_dir_is_a_file":
+        assert not Path(argv[argv.index("--run-dir") + 1]).exists(), "refused before touching the run dir"
 
 
 def test_read_only_run_dir_is_one_line(tmp_path):

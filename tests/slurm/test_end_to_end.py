@@ -141,8 +141,13 @@ def test_preemption_signal_saves_requeues_and_resumes_to_the_same_weights(slurm_
     assert digest(run_dir) == reference[2], "resumed run must end with the uninterrupted run's weights"
 
 
-def test_unhealthy_node_is_excluded_drained_and_the_run_finishes_on_the_other(slurm_cluster, tmp_path):
+def test_unhealthy_node_is_excluded_drained_and_the_run_finishes_on_the_other(slurm_cluster, alert_watch, tmp_path):
+    """n1's GPU is lost: the job requeues without n1 and finishes on n0, and Prometheus (15 s scrape) still
+    alerts on n1 from the node facts its supervisor left for node_exporter."""
     config, run_dir = write_run_config(tmp_path, "unhealthy", min_nodes=1, drain_bad_nodes=True)
+    tree = yaml.safe_load(config.read_text())
+    tree["metrics"]["textfile_dir"] = str(alert_watch.textfile_dir)  # node_exporter's, as on every cluster node
+    config.write_text(yaml.safe_dump(tree))
     (tmp_path / "unhealthy-nvml" / "n1.json").write_text(json.dumps(FAILED_GPU))
     job_id = launch(slurm_cluster, config)
     try:
@@ -161,6 +166,11 @@ def test_unhealthy_node_is_excluded_drained_and_the_run_finishes_on_the_other(sl
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["nodes"] == 1
     assert events(run_dir, "finished")[-1]["step"] == STEPS
     assert events(run_dir, "job_end")[-1]["state"] == "finished"
+    # The job has moved on and finished without n1; the alerts still name it, firing now.
+    unhealthy = alert_watch.wait_firing("ResilientNodeUnhealthy", 120, now=True, node="n1")
+    assert unhealthy["labels"]["check"] == "gpu.lost" and "gpu.lost" in unhealthy["labels"]["reason"]
+    alert_watch.wait_firing("ResilientGpuLost", 60, now=True, node="n1", gpu="0")
+    assert not alert_watch.seen("ResilientNodeUnhealthy", node="n0")
 
 
 def _supervisor_of_node(job_id: str, node: int):
