@@ -31,3 +31,9 @@ def megatron_lm_saves(tmp_path_factory):
     from tests.checkpoint.megatron_lm_writer import write_all
 
     return write_all(tmp_path_factory.mktemp("megatron_lm_saves"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `session_end` run last: they wait on something a fixture started earlier (an alert's
+    `for:` duration), and the rest of the suite runs meanwhile."""
+    items.sort(key=lambda item: item.get_closest_marker("session_end") is not None)  # stable: order kept

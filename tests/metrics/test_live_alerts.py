@@ -2,8 +2,9 @@
 by a real Prometheus scraping at 15 s (tests/alerting.py): real supervisors and trainer ranks, GPUs
 scripted through `health.fake_nvml_dir`, real signals, the node facts served by a real node_exporter.
 
-Three runs at once keep the module as short as its slowest alert (no progress: the rule's 5 minutes;
-the hang's heartbeat limit is the run's, 20 s here, then the rule's 2 minutes):
+Three runs at once; the alerts of the hang run (no progress: the rule's 5 minutes; the heartbeat limit
+is the run's, 20 s here, then the rule's 2 minutes) are checked at the end of the session
+(`session_end`), so the suite's other tests run while the rules' `for:` durations elapse:
   faults   trains; a NaN loss (rolled back), three SIGKILLed ranks, then XID 79 and an uncorrectable
            ECC error on GPU 0 and GPU 1 lost: the supervisor exits UNHEALTHY_NODE within a second,
            and the GPU alerts fire from the node facts it left behind;
@@ -78,7 +79,7 @@ RUNS = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # the hang run lives on until the tests moved to the session's end
 def live(alert_watch: AlertWatch, tmp_path_factory) -> Iterator[dict[str, tuple[LiveRun, Driver]]]:
     out: dict[str, tuple[LiveRun, Driver]] = {}
     try:
@@ -140,15 +141,18 @@ def test_xid_79_ecc_and_a_lost_gpu_fire_after_the_supervisor_is_gone(live, alert
     assert not alert_watch.seen("ResilientGpuXidCritical", node=FAULTS, gpu="1"), "GPU 1 had no XID"
 
 
+@pytest.mark.session_end
 def test_a_checkpoint_older_than_its_limit_fires_checkpoint_too_old(live, alert_watch):
     fired(live, alert_watch, HANG, "ResilientCheckpointTooOld")
 
 
+@pytest.mark.session_end
 def test_a_run_that_never_advances_fires_no_progress(live, alert_watch):
     fired(live, alert_watch, HANG, "ResilientNoProgress")
     assert live[HANG][0].status()["state"] == "running", "the supervisor's own hang detection stayed out of it"
 
 
+@pytest.mark.session_end
 def test_a_stopped_rank_fires_heartbeat_stale(live, alert_watch):
     alert = fired(live, alert_watch, HANG, "ResilientRankHeartbeatStale", rank="0")
     run, _ = live[HANG]
