@@ -55,7 +55,7 @@ def test_the_current_megatron_core_line_recovers_to_the_same_bits(tmp_path, refe
     assert report["digest"] == reference
     assert report["exit_codes"] == [ExitCode.PREEMPTED, ExitCode.FINISHED]
     loads = [e for e in _events(report, "ckpt_load") if e.get("rank") == 0]
-    assert [e["tier"] for e in loads][:2] == ["memory", "disk"], loads
+    assert [e["tier"] for e in loads][:2] == ["memory-own", "disk"], loads
 
 
 @pytest.mark.parametrize("fault, exits", [
