@@ -11,9 +11,10 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from resilient.goodput import BADPUT_CATEGORIES, GoodputReport
+from resilient.metrics import http
 from resilient.metrics.catalog import THROTTLE_REASONS, Catalog
 from resilient.metrics.config import MetricsConfig
 
@@ -88,7 +89,7 @@ class NodeMetrics:
 
     def start(self) -> int:
         """Serve /metrics on cfg.address:cfg.port (0: any free port); return the bound port."""
-        self._server, _thread = start_http_server(self.cfg.port, addr=self.cfg.address, registry=self.registry)
+        self._server = http.serve(self.registry, self.cfg.address, self.cfg.port)
         return int(self._server.server_port)
 
     def stop(self) -> None:
