@@ -117,12 +117,12 @@ def identity_problem(path: Path, expected: DirId, now: DirId | None) -> str | No
     return None
 
 
-def changed_dirs(expected: dict[Path, DirId]) -> str | None:
-    """The first of the run's directories that vanished or was replaced since `expected` was taken."""
+def changed_dirs(expected: dict[Path, DirId]) -> tuple[Path, str] | None:
+    """The first of the run's directories that vanished or was replaced since `expected` was taken, and how."""
     for path, was in expected.items():
         problem = identity_problem(path, was, DirId.of(path))
         if problem:
-            return problem
+            return path, problem
     return None
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from resilient.config import RunConfig, dump_config
-from resilient.core import ledger, permissions
+from resilient.core import guarded, ledger, permissions
 from resilient.core.atomic import atomic_write
 from resilient.core.errors import ConfigError, ResilientError, StorageFault
 from resilient.core.events import LedgerEvent
@@ -163,7 +163,7 @@ class Supervisor:
         self.tracker.new_attempt()
         self._final_exit = self._unhealthy = None
         self._set_state(State.PREFLIGHT)
-        if changed := permissions.changed_dirs(self.dirs):  # every node stops; node 0 decides STORAGE_FAULT
+        if changed := self._changed_dir():  # every node stops; node 0 decides STORAGE_FAULT
             self._storage_fault(changed)
             return self._report(NodeOutcome.PREEMPTED)
         if not self.scfg.allow_shared_dir and (shared := self._shared_dir()):  # made shared since the start
@@ -366,7 +366,7 @@ class Supervisor:
             failure = self._failure(kind, None, verdict[1])
         if failure is None and now - self._dirs_checked >= 1.0:
             self._dirs_checked = now
-            if changed := permissions.changed_dirs(self.dirs):
+            if changed := self._changed_dir():
                 failure = self._failure(FailureKind.STORAGE, None, changed)
         if failure is not None:
             rank_exit = failures.rank_exit(failure, exits, self.tracker)
@@ -426,6 +426,17 @@ class Supervisor:
         print(f"resilient: node {self.node}: storage fault: {reason}", file=sys.stderr, flush=True)
         if self.coord is not None:
             self.coord.request_stop(StopKind.STORAGE, reason)  # every node saves and stops; first request wins
+        return reason
+
+    def _changed_dir(self) -> str | None:
+        """Why a directory of the run vanished or was replaced, or None; a replaced run dir is written to no
+        more (ledger, status): what takes its place is not the run's."""
+        changed = permissions.changed_dirs(self.dirs)
+        if changed is None:
+            return None
+        path, reason = changed
+        if path == self.run_dir:
+            guarded.fence(self.run_dir, reason)
         return reason
 
     def _shared_dir(self) -> str | None:

@@ -59,13 +59,15 @@ def list_cmd(directory: Path, as_json: bool = typer.Option(False, "--json", help
             rows = megatron_lm.listing(root)
     else:
         rows = [{"tier": "disk", **row} for row in ck.listing(root)]
-        from trainer.checkpoint.memory import listing as memory
+        from trainer.checkpoint.memory import stale
 
         key = _run_key(directory, root, None) if root != directory else None
         tier = memory_dir or (CheckpointConfig().memory_root(directory, key) if key is not None else None)
         if tier is not None and tier.is_dir():
-            rows += memory.listing(tier, key)
-        rows += memory.stale_roots()
+            from trainer.checkpoint.memory.listing import listing as memory_listing  # torch: only for a tier
+
+            rows += memory_listing(tier, key)
+        rows += stale.stale_roots()
     if as_json:
         print(json.dumps(rows, indent=1))
         return
@@ -188,7 +190,7 @@ def clean_cmd(paths: Optional[list[Path]] = typer.Argument(None, help="only thes
     """Remove this user's memory-tier directories in /dev/shm whose run is gone (its run directory deleted,
     re-created or moved, or the directory older than run records): what `ckpt list` reports as stale. A
     directory named that is not stale is left alone (exit CONFIG_ERROR)."""
-    from trainer.checkpoint.memory import listing as memory
+    from trainer.checkpoint.memory import stale as memory
 
     stale = memory.stale_roots()
     if paths:
