@@ -26,7 +26,7 @@ from resilient.core.exit_codes import ExitCode
 from resilient.core.secret import RunKey
 from tests.safety.conftest import ATTACKER_PY, NOBODY, as_nobody, nobody_popen
 from tests.ranks import REPO, TINY, resilient_cli, run_ranks
-from tests.supervisor.harness import events, steps_done, wait_until, write_config
+from tests.supervisor.harness import events, ranks_of, steps_done, wait_until, write_config
 from trainer.checkpoint import layout
 from trainer.checkpoint.config import CheckpointConfig
 
@@ -96,6 +96,27 @@ def test_an_attacker_owned_parent_gets_neither_threads_nor_the_run_dir(shared, t
     old = Path(str(run_dir) + ".old")
     assert {e["attempt"] for e in events(old, "attempt_start")} == {0}, "no attempt started from the planted dir"
     assert not (run_dir / "ledger.jsonl").exists(), "the supervisor wrote its ledger into the attacker's directory"
+
+
+def test_a_path_opened_to_others_mid_run_ends_the_run_at_the_next_attempt(tmp_path):
+    """The whole path is checked at every attempt, not only at the start: a parent made writable by others
+    while the run trains ends it before the next attempt's ranks start (one line, exit 64)."""
+    parent = tmp_path / "parent"
+    parent.mkdir(mode=0o755)
+    run_dir = parent / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", steps=2000)
+    proc = supervisor(["run", str(cfg), "--run-dir", str(run_dir)], tmp_path / "sup.log", env={"FAKE_STEP_S": "0.1"})
+    try:
+        wait_until(lambda: len(steps_done(run_dir)) >= 3, 120, "training")
+        parent.chmod(0o777)
+        wait_until(lambda: ranks_of(proc.pid).get(0), 30, "rank 0").kill()  # a crash: the next attempt checks again
+        code = proc.wait(120)
+    finally:
+        proc.kill()
+    log = (tmp_path / "sup.log").read_text()
+    assert code == ExitCode.CONFIG_ERROR, log[-3000:]
+    assert f"{parent}, a parent directory, is writable by other users and not sticky (mode 0777); refusing to go on" in log
+    assert {e["attempt"] for e in events(run_dir, "attempt_start")} == {0}
 
 
 def test_a_link_in_place_of_a_rank_log_is_refused_not_written_through(shared, tmp_path):
