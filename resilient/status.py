@@ -7,6 +7,7 @@ config, no supervisor); the run's end states come from the core.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,25 @@ def read_status(run_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: unreadable ({err})") from None
 
 
-def _age(ts: float | None, now: float) -> str:
-    return "-" if ts is None else f"{max(0.0, now - ts):.1f}s"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(value: Any) -> str:
+    """`value` as text with every control character spelled out (\\x1b...): what status.json holds came
+    from ranks and failure reasons, and must not move the cursor or recolour the operator's terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+
+
+def _line(text: str, style: str = "") -> Text:
+    """A line of the view: literal text (no console markup), control characters spelled out."""
+    return Text(printable(text), style=style)
+
+
+def _age(ts: Any, now: float) -> str:
+    try:
+        return "-" if ts is None else f"{max(0.0, now - float(ts)):.1f}s"
+    except (TypeError, ValueError):
+        return "?"
 
 
 def _origin(record: dict[str, Any]) -> str:
@@ -58,32 +76,39 @@ def _memory(status: dict[str, Any]) -> str:
     return f" (memory {step})" if step is not None else ""
 
 
+def _mapping(value: Any) -> dict[Any, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _renderable(status: dict[str, Any], now: float, run_dir: str | Path, incident: str | None) -> Group:
-    ports = ", ".join(f"{n}:{p}" for n, p in (status.get("metrics_ports") or {}).items() if p) or "-"
-    head = Text.assemble((str(status.get("state", "?")), "bold"),
-                         f"  attempt {status.get('attempt')}  step {status.get('step')}  "
-                         f"last checkpoint {status.get('last_checkpoint')}{_memory(status)}  restarts {status.get('restarts', 0)}  "
-                         f"metrics {ports}  (updated {_age(status.get('written_at'), now)} ago)")
+    ports = ", ".join(f"{n}:{p}" for n, p in _mapping(status.get("metrics_ports")).items() if p) or "-"
+    head = Text.assemble(_line(str(status.get("state", "?")), "bold"),
+                         _line(f"  attempt {status.get('attempt')}  step {status.get('step')}  "
+                               f"last checkpoint {status.get('last_checkpoint')}{_memory(status)}  restarts "
+                               f"{status.get('restarts', 0)}  metrics {ports}  (updated "
+                               f"{_age(status.get('written_at'), now)} ago)"))
     parts: list[Any] = [head]
-    failure = status.get("last_failure")
+    failure = _mapping(status.get("last_failure"))
     if failure:
-        parts.append(Text(f"last failure: {failure.get('kind')} rank {failure.get('rank')} node {failure.get('node')} "
-                          f"step {failure.get('step')}: {failure.get('reason')}{_origin(failure)}"))
+        parts.append(_line(f"last failure: {failure.get('kind')} rank {failure.get('rank')} node {failure.get('node')} "
+                           f"step {failure.get('step')}: {failure.get('reason')}{_origin(failure)}"))
         if incident:
-            parts.append(Text(f"incident: {render_incident(run_dir, incident)}"))
-    stop = status.get("stop")
+            parts.append(_line(f"incident: {render_incident(run_dir, incident)}"))
+    stop = _mapping(status.get("stop"))
     if stop:  # authenticated by the run's secret: who really asked
-        parts.append(Text(f"stop requested by node {stop.get('node')}: {stop.get('reason')}{_origin(stop)}"))
-    for path, err in (status.get("storage_errors") or {}).items():
-        parts.append(Text(f"storage: {err.get('lost_writes')} write(s) of {path} lost ({err.get('error')})"))
-    spares = {n: s for n, s in (status.get("spares") or {}).items() if s}
+        parts.append(_line(f"stop requested by node {stop.get('node')}: {stop.get('reason')}{_origin(stop)}"))
+    for path, err in _mapping(status.get("storage_errors")).items():
+        err = _mapping(err)
+        parts.append(_line(f"storage: {err.get('lost_writes')} write(s) of {path} lost ({err.get('error')})"))
+    spares = {n: _mapping(s) for n, s in _mapping(status.get("spares")).items() if s}
     if spares:  # warm standby ranks per node and what they cost
-        parts.append(Text("warm spares: " + ", ".join(f"{n} {s.get('count')} ({(s.get('rss_bytes') or 0) / 2**30:.2f} GiB)"
-                                                     for n, s in spares.items())))
+        parts.append(_line("warm spares: " + ", ".join(f"{n} {s.get('count')} ({(s.get('rss_bytes') or 0) / 2**30:.2f} GiB)"
+                                                      for n, s in spares.items())))
     table = Table("rank", "node", "pid", "phase", "step", "heartbeat age")
-    for r in status.get("ranks", []):
-        table.add_row(str(r.get("rank")), str(r.get("node_name", r.get("node"))), str(r.get("pid")),
-                      str(r.get("phase")), str(r.get("step")), _age(r.get("last_heartbeat"), now))
+    for r in status.get("ranks") or []:
+        r = _mapping(r)
+        table.add_row(*(_line(str(v)) for v in (r.get("rank"), r.get("node_name", r.get("node")), r.get("pid"),
+                                                 r.get("phase"), r.get("step"), _age(r.get("last_heartbeat"), now))))
     parts.append(table)
     return Group(*parts)
 
@@ -144,7 +169,7 @@ class StatusView:
     def renderable(self) -> Group:
         parts: list[Any] = [_renderable(self.data, time.time(), self.run_dir, self.incident)]
         if self.slurm:
-            parts.append(Text(f"slurm job {self.slurm['job_id']}: {self.slurm['state'] or 'not known to Slurm'}"))
+            parts.append(_line(f"slurm job {self.slurm['job_id']}: {self.slurm['state'] or 'not known to Slurm'}"))
         parts.append(Text(render_goodput(self.goodput)))
         return Group(*parts)
 

@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("trainer").setLevel(logging.INFO if env.rank == 0 else logging.WARNING)
     heartbeat = connect(env)
     try:
-        cfg = load_trainer_config(args.config, args.overrides, world_size=env.world_size)
+        from pathlib import Path
+
+        from resilient.core.rundir import RunDir
+
+        written_by_supervisor = env.run_dir is not None and Path(args.config) == RunDir(env.run_dir).config
+        cfg = load_trainer_config(args.config, args.overrides, world_size=env.world_size, no_link=written_by_supervisor)
         from trainer.loop import Trainer
 
         trainer = Trainer(cfg, env, env.run_dir or cfg.run_dir)

@@ -225,7 +225,8 @@ def _runnable(arch: Architecture, p: ParallelConfig, t: TrainConfig, seq_len: in
 
 
 def load_trainer_config(path: str | Path | None, overrides: list[str] | None = None,
-                        world_size: int | None = None) -> TrainerConfig:
-    """The trainer's sections of a run config file; with `world_size`, the layout is checked for it."""
+                        world_size: int | None = None, *, no_link: bool = False) -> TrainerConfig:
+    """The trainer's sections of a run config file; with `world_size`, the layout is checked for it.
+    `no_link`: the file is the one the supervisor wrote (RUN_DIR/config.yaml), read without following a link."""
     return load_section(TrainerConfig, path, overrides,
-                        check=(lambda c: c.check_layout(world_size)) if world_size else None)
+                        check=(lambda c: c.check_layout(world_size)) if world_size else None, no_link=no_link)

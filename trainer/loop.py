@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from resilient.core import ledger
+from resilient.core import ledger, permissions
 from resilient.core.errors import ConfigError
 from resilient.core.events import LedgerEvent
 from resilient.core.exit_codes import ExitCode
@@ -65,6 +65,10 @@ class Trainer:
 
     def _build(self) -> None:
         cfg, env = self.cfg, self.env
+        # Every attempt, before the first collective: the whole path to the directories this rank writes is
+        # this user's alone (the supervisor checked too; a rank run without one checks on its own).
+        permissions.require_private([self.run_dir, cfg.checkpoint.root(self.run_dir)], allowed=env.allow_shared_dir,
+                                    flag="supervisor.allow_shared_dir=true")
         arch = cfg.model.architecture()
         # Input checks run on every rank before the first collective, so a bad path fails all ranks
         # at once with the config exit code instead of leaving the others waiting at a barrier.
@@ -109,7 +113,8 @@ class Trainer:
         self.injection = numerics.FaultInjection(self.run_dir, self.env.attempt)
         self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, final_step=cfg.train.steps, device=self.device,
                                          attempt=env.attempt, history=env.history, on_commit=self._on_commit,
-                                         on_save_start=self._on_save_start, local_world=env.local_world_size)
+                                         on_save_start=self._on_save_start, local_world=env.local_world_size,
+                                         allow_shared_dir=env.allow_shared_dir)
         self.flops_per_token = flops_per_token(arch, cfg.seq_len)
         self.peak = device_peak_flops(self.device, cfg.train.peak_flops)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -9,6 +10,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from resilient.core import beneath
 from resilient.core.errors import ConfigError
 
 S = TypeVar("S", bound=BaseModel)
@@ -55,21 +57,25 @@ def one_line(err: ValidationError) -> str:
     return f"{where + ': ' if where else ''}{msg}{more}"
 
 
-def read_tree(path: str | Path | None) -> dict[str, Any]:
-    """The YAML mapping in `path` (None: empty); every way it can be unreadable is one ConfigError."""
+def read_tree(path: str | Path | None, *, no_link: bool = False) -> dict[str, Any]:
+    """The YAML mapping in `path` (None: empty); every way it can be unreadable is one ConfigError.
+    `no_link`: a file the run itself wrote (RUN_DIR/config.yaml), opened without following a link."""
     if path is None:
         return {}
     path = Path(path)
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = beneath.read_beneath(path.parent, path.name) if no_link else path.read_bytes()
+        loaded = yaml.safe_load(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ConfigError(f"{path}: is a symbolic link; refusing to read the run's config through it") from None
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if loaded is not None and not isinstance(loaded, dict):
@@ -91,6 +97,7 @@ def parse_section(model: type[S], tree: dict[str, Any], check: Callable[[S], Non
 
 
 def load_section(model: type[S], path: str | Path | None, overrides: list[str] | None = None,
-                 check: Callable[[S], None] | None = None) -> S:
-    """Read a YAML config file (None: defaults), apply dotted overrides, validate as `model`."""
-    return parse_section(model, apply_overrides(read_tree(path), overrides or []), check)
+                 check: Callable[[S], None] | None = None, *, no_link: bool = False) -> S:
+    """Read a YAML config file (None: defaults; `no_link`: see read_tree), apply dotted overrides, validate
+    as `model`."""
+    return parse_section(model, apply_overrides(read_tree(path, no_link=no_link), overrides or []), check)

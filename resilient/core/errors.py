@@ -34,3 +34,11 @@ class RunDirBusy(ResilientError):
     exit_code = ExitCode.RUN_DIR_BUSY
     label = "run dir busy"
 
+
+
+class StorageFault(ResilientError):
+    """The run or checkpoint directory vanished, was replaced, or holds something that must not be used
+    (a link in place of a log): the run stops as a storage fault, never blamed on a node."""
+
+    exit_code = ExitCode.STORAGE_FAULT
+    label = "storage fault"

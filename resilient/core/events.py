@@ -20,6 +20,8 @@ class LedgerEvent(StrEnum):
     """A checkpoint was committed."""
     MEM_SNAPSHOT = "mem_snapshot"
     """A memory-tier snapshot was committed on every rank (and replicated to the peer node, if any)."""
+    MEM_TIER_OFF = "mem_tier_off"
+    """The memory tier's directory cannot be used (another user's or run's, or unusable): disk only (reason)."""
     CKPT_SAVE_FAILED = "ckpt_save_failed"
     """A checkpoint save failed (training went on)."""
     COORDINATOR_LOST = "coordinator_lost"

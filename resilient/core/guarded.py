@@ -10,11 +10,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 _failed: dict[str, dict[str, object]] = {}
+_fenced: dict[Path, str] = {}
+
+
+def fence(directory: Path, reason: str) -> None:
+    """Write nothing below `directory` from now on (it was replaced by a directory the run does not own:
+    what would be written there is lost instead of handed over)."""
+    _fenced[Path(directory)] = reason
 
 
 def write(path: str | Path, do_write: Callable[[], None]) -> bool:
     """Run `do_write` (which writes `path`); an OSError is reported and swallowed. True on success."""
     try:
+        fenced = next((why for root, why in _fenced.items() if Path(path).is_relative_to(root)), None)
+        if fenced is not None:
+            raise OSError(f"not written: {fenced}")
         do_write()
         return True
     except OSError as err:

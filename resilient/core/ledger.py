@@ -33,9 +33,10 @@ def append(run_dir: str | Path, event: LedgerEvent, **fields: Any) -> dict[str, 
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one JSON line (owner-only file) with a single write on an O_APPEND descriptor."""
+    """Append one JSON line (owner-only file) with a single write on an O_APPEND descriptor; a link in
+    the file's place is refused (ELOOP), never written through."""
     line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, line)
     finally:

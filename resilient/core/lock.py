@@ -3,6 +3,7 @@ the life of the run (the kernel drops it when the process dies, so a crash never
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -43,10 +44,12 @@ def acquire(root: Path, run_id: str | None = None) -> RunLock:
     path = RunDir(root).lock
     try:
         # O_CLOEXEC: ranks and other children never inherit (and so never prolong) the lock.
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except IsADirectoryError:
         raise RunDirBusy(f"{path} is a directory; remove it to use {root}") from None
     except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ConfigError(f"{path} is a symbolic link; refusing to follow it (remove it to use {root})") from None
         raise ConfigError(f"run dir {root}: cannot write its lock file ({err.strerror or err})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -48,13 +48,18 @@ def plan(
     cfg = _config_for_gpus(config, gpus, overrides)
     layout = Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp, dp=cfg.dp(cfg.world_size),
                     distributed_optimizer=cfg.parallel.distributed_optimizer)
-    result = make_plan(
-        cfg.model.architecture(), layout, seq_len=cfg.seq_len, micro_batch=cfg.train.micro_batch,
-        global_batch=cfg.train.global_batch,
-        assume=Assumptions(mtbf_hours=mtbf_hours, ckpt_write_gbps=ckpt_write_gbps,
-                           restart_overhead_s=restart_overhead_s, mfu=mfu,
-                           gpus_per_node=cfg.supervisor.nproc_per_node),
-    )
+    arch = cfg.model.architecture()
+    try:
+        result = make_plan(
+            arch, layout, seq_len=cfg.seq_len, micro_batch=cfg.train.micro_batch,
+            global_batch=cfg.train.global_batch,
+            assume=Assumptions(mtbf_hours=mtbf_hours, ckpt_write_gbps=ckpt_write_gbps,
+                               restart_overhead_s=restart_overhead_s, mfu=mfu,
+                               gpus_per_node=cfg.supervisor.nproc_per_node),
+        )
+    except OverflowError:  # sizes past floating point: no cluster trains (or checkpoints) such a model
+        raise ConfigError(f"model: hidden_size {arch.hidden_size:.3g}, {arch.num_layers} layers: the plan's figures "
+                          "overflow (checkpoint size and time beyond floating point); not a trainable model") from None
     typer.echo(json.dumps(result.to_json(), indent=2) if as_json else render_plan(result))
 
 

@@ -13,13 +13,14 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from health.actions import HealthVerdict
 from health.types import HealthReport
 from resilient.core.errors import ConfigError
 from resilient.core.exit_codes import ExitCode
 from resilient.goodput import BADPUT_CATEGORIES, GoodputReport
+from resilient.metrics import http
 from resilient.metrics.catalog import THROTTLE_REASONS, Catalog
 from resilient.metrics.config import MetricsConfig
 from resilient.metrics.textfile import GPU_FACTS, NodeFacts
@@ -102,7 +103,7 @@ class NodeMetrics:
         if not self.cfg.enabled:
             return None
         try:
-            self._server, _thread = start_http_server(self.cfg.port, addr=self.cfg.address, registry=self.registry)
+            self._server = http.serve(self.registry, self.cfg.address, self.cfg.port)
         except OSError as err:
             raise ConfigError(f"metrics.port {self.cfg.port} on {self.cfg.address}: {err.strerror} "
                               "(set metrics.port=0 for any free port)") from None

@@ -24,6 +24,7 @@ STOP_SIGNALS = "RESILIENT_STOP_SIGNALS"
 DEFAULT_STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
 FAILURES = "RESILIENT_FAILURES"
 EXPOSURE_S = "RESILIENT_EXPOSURE_S"
+ALLOW_SHARED_DIR = "RESILIENT_ALLOW_SHARED_DIR"
 ASSIGNED_AT = "RESILIENT_ASSIGNED_AT"
 """Set by a parked spare (resilient.rank.park) when it takes a rank: Unix time the rank began."""
 
@@ -77,6 +78,9 @@ class RankEnv:
     """Signals that ask the rank to save and stop at the next step boundary."""
     history: FailureHistory = FailureHistory()
     """The run's failure history when the rank was started (empty: unsupervised, or none yet)."""
+    allow_shared_dir: bool = False
+    """The operator allowed run and checkpoint directories whose path others own or can write
+    (`supervisor.allow_shared_dir`); otherwise the rank refuses them too."""
 
     @property
     def supervised(self) -> bool:
@@ -98,6 +102,7 @@ class RankEnv:
             STOP_SIGNALS: ",".join(self.stop_signals),
             FAILURES: str(self.history.failures),
             EXPOSURE_S: repr(self.history.exposure_s),
+            **({ALLOW_SHARED_DIR: "1"} if self.allow_shared_dir else {}),
         }
         optional = {RUN_DIR: self.run_dir, HEARTBEAT_SOCKET: self.heartbeat_socket,
                     SUPERVISOR_PID: self.supervisor_pid}
@@ -124,4 +129,5 @@ class RankEnv:
             supervisor_pid=int(env[SUPERVISOR_PID]) if env.get(SUPERVISOR_PID) else None,
             stop_signals=tuple(s for s in env.get(STOP_SIGNALS, ",".join(DEFAULT_STOP_SIGNALS)).split(",") if s),
             history=FailureHistory(int(env.get(FAILURES, "0")), float(env.get(EXPOSURE_S, "0.0"))),
+            allow_shared_dir=env.get(ALLOW_SHARED_DIR) == "1",
         )

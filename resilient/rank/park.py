@@ -30,7 +30,8 @@ import threading
 import time
 from typing import Any
 
-from resilient.core import sched
+from resilient.core import beneath, sched
+from resilient.core.exit_codes import ExitCode
 from resilient.rank.env import ASSIGNED_AT
 from resilient.rank.orphan import die_with_parent
 
@@ -66,7 +67,8 @@ def warm(modules: list[str]) -> list[str]:
 
 
 def _redirect(log: str) -> None:
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    """stdout and stderr to the rank's log, which the supervisor created: a link in its place is refused."""
+    fd = beneath.open_beneath(os.path.dirname(log), os.path.basename(log), flags=os.O_WRONLY | os.O_APPEND)
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(fd, 1)
@@ -77,19 +79,23 @@ def _redirect(log: str) -> None:
 def run_assignment(assignment: dict[str, Any]) -> None:
     """Become the rank: log, environment, argv; runs the rank command as `__main__` (SystemExit passes)."""
     argv = [str(a) for a in assignment["argv"]]
-    _redirect(str(assignment["log"]))
+    try:
+        _redirect(str(assignment["log"]))
+    except OSError as err:  # replaced since the supervisor created it: storage trouble, not this rank's crash
+        print(f"resilient park: cannot open the rank log {assignment['log']}: {err.strerror or err}", file=sys.stderr)
+        sys.exit(int(ExitCode.STORAGE_FAULT))
     assigned = os.environ.get(ASSIGNED_AT) or repr(time.time())
     os.environ.clear()
     os.environ.update({str(k): str(v) for k, v in assignment["environ"].items()})
     os.environ[ASSIGNED_AT] = assigned  # the rank's start-up counts from its assignment, not from the park
     if len(argv) >= 3 and argv[1] == "-m":
+        # sys.path as this spare started it: no working directory (PYTHONSAFEPATH), as the cold rank gets
         sys.argv = [argv[2], *argv[3:]]
-        sys.path[0] = os.getcwd()
         runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
     else:
         script = os.path.abspath(argv[1])
         sys.argv = [argv[1], *argv[2:]]
-        sys.path[0] = os.path.dirname(script)
+        sys.path.insert(0, os.path.dirname(script))  # as `python SCRIPT` does
         runpy.run_path(script, run_name="__main__")
 
 

@@ -23,8 +23,16 @@ table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ddd;paddin
 tr.failure td{background:#fde8e8}.muted{color:#777}pre{background:#f4f4f4;padding:8px}"""
 
 
-def _when(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+def _e(value: Any) -> str:
+    """Every value from the run's files goes into the page through here: text, never markup."""
+    return html.escape(str(value))
+
+
+def _when(ts: Any) -> str:
+    try:
+        return dt.datetime.fromtimestamp(float(ts), dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return _e(ts)
 
 
 def _figure(title: str, png: str | None, missing: str) -> str:
@@ -35,10 +43,11 @@ def _figure(title: str, png: str | None, missing: str) -> str:
 
 def _detail(e: dict[str, Any], link_base: str) -> str:
     skip = {"ts", "event", "incident"}
-    text = html.escape(", ".join(f"{k}={v}" for k, v in sorted(e.items()) if k not in skip and v is not None))
+    text = _e(", ".join(f"{k}={v}" for k, v in sorted(e.items(), key=lambda kv: str(kv[0]))
+                        if k not in skip and v is not None))
     if e.get("incident"):
-        href = html.escape(f"{link_base}/{e['incident']}/summary.txt")
-        text += f' — <a href="{href}">incident {html.escape(str(e["incident"]))}</a>'
+        href = _e(f"{link_base}/{e['incident']}/summary.txt")
+        text += f' — <a href="{href}">incident {_e(e["incident"])}</a>'
     return text
 
 
@@ -51,17 +60,17 @@ def render(data: RunData, out: Path, now: float | None = None) -> str:
     goodput = compute_goodput(data.ledger, data.train, now)
     link_base = os.path.relpath(data.run_dir.resolve(), out.resolve().parent)
     failures = events(data.ledger, LedgerEvent.FAILURE)
-    head = (f"state <b>{html.escape(str(status.get('state', '?')))}</b>, step {status.get('step', '?')}, "
-            f"attempts {len({e.get('attempt') for e in events(data.ledger, LedgerEvent.ATTEMPT_START)})}, "
-            f"faults {len(failures)}, started {_when(t0) if t0 else '?'} UTC")
+    attempts = len({str(e.get("attempt")) for e in events(data.ledger, LedgerEvent.ATTEMPT_START)})
+    head = (f"state <b>{_e(status.get('state', '?'))}</b>, step {_e(status.get('step', '?'))}, "
+            f"attempts {attempts}, faults {len(failures)}, started {_when(t0) if t0 else '?'} UTC")
     rows = "\n".join(
-        f'<tr class="{html.escape(str(e["event"]))}"><td>{_when(e["ts"])}</td><td>{html.escape(str(e["event"]))}'
+        f'<tr class="{_e(e["event"])}"><td>{_when(e.get("ts"))}</td><td>{_e(e["event"])}'
         f"</td><td>{_detail(e, link_base)}</td></tr>" for e in events(data.ledger, *_EVENTS))
     parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>resilient report: {html.escape(str(data.run_dir))}"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>resilient report: {_e(data.run_dir)}"
         f"</title><style>{_CSS}</style></head><body>",
-        f"<h1>Run report: {html.escape(str(data.run_dir))}</h1><p>{head}</p>",
-        f"<pre>{html.escape(render_goodput(goodput))}</pre>",
+        f"<h1>Run report: {_e(data.run_dir)}</h1><p>{head}</p>",
+        f"<pre>{_e(render_goodput(goodput))}</pre>",
         _figure("Loss and validation loss", plots.loss(data), "no loss in train_log.jsonl yet"),
         _figure("Throughput and MFU", plots.throughput(data), "no step records in train_log.jsonl yet"),
         _figure("Step time per rank (stragglers)", plots.rank_step_times(data, t0),

@@ -9,6 +9,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
+# Labels carry values from the run's files (attempt numbers, ranks): text is text, never mathtext to parse.
+matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402
 
 from resilient.core.events import LedgerEvent  # noqa: E402

@@ -16,6 +16,9 @@ from trainer.flops import parameter_count
 from trainer.megatron_lm.arguments import MegatronRun
 from trainer.presets import Architecture
 
+SLURM_MAX_SIGNAL_S = 65535
+"""The longest lead time `sbatch --signal` takes."""
+
 
 def _model(cfg: RunConfig) -> tuple[Architecture, bool, str]:
     """(the model the ranks train, whether its saves are asynchronous, where that was read): the config's
@@ -45,9 +48,12 @@ def signal_seconds(cfg: RunConfig) -> tuple[int, str]:
     save = checkpoint_seconds(cfg)
     # Asynchronous saves: the one in flight and the final one both have to finish (2 x save).
     saves = 2 if asynchronous else 1
-    seconds = math.ceil(s.expected_step_seconds + saves * save + s.signal_margin_seconds)
+    needed = s.expected_step_seconds + saves * save + s.signal_margin_seconds
     reason = (
         f"step {s.expected_step_seconds:g}s + {saves} x checkpoint {save:.1f}s "
         f"(at {s.storage_write_gbps_per_node:g} GB/s per node; model {where}) + margin {s.signal_margin_seconds}s"
     )
-    return min(seconds, 65535), reason
+    if not math.isfinite(needed):  # a bandwidth so small the save never ends: no lead time can cover it
+        raise ConfigError(f"slurm.storage_write_gbps_per_node: {s.storage_write_gbps_per_node:g} GB/s makes the final "
+                          f"checkpoint's write endless; give the real bandwidth, or set slurm.signal_seconds")
+    return min(math.ceil(needed), SLURM_MAX_SIGNAL_S), reason

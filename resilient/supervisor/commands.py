@@ -11,7 +11,7 @@ import typer
 
 from resilient.config import RunConfig, load_config
 from resilient.core import lock as run_lock
-from resilient.core import permissions
+from resilient.core import permissions, secret
 from resilient.core.errors import ConfigError
 from resilient.metrics.textfile import NodeFacts
 from resilient.rank.env import node_name
@@ -19,6 +19,7 @@ from resilient.supervisor.topology import Topology, resolve_topology
 
 _RUN_DIR = typer.Option(None, "--run-dir", help="Run directory (default: the config's run_dir).")
 _SET = typer.Option([], "--set", help="Override a config key: --set train.steps=50 (repeatable).")
+SHARED_DIR_FLAG = "--set supervisor.allow_shared_dir=true"
 
 
 def _load(config: Path, run_dir: Optional[Path], overrides: list[str]) -> RunConfig:
@@ -27,19 +28,29 @@ def _load(config: Path, run_dir: Optional[Path], overrides: list[str]) -> RunCon
     return load_config(config, [*overrides, f"run_dir={resolved}"])
 
 
+def private_dirs(cfg: RunConfig) -> list[Path]:
+    """Every directory the run writes whose whole path must be this user's alone: the run directory,
+    the checkpoint directory, the memory tier's directory when one is configured (the default one, in
+    /dev/shm under a name derived from the run's secret, is the ranks' to check: they fall back to disk)."""
+    return [cfg.run_dir, cfg.checkpoint.root(cfg.run_dir),
+            *([cfg.checkpoint.memory_dir] if cfg.checkpoint.memory_dir is not None else [])]
+
+
 def _supervise(cfg: RunConfig, topo: Topology) -> None:
     from resilient.supervisor.daemon import Supervisor  # heavy imports (torch) only when supervising
 
     if cfg.nodes != topo.nnodes:
         raise ConfigError(f"nodes: the config says {cfg.nodes} node(s) but the job has {topo.nnodes}")
-    permissions.require_private([cfg.run_dir, cfg.checkpoint.root(cfg.run_dir)],
-                                allowed=cfg.supervisor.allow_shared_dir,
-                                flag="--set supervisor.allow_shared_dir=true")
+    # The whole path to every directory the run writes, before anything is created (the supervisor checks
+    # again at every attempt, and so do the ranks).
+    permissions.require_private(private_dirs(cfg), allowed=cfg.supervisor.allow_shared_dir, flag=SHARED_DIR_FLAG)
     NodeFacts(cfg.metrics.textfile_dir, topo.node_name).check()
     if topo.node_rank == 0:
         # Before any side effect (cleanup, socket, config.yaml): a second run on this dir touches nothing.
         # Held until this process exits; other nodes join through node 0's store.
         run_lock.acquire(cfg.run_dir, os.environ.get("SLURM_JOB_ID"))
+    run_lock.make_run_dir(cfg.run_dir)
+    secret.load_or_create(cfg.run_dir)  # anything but the run's own secret file is one line here, before any rank
     # sys.exit, not typer.Exit: in standalone_mode=False click returns typer.Exit's code instead of exiting.
     sys.exit(Supervisor(cfg, topo, cfg.run_dir).run())
 

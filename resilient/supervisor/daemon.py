@@ -25,9 +25,9 @@ from typing import Any, TypeVar
 
 from health.actions import Verdict
 from resilient.config import RunConfig, dump_config
-from resilient.core import ledger
+from resilient.core import guarded, ledger, permissions
 from resilient.core.atomic import atomic_write
-from resilient.core.errors import ConfigError, ResilientError
+from resilient.core.errors import ConfigError, ResilientError, StorageFault
 from resilient.core.events import LedgerEvent
 from resilient.core.exit_codes import ExitCode
 from resilient.core.outcome import Outcome, exit_code_for
@@ -96,6 +96,10 @@ class Supervisor:
         self.progress_root = progress.progress_dir(self.scfg.progress_dir, cfg.checkpoint.dir, run_dir)
         self.spares: spares.Spares | None = None
         self._refill_at: float | None = None  # when the current attempt's ranks were spawned, until refilled
+        self.dirs: dict[Path, permissions.DirId] = {}
+        """The run and checkpoint directories as this supervisor found them: one that vanishes or is replaced
+        while the run uses it is a storage fault (never written to, never loaded from)."""
+        self._dirs_checked = 0.0
 
     # -- entry point --------------------------------------------------------------------------------
 
@@ -133,6 +137,9 @@ class Supervisor:
 
     def _run(self) -> ExitCode:
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ckpt_root = self.cfg.checkpoint.root(self.run_dir)
+        ckpt_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.dirs = permissions.capture([self.run_dir, ckpt_root])
         if self.node == 0:
             self._write_config()
         self.metrics_port = self.metrics.start()
@@ -173,6 +180,13 @@ class Supervisor:
         self.tracker.new_attempt()
         self._final_exit = self._unhealthy = None
         self._set_state(State.PREFLIGHT)
+        if changed := self._changed_dir():  # every node stops; node 0 decides STORAGE_FAULT
+            self._storage_fault(changed)
+            return self._report(NodeOutcome.PREEMPTED)
+        if not self.scfg.allow_shared_dir and (shared := self._shared_dir()):  # made shared since the start
+            self._final_exit = RankExit(int(ExitCode.CONFIG_ERROR), shared)
+            self._record_failure(self._failure(FailureKind.SUPERVISOR, None, shared))
+            return self._report(NodeOutcome.FAILED)
         verdict = self.health.preflight()
         if verdict is not None and verdict.verdict is Verdict.STORAGE:  # every node stops; node 0 decides STORAGE_FAULT
             self._storage_fault(verdict.reason)
@@ -194,7 +208,12 @@ class Supervisor:
         if gate is not Gate.GO:
             return self._report(NodeOutcome.PREEMPTED if gate is Gate.STOP else NodeOutcome.FAILED)
         start = progress.newest_complete_step(self.progress_root) if self.exit_only else None
-        self._spawn_ranks()
+        try:
+            self._spawn_ranks()
+        except StorageFault as err:  # a rank's log cannot be opened safely: nothing is written through it
+            stop_all(self.ranks, 0.0)
+            self._storage_fault(str(err))
+            return self._report(NodeOutcome.PREEMPTED)
         self.health.start_monitor()
         self._set_state(State.RUNNING)
         try:
@@ -226,6 +245,7 @@ class Supervisor:
             local_world_size=nproc, node_rank=self.node, node_name=self.topo.node_name,
             master_addr=self.topo.master_addr, master_port=port, attempt=attempt,
             run_dir=self.run_dir, heartbeat_socket=self.server.path, supervisor_pid=os.getpid(),
+            allow_shared_dir=self.scfg.allow_shared_dir,
             stop_signals=tuple(dict.fromkeys((self.scfg.stop_signal().name, *DEFAULT_STOP_SIGNALS,
                                               self.scfg.preempt_signal))),
             history=history,
@@ -364,8 +384,15 @@ class Supervisor:
         if failure is None and (verdict := self.health.fatal()) is not None:
             kind = FailureKind.STORAGE if verdict.verdict is Verdict.STORAGE else FailureKind.HEALTH
             failure = self._failure(kind, None, verdict.reason)
+        if failure is None and now - self._dirs_checked >= 1.0:
+            self._dirs_checked = now
+            if changed := self._changed_dir():
+                failure = self._failure(FailureKind.STORAGE, None, changed)
         if failure is not None:
-            self._judge_rank_exit(failures.rank_exit(failure, exits, self.tracker))
+            rank_exit = failures.rank_exit(failure, exits, self.tracker)
+            self._judge_rank_exit(rank_exit)
+            if rank_exit is not None and rank_exit.code == ExitCode.STORAGE_FAULT:  # the rank found storage trouble
+                failure = dataclasses.replace(failure, kind=FailureKind.STORAGE)
         return failure
 
     def _judge_rank_exit(self, rank_exit: RankExit | None) -> None:
@@ -420,6 +447,24 @@ class Supervisor:
         if self.coord is not None:
             self.coord.request_stop(StopKind.STORAGE, reason)  # every node saves and stops; first request wins
         return reason
+
+    def _changed_dir(self) -> str | None:
+        """Why a directory of the run vanished or was replaced, or None; a replaced run dir is written to no
+        more (ledger, status): what takes its place is not the run's."""
+        changed = permissions.changed_dirs(self.dirs)
+        if changed is None:
+            return None
+        path, reason = changed
+        if path == self.run_dir:
+            guarded.fence(self.run_dir, reason)
+        return reason
+
+    def _shared_dir(self) -> str | None:
+        """Why a directory of the run (or the path to it) is no longer this user's alone, or None."""
+        for path in self.dirs:
+            if problem := permissions.path_problem(path):
+                return f"{problem}; refusing to go on (fix its owner/mode, or set supervisor.allow_shared_dir)"
+        return None
 
     def _write_config(self) -> None:
         """Record the resolved config for ranks and requeues, unless it contradicts the checkpoints:

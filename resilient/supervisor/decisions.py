@@ -60,9 +60,11 @@ def final_step_committed(final_step: int, newest_committed: int | None) -> tuple
 
 
 # A rank exiting with one of these found something no restart can change (bad config or data, no
-# loadable checkpoint): the run ends at once with the rank's own code.
+# loadable checkpoint, a checkpoint or run directory gone or replaced): the run ends at once with the
+# rank's own code.
 _FINAL_RANK_EXITS = {int(ExitCode.CONFIG_ERROR): Outcome.CONFIG_ERROR,
-                     int(ExitCode.CHECKPOINT_DAMAGED): Outcome.CHECKPOINT_DAMAGED}
+                     int(ExitCode.CHECKPOINT_DAMAGED): Outcome.CHECKPOINT_DAMAGED,
+                     int(ExitCode.STORAGE_FAULT): Outcome.STORAGE_FAULT}
 
 
 def rank_exit_is_final(code: int | None) -> bool:

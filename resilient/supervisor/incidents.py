@@ -210,7 +210,7 @@ def _log_tail(log: Path | None, max_bytes: int = 65536) -> list[str]:
     if log is None:
         return []
     try:
-        with open(log, "rb") as f:
+        with open(log, "rb", opener=lambda path, flags: os.open(path, flags | os.O_NOFOLLOW)) as f:  # never through a link
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - max_bytes))
             text = f.read().decode(errors="replace")

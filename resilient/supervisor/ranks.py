@@ -6,6 +6,7 @@ through a pidfd, so the supervisor's event loop wakes the moment a rank exits.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -14,15 +15,37 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from resilient.core.errors import ConfigError
+from resilient.core import beneath
+from resilient.core.errors import ConfigError, StorageFault
 from resilient.core.rundir import RunDir
 from resilient.rank.env import RankEnv
+
+_LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND
 
 
 def log_path(env: RankEnv) -> Path:
     """One log file per rank per attempt."""
     assert env.run_dir is not None
     return RunDir(env.run_dir).logs / f"attempt{env.attempt}.node{env.node_rank}.rank{env.rank}.log"
+
+
+def open_log(run_dir: Path, path: Path) -> int:
+    """An owner-only log below RUN_DIR/logs, opened for appending through directory handles: a link in
+    place of the log (or of logs/) is refused, never written through."""
+    logs = RunDir(run_dir).logs
+    assert path.parent == logs, path
+    try:
+        return beneath.open_beneath(run_dir, logs.name, path.name, flags=_LOG_FLAGS, make_dirs=True)
+    except OSError as err:
+        why = "a symbolic link is in its place" if err.errno == errno.ELOOP else (err.strerror or str(err))
+        raise StorageFault(f"cannot open the log {path}: {why}; refusing to write through it") from None
+
+
+def import_path_environ(argv: list[str]) -> dict[str, str]:
+    """Python ranks never import from the working directory: `PYTHON -m MODULE` (and `-c`) would put it
+    first on sys.path, so PYTHONSAFEPATH keeps it off (the modules come from the installation and
+    PYTHONPATH). `PYTHON SCRIPT` puts the script's own directory there instead, which the operator chose."""
+    return {"PYTHONSAFEPATH": "1"} if len(argv) >= 2 and argv[1] in ("-m", "-c") else {}
 
 
 @dataclass
@@ -84,21 +107,22 @@ def _thread_defaults(local_ranks: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // local_ranks))}
 
 
-def rank_environ(spec: RankEnv) -> dict[str, str]:
-    """The whole environment of rank `spec`: the supervisor's, thread defaults, the rank's identity."""
-    return {**_thread_defaults(spec.local_world_size), **os.environ, **spec.to_environ(), "PYTHONUNBUFFERED": "1"}
+def rank_environ(spec: RankEnv, argv: list[str]) -> dict[str, str]:
+    """The whole environment of rank `spec` running `argv`: the supervisor's, thread defaults, the rank's
+    identity, the import path rule."""
+    return {**_thread_defaults(spec.local_world_size), **os.environ, **spec.to_environ(), "PYTHONUNBUFFERED": "1",
+            **import_path_environ(argv)}
 
 
 def spawn(spec: RankEnv, argv: list[str]) -> RankProcess:
     """Start one rank (`argv` as is) with its log file; call from the main thread (PR_SET_PDEATHSIG
     follows the forking thread)."""
-    log = log_path(spec)
-    log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    assert spec.run_dir is not None
+    fd = open_log(spec.run_dir, log_path(spec))
     try:
         proc = subprocess.Popen(
             argv,
-            env=rank_environ(spec),
+            env=rank_environ(spec, argv),
             stdin=subprocess.DEVNULL,
             stdout=fd,
             stderr=subprocess.STDOUT,

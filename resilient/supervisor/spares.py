@@ -22,7 +22,8 @@ from pathlib import Path
 
 from resilient.core.rundir import RunDir
 from resilient.rank.env import RankEnv
-from resilient.supervisor.ranks import RankProcess, log_path, rank_environ
+from resilient.core.errors import StorageFault
+from resilient.supervisor.ranks import RankProcess, log_path, open_log, rank_environ
 
 OWN_TRAINER_IMPORTS = ("torch", "megatron.core", "megatron.core.datasets.indexed_dataset", "trainer.config",
                        "trainer.loop", "resilient.rank")
@@ -136,14 +137,17 @@ class Spares:
         (PR_SET_PDEATHSIG follows the forking thread). Returns how many were started."""
         self._reap()
         log = RunDir(self.run_dir).logs / f"spares.node{self.node}.log"
-        log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         started = 0
         for spec in specs:
             if spec.local_rank in self.parked:
                 continue
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
-                proc = subprocess.Popen(self.cmd, env=rank_environ(spec), stdin=subprocess.PIPE, stdout=fd,
+                fd = open_log(self.run_dir, log)
+            except StorageFault as err:
+                print(f"resilient: node {self.node}: no spare: {err}", file=sys.stderr)
+                return started
+            try:
+                proc = subprocess.Popen(self.cmd, env=rank_environ(spec, self.cmd), stdin=subprocess.PIPE, stdout=fd,
                                         stderr=subprocess.STDOUT, process_group=0, close_fds=True)
             except OSError as err:
                 print(f"resilient: node {self.node}: cannot start a spare: {err}", file=sys.stderr)
@@ -161,9 +165,10 @@ class Spares:
             if spare is not None:
                 _kill(spare.proc)
             return None
+        assert spec.run_dir is not None
         log = log_path(spec)
-        log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        line = json.dumps({"environ": rank_environ(spec), "argv": argv, "log": str(log)}) + "\n"
+        os.close(open_log(spec.run_dir, log))  # created here, a regular file: the spare appends to it without following links
+        line = json.dumps({"environ": rank_environ(spec, argv), "argv": argv, "log": str(log)}) + "\n"
         assert spare.proc.stdin is not None
         try:
             spare.proc.stdin.write(line.encode())

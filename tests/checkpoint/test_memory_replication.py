@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from resilient.core.secret import RunKey
 from tests.checkpoint.memory_ranks import gloo_rank, transfer_scenario
 from trainer.checkpoint.memory import files, naming, replication, slots, snapshot
 from trainer.checkpoint.memory.ring import Ring
@@ -20,6 +21,7 @@ from trainer.checkpoint.memory.tier import MemoryTier
 from trainer.checkpoint.memory.transport import InProcessHub, Transport
 
 LAYOUT = {"world": 2, "tp": 1, "pp": 1, "dp": 2}
+KEY = RunKey(b"\x01" * 32)
 
 
 def in_threads(world: int, body: Callable[[int, Transport], Any], timeout_s: float = 30.0) -> list[Any]:
@@ -123,7 +125,7 @@ def test_messages_and_votes():
 
 @pytest.mark.parametrize("nodes", [2, 3])  # an odd ring must make progress too
 def test_each_rank_stores_the_copy_of_the_rank_it_holds_for(tmp_path, nodes):
-    ring, fmt, step = Ring(nodes * 2, 2), SnapshotFormat(LAYOUT), 15
+    ring, fmt, step = Ring(nodes * 2, 2), SnapshotFormat(KEY, LAYOUT), 15
 
     def body(rank: int, transport: Transport) -> None:
         node = ring.node_of(rank)
@@ -171,7 +173,7 @@ def held_replica(root: Path, step: int, fmt: SnapshotFormat) -> Path:
 def test_a_replica_that_vanished_before_the_transfer_is_reported_not_waited_for(tmp_path, replica_there):
     """The holder answers for a replica pruned or damaged since the inventory; its owner fails that copy
     (and the restart chooses again) instead of blocking in recv until the hang detector fires."""
-    directory = held_replica(tmp_path, 15, SnapshotFormat(LAYOUT))
+    directory = held_replica(tmp_path, 15, SnapshotFormat(KEY, LAYOUT))
     if not replica_there:
         naming.data_file(directory, 1).unlink()
     got = raised(in_threads(2, lambda rank, transport: transfer_scenario(rank, transport, tmp_path)))
@@ -187,8 +189,8 @@ def test_a_replica_that_vanished_before_the_transfer_is_reported_not_waited_for(
 def test_a_rank_that_lost_its_memory_fetches_its_copy_from_the_holder(tmp_path, damage):
     """MemoryTier.fetch end to end: rank 0 reads its own copy, rank 1 (its node's memory gone) receives
     the replica rank 0 holds; whatever is not genuine is refused before anything is unpickled."""
-    root, fmt, step = tmp_path / "shm", SnapshotFormat(LAYOUT), 15
-    files.check_root(root)
+    root, fmt, step = tmp_path / "shm", SnapshotFormat(KEY, LAYOUT), 15
+    assert files.root_problem(root) is None
     own = naming.step_dir(naming.own_dir(root, 0), step)
     staged = stage_bytes(own, 0, step, payload(0, step), fmt)
     fmt.seal(staged)
@@ -224,7 +226,7 @@ def test_the_gloo_transport_runs_the_same_scenario(tmp_path):
     """The in-process transport stands in for gloo: the vanished-replica scenario over real gloo."""
     import multiprocessing
 
-    directory = held_replica(tmp_path, 15, SnapshotFormat(LAYOUT))
+    directory = held_replica(tmp_path, 15, SnapshotFormat(KEY, LAYOUT))
     naming.data_file(directory, 1).unlink()
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()

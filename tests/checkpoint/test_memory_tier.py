@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from resilient.core import ledger
+from resilient.core.secret import RunKey
 from tests.conftest import REFERENCE
 from tests.ranks import digest, resilient_cli, run_ranks, spawn_ranks, train_losses, wait_all
 from trainer.checkpoint.config import CheckpointConfig
@@ -84,7 +85,7 @@ def test_should_snapshot():
 # -- real ranks -----------------------------------------------------------------------------
 
 def memory_root(run_dir: Path) -> Path:
-    return CheckpointConfig().memory_root(run_dir)
+    return CheckpointConfig().memory_root(run_dir, RunKey.of(run_dir))
 
 
 # Two "nodes" of one rank each on this host: rank r's node is r // LOCAL_WORLD_SIZE.
@@ -241,16 +242,16 @@ def test_snapshots_reuse_the_pruned_file_and_its_mapping(tmp_path):
     slots.close()
 
 
-def test_memory_root_made_by_someone_else_or_open_to_others_is_refused(tmp_path):
-    from resilient.core.errors import CheckpointError
-    from trainer.checkpoint.memory.files import check_root
+def test_memory_root_made_by_someone_else_or_open_to_others_or_of_another_run_is_refused(tmp_path):
+    from trainer.checkpoint.memory.tier import root_problem
 
-    check_root(tmp_path / "mine")
+    assert root_problem(tmp_path / "mine", "run-a", tmp_path / "a") is None
     assert (tmp_path / "mine").stat().st_mode & 0o777 == 0o700
+    assert root_problem(tmp_path / "mine", "run-a", tmp_path / "moved") is None  # the same run, moved
+    assert "holds the snapshots of run run-a, not of this run (run-b)" in root_problem(tmp_path / "mine", "run-b",
+                                                                                        tmp_path / "b")
     (tmp_path / "open").mkdir(mode=0o777)
     (tmp_path / "open").chmod(0o777)
-    with pytest.raises(CheckpointError, match="owner-only"):
-        check_root(tmp_path / "open")
+    assert "owner-only" in root_problem(tmp_path / "open", "run-a", tmp_path / "a")
     (tmp_path / "link").symlink_to(tmp_path / "mine")
-    with pytest.raises(CheckpointError, match="owner-only"):
-        check_root(tmp_path / "link")
+    assert "owner-only" in root_problem(tmp_path / "link", "run-a", tmp_path / "a")

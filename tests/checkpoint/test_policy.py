@@ -51,7 +51,7 @@ def test_verify_reports_size_checksum_missing_and_marker(tmp_path):
     (ckpt / "common.pt").write_bytes(b"c" * 10)
     assert "no completion marker" in manifest.verify(ckpt, checksums=True)
     manifest.write_rank_sums(ckpt, 0)
-    written = manifest.commit(ckpt, {"step": 5})
+    written = manifest.commit(ckpt, {"step": 5}, None)
     assert set(written["files"]) == {"__0_0.distcp", "common.pt"} and written["bytes"] == 1010
     assert manifest.verify(ckpt, checksums=True) is None
     data = bytearray((ckpt / "__0_0.distcp").read_bytes())
@@ -74,7 +74,7 @@ def test_checkpoints_written_with_older_sums_still_verify(tmp_path, legacy_algor
     ckpt.mkdir()
     shard = ckpt / "__0_0.distcp"
     shard.write_bytes(b"a" * 1000)
-    written = manifest.commit(ckpt, {"step": 5})
+    written = manifest.commit(ckpt, {"step": 5}, None)
     assert set(written["files"]["__0_0.distcp"]) == {"size", manifest.CHECKSUM}
     legacy = {"size": 1000, legacy_algorithm: manifest.hash_file(shard, legacy_algorithm)}
     marker = json.loads((ckpt / layout.MARKER).read_text())

@@ -73,3 +73,26 @@ def test_supervisor_samples_each_ranks_mean_step_time(tmp_path):
     log.observe({"rank": 5, "step": 4, "phase": "step", "step_time": 4.0, "attempt": 2}, now=11.0)
     log.observe({"rank": 5, "step": 4, "phase": "done", "attempt": 2}, now=11.5)  # the run ended: flush
     assert list(read(tmp_path))[-1]["ranks"] == {"5": {"step": 4, "step_time": 4.0}}
+
+
+def test_values_from_the_run_are_escaped_and_labels_are_text(tmp_path):
+    """Every value the page shows comes from the run's files: markup stays text, and an attempt label that
+    reads as matplotlib mathtext is drawn as text, not parsed (a parse error ended the report before)."""
+    import json
+
+    from resilient.core.ledger import append_jsonl
+
+    run_dir = make_run(tmp_path / "run")
+    status = json.loads((run_dir / "status.json").read_text())
+    (run_dir / "status.json").write_text(json.dumps({**status, "step": "<script>alert(1)</script>"}))
+    append_jsonl(run_dir / "train_log.jsonl", {"ts": 1_790_000_900.0, "attempt": "$\\undefined{$", "step": 141,
+                                               "loss": 2.5, "step_time": 2.0, "tokens_per_s": 4000, "mfu": 0.4})
+    append_jsonl(run_dir / "ledger.jsonl", {"ts": 1_790_000_901.0, "event": "failure", "kind": "rank_exit",
+                                            "rank": 0, "reason": "<img src=x onerror=alert(2)>"})
+    out = tmp_path / "report.html"
+    done = _report(run_dir, out)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    page = out.read_text()
+    assert "<script>alert" not in page and "<img src=x" not in page
+    assert "step &lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;img src=x onerror=alert(2)&gt;" in page
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 5

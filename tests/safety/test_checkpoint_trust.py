@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from resilient.core.exit_codes import ExitCode
+from resilient.core.secret import RunKey
 from tests.ranks import run_ranks
 from tests.supervisor.harness import REPO
 from trainer.checkpoint import layout, manifest, safe_pickle
@@ -29,15 +30,16 @@ class _Payload:
         return (exec, (self.code,))
 
 
-def plant(root: Path, step: int, marker: Path) -> Path:
-    """A checkpoint whose .metadata pickle writes `marker`, committed with a correct manifest."""
+def plant(root: Path, step: int, marker: Path, key: RunKey | None = None) -> Path:
+    """A checkpoint whose .metadata pickle writes `marker`, committed with a correct manifest (sealed with
+    `key`: what an attacker who had the run's secret could do)."""
     ckpt = layout.step_dir(root, step)
     ckpt.mkdir(parents=True)
     (ckpt / ".metadata").write_bytes(pickle.dumps(_Payload(f"open({str(marker)!r}, 'w').write('ran')")))
     (ckpt / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                                                     "common_backend": "torch", "common_backend_version": 1}))
     (ckpt / "common.pt").write_bytes(b"")
-    manifest.commit(ckpt, {"step": step})
+    manifest.commit(ckpt, {"step": step}, key)
     layout.write_latest(root, step)
     return ckpt
 
@@ -71,11 +73,15 @@ def test_the_allowlist_names_every_dtype_torch_pickles_and_rebuilds_them_inert(t
     assert loaded["shape"].args == ((2, 3),) and not isinstance(loaded["shape"], torch.Size)
 
 
-def test_resume_refuses_a_planted_checkpoint_without_running_it(tmp_path):
-    marker = tmp_path / "pwned"
-    plant(tmp_path / "run" / "checkpoints", 8, marker)
-    codes = run_ranks(tmp_path / "run", ["train.steps=10", "train.eval_every=0"], timeout=280)
-    log = (tmp_path / "run" / "rank0.log").read_text()
+@pytest.mark.parametrize("sealed", [False, True])
+def test_resume_refuses_a_planted_checkpoint_without_running_it(tmp_path, sealed):
+    """Unsealed, it is refused by its missing seal; sealed with the run's own key (as if the secret had
+    leaked), by the metadata allowlist: either way before anything is unpickled."""
+    marker, run_dir = tmp_path / "pwned", tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    plant(run_dir / "checkpoints", 8, marker, RunKey.of(run_dir) if sealed else None)
+    codes = run_ranks(run_dir, ["train.steps=10", "train.eval_every=0"], timeout=280)
+    log = (run_dir / "rank0.log").read_text()
     assert not marker.exists(), "the planted pickle ran in a rank"
     assert codes == [ExitCode.CHECKPOINT_DAMAGED] * 2, log[-2000:]
-    assert "not a checkpoint metadata type" in log
+    assert ("not a checkpoint metadata type" if sealed else "is sealed by no run") in log

@@ -24,6 +24,9 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], int, str]]:
     (tmp / "latin1.yaml").write_bytes(b"run_dir: caf\xe9\n")
     (tmp / "a_file").write_text("not a directory")
     (tmp / "cfgdir").mkdir()
+    for name, make in (("secret_dir", lambda p: p.mkdir(mode=0o700)), ("secret_link", lambda p: p.symlink_to(cfg))):
+        (tmp / name).mkdir(mode=0o700)
+        make(tmp / name / ".secret")
     return {
         "run_without_config": (["run"], USAGE, "Missing argument"),
         "run_unknown_option": (["run", str(cfg), "--bogus"], USAGE, "No such option"),
@@ -40,6 +43,15 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], int, str]]:
         "textfile_dir_missing": (["run", str(cfg), "--run-dir", str(tmp / "tf-run"), "--set",
                                   f"metrics.textfile_dir={tmp / 'no-such-dir'}"], ExitCode.CONFIG_ERROR,
                                  "metrics.textfile_dir"),
+        "secret_is_a_directory": (["run", str(cfg), "--run-dir", str(tmp / "secret_dir")], ExitCode.CONFIG_ERROR,
+                                  ".secret is not a regular file; refusing it as the run secret"),
+        "secret_is_a_link": (["run", str(cfg), "--run-dir", str(tmp / "secret_link")], ExitCode.CONFIG_ERROR,
+                             ".secret is a symbolic link; refusing it as the run secret"),
+        "launch_denormal_bandwidth": (["launch", str(cfg), "--run-dir", str(tmp / "launched"), "--dry-run", "--set",
+                                       "slurm.storage_write_gbps_per_node=1e-320"], ExitCode.CONFIG_ERROR,
+                                      "makes the final checkpoint's write endless"),
+        "plan_overflowing_model": (["plan", "examples/tiny.yaml", "--set", f"model.overrides.hidden_size={2 ** 62}"],
+                                   ExitCode.CONFIG_ERROR, "the plan's figures overflow"),
     }
 
 
@@ -57,7 +69,8 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("name", [
     "run_without_config", "run_unknown_option", "plan_gpus_not_int", "verify_step_not_int", "set_bad_yaml",
     "config_is_a_directory", "config_not_utf8", "run_dir_is_a_file", "plan_set_bad_key", "ckpt_list_missing_dir",
-    "textfile_dir_missing"])
+    "textfile_dir_missing", "secret_is_a_directory", "secret_is_a_link", "launch_denormal_bandwidth",
+    "plan_overflowing_model"])
 def test_bad_input_is_one_message_and_a_distinct_exit_code(results, name):
     cases, out = results
     argv, code, text = cases[name]

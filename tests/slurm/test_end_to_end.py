@@ -218,6 +218,7 @@ def test_losing_node1_and_its_memory_resumes_from_node0s_replica(slurm_cluster, 
     and ends on the fault-free run's weights; with no replica left it resumes from disk."""
     import shutil
 
+    from resilient.core.secret import RunKey
     from trainer.checkpoint.config import CheckpointConfig
 
     config, run_dir = write_run_config(tmp_path, "memtier")
@@ -226,9 +227,10 @@ def test_losing_node1_and_its_memory_resumes_from_node0s_replica(slurm_cluster, 
     # node 0 gives up waiting for the lost node after this long and exits; the job requeues
     tree["supervisor"]["store_timeout_s"] = 30
     config.write_text(yaml.safe_dump(tree))
-    root = CheckpointConfig().memory_root(run_dir)
-    job_id = launch(slurm_cluster, config)
+    job_id, root = launch(slurm_cluster, config), None
     try:
+        wait_until(lambda: (run_dir / ".secret").exists(), 120, "the run's secret")
+        root = CheckpointConfig().memory_root(run_dir, RunKey.of(run_dir))  # named from the run's secret
         # the disk save of step 8 commits in the background: it may come after memory step 10 (CI once)
         wait_until(lambda: (root / "node0/replica/node1/step_0000010/COMMITTED").exists()
                    and list(events(run_dir, "ckpt_save")), 300,
@@ -256,4 +258,5 @@ def test_losing_node1_and_its_memory_resumes_from_node0s_replica(slurm_cluster, 
         assert not root.exists(), "a finished run leaves nothing in /dev/shm"
     finally:
         slurm_cluster.run("scancel", job_id, check=False)
-        shutil.rmtree(root, ignore_errors=True)
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)

@@ -137,8 +137,8 @@ def test_storage_trouble_is_its_own_outcome_never_a_node_fault_nor_a_preemption(
     assert exit_code_for(Outcome.STORAGE_FAULT)[0] is not ExitCode.UNHEALTHY_NODE
 
 
-@pytest.mark.parametrize("code", [ExitCode.CONFIG_ERROR, ExitCode.CHECKPOINT_DAMAGED])
-def test_config_or_checkpoint_error_in_a_rank_ends_the_run_at_once(code):
+@pytest.mark.parametrize("code", [ExitCode.CONFIG_ERROR, ExitCode.CHECKPOINT_DAMAGED, ExitCode.STORAGE_FAULT])
+def test_config_checkpoint_or_storage_error_in_a_rank_ends_the_run_at_once(code):
     assert d.rank_exit_is_final(int(code)) and not d.rank_exit_is_final(3) and not d.rank_exit_is_final(None)
     final = stuck(1, final_rank_exit=RankExit(int(code), "rank 1 exited with code 64"))
     got = decision([moved(0), final, unhealthy(2)], ctx(nnodes=3, stop=stop(StopKind.STORAGE)))

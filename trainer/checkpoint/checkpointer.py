@@ -24,9 +24,10 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
-from resilient.core import ledger
+from resilient.core import ledger, permissions
 from resilient.core.atomic import fsync_dir
-from resilient.core.errors import CheckpointError
+from resilient.core.errors import CheckpointError, StorageFault
+from resilient.core.secret import RunKey
 from resilient.core.events import LedgerEvent
 from resilient.rank.env import FailureHistory
 from trainer import compat
@@ -36,7 +37,7 @@ from trainer.checkpoint.config import CheckpointConfig
 from trainer.checkpoint.memory import choice, snapshot
 from trainer.checkpoint.memory.ring import Ring
 from trainer.checkpoint.memory.snapshot import SnapshotFormat
-from trainer.checkpoint.memory.tier import MemoryTier
+from trainer.checkpoint.memory.tier import MemoryTier, root_problem
 from trainer.checkpoint.state import TrainState, apply_loaded, sharded_state
 
 log = logging.getLogger(__name__)
@@ -66,12 +67,14 @@ class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, run_dir: Path, *, final_step: int, device: torch.device,
                  attempt: int = 0, history: FailureHistory = FailureHistory(),
                  on_commit: Callable[[int, float, int], None] | None = None,
-                 on_save_start: Callable[[int], None] | None = None, local_world: int | None = None) -> None:
+                 on_save_start: Callable[[int], None] | None = None, local_world: int | None = None,
+                 allow_shared_dir: bool = False) -> None:
         """`final_step`: the run's last step (always saved; never snapshot); `device`: where the schedule's
         agreement collective runs; `history`: the run's failure history (the adaptive interval's MTBF);
         `on_commit(step, total_seconds, bytes)` runs on rank 0 once a checkpoint is committed;
         `on_save_start(step)` runs on every rank before a disk save blocks the loop; `local_world` (ranks
-        per node, default: all on one node) places the memory tier's replicas."""
+        per node, default: all on one node) places the memory tier's replicas; `allow_shared_dir`: a
+        configured memory directory whose path others own or can write is used anyway."""
         self.cfg = cfg
         """As configured; the current intervals are the schedule's."""
         self.final_step = final_step
@@ -79,6 +82,8 @@ class Checkpointer:
         self.run_dir = run_dir
         self.attempt = attempt
         self.root = cfg.root(run_dir)
+        self.key = RunKey.of(run_dir)
+        """Seals this run's checkpoints and snapshots; another run's are refused."""
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.queue = writer.WriterQueue()
         self.staging = writer.Staging()
@@ -95,13 +100,35 @@ class Checkpointer:
             self._clean_leftovers()
         self.memory: MemoryTier | None = None
         if cfg.memory_interval_steps:
-            self.memory = MemoryTier(
-                cfg.memory_root(run_dir), rank=self.rank, ring=Ring(self.world, local_world or self.world),
-                fmt=SnapshotFormat(self._layout()), keep_last=cfg.memory_keep_last,
-                on_commit=self._on_memory_commit if self.rank == 0 else None)
+            memory_root = cfg.memory_root(run_dir, self.key)
+            problem = None if allow_shared_dir or cfg.memory_dir is None else permissions.path_problem(memory_root)
+            problem = self._agree(problem or root_problem(memory_root, self.key.run_id, run_dir))
+            if problem is None:
+                self.memory = MemoryTier(
+                    memory_root, rank=self.rank, ring=Ring(self.world, local_world or self.world),
+                    fmt=SnapshotFormat(self.key, self._layout()), keep_last=cfg.memory_keep_last,
+                    on_commit=self._on_memory_commit if self.rank == 0 else None)
+            elif self.rank == 0:  # never the end of the run: disk checkpoints go on as configured
+                log.warning("memory tier off: %s; saving to disk only", problem)
+                ledger.append(run_dir, LedgerEvent.MEM_TIER_OFF, attempt=attempt, reason=problem[:500])
         self.schedule = AdaptiveInterval(cfg, run_dir, attempt=attempt, is_logger=self.rank == 0, device=device,
                                          history=history)
         dist.barrier()
+        self.root_id = permissions.DirId.of(self.root)
+        """The checkpoint directory as this attempt found it: one that vanishes or is replaced is a storage
+        fault, never written to or loaded from."""
+        if self.root_id is None:
+            raise StorageFault(f"checkpoint directory {self.root} vanished at start")
+
+    def _agree(self, problem: str | None) -> str | None:
+        """The first rank's problem, on every rank (a collective)."""
+        problems: list[str | None] = [None] * self.world
+        dist.all_gather_object(problems, problem)
+        return next((f"rank {r}: {p}" for r, p in enumerate(problems) if p), None)
+
+    def _root_problem(self) -> str | None:
+        """Why the checkpoint directory is no longer the one this attempt started with, or None."""
+        return permissions.identity_problem(self.root, self.root_id, permissions.DirId.of(self.root))
 
     def _layout(self) -> dict[str, int]:
         return {"world": self.world, "tp": parallel_state.get_tensor_model_parallel_world_size(),
@@ -167,6 +194,9 @@ class Checkpointer:
         started = time.monotonic()
         self.poll(blocking=True)  # one save in flight at a time: finish the previous first
         step, ckpt_dir = state.step, layout.step_dir(self.root, state.step)
+        gone = self._agree(self._root_problem())
+        if gone:  # every rank stops alike (STORAGE_FAULT): nothing is saved into, or loaded from, what took its place
+            raise StorageFault(gone)
         if (ckpt_dir / layout.MARKER).exists():
             self.last_save_step = step
             return time.monotonic() - started
@@ -182,9 +212,7 @@ class Checkpointer:
                 problem = f"cannot create {ckpt_dir}: {err}"
         # Agree before megatron's save: its rank-0 writes sit between collectives, so a rank that
         # failed inside it would leave the others waiting. A skipped save is reported, training goes on.
-        problems: list[str | None] = [None] * self.world
-        dist.all_gather_object(problems, problem)
-        refused = next((f"rank {r}: {p}" for r, p in enumerate(problems) if p), None)
+        refused = self._agree(problem)
         if refused:
             self._report_failure(step, refused)
             self.last_save_time = time.monotonic()  # the next trigger tries again
@@ -237,14 +265,19 @@ class Checkpointer:
         """Refuse a save that cannot fit: the last checkpoint's size (or, before the first one, this
         rank's state times the model-parallel ranks) plus 10%, against the free space of the filesystem."""
         committed = layout.committed_steps(self.root)
-        if committed:
-            need = manifest.read_manifest(layout.step_dir(self.root, committed[-1])).get("bytes", 0)
-        else:
+        try:
+            need = manifest.read_manifest(layout.step_dir(self.root, committed[-1])).get("bytes", 0) if committed else None
+        except ValueError:
+            need = None  # an unreadable marker: size the save as the first one
+        if need is None:
             # parameters plus an fp32 main copy and two Adam moments each (14-16 B per parameter)
             local = sum(p.numel() * (p.element_size() + 12) for c in state.chunks for p in c.parameters())
             need = local * self.world // parallel_state.get_data_parallel_world_size()
         need = int(need * 1.1)
-        free = shutil.disk_usage(self.root).free
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError as err:
+            return f"cannot stat the checkpoint filesystem: {err.strerror or err}"
         if free < need:
             return f"No space left on the checkpoint filesystem: {free:,} bytes free, a checkpoint needs ~{need:,}"
         return None
@@ -275,7 +308,7 @@ class Checkpointer:
                 "parallel": {"tp": parallel_state.get_tensor_model_parallel_world_size(),
                              "pp": parallel_state.get_pipeline_model_parallel_world_size(),
                              "dp": parallel_state.get_data_parallel_world_size()}}
-        written = manifest.commit(ckpt_dir, meta)
+        written = manifest.commit(ckpt_dir, meta, self.key)
         layout.write_latest(self.root, step)
         total = time.monotonic() - started
         ledger.append(self.run_dir, LedgerEvent.CKPT_SAVE, step=step, blocking_seconds=round(self._pending_blocking, 6),
@@ -324,6 +357,9 @@ class Checkpointer:
         back past damaged ones); None when there is none. Raises CheckpointError when one was asked
         for and cannot be used."""
         why = None
+        gone = self._agree(self._root_problem())
+        if gone:
+            raise StorageFault(gone)
         if memory and self.memory is not None and self.cfg.load_step is None:
             step, why = self._resume_memory(state)
             if step is not None:
@@ -333,7 +369,9 @@ class Checkpointer:
         for step in candidates:
             ckpt_dir = layout.step_dir(self.root, step)
             problems: list[str | None] = [None] * self.world
-            local = manifest.verify(ckpt_dir, checksums=self.cfg.verify_checksums, share=(self.rank, self.world))
+            # Another run's checkpoint (or one sealed by none) raises CheckpointError on every rank alike.
+            local = manifest.verify(ckpt_dir, checksums=self.cfg.verify_checksums, share=(self.rank, self.world),
+                                    key=self.key)
             dist.all_gather_object(problems, local)
             problem = next((p for p in problems if p), None)
             if problem:

@@ -2,7 +2,9 @@
 
 DIR is a run directory, its checkpoints/ directory, or a Megatron-LM save directory
 (`latest_checkpointed_iteration.txt` + `iter_NNNNNNN/` or `release/`, and `non_persistent/`, in every
---ckpt-format); list, verify and repair understand both layouts.
+--ckpt-format); list, verify and repair understand both layouts. The own layout's seals (which run a
+checkpoint belongs to) are checked with the secret of the run directory DIR is or sits in (`--run-dir`
+names another); `adopt` seals checkpoints of before for their run, `clean` removes stale memory tiers.
 """
 
 from __future__ import annotations
@@ -14,12 +16,30 @@ from typing import Iterator, Optional
 
 import typer
 
+from resilient.core import secret
 from resilient.core.errors import CheckpointError, ConfigError
 from resilient.core.exit_codes import ExitCode
+from resilient.core.secret import RunKey
 from trainer.checkpoint import inspect as ck
 from trainer.checkpoint import layout, manifest
 from trainer.megatron_lm import checkpoints as megatron_lm
 from trainer.checkpoint.config import CheckpointConfig
+
+_RUN_DIR = typer.Option(None, "--run-dir", help="the run the checkpoints belong to (default: DIR, or the run "
+                                                  "directory DIR/.. when DIR is its checkpoints directory)")
+
+
+def _run_key(directory: Path, root: Path, run_dir: Path | None) -> RunKey | None:
+    """The key of the run whose checkpoints are under `root`, from its run directory's secret; None when
+    no secret is found (seals are then not checked)."""
+    for candidate in [run_dir] if run_dir is not None else dict.fromkeys([directory, root.parent]):
+        found = secret.load(candidate)
+        if found is not None:
+            return RunKey(found)
+    if run_dir is not None:
+        raise ConfigError(f"{run_dir}: no run secret (.secret) in it")
+    return None
+
 
 ckpt_app = typer.Typer(help="Inspect, check and repair checkpoints (DIR: RUN_DIR, RUN_DIR/checkpoints or a "
                             "Megatron-LM save directory).", no_args_is_help=True)
@@ -39,16 +59,24 @@ def list_cmd(directory: Path, as_json: bool = typer.Option(False, "--json", help
             rows = megatron_lm.listing(root)
     else:
         rows = [{"tier": "disk", **row} for row in ck.listing(root)]
-        memory = memory_dir or (CheckpointConfig().memory_root(directory) if root != directory else None)
-        if memory is not None and memory.is_dir():
-            from trainer.checkpoint.memory.listing import listing as memory_listing
+        from trainer.checkpoint.memory import stale
 
-            rows += memory_listing(memory)
+        key = _run_key(directory, root, None) if root != directory else None
+        tier = memory_dir or (CheckpointConfig().memory_root(directory, key) if key is not None else None)
+        if tier is not None and tier.is_dir():
+            from trainer.checkpoint.memory.listing import listing as memory_listing  # torch: only for a tier
+
+            rows += memory_listing(tier, key)
+        rows += stale.stale_roots()
     if as_json:
         print(json.dumps(rows, indent=1))
         return
     for row in rows:
         why = f"  ({row['problem']})" if row.get("problem") else ""
+        if row.get("state") == "stale":
+            print(f"{'-':>9}  {'stale':<10} {row['bytes']:>14,} B  memory tier {row['path']}{why}; "
+                  "`resilient ckpt clean` removes it")
+            continue
         latest = "  <- latest" if row.get("latest") else ""
         tier = row.get("tier", "disk")
         if tier.startswith("memory"):
@@ -64,18 +92,23 @@ def verify_cmd(directory: Path,
                step: Optional[int] = typer.Option(
                    None, help="step (default: newest complete; Megatron-LM: what each tracker names)"),
                sizes_only: bool = typer.Option(False, "--sizes-only", help="skip checksums"),
-               as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+               as_json: bool = typer.Option(False, "--json", help="JSON output"),
+               run_dir: Optional[Path] = _RUN_DIR) -> None:
     """Own layout: the marker, every file's size and checksum. Megatron-LM: what each tracker (persistent,
     non_persistent/) names, in any --ckpt-format: every file the storage metadata names with its recorded
     size, the common state, every model-parallel rank's files, integrity.json's sha256 digests.
-    Exit 0 intact, CHECKPOINT_DAMAGED otherwise."""
+    Own layout: the seal too, with the run's secret (another run's checkpoint, or one of before run seals,
+    is refused). Exit 0 intact, CHECKPOINT_DAMAGED otherwise."""
     root = ck.resolve_root(directory)
+    unsealed = ""
     if megatron_lm.is_layout(root):
         with _readable(root):
             checks = _verify_megatron_lm(root, step, checksums=not sizes_only)
     else:
         chosen = ck.pick_step(root, step)
-        checks = [("disk", chosen, manifest.verify(layout.step_dir(root, chosen), checksums=not sizes_only))]
+        key = _run_key(directory, root, run_dir)
+        unsealed = "" if key is not None else " (seal not checked: no run secret found; see --run-dir)"
+        checks = [("disk", chosen, manifest.verify(layout.step_dir(root, chosen), checksums=not sizes_only, key=key))]
     problems = [problem for _, _, problem in checks if problem is not None]
     if as_json:
         tiers = [{"tier": tier, "step": at, "ok": problem is None, "problem": problem} for tier, at, problem in checks]
@@ -83,7 +116,7 @@ def verify_cmd(directory: Path,
                           **({"tiers": tiers} if len(checks) > 1 else {})}))
     else:
         for tier, at, problem in checks:
-            print(f"{_tier_prefix(tier)}step {at}: " + ("intact" if problem is None else f"DAMAGED: {problem}"))
+            print(f"{_tier_prefix(tier)}step {at}: " + ("intact" + unsealed if problem is None else f"DAMAGED: {problem}"))
     if problems:
         raise typer.Exit(int(ExitCode.CHECKPOINT_DAMAGED))
 
@@ -129,6 +162,47 @@ def repair_cmd(directory: Path) -> None:
         print(_tier_prefix(tier) + what)
     if any(after is None for _, _, after, _ in done):
         raise typer.Exit(int(ExitCode.CHECKPOINT_DAMAGED))
+
+
+@ckpt_app.command("adopt")
+def adopt_cmd(directory: Path, step: Optional[int] = typer.Option(None, help="step (default: every committed one)"),
+              run_dir: Optional[Path] = _RUN_DIR) -> None:
+    """Seal checkpoints for the run they sit in after verifying them in full: how checkpoints written before
+    run seals (or copied from another run on purpose) become loadable by this run. Exit CHECKPOINT_DAMAGED
+    when one could not be adopted."""
+    root = ck.resolve_root(directory)
+    key = _run_key(directory, root, run_dir)
+    if key is None:
+        raise ConfigError(f"{directory}: no run secret found next to it; pass --run-dir RUN_DIR")
+    steps = [step] if step is not None else layout.committed_steps(root)
+    if step is not None and step not in layout.step_dirs(root):
+        raise CheckpointError(f"no checkpoint directory for step {step} in {root}")
+    done = ck.adopt(root, key, steps)
+    for at, _, what in done:
+        print(f"step {at}: {what}")
+    if not all(ok for _, ok, _ in done):
+        raise typer.Exit(int(ExitCode.CHECKPOINT_DAMAGED))
+
+
+@ckpt_app.command("clean")
+def clean_cmd(paths: Optional[list[Path]] = typer.Argument(None, help="only these (default: every stale one)"),
+              dry_run: bool = typer.Option(False, "--dry-run", help="only say what would be removed")) -> None:
+    """Remove this user's memory-tier directories in /dev/shm whose run is gone (its run directory deleted,
+    re-created or moved, or the directory older than run records): what `ckpt list` reports as stale. A
+    directory named that is not stale is left alone (exit CONFIG_ERROR)."""
+    from trainer.checkpoint.memory import stale as memory
+
+    stale = memory.stale_roots()
+    if paths:
+        named = {str(p.absolute()) for p in paths}
+        live = named - {row["path"] for row in stale}
+        if live:
+            raise ConfigError(f"{sorted(live)[0]}: not a stale memory-tier directory of this user (left alone)")
+        stale = [row for row in stale if row["path"] in named]
+    for row in stale:
+        if not dry_run:
+            memory.remove(Path(row["path"]))
+        print(f"{'would remove' if dry_run else 'removed'} {row['path']} ({row['bytes']:,} B): {row['problem']}")
 
 
 @ckpt_app.command("inspect")

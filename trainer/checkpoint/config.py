@@ -5,6 +5,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from resilient.core.configbase import Section
+from resilient.core.secret import RunKey
 from resilient.core.rundir import RunDir
 from trainer.checkpoint.memory import naming
 
@@ -54,7 +55,9 @@ class CheckpointConfig(Section):
     memory_keep_last: int = Field(2, ge=1)
     """Keep the newest K committed memory snapshots per tier (own, and each replica held)."""
     memory_dir: Path | None = None
-    """Root of the memory tier (None: /dev/shm/resilient-<run key>, the key derived from the run dir)."""
+    """Root of the memory tier (None: /dev/shm/resilient-<name>, the name derived from the run's secret and
+    its directory). One that is not this user's own falls back to disk with a warning (a configured one
+    whose path others own or can write is refused at start, as the run and checkpoint directories are)."""
 
     @model_validator(mode="after")
     def _adaptive_bounds(self) -> "CheckpointConfig":
@@ -65,9 +68,9 @@ class CheckpointConfig(Section):
             raise ValueError("adaptive needs interval_steps > 0 as the starting interval (saves are what it measures)")
         return self
 
-    def memory_root(self, run_dir: Path) -> Path:
-        """The memory tier's directory of a run in `run_dir` (shared by the nodes' subdirectories)."""
-        return self.memory_dir if self.memory_dir is not None else naming.default_root(run_dir)
+    def memory_root(self, run_dir: Path, key: RunKey) -> Path:
+        """The memory tier's directory of the run of `key` in `run_dir` (shared by the nodes' subdirectories)."""
+        return self.memory_dir if self.memory_dir is not None else naming.default_root(run_dir, key)
 
     def root(self, run_dir: Path) -> Path:
         """The checkpoint directory of a run in `run_dir`."""

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from resilient.core.atomic import atomic_write
 from resilient.core.errors import CheckpointError, ConfigError
+from resilient.core.secret import RunKey
 from trainer.checkpoint import layout, manifest
 
 if TYPE_CHECKING:  # `ckpt list|verify|inspect` read files only; torch loads for `digest`
@@ -64,6 +67,32 @@ def repair(root: Path) -> tuple[int | None, int | None, str]:
         return before, None, f"{problem}; no complete step to point it at"
     layout.write_latest(root, good[0])
     return before, good[0], f"{problem}; latest now names step {good[0]}"
+
+
+def adopt(root: Path, key: RunKey, steps: list[int]) -> list[tuple[int, bool, str]]:
+    """Seal `steps` (committed checkpoints under `root`) for the run of `key` after verifying them in full
+    (sizes, checksums, metadata types): the way a checkpoint of before run seals, or one copied from another
+    run on purpose, becomes this run's. Returns (step, adopted or already this run's, what happened)."""
+    done = []
+    for step in steps:
+        ckpt_dir = layout.step_dir(root, step)
+        try:
+            found = manifest.read_manifest(ckpt_dir)
+        except ValueError as err:
+            done.append((step, False, f"not adopted: {err}"))
+            continue
+        sealed = manifest.seal_problem(found, key, ckpt_dir.name)
+        if sealed is None:
+            done.append((step, True, "already sealed by this run"))
+            continue
+        problem = manifest.verify(ckpt_dir, checksums=True)
+        if problem:
+            done.append((step, False, f"not adopted: {problem}"))
+            continue
+        was = "sealed by no run" if "mac" not in found else f"run {found.get('run_id')!s:.40}" if sealed[0] else "a broken seal"
+        atomic_write(ckpt_dir / layout.MARKER, json.dumps(manifest.seal(found, key), indent=1, sort_keys=True).encode())
+        done.append((step, True, f"adopted by run {key.run_id} (was: {was})"))
+    return done
 
 
 def inspect(root: Path, step: int) -> dict[str, Any]:

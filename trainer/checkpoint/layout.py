@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from resilient.core import beneath
 from resilient.core.atomic import atomic_write
 
 MARKER = "COMMITTED.json"
@@ -31,10 +32,10 @@ def write_latest(root: Path, step: int) -> None:
 
 
 def read_latest(root: Path) -> int | None:
-    """The step `latest` names, or None when absent or unreadable."""
+    """The step `latest` names, or None when absent or unreadable (a link in its place is not followed)."""
     try:
-        return parse_step((root / LATEST).read_text().strip())
-    except (OSError, UnicodeDecodeError):  # missing, or not a file (a directory in its place)
+        return parse_step(beneath.read_beneath(root, LATEST, limit=256).decode().strip())
+    except (OSError, UnicodeDecodeError):  # missing, a link, or not a file (a directory in its place)
         return None
 
 

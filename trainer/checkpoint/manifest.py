@@ -1,8 +1,16 @@
-"""Checksums computed by the writers, the completion marker, and verification.
+"""Checksums computed by the writers, the completion marker with its seal, and verification.
 
 Each rank's background writer hashes the files it wrote (`.sums.rank{R}.json`); after every rank
-finalized, rank 0 assembles the manifest (every file, size, checksum) into the marker. Verification
-checks sizes always and checksums on request, spreading the hashing over the ranks.
+finalized, rank 0 assembles the manifest (every file, size, checksum) into the marker and seals it:
+the run's id and an HMAC of the whole manifest under a key derived from the run's secret. Verification
+checks the seal first (another run's checkpoint, or one sealed by none, is refused: never loaded),
+then sizes always and checksums on request, spreading the hashing over the ranks.
+
+What the seal protects: the manifest names every file with its size and xxh3 checksum, so a planted or
+copied checkpoint (another run's, or an edited manifest) fails it. The files' checksums stay xxh3, which
+catches corruption at the writer's speed; that no one else can replace a file in place with one of the
+same checksum rests on the directory checks (the whole path to the checkpoint directory is this user's
+alone: resilient.core.permissions).
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import time
 import zlib
 from pathlib import Path
@@ -17,9 +26,11 @@ from typing import Any
 
 import xxhash
 
+from resilient.core import beneath
 from resilient.core.atomic import atomic_write
 from resilient.core.errors import CheckpointError
 from resilient.core.progress import track
+from resilient.core.secret import RunKey
 from trainer.checkpoint import layout, safe_pickle
 from trainer.checkpoint.layout import MARKER
 
@@ -27,8 +38,7 @@ SUMS_PREFIX = ".sums.rank"
 _CHUNK = 8 << 20
 # The checksum new checkpoints record: xxh3-64 catches the corruption it is there for (flipped bits,
 # torn or truncated writes) at ~4x zlib.crc32's speed (the writer pays it on every save, and releases
-# the GIL while hashing). The manifest is not signed, so a cryptographic hash would add no protection
-# against a planted file. Checkpoints from before carry crc32 or blake2b and still verify.
+# the GIL while hashing). Checkpoints from before carry crc32 or blake2b and still verify.
 CHECKSUM = "xxh3"
 ALGORITHMS = ("xxh3", "crc32", "blake2b")
 """Every checksum a manifest may carry, newest first: verification uses the first one present."""
@@ -60,9 +70,18 @@ def hexdigest(data: Any, algorithm: str = CHECKSUM) -> str:
     return digest.hexdigest()
 
 
+SEAL = "checkpoint manifest v1"
+"""The purpose of the manifest's MAC key (resilient.core.secret.RunKey)."""
+ADOPT_HINT = "resilient ckpt adopt RUN_DIR"
+
+
+def _no_link(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW)
+
+
 def hash_file(path: Path, algorithm: str = CHECKSUM) -> str:
     digest = new_digest(algorithm)
-    with open(path, "rb") as f:
+    with open(path, "rb", opener=_no_link) as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -97,9 +116,37 @@ def build_manifest(ckpt_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
             "bytes": sum(f["size"] for f in files.values())}
 
 
-def commit(ckpt_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """Write the marker (atomically): from now on the checkpoint exists."""
+def _sealed_bytes(manifest: dict[str, Any]) -> bytes:
+    return json.dumps({k: v for k, v in manifest.items() if k != "mac"}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def seal(manifest: dict[str, Any], key: RunKey) -> dict[str, Any]:
+    """The manifest bound to the run of `key`: its id and the MAC over everything else."""
+    bound = {**{k: v for k, v in manifest.items() if k != "mac"}, "run_id": key.run_id}
+    return {**bound, "mac": key.mac(SEAL, _sealed_bytes(bound))}
+
+
+def seal_problem(manifest: dict[str, Any], key: RunKey, name: str) -> tuple[bool, str] | None:
+    """None if the manifest is sealed by the run of `key`; else (foreign, why): `foreign` when it is
+    another run's or sealed by none (the run must refuse it), not when its seal fails (damage or tampering:
+    the checkpoint is passed over like a damaged one)."""
+    if "mac" not in manifest:
+        return True, (f"{name} is sealed by no run (written before checkpoints were bound to their run, or "
+                      f"planted); refusing to load it. If it is this run's own: {ADOPT_HINT}")
+    if manifest.get("run_id") != key.run_id:
+        return True, (f"{name} belongs to run {manifest.get('run_id')!s:.40}, not to this run ({key.run_id}); "
+                      "refusing to load another run's checkpoint (move it out of the checkpoint directory)")
+    if not key.verify(SEAL, _sealed_bytes(manifest), manifest["mac"]):
+        return False, f"{name}: its seal does not verify (the manifest was altered or forged)"
+    return None
+
+
+def commit(ckpt_dir: Path, meta: dict[str, Any], key: RunKey | None) -> dict[str, Any]:
+    """Write the marker (atomically), sealed with `key` (None: unsealed, only for tests that plant
+    checkpoints of before): from now on the checkpoint exists."""
     manifest = build_manifest(ckpt_dir, meta)
+    if key is not None:
+        manifest = seal(manifest, key)
     atomic_write(ckpt_dir / MARKER, json.dumps(manifest, indent=1, sort_keys=True).encode())
     for sums in ckpt_dir.glob(f"{SUMS_PREFIX}*.json"):
         sums.unlink()
@@ -107,40 +154,57 @@ def commit(ckpt_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
-    """The marker's manifest; raises ValueError with the reason when missing or unreadable."""
+    """The marker's manifest (never read through a link); raises ValueError with the reason when
+    missing or unreadable."""
     try:
-        manifest = json.loads((ckpt_dir / MARKER).read_text())
+        manifest = json.loads(beneath.read_beneath(ckpt_dir, MARKER))
     except FileNotFoundError:
         raise ValueError(f"{ckpt_dir.name}: no completion marker ({MARKER})") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ValueError(f"{ckpt_dir.name}: completion marker is not valid JSON") from None
+    except OSError as err:
+        raise ValueError(f"{ckpt_dir.name}: completion marker unreadable ({err.strerror or err})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise ValueError(f"{ckpt_dir.name}: completion marker has no file list")
     return manifest
 
 
-def verify(ckpt_dir: Path, *, checksums: bool, share: tuple[int, int] = (0, 1)) -> str | None:
-    """None if intact, else the first problem found. `share=(i, n)` hashes only every n-th file
-    from i, so n ranks verify a checkpoint together; sizes are always checked in full."""
+def verify(ckpt_dir: Path, *, checksums: bool, share: tuple[int, int] = (0, 1), key: RunKey | None = None) -> str | None:
+    """None if intact, else the first problem found. With `key`, the seal first: a checkpoint of another
+    run (or sealed by none) raises CheckpointError, one whose seal fails is a problem. `share=(i, n)`
+    hashes only every n-th file from i, so n ranks verify a checkpoint together; sizes are always
+    checked in full."""
     try:
         manifest = read_manifest(ckpt_dir)
     except ValueError as err:
         return str(err)
+    if key is not None and (sealed := seal_problem(manifest, key, ckpt_dir.name)):
+        foreign, why = sealed
+        if foreign:
+            raise CheckpointError(why)
+        return why
     index, count = share
     files = sorted(manifest["files"].items())
     total = sum(e["size"] for _, e in files)
     for i, (name, expected) in track(enumerate(files), f"verifying {ckpt_dir.name}", total=total,
                                      weight=lambda item: item[1][1]["size"]):
+        if "/" in name or name in (".", ".."):
+            return f"{ckpt_dir.name}: the manifest names {name!r}, not a file of the checkpoint"
         path = ckpt_dir / name
         try:
-            size = os.stat(path).st_size
+            st = os.lstat(path)
         except FileNotFoundError:
             return f"{ckpt_dir.name}/{name}: missing"
-        if size != expected["size"]:
-            return f"{ckpt_dir.name}/{name}: size {size} != {expected['size']} in the manifest"
+        if not stat.S_ISREG(st.st_mode):
+            return f"{ckpt_dir.name}/{name}: not a regular file"
+        if st.st_size != expected["size"]:
+            return f"{ckpt_dir.name}/{name}: size {st.st_size} != {expected['size']} in the manifest"
         algorithm = next((a for a in ALGORITHMS if a in expected), CHECKSUM)
-        if checksums and i % count == index and hash_file(path, algorithm) != expected.get(algorithm):
-            return f"{ckpt_dir.name}/{name}: checksum mismatch (content changed after commit)"
+        try:
+            if checksums and i % count == index and hash_file(path, algorithm) != expected.get(algorithm):
+                return f"{ckpt_dir.name}/{name}: checksum mismatch (content changed after commit)"
+        except OSError as err:
+            return f"{ckpt_dir.name}/{name}: unreadable ({err.strerror or err})"
     # A manifest can be recomputed by whoever planted the files: the metadata pickle must also hold
     # nothing but checkpoint metadata before torch unpickles it.
     if safe_pickle.METADATA in manifest["files"]:

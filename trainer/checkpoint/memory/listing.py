@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from resilient.core.secret import RunKey
 from trainer.checkpoint.memory import naming
 from trainer.checkpoint.memory.choice import Inventory
 from trainer.checkpoint.memory.ring import Ring
@@ -23,9 +24,10 @@ def inventory(root: Path, ring: Ring, rank: int, fmt: SnapshotFormat, checksums:
     return Inventory(own, src, {step: fmt.problem(path, src, checksums) for step, path in held.items()})
 
 
-def listing(root: Path) -> list[dict[str, Any]]:
-    """Every step directory under `root`: tier, node, step, ranks, state (checksums verified)."""
-    fmt = SnapshotFormat()  # any layout
+def listing(root: Path, key: RunKey | None = None) -> list[dict[str, Any]]:
+    """Every step directory under `root`: tier, node, step, ranks, state (checksums verified; with the
+    run's `key`, seals too: another run's copy is "damaged")."""
+    fmt = SnapshotFormat(key)  # any layout
     rows = []
     for node, node_path in naming.nodes_in(root).items():
         bases = [("memory-own", None, node_path / "own")]
@@ -41,3 +43,4 @@ def listing(root: Path) -> list[dict[str, Any]]:
                              "state": state, "bytes": size, "problem": "; ".join(problems) or None,
                              "path": str(path)})
     return rows
+

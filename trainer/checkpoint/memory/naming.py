@@ -1,27 +1,37 @@
 """Where the memory tier keeps everything (0700 directories, 0600 files):
 
+    <root>/RUN                                the run that owns the root (files.claim_root)
     <root>/node<k>/own/step_<N>/rank<r>.bin, rank<r>.json, COMMITTED
     <root>/node<k>/replica/node<src>/step_<N>/rank<r>.bin, rank<r>.json, COMMITTED
     <root>/node<k>/.../.spare/rank<r>.bin     a pruned snapshot's file, reused by the next one
 
-`root` is /dev/shm/resilient-<run key> unless the config names one. Pure path arithmetic: which node's
-replica a node keeps is the ring's business (ring.py), not this module's.
+`root` is /dev/shm/resilient-<name> unless the config names one, the name derived from the run's secret
+and its directory: no one else can predict it (and so create it first), and a new run, even in a
+re-created run directory, never meets an old run's snapshots. Pure path arithmetic: which node's replica
+a node keeps is the ring's business (ring.py), not this module's.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
+
+from resilient.core.secret import RunKey
 
 COMMITTED = "COMMITTED"
 """A step directory's commit marker: without it the step does not exist for loading."""
 SPARE = ".spare"
+OWNER = "RUN"
+"""The root's record of the run that owns it (JSON: run_id, run_dir)."""
+SHM = Path("/dev/shm")
+PREFIX = "resilient-"
+"""Every default root is SHM/PREFIX<name>: what `resilient ckpt list` and `ckpt clean` look through."""
 
 
-def default_root(run_dir: Path) -> Path:
-    """The tier's root for a run in `run_dir` when the config names none (shared by the nodes' subdirectories)."""
-    key = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
-    return Path("/dev/shm") / f"resilient-{key}"
+def default_root(run_dir: Path, key: RunKey) -> Path:
+    """The tier's root for the run of `key` in `run_dir` when the config names none (shared by the nodes'
+    subdirectories)."""
+    name = key.mac("memory tier directory v1", str(Path(run_dir).resolve()).encode())[:20]
+    return SHM / f"{PREFIX}{name}"
 
 
 def node_dir(root: Path, node: int) -> Path:

@@ -62,7 +62,7 @@ def transfer(transport: Transport, ring: Ring, root: Path, rank: int, step: int,
         if rank == holder:
             directory = naming.step_dir(naming.replica_dir(root, ring.node_of(holder), ring.node_of(owner)), step)
             try:
-                text = naming.meta_file(directory, owner).read_bytes()
+                text = files.read_bytes(naming.meta_file(directory, owner))
                 data = files.read_prefix(naming.data_file(directory, owner), json.loads(text)["bytes"])
             except (OSError, ValueError, KeyError) as err:  # pruned or damaged since the inventory
                 text, data = json.dumps({UNAVAILABLE: f"rank {holder}: {type(err).__name__}: {err}"}).encode(), b""

@@ -22,7 +22,7 @@ step, and a spare file must still fit."""
 def shm_file(path: Path, size: int) -> mmap.mmap:
     """A new owner-only file of `size` bytes, mapped. The blocks are reserved up front: a full tmpfs
     fails here with ENOSPC instead of killing the process with SIGBUS on the first write."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         os.posix_fallocate(fd, 0, max(size, 1))
         return mmap.mmap(fd, max(size, 1))

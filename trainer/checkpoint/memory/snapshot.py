@@ -3,11 +3,15 @@
 `rank<r>.bin` holds the local data of every ShardedTensor of `sharded_state` (each at a 64-byte
 aligned offset) followed by one torch.save blob with the common state and the ShardedObjects;
 `rank<r>.json` (the metadata) says where each tensor is (key, global offset, flattened range, dtype,
-shape), whose copy it is (rank, parallel layout) and the xxh3-64 checksum of the .bin.
+shape), whose copy it is (run id, rank, parallel layout), the xxh3-64 checksum of the .bin, and the seal:
+an HMAC of all of that under a key derived from the run's secret.
 
 `SnapshotFormat` is the one place that seals a copy and checks one before anything is unpickled: a
 copy read back from shared memory or received from a peer passes `verify` before `load` sees it.
-What the seal covers and how it is keyed lives here and nowhere else.
+A copy of another run (a stale /dev/shm directory, a foreign memory_dir, a peer of another job) or
+one whose metadata was altered fails the seal and is never loaded. The data's own checksum stays xxh3
+(corruption, at copy speed); the seal binds it to the run. What the seal covers and how it is keyed
+lives here and nowhere else.
 """
 
 from __future__ import annotations
@@ -27,13 +31,17 @@ from megatron.core.dist_checkpointing.mapping import apply_factory_merges
 from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess, save_preprocess
 from megatron.core.dist_checkpointing.utils import extract_sharded_base
 
+from resilient.core.secret import RunKey
 from trainer.checkpoint import manifest
 from trainer.checkpoint.memory import files, naming
 from trainer.checkpoint.state import TrainState, apply_loaded, sharded_state
 
 ALIGN = 64
-FORMAT = 2
-"""2: xxh3-64 checksums (1: zlib CRC-32; such snapshots are refused and the restart uses disk)."""
+FORMAT = 3
+"""3: sealed with the run's id and an HMAC (2: xxh3-64 unsealed; 1: zlib CRC-32; older snapshots are
+refused and the restart uses disk)."""
+SEAL = "memory snapshot v1"
+"""The purpose of the snapshot MAC's key (resilient.core.secret.RunKey)."""
 
 
 @dataclass
@@ -62,11 +70,17 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
+def _sealed_bytes(meta: dict[str, Any]) -> bytes:
+    return json.dumps({k: v for k, v in meta.items() if k != "mac"}, sort_keys=True, separators=(",", ":")).encode()
+
+
 @dataclass(frozen=True)
 class SnapshotFormat:
-    """Writes and checks the copies of one run's tier. `layout` (world, tp, pp, dp): copies of another
-    layout are refused (None: any layout, for listing)."""
+    """Writes and checks the copies of one run's tier. `key`: the run's (copies of another run, or whose
+    seal fails, are refused; None: seals are not checked, for listing without the run's secret).
+    `layout` (world, tp, pp, dp): copies of another layout are refused (None: any layout, for listing)."""
 
+    key: RunKey | None = None
     layout: dict[str, int] | None = None
 
     # -- writing ------------------------------------------------------------------------------
@@ -112,7 +126,10 @@ class SnapshotFormat:
     def seal(self, staged: Staged) -> bytes:
         """The background part: seal the staged bytes and write rank<r>.json; returns the metadata's
         bytes (what a replica carries with the data)."""
+        assert self.key is not None, "only a run's own tier writes snapshots"
         staged.meta["xxh3"] = manifest.hexdigest(memoryview(staged.buffer)[:staged.nbytes], "xxh3")
+        staged.meta["run_id"] = self.key.run_id
+        staged.meta["mac"] = self.key.mac(SEAL, _sealed_bytes(staged.meta))
         text = json.dumps(staged.meta).encode()
         files.write_private(naming.meta_file(staged.directory, staged.meta["rank"]), text)
         return text
@@ -120,11 +137,21 @@ class SnapshotFormat:
     # -- checking -----------------------------------------------------------------------------
 
     def check_meta(self, meta: dict[str, Any], size: int, rank: int) -> None:
-        """What can be checked without reading the data: whose, which layout, the size."""
-        if meta.get("format") != FORMAT or meta.get("rank") != rank:
+        """What can be checked without reading the data: the seal, whose, which layout, the size."""
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format')!s:.20}, not {FORMAT} (written by another version)")
+        if self.key is not None:
+            if meta.get("run_id") != self.key.run_id:
+                raise ValueError(f"a snapshot of run {meta.get('run_id')!s:.40}, not of this run ({self.key.run_id}); "
+                                 "refusing it")
+            if not self.key.verify(SEAL, _sealed_bytes(meta), meta.get("mac")):
+                raise ValueError("its seal does not verify (metadata altered or forged)")
+        if meta.get("rank") != rank:
             raise ValueError("not this rank's snapshot")
         if self.layout is not None and meta.get("layout") != self.layout:
             raise ValueError(f"other layout {meta.get('layout')}")
+        if not isinstance(meta.get("bytes"), int) or meta["bytes"] < 0:
+            raise ValueError("metadata without a size")
         if size < meta["bytes"]:
             raise ValueError(f"size {size} < {meta['bytes']}")
 
@@ -154,7 +181,7 @@ class SnapshotFormat:
                 self.read(directory, rank)
             else:
                 meta = read_meta(directory, rank)
-                self.check_meta(meta, naming.data_file(directory, rank).stat().st_size, rank)
+                self.check_meta(meta, naming.data_file(directory, rank).lstat().st_size, rank)
         except OSError as err:
             return f"unreadable: {err}"
         except ValueError as err:
@@ -167,9 +194,12 @@ def read_meta(directory: Path, rank: int) -> dict[str, Any]:
     if not (directory / naming.COMMITTED).exists():
         raise ValueError("not committed")
     try:
-        return json.loads(naming.meta_file(directory, rank).read_text())
+        meta = json.loads(files.read_bytes(naming.meta_file(directory, rank)))
     except (OSError, ValueError) as err:
         raise ValueError(f"unreadable: {err}") from None
+    if not isinstance(meta, dict):
+        raise ValueError("unreadable: metadata is not an object")
+    return meta
 
 
 def load(state: TrainState, meta: dict[str, Any], data: bytearray) -> None:

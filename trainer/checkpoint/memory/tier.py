@@ -6,7 +6,9 @@ the commit run on a background thread, one snapshot at a time, in the same order
 step's COMMITTED marker is written by each node's local rank 0 once every rank of the job voted its
 copy written, sealed and replicated (one vote on the tier's transport): the disk tier's commit rule.
 A restart verifies the copy it picks (snapshot.py) before anything is unpickled, and works for the
-same layout only (another layout falls back to disk).
+same run and layout only (another layout falls back to disk). A root that is not this user's own or
+holds another run's snapshots is not used at all (`root_problem`: the checkpointer then saves to disk
+only).
 """
 
 from __future__ import annotations
@@ -33,13 +35,20 @@ from trainer.checkpoint.state import TrainState
 log = logging.getLogger(__name__)
 
 
+def root_problem(root: Path, run_id: str, run_dir: Path) -> str | None:
+    """Why `root` cannot hold this run's tier (not an owner-only directory of this user, unusable, or
+    another run's), or None; claims it for the run otherwise."""
+    return files.root_problem(root) or files.claim_root(root / naming.OWNER, run_id, run_dir)
+
+
 class MemoryTier:
     """One per rank. `snapshot` is called by all ranks at the same step boundary."""
 
     def __init__(self, root: Path, *, rank: int, ring: Ring, fmt: SnapshotFormat, keep_last: int,
                  on_commit: Callable[[int, int, bool], None] | None = None,
                  transport: Transport | None = None) -> None:
-        """`transport` defaults to a gloo group of the tier's own (its collectives run off the loop)."""
+        """`root` passed `root_problem` on every rank; `transport` defaults to a gloo group of the tier's own
+        (its collectives run off the loop)."""
         self.root, self.rank, self.ring, self.fmt, self.keep_last = root, rank, ring, fmt, keep_last
         self.node = ring.node_of(rank)
         self.on_commit = on_commit
@@ -51,7 +60,6 @@ class MemoryTier:
         self._jobs: queue.Queue[Staged | int] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="memory-tier", daemon=True)
         self._worker.start()
-        files.check_root(root)
         files.make_dir(naming.own_dir(root, self.node))
         self.own = Slots(naming.own_dir(root, self.node), rank)
         src = ring.replica_of(rank)
@@ -145,6 +153,8 @@ class MemoryTier:
         """The run finished: its snapshots are no longer needed (the node leader calls it)."""
         shutil.rmtree(naming.node_dir(self.root, self.node), ignore_errors=True)
         try:
-            self.root.rmdir()
+            if {p.name for p in self.root.iterdir()} <= {naming.OWNER}:  # another node's directory may remain
+                (self.root / naming.OWNER).unlink(missing_ok=True)
+                self.root.rmdir()
         except OSError:
-            pass  # another node's directory is still there
+            pass  # another node's directory appeared meanwhile
