@@ -35,6 +35,8 @@ class StepRunner:
         config.finalize_model_grads_func = self._finalize_grads
         self.compute_done = 0.0
         """perf_counter() when this rank's last backward ended and the gradient reduction began."""
+        self.after_grad_reduce: Callable[[], None] | None = None
+        """Called once the gradients are reduced, before the optimizer reads them (fault injection)."""
         config.grad_scale_func = optimizer.scale_loss
         # Gradient accumulation: DDP reduces only after the last micro-batch's backward.
         no_sync = [c.no_sync for c in chunks]
@@ -51,7 +53,10 @@ class StepRunner:
         # The first collective every rank of the step waits in: the time before it is this rank's own
         # work, which tells a straggler apart (wall step time is equal on all ranks).
         self.compute_done = time.perf_counter()
-        return finalize_model_grads(*args, **kwargs)
+        result = finalize_model_grads(*args, **kwargs)
+        if self.after_grad_reduce is not None:
+            self.after_grad_reduce()
+        return result
 
     def _forward(self, poison: float, data_iterator, model) -> tuple[torch.Tensor, Callable]:
         tokens = next(data_iterator).to(self.device, non_blocking=True)

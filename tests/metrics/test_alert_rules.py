@@ -26,6 +26,7 @@ REQUIRED = {
     "ResilientGpuRowRemapFailed", "ResilientGpuLost", "ResilientGpuThermalThrottling", "ResilientRankHeartbeatStale",
     "ResilientRestartLoop", "ResilientNoProgress", "ResilientThroughputDrop", "ResilientCheckpointTooOld",
     "ResilientLossNaN", "ResilientLossSpike", "ResilientScrapeTargetDown", "ResilientStorageFault",
+    "ResilientSilentDataCorruption",
 }
 
 
