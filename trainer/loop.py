@@ -59,8 +59,9 @@ class StepResult:
     """The data-parallel mean loss (the same on every rank)."""
     grad_norm: float
     """The global gradient norm before clipping (the same on a replica's ranks)."""
-    own_loss: float
-    """This rank's loss before the data-parallel mean (its replica's, on the last pipeline stage; else 0)."""
+    own_bits: int
+    """The bits of this rank's per-token losses, summed (its replica's, on the last pipeline stage; else 0):
+    what the replica computed before any collective of the step."""
     window: int
     """The global sample the step's data window starts at."""
     compute_time: float
@@ -169,10 +170,10 @@ class Trainer:
         # data-parallel mean loss, judges it the same way and stops after the same step (Megatron's
         # signal-handler idea).
         flags = torch.stack([loss.detach().float(), torch.tensor(float(self.stop_flag.requested), device=self.device)])
-        own = flags[0].clone()
         dist.all_reduce(flags)
         loss_sum, stops = flags.tolist()
-        return StepResult(loss_sum / self._loss_ranks, grad_norm, own.item(), window, compute_time, stops > 0)
+        return StepResult(loss_sum / self._loss_ranks, grad_norm, int(self.runner.loss_bits), window, compute_time,
+                          stops > 0)
 
     @property
     def _loss_ranks(self) -> int:
@@ -240,7 +241,7 @@ class Trainer:
             self.losses.add(state.step, r.loss)
             self.grad_norms.add(state.step, r.grad_norm)
             if self.sdc is not None:
-                self.sdc.record(state.step, r.own_loss, r.grad_norm)
+                self.sdc.record(state.step, r.own_bits, r.grad_norm)
                 if self.sdc.reexecuting:  # neither judged, saved nor evaluated again until the suspicious step
                     if r.stop_requested:  # nothing saved: the next attempt resumes from trusted state
                         outcome = ExitCode.PREEMPTED

@@ -16,8 +16,18 @@ from trainer.checkpoint.policy import newest_at_most
 from trainer.injection import FaultInjection
 from trainer.numerics import judge_grad_norm
 from trainer.sdc import digest
-from trainer.sdc.verdicts import (DIGEST, GRAD_NORM, LOSS, attribute, differing_parameters, exit_code_for,
-                                  first_difference, judge_replicas, moment, trusted_until)
+from trainer.sdc.verdicts import (
+    DIGEST,
+    GRAD_NORM,
+    LOSS,
+    attribute,
+    differing_parameters,
+    exit_code_for,
+    first_difference,
+    judge_replicas,
+    moment,
+    trusted_until,
+)
 
 
 def test_replicas_agree_or_the_majority_names_the_odd_rank():
@@ -45,7 +55,7 @@ def test_results_reproduce_bitwise_and_a_nan_reproduces_a_nan():
 
 def test_reexecution_blames_the_replica_whose_own_result_parted_first():
     replicas, positions = [0, 1], [0, 0]
-    # a weight flip on rank 1 at step 13: its own loss differs at 13, rank 0 only sees it through the
+    # a weight flip on rank 1 at step 13: its own token losses differ at 13, rank 0 only sees it through the
     # gradient reduction (its gradient norm at 13)
     blamed = attribute([moment(13, GRAD_NORM), moment(13, LOSS)], replicas, positions, mismatched=[0])
     assert blamed.suspects == (1,) and blamed.first_step == 13 and not blamed.reproduced

@@ -64,7 +64,7 @@ class Suspicion:
     step: int
     kind: str
     reason: str
-    original: dict[int, tuple[float, float]]
+    original: dict[int, tuple[int, float]]
     """This rank's results of the first execution, by step."""
     check: Check | None = None
     """The mismatching check (kind `mismatch`)."""
@@ -98,7 +98,7 @@ class SdcGuard:
         self.last_agreeing: int | None = None
         """The last step whose replica check agreed."""
         self.last_check: Check | None = None
-        self.results: dict[int, tuple[float, float]] = {}
+        self.results: dict[int, tuple[int, float]] = {}
         self.suspicion: Suspicion | None = None
 
     # -- checks -----------------------------------------------------------------------------------
@@ -135,13 +135,13 @@ class SdcGuard:
     def reexecuting(self) -> bool:
         return self.suspicion is not None and self.suspicion.from_step is not None
 
-    def record(self, step: int, loss: float, grad_norm: float) -> None:
-        """This rank's result of `step` (its replica's loss and gradient norm); during a re-execution,
-        compared with the first execution's first."""
+    def record(self, step: int, loss_bits: int, grad_norm: float) -> None:
+        """This rank's result of `step` (its replica's per-token loss bits and the gradient norm); during a
+        re-execution, compared with the first execution's first."""
         s = self.suspicion
         if s is not None and s.from_step is not None and step in s.original and s.first is None:
-            s.first = verdicts.first_difference(step, s.original[step], (loss, grad_norm))
-        self.results[step] = (loss, grad_norm)
+            s.first = verdicts.first_difference(step, s.original[step], (loss_bits, grad_norm))
+        self.results[step] = (loss_bits, grad_norm)
         if len(self.results) > KEEP_RESULTS:
             del self.results[min(self.results)]
 

@@ -63,10 +63,10 @@ def judge_replicas(digests: Sequence[int], positions: Sequence[int]) -> ReplicaV
     return ReplicaVerdict(False, tuple(sorted(suspects)), tuple(mismatched), tuple(unresolved), "; ".join(notes))
 
 
-RESULTS = ("loss", "gradient norm", "parameter digest")
-"""What a step produces, in the order it is computed: the replica's own loss (before any collective of the
-step), the gradient norm (after the gradient reduction, which mixes every replica's gradients into it),
-the parameter digest (after the update)."""
+RESULTS = ("token losses", "gradient norm", "parameter digest")
+"""What a step produces, in the order it is computed: the replica's own per-token losses (their bits, before
+any collective of the step), the gradient norm (after the gradient reduction, which mixes every replica's
+gradients into it), the parameter digest (after the update)."""
 LOSS, GRAD_NORM, DIGEST = range(len(RESULTS))
 
 
@@ -76,8 +76,8 @@ def moment(step: int, result: int) -> int:
 
 
 def first_difference(step: int, first: Sequence[float], again: Sequence[float]) -> int | None:
-    """The moment of the first of a step's results (loss, gradient norm) that did not reproduce bitwise
-    (a NaN reproduces a NaN), or None."""
+    """The moment of the first of a step's results (token-loss bits, gradient norm) that did not reproduce
+    bitwise (a NaN reproduces a NaN), or None."""
     for result, (a, b) in enumerate(zip(first, again, strict=True)):
         if not (a == b or (math.isnan(a) and math.isnan(b))):
             return moment(step, result)
