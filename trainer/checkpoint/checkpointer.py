@@ -38,6 +38,7 @@ from trainer.checkpoint.memory.ring import Ring
 from trainer.checkpoint.memory.snapshot import SnapshotFormat
 from trainer.checkpoint.memory.tier import MemoryTier
 from trainer.checkpoint.state import TrainState, apply_loaded, sharded_state
+from trainer.model import params_gathered
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,8 @@ class Checkpointer:
         """Copy `state` into the memory tier; returns the seconds the loop was blocked."""
         started = time.monotonic()
         assert self.memory is not None
-        self.memory.snapshot(state)
+        with params_gathered(state.chunks):
+            self.memory.snapshot(state)
         return time.monotonic() - started
 
     def save(self, state: TrainState) -> float:
@@ -192,20 +194,21 @@ class Checkpointer:
             self._report_failure(step, refused)
             self.last_save_time = time.monotonic()  # the next trigger tries again
             return time.monotonic() - started
-        request = compat.save_async(sharded_state(state, include_rng=True), str(ckpt_dir), self.strategy)
-        if request.async_fn is not None:  # None: nothing to write on this rank
-            # Async: staged on the loop, written by an idle-priority thread. Sync: written from the
-            # live tensors while the loop waits, so nothing is copied.
+        with params_gathered(state.chunks):  # the weights as the next forward sees them, not stale shards
+            request = compat.save_async(sharded_state(state, include_rng=True), str(ckpt_dir), self.strategy)
+            if request.async_fn is not None:  # None: nothing to write on this rank
+                # Async: staged on the loop, written by an idle-priority thread. Sync: written from the
+                # live tensors while the loop waits, so nothing is copied.
+                request = request._replace(
+                    async_fn=writer.writer_fn(request, ckpt_dir, self.rank),
+                    preload_fn=partial(self.staging.stage, request.async_fn_args[1]) if self.cfg.async_save else None)
             request = request._replace(
-                async_fn=writer.writer_fn(request, ckpt_dir, self.rank),
-                preload_fn=partial(self.staging.stage, request.async_fn_args[1]) if self.cfg.async_save else None)
-        request = request._replace(
-            finalize_fns=[*request.finalize_fns,
-                          partial(self._commit, step, ckpt_dir, started, state.consumed_samples,
-                                  state.consumed_tokens, state.identity, self.last_agreeing_step)],
-        )
-        self.queue.idle = self.cfg.async_save
-        self.queue.schedule_async_request(request)
+                finalize_fns=[*request.finalize_fns,
+                              partial(self._commit, step, ckpt_dir, started, state.consumed_samples,
+                                      state.consumed_tokens, state.identity, self.last_agreeing_step)],
+            )
+            self.queue.idle = self.cfg.async_save
+            self.queue.schedule_async_request(request)
         blocking = time.monotonic() - started
         self.last_save_step, self.last_save_time = step, time.monotonic()
         self._pending_blocking = blocking

@@ -10,8 +10,7 @@ without.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 import xxhash
@@ -45,18 +44,3 @@ def fold(sums: torch.Tensor) -> int:
 def parameter_names(chunks: Sequence[torch.nn.Module]) -> list[str]:
     """Names matching `parameter_sums` entry by entry (the chunk index first)."""
     return [f"{i}.{name}" for i, chunk in enumerate(chunks) for name, _ in chunk.named_parameters()]
-
-
-@contextmanager
-def gathered(chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
-    """Parameters complete on every rank for the duration: with the distributed optimizer's overlapped
-    parameter gather, megatron's DDP gathers them at the next forward; this gathers them now (the same
-    bits the forward would get) and re-arms its hooks after, as megatron's own weight-hash check does."""
-    hooked = [c for c in chunks if getattr(c, "use_forward_hook", False)]
-    for chunk in hooked:
-        chunk.disable_forward_pre_hook(param_sync=True)
-    try:
-        yield
-    finally:
-        for chunk in hooked:
-            chunk.enable_forward_pre_hook()

@@ -18,11 +18,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from resilient.core import ledger
 from resilient.core.errors import ResilientError
 from resilient.core.events import LedgerEvent
 from resilient.core.exit_codes import ExitCode
+from trainer.model import params_gathered
 from trainer.sdc import digest, incident, verdicts
 from trainer.sdc.config import NumericsConfig
 from trainer.sdc.replicas import Topology, gather_int
@@ -110,7 +112,7 @@ class SdcGuard:
     def check(self, step: int) -> Check:
         """Digest this rank's parameters, gather every rank's digest and vote (all ranks)."""
         started = time.perf_counter()
-        with digest.gathered(self.chunks):
+        with params_gathered(self.chunks):
             sums = digest.parameter_sums(self.chunks)
         mine = digest.fold(sums)
         digests = tuple(gather_int(mine, self.device))
@@ -123,11 +125,19 @@ class SdcGuard:
         return check
 
     def _differing(self, sums: torch.Tensor) -> dict[int, list[str]]:
-        """Which parameters differ, per rank, from the most common bits of its position (evidence only)."""
-        every: list[tuple[int, list[int], list[str]]] = [None] * dist.get_world_size()  # type: ignore[list-item]
-        dist.all_gather_object(every, (self.topology.positions[self.rank], sums.tolist(),
-                                       digest.parameter_names(self.chunks)))
-        return verdicts.differing_parameters(every)
+        """Which parameters differ, per rank, from the most common bits of its position (evidence only):
+        the per-parameter sums are compared within each position's group, and only the names of the
+        parameters that differ travel to every rank."""
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        peers: list[list[int]] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
+        dist.all_gather_object(peers, sums.tolist(), group=group)
+        names = digest.parameter_names(self.chunks)
+        position = self.topology.positions[self.rank]
+        local = verdicts.differing_parameters([(position, peer, names) for peer in peers])
+        mine = local.get(dist.get_group_rank(group, self.rank), [])
+        every: list[list[str]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(every, mine)
+        return {rank: found for rank, found in enumerate(every) if found}
 
     # -- results and re-execution -----------------------------------------------------------------
 
