@@ -3,7 +3,9 @@ the rank and its node are named, state saved after the last agreeing step is wit
 the fault-free bits: by majority with three replicas, by re-execution with two.
 
 Checks every 5 steps and checkpoints every 4: a flip at step 13 is found at 15, the last agreeing step is
-10, the checkpoint of step 12 (saved between them) is withdrawn and the run resumes from step 8.
+10, the checkpoint of step 12 (saved between them) is withdrawn and the run resumes from step 8; with the
+memory tier (snapshots every 2 steps) the snapshot of step 14 is withdrawn too and it resumes from memory
+step 10.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 DP3 = ("supervisor.nproc_per_node=3", "train.global_batch=6")
 CHECKS = ("numerics.replica_check_interval_steps=5",)
 RESTART = ("numerics.sdc_action=restart",)
+MEMORY = ("checkpoint.memory_interval_steps=2",)
 STEPS = 24
 FLIP, FOUND, AGREED, RESUMED = 13, 15, 10, 8
 
@@ -56,7 +59,7 @@ def reference_dp3(tmp_path_factory) -> dict:
 
 def test_dp3_weight_flip_is_outvoted_named_and_rolled_back_to_the_last_agreeing_state(tmp_path, reference_dp3):
     report = _passed(drill(tmp_path / "run", f"steps:{FLIP}", ["bitflip"], steps=STEPS,
-                           reference=reference_dp3["digest"], overrides=DP3 + CHECKS + RESTART))
+                           reference=reference_dp3["digest"], overrides=DP3 + CHECKS + RESTART + MEMORY))
     assert report["digest"] == reference_dp3["digest"]
     assert report["exit_codes"] == [ExitCode.FINISHED]  # restarted in the job, on the same machine
     [fault] = report["faults"]
@@ -64,9 +67,11 @@ def test_dp3_weight_flip_is_outvoted_named_and_rolled_back_to_the_last_agreeing_
     assert (found["step"], found["how"], found["ranks"], found["nodes"]) == \
         (FOUND, "majority vote", [fault["rank"]], ["chaos-node0"])
     assert fault["found_at_step"] == FOUND  # the next check after the flip
-    assert (found["trusted_until"], found["action"], found["withdrawn"]["disk"]) == (AGREED, "restart", [12])
+    assert (found["trusted_until"], found["action"], found["withdrawn"]) == \
+        (AGREED, "restart", {"disk": [12], "memory": [14]})
     assert list((tmp_path / "run" / "checkpoints").glob("step_0000012.sdc-*"))  # kept aside, never loaded
-    assert _resumed_after(report, found) == RESUMED
+    load = next(e for e in _events(report, "ckpt_load") if e["ts"] > found["ts"])
+    assert (load["step"], load["tier"]) == (AGREED, "memory-own")  # not the newer snapshot of step 14
     incident = json.loads((tmp_path / "run" / found["incident"] / "summary.json").read_text())
     digests = incident["check"]["digests"]
     assert len(set(digests)) == 2 and digests.count(digests[fault["rank"]]) == 1

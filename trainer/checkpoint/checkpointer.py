@@ -267,7 +267,8 @@ class Checkpointer:
         """A silent-data-corruption finding: nothing saved after `step` (None: nothing at all) may be
         resumed. Rank 0 moves those disk checkpoints aside (`step_N.sdc-<time>`, kept for forensics, never
         loaded) and points `latest` at the newest left; each node withdraws its memory snapshots after it.
-        All ranks call it after `finish`. Returns what was withdrawn (disk steps on rank 0, memory steps)."""
+        All ranks call it after `finish`. Returns what was withdrawn (disk steps on rank 0; memory steps of
+        every node)."""
         out: dict[str, list[int]] = {"disk": [], "memory": []}
         if self.rank == 0:
             stamp = int(time.time())
@@ -283,11 +284,12 @@ class Checkpointer:
                     layout.write_latest(self.root, left[-1])
                 else:
                     (self.root / layout.LATEST).unlink(missing_ok=True)
-        if self.memory is not None:
-            out["memory"] = self.memory.distrust_after(step)
+        withdrawn = self.memory.distrust_after(step) if self.memory is not None else []
         if self.last_save_step is not None and (step is None or self.last_save_step > step):
             self.last_save_step = None
-        dist.barrier()
+        every: list[list[int]] = [None] * self.world  # type: ignore[list-item]
+        dist.all_gather_object(every, withdrawn)  # also the barrier: done everywhere before anyone goes on
+        out["memory"] = sorted({s for steps in every for s in steps})
         return out
 
     def discard_memory(self) -> None:

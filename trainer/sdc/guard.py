@@ -99,7 +99,6 @@ class SdcGuard:
         self.rank = dist.get_rank()
         self.last_agreeing: int | None = None
         """The last step whose replica check agreed."""
-        self.last_check: Check | None = None
         self.results: dict[int, tuple[int, float]] = {}
         self.suspicion: Suspicion | None = None
 
@@ -119,7 +118,6 @@ class SdcGuard:
         verdict = verdicts.judge_replicas(digests, self.topology.positions)
         differing = {} if verdict.agree else self._differing(sums)
         check = Check(step, mine, digests, verdict, time.perf_counter() - started, differing)
-        self.last_check = check
         if verdict.agree:
             self.last_agreeing = step
         return check
@@ -152,8 +150,8 @@ class SdcGuard:
         if s is not None and s.from_step is not None and step in s.original and s.first is None:
             s.first = verdicts.first_difference(step, s.original[step], (loss_bits, grad_norm))
         self.results[step] = (loss_bits, grad_norm)
-        if len(self.results) > KEEP_RESULTS:
-            del self.results[min(self.results)]
+        if len(self.results) > KEEP_RESULTS:  # steps are recorded in order: the first key is the oldest
+            del self.results[next(iter(self.results))]
 
     def suspect(self, step: int, kind: str, reason: str, check: Check | None = None) -> Suspicion:
         """Hold `step` under suspicion: the results so far are what a re-execution compares with."""
