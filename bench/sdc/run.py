@@ -94,7 +94,7 @@ def detection(base: Path, args: argparse.Namespace) -> dict:
     run_dir.mkdir(parents=True)
     (run_dir / "faults.json").write_text(json.dumps({"bitflip": [{"step": flip, "rank": 1, "attempt": 0}]}))
     train(run_dir, [*common, "train.global_batch=4"], world=2)
-    events = ledger.read(run_dir)
+    events = list(ledger.read(run_dir))
     [suspected] = [e for e in events if e["event"] == "sdc_suspected"]
     [found] = [e for e in events if e["event"] == "sdc_confirmed"]
     out["dp2_reexecution"] = {"flip_step": flip, "found_at_step": found["step"], "latency_steps": found["step"] - flip,
