@@ -42,6 +42,8 @@ class GoodputReport:
     last_checkpoint_step: int | None = None
     last_checkpoint_ts: float | None = None
     failed_saves: int = 0
+    sdc_findings: int = 0
+    """Silent data corruption findings that named a rank (`sdc_confirmed`) in the run."""
 
     @property
     def ratio(self) -> float:
@@ -118,9 +120,11 @@ def compute_goodput(ledger_records: Iterable[Record], train_log_records: Iterabl
     saves = [r for r in ledger if r.get("event") == "ckpt_save"]
     last_save = max(saves, key=lambda r: _num(r.get("ts")), default=None)
     failed_saves = sum(r.get("event") == "ckpt_save_failed" for r in ledger)
+    sdc_findings = sum(r.get("event") == "sdc_confirmed" for r in ledger)
     if not starts:
         return GoodputReport(now=now, wall_seconds=0.0, productive_seconds=0.0,
-                             badput_seconds=dict.fromkeys(BADPUT_CATEGORIES, 0.0), failed_saves=failed_saves)
+                             badput_seconds=dict.fromkeys(BADPUT_CATEGORIES, 0.0), failed_saves=failed_saves,
+                             sdc_findings=sdc_findings)
 
     allocs = _allocation_index(ledger)
     productive, n_steps, lost, n_lost = _step_times(train_log)
@@ -144,6 +148,7 @@ def compute_goodput(ledger_records: Iterable[Record], train_log_records: Iterabl
         last_checkpoint_step=None if last_save is None else last_save.get("step"),
         last_checkpoint_ts=None if last_save is None else _num(last_save.get("ts")),
         failed_saves=failed_saves,
+        sdc_findings=sdc_findings,
     )
 
 

@@ -256,3 +256,28 @@ def render_plan(plan: Plan) -> str:
         f"= every {plan.daly_interval_steps} steps",
         f"predicted goodput {plan.predicted_goodput:.1%} (Daly's expected-wall-time model)",
     ])
+
+
+# -- replica checks (silent data corruption) --------------------------------------------------------
+
+H100_HBM_GBPS = 3350.0
+"""H100 SXM HBM3 bandwidth, GB/s."""
+COLLECTIVE_HOP_S = 8e-6
+"""Latency of one hop of a small-message ring collective between nodes (NCCL's LL protocol, a few us)."""
+
+
+def replica_check_seconds(weight_bytes: float, world: int, *, hbm_gbps: float = H100_HBM_GBPS,
+                          hop_s: float = COLLECTIVE_HOP_S) -> float:
+    """One replica check on one GPU: its parameters read once at HBM bandwidth (the 64-bit bit sums run on
+    the device) plus one all-gather of 8 bytes per rank, latency-bound (a ring of `world` - 1 hops)."""
+    return weight_bytes / (hbm_gbps * 1e9) + (world - 1) * hop_s
+
+
+def replica_check_overhead(plan: Plan, interval_steps: int, *, hbm_gbps: float = H100_HBM_GBPS,
+                           hop_s: float = COLLECTIVE_HOP_S) -> tuple[float, str]:
+    """The share of step time replica checks every `interval_steps` steps cost the plan's busiest GPU."""
+    check = replica_check_seconds(plan.memory.weights, plan.gpus, hbm_gbps=hbm_gbps, hop_s=hop_s)
+    share = check / (interval_steps * plan.step_seconds)
+    return share, (f"{check * 1e3:.1f} ms per check ({plan.memory.weights / 2**30:.1f} GiB of weights at "
+                   f"{hbm_gbps:g} GB/s + {plan.gpus - 1} hops of {hop_s * 1e6:g} us) every {interval_steps} steps of "
+                   f"{plan.step_seconds:.1f} s: {share:.4%} of step time")

@@ -17,6 +17,7 @@ from resilient.core.configbase import Section, load_section
 from trainer.checkpoint.config import CheckpointConfig
 from trainer.data.config import DataConfig
 from trainer.presets import PRESETS, Architecture
+from trainer.sdc.config import NumericsConfig
 from trainer.stages import layer_split_problem
 
 
@@ -144,6 +145,8 @@ class TrainerConfig(Section):
     """Training and validation data."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     """Checkpointing."""
+    numerics: NumericsConfig = Field(default_factory=NumericsConfig)
+    """Silent-data-corruption defence (replica agreement, re-execution of suspicious steps)."""
 
     @property
     def seq_len(self) -> int:

@@ -6,6 +6,8 @@ One chunk per virtual pipeline stage; each chunk knows whether it holds the embe
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -186,3 +188,20 @@ def stage_parameter_count(arch: Architecture, layout: Layout, *, pp_rank: int) -
 def meta_parameter_count(arch: Architecture) -> int:
     """Parameters of the whole megatron-core model (TP=1, PP=1), built on the meta device."""
     return stage_parameter_count(arch, Layout(), pp_rank=0)
+
+
+@contextmanager
+def params_gathered(chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Every rank's parameters complete for the duration. With the distributed optimizer's overlapped
+    parameter gather, megatron's DDP gathers the updated shards only at the next forward; this gathers them
+    now (the bits that forward would get) and re-arms its hooks after, as megatron's own loop does before a
+    checkpoint save or a weight-hash check. Otherwise nothing happens."""
+    hooked = [c for c in chunks if getattr(c, "use_forward_hook", False)]
+    for chunk in hooked:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in hooked:
+            chunk.enable_forward_pre_hook()
+

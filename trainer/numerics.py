@@ -4,25 +4,20 @@ The decision is a pure function of the loss and its recent history. The skip is 
 loader's checkpointed state (`SkippingLoader`), so a run resumed after a rollback skips the same
 window again, and a rerun of the same fault schedule ends with the same bits.
 
-`FaultInjection` is a test and chaos-drill facility only: it is active only when RUN_DIR/faults.json
-exists, and then multiplies the loss of a named (step, attempt) by NaN, so the gradients and the
-optimizer update are poisoned the way a real numerical blow-up poisons them.
+A gradient-norm spike (`numerics.grad_norm_spike_factor`) is judged the same way as a loss spike.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from resilient.core.errors import ResilientError
 from resilient.core.exit_codes import ExitCode
-from resilient.core.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +32,7 @@ class NumericFaultError(ResilientError):
 @dataclass(frozen=True)
 class Verdict:
     fault: str | None
-    """None (healthy), "nan", "inf" or "spike"."""
+    """None (healthy), "nan", "inf" or "spike" (the loss), or the same prefixed grad_norm_ (the gradient norm)."""
     reason: str
 
 
@@ -46,16 +41,27 @@ def judge_loss(loss: float, recent: Sequence[float], *, spike_factor: float, win
 
     A spike is a loss above `spike_factor` x the median of the last `window` losses; it is only judged
     once `window` losses are known (spike_factor 0: never)."""
-    if math.isnan(loss):
-        return Verdict("nan", "loss is NaN")
-    if math.isinf(loss):
-        return Verdict("inf", "loss is infinite")
+    return _judge("loss", "", loss, recent, spike_factor, window)
+
+
+def judge_grad_norm(norm: float, recent: Sequence[float], *, spike_factor: float, window: int) -> Verdict:
+    """`judge_loss` for the global gradient norm (before clipping); kinds are prefixed `grad_norm_`."""
+    return _judge("gradient norm", "grad_norm_", norm, recent, spike_factor, window)
+
+
+def _judge(what: str, prefix: str, value: float, recent: Sequence[float], spike_factor: float,
+           window: int) -> Verdict:
+    if math.isnan(value):
+        return Verdict(f"{prefix}nan", f"{what} is NaN")
+    if math.isinf(value):
+        return Verdict(f"{prefix}inf", f"{what} is infinite")
     level = recent[-window:]
     if spike_factor > 0 and len(level) >= window:
         typical = statistics.median(level)
-        if typical > 0 and loss > spike_factor * typical:
-            return Verdict("spike", f"loss {loss:.4g} exceeds {spike_factor:g} x the recent median {typical:.4g}")
-    return Verdict(None, "loss is finite and within the spike bound")
+        if typical > 0 and value > spike_factor * typical:
+            return Verdict(f"{prefix}spike", f"{what} {value:.4g} exceeds {spike_factor:g} x the recent median "
+                                             f"{typical:.4g}")
+    return Verdict(None, f"{what} is finite and within the spike bound")
 
 
 def rollback_allowed(rollbacks_done: int, max_rollbacks: int, checkpoint_step: int | None) -> tuple[bool, str]:
@@ -120,42 +126,3 @@ class SkippingLoader:
 
     def close(self) -> None:
         self.inner.close()
-
-
-class FaultInjection:
-    """Test/chaos facility: NaN losses at steps named in RUN_DIR/faults.json, each at most once per process.
-
-    File format: {"nan_loss": [{"step": 15, "attempt": 0}, ...]} (attempt omitted: any attempt).
-    The file is re-read when it changes, so a chaos drill can add entries while the run trains."""
-
-    def __init__(self, run_dir: Path, attempt: int) -> None:
-        self.path = RunDir(run_dir).faults
-        self.attempt = attempt
-        self._mtime: float | None = None
-        self._steps: set[int] = set()
-        self._fired: set[int] = set()
-
-    def _refresh(self) -> None:
-        try:
-            mtime = self.path.stat().st_mtime
-        except FileNotFoundError:
-            self._steps = set()
-            return
-        if mtime == self._mtime:
-            return
-        self._mtime = mtime
-        try:
-            entries = json.loads(self.path.read_text()).get("nan_loss", [])
-            self._steps = {int(e["step"]) for e in entries if e.get("attempt", self.attempt) == self.attempt}
-        except (ValueError, AttributeError, KeyError, TypeError) as err:
-            log.error("ignoring unreadable %s: %s", self.path, err)
-            self._steps = set()
-
-    def nan_at(self, step: int) -> bool:
-        """Poison the loss of `step` (1-based, the step being computed)? True once per step and process."""
-        self._refresh()
-        if step in self._steps and step not in self._fired:
-            self._fired.add(step)
-            log.warning("fault injection (%s): NaN loss at step %d", self.path.name, step)
-            return True
-        return False

@@ -21,6 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from trainer.compat import split_for_context_parallel
 from trainer.model import unwrap
+from trainer.sdc.digest import bit_sum
 
 
 class StepRunner:
@@ -35,6 +36,11 @@ class StepRunner:
         config.finalize_model_grads_func = self._finalize_grads
         self.compute_done = 0.0
         """perf_counter() when this rank's last backward ended and the gradient reduction began."""
+        self.after_grad_reduce: Callable[[], None] | None = None
+        """Called once the gradients are reduced, before the optimizer reads them (fault injection)."""
+        self.loss_bits = torch.zeros((), dtype=torch.int64, device=device)
+        """The last `run`'s per-token losses of this rank, their bits summed as integers (0 off the last
+        pipeline stage): what this replica computed, before any collective mixed replicas together."""
         config.grad_scale_func = optimizer.scale_loss
         # Gradient accumulation: DDP reduces only after the last micro-batch's backward.
         no_sync = [c.no_sync for c in chunks]
@@ -51,7 +57,10 @@ class StepRunner:
         # The first collective every rank of the step waits in: the time before it is this rank's own
         # work, which tells a straggler apart (wall step time is equal on all ranks).
         self.compute_done = time.perf_counter()
-        return finalize_model_grads(*args, **kwargs)
+        result = finalize_model_grads(*args, **kwargs)
+        if self.after_grad_reduce is not None:
+            self.after_grad_reduce()
+        return result
 
     def _forward(self, poison: float, data_iterator, model) -> tuple[torch.Tensor, Callable]:
         tokens = next(data_iterator).to(self.device, non_blocking=True)
@@ -78,6 +87,7 @@ class StepRunner:
         )
         if not self.is_last_stage:
             return torch.zeros((), device=self.device)
+        self.loss_bits = torch.stack([r["loss bits"] for r in losses]).sum()
         total = torch.stack([r["lm loss"] for r in losses]).sum(0)  # (sum, tokens) over micro-batches
         if parallel_state.get_context_parallel_world_size() > 1:
             dist.all_reduce(total, group=parallel_state.get_context_parallel_group())
@@ -101,7 +111,8 @@ class StepRunner:
 
 
 def _loss(poison: float, per_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Sum of token losses, token count (megatron divides), and the pair for reporting."""
+    """Sum of token losses, token count (megatron divides), and for reporting the pair and the token losses'
+    bits (every bit of every token's loss, for re-executions to compare)."""
     loss = per_token.float().sum() * poison
     tokens = torch.tensor(per_token.numel(), dtype=torch.int, device=per_token.device)
-    return loss, tokens, {"lm loss": torch.stack([loss.detach(), tokens.float()])}
+    return loss, tokens, {"lm loss": torch.stack([loss.detach(), tokens.float()]), "loss bits": bit_sum(per_token)}

@@ -28,13 +28,18 @@ def register(app: typer.Typer) -> None:
                   None, help="Digest of a fault-free run of the same config (`resilient ckpt digest`) to compare."),
               timeout: float = typer.Option(900.0, help="Stop the drill after this many seconds."),
               detect_timeout: float = typer.Option(120.0, help="Seconds a fault may go unseen before it counts as missed."),
+              bitflip_target: str = typer.Option("weights", help="What `bitflip` flips: weights, gradients or "
+                                                                  "activation."),
+              bitflip_bit: Optional[int] = typer.Option(None, help="The bit `bitflip` flips (default: the highest "
+                                                                   "mantissa bit; an activation's highest exponent bit)."),
               set_: list[str] = typer.Option([], "--set", help="Override a config key (repeatable).")) -> None:
         """Run CONFIG under a seeded fault schedule, relaunching after preemption, supervisor death and
         unhealthy-node exits like a requeue; print a JSON report; exit 1 when a check failed."""
         kinds = [f.strip() for f in faults.split(",") if f.strip()]
         triggers = build_schedule(schedule, kinds, seed)
         report = run_drill(DrillOptions(config=config, run_dir=run_dir, overrides=list(set_), timeout_s=timeout,
-                                        detect_timeout_s=detect_timeout), triggers, kinds, seed=seed,
+                                        detect_timeout_s=detect_timeout, bitflip_target=bitflip_target,
+                                        bitflip_bit=bitflip_bit), triggers, kinds, seed=seed,
                            reference_digest=reference_digest)
         typer.echo(json.dumps(report, indent=1))
         if not report["passed"]:

@@ -56,6 +56,13 @@ class Fault:
     """True when the run, by design, ends on other bits than a fault-free run (NaN rollback skips data)."""
     ready_timeout_s: ClassVar[float] = 120.0
     """How long the runner waits for `ready` before recording the fault as not injected."""
+    armed_ahead: ClassVar[bool] = False
+    """With a step trigger, `arm_at` writes the fault into RUN_DIR/faults.json before the run starts, for
+    exactly that step (the rank inflicts it on itself), instead of `inject` acting when the step passed."""
+
+    def arm_at(self, d: Drill, step: int) -> dict[str, Any]:
+        """Arm the fault for `step` ahead of time (`armed_ahead` faults); returns the injection's details."""
+        raise NotImplementedError
 
     def ready(self, d: Drill) -> bool:
         return d.training()
@@ -235,6 +242,23 @@ class SlowRank(Fault):
             self._thread.join()
 
 
+def _arm(run_dir: Path, kind: str, entry: dict[str, Any]) -> None:
+    """Add an entry to RUN_DIR/faults.json, which the ranks read (trainer/injection.py)."""
+    path = RunDir(run_dir).faults
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    doc.setdefault(kind, []).append(entry)
+    atomic_write(path, json.dumps(doc))
+
+
+def _when_step_ran(inj: Injection, d: Drill, step: int, before_ts: float, *, nan: bool = False) -> None:
+    """The fault happened when its step ran, not when it was armed: the train log's last NaN record of the
+    step before the reaction (`nan`), else its first record after the arming."""
+    ran = [r["ts"] for r in d.train_records if r.get("step") == step and "loss" in r and inj.ts <= r["ts"] <= before_ts
+           and (not nan or (isinstance(r["loss"], float) and math.isnan(r["loss"])))]
+    if ran:
+        inj.ts = ran[-1] if nan else ran[0]
+
+
 class NanLoss(Fault):
     """Poison the loss of a step through RUN_DIR/faults.json: the trainer must roll back and skip the window.
 
@@ -243,17 +267,18 @@ class NanLoss(Fault):
 
     name = "nan_loss"
     loses_data = True
+    armed_ahead = True
     AHEAD = 3
 
     def ready(self, d: Drill) -> bool:
         return d.training() and bool(layout.committed_steps(d.ckpt_root))
 
     def arm(self, run_dir: Path, step: int, attempt: int | None) -> None:
-        path = RunDir(run_dir).faults
-        doc = json.loads(path.read_text()) if path.exists() else {}
-        entry = {"step": step} if attempt is None else {"step": step, "attempt": attempt}
-        doc.setdefault("nan_loss", []).append(entry)
-        atomic_write(path, json.dumps(doc))
+        _arm(run_dir, "nan_loss", {"step": step} if attempt is None else {"step": step, "attempt": attempt})
+
+    def arm_at(self, d: Drill, step: int) -> dict[str, Any]:
+        self.arm(d.run_dir, step, None)
+        return {"target_step": step}
 
     def inject(self, d: Drill) -> dict[str, Any]:
         step = d.step + self.AHEAD
@@ -263,11 +288,43 @@ class NanLoss(Fault):
     def detects(self, inj: Injection, rec: dict[str, Any], d: Drill) -> bool:
         if rec.get("event") != "numeric_fault" or rec.get("step") != inj.details["target_step"]:
             return False
-        # the fault happened when the poisoned step completed, not when it was armed
-        poisoned = [r["ts"] for r in d.train_records if r.get("step") == rec["step"]
-                    and isinstance(r.get("loss"), float) and math.isnan(r["loss"]) and r["ts"] <= rec["ts"]]
-        if poisoned:
-            inj.ts = poisoned[-1]
+        _when_step_ran(inj, d, rec["step"], rec["ts"], nan=True)
+        return True
+
+
+class BitFlip(Fault):
+    """Flip one bit in one rank's weights (or gradients, or an activation: the drill's `bitflip_target`)
+    at a step, in the rank's own process, through RUN_DIR/faults.json: replica agreement or a re-execution
+    must name that rank (`sdc_confirmed`), and the run must still end on the fault-free bits.
+
+    With a step trigger the flip is armed before launch for that step in the run's next attempt (a restart
+    that computes the step again must not flip it again); with a time trigger, just ahead of the run."""
+
+    name = "bitflip"
+    armed_ahead = True
+    AHEAD = 3
+
+    def _arm(self, d: Drill, step: int, attempt: int) -> dict[str, Any]:
+        world = d.cfg.nodes * d.cfg.supervisor.nproc_per_node
+        entry: dict[str, Any] = {"step": step, "rank": d.rng.randrange(world), "attempt": attempt,
+                                 "target": d.opts.bitflip_target}
+        if d.opts.bitflip_bit is not None:
+            entry["bit"] = d.opts.bitflip_bit
+        _arm(d.run_dir, "bitflip", entry)
+        return {"target_step": step, "rank": entry["rank"], "target": entry["target"], "bit": entry.get("bit")}
+
+    def arm_at(self, d: Drill, step: int) -> dict[str, Any]:
+        return self._arm(d, step, d.next_attempt())
+
+    def inject(self, d: Drill) -> dict[str, Any]:
+        return self._arm(d, d.step + self.AHEAD, d.attempt() or 0)
+
+    def detects(self, inj: Injection, rec: dict[str, Any], d: Drill) -> bool:
+        if rec.get("event") != "sdc_confirmed" or inj.details["rank"] not in rec.get("ranks", []) \
+                or rec.get("step", -1) < inj.details["target_step"]:
+            return False
+        inj.details["found_at_step"] = rec["step"]
+        _when_step_ran(inj, d, inj.details["target_step"], rec["ts"])
         return True
 
 
@@ -290,4 +347,5 @@ class GpuHealth(Fault):
 
 
 FAULTS: dict[str, type[Fault]] = {f.name: f for f in (KillRank, HangRank, Preempt, KillSupervisor, KillDuringSave,
-                                                      CorruptCheckpoint, FillDisk, SlowRank, NanLoss, GpuHealth)}
+                                                      CorruptCheckpoint, FillDisk, SlowRank, NanLoss, GpuHealth,
+                                                      BitFlip)}

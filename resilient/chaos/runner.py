@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 
 from resilient.chaos import checks
-from resilient.chaos.faults import FAULTS, Fault, Injection, NanLoss
+from resilient.chaos.faults import FAULTS, Fault, Injection
 from resilient.chaos.schedule import Trigger, due
 from resilient.config import RunConfig, load_config
 from resilient.core import ledger
@@ -33,6 +33,7 @@ from resilient.core.exit_codes import ExitCode
 from resilient.core.rundir import RunDir
 from resilient.status import read_status, run_goodput
 from trainer.checkpoint import layout
+from trainer.injection import TARGETS
 
 REPO = Path(__file__).resolve().parents[2]
 POLL_S = 0.02
@@ -55,6 +56,10 @@ class DrillOptions:
     """Size of the tmpfs mounted as the checkpoint directory when fill_disk is scheduled."""
     max_launches: int = 50
     orphan_wait_s: float = 15.0
+    bitflip_target: str = "weights"
+    """What `bitflip` flips: weights, gradients or activation."""
+    bitflip_bit: int | None = None
+    """Which bit `bitflip` flips (None: the trainer's default for the target)."""
 
 
 class Drill:
@@ -64,6 +69,8 @@ class Drill:
         unknown = [f for f in faults if f not in FAULTS]
         if unknown:
             raise ConfigError(f"chaos: unknown fault {unknown[0]!r} (choose from {', '.join(FAULTS)})")
+        if opts.bitflip_target not in TARGETS:
+            raise ConfigError(f"chaos: --bitflip-target {opts.bitflip_target!r} is not one of {', '.join(TARGETS)}")
         self.opts = opts
         self.run_dir = opts.run_dir.expanduser().resolve()
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -105,6 +112,11 @@ class Drill:
     def attempt(self) -> int | None:
         status = self._status()
         return None if status is None else status.get("attempt")
+
+    def next_attempt(self) -> int:
+        """The attempt the next launch starts with (attempt numbers continue across launches)."""
+        seen = [e["attempt"] for e in ledger.read(self.run_dir) if e.get("event") == LedgerEvent.ATTEMPT_START]
+        return max(seen) + 1 if seen else 0
 
     def _ranks(self) -> dict[int, psutil.Process]:
         """Live ranks of the current supervisor, per status.json, checked against the process table."""
@@ -215,11 +227,10 @@ def run_drill(opts: DrillOptions, schedule: list[Trigger], faults: list[str], *,
     pending: list[Pending] = []
     not_injected: list[dict[str, Any]] = []
     triggers = list(schedule)
-    # Step-triggered NaN faults are armed up front for exactly their step, so reruns poison the same step.
-    for trig in [t for t in triggers if t.fault == NanLoss.name and t.by == "step"]:
+    # Step-triggered faults the ranks inflict on themselves are armed up front for exactly their step.
+    for trig in [t for t in triggers if instances[t.fault].armed_ahead and t.by == "step"]:
         fault = instances[trig.fault]
-        fault.arm(d.run_dir, int(trig.at), None)
-        inj = Injection(trig.fault, time.time(), int(trig.at), None, {"target_step": int(trig.at), "armed": True})
+        inj = Injection(trig.fault, time.time(), int(trig.at), None, {**fault.arm_at(d, int(trig.at)), "armed": True})
         injections.append(inj)
         pending.append(Pending(fault, inj))
         triggers.remove(trig)

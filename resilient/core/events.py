@@ -52,6 +52,12 @@ class LedgerEvent(StrEnum):
     """Node 0 decided to restart every rank (attempt, backoff)."""
     RUN_START = "run_start"
     """A supervisor started (node, attempt, pid)."""
+    SDC_CONFIRMED = "sdc_confirmed"
+    """Silent data corruption attributed to ranks and their nodes (step, kind, how, ranks, nodes,
+    trusted_until, action, incident)."""
+    SDC_SUSPECTED = "sdc_suspected"
+    """A step is re-executed to tell a corrupting node from a real numerical event (step, kind, reason,
+    reexecute_from); also a finding no rank could be blamed for (then the run restarts from trusted state)."""
     STORAGE_FAULT = "storage_fault"
     """Checkpoint storage is low, full or failing, or the final step is not committed (node, reason)."""
     STRAGGLER = "straggler"

@@ -146,6 +146,9 @@ class Catalog:
         self.ckpt_failures = LedgerCounter("resilient_checkpoint_save_failures", "Failed checkpoint saves in the "
                                            "run (counted from the ledger, so it survives supervisor restarts)",
                                            registry=r)
+        # Numerical trust.
+        self.sdc_findings = LedgerCounter("resilient_sdc_findings", "Silent data corruption findings that named "
+                                          "a rank and its node in the run (sdc_confirmed in the ledger)", registry=r)
 
     RANK_FAMILIES = ("rank_step", "rank_step_time", "heartbeat_age", "straggler_score")
     """Per-rank families, cleared when ranks are respawned so dead ranks leave no stale series."""

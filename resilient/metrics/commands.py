@@ -10,7 +10,7 @@ import typer
 
 from resilient.config import RunConfig, load_config
 from resilient.core.errors import ConfigError
-from resilient.planner import Assumptions, Layout, make_plan, render_plan
+from resilient.planner import Assumptions, Layout, make_plan, render_plan, replica_check_overhead
 
 
 def _config_for_gpus(path: Path, gpus: int | None, overrides: list[str]) -> RunConfig:
@@ -60,7 +60,13 @@ def plan(
     except OverflowError:  # sizes past floating point: no cluster trains (or checkpoints) such a model
         raise ConfigError(f"model: hidden_size {arch.hidden_size:.3g}, {arch.num_layers} layers: the plan's figures "
                           "overflow (checkpoint size and time beyond floating point); not a trainable model") from None
-    typer.echo(json.dumps(result.to_json(), indent=2) if as_json else render_plan(result))
+    every = cfg.numerics.replica_check_interval_steps
+    check = replica_check_overhead(result, every) if every else None
+    if as_json:
+        typer.echo(json.dumps({**result.to_json(), "replica_check": check and {"share": check[0], "reason": check[1]}},
+                              indent=2))
+        return
+    typer.echo(render_plan(result) + (f"\nreplica checks    {check[1]}" if check else ""))
 
 
 def register(app: typer.Typer) -> None:

@@ -261,6 +261,7 @@ class NodeMetrics:
         for category in BADPUT_CATEGORIES:
             self.m.badput.labels(node, category).set(report.badput_seconds.get(category, 0.0))
         self.m.ckpt_failures.set(node, report.failed_saves)
+        self.m.sdc_findings.set(node, report.sdc_findings)
         if report.last_checkpoint_ts is not None:
             # The ledger knows checkpoints committed before this supervisor started.
             with self._lock:

@@ -106,3 +106,17 @@ def attempt_spans(records: list[dict[str, Any]], end_of_run: float) -> list[Span
 
 def events(records: list[dict[str, Any]], *kinds: str) -> list[dict[str, Any]]:
     return [r for r in records if r.get("event") in kinds and _num(r.get("ts"))]
+
+
+TIMELINE_ROWS: tuple[tuple[str, tuple[LedgerEvent, ...]], ...] = (
+    ("checkpoints", (LedgerEvent.CKPT_SAVE,)),
+    ("faults", (LedgerEvent.FAILURE,)),
+    ("silent data corruption", (LedgerEvent.SDC_SUSPECTED, LedgerEvent.SDC_CONFIRMED)),
+    ("starts / requeues", (LedgerEvent.RUN_START, LedgerEvent.REQUEUE, LedgerEvent.PREEMPTED)),
+)
+"""The timeline's marker rows, top to bottom: a label and the ledger events marked on it."""
+
+
+def timeline_marks(records: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each timeline row's marker times (unix seconds)."""
+    return {label: [e["ts"] for e in events(records, *kinds)] for label, kinds in TIMELINE_ROWS}

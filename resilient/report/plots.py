@@ -13,9 +13,9 @@ matplotlib.use("Agg")
 matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402
 
-from resilient.core.events import LedgerEvent  # noqa: E402
 from resilient.goodput import BADPUT_CATEGORIES, GoodputReport  # noqa: E402
-from resilient.report.data import RunData, Span, attempt_spans, by_attempt, events, per_rank_step_times  # noqa: E402
+from resilient.report.data import (RunData, Span, attempt_spans, by_attempt, per_rank_step_times,  # noqa: E402
+                                  timeline_marks)
 
 _BADPUT_COLOURS = dict(zip(BADPUT_CATEGORIES, ("#8c564b", "#ff7f0e", "#9467bd", "#d62728", "#7f7f7f", "#bcbd22")))
 _OUTCOME_COLOURS = {"failure": "#d62728", "restart": "#d62728", "finished": "#2ca02c", "preempted": "#ff7f0e",
@@ -97,13 +97,13 @@ def timeline(data: RunData, t0: float, end: float) -> str | None:
         ax.broken_barh([(h(s.start), max(h(s.end) - h(s.start), 1e-4))], (2.6, 0.8),
                        color=_OUTCOME_COLOURS.get(s.outcome, "#1f77b4"), alpha=0.8)
         ax.text(h(s.start), 3.5, f"a{s.attempt}", fontsize=7)
-    rows = (("checkpoints", (LedgerEvent.CKPT_SAVE,), "|", "#2ca02c", 1.9),
-            ("faults", (LedgerEvent.FAILURE,), "x", "#d62728", 1.2),
-            ("requeues / starts", (LedgerEvent.RUN_START, LedgerEvent.REQUEUE, LedgerEvent.PREEMPTED), "v", "#ff7f0e", 0.5))
-    for label, kinds, marker, colour, y in rows:
-        xs = [h(e["ts"]) for e in events(data.ledger, *kinds)]
-        ax.plot(xs, [y] * len(xs), marker, color=colour, ms=9, mew=2, ls="none")
-    ax.set_yticks([3.0, 1.9, 1.2, 0.5], ["attempts", "checkpoints", "faults", "starts / requeues"])
+    styles = (("|", "#2ca02c"), ("x", "#d62728"), ("D", "#7f0000"), ("v", "#ff7f0e"))
+    marks = timeline_marks(data.ledger)
+    ys = [2.2 - 0.55 * i for i in range(len(marks))]
+    for (label, times), (marker, colour), y in zip(marks.items(), styles, ys, strict=True):
+        xs = [h(ts) for ts in times]
+        ax.plot(xs, [y] * len(xs), marker, color=colour, ms=9 if marker != "D" else 6, mew=2, ls="none")
+    ax.set_yticks([3.0, *ys], ["attempts", *marks])
     ax.set(xlabel="hours since start", ylim=(0, 4), title="Timeline")
     ax.grid(axis="x", alpha=0.3)
     return _png(fig)

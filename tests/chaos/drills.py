@@ -23,16 +23,18 @@ COMMON = [f"train.steps={STEPS}", "train.warmup_steps=4", "train.eval_every=0", 
 
 
 def drill(run_dir: Path, schedule: str, faults: list[str], *, steps: int = STEPS, seed: int = 7,
-          reference: str | None = None, overrides: tuple[str, ...] = (), python: str = sys.executable) -> dict:
+          reference: str | None = None, overrides: tuple[str, ...] = (), python: str = sys.executable,
+          bitflip_target: str = "weights") -> dict:
     """A drill in this process, or with `python` (another megatron-core line) through `resilient chaos`."""
     sets = [*COMMON, f"train.steps={steps}", *overrides]
     if python != sys.executable:
         args = [python, "-m", "resilient.cli", "chaos", str(CONFIG), "--run-dir", str(run_dir), "--schedule", schedule,
                 "--faults", ",".join(faults), "--seed", str(seed), "--timeout", "300", "--detect-timeout", "60",
+                "--bitflip-target", bitflip_target,
                 *(["--reference-digest", reference] if reference else []), *(a for s in sets for a in ("--set", s))]
         out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=400)
         assert out.stdout.strip(), out.stderr[-3000:]
         return json.loads(out.stdout)
     opts = DrillOptions(config=CONFIG, run_dir=run_dir, overrides=sets, timeout_s=300, detect_timeout_s=60,
-                        orphan_wait_s=10)
+                        orphan_wait_s=10, bitflip_target=bitflip_target)
     return run_drill(opts, build_schedule(schedule, faults, seed), faults, seed=seed, reference_digest=reference)

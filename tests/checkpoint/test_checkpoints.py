@@ -123,6 +123,8 @@ def test_ckpt_cli_list_inspect(reference_run):
     out = resilient_cli("ckpt", "list", str(reference_run), "--json")
     rows = json.loads(out.stdout)
     assert [(r["step"], r["state"], r["latest"]) for r in rows] == [(12, "complete", False), (24, "complete", True)]
+    # each records the last step whose replica check agreed before it was saved (checks every 10 steps)
+    assert [r["last_agreeing_step"] for r in rows] == [10, 20]
     info = json.loads(resilient_cli("ckpt", "inspect", str(reference_run), "--json").stdout)
     assert info["step"] == 24 and info["consumed_samples"] == 24 * 8 and info["parallel"]["dp"] == 2
     assert info["identity"]["num_layers"] == 2 and info["bytes"] > 0

@@ -37,7 +37,8 @@ def supervisor_ledger(now: float) -> list[dict]:
     return [{"ts": now - 100, "event": "run_start", "attempt": 0, "node": NODE},
             {"ts": now - 95, "event": "rank_init", "rank": 0, "attempt": 0, "seconds": 5.0},
             {"ts": now - 50, "event": "ckpt_save", "step": 20, "blocking_seconds": 1.0, "total_seconds": 3.0,
-             "bytes": 1 << 20}]
+             "bytes": 1 << 20},
+            {"ts": now - 40, "event": "sdc_confirmed", "step": 25, "ranks": [1], "nodes": [NODE]}]
 
 
 class Feeder:

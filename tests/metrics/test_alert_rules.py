@@ -27,6 +27,7 @@ REQUIRED = {
     "ResilientRestartLoop", "ResilientNoProgress", "ResilientThroughputDrop", "ResilientCheckpointTooOld",
     "ResilientLossNaN", "ResilientLossSpike", "ResilientScrapeTargetDown", "ResilientStorageFault",
     "ResilientNodeUnhealthy",
+    "ResilientSilentDataCorruption",
 }
 
 

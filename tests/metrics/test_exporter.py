@@ -22,6 +22,7 @@ FAMILIES = {
     "resilient_checkpoint_size_bytes", "resilient_checkpoint_written_bytes", "resilient_checkpoint_last_step",
     "resilient_checkpoint_last_complete_timestamp_seconds", "resilient_checkpoint_last_complete_age_seconds",
     "resilient_checkpoint_age_limit_seconds", "resilient_checkpoint_save_failures", "resilient_heartbeat_age_limit_seconds",
+    "resilient_sdc_findings",
     "resilient_checkpoint_interval_steps",
     "resilient_restarts", "resilient_failures",
     "resilient_gpu_temperature_celsius", "resilient_gpu_power_watts", "resilient_gpu_ecc_uncorrectable_errors",
@@ -79,6 +80,7 @@ def test_families_appear_with_sane_values_after_heartbeats(exporter):
     assert one(first, "resilient_checkpoint_written_bytes_total") == 1 << 20
     assert 0 <= one(first, "resilient_checkpoint_last_complete_age_seconds") < 60
     assert one(first, "resilient_checkpoint_save_failures_total") == 0
+    assert one(first, "resilient_sdc_findings_total") == 1
     assert one(first, "resilient_restarts_total") == 1
     assert one(first, "resilient_failures_total", kind="rank_exit") == 1
     assert one(first, "resilient_heartbeat_age_seconds", rank="0") == pytest.approx(0.2)

@@ -94,6 +94,15 @@ def test_plan_cli_405b_on_1024_h100s():
     assert plan["memory"]["total"] < 80 * 2**30
     assert plan["young_seconds"] > plan["daly_seconds"] > plan["ckpt_write_seconds"]
     assert 0.9 < plan["predicted_goodput"] < 1.0
+    # issue 24: replica checks at the default interval (10 steps) cost far under 1% of step time
+    assert 0 < plan["replica_check"]["share"] < 0.01 and "every 10 steps" in plan["replica_check"]["reason"]
+
+
+def test_replica_check_cost_is_one_read_of_the_weights_and_a_latency_bound_gather():
+    from resilient.planner import replica_check_seconds
+
+    assert replica_check_seconds(3.35e9, 1, hbm_gbps=3350.0) == pytest.approx(1e-3)
+    assert replica_check_seconds(0.0, 1025, hop_s=1e-5) == pytest.approx(1024e-5)
 
 
 def test_plan_cli_gpus_and_mtbf_change_the_interval():

@@ -1,4 +1,5 @@
-"""A synthetic run directory: two allocations, a hang with its incident, checkpoints, a straggler."""
+"""A synthetic run directory: two allocations, a hang with its incident, checkpoints, a straggler, a silent data
+corruption finding with its incident."""
 
 from __future__ import annotations
 
@@ -51,6 +52,12 @@ def make_run(run_dir: Path, ranks: int = 4) -> Path:
             ev("restart", attempt=1, backoff_seconds=5.0, reason="hang")
             t += 5
         elif attempt == 1:
+            incident = run_dir / "incidents" / "1-sdc"
+            incident.mkdir(parents=True)
+            (incident / "summary.txt").write_text("silent data corruption (mismatch) found at step 95: rank 2\n")
+            ev("sdc_suspected", step=95, kind="mismatch", reason="2 different digests", reexecute_from=80)
+            ev("sdc_confirmed", step=95, kind="mismatch", how="re-execution", ranks=[2], nodes=["n0"], trusted_until=90,
+               action="restart", incident="incidents/1-sdc")
             ev("preempted", step=100, node=0)
             ev("requeue", reason="preempted")
     ev("finished", step=step)

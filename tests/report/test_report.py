@@ -31,6 +31,15 @@ def test_report_is_self_contained_and_links_incidents(tmp_path):
     assert len(re.findall(r'src="data:image/png;base64,', page)) == 5  # every figure drawn, inlined
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from elsewhere
     assert 'href="../run/incidents/0-hang/summary.txt"' in page
+    assert 'href="../run/incidents/1-sdc/summary.txt"' in page
+
+
+def test_silent_data_corruption_is_marked_on_the_timeline(tmp_path):
+    from resilient.report.data import load, timeline_marks
+
+    marks = timeline_marks(load(make_run(tmp_path / "run")).ledger)
+    assert len(marks["silent data corruption"]) == 2  # suspected, then confirmed
+    assert len(marks["faults"]) == 1 and len(marks["checkpoints"]) == 8
 
 
 def test_bad_run_dir_is_one_line_and_distinct_exit(tmp_path):

@@ -7,6 +7,8 @@ requeue delay (cred_expire=10 s in deploy/slurm/slurm.conf.in).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ import yaml
 
 from resilient.core.exit_codes import ExitCode
 from resilient.supervisor.ranks import free_port
+from tests.ranks import run_ranks
 from tests.slurm.conftest import REPO, Cluster
 from tests.supervisor.harness import events, wait_until
 
@@ -260,3 +263,35 @@ def test_losing_node1_and_its_memory_resumes_from_node0s_replica(slurm_cluster, 
         slurm_cluster.run("scancel", job_id, check=False)
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def test_silent_data_corruption_removes_the_suspect_node_and_ends_on_the_fault_free_bits(slurm_cluster, reference,
+                                                                                        tmp_path):
+    """Silent data corruption on the cluster: one rank per node (two replicas), a weight bit flipped in node 1's rank at step
+    10. The check at step 12 finds the replicas apart; both re-execute from step 8 and rank 1 alone does not
+    reproduce its own token losses at step 10: sdc_confirmed names it and n1, its ranks exit UNHEALTHY_NODE, and
+    `slurm on-exit` requeues the job without n1 (shrinking to one node). The run resumes from step 8 and ends
+    on the fault-free bits of that history: the uninterrupted two-node run's step 8, continued on one rank."""
+    config, run_dir = write_run_config(tmp_path, "sdc", min_nodes=1)
+    tree = yaml.safe_load(config.read_text())
+    tree["numerics"] = {"replica_check_interval_steps": 4}
+    config.write_text(yaml.safe_dump(tree))
+    run_dir.mkdir(mode=0o700)
+    (run_dir / "faults.json").write_text(json.dumps({"bitflip": [{"step": 10, "rank": 1, "attempt": 0}]}))
+    job = finished_job(slurm_cluster, launch(slurm_cluster, config), run_dir, timeout=900)
+    assert job["Restarts"] == "1" and job["NodeList"] == "n0" and job["ExcNodeList"] == "n1"
+    [found] = events(run_dir, "sdc_confirmed")
+    assert (found["step"], found["ranks"], found["nodes"], found["how"], found["action"]) == \
+        (12, [1], ["n1"], "re-execution", "remove")
+    assert [(r["cause"], r["exclude"], r["nodes"]) for r in events(run_dir, "requeue")] == [("unhealthy_node", ["n1"], 1)]
+    resumed = next(e["step"] for e in events(run_dir, "ckpt_load") if e["ts"] > found["ts"])
+    assert resumed == 8 <= found["trusted_until"]
+
+    clean = tmp_path / "clean"
+    (clean / "checkpoints").mkdir(parents=True, mode=0o700)
+    shutil.copytree(reference[0] / "checkpoints" / "step_0000008", clean / "checkpoints" / "step_0000008")
+    # the same intra-op threads as the requeued job's single rank: the environment's, else the host's cores
+    threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
+    assert run_ranks(clean, ["supervisor.nproc_per_node=1"], world=1, config=config, extra_env=threads) == [0]
+    assert digest(run_dir) == digest(clean)
+

@@ -18,9 +18,11 @@ from trainer.data.prepare import check_inputs
 
 @pytest.fixture(scope="module")
 def twin_runs(reference_run, tmp_path_factory) -> tuple[Path, Path]:
-    """The reference run and a second run of the same config."""
+    """The reference run (replica checks on, every 10 steps by default) and a second run of the same config
+    with the checks off: checks read the parameters' bits and must never change them."""
     twin = tmp_path_factory.mktemp("twin")
-    assert run_ranks(twin, REFERENCE) == [0, 0], (twin / "rank0.log").read_text()[-3000:]
+    assert run_ranks(twin, [*REFERENCE, "numerics.replica_check_interval_steps=0"]) == [0, 0], \
+        (twin / "rank0.log").read_text()[-3000:]
     return reference_run, twin
 
 

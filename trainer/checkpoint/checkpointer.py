@@ -39,6 +39,7 @@ from trainer.checkpoint.memory.ring import Ring
 from trainer.checkpoint.memory.snapshot import SnapshotFormat
 from trainer.checkpoint.memory.tier import MemoryTier, root_problem
 from trainer.checkpoint.state import TrainState, apply_loaded, sharded_state
+from trainer.model import params_gathered
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,9 @@ class Checkpointer:
         self.last_save_step: int | None = None
         self.last_save_time = time.monotonic()
         self.failed_saves = 0
+        self.last_agreeing_step: int | None = None
+        """The last step whose replica check agreed (the trainer sets it): recorded in each checkpoint, and
+        retention keeps the newest checkpoint at or before it, where a silent-data-corruption finding resumes."""
         self._pending_blocking = 0.0
         self._retention: threading.Thread | None = None
         if self.rank == 0:
@@ -186,7 +190,8 @@ class Checkpointer:
         """Copy `state` into the memory tier; returns the seconds the loop was blocked."""
         started = time.monotonic()
         assert self.memory is not None
-        self.memory.snapshot(state)
+        with params_gathered(state.chunks):
+            self.memory.snapshot(state)
         return time.monotonic() - started
 
     def save(self, state: TrainState) -> float:
@@ -217,20 +222,21 @@ class Checkpointer:
             self._report_failure(step, refused)
             self.last_save_time = time.monotonic()  # the next trigger tries again
             return time.monotonic() - started
-        request = compat.save_async(sharded_state(state, include_rng=True), str(ckpt_dir), self.strategy)
-        if request.async_fn is not None:  # None: nothing to write on this rank
-            # Async: staged on the loop, written by an idle-priority thread. Sync: written from the
-            # live tensors while the loop waits, so nothing is copied.
+        with params_gathered(state.chunks):  # the weights as the next forward sees them, not stale shards
+            request = compat.save_async(sharded_state(state, include_rng=True), str(ckpt_dir), self.strategy)
+            if request.async_fn is not None:  # None: nothing to write on this rank
+                # Async: staged on the loop, written by an idle-priority thread. Sync: written from the
+                # live tensors while the loop waits, so nothing is copied.
+                request = request._replace(
+                    async_fn=writer.writer_fn(request, ckpt_dir, self.rank),
+                    preload_fn=partial(self.staging.stage, request.async_fn_args[1]) if self.cfg.async_save else None)
             request = request._replace(
-                async_fn=writer.writer_fn(request, ckpt_dir, self.rank),
-                preload_fn=partial(self.staging.stage, request.async_fn_args[1]) if self.cfg.async_save else None)
-        request = request._replace(
-            finalize_fns=[*request.finalize_fns,
-                          partial(self._commit, step, ckpt_dir, started, state.consumed_samples,
-                                  state.consumed_tokens, state.identity)],
-        )
-        self.queue.idle = self.cfg.async_save
-        self.queue.schedule_async_request(request)
+                finalize_fns=[*request.finalize_fns,
+                              partial(self._commit, step, ckpt_dir, started, state.consumed_samples,
+                                      state.consumed_tokens, state.identity, self.last_agreeing_step)],
+            )
+            self.queue.idle = self.cfg.async_save
+            self.queue.schedule_async_request(request)
         blocking = time.monotonic() - started
         self.last_save_step, self.last_save_time = step, time.monotonic()
         self._pending_blocking = blocking
@@ -290,6 +296,35 @@ class Checkpointer:
         if self.memory is not None:
             self.memory.wait()
 
+    def distrust_after(self, step: int | None) -> dict[str, list[int]]:
+        """A silent-data-corruption finding: nothing saved after `step` (None: nothing at all) may be
+        resumed. Rank 0 moves those disk checkpoints aside (`step_N.sdc-<time>`, kept for forensics, never
+        loaded) and points `latest` at the newest left; each node withdraws its memory snapshots after it.
+        All ranks call it after `finish`. Returns what was withdrawn (disk steps on rank 0; memory steps of
+        every node)."""
+        out: dict[str, list[int]] = {"disk": [], "memory": []}
+        if self.rank == 0:
+            stamp = int(time.time())
+            for found in layout.committed_steps(self.root):
+                if step is None or found > step:
+                    path = layout.step_dir(self.root, found)
+                    path.rename(path.with_name(f"{path.name}.sdc-{stamp}"))
+                    out["disk"].append(found)
+            if out["disk"]:
+                fsync_dir(self.root)
+                left = layout.committed_steps(self.root)
+                if left:
+                    layout.write_latest(self.root, left[-1])
+                else:
+                    (self.root / layout.LATEST).unlink(missing_ok=True)
+        withdrawn = self.memory.distrust_after(step) if self.memory is not None else []
+        if self.last_save_step is not None and (step is None or self.last_save_step > step):
+            self.last_save_step = None
+        every: list[list[int]] = [None] * self.world  # type: ignore[list-item]
+        dist.all_gather_object(every, withdrawn)  # also the barrier: done everywhere before anyone goes on
+        out["memory"] = sorted({s for steps in every for s in steps})
+        return out
+
     def discard_memory(self) -> None:
         """The run finished and its final step is on disk: drop this node's memory tier (all ranks call)."""
         if self.memory is None:
@@ -300,11 +335,11 @@ class Checkpointer:
             self.memory.remove_node_dir()
 
     def _commit(self, step: int, ckpt_dir: Path, started: float, consumed_samples: int,
-                consumed_tokens: int, identity: dict[str, Any]) -> None:
+                consumed_tokens: int, identity: dict[str, Any], last_agreeing_step: int | None) -> None:
         if self.rank != 0:
             return
         meta = {"step": step, "consumed_samples": consumed_samples, "consumed_tokens": consumed_tokens,
-                "world_size": self.world, "identity": identity,
+                "world_size": self.world, "identity": identity, "last_agreeing_step": last_agreeing_step,
                 "parallel": {"tp": parallel_state.get_tensor_model_parallel_world_size(),
                              "pp": parallel_state.get_pipeline_model_parallel_world_size(),
                              "dp": parallel_state.get_data_parallel_world_size()}}
@@ -318,8 +353,10 @@ class Checkpointer:
         self._start_retention(step)
 
     def _start_retention(self, newest: int) -> None:
-        doomed = policy.to_delete(layout.committed_steps(self.root), keep_last=self.cfg.keep_last,
-                                  keep_every=self.cfg.keep_every, protected={newest})
+        committed = layout.committed_steps(self.root)
+        trusted = policy.newest_at_most(committed, self.last_agreeing_step)
+        doomed = policy.to_delete(committed, keep_last=self.cfg.keep_last, keep_every=self.cfg.keep_every,
+                                  protected={newest} | ({trusted} if trusted is not None else set()))
         if not doomed:
             return
         if self._retention is not None:
@@ -351,20 +388,23 @@ class Checkpointer:
 
     # -- loading --------------------------------------------------------------------------
 
-    def resume(self, state: TrainState, *, memory: bool = True) -> int | None:
+    def resume(self, state: TrainState, *, memory: bool = True, at_most: int | None = None) -> int | None:
         """Load the newest intact checkpoint into `state`: from the memory tier when every rank has a
         valid copy of a step newer than the newest committed disk checkpoint, else from disk (falling
-        back past damaged ones); None when there is none. Raises CheckpointError when one was asked
-        for and cannot be used."""
+        back past damaged ones); None when there is none (`state` untouched). `at_most`: nothing saved
+        after that step (a re-execution starts from trusted state; `checkpoint.load_step` does not
+        apply). Raises CheckpointError when one was asked for and cannot be used."""
         why = None
         gone = self._agree(self._root_problem())
         if gone:
             raise StorageFault(gone)
-        if memory and self.memory is not None and self.cfg.load_step is None:
-            step, why = self._resume_memory(state)
+        load_step = self.cfg.load_step if at_most is None else None
+        if memory and self.memory is not None and load_step is None:
+            step, why = self._resume_memory(state, at_most)
             if step is not None:
                 return step
-        candidates = policy.load_candidates(layout.committed_steps(self.root), load_step=self.cfg.load_step)
+        committed = [s for s in layout.committed_steps(self.root) if at_most is None or s <= at_most]
+        candidates = policy.load_candidates(committed, load_step=load_step)
         skipped: list[tuple[int, str]] = []
         for step in candidates:
             ckpt_dir = layout.step_dir(self.root, step)
@@ -375,7 +415,7 @@ class Checkpointer:
             dist.all_gather_object(problems, local)
             problem = next((p for p in problems if p), None)
             if problem:
-                if self.cfg.load_step is not None:
+                if load_step is not None:
                     raise CheckpointError(f"checkpoint step {step} is damaged: {problem}")
                 skipped.append((step, problem))
                 if self.rank == 0:
@@ -403,23 +443,23 @@ class Checkpointer:
                               attempt=self.attempt, tier="disk", **({"reason": why} if why else {}))
             self.last_save_step = step
             return step
-        if self.cfg.load_step is not None:
-            raise CheckpointError(f"no checkpoint for step {self.cfg.load_step} in {self.root}")
+        if load_step is not None:
+            raise CheckpointError(f"no checkpoint for step {load_step} in {self.root}")
         if skipped:
             raise CheckpointError(
                 f"every checkpoint in {self.root} is damaged (newest: {skipped[0][1]}); refusing to start over"
             )
         return None
 
-    def _resume_memory(self, state: TrainState) -> tuple[int | None, str]:
-        """Try the memory tier (all ranks): (step loaded or None, why)."""
+    def _resume_memory(self, state: TrainState, at_most: int | None = None) -> tuple[int | None, str]:
+        """Try the memory tier (all ranks), nothing after `at_most`: (step loaded or None, why)."""
         assert self.memory is not None
         started = time.monotonic()
         inventories: list[choice.Inventory] = [None] * self.world  # type: ignore[list-item]
         dist.all_gather_object(inventories, self.memory.inventory())
-        committed = layout.committed_steps(self.root)
+        disk_step = policy.newest_at_most(layout.committed_steps(self.root), at_most)
         while True:  # verify only the copies chosen; a bad one is passed over and the choice taken again
-            chosen = choice.choose_tier(inventories, disk_step=committed[-1] if committed else None)
+            chosen = choice.choose_tier(inventories, disk_step=disk_step, at_most=at_most)
             if chosen.step is None:
                 if self.rank == 0:
                     log.info("memory tier not used: %s", chosen.reason)

@@ -49,8 +49,9 @@ ckpt_app = typer.Typer(help="Inspect, check and repair checkpoints (DIR: RUN_DIR
 def list_cmd(directory: Path, as_json: bool = typer.Option(False, "--json", help="JSON output"),
              memory_dir: Optional[Path] = typer.Option(
                  None, "--memory-dir", help="the run's memory tier (default: the one derived from RUN_DIR)")) -> None:
-    """Every step (iteration) directory, complete or not, and which one `latest` (the tracker) names; for a
-    run directory also the memory tier: each node's own snapshots and the replicas it holds (checksums verified)."""
+    """Every step (iteration) directory, complete or not, and which one `latest` (the tracker) names, with the
+    last step whose replica check agreed when it was saved; for a run directory also the memory tier: each
+    node's own snapshots and the replicas it holds (checksums verified)."""
     if not directory.is_dir():
         raise ConfigError(f"{directory}: no such directory")
     root = ck.resolve_root(directory)
@@ -78,6 +79,8 @@ def list_cmd(directory: Path, as_json: bool = typer.Option(False, "--json", help
                   "`resilient ckpt clean` removes it")
             continue
         latest = "  <- latest" if row.get("latest") else ""
+        if row.get("last_agreeing_step") is not None:
+            why = f"  replicas agreed at step {row['last_agreeing_step']}{why}"
         tier = row.get("tier", "disk")
         if tier.startswith("memory"):
             held = f" of node{row['of_node']}" if row["of_node"] is not None else ""

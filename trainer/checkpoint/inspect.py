@@ -42,12 +42,15 @@ def listing(root: Path) -> list[dict[str, Any]]:
     latest = layout.read_latest(root)
     rows = []
     for step, path in layout.step_dirs(root).items():
+        agreed = None
         try:
             meta = manifest.read_manifest(path)
             state, size = "complete", meta.get("bytes", 0)
+            agreed = meta.get("meta", {}).get("last_agreeing_step")
         except ValueError:
             state, size = "incomplete", sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-        rows.append({"step": step, "state": state, "bytes": size, "latest": step == latest, "path": str(path)})
+        rows.append({"step": step, "state": state, "bytes": size, "latest": step == latest, "path": str(path),
+                     "last_agreeing_step": agreed})
     return rows
 
 

@@ -59,6 +59,12 @@ def load_candidates(committed: list[int], *, load_step: int | None) -> list[int]
     return sorted(committed, reverse=True)
 
 
+def newest_at_most(committed: list[int], bound: int | None) -> int | None:
+    """The newest committed step at or before `bound` (any, for None); None when there is none."""
+    eligible = [s for s in committed if bound is None or s <= bound]
+    return max(eligible) if eligible else None
+
+
 def should_snapshot(interval_steps: int, *, step: int, final_step: int, disk_saved: bool,
                     last_snapshot: int | None = None) -> SaveDecision:
     """Take a memory-tier snapshot after `step`? Not when the disk tier just saved the same step (a

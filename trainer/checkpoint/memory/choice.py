@@ -65,10 +65,11 @@ def mark_failed(inventories: list[Inventory], choice: TierChoice, problems: list
     return out
 
 
-def choose_tier(inventories: list[Inventory], *, disk_step: int | None) -> TierChoice:
+def choose_tier(inventories: list[Inventory], *, disk_step: int | None, at_most: int | None = None) -> TierChoice:
     """The newest step for which EVERY rank has a valid memory copy (its own, else the replica a rank
     on the next node holds for it), when it is newer than the newest committed disk checkpoint;
-    otherwise disk. The reason names each newer step that was passed over and why."""
+    otherwise disk. `at_most`: no step after it (state after a silent-data-corruption finding's last
+    agreeing step is not trusted). The reason names each newer step that was passed over and why."""
     world = len(inventories)
     holders = {inv.replica_of: h for h, inv in enumerate(inventories) if inv.replica_of is not None}
     steps = sorted({s for inv in inventories for s in (*inv.own, *inv.replica)}, reverse=True)
@@ -76,6 +77,9 @@ def choose_tier(inventories: list[Inventory], *, disk_step: int | None) -> TierC
     for step in steps:
         if disk_step is not None and step <= disk_step:
             break
+        if at_most is not None and step > at_most:
+            passed.append(f"step {step}: after the trusted step {at_most}")
+            continue
         sources, missing = [], []
         for rank, inv in enumerate(inventories):
             if step in inv.own and inv.own[step] is None:

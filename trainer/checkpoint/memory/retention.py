@@ -31,3 +31,14 @@ def prune(base: Path, keep_last: int) -> None:
             pass  # removed below like the rest
     for path in dropped:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def uncommit_after(base: Path, step: int | None) -> list[int]:
+    """Withdraw the commit of every snapshot after `step` (all of them for None): a restart never takes
+    them, and `prune` reclaims their space. Returns the steps withdrawn."""
+    withdrawn = []
+    for found, path in naming.steps_in(base).items():
+        if (step is None or found > step) and (path / naming.COMMITTED).exists():
+            (path / naming.COMMITTED).unlink(missing_ok=True)
+            withdrawn.append(found)
+    return withdrawn

@@ -149,6 +149,13 @@ class MemoryTier:
             raise ValueError(f"replica unavailable ({meta[replication.UNAVAILABLE]})")
         return meta, self.fmt.verify(meta, data, self.rank)
 
+    def distrust_after(self, step: int | None) -> list[int]:
+        """Withdraw this node's snapshots (own and replicas held) after `step`: a silent-data-corruption
+        finding does not trust them (the node leader acts; after `wait`). Returns the steps withdrawn."""
+        if not self.node_leader:
+            return []
+        return sorted({s for base in self.bases for s in retention.uncommit_after(base, step)})
+
     def remove_node_dir(self) -> None:
         """The run finished: its snapshots are no longer needed (the node leader calls it)."""
         shutil.rmtree(naming.node_dir(self.root, self.node), ignore_errors=True)
