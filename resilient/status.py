@@ -80,6 +80,15 @@ def _renderable(status: dict[str, Any], now: float, run_dir: str | Path, inciden
     if spares:  # warm standby ranks per node and what they cost
         parts.append(Text("warm spares: " + ", ".join(f"{n} {s.get('count')} ({(s.get('rss_bytes') or 0) / 2**30:.2f} GiB)"
                                                      for n, s in spares.items())))
+    roster = status.get("roster")
+    if roster and (roster.get("spares") or roster.get("out") or roster.get("epoch")):  # spare nodes in use
+        spare = ", ".join(roster.get("spares") or []) or "none left"
+        parts.append(Text(f"nodes: {' '.join(roster.get('nodes') or [])} (coordinator {roster.get('coordinator')}, "
+                          f"epoch {roster.get('epoch')}); spare nodes: {spare}"))
+    for host, bad in (status.get("bad_nodes") or {}).items():  # the run's bad-node ledger
+        by = f", replaced by {bad['replaced_by']}" if bad.get("replaced_by") else ""
+        parts.append(Text(f"bad node {host}: {bad.get('kind')} x{bad.get('count')} (last {_age(bad.get('last_ts'), now)} "
+                          f"ago{by}): {bad.get('reason')}"))
     table = Table("rank", "node", "pid", "phase", "step", "heartbeat age")
     for r in status.get("ranks", []):
         table.add_row(str(r.get("rank")), str(r.get("node_name", r.get("node"))), str(r.get("pid")),

@@ -3,8 +3,9 @@
 Every value the supervisors put in the coordination store is sealed with AES-256-GCM under a key
 derived from RUN_DIR/.secret (created 0600 by whichever supervisor comes first). The associated data
 binds each value to its store key and to this job instance (Slurm job id + restart count), so a
-value cannot be moved to another key or replayed into a later job. A client without the secret can
-read only ciphertext and can forge nothing: a value that fails to open is rejected and reported.
+value cannot be moved to another key or replayed into a later job. The store itself admits only
+connections that prove a key derived from the same secret and instance (`Sealer.store_key`): a
+client without the secret reads and writes nothing; a value that fails to open is rejected and reported.
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class Sealer:
         # A dedicated key per purpose: the file's secret is never used as a cipher key directly.
         self._aead = AESGCM(hmac.new(secret, b"resilient coordination store v1", hashlib.sha256).digest())
         self._instance = instance.encode()
+        self.store_key = hmac.new(secret, b"resilient coordination store auth v1\0" + self._instance,
+                                  hashlib.sha256).digest()
+        """Proves a connection to the store (store.py) belongs to this job instance."""
 
     def _aad(self, key: str) -> bytes:
         return self._instance + b"\0" + key.encode()

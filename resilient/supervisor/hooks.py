@@ -152,6 +152,15 @@ class NodeHooks:
         if self.metrics is not None:
             self.metrics.on_spares(count, rss_bytes)
 
+    def on_roster(self, spares: int, bad: int, configured: int) -> None:
+        """The coordinator's roster changed: spare nodes left, nodes out of the run, spares configured."""
+        if self.metrics is not None:
+            self.metrics.on_roster(spares, bad, configured)
+
+    def on_replacement(self) -> None:
+        if self.metrics is not None:
+            self.metrics.on_replacement()
+
     def set_state(self, state: str, attempt: int) -> None:
         if self.metrics is not None:
             self.metrics.set_state(state, attempt)

@@ -99,6 +99,22 @@ def refill_due(phases: list[str | None], since_spawn_s: float, delay_s: float) -
     return False, "no heartbeats yet"
 
 
+def idle_priority_allowed() -> bool:
+    """Whether a parked spare can import at SCHED_IDLE and return to normal priority when it takes a rank
+    (root, CAP_SYS_NICE or RLIMIT_NICE; the spare probes the same way, resilient.rank.park): then spares
+    are refilled the moment a new attempt's ranks are spawned, so a failure seconds later still finds them
+    warm; otherwise only once the ranks step (the imports would slow their start-up)."""
+    import threading
+
+    from resilient.core import sched
+
+    ok: list[bool] = []
+    probe = threading.Thread(target=lambda: ok.append(sched.set_idle(0, True) and sched.set_idle(0, False)))
+    probe.start()
+    probe.join()
+    return bool(ok and ok[0])
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of one process (0 once it is gone)."""
     try:
