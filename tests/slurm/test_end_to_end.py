@@ -181,7 +181,8 @@ def _supervisor_of_node(job_id: str, node: int):
 
 def test_losing_node0s_supervisor_stops_every_node_and_requeues(slurm_cluster, tmp_path):
     """Node 0 hosts the coordination store: when its supervisor dies, node 1 stops its ranks, records
-    `coordinator_lost` and exits COORDINATOR_LOST; the job requeues itself and finishes."""
+    `coordinator_lost`, finds no majority for an election (1 of 2) and exits COORDINATOR_LOST; the job
+    requeues itself and finishes."""
     config, run_dir = write_run_config(tmp_path, "node0-lost")
     job_id = launch(slurm_cluster, config)
     wait_until(lambda: last_step(run_dir) >= 3, 240, "training to reach step 3")
@@ -190,8 +191,9 @@ def test_losing_node0s_supervisor_stops_every_node_and_requeues(slurm_cluster, t
 
     job = finished_job(slurm_cluster, job_id, run_dir)
     assert job["Restarts"] == "1"
-    [lost] = events(run_dir, "coordinator_lost")
-    assert lost["node"] == 1 and "coordination store" in lost["reason"]
+    lost = events(run_dir, "coordinator_lost")
+    assert lost[0]["node"] == 1 and "coordination store" in lost[0]["reason"]
+    assert lost[-1]["minority"]  # one of two supervisors is no majority: no election, it stops
     assert [r["cause"] for r in events(run_dir, "requeue")] == ["crash"]
     assert "exit 83: lost the job's coordination" in logs(run_dir)
     assert events(run_dir, "job_end")[-1]["state"] == "finished" and last_step(run_dir) == STEPS
@@ -213,8 +215,7 @@ def test_losing_node1_and_its_memory_resumes_from_node0s_replica(slurm_cluster, 
     config, run_dir = write_run_config(tmp_path, "memtier")
     tree = yaml.safe_load(config.read_text())
     tree["checkpoint"]["memory_interval_steps"] = MEMORY_EVERY  # memory 5, 10, 15, 20; disk 8, 16, 24
-    # node 0 gives up waiting for the lost node after this long and exits; the job requeues
-    tree["supervisor"]["store_timeout_s"] = 30
+    # node 0 finds node 1's lease expired within node_lease_s, stops (no spare) and the job requeues
     config.write_text(yaml.safe_dump(tree))
     root = CheckpointConfig().memory_root(run_dir)
     job_id = launch(slurm_cluster, config)
