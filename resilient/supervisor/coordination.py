@@ -41,7 +41,8 @@ from resilient.supervisor.config import SupervisorConfig
 from resilient.supervisor.decisions import AttemptDecision
 from resilient.supervisor.reports import NodeReport, StopKind, StopRequest
 from resilient.supervisor.roster import Roster
-from resilient.supervisor.store import SealedStore, StoreClient, StoreLimits, StoreRefused, StoreServer, host_store
+from resilient.core.kvstore import StoreClient, StoreLimits, StoreRefused, StoreServer, host_store
+from resilient.supervisor.store import SealedStore
 from resilient.supervisor.topology import Topology
 
 

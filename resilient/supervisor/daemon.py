@@ -41,7 +41,8 @@ from resilient.report.rank_steps import RankStepLog
 from resilient.supervisor import (calibration, decisions, election, failover, failures, fencing,
                                   incidents, progress, publishing, spares, timeouts)
 from resilient.supervisor import roster as rosters
-from resilient.supervisor.auth import Sealer, load_or_create_secret
+from resilient.core.secret import load_or_create_secret
+from resilient.supervisor.auth import Sealer
 from resilient.supervisor.calibration import CalibrationStore
 from resilient.supervisor.config import RankProtocol
 from resilient.supervisor.coordination import CoordinationLost, Coordinator, Gate

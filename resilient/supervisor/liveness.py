@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from resilient.supervisor.leases import LeaseTable, renew_every
-from resilient.supervisor.store import SealedStore, StoreRefused
+from resilient.core.kvstore import StoreRefused
+from resilient.supervisor.store import SealedStore
 
 
 def lease_key(slot: int) -> str:

@@ -63,7 +63,7 @@ def write_run_status(run_dir: Path, nodes: Mapping[int, dict[str, Any]], *, stat
     live = {s: n for s, n in nodes.items() if roster is None or roster.role(s) is not Role.OUT}
     ranks = sorted((r for s in live.values() for r in s["ranks"]), key=lambda r: r["rank"])
     steps = [r["step"] for r in ranks if r["step"] is not None]
-    events = ledger.read(run_dir)
+    events = list(ledger.read(run_dir))  # read once: saves, snapshots and the bad nodes all come from it
     saves = [e["step"] for e in events if e.get("event") == LedgerEvent.CKPT_SAVE]
     snapshots = [e["step"] for e in events if e.get("event") == LedgerEvent.MEM_SNAPSHOT]
     members = None
