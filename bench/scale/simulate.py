@@ -549,8 +549,9 @@ def scenario(slots: int, run_dir: Path, steady_s: float, *, ranks: int = 8, spar
     survivors elect slot 1, which replaces node 0 with a spare), and a preemption signal on slot N/2 (->
     every slot stops). The figures bench/scale tabulates, plus the coordinators' decisions as [outcome or
     "restart", reason]. Raises unless every live slot ended preempted."""
-    if spares < 2:
-        raise ValueError("the scenario replaces two nodes: it needs two spares")
+    if spares < 2 or slots - 2 < slots // 2 + 1:
+        raise ValueError("the scenario loses two slots: it needs two spares, and a majority of at least 6 slots "
+                         "left to elect")
     cluster = Cluster(slots, run_dir, ranks=ranks, spares=spares, cfg=cfg)
     nodes = slots - spares
     every = list(range(slots))

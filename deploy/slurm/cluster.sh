@@ -125,11 +125,12 @@ start_netns() {
         ip addr add "$CTLD_ADDR/24" dev "$BRIDGE"
         ip link set "$BRIDGE" up
     }
-    local n ns k hosts
-    hosts="127.0.0.1 localhost"$'\n'"$CTLD_ADDR $(hostname -s)"$'\n'
-    for n in "${NODES[@]}"; do hosts+="$(addr_of "$n") $n"$'\n'; done
+    local n m ns hosts
     for n in "${NODES[@]}"; do
         ns="$(netns_of "$n")"
+        # As on a real host: this machine's name is the node's own address (gloo binds what it resolves to).
+        hosts="127.0.0.1 localhost"$'\n'"$(addr_of "$n") $(hostname -s)"$'\n'
+        for m in "${NODES[@]}"; do hosts+="$(addr_of "$m") $m"$'\n'; done
         mkdir -p "/etc/netns/$ns"
         printf '%s' "$hosts" > "/etc/netns/$ns/hosts"
         ip netns list | grep -qw "$ns" && continue

@@ -218,6 +218,29 @@ def job_end_from_ledger(records: Iterable[Mapping[str, Any]], *, exit_code: int,
                   repeat_bad_nodes=tuple(sorted(n for n, count in outs.items() if count >= 2)))
 
 
+def unrecorded_requeue(records: Iterable[Mapping[str, Any]], restart_count: int,
+                       job_id: str | None) -> dict[str, Any] | None:
+    """The `requeue` record of an allocation that Slurm requeued itself, found at the next allocation's start:
+    its batch host was lost (NODE_FAIL), so `slurm on-exit` never ran and nothing recorded why. None when the
+    previous allocation of this job ended through `slurm on-exit` (or there was none)."""
+    if restart_count <= 0:
+        return None
+    records = list(records)
+    previous = [r for r in records if r.get("event") == "run_start" and r.get("slurm_job_id") == job_id
+                and r.get("slurm_restart_count") == restart_count - 1]
+    if not previous:
+        return None
+    since = min(float(r.get("ts", 0)) for r in previous)
+    if any(r.get("event") in ("requeue", "job_end") and float(r.get("ts", 0)) >= since for r in records):
+        return None
+    batch_host = next((r.get("host") for r in previous if r.get("slot") == 0), None)
+    out = [str(r.get("node")) for r in records if r.get("event") == "bad_node" and float(r.get("ts", 0)) >= since]
+    reason = (f"Slurm requeued the job itself: the allocation ended without `slurm on-exit` (its batch host "
+              f"{batch_host or '?'} lost, NODE_FAIL)" + (f"; nodes out before: {', '.join(out)}" if out else ""))
+    return {"job_id": job_id, "cause": "slurm", "exclude": [], "reason": reason, "lost_batch_host": batch_host,
+            "slurm_restart_count": restart_count - 1}
+
+
 def job_ref(env: Mapping[str, str]) -> str:
     """The ID scontrol acts on: `ARRAYJOBID_TASKID` for an array task, as Slurm names array tasks
     (requeueing SLURM_ARRAY_JOB_ID alone would hit the whole array), else SLURM_JOB_ID."""

@@ -40,8 +40,22 @@ def _supervise(cfg: RunConfig, topo: Topology) -> None:
         # Before any side effect (cleanup, socket, config.yaml): a second run on this dir touches nothing.
         # Held until this process exits; other nodes join through the coordinator's store.
         run_lock.acquire(cfg.run_dir, os.environ.get("SLURM_JOB_ID"))
+        _record_slurm_requeue(cfg.run_dir)
     # sys.exit, not typer.Exit: in standalone_mode=False click returns typer.Exit's code instead of exiting.
     sys.exit(Supervisor(cfg, topo, cfg.run_dir).run())
+
+
+def _record_slurm_requeue(run_dir: Path) -> None:
+    """A requeue Slurm did itself (the batch host lost) gets its ledger record, with why, at the next start."""
+    from resilient.core import ledger
+    from resilient.core.events import LedgerEvent
+    from resilient.slurm.policy import unrecorded_requeue
+
+    record = unrecorded_requeue(ledger.read(run_dir), int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+                                os.environ.get("SLURM_JOB_ID"))
+    if record is not None:
+        ledger.append(run_dir, LedgerEvent.REQUEUE, **record)
+        print(f"resilient: {record['reason']}", file=sys.stderr)
 
 
 def register(app: typer.Typer) -> None:

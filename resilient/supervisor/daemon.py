@@ -749,7 +749,7 @@ class Supervisor:
                           reason=stop.reason if stop else None, epoch=epoch)
         else:
             ledger.append(self.run_dir, LedgerEvent.GAVE_UP, reason=d.reason, exit_code=int(d.exit_code),
-                          epoch=epoch, node=_condemned_host(d, self.plan))
+                          epoch=epoch, node=_condemned_host(d, self.plan, self.roster))
 
     def _finish(self, decision: AttemptDecision) -> ExitCode:
         """Publish the final state, then let the coordinator keep the store up until every live slot has read
@@ -900,11 +900,12 @@ def _stop_seen_reason(stop: StopRequest | None) -> str:
     return f"stop requested by node {stop.node} ({stop.host}, pid {stop.pid}): {stop.reason}"
 
 
-def _condemned_host(d: AttemptDecision, plan: Roster) -> str | None:
-    """The host of the first unhealthy node a stop decision names (what `slurm on-exit` excludes)."""
+def _condemned_host(d: AttemptDecision, plan: Roster, roster: Roster) -> str | None:
+    """The name of the first unhealthy node a stop decision names (what `slurm on-exit` excludes): its slot
+    from the attempt's plan, its name from the newest roster (names come with the leases)."""
     for f in d.faulty_nodes:
         if str(f.kind) == "unhealthy" and f.node < len(plan.nodes):
-            return plan.name(plan.nodes[f.node])
+            return roster.name(plan.nodes[f.node])
     return None
 
 

@@ -82,3 +82,15 @@ def start_cluster(state: Path, nodes: int = 2, netns: bool = False):
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
     yield from start_cluster(tmp_path_factory.mktemp("slurm-cluster"))
+
+
+@pytest.fixture(scope="session")
+def reference(slurm_cluster, tmp_path_factory):
+    """An uninterrupted two-node run: (run dir, job record, final checkpoint digest). Session-wide: every
+    disturbed run of the same training ends on its digest (test_end_to_end.py, test_node_loss.py)."""
+    from tests.slurm.runs import digest, finished_job, launch, write_run_config
+
+    config, run_dir = write_run_config(tmp_path_factory.mktemp("reference"), "reference")
+    job_id = launch(slurm_cluster, config)
+    job = finished_job(slurm_cluster, job_id, run_dir)
+    return run_dir, job, digest(run_dir)

@@ -1,7 +1,8 @@
 """Issue 22 on a real three-node Slurm cluster, each node a host of its own (network namespace, address,
 /dev/shm): `nodes: 2`, `slurm.spare_nodes: 1`. A node that fails is replaced in the same Slurm job by the
 spare, which takes its node rank and loads its state from the peer replica; the run ends on the fault-free
-run's weights, and the bad node is in the ledger and in `resilient status`.
+run's weights (the session's two-node reference run: the same training), and the bad node is in the ledger
+and in `resilient status`.
 
 Runs (each shared by the faults the issue allows in one job; a spare covers one node fault):
   - warm: a rank killed three times, 3 s after each recovery (every recovery warm), then (a) a fatal
@@ -25,16 +26,14 @@ import psutil
 import pytest
 import yaml
 
-from resilient.supervisor.ranks import free_port
 from resilient.supervisor.spares import is_parked
-from tests.slurm.conftest import REPO, Cluster, start_cluster
-from tests.slurm.test_end_to_end import DONE, FAILED_GPU, HEALTHY_GPU, launch, logs
+from tests.slurm.conftest import Cluster, start_cluster
+from tests.slurm.runs import FAILED_GPU, digest, finished_job, last_step, launch, write_run_config
 from tests.supervisor.harness import events, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-STEPS = 30
-MEMORY_EVERY = 4
+MEMORY_EVERY = 2
 NODES = ("n0", "n1", "n2")
 
 
@@ -44,49 +43,17 @@ def cluster(tmp_path_factory):
 
 
 def write_config(tmp: Path, name: str, **slurm) -> tuple[Path, Path]:
-    """A tiny run on two nodes plus a spare; each node's GPU state is scripted in <name>-nvml/."""
-    nvml = tmp / f"{name}-nvml"
-    nvml.mkdir()
-    for node in NODES:
-        (nvml / f"{node}.json").write_text(json.dumps(HEALTHY_GPU))
-    run_dir = tmp / name
-    cfg = {
-        "run_dir": str(run_dir),
-        "nodes": 2,
-        "model": {"preset": "tiny"},
-        "train": {"steps": STEPS, "global_batch": 4, "micro_batch": 2, "seq_len": 64, "warmup_steps": 2},
-        "data": {"path": str(REPO / "examples/data/c4-sample"), "tokenizer": str(REPO / "examples/tokenizer.json"),
-                 "validation_docs": 20, "num_workers": 0},
-        "checkpoint": {"interval_steps": 10, "memory_interval_steps": MEMORY_EVERY},
-        "supervisor": {"nproc_per_node": 1, "store_port": free_port(), "node_lease_s": 4.0},
-        "metrics": {"port": 0},
-        "health": {"fake_nvml_dir": str(nvml), "monitor_interval_s": 1.0},
-        "slurm": {"time_limit_minutes": 15, "signal_seconds": 60, "exclusive": False, "spare_nodes": 1, **slurm},
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path, run_dir
-
-
-def last_step(run_dir: Path) -> int:
-    path = run_dir / "train_log.jsonl"
-    if not path.exists():
-        return 0
-    return max((json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()), default=0)
-
-
-def digest(run_dir: Path) -> str:
-    out = subprocess.run([sys.executable, "-m", "resilient.cli", "ckpt", "digest", str(run_dir)],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.split("\n")
-    assert lines[0] == f"step {STEPS}", out.stdout
-    return lines[1]
+    """The reference's training (tests/slurm/runs.py) on two nodes plus a spare; memory snapshots every few
+    steps, replicated to the next node, and disk only at the end: every restart takes a memory snapshot, so a
+    replacement must fetch the lost node's copy from its peer."""
+    return write_run_config(tmp, name, hosts=NODES, spare_nodes=1, time_limit_minutes=15, **slurm, sections={
+        "checkpoint": {"interval_steps": 1000, "memory_interval_steps": MEMORY_EVERY},
+        "supervisor": {"node_lease_s": 4.0},
+        "health": {"monitor_interval_s": 1.0}})
 
 
 def finished(cluster: Cluster, job_id: str, run_dir: Path, timeout: float = 600) -> dict[str, str]:
-    job = cluster.wait_job(job_id, DONE, timeout=timeout)
-    assert job["JobState"] == "COMPLETED", f"{job}\n{logs(run_dir)}"
+    job = finished_job(cluster, job_id, run_dir, timeout)
     assert events(run_dir, "job_end")[-1]["state"] == "finished"
     return job
 
@@ -148,9 +115,24 @@ def stepping_in(run_dir: Path, attempt: int, beyond: int = 0):
     return probe
 
 
+def spare_stepping(run_dir: Path):
+    """Probe: the spare (n2) runs a node rank and its attempt completed a step."""
+    def probe() -> bool:
+        started = [r["attempt"] for r in events(run_dir, "attempt_start") if r["host"] == "n2"]
+        return bool(started) and stepping_in(run_dir, started[0])()
+    return probe
+
+
+def snapshot_since(run_dir: Path, ts: float):
+    """Probe: a memory snapshot (replicated to the next node) was committed after `ts`."""
+    return lambda: [r for r in events(run_dir, "mem_snapshot") if r["ts"] > ts and r["step"] > 0]
+
+
 def assert_same_job_on_the_spare(run_dir: Path, job: dict, bad: str, kind: str) -> None:
-    """The fault was survived in the same Slurm job: no Slurm restart, the spare took the bad node's rank."""
+    """The fault was survived in the same Slurm job: no Slurm restart, the spare (which stood by until then)
+    took the bad node's rank."""
     assert job["Restarts"] == "0"
+    assert [r["host"] for r in events(run_dir, "run_start") if r["role"] == "spare"] == ["n2"]
     assert {r["slurm_restart_count"] for r in events(run_dir, "run_start")} == {0}
     [out] = [r for r in events(run_dir, "bad_node") if r["node"] == bad]
     assert out["kind"] == kind and out["replaced_by"] == "n2" and out["node_rank"] in (0, 1), out
@@ -162,15 +144,10 @@ def assert_same_job_on_the_spare(run_dir: Path, job: dict, bad: str, kind: str) 
     assert f"bad node {bad}: {kind} x1" in shown and "spare nodes: none left" in shown
 
 
-@pytest.fixture(scope="module")
-def reference(cluster, tmp_path_factory):
-    """The same run without faults, on the same cluster: its final checkpoint's digest."""
-    config, run_dir = write_config(tmp_path_factory.mktemp("reference"), "reference")
-    job = finished(cluster, launch(cluster, config), run_dir)
-    assert job["Restarts"] == "0" and not events(run_dir, "bad_node") and not events(run_dir, "restart")
-    spares = [r for r in events(run_dir, "run_start") if r["role"] == "spare"]
-    assert [r["host"] for r in spares] == ["n2"]  # the spare stood by the whole run
-    return digest(run_dir)
+def assert_replica_loaded(run_dir: Path, sources: list[str]) -> None:
+    """The spare's restart took the newest memory snapshot, the lost node's copy from its peer replica."""
+    load = events(run_dir, "ckpt_load")[-1]
+    assert load["tier"] == "memory-replica" and load["sources"] == sources, load
 
 
 def test_rank_kills_recover_warm_and_an_unhealthy_node_is_replaced_by_the_spare(cluster, reference, tmp_path):
@@ -187,33 +164,33 @@ def test_rank_kills_recover_warm_and_an_unhealthy_node_is_replaced_by_the_spare(
         started = attempts_started(run_dir)
         for attempt in sorted(started)[1:4]:
             assert sorted(r["warm_ranks"] for r in started[attempt]) == [1, 1], started[attempt]  # every one warm
-        # (a) a fatal health verdict on node 1
+        # (a) a fatal health verdict on node 1, once node 0 holds a replica of its memory snapshot
+        wait_until(snapshot_since(run_dir, events(run_dir, "restart")[-1]["ts"]), 300, "a replicated snapshot")
         (tmp_path / "warm-nvml" / "n1.json").write_text(json.dumps(FAILED_GPU))
         job = finished(cluster, job_id, run_dir)
     finally:
         cluster.run("scancel", job_id, check=False)
     assert_same_job_on_the_spare(run_dir, job, "n1", "unhealthy")
     assert any(h["node"] == "n1" and h["severity"] == "fatal" for h in events(run_dir, "health"))
-    # the spare loaded node 1's state from the replica node 0 keeps for it
-    load = events(run_dir, "ckpt_load")[-1]
-    assert load["tier"] == "memory-replica" and load["sources"] == ["own", "replica@0"], load
-    assert digest(run_dir) == reference, "the run ends on the fault-free run's weights"
+    assert_replica_loaded(run_dir, ["own", "replica@0"])  # node 1's state from node 0, which keeps its replica
+    assert digest(run_dir) == reference[2], "the run ends on the fault-free run's weights"
 
 
 def test_a_frozen_node_is_replaced_in_seconds_then_with_no_spare_left_the_job_requeues(cluster, reference, tmp_path):
     config, run_dir = write_config(tmp_path, "frozen")
     job_id = launch(cluster, config)
     try:
-        wait_until(lambda: last_step(run_dir) >= 6, 300, "training to reach step 6")
+        wait_until(snapshot_since(run_dir, 0), 300, "a replicated snapshot")
         cluster.node("freeze", "n1")  # (b) slurmd, step daemon, supervisor, ranks, spares: silent
         try:
-            wait_until(lambda: events(run_dir, "bad_node"), 120, "node 1 replaced")
-            attempt = max(attempts_started(run_dir))
-            wait_until(stepping_in(run_dir, attempt), 180, "the spare's attempt stepping")
+            wait_until(spare_stepping(run_dir), 300, "node 1 replaced by the spare, stepping")
         finally:
             cluster.node("thaw", "n1")
         [lost] = [f for f in events(run_dir, "failure") if f["kind"] == "node_lost"]
         assert lost["node"] == 1 and "lease not renewed" in lost["reason"]
+        replaced = events(run_dir, "bad_node")[0]["ts"]
+        load = [r for r in events(run_dir, "ckpt_load") if r["ts"] > replaced][0]
+        assert load["tier"] == "memory-replica" and load["sources"] == ["own", "replica@0"], load
         assert {r["slurm_restart_count"] for r in events(run_dir, "run_start")} == {0}
         # no spare left: node rank 1 (now on n2) found unfit ends the allocation as before, without n2
         replaced_at = last_step(run_dir)
@@ -229,22 +206,19 @@ def test_a_frozen_node_is_replaced_in_seconds_then_with_no_spare_left_the_job_re
     assert job["Restarts"] == "1" and job["ExcNodeList"] == "n2" and job["NodeList"] == "n[0-1]"
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["slurm"]["spare_nodes"] == 0
     load = [r for r in events(run_dir, "ckpt_load") if r["ts"] > requeue["ts"]][0]
-    saved = max(r["step"] for r in [*events(run_dir, "ckpt_save"), *events(run_dir, "mem_snapshot")]
-                if r["ts"] < requeue["ts"])
+    saved = max(r["step"] for r in events(run_dir, "mem_snapshot") if r["ts"] < requeue["ts"])
     assert load["step"] == saved, (load, saved)  # nothing committed was lost
-    assert digest(run_dir) == reference
+    assert digest(run_dir) == reference[2]
 
 
 def test_a_node_cut_off_without_fin_or_rst_is_replaced(cluster, reference, tmp_path):
     config, run_dir = write_config(tmp_path, "cut")
     job_id = launch(cluster, config)
     try:
-        wait_until(lambda: last_step(run_dir) >= 6, 300, "training to reach step 6")
+        wait_until(snapshot_since(run_dir, 0), 300, "a replicated snapshot")
         cluster.node("cut", "n1")  # (c)
         try:
-            wait_until(lambda: events(run_dir, "bad_node"), 120, "node 1 replaced")
-            attempt = max(attempts_started(run_dir))
-            wait_until(stepping_in(run_dir, attempt), 180, "the spare's attempt stepping")
+            wait_until(spare_stepping(run_dir), 300, "node 1 replaced by the spare, stepping")
         finally:
             cluster.node("heal", "n1")
         job = finished(cluster, job_id, run_dir)
@@ -252,17 +226,18 @@ def test_a_node_cut_off_without_fin_or_rst_is_replaced(cluster, reference, tmp_p
         cluster.run("scancel", job_id, check=False)
         cluster.run("scontrol", "update", "NodeName=n1", "State=RESUME", check=False)
     assert_same_job_on_the_spare(run_dir, job, "n1", "lost")
+    assert_replica_loaded(run_dir, ["own", "replica@0"])
     # the cut-off side had no majority: it stopped without deciding anything
     minority = [r for r in events(run_dir, "coordinator_lost") if r.get("minority")]
     assert [r["node"] for r in minority] == [1] and not [r for r in events(run_dir, "gave_up")]
-    assert digest(run_dir) == reference
+    assert digest(run_dir) == reference[2]
 
 
 def test_losing_the_coordinator_elects_another_and_the_spare_takes_node_0(cluster, reference, tmp_path):
     config, run_dir = write_config(tmp_path, "coordinator")
     job_id = launch(cluster, config)
     try:
-        wait_until(lambda: last_step(run_dir) >= 6, 300, "training to reach step 6")
+        wait_until(snapshot_since(run_dir, 0), 300, "a replicated snapshot")
         node0 = supervisor(job_id, 0)
         frozen = [node0, *node0.children(recursive=True)]  # (d) its slurmd and the batch shell live on
         for proc in frozen:
@@ -276,5 +251,6 @@ def test_losing_the_coordinator_elects_another_and_the_spare_takes_node_0(cluste
     assert fence["node"] == "n0" and fence["ok"] and fence["pid"] == node0.pid
     assert not psutil.pid_exists(node0.pid) or psutil.Process(node0.pid).status() == psutil.STATUS_ZOMBIE
     assert_same_job_on_the_spare(run_dir, job, "n0", "lost")
+    assert_replica_loaded(run_dir, ["replica@1", "own"])  # node 0's state from node 1, which keeps its replica
     assert events(run_dir, "finished")[-1]["epoch"] == 1
-    assert digest(run_dir) == reference
+    assert digest(run_dir) == reference[2]

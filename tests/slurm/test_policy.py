@@ -133,3 +133,16 @@ def test_a_smaller_allocation_gives_up_spares_before_training_nodes():
     assert d.exclude == ("n1", "n2") and (d.nodes, d.spares) == (2, 0) and "2 node(s) from now on (0 spare)" in reason
     d, _ = decide_requeue(e, SlurmConfig(min_nodes=1))
     assert (d.nodes, d.spares) == (1, 0)
+
+
+def test_a_requeue_slurm_did_itself_is_recorded_at_the_next_start():
+    from resilient.slurm.policy import unrecorded_requeue
+
+    records = [{"ts": 1, "event": "run_start", "slurm_job_id": "7", "slurm_restart_count": 0, "slot": 0, "host": "n0"},
+               {"ts": 1, "event": "run_start", "slurm_job_id": "7", "slurm_restart_count": 0, "slot": 1, "host": "n1"},
+               {"ts": 5, "event": "bad_node", "node": "n0", "kind": "lost"}]  # the survivors saw n0 go
+    got = unrecorded_requeue(records, 1, "7")
+    assert got["cause"] == "slurm" and got["lost_batch_host"] == "n0" and got["slurm_restart_count"] == 0
+    assert "batch host n0 lost" in got["reason"] and "nodes out before: n0" in got["reason"]
+    assert unrecorded_requeue(records + [{"ts": 9, "event": "requeue", "cause": "preempted"}], 1, "7") is None
+    assert unrecorded_requeue(records, 0, "7") is None and unrecorded_requeue(records, 1, "8") is None

@@ -27,7 +27,8 @@ from resilient.supervisor.daemon import Supervisor
 from resilient.supervisor.decisions import AttemptDecision
 from resilient.supervisor.reports import NodeOutcome, NodeReport, RankExit, StopKind
 from resilient.supervisor.roster import initial
-from resilient.supervisor.store import SealedStore, StoreClient, host_store
+from resilient.core.kvstore import StoreClient, host_store
+from resilient.supervisor.store import SealedStore
 from resilient.supervisor.topology import Topology
 from trainer.checkpoint.layout import MARKER, step_dir
 

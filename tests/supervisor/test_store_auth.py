@@ -183,6 +183,15 @@ def test_secret_is_created_owner_only_and_a_readable_one_is_refused(tmp_path):
     path.chmod(0o640)
     with pytest.raises(ConfigError, match="0640"):
         load_or_create_secret(tmp_path)
+    path.unlink()
+    path.mkdir()  # issue 23: a directory (was a traceback)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_or_create_secret(tmp_path)
+    path.rmdir()
+    (tmp_path / "elsewhere").write_text("00" * 32)
+    path.symlink_to(tmp_path / "elsewhere")  # a symlink is never followed
+    with pytest.raises(ConfigError, match="cannot read the run secret"):
+        load_or_create_secret(tmp_path)
 
 
 def test_sealed_values_bind_key_and_job_instance():
