@@ -207,7 +207,10 @@ def trial(cluster: Cluster, tmp: Path, fault: str, n: int) -> dict[str, Any]:
         if before and after:
             out["step_s_before"], out["step_s_refilling"] = statistics.median(before), statistics.median(after)
     finally:
-        cluster.slurm("scancel", job)
+        # SIGKILL to the batch shell and every step: a plain scancel is a SIGTERM, which the batch script
+        # treats as a preemption (save, requeue), and the job would come back.
+        cluster.slurm("scancel", "--full", "--signal=KILL", job)
+        wait(lambda: job not in cluster.slurm("squeue", "-h", "-o", "%i").split(), 120, f"job {job} gone")
         for action in ("thaw", "heal"):
             subprocess.run([str(CLUSTER_SH), action, str(cluster.state), "n1"], capture_output=True, timeout=60)
         time.sleep(2)

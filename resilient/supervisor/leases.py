@@ -73,6 +73,3 @@ class LeaseTable:
             if expired:
                 out[s] = why
         return out
-
-    def live(self, slots: Iterable[int], now: float) -> list[int]:
-        return [s for s in slots if not self.state(s, now)[0]]

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from resilient.core import sched
 from resilient.core.rundir import RunDir
 from resilient.rank.env import RankEnv
 from resilient.supervisor.ranks import RankProcess, log_path, rank_environ
@@ -101,18 +102,10 @@ def refill_due(phases: list[str | None], since_spawn_s: float, delay_s: float) -
 
 def idle_priority_allowed() -> bool:
     """Whether a parked spare can import at SCHED_IDLE and return to normal priority when it takes a rank
-    (root, CAP_SYS_NICE or RLIMIT_NICE; the spare probes the same way, resilient.rank.park): then spares
-    are refilled the moment a new attempt's ranks are spawned, so a failure seconds later still finds them
-    warm; otherwise only once the ranks step (the imports would slow their start-up)."""
-    import threading
-
-    from resilient.core import sched
-
-    ok: list[bool] = []
-    probe = threading.Thread(target=lambda: ok.append(sched.set_idle(0, True) and sched.set_idle(0, False)))
-    probe.start()
-    probe.join()
-    return bool(ok and ok[0])
+    (the spare probes the same way, resilient.rank.park): then spares are refilled the moment a new
+    attempt's ranks are spawned, so a failure seconds later still finds them warm; otherwise only once the
+    ranks step (the imports would slow their start-up)."""
+    return sched.idle_is_reversible()
 
 
 def rss_bytes(pid: int) -> int:

@@ -169,7 +169,7 @@ def test_rank_kills_recover_warm_and_an_unhealthy_node_is_replaced_by_the_spare(
         (tmp_path / "warm-nvml" / "n1.json").write_text(json.dumps(FAILED_GPU))
         job = finished(cluster, job_id, run_dir)
     finally:
-        cluster.run("scancel", job_id, check=False)
+        cluster.run("scancel", "--full", "--signal=KILL", job_id, check=False)  # a plain scancel would requeue
     assert_same_job_on_the_spare(run_dir, job, "n1", "unhealthy")
     assert any(h["node"] == "n1" and h["severity"] == "fatal" for h in events(run_dir, "health"))
     assert_replica_loaded(run_dir, ["own", "replica@0"])  # node 1's state from node 0, which keeps its replica
@@ -199,7 +199,7 @@ def test_a_frozen_node_is_replaced_in_seconds_then_with_no_spare_left_the_job_re
         wait_until(lambda: events(run_dir, "requeue"), 180, "the requeue")
         job = finished(cluster, job_id, run_dir, timeout=900)
     finally:
-        cluster.run("scancel", job_id, check=False)
+        cluster.run("scancel", "--full", "--signal=KILL", job_id, check=False)  # a plain scancel would requeue
         cluster.run("scontrol", "update", "NodeName=n1,n2", "State=RESUME", check=False)
     [requeue] = events(run_dir, "requeue")
     assert (requeue["cause"], requeue["exclude"], requeue["nodes"]) == ("unhealthy_node", ["n2"], 2)
@@ -223,7 +223,7 @@ def test_a_node_cut_off_without_fin_or_rst_is_replaced(cluster, reference, tmp_p
             cluster.node("heal", "n1")
         job = finished(cluster, job_id, run_dir)
     finally:
-        cluster.run("scancel", job_id, check=False)
+        cluster.run("scancel", "--full", "--signal=KILL", job_id, check=False)  # a plain scancel would requeue
         cluster.run("scontrol", "update", "NodeName=n1", "State=RESUME", check=False)
     assert_same_job_on_the_spare(run_dir, job, "n1", "lost")
     assert_replica_loaded(run_dir, ["own", "replica@0"])
@@ -244,7 +244,7 @@ def test_losing_the_coordinator_elects_another_and_the_spare_takes_node_0(cluste
             proc.send_signal(signal.SIGSTOP)
         job = finished(cluster, job_id, run_dir)
     finally:
-        cluster.run("scancel", job_id, check=False)
+        cluster.run("scancel", "--full", "--signal=KILL", job_id, check=False)  # a plain scancel would requeue
     [elected] = events(run_dir, "elected")
     assert (elected["slot"], elected["epoch"], elected["lost"]) == (1, 1, 0)
     [fence] = events(run_dir, "fence")
