@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,9 +26,10 @@ def handle_job_end(run_dir: Path, exit_code: int, *, since: float,
     nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or cfg.nodes + cfg.slurm.spare_nodes)
     end = job_end_from_ledger(ledger.read(run_dir), exit_code=exit_code, since=since, nodes=nodes,
                               spares=cfg.slurm.spare_nodes)
+    ref = job_ref(env)
+    end = dataclasses.replace(end, cancelled=jobs.being_cancelled(ref))
     decision, reason = decide_requeue(end, cfg.slurm, exclude_stragglers=cfg.health.straggler_action == "exclude")
     run_code = exit_code if end.outcome_code is None else end.outcome_code
-    ref = job_ref(env)
     restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
 
     drain_errors = {}

@@ -75,6 +75,9 @@ class JobEnd:
     """Nodes the bad-node ledger took out as unhealthy during this allocation (a spare replaced them)."""
     repeat_bad_nodes: tuple[str, ...] = ()
     """Nodes the bad-node ledger took out at least twice over the whole run: never taken back."""
+    cancelled: bool = False
+    """Slurm says the job was cancelled (`scancel`): its SIGTERM reached the supervisors as a stop request,
+    but the operator meant the run to end."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,8 @@ def decide_requeue(end: JobEnd, cfg: SlurmConfig, *, exclude_stragglers: bool = 
     """
     run_code = end.exit_code if end.outcome_code is None else end.outcome_code
     codes = {run_code, *(g.exit_code for g in end.gave_up)}
+    if end.cancelled and codes != {ExitCode.FINISHED}:
+        return RequeueDecision(Action.STOP, drain=_drain(end, cfg)), "cancelled (scancel): not requeued"
     for code, what in _CANNOT_HELP.items():
         if code in codes:
             detail = next((g.reason for g in end.gave_up if g.exit_code == code and g.reason), "")

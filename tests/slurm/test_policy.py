@@ -146,3 +146,19 @@ def test_a_requeue_slurm_did_itself_is_recorded_at_the_next_start():
     assert "batch host n0 lost" in got["reason"] and "nodes out before: n0" in got["reason"]
     assert unrecorded_requeue(records + [{"ts": 9, "event": "requeue", "cause": "preempted"}], 1, "7") is None
     assert unrecorded_requeue(records, 0, "7") is None and unrecorded_requeue(records, 1, "8") is None
+
+
+def test_a_cancelled_job_is_not_requeued_though_its_supervisors_saved_as_for_a_preemption():
+    d, reason = decide_requeue(JobEnd(int(ExitCode.PREEMPTED), (), 2, 0, cancelled=True), SlurmConfig())
+    assert d.action is Action.STOP and "cancelled" in reason
+    d, _ = decide_requeue(JobEnd(int(ExitCode.FINISHED), (), 2, 0, cancelled=True), SlurmConfig())
+    assert d.action is Action.FINISHED  # it finished before the cancel took effect
+
+
+def test_a_job_completing_well_before_its_time_limit_is_being_cancelled():
+    from resilient.slurm.jobs import cancelled_by_operator
+
+    assert cancelled_by_operator({"JobState": "COMPLETING", "RunTime": "00:00:08", "TimeLimit": "00:15:00"})
+    assert cancelled_by_operator({"JobState": "CANCELLED"})
+    assert not cancelled_by_operator({"JobState": "COMPLETING", "RunTime": "23:59:00", "TimeLimit": "1-00:00:00"})
+    assert not cancelled_by_operator({"JobState": "RUNNING", "RunTime": "00:00:08", "TimeLimit": "00:15:00"})
