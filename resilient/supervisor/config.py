@@ -75,7 +75,8 @@ class SupervisorConfig(Section):
     """Use a run or checkpoint directory that another user owns or can write (refused by default: that
     user could plant checkpoints or configs)."""
     store_port: int = Field(29400, ge=0, le=65535)
-    """TCP port of the coordination store on node 0 (`resilient run` picks a free one)."""
+    """TCP port of the coordination store (the coordinator's host; after the k-th election `store_port + k`;
+    `resilient run` picks a free one)."""
     store_timeout_s: float = Field(300.0, gt=0)
     """How long a supervisor waits for the others where that may legitimately take long (the first
     connection, an attempt's barrier behind a slow pre-flight, reports of nodes that hold their lease);
@@ -85,7 +86,7 @@ class SupervisorConfig(Section):
     status_interval_s: float = Field(1.0, gt=0)
     """How often status.json is rewritten."""
     store_ops_budget: float = Field(8000.0, gt=0)
-    """Store round trips per second all supervisors together may cost node 0's store at steady state;
+    """Store round trips per second all supervisors together may cost the coordinator's store at steady state;
     large jobs poll and publish status less often to stay within it (see docs/scale.md)."""
     node_lease_s: float = Field(4.0, ge=0.5, le=120.0)
     """Node liveness: every supervisor renews a lease in the store four times per this period; a node whose
@@ -117,7 +118,7 @@ class SupervisorConfig(Section):
 
     done_grace_s: float = Field(20.0, gt=0)
     """Once every local rank reported `done`, how long one may take to exit before it is stopped and the
-    attempt counts as finished (node 0 still requires the final step to be committed)."""
+    attempt counts as finished (the coordinator still requires the final step to be committed)."""
     termination_grace_s: float = Field(10.0, ge=0)
     """After SIGTERM to a rank's process group, wait this long before SIGKILL (ranks left at a clean end or
     when the supervisor stops; the ranks of a failed attempt are SIGKILLed at once)."""

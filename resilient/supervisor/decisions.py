@@ -1,4 +1,4 @@
-"""Node 0's restart decision: one pure function of the nodes' reports and what node 0 knows, with a reason.
+"""The coordinator's restart decision: one pure function of the nodes' reports and what it knows, with a reason.
 
 `decide_attempt` is the only place that turns an ended attempt into "restart" or "stop with this
 outcome"; the supervisor (daemon.py) and the scale simulator (bench/scale) both call it. Nothing here
@@ -78,7 +78,7 @@ def rank_exit_condemns_node(code: int | None) -> bool:
 
 @dataclass(frozen=True)
 class AttemptContext:
-    """What node 0 knows besides the reports when an attempt has ended on every node."""
+    """What the coordinator knows besides the reports when an attempt has ended on every node."""
 
     nnodes: int
     restarts_done: int
@@ -120,7 +120,7 @@ class NodeFault:
 
 @dataclass(frozen=True)
 class AttemptDecision:
-    """Node 0's verdict on an ended attempt: every node restarts (after `backoff_s`) or stops with `outcome`."""
+    """The coordinator's verdict on an ended attempt: every node restarts (after `backoff_s`) or stops with `outcome`."""
 
     outcome: Outcome | None
     """None: restart."""
@@ -129,7 +129,7 @@ class AttemptDecision:
     reached_step: int | None = None
     """The attempt's highest completed step over all nodes."""
     no_progress_streak: int = 0
-    """Consecutive attempts without progress, this one included (node 0 carries it to the next decision)."""
+    """Consecutive attempts without progress, this one included (the coordinator carries it to the next decision)."""
     faulty_nodes: tuple[NodeFault, ...] = ()
     """Nodes held at fault (unhealthy, lost, then missing; by node): no rank of the job can go on there.
     With enough spares they are replaced (`replace`); otherwise the run ends UNHEALTHY (a node found
@@ -138,7 +138,7 @@ class AttemptDecision:
     """Restart with a spare in the place of every faulty node (same node rank, same placement)."""
     final_step_uncommitted: bool = False
     """The ranks finished but the final step is in no committed checkpoint: a storage fault that no node
-    has recorded yet (node 0 records it)."""
+    has recorded yet (the coordinator records it)."""
 
     @property
     def restart(self) -> bool:

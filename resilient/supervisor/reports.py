@@ -1,6 +1,6 @@
-"""What the supervisors tell node 0 when an attempt ends: each node's report and the job's stop request.
+"""What the supervisors tell the coordinator when an attempt ends: each node's report and the job's stop request.
 
-Typed here, encoded for the sealed store only in `wire.py`; node 0 decides over them in `decisions.py`.
+Typed here, encoded for the sealed store only in `wire.py`; the coordinator decides over them in `decisions.py`.
 """
 
 from __future__ import annotations
