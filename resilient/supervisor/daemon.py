@@ -334,8 +334,8 @@ class Supervisor:
         self._refill_at = time.monotonic() if self.spares is not None else None
         ledger.append(self.run_dir, LedgerEvent.ATTEMPT_START, attempt=self.attempt, node=self.node, slot=self.slot,
                       host=self.topo.node_name, warm_ranks=warm, pids=[r.pid for r in self.ranks])
-        if self._idle_refill:  # spares import at SCHED_IDLE: refilled at once, they take no CPU from the ranks
-            self._refill_spares()
+        if self._idle_refill and self.spares is not None:  # spares import at SCHED_IDLE: refilled at once,
+            self._refill_spares()                             # they take no CPU from the ranks
 
     def _start_spares(self) -> None:
         """Park one process per local rank, if the rank command can be parked (else say why not)."""
