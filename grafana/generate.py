@@ -206,7 +206,19 @@ def run_overview() -> db.Dashboard:
                 bars=True, description="Each failure's evidence (stacks, culprit rank) is in "
                                        "RUN_DIR/incidents/<attempt>-<kind>/; `resilient status RUN_DIR` names it."))
             .with_panel(series_panel(L, "Restarts", [
-                Q(f"max(increase(resilient_restarts_total{{{JOB_NODE}}}{rate}))", "restarts")], 12, bars=True)))
+                Q(f"max(increase(resilient_restarts_total{{{JOB_NODE}}}{rate}))", "restarts")], 12, bars=True))
+            .with_row(row(L, "Nodes"))
+            .with_panel(stat_panel(L, "Spare nodes left", Q(f"max(resilient_spare_nodes_available{{{JOB_NODE}}})",
+                                                            "spares"), 4, 4,
+                                   description="Healthy spares ready to take a failed node's place in-job (0 with "
+                                               "spares configured: ResilientNoSpareNodeLeft)."))
+            .with_panel(stat_panel(L, "Bad nodes", Q(f"max(resilient_bad_nodes{{{JOB_NODE}}})", "bad nodes"), 4, 4,
+                                   description="Nodes taken out of the run in this allocation; `resilient status` "
+                                               "lists them with why, when and how often."))
+            .with_panel(series_panel(L, "Node replacements", [
+                Q(f"max(increase(resilient_node_replacements_total{{{JOB_NODE}}}{rate}))", "replaced")], 16,
+                h=4, bars=True, description="A spare took a lost or unhealthy node's place (same node rank)."))
+            )
 
 
 def checkpoints_goodput() -> db.Dashboard:

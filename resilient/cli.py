@@ -35,7 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("trainer.data.commands", "Prepare (pre-tokenize) and inspect C4-format training data."),
     "health": ("resilient.health_commands", "Node health: GPUs (NVML), checkpoint disk, memory, /dev/shm, collectives."),
     "plan": ("resilient.metrics.commands",
-             "Parameters, memory per GPU, checkpoint cost, Young/Daly checkpoint intervals and predicted goodput."),
+             "Parameters, memory per GPU, checkpoint cost, Young/Daly checkpoint intervals, spare nodes and "
+             "predicted goodput."),
     "chaos": ("resilient.chaos.commands",
               "Run CONFIG under a seeded fault schedule, relaunching after preemption, supervisor death and "
               "unhealthy-node exits like a requeue; print a JSON report; exit 1 when a check failed."),

@@ -173,6 +173,18 @@ class Assumptions:
     """Per-GPU memory."""
     state: StateBytes = StateBytes()
     """Bytes per parameter of the training state."""
+    spare_nodes: int = 0
+    """Spare nodes in the allocation (slurm.spare_nodes): a node failure costs one instead of a requeue."""
+    allocation_hours: float = 24.0
+    """Time between two allocations (the Slurm time limit): the spares are replenished only then."""
+    node_failure_share: float = 0.78
+    """Failures that take a node out (Llama 3: 78% of the 419 unplanned interruptions were hardware)."""
+    requeue_s: float = 600.0
+    """A Slurm requeue: the scheduler's wait and the new allocation's start (cred_expire alone is 120 s by
+    default; on a busy partition it can be hours)."""
+    replacement_s: float = 30.0
+    """Replacing a node with a spare in-job, besides the coordination (lease expiry, warm ranks, the lost
+    node's state from its peer replica); bench/node_loss measures it on the local cluster."""
 
 
 @dataclass(frozen=True)
@@ -195,6 +207,15 @@ class Plan:
     daly_seconds: float
     daly_interval_steps: int
     predicted_goodput: float
+    spare_nodes: int = 0
+    node_failures_per_allocation: float = 0.0
+    """Expected failures that take a node out between two allocations."""
+    spares_cover_probability: float = 1.0
+    """Probability that the spares cover every node failure between two allocations (Poisson)."""
+    node_restart_seconds: float = 0.0
+    """Expected cost of a node failure: replaced by a spare while one is left, else a requeue."""
+    node_restart_without_spares_seconds: float = 0.0
+    predicted_goodput_without_spares: float = 0.0
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -219,6 +240,14 @@ def make_plan(arch: Architecture, layout: Layout, *, seq_len: int, micro_batch: 
     write_s = ckpt_bytes / (assume.ckpt_write_gbps * 1e9)
     coordination, source = restart_coordination_seconds(-(-gpus // assume.gpus_per_node))
     restart = coordination + assume.restart_overhead_s + write_s  # reading back at the write bandwidth
+    spares = spare_cover(assume.spare_nodes, assume.allocation_hours * assume.node_failure_share / mtbf_h)
+    requeued = restart + assume.requeue_s
+    replaced = coordination + assume.replacement_s
+    # Of the failures that take a node out, those a spare covers cost a replacement, the rest a requeue.
+    node_cost = spares.covered_share * replaced + (1 - spares.covered_share) * requeued
+    share = assume.node_failure_share
+    with_spares = share * node_cost + (1 - share) * restart
+    without = share * requeued + (1 - share) * restart
     daly = daly_interval(write_s, mtbf)
     return Plan(
         gpus=gpus, layout=layout, params=params, published_params=arch.published_params,
@@ -228,8 +257,34 @@ def make_plan(arch: Architecture, layout: Layout, *, seq_len: int, micro_batch: 
         restart_coordination_seconds=coordination, restart_coordination_source=source,
         young_seconds=young_interval(write_s, mtbf), daly_seconds=daly,
         daly_interval_steps=max(1, round(daly / step_s)),
-        predicted_goodput=predicted_goodput(daly, write_s, restart, mtbf),
+        predicted_goodput=predicted_goodput(daly, write_s, with_spares, mtbf),
+        spare_nodes=assume.spare_nodes, node_failures_per_allocation=spares.expected,
+        spares_cover_probability=spares.probability, node_restart_seconds=node_cost,
+        node_restart_without_spares_seconds=requeued,
+        predicted_goodput_without_spares=predicted_goodput(daly, write_s, without, mtbf),
     )
+
+
+@dataclass(frozen=True)
+class SpareCover:
+    expected: float
+    """Expected node failures in one allocation."""
+    probability: float
+    """P(failures <= spares): the spares cover the whole allocation."""
+    covered_share: float
+    """Expected share of the node failures a spare covers: E[min(N, k)] / E[N]."""
+
+
+def spare_cover(spares: int, expected: float) -> SpareCover:
+    """Node failures in an allocation as a Poisson count with mean `expected`; `spares` cover the first ones."""
+    if expected <= 0:
+        return SpareCover(0.0, 1.0, 1.0)
+    pmf = [math.exp(-expected)]
+    for i in range(1, spares + 1):
+        pmf.append(pmf[-1] * expected / i)
+    probability = min(1.0, sum(pmf))
+    covered = sum(i * p for i, p in enumerate(pmf)) + spares * (1 - probability)  # E[min(N, k)]
+    return SpareCover(expected, probability, covered / expected)
 
 
 def render_plan(plan: Plan) -> str:
@@ -255,6 +310,10 @@ def render_plan(plan: Plan) -> str:
         f"interval          Young {plan.young_seconds / 60:.1f} min, Daly {plan.daly_seconds / 60:.1f} min "
         f"= every {plan.daly_interval_steps} steps",
         f"predicted goodput {plan.predicted_goodput:.1%} (Daly's expected-wall-time model)",
+        f"spare nodes       {plan.spare_nodes}: cover all {plan.node_failures_per_allocation:.2f} expected node "
+        f"failures per allocation with probability {plan.spares_cover_probability:.1%}; a node failure costs "
+        f"{plan.node_restart_seconds / 60:.1f} min (requeue {plan.node_restart_without_spares_seconds / 60:.1f} "
+        f"min); goodput without spares {plan.predicted_goodput_without_spares:.1%}",
     ])
 
 

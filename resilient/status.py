@@ -103,7 +103,17 @@ def _renderable(status: dict[str, Any], now: float, run_dir: str | Path, inciden
     spares = {n: _mapping(s) for n, s in _mapping(status.get("spares")).items() if s}
     if spares:  # warm standby ranks per node and what they cost
         parts.append(_line("warm spares: " + ", ".join(f"{n} {s.get('count')} ({(s.get('rss_bytes') or 0) / 2**30:.2f} GiB)"
-                                                      for n, s in spares.items())))
+                                                     for n, s in spares.items())))
+    roster = _mapping(status.get("roster"))
+    if roster and (roster.get("spares") or roster.get("out") or roster.get("epoch")):  # spare nodes in use
+        spare = ", ".join(map(str, roster.get("spares") or [])) or "none left"
+        parts.append(_line(f"nodes: {' '.join(map(str, roster.get('nodes') or []))} (coordinator {roster.get('coordinator')}, "
+                           f"epoch {roster.get('epoch')}); spare nodes: {spare}"))
+    for host, bad in _mapping(status.get("bad_nodes")).items():  # the run's bad-node ledger
+        bad = _mapping(bad)
+        by = f", replaced by {bad['replaced_by']}" if bad.get("replaced_by") else ""
+        parts.append(_line(f"bad node {host}: {bad.get('kind')} x{bad.get('count')} (last {_age(bad.get('last_ts'), now)} "
+                           f"ago{by}): {bad.get('reason')}"))
     table = Table("rank", "node", "pid", "phase", "step", "heartbeat age")
     for r in status.get("ranks") or []:
         r = _mapping(r)

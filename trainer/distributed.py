@@ -12,6 +12,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+from resilient.rank import rendezvous
 from resilient.rank.env import RankEnv
 from trainer.cpu_bridge import install_cpu_bridge
 from trainer.model import Layout
@@ -27,7 +28,9 @@ def init_distributed(env: RankEnv, layout: Layout, *, timeout_s: float) -> torch
         install_cpu_bridge()
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        store = _rendezvous_store(env.master_addr, env.master_port, env.rank, env.world_size, timeout_s)
+        key = rendezvous.rendezvous_key(env)
+        store = (rendezvous.rendezvous_store(env, key, timeout_s) if key is not None
+                 else _rendezvous_store(env.master_addr, env.master_port, env.rank, env.world_size, timeout_s))
         dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
                                 timeout=timedelta(seconds=timeout_s))
     parallel_state.initialize_model_parallel(
@@ -39,8 +42,8 @@ def init_distributed(env: RankEnv, layout: Layout, *, timeout_s: float) -> torch
 
 
 def _rendezvous_store(addr: str, port: int, rank: int, world_size: int, timeout_s: float) -> dist.Store:
-    """The process group's store, hosted by rank 0 on MASTER_ADDR only: torch's own would listen on every
-    interface. Rank 0 binds the socket itself and hands it to the (libuv) store server. Under torchrun (or
+    """An unsupervised rank's process-group store (a supervised rank's: resilient.rank.rendezvous), hosted by
+    rank 0 on MASTER_ADDR only: torch's own would listen on every interface. Rank 0 binds the socket itself and hands it to the (libuv) store server. Under torchrun (or
     ft_launcher) the agent already serves a store on MASTER_PORT for the life of the job: every rank joins
     it as a client, under a prefix per restart so a restarted group never meets the last one's keys."""
     timeout = timedelta(seconds=timeout_s)

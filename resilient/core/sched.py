@@ -13,3 +13,15 @@ def set_idle(tid: int, idle: bool) -> bool:
         return True
     except OSError:
         return False
+
+
+def idle_is_reversible() -> bool:
+    """Whether a thread of this process may enter SCHED_IDLE and leave it again (root, CAP_SYS_NICE or
+    RLIMIT_NICE), probed on a throwaway thread so that the caller's own scheduling never changes."""
+    import threading
+
+    ok: list[bool] = []
+    probe = threading.Thread(target=lambda: ok.append(set_idle(0, True) and set_idle(0, False)))
+    probe.start()
+    probe.join()
+    return bool(ok and ok[0])

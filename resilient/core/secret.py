@@ -108,6 +108,19 @@ def load(run_dir: Path) -> bytes | None:
         return None
 
 
+def read(run_dir: Path) -> bytes:
+    """RUN_DIR/.secret, which must exist (a rank reads what its supervisor created); ConfigError if not."""
+    found = load(run_dir)
+    if found is None:
+        raise ConfigError(f"{Path(run_dir) / SECRET_NAME}: missing; the run secret is created by the supervisor")
+    return found
+
+
+def derive(secret: bytes, purpose: str) -> bytes:
+    """A 32-byte key for one purpose (the coordination store, one attempt's rank rendezvous, a MAC's use)."""
+    return hmac.new(secret, b"resilient\0" + purpose.encode(), hashlib.sha256).digest()
+
+
 @dataclass(frozen=True)
 class RunKey:
     """Keys derived from one run's secret."""
@@ -120,7 +133,7 @@ class RunKey:
         return cls(load_or_create(run_dir))
 
     def _key(self, purpose: str) -> bytes:
-        return hmac.new(self.secret, b"resilient " + purpose.encode(), hashlib.sha256).digest()
+        return derive(self.secret, purpose)
 
     @property
     def run_id(self) -> str:

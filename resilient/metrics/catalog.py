@@ -113,6 +113,15 @@ class Catalog:
         self.spares_rss = Gauge("resilient_spares_rss_bytes", "Resident memory of the node's parked spares",
                                 n, registry=r)
         self.restarts = Counter("resilient_restarts", "In-job restarts of all ranks", n, registry=r)
+        # Spare nodes (exported by the coordinating supervisor: a fact of the whole allocation).
+        self.spare_nodes = Gauge("resilient_spare_nodes_available", "Healthy spare nodes ready to replace a "
+                                 "failed node in-job", n, registry=r)
+        self.spare_nodes_configured = Gauge("resilient_spare_nodes_configured", "Spare nodes the allocation "
+                                            "started with (slurm.spare_nodes)", n, registry=r)
+        self.bad_nodes = Gauge("resilient_bad_nodes", "Nodes taken out of the run in this allocation (unhealthy, "
+                               "lost)", n, registry=r)
+        self.node_replacements = Counter("resilient_node_replacements", "Failed nodes replaced in-job by a spare",
+                                         n, registry=r)
         self.failures = Counter("resilient_failures", "Detected failures by kind", n + ("kind",), registry=r)
         self.storage_faults = Counter("resilient_storage_faults", "Checkpoint storage low, full or failing, or a "
                                       "final step left uncommitted (never counted as a node failure)", n, registry=r)

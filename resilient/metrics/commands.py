@@ -41,10 +41,15 @@ def plan(
                                              help="Rank start after a restart's barrier, seconds (the "
                                                   "supervisors' coordination is measured, the checkpoint read computed)."),
     mfu: float = typer.Option(Assumptions.mfu, "--mfu", min=0.001, max=1.0, help="Expected model FLOPs utilisation."),
+    spare_nodes: Optional[int] = typer.Option(None, "--spare-nodes", min=0,
+                                              help="Spare nodes (default: the config's slurm.spare_nodes)."),
+    requeue_s: float = typer.Option(Assumptions.requeue_s, "--requeue-s", min=0.0,
+                                    help="What a Slurm requeue costs, seconds (scheduler wait and start)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config key: --set train.seq_len=8192."),
 ) -> None:
-    """Parameters, memory per GPU, checkpoint cost, Young/Daly checkpoint intervals and predicted goodput."""
+    """Parameters, memory per GPU, checkpoint cost, Young/Daly checkpoint intervals, spare nodes and predicted
+    goodput."""
     cfg = _config_for_gpus(config, gpus, overrides)
     layout = Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp, dp=cfg.dp(cfg.world_size),
                     distributed_optimizer=cfg.parallel.distributed_optimizer)
@@ -55,7 +60,9 @@ def plan(
             global_batch=cfg.train.global_batch,
             assume=Assumptions(mtbf_hours=mtbf_hours, ckpt_write_gbps=ckpt_write_gbps,
                                restart_overhead_s=restart_overhead_s, mfu=mfu,
-                               gpus_per_node=cfg.supervisor.nproc_per_node),
+                               gpus_per_node=cfg.supervisor.nproc_per_node,
+                               spare_nodes=cfg.slurm.spare_nodes if spare_nodes is None else spare_nodes,
+                               allocation_hours=cfg.slurm.time_limit_minutes / 60, requeue_s=requeue_s),
         )
     except OverflowError:  # sizes past floating point: no cluster trains (or checkpoints) such a model
         raise ConfigError(f"model: hidden_size {arch.hidden_size:.3g}, {arch.num_layers} layers: the plan's figures "

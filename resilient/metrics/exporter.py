@@ -154,6 +154,14 @@ class NodeMetrics:
         self.m.spares.labels(self.node).set(count)
         self.m.spares_rss.labels(self.node).set(rss_bytes)
 
+    def on_roster(self, spares: int, bad: int, configured: int) -> None:
+        self.m.spare_nodes.labels(self.node).set(spares)
+        self.m.bad_nodes.labels(self.node).set(bad)
+        self.m.spare_nodes_configured.labels(self.node).set(configured)
+
+    def on_replacement(self) -> None:
+        self.m.node_replacements.labels(self.node).inc()
+
     def heartbeat_age(self, rank: int, seconds: float) -> None:
         self.m.heartbeat_age.labels(self.node, str(rank)).set(seconds)
 

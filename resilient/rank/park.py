@@ -42,11 +42,7 @@ def idle_until_assigned() -> bool:
     """Import on otherwise idle CPU only (SCHED_IDLE), so that refilling spares never slows the ranks
     training next to them (a 4 s step timeout tripped on 2 cores otherwise). Only where the way back to
     normal priority is allowed (root, CAP_SYS_NICE, RLIMIT_NICE): probed on a throwaway thread first."""
-    ok: list[bool] = []
-    probe = threading.Thread(target=lambda: ok.append(sched.set_idle(0, True) and sched.set_idle(0, False)))
-    probe.start()
-    probe.join()
-    return bool(ok and ok[0]) and sched.set_idle(0, True)  # threads started from here on inherit it
+    return sched.idle_is_reversible() and sched.set_idle(0, True)  # threads started from here on inherit it
 
 
 def normal_priority() -> None:

@@ -39,13 +39,15 @@ def on_exit(
     exit_code: int = typer.Argument(..., help="Exit code of the supervisors' srun step."),
     since: float = typer.Option(0.0, "--since", help="Unix time the allocation started (ledger records before it are ignored)."),
 ) -> None:
-    """Called by the batch script when its supervisors have exited: requeue (without bad nodes) or stop."""
+    """Called by the batch script when its supervisors have exited: requeue (without bad nodes) or stop;
+    exits with the run's code."""
     # Requeueing terminates this job: finish the bookkeeping regardless.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from resilient.slurm.on_exit import handle_job_end
 
-    decision, reason = handle_job_end(run_dir.resolve(), exit_code, since=since, env=os.environ)
+    decision, reason, code = handle_job_end(run_dir.resolve(), exit_code, since=since, env=os.environ)
     typer.echo(f"resilient: {decision.action}: {reason}")
+    sys.exit(code)  # the batch job ends with the run's code, not with that of a fenced node's supervisor
 
 
 def register(app: typer.Typer) -> None:

@@ -35,6 +35,10 @@ class SlurmConfig(Section):
     """Nodes never to use (Slurm host names); bad nodes found during the run are added to the job."""
     min_nodes: int | None = Field(None, ge=1)
     """Smallest node count the run may shrink to when it excludes a bad node (None: never shrink)."""
+    spare_nodes: int = Field(0, ge=0)
+    """Nodes allocated beyond `nodes`, on standby: each runs a supervisor with warm standby ranks and
+    continuous health checks, and takes a failed node's place in-job (same node rank, same placement,
+    no requeue). The job is submitted with `--no-kill` so that losing a node does not end it."""
     signal_seconds: int | None = Field(None, ge=1, le=65535)
     """Seconds before the time limit to send supervisor.preempt_signal (None: derived from the
     expected checkpoint time, see docs/slurm.md)."""

@@ -62,6 +62,39 @@ def job_state(job_id: str) -> str | None:
         return None
 
 
+def _seconds(value: str) -> float | None:
+    """Slurm's [days-]hours:minutes:seconds (or minutes:seconds), as seconds."""
+    try:
+        days, _, rest = value.rpartition("-")
+        parts = [int(p) for p in rest.split(":")]
+    except ValueError:
+        return None
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    return (int(days) if days else 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
+def cancelled_by_operator(fields: dict[str, str], margin_s: float = 120.0) -> bool:
+    """Whether Slurm is ending the job on request (`scancel`): cancelled, or completing well before its time
+    limit. Its SIGTERM reached the supervisors as a stop request, so they saved as for a preemption; a
+    requeue would bring back a job the operator meant to end."""
+    state = fields.get("JobState")
+    if state == "CANCELLED":
+        return True
+    if state != "COMPLETING":
+        return False
+    run, limit = _seconds(fields.get("RunTime", "")), _seconds(fields.get("TimeLimit", ""))
+    return run is not None and limit is not None and run < limit - margin_s
+
+
+def being_cancelled(job_ref: str) -> bool:
+    """`cancelled_by_operator` for a job, as Slurm sees it now (False when it cannot be asked)."""
+    try:
+        return cancelled_by_operator(show_job(job_ref))
+    except SlurmError:
+        return False
+
+
 def requeue(job_ref: str, *, exclude: Sequence[str] = (), nodes: int | None = None) -> None:
     """Requeue a job; with `exclude` or `nodes`, change it before it can start again.
 

@@ -91,6 +91,7 @@ def render_batch_script(cfg: RunConfig, run_dir: Path, *, python: str) -> str:
         python=python,
         job_name=s.job_name or f"resilient-{run_dir.name}",
         nodes=cfg.nodes,
+        spare_nodes=s.spare_nodes,
         gpus_per_node=s.gpus_per_node,
         cpus_per_task=s.cpus_per_task,
         time_limit=_time_limit(s.time_limit_minutes),

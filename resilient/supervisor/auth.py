@@ -1,10 +1,11 @@
-"""The run's secret and sealed coordination values.
+"""Sealed coordination values.
 
 Every value the supervisors put in the coordination store is sealed with AES-256-GCM under a key
 derived from RUN_DIR/.secret (created 0600 by whichever supervisor comes first). The associated data
 binds each value to its store key and to this job instance (Slurm job id + restart count), so a
-value cannot be moved to another key or replayed into a later job. A client without the secret can
-read only ciphertext and can forge nothing: a value that fails to open is rejected and reported.
+value cannot be moved to another key or replayed into a later job. The store itself admits only
+connections that prove a key derived from the same secret and instance (`Sealer.store_key`): a
+client without the secret reads and writes nothing; a value that fails to open is rejected and reported.
 """
 
 from __future__ import annotations
@@ -12,65 +13,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import secrets
-import stat
-from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from resilient.core.errors import ConfigError
-
-SECRET_NAME = ".secret"
-_SECRET_BYTES = 32
 _NONCE_BYTES = 12
 
 
 class Forged(Exception):
     """A store value that does not open under the run's secret (tampered, foreign or replayed)."""
-
-
-def _check_owner_only(path: Path, st: os.stat_result) -> None:
-    if st.st_uid != os.geteuid():
-        raise ConfigError(f"{path}: owned by uid {st.st_uid}, not by this user; refusing the run secret")
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"{path}: mode {stat.S_IMODE(st.st_mode):04o} lets others read it; "
-                          f"the run secret must be 0600 (chmod 600 {path})")
-
-
-def load_or_create_secret(run_dir: Path) -> bytes:
-    """RUN_DIR/.secret, created 0600 if missing. Creation writes a temp file and hard-links it into place,
-    so a supervisor on another node never reads a half-written secret and exactly one creator wins."""
-    path = Path(run_dir) / SECRET_NAME
-    if not path.exists():
-        tmp = path.with_name(f"{SECRET_NAME}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, secrets.token_hex(_SECRET_BYTES).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another supervisor created it first: use theirs
-        finally:
-            tmp.unlink()
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        _check_owner_only(path, os.fstat(fd))
-        raw = os.read(fd, 4 * _SECRET_BYTES).strip()
-    finally:
-        os.close(fd)
-    try:
-        secret = bytes.fromhex(raw.decode())
-    except ValueError:
-        raise ConfigError(f"{path}: not a hex secret") from None
-    if len(secret) < 16:
-        raise ConfigError(f"{path}: secret shorter than 16 bytes")
-    return secret
 
 
 class Sealer:
@@ -80,6 +33,9 @@ class Sealer:
         # A dedicated key per purpose: the file's secret is never used as a cipher key directly.
         self._aead = AESGCM(hmac.new(secret, b"resilient coordination store v1", hashlib.sha256).digest())
         self._instance = instance.encode()
+        self.store_key = hmac.new(secret, b"resilient coordination store auth v1\0" + self._instance,
+                                  hashlib.sha256).digest()
+        """Proves a connection to the store (store.py) belongs to this job instance."""
 
     def _aad(self, key: str) -> bytes:
         return self._instance + b"\0" + key.encode()

@@ -75,16 +75,27 @@ class SupervisorConfig(Section):
     """Use a run or checkpoint directory that another user owns or can write (refused by default: that
     user could plant checkpoints or configs)."""
     store_port: int = Field(29400, ge=0, le=65535)
-    """TCP port of the coordination store on node 0 (`resilient run` picks a free one)."""
+    """TCP port of the coordination store (the coordinator's host; after the k-th election `store_port + k`;
+    `resilient run` picks a free one)."""
     store_timeout_s: float = Field(300.0, gt=0)
-    """How long a supervisor waits for the others (store connect, attempt barrier, reports)."""
+    """How long a supervisor waits for the others where that may legitimately take long (the first
+    connection, an attempt's barrier behind a slow pre-flight, reports of nodes that hold their lease);
+    liveness is `node_lease_s`."""
     poll_interval_s: float = Field(0.25, gt=0, le=1.0)
     """Longest sleep of the watch loop: hang checks and store polls happen at least this often."""
     status_interval_s: float = Field(1.0, gt=0)
     """How often status.json is rewritten."""
     store_ops_budget: float = Field(8000.0, gt=0)
-    """Store round trips per second all supervisors together may cost node 0's store at steady state;
+    """Store round trips per second all supervisors together may cost the coordinator's store at steady state;
     large jobs poll and publish status less often to stay within it (see docs/scale.md)."""
+    node_lease_s: float = Field(4.0, ge=0.5, le=120.0)
+    """Node liveness: every supervisor renews a lease in the store four times per this period; a node whose
+    lease is not renewed for this long is lost (frozen, cut off, dead), whatever its ranks are doing, and a
+    store call that gets no answer within it means the coordinator is lost (an election follows)."""
+    store_max_keys: int = Field(100_000, ge=100)
+    """Keys the coordination store holds at most (a write past it is refused and logged)."""
+    store_max_bytes: int = Field(512 << 20, ge=1 << 20)
+    """Bytes (keys and values) the coordination store holds at most (a write past it is refused and logged)."""
 
     init_timeout_s: float = Field(600.0, gt=0)
     """A rank may take this long from spawn (or its `init` heartbeat: imports, process groups) to its next
@@ -111,7 +122,7 @@ class SupervisorConfig(Section):
 
     done_grace_s: float = Field(20.0, gt=0)
     """Once every local rank reported `done`, how long one may take to exit before it is stopped and the
-    attempt counts as finished (node 0 still requires the final step to be committed)."""
+    attempt counts as finished (the coordinator still requires the final step to be committed)."""
     termination_grace_s: float = Field(10.0, ge=0)
     """After SIGTERM to a rank's process group, wait this long before SIGKILL (ranks left at a clean end or
     when the supervisor stops; the ranks of a failed attempt are SIGKILLed at once)."""

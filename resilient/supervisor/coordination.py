@@ -1,22 +1,26 @@
-"""Cross-node coordination of the supervisors through the sealed store hosted by node 0.
+"""Cross-node coordination of the supervisors through the store of the current coordinator.
 
 The real supervisor (daemon.py) and the scale simulator (bench/scale/simulate.py) both drive this
 class, so the bench measures the code that runs in production. Values are typed records (reports.py,
-decisions.py), encoded for the store in wire.py.
+decisions.py, roster.py), encoded for the store in wire.py, sealed (auth.py); the store admits only
+this job's supervisors (store.py). Every call has a deadline: a coordinator that does not answer is
+lost (CoordinationLost), and the survivors elect another (failover.py).
 
-Keys (values sealed, see auth.py; `N` is a node, `A` an attempt):
-  ctl                          wake-up counter, bumped after every write the others wait for: a node
-                               polls it (one round trip) and reads the keys below only when it moved
-  run/first_attempt            attempt number of this job's first attempt (node 0)
+Keys (`S` a slot, `K` a node rank, `A` an attempt):
+  run/first_attempt            attempt number of this job's first attempt
+  roster                       the coordinator's newest roster (who runs which node rank, the spares, who is out)
   stop                         first stop request {kind, reason, node, pid, host}; never cleared
-  a/A/master_port              rank 0's process-group port for attempt A (node 0)
-  a/A/ready/N                  node N is ready to spawn attempt A
-  a/A/go                       node 0 saw every node ready: the attempt's barrier is open
+  lease/S                      slot S's lease {seq, pid, host, role, unhealthy}, renewed by its liveness thread
+  join/S                       (a new coordinator's store) slot S joined the election with its view of the run
+  a/A/plan                     the roster attempt A runs with (published before anyone spawns)
+  a/A/master_port              rank 0's process-group port for attempt A (node rank 0's supervisor)
+  a/A/ready/K                  node rank K is ready to spawn attempt A
+  a/A/go                       the coordinator saw every node rank ready: the attempt's barrier is open
   a/A/restart                  first restart request of attempt A {kind, rank, step, reason, node, pid, host}
-  a/A/report/N                 node N's account of how attempt A ended on it
-  a/A/decision                 node 0's verdict for attempt A: restart (with backoff) or stop (exit code)
-  a/A/ack/N                    node N read the final decision (node 0 keeps the store up until all did)
-  status/N                     node N's latest status summary (node 0 merges them into status.json)
+  a/A/report/K                 node rank K's account of how attempt A ended
+  a/A/decision                 the coordinator's verdict for attempt A: restart (with backoff) or stop
+  a/A/ack/S                    slot S read the final decision (the coordinator keeps the store up until all did)
+  status/S                     slot S's latest status summary (the coordinator merges them into status.json)
 """
 
 from __future__ import annotations
@@ -24,18 +28,21 @@ from __future__ import annotations
 import enum
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from resilient.core.errors import ResilientError
 from resilient.core.exit_codes import ExitCode
+from resilient.supervisor import roster as rosters
 from resilient.supervisor import wire
 from resilient.supervisor.auth import Forged, Sealer
 from resilient.supervisor.config import SupervisorConfig
 from resilient.supervisor.decisions import AttemptDecision
 from resilient.supervisor.reports import NodeReport, StopKind, StopRequest
-from resilient.supervisor.store import SealedStore, connect_store, host_store
+from resilient.supervisor.roster import Roster
+from resilient.core.kvstore import StoreClient, StoreLimits, StoreRefused, StoreServer, host_store
+from resilient.supervisor.store import SealedStore
 from resilient.supervisor.topology import Topology
 
 
@@ -51,7 +58,7 @@ class Gate(enum.Enum):
 
 
 class CoordinationLost(ResilientError):
-    """The store on node 0 cannot be reached (its supervisor is gone)."""
+    """The coordinator's store does not answer (its supervisor is frozen, cut off or gone)."""
 
     exit_code = ExitCode.COORDINATOR_LOST
 
@@ -63,11 +70,11 @@ class Intervals:
     wait_s: float
     """Store poll while waiting at a barrier or for a decision."""
     leader_wait_s: float
-    """Node 0's poll while it waits for every node (one round trip whatever the node count)."""
+    """The coordinator's poll while it waits for every node (one round trip whatever the node count)."""
     status_s: float
     """Each node's status publication."""
     merge_s: float
-    """Node 0's merge of every node's status into status.json (its CPU grows with the node count)."""
+    """The coordinator's merge of every node's status into status.json (its CPU grows with the node count)."""
     reason: str
 
 
@@ -78,98 +85,102 @@ _MERGED_NODES_PER_S = 512
 
 def intervals(nnodes: int, cfg: SupervisorConfig) -> Intervals:
     """Per-node store poll and status intervals that keep the store within `cfg.store_ops_budget`:
-    at steady state half of it for the wake-up polls (one round trip each) and a quarter for status
-    writes; the waits of a restart (a second or so) poll up to 4x faster within the same half."""
+    at steady state half of it for the polls (one round trip each), a quarter for status writes and
+    the rest for leases; the waits of a restart (a second or so) poll up to 4x faster within the same half."""
     poll = max(cfg.poll_interval_s, nnodes / (0.5 * cfg.store_ops_budget))
     wait = max(cfg.poll_interval_s / 4, nnodes / (0.5 * cfg.store_ops_budget))
     status = max(cfg.status_interval_s, nnodes / (0.25 * cfg.store_ops_budget))
     merge = max(status, nnodes / _MERGED_NODES_PER_S)
-    load = nnodes / poll + nnodes / status
+    load = nnodes / poll + nnodes / status + nnodes * 4 / cfg.node_lease_s
     return Intervals(poll, wait, cfg.poll_interval_s / 4, status, merge,
-                     f"{nnodes} node(s) poll every {poll:.3g}s (waits: {wait:.3g}s) and publish status every "
-                     f"{status:.3g}s: ~{load:.0f} store ops/s of the {cfg.store_ops_budget:g} budget; "
-                     f"status.json every {merge:.3g}s")
+                     f"{nnodes} node(s) poll every {poll:.3g}s (waits: {wait:.3g}s), publish status every "
+                     f"{status:.3g}s and renew leases every {cfg.node_lease_s / 4:.3g}s: ~{load:.0f} store ops/s "
+                     f"of the {cfg.store_ops_budget:g} budget; status.json every {merge:.3g}s")
+
+
+def limits(slots: int, cfg: SupervisorConfig) -> StoreLimits:
+    return StoreLimits(max_keys=cfg.store_max_keys, max_bytes=cfg.store_max_bytes, max_clients=4 * slots + 16)
 
 
 def _guard(fn):
     def wrapped(self, *args, **kwargs):
         try:
             return fn(self, *args, **kwargs)
-        except (RuntimeError, OSError, Forged) as err:  # DistStoreError / DistNetworkError subclass RuntimeError
+        except (OSError, Forged) as err:  # StoreUnavailable is an OSError
             raise CoordinationLost(f"coordination store at {self.address} lost: {str(err).splitlines()[0]}") from None
+        except StoreRefused as err:
+            raise CoordinationLost(f"coordination store at {self.address} refused a write: {err}") from None
     return wrapped
 
 
 class Coordinator:
-    def __init__(self, store: SealedStore, node: int, nnodes: int, cfg: SupervisorConfig, address: str,
-                 host: str | None = None) -> None:
-        self.store, self.node, self.nnodes, self.address = store, node, nnodes, address
-        self.intervals = intervals(nnodes, cfg)
-        self.wait_s = self.intervals.leader_wait_s if node == 0 else self.intervals.wait_s
-        self.origin = {"node": node, "pid": os.getpid(), "host": host or socket.gethostname()}
-        self._ctl: int | None = None
+    def __init__(self, store: SealedStore, slot: int, slots: int, cfg: SupervisorConfig, address: str,
+                 host: str | None = None, server: StoreServer | None = None) -> None:
+        self.store, self.slot, self.slots, self.address, self.server = store, slot, slots, address, server
+        self.intervals = intervals(slots, cfg)
+        self.wait_s = self.intervals.leader_wait_s if server is not None else self.intervals.wait_s
+        self.origin = {"node": slot, "pid": os.getpid(), "host": host or socket.gethostname()}
         self._cache: dict[str, Any] = {}
-        self._missed_at: dict[str, int | None] = {}
-        self._status_seen: set[int] = set()
         self._status_blobs: dict[int, tuple[bytes, dict[str, Any]]] = {}
         self._last_status: dict[str, Any] | None = None
-        self._listener: socket.socket | None = None
 
     @classmethod
-    def open(cls, topo: Topology, cfg: SupervisorConfig, sealer: Sealer,
-             on_forged: Callable[[str, str], None]) -> "Coordinator":
-        """Node 0 hosts the store on the job's named address; every node connects to it."""
-        address = f"{topo.master_addr}:{topo.store_port}"
-        listener = None
+    def open(cls, topo: Topology, cfg: SupervisorConfig, sealer: Sealer, on_forged: Callable[[str, str], None], *,
+             coordinator: int = 0, epoch: int = 0, connect_timeout_s: float | None = None,
+             on_limit: Callable[[str], None] | None = None) -> "Coordinator":
+        """The store of `epoch`: slot `coordinator` hosts it on its named address; every slot connects."""
+        addr, port = topo.store_address(coordinator, epoch)
+        server = None
         try:
-            if topo.node_rank == 0:
-                raw, listener = host_store(topo.master_addr, topo.store_port, cfg.store_timeout_s)
-                address = f"{topo.master_addr}:{raw.port}"
-            else:
-                raw = connect_store(topo.master_addr, topo.store_port, cfg.store_timeout_s)
-        except (RuntimeError, OSError) as err:
-            raise CoordinationLost(f"cannot reach the coordination store at {address}: "
+            if topo.slot == coordinator:
+                server = host_store(addr, port, sealer.store_key, limits(topo.slots, cfg), on_limit)
+                port = server.port
+            client = StoreClient(addr, port, sealer.store_key, op_timeout_s=cfg.node_lease_s,
+                                 connect_timeout_s=cfg.store_timeout_s if connect_timeout_s is None else connect_timeout_s)
+        except OSError as err:
+            if server is not None:
+                server.close()
+            raise CoordinationLost(f"cannot reach the coordination store at {addr}:{port}: "
                                    f"{str(err).splitlines()[0]}") from None
-        coord = cls(SealedStore(raw, sealer, on_forged), topo.node_rank, topo.nnodes, cfg, address, topo.node_name)
-        coord._listener = listener
-        return coord
+        return cls(SealedStore(client, sealer, on_forged), topo.slot, topo.slots, cfg, f"{addr}:{port}",
+                   topo.node_name, server)
+
+    def second_connection(self, cfg: SupervisorConfig, sealer: Sealer,
+                          on_forged: Callable[[str, str], None]) -> SealedStore:
+        """Another connection to this store (the lease thread's: it must not wait behind the main loop's calls)."""
+        addr, port = self.address.rsplit(":", 1)
+        return SealedStore(StoreClient(addr, int(port), sealer.store_key, connect_timeout_s=cfg.node_lease_s,
+                                       op_timeout_s=cfg.node_lease_s), sealer, on_forged)
+
+    @property
+    def hosting(self) -> bool:
+        return self.server is not None
 
     @property
     def port(self) -> int:
-        return self.store.raw.port
+        return int(self.address.rsplit(":", 1)[1])
 
     def close(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
+        self.store.raw.close()
+        if self.server is not None:
+            self.server.close()
 
-    # -- the wake-up key ---------------------------------------------------------------------------
-
-    def _refresh(self) -> None:
-        self._ctl = self.store.counter("ctl")
+    # -- helpers -------------------------------------------------------------------------------------
 
     def _publish(self, key: str, value: Any) -> None:
-        """Write a key others wait for, then wake them (the order makes a reader that sees the new
-        counter also see the key)."""
         self.store.set(key, value)
-        self.store.counter("ctl", 1)
 
-    def _watched(self, key: str) -> Any | None:
-        """A write-once key, read only when the wake-up counter moved since it was last found missing."""
-        if key in self._cache:
-            return self._cache[key]
-        if key in self._missed_at and self._missed_at[key] == self._ctl:
-            return None
-        got = self.store.get(key)
-        if got is None:
-            self._missed_at[key] = self._ctl
-        else:
-            self._cache[key] = got
-        return got
+    def _watched(self, keys: Sequence[str]) -> list[Any | None]:
+        """Write-once keys in one round trip; a key found once is never read again."""
+        missing = [k for k in keys if k not in self._cache]
+        if missing:
+            for k, v in zip(missing, self.store.get_many(missing)):
+                if v is not None:
+                    self._cache[k] = v
+        return [self._cache.get(k) for k in keys]
 
     def _first_wins(self, key: str, value: dict[str, Any]) -> bool:
         won, _ = self.store.first_wins(key, {**value, **self.origin})
-        if won:
-            self.store.counter("ctl", 1)
         return won
 
     # -- the job ---------------------------------------------------------------------------------
@@ -180,8 +191,7 @@ class Coordinator:
 
     @_guard
     def first_attempt(self) -> int | None:
-        self._refresh()
-        return self._watched("run/first_attempt")
+        return self._watched(["run/first_attempt"])[0]
 
     @_guard
     def request_stop(self, kind: StopKind, reason: str) -> bool:
@@ -190,38 +200,65 @@ class Coordinator:
 
     @_guard
     def stop_requested(self) -> StopRequest | None:
-        self._refresh()
-        got = self._watched("stop")
+        got = self._watched(["stop"])[0]
         return None if got is None else wire.stop_from_store(got)
+
+    def stop_record(self) -> dict[str, Any] | None:
+        """The stop request as sealed in the store (what a supervisor carries into an election)."""
+        return self._cache.get("stop")
+
+    def adopt_stop(self, record: dict[str, Any]) -> None:
+        """A new coordinator keeps the stop a joiner had seen (first request wins, as before)."""
+        self.store.first_wins("stop", record)
+
+    @_guard
+    def publish_roster(self, roster: Roster) -> None:
+        self._publish("roster", rosters.to_store(roster))
+
+    @_guard
+    def roster(self) -> Roster | None:
+        got = self.store.get("roster")
+        return None if got is None else rosters.from_store(got)
 
     # -- an attempt --------------------------------------------------------------------------------
 
     @_guard
+    def publish_plan(self, attempt: int, roster: Roster) -> None:
+        self._publish(f"a/{attempt}/plan", rosters.to_store(roster))
+
+    @_guard
+    def plan(self, attempt: int) -> Roster | None:
+        """The roster attempt `attempt` runs with, once the coordinator published it."""
+        got = self._watched([f"a/{attempt}/plan"])[0]
+        return None if got is None else rosters.from_store(got)
+
+    @_guard
     def publish_master_port(self, attempt: int, port: int) -> None:
-        self.store.set(f"a/{attempt}/master_port", port)  # written before node 0 arrives: no wake-up needed
+        self.store.set(f"a/{attempt}/master_port", port)  # written before its node arrives at the barrier
 
     @_guard
     def master_port(self, attempt: int) -> int | None:
-        return self.store.get(f"a/{attempt}/master_port")
+        return self._watched([f"a/{attempt}/master_port"])[0]
 
     @_guard
-    def arrive(self, attempt: int) -> None:
-        self.store.set(f"a/{attempt}/ready/{self.node}", self.node)
+    def arrive(self, attempt: int, node_rank: int) -> None:
+        self.store.set(f"a/{attempt}/ready/{node_rank}", self.slot)
 
     @_guard
-    def barrier(self, attempt: int) -> Gate | None:
-        """STOP, RESTART or GO once attempt `attempt` may (not) start; None while waiting.
-        Node 0 opens the barrier when every node's sealed ready key is present and genuine."""
-        self._refresh()
-        if self._watched("stop") is not None:
+    def barrier(self, attempt: int, plan: Roster) -> Gate | None:
+        """STOP, RESTART or GO once attempt `attempt` may (not) start; None while waiting. The
+        coordinator opens it when every node rank's ready key holds the slot the plan gives it."""
+        stop, restart, go = self._watched(["stop", f"a/{attempt}/restart", f"a/{attempt}/go"])
+        if stop is not None:
             return Gate.STOP
-        if self._watched(f"a/{attempt}/restart") is not None:
+        if restart is not None:
             return Gate.RESTART
-        if self.node == 0 and f"a/{attempt}/go" not in self._cache:
-            keys = [f"a/{attempt}/ready/{n}" for n in range(self.nnodes)]
-            if self.store.all_present(keys) and self.store.get_many(keys) == list(range(self.nnodes)):
+        if go is None and self.hosting:
+            keys = [f"a/{attempt}/ready/{k}" for k in range(len(plan.nodes))]
+            if self.store.all_present(keys) and self.store.get_many(keys) == list(plan.nodes):
                 self._publish(f"a/{attempt}/go", True)
-        return Gate.GO if self._watched(f"a/{attempt}/go") else None
+                go = self._watched([f"a/{attempt}/go"])[0]
+        return Gate.GO if go else None
 
     @_guard
     def request_restart(self, attempt: int, **failure: Any) -> bool:
@@ -230,16 +267,15 @@ class Coordinator:
 
     @_guard
     def restart_requested(self, attempt: int) -> dict[str, Any] | None:
-        self._refresh()
-        return self._watched(f"a/{attempt}/restart")
+        return self._watched([f"a/{attempt}/restart"])[0]
 
     @_guard
     def poll(self, attempt: int) -> Gate | None:
         """The running attempt's one round trip per poll interval: STOP, RESTART or None."""
-        self._refresh()
-        if self._watched("stop") is not None:
+        stop, restart = self._watched(["stop", f"a/{attempt}/restart"])
+        if stop is not None:
             return Gate.STOP
-        if self._watched(f"a/{attempt}/restart") is not None:
+        if restart is not None:
             return Gate.RESTART
         return None
 
@@ -247,26 +283,20 @@ class Coordinator:
 
     @_guard
     def report(self, attempt: int, report: NodeReport) -> None:
-        assert report.node == self.node, f"node {self.node} reporting for node {report.node}"
-        self.store.set(f"a/{attempt}/report/{self.node}", wire.report_to_store(report))
+        self.store.set(f"a/{attempt}/report/{report.node}", wire.report_to_store(report))
 
     @_guard
-    def all_reports(self, attempt: int) -> dict[int, NodeReport] | None:
-        """Every node's report once all are in (node 0), else None."""
-        keys = [f"a/{attempt}/report/{n}" for n in range(self.nnodes)]
-        if not self.store.all_present(keys):
-            return None
-        got = self.store.get_many(keys)
-        return None if any(r is None for r in got) else {n: wire.report_from_store(r) for n, r in enumerate(got)}
-
-    @_guard
-    def reports(self, attempt: int) -> dict[int, NodeReport]:
-        """The reports that are in (after a timeout: one round trip per node)."""
+    def reports(self, attempt: int, plan: Roster, node_ranks: Iterable[int]) -> dict[int, NodeReport]:
+        """The reports of `node_ranks` that are in, in one round trip; a report from a slot that does not
+        run that node rank in `plan` (a replaced node that woke up) is not its report."""
+        ranks = list(node_ranks)
+        got = self.store.get_many([f"a/{attempt}/report/{k}" for k in ranks])
         out = {}
-        for n in range(self.nnodes):
-            got = self.store.get(f"a/{attempt}/report/{n}")
-            if got is not None:
-                out[n] = wire.report_from_store(got)
+        for k, value in zip(ranks, got):
+            if value is not None:
+                report = wire.report_from_store(value)
+                if report.slot in (None, plan.nodes[k]):
+                    out[k] = report
         return out
 
     @_guard
@@ -275,46 +305,53 @@ class Coordinator:
 
     @_guard
     def decision(self, attempt: int) -> AttemptDecision | None:
-        self._refresh()
-        got = self._watched(f"a/{attempt}/decision")
+        got = self._watched([f"a/{attempt}/decision"])[0]
         return None if got is None else wire.decision_from_store(got)
 
     @_guard
     def ack(self, attempt: int) -> None:
-        self.store.set(f"a/{attempt}/ack/{self.node}", self.node)
+        self.store.set(f"a/{attempt}/ack/{self.slot}", self.slot)
 
     @_guard
-    def all_acked(self, attempt: int) -> bool | None:
-        return True if self.store.all_present([f"a/{attempt}/ack/{n}" for n in range(self.nnodes)]) else None
+    def all_acked(self, attempt: int, slots: Iterable[int]) -> bool | None:
+        return True if self.store.all_present([f"a/{attempt}/ack/{s}" for s in slots]) else None
+
+    @_guard
+    def forget(self, attempt: int) -> None:
+        """Drop an old attempt's keys (the coordinator, two attempts later): keys stay bounded."""
+        self.store.delete_prefix(f"a/{attempt}/")
+
+    # -- election ------------------------------------------------------------------------------------
+
+    @_guard
+    def join(self, record: dict[str, Any]) -> None:
+        self.store.set(f"join/{self.slot}", record)
+
+    @_guard
+    def joins(self, slots: Iterable[int]) -> dict[int, dict[str, Any]]:
+        keys = [f"join/{s}" for s in slots]
+        return {int(k.rsplit("/", 1)[1]): v for k, v in zip(keys, self.store.get_many(keys)) if v is not None}
 
     # -- status ------------------------------------------------------------------------------------
 
     @_guard
     def publish_status(self, summary: dict[str, Any]) -> None:
-        """Publish this node's summary; an unchanged one is not sent again (a status delta)."""
+        """Publish this slot's summary; an unchanged one is not sent again (a status delta)."""
         if summary != self._last_status:
-            self.store.set(f"status/{self.node}", summary)
+            self.store.set(f"status/{self.slot}", summary)
             self._last_status = summary
 
     @_guard
-    def node_statuses(self) -> dict[int, dict[str, Any]]:
-        """Every published node summary (node 0). One multi_get for the nodes seen before; only a changed
-        value is opened and parsed again."""
-        unseen = [n for n in range(self.nnodes) if n not in self._status_seen]
-        if unseen and self.store.all_present([f"status/{n}" for n in unseen]):
-            self._status_seen.update(unseen)
-        elif unseen:
-            for n in unseen:
-                if self.store.all_present([f"status/{n}"]):
-                    self._status_seen.add(n)
-        nodes = sorted(self._status_seen)
-        keys = [f"status/{n}" for n in nodes]
-        if keys:
-            self.store.ops += 1
-            for n, key, blob in zip(nodes, keys, self.store.raw.multi_get(keys)):
-                if n in self._status_blobs and self._status_blobs[n][0] == blob:
-                    continue
-                value = self.store._open(key, blob)
-                if value is not None:
-                    self._status_blobs[n] = (blob, value)
-        return {n: self._status_blobs[n][1] for n in nodes if n in self._status_blobs}
+    def node_statuses(self, slots: Iterable[int] | None = None) -> dict[int, dict[str, Any]]:
+        """Every published slot summary (the coordinator), in one round trip; only a changed value is opened
+        and parsed again."""
+        wanted = list(range(self.slots) if slots is None else slots)
+        keys = [f"status/{s}" for s in wanted]
+        self.store.ops += 1
+        for s, key, blob in zip(wanted, keys, self.store.raw.multi_get(keys)):
+            if blob is None or (s in self._status_blobs and self._status_blobs[s][0] == blob):
+                continue
+            value = self.store._open(key, blob)
+            if value is not None:
+                self._status_blobs[s] = (blob, value)
+        return {s: self._status_blobs[s][1] for s in wanted if s in self._status_blobs}

@@ -1,10 +1,14 @@
-"""The per-node supervisor: spawn this node's ranks, watch them, restart all nodes together, stop cleanly.
+"""The per-node supervisor: spawn this node's ranks (or stand by as a spare), watch them, restart all
+nodes together, replace a failed node with a spare, survive the coordinator's loss, stop cleanly.
 
-One attempt, on every node:
-  pre-flight -> barrier (store) -> spawn -> watch until: all ranks finished | a local failure
-  (posted as the attempt's restart request) | another node's restart request | a stop request
-  -> tear down -> report to the store -> node 0 decides (restart with backoff, or stop with an
-  exit code) -> every node follows the decision.
+One attempt, on every slot of the allocation:
+  the coordinator's plan for the attempt (which slot runs which node rank) -> a node: pre-flight ->
+  barrier (store) -> spawn -> watch until: all ranks finished | a local failure (posted as the attempt's
+  restart request) | another node's restart request | a lost node (the coordinator's lease table) |
+  a stop request -> tear down -> report to the store; a spare: warm standby ranks and health checks ->
+  the coordinator decides (restart, with spares in place of failed nodes, or stop with an exit code)
+  -> every slot follows the decision. A coordinator that does not answer is replaced by an election
+  among the survivors (failover.py); a side without a majority stops and touches nothing.
 Heartbeats are tracked in `tracking`, failures detected in `failures`, status published by
 `publishing`; this module sequences them. All process work happens on the main thread:
 PR_SET_PDEATHSIG in the ranks follows the thread that forked them.
@@ -36,18 +40,26 @@ from resilient.metrics.exporter import NodeMetrics
 from resilient.rank.env import DEFAULT_STOP_SIGNALS, FailureHistory, RankEnv
 from resilient.rank.heartbeat import HeartbeatServer
 from resilient.report.rank_steps import RankStepLog
-from resilient.supervisor import calibration, decisions, failures, incidents, progress, publishing, spares, timeouts
-from resilient.supervisor.auth import Sealer, load_or_create_secret
+from resilient.supervisor import (calibration, decisions, election, failover, failures, fencing,
+                                  incidents, progress, publishing, spares, timeouts)
+from resilient.supervisor import roster as rosters
+from resilient.core.secret import load_or_create
+from resilient.supervisor.auth import Sealer
 from resilient.supervisor.calibration import CalibrationStore
 from resilient.supervisor.config import RankProtocol
 from resilient.supervisor.console import progress_line
 from resilient.supervisor.coordination import CoordinationLost, Coordinator, Gate
 from resilient.supervisor.decisions import AttemptContext, AttemptDecision
+from resilient.supervisor.election import Join
+from resilient.supervisor.failover import NoMajority
 from resilient.supervisor.failures import Failure, FailureKind
 from resilient.supervisor.goodput_refresh import GoodputRefresh
 from resilient.supervisor.health_watch import HealthWatch
+from resilient.supervisor.leases import renew_every
+from resilient.supervisor.liveness import Liveness
 from resilient.supervisor.ranks import RankProcess, free_port, spawn, stop_all
 from resilient.supervisor.reports import NodeOutcome, NodeReport, RankExit, StopKind, StopRequest
+from resilient.supervisor.roster import Role, Roster
 from resilient.supervisor.states import State
 from resilient.supervisor.straggler_ledger import StragglerLedger
 from resilient.supervisor.topology import Topology
@@ -55,24 +67,31 @@ from resilient.supervisor.tracking import HeartbeatTracker, RankView
 from trainer.checkpoint.manifest import recorded_mismatch
 
 T = TypeVar("T")
-# Coordinating a final decision: node 0 keeps the store up this long for the others to read it.
+# Coordinating a final decision: the coordinator keeps the store up this long for the others to read it.
 _ACK_WAIT_S = 10.0
 
 
 class Supervisor:
     def __init__(self, cfg: RunConfig, topo: Topology, run_dir: Path) -> None:
         self.cfg, self.scfg, self.topo, self.run_dir = cfg, cfg.supervisor, topo, run_dir
-        self.node = topo.node_rank
+        self.slot = topo.slot
+        self.node: int | None = None
+        """The node rank this slot runs in the current attempt (None: a spare, or not yet planned)."""
+        self.roster = rosters.initial(cfg.nodes, topo.slots, topo.hosts)
+        """The newest roster this supervisor knows."""
+        self.plan = self.roster
+        """The roster the current attempt runs with."""
         self.config_path = RunDir(run_dir).config
         self.attempt = 0
+        self.first_attempt = 0
         self.restarts = 0
         self.no_progress_streak = 0
         self.state: State | Outcome = State.STARTING
         self.ranks: list[RankProcess] = []
         self.tracker = HeartbeatTracker(self.scfg.step_timeout_window)
-        self.calibration = CalibrationStore(run_dir, self.node, self.tracker, calibration.signature(
+        self.calibration = CalibrationStore(run_dir, self.slot, self.tracker, calibration.signature(
             cfg.model.model_dump(), cfg.parallel.model_dump(), cfg.train.global_batch, cfg.train.micro_batch,
-            cfg.seq_len, topo.nnodes, self.scfg.nproc_per_node, self.scfg.rank_command))  # seeds the tracker
+            cfg.seq_len, cfg.nodes, self.scfg.nproc_per_node, self.scfg.rank_command))  # seeds the tracker
         self.last_failure: dict[str, Any] | None = None
         self.metrics_port: int | None = None
         self._signal: str | None = None
@@ -82,15 +101,23 @@ class Supervisor:
         self._forged_keys: set[str] = set()
         self._final_exit: RankExit | None = None  # a rank's CONFIG_ERROR / CHECKPOINT_DAMAGED this attempt
         self._unhealthy: str | None = None  # this attempt's fatal verdict on this node, naming it
+        self._spare_unhealthy: str | None = None  # a spare's own fatal verdict (its lease carries it)
+        self._spare_checked = False
         self.coord: Coordinator | None = None
+        self.sealer: Sealer | None = None
+        self.liveness: Liveness | None = None
+        self._lost: dict[int, str] = {}
+        """The coordinator: slots whose lease expired (or that were the lost coordinator), with why."""
+        self._lost_posted: set[tuple[int, int]] = set()
+        self._next_lease_check = 0.0
         self.server: HeartbeatServer | None = None
         self.metrics = NodeMetrics(cfg.metrics, topo.node_name)
         self.metrics.declare_failure_kinds(FailureKind)
         self.health = HealthWatch(cfg.health, topo.node_name, run_dir, cfg.checkpoint.root(run_dir),
                                   self.scfg.nproc_per_node, self.metrics)
         self.stragglers = StragglerLedger(cfg.health, run_dir, topo.node_name, self.metrics)
-        self.goodput: GoodputRefresh | None = None  # node 0, while metrics are served
-        self.rank_steps = RankStepLog(run_dir, self.node)  # per-rank step times for `resilient report`
+        self.goodput: GoodputRefresh | None = None  # the first slot's, while metrics are served
+        self.rank_steps = RankStepLog(run_dir, self.slot)  # per-rank step times for `resilient report`
         # exit_only: progress is the newest complete checkpoint, hangs are caught only for ranks that send heartbeats.
         self.exit_only = self.scfg.rank_protocol is RankProtocol.EXIT_ONLY
         self.progress_root = progress.progress_dir(self.scfg.progress_dir, cfg.checkpoint.dir, run_dir)
@@ -100,6 +127,7 @@ class Supervisor:
         """The run and checkpoint directories as this supervisor found them: one that vanishes or is replaced
         while the run uses it is a storage fault (never written to, never loaded from)."""
         self._dirs_checked = 0.0
+        self._idle_refill = spares.idle_priority_allowed()
 
     # -- entry point --------------------------------------------------------------------------------
 
@@ -108,12 +136,14 @@ class Supervisor:
         try:
             return int(self._run())
         except CoordinationLost as err:
-            self.coord = None  # status stays local from here on
+            minority = isinstance(err, NoMajority)
+            self.coord = None  # status stays local from here on; a minority writes no decision
             self._record_failure(self._failure(FailureKind.SUPERVISOR, None, str(err)))
-            ledger.append(self.run_dir, LedgerEvent.COORDINATOR_LOST, node=self.node, attempt=self.attempt,
-                          reason=str(err))
-            stop_all(self.ranks, self.scfg.termination_grace_s)
-            outcome = Outcome.PREEMPTED if self._stop_seen else Outcome.COORDINATION_LOST
+            ledger.append(self.run_dir, LedgerEvent.COORDINATOR_LOST, node=self.slot, attempt=self.attempt,
+                          reason=str(err), minority=minority)
+            # A minority's ranks are killed at once: a stop signal would let them save (touch checkpoints).
+            stop_all(self.ranks, 0.0 if minority else self.scfg.termination_grace_s)
+            outcome = Outcome.PREEMPTED if self._stop_seen and not minority else Outcome.COORDINATION_LOST
             self._set_state(outcome)
             return int(self._exit_code(outcome, str(err)))
         except ResilientError as err:
@@ -125,6 +155,8 @@ class Supervisor:
             raise
         finally:
             stop_all(self.ranks, self.scfg.termination_grace_s)
+            if self.liveness is not None:
+                self.liveness.stop()
             self.calibration.close()
             if self.spares is not None:
                 self.spares.close()
@@ -140,30 +172,37 @@ class Supervisor:
         ckpt_root = self.cfg.checkpoint.root(self.run_dir)
         ckpt_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.dirs = permissions.capture([self.run_dir, ckpt_root])
-        if self.node == 0:
+        if self.slot == 0:
             self._write_config()
         self.metrics_port = self.metrics.start()
-        if self.node == 0 and self.metrics_port is not None:
+        if self.slot == 0 and self.metrics_port is not None:
             self.goodput = GoodputRefresh(self.run_dir, self.cfg.metrics.goodput_interval_s, self.metrics).start()
-        self.server = HeartbeatServer(RunDir(self.run_dir).heartbeat_socket(self.node))
+        self.server = HeartbeatServer(RunDir(self.run_dir).heartbeat_socket(self.slot))
         self._start_spares()
-        sealer = Sealer(load_or_create_secret(self.run_dir), self.topo.instance)
-        self.coord = Coordinator.open(self.topo, self.scfg, sealer, self._on_forged)
+        self.sealer = Sealer(load_or_create(self.run_dir), self.topo.instance)
+        self.coord = Coordinator.open(self.topo, self.scfg, self.sealer, self._on_forged, coordinator=0, epoch=0,
+                                      on_limit=self._on_store_limit)
         self._status_due.interval_s = self.coord.intervals.status_s
         self._merge_due.interval_s = self.coord.intervals.merge_s
-        if self.node == 0:
-            self.coord.publish_first_attempt(_next_attempt(self.run_dir))
+        self._start_liveness(join_s=self.scfg.store_timeout_s)
+        if self.coord.hosting:
+            first = _next_attempt(self.run_dir)
+            self._set_roster(self.roster)
+            self.coord.publish_plan(first, self.roster)
+            self.coord.publish_first_attempt(first)
         first = self._wait_for(self.coord.first_attempt, self.scfg.store_timeout_s)
         if first is None:
-            raise CoordinationLost(f"node 0 did not publish the first attempt within {self.scfg.store_timeout_s:g}s")
-        self.attempt = first
+            raise CoordinationLost(f"the coordinator did not publish the first attempt within {self.scfg.store_timeout_s:g}s")
+        self.attempt = self.first_attempt = first
         self.calibration.begin(first)
-        ledger.append(self.run_dir, LedgerEvent.RUN_START, attempt=first, node=self.node,
+        ledger.append(self.run_dir, LedgerEvent.RUN_START, attempt=first, node=self.slot, slot=self.slot,
+                      host=self.topo.node_name, role=str(self.roster.role(self.slot)),
                       slurm_job_id=os.environ.get("SLURM_JOB_ID"),
                       slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
         while True:
-            self._one_attempt()
-            decision = self._decide()
+            decision = self._attempt_and_decision()
+            if decision is None:
+                return self._leave()
             if not decision.restart:
                 return self._finish(decision)
             self.restarts += 1
@@ -172,48 +211,83 @@ class Supervisor:
             self._sleep_interruptibly(decision.backoff_s)
             self.attempt += 1
 
+    def _attempt_and_decision(self) -> AttemptDecision | None:
+        """Run attempt `self.attempt` in this slot's role, report, and get the coordinator's decision, across
+        elections; None when the plan puts this slot out of the run."""
+        outcome: NodeOutcome | None = None
+        try:
+            plan = self._wait_for(lambda: self.coord.plan(self.attempt), self.scfg.store_timeout_s)
+            if plan is None:
+                raise CoordinationLost(f"no plan for attempt {self.attempt} within {self.scfg.store_timeout_s:g}s")
+            self._adopt(plan)
+            role = plan.role(self.slot)
+            if role is Role.OUT:
+                return None
+            outcome = self._one_attempt() if role is Role.NODE else self._stand_by()
+        except NoMajority:
+            raise
+        except CoordinationLost as err:
+            self._failover(err)
+            outcome = NodeOutcome.FAILED
+        while True:
+            try:
+                if self.node is not None and outcome is not None:
+                    self._report(outcome)
+                return self._decide()
+            except NoMajority:
+                raise
+            except CoordinationLost as err:
+                self._failover(err)
+                outcome = NodeOutcome.FAILED
+
+    def _adopt(self, plan: Roster) -> None:
+        self.plan = plan
+        if plan.version >= self.roster.version:
+            self.roster = plan
+        self.node = plan.node_rank(self.slot)
+
     # -- one attempt -------------------------------------------------------------------------------
 
-    def _one_attempt(self) -> None:
-        """Run attempt `self.attempt` on this node until it ends here; its account goes to the store."""
-        assert self.coord is not None
+    def _one_attempt(self) -> NodeOutcome:
+        """Run attempt `self.attempt` as node rank `self.node` until it ends here; returns how."""
+        assert self.coord is not None and self.node is not None
         self.tracker.new_attempt()
         self._final_exit = self._unhealthy = None
         self._set_state(State.PREFLIGHT)
-        if changed := self._changed_dir():  # every node stops; node 0 decides STORAGE_FAULT
+        if changed := self._changed_dir():  # every node stops; the coordinator decides STORAGE_FAULT
             self._storage_fault(changed)
-            return self._report(NodeOutcome.PREEMPTED)
+            return NodeOutcome.PREEMPTED
         if not self.scfg.allow_shared_dir and (shared := self._shared_dir()):  # made shared since the start
             self._final_exit = RankExit(int(ExitCode.CONFIG_ERROR), shared)
             self._record_failure(self._failure(FailureKind.SUPERVISOR, None, shared))
-            return self._report(NodeOutcome.FAILED)
+            return NodeOutcome.FAILED
         verdict = self.health.preflight()
-        if verdict is not None and verdict.verdict is Verdict.STORAGE:  # every node stops; node 0 decides STORAGE_FAULT
+        if verdict is not None and verdict.verdict is Verdict.STORAGE:  # every node stops; the coordinator decides STORAGE_FAULT
             self._storage_fault(verdict.reason)
-            return self._report(NodeOutcome.PREEMPTED)
+            return NodeOutcome.PREEMPTED
         if verdict is not None:
             self._post_failure(self._failure(FailureKind.HEALTH, None, verdict.reason))
             self._unhealthy = verdict.reason
-            return self._report(NodeOutcome.UNHEALTHY)
+            return NodeOutcome.UNHEALTHY
         if self.node == 0:
             self.coord.publish_master_port(self.attempt, free_port())
         self._set_state(State.WAITING)
-        self.coord.arrive(self.attempt)
+        self.coord.arrive(self.attempt, self.node)
         gate = self._wait_for(self._barrier, self.scfg.store_timeout_s)
         if gate is None:
             self._post_failure(self._failure(FailureKind.SUPERVISOR, None,
-                                             f"not all {self.topo.nnodes} supervisors joined attempt "
+                                             f"not all {len(self.plan.nodes)} nodes joined attempt "
                                              f"{self.attempt} within {self.scfg.store_timeout_s:g}s"))
-            return self._report(NodeOutcome.FAILED)
+            return NodeOutcome.FAILED
         if gate is not Gate.GO:
-            return self._report(NodeOutcome.PREEMPTED if gate is Gate.STOP else NodeOutcome.FAILED)
+            return NodeOutcome.PREEMPTED if gate is Gate.STOP else NodeOutcome.FAILED
         start = progress.newest_complete_step(self.progress_root) if self.exit_only else None
         try:
             self._spawn_ranks()
         except StorageFault as err:  # a rank's log cannot be opened safely: nothing is written through it
             stop_all(self.ranks, 0.0)
             self._storage_fault(str(err))
-            return self._report(NodeOutcome.PREEMPTED)
+            return NodeOutcome.PREEMPTED
         self.health.start_monitor()
         self._set_state(State.RUNNING)
         try:
@@ -229,21 +303,50 @@ class Supervisor:
         if self.exit_only:
             reached = progress.newest_complete_step(self.progress_root)
             self.tracker.start_step, self.tracker.reached_step = start, reached
-        return self._report(end)
+        return end
+
+    def _stand_by(self) -> None:
+        """A spare's attempt: warm standby ranks, health checks (pre-flight once, then the monitor), until the
+        attempt's decision is out (the coordinator: until every report it waits for is in)."""
+        assert self.coord is not None
+        self._set_state(State.STANDBY)
+        if not self._spare_checked:
+            self._spare_checked = True
+            verdict = self.health.preflight()
+            if verdict is not None:
+                self._spare_unfit(verdict.reason)
+        self.health.start_monitor()
+        try:
+            def over() -> bool | None:
+                if (verdict := self.health.fatal()) is not None and self._spare_unhealthy is None:
+                    self._spare_unfit(verdict.reason)
+                if self.coord.hosting:
+                    return True if self._reports_ready() is not None else None
+                return True if self.coord.decision(self.attempt) is not None else None
+
+            self._wait_for(over, float("inf"))
+        finally:
+            self.health.stop_monitor()
+        return None
+
+    def _spare_unfit(self, reason: str) -> None:
+        """A spare found unfit: its lease says so, and the coordinator takes it off the spares."""
+        self._spare_unhealthy = f"node {self.topo.node_name}: {reason}"
+        print(f"resilient: slot {self.slot}: spare unfit: {reason}", file=sys.stderr, flush=True)
 
     def _barrier(self) -> Gate | None:
         assert self.coord is not None
-        gate = self.coord.barrier(self.attempt)
+        gate = self.coord.barrier(self.attempt, self.plan)
         self._stop_seen = self._stop_seen or gate is Gate.STOP
         return gate
 
-    def _rank_specs(self, port: int, attempt: int, history: FailureHistory = FailureHistory()) -> list[RankEnv]:
+    def _rank_specs(self, port: int, attempt: int, node: int, history: FailureHistory = FailureHistory()) -> list[RankEnv]:
         assert self.server is not None
         nproc = self.scfg.nproc_per_node
         return [RankEnv(
-            rank=self.node * nproc + local, local_rank=local, world_size=self.topo.nnodes * nproc,
-            local_world_size=nproc, node_rank=self.node, node_name=self.topo.node_name,
-            master_addr=self.topo.master_addr, master_port=port, attempt=attempt,
+            rank=node * nproc + local, local_rank=local, world_size=len(self.plan.nodes) * nproc,
+            local_world_size=nproc, node_rank=node, node_name=self.topo.node_name,
+            master_addr=self.plan.host(self.plan.nodes[0]), master_port=port, attempt=attempt,
             run_dir=self.run_dir, heartbeat_socket=self.server.path, supervisor_pid=os.getpid(),
             allow_shared_dir=self.scfg.allow_shared_dir,
             stop_signals=tuple(dict.fromkeys((self.scfg.stop_signal().name, *DEFAULT_STOP_SIGNALS,
@@ -252,10 +355,13 @@ class Supervisor:
         ) for local in range(nproc)]
 
     def _spawn_ranks(self) -> None:
-        assert self.coord is not None
+        assert self.coord is not None and self.node is not None
         argv = self.scfg.rank_argv(self.config_path, self.run_dir)
+        port = self._wait_for(lambda: self.coord.master_port(self.attempt), self.scfg.store_timeout_s)
+        if port is None:
+            raise CoordinationLost(f"no process-group port for attempt {self.attempt}")
         self.ranks, views, warm = [], [], 0
-        for spec in self._rank_specs(self.coord.master_port(self.attempt), self.attempt, self.calibration.history()):
+        for spec in self._rank_specs(port, self.attempt, self.node, self.calibration.history()):
             proc = self.spares.take(spec, argv) if self.spares is not None else None
             warm += proc is not None
             proc = proc or spawn(spec, argv)
@@ -263,8 +369,10 @@ class Supervisor:
             views.append(RankView(spec.rank, spec.local_rank, proc.pid, last_progress=proc.spawned_at))
         self.tracker.track(views)
         self._refill_at = time.monotonic() if self.spares is not None else None
-        ledger.append(self.run_dir, LedgerEvent.ATTEMPT_START, attempt=self.attempt, node=self.node,
-                      warm_ranks=warm, pids=[r.pid for r in self.ranks])
+        ledger.append(self.run_dir, LedgerEvent.ATTEMPT_START, attempt=self.attempt, node=self.node, slot=self.slot,
+                      host=self.topo.node_name, warm_ranks=warm, pids=[r.pid for r in self.ranks])
+        if self._idle_refill and self.spares is not None:  # spares import at SCHED_IDLE: refilled at once,
+            self._refill_spares()                             # they take no CPU from the ranks
 
     def _start_spares(self) -> None:
         """Park one process per local rank, if the rank command can be parked (else say why not)."""
@@ -272,9 +380,10 @@ class Supervisor:
             return
         cmd, reason = spares.park_argv(self.scfg.rank_argv(self.config_path, self.run_dir), sys.executable,
                                        self.scfg.warm_imports)
-        print(f"resilient: node {self.node}: warm spares: {reason}", file=sys.stderr)
+        refill = "refilled at once at idle priority" if self._idle_refill else "refilled once the ranks step"
+        print(f"resilient: slot {self.slot}: warm spares: {reason}; {refill}", file=sys.stderr)
         if cmd is not None:
-            self.spares = spares.Spares(cmd, self.run_dir, self.node)
+            self.spares = spares.Spares(cmd, self.run_dir, self.slot)
             self._refill_spares()
 
     def _refill_spares(self) -> None:
@@ -282,7 +391,8 @@ class Supervisor:
         placeholders (attempt -1, port 0, no failure history) for what the assignment sets."""
         assert self.spares is not None
         self._refill_at = None
-        if self.spares.fill(self._rank_specs(0, -1)):
+        node = self.node if self.node is not None else self.roster.node_rank(self.slot)  # a spare node: rank 0's
+        if self.spares.fill(self._rank_specs(0, -1, node or 0)):
             self._status_due.force()  # their count and memory go out with the next status
 
     def _maybe_refill_spares(self, now: float) -> None:
@@ -320,6 +430,7 @@ class Supervisor:
                         self.rank_steps.observe(hb)
                         if line := progress_line(hb, self.cfg.train):
                             print(line, file=sys.stderr, flush=True)
+                self._check_liveness(now)
                 exits = [r for r in self.ranks if r.returncode is None and r.poll(now) is not None]
                 if preempt_deadline is None:
                     if self._signal is not None:
@@ -361,7 +472,7 @@ class Supervisor:
                     done_since = None
                 if now >= next_store_poll:
                     next_store_poll = now + self.coord.intervals.poll_s
-                    seen = self.coord.poll(self.attempt)  # one round trip unless something was posted
+                    seen = self.coord.poll(self.attempt)  # one round trip
                     if seen is Gate.STOP:
                         preempt_deadline = self._begin_preempt(_stop_seen_reason(self.coord.stop_requested()), now)
                     elif seen is Gate.RESTART and (request := self.coord.restart_requested(self.attempt)) is not None:
@@ -384,6 +495,8 @@ class Supervisor:
         if failure is None and (verdict := self.health.fatal()) is not None:
             kind = FailureKind.STORAGE if verdict.verdict is Verdict.STORAGE else FailureKind.HEALTH
             failure = self._failure(kind, None, verdict.reason)
+            if kind is FailureKind.HEALTH:
+                self._unhealthy = verdict.reason
         if failure is None and now - self._dirs_checked >= 1.0:
             self._dirs_checked = now
             if changed := self._changed_dir():
@@ -397,8 +510,8 @@ class Supervisor:
 
     def _judge_rank_exit(self, rank_exit: RankExit | None) -> None:
         """A rank's exit code that is a verdict, not a crash: CONFIG_ERROR / CHECKPOINT_DAMAGED end the run;
-        UNHEALTHY_NODE condemns this node, recorded like a fatal health check (`slurm on-exit` then
-        requeues the job without it)."""
+        UNHEALTHY_NODE condemns this node, recorded like a fatal health check (a spare takes its place, or
+        `slurm on-exit` requeues the job without it)."""
         if rank_exit is None:
             return
         if decisions.rank_exit_is_final(rank_exit.code) and self._final_exit is None:
@@ -418,10 +531,135 @@ class Supervisor:
             r.signal_rank(self.scfg.stop_signal())
         return now + self.scfg.preempt_grace_s
 
+    # -- liveness, leases, elections -----------------------------------------------------------------
+
+    def _start_liveness(self, join_s: float) -> None:
+        assert self.sealer is not None and self.coord is not None
+        store = self.coord.second_connection(self.scfg, self.sealer, self._on_forged)
+        self.liveness = Liveness(store, self.slot, self.topo.slots, self.scfg.node_lease_s,
+                                 read_all=self.coord.hosting, join_s=join_s, value=self._lease_value).start()
+
+    def _lease_value(self) -> dict[str, Any]:
+        """What this slot's lease tells the coordinator besides being alive (read on the lease thread)."""
+        return {"host": self.topo.node_name, "role": str(self.roster.role(self.slot)), "node": self.node,
+                "unhealthy": self._spare_unhealthy}
+
+    def _check_liveness(self, now: float) -> None:
+        """Every slot: a lease renewal that went unanswered means the coordinator is lost. The coordinator:
+        find lost and unfit slots (leases), act on them, and stop if it no longer holds a majority."""
+        if self.liveness is not None and self.liveness.failed is not None:
+            raise CoordinationLost(f"coordinator slot {self.roster.coordinator} lost: {self.liveness.failed}")
+        if self.coord is None or not self.coord.hosting or self.liveness is None or now < self._next_lease_check:
+            return
+        self._next_lease_check = now + renew_every(self.scfg.node_lease_s)
+        members = [s for s in self.roster.members if s != self.slot]
+        unfit = {s: str(v["unhealthy"]) for s in self.roster.spares
+                 if (v := self.liveness.value_of(s)).get("unhealthy")}
+        found = election.judge_leases(self.roster, self.slot, self.topo.slots, self.liveness.lost(members, now),
+                                      unfit, self._lost)
+        if not found.quorum:
+            raise NoMajority(f"slot {self.slot} coordinates without a majority: {found.why}")
+        for slot, reason in found.newly_lost.items():
+            self._lost[slot] = reason
+            self._on_lost(slot, reason)
+        if found.gone_spares:
+            self._set_roster(rosters.drop_spares(self.roster, found.gone_spares))
+            for slot, reason in found.gone_spares.items():
+                self._bad_node(slot, None, "lost" if slot in self._lost else "unhealthy", reason, None)
+
+    def _on_lost(self, slot: int, reason: str) -> None:
+        """A slot's lease expired: a node rank it runs ends the attempt now (every node stops its ranks
+        without waiting for a collective timeout), and the slot is fenced."""
+        host = self.roster.name(slot)
+        print(f"resilient: slot {self.slot}: {host} (slot {slot}) lost: {reason}", file=sys.stderr, flush=True)
+        node = self.plan.node_rank(slot)
+        if node is not None and (self.attempt, slot) not in self._lost_posted:
+            self._lost_posted.add((self.attempt, slot))
+            failure = Failure(FailureKind.NODE_LOST, None, node, self.tracker.current_step(),
+                              f"node {node} ({host}, slot {slot}) lost: {reason}")
+            self._record_failure(failure)  # recorded even when another failure came first: it is the culprit
+            self.coord.request_restart(self.attempt, kind=str(failure.kind), rank=None, step=failure.step,
+                                       reason=failure.reason, culprit_slot=slot)
+        self._fence(slot)
+
+    def _fence(self, slot: int) -> None:
+        host, pid = self.roster.host(slot), self.roster.pid(slot)
+
+        def done(ok: bool, detail: str) -> None:
+            ledger.append(self.run_dir, LedgerEvent.FENCE, node=self.roster.name(slot), slot=slot, pid=pid, ok=ok,
+                          detail=detail)
+
+        fencing.fence(host, pid, done)
+
+    def _set_roster(self, roster: Roster) -> None:
+        """The coordinator's new roster: published with the supervisors' pids its leases know."""
+        assert self.coord is not None and self.liveness is not None
+        leases = {s: self.liveness.value_of(s) for s in range(self.topo.slots)}
+        self.roster = rosters.with_identities(roster, {**{s: v.get("pid") for s, v in leases.items()},
+                                                       self.slot: os.getpid()},
+                                              {**{s: v.get("host") for s, v in leases.items()},
+                                               self.slot: self.topo.node_name})
+        self.coord.publish_roster(self.roster)
+        self.metrics.on_roster(len(self.roster.spares), len(self.roster.out), self.topo.slots - self.cfg.nodes)
+
+    def _bad_node(self, slot: int, node: int | None, kind: str, reason: str, replaced_by: int | None) -> None:
+        """The run's bad-node ledger: one record per node taken out."""
+        ledger.append(self.run_dir, LedgerEvent.BAD_NODE, node=self.roster.name(slot), slot=slot, node_rank=node,
+                      kind=kind, reason=reason, attempt=self.attempt, epoch=self.roster.epoch,
+                      replaced_by=None if replaced_by is None else self.roster.name(replaced_by))
+
+    def _failover(self, err: CoordinationLost) -> None:
+        """The coordinator is lost: stop the ranks (they cannot go on without it), elect the next one with
+        the other survivors, continue on its store. Raises NoMajority on the minority side."""
+        assert self.sealer is not None
+        lost = self.roster.coordinator
+        print(f"resilient: slot {self.slot}: {err}; electing a new coordinator", file=sys.stderr, flush=True)
+        ledger.append(self.run_dir, LedgerEvent.COORDINATOR_LOST, node=self.slot, attempt=self.attempt,
+                      reason=str(err), minority=False)
+        stop_all(self.ranks, 0.0)
+        stop_record = self.coord.stop_record() if self.coord is not None else None
+        if self.liveness is not None:
+            self.liveness.stop()
+        if self.coord is not None:
+            self.coord.close()
+        self.coord = None
+        self._set_state(State.ELECTING)
+        me = Join(self.slot, self.attempt, self.roster, self.restarts, self.no_progress_streak, self.first_attempt,
+                  stop_record)
+        coord, won, takeover = failover.elect(self.topo, self.scfg, self.sealer, self._on_forged, me, lost,
+                                              on_limit=self._on_store_limit)
+        self.coord = coord
+        self._status_due.interval_s = coord.intervals.status_s
+        self._merge_due.interval_s = coord.intervals.merge_s
+        self.roster, self.attempt, self.first_attempt = takeover.roster, takeover.attempt, takeover.first_attempt
+        self.restarts, self.no_progress_streak = takeover.restarts, takeover.no_progress_streak
+        # The attempt that ended with the loss is judged against the newest roster any survivor had (the
+        # plan of the furthest attempt: a decision publishes its next plan before the decision itself).
+        self.plan = self.roster
+        self._start_liveness(join_s=failover.election_timeout_s(self.scfg))
+        if won:
+            reason = f"coordinator slot {lost} ({self.roster.name(lost)}) lost: {err}"
+            self._lost = {lost: reason}
+            self._lost_posted = set()
+            if takeover.stop is not None:
+                coord.adopt_stop(dict(takeover.stop))
+                self._stop_seen = True
+            coord.publish_first_attempt(self.first_attempt)
+            coord.publish_plan(self.attempt, self.plan)
+            self._set_roster(self.roster)
+            if self.roster.role(lost) is Role.OUT:  # a lost spare; a lost node is replaced by the decision
+                self._bad_node(lost, None, "lost", reason, None)
+            ledger.append(self.run_dir, LedgerEvent.ELECTED, node=self.topo.node_name, slot=self.slot,
+                          epoch=self.roster.epoch, lost=lost, attempt=self.attempt)
+            self._fence(lost)
+        self.node = self.plan.node_rank(self.slot) if self.plan.nodes else None
+        self._next_lease_check = 0.0
+
     # -- failures ----------------------------------------------------------------------------------
 
     def _failure(self, kind: FailureKind, rank: int | None, reason: str) -> Failure:
-        return Failure(kind, rank, self.node, self.tracker.current_step(), reason)
+        return Failure(kind, rank, self.node if self.node is not None else self.slot, self.tracker.current_step(),
+                       reason)
 
     def _post_failure(self, failure: Failure) -> None:
         """Ask every node to restart; only the first request of an attempt is recorded as its failure."""
@@ -435,13 +673,14 @@ class Supervisor:
         ledger.append(self.run_dir, LedgerEvent.FAILURE, **self.last_failure)
         self.calibration.on_failure(self.last_failure, self.attempt)
         self.metrics.on_failure(failure.kind)
-        print(f"resilient: node {self.node} attempt {self.attempt}: {failure.kind}: {failure.reason}", file=sys.stderr)
+        print(f"resilient: slot {self.slot} attempt {self.attempt}: {failure.kind}: {failure.reason}", file=sys.stderr)
 
     # -- storage -----------------------------------------------------------------------------------
 
     def _storage_fault(self, reason: str) -> str:
         """Record storage trouble (ledger, metric, stderr) as its own fault class; returns the reason."""
-        ledger.append(self.run_dir, LedgerEvent.STORAGE_FAULT, node=self.node, step=self.tracker.current_step(), reason=reason)
+        ledger.append(self.run_dir, LedgerEvent.STORAGE_FAULT, node=self.node, step=self.tracker.current_step(),
+                      reason=reason)
         self.metrics.on_storage_fault()
         print(f"resilient: node {self.node}: storage fault: {reason}", file=sys.stderr, flush=True)
         if self.coord is not None:
@@ -480,18 +719,36 @@ class Supervisor:
 
     def _report(self, outcome: NodeOutcome) -> None:
         """Post this node's account of the attempt; a node condemned this attempt reports UNHEALTHY."""
-        assert self.coord is not None
+        assert self.coord is not None and self.node is not None
         self.coord.report(self.attempt, NodeReport(
             self.node, NodeOutcome.UNHEALTHY if self._unhealthy is not None else outcome, self.tracker.start_step,
-            self.tracker.reached_step, self._unhealthy, self._final_exit))
+            self.tracker.reached_step, self._unhealthy, self._final_exit, self.slot))
+
+    def _lost_nodes(self) -> dict[int, str]:
+        """Node ranks of the current plan whose slot was lost, with why."""
+        return {k: self._lost[s] for k, s in enumerate(self.plan.nodes) if s in self._lost}
+
+    def _reports_ready(self) -> dict[int, NodeReport] | None:
+        """The coordinator: every report it waits for (node ranks whose slot is not lost), once all are in."""
+        assert self.coord is not None
+        self._check_liveness(time.monotonic())
+        lost = self._lost_nodes()
+        got = self.coord.reports(self.attempt, self.plan, range(len(self.plan.nodes)))
+        waiting = [k for k in range(len(self.plan.nodes)) if k not in got and k not in lost]
+        return None if waiting else got
 
     def _decide(self) -> AttemptDecision:
-        """Node 0 turns every node's report into the decision; the others wait for it."""
+        """The coordinator turns every node's report into the decision; the others wait for it."""
         assert self.coord is not None
         self._set_state(State.DECIDING)
-        if self.node == 0:
-            reports = self._wait_for(lambda: self.coord.all_reports(self.attempt), self.scfg.store_timeout_s)
-            self.coord.publish_decision(self.attempt, self._node0_decision(reports or self.coord.reports(self.attempt)))
+        if self.coord.hosting and self.coord.decision(self.attempt) is None:
+            reports = self._wait_for(self._reports_ready, self.scfg.store_timeout_s)
+            if reports is None:
+                reports = self.coord.reports(self.attempt, self.plan, range(len(self.plan.nodes)))
+            decision = self._coordinator_decision(reports)
+            if decision.restart:
+                self._plan_next(decision)
+            self.coord.publish_decision(self.attempt, decision)
         decision = self._wait_for(lambda: self.coord.decision(self.attempt), self.scfg.store_timeout_s)
         if decision is None:
             raise CoordinationLost(f"no decision for attempt {self.attempt} within {self.scfg.store_timeout_s:g}s")
@@ -500,59 +757,99 @@ class Supervisor:
             self.last_failure = failure
         return decision
 
-    def _node0_decision(self, reports: Mapping[int, NodeReport]) -> AttemptDecision:
-        """Gather what node 0 knows (the store's stop request, the newest committed step), decide, record."""
+    def _coordinator_decision(self, reports: Mapping[int, NodeReport]) -> AttemptDecision:
+        """Gather what the coordinator knows (the store's stop request, the newest committed step, lost nodes,
+        spares), decide, record."""
         assert self.coord is not None
         stop = self.coord.stop_requested()
         context = AttemptContext(
-            nnodes=self.topo.nnodes, restarts_done=self.restarts, no_progress_streak=self.no_progress_streak,
+            nnodes=len(self.plan.nodes), restarts_done=self.restarts, no_progress_streak=self.no_progress_streak,
             train_steps=self.cfg.train.steps, stop=stop, newest_committed=self._newest_committed(),
-            save_on_finish=self.cfg.checkpoint.save_on_finish)
+            save_on_finish=self.cfg.checkpoint.save_on_finish, lost=self._lost_nodes(),
+            spares=len(self.roster.spares))
         decision = decisions.decide_attempt(reports, context, self.scfg)
         self.no_progress_streak = decision.no_progress_streak
         self._record_decision(decision, stop)
         return decision
+
+    def _plan_next(self, decision: AttemptDecision) -> None:
+        """The coordinator: the roster of the next attempt (spares in place of the faulty nodes), published
+        before the decision so that whoever reads the decision finds the plan."""
+        assert self.coord is not None
+        roster = self.roster
+        if decision.replace:
+            faulty = {f.node: f.reason for f in decision.faulty_nodes}
+            roster, replacements, why = rosters.replace_nodes(roster, faulty)
+            print(f"resilient: slot {self.slot}: {why}", file=sys.stderr, flush=True)
+            for r, f in zip(replacements, decision.faulty_nodes):
+                self._bad_node(r.failed_slot, r.node_rank, str(f.kind), r.reason, r.spare_slot)
+                self.metrics.on_replacement()
+        self._set_roster(roster)
+        self.coord.publish_plan(self.attempt + 1, self.roster)
+        if self.attempt - 2 >= self.first_attempt:
+            self.coord.forget(self.attempt - 2)
 
     def _newest_committed(self) -> int | None:
         """The newest committed step in the progress directory; an unreadable directory has none."""
         try:
             return progress.newest_complete_step(self.progress_root)
         except OSError as err:
-            print(f"resilient: node {self.node}: cannot read {self.progress_root}: {err}", file=sys.stderr)
+            print(f"resilient: slot {self.slot}: cannot read {self.progress_root}: {err}", file=sys.stderr)
             return None
 
     def _record_decision(self, d: AttemptDecision, stop: StopRequest | None) -> None:
-        """Node 0's ledger record of its decision (and of the storage fault the decision found)."""
+        """The coordinator's ledger record of its decision (and of the storage fault the decision found)."""
         assert self.coord is not None
         if d.final_step_uncommitted:
             self._storage_fault(d.reason)
         failure = self.coord.restart_requested(self.attempt)
+        epoch = self.roster.epoch
         if d.restart:
             ledger.append(self.run_dir, LedgerEvent.RESTART, attempt=self.attempt + 1, backoff_seconds=d.backoff_s,
-                          reason=f"{failure['reason'] if failure else 'restart'}; {d.reason}", origin=_origin(failure))
+                          reason=f"{failure['reason'] if failure else 'restart'}; {d.reason}", origin=_origin(failure),
+                          epoch=epoch)
         elif d.outcome is Outcome.FINISHED:
-            ledger.append(self.run_dir, LedgerEvent.FINISHED, step=d.reached_step)
+            ledger.append(self.run_dir, LedgerEvent.FINISHED, step=d.reached_step, epoch=epoch)
         elif d.outcome is Outcome.PREEMPTED:
             ledger.append(self.run_dir, LedgerEvent.PREEMPTED, step=d.reached_step,
-                          node=stop.node if stop else self.node, origin=_stop_origin(stop),
-                          reason=stop.reason if stop else None)
+                          node=stop.node if stop else self.slot, origin=_stop_origin(stop),
+                          reason=stop.reason if stop else None, epoch=epoch)
         else:
-            ledger.append(self.run_dir, LedgerEvent.GAVE_UP, reason=d.reason, exit_code=int(d.exit_code))
+            ledger.append(self.run_dir, LedgerEvent.GAVE_UP, reason=d.reason, exit_code=int(d.exit_code),
+                          epoch=epoch, node=_condemned_host(d, self.plan, self.roster))
 
     def _finish(self, decision: AttemptDecision) -> ExitCode:
-        """Publish the final state, then let node 0 keep the store up until every node has read the decision."""
+        """Publish the final state, then let the coordinator keep the store up until every live slot has read
+        the decision."""
         assert self.coord is not None and decision.outcome is not None
         self._set_state(decision.outcome)
-        self.coord.ack(self.attempt)
-        if self.node == 0 and self.topo.nnodes > 1:
-            self._wait_for(lambda: self.coord.all_acked(self.attempt), _ACK_WAIT_S)
-            self._write_status()
+        try:
+            self.coord.ack(self.attempt)
+            if self.coord.hosting and self.topo.slots > 1:
+                live = [s for s in self.roster.members if s not in self._lost]
+                self._wait_for(lambda: self.coord.all_acked(self.attempt, live), _ACK_WAIT_S)
+                self._write_status()
+        except CoordinationLost as err:  # the decision is known: the store going away now changes nothing
+            print(f"resilient: slot {self.slot}: {err} after the final decision", file=sys.stderr)
         return self._exit_code(decision.outcome, decision.reason)
+
+    def _leave(self) -> ExitCode:
+        """The plan puts this slot out of the run (unhealthy, or declared lost while it was frozen): stop
+        everything here and exit, touching nothing the run still uses."""
+        why = self.plan.why_out(self.slot) or "out of the run"
+        stop_all(self.ranks, 0.0)
+        if self.spares is not None:
+            self.spares.close()
+        unhealthy = self._unhealthy is not None or self._spare_unhealthy is not None
+        outcome = Outcome.UNHEALTHY if unhealthy else Outcome.COORDINATION_LOST
+        self.coord = None
+        self._set_state(outcome)
+        return self._exit_code(outcome, f"slot {self.slot} ({self.topo.node_name}) is out of the run: {why}")
 
     def _exit_code(self, outcome: Outcome, reason: str) -> ExitCode:
         code, meaning = exit_code_for(outcome)
         self.metrics.on_exit(code, reason)
-        print(f"resilient: node {self.node}: {outcome}: {reason} (exit {int(code)}: {meaning})", file=sys.stderr)
+        print(f"resilient: slot {self.slot}: {outcome}: {reason} (exit {int(code)}: {meaning})", file=sys.stderr)
         return code
 
     # -- status --------------------------------------------------------------------------------------
@@ -560,7 +857,7 @@ class Supervisor:
     def _set_state(self, state: State | Outcome) -> None:
         self.state = state
         self.metrics.set_state(str(state), self.attempt)
-        self._status_due.force()  # publish (and on node 0 merge) every state change at once
+        self._status_due.force()  # publish (and on the coordinator merge) every state change at once
         self._merge_due.force()
         self._maybe_publish_status()
 
@@ -569,7 +866,7 @@ class Supervisor:
         if self.coord is None or not self._status_due.due():
             return
         self.stragglers.check()
-        rows = publishing.rank_rows(self.ranks, self.tracker.views, self.topo, time.time())
+        rows = publishing.rank_rows(self.ranks, self.tracker.views, self.topo, self.node, time.time())
         for row in rows:
             if row["heartbeat_age_s"] is not None and row["exit_code"] is None:
                 self.metrics.heartbeat_age(row["rank"], row["heartbeat_age_s"])
@@ -577,15 +874,19 @@ class Supervisor:
         if self.spares is not None:
             spare = {"count": len(self.spares), "rss_bytes": self.spares.rss_bytes()}
             self.metrics.on_spares(spare["count"], spare["rss_bytes"])
-        self.coord.publish_status(publishing.node_status(self.topo, self.state, rows, self.metrics_port, spare))
-        if self.node == 0 and self._merge_due.due():
+        role = self.roster.role(self.slot)
+        self.coord.publish_status(publishing.node_status(self.topo, self.state, rows, self.metrics_port, spare,
+                                                         node=self.node, role=str(role),
+                                                         unhealthy=self._spare_unhealthy))
+        if self.coord.hosting and self._merge_due.due():
             self._write_status()
 
     def _write_status(self) -> None:
         publishing.write_run_status(self.run_dir, self.coord.node_statuses(), state=self.state,
                                     attempt=self.attempt, reached_step=self.tracker.reached_step,
                                     restarts=self.restarts, last_failure=self.last_failure,
-                                    stop=self.coord.stop_requested())
+                                    stop=self.coord.stop_requested(), roster=self.roster,
+                                    lost=self._lost)
 
     # -- waiting, signals, files -------------------------------------------------------------------
 
@@ -593,8 +894,12 @@ class Supervisor:
         """A store value that fails authentication: ignored, and recorded once per key."""
         if key not in self._forged_keys:
             self._forged_keys.add(key)
-            ledger.append(self.run_dir, LedgerEvent.AUTH_REJECTED, node=self.node, key=key, reason=reason)
-            print(f"resilient: node {self.node}: rejected coordination value: {reason}", file=sys.stderr)
+            ledger.append(self.run_dir, LedgerEvent.AUTH_REJECTED, node=self.slot, key=key, reason=reason)
+            print(f"resilient: slot {self.slot}: rejected coordination value: {reason}", file=sys.stderr)
+
+    def _on_store_limit(self, why: str) -> None:
+        """The coordination store refused a write at a bound (keys, bytes, connections): said once per bound."""
+        print(f"resilient: slot {self.slot}: coordination store: {why}", file=sys.stderr, flush=True)
 
     def _install_signals(self) -> None:
         self._wake_r, wake_w = socket.socketpair()
@@ -622,19 +927,24 @@ class Supervisor:
             while (left := deadline - time.monotonic()) > 0 and self._signal is None:
                 sel.select(min(left, self.scfg.poll_interval_s))
                 self._drain_wakeups()
+                self._check_liveness(time.monotonic())
                 self._maybe_publish_status()
 
     def _wait_for(self, probe: Callable[[], T | None], timeout_s: float) -> T | None:
-        """Poll `probe` until it returns something or time runs out; a signal meanwhile becomes a stop request."""
+        """Poll `probe` until it returns something or time runs out; a signal meanwhile becomes a stop request;
+        liveness is checked on every round (a lost coordinator raises, the coordinator acts on lost slots)."""
         deadline = time.monotonic() + timeout_s
         while True:
             if self._signal is not None and not self._stop_seen and self.coord is not None:
                 self._stop_seen = True
-                self.coord.request_stop(StopKind.PREEMPTED, f"node {self.node}: supervisor received {self._signal}")
+                self.coord.request_stop(StopKind.PREEMPTED, f"slot {self.slot}: supervisor received {self._signal}")
+            self._check_liveness(time.monotonic())
             got = probe()
             if got is not None or time.monotonic() > deadline:
                 return got
             self._maybe_publish_status()
+            if self._refill_at is not None:
+                self._maybe_refill_spares(time.monotonic())
             with selectors.DefaultSelector() as sel:
                 sel.register(self._wake_r, selectors.EVENT_READ)
                 poll = self.coord.wait_s if self.coord is not None else self.scfg.poll_interval_s
@@ -658,8 +968,16 @@ def _stop_seen_reason(stop: StopRequest | None) -> str:
     return f"stop requested by node {stop.node} ({stop.host}, pid {stop.pid}): {stop.reason}"
 
 
+def _condemned_host(d: AttemptDecision, plan: Roster, roster: Roster) -> str | None:
+    """The name of the first unhealthy node a stop decision names (what `slurm on-exit` excludes): its slot
+    from the attempt's plan, its name from the newest roster (names come with the leases)."""
+    for f in d.faulty_nodes:
+        if str(f.kind) == "unhealthy" and f.node < len(plan.nodes):
+            return roster.name(plan.nodes[f.node])
+    return None
+
+
 def _next_attempt(run_dir: Path) -> int:
     """Attempt numbers continue across requeued allocations, so log names never collide."""
     seen = [e["attempt"] for e in ledger.read(run_dir) if e.get("event") == LedgerEvent.ATTEMPT_START]
     return max(seen) + 1 if seen else 0
-

@@ -1,4 +1,4 @@
-"""Node 0's restart decision: one pure function of the nodes' reports and what node 0 knows, with a reason.
+"""The coordinator's restart decision: one pure function of the nodes' reports and what it knows, with a reason.
 
 `decide_attempt` is the only place that turns an ended attempt into "restart" or "stop with this
 outcome"; the supervisor (daemon.py) and the scale simulator (bench/scale) both call it. Nothing here
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import tenacity
 
@@ -80,7 +80,7 @@ def rank_exit_condemns_node(code: int | None) -> bool:
 
 @dataclass(frozen=True)
 class AttemptContext:
-    """What node 0 knows besides the reports when an attempt has ended on every node."""
+    """What the coordinator knows besides the reports when an attempt has ended on every node."""
 
     nnodes: int
     restarts_done: int
@@ -95,13 +95,20 @@ class AttemptContext:
     """The newest committed checkpoint step in the progress directory when the attempt ended."""
     save_on_finish: bool = True
     """`checkpoint.save_on_finish`: the final step is saved, so a finished run must have it committed."""
+    lost: Mapping[int, str] = field(default_factory=dict)
+    """Node ranks whose supervisor's lease expired (frozen, cut off, dead), with why: at fault at once,
+    without waiting for their reports."""
+    spares: int = 0
+    """Healthy spare nodes with live leases: node faults up to this many are replaced in-job."""
 
 
 class NodeFaultKind(enum.StrEnum):
     UNHEALTHY = "unhealthy"
     """The node reported a fatal verdict on itself."""
+    LOST = "lost"
+    """The node's lease expired: its supervisor is frozen, cut off or dead."""
     MISSING = "missing"
-    """The node's supervisor did not report in time."""
+    """The node's supervisor holds its lease but did not report in time."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +122,7 @@ class NodeFault:
 
 @dataclass(frozen=True)
 class AttemptDecision:
-    """Node 0's verdict on an ended attempt: every node restarts (after `backoff_s`) or stops with `outcome`."""
+    """The coordinator's verdict on an ended attempt: every node restarts (after `backoff_s`) or stops with `outcome`."""
 
     outcome: Outcome | None
     """None: restart."""
@@ -124,13 +131,16 @@ class AttemptDecision:
     reached_step: int | None = None
     """The attempt's highest completed step over all nodes."""
     no_progress_streak: int = 0
-    """Consecutive attempts without progress, this one included (node 0 carries it to the next decision)."""
+    """Consecutive attempts without progress, this one included (the coordinator carries it to the next decision)."""
     faulty_nodes: tuple[NodeFault, ...] = ()
-    """Nodes held at fault (unhealthy, then missing; by node): no rank of the job can go on there, so the run
-    ends UNHEALTHY or COORDINATION_LOST. Node replacement (spares, exclusion) acts on this field."""
+    """Nodes held at fault (unhealthy, lost, then missing; by node): no rank of the job can go on there.
+    With enough spares they are replaced (`replace`); otherwise the run ends UNHEALTHY (a node found
+    unhealthy: requeued without it) or COORDINATION_LOST (lost or missing: requeued)."""
+    replace: bool = False
+    """Restart with a spare in the place of every faulty node (same node rank, same placement)."""
     final_step_uncommitted: bool = False
     """The ranks finished but the final step is in no committed checkpoint: a storage fault that no node
-    has recorded yet (node 0 records it)."""
+    has recorded yet (the coordinator records it)."""
 
     @property
     def restart(self) -> bool:
@@ -144,29 +154,33 @@ class AttemptDecision:
 
 def decide_attempt(reports: Mapping[int, NodeReport], ctx: AttemptContext,
                    cfg: SupervisorConfig) -> AttemptDecision:
-    """Restart or stop after an attempt ended, from every node's report (a node without one is missing).
-    Stop reasons are checked from most to least specific: a rank's final exit, storage (before "finished":
-    success is only reported when the final step is committed), finished, an unhealthy node, preemption,
-    a missing node; then the restart budget and the no-progress streak; else restart, with backoff
-    unless the attempt made progress."""
+    """Restart or stop after an attempt ended, from every node's report (a node without one is lost, when its
+    lease expired, else missing). Checked from most to least specific: a rank's final exit, storage (before
+    "finished": success is only reported when the final step is committed), finished; faulty nodes that the
+    spares cover (unless a stop was requested) are replaced, restarting at once; else an unhealthy node
+    stops the run, then preemption, a lost or missing node; then the restart budget and the no-progress
+    streak; else restart, with backoff unless the attempt made progress."""
     nodes = sorted(reports)
     starts = [reports[n].start_step for n in nodes if reports[n].start_step is not None]
     reached = max((reports[n].reached_step for n in nodes if reports[n].reached_step is not None), default=None)
     progressed, _ = made_progress(min(starts, default=None), reached)
     streak = 0 if progressed else ctx.no_progress_streak + 1
     faults = tuple(NodeFault(n, NodeFaultKind.UNHEALTHY, why) for n in nodes if (why := reports[n].unhealthy))
-    missing = tuple(n for n in range(ctx.nnodes) if n not in reports)
+    faults += tuple(NodeFault(n, NodeFaultKind.LOST, f"node {n}: {why}") for n, why in sorted(ctx.lost.items())
+                    if n not in reports or reports[n].unhealthy is None)
+    missing = tuple(n for n in range(ctx.nnodes) if n not in reports and n not in ctx.lost)
     faults += tuple(NodeFault(n, NodeFaultKind.MISSING, f"the supervisor of node {n} did not report") for n in missing)
 
     def stop(outcome: Outcome, reason: str, uncommitted: bool = False) -> AttemptDecision:
-        return AttemptDecision(outcome, reason, 0.0, reached, streak, faults, uncommitted)
+        return AttemptDecision(outcome, reason, 0.0, reached, streak, faults, False, uncommitted)
 
     final_exit = next((reports[n].final_rank_exit for n in nodes if reports[n].final_rank_exit), None)
     if final_exit is not None and rank_exit_is_final(final_exit.code):
         return stop(_FINAL_RANK_EXITS[final_exit.code], f"{final_exit.reason}; not retried")
     if ctx.stop is not None and ctx.stop.kind is StopKind.STORAGE:
         return stop(Outcome.STORAGE_FAULT, ctx.stop.reason)
-    finished = not missing and all(reports[n].outcome is NodeOutcome.FINISHED for n in nodes)
+    finished = not faults and len(nodes) == ctx.nnodes and all(reports[n].outcome is NodeOutcome.FINISHED
+                                                               for n in nodes)
     if finished and ctx.save_on_finish:
         final = final_step_to_check(cfg.runs_own_trainer, cfg.final_save_check, ctx.train_steps, reached,
                                     ctx.newest_committed)
@@ -176,14 +190,22 @@ def decide_attempt(reports: Mapping[int, NodeReport], ctx: AttemptContext,
                 return stop(Outcome.STORAGE_FAULT, why, uncommitted=True)
     if finished:
         return stop(Outcome.FINISHED, "all ranks finished")
+    preempted = ctx.stop is not None or any(reports[n].outcome is NodeOutcome.PREEMPTED for n in nodes)
+    if faults and len(faults) <= ctx.spares and not preempted:
+        # A lost or unhealthy node is not the run's fault: no backoff, the budget and streak are not spent.
+        spares = f"{len(faults)} of {ctx.spares} spare node(s)"
+        return AttemptDecision(None, f"replace {', '.join(f'node {f.node} ({f.kind})' for f in faults)} with "
+                               f"{spares} and restart at once", 0.0, reached, ctx.no_progress_streak, faults, True)
+    short = "" if not ctx.spares else f" ({len(faults)} faulty node(s), {ctx.spares} spare(s))"
     unhealthy = [f.reason for f in faults if f.kind is NodeFaultKind.UNHEALTHY]
-    if unhealthy:
-        return stop(Outcome.UNHEALTHY, "; ".join(unhealthy))
-    if ctx.stop is not None or any(reports[n].outcome is NodeOutcome.PREEMPTED for n in nodes):
+    if unhealthy:  # requeued without it
+        return stop(Outcome.UNHEALTHY, "; ".join(unhealthy) + short)
+    if preempted:
         return stop(Outcome.PREEMPTED, f"stop requested ({ctx.stop.reason})" if ctx.stop else "preemption requested")
-    if missing:
-        nodes_missing = ", ".join(map(str, missing))
-        return stop(Outcome.COORDINATION_LOST, f"supervisor of node(s) {nodes_missing} did not report")
+    if faults:  # lost or missing: requeued (a node that goes silent twice is excluded then, see slurm/policy.py)
+        return stop(Outcome.COORDINATION_LOST, "; ".join(f.reason if f.kind is NodeFaultKind.LOST else
+                                                         f"the supervisor of node {f.node} did not report"
+                                                         for f in faults) + short)
     if ctx.restarts_done >= cfg.max_restarts:
         return stop(Outcome.BUDGET_EXHAUSTED, f"restart budget of {cfg.max_restarts} exhausted")
     if streak >= cfg.max_attempts_without_progress:
@@ -191,7 +213,7 @@ def decide_attempt(reports: Mapping[int, NodeReport], ctx: AttemptContext,
     number = ctx.restarts_done + 1
     if streak == 0:  # the failed attempt made progress: not a crash loop, no backoff
         return AttemptDecision(None, f"restart {number} of {cfg.max_restarts} at once (the attempt made progress)",
-                               0.0, reached, streak, faults)
+                               0.0, reached, streak)
     wait = backoff_seconds(number, cfg)
     return AttemptDecision(None, f"restart {number} of {cfg.max_restarts} after {wait:g}s backoff", wait, reached,
-                           streak, faults)
+                           streak)

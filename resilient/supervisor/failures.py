@@ -32,6 +32,8 @@ class FailureKind(enum.StrEnum):
     """A rank reported phase `error`."""
     HEALTH = "health"
     """A fatal health verdict for this node (pre-flight or monitor)."""
+    NODE_LOST = "node_lost"
+    """A node's lease expired (its host frozen, cut off or dead): the coordinator's finding."""
     STORAGE = "storage"
     """The checkpoint filesystem is low, full or failing: save and stop (STORAGE_FAULT), never a node fault."""
     SUPERVISOR = "supervisor"

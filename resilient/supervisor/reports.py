@@ -1,6 +1,6 @@
-"""What the supervisors tell node 0 when an attempt ends: each node's report and the job's stop request.
+"""What the supervisors tell the coordinator when an attempt ends: each node's report and the job's stop request.
 
-Typed here, encoded for the sealed store only in `wire.py`; node 0 decides over them in `decisions.py`.
+Typed here, encoded for the sealed store only in `wire.py`; the coordinator decides over them in `decisions.py`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class NodeReport:
     """One node's account of how an attempt ended on it."""
 
     node: int
+    """The node rank."""
     outcome: NodeOutcome
     start_step: int | None = None
     """Highest step its ranks resumed from (exit-only ranks: the newest complete checkpoint at the start)."""
@@ -41,6 +42,8 @@ class NodeReport:
     set exactly when `outcome` is UNHEALTHY."""
     final_rank_exit: RankExit | None = None
     """A rank's CONFIG_ERROR or CHECKPOINT_DAMAGED: no restart can change it, the run ends with that code."""
+    slot: int | None = None
+    """The slot whose supervisor ran the node rank (a report from a replaced slot is not taken)."""
 
     def __post_init__(self) -> None:
         if (self.outcome is NodeOutcome.UNHEALTHY) != (self.unhealthy is not None):

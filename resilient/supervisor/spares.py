@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from resilient.core import sched
 from resilient.core.rundir import RunDir
 from resilient.rank.env import RankEnv
 from resilient.core.errors import StorageFault
@@ -98,6 +99,14 @@ def refill_due(phases: list[str | None], since_spawn_s: float, delay_s: float) -
     if since_spawn_s >= delay_s:
         return True, f"no heartbeats {since_spawn_s:.1f}s after the ranks were spawned"
     return False, "no heartbeats yet"
+
+
+def idle_priority_allowed() -> bool:
+    """Whether a parked spare can import at SCHED_IDLE and return to normal priority when it takes a rank
+    (the spare probes the same way, resilient.rank.park): then spares are refilled the moment a new
+    attempt's ranks are spawned, so a failure seconds later still finds them warm; otherwise only once the
+    ranks step (the imports would slow their start-up)."""
+    return sched.idle_is_reversible()
 
 
 def rss_bytes(pid: int) -> int:

@@ -19,4 +19,8 @@ class State(enum.StrEnum):
     """Tearing the ranks down after a failure."""
     DECIDING = "deciding"
     BACKOFF = "backoff"
+    STANDBY = "standby"
+    """A spare node: warm standby ranks, continuous health checks, ready to take a failed node's place."""
+    ELECTING = "electing"
+    """The coordinator was lost: choosing the next one with the other survivors."""
 

@@ -104,6 +104,17 @@ def test_families_appear_with_sane_values_after_heartbeats(exporter):
     assert one(second, "resilient_step_time_seconds_count") == 30
 
 
+def test_spare_nodes_bad_nodes_and_replacements(exporter):
+    metrics, port = exporter
+    metrics.on_roster(1, 0, 1)
+    assert (one(scrape(port), "resilient_spare_nodes_available"), one(scrape(port), "resilient_bad_nodes")) == (1, 0)
+    metrics.on_roster(0, 1, 1)  # a spare took a failed node's place
+    metrics.on_replacement()
+    after = scrape(port)
+    assert one(after, "resilient_spare_nodes_available") == 0 and one(after, "resilient_bad_nodes") == 1
+    assert one(after, "resilient_spare_nodes_configured") == 1 and one(after, "resilient_node_replacements_total") == 1
+
+
 def test_new_attempt_clears_rank_series_and_moves_state(exporter):
     metrics, port = exporter
     metrics.set_state("running", 0)

@@ -129,3 +129,24 @@ def test_plan_cli_checks_the_resized_layout_with_the_run_config_validator():
     proc = run_plan(str(PLAN_405B), "--gpus", "1000")  # 125 nodes: not a multiple of tp*pp*cp = 128
     assert proc.returncode == ExitCode.CONFIG_ERROR
     assert "world size 1000" in proc.stderr and "tp*pp*cp = 128" in proc.stderr
+
+
+def test_spare_nodes_cover_node_failures_poisson_and_raise_the_predicted_goodput():
+    import math
+
+    from resilient.planner import Assumptions, Layout, make_plan, spare_cover
+    from trainer.presets import PRESETS
+
+    none, two = spare_cover(0, 1.5), spare_cover(2, 1.5)
+    assert none.probability == math.exp(-1.5) and none.covered_share == 0.0
+    assert two.probability == math.exp(-1.5) * (1 + 1.5 + 1.5**2 / 2)
+    # E[min(N, 2)] / E[N]: one failure is always covered, a second one when it happens
+    covered = (1 * 1.5 * math.exp(-1.5) + 2 * (1 - math.exp(-1.5) - 1.5 * math.exp(-1.5))) / 1.5
+    assert math.isclose(two.covered_share, covered)
+    assert spare_cover(3, 0.0).probability == 1.0
+    layout = Layout(tp=1, pp=1, cp=1, dp=16)
+    plans = [make_plan(PRESETS["tiny"], layout, seq_len=64, micro_batch=1, global_batch=16,
+                       assume=Assumptions(mtbf_hours=2.0, gpus_per_node=8, spare_nodes=k)) for k in (0, 4)]
+    assert plans[0].predicted_goodput == plans[0].predicted_goodput_without_spares
+    assert plans[1].predicted_goodput > plans[1].predicted_goodput_without_spares
+    assert plans[1].node_restart_seconds < plans[1].node_restart_without_spares_seconds

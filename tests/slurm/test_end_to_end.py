@@ -9,93 +9,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from resilient.core.exit_codes import ExitCode
-from resilient.supervisor.ranks import free_port
 from tests.ranks import run_ranks
-from tests.slurm.conftest import REPO, Cluster
+from tests.slurm.runs import FAILED_GPU, STEPS, digest, finished_job, last_step, launch, logs, write_run_config
 from tests.supervisor.harness import events, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-STEPS = 24
-DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-HEALTHY_GPU = {"available": True, "device_count": 1, "devices": [{"index": 0}]}
-FAILED_GPU = {"available": True, "device_count": 1, "devices": [{"index": 0, "lost": True}]}
-
-
-def write_run_config(tmp: Path, name: str, **slurm) -> tuple[Path, Path]:
-    """A tiny two-node run; returns (config path, run dir). Each node's GPU state is scripted in nvml/."""
-    nvml = tmp / f"{name}-nvml"
-    nvml.mkdir()
-    for node in ("n0", "n1"):
-        (nvml / f"{node}.json").write_text(json.dumps(HEALTHY_GPU))
-    run_dir = tmp / name
-    cfg = {
-        "run_dir": str(run_dir),
-        "nodes": 2,
-        "model": {"preset": "tiny"},
-        "train": {"steps": STEPS, "global_batch": 4, "micro_batch": 2, "seq_len": 64, "warmup_steps": 2},
-        "data": {"path": str(REPO / "examples/data/c4-sample"), "tokenizer": str(REPO / "examples/tokenizer.json"),
-                 "validation_docs": 20, "num_workers": 0},
-        "checkpoint": {"interval_steps": 8},
-        "supervisor": {"nproc_per_node": 1, "store_port": free_port()},
-        "metrics": {"port": 0},
-        "health": {"fake_nvml_dir": str(nvml)},
-        "slurm": {"time_limit_minutes": 10, "signal_seconds": 60, "exclusive": False, **slurm},
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path, run_dir
-
-
-def launch(cluster: Cluster, config: Path) -> str:
-    out = cluster.run(sys.executable, "-m", "resilient.cli", "launch", str(config), timeout=120)
-    first = out.stdout.splitlines()[0]
-    assert first.startswith("submitted job "), out.stdout
-    return first.removeprefix("submitted job ")
-
-
-def last_step(run_dir: Path) -> int:
-    path = run_dir / "train_log.jsonl"
-    if not path.exists():
-        return 0
-    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
-    return max(steps, default=0)
-
-
-def digest(run_dir: Path) -> str:
-    out = subprocess.run([sys.executable, "-m", "resilient.cli", "ckpt", "digest", str(run_dir)],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.split("\n")
-    assert lines[0] == f"step {STEPS}", out.stdout
-    return lines[1]
-
-
-def logs(run_dir: Path) -> str:
-    return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted((run_dir / "logs").glob("*.out")))
-
-
-def finished_job(cluster: Cluster, job_id: str, run_dir: Path, timeout: float = 300) -> dict[str, str]:
-    job = cluster.wait_job(job_id, DONE, timeout=timeout)
-    assert job["JobState"] == "COMPLETED", f"{job}\n{logs(run_dir)}"
-    return job
-
-
-@pytest.fixture(scope="module")
-def reference(slurm_cluster, tmp_path_factory):
-    """An uninterrupted two-node run: (run dir, job record, final checkpoint digest)."""
-    config, run_dir = write_run_config(tmp_path_factory.mktemp("reference"), "reference")
-    job_id = launch(slurm_cluster, config)
-    job = finished_job(slurm_cluster, job_id, run_dir)
-    return run_dir, job, digest(run_dir)
 
 
 def test_two_node_tiny_run_completes(reference):
@@ -194,7 +118,8 @@ def _supervisor_of_node(job_id: str, node: int):
 
 def test_losing_node0s_supervisor_stops_every_node_and_requeues(slurm_cluster, tmp_path):
     """Node 0 hosts the coordination store: when its supervisor dies, node 1 stops its ranks, records
-    `coordinator_lost` and exits COORDINATOR_LOST; the job requeues itself and finishes."""
+    `coordinator_lost`, finds no majority for an election (1 of 2) and exits COORDINATOR_LOST; the job
+    requeues itself and finishes."""
     config, run_dir = write_run_config(tmp_path, "node0-lost")
     job_id = launch(slurm_cluster, config)
     wait_until(lambda: last_step(run_dir) >= 3, 240, "training to reach step 3")
@@ -203,8 +128,9 @@ def test_losing_node0s_supervisor_stops_every_node_and_requeues(slurm_cluster, t
 
     job = finished_job(slurm_cluster, job_id, run_dir)
     assert job["Restarts"] == "1"
-    [lost] = events(run_dir, "coordinator_lost")
-    assert lost["node"] == 1 and "coordination store" in lost["reason"]
+    lost = events(run_dir, "coordinator_lost")
+    assert lost[0]["node"] == 1 and "coordination store" in lost[0]["reason"]
+    assert lost[-1]["minority"]  # one of two supervisors is no majority: no election, it stops
     assert [r["cause"] for r in events(run_dir, "requeue")] == ["crash"]
     assert "exit 83: lost the job's coordination" in logs(run_dir)
     assert events(run_dir, "job_end")[-1]["state"] == "finished" and last_step(run_dir) == STEPS
@@ -227,8 +153,7 @@ def test_losing_node1_and_its_memory_resumes_from_node0s_replica(slurm_cluster, 
     config, run_dir = write_run_config(tmp_path, "memtier")
     tree = yaml.safe_load(config.read_text())
     tree["checkpoint"]["memory_interval_steps"] = MEMORY_EVERY  # memory 5, 10, 15, 20; disk 8, 16, 24
-    # node 0 gives up waiting for the lost node after this long and exits; the job requeues
-    tree["supervisor"]["store_timeout_s"] = 30
+    # node 0 finds node 1's lease expired within node_lease_s, stops (no spare) and the job requeues
     config.write_text(yaml.safe_dump(tree))
     job_id, root = launch(slurm_cluster, config), None
     try:

@@ -98,3 +98,67 @@ def test_stragglers_are_excluded_only_when_health_says_so():
     assert decide_requeue(e, SlurmConfig())[0].exclude == ()
     d, reason = decide_requeue(e, SlurmConfig(), exclude_stragglers=True)
     assert d.exclude == ("n3",) and d.nodes is None and "straggler" in reason
+
+
+# -- issue 22: spare nodes, the coordinator's recorded outcome, the bad-node ledger --------------------
+
+def test_the_coordinators_recorded_outcome_is_the_runs_whatever_srun_says_of_a_fenced_node():
+    records = [{"ts": 20, "event": "bad_node", "node": "n1", "kind": "unhealthy", "reason": "xid 79"},
+               {"ts": 21, "event": "bad_node", "node": "n0", "kind": "lost", "reason": "lease"},
+               {"ts": 30, "event": "gave_up", "exit_code": 76, "node": "n0", "reason": "minority", "epoch": 0},
+               {"ts": 40, "event": "finished", "step": 24, "epoch": 1}]
+    e = job_end_from_ledger(records, exit_code=137, since=10, nodes=3, spares=1)  # srun: n0's supervisor killed
+    assert (e.outcome_code, e.unhealthy_nodes, e.repeat_bad_nodes) == (0, ("n1",), ())
+    d, reason = decide_requeue(e, SlurmConfig(drain_bad_nodes=True))
+    assert d.action is Action.FINISHED and d.drain == ("n1",) and "replaced in-job: n1" in reason
+
+
+def test_a_node_out_twice_is_never_taken_back_and_replaced_unhealthy_nodes_stay_out():
+    records = [{"ts": 1, "event": "bad_node", "node": "n2", "kind": "lost"},
+               {"ts": 2, "event": "requeue", "cause": "preempted"},
+               {"ts": 11, "event": "bad_node", "node": "n2", "kind": "lost"},
+               {"ts": 12, "event": "bad_node", "node": "n1", "kind": "unhealthy"},
+               {"ts": 13, "event": "preempted", "step": 9, "epoch": 0}]
+    e = job_end_from_ledger(records, exit_code=75, since=10, nodes=4, spares=2)
+    d, reason = decide_requeue(e, SlurmConfig())
+    assert d.cause is Cause.PREEMPTED and d.exclude == ("n1", "n2") and "n2 failed twice" in reason
+    assert (d.nodes, d.spares) == (2, 0)  # ...and the smaller allocation gives up its spares first
+
+
+def test_a_smaller_allocation_gives_up_spares_before_training_nodes():
+    bad = [GaveUp(int(ExitCode.UNHEALTHY_NODE), "n2", "xid")]
+    e = JobEnd(int(ExitCode.UNHEALTHY_NODE), tuple(bad), nodes=3, crash_requeues=0, spares=1,
+               unhealthy_nodes=("n1",))  # n1 replaced by the spare n2, then n2 failed with no spare left
+    d, reason = decide_requeue(e, SlurmConfig())
+    assert d.exclude == ("n1", "n2") and (d.nodes, d.spares) == (2, 0) and "2 node(s) from now on (0 spare)" in reason
+    d, _ = decide_requeue(e, SlurmConfig(min_nodes=1))
+    assert (d.nodes, d.spares) == (1, 0)
+
+
+def test_a_requeue_slurm_did_itself_is_recorded_at_the_next_start():
+    from resilient.slurm.policy import unrecorded_requeue
+
+    records = [{"ts": 1, "event": "run_start", "slurm_job_id": "7", "slurm_restart_count": 0, "slot": 0, "host": "n0"},
+               {"ts": 1, "event": "run_start", "slurm_job_id": "7", "slurm_restart_count": 0, "slot": 1, "host": "n1"},
+               {"ts": 5, "event": "bad_node", "node": "n0", "kind": "lost"}]  # the survivors saw n0 go
+    got = unrecorded_requeue(records, 1, "7")
+    assert got["cause"] == "slurm" and got["lost_batch_host"] == "n0" and got["slurm_restart_count"] == 0
+    assert "batch host n0 lost" in got["reason"] and "nodes out before: n0" in got["reason"]
+    assert unrecorded_requeue(records + [{"ts": 9, "event": "requeue", "cause": "preempted"}], 1, "7") is None
+    assert unrecorded_requeue(records, 0, "7") is None and unrecorded_requeue(records, 1, "8") is None
+
+
+def test_a_cancelled_job_is_not_requeued_though_its_supervisors_saved_as_for_a_preemption():
+    d, reason = decide_requeue(JobEnd(int(ExitCode.PREEMPTED), (), 2, 0, cancelled=True), SlurmConfig())
+    assert d.action is Action.STOP and "cancelled" in reason
+    d, _ = decide_requeue(JobEnd(int(ExitCode.FINISHED), (), 2, 0, cancelled=True), SlurmConfig())
+    assert d.action is Action.FINISHED  # it finished before the cancel took effect
+
+
+def test_a_job_completing_well_before_its_time_limit_is_being_cancelled():
+    from resilient.slurm.jobs import cancelled_by_operator
+
+    assert cancelled_by_operator({"JobState": "COMPLETING", "RunTime": "00:00:08", "TimeLimit": "00:15:00"})
+    assert cancelled_by_operator({"JobState": "CANCELLED"})
+    assert not cancelled_by_operator({"JobState": "COMPLETING", "RunTime": "23:59:00", "TimeLimit": "1-00:00:00"})
+    assert not cancelled_by_operator({"JobState": "RUNNING", "RunTime": "00:00:08", "TimeLimit": "00:15:00"})

@@ -1,4 +1,5 @@
-"""The supervisor's node 0 and the scale simulator's node 0 take the same decision for the same reports.
+"""The supervisor's coordinator and the scale simulator's take the same decision for the same reports, lost
+nodes and spares.
 
 Both paths run as they do in a job: every node posts its typed report through a real sealed store, node 0
 reads them back, gathers what it knows (the store's stop request; the daemon also reads the progress
@@ -25,7 +26,9 @@ from resilient.supervisor.coordination import Coordinator
 from resilient.supervisor.daemon import Supervisor
 from resilient.supervisor.decisions import AttemptDecision
 from resilient.supervisor.reports import NodeOutcome, NodeReport, RankExit, StopKind
-from resilient.supervisor.store import SealedStore, host_store
+from resilient.supervisor.roster import initial
+from resilient.core.kvstore import StoreClient, host_store
+from resilient.supervisor.store import SealedStore
 from resilient.supervisor.topology import Topology
 from trainer.checkpoint.layout import MARKER, step_dir
 
@@ -48,16 +51,18 @@ def supervisors(tmp_path_factory):
                                  f"supervisor.rank_command={command}", f"supervisor.final_save_check={check}",
                                  f"checkpoint.save_on_finish={save}", "metrics.enabled=false",
                                  "health.enabled=false", "supervisor.warm_spares=false"])
-        out[name] = Supervisor(cfg, Topology(0, 1, "127.0.0.1", 0, "n0", "test"), run_dir)
+        out[name] = Supervisor(cfg, Topology(0, 1, ("127.0.0.1",), 0, "n0", "test"), run_dir)
     return out
 
 
 @pytest.fixture(scope="module")
 def store():
     """One real sealed store for every case; each case is a new job on it (fresh coordinators, no stop key)."""
-    raw, listener = host_store("127.0.0.1", 0, 30)
-    listener.detach()  # the store's server owns the listening socket and closes it when it goes
-    return SealedStore(raw, Sealer(os.urandom(32), "test"), _forged)
+    sealer = Sealer(os.urandom(32), "test")
+    server = host_store("127.0.0.1", 0, sealer.store_key)
+    client = StoreClient("127.0.0.1", server.port, sealer.store_key, connect_timeout_s=10, op_timeout_s=10)
+    yield SealedStore(client, sealer, _forged)
+    server.close()
 
 
 _ATTEMPTS = itertools.count()
@@ -67,7 +72,7 @@ class Job:
     """One coordinator per node, as the supervisors of one job hold them, on a store without a stop request."""
 
     def __init__(self, store: SealedStore, nnodes: int) -> None:
-        store.raw.delete_key("stop")
+        store.delete_prefix("stop")
         cfg = load_config(None).supervisor
         self.coords = [Coordinator(store, n, nnodes, cfg, "127.0.0.1") for n in range(nnodes)]
         self.attempt = next(_ATTEMPTS)
@@ -87,10 +92,11 @@ def committed_dir(root: Path, newest: int | None) -> Path:
 
 
 def both_paths(store: SealedStore, sup: Supervisor, tmp: Path, reports: list[NodeReport], nnodes: int, *,
-               restarts: int = 0,
-               streak: int = 0, stop: tuple[int, StopKind] | None = None,
-               newest: int | None = None) -> tuple[AttemptDecision, AttemptDecision]:
-    """(daemon's decision, simulator's decision) for `reports` posted by their nodes in a job of `nnodes`."""
+               restarts: int = 0, streak: int = 0, stop: tuple[int, StopKind] | None = None,
+               newest: int | None = None, spares: int = 0,
+               lost: dict[int, str] | None = None) -> tuple[AttemptDecision, AttemptDecision]:
+    """(daemon's decision, simulator's decision) for `reports` posted by their nodes in a job of `nnodes` with
+    `spares` spare nodes, where the coordinator's leases found the node ranks `lost` lost."""
     job = Job(store, nnodes)
     attempt = job.attempt
     if stop is not None:
@@ -98,18 +104,22 @@ def both_paths(store: SealedStore, sup: Supervisor, tmp: Path, reports: list[Nod
     for r in reports:
         job.coords[r.node].report(attempt, r)
     node0 = job.coords[0]
-    posted = node0.all_reports(attempt) or node0.reports(attempt)  # as daemon._decide gathers them
+    plan = initial(nnodes, nnodes + spares)
+    posted = node0.reports(attempt, plan, range(nnodes))  # as daemon._decide gathers them
     assert posted == {r.node: r for r in reports}
+    lost_slots = {plan.nodes[k]: why for k, why in (lost or {}).items()}
 
-    sim = SimNode(node0, sup.scfg, 1, 1.0, Marks())
+    topo = Topology(0, nnodes + spares, ("127.0.0.1",) * (nnodes + spares), 0, "n0", "test")
+    sim = SimNode(topo, nnodes, sup.scfg, Sealer(os.urandom(32), "test"), 1, 1.0, Marks())
+    sim.coord, sim.plan, sim.roster, sim._lost = node0, plan, plan, dict(lost_slots)
     sim.restarts, sim.no_progress_streak, sim.train_steps, sim.newest_committed = restarts, streak, STEPS, newest
     sim.save_on_finish = sup.cfg.checkpoint.save_on_finish
     simulated = sim.decide(posted)
 
     sup.coord, sup.attempt, sup.restarts, sup.no_progress_streak = node0, attempt, restarts, streak
-    sup.topo = Topology(0, nnodes, "127.0.0.1", 0, "n0", "test")
+    sup.topo, sup.plan, sup.roster, sup._lost = topo, plan, plan, dict(lost_slots)
     sup.progress_root = committed_dir(tmp, newest)
-    real = sup._node0_decision(posted)
+    real = sup._coordinator_decision(posted)
     assert sup.no_progress_streak == sim.no_progress_streak == real.no_progress_streak
 
     node0.publish_decision(attempt, real)
@@ -135,17 +145,23 @@ def random_reports(rng: random.Random, nnodes: int) -> list[NodeReport]:
 def test_generated_report_sets_get_the_same_decision_on_both_paths(store, supervisors, variant, tmp_path):
     rng = random.Random(f"decision-paths-{variant}")
     seen: set[Outcome | None] = set()
+    replaced = 0
     for case in range(60):
         nnodes = rng.randint(1, 4)
         reports = random_reports(rng, nnodes)
         kind = rng.choice([None, None, StopKind.PREEMPTED, StopKind.STORAGE])
         stop = None if kind is None else (rng.randrange(nnodes), kind)
+        silent = {n: "lease not renewed for 4.2s" for n in range(nnodes) if n not in {r.node for r in reports}
+                  and rng.random() < 0.7}  # most nodes without a report lost their lease; the others are missing
         inputs = dict(restarts=rng.randint(0, 4), streak=rng.randint(0, 2), stop=stop,
-                      newest=rng.choice([None, 4, STEPS - 1, STEPS, STEPS + 2]))
+                      newest=rng.choice([None, 4, STEPS - 1, STEPS, STEPS + 2]), spares=rng.choice([0, 0, 1, 2]),
+                      lost=silent)
         real, simulated = both_paths(store, supervisors[variant], tmp_path / str(case), reports, nnodes, **inputs)
         assert real == simulated, (reports, inputs)
         seen.add(real.outcome)
+        replaced += real.replace
     assert len(seen) >= 6, seen  # the generated sets reach most of the decision's branches
+    assert replaced, "some generated sets replace a node with a spare"
 
 
 def test_finished_but_final_step_not_committed_is_a_storage_fault_on_both_paths(store, supervisors, tmp_path):

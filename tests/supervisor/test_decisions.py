@@ -12,7 +12,7 @@ from resilient.supervisor import wire
 from resilient.supervisor.config import SupervisorConfig
 from resilient.supervisor.decisions import AttemptContext, NodeFault, NodeFaultKind
 from resilient.supervisor.reports import NodeOutcome, NodeReport, RankExit, StopKind, StopRequest
-from resilient.supervisor.topology import first_host, resolve_topology
+from resilient.supervisor.topology import expand_hostlist, first_host, resolve_topology
 
 CFG = SupervisorConfig(max_restarts=3, max_attempts_without_progress=2, backoff_initial_s=1, backoff_max_s=5)
 FAILED, FINISHED, PREEMPTED = NodeOutcome.FAILED, NodeOutcome.FINISHED, NodeOutcome.PREEMPTED
@@ -92,7 +92,7 @@ def test_stop_reasons_take_precedence_in_order():
     finished = decision([moved(0, FINISHED)], ctx(9, 9, stop=stop(), newest=16))
     assert finished.exit_code is ExitCode.FINISHED and finished.reason == "all ranks finished"
     lost = decision([moved()], ctx(nnodes=2))
-    assert lost.exit_code is ExitCode.COORDINATOR_LOST and "node(s) 1" in lost.reason
+    assert lost.exit_code is ExitCode.COORDINATOR_LOST and "node 1 did not report" in lost.reason
     assert lost.faulty_nodes == (NodeFault(1, NodeFaultKind.MISSING, "the supervisor of node 1 did not report"),)
 
 
@@ -188,22 +188,34 @@ def test_first_host_of_a_slurm_nodelist(nodelist, host):
     assert first_host(nodelist) == host
 
 
+def test_a_slurm_nodelist_expands_in_order():
+    assert expand_hostlist("gpu[007-009,20],cpu1") == ["gpu007", "gpu008", "gpu009", "gpu20", "cpu1"]
+    assert expand_hostlist("rack[2-3]-n[01-02]") == ["rack2-n01", "rack2-n02", "rack3-n01", "rack3-n02"]
+    with pytest.raises(ConfigError):
+        expand_hostlist("n[3-1]")
+
+
 def test_topology_from_slurm_environment():
     env = {"SLURM_JOB_ID": "7", "SLURM_NODEID": "2", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[10-13]",
            "SLURMD_NODENAME": "gpu12"}
     topo = resolve_topology(env, node_rank=None, nnodes=None, master_addr=None, master_port=None, default_port=29400)
-    assert (topo.node_rank, topo.nnodes, topo.master_addr, topo.store_port, topo.node_name) == \
-        (2, 4, "gpu10", 29400, "gpu12")
+    assert (topo.slot, topo.slots, topo.hosts, topo.store_port, topo.node_name) == \
+        (2, 4, ("gpu10", "gpu11", "gpu12", "gpu13"), 29400, "gpu12")
+    assert topo.store_address(0, 0) == ("gpu10", 29400) and topo.store_address(1, 1) == ("gpu11", 29401)
 
 
 def test_topology_flags_override_slurm():
     env = {"SLURM_JOB_ID": "7", "SLURM_NODEID": "2", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[10-13]"}
     topo = resolve_topology(env, node_rank=1, nnodes=2, master_addr="h0", master_port=1234, default_port=29400)
-    assert (topo.node_rank, topo.nnodes, topo.master_addr, topo.store_port) == (1, 2, "h0", 1234)
+    assert (topo.slot, topo.slots, topo.hosts, topo.store_port) == (1, 2, ("h0", "h0"), 1234)
+    topo = resolve_topology(env, node_rank=1, nnodes=2, master_addr=None, master_port=None, default_port=29400,
+                            hosts=["a", "b"])
+    assert topo.hosts == ("a", "b")
 
 
 @pytest.mark.parametrize("kwargs,msg", [({"node_rank": 3, "nnodes": 2}, "not within"),
-                                        ({"node_rank": 0, "nnodes": 2}, "--master-addr is required")])
+                                        ({"node_rank": 0, "nnodes": 2}, "--master-addr or --hosts is required"),
+                                        ({"node_rank": 0, "nnodes": 2, "hosts": ["a"]}, "1 host")])
 def test_topology_errors_are_config_errors(kwargs, msg):
     with pytest.raises(ConfigError, match=msg):
         resolve_topology({}, master_addr=None, master_port=None, default_port=29400, **kwargs)

@@ -1,5 +1,6 @@
-"""The supervisors' real coordination code for 64 simulated nodes (512 fake ranks) against one real sealed
-TCPStore (bench/scale/simulate.py): a rank failure restarts every node, a preemption stops every node.
+"""The supervisors' real coordination code for 64 simulated slots (62 nodes x 8 fake ranks, 2 spares) against
+real stores (bench/scale/simulate.py): a rank failure restarts every node, a silent node is replaced by a spare,
+a silent coordinator is replaced by an election, a preemption stops every node.
 How fast is measured by bench/scale (docs/scale.md), not asserted here."""
 
 from __future__ import annotations
@@ -13,19 +14,22 @@ from resilient.supervisor.config import SupervisorConfig
 from resilient.supervisor.coordination import intervals
 
 
-@pytest.mark.timeout(120)
-def test_64_nodes_restart_together_then_stop_together(tmp_path):
+@pytest.mark.timeout(180)
+def test_64_nodes_restart_replace_elect_and_stop_together(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir(mode=0o700)
-    got = scenario(64, run_dir, steady_s=1.0)  # raises unless every node stopped, restarted and ended preempted
-    [(first, why), (second, _)] = got["decisions"]
+    # raises unless every live slot stopped, restarted, replaced, elected and ended preempted
+    got = scenario(64, run_dir, steady_s=1.0, spares=2, cfg={"node_lease_s": 2.0})
+    [(first, why), (second, lost), (third, coordinator), (fourth, _)] = got["decisions"]
     assert first == "restart" and "restart 1 of" in why
-    assert second == "preempted"
+    assert second == third == "restart" and "replace node 61 (lost)" in lost and "replace node 0 (lost)" in coordinator
+    assert fourth == "preempted"
     status = json.loads((run_dir / "status.json").read_text())
-    assert status["state"] == "preempted" and len(status["ranks"]) == 512
-    assert status["attempt"] == 1 and status["restarts"] == 1
+    assert status["state"] == "preempted" and len(status["ranks"]) == 62 * 8
+    assert status["attempt"] == 3 and status["restarts"] == 3
     assert "simulated preemption" in status["stop"]["reason"] and status["stop"]["node"] == 32
-    assert len(status["nodes"]) == 64
+    assert status["roster"]["epoch"] == 1 and status["roster"]["spares"] == []
+    assert len(status["nodes"]) == 62
 
 
 def test_poll_and_status_intervals_keep_the_store_within_its_budget():

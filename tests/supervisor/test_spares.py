@@ -88,6 +88,14 @@ def test_spares_take_the_ranks_of_the_next_attempt(tmp_path):
     assert status["spares"] and all(s["count"] == 2 and s["rss_bytes"] > 0 for s in status["spares"].values())
 
 
+def test_without_spares_every_rank_starts_cold(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", steps=4, health=False, supervisor={"warm_spares": False})
+    proc = start(["run", str(cfg), "--run-dir", str(run_dir)], log=tmp_path / "supervisor.log")
+    assert proc.wait(90) == ExitCode.FINISHED, (tmp_path / "supervisor.log").read_text()[-2000:]
+    assert [e["warm_ranks"] for e in events(run_dir, "attempt_start")] == [0]
+
+
 def test_a_foreign_python_script_runs_from_a_spare(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"supervisor": {

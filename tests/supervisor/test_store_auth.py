@@ -1,34 +1,33 @@
-"""Issue 14.1: the coordination store is bound to the named address and every value is sealed with the
-run's secret. A real supervisor (fake ranks) against an attacker process running as another uid."""
+"""Issues 14.1 and 23: the coordination store is bound to the named address, admits only clients that prove
+the run's secret, bounds keys and bytes, answers within a deadline, and every value is sealed with the run's
+secret. A real supervisor (fake ranks) against an attacker process running as another uid."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import socket
 import subprocess
-import sys
-import time
 
+import psutil
 import pytest
 
 from resilient.core.errors import ConfigError
 from resilient.core.exit_codes import ExitCode
-from resilient.supervisor.auth import Forged, Sealer, load_or_create_secret
+from resilient.core.secret import load_or_create
+from resilient.supervisor.auth import Forged, Sealer
+from resilient.core.kvstore import StoreClient, StoreLimits, StoreRefused, StoreUnavailable, host_store
 from tests.supervisor.harness import events, start, steps_done, wait_until, write_config
 
 pytestmark = pytest.mark.timeout(120)
 NOBODY = 65534
 
-# Runs as root long enough to import torch (the interpreter lives under /root), then drops to uid
-# nobody before touching the run: from there on it is an unprivileged local user.
+# The attacker: an unprivileged local user (setpriv to uid 65534), the system interpreter, the standard library.
 ATTACK = r"""
-import json, os, socket, sys
-from datetime import timedelta
-import torch.distributed as dist
+import json, os, socket, struct, sys, time
 run_dir, port = sys.argv[1], int(sys.argv[2])
-os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)
 out = {"uid": os.getuid()}
 try:
     open(os.path.join(run_dir, ".secret")).read(); out["secret"] = "read"
@@ -36,17 +35,54 @@ except OSError as err:
     out["secret"] = type(err).__name__
 with socket.socket() as s:
     out["other_address"] = s.connect_ex(("127.0.0.2", port))
-store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10))
-seen = {}
-for key in ("status/0", "run/first_attempt", "a/0/report/0", "a/0/master_port"):
-    if store.check([key]):
-        seen[key] = store.get(key).hex()
-out["read"] = seen
-forged = json.dumps({"kind": "preempted", "reason": "forged", "node": 0, "pid": 1, "host": "x"})
-out["stop_cas"] = store.compare_set("stop", "", forged).decode(errors="replace") == forged
-for a in range(3):
-    store.set(f"a/{a}/restart", json.dumps({"kind": "rank_exit", "rank": 0, "reason": "forged", "node": 0}))
-store.add("ctl", 1)
+
+def talk(data, wait=1.0):
+    # send `data`, return what comes back before the store closes the connection
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(data)
+    got, end = b"", time.monotonic() + wait
+    s.settimeout(0.2)
+    while time.monotonic() < end:
+        try:
+            chunk = s.recv(4096)
+        except socket.timeout:
+            continue
+        except OSError:
+            break
+        if not chunk:
+            out.setdefault("closed", 0); out["closed"] += 1
+            break
+        got += chunk
+    s.close()
+    return got
+
+# torch's TCPStore protocol: set "stop", add "ctl" (what stopped a run before), a 4 GiB key
+tcp = b"\x00" + struct.pack("<Q", 4) + b"stop" + struct.pack("<Q", 6) + b"forged"
+out["tcpstore_set"] = talk(tcp).hex()
+out["tcpstore_add"] = talk(b"\x05" + struct.pack("<Q", 3) + b"ctl" + struct.pack("<q", 1)).hex()
+out["huge"] = talk(b"\x00" + struct.pack("<Q", 1 << 32) + b"k" * 65536).hex()
+# this store's handshake without the secret: the server proves itself, the client cannot
+hello = talk(b"RSTORE1\n" + os.urandom(16), wait=0.5)
+out["hello_reply_bytes"] = len(hello)
+bad_proof = talk(b"RSTORE1\n" + os.urandom(16) + os.urandom(32) + struct.pack(">I", 20) + os.urandom(20), wait=2.5)
+out["bad_proof_reply_bytes"] = len(bad_proof)
+# a flood of idle connections: each dropped within the authentication window
+held = []
+for _ in range(200):
+    try:
+        held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+    except OSError:
+        break
+time.sleep(3.0)
+dead = 0
+for s in held:
+    s.settimeout(0.5)
+    try:
+        dead += s.recv(1) == b""
+    except OSError:
+        dead += 1
+    s.close()
+out["flood"], out["flood_dropped"] = len(held), dead
 print(json.dumps(out))
 """
 
@@ -61,8 +97,9 @@ def _progress(run_dir, step):
     return lambda: any(s["step"] >= step for s in steps_done(run_dir))
 
 
-def test_another_uid_without_the_secret_can_neither_read_stop_nor_restart(tmp_path):
-    cfg = write_config(tmp_path / "cfg.yaml", steps=400, nproc=2, health=False)
+def test_an_unprivileged_client_can_neither_read_write_stop_restart_nor_flood_the_store(tmp_path):
+    """Issues 14 and 23: what a local user who reaches the store port can do to a running supervisor: nothing."""
+    cfg = write_config(tmp_path / "cfg.yaml", steps=300, nproc=2, health=False)
     run_dir, port = tmp_path / "run", _free_port()
     os.chmod(tmp_path, 0o755)  # the attacker may look around; the run dir itself is 0700
     proc = start(["supervise", str(cfg), "--run-dir", str(run_dir), "--node-rank", "0", "--nnodes", "1",
@@ -72,25 +109,25 @@ def test_another_uid_without_the_secret_can_neither_read_stop_nor_restart(tmp_pa
         wait_until(_progress(run_dir, 5), 60, "step 5")
         secret = run_dir / ".secret"
         assert secret.stat().st_mode & 0o777 == 0o600
-        got = subprocess.run([sys.executable, "-c", ATTACK, str(run_dir), str(port)], capture_output=True,
-                             text=True, timeout=60)
+        rss_before = psutil.Process(proc.pid).memory_info().rss
+        got = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                              "/usr/bin/python3", "-c", ATTACK, str(run_dir), str(port)],
+                             capture_output=True, text=True, timeout=120)
         assert got.returncode == 0, got.stderr[-2000:]
         out = json.loads(got.stdout.strip().splitlines()[-1])
         assert out["uid"] == NOBODY and out["secret"] == "PermissionError"
         assert out["other_address"] != 0  # bound to 127.0.0.1 only
-        assert "status/0" in out["read"]  # the attacker reached the store, and saw only ciphertext:
-        for blob in out["read"].values():
-            assert b'"pid"' not in bytes.fromhex(blob) and b"ranks" not in bytes.fromhex(blob)
-        assert out["stop_cas"]  # it took the empty stop key first ...
-
+        assert out["tcpstore_set"] == out["tcpstore_add"] == out["huge"] == ""  # closed, nothing answered
+        assert out["hello_reply_bytes"] == 48  # the server's nonce and proof: nothing of the run
+        assert out["bad_proof_reply_bytes"] <= 48  # at most that, then closed: a wrong proof gets no further
+        assert out["flood"] == 200 and out["flood_dropped"] == 200  # every idle connection dropped
         reached = max(s["step"] for s in steps_done(run_dir))
-        wait_until(_progress(run_dir, reached + 10), 30, "steps after the attack")  # ... and nothing stopped
+        wait_until(_progress(run_dir, reached + 10), 60, "steps after the attack")  # ... and nothing stopped
         assert proc.poll() is None
-        rejected = {e["key"] for e in events(run_dir, "auth_rejected")}
-        assert {"stop", "a/0/restart"} <= rejected
         assert not events(run_dir, "failure") and not events(run_dir, "restart")
+        assert psutil.Process(proc.pid).memory_info().rss < rss_before + 64 * 2**20  # it held none of it
 
-        proc.send_signal(signal.SIGTERM)  # a genuine stop replaces the forged one and shows its origin
+        proc.send_signal(signal.SIGTERM)  # a genuine stop still works and shows its origin
         assert proc.wait(60) == ExitCode.PREEMPTED
     finally:
         if proc.poll() is None:
@@ -103,13 +140,58 @@ def test_another_uid_without_the_secret_can_neither_read_stop_nor_restart(tmp_pa
     assert status["stop"]["pid"] == proc.pid and "SIGTERM" in status["stop"]["reason"]
 
 
+def test_the_store_bounds_keys_and_bytes_and_says_so_once():
+    said = []
+    sealer = Sealer(b"k" * 32, "test")
+    server = host_store("127.0.0.1", 0, sealer.store_key, StoreLimits(max_keys=3, max_bytes=10_000), said.append)
+    client = StoreClient("127.0.0.1", server.port, sealer.store_key, connect_timeout_s=5, op_timeout_s=5)
+    try:
+        for key in ("a", "b", "c"):
+            client.set(key, b"v")
+        client.set("a", b"w" * 100)  # replacing a value is not a new key
+        for _ in range(2):
+            with pytest.raises(StoreRefused, match="key limit of 3"):
+                client.set("d", b"v")
+        with pytest.raises(StoreRefused, match="byte limit of 10000"):
+            client.set("b", b"x" * 20_000)
+        assert client.multi_get(["a", "b", "d"]) == [b"w" * 100, b"v", None]  # nothing half-written
+        assert said == ["key limit of 3 reached", "byte limit of 10000 reached"]  # one line per bound
+        assert client.delete_prefix("") == 3 and server.bytes_held == 0
+    finally:
+        client.close()
+        server.close()
+
+
+def test_a_frozen_store_is_lost_within_the_deadline_not_never():
+    """torch's TCPStore client waits forever on a frozen server; this one gives up after its deadline."""
+    sealer = Sealer(b"k" * 32, "test")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()  # accepts connections, never answers: what a SIGSTOPped coordinator looks like
+    try:
+        with pytest.raises(StoreUnavailable, match="no answer|bad proof|cannot reach"):
+            StoreClient("127.0.0.1", listener.getsockname()[1], sealer.store_key, connect_timeout_s=0.5,
+                        op_timeout_s=0.5)
+    finally:
+        listener.close()
+
+
 def test_secret_is_created_owner_only_and_a_readable_one_is_refused(tmp_path):
-    secret = load_or_create_secret(tmp_path)
+    secret = load_or_create(tmp_path)
     path = tmp_path / ".secret"
-    assert path.stat().st_mode & 0o777 == 0o600 and load_or_create_secret(tmp_path) == secret
+    assert path.stat().st_mode & 0o777 == 0o600 and load_or_create(tmp_path) == secret
     path.chmod(0o640)
     with pytest.raises(ConfigError, match="0640"):
-        load_or_create_secret(tmp_path)
+        load_or_create(tmp_path)
+    path.unlink()
+    path.mkdir()  # a directory (was a traceback)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_or_create(tmp_path)
+    path.rmdir()
+    (tmp_path / "elsewhere").write_text("00" * 32)
+    path.symlink_to(tmp_path / "elsewhere")  # a symlink is never followed
+    with pytest.raises(ConfigError, match="symbolic link"):
+        load_or_create(tmp_path)
 
 
 def test_sealed_values_bind_key_and_job_instance():
@@ -124,15 +206,46 @@ def test_sealed_values_bind_key_and_job_instance():
             wrong()
 
 
-def test_rank_rendezvous_store_listens_on_master_addr_only():
-    from trainer.distributed import _rendezvous_store
+RENDEZVOUS_ATTACK = r"""
+import json, socket, struct, sys
+port = int(sys.argv[1])
+out = {}
+for name, data in (("tcpstore_get", b"\x02" + struct.pack("<Q", 5) + b"rank0"),
+                   ("tcpstore_set", b"\x00" + struct.pack("<Q", 5) + b"rank0" + struct.pack("<Q", 1) + b"x")):
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(data)
+    s.settimeout(3)
+    try:
+        out[name] = s.recv(4096).hex()
+    except OSError as err:
+        out[name] = type(err).__name__
+    s.close()
+print(json.dumps(out))
+"""
 
+
+def test_the_rank_rendezvous_store_admits_only_this_attempts_ranks(tmp_path):
+    """Issue 23: the process group's store (MASTER_PORT) is bound to MASTER_ADDR and admits only ranks of this
+    run and attempt; another local user reads and writes nothing there."""
+    from resilient.rank.env import RankEnv
+    from resilient.rank.rendezvous import rendezvous_key, rendezvous_store
+
+    load_or_create(tmp_path)
     port = _free_port()
-    store = _rendezvous_store("127.0.0.1", port, 0, 1, 10.0)
-    store.set("k", "v")
+    env = RankEnv(rank=0, world_size=2, master_addr="127.0.0.1", master_port=port, attempt=3, run_dir=tmp_path,
+                  supervisor_pid=os.getpid())
+    rank0 = rendezvous_store(env, rendezvous_key(env), 10.0)
+    rank0.set("rank0", b"10.0.0.1:4242")
+    rank1 = rendezvous_store(dataclasses.replace(env, rank=1), rendezvous_key(env), 10.0)
+    assert rank1.get("rank0") == b"10.0.0.1:4242" and rank1.add("n", 2) == 2 and rank0.add("n", 1) == 3
     with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.2", port)) != 0
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", port)) == 0
-    del store
-    time.sleep(0.1)
+        assert s.connect_ex(("127.0.0.2", port)) != 0  # MASTER_ADDR only
+    stale = rendezvous_key(dataclasses.replace(env, attempt=2))  # a rank left over from the last attempt
+    with pytest.raises(StoreUnavailable, match="bad proof"):
+        StoreClient("127.0.0.1", port, stale, connect_timeout_s=0.5, op_timeout_s=0.5)
+    got = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                          "/usr/bin/python3", "-c", RENDEZVOUS_ATTACK, str(port)], capture_output=True, text=True,
+                         timeout=60)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert json.loads(got.stdout) == {"tcpstore_get": "", "tcpstore_set": ""}  # closed: nothing read or written
+    assert rank1.get("rank0") == b"10.0.0.1:4242" and rank1.num_keys() == 2

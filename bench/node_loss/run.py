@@ -1,0 +1,278 @@
+"""Node-loss benchmark on a local three-node Slurm cluster (one network namespace, address and /dev/shm per
+node): failure -> next completed step, p50/p95 over several trials per fault.
+
+    python bench/node_loss/run.py [--trials 5] [--faults rank unhealthy frozen cut coordinator requeue]
+                                  [--out bench/results/node_loss.json]
+
+Every trial is a job of its own (`nodes: 2`, `slurm.spare_nodes: 1`, the tiny model, one rank per node, a
+memory snapshot every 2 steps replicated to the next node): it trains until a snapshot is replicated, then
+  rank         SIGKILL of rank 1, then again 3 s after the recovery completed a step ("rank" is the first
+               recovery, "rank_3s" the second: a failure seconds after a restart);
+  cold         the same first kill with `supervisor.warm_spares=false` (every rank a new interpreter);
+  unhealthy    (a) a fatal health verdict on node 1 (the fake NVML says its GPU is lost);
+  frozen       (b) every process of node 1 stopped (SIGSTOP: slurmd, step daemon, supervisor, ranks);
+  cut          (c) node 1's link down (no FIN, no RST);
+  coordinator  (d) node 0's supervisor, ranks and spares stopped (its slurmd and the batch shell live on);
+  requeue      the path without a spare (`spare_nodes: 0`): a fatal verdict on node 1 ends the allocation,
+               `slurm on-exit` requeues without it, the next allocation resumes;
+and measures, from the fault to the first step completed after it (train_log.jsonl), `recover_s`, and for
+the silent faults the time until the coordinator (or, for (d), a survivor) noticed (`detect_s`). The job is
+cancelled once the measurement is in. Prints a table with p50/p95 and the issue's goals (GOALS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from resilient.core import ledger  # noqa: E402
+from resilient.supervisor.ranks import free_port  # noqa: E402
+from resilient.supervisor.spares import is_parked  # noqa: E402
+
+CLUSTER_SH = REPO / "deploy" / "slurm" / "cluster.sh"
+HEALTHY_GPU = {"available": True, "device_count": 1, "devices": [{"index": 0}]}
+FAILED_GPU = {"available": True, "device_count": 1, "devices": [{"index": 0, "lost": True}]}
+FAULTS = ["rank", "cold", "unhealthy", "frozen", "cut", "coordinator", "requeue"]
+GOALS = [
+    ("silent node detected <= 5 s", lambda r: r["frozen"]["detect_s"]["p95"] <= 5.0),
+    ("node replacement <= 3x the rank restart (p50)", lambda r: r["frozen"]["recover_s"]["p50"]
+     <= 3 * r["rank"]["recover_s"]["p50"]),
+    ("node 0's supervisor loss survived in-job", lambda r: r["coordinator"]["same_job"] == r["coordinator"]["n"]),
+    ("a failure 3 s after a restart <= 0.3x a cold start (p50)", lambda r: r["rank"]["rank_3s_s"]["p50"]
+     <= 0.3 * r["cold"]["recover_s"]["p50"]),
+]
+
+
+class Cluster:
+    def __init__(self, state: Path) -> None:
+        self.state, self.env = state, {**os.environ, "SLURM_CONF": str(state / "slurm.conf")}
+
+    def start(self) -> None:
+        env = {**self.env, "CLUSTER_NODES": "3", "CLUSTER_NETNS": "1"}
+        subprocess.run([str(CLUSTER_SH), "start", str(self.state)], check=True, env=env, capture_output=True,
+                       timeout=300)
+
+    def stop(self) -> None:
+        subprocess.run([str(CLUSTER_SH), "stop", str(self.state)], env=self.env, capture_output=True, timeout=300)
+
+    def sh(self, action: str, node: str) -> None:
+        subprocess.run([str(CLUSTER_SH), action, str(self.state), node], check=True, capture_output=True, timeout=60)
+
+    def slurm(self, *argv: str) -> str:
+        return subprocess.run(list(argv), env=self.env, capture_output=True, text=True, timeout=120).stdout
+
+    def resume(self) -> None:
+        self.slurm("scontrol", "update", "NodeName=n[0-2]", "State=RESUME")
+
+
+def write_config(tmp: Path, name: str, *, spares: int, warm: bool = True) -> tuple[Path, Path]:
+    nvml = tmp / f"{name}-nvml"
+    nvml.mkdir()
+    for node in ("n0", "n1", "n2"):
+        (nvml / f"{node}.json").write_text(json.dumps(HEALTHY_GPU))
+    run_dir = tmp / name
+    cfg = {"run_dir": str(run_dir), "nodes": 2, "model": {"preset": "tiny"},
+           "train": {"steps": 400, "global_batch": 4, "micro_batch": 2, "seq_len": 64, "warmup_steps": 2},
+           "data": {"path": str(REPO / "examples/data/c4-sample"), "tokenizer": str(REPO / "examples/tokenizer.json"),
+                    "validation_docs": 20, "num_workers": 0},
+           "checkpoint": {"interval_steps": 1000, "memory_interval_steps": 2},
+           "supervisor": {"nproc_per_node": 1, "store_port": free_port(), "warm_spares": warm},
+           "metrics": {"port": 0}, "health": {"fake_nvml_dir": str(nvml), "monitor_interval_s": 1.0},
+           "slurm": {"time_limit_minutes": 30, "signal_seconds": 60, "exclusive": False, "spare_nodes": spares,
+                     "max_crash_requeues": 0}}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, run_dir
+
+
+def wait(probe: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = probe()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not within {timeout:.0f}s")
+
+
+def steps(run_dir: Path) -> list[dict]:
+    return list(ledger.read_jsonl(run_dir / "train_log.jsonl"))
+
+
+def events(run_dir: Path, name: str) -> list[dict]:
+    return [e for e in ledger.read(run_dir) if e.get("event") == name]
+
+
+def first_step_after(run_dir: Path, t0: float) -> float | None:
+    """Wall time of the first step any rank completed after `t0` in an attempt that started after `t0`."""
+    later = {e["attempt"] for e in events(run_dir, "attempt_start") if e["ts"] > t0}
+    done = [s["ts"] for s in steps(run_dir) if s.get("attempt") in later and s.get("step") is not None]
+    return min(done, default=None)
+
+
+def supervisor(job: str, slot: int) -> psutil.Process | None:
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmd, env = proc.info["cmdline"] or [], proc.environ()
+            if "supervise" in cmd and "srun" not in cmd[0] and env.get("SLURM_JOB_ID") == job \
+                    and env.get("SLURM_NODEID") == str(slot) and env.get("SLURM_STEP_ID") == "0":
+                return proc
+        except psutil.Error:
+            continue
+    return None
+
+
+def rank1(job: str) -> psutil.Process | None:
+    for slot in range(3):
+        sup = supervisor(job, slot)
+        for child in sup.children() if sup else []:
+            try:
+                if not is_parked(child.pid) and child.environ().get("RANK") == "1":
+                    return child
+            except psutil.Error:
+                continue
+    return None
+
+
+def launch(cluster: Cluster, config: Path) -> str:
+    out = subprocess.run([sys.executable, "-m", "resilient.cli", "launch", str(config)], env=cluster.env,
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    if not out.stdout.startswith("submitted job "):
+        raise RuntimeError(out.stderr)
+    return out.stdout.split()[2]
+
+
+def trial(cluster: Cluster, tmp: Path, fault: str, n: int) -> dict[str, Any]:
+    spares = 0 if fault == "requeue" else 1
+    config, run_dir = write_config(tmp, f"{fault}{n}", spares=spares, warm=fault != "cold")
+    job = launch(cluster, config)
+    out: dict[str, Any] = {"fault": fault, "trial": n}
+    try:
+        wait(lambda: [e for e in events(run_dir, "mem_snapshot") if e["step"] >= 2], 600, "a replicated snapshot")
+        t0 = time.time()
+        if fault in ("rank", "cold"):
+            rank1(job).send_signal(signal.SIGKILL)
+        elif fault in ("unhealthy", "requeue"):
+            (tmp / f"{fault}{n}-nvml" / "n1.json").write_text(json.dumps(FAILED_GPU))
+        elif fault == "frozen":
+            cluster.sh("freeze", "n1")
+        elif fault == "cut":
+            cluster.sh("cut", "n1")
+        elif fault == "coordinator":
+            node0 = supervisor(job, 0)
+            for proc in [node0, *node0.children(recursive=True)]:
+                proc.send_signal(signal.SIGSTOP)
+        done = wait(lambda: first_step_after(run_dir, t0), 900, f"{fault}: the next step")
+        out["recover_s"] = done - t0
+        if fault in ("frozen", "cut"):
+            lost = [f["ts"] for f in events(run_dir, "failure") if f["kind"] == "node_lost" and f["ts"] > t0]
+            out["detect_s"] = min(lost) - t0
+        if fault == "coordinator":
+            out["detect_s"] = min(e["ts"] for e in events(run_dir, "coordinator_lost") if e["ts"] > t0) - t0
+            out["elected_s"] = events(run_dir, "elected")[0]["ts"] - t0
+        if fault == "rank":  # again, 3 s after the recovery's first step
+            time.sleep(3.0)
+            t1 = time.time()
+            rank1(job).send_signal(signal.SIGKILL)
+            out["rank_3s_s"] = wait(lambda: first_step_after(run_dir, t1), 600, "the second recovery") - t1
+            started = [e for e in events(run_dir, "attempt_start") if e["ts"] > t1]
+            out["warm_3s"] = all(e["warm_ranks"] == 1 for e in started)
+        info = cluster.slurm("scontrol", "-o", "show", "job", job)
+        out["same_job"] = "Restarts=0" in info
+        load = [e for e in events(run_dir, "ckpt_load") if e["ts"] > t0]
+        out["tier"] = load[0]["tier"] if load else None
+        if load:  # what the restart fetched: one rank's snapshot (the spare's, from its peer's replica)
+            out["load_s"] = load[0]["seconds"]
+            out["snapshot_bytes"] = max(e.get("bytes", 0) for e in events(run_dir, "mem_snapshot"))
+        # What refilling the spares at idle priority costs the loop: step times while the spares import
+        # (the first steps of the recovered attempt) against those before the fault.
+        times = [(s["ts"], s["step_time"]) for s in steps(run_dir) if "step_time" in s]
+        before = [t for ts, t in times if ts < t0][-5:]
+        after = [t for ts, t in times if ts > done][:5]
+        if before and after:
+            out["step_s_before"], out["step_s_refilling"] = statistics.median(before), statistics.median(after)
+    finally:
+        # SIGKILL to the batch shell and every step: a plain scancel is a SIGTERM, which the batch script
+        # treats as a preemption (save, requeue), and the job would come back.
+        cluster.slurm("scancel", "--full", "--signal=KILL", job)
+        try:  # the next trial needs the nodes; a job still completing holds them
+            wait(lambda: job not in cluster.slurm("squeue", "-h", "-o", "%i").split(), 600, f"job {job} gone")
+        except TimeoutError as err:
+            print(f"warning: {err}", file=sys.stderr, flush=True)
+        for action in ("thaw", "heal"):
+            subprocess.run([str(CLUSTER_SH), action, str(cluster.state), "n1"], capture_output=True, timeout=60)
+        time.sleep(2)
+        cluster.resume()
+    return out
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return {"p50": statistics.median(ordered), "p95": p95, "min": ordered[0], "max": ordered[-1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--faults", nargs="+", default=FAULTS, choices=FAULTS)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="node-loss-") as tmp:
+        cluster = Cluster(Path(tmp) / "cluster")
+        cluster.start()
+        try:
+            for fault in args.faults:
+                for n in range(args.trials):
+                    rows.append(trial(cluster, Path(tmp), fault, n))
+                    print(json.dumps(rows[-1]), flush=True)
+        finally:
+            cluster.stop()
+    result: dict[str, Any] = {}
+    for fault in args.faults:
+        mine = [r for r in rows if r["fault"] == fault]
+        result[fault] = {"n": len(mine), "same_job": sum(bool(r.get("same_job")) for r in mine),
+                         "tiers": sorted({str(r.get("tier")) for r in mine})}
+        for key in ("recover_s", "detect_s", "elected_s", "rank_3s_s", "load_s", "step_s_before", "step_s_refilling"):
+            values = [r[key] for r in mine if key in r]
+            if values:
+                result[fault][key] = summary(values)
+    print("| fault | trials | failure -> next step p50 / p95 s | detected p50 / p95 s | same job | tier |")
+    print("|---|---|---|---|---|---|")
+    for fault, r in result.items():
+        det = r.get("detect_s")
+        detected = f"{det['p50']:.1f} / {det['p95']:.1f}" if det else "-"
+        print(f"| {fault} | {r['n']} | {r['recover_s']['p50']:.1f} / {r['recover_s']['p95']:.1f} | "
+              f"{detected} | {r['same_job']}/{r['n']} | {', '.join(r['tiers'])} |")
+    if "rank" in result:
+        r = result["rank"]["rank_3s_s"]
+        print(f"| rank, 3 s after a recovery | {result['rank']['n']} | {r['p50']:.1f} / {r['p95']:.1f} | - | | |")
+    for title, ok in GOALS:
+        try:
+            verdict = "met" if ok(result) else "MISSED"
+        except KeyError:
+            verdict = "not measured"
+        print(f"{title}: {verdict}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"rows": rows, "summary": result}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

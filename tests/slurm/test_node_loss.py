@@ -1,0 +1,256 @@
+"""Issue 22 on a real three-node Slurm cluster, each node a host of its own (network namespace, address,
+/dev/shm): `nodes: 2`, `slurm.spare_nodes: 1`. A node that fails is replaced in the same Slurm job by the
+spare, which takes its node rank and loads its state from the peer replica; the run ends on the fault-free
+run's weights (the session's two-node reference run: the same training), and the bad node is in the ledger
+and in `resilient status`.
+
+Runs (each shared by the faults the issue allows in one job; a spare covers one node fault):
+  - warm: a rank killed three times, 3 s after each recovery (every recovery warm), then (a) a fatal
+    health verdict on node 1;
+  - frozen: (b) every process of node 1 frozen, then node 1 thawed and, with no spare left, a fatal verdict
+    on the spare that replaced it: the requeue path as before (without that node), nothing lost;
+  - cut: (c) node 1's link cut (no FIN, no RST);
+  - coordinator: (d) node 0's supervisor, ranks and spares frozen (its slurmd and the batch shell live on).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from resilient.supervisor.spares import is_parked
+from tests.slurm.conftest import Cluster, start_cluster
+from tests.slurm.runs import FAILED_GPU, digest, finished_job, last_step, launch, write_run_config
+from tests.supervisor.harness import events, wait_until
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+MEMORY_EVERY = 2
+NODES = ("n0", "n1", "n2")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    yield from start_cluster(tmp_path_factory.mktemp("slurm-3"), nodes=3, netns=True)
+
+
+def write_config(tmp: Path, name: str, **slurm) -> tuple[Path, Path]:
+    """The reference's training (tests/slurm/runs.py) on two nodes plus a spare; memory snapshots every few
+    steps, replicated to the next node, and disk only at the end: every restart takes a memory snapshot, so a
+    replacement must fetch the lost node's copy from its peer."""
+    return write_run_config(tmp, name, hosts=NODES, spare_nodes=1, time_limit_minutes=15, **slurm, sections={
+        "checkpoint": {"interval_steps": 1000, "memory_interval_steps": MEMORY_EVERY},
+        "supervisor": {"node_lease_s": 4.0},
+        "health": {"monitor_interval_s": 1.0}})
+
+
+def finished(cluster: Cluster, job_id: str, run_dir: Path, timeout: float = 600) -> dict[str, str]:
+    job = finished_job(cluster, job_id, run_dir, timeout)
+    assert events(run_dir, "job_end")[-1]["state"] == "finished"
+    return job
+
+
+def status(run_dir: Path) -> tuple[dict, str]:
+    """`resilient status` as JSON and as the operator reads it."""
+    def run(*extra: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "resilient.cli", "status", str(run_dir), *extra],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+    return json.loads(run("--json")), run()
+
+
+def supervisor(job_id: str, slot: int) -> psutil.Process | None:
+    """The `resilient supervise` process of `slot` in job `job_id` (every node's processes are on this host)."""
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline, env = proc.info["cmdline"] or [], proc.environ()
+            if "supervise" in cmdline and "srun" not in cmdline[0] and env.get("SLURM_JOB_ID") == job_id \
+                    and env.get("SLURM_NODEID") == str(slot) and env.get("SLURM_STEP_ID") == "0":
+                return proc
+        except psutil.Error:
+            continue
+    return None
+
+
+def rank_process(job_id: str, rank: int) -> psutil.Process | None:
+    """The live (not parked) process of global rank `rank` in job `job_id`."""
+    for slot in range(3):
+        sup = supervisor(job_id, slot)
+        for child in sup.children() if sup else []:
+            try:
+                if not is_parked(child.pid) and child.environ().get("RANK") == str(rank):
+                    return child
+            except psutil.Error:
+                continue
+    return None
+
+
+def attempts_started(run_dir: Path) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for record in events(run_dir, "attempt_start"):
+        out.setdefault(record["attempt"], []).append(record)
+    return out
+
+
+def stepping_in(run_dir: Path, attempt: int, beyond: int = 0):
+    """Probe: attempt `attempt` completed a step beyond `beyond` (the train log records each step's attempt)."""
+    def probe() -> bool:
+        path = run_dir / "train_log.jsonl"
+        if not path.exists():
+            return False
+        for line in path.read_text().splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if row.get("attempt") == attempt and row.get("step", 0) > beyond:
+                return True
+        return False
+    return probe
+
+
+def spare_stepping(run_dir: Path):
+    """Probe: the spare (n2) runs a node rank and its attempt completed a step."""
+    def probe() -> bool:
+        started = [r["attempt"] for r in events(run_dir, "attempt_start") if r["host"] == "n2"]
+        return bool(started) and stepping_in(run_dir, started[0])()
+    return probe
+
+
+def snapshot_since(run_dir: Path, ts: float):
+    """Probe: a memory snapshot (replicated to the next node) was committed after `ts`."""
+    return lambda: [r for r in events(run_dir, "mem_snapshot") if r["ts"] > ts and r["step"] > 0]
+
+
+def assert_same_job_on_the_spare(run_dir: Path, job: dict, bad: str, kind: str) -> None:
+    """The fault was survived in the same Slurm job: no Slurm restart, the spare (which stood by until then)
+    took the bad node's rank."""
+    assert job["Restarts"] == "0"
+    assert [r["host"] for r in events(run_dir, "run_start") if r["role"] == "spare"] == ["n2"]
+    assert {r["slurm_restart_count"] for r in events(run_dir, "run_start")} == {0}
+    [out] = [r for r in events(run_dir, "bad_node") if r["node"] == bad]
+    assert out["kind"] == kind and out["replaced_by"] == "n2" and out["node_rank"] in (0, 1), out
+    final = max(attempts_started(run_dir))
+    assert {(r["node"], r["host"]) for r in attempts_started(run_dir)[final]} == \
+        {(out["node_rank"], "n2"), (1 - out["node_rank"], ({"n0", "n1"} - {bad}).pop())}
+    got, shown = status(run_dir)
+    assert got["bad_nodes"][bad]["kind"] == kind and got["roster"]["spares"] == [] and bad in got["roster"]["out"]
+    assert f"bad node {bad}: {kind} x1" in shown and "spare nodes: none left" in shown
+
+
+def assert_replica_loaded(run_dir: Path, sources: list[str]) -> None:
+    """The spare's restart took the newest memory snapshot, the lost node's copy from its peer replica."""
+    load = events(run_dir, "ckpt_load")[-1]
+    assert load["tier"] == "memory-replica" and load["sources"] == sources, load
+
+
+def test_rank_kills_recover_warm_and_an_unhealthy_node_is_replaced_by_the_spare(cluster, reference, tmp_path):
+    config, run_dir = write_config(tmp_path, "warm")
+    job_id = launch(cluster, config)
+    try:
+        # (e) rank 1 killed three times, each 3 s after the previous recovery completed a step
+        wait_until(lambda: last_step(run_dir) >= 3, 300, "training to reach step 3")
+        for kill in range(3):
+            attempt = max(attempts_started(run_dir))
+            rank_process(job_id, 1).send_signal(signal.SIGKILL)
+            wait_until(stepping_in(run_dir, attempt + 1), 180, f"recovery {kill + 1} stepping")
+            time.sleep(3.0)
+        started = attempts_started(run_dir)
+        for attempt in sorted(started)[1:4]:
+            assert sorted(r["warm_ranks"] for r in started[attempt]) == [1, 1], started[attempt]  # every one warm
+        # (a) a fatal health verdict on node 1, once node 0 holds a replica of its memory snapshot
+        wait_until(snapshot_since(run_dir, events(run_dir, "restart")[-1]["ts"]), 300, "a replicated snapshot")
+        (tmp_path / "warm-nvml" / "n1.json").write_text(json.dumps(FAILED_GPU))
+        job = finished(cluster, job_id, run_dir)
+    finally:
+        cluster.run("scancel", "--full", "--signal=KILL", job_id, check=False)  # a plain scancel would requeue
+    assert_same_job_on_the_spare(run_dir, job, "n1", "unhealthy")
+    assert any(h["node"] == "n1" and h["severity"] == "fatal" for h in events(run_dir, "health"))
+    assert_replica_loaded(run_dir, ["own", "replica@0"])  # node 1's state from node 0, which keeps its replica
+    assert digest(run_dir) == reference[2], "the run ends on the fault-free run's weights"
+
+
+def test_a_frozen_node_is_replaced_in_seconds_then_with_no_spare_left_the_job_requeues(cluster, reference, tmp_path):
+    config, run_dir = write_config(tmp_path, "frozen")
+    job_id = launch(cluster, config)
+    try:
+        wait_until(snapshot_since(run_dir, 0), 300, "a replicated snapshot")
+        cluster.node("freeze", "n1")  # (b) slurmd, step daemon, supervisor, ranks, spares: silent
+        try:
+            wait_until(spare_stepping(run_dir), 300, "node 1 replaced by the spare, stepping")
+        finally:
+            cluster.node("thaw", "n1")
+        [lost] = [f for f in events(run_dir, "failure") if f["kind"] == "node_lost"]
+        assert lost["node"] == 1 and "lease not renewed" in lost["reason"]
+        replaced = events(run_dir, "bad_node")[0]["ts"]
+        load = [r for r in events(run_dir, "ckpt_load") if r["ts"] > replaced][0]
+        assert load["tier"] == "memory-replica" and load["sources"] == ["own", "replica@0"], load
+        assert {r["slurm_restart_count"] for r in events(run_dir, "run_start")} == {0}
+        # no spare left: node rank 1 (now on n2) found unfit ends the allocation as before, without n2
+        replaced_at = last_step(run_dir)
+        wait_until(lambda: last_step(run_dir) >= replaced_at + 2, 180, "progress on the spare")
+        (tmp_path / "frozen-nvml" / "n2.json").write_text(json.dumps(FAILED_GPU))
+        wait_until(lambda: events(run_dir, "requeue"), 180, "the requeue")
+        job = finished(cluster, job_id, run_dir, timeout=900)
+    finally:
+        cluster.run("scancel", "--full", "--signal=KILL", job_id, check=False)  # a plain scancel would requeue
+        cluster.run("scontrol", "update", "NodeName=n1,n2", "State=RESUME", check=False)
+    [requeue] = events(run_dir, "requeue")
+    assert (requeue["cause"], requeue["exclude"], requeue["nodes"]) == ("unhealthy_node", ["n2"], 2)
+    assert job["Restarts"] == "1" and job["ExcNodeList"] == "n2" and job["NodeList"] == "n[0-1]"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["slurm"]["spare_nodes"] == 0
+    load = [r for r in events(run_dir, "ckpt_load") if r["ts"] > requeue["ts"]][0]
+    saved = max(r["step"] for r in events(run_dir, "mem_snapshot") if r["ts"] < requeue["ts"])
+    assert load["step"] == saved, (load, saved)  # nothing committed was lost
+    assert digest(run_dir) == reference[2]
+
+
+def test_a_node_cut_off_without_fin_or_rst_is_replaced(cluster, reference, tmp_path):
+    config, run_dir = write_config(tmp_path, "cut")
+    job_id = launch(cluster, config)
+    try:
+        wait_until(snapshot_since(run_dir, 0), 300, "a replicated snapshot")
+        cluster.node("cut", "n1")  # (c)
+        try:
+            wait_until(spare_stepping(run_dir), 300, "node 1 replaced by the spare, stepping")
+        finally:
+            cluster.node("heal", "n1")
+        job = finished(cluster, job_id, run_dir)
+    finally:
+        cluster.run("scancel", "--full", "--signal=KILL", job_id, check=False)  # a plain scancel would requeue
+        cluster.run("scontrol", "update", "NodeName=n1", "State=RESUME", check=False)
+    assert_same_job_on_the_spare(run_dir, job, "n1", "lost")
+    assert_replica_loaded(run_dir, ["own", "replica@0"])
+    # the cut-off side had no majority: it stopped without deciding anything
+    minority = [r for r in events(run_dir, "coordinator_lost") if r.get("minority")]
+    assert [r["node"] for r in minority] == [1] and not [r for r in events(run_dir, "gave_up")]
+    assert digest(run_dir) == reference[2]
+
+
+def test_losing_the_coordinator_elects_another_and_the_spare_takes_node_0(cluster, reference, tmp_path):
+    config, run_dir = write_config(tmp_path, "coordinator")
+    job_id = launch(cluster, config)
+    try:
+        wait_until(snapshot_since(run_dir, 0), 300, "a replicated snapshot")
+        node0 = supervisor(job_id, 0)
+        frozen = [node0, *node0.children(recursive=True)]  # (d) its slurmd and the batch shell live on
+        for proc in frozen:
+            proc.send_signal(signal.SIGSTOP)
+        job = finished(cluster, job_id, run_dir)
+    finally:
+        cluster.run("scancel", "--full", "--signal=KILL", job_id, check=False)  # a plain scancel would requeue
+    [elected] = events(run_dir, "elected")
+    assert (elected["slot"], elected["epoch"], elected["lost"]) == (1, 1, 0)
+    [fence] = events(run_dir, "fence")
+    assert fence["node"] == "n0" and fence["ok"] and fence["pid"] == node0.pid
+    assert not psutil.pid_exists(node0.pid) or psutil.Process(node0.pid).status() == psutil.STATUS_ZOMBIE
+    assert_same_job_on_the_spare(run_dir, job, "n0", "lost")
+    assert_replica_loaded(run_dir, ["replica@1", "own"])  # node 0's state from node 1, which keeps its replica
+    assert events(run_dir, "finished")[-1]["epoch"] == 1
+    assert digest(run_dir) == reference[2]
