@@ -81,7 +81,11 @@ def test_bad_input_is_one_message_and_a_distinct_exit_code(results, name):
     if code != USAGE:
         assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("resilient: "), stderr
     if "--run-dir" in argv and name != "run_dir_is_a_file":
-        assert not Path(argv[argv.index("--run-dir") + 1]).exists(), "refused before touching the run dir"
+        run_dir = Path(argv[argv.index("--run-dir") + 1])
+        if name.startswith("secret_"):  # the run dir was made to hold the bad secret: nothing added beside it
+            assert [p.name for p in run_dir.iterdir()] == [".secret"], "refused before touching the run dir"
+        else:
+            assert not run_dir.exists(), "refused before touching the run dir"
 
 
 def test_read_only_run_dir_is_one_line(tmp_path):
