@@ -171,7 +171,8 @@ def decide_requeue(end: JobEnd, cfg: SlurmConfig, *, exclude_stragglers: bool = 
             f"supervisors failed ({what}) after {end.crash_requeues} crash requeue(s) "
             f"(slurm.max_crash_requeues={cfg.max_crash_requeues}); not requeued"
         )
-    reason = f"supervisors failed ({what}): requeued, crash requeue {end.crash_requeues + 1} of {cfg.max_crash_requeues}"
+    reason = (f"supervisors failed ({what}): requeued, crash requeue {end.crash_requeues + 1} of "
+              f"{cfg.max_crash_requeues}")
     return _requeue(Cause.CRASH, reason, end, cfg, replaced, stragglers)
 
 

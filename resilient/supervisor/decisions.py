@@ -56,7 +56,8 @@ def final_step_committed(final_step: int, newest_committed: int | None) -> tuple
     if newest_committed is not None and newest_committed >= final_step:
         return True, f"final step {final_step} is committed"
     newest = "none" if newest_committed is None else f"step {newest_committed}"
-    return False, f"ranks finished step {final_step} but it is not in a committed checkpoint (newest committed: {newest})"
+    return False, (f"ranks finished step {final_step} but it is not in a committed checkpoint "
+                   f"(newest committed: {newest})")
 
 
 # A rank exiting with one of these found something no restart can change (bad config or data, no
@@ -122,7 +123,8 @@ class NodeFault:
 
 @dataclass(frozen=True)
 class AttemptDecision:
-    """The coordinator's verdict on an ended attempt: every node restarts (after `backoff_s`) or stops with `outcome`."""
+    """The coordinator's verdict on an ended attempt: every node restarts (after `backoff_s`) or stops with
+    `outcome`."""
 
     outcome: Outcome | None
     """None: restart."""

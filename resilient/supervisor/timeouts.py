@@ -26,7 +26,8 @@ def calibrated_step_timeout(step_times: Sequence[float], cfg: SupervisorConfig) 
             f"step timeout floor {cfg.step_timeout_floor_s:g}s "
             f"(> {cfg.step_timeout_factor:g} x slowest recent step {slowest:.3g}s)"
         )
-    return scaled, f"calibrated step timeout {scaled:.3g}s = {cfg.step_timeout_factor:g} x slowest recent step {slowest:.3g}s"
+    return scaled, (f"calibrated step timeout {scaled:.3g}s = {cfg.step_timeout_factor:g} x slowest recent step "
+                    f"{slowest:.3g}s")
 
 
 def calibrated_checkpoint_timeout(blocking_times: Sequence[float], cfg: SupervisorConfig) -> tuple[float, str]:
