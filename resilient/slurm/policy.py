@@ -206,8 +206,8 @@ def job_end_from_ledger(records: Iterable[Mapping[str, Any]], *, exit_code: int,
         code: Any = None
         if event == "gave_up" and current:
             try:
-                code = int(r.get("exit_code"))
-            except (TypeError, ValueError):
+                code = int(r["exit_code"])
+            except (KeyError, TypeError, ValueError):
                 continue
             gave_up.append(GaveUp(code, r.get("node"), str(r.get("reason") or ""), int(r.get("epoch") or 0)))
         elif event in _OUTCOME_CODES and current:
