@@ -89,7 +89,7 @@ class Layout:
 
 def _common(panel, title: str, queries: Sequence[Q], pos: dm.GridPos, unit: str | None, description: str | None):
     panel = panel.title(title).datasource(DS).grid_pos(pos)
-    for ref, q in zip("ABCDEFGH", queries):
+    for ref, q in zip("ABCDEFGH", queries, strict=False):
         panel = panel.with_target(_target(q, ref))
     if unit:
         panel = panel.unit(unit)
@@ -164,7 +164,8 @@ def run_overview() -> db.Dashboard:
     return (base("resilient-run", "resilient / run overview",
                  query_variable("rank", "Rank", f"label_values(resilient_rank_step{{{JOB_NODE}}}, rank)"))
             .with_row(row(L, "Progress"))
-            .with_panel(stat_panel(L, "State", Q(f"max by (state) (resilient_run_state{{{JOB_NODE}}}) == 1", "{{state}}"),
+            .with_panel(stat_panel(L, "State",
+                                   Q(f"max by (state) (resilient_run_state{{{JOB_NODE}}}) == 1", "{{state}}"),
                                    4, 4, text_mode=cm.BigValueTextMode.NAME))
             .with_panel(stat_panel(L, "Step", Q(f"max(resilient_step{{{JOB_NODE}}})", "step"), 4, 4))
             .with_panel(stat_panel(L, "Attempt", Q(f"max(resilient_attempt{{{JOB_NODE}}})", "attempt"), 4, 4))
@@ -177,7 +178,8 @@ def run_overview() -> db.Dashboard:
                                    4, 4))
             .with_panel(series_panel(L, "Loss", [Q(f"max(resilient_loss{{{JOB_NODE}}})", "train"),
                                                  Q(f"max(resilient_validation_loss{{{JOB_NODE}}})", "validation")], 12))
-            .with_panel(series_panel(L, "Throughput", [Q(f"max(resilient_tokens_per_second{{{JOB_NODE}}})", "tokens/s")],
+            .with_panel(series_panel(L, "Throughput",
+                                     [Q(f"max(resilient_tokens_per_second{{{JOB_NODE}}})", "tokens/s")],
                                      6, unit="short"))
             .with_panel(series_panel(L, "MFU", [Q(f"max(resilient_mfu_ratio{{{JOB_NODE}}})", "MFU")], 6,
                                      unit="percentunit"))
@@ -187,7 +189,8 @@ def run_overview() -> db.Dashboard:
                 Q(f"sum(rate(resilient_step_time_seconds_sum{{{JOB_NODE}}}{rate})) / "
                   f"sum(rate(resilient_step_time_seconds_count{{{JOB_NODE}}}{rate}))", "mean")], 8, unit="s"))
             .with_panel(series_panel(L, "Learning rate", [Q(f"max(resilient_learning_rate{{{JOB_NODE}}})", "lr")], 8))
-            .with_panel(series_panel(L, "Gradient norm", [Q(f"max(resilient_grad_norm{{{JOB_NODE}}})", "grad norm")], 8))
+            .with_panel(series_panel(L, "Gradient norm", [Q(f"max(resilient_grad_norm{{{JOB_NODE}}})", "grad norm")],
+                                     8))
             .with_row(row(L, "Ranks"))
             .with_panel(series_panel(L, "Heartbeat age", [
                 Q(f"max by (node, rank) (resilient_heartbeat_age_seconds{{{RANK}}})", by_rank)], 8, unit="s",
@@ -233,23 +236,26 @@ def checkpoints_goodput() -> db.Dashboard:
                                    "percentunit"))
             .with_panel(stat_panel(L, "Productive time", Q(f"max(resilient_productive_seconds{{{JOB_NODE}}})",
                                                            "productive"), 6, 5, "s"))
-            .with_panel(stat_panel(L, "Wall time", Q(f"max(resilient_run_wall_seconds{{{JOB_NODE}}})", "wall"), 6, 5, "s"))
+            .with_panel(stat_panel(L, "Wall time", Q(f"max(resilient_run_wall_seconds{{{JOB_NODE}}})", "wall"),
+                                   6, 5, "s"))
             .with_panel(stat_panel(L, "Failed checkpoint saves",
-                                   Q(f"max(resilient_checkpoint_save_failures_total{{{JOB_NODE}}})", "failed saves"), 6, 5))
-            .with_panel(series_panel(L, "Goodput over time", [Q(f"max(resilient_goodput_ratio{{{JOB_NODE}}})", "goodput")],
+                                   Q(f"max(resilient_checkpoint_save_failures_total{{{JOB_NODE}}})", "failed saves"),
+                                   6, 5))
+            .with_panel(series_panel(L, "Goodput over time",
+                                     [Q(f"max(resilient_goodput_ratio{{{JOB_NODE}}})", "goodput")],
                                      12, unit="percentunit"))
             .with_panel(series_panel(L, "Badput by category", [
                 Q(f"max by (category) (resilient_badput_seconds{{{JOB_NODE}}})", "{{category}}")], 12, stacked=True))
             .with_row(row(L, "Checkpoints"))
-            .with_panel(stat_panel(L, "Last complete checkpoint", Q(f"max(resilient_checkpoint_last_step{{{JOB_NODE}}})",
-                                                                    "step"), 6, 5))
+            .with_panel(stat_panel(L, "Last complete checkpoint",
+                                   Q(f"max(resilient_checkpoint_last_step{{{JOB_NODE}}})", "step"), 6, 5))
             .with_panel(stat_panel(L, "Checkpoint age", Q(
                 f"min(resilient_checkpoint_last_complete_age_seconds{{{JOB_NODE}}})", "age"), 6, 5, "s"))
             .with_panel(stat_panel(L, "Completed at", Q(
                 f"max(resilient_checkpoint_last_complete_timestamp_seconds{{{JOB_NODE}}}) * 1000", "completed"), 6, 5,
                 "dateTimeFromNow"))
-            .with_panel(stat_panel(L, "Checkpoint size", Q(f"max(resilient_checkpoint_size_bytes{{{JOB_NODE}}})", "size"),
-                                   6, 5, "bytes"))
+            .with_panel(stat_panel(L, "Checkpoint size",
+                                   Q(f"max(resilient_checkpoint_size_bytes{{{JOB_NODE}}})", "size"), 6, 5, "bytes"))
             .with_panel(series_panel(L, "Save time (mean over the range)", [
                 Q(f"max({mean('resilient_checkpoint_save_blocking_seconds')})", "blocking"),
                 Q(f"max({mean('resilient_checkpoint_save_total_seconds')})", "total")], 8, unit="s"))
@@ -279,7 +285,8 @@ def gpu_node_health() -> db.Dashboard:
     source = (db.CustomVariable("gpu_source").label("GPU metrics").values("nvml : 1, dcgm-exporter : 2")
               .current(dm.VariableOption(selected=True, text="nvml", value="1"))
               .description("resilient's own NVML metrics, or NVIDIA dcgm-exporter's DCGM_FI_* fields"))
-    gpu = query_variable("gpu", "GPU", 'label_values({__name__=~"resilient_gpu_temperature_celsius|DCGM_FI_DEV_GPU_TEMP"}, gpu)')
+    gpu = query_variable("gpu", "GPU",
+                         'label_values({__name__=~"resilient_gpu_temperature_celsius|DCGM_FI_DEV_GPU_TEMP"}, gpu)')
     facts_job = query_variable("facts_job", "Node facts job", "label_values(resilient_node_health_verdict, job)")
 
     def fact(metric: str, name: str) -> str:  # one table row per (node, gpu, fact)
@@ -298,15 +305,16 @@ def gpu_node_health() -> db.Dashboard:
             .with_panel(table_panel(L, "GPU faults at the last verdict", Q(
                 f'{fact("resilient_gpu_last_xid", "last XID")} '
                 f'or {fact("resilient_gpu_ecc_uncorrectable_errors", "uncorrectable ECC errors")} '
-                f'or {fact("resilient_gpu_lost", "lost")} or {fact("resilient_gpu_row_remap_failed", "row remap failed")}'),
+                f'or {fact("resilient_gpu_lost", "lost")} '
+                f'or {fact("resilient_gpu_row_remap_failed", "row remap failed")}'),
                 12))
             .with_panel(table_panel(L, "Last supervisor exit per node", Q(
                 f"max by (node, outcome, reason) (resilient_supervisor_exit_code{{{FACTS}}})"), 12,
                 description="Exit code (value), its name and reason: why each node's last supervisor stopped."))
             .with_row(row(L, "Nodes"))
             .with_panel(stat_panel(L, "Node health (0 ok, 1 warn, 2 fatal)",
-                                   Q(f"max by (node) (resilient_node_health_severity{{{JOB_NODE}}})", "{{node}}"), 12, 5,
-                                   thresholds=[(0, "green"), (1, "orange"), (2, "red")]))
+                                   Q(f"max by (node) (resilient_node_health_severity{{{JOB_NODE}}})", "{{node}}"),
+                                   12, 5, thresholds=[(0, "green"), (1, "orange"), (2, "red")]))
             .with_panel(stat_panel(L, "Metrics targets up", Q('up{job=~"$job"}', "{{instance}}"), 12, 5))
             .with_panel(table_panel(L, "Health checks",
                                     Q(f"max by (node, check) (resilient_health_check_severity{{{JOB_NODE}}})"), 12))
@@ -335,7 +343,8 @@ def gpu_node_health() -> db.Dashboard:
                 Q(dc("DCGM_FI_DEV_ROW_REMAP_PENDING"), per_gpu + " remap pending"),
                 Q(dc("DCGM_FI_DEV_ROW_REMAP_FAILURE"), per_gpu + " remap failed")], 8))
             .with_panel(series_panel(L, "Utilization (dcgm-exporter)", [Q(dc("DCGM_FI_DEV_GPU_UTIL"), per_gpu)], 12,
-                                     unit="percent", description="dcgm-exporter only: NVML metrics carry no utilization."))
+                                     unit="percent",
+                                     description="dcgm-exporter only: NVML metrics carry no utilization."))
             .with_panel(series_panel(L, "Framebuffer used (dcgm-exporter)", [Q(dc("DCGM_FI_DEV_FB_USED"), per_gpu)], 12,
                                      unit="decmbytes", description="dcgm-exporter only (MiB).")))
 

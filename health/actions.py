@@ -13,7 +13,7 @@ from resilient.core.events import LedgerEvent
 from resilient.core.exit_codes import ExitCode
 
 
-class Verdict(str, Enum):
+class Verdict(str, Enum):  # noqa: UP042 (StrEnum would change str() and format() of a verdict)
     """What a health report means for this node's attempt."""
 
     HEALTHY = "healthy"
@@ -67,5 +67,6 @@ def record(run_dir: Path, report: HealthReport) -> int:
     """Append one `health` ledger event per non-ok result; returns how many were written."""
     bad = [r for r in report.results if r.severity is not Severity.OK]
     for r in bad:
-        ledger.append(run_dir, LedgerEvent.HEALTH, node=report.node, severity=str(r.severity), check=r.name, reason=r.reason)
+        ledger.append(run_dir, LedgerEvent.HEALTH, node=report.node, severity=str(r.severity), check=r.name,
+                      reason=r.reason)
     return len(bad)

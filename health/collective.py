@@ -116,8 +116,8 @@ def judge(result: ProbeResult, cfg: HealthConfig) -> CheckResult:
     if result.world_size < 2:
         return skipped(name, "one rank: nothing to probe")
     if not result.completed:
-        return fatal(name, f"all-reduce over {result.world_size} ranks failed: {result.error}" + (f"; {who}" if who else ""),
-                     **values)
+        return fatal(name, f"all-reduce over {result.world_size} ranks failed: {result.error}"
+                     + (f"; {who}" if who else ""), **values)
     bw = f"busbw {result.busbw_gbps:.4g} GB/s over {result.world_size} ranks ({result.backend}, {result.nbytes} B)"
     problems = []
     if result.min_busbw_gbps and (result.busbw_gbps or 0.0) < result.min_busbw_gbps:
@@ -205,7 +205,8 @@ def probe_collective(cfg: HealthConfig, *, node: str = "", store: Any = None, de
     return result
 
 
-def _pair_tests(pg: Any, buf: Any, rank: int, n: int, delay_s: float, mark: Any, sync: Any) -> dict[tuple[int, int], float]:
+def _pair_tests(pg: Any, buf: Any, rank: int, n: int, delay_s: float, mark: Any,
+                sync: Any) -> dict[tuple[int, int], float]:
     """Ping-pong `buf` between ring neighbours, round by round; returns GB/s per pair (known to every rank)."""
     import torch
     import torch.distributed as dist
@@ -230,7 +231,7 @@ def _pair_tests(pg: Any, buf: Any, rank: int, n: int, delay_s: float, mark: Any,
             seconds[edges.index((a, b))] = time.perf_counter() - t0
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=pg)
     nbytes = buf.numel() * buf.element_size()
-    return {e: 2 * nbytes / max(s, 1e-9) / 1e9 for e, s in zip(edges, seconds.cpu().tolist())}
+    return {e: 2 * nbytes / max(s, 1e-9) / 1e9 for e, s in zip(edges, seconds.cpu().tolist(), strict=True)}
 
 
 def _send(buf: Any, peer: int, pg: Any, delay_s: float) -> None:

@@ -50,7 +50,8 @@ def run_local_probe(cfg: HealthConfig, world_size: int, *, node: str, backend: s
         exit_codes[r] = p.exitcode
     return combine(world_size, backend, cfg, joined=_keys(store, "joined", world_size),
                    progress={r: int(v) for r, v in _keys(store, "probe/progress", world_size).items()},
-                   results={r: ProbeResult.model_validate_json(v) for r, v in _keys(store, "result", world_size).items()},
+                   results={r: ProbeResult.model_validate_json(v)
+                            for r, v in _keys(store, "result", world_size).items()},
                    exit_codes=exit_codes, node=node)
 
 

@@ -78,7 +78,7 @@ class HealthConfig(Section):
     """What to do with a persistent straggler: record it, or also exclude its node on the next requeue."""
 
     @model_validator(mode="after")
-    def _ordered(self) -> "HealthConfig":
+    def _ordered(self) -> HealthConfig:
         if self.temp_warn_c > self.temp_fatal_c:
             raise ValueError(f"temp_warn_c {self.temp_warn_c} exceeds temp_fatal_c {self.temp_fatal_c}")
         if self.pcie_replay_growth_warn > self.pcie_replay_growth_fatal:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+
 from health.config import HealthConfig
 from health.gpu.provider import GpuProvider, provider_for
 from health.gpu.rules import evaluate
 from health.gpu.state import GpuSample
 from health.node_checks import node_checks
 from health.types import CheckResult, HealthReport, Severity
+
 
 class HealthMonitor:
     """Samples GPU and node health every `interval_s` seconds; growth rules compare consecutive samples."""
@@ -26,7 +28,7 @@ class HealthMonitor:
         self._provider: GpuProvider | None = None
         self._prev: GpuSample | None = None
 
-    def start(self) -> "HealthMonitor":
+    def start(self) -> HealthMonitor:
         self._thread = threading.Thread(target=self._loop, name=f"health-monitor-{self.node}", daemon=True)
         self._thread.start()
         return self

@@ -79,7 +79,8 @@ def check_memory(cfg: HealthConfig) -> CheckResult:
 def judge_memory(available_bytes: int, cfg: HealthConfig) -> CheckResult:
     name, gib = "node.memory", available_bytes / GIB
     if available_bytes < cfg.mem_min_available_gib * GIB:
-        return fatal(name, f"{gib:.2f} GiB available, need {cfg.mem_min_available_gib} GiB", available_gib=round(gib, 3))
+        return fatal(name, f"{gib:.2f} GiB available, need {cfg.mem_min_available_gib} GiB",
+                     available_gib=round(gib, 3))
     return ok(name, f"{gib:.1f} GiB available", available_gib=round(gib, 3))
 
 

@@ -30,7 +30,7 @@ class StragglerTracker:
         self._closed: dict[int, float] = {}
 
     @classmethod
-    def from_config(cls, cfg: HealthConfig, nodes: dict[int, str] | None = None) -> "StragglerTracker":
+    def from_config(cls, cfg: HealthConfig, nodes: dict[int, str] | None = None) -> StragglerTracker:
         return cls(window=cfg.straggler_window, threshold=cfg.straggler_threshold,
                    windows=cfg.straggler_windows, nodes=nodes)
 

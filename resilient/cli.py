@@ -30,10 +30,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "Write one self-contained HTML report: loss, throughput/MFU, step time per rank, timeline, goodput."),
     "launch": ("resilient.slurm.commands", "Validate the config, render the sbatch script into RUN_DIR and submit it."),
     "slurm": ("resilient.slurm.commands", "Slurm helpers used by the batch script."),
-    "ckpt": ("trainer.checkpoint.commands", "Inspect, check and repair checkpoints (DIR: RUN_DIR, RUN_DIR/checkpoints or a "
-                                          "Megatron-LM save directory)."),
+    "ckpt": ("trainer.checkpoint.commands",
+             "Inspect, check and repair checkpoints (DIR: RUN_DIR, RUN_DIR/checkpoints or a "
+             "Megatron-LM save directory)."),
     "data": ("trainer.data.commands", "Prepare (pre-tokenize) and inspect C4-format training data."),
-    "health": ("resilient.health_commands", "Node health: GPUs (NVML), checkpoint disk, memory, /dev/shm, collectives."),
+    "health": ("resilient.health_commands",
+               "Node health: GPUs (NVML), checkpoint disk, memory, /dev/shm, collectives."),
     "plan": ("resilient.metrics.commands",
              "Parameters, memory per GPU, checkpoint cost, Young/Daly checkpoint intervals, spare nodes and "
              "predicted goodput."),

@@ -51,7 +51,7 @@ class RunConfig(TrainerConfig):
         return self.checkpoint.root(self.run_dir)
 
     @model_validator(mode="after")
-    def _layout(self) -> "RunConfig":
+    def _layout(self) -> RunConfig:
         if self.supervisor.runs_own_trainer:  # another script's model and layout are its own business
             self.check_layout(self.world_size)
         return self

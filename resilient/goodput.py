@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 BADPUT_CATEGORIES = ("startup", "checkpoint_save", "checkpoint_restore", "lost_progress", "waiting", "other")
 
@@ -75,7 +76,7 @@ def _allocation_index(ledger: list[Record]) -> list[int]:
 def _slowest_per_attempt(ledger: list[Record], allocs: list[int], event: str, value_key: str) -> float:
     """Sum over (allocation, attempt) of the largest `value_key` among `event` records (ranks run in parallel)."""
     worst: dict[tuple[int, Any], float] = defaultdict(float)
-    for rec, alloc in zip(ledger, allocs):
+    for rec, alloc in zip(ledger, allocs, strict=True):
         if rec.get("event") == event:
             slot = (alloc, rec.get("attempt"))
             worst[slot] = max(worst[slot], _num(rec.get(value_key)))
@@ -85,7 +86,7 @@ def _slowest_per_attempt(ledger: list[Record], allocs: list[int], event: str, va
 def _queue_seconds(ledger: list[Record], allocs: list[int], train_ts: list[float]) -> float:
     """Gaps between each requeued allocation's first `run_start` and the last record before it."""
     firsts = {}
-    for rec, alloc in zip(ledger, allocs):
+    for rec, alloc in zip(ledger, allocs, strict=True):
         if rec.get("event") == "run_start" and alloc not in firsts:
             firsts[alloc] = _num(rec.get("ts"))
     all_ts = sorted([_num(r.get("ts")) for r in ledger] + train_ts)

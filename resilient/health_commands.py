@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -21,10 +20,12 @@ def register(app: typer.Typer) -> None:
     def check(
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
         collective: bool = typer.Option(False, "--collective", help="Also run the local all-reduce probe."),
-        config: Optional[Path] = typer.Option(None, "--config", help="Run config YAML (default: built-in defaults)."),
-        overrides: Optional[list[str]] = typer.Option(None, "--set", help="Config override key.sub=value (repeatable)."),
-        run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory whose checkpoint directory is checked."),
-        nproc: Optional[int] = typer.Option(None, "--nproc", min=2, help="Probe ranks (default: supervisor.nproc_per_node)."),
+        config: Path | None = typer.Option(None, "--config", help="Run config YAML (default: built-in defaults)."),
+        overrides: list[str] | None = typer.Option(None, "--set", help="Config override key.sub=value (repeatable)."),
+        run_dir: Path | None = typer.Option(None, "--run-dir",
+                                            help="Run directory whose checkpoint directory is checked."),
+        nproc: int | None = typer.Option(None, "--nproc", min=2,
+                                         help="Probe ranks (default: supervisor.nproc_per_node)."),
     ) -> None:
         """Run every health check that applies here; a fatal result exits with UNHEALTHY_NODE (76). With
         metrics.textfile_dir set, the verdict replaces the node's last one there (e.g. after a repair)."""

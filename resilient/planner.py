@@ -59,7 +59,7 @@ class StateBytes:
     moments: float = 8.0
 
     @classmethod
-    def fp32(cls) -> "StateBytes":
+    def fp32(cls) -> StateBytes:
         """fp32 parameters (the CPU trainer): the optimizer updates them in place, no master copy."""
         return cls(weights=4.0, grads=4.0, master=0.0, moments=8.0)
 

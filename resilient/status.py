@@ -25,6 +25,7 @@ from resilient.core.rundir import RunDir
 from resilient.goodput import GoodputReport, compute_goodput
 from resilient.goodput import render as render_goodput
 
+
 def write_status(run_dir: str | Path, status: dict[str, Any]) -> None:
     """Replace RUN_DIR/status.json atomically (temp file + rename), owner-only. A full filesystem is
     reported once and survived; the next status that gets written names the files that could not be."""
@@ -102,18 +103,19 @@ def _renderable(status: dict[str, Any], now: float, run_dir: str | Path, inciden
         parts.append(_line(f"storage: {err.get('lost_writes')} write(s) of {path} lost ({err.get('error')})"))
     spares = {n: _mapping(s) for n, s in _mapping(status.get("spares")).items() if s}
     if spares:  # warm standby ranks per node and what they cost
-        parts.append(_line("warm spares: " + ", ".join(f"{n} {s.get('count')} ({(s.get('rss_bytes') or 0) / 2**30:.2f} GiB)"
-                                                     for n, s in spares.items())))
+        parts.append(_line("warm spares: " + ", ".join(
+            f"{n} {s.get('count')} ({(s.get('rss_bytes') or 0) / 2**30:.2f} GiB)" for n, s in spares.items())))
     roster = _mapping(status.get("roster"))
     if roster and (roster.get("spares") or roster.get("out") or roster.get("epoch")):  # spare nodes in use
         spare = ", ".join(map(str, roster.get("spares") or [])) or "none left"
-        parts.append(_line(f"nodes: {' '.join(map(str, roster.get('nodes') or []))} (coordinator {roster.get('coordinator')}, "
+        nodes = " ".join(map(str, roster.get("nodes") or []))
+        parts.append(_line(f"nodes: {nodes} (coordinator {roster.get('coordinator')}, "
                            f"epoch {roster.get('epoch')}); spare nodes: {spare}"))
     for host, bad in _mapping(status.get("bad_nodes")).items():  # the run's bad-node ledger
         bad = _mapping(bad)
         by = f", replaced by {bad['replaced_by']}" if bad.get("replaced_by") else ""
-        parts.append(_line(f"bad node {host}: {bad.get('kind')} x{bad.get('count')} (last {_age(bad.get('last_ts'), now)} "
-                           f"ago{by}): {bad.get('reason')}"))
+        parts.append(_line(f"bad node {host}: {bad.get('kind')} x{bad.get('count')} "
+                           f"(last {_age(bad.get('last_ts'), now)} ago{by}): {bad.get('reason')}"))
     table = Table("rank", "node", "pid", "phase", "step", "heartbeat age")
     for r in status.get("ranks") or []:
         r = _mapping(r)
@@ -166,7 +168,8 @@ class StatusView:
         ended = self.data.get("state") in ENDED_STATES  # an ended run stops accruing wall time at its last update
         self.goodput = run_goodput(run_dir, now=self.data.get("written_at") if ended else None, records=records)
         self.incident = last_incident(records)
-        job_id = next((str(r.get("job_id")) for r in reversed(records) if r.get("event") == LedgerEvent.SUBMITTED), None)
+        job_id = next((str(r.get("job_id")) for r in reversed(records) if r.get("event") == LedgerEvent.SUBMITTED),
+                      None)
         self.slurm = {"job_id": job_id, "state": job_state(job_id)} if job_id else None
 
     def as_json(self) -> str:

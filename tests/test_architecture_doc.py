@@ -7,7 +7,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "architecture.md"
-_PATH = re.compile(r"`((?:resilient|trainer|health|bench|grafana|docs|tests|deploy|examples|scripts)/[^`\s]*|pyproject\.toml)`")
+_PATH = re.compile(
+    r"`((?:resilient|trainer|health|bench|grafana|docs|tests|deploy|examples|scripts)/[^`\s]*|pyproject\.toml)`")
 
 
 def test_every_path_in_the_map_exists():

@@ -8,7 +8,7 @@ through a function here, so the rest of the trainer is written against one API.
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
+from functools import cache
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ RELEASE = Version(version("megatron-core"))
 """The installed megatron-core release (where a difference is a format, not a signature)."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def _has_param(func: Any, name: str) -> bool:
     return name in inspect.signature(func).parameters
 

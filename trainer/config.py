@@ -30,7 +30,7 @@ class ModelConfig(Section):
     """Architecture fields replacing the preset's (e.g. num_layers: 4)."""
 
     @model_validator(mode="after")
-    def _known_preset(self) -> "ModelConfig":
+    def _known_preset(self) -> ModelConfig:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})")
         self.architecture()  # validates the overrides' keys and types

@@ -29,7 +29,7 @@ import torch
 from megatron.core.tensor_parallel import random as mcore_random
 from torch.overrides import TorchFunctionMode
 
-_mode: "CudaToCpu | None" = None
+_mode: CudaToCpu | None = None
 
 
 class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
@@ -104,7 +104,7 @@ class _NoStream:
     def wait(self, *args, **kwargs) -> None:
         pass
 
-    def record_event(self, *args) -> "_NoStream":
+    def record_event(self, *args) -> _NoStream:
         return _NoStream()
 
     def record(self, *args) -> None:

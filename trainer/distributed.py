@@ -43,9 +43,10 @@ def init_distributed(env: RankEnv, layout: Layout, *, timeout_s: float) -> torch
 
 def _rendezvous_store(addr: str, port: int, rank: int, world_size: int, timeout_s: float) -> dist.Store:
     """An unsupervised rank's process-group store (a supervised rank's: resilient.rank.rendezvous), hosted by
-    rank 0 on MASTER_ADDR only: torch's own would listen on every interface. Rank 0 binds the socket itself and hands it to the (libuv) store server. Under torchrun (or
-    ft_launcher) the agent already serves a store on MASTER_PORT for the life of the job: every rank joins
-    it as a client, under a prefix per restart so a restarted group never meets the last one's keys."""
+    rank 0 on MASTER_ADDR only: torch's own would listen on every interface. Rank 0 binds the socket itself
+    and hands it to the (libuv) store server. Under torchrun (or ft_launcher) the agent already serves a store
+    on MASTER_PORT for the life of the job: every rank joins it as a client, under a prefix per restart so a
+    restarted group never meets the last one's keys."""
     timeout = timedelta(seconds=timeout_s)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         agent = dist.TCPStore(addr, port, world_size=world_size, is_master=False, timeout=timeout)

@@ -66,7 +66,10 @@ class FaultInjection:
         self._mtime = mtime
         try:
             doc = json.loads(self.path.read_text())
-            mine = lambda e: e.get("attempt", self.attempt) == self.attempt
+
+            def mine(e: dict) -> bool:
+                return e.get("attempt", self.attempt) == self.attempt
+
             self._nan_steps = {int(e["step"]) for e in doc.get("nan_loss", []) if mine(e)}
             flips = [BitFlip(int(e["step"]), e.get("target", "weights"), e.get("bit"), e.get("parameter"),
                              e.get("index")) for e in doc.get("bitflip", []) if mine(e) and e.get("rank") == self.rank]

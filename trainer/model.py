@@ -43,7 +43,8 @@ class Layout:
     grad_reduce_in_fp32: bool = True
 
 
-def transformer_config(arch: Architecture, layout: Layout, *, on_gpu: bool, initialize: bool = True) -> TransformerConfig:
+def transformer_config(arch: Architecture, layout: Layout, *, on_gpu: bool,
+                       initialize: bool = True) -> TransformerConfig:
     """Llama: RMSNorm, SwiGLU, no biases, no dropout, RoPE; bf16 or fp32 parameters."""
     dtype = torch.bfloat16 if layout.bf16 else torch.float32
     layers = stage_layers(arch.num_layers, layout.pp)

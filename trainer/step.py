@@ -8,8 +8,8 @@ The loss returned is the data-parallel mean, known on every rank.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import time
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch

@@ -18,8 +18,8 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -101,7 +101,8 @@ def block(trainer: Trainer, interval: int, save: Callable[[], None] | None) -> d
     tail = time.perf_counter() - t0
     loop1, cpu1, kids1, faults1 = usage()
     return {"wall": time.perf_counter() - started, "blocking": blocking, "steps": steps, "finish_wait": tail,
-            "loop_cpu": loop1 - loop0, "cpu": cpu1 - cpu0, "children_cpu": kids1 - kids0, "minor_faults": faults1 - faults0}
+            "loop_cpu": loop1 - loop0, "cpu": cpu1 - cpu0, "children_cpu": kids1 - kids0,
+            "minor_faults": faults1 - faults0}
 
 
 def floors(tensors: list[torch.Tensor]) -> dict[str, float]:
@@ -109,14 +110,15 @@ def floors(tensors: list[torch.Tensor]) -> dict[str, float]:
     copies = [t.clone() for t in tensors]
     fresh = time.perf_counter() - started
     started = time.perf_counter()
-    for c, t in zip(copies, tensors):
+    for c, t in zip(copies, tensors, strict=True):
         c.copy_(t)
     return {"memcpy_fresh": fresh, "memcpy_reused": time.perf_counter() - started}
 
 
 def main() -> None:
     run_dir, interval, repeats, modes = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
-    overrides = ["checkpoint.memory_interval_steps=1000000"] if "memory" in modes else []  # the tier exists; the bench triggers it
+    # the tier exists; the bench triggers it
+    overrides = ["checkpoint.memory_interval_steps=1000000"] if "memory" in modes else []
     cfg = load_config(Path(__file__).parent / "stall.yaml", overrides)
     trainer = Trainer(cfg, RankEnv.from_environ(), run_dir)
     trainer._build()
@@ -130,7 +132,7 @@ def main() -> None:
     saves = {m: (MODES[m](trainer) if MODES[m] else None) for m in modes}
     for m in modes:  # the first saves of each mode, reported apart (the first): the rest is the steady state
         if saves[m] is not None:
-            for i in range(warm_saves(trainer, m)):
+            for _ in range(warm_saves(trainer, m)):
                 first = block(trainer, 1, saves[m])
                 result.setdefault(f"first_{m}", first)
     for r in range(repeats):

@@ -1,6 +1,7 @@
 """bench/checkpoint_stall: what does a checkpoint cost the training loop, in all?
 
-    python bench/checkpoint_stall/run.py [--repeats 2] [--interval 10] [--modes none,async,sync] [--ranks 2] [--run-dir DIR]
+    python bench/checkpoint_stall/run.py [--repeats 2] [--interval 10] [--modes none,async,sync] [--ranks 2] \
+        [--run-dir DIR]
 
 Two CPU ranks (gloo) each hold ~0.9 GB of model + optimizer state (stall.yaml). In one run the modes
 take turns, a block of `--interval` steps each (see rank.py): per mode, the extra wall time a save

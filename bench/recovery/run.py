@@ -36,10 +36,10 @@ import psutil
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from resilient.config import dump_config, load_config
-from resilient.core import ledger
-from resilient.supervisor.progress import newest_complete_step
-from resilient.supervisor.spares import is_parked
+from resilient.config import dump_config, load_config  # noqa: E402 (after the sys.path insert above)
+from resilient.core import ledger  # noqa: E402
+from resilient.supervisor.progress import newest_complete_step  # noqa: E402
+from resilient.supervisor.spares import is_parked  # noqa: E402
 
 LAUNCHERS = ("resilient", "ft_launcher", "torchrun")
 
@@ -169,8 +169,8 @@ def trial(launcher: str, config: Path, sets: list[str], work: Path, number: int,
             out["spares_wait_s"] = -time.time()
             _wait(lambda: _warm_lines(run_dir) >= 2 * nproc, min(timeout, 90))
             out["spares_wait_s"] += time.time()
-        victim = _wait(lambda: (_status_rank1(run_dir) if launcher == "resilient" else _rank1(psutil.Process(proc.pid))),
-                       10)
+        victim = _wait(lambda: (_status_rank1(run_dir) if launcher == "resilient"
+                                else _rank1(psutil.Process(proc.pid))), 10)
         if victim is None:
             return {**out, "error": "rank 1 not found"}
         killed_after = max(r["step"] for r in _train_steps(run_dir))
@@ -288,14 +288,17 @@ def main() -> None:
     out = args.out / f"recovery-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(result, indent=1))
     s = result["summary"]
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}s"
+
     for name in launchers:
         r = s[name]
-        fmt = lambda v: "-" if v is None else f"{v:.2f}s"
         print(f"{name:<12} cold start p50 {fmt(r['cold_start_p50_s'])}  SIGKILL -> next step p50 "
               f"{fmt(r['recovery_p50_s'])} p95 {fmt(r['recovery_p95_s'])}  ({r['trials']} trials, "
               f"{len(r['failed'])} failed)")
     if "phases_p50_s" in s.get("resilient", {}):
-        print("resilient phases (p50): " + ", ".join(f"{k} {v:.3f}s" for k, v in s["resilient"]["phases_p50_s"].items()))
+        phases = s["resilient"]["phases_p50_s"]
+        print("resilient phases (p50): " + ", ".join(f"{k} {v:.3f}s" for k, v in phases.items()))
     for k, v in s.get("ratios", {}).items():
         print(f"{k}: {v:.2f}")
     print(f"written {out}")

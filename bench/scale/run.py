@@ -86,7 +86,7 @@ def goal_lines(rows: list[dict]) -> list[str]:
 
 def power_fit(ns: list[int], ys: list[float]) -> tuple[float, float]:
     """Least-squares fit of log y = log a + b log N: (a, b)."""
-    pts = [(math.log(n), math.log(y)) for n, y in zip(ns, ys) if y > 0]
+    pts = [(math.log(n), math.log(y)) for n, y in zip(ns, ys, strict=True) if y > 0]
     if len(pts) < 2:
         return float("nan"), float("nan")
     mx = sum(x for x, _ in pts) / len(pts)
@@ -123,7 +123,7 @@ def main() -> None:
     print("\n".join(goal_lines(rows)))
     if args.out:
         ns = [r["nodes"] for r in rows]
-        fits = {k: dict(zip(("a", "b"), power_fit(ns, [r[k] for r in rows]))) for k, _, _ in COLUMNS}
+        fits = {k: dict(zip(("a", "b"), power_fit(ns, [r[k] for r in rows]), strict=True)) for k, _, _ in COLUMNS}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"rows": rows, "fits": fits}, indent=1))
 

@@ -58,7 +58,7 @@ class Marks:
     exits: dict[int, Outcome | str] = field(default_factory=dict)
     """slot -> how its supervisor ended (the outcome, or the exception)."""
 
-    def update(self, other: "Marks") -> None:
+    def update(self, other: Marks) -> None:
         for name in ("stopped", "past_barrier", "decided", "elected", "exits"):
             getattr(self, name).update(getattr(other, name))
 
@@ -143,7 +143,7 @@ class SimNode(threading.Thread):
                 self._set_state(decision.outcome)
                 if self.coord.hosting:
                     live = [s for s in self.roster.members if s not in self._lost]
-                    self._wait(lambda: self.coord.all_acked(self.attempt, live))
+                    self._wait(lambda live=live: self.coord.all_acked(self.attempt, live))
                 return decision.outcome
             self.restarts += 1
             self._set_state(State.BACKOFF)
@@ -313,7 +313,8 @@ class SimNode(threading.Thread):
         self.coord, won, takeover = failover.elect(self.topo, self.cfg, self.sealer, _forged, me, lost,
                                                    clock=self.clock)
         self.roster = self.plan = takeover.roster
-        self.attempt, self.restarts, self.no_progress_streak = takeover.attempt, takeover.restarts, takeover.no_progress_streak
+        self.attempt, self.restarts = takeover.attempt, takeover.restarts
+        self.no_progress_streak = takeover.no_progress_streak
         self._start_liveness(failover.election_timeout_s(self.cfg))
         if won:
             self.marks.elected[self.roster.epoch] = self.clock()

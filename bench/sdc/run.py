@@ -66,7 +66,8 @@ def overhead(base: Path, args: argparse.Namespace) -> dict:
             recs = records(run_dir)[WARMUP:]
             loop_s = (recs[-1]["ts"] - recs[0]["ts"]) / (len(recs) - 1)
             per_step[every].append(loop_s)
-            check_share[every].append(sum(r.get("replica_check_s", 0.0) for r in recs[1:]) / (recs[-1]["ts"] - recs[0]["ts"]))
+            check_s = sum(r.get("replica_check_s", 0.0) for r in recs[1:])
+            check_share[every].append(check_s / (recs[-1]["ts"] - recs[0]["ts"]))
             print(f"round {rnd} every {every or 'off'}: {loop_s * 1e3:.2f} ms/step, checks "
                   f"{100 * check_share[every][-1]:.3f}% of the loop (load {load_average():.1f})", flush=True)
     off = statistics.median(per_step[0])
@@ -86,9 +87,10 @@ def detection(base: Path, args: argparse.Namespace) -> dict:
         (run_dir / "faults.json").write_text(json.dumps({"bitflip": [{"step": flip, "rank": 1, "attempt": 0}]}))
         train(run_dir, [*common, "train.global_batch=6"], world=3)
         [found] = [e for e in ledger.read(run_dir) if e["event"] == "sdc_confirmed"]
-        out["dp3_majority"].append({"flip_step": flip, "found_at_step": found["step"], "latency_steps": found["step"] - flip,
-                                    "ranks": found["ranks"]})
-        print(f"DP3 flip at step {flip}: found at step {found['step']} ({found['how']}), ranks {found['ranks']}", flush=True)
+        out["dp3_majority"].append({"flip_step": flip, "found_at_step": found["step"],
+                                    "latency_steps": found["step"] - flip, "ranks": found["ranks"]})
+        print(f"DP3 flip at step {flip}: found at step {found['step']} ({found['how']}), ranks {found['ranks']}",
+              flush=True)
     flip = args.flips[0]
     run_dir = base / f"flip-dp2-{flip}"
     run_dir.mkdir(parents=True)

@@ -29,7 +29,8 @@ def loss_func(loss_mask, output_tensor):
 
 def forward_step(data_iterator, model):
     batch = next(data_iterator)
-    tokens, labels, loss_mask, position_ids = (batch[k].cuda() for k in ("tokens", "labels", "loss_mask", "position_ids"))
+    tokens, labels, loss_mask, position_ids = (
+        batch[k].cuda() for k in ("tokens", "labels", "loss_mask", "position_ids"))
     return model(tokens, position_ids, None, labels=labels), partial(loss_func, loss_mask)
 
 

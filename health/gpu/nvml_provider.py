@@ -7,7 +7,8 @@ waiting at most `event_timeout_ms` for the first event so a periodic monitor nev
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from health.gpu.state import DeviceState, GpuSample, ThrottleReason
 
@@ -47,7 +48,8 @@ class NvmlProvider:
             return
         for i in range(nv.nvmlDeviceGetCount()):
             try:
-                nv.nvmlDeviceRegisterEvents(nv.nvmlDeviceGetHandleByIndex(i), nv.nvmlEventTypeXidCriticalError, self._events)
+                nv.nvmlDeviceRegisterEvents(nv.nvmlDeviceGetHandleByIndex(i), nv.nvmlEventTypeXidCriticalError,
+                                            self._events)
             except nv.NVMLError:
                 continue  # not supported or lost: the per-device queries report it
 

@@ -7,7 +7,7 @@ unreadable one (no NVML) as a single skipped result, or as fatal when a GPU coun
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from health.config import HealthConfig
 from health.gpu.state import DeviceState, GpuSample
@@ -144,7 +144,8 @@ pcie_replay = _growth_rule("gpu.pcie_replay", "pcie_replay", "PCIe replay counte
 nvlink_errors = _growth_rule("gpu.nvlink", "nvlink_errors", "NVLink error counters",
                              "nvlink_error_growth_warn", "nvlink_error_growth_fatal")
 
-RULES: tuple[Rule, ...] = (device_count, gpu_lost, xid, ecc, row_remap, throttle, temperature, pcie_replay, nvlink_errors)
+RULES: tuple[Rule, ...] = (device_count, gpu_lost, xid, ecc, row_remap, throttle, temperature, pcie_replay,
+                          nvlink_errors)
 
 
 def evaluate(prev: GpuSample | None, cur: GpuSample, cfg: HealthConfig) -> list[CheckResult]:

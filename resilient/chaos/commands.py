@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -24,14 +23,15 @@ def register(app: typer.Typer) -> None:
               schedule: str = typer.Option("none", help="none | mtbf:SECONDS | steps:S1,S2,... | times:T1,T2,..."),
               faults: str = typer.Option("kill_rank", help=f"Comma-separated fault kinds: {', '.join(FAULTS)}."),
               seed: int = typer.Option(0, help="Seed of the schedule and of the victim choice."),
-              reference_digest: Optional[str] = typer.Option(
+              reference_digest: str | None = typer.Option(
                   None, help="Digest of a fault-free run of the same config (`resilient ckpt digest`) to compare."),
               timeout: float = typer.Option(900.0, help="Stop the drill after this many seconds."),
-              detect_timeout: float = typer.Option(120.0, help="Seconds a fault may go unseen before it counts as missed."),
+              detect_timeout: float = typer.Option(
+                  120.0, help="Seconds a fault may go unseen before it counts as missed."),
               bitflip_target: str = typer.Option("weights", help="What `bitflip` flips: weights, gradients or "
                                                                   "activation."),
-              bitflip_bit: Optional[int] = typer.Option(None, help="The bit `bitflip` flips (default: the highest "
-                                                                   "mantissa bit; an activation's highest exponent bit)."),
+              bitflip_bit: int | None = typer.Option(None, help="The bit `bitflip` flips (default: the highest "
+                                                              "mantissa bit; an activation's highest exponent bit)."),
               set_: list[str] = typer.Option([], "--set", help="Override a config key (repeatable).")) -> None:
         """Run CONFIG under a seeded fault schedule, relaunching after preemption, supervisor death and
         unhealthy-node exits like a requeue; print a JSON report; exit 1 when a check failed."""

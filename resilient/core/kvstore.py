@@ -8,9 +8,10 @@ other node. Here:
 
 - The server (a thread of the process that hosts it) listens on one named address only.
   A connection must prove the key (HMAC challenge both ways; keys are derived from the run's secret for one
-  purpose, resilient.core.secret) within `AUTH_WINDOW_S`, or it is closed; after that every frame carries a MAC under a per-connection
-  key with a sequence number (no injection, no replay). A client without the secret can open a
-  bounded number of connections and send bytes that are dropped: it can read, write or delete nothing.
+  purpose, resilient.core.secret) within `AUTH_WINDOW_S`, or it is closed; after that every frame carries a
+  MAC under a per-connection key with a sequence number (no injection, no replay). A client without the
+  secret can open a bounded number of connections and send bytes that are dropped: it can read, write or
+  delete nothing.
 - Keys and bytes are bounded (`StoreLimits`); a write past a bound is refused with a reason that
   the writer logs (only key holders write, so hitting it is a bug, not an attack).
 - Every client call has a deadline (`op_timeout_s`): a server that does not answer in time is
@@ -30,7 +31,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
 
 _BACKLOG = 4096  # every supervisor of a 1024-node job connects at once
 _MAGIC = b"RSTORE1\n"

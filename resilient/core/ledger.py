@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from resilient.core import guarded
 from resilient.core.events import LedgerEvent
@@ -22,7 +23,7 @@ def append(run_dir: str | Path, event: LedgerEvent, **fields: Any) -> dict[str, 
     """Append one event to RUN_DIR/ledger.jsonl and return the record; a full or failing filesystem
     is reported once (core.guarded), never raised: the ledger records the run, it must not end it."""
     record = {"ts": time.time(), "event": str(event), **fields}
-    path = RunDir(run_dir).ledger
+    path = RunDir(Path(run_dir)).ledger
 
     def _append() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,7 +46,7 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
 
 def read(run_dir: str | Path) -> Iterator[dict[str, Any]]:
     """Yield the ledger's records in order."""
-    return read_jsonl(RunDir(run_dir).ledger)
+    return read_jsonl(RunDir(Path(run_dir)).ledger)
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -32,16 +31,16 @@ def _config_for_gpus(path: Path, gpus: int | None, overrides: list[str]) -> RunC
 
 def plan(
     config: Path = typer.Argument(..., help="Run config YAML."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs in the job (default: nodes x nproc_per_node)."),
-    mtbf_hours: Optional[float] = typer.Option(
+    gpus: int | None = typer.Option(None, "--gpus", help="GPUs in the job (default: nodes x nproc_per_node)."),
+    mtbf_hours: float | None = typer.Option(
         None, "--mtbf-hours", min=0.001, help="Job MTBF in hours (default: Llama 3's per-GPU failure rate)."),
     ckpt_write_gbps: float = typer.Option(Assumptions.ckpt_write_gbps, "--ckpt-write-gbps", min=0.001,
                                           help="Aggregate checkpoint write bandwidth, GB/s."),
     restart_overhead_s: float = typer.Option(Assumptions.restart_overhead_s, "--restart-overhead-s", min=0.0,
-                                             help="Rank start after a restart's barrier, seconds (the "
-                                                  "supervisors' coordination is measured, the checkpoint read computed)."),
+                                             help="Rank start after a restart's barrier, seconds (the supervisors' "
+                                                  "coordination is measured, the checkpoint read computed)."),
     mfu: float = typer.Option(Assumptions.mfu, "--mfu", min=0.001, max=1.0, help="Expected model FLOPs utilisation."),
-    spare_nodes: Optional[int] = typer.Option(None, "--spare-nodes", min=0,
+    spare_nodes: int | None = typer.Option(None, "--spare-nodes", min=0,
                                               help="Spare nodes (default: the config's slurm.spare_nodes)."),
     requeue_s: float = typer.Option(Assumptions.requeue_s, "--requeue-s", min=0.0,
                                     help="What a Slurm requeue costs, seconds (scheduler wait and start)."),

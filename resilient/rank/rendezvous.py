@@ -16,8 +16,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from resilient.core import kvstore
-from resilient.core.secret import derive
-from resilient.core.secret import read
+from resilient.core.secret import derive, read
 from resilient.rank.env import RankEnv
 
 _WAIT_POLL_S = 0.005
@@ -82,7 +81,7 @@ class KVStore(dist.Store):
 
     num_keys = getNumKeys
 
-    def clone(self) -> "KVStore":
+    def clone(self) -> KVStore:
         """A store on a connection of its own (torch uses one per process group)."""
         c = self._client
         return KVStore(kvstore.StoreClient(c.addr, c.port, self._key, connect_timeout_s=self._timeout.total_seconds(),

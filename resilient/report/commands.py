@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -11,7 +10,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("report")
     def report(run_dir: Path = typer.Argument(..., help="Run directory."),
-               out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default: RUN_DIR/report.html).")
+               out: Path | None = typer.Option(None, "--out", help="HTML file (default: RUN_DIR/report.html).")
                ) -> None:
         """Write one self-contained HTML report: loss, throughput/MFU, step time per rank, timeline, goodput."""
         from resilient.core.atomic import atomic_write

@@ -11,12 +11,14 @@ from typing import Any
 
 from resilient.core.events import LedgerEvent
 from resilient.core.outcome import ENDED_STATES
-from resilient.goodput import compute_goodput, render as render_goodput
+from resilient.goodput import compute_goodput
+from resilient.goodput import render as render_goodput
 from resilient.report import plots
 from resilient.report.data import RunData, events, start_time
 
 # The events table: everything but the per-checkpoint and per-rank records the figures already show.
-_EVENTS = tuple(e for e in LedgerEvent if e not in (LedgerEvent.CKPT_SAVE, LedgerEvent.CKPT_LOAD, LedgerEvent.RANK_INIT))
+_EVENTS = tuple(e for e in LedgerEvent
+                if e not in (LedgerEvent.CKPT_SAVE, LedgerEvent.CKPT_LOAD, LedgerEvent.RANK_INIT))
 _CSS = """body{font-family:sans-serif;margin:24px;color:#222;background:#fff}h1{font-size:22px}
 h2{font-size:17px;border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:28px}img{max-width:100%}
 table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ddd;padding:3px 6px;text-align:left}
@@ -30,7 +32,7 @@ def _e(value: Any) -> str:
 
 def _when(ts: Any) -> str:
     try:
-        return dt.datetime.fromtimestamp(float(ts), dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        return dt.datetime.fromtimestamp(float(ts), dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
     except (TypeError, ValueError, OverflowError, OSError):
         return _e(ts)
 

@@ -14,10 +14,10 @@ matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402
 
 from resilient.goodput import BADPUT_CATEGORIES, GoodputReport  # noqa: E402
-from resilient.report.data import (RunData, Span, attempt_spans, by_attempt, per_rank_step_times,  # noqa: E402
-                                  timeline_marks)
+from resilient.report.data import RunData, Span, attempt_spans, by_attempt, per_rank_step_times, timeline_marks  # noqa: E402
 
-_BADPUT_COLOURS = dict(zip(BADPUT_CATEGORIES, ("#8c564b", "#ff7f0e", "#9467bd", "#d62728", "#7f7f7f", "#bcbd22")))
+_BADPUT_COLOURS = dict(zip(BADPUT_CATEGORIES, ("#8c564b", "#ff7f0e", "#9467bd", "#d62728", "#7f7f7f", "#bcbd22"),
+                           strict=True))
 _OUTCOME_COLOURS = {"failure": "#d62728", "restart": "#d62728", "finished": "#2ca02c", "preempted": "#ff7f0e",
                     "gave_up": "#7f0000", "running": "#1f77b4"}
 
@@ -78,7 +78,7 @@ def rank_step_times(data: RunData, t0: float) -> str | None:
         col = {x: i for i, x in enumerate(xs)}
         grid = [[float("nan")] * len(xs) for _ in per_rank]
         for row, (_, (rxs, rys)) in enumerate(per_rank.items()):
-            for x, y in zip(rxs, rys):
+            for x, y in zip(rxs, rys, strict=True):
                 grid[row][col[x]] = y
         im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
         fig.colorbar(im, ax=ax, label="step time (s)")
@@ -100,7 +100,7 @@ def timeline(data: RunData, t0: float, end: float) -> str | None:
     styles = (("|", "#2ca02c"), ("x", "#d62728"), ("D", "#7f0000"), ("v", "#ff7f0e"))
     marks = timeline_marks(data.ledger)
     ys = [2.2 - 0.55 * i for i in range(len(marks))]
-    for (label, times), (marker, colour), y in zip(marks.items(), styles, ys, strict=True):
+    for times, (marker, colour), y in zip(marks.values(), styles, ys, strict=True):
         xs = [h(ts) for ts in times]
         ax.plot(xs, [y] * len(xs), marker, color=colour, ms=9 if marker != "D" else 6, mew=2, ls="none")
     ax.set_yticks([3.0, *ys], ["attempts", *marks])
@@ -113,7 +113,8 @@ def goodput_waterfall(report: GoodputReport) -> str | None:
     """Wall time, each badput category taken off it, productive time left."""
     if report.wall_seconds <= 0:
         return None
-    unit, scale = ("h", 3600) if report.wall_seconds >= 7200 else ("min", 60) if report.wall_seconds >= 120 else ("s", 1)
+    wall = report.wall_seconds
+    unit, scale = ("h", 3600) if wall >= 7200 else ("min", 60) if wall >= 120 else ("s", 1)
     fig, ax = plt.subplots(figsize=(11, 3.6))
     top = report.wall_seconds
     ax.bar(0, top / scale, color="#1f77b4")

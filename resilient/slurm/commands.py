@@ -6,7 +6,6 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -15,7 +14,7 @@ from resilient.config import load_config
 
 def launch(
     config: Path = typer.Argument(..., help="Run config (YAML)."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default: the config's run_dir)."),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory (default: the config's run_dir)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config key: --set train.steps=50."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the batch script; submit nothing."),
 ) -> None:
@@ -37,7 +36,8 @@ def launch(
 def on_exit(
     run_dir: Path = typer.Argument(..., help="Run directory."),
     exit_code: int = typer.Argument(..., help="Exit code of the supervisors' srun step."),
-    since: float = typer.Option(0.0, "--since", help="Unix time the allocation started (ledger records before it are ignored)."),
+    since: float = typer.Option(0.0, "--since",
+                                help="Unix time the allocation started (ledger records before it are ignored)."),
 ) -> None:
     """Called by the batch script when its supervisors have exited: requeue (without bad nodes) or stop;
     exits with the run's code."""

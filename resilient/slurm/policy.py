@@ -171,7 +171,8 @@ def decide_requeue(end: JobEnd, cfg: SlurmConfig, *, exclude_stragglers: bool = 
             f"supervisors failed ({what}) after {end.crash_requeues} crash requeue(s) "
             f"(slurm.max_crash_requeues={cfg.max_crash_requeues}); not requeued"
         )
-    reason = f"supervisors failed ({what}): requeued, crash requeue {end.crash_requeues + 1} of {cfg.max_crash_requeues}"
+    reason = (f"supervisors failed ({what}): requeued, crash requeue {end.crash_requeues + 1} of "
+              f"{cfg.max_crash_requeues}")
     return _requeue(Cause.CRASH, reason, end, cfg, replaced, stragglers)
 
 
@@ -205,8 +206,8 @@ def job_end_from_ledger(records: Iterable[Mapping[str, Any]], *, exit_code: int,
         code: Any = None
         if event == "gave_up" and current:
             try:
-                code = int(r.get("exit_code"))
-            except (TypeError, ValueError):
+                code = int(r["exit_code"])
+            except (KeyError, TypeError, ValueError):
                 continue
             gave_up.append(GaveUp(code, r.get("node"), str(r.get("reason") or ""), int(r.get("epoch") or 0)))
         elif event in _OUTCOME_CODES and current:

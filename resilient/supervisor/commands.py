@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -22,7 +21,7 @@ _SET = typer.Option([], "--set", help="Override a config key: --set train.steps=
 SHARED_DIR_FLAG = "--set supervisor.allow_shared_dir=true"
 
 
-def _load(config: Path, run_dir: Optional[Path], overrides: list[str]) -> RunConfig:
+def _load(config: Path, run_dir: Path | None, overrides: list[str]) -> RunConfig:
     cfg = load_config(config, overrides)
     resolved = (run_dir or cfg.run_dir).expanduser().resolve()
     return load_config(config, [*overrides, f"run_dir={resolved}"])
@@ -76,25 +75,25 @@ def register(app: typer.Typer) -> None:
 
     @app.command("run")
     def run(config: Path = typer.Argument(..., help="Run config (YAML)."),
-            run_dir: Optional[Path] = _RUN_DIR, set_: list[str] = _SET) -> None:
+            run_dir: Path | None = _RUN_DIR, set_: list[str] = _SET) -> None:
         """Train on this machine: one supervisor (node 0 of 1) spawning supervisor.nproc_per_node ranks."""
         cfg = _load(config, run_dir, set_)
         _supervise(cfg, local(node_name(os.environ)))
 
     @app.command("supervise")
     def supervise(config: Path = typer.Argument(..., help="Run config (YAML)."),
-                  node_rank: Optional[int] = typer.Option(
+                  node_rank: int | None = typer.Option(
                       None, help="This supervisor's place in the allocation (default: SLURM_NODEID)."),
-                  nnodes: Optional[int] = typer.Option(
+                  nnodes: int | None = typer.Option(
                       None, help="Supervisors in the allocation, spare nodes included (default: SLURM_NNODES)."),
-                  master_addr: Optional[str] = typer.Option(
+                  master_addr: str | None = typer.Option(
                       None, help="Host of every supervisor when --hosts is not given (one machine)."),
-                  hosts: Optional[str] = typer.Option(
+                  hosts: str | None = typer.Option(
                       None, help="Host of each supervisor, comma-separated in node-rank order "
                                  "(default: SLURM_JOB_NODELIST)."),
-                  master_port: Optional[int] = typer.Option(
+                  master_port: int | None = typer.Option(
                       None, help="Coordination store port (default: supervisor.store_port)."),
-                  run_dir: Optional[Path] = _RUN_DIR, set_: list[str] = _SET) -> None:
+                  run_dir: Path | None = _RUN_DIR, set_: list[str] = _SET) -> None:
         """Supervise this node's ranks as one node of a multi-node job (one per node, e.g. under srun)."""
         cfg = _load(config, run_dir, set_)
         topo = resolve_topology(os.environ, node_rank=node_rank, nnodes=nnodes, master_addr=master_addr,

@@ -1,6 +1,7 @@
 """Supervisor configuration (owned by the supervisor package)."""
 
 import enum
+import itertools
 import re
 import signal
 import sys
@@ -17,7 +18,7 @@ _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 def save_dir_of(argv: list[str]) -> Path | None:
     """The directory a Megatron-LM command line saves to (`--save DIR` / `--save=DIR`), with `{run_dir}/`
     made relative to the run directory; None when it names none."""
-    value = next((b for a, b in zip(argv, argv[1:]) if a == "--save"), None)
+    value = next((b for a, b in itertools.pairwise(argv) if a == "--save"), None)
     value = value or next((a.partition("=")[2] for a in argv if a.startswith("--save=")), None)
     if not value:
         return None

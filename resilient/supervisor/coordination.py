@@ -34,6 +34,7 @@ from typing import Any
 
 from resilient.core.errors import ResilientError
 from resilient.core.exit_codes import ExitCode
+from resilient.core.kvstore import StoreClient, StoreLimits, StoreRefused, StoreServer, host_store
 from resilient.supervisor import roster as rosters
 from resilient.supervisor import wire
 from resilient.supervisor.auth import Forged, Sealer
@@ -41,7 +42,6 @@ from resilient.supervisor.config import SupervisorConfig
 from resilient.supervisor.decisions import AttemptDecision
 from resilient.supervisor.reports import NodeReport, StopKind, StopRequest
 from resilient.supervisor.roster import Roster
-from resilient.core.kvstore import StoreClient, StoreLimits, StoreRefused, StoreServer, host_store
 from resilient.supervisor.store import SealedStore
 from resilient.supervisor.topology import Topology
 
@@ -127,7 +127,7 @@ class Coordinator:
     @classmethod
     def open(cls, topo: Topology, cfg: SupervisorConfig, sealer: Sealer, on_forged: Callable[[str, str], None], *,
              coordinator: int = 0, epoch: int = 0, connect_timeout_s: float | None = None,
-             on_limit: Callable[[str], None] | None = None) -> "Coordinator":
+             on_limit: Callable[[str], None] | None = None) -> Coordinator:
         """The store of `epoch`: slot `coordinator` hosts it on its named address; every slot connects."""
         addr, port = topo.store_address(coordinator, epoch)
         server = None
@@ -136,7 +136,8 @@ class Coordinator:
                 server = host_store(addr, port, sealer.store_key, limits(topo.slots, cfg), on_limit)
                 port = server.port
             client = StoreClient(addr, port, sealer.store_key, op_timeout_s=cfg.node_lease_s,
-                                 connect_timeout_s=cfg.store_timeout_s if connect_timeout_s is None else connect_timeout_s)
+                                 connect_timeout_s=cfg.store_timeout_s if connect_timeout_s is None
+                                 else connect_timeout_s)
         except OSError as err:
             if server is not None:
                 server.close()
@@ -174,7 +175,7 @@ class Coordinator:
         """Write-once keys in one round trip; a key found once is never read again."""
         missing = [k for k in keys if k not in self._cache]
         if missing:
-            for k, v in zip(missing, self.store.get_many(missing)):
+            for k, v in zip(missing, self.store.get_many(missing), strict=True):
                 if v is not None:
                     self._cache[k] = v
         return [self._cache.get(k) for k in keys]
@@ -292,7 +293,7 @@ class Coordinator:
         ranks = list(node_ranks)
         got = self.store.get_many([f"a/{attempt}/report/{k}" for k in ranks])
         out = {}
-        for k, value in zip(ranks, got):
+        for k, value in zip(ranks, got, strict=True):
             if value is not None:
                 report = wire.report_from_store(value)
                 if report.slot in (None, plan.nodes[k]):
@@ -330,7 +331,8 @@ class Coordinator:
     @_guard
     def joins(self, slots: Iterable[int]) -> dict[int, dict[str, Any]]:
         keys = [f"join/{s}" for s in slots]
-        return {int(k.rsplit("/", 1)[1]): v for k, v in zip(keys, self.store.get_many(keys)) if v is not None}
+        return {int(k.rsplit("/", 1)[1]): v for k, v in zip(keys, self.store.get_many(keys), strict=True)
+                if v is not None}
 
     # -- status ------------------------------------------------------------------------------------
 
@@ -348,7 +350,7 @@ class Coordinator:
         wanted = list(range(self.slots) if slots is None else slots)
         keys = [f"status/{s}" for s in wanted]
         self.store.ops += 1
-        for s, key, blob in zip(wanted, keys, self.store.raw.multi_get(keys)):
+        for s, key, blob in zip(wanted, keys, self.store.raw.multi_get(keys), strict=True):
             if blob is None or (s in self._status_blobs and self._status_blobs[s][0] == blob):
                 continue
             value = self.store._open(key, blob)

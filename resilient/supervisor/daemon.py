@@ -36,14 +36,25 @@ from resilient.core.events import LedgerEvent
 from resilient.core.exit_codes import ExitCode
 from resilient.core.outcome import Outcome, exit_code_for
 from resilient.core.rundir import RunDir
+from resilient.core.secret import load_or_create
 from resilient.metrics.exporter import NodeMetrics
 from resilient.rank.env import DEFAULT_STOP_SIGNALS, FailureHistory, RankEnv
 from resilient.rank.heartbeat import HeartbeatServer
 from resilient.report.rank_steps import RankStepLog
-from resilient.supervisor import (calibration, decisions, election, failover, failures, fencing,
-                                  incidents, progress, publishing, spares, timeouts)
+from resilient.supervisor import (
+    calibration,
+    decisions,
+    election,
+    failover,
+    failures,
+    fencing,
+    incidents,
+    progress,
+    publishing,
+    spares,
+    timeouts,
+)
 from resilient.supervisor import roster as rosters
-from resilient.core.secret import load_or_create
 from resilient.supervisor.auth import Sealer
 from resilient.supervisor.calibration import CalibrationStore
 from resilient.supervisor.config import RankProtocol
@@ -192,7 +203,8 @@ class Supervisor:
             self.coord.publish_first_attempt(first)
         first = self._wait_for(self.coord.first_attempt, self.scfg.store_timeout_s)
         if first is None:
-            raise CoordinationLost(f"the coordinator did not publish the first attempt within {self.scfg.store_timeout_s:g}s")
+            raise CoordinationLost("the coordinator did not publish the first attempt within "
+                                   f"{self.scfg.store_timeout_s:g}s")
         self.attempt = self.first_attempt = first
         self.calibration.begin(first)
         ledger.append(self.run_dir, LedgerEvent.RUN_START, attempt=first, node=self.slot, slot=self.slot,
@@ -262,7 +274,8 @@ class Supervisor:
             self._record_failure(self._failure(FailureKind.SUPERVISOR, None, shared))
             return NodeOutcome.FAILED
         verdict = self.health.preflight()
-        if verdict is not None and verdict.verdict is Verdict.STORAGE:  # every node stops; the coordinator decides STORAGE_FAULT
+        # every node stops; the coordinator decides STORAGE_FAULT
+        if verdict is not None and verdict.verdict is Verdict.STORAGE:
             self._storage_fault(verdict.reason)
             return NodeOutcome.PREEMPTED
         if verdict is not None:
@@ -340,7 +353,8 @@ class Supervisor:
         self._stop_seen = self._stop_seen or gate is Gate.STOP
         return gate
 
-    def _rank_specs(self, port: int, attempt: int, node: int, history: FailureHistory = FailureHistory()) -> list[RankEnv]:
+    def _rank_specs(self, port: int, attempt: int, node: int,
+                    history: FailureHistory = FailureHistory()) -> list[RankEnv]:
         assert self.server is not None
         nproc = self.scfg.nproc_per_node
         return [RankEnv(
@@ -781,7 +795,7 @@ class Supervisor:
             faulty = {f.node: f.reason for f in decision.faulty_nodes}
             roster, replacements, why = rosters.replace_nodes(roster, faulty)
             print(f"resilient: slot {self.slot}: {why}", file=sys.stderr, flush=True)
-            for r, f in zip(replacements, decision.faulty_nodes):
+            for r, f in zip(replacements, decision.faulty_nodes, strict=True):
                 self._bad_node(r.failed_slot, r.node_rank, str(f.kind), r.reason, r.spare_slot)
                 self.metrics.on_replacement()
         self._set_roster(roster)

@@ -32,7 +32,7 @@ def made_progress(start_step: int | None, reached_step: int | None) -> tuple[boo
 def backoff_seconds(restart_number: int, cfg: SupervisorConfig) -> float:
     """Wait before restart number `restart_number` (1-based): exponential, capped (tenacity's policy)."""
     wait = tenacity.wait_exponential(multiplier=cfg.backoff_initial_s, max=cfg.backoff_max_s)
-    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
+    state = tenacity.RetryCallState(retry_object=tenacity.Retrying(wait=wait), fn=None, args=(), kwargs={})
     state.attempt_number = max(1, restart_number)
     return float(wait(state))
 
@@ -56,7 +56,8 @@ def final_step_committed(final_step: int, newest_committed: int | None) -> tuple
     if newest_committed is not None and newest_committed >= final_step:
         return True, f"final step {final_step} is committed"
     newest = "none" if newest_committed is None else f"step {newest_committed}"
-    return False, f"ranks finished step {final_step} but it is not in a committed checkpoint (newest committed: {newest})"
+    return False, (f"ranks finished step {final_step} but it is not in a committed checkpoint "
+                   f"(newest committed: {newest})")
 
 
 # A rank exiting with one of these found something no restart can change (bad config or data, no
@@ -122,7 +123,8 @@ class NodeFault:
 
 @dataclass(frozen=True)
 class AttemptDecision:
-    """The coordinator's verdict on an ended attempt: every node restarts (after `backoff_s`) or stops with `outcome`."""
+    """The coordinator's verdict on an ended attempt: every node restarts (after `backoff_s`) or stops with
+    `outcome`."""
 
     outcome: Outcome | None
     """None: restart."""
@@ -161,8 +163,8 @@ def decide_attempt(reports: Mapping[int, NodeReport], ctx: AttemptContext,
     stops the run, then preemption, a lost or missing node; then the restart budget and the no-progress
     streak; else restart, with backoff unless the attempt made progress."""
     nodes = sorted(reports)
-    starts = [reports[n].start_step for n in nodes if reports[n].start_step is not None]
-    reached = max((reports[n].reached_step for n in nodes if reports[n].reached_step is not None), default=None)
+    starts = [s for n in nodes if (s := reports[n].start_step) is not None]
+    reached = max((r for n in nodes if (r := reports[n].reached_step) is not None), default=None)
     progressed, _ = made_progress(min(starts, default=None), reached)
     streak = 0 if progressed else ctx.no_progress_streak + 1
     faults = tuple(NodeFault(n, NodeFaultKind.UNHEALTHY, why) for n in nodes if (why := reports[n].unhealthy))

@@ -23,7 +23,6 @@ from resilient.supervisor.coordination import CoordinationLost, Coordinator
 from resilient.supervisor.election import Join, Takeover
 from resilient.supervisor.topology import Topology
 
-
 FAILOVER_KEY = "run/failover"
 """Where a new coordinator puts the attempt, restarts and streak the joiners continue from."""
 

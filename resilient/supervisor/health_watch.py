@@ -55,7 +55,8 @@ class HealthWatch:
 
     def _judge(self, report: HealthReport, phase: Literal["preflight", "training"]) -> HealthVerdict | None:
         verdict = decide_health(report, phase)
-        # The ledger gets a report only when its set of problems changes: a lasting warning is one entry, not one per check.
+        # The ledger gets a report only when its set of problems changes: a lasting warning is one entry, not one
+        # per check.
         bad = frozenset((r.name, r.severity) for r in report.results if r.severity is not Severity.OK)
         if bad != self._last_bad:
             record(self.run_dir, report)

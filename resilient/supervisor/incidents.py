@@ -20,18 +20,24 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import psutil
 
 from resilient.core.atomic import atomic_write
 from resilient.core.rundir import RunDir
 from resilient.supervisor.incidents_culprit import Culprit, RankEvidence, find_culprit
-from resilient.supervisor.incidents_stacks import (in_collective, last_traceback_frame, main_stack, parse_frame,
-                                                  parse_pyspy)
+from resilient.supervisor.incidents_stacks import (
+    in_collective,
+    last_traceback_frame,
+    main_stack,
+    parse_frame,
+    parse_pyspy,
+)
 from resilient.supervisor.ranks import RankProcess, log_path
 
 HANG_KINDS = ("hang",)
@@ -105,7 +111,7 @@ def _hang(out: Path, ranks: list[Target], node: int) -> dict[str, Any]:
     states = {t.rank: _process_state(t.pid) for t in live}  # before dumping: what the hang looked like
     triggered = _trigger_nccl_dumps(live)
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(live)))) as pool:
-        dumps = dict(zip((t.rank for t in live), pool.map(_pyspy_dump, (t.pid for t in live))))
+        dumps = dict(zip((t.rank for t in live), pool.map(_pyspy_dump, (t.pid for t in live)), strict=True))
     rows = []
     for t in live:
         (out / f"rank{t.rank}.txt").write_text(dumps[t.rank])
@@ -210,7 +216,8 @@ def _log_tail(log: Path | None, max_bytes: int = 65536) -> list[str]:
     if log is None:
         return []
     try:
-        with open(log, "rb", opener=lambda path, flags: os.open(path, flags | os.O_NOFOLLOW)) as f:  # never through a link
+        # never through a link
+        with open(log, "rb", opener=lambda path, flags: os.open(path, flags | os.O_NOFOLLOW)) as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - max_bytes))
             text = f.read().decode(errors="replace")

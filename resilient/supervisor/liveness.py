@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from resilient.supervisor.leases import LeaseTable, renew_every
 from resilient.core.kvstore import StoreRefused
+from resilient.supervisor.leases import LeaseTable, renew_every
 from resilient.supervisor.store import SealedStore
 
 
@@ -25,7 +25,8 @@ def lease_key(slot: int) -> str:
 
 class Liveness:
     def __init__(self, store: SealedStore, slot: int, slots: int, lease_s: float, *, read_all: bool,
-                 join_s: float, value: Callable[[], dict[str, Any]], clock: Callable[[], float] = time.monotonic) -> None:
+                 join_s: float, value: Callable[[], dict[str, Any]],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store, self.slot, self.slots, self.lease_s = store, slot, slots, lease_s
         self._value, self._clock, self._read_all = value, clock, read_all
         self.table = LeaseTable(range(slots), lease_s, join_s, clock()) if read_all else None
@@ -36,7 +37,7 @@ class Liveness:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{slot}", daemon=True)
 
-    def start(self) -> "Liveness":
+    def start(self) -> Liveness:
         self._renew()  # the first lease is in the store before the caller goes on
         self._thread.start()
         return self
@@ -67,7 +68,7 @@ class Liveness:
                 now = self._clock()
                 with self._lock:
                     assert self.table is not None
-                    for s, v in zip(slots, values):
+                    for s, v in zip(slots, values, strict=True):
                         self.table.observe(s, v, now)
         except (OSError, StoreRefused) as err:  # StoreUnavailable is an OSError
             if not self._stop.is_set():

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from resilient.core import sched
+from resilient.core.errors import StorageFault
 from resilient.core.rundir import RunDir
 from resilient.rank.env import RankEnv
-from resilient.core.errors import StorageFault
 from resilient.supervisor.ranks import RankProcess, log_path, open_log, rank_environ
 
 OWN_TRAINER_IMPORTS = ("torch", "megatron.core", "megatron.core.datasets.indexed_dataset", "trainer.config",
@@ -43,7 +43,8 @@ def park_argv(argv: list[str], python: str, extra: Iterable[str] = ()) -> tuple[
         script: list[str] = []
         what = f"Megatron-LM script {argv[3]}"
     elif len(argv) >= 3 and argv[1] == "-m":
-        imports = list(OWN_TRAINER_IMPORTS) if argv[2] == "trainer" else [*module_imports(argv[2]), argv[2].rpartition(".")[0]]
+        imports = (list(OWN_TRAINER_IMPORTS) if argv[2] == "trainer"
+                   else [*module_imports(argv[2]), argv[2].rpartition(".")[0]])
         script = []
         what = f"module {argv[2]}"
     elif len(argv) >= 2 and not argv[1].startswith("-") and Path(argv[1]).is_file():
@@ -176,7 +177,8 @@ class Spares:
             return None
         assert spec.run_dir is not None
         log = log_path(spec)
-        os.close(open_log(spec.run_dir, log))  # created here, a regular file: the spare appends to it without following links
+        # created here, a regular file: the spare appends to it without following links
+        os.close(open_log(spec.run_dir, log))
         line = json.dumps({"environ": rank_environ(spec, argv), "argv": argv, "log": str(log)}) + "\n"
         assert spare.proc.stdin is not None
         try:

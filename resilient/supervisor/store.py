@@ -44,7 +44,7 @@ class SealedStore:
         if not keys:
             return []
         self.ops += 1
-        return [self._open(k, blob) for k, blob in zip(keys, self.raw.multi_get(list(keys)))]
+        return [self._open(k, blob) for k, blob in zip(keys, self.raw.multi_get(list(keys)), strict=True)]
 
     def first_wins(self, key: str, value: Any) -> tuple[bool, Any]:
         """Set `key` unless it holds a value already; (won, the value recorded)."""

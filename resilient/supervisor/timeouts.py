@@ -26,7 +26,8 @@ def calibrated_step_timeout(step_times: Sequence[float], cfg: SupervisorConfig) 
             f"step timeout floor {cfg.step_timeout_floor_s:g}s "
             f"(> {cfg.step_timeout_factor:g} x slowest recent step {slowest:.3g}s)"
         )
-    return scaled, f"calibrated step timeout {scaled:.3g}s = {cfg.step_timeout_factor:g} x slowest recent step {slowest:.3g}s"
+    return scaled, (f"calibrated step timeout {scaled:.3g}s = {cfg.step_timeout_factor:g} x slowest recent step "
+                    f"{slowest:.3g}s")
 
 
 def calibrated_checkpoint_timeout(blocking_times: Sequence[float], cfg: SupervisorConfig) -> tuple[float, str]:
@@ -43,7 +44,7 @@ def calibrated_checkpoint_timeout(blocking_times: Sequence[float], cfg: Supervis
 def phase_timeout(phase: str, step_timeout: float, cfg: SupervisorConfig,
                   checkpoint_timeout: float | None = None) -> tuple[float, str]:
     """Which timeout governs a rank whose last heartbeat was in `phase`."""
-    fixed = {
+    fixed: dict[str, float] = {  # Phase is a StrEnum: a heartbeat's phase string finds its member
         Phase.INIT: cfg.init_timeout_s,
         Phase.BUILD: cfg.build_timeout_s,
         Phase.RESTORE: cfg.restore_timeout_s,

@@ -7,8 +7,8 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from resilient.rank.env import node_name
 from resilient.core.errors import ConfigError
+from resilient.rank.env import node_name
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ from resilient.core.exit_codes import ExitCode
 from resilient.core.ledger import read_jsonl
 from resilient.supervisor.ranks import free_port
 from tests.chaos.drills import COMMON, CONFIG, drill
+from tests.mcore import current_python
 from tests.ranks import digest
 from tests.supervisor.harness import events as ledger_events
 from tests.supervisor.harness import ranks_of, start, wait_until
-from tests.mcore import current_python
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

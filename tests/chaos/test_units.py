@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -16,7 +17,7 @@ def test_mtbf_schedule_is_seeded_and_has_the_mean():
     a = build_schedule("mtbf:40", ["kill_rank", "hang_rank"], seed=3)
     assert a == build_schedule("mtbf:40", ["kill_rank", "hang_rank"], seed=3)
     assert a != build_schedule("mtbf:40", ["kill_rank", "hang_rank"], seed=4)
-    gaps = [b.at - x.at for x, b in zip(a, a[1:])]
+    gaps = [b.at - x.at for x, b in itertools.pairwise(a)]
     assert 36 < sum(gaps) / len(gaps) < 44
     assert {t.fault for t in a} == {"kill_rank", "hang_rank"}
 

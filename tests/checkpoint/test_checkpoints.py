@@ -99,8 +99,8 @@ def test_sigkill_during_async_writes_never_leaves_a_bad_latest(tmp_path):
     # Each relaunch resumed from the newest complete checkpoint the previous kill left, which is the one
     # `latest` named, or one committed after `latest` was read (marker written, pointer not yet).
     assert len(loads) == trials - 1
-    assert all(load >= named for load, named in zip(loads, latest_after_kill[:-1]))
-    assert all(load <= named for load, named in zip(loads, latest_after_kill[1:]))
+    assert all(load >= named for load, named in zip(loads, latest_after_kill[:-1], strict=True))
+    assert all(load <= named for load, named in zip(loads, latest_after_kill[1:], strict=True))
     assert latest_after_kill == sorted(latest_after_kill) and latest_after_kill[-1] > latest_after_kill[0]
 
 

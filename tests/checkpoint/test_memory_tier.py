@@ -65,7 +65,8 @@ def test_a_copy_that_fails_its_checksum_at_load_is_replaced_by_the_next_valid_on
     assert (second.step, second.sources) == (15, ("own", "replica@0"))
     invs = mark_failed(invs, second, [None, "checksum mismatch"])
     third = choose_tier(invs, disk_step=None)
-    assert third.step == 10 and "step 15: no valid copy for rank 1 (own: checksum mismatch; replica: checksum mismatch)" in third.reason
+    assert third.step == 10
+    assert "step 15: no valid copy for rank 1 (own: checksum mismatch; replica: checksum mismatch)" in third.reason
     assert choose_tier(invs, disk_step=12).tier == "disk"
 
 

@@ -13,7 +13,8 @@ from trainer.checkpoint import manifest, writer
 
 
 def buckets(tensors: list[torch.Tensor]) -> list[writer.Bucket]:
-    return [("/unused/__0_0.distcp", "__0_", ([("bytes-item", b"x")], [(f"item{i}", t) for i, t in enumerate(tensors)]))]
+    items = [(f"item{i}", t) for i, t in enumerate(tensors)]
+    return [("/unused/__0_0.distcp", "__0_", ([("bytes-item", b"x")], items))]
 
 
 def test_staging_copies_the_state_into_buffers_it_keeps_from_save_to_save():
@@ -21,7 +22,7 @@ def test_staging_copies_the_state_into_buffers_it_keeps_from_save_to_save():
     staging = writer.Staging()
     first = staging.stage(buckets(state))
     copies = [t for _, t in first[0][2][1]]
-    assert all(torch.equal(c, s) and c.data_ptr() != s.data_ptr() for c, s in zip(copies, state))
+    assert all(torch.equal(c, s) and c.data_ptr() != s.data_ptr() for c, s in zip(copies, state, strict=True))
     assert first[0][2][0] == [("bytes-item", b"x")] and staging.nbytes == 1012 * 4
     state[0].add_(1)  # training goes on: the staged copy keeps the saved values
     assert copies[0][0].item() == 0

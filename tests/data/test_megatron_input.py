@@ -30,7 +30,7 @@ def test_a_directory_of_bin_idx_pairs_trains_like_the_text_it_came_from(prepared
                                     dp_rank=0, dp_size=1, seed=9)
         return [torch.cat(loader.next_step()) for _ in range(5)]
 
-    assert all(torch.equal(a, b) for a, b in zip(batches(cfg, run_dir), batches(mcfg, tmp_path / "run")))
+    assert all(torch.equal(a, b) for a, b in zip(batches(cfg, run_dir), batches(mcfg, tmp_path / "run"), strict=True))
     with pytest.raises(ConfigError, match="data.validation_path: .* Megatron"):
         build_validation_batches(mcfg, run_dir=tmp_path / "run", seq_len=16, micro_batch=2, dp_rank=0, dp_size=1)
 

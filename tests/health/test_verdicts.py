@@ -33,7 +33,8 @@ def test_decide_judges_reports_into_typed_verdicts():
     assert decide_health(bad, "training").exit_code is ExitCode.UNHEALTHY_NODE
     # A full checkpoint filesystem is storage trouble, never the node's fault.
     full = decide_health(HealthReport("n2", [fatal("node.ckpt_dir", "0.1 GiB free")]), "training")
-    assert full.verdict is Verdict.STORAGE and full.exit_code is ExitCode.STORAGE_FAULT and full.checks == ("node.ckpt_dir",)
+    assert full.verdict is Verdict.STORAGE and full.exit_code is ExitCode.STORAGE_FAULT
+    assert full.checks == ("node.ckpt_dir",)
     both = decide_health(HealthReport("n2", [fatal("node.ckpt_dir", "full"), fatal("gpu.lost", "gpu1")]), "training")
     assert both.verdict is Verdict.UNHEALTHY
     w = decide_health(HealthReport("n2", [warn("gpu.throttle", "hw_thermal")]), "training")

@@ -17,7 +17,8 @@ def _end(**kw) -> LoopEnd:
 @pytest.mark.parametrize("end, code, words", [
     (_end(), ExitCode.FINISHED, "reached --train-iters 100"),
     (_end(megatron_code=0), ExitCode.FINISHED, "reached --train-iters 100"),
-    (_end(megatron_code=0, iteration=40, stop_requested=True), ExitCode.PREEMPTED, "stopped on request at iteration 40"),
+    (_end(megatron_code=0, iteration=40, stop_requested=True), ExitCode.PREEMPTED,
+     "stopped on request at iteration 40"),
     # a stop that arrives as the last iteration ends: the run is finished all the same
     (_end(megatron_code=0, stop_requested=True), ExitCode.FINISHED, "reached --train-iters"),
     (_end(megatron_code=0, iteration=50, exit_interval=25), ExitCode.PREEMPTED, "--exit-interval 25 reached"),

@@ -77,7 +77,7 @@ class Feeder:
         while not self._stop.wait(self.period):
             self.advance()
 
-    def start(self) -> "Feeder":
+    def start(self) -> Feeder:
         self.prime()
         self._thread.start()
         return self

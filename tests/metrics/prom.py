@@ -15,8 +15,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import yaml
 
@@ -131,7 +132,7 @@ class PrometheusServer:
         tmp.write_text(json.dumps([{"targets": targets}]))
         tmp.rename(self.sd_dir / f"{name}.json")
 
-    def start(self, timeout: float = 60.0) -> "PrometheusServer":
+    def start(self, timeout: float = 60.0) -> PrometheusServer:
         def ready() -> None:
             with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
                 if resp.status != 200:
@@ -182,7 +183,7 @@ class NodeExporter:
         self.log_path = log_dir / "node_exporter.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30.0) -> "NodeExporter":
+    def start(self, timeout: float = 30.0) -> NodeExporter:
         self.proc = start_server("node_exporter", [
             NODE_EXPORTER, "--collector.disable-defaults", "--collector.textfile",
             f"--collector.textfile.directory={self.textfile_dir}", f"--web.listen-address={self.address}",

@@ -20,7 +20,7 @@ import json
 import os
 import signal
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -51,7 +51,7 @@ def faults(run: LiveRun, watch: AlertWatch, notes: dict) -> None:
     for _ in range(3):
         attempt, pid = run.running_rank()  # each attempt made progress: a restart loop, not NO_PROGRESS
         os.kill(pid, signal.SIGKILL)
-        run.wait(lambda: (run.status().get("attempt") or 0) > attempt, 120, "the restart")
+        run.wait(lambda attempt=attempt: (run.status().get("attempt") or 0) > attempt, 120, "the restart")
     run.running_rank()
     watch.wait_firing("ResilientRestartLoop", 120, node=run.node)
     run.set_gpus(BROKEN_GPUS)

@@ -3,7 +3,7 @@ parses, every panel target returns data (GPU targets under the source they are g
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

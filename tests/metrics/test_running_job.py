@@ -10,8 +10,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -67,7 +67,8 @@ def running_job(tmp_path_factory) -> Iterator[tuple[Path, int, Path]]:
     env = {**os.environ, "RESILIENT_NODE_NAME": NODE, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     # An earlier supervisor on the node stopped at once (its checkpoint filesystem too small): the node's
     # facts keep why, beside the running job's verdict.
-    earlier = subprocess.run(command(work / "earlier", "health.ckpt_min_free_gib=1000000", "supervisor.warm_spares=false"),
+    earlier = subprocess.run(command(work / "earlier", "health.ckpt_min_free_gib=1000000",
+                                     "supervisor.warm_spares=false"),
                              cwd=REPO, env=env, capture_output=True, timeout=300)
     assert earlier.returncode == ExitCode.STORAGE_FAULT, earlier.stderr.decode()[-2000:]
     proc = subprocess.Popen(command(run_dir), cwd=REPO, env=env, stdout=subprocess.DEVNULL,

@@ -34,7 +34,8 @@ def make_run(run_dir: Path, ranks: int = 4) -> Path:
             append_jsonl(train, {"ts": t, "attempt": attempt, "step": step, "loss": 8 * math.exp(-step / 60) + 2,
                                  "step_time": 2.0, "tokens_per_s": 4000 + 10 * (step % 7), "mfu": 0.41})
             if step % 20 == 0:
-                append_jsonl(train, {"ts": t, "attempt": attempt, "step": step, "val_loss": 8 * math.exp(-step / 60) + 2.3})
+                append_jsonl(train, {"ts": t, "attempt": attempt, "step": step,
+                                     "val_loss": 8 * math.exp(-step / 60) + 2.3})
                 ev("ckpt_save", step=step, blocking_seconds=0.4)
             if step % 5 == 0:
                 append_jsonl(rs, {"ts": t, "attempt": attempt, "node": 0, "ranks": {

@@ -72,7 +72,7 @@ def test_supervisor_samples_each_ranks_mean_step_time(tmp_path):
 
     log = RankStepLog(tmp_path, node=1, interval_s=10.0)
     for now, step, times in ((0.0, 1, (1.0, 2.0)), (5.0, 2, (3.0, 2.0)), (9.0, 3, (2.0, 5.0))):
-        for rank, t in zip((4, 5), times):
+        for rank, t in zip((4, 5), times, strict=True):
             log.observe({"rank": rank, "step": step, "phase": "step", "step_time": t, "attempt": 2}, now=now)
     assert list(read(tmp_path)) == []  # within the first interval: nothing written yet
     log.observe({"rank": 4, "step": 3, "phase": "checkpoint", "attempt": 2}, now=10.5)  # no step time

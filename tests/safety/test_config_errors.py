@@ -51,7 +51,8 @@ def test_rerun_with_another_model_keeps_the_recorded_config(tmp_path):
     step.mkdir(parents=True)
     (step / layout.MARKER).write_text(json.dumps({"files": {}, "meta": {"step": 4, "identity": arch}}))
     RunDir(run_dir).config.write_text("recorded: true\n")
-    out = _cli("run", str(cfg), "--run-dir", str(run_dir), "--set", f"model.overrides.hidden_size={arch['hidden_size'] * 2}")
+    out = _cli("run", str(cfg), "--run-dir", str(run_dir),
+               "--set", f"model.overrides.hidden_size={arch['hidden_size'] * 2}")
     assert out.returncode == ExitCode.CONFIG_ERROR, out.stderr
     assert "hidden_size: checkpoint has" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert RunDir(run_dir).config.read_text() == "recorded: true\n"

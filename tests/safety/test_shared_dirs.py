@@ -60,7 +60,8 @@ def test_parents_another_user_controls_are_refused_before_anything_starts(tmp_pa
     def config(name, **checkpoint):
         path = write_config(tmp_path / f"{name}.yaml", steps=2)
         if checkpoint:
-            path.write_text(path.read_text() + "checkpoint:\n" + "".join(f"  {k}: {v}\n" for k, v in checkpoint.items()))
+            extra = "".join(f"  {k}: {v}\n" for k, v in checkpoint.items())
+            path.write_text(path.read_text() + "checkpoint:\n" + extra)
         return path
 
     procs = {
@@ -72,12 +73,13 @@ def test_parents_another_user_controls_are_refused_before_anything_starts(tmp_pa
     }
     out = {k: (p.wait(280), p.communicate()[1]) for k, p in procs.items()}
     for key, text in (("parent_owned", f"{shared / 'evil'}, a parent directory, is owned by uid {NOBODY}"),
-                      ("parent_open", f"{shared / 'open'}, a parent directory, is writable by other users and not sticky"),
+                      ("parent_open",
+                       f"{shared / 'open'}, a parent directory, is writable by other users and not sticky"),
                       ("ckpt_parent", f"{shared / 'evil'}, a parent directory, is owned by uid {NOBODY}"),
                       ("memory_dir", f"{shared / 'squat'} is owned by uid {NOBODY}")):
         code, err = out[key]
         assert code == ExitCode.CONFIG_ERROR and text in err and "allow_shared_dir" in err, (key, err)
         assert len(err.strip().splitlines()) == 1, err
-    assert os.listdir(shared / "evil") == [] and os.listdir(shared / "open") == [] and os.listdir(shared / "squat") == []
+    assert all(os.listdir(shared / d) == [] for d in ("evil", "open", "squat"))
     assert not (tmp_path / "run_c").exists() and not (tmp_path / "run_d").exists()
     assert out["sticky"][0] == ExitCode.FINISHED, out["sticky"][1][-2000:]

@@ -24,8 +24,8 @@ import pytest
 from resilient.core import ledger
 from resilient.core.exit_codes import ExitCode
 from resilient.core.secret import RunKey
-from tests.safety.conftest import ATTACKER_PY, NOBODY, as_nobody, nobody_popen
 from tests.ranks import REPO, TINY, resilient_cli, run_ranks
+from tests.safety.conftest import ATTACKER_PY, NOBODY, as_nobody, nobody_popen
 from tests.supervisor.harness import events, ranks_of, steps_done, wait_until, write_config
 from trainer.checkpoint import layout
 from trainer.checkpoint.config import CheckpointConfig
@@ -115,7 +115,8 @@ def test_a_path_opened_to_others_mid_run_ends_the_run_at_the_next_attempt(tmp_pa
         proc.kill()
     log = (tmp_path / "sup.log").read_text()
     assert code == ExitCode.CONFIG_ERROR, log[-3000:]
-    assert f"{parent}, a parent directory, is writable by other users and not sticky (mode 0777); refusing to go on" in log
+    assert (f"{parent}, a parent directory, is writable by other users and not sticky (mode 0777); "
+            "refusing to go on") in log
     assert {e["attempt"] for e in events(run_dir, "attempt_start")} == {0}
 
 

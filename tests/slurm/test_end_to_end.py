@@ -192,11 +192,12 @@ def test_losing_node1_and_its_memory_resumes_from_node0s_replica(slurm_cluster, 
 
 def test_silent_data_corruption_removes_the_suspect_node_and_ends_on_the_fault_free_bits(slurm_cluster, reference,
                                                                                         tmp_path):
-    """Silent data corruption on the cluster: one rank per node (two replicas), a weight bit flipped in node 1's rank at step
-    10. The check at step 12 finds the replicas apart; both re-execute from step 8 and rank 1 alone does not
-    reproduce its own token losses at step 10: sdc_confirmed names it and n1, its ranks exit UNHEALTHY_NODE, and
-    `slurm on-exit` requeues the job without n1 (shrinking to one node). The run resumes from step 8 and ends
-    on the fault-free bits of that history: the uninterrupted two-node run's step 8, continued on one rank."""
+    """Silent data corruption on the cluster: one rank per node (two replicas), a weight bit flipped in node 1's
+    rank at step 10. The check at step 12 finds the replicas apart; both re-execute from step 8 and rank 1 alone
+    does not reproduce its own token losses at step 10: sdc_confirmed names it and n1, its ranks exit
+    UNHEALTHY_NODE, and `slurm on-exit` requeues the job without n1 (shrinking to one node). The run resumes
+    from step 8 and ends on the fault-free bits of that history: the uninterrupted two-node run's step 8,
+    continued on one rank."""
     config, run_dir = write_run_config(tmp_path, "sdc", min_nodes=1)
     tree = yaml.safe_load(config.read_text())
     tree["numerics"] = {"replica_check_interval_steps": 4}
@@ -208,7 +209,8 @@ def test_silent_data_corruption_removes_the_suspect_node_and_ends_on_the_fault_f
     [found] = events(run_dir, "sdc_confirmed")
     assert (found["step"], found["ranks"], found["nodes"], found["how"], found["action"]) == \
         (12, [1], ["n1"], "re-execution", "remove")
-    assert [(r["cause"], r["exclude"], r["nodes"]) for r in events(run_dir, "requeue")] == [("unhealthy_node", ["n1"], 1)]
+    requeues = [(r["cause"], r["exclude"], r["nodes"]) for r in events(run_dir, "requeue")]
+    assert requeues == [("unhealthy_node", ["n1"], 1)]
     resumed = next(e["step"] for e in events(run_dir, "ckpt_load") if e["ts"] > found["ts"])
     assert resumed == 8 <= found["trusted_until"]
 

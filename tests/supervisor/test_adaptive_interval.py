@@ -3,6 +3,7 @@ history and calibration the supervisor persisted survive its death (SIGKILL) int
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 
@@ -18,7 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 # Both tiers start outside the bounds [4, 8] (disk every 3 steps, memory every 2): every decision is a
 # change, whatever the machine measures.
 SETS = ["train.eval_every=0", "train.warmup_steps=4", "metrics.port=0", "checkpoint.adaptive=true",
-        "checkpoint.interval_steps=3", "checkpoint.memory_interval_steps=2", "checkpoint.min_interval_steps=4", "checkpoint.max_interval_steps=8",
+        "checkpoint.interval_steps=3", "checkpoint.memory_interval_steps=2", "checkpoint.min_interval_steps=4",
+        "checkpoint.max_interval_steps=8",
         "checkpoint.cost_window_steps=2", "checkpoint.prior_mtbf_hours=0.01", "supervisor.termination_grace_s=3",
         "supervisor.backoff_initial_s=0.1", "supervisor.nproc_per_node=1"]
 
@@ -35,7 +37,7 @@ def assert_saves_follow_the_schedule(run_dir, attempt: int, configured: int) -> 
 
     saves = sorted(e["step"] for e in events(run_dir, "ckpt_save"))
     assert len(saves) >= 2, saves
-    for a, b in zip(saves, saves[1:]):
+    for a, b in itertools.pairwise(saves):
         assert b - a >= interval_at(b) and all(t - a < interval_at(t) for t in range(a + 1, b)), (a, b, changes)
 
 

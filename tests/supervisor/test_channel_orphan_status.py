@@ -8,9 +8,9 @@ import sys
 import pytest
 from rich.console import Console
 
+from resilient.core.errors import ConfigError
 from resilient.rank.env import FailureHistory, RankEnv
 from resilient.rank.heartbeat import HeartbeatClient, HeartbeatServer, NullHeartbeat, connect
-from resilient.core.errors import ConfigError
 from resilient.status import read_status, render_status, write_status
 
 

@@ -20,6 +20,7 @@ from bench.scale.simulate import Marks, SimNode
 from resilient.config import load_config
 from resilient.core import ledger
 from resilient.core.exit_codes import ExitCode
+from resilient.core.kvstore import StoreClient, host_store
 from resilient.core.outcome import Outcome
 from resilient.supervisor.auth import Sealer
 from resilient.supervisor.coordination import Coordinator
@@ -27,7 +28,6 @@ from resilient.supervisor.daemon import Supervisor
 from resilient.supervisor.decisions import AttemptDecision
 from resilient.supervisor.reports import NodeOutcome, NodeReport, RankExit, StopKind
 from resilient.supervisor.roster import initial
-from resilient.core.kvstore import StoreClient, host_store
 from resilient.supervisor.store import SealedStore
 from resilient.supervisor.topology import Topology
 from trainer.checkpoint.layout import MARKER, step_dir

@@ -80,7 +80,8 @@ def test_megatron_lm_hook_points_become_heartbeats(tmp_path):
     mlm_hooks.on_checkpointing_end(is_async_finalization=False)
     mlm_hooks.shutdown()
     got += server.drain()
-    assert [(b["phase"], b["step"]) for b in got] == [("init", 0), ("restore", 100), ("checkpoint", 100), ("step", 100), ("step", 101),
+    assert [(b["phase"], b["step"]) for b in got] == [
+                   ("init", 0), ("restore", 100), ("checkpoint", 100), ("step", 100), ("step", 101),
                    ("checkpoint", 101), ("step", 101), ("step", 102), ("eval", 102), ("checkpoint", 102),
                    ("step", 102), ("done", 102)]
     assert got[4]["loss"] == 2.5 and got[4]["step_time"] >= 0 and "ckpt_step" not in got[3]

@@ -104,7 +104,11 @@ def test_a_foreign_python_script_runs_from_a_spare(tmp_path):
         "health": {"enabled": False}, "metrics": {"enabled": False}}))
     run_dir = tmp_path / "run"
     proc = start(["run", str(cfg), "--run-dir", str(run_dir)], log=tmp_path / "supervisor.log")
-    saved = lambda r: json.loads(p.read_text())["step"] if (p := run_dir / "state" / f"rank{r}.json").exists() else 0
+
+    def saved(r: int) -> int:
+        p = run_dir / "state" / f"rank{r}.json"
+        return json.loads(p.read_text())["step"] if p.exists() else 0
+
     wait_until(lambda: saved(1) >= 10, 60, "rank 1 saved step 10")
     parked = _kill_rank1_spares_take_over(proc, tmp_path / "supervisor.log")
     second = [e for e in events(run_dir, "attempt_start") if e["attempt"] == 1]

@@ -16,9 +16,9 @@ import pytest
 
 from resilient.core.errors import ConfigError
 from resilient.core.exit_codes import ExitCode
+from resilient.core.kvstore import StoreClient, StoreLimits, StoreRefused, StoreUnavailable, host_store
 from resilient.core.secret import load_or_create
 from resilient.supervisor.auth import Forged, Sealer
-from resilient.core.kvstore import StoreClient, StoreLimits, StoreRefused, StoreUnavailable, host_store
 from tests.supervisor.harness import events, start, steps_done, wait_until, write_config
 
 pytestmark = pytest.mark.timeout(120)

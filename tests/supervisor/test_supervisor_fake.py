@@ -84,7 +84,8 @@ def test_supervisor_signal_preempts_and_rerun_resumes_at_that_step(tmp_path, sig
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "preempted"
 
-    proc = start(["run", str(tmp_path / "cfg.yaml"), "--run-dir", str(run_dir), "--set", "train.steps=" + str(saved + 5)],
+    proc = start(["run", str(tmp_path / "cfg.yaml"), "--run-dir", str(run_dir),
+                  "--set", "train.steps=" + str(saved + 5)],
                  env={"FAKE_CKPT_EVERY": "1000"}, log=tmp_path / "supervisor.log")
     assert proc.wait(60) == ExitCode.FINISHED
     resumed = [s["step"] for s in steps_done(run_dir) if s["attempt"] == 1]

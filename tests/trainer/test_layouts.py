@@ -108,8 +108,9 @@ def test_a_layout_the_trainer_cannot_run_is_refused_naming_the_field(overrides, 
 
 
 def test_a_refused_layout_ends_the_rank_with_one_line_and_exit_64(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "trainer", "--config", str(TINY), "--set", "supervisor.nproc_per_node=2",
-                           "--set", "parallel.cp=2"], cwd=REPO, env=rank_env(0, 2, 29999, tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "trainer", "--config", str(TINY),
+                           "--set", "supervisor.nproc_per_node=2", "--set", "parallel.cp=2"],
+                          cwd=REPO, env=rank_env(0, 2, 29999, tmp_path),
                           capture_output=True, text=True, timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == ExitCode.CONFIG_ERROR, proc.stderr

@@ -33,7 +33,8 @@ def test_405b_example_first_and_last_stage_parameters_match_the_planner(single_p
         built = stage_parameter_count(arch, Layout(pp=p.pp), pp_rank=pp_rank)
         assert built == stages[pp_rank].params, pp_rank
     assert stages[0].params == stages[-1].params - arch.hidden_size  # 15 layers + embedding / + output, norm
-    plan = planner.make_plan(arch, planner.Layout(tp=p.tp, pp=p.pp, cp=p.cp, dp=cfg.dp(cfg.world_size)), seq_len=cfg.seq_len,
+    full_layout = planner.Layout(tp=p.tp, pp=p.pp, cp=p.cp, dp=cfg.dp(cfg.world_size))
+    plan = planner.make_plan(arch, full_layout, seq_len=cfg.seq_len,
                              micro_batch=cfg.train.micro_batch, global_batch=cfg.train.global_batch)
     assert plan.memory.total < 80 * 2**30
 

@@ -58,7 +58,7 @@ def test_first_step_loss_independent_of_parallel_layout(tmp_path):
         assert run_ranks(run_dir, one + extra, world=world) == [0] * world, (run_dir / "rank0.log").read_text()[-3000:]
         first[name] = train_losses(run_dir)[1]
     reference = first["tp1_dp2"]
-    for name, value in first.items():
+    for value in first.values():
         assert abs(value - reference) / reference < 1e-4, first
 
 
@@ -82,8 +82,9 @@ def test_bad_input_is_refused_naming_the_key(tmp_path, overrides, needle):
 
 
 def test_bad_input_ends_the_rank_with_one_line_and_exit_64(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "trainer", "--config", str(TINY), "--set", "supervisor.nproc_per_node=1",
-                           "--set", "data.path=/nonexistent/c4"], cwd=REPO, env=rank_env(0, 1, 29999, tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "trainer", "--config", str(TINY),
+                           "--set", "supervisor.nproc_per_node=1", "--set", "data.path=/nonexistent/c4"],
+                          cwd=REPO, env=rank_env(0, 1, 29999, tmp_path),
                           capture_output=True, text=True, timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 64, proc.stderr

@@ -13,10 +13,11 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,8 +28,8 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyPara
 from resilient.core import ledger, permissions
 from resilient.core.atomic import fsync_dir
 from resilient.core.errors import CheckpointError, StorageFault
-from resilient.core.secret import RunKey
 from resilient.core.events import LedgerEvent
+from resilient.core.secret import RunKey
 from resilient.rank.env import FailureHistory
 from trainer import compat
 from trainer.checkpoint import layout, manifest, policy, writer
@@ -272,7 +273,8 @@ class Checkpointer:
         rank's state times the model-parallel ranks) plus 10%, against the free space of the filesystem."""
         committed = layout.committed_steps(self.root)
         try:
-            need = manifest.read_manifest(layout.step_dir(self.root, committed[-1])).get("bytes", 0) if committed else None
+            need = (manifest.read_manifest(layout.step_dir(self.root, committed[-1])).get("bytes", 0) if committed
+                    else None)
         except ValueError:
             need = None  # an unreadable marker: size the save as the first one
         if need is None:
@@ -379,7 +381,7 @@ class Checkpointer:
 
     def _clean_leftovers(self) -> None:
         """Directories a crash left without a marker, and stray temp files, are removed at start."""
-        for step, path in layout.step_dirs(self.root).items():
+        for path in layout.step_dirs(self.root).values():
             if not (path / layout.MARKER).exists():
                 log.info("removing incomplete checkpoint %s", path.name)
                 shutil.rmtree(path, ignore_errors=True)

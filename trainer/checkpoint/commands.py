@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import typer
 
@@ -22,8 +22,8 @@ from resilient.core.exit_codes import ExitCode
 from resilient.core.secret import RunKey
 from trainer.checkpoint import inspect as ck
 from trainer.checkpoint import layout, manifest
-from trainer.megatron_lm import checkpoints as megatron_lm
 from trainer.checkpoint.config import CheckpointConfig
+from trainer.megatron_lm import checkpoints as megatron_lm
 
 _RUN_DIR = typer.Option(None, "--run-dir", help="the run the checkpoints belong to (default: DIR, or the run "
                                                   "directory DIR/.. when DIR is its checkpoints directory)")
@@ -47,7 +47,7 @@ ckpt_app = typer.Typer(help="Inspect, check and repair checkpoints (DIR: RUN_DIR
 
 @ckpt_app.command("list")
 def list_cmd(directory: Path, as_json: bool = typer.Option(False, "--json", help="JSON output"),
-             memory_dir: Optional[Path] = typer.Option(
+             memory_dir: Path | None = typer.Option(
                  None, "--memory-dir", help="the run's memory tier (default: the one derived from RUN_DIR)")) -> None:
     """Every step (iteration) directory, complete or not, and which one `latest` (the tracker) names, with the
     last step whose replica check agreed when it was saved; for a run directory also the memory tier: each
@@ -92,11 +92,11 @@ def list_cmd(directory: Path, as_json: bool = typer.Option(False, "--json", help
 
 @ckpt_app.command("verify")
 def verify_cmd(directory: Path,
-               step: Optional[int] = typer.Option(
+               step: int | None = typer.Option(
                    None, help="step (default: newest complete; Megatron-LM: what each tracker names)"),
                sizes_only: bool = typer.Option(False, "--sizes-only", help="skip checksums"),
                as_json: bool = typer.Option(False, "--json", help="JSON output"),
-               run_dir: Optional[Path] = _RUN_DIR) -> None:
+               run_dir: Path | None = _RUN_DIR) -> None:
     """Own layout: the marker, every file's size and checksum. Megatron-LM: what each tracker (persistent,
     non_persistent/) names, in any --ckpt-format: every file the storage metadata names with its recorded
     size, the common state, every model-parallel rank's files, integrity.json's sha256 digests.
@@ -119,7 +119,8 @@ def verify_cmd(directory: Path,
                           **({"tiers": tiers} if len(checks) > 1 else {})}))
     else:
         for tier, at, problem in checks:
-            print(f"{_tier_prefix(tier)}step {at}: " + ("intact" + unsealed if problem is None else f"DAMAGED: {problem}"))
+            verdict = "intact" + unsealed if problem is None else f"DAMAGED: {problem}"
+            print(f"{_tier_prefix(tier)}step {at}: {verdict}")
     if problems:
         raise typer.Exit(int(ExitCode.CHECKPOINT_DAMAGED))
 
@@ -168,8 +169,8 @@ def repair_cmd(directory: Path) -> None:
 
 
 @ckpt_app.command("adopt")
-def adopt_cmd(directory: Path, step: Optional[int] = typer.Option(None, help="step (default: every committed one)"),
-              run_dir: Optional[Path] = _RUN_DIR) -> None:
+def adopt_cmd(directory: Path, step: int | None = typer.Option(None, help="step (default: every committed one)"),
+              run_dir: Path | None = _RUN_DIR) -> None:
     """Seal checkpoints for the run they sit in after verifying them in full: how checkpoints written before
     run seals (or copied from another run on purpose) become loadable by this run. Exit CHECKPOINT_DAMAGED
     when one could not be adopted."""
@@ -188,7 +189,7 @@ def adopt_cmd(directory: Path, step: Optional[int] = typer.Option(None, help="st
 
 
 @ckpt_app.command("clean")
-def clean_cmd(paths: Optional[list[Path]] = typer.Argument(None, help="only these (default: every stale one)"),
+def clean_cmd(paths: list[Path] | None = typer.Argument(None, help="only these (default: every stale one)"),
               dry_run: bool = typer.Option(False, "--dry-run", help="only say what would be removed")) -> None:
     """Remove this user's memory-tier directories in /dev/shm whose run is gone (its run directory deleted,
     re-created or moved, or the directory older than run records): what `ckpt list` reports as stale. A
@@ -209,7 +210,7 @@ def clean_cmd(paths: Optional[list[Path]] = typer.Argument(None, help="only thes
 
 
 @ckpt_app.command("inspect")
-def inspect_cmd(directory: Path, step: Optional[int] = typer.Option(None, help="step (default: newest complete)"),
+def inspect_cmd(directory: Path, step: int | None = typer.Option(None, help="step (default: newest complete)"),
                 as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
     """Step, consumed samples, model and parallel layout, bytes."""
     root = ck.resolve_root(directory)
@@ -222,7 +223,7 @@ def inspect_cmd(directory: Path, step: Optional[int] = typer.Option(None, help="
 
 
 @ckpt_app.command("digest")
-def digest_cmd(directory: Path, step: Optional[int] = typer.Option(None, help="step (default: newest complete)")) -> None:
+def digest_cmd(directory: Path, step: int | None = typer.Option(None, help="step (default: newest complete)")) -> None:
     """One hex digest over model and optimizer tensors (last line of output)."""
     root = ck.resolve_root(directory)
     chosen = ck.pick_step(root, step)

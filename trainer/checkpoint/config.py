@@ -5,8 +5,8 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from resilient.core.configbase import Section
-from resilient.core.secret import RunKey
 from resilient.core.rundir import RunDir
+from resilient.core.secret import RunKey
 from trainer.checkpoint.memory import naming
 
 

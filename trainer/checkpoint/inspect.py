@@ -92,7 +92,8 @@ def adopt(root: Path, key: RunKey, steps: list[int]) -> list[tuple[int, bool, st
         if problem:
             done.append((step, False, f"not adopted: {problem}"))
             continue
-        was = "sealed by no run" if "mac" not in found else f"run {found.get('run_id')!s:.40}" if sealed[0] else "a broken seal"
+        was = ("sealed by no run" if "mac" not in found
+               else f"run {found.get('run_id')!s:.40}" if sealed[0] else "a broken seal")
         atomic_write(ckpt_dir / layout.MARKER, json.dumps(manifest.seal(found, key), indent=1, sort_keys=True).encode())
         done.append((step, True, f"adopted by run {key.run_id} (was: {was})"))
     return done

@@ -169,7 +169,8 @@ def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify(ckpt_dir: Path, *, checksums: bool, share: tuple[int, int] = (0, 1), key: RunKey | None = None) -> str | None:
+def verify(ckpt_dir: Path, *, checksums: bool, share: tuple[int, int] = (0, 1),
+           key: RunKey | None = None) -> str | None:
     """None if intact, else the first problem found. With `key`, the seal first: a checkpoint of another
     run (or sealed by none) raises CheckpointError, one whose seal fails is a problem. `share=(i, n)`
     hashes only every n-th file from i, so n ranks verify a checkpoint together; sizes are always

@@ -43,7 +43,7 @@ class Record:
 
     global_name = "?"
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "Record":
+    def __new__(cls, *args: Any, **kwargs: Any) -> Record:
         record = super().__new__(cls)
         record.args = args
         return record

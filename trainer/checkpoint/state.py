@@ -2,10 +2,10 @@
 
 Model chunks and the megatron optimizer's state are ShardedTensors keyed by global parameter
 names (resharded by dist_checkpointing on load when TP/PP/DP change); the distributed optimizer
-saves its fp32 main parameters and moments in the same per-parameter form (OPTIMIZER_SHARDING). Every rank's RNG states are one row of a
-[world_size, n] ShardedTensor (restored when the world size is unchanged); step, consumed samples,
-scheduler and data-loader position are common state written once by rank 0 (plain Python values,
-loadable with torch.load(weights_only=True)).
+saves its fp32 main parameters and moments in the same per-parameter form (OPTIMIZER_SHARDING). Every
+rank's RNG states are one row of a [world_size, n] ShardedTensor (restored when the world size is
+unchanged); step, consumed samples, scheduler and data-loader position are common state written once by
+rank 0 (plain Python values, loadable with torch.load(weights_only=True)).
 """
 
 from __future__ import annotations

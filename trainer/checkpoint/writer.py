@@ -16,8 +16,9 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from megatron.core.dist_checkpointing.strategies import filesystem_async

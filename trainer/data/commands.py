@@ -6,7 +6,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -21,8 +20,8 @@ def _log_to_stderr() -> None:
 def prepare_cmd(
     config: Path = typer.Argument(..., help="Run config (YAML)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: --set data.path=/c4/en (repeatable)."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default: the config's run_dir)."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1,
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory (default: the config's run_dir)."),
+    workers: int | None = typer.Option(None, "--workers", min=1,
                                           help="Tokenizing processes (default: data.prepare_workers)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
 ) -> None:
@@ -51,7 +50,7 @@ def prepare_cmd(
 def inspect_cmd(
     path: Path = typer.Argument(..., help="A shard, a directory or glob of shards, or a directory of .bin/.idx."),
     as_json: bool = typer.Option(False, "--json", help="JSON output (totals and per shard)."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json: also count tokens."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", help="tokenizer.json: also count tokens."),
 ) -> None:
     """Shards, documents, bytes, damaged lines/streams, and tokens when a tokenizer is given."""
     from trainer.data.inspect import inspect_data

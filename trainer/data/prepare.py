@@ -289,7 +289,7 @@ def _prepare_train(cfg: DataConfig, run_dir: Path, workers: int | None) -> Path:
     tok_sha = tokenizer_digest(cfg.tokenizer)
     prefixes = [shard_prefix(root, s, shard_key(s, tok_sha, eos_id)) for s in shards]
     todo = [ShardJob((s,), p, cfg.tokenizer.resolve(), cfg.eos_token)
-            for s, p in zip(shards, prefixes) if not _meta_path(p).exists()]
+            for s, p in zip(shards, prefixes, strict=True) if not _meta_path(p).exists()]
     if todo:
         log.info("data: tokenizing %d of %d shards into %s", len(todo), len(shards), root)
     _run_jobs(todo, cfg.prepare_workers if workers is None else workers)

@@ -17,11 +17,11 @@ class TokenStream:
     """
 
     def __init__(self, bins: list[Path], dtypes: list[str], tokens: list[int]) -> None:
-        kept = [(b, d, t) for b, d, t in zip(bins, dtypes, tokens) if t > 0]
+        kept = [(b, d, t) for b, d, t in zip(bins, dtypes, tokens, strict=True) if t > 0]
         self.bins = [b for b, _, _ in kept]
         self.dtypes = [np.dtype(d) for _, d, _ in kept]
         self.bounds = np.cumsum([0] + [t for _, _, t in kept], dtype=np.int64)
-        for path, dtype, n in zip(self.bins, self.dtypes, self.bounds[1:] - self.bounds[:-1]):
+        for path, dtype, n in zip(self.bins, self.dtypes, self.bounds[1:] - self.bounds[:-1], strict=True):
             size = path.stat().st_size if path.exists() else -1
             if size != int(n) * dtype.itemsize:
                 raise ConfigError(f"data: prepared file {path} is damaged or missing ({size} bytes, expected "
@@ -29,13 +29,13 @@ class TokenStream:
         self._maps: list[np.memmap] | None = None
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> "TokenStream":
+    def from_manifest(cls, manifest: dict) -> TokenStream:
         shards = manifest["shards"]
         return cls([Path(s["path"] + ".bin") for s in shards], [s["dtype"] for s in shards],
                    [s["tokens"] for s in shards])
 
     @classmethod
-    def from_meta_file(cls, meta_path: Path) -> "TokenStream":
+    def from_meta_file(cls, meta_path: Path) -> TokenStream:
         meta = json.loads(meta_path.read_text())
         return cls([meta_path.with_name(meta["prefix"] + ".bin")], [meta["dtype"]], [meta["tokens"]])
 
@@ -49,7 +49,7 @@ class TokenStream:
     def read(self, start: int, count: int) -> np.ndarray:
         """Tokens [start, start+count) as int64, crossing file boundaries as needed."""
         if self._maps is None:
-            self._maps = [np.memmap(b, dtype=d, mode="r") for b, d in zip(self.bins, self.dtypes)]
+            self._maps = [np.memmap(b, dtype=d, mode="r") for b, d in zip(self.bins, self.dtypes, strict=True)]
         out = np.empty(count, dtype=np.int64)
         i = int(np.searchsorted(self.bounds, start, side="right")) - 1
         filled = 0

@@ -60,4 +60,5 @@ class MegatronRun:
         arch = Architecture(num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
                             num_query_groups=groups or heads, ffn_hidden_size=ffn,
                             vocab_size=vocab or 1, max_position_embeddings=self.number("--seq-length") or 1)
-        return arch, "from the Megatron-LM command line" + ("" if vocab else " (embeddings not counted: no --vocab-size)")
+        return arch, ("from the Megatron-LM command line"
+                      + ("" if vocab else " (embeddings not counted: no --vocab-size)"))

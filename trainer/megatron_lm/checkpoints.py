@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from resilient.core.atomic import atomic_write
 from resilient.core.errors import CheckpointError
@@ -31,7 +31,7 @@ PERSISTENT = "persistent"
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 _ITERATION = re.compile(r"^[0-9]+$")
 
-Key = Union[int, str]
+Key = int | str
 """A checkpoint of a save directory: its iteration, or RELEASE."""
 
 

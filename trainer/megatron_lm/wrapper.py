@@ -26,8 +26,9 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from resilient.core.exit_codes import ExitCode
 from resilient.rank import Phase, RankEnv, StopFlag, die_with_parent, ft_hooks

@@ -212,7 +212,8 @@ class SdcGuard:
         topo = self.topology
         nodes = topo.nodes_of(finding.suspects)
         fields = {"step": finding.step, "kind": finding.kind, "how": finding.how, "ranks": list(finding.suspects),
-                  "nodes": [topo.node_names[topo.nodes.index(n)] for n in nodes], "trusted_until": finding.trusted_until,
+                  "nodes": [topo.node_names[topo.nodes.index(n)] for n in nodes],
+                  "trusted_until": finding.trusted_until,
                   "reason": finding.reason[:1000], "attempt": self.attempt,
                   "action": action if finding.suspects else "restart", "withdrawn": withdrawn}
         fields["incident"] = incident.write(self.run_dir, self.attempt, fields, finding.check, finding.reexecution,

@@ -113,7 +113,7 @@ class SnapshotFormat:
         naming.meta_file(directory, rank).unlink(missing_ok=True)
         buffer = allocate(naming.data_file(directory, rank), total)
         flat = torch.frombuffer(buffer, dtype=torch.uint8, count=total) if total else None
-        for entry, data in zip(entries, tensors):
+        for entry, data in zip(entries, tensors, strict=True):
             if entry["nbytes"]:
                 start = entry["start"]
                 flat[start:start + entry["nbytes"]].view(data.dtype).view(data.shape).copy_(data)
