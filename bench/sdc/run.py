@@ -14,7 +14,7 @@ estimate at 405B on GPU.
    steps re-executed and the seconds from the mismatch to the finding.
 3. The planner's estimate at 405B on H100s (examples/llama31-405b.yaml): one check's time against the
    planned step time, at each interval.
-Goal (issue 24): <= 1% step-time overhead at the default interval. Results JSON goes to bench/results/.
+Goal: <= 1% step-time overhead at the default interval. Results JSON goes to bench/results/.
 """
 
 from __future__ import annotations

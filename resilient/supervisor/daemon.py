@@ -795,8 +795,9 @@ class Supervisor:
             faulty = {f.node: f.reason for f in decision.faulty_nodes}
             roster, replacements, why = rosters.replace_nodes(roster, faulty)
             print(f"resilient: slot {self.slot}: {why}", file=sys.stderr, flush=True)
-            for r, f in zip(replacements, decision.faulty_nodes, strict=True):
-                self._bad_node(r.failed_slot, r.node_rank, str(f.kind), r.reason, r.spare_slot)
+            kinds = {f.node: f.kind for f in decision.faulty_nodes}  # replacements come in node-rank order
+            for r in replacements:
+                self._bad_node(r.failed_slot, r.node_rank, str(kinds[r.node_rank]), r.reason, r.spare_slot)
                 self.metrics.on_replacement()
         self._set_roster(roster)
         self.coord.publish_plan(self.attempt + 1, self.roster)

@@ -1,4 +1,4 @@
-"""Issue 9 acceptance: one drill per fault kind and a mixed schedule, each against real supervised runs.
+"""One drill per fault kind and a mixed schedule, each against real supervised runs.
 
 Every drill must finish, end on the fault-free run's bits (except the NaN rollback, which by design
 trains on other data and is compared against a rerun of its schedule), leave no process behind, and
@@ -40,7 +40,7 @@ def test_kill_rank_loses_only_recomputed_steps(tmp_path, reference):
     assert report["digest"] == reference
     [failure] = _events(report, "failure")
     assert failure["kind"] == "rank_exit" and failure["rank"] == report["faults"][0]["rank"]
-    # issue 8: a failure shows up as goodput < 1 with lost progress equal to the recomputed steps
+    # a failure shows up as goodput < 1 with lost progress equal to the recomputed steps
     gp = report["goodput"]
     assert gp["ratio"] < 1.0 and gp["badput_s"]["lost_progress"] > 0
     assert gp["recomputed_steps"] == gp["expected_recomputed_steps"] > 0

@@ -1,4 +1,4 @@
-"""Issue 24 acceptance on one machine: a bit flipped in one rank's process is caught at the next replica check,
+"""On one machine: a bit flipped in one rank's process is caught at the next replica check,
 the rank and its node are named, state saved after the last agreeing step is withdrawn, and the run ends on
 the fault-free bits: by majority with three replicas, by re-execution with two.
 

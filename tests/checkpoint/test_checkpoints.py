@@ -1,4 +1,4 @@
-"""Issue 3 acceptance with real ranks: exact resume, crash consistency, corruption fallback, retention."""
+"""With real ranks: exact resume, crash consistency, corruption fallback, retention."""
 
 from __future__ import annotations
 

@@ -94,7 +94,7 @@ def test_plan_cli_405b_on_1024_h100s():
     assert plan["memory"]["total"] < 80 * 2**30
     assert plan["young_seconds"] > plan["daly_seconds"] > plan["ckpt_write_seconds"]
     assert 0.9 < plan["predicted_goodput"] < 1.0
-    # issue 24: replica checks at the default interval (10 steps) cost far under 1% of step time
+    # replica checks at the default interval (10 steps) cost far under 1% of step time
     assert 0 < plan["replica_check"]["share"] < 0.01 and "every 10 steps" in plan["replica_check"]["reason"]
 
 

@@ -1,4 +1,4 @@
-"""Issue 8 acceptance against a real job: `resilient run` (2 gloo ranks) serves /metrics, scraped over
+"""Against a real job: `resilient run` (2 gloo ranks) serves /metrics, scraped over
 real HTTP and by a real Prometheus, which accepts every dashboard and alert expression and returns
 data for every panel whose metrics the job emits."""
 

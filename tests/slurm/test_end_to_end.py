@@ -141,7 +141,7 @@ MEMORY_EVERY = 5
 
 @pytest.mark.parametrize("replica", [True, False], ids=["replica", "no-replica"])
 def test_losing_node1_and_its_memory_resumes_from_node0s_replica(slurm_cluster, reference, tmp_path, replica):
-    """Issue 17: every process of node 1 (supervisor and ranks) is killed and its shared memory is
+    """Every process of node 1 (supervisor and ranks) is killed and its shared memory is
     gone (both nodes share this host: removing node1/ simulates it). The requeued job resumes from the
     replica node 0 holds for node 1, losing at most a memory interval (plus the one being committed),
     and ends on the fault-free run's weights; with no replica left it resumes from disk."""

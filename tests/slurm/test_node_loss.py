@@ -1,4 +1,4 @@
-"""Issue 22 on a real three-node Slurm cluster, each node a host of its own (network namespace, address,
+"""On a real three-node Slurm cluster, each node a host of its own (network namespace, address,
 /dev/shm): `nodes: 2`, `slurm.spare_nodes: 1`. A node that fails is replaced in the same Slurm job by the
 spare, which takes its node rank and loads its state from the peer replica; the run ends on the fault-free
 run's weights (the session's two-node reference run: the same training), and the bad node is in the ledger

@@ -100,7 +100,7 @@ def test_stragglers_are_excluded_only_when_health_says_so():
     assert d.exclude == ("n3",) and d.nodes is None and "straggler" in reason
 
 
-# -- issue 22: spare nodes, the coordinator's recorded outcome, the bad-node ledger --------------------
+# -- spare nodes, the coordinator's recorded outcome, the bad-node ledger --------------------
 
 def test_the_coordinators_recorded_outcome_is_the_runs_whatever_srun_says_of_a_fenced_node():
     records = [{"ts": 20, "event": "bad_node", "node": "n1", "kind": "unhealthy", "reason": "xid 79"},

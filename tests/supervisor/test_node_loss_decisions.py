@@ -1,4 +1,4 @@
-"""Issue 22: the lease, election and replacement decisions, as pure functions with injected time, and the
+"""The lease, election and replacement decisions, as pure functions with injected time, and the
 election protocol between real store servers on threads (no processes)."""
 
 from __future__ import annotations

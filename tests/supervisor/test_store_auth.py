@@ -225,7 +225,7 @@ print(json.dumps(out))
 
 
 def test_the_rank_rendezvous_store_admits_only_this_attempts_ranks(tmp_path):
-    """Issue 23: the process group's store (MASTER_PORT) is bound to MASTER_ADDR and admits only ranks of this
+    """The process group's store (MASTER_PORT) is bound to MASTER_ADDR and admits only ranks of this
     run and attempt; another local user reads and writes nothing there."""
     from resilient.rank.env import RankEnv
     from resilient.rank.rendezvous import rendezvous_key, rendezvous_store

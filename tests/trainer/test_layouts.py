@@ -1,4 +1,4 @@
-"""Issue 12: megatron-native ranks (gloo, CPU) on pipeline, virtual-pipeline, tensor and data
+"""Megatron-native ranks (gloo, CPU) on pipeline, virtual-pipeline, tensor and data
 parallel layouts with megatron's DDP and distributed optimizer.
 
 One 4-layer tiny model, 6 steps, checkpoints at 3 and 6, trained once per layout (module fixture):

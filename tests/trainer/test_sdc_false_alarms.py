@@ -1,4 +1,4 @@
-"""Issue 24: replica checks every step raise no false alarm over 1,000 steps of the tiny preset, and change no bits.
+"""Replica checks every step raise no false alarm over 1,000 steps of the tiny preset, and change no bits.
 
 Kept cheap: two ranks, one 16-token sequence per rank and step, no checkpoint but the final one, no
 supervisor; every step is checked (its train-log record carries the check's seconds).

@@ -1,4 +1,4 @@
-"""Issue 24 without processes: the silent-data-corruption decisions, the digest, the fault injection."""
+"""Without processes: the silent-data-corruption decisions, the digest, the fault injection."""
 
 from __future__ import annotations
 
