@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s rank{env.rank} %(name)s: %(message)s")
     logging.getLogger("trainer").setLevel(logging.INFO if env.rank == 0 else logging.WARNING)
     heartbeat = connect(env)
+    trainer = None
     try:
         from pathlib import Path
 
@@ -50,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat.send(Phase.ERROR, -1, message=str(err), exit_code=int(err.exit_code))
         return int(err.exit_code)
     except Exception as err:
+        vanished = trainer.storage_problem() if trainer is not None else None
+        if vanished:  # e.g. a file of a checkpoint directory being removed: a storage fault, as the check would say
+            print(f"resilient trainer: storage fault: {vanished} ({type(err).__name__}: {err})"[:1000], file=sys.stderr)
+            heartbeat.send(Phase.ERROR, -1, message=vanished, exit_code=int(ExitCode.STORAGE_FAULT))
+            return int(ExitCode.STORAGE_FAULT)
         traceback.print_exc()
         heartbeat.send(Phase.ERROR, -1, message=f"{type(err).__name__}: {err}"[:500])
         return int(ExitCode.RANK_FAILED)

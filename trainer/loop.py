@@ -83,6 +83,12 @@ class Trainer:
         self.heartbeat = connect(env)
         self.is_logger = env.rank == 0
 
+    def storage_problem(self) -> str | None:
+        """Why the checkpoint directory is no longer the one this rank started with (removed or replaced),
+        or None: an error while it vanished is the storage's fault, not this rank's."""
+        checkpointer = getattr(self, "checkpointer", None)
+        return checkpointer.root_problem() if checkpointer is not None else None
+
     def _beat(self, phase: Phase, step: int, **fields) -> None:
         self._last_beat = (phase, step)
         self.heartbeat.send(phase, step, **fields)

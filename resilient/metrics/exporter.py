@@ -159,6 +159,7 @@ class NodeMetrics:
         self.m.spare_nodes.labels(self.node).set(spares)
         self.m.bad_nodes.labels(self.node).set(bad)
         self.m.spare_nodes_configured.labels(self.node).set(configured)
+        self.m.node_replacements.labels(self.node)  # the series exists, at 0, before the first replacement
 
     def on_replacement(self) -> None:
         self.m.node_replacements.labels(self.node).inc()

@@ -54,6 +54,9 @@ class Feeder:
         m.set_state("running", 0)
         m.on_failure("rank_exit")
         m.on_restart()
+        m.on_roster(1, 0, 1)  # one spare node configured and ready
+        m.on_replacement()
+        m.on_roster(0, 1, 1)  # it replaced a failed node: none left, one node out
         report = health_report()
         m.on_health(report, decide_health(report, "training"))
         self.advance()

@@ -42,6 +42,16 @@ def _saved(run_dir: Path, rank: int) -> int | None:
     return json.loads(path.read_text())["step"] if path.exists() else None
 
 
+def _reported_steps(run_dir: Path) -> list[int]:
+    """Each rank's step as the supervisor last published it (status.json); empty before both are known."""
+    try:
+        rows = json.loads((run_dir / "status.json").read_text()).get("ranks") or []
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    steps = [r.get("step") for r in rows]
+    return [int(s) for s in steps] if len(steps) == 2 and None not in steps else []
+
+
 def test_sigstopped_rank_is_found_hung_and_the_run_finishes(tmp_path):
     sup = {"step_timeout_floor_s": 1.5, "step_timeout_factor": 3.0, "step_timeout_min_samples": 3}
     proc, run_dir = _run(tmp_path, 60, sup)
@@ -55,11 +65,12 @@ def test_sigstopped_rank_is_found_hung_and_the_run_finishes(tmp_path):
 
 
 def test_supervisor_sigterm_preempts_with_a_save(tmp_path):
-    proc, run_dir = _run(tmp_path, 100000)
+    proc, run_dir = _run(tmp_path, 100000, {"status_interval_s": 0.2})
     wait_until(lambda: (_saved(run_dir, 1) or 0) >= 10, 60, "rank 1 saved step 10")
+    wait_until(lambda: min(_reported_steps(run_dir), default=0) > 10, 60, "both ranks past step 10")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == ExitCode.PREEMPTED
-    assert all(_saved(run_dir, r) > 10 for r in (0, 1))  # saved where the stop request found it
+    assert all(_saved(run_dir, r) > 10 for r in (0, 1))  # saved where the stop request found them, past step 10
     assert events(run_dir, "failure") == [] and len(events(run_dir, "preempted")) == 1
 
 

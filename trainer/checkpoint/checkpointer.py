@@ -131,7 +131,7 @@ class Checkpointer:
         dist.all_gather_object(problems, problem)
         return next((f"rank {r}: {p}" for r, p in enumerate(problems) if p), None)
 
-    def _root_problem(self) -> str | None:
+    def root_problem(self) -> str | None:
         """Why the checkpoint directory is no longer the one this attempt started with, or None."""
         return permissions.identity_problem(self.root, self.root_id, permissions.DirId.of(self.root))
 
@@ -200,7 +200,7 @@ class Checkpointer:
         started = time.monotonic()
         self.poll(blocking=True)  # one save in flight at a time: finish the previous first
         step, ckpt_dir = state.step, layout.step_dir(self.root, state.step)
-        gone = self._agree(self._root_problem())
+        gone = self._agree(self.root_problem())
         if gone:  # every rank stops alike (STORAGE_FAULT): nothing is saved into, or loaded from, what took its place
             raise StorageFault(gone)
         if (ckpt_dir / layout.MARKER).exists():
@@ -397,7 +397,7 @@ class Checkpointer:
         after that step (a re-execution starts from trusted state; `checkpoint.load_step` does not
         apply). Raises CheckpointError when one was asked for and cannot be used."""
         why = None
-        gone = self._agree(self._root_problem())
+        gone = self._agree(self.root_problem())
         if gone:
             raise StorageFault(gone)
         load_step = self.cfg.load_step if at_most is None else None
