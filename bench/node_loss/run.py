@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ sys.path.insert(0, str(REPO))
 from resilient.core import ledger  # noqa: E402
 from resilient.supervisor.ranks import free_port  # noqa: E402
 from resilient.supervisor.spares import is_parked  # noqa: E402
+from tests.supervisor.harness import events, wait_until  # noqa: E402
 
 CLUSTER_SH = REPO / "deploy" / "slurm" / "cluster.sh"
 HEALTHY_GPU = {"available": True, "device_count": 1, "devices": [{"index": 0}]}
@@ -101,22 +101,8 @@ def write_config(tmp: Path, name: str, *, spares: int, warm: bool = True) -> tup
     return path, run_dir
 
 
-def wait(probe: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = probe()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise TimeoutError(f"{what} not within {timeout:.0f}s")
-
-
 def steps(run_dir: Path) -> list[dict]:
     return list(ledger.read_jsonl(run_dir / "train_log.jsonl"))
-
-
-def events(run_dir: Path, name: str) -> list[dict]:
-    return [e for e in ledger.read(run_dir) if e.get("event") == name]
 
 
 def first_step_after(run_dir: Path, t0: float) -> float | None:
@@ -164,7 +150,7 @@ def trial(cluster: Cluster, tmp: Path, fault: str, n: int) -> dict[str, Any]:
     job = launch(cluster, config)
     out: dict[str, Any] = {"fault": fault, "trial": n}
     try:
-        wait(lambda: [e for e in events(run_dir, "mem_snapshot") if e["step"] >= 2], 600, "a replicated snapshot")
+        wait_until(lambda: [e for e in events(run_dir, "mem_snapshot") if e["step"] >= 2], 600, "a replicated snapshot")
         t0 = time.time()
         if fault in ("rank", "cold"):
             rank1(job).send_signal(signal.SIGKILL)
@@ -178,7 +164,7 @@ def trial(cluster: Cluster, tmp: Path, fault: str, n: int) -> dict[str, Any]:
             node0 = supervisor(job, 0)
             for proc in [node0, *node0.children(recursive=True)]:
                 proc.send_signal(signal.SIGSTOP)
-        done = wait(lambda: first_step_after(run_dir, t0), 900, f"{fault}: the next step")
+        done = wait_until(lambda: first_step_after(run_dir, t0), 900, f"{fault}: the next step")
         out["recover_s"] = done - t0
         if fault in ("frozen", "cut"):
             lost = [f["ts"] for f in events(run_dir, "failure") if f["kind"] == "node_lost" and f["ts"] > t0]
@@ -190,7 +176,7 @@ def trial(cluster: Cluster, tmp: Path, fault: str, n: int) -> dict[str, Any]:
             time.sleep(3.0)
             t1 = time.time()
             rank1(job).send_signal(signal.SIGKILL)
-            out["rank_3s_s"] = wait(lambda: first_step_after(run_dir, t1), 600, "the second recovery") - t1
+            out["rank_3s_s"] = wait_until(lambda: first_step_after(run_dir, t1), 600, "the second recovery") - t1
             started = [e for e in events(run_dir, "attempt_start") if e["ts"] > t1]
             out["warm_3s"] = all(e["warm_ranks"] == 1 for e in started)
         info = cluster.slurm("scontrol", "-o", "show", "job", job)
@@ -212,8 +198,8 @@ def trial(cluster: Cluster, tmp: Path, fault: str, n: int) -> dict[str, Any]:
         # treats as a preemption (save, requeue), and the job would come back.
         cluster.slurm("scancel", "--full", "--signal=KILL", job)
         try:  # the next trial needs the nodes; a job still completing holds them
-            wait(lambda: job not in cluster.slurm("squeue", "-h", "-o", "%i").split(), 600, f"job {job} gone")
-        except TimeoutError as err:
+            wait_until(lambda: job not in cluster.slurm("squeue", "-h", "-o", "%i").split(), 600, f"job {job} gone")
+        except AssertionError as err:  # wait_until's timeout
             print(f"warning: {err}", file=sys.stderr, flush=True)
         for action in ("thaw", "heal"):
             subprocess.run([str(CLUSTER_SH), action, str(cluster.state), "n1"], capture_output=True, timeout=60)

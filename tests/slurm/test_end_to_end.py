@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -17,7 +16,7 @@ import yaml
 
 from resilient.core import secret
 from resilient.core.exit_codes import ExitCode
-from tests.ranks import run_ranks
+from tests.ranks import resilient_cli, run_ranks
 from tests.slurm.runs import FAILED_GPU, STEPS, digest, finished_job, last_step, launch, logs, write_run_config
 from tests.supervisor.harness import events, wait_until
 
@@ -213,8 +212,7 @@ def test_silent_data_corruption_removes_the_suspect_node_and_ends_on_the_fault_f
     (clean / "checkpoints").mkdir(parents=True, mode=0o700)
     shutil.copytree(reference[0] / "checkpoints" / "step_0000008", clean / "checkpoints" / "step_0000008")
     secret.load_or_create(clean)  # another run's checkpoint: this run adopts it on purpose, as an operator would
-    adopt = subprocess.run([sys.executable, "-m", "resilient.cli", "ckpt", "adopt", str(clean)], capture_output=True,
-                           text=True, timeout=120)
+    adopt = resilient_cli("ckpt", "adopt", str(clean))
     assert adopt.returncode == 0 and "step 8: adopted by run" in adopt.stdout, adopt.stdout + adopt.stderr
     # the same intra-op threads as the requeued job's single rank: the environment's, else the host's cores
     threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
