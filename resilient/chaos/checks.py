@@ -60,6 +60,8 @@ def verdicts(report: Mapping[str, Any], *, reference_digest: str | None, expect_
     failed: dict[str, str] = {}
     if not report["finished"]:
         failed["finished"] = f"the run did not finish (last supervisor exit {report['exit_codes'][-1:]})"
+        if report.get("timed_out"):
+            failed["finished"] += f"; the drill timed out: {report['timed_out']}"
     if reference_digest is not None and expect_same_digest and report["digest"] != reference_digest:
         failed["digest"] = f"final digest {report['digest']} differs from the reference {reference_digest}"
     if report["orphans"]:

@@ -93,6 +93,8 @@ class Drill:
         self.supervisor: psutil.Popen | None = None
         self.launched_at = 0.0
         self.exit_codes: list[int] = []
+        self.timed_out: dict[str, Any] | None = None
+        """Where the run stood when the drill's timeout passed (None: it did not)."""
         self.ledger_records: list[dict[str, Any]] = []
         self.train_records: list[dict[str, Any]] = []
         self._offsets = {"ledger": 0, "train": 0}
@@ -108,6 +110,17 @@ class Drill:
         except ConfigError:
             return None
         return status if status.get("written_at", 0) >= self.launched_at else None
+
+    def where_it_stands(self) -> dict[str, Any]:
+        """The evidence a timed-out drill reports: the status phases and the supervisor's last log lines."""
+        status = self._status() or {}
+        try:
+            tail = (self.run_dir / "chaos-supervisor.log").read_text(errors="replace").splitlines()[-8:]
+        except OSError:
+            tail = []
+        return {"step": self.step, "state": status.get("state"),
+                "phases": [(r.get("rank"), r.get("phase")) for r in status.get("ranks", [])],
+                "events": [r.get("event") for r in self.ledger_records[-6:]], "log": tail}
 
     def attempt(self) -> int | None:
         status = self._status()
@@ -261,6 +274,7 @@ def run_drill(opts: DrillOptions, schedule: list[Trigger], faults: list[str], *,
                 d.launch()
                 continue
             if now - started > opts.timeout_s:
+                d.timed_out = d.where_it_stands()
                 d.supervisor.send_signal(signal.SIGTERM)
                 d.exit_codes.append(_wait(d.supervisor, 60))
                 break
@@ -330,6 +344,7 @@ def _report(d: Drill, injections: list[Injection], not_injected: list[dict[str, 
         "seed": seed,
         "finished": finished,
         "exit_codes": d.exit_codes,
+        "timed_out": d.timed_out,
         "launches": len(d.exit_codes),
         "final_step": d.step,
         "digest": final_digest(d.ckpt_root, d.cfg.train.steps) if finished else None,

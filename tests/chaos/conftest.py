@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tests.chaos.drills import drill
+from tests.chaos.drills import drill, why_failed
 
 
 @pytest.fixture(autouse=True, scope="package")
@@ -23,5 +23,5 @@ def _one_thread():
 def reference(tmp_path_factory, _one_thread) -> str:
     """Digest of the fault-free run of the drills' config."""
     report = drill(tmp_path_factory.mktemp("chaos-ref") / "run", "none", [])
-    assert report["passed"] and report["digest"], report
+    assert report["passed"] and report["digest"], why_failed(report)
     return report["digest"]

@@ -16,7 +16,7 @@ from resilient.core import ledger
 from resilient.core.exit_codes import ExitCode
 from resilient.core.ledger import read_jsonl
 from resilient.supervisor.ranks import free_port
-from tests.chaos.drills import COMMON, CONFIG, drill
+from tests.chaos.drills import COMMON, CONFIG, drill, why_failed
 from tests.mcore import current_python
 from tests.ranks import digest
 from tests.supervisor.harness import events as ledger_events
@@ -30,7 +30,7 @@ def _events(report: dict, name: str) -> list[dict]:
 
 
 def _passed(report: dict) -> dict:
-    assert report["passed"], report["failed_checks"]
+    assert report["passed"], why_failed(report)
     assert report["faults"] and all(f["detection_latency_s"] is not None for f in report["faults"])
     return report
 

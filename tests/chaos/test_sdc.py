@@ -17,7 +17,7 @@ import pytest
 
 from resilient.core import ledger
 from resilient.core.exit_codes import ExitCode
-from tests.chaos.drills import COMMON, drill
+from tests.chaos.drills import COMMON, drill, why_failed
 from tests.ranks import run_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -40,7 +40,7 @@ def _losses(run_dir: str | Path, attempt: int | None = None) -> dict[int, float]
 
 
 def _passed(report: dict) -> dict:
-    assert report["passed"], report["failed_checks"]
+    assert report["passed"], why_failed(report)
     [fault] = report["faults"]
     assert fault["kind"] == "bitflip" and fault["detected_by"] == "sdc_confirmed", fault
     return report
@@ -54,7 +54,7 @@ def _resumed_after(report: dict, finding: dict) -> int:
 def reference_dp3(tmp_path_factory) -> dict:
     """The fault-free three-replica run the DP3 drills compare with (one run for the module)."""
     report = drill(tmp_path_factory.mktemp("sdc-ref") / "run", "none", [], steps=STEPS, overrides=DP3 + CHECKS)
-    assert report["passed"] and report["digest"], report
+    assert report["passed"] and report["digest"], why_failed(report)
     return report
 
 

@@ -119,7 +119,7 @@ def test_a_refused_layout_ends_the_rank_with_one_line_and_exit_64(tmp_path):
 
 def test_chaos_drills_pass_with_pp2_and_the_distributed_optimizer(tmp_path, monkeypatch):
     """A killed rank and a preemption, with the acceptance layout: the run ends on the fault-free bits."""
-    from tests.chaos.drills import drill
+    from tests.chaos.drills import drill, why_failed
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # reference and drill: the same float sums
     layout_sets = ("parallel.pp=2", "parallel.distributed_optimizer=true")
@@ -127,6 +127,6 @@ def test_chaos_drills_pass_with_pp2_and_the_distributed_optimizer(tmp_path, monk
     assert reference["passed"] and reference["digest"], reference
     report = drill(tmp_path / "run", "steps:5,9", ["kill_rank", "preempt"], steps=12, reference=reference["digest"],
                    overrides=layout_sets)
-    assert report["passed"], report["failed_checks"]
+    assert report["passed"], why_failed(report)
     assert report["digest"] == reference["digest"]
     assert [f["kind"] for f in report["faults"]] == ["kill_rank", "preempt"]
