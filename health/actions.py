@@ -67,6 +67,7 @@ def record(run_dir: Path, report: HealthReport) -> int:
     """Append one `health` ledger event per non-ok result; returns how many were written."""
     bad = [r for r in report.results if r.severity is not Severity.OK]
     for r in bad:
-        ledger.append(run_dir, LedgerEvent.HEALTH, node=report.node, severity=str(r.severity), check=r.name,
-                      reason=r.reason)
+        ledger.append(
+            run_dir, LedgerEvent.HEALTH, node=report.node, severity=str(r.severity), check=r.name, reason=r.reason
+        )
     return len(bad)

@@ -55,6 +55,7 @@ class ProbeResult(BaseModel):
 
 # ---- pure parts -------------------------------------------------------------------------------
 
+
 def bus_bandwidth(nbytes: int, seconds: float, n: int) -> tuple[float, float]:
     """(algbw, busbw) in GB/s for an all-reduce of `nbytes` over `n` ranks taking `seconds`."""
     algbw = nbytes / seconds / 1e9
@@ -95,8 +96,9 @@ def late_ranks(durations: list[list[float]], late_s: float) -> list[tuple[int, f
     return out
 
 
-def culprits_from_pairs(n: int, pair_gbps: dict[tuple[int, int], float],
-                        min_gbps: float) -> tuple[list[int], list[SlowLink]]:
+def culprits_from_pairs(
+    n: int, pair_gbps: dict[tuple[int, int], float], min_gbps: float
+) -> tuple[list[int], list[SlowLink]]:
     """Ranks all of whose ring pairs are slow, and the slow links those ranks do not explain.
 
     A pair is slow when it is below `min_gbps` and, with three or more pairs to compare, also below half
@@ -116,8 +118,11 @@ def judge(result: ProbeResult, cfg: HealthConfig) -> CheckResult:
     if result.world_size < 2:
         return skipped(name, "one rank: nothing to probe")
     if not result.completed:
-        return fatal(name, f"all-reduce over {result.world_size} ranks failed: {result.error}"
-                     + (f"; {who}" if who else ""), **values)
+        return fatal(
+            name,
+            f"all-reduce over {result.world_size} ranks failed: {result.error}" + (f"; {who}" if who else ""),
+            **values,
+        )
     bw = f"busbw {result.busbw_gbps:.4g} GB/s over {result.world_size} ranks ({result.backend}, {result.nbytes} B)"
     problems = []
     if result.min_busbw_gbps and (result.busbw_gbps or 0.0) < result.min_busbw_gbps:
@@ -133,6 +138,7 @@ def judge(result: ProbeResult, cfg: HealthConfig) -> CheckResult:
 
 # ---- the probe (collective: every rank of the default group calls it) -----------------------------
 
+
 def probe_collective(cfg: HealthConfig, *, node: str = "", store: Any = None, delay_s: float = 0.0) -> ProbeResult:
     """Run the probe over the default process group; every rank must call it.
 
@@ -144,8 +150,14 @@ def probe_collective(cfg: HealthConfig, *, node: str = "", store: Any = None, de
 
     rank, n = dist.get_rank(), dist.get_world_size()
     backend = str(dist.get_backend())
-    result = ProbeResult(completed=False, world_size=n, backend=backend, nbytes=cfg.collective_nbytes,
-                         iters=cfg.collective_iters, min_busbw_gbps=cfg.collective_min_busbw_gbps)
+    result = ProbeResult(
+        completed=False,
+        world_size=n,
+        backend=backend,
+        nbytes=cfg.collective_nbytes,
+        iters=cfg.collective_iters,
+        min_busbw_gbps=cfg.collective_min_busbw_gbps,
+    )
     progress = 0
 
     def mark() -> None:
@@ -186,8 +198,10 @@ def probe_collective(cfg: HealthConfig, *, node: str = "", store: Any = None, de
         result.seconds_per_iter = per_iter
         algbw, busbw = bus_bandwidth(buf.numel() * 4, per_iter, n)
         result.algbw_gbps, result.busbw_gbps = algbw, busbw
-        result.culprits = [Culprit(rank=r, node=result.nodes[r], reason=f"arrived {late:.3f} s late at each all-reduce")
-                           for r, late in late_ranks(durations, cfg.collective_late_s)]
+        result.culprits = [
+            Culprit(rank=r, node=result.nodes[r], reason=f"arrived {late:.3f} s late at each all-reduce")
+            for r, late in late_ranks(durations, cfg.collective_late_s)
+        ]
         if cfg.collective_min_busbw_gbps and busbw < cfg.collective_min_busbw_gbps:
             pair_gbps = _pair_tests(pg, buf, rank, n, delay_s, mark, sync)
             bad, result.slow_links = culprits_from_pairs(n, pair_gbps, cfg.collective_min_busbw_gbps)
@@ -196,8 +210,9 @@ def probe_collective(cfg: HealthConfig, *, node: str = "", store: Any = None, de
                 if r in named:
                     named[r].reason += "; every pair test with its neighbours is slow"
                 else:
-                    result.culprits.append(Culprit(rank=r, node=result.nodes[r],
-                                                   reason="every pair test with its neighbours is slow"))
+                    result.culprits.append(
+                        Culprit(rank=r, node=result.nodes[r], reason="every pair test with its neighbours is slow")
+                    )
         result.completed = True
         dist.destroy_process_group(pg)
     except Exception as err:  # torch raises RuntimeError/DistBackendError subclasses on timeouts and lost peers
@@ -205,8 +220,9 @@ def probe_collective(cfg: HealthConfig, *, node: str = "", store: Any = None, de
     return result
 
 
-def _pair_tests(pg: Any, buf: Any, rank: int, n: int, delay_s: float, mark: Any,
-                sync: Any) -> dict[tuple[int, int], float]:
+def _pair_tests(
+    pg: Any, buf: Any, rank: int, n: int, delay_s: float, mark: Any, sync: Any
+) -> dict[tuple[int, int], float]:
     """Ping-pong `buf` between ring neighbours, round by round; returns GB/s per pair (known to every rank)."""
     import torch
     import torch.distributed as dist

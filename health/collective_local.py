@@ -19,23 +19,41 @@ from health.types import CheckResult
 _STARTUP_MARGIN_S = 15.0
 
 
-def run_local_probe(cfg: HealthConfig, world_size: int, *, node: str, backend: str = "gloo",
-                    delays: dict[int, float] | None = None, absent: set[int] | None = None) -> ProbeResult:
+def run_local_probe(
+    cfg: HealthConfig,
+    world_size: int,
+    *,
+    node: str,
+    backend: str = "gloo",
+    delays: dict[int, float] | None = None,
+    absent: set[int] | None = None,
+) -> ProbeResult:
     """Probe `world_size` local ranks; `delays` (rank -> seconds slept before each transfer) and
     `absent` (ranks never started) inject faults for drills and tests."""
     import torch.distributed as dist
 
     delays, absent = delays or {}, absent or set()
-    store = dist.TCPStore("127.0.0.1", 0, world_size + 1, True, timeout=timedelta(seconds=cfg.collective_timeout_s),
-                          wait_for_workers=False)
+    store = dist.TCPStore(
+        "127.0.0.1",
+        0,
+        world_size + 1,
+        True,
+        timeout=timedelta(seconds=cfg.collective_timeout_s),
+        wait_for_workers=False,
+    )
     # A plain fork could inherit locks held by the launcher's threads (the store's server); a fork
     # server is single-threaded, imports torch once and then forks workers quickly.
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch.distributed", "health.collective"])
     procs = {
-        r: ctx.Process(target=_worker, args=(r, world_size, store.port, backend, cfg.model_dump(mode="json"), node,
-                                             delays.get(r, 0.0)), name=f"health-probe-{r}", daemon=True)
-        for r in range(world_size) if r not in absent
+        r: ctx.Process(
+            target=_worker,
+            args=(r, world_size, store.port, backend, cfg.model_dump(mode="json"), node, delays.get(r, 0.0)),
+            name=f"health-probe-{r}",
+            daemon=True,
+        )
+        for r in range(world_size)
+        if r not in absent
     }
     for p in procs.values():
         p.start()
@@ -48,31 +66,60 @@ def run_local_probe(cfg: HealthConfig, world_size: int, *, node: str, backend: s
             p.kill()
             p.join()
         exit_codes[r] = p.exitcode
-    return combine(world_size, backend, cfg, joined=_keys(store, "joined", world_size),
-                   progress={r: int(v) for r, v in _keys(store, "probe/progress", world_size).items()},
-                   results={r: ProbeResult.model_validate_json(v)
-                            for r, v in _keys(store, "result", world_size).items()},
-                   exit_codes=exit_codes, node=node)
+    return combine(
+        world_size,
+        backend,
+        cfg,
+        joined=_keys(store, "joined", world_size),
+        progress={r: int(v) for r, v in _keys(store, "probe/progress", world_size).items()},
+        results={r: ProbeResult.model_validate_json(v) for r, v in _keys(store, "result", world_size).items()},
+        exit_codes=exit_codes,
+        node=node,
+    )
 
 
-def combine(world_size: int, backend: str, cfg: HealthConfig, *, joined: dict[int, str], progress: dict[int, int],
-            results: dict[int, ProbeResult], exit_codes: dict[int, int | None], node: str) -> ProbeResult:
+def combine(
+    world_size: int,
+    backend: str,
+    cfg: HealthConfig,
+    *,
+    joined: dict[int, str],
+    progress: dict[int, int],
+    results: dict[int, ProbeResult],
+    exit_codes: dict[int, int | None],
+    node: str,
+) -> ProbeResult:
     """One result from the workers' records: the common result if all completed, else who is to blame."""
     if len(results) == world_size and all(r.completed for r in results.values()):
         return results[0]
-    culprits = [Culprit(rank=r, node=node, reason=f"never joined within {cfg.collective_timeout_s:g} s")
-                for r in range(world_size) if r not in joined]
+    culprits = [
+        Culprit(rank=r, node=node, reason=f"never joined within {cfg.collective_timeout_s:g} s")
+        for r in range(world_size)
+        if r not in joined
+    ]
     ahead = max(progress.values(), default=0)
     for r in sorted(joined):
         if r not in results:
             culprits.append(Culprit(rank=r, node=node, reason=f"gave no result (exit code {exit_codes.get(r)})"))
         elif progress.get(r, 0) < ahead:
-            culprits.append(Culprit(rank=r, node=node, reason=f"stopped at probe step {progress.get(r, 0)} "
-                                                              f"while others reached step {ahead}"))
+            culprits.append(
+                Culprit(
+                    rank=r,
+                    node=node,
+                    reason=f"stopped at probe step {progress.get(r, 0)} while others reached step {ahead}",
+                )
+            )
     errors = [res.error for res in results.values() if res.error]
-    return ProbeResult(completed=False, world_size=world_size, backend=backend, nbytes=cfg.collective_nbytes,
-                       iters=cfg.collective_iters, min_busbw_gbps=cfg.collective_min_busbw_gbps, culprits=culprits,
-                       error=errors[0] if errors else "probe did not complete")
+    return ProbeResult(
+        completed=False,
+        world_size=world_size,
+        backend=backend,
+        nbytes=cfg.collective_nbytes,
+        iters=cfg.collective_iters,
+        min_busbw_gbps=cfg.collective_min_busbw_gbps,
+        culprits=culprits,
+        error=errors[0] if errors else "probe did not complete",
+    )
 
 
 def _keys(store: Any, prefix: str, world_size: int) -> dict[int, str]:
@@ -95,16 +142,19 @@ def _worker(rank: int, world_size: int, port: int, backend: str, cfg_json: dict,
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
-        dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world_size,
-                                timeout=timeout)
+        dist.init_process_group(
+            backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world_size, timeout=timeout
+        )
         result = probe_collective(cfg, node=node, store=store, delay_s=delay_s)
         dist.destroy_process_group()
     except Exception as err:  # a join timeout: the launcher names the rank that never came
-        result = ProbeResult(completed=False, world_size=world_size, backend=backend,
-                             error=f"rank {rank}: {str(err).splitlines()[0][:300]}")
+        result = ProbeResult(
+            completed=False,
+            world_size=world_size,
+            backend=backend,
+            error=f"rank {rank}: {str(err).splitlines()[0][:300]}",
+        )
     store.set(f"result/{rank}", result.model_dump_json())
-
-
 
 
 def check_local_collective(cfg: HealthConfig, nproc: int, *, node: str) -> CheckResult:

@@ -56,8 +56,9 @@ def check_ckpt_dir(ckpt: Path, cfg: HealthConfig) -> CheckResult:
     return judge_ckpt_dir(str(ckpt), free, seconds, error, cfg)
 
 
-def judge_ckpt_dir(path: str, free_bytes: int, write_s: float | None, write_error: str,
-                   cfg: HealthConfig) -> CheckResult:
+def judge_ckpt_dir(
+    path: str, free_bytes: int, write_s: float | None, write_error: str, cfg: HealthConfig
+) -> CheckResult:
     name = "node.ckpt_dir"
     values = {"path": path, "free_gib": round(free_bytes / GIB, 3), "write_seconds": write_s}
     if write_s is not None:
@@ -79,8 +80,9 @@ def check_memory(cfg: HealthConfig) -> CheckResult:
 def judge_memory(available_bytes: int, cfg: HealthConfig) -> CheckResult:
     name, gib = "node.memory", available_bytes / GIB
     if available_bytes < cfg.mem_min_available_gib * GIB:
-        return fatal(name, f"{gib:.2f} GiB available, need {cfg.mem_min_available_gib} GiB",
-                     available_gib=round(gib, 3))
+        return fatal(
+            name, f"{gib:.2f} GiB available, need {cfg.mem_min_available_gib} GiB", available_gib=round(gib, 3)
+        )
     return ok(name, f"{gib:.1f} GiB available", available_gib=round(gib, 3))
 
 

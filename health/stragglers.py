@@ -18,8 +18,9 @@ from health.config import HealthConfig
 class StragglerTracker:
     """Per-rank step-time scores relative to the other ranks, with persistence over windows."""
 
-    def __init__(self, *, window: int = 10, threshold: float = 1.2, windows: int = 3,
-                 nodes: dict[int, str] | None = None) -> None:
+    def __init__(
+        self, *, window: int = 10, threshold: float = 1.2, windows: int = 3, nodes: dict[int, str] | None = None
+    ) -> None:
         if window < 1 or windows < 1 or threshold <= 1.0:
             raise ValueError("window and windows must be >= 1 and threshold > 1.0")
         self.window, self.threshold, self.windows = window, threshold, windows
@@ -31,8 +32,9 @@ class StragglerTracker:
 
     @classmethod
     def from_config(cls, cfg: HealthConfig, nodes: dict[int, str] | None = None) -> StragglerTracker:
-        return cls(window=cfg.straggler_window, threshold=cfg.straggler_threshold,
-                   windows=cfg.straggler_windows, nodes=nodes)
+        return cls(
+            window=cfg.straggler_window, threshold=cfg.straggler_threshold, windows=cfg.straggler_windows, nodes=nodes
+        )
 
     def observe(self, rank: int, step_time: float) -> None:
         self._times.setdefault(rank, deque(maxlen=self.window)).append(float(step_time))
@@ -61,6 +63,12 @@ class StragglerTracker:
             if runs >= self.windows:
                 score = self._closed[rank]
                 where = f" on node {self.nodes[rank]}" if rank in self.nodes else ""
-                out.append((rank, score, f"rank {rank}{where} is a persistent straggler: step time "
-                                         f"{score:.2f}x the median for {runs} windows of {self.window} steps"))
+                out.append(
+                    (
+                        rank,
+                        score,
+                        f"rank {rank}{where} is a persistent straggler: step time "
+                        f"{score:.2f}x the median for {runs} windows of {self.window} steps",
+                    )
+                )
         return sorted(out, key=lambda item: -item[1])

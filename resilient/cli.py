@@ -20,28 +20,43 @@ import typer.main
 from resilient.core.errors import ResilientError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("resilient.supervisor.commands",
-            "Train on this machine: one supervisor (node 0 of 1) spawning supervisor.nproc_per_node ranks."),
-    "supervise": ("resilient.supervisor.commands",
-                  "Supervise this node's ranks as one node of a multi-node job (one per node, e.g. under srun)."),
-    "status": ("resilient.status",
-               "Show a run's state, attempt, step, checkpoint, ranks and last failure (from RUN_DIR/status.json)."),
-    "report": ("resilient.report.commands",
-               "Write one self-contained HTML report: loss, throughput/MFU, step time per rank, timeline, goodput."),
+    "run": (
+        "resilient.supervisor.commands",
+        "Train on this machine: one supervisor (node 0 of 1) spawning supervisor.nproc_per_node ranks.",
+    ),
+    "supervise": (
+        "resilient.supervisor.commands",
+        "Supervise this node's ranks as one node of a multi-node job (one per node, e.g. under srun).",
+    ),
+    "status": (
+        "resilient.status",
+        "Show a run's state, attempt, step, checkpoint, ranks and last failure (from RUN_DIR/status.json).",
+    ),
+    "report": (
+        "resilient.report.commands",
+        "Write one self-contained HTML report: loss, throughput/MFU, step time per rank, timeline, goodput.",
+    ),
     "launch": ("resilient.slurm.commands", "Validate the config, render the sbatch script into RUN_DIR and submit it."),
     "slurm": ("resilient.slurm.commands", "Slurm helpers used by the batch script."),
-    "ckpt": ("trainer.checkpoint.commands",
-             "Inspect, check and repair checkpoints (DIR: RUN_DIR, RUN_DIR/checkpoints or a "
-             "Megatron-LM save directory)."),
+    "ckpt": (
+        "trainer.checkpoint.commands",
+        "Inspect, check and repair checkpoints (DIR: RUN_DIR, RUN_DIR/checkpoints or a Megatron-LM save directory).",
+    ),
     "data": ("trainer.data.commands", "Prepare (pre-tokenize) and inspect C4-format training data."),
-    "health": ("resilient.health_commands",
-               "Node health: GPUs (NVML), checkpoint disk, memory, /dev/shm, collectives."),
-    "plan": ("resilient.metrics.commands",
-             "Parameters, memory per GPU, checkpoint cost, Young/Daly checkpoint intervals, spare nodes and "
-             "predicted goodput."),
-    "chaos": ("resilient.chaos.commands",
-              "Run CONFIG under a seeded fault schedule, relaunching after preemption, supervisor death and "
-              "unhealthy-node exits like a requeue; print a JSON report; exit 1 when a check failed."),
+    "health": (
+        "resilient.health_commands",
+        "Node health: GPUs (NVML), checkpoint disk, memory, /dev/shm, collectives.",
+    ),
+    "plan": (
+        "resilient.metrics.commands",
+        "Parameters, memory per GPU, checkpoint cost, Young/Daly checkpoint intervals, spare nodes and "
+        "predicted goodput.",
+    ),
+    "chaos": (
+        "resilient.chaos.commands",
+        "Run CONFIG under a seeded fault schedule, relaunching after preemption, supervisor death and "
+        "unhealthy-node exits like a requeue; print a JSON report; exit 1 when a check failed.",
+    ),
 }
 
 

@@ -123,9 +123,14 @@ def compute_goodput(ledger_records: Iterable[Record], train_log_records: Iterabl
     failed_saves = sum(r.get("event") == "ckpt_save_failed" for r in ledger)
     sdc_findings = sum(r.get("event") == "sdc_confirmed" for r in ledger)
     if not starts:
-        return GoodputReport(now=now, wall_seconds=0.0, productive_seconds=0.0,
-                             badput_seconds=dict.fromkeys(BADPUT_CATEGORIES, 0.0), failed_saves=failed_saves,
-                             sdc_findings=sdc_findings)
+        return GoodputReport(
+            now=now,
+            wall_seconds=0.0,
+            productive_seconds=0.0,
+            badput_seconds=dict.fromkeys(BADPUT_CATEGORIES, 0.0),
+            failed_saves=failed_saves,
+            sdc_findings=sdc_findings,
+        )
 
     allocs = _allocation_index(ledger)
     productive, n_steps, lost, n_lost = _step_times(train_log)
@@ -173,15 +178,17 @@ def render(report: GoodputReport) -> str:
         f"goodput {report.ratio:.1%} of {_duration(report.wall_seconds)} wall "
         f"(productive {_duration(report.productive_seconds)}, {report.productive_steps} steps, "
         f"{report.recomputed_steps} recomputed)",
-        "badput: " + ", ".join(
+        "badput: "
+        + ", ".join(
             f"{cat.replace('_', ' ')} {_duration(report.badput_seconds.get(cat, 0.0))}" for cat in BADPUT_CATEGORIES
         ),
     ]
     if report.last_checkpoint_ts is not None:
-        lines.append(f"last complete checkpoint: step {report.last_checkpoint_step}, "
-                     f"{_duration(report.now - report.last_checkpoint_ts)} ago"
-                     + (f"; {report.failed_saves} failed saves" if report.failed_saves else ""))
+        lines.append(
+            f"last complete checkpoint: step {report.last_checkpoint_step}, "
+            f"{_duration(report.now - report.last_checkpoint_ts)} ago"
+            + (f"; {report.failed_saves} failed saves" if report.failed_saves else "")
+        )
     elif report.failed_saves:
         lines.append(f"no complete checkpoint; {report.failed_saves} failed saves")
     return "\n".join(lines)
-

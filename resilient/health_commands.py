@@ -13,8 +13,9 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Add `resilient health` to the app."""
-    health = typer.Typer(help="Node health: GPUs (NVML), checkpoint disk, memory, /dev/shm, collectives.",
-                         no_args_is_help=True)
+    health = typer.Typer(
+        help="Node health: GPUs (NVML), checkpoint disk, memory, /dev/shm, collectives.", no_args_is_help=True
+    )
 
     @health.command("check")
     def check(
@@ -22,10 +23,12 @@ def register(app: typer.Typer) -> None:
         collective: bool = typer.Option(False, "--collective", help="Also run the local all-reduce probe."),
         config: Path | None = typer.Option(None, "--config", help="Run config YAML (default: built-in defaults)."),
         overrides: list[str] | None = typer.Option(None, "--set", help="Config override key.sub=value (repeatable)."),
-        run_dir: Path | None = typer.Option(None, "--run-dir",
-                                            help="Run directory whose checkpoint directory is checked."),
-        nproc: int | None = typer.Option(None, "--nproc", min=2,
-                                         help="Probe ranks (default: supervisor.nproc_per_node)."),
+        run_dir: Path | None = typer.Option(
+            None, "--run-dir", help="Run directory whose checkpoint directory is checked."
+        ),
+        nproc: int | None = typer.Option(
+            None, "--nproc", min=2, help="Probe ranks (default: supervisor.nproc_per_node)."
+        ),
     ) -> None:
         """Run every health check that applies here; a fatal result exits with UNHEALTHY_NODE (76). With
         metrics.textfile_dir set, the verdict replaces the node's last one there (e.g. after a repair)."""

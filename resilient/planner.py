@@ -85,8 +85,16 @@ class MemoryEstimate:
         return self.weights + self.grads + self.optimizer + self.activations
 
 
-def memory_per_stage(arch: Architecture, layout: Layout, *, seq_len: int, micro_batch: int, grad_accum: int,
-                     state: StateBytes = StateBytes(), act_bytes_factor: float = 34.0) -> list[MemoryEstimate]:
+def memory_per_stage(
+    arch: Architecture,
+    layout: Layout,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    grad_accum: int,
+    state: StateBytes = StateBytes(),
+    act_bytes_factor: float = 34.0,
+) -> list[MemoryEstimate]:
     """Weights, grads, optimizer state and 1F1B activations of one GPU of each pipeline stage.
 
     Matrices are split over TP (norms replicated); master weights and Adam moments are sharded
@@ -105,17 +113,42 @@ def memory_per_stage(arch: Architecture, layout: Layout, *, seq_len: int, micro_
         acts = act_bytes_factor * tokens * h / t * n_layers * in_flight
         if i == layout.pp - 1:
             acts += 4 * tokens * padded_vocab(arch.vocab_size, t) / t  # fp32 logits for the loss
-        stages.append(MemoryEstimate(stage=i, params=params, weights=params * state.weights,
-                                     grads=params * state.grads,
-                                     optimizer=params * (state.master + state.moments) / shard, activations=acts))
+        stages.append(
+            MemoryEstimate(
+                stage=i,
+                params=params,
+                weights=params * state.weights,
+                grads=params * state.grads,
+                optimizer=params * (state.master + state.moments) / shard,
+                activations=acts,
+            )
+        )
     return stages
 
 
-def memory_per_gpu(arch: Architecture, layout: Layout, *, seq_len: int, micro_batch: int, grad_accum: int,
-                   state: StateBytes = StateBytes(), act_bytes_factor: float = 34.0) -> MemoryEstimate:
+def memory_per_gpu(
+    arch: Architecture,
+    layout: Layout,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    grad_accum: int,
+    state: StateBytes = StateBytes(),
+    act_bytes_factor: float = 34.0,
+) -> MemoryEstimate:
     """The busiest pipeline stage of `memory_per_stage`."""
-    return max(memory_per_stage(arch, layout, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum,
-                                state=state, act_bytes_factor=act_bytes_factor), key=lambda m: m.total)
+    return max(
+        memory_per_stage(
+            arch,
+            layout,
+            seq_len=seq_len,
+            micro_batch=micro_batch,
+            grad_accum=grad_accum,
+            state=state,
+            act_bytes_factor=act_bytes_factor,
+        ),
+        key=lambda m: m.total,
+    )
 
 
 # -- time and checkpoint intervals --------------------------------------------------------------
@@ -144,8 +177,10 @@ def restart_coordination_seconds(nodes: int, fit_path: Path = RESTART_COORDINATI
     parts = [data["fits"][k]["a"] * nodes ** data["fits"][k]["b"] for k in ("fail_to_stop_s", "decide_to_go_s")]
     largest = max(data["nodes_measured"])
     how = f"extrapolated beyond the {largest} measured" if nodes > largest else "measured"
-    return sum(parts), (f"{sum(parts):.1f} s at {nodes} nodes ({how}; bench/scale: stop {parts[0]:.2f} s + "
-                        f"barrier {parts[1]:.2f} s, {data['source']})")
+    return sum(parts), (
+        f"{sum(parts):.1f} s at {nodes} nodes ({how}; bench/scale: stop {parts[0]:.2f} s + "
+        f"barrier {parts[1]:.2f} s, {data['source']})"
+    )
 
 
 # -- the whole plan -------------------------------------------------------------------------------
@@ -224,15 +259,23 @@ class Plan:
         return out
 
 
-def make_plan(arch: Architecture, layout: Layout, *, seq_len: int, micro_batch: int, global_batch: int,
-              assume: Assumptions = Assumptions()) -> Plan:
+def make_plan(
+    arch: Architecture,
+    layout: Layout,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    global_batch: int,
+    assume: Assumptions = Assumptions(),
+) -> Plan:
     """Everything `resilient plan` prints, for one architecture on one layout."""
     gpus = layout.world
     params = parameter_count(arch)
     ckpt_bytes = params * assume.state.checkpoint
     grad_accum = max(1, global_batch // (micro_batch * layout.dp))
-    memory = memory_per_gpu(arch, layout, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum,
-                            state=assume.state)
+    memory = memory_per_gpu(
+        arch, layout, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum, state=assume.state
+    )
     tokens_per_step = global_batch * seq_len
     step_s = tokens_per_step * flops_per_token(arch, seq_len) / (gpus * assume.peak_tflops * 1e12 * assume.mfu)
     mtbf_h = assume.mtbf_hours if assume.mtbf_hours is not None else 1 / (LLAMA3_FAILURES_PER_GPU_HOUR * gpus)
@@ -250,16 +293,28 @@ def make_plan(arch: Architecture, layout: Layout, *, seq_len: int, micro_batch: 
     without = share * requeued + (1 - share) * restart
     daly = daly_interval(write_s, mtbf)
     return Plan(
-        gpus=gpus, layout=layout, params=params, published_params=arch.published_params,
-        checkpoint_bytes=ckpt_bytes, memory=memory, hbm_bytes=assume.hbm_gib * 2**30,
-        step_seconds=step_s, tokens_per_gpu_per_second=tokens_per_step / step_s / gpus,
-        mtbf_seconds=mtbf, ckpt_write_seconds=write_s, restart_seconds=restart,
-        restart_coordination_seconds=coordination, restart_coordination_source=source,
-        young_seconds=young_interval(write_s, mtbf), daly_seconds=daly,
+        gpus=gpus,
+        layout=layout,
+        params=params,
+        published_params=arch.published_params,
+        checkpoint_bytes=ckpt_bytes,
+        memory=memory,
+        hbm_bytes=assume.hbm_gib * 2**30,
+        step_seconds=step_s,
+        tokens_per_gpu_per_second=tokens_per_step / step_s / gpus,
+        mtbf_seconds=mtbf,
+        ckpt_write_seconds=write_s,
+        restart_seconds=restart,
+        restart_coordination_seconds=coordination,
+        restart_coordination_source=source,
+        young_seconds=young_interval(write_s, mtbf),
+        daly_seconds=daly,
         daly_interval_steps=max(1, round(daly / step_s)),
         predicted_goodput=predicted_goodput(daly, write_s, with_spares, mtbf),
-        spare_nodes=assume.spare_nodes, node_failures_per_allocation=spares.expected,
-        spares_cover_probability=spares.probability, node_restart_seconds=node_cost,
+        spare_nodes=assume.spare_nodes,
+        node_failures_per_allocation=spares.expected,
+        spares_cover_probability=spares.probability,
+        node_restart_seconds=node_cost,
         node_restart_without_spares_seconds=requeued,
         predicted_goodput_without_spares=predicted_goodput(daly, write_s, without, mtbf),
     )
@@ -293,28 +348,30 @@ def render_plan(plan: Plan) -> str:
     lay = plan.layout
     published = f" (published {plan.published_params / 1e9:.1f}B)" if plan.published_params else ""
     fits = "fits" if m.total <= plan.hbm_bytes else "DOES NOT FIT"
-    return "\n".join([
-        f"parameters        {plan.params / 1e9:.2f}B{published}",
-        f"layout            {plan.gpus} GPUs = TP{lay.tp} x PP{lay.pp} x CP{lay.cp} x DP{lay.dp}"
-        f"{' (distributed optimizer)' if lay.distributed_optimizer else ''}",
-        f"checkpoint        {plan.checkpoint_bytes / 1e12:.2f} TB, write {plan.ckpt_write_seconds:.0f} s",
-        f"memory per GPU    {m.total / gib:.1f} GiB on stage {m.stage} ({fits} in {plan.hbm_bytes / gib:.0f} GiB): "
-        f"weights {m.weights / gib:.1f}, grads {m.grads / gib:.1f}, optimizer {m.optimizer / gib:.1f}, "
-        f"activations {m.activations / gib:.1f}",
-        f"step time         {plan.step_seconds:.1f} s ({plan.tokens_per_gpu_per_second:.0f} tokens/s per GPU)",
-        f"job MTBF          {plan.mtbf_seconds / 3600:.1f} h, restart {plan.restart_seconds / 60:.1f} min "
-        f"(coordination {plan.restart_coordination_seconds:.1f} s + rank start "
-        f"{plan.restart_seconds - plan.restart_coordination_seconds - plan.ckpt_write_seconds:.0f} s + "
-        f"checkpoint read {plan.ckpt_write_seconds:.0f} s)",
-        f"coordination      {plan.restart_coordination_source}",
-        f"interval          Young {plan.young_seconds / 60:.1f} min, Daly {plan.daly_seconds / 60:.1f} min "
-        f"= every {plan.daly_interval_steps} steps",
-        f"predicted goodput {plan.predicted_goodput:.1%} (Daly's expected-wall-time model)",
-        f"spare nodes       {plan.spare_nodes}: cover all {plan.node_failures_per_allocation:.2f} expected node "
-        f"failures per allocation with probability {plan.spares_cover_probability:.1%}; a node failure costs "
-        f"{plan.node_restart_seconds / 60:.1f} min (requeue {plan.node_restart_without_spares_seconds / 60:.1f} "
-        f"min); goodput without spares {plan.predicted_goodput_without_spares:.1%}",
-    ])
+    return "\n".join(
+        [
+            f"parameters        {plan.params / 1e9:.2f}B{published}",
+            f"layout            {plan.gpus} GPUs = TP{lay.tp} x PP{lay.pp} x CP{lay.cp} x DP{lay.dp}"
+            f"{' (distributed optimizer)' if lay.distributed_optimizer else ''}",
+            f"checkpoint        {plan.checkpoint_bytes / 1e12:.2f} TB, write {plan.ckpt_write_seconds:.0f} s",
+            f"memory per GPU    {m.total / gib:.1f} GiB on stage {m.stage} ({fits} in {plan.hbm_bytes / gib:.0f} GiB): "
+            f"weights {m.weights / gib:.1f}, grads {m.grads / gib:.1f}, optimizer {m.optimizer / gib:.1f}, "
+            f"activations {m.activations / gib:.1f}",
+            f"step time         {plan.step_seconds:.1f} s ({plan.tokens_per_gpu_per_second:.0f} tokens/s per GPU)",
+            f"job MTBF          {plan.mtbf_seconds / 3600:.1f} h, restart {plan.restart_seconds / 60:.1f} min "
+            f"(coordination {plan.restart_coordination_seconds:.1f} s + rank start "
+            f"{plan.restart_seconds - plan.restart_coordination_seconds - plan.ckpt_write_seconds:.0f} s + "
+            f"checkpoint read {plan.ckpt_write_seconds:.0f} s)",
+            f"coordination      {plan.restart_coordination_source}",
+            f"interval          Young {plan.young_seconds / 60:.1f} min, Daly {plan.daly_seconds / 60:.1f} min "
+            f"= every {plan.daly_interval_steps} steps",
+            f"predicted goodput {plan.predicted_goodput:.1%} (Daly's expected-wall-time model)",
+            f"spare nodes       {plan.spare_nodes}: cover all {plan.node_failures_per_allocation:.2f} expected node "
+            f"failures per allocation with probability {plan.spares_cover_probability:.1%}; a node failure costs "
+            f"{plan.node_restart_seconds / 60:.1f} min (requeue {plan.node_restart_without_spares_seconds / 60:.1f} "
+            f"min); goodput without spares {plan.predicted_goodput_without_spares:.1%}",
+        ]
+    )
 
 
 # -- replica checks (silent data corruption) --------------------------------------------------------
@@ -325,18 +382,22 @@ COLLECTIVE_HOP_S = 8e-6
 """Latency of one hop of a small-message ring collective between nodes (NCCL's LL protocol, a few us)."""
 
 
-def replica_check_seconds(weight_bytes: float, world: int, *, hbm_gbps: float = H100_HBM_GBPS,
-                          hop_s: float = COLLECTIVE_HOP_S) -> float:
+def replica_check_seconds(
+    weight_bytes: float, world: int, *, hbm_gbps: float = H100_HBM_GBPS, hop_s: float = COLLECTIVE_HOP_S
+) -> float:
     """One replica check on one GPU: its parameters read once at HBM bandwidth (the 64-bit bit sums run on
     the device) plus one all-gather of 8 bytes per rank, latency-bound (a ring of `world` - 1 hops)."""
     return weight_bytes / (hbm_gbps * 1e9) + (world - 1) * hop_s
 
 
-def replica_check_overhead(plan: Plan, interval_steps: int, *, hbm_gbps: float = H100_HBM_GBPS,
-                           hop_s: float = COLLECTIVE_HOP_S) -> tuple[float, str]:
+def replica_check_overhead(
+    plan: Plan, interval_steps: int, *, hbm_gbps: float = H100_HBM_GBPS, hop_s: float = COLLECTIVE_HOP_S
+) -> tuple[float, str]:
     """The share of step time replica checks every `interval_steps` steps cost the plan's busiest GPU."""
     check = replica_check_seconds(plan.memory.weights, plan.gpus, hbm_gbps=hbm_gbps, hop_s=hop_s)
     share = check / (interval_steps * plan.step_seconds)
-    return share, (f"{check * 1e3:.1f} ms per check ({plan.memory.weights / 2**30:.1f} GiB of weights at "
-                   f"{hbm_gbps:g} GB/s + {plan.gpus - 1} hops of {hop_s * 1e6:g} us) every {interval_steps} steps of "
-                   f"{plan.step_seconds:.1f} s: {share:.4%} of step time")
+    return share, (
+        f"{check * 1e3:.1f} ms per check ({plan.memory.weights / 2**30:.1f} GiB of weights at "
+        f"{hbm_gbps:g} GB/s + {plan.gpus - 1} hops of {hop_s * 1e6:g} us) every {interval_steps} steps of "
+        f"{plan.step_seconds:.1f} s: {share:.4%} of step time"
+    )

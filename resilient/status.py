@@ -33,8 +33,9 @@ def write_status(run_dir: str | Path, status: dict[str, Any]) -> None:
     failed = guarded.failures()
     payload = {**status, "written_at": time.time(), **({"storage_errors": failed} if failed else {})}
     # Compact: json's C encoder writes 8192 ranks in milliseconds, its indenting Python encoder does not.
-    guarded.write(path, lambda: atomic_write(path, json.dumps(payload, default=str),
-                                             durable=False))  # rewritten every few seconds; a lost update is harmless
+    guarded.write(
+        path, lambda: atomic_write(path, json.dumps(payload, default=str), durable=False)
+    )  # rewritten every few seconds; a lost update is harmless
 
 
 def read_status(run_dir: str | Path) -> dict[str, Any]:
@@ -83,16 +84,24 @@ def _mapping(value: Any) -> dict[Any, Any]:
 
 def _renderable(status: dict[str, Any], now: float, run_dir: str | Path, incident: str | None) -> Group:
     ports = ", ".join(f"{n}:{p}" for n, p in _mapping(status.get("metrics_ports")).items() if p) or "-"
-    head = Text.assemble(_line(str(status.get("state", "?")), "bold"),
-                         _line(f"  attempt {status.get('attempt')}  step {status.get('step')}  "
-                               f"last checkpoint {status.get('last_checkpoint')}{_memory(status)}  restarts "
-                               f"{status.get('restarts', 0)}  metrics {ports}  (updated "
-                               f"{_age(status.get('written_at'), now)} ago)"))
+    head = Text.assemble(
+        _line(str(status.get("state", "?")), "bold"),
+        _line(
+            f"  attempt {status.get('attempt')}  step {status.get('step')}  "
+            f"last checkpoint {status.get('last_checkpoint')}{_memory(status)}  restarts "
+            f"{status.get('restarts', 0)}  metrics {ports}  (updated "
+            f"{_age(status.get('written_at'), now)} ago)"
+        ),
+    )
     parts: list[Any] = [head]
     failure = _mapping(status.get("last_failure"))
     if failure:
-        parts.append(_line(f"last failure: {failure.get('kind')} rank {failure.get('rank')} node {failure.get('node')} "
-                           f"step {failure.get('step')}: {failure.get('reason')}{_origin(failure)}"))
+        parts.append(
+            _line(
+                f"last failure: {failure.get('kind')} rank {failure.get('rank')} node {failure.get('node')} "
+                f"step {failure.get('step')}: {failure.get('reason')}{_origin(failure)}"
+            )
+        )
         if incident:
             parts.append(_line(f"incident: {render_incident(run_dir, incident)}"))
     stop = _mapping(status.get("stop"))
@@ -103,30 +112,60 @@ def _renderable(status: dict[str, Any], now: float, run_dir: str | Path, inciden
         parts.append(_line(f"storage: {err.get('lost_writes')} write(s) of {path} lost ({err.get('error')})"))
     spares = {n: _mapping(s) for n, s in _mapping(status.get("spares")).items() if s}
     if spares:  # warm standby ranks per node and what they cost
-        parts.append(_line("warm spares: " + ", ".join(
-            f"{n} {s.get('count')} ({(s.get('rss_bytes') or 0) / 2**30:.2f} GiB)" for n, s in spares.items())))
+        parts.append(
+            _line(
+                "warm spares: "
+                + ", ".join(
+                    f"{n} {s.get('count')} ({(s.get('rss_bytes') or 0) / 2**30:.2f} GiB)" for n, s in spares.items()
+                )
+            )
+        )
     roster = _mapping(status.get("roster"))
     if roster and (roster.get("spares") or roster.get("out") or roster.get("epoch")):  # spare nodes in use
         spare = ", ".join(map(str, roster.get("spares") or [])) or "none left"
         nodes = " ".join(map(str, roster.get("nodes") or []))
-        parts.append(_line(f"nodes: {nodes} (coordinator {roster.get('coordinator')}, "
-                           f"epoch {roster.get('epoch')}); spare nodes: {spare}"))
+        parts.append(
+            _line(
+                f"nodes: {nodes} (coordinator {roster.get('coordinator')}, "
+                f"epoch {roster.get('epoch')}); spare nodes: {spare}"
+            )
+        )
     for host, bad in _mapping(status.get("bad_nodes")).items():  # the run's bad-node ledger
         bad = _mapping(bad)
         by = f", replaced by {bad['replaced_by']}" if bad.get("replaced_by") else ""
-        parts.append(_line(f"bad node {host}: {bad.get('kind')} x{bad.get('count')} "
-                           f"(last {_age(bad.get('last_ts'), now)} ago{by}): {bad.get('reason')}"))
+        parts.append(
+            _line(
+                f"bad node {host}: {bad.get('kind')} x{bad.get('count')} "
+                f"(last {_age(bad.get('last_ts'), now)} ago{by}): {bad.get('reason')}"
+            )
+        )
     table = Table("rank", "node", "pid", "phase", "step", "heartbeat age")
     for r in status.get("ranks") or []:
         r = _mapping(r)
-        table.add_row(*(_line(str(v)) for v in (r.get("rank"), r.get("node_name", r.get("node")), r.get("pid"),
-                                                 r.get("phase"), r.get("step"), _age(r.get("last_heartbeat"), now))))
+        table.add_row(
+            *(
+                _line(str(v))
+                for v in (
+                    r.get("rank"),
+                    r.get("node_name", r.get("node")),
+                    r.get("pid"),
+                    r.get("phase"),
+                    r.get("step"),
+                    _age(r.get("last_heartbeat"), now),
+                )
+            )
+        )
     parts.append(table)
     return Group(*parts)
 
 
-def render_status(status: dict[str, Any], console: Console, now: float | None = None,
-                  run_dir: str | Path = ".", incident: str | None = None) -> None:
+def render_status(
+    status: dict[str, Any],
+    console: Console,
+    now: float | None = None,
+    run_dir: str | Path = ".",
+    incident: str | None = None,
+) -> None:
     """Print the status as a summary line, a failure line (and its incident) and a per-rank table."""
     console.print(_renderable(status, time.time() if now is None else now, run_dir, incident))
 
@@ -148,12 +187,14 @@ def render_incident(run_dir: str | Path, incident: str) -> str:
     return f"{where}: culprit rank {culprit.get('rank')} at {culprit.get('frame') or '?'} ({culprit.get('reason')})"
 
 
-def run_goodput(run_dir: str | Path, now: float | None = None,
-                records: list[dict[str, Any]] | None = None) -> GoodputReport:
+def run_goodput(
+    run_dir: str | Path, now: float | None = None, records: list[dict[str, Any]] | None = None
+) -> GoodputReport:
     """Goodput of a run directory from its ledger and train log, at `now` (default: the clock)."""
     records = list(ledger.read(run_dir)) if records is None else records
-    return compute_goodput(records, list(ledger.read_jsonl(RunDir(run_dir).train_log)),
-                           time.time() if now is None else now)
+    return compute_goodput(
+        records, list(ledger.read_jsonl(RunDir(run_dir).train_log)), time.time() if now is None else now
+    )
 
 
 class StatusView:
@@ -168,16 +209,26 @@ class StatusView:
         ended = self.data.get("state") in ENDED_STATES  # an ended run stops accruing wall time at its last update
         self.goodput = run_goodput(run_dir, now=self.data.get("written_at") if ended else None, records=records)
         self.incident = last_incident(records)
-        job_id = next((str(r.get("job_id")) for r in reversed(records) if r.get("event") == LedgerEvent.SUBMITTED),
-                      None)
+        job_id = next(
+            (str(r.get("job_id")) for r in reversed(records) if r.get("event") == LedgerEvent.SUBMITTED), None
+        )
         self.slurm = {"job_id": job_id, "state": job_state(job_id)} if job_id else None
 
     def as_json(self) -> str:
         g = self.goodput
-        return json.dumps({**self.data, "goodput": {"ratio": g.ratio, "wall_seconds": g.wall_seconds,
-                                                    "productive_seconds": g.productive_seconds,
-                                                    "badput_seconds": g.badput_seconds},
-                           "slurm": self.slurm, "incident": self.incident})  # compact: C encoder
+        return json.dumps(
+            {
+                **self.data,
+                "goodput": {
+                    "ratio": g.ratio,
+                    "wall_seconds": g.wall_seconds,
+                    "productive_seconds": g.productive_seconds,
+                    "badput_seconds": g.badput_seconds,
+                },
+                "slurm": self.slurm,
+                "incident": self.incident,
+            }
+        )  # compact: C encoder
 
     def renderable(self) -> Group:
         parts: list[Any] = [_renderable(self.data, time.time(), self.run_dir, self.incident)]
@@ -191,10 +242,12 @@ def register(app: Any) -> None:
     import typer
 
     @app.command("status")
-    def status(run_dir: Path = typer.Argument(..., help="Run directory."),
-               as_json: bool = typer.Option(False, "--json", help="Print status.json as JSON."),
-               watch: bool = typer.Option(False, "--watch", help="Refresh in place until interrupted."),
-               interval: float = typer.Option(2.0, "--interval", min=0.2, help="Seconds between refreshes.")) -> None:
+    def status(
+        run_dir: Path = typer.Argument(..., help="Run directory."),
+        as_json: bool = typer.Option(False, "--json", help="Print status.json as JSON."),
+        watch: bool = typer.Option(False, "--watch", help="Refresh in place until interrupted."),
+        interval: float = typer.Option(2.0, "--interval", min=0.2, help="Seconds between refreshes."),
+    ) -> None:
         """Show a run's state, attempt, step, checkpoint, ranks and last failure (from RUN_DIR/status.json)."""
         if as_json:
             typer.echo(StatusView(run_dir).as_json())

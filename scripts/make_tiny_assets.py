@@ -143,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     train_tokenizer([r["text"] for shard in train for r in shard], args.tokenizer)
 
     n_train = sum(len(s) for s in train)
-    print(f"{n_train} train + {len(validation)} validation documents -> {args.data_dir}; "
-          f"tokenizer ({VOCAB_SIZE} tokens) -> {args.tokenizer}", file=sys.stderr)
+    print(
+        f"{n_train} train + {len(validation)} validation documents -> {args.data_dir}; "
+        f"tokenizer ({VOCAB_SIZE} tokens) -> {args.tokenizer}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -38,8 +38,9 @@ def gpus(*devices: dict[str, Any]) -> dict[str, Any]:
     return {"available": True, "device_count": len(devices), "devices": list(devices)}
 
 
-HEALTHY_GPUS = gpus({"index": 0, "temperature_c": 55, "power_w": 300.0},
-                    {"index": 1, "temperature_c": 58, "power_w": 290.0})
+HEALTHY_GPUS = gpus(
+    {"index": 0, "temperature_c": 55, "power_w": 300.0}, {"index": 1, "temperature_c": 58, "power_w": 290.0}
+)
 
 
 class AlertWatch:
@@ -49,9 +50,14 @@ class AlertWatch:
         self.textfile_dir = workdir / "textfiles"
         self.textfile_dir.mkdir(parents=True)
         self.node_exporter = NodeExporter(self.textfile_dir, workdir)
-        self.prometheus = PrometheusServer(workdir / "prometheus", [], scrape_interval=SCRAPE_INTERVAL,
-                                           evaluation_interval=EVALUATION_INTERVAL, file_sd=True,
-                                           jobs={"node": [self.node_exporter.address]})
+        self.prometheus = PrometheusServer(
+            workdir / "prometheus",
+            [],
+            scrape_interval=SCRAPE_INTERVAL,
+            evaluation_interval=EVALUATION_INTERVAL,
+            file_sd=True,
+            jobs={"node": [self.node_exporter.address]},
+        )
         self._seen: list[tuple[float, dict[str, Any]]] = []
         self._keys: set[tuple] = set()
         self._lock = threading.Lock()
@@ -102,8 +108,15 @@ class AlertWatch:
         want = {"alertname": alertname, **labels}
         return [a for a in self.prometheus.alerts() if a["state"] == "firing" and want.items() <= a["labels"].items()]
 
-    def wait_firing(self, alertname: str, timeout: float, *, now: bool = False,
-                    abort: Callable[[], str | None] = lambda: None, **labels: str) -> dict[str, Any]:
+    def wait_firing(
+        self,
+        alertname: str,
+        timeout: float,
+        *,
+        now: bool = False,
+        abort: Callable[[], str | None] = lambda: None,
+        **labels: str,
+    ) -> dict[str, Any]:
         """The first alert `alertname` with `labels` seen firing (with `now`: firing at this moment); fails
         after `timeout` seconds, or at once when `abort` names a reason (the run driving it failed)."""
         deadline = time.monotonic() + timeout
@@ -114,9 +127,13 @@ class AlertWatch:
             if (why := abort()) is not None:
                 raise AssertionError(f"{alertname} {labels}: the run that should raise it failed: {why}")
             if time.monotonic() > deadline:
-                seen = sorted({a["labels"]["alertname"] + str({k: v for k, v in a["labels"].items()
-                                                               if k in ("node", "gpu", "rank")})
-                               for _, a in self._seen})
+                seen = sorted(
+                    {
+                        a["labels"]["alertname"]
+                        + str({k: v for k, v in a["labels"].items() if k in ("node", "gpu", "rank")})
+                        for _, a in self._seen
+                    }
+                )
                 raise AssertionError(f"{alertname} {labels} not firing within {timeout:.0f}s; fired so far: {seen}")
             time.sleep(0.5)
 
@@ -136,8 +153,15 @@ class LiveRun:
     `health.fake_nvml_dir`, its node facts written to `textfile_dir` (None: not written). `repo`: the
     source tree to run (a bench compares another commit's)."""
 
-    def __init__(self, work: Path, node: str, textfile_dir: Path | None, sets: list[str],
-                 gpu_state: dict[str, Any] = HEALTHY_GPUS, repo: Path = REPO) -> None:
+    def __init__(
+        self,
+        work: Path,
+        node: str,
+        textfile_dir: Path | None,
+        sets: list[str],
+        gpu_state: dict[str, Any] = HEALTHY_GPUS,
+        repo: Path = REPO,
+    ) -> None:
         self.node, self.work, self.repo = node, work, repo
         self.run_dir = work / "run"
         nvml = work / "nvml"
@@ -145,8 +169,15 @@ class LiveRun:
         self.nvml_file = nvml / f"{node}.json"
         self.set_gpus(gpu_state)
         self.log = work / "supervisor.log"
-        self.sets = ["supervisor.nproc_per_node=1", "train.steps=100000", "train.eval_every=0", "metrics.port=0",
-                     f"health.fake_nvml_dir={nvml}", "health.write_test_bytes=4096", *sets]
+        self.sets = [
+            "supervisor.nproc_per_node=1",
+            "train.steps=100000",
+            "train.eval_every=0",
+            "metrics.port=0",
+            f"health.fake_nvml_dir={nvml}",
+            "health.write_test_bytes=4096",
+            *sets,
+        ]
         if textfile_dir is not None:
             self.sets.append(f"metrics.textfile_dir={textfile_dir}")
         self.proc: subprocess.Popen | None = None
@@ -155,11 +186,17 @@ class LiveRun:
         config = self.repo / TINY.relative_to(REPO)
         cmd = [sys.executable, "-m", "resilient.cli", "run", str(config), "--run-dir", str(self.run_dir)]
         cmd += [a for s in self.sets for a in ("--set", s)]
-        env = {**os.environ, "PYTHONPATH": str(self.repo), "RESILIENT_NODE_NAME": self.node, "OMP_NUM_THREADS": "1",
-               "PYTHONWARNINGS": "ignore"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(self.repo),
+            "RESILIENT_NODE_NAME": self.node,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONWARNINGS": "ignore",
+        }
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=self.repo, env=env, stdout=subprocess.DEVNULL, stderr=log,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, cwd=self.repo, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
+            )
         return self
 
     def stop(self) -> None:
@@ -197,21 +234,28 @@ class LiveRun:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"{self.node}: supervisor exited {self.proc.returncode} while waiting for "
-                                     f"{what}:\n{self.log.read_text()[-3000:]}")
+                raise AssertionError(
+                    f"{self.node}: supervisor exited {self.proc.returncode} while waiting for "
+                    f"{what}:\n{self.log.read_text()[-3000:]}"
+                )
             got = probe()
             if got:
                 return got
             time.sleep(0.2)
-        raise AssertionError(f"{self.node}: timed out after {timeout:.0f}s waiting for {what}:\n"
-                             f"{self.log.read_text()[-3000:]}")
+        raise AssertionError(
+            f"{self.node}: timed out after {timeout:.0f}s waiting for {what}:\n{self.log.read_text()[-3000:]}"
+        )
 
     def metrics_port(self, timeout: float = 180) -> int:
-        return self.wait(lambda: next(iter((self.status().get("metrics_ports") or {}).values()), None), timeout,
-                         "the metrics port in status.json")
+        return self.wait(
+            lambda: next(iter((self.status().get("metrics_ports") or {}).values()), None),
+            timeout,
+            "the metrics port in status.json",
+        )
 
     def running_rank(self, timeout: float = 180) -> tuple[int, int]:
         """(attempt, pid) of the rank once its attempt has completed a step."""
+
         def probe() -> tuple[int, int] | None:
             status = self.status()
             attempt, ranks = status.get("attempt"), status.get("ranks") or []
@@ -219,6 +263,7 @@ class LiveRun:
             if status.get("state") == "running" and stepped and ranks and ranks[0].get("pid"):
                 return attempt, ranks[0]["pid"]
             return None
+
         return self.wait(probe, timeout, "a running rank that completed a step")
 
     def exit_code(self, timeout: float) -> int:
@@ -226,8 +271,9 @@ class LiveRun:
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.node}: supervisor still running after {timeout:.0f}s:\n"
-                                 f"{self.log.read_text()[-3000:]}") from None
+            raise AssertionError(
+                f"{self.node}: supervisor still running after {timeout:.0f}s:\n{self.log.read_text()[-3000:]}"
+            ) from None
 
 
 class Driver(threading.Thread):

@@ -24,10 +24,16 @@ LINES = {"0.16": sys.executable, "0.19": str(CURRENT_VENV / "bin" / "python")}
 def installed_version(python: str) -> str:
     """megatron-core's version in `python`'s environment (without importing megatron)."""
     if not Path(python).exists():
-        pytest.fail(f"{python} is missing: run `bash scripts/setup.sh --test` (it installs the current "
-                    "megatron-core line next to 0.16.1)")
-    out = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('megatron-core'))"],
-                         capture_output=True, text=True, timeout=60)
+        pytest.fail(
+            f"{python} is missing: run `bash scripts/setup.sh --test` (it installs the current "
+            "megatron-core line next to 0.16.1)"
+        )
+    out = subprocess.run(
+        [python, "-c", "import importlib.metadata as m; print(m.version('megatron-core'))"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 

@@ -16,17 +16,28 @@ TINY = REPO / "examples" / "tiny.yaml"
 
 def rank_env(rank: int, world: int, port: int, run_dir: Path, extra: dict | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                "RESILIENT_RUN_DIR": str(run_dir), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    env.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RESILIENT_RUN_DIR": str(run_dir),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONWARNINGS": "ignore",
+        }
+    )
     env.pop("RESILIENT_HEARTBEAT_SOCKET", None)
     env.pop("RESILIENT_SUPERVISOR_PID", None)
     env.update(extra or {})
     return env
 
 
-def spawn_ranks(run_dir: Path, overrides: list[str], *, world: int = 2, config: Path = TINY,
-                extra_env: dict | None = None) -> list[subprocess.Popen]:
+def spawn_ranks(
+    run_dir: Path, overrides: list[str], *, world: int = 2, config: Path = TINY, extra_env: dict | None = None
+) -> list[subprocess.Popen]:
     """Start `world` ranks on this machine, logs in run_dir/rank{R}.log."""
     run_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -34,9 +45,15 @@ def spawn_ranks(run_dir: Path, overrides: list[str], *, world: int = 2, config: 
     procs = []
     for rank in range(world):
         log = open(run_dir / f"rank{rank}.log", "ab")
-        procs.append(subprocess.Popen([sys.executable, "-m", "trainer", "--config", str(config), *sets],
-                                      cwd=REPO, env=rank_env(rank, world, port, run_dir, extra_env),
-                                      stdout=log, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "trainer", "--config", str(config), *sets],
+                cwd=REPO,
+                env=rank_env(rank, world, port, run_dir, extra_env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
     return procs
 
 
@@ -59,8 +76,14 @@ def run_ranks(run_dir: Path, overrides: list[str], *, world: int = 2, timeout: f
 
 def resilient_cli(*args: str, timeout: float = 120, python: str = sys.executable) -> subprocess.CompletedProcess:
     """`resilient ARGS` with `python` (another megatron-core line's interpreter, when given)."""
-    return subprocess.run([python, "-m", "resilient.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return subprocess.run(
+        [python, "-m", "resilient.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
 
 
 def digest(run_dir: Path, step: int | None = None, python: str = sys.executable) -> str:

@@ -28,15 +28,27 @@ print("\\n" + json.dumps({"code": code, "heavy": heavy}))
 
 
 def _heavy_imports(*args: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", _PROBE, *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_read_only_commands_import_neither_torch_nor_megatron(tmp_path):
     run_dir = make_run(tmp_path / "run")
-    for args in (["status", str(run_dir), "--json"], ["status", str(run_dir)], ["--help"],
-                 ["ckpt", "list", str(run_dir)], ["plan", "--help"], ["report", "--help"]):
+    for args in (
+        ["status", str(run_dir), "--json"],
+        ["status", str(run_dir)],
+        ["--help"],
+        ["ckpt", "list", str(run_dir)],
+        ["plan", "--help"],
+        ["report", "--help"],
+    ):
         got = _heavy_imports(*args)
         assert got["code"] in (0, None) and got["heavy"] == [], (args, got)
 
@@ -60,9 +72,14 @@ def test_status_watch_refreshes_in_place_until_interrupted(tmp_path):
 
     run_dir = make_run(tmp_path / "run")
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "resilient.cli", "status", str(run_dir), "--watch",
-                             "--interval", "0.2"], cwd=REPO, stdin=slave, stdout=slave, stderr=slave,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resilient.cli", "status", str(run_dir), "--watch", "--interval", "0.2"],
+        cwd=REPO,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"},
+    )
     os.close(slave)
     drawn = b""
     deadline = time.monotonic() + 60

@@ -9,14 +9,22 @@ import sys
 
 from tests.supervisor.harness import REPO
 
-_SCRIPT = ("import time; from resilient.core.progress import track\n"
-           "for _ in track(range(4), 'verifying step_0000010', total=4000, weight=lambda i: 1000): time.sleep(0.3)\n"
-           "print('done')")
+_SCRIPT = (
+    "import time; from resilient.core.progress import track\n"
+    "for _ in track(range(4), 'verifying step_0000010', total=4000, weight=lambda i: 1000): time.sleep(0.3)\n"
+    "print('done')"
+)
 
 
 def _run(stderr) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, stdout=subprocess.PIPE, stderr=stderr,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "100"}, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", _SCRIPT],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "100"},
+        timeout=60,
+    )
 
 
 def test_bar_on_a_terminal_only():

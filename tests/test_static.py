@@ -1,4 +1,4 @@
-"""The static gates: ruff (lint, pyproject.toml [tool.ruff]) over the whole tree and mypy (pyproject.toml
+"""The static gates: ruff (lint and format, pyproject.toml [tool.ruff]) over the whole tree and mypy (pyproject.toml
 [tool.mypy]) over the core, the rank protocol and the decision modules. CI runs only pytest, so the gates
 are tests. Neither may pass by checking nothing: ruff's configuration is shown to catch each selected rule
 family, and mypy must report every file its configuration names."""
@@ -17,17 +17,37 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "pyproject.toml"
 
 
-def _ruff(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+def _ruff(*args: str, cwd: Path = ROOT, command: str = "check") -> subprocess.CompletedProcess[str]:
     ruff = shutil.which("ruff")
     assert ruff is not None, "ruff is a test dependency (pip install -e .[test])"
-    return subprocess.run([ruff, "check", "--no-cache", "--config", str(CONFIG), "--output-format", "concise", *args],
-                          cwd=cwd, capture_output=True, text=True, timeout=120)
+    options = ["--output-format", "concise"] if command == "check" else []
+    return subprocess.run(
+        [ruff, command, "--no-cache", "--config", str(CONFIG), *options, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_ruff_passes_on_the_tree():
     proc = _ruff(".")
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert "All checks passed!" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_the_tree_is_formatted():
+    proc = _ruff("--check", ".", command="format")
+    assert proc.returncode == 0, "run `ruff format .`:\n" + proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert re.search(r"\d+ files already formatted", proc.stdout), proc.stdout[-2000:]
+
+
+def test_the_format_check_catches_unformatted_code(tmp_path):
+    # the gate is not vacuous: the same configuration flags a file written in another style
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = {  'a':1 }\n")
+    proc = _ruff("--check", str(bad), cwd=tmp_path, command="format")
+    assert proc.returncode == 1 and "1 file would be reformatted" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_ruff_config_catches_each_selected_family(tmp_path):
@@ -62,7 +82,12 @@ def test_mypy_passes_on_the_core_the_rank_protocol_and_the_decisions():
     checked = _mypy_files()
     assert ROOT / "resilient" / "supervisor" / "decisions.py" in checked and len(checked) > 20, checked
     # This interpreter's mypy, so that it sees the packages (pydantic, tenacity) this interpreter imports.
-    proc = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(CONFIG)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", str(CONFIG)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert f"Success: no issues found in {len(checked)} source files" in proc.stdout, proc.stdout[-2000:]

@@ -23,8 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # checkpoints, logs and caches are the operator's alone
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="run config YAML")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted override, e.g. train.steps=50 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. train.steps=50 (repeatable)",
+    )
     args = parser.parse_args(argv)
 
     from resilient.core.errors import ResilientError

@@ -97,7 +97,14 @@ class BitFlipper:
         index = flip.index if flip.index is not None else tensor.numel() // 2
         bit = flip.bit if flip.bit is not None else default_bit(tensor.dtype, flip.target)
         before, after = flip_bit(tensor, index, bit)
-        record = {"step": flip.step, "target": flip.target, "tensor": where, "index": index, "bit": bit,
-                  "before": before, "after": after if math.isfinite(after) else str(after)}
+        record = {
+            "step": flip.step,
+            "target": flip.target,
+            "tensor": where,
+            "index": index,
+            "bit": bit,
+            "before": before,
+            "after": after if math.isfinite(after) else str(after),
+        }
         self.fired.append(record)
         log.warning("fault injection: bit flip %s", record)

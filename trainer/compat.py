@@ -29,8 +29,9 @@ def _has_param(func: Any, name: str) -> bool:
     return name in inspect.signature(func).parameters
 
 
-def split_for_context_parallel(batch: dict[str, torch.Tensor],
-                               cp_group: torch.distributed.ProcessGroup) -> dict[str, torch.Tensor]:
+def split_for_context_parallel(
+    batch: dict[str, torch.Tensor], cp_group: torch.distributed.ProcessGroup
+) -> dict[str, torch.Tensor]:
     """This context-parallel rank's 2 of 2*cp load-balanced sequence chunks, split over `cp_group`.
 
     0.18 made the group an argument that defaults to None, which splits over the whole world (silently
@@ -55,8 +56,10 @@ def load_common(ckpt_dir: Path) -> dict[str, Any]:
     """The non-tensor state of a torch_dist checkpoint. 0.19 keeps it inside the shards (no `common.pt`),
     which 0.16.1 cannot read: such a checkpoint is refused with one line instead of a crash."""
     if not (ckpt_dir / "common.pt").exists() and RELEASE < Version("0.19"):
-        raise ConfigError(f"{ckpt_dir.name} was written by megatron-core >= 0.19 (its common state is inside the "
-                          "shards); this megatron-core cannot read it: run the current megatron-core line")
+        raise ConfigError(
+            f"{ckpt_dir.name} was written by megatron-core >= 0.19 (its common state is inside the "
+            "shards); this megatron-core cannot read it: run the current megatron-core line"
+        )
     return dist_checkpointing.load_common_state_dict(str(ckpt_dir))
 
 

@@ -189,14 +189,20 @@ def cpu_refusal(cfg: TrainerConfig) -> str | None:
     """Why megatron's local (non-TE) layers cannot run this layout on CPU (one line), or None."""
     p, t = cfg.parallel, cfg.train
     if p.cp > 1:
-        return ("parallel.cp: context parallelism needs transformer-engine attention on GPU; megatron's local "
-                "attention (CPU) cannot split the sequence")
+        return (
+            "parallel.cp: context parallelism needs transformer-engine attention on GPU; megatron's local "
+            "attention (CPU) cannot split the sequence"
+        )
     if p.sequence_parallel:
-        return ("parallel.sequence_parallel: needs transformer-engine (or apex) norms on GPU; megatron's torch "
-                "norm (CPU) refuses it")
+        return (
+            "parallel.sequence_parallel: needs transformer-engine (or apex) norms on GPU; megatron's torch "
+            "norm (CPU) refuses it"
+        )
     if t.recompute_granularity:
-        return ("train.recompute_granularity: activation recomputation runs on GPU only; on CPU megatron recomputes "
-                "where the CPU bridge cannot map its CUDA calls")
+        return (
+            "train.recompute_granularity: activation recomputation runs on GPU only; on CPU megatron recomputes "
+            "where the CPU bridge cannot map its CUDA calls"
+        )
     return None
 
 
@@ -208,8 +214,9 @@ def _runnable(arch: Architecture, p: ParallelConfig, t: TrainConfig, seq_len: in
     if split:
         return f"parallel.pp: {split}"
     if p.vpp and grad_accum % p.pp:
-        return (f"parallel.vpp: the interleaved schedule needs micro-batches per step ({grad_accum}) "
-                f"divisible by pp={p.pp}")
+        return (
+            f"parallel.vpp: the interleaved schedule needs micro-batches per step ({grad_accum}) divisible by pp={p.pp}"
+        )
     if p.sequence_parallel and p.tp < 2:
         return "parallel.sequence_parallel: needs tp > 1"
     if p.overlap_param_gather and not p.distributed_optimizer:
@@ -227,9 +234,15 @@ def _runnable(arch: Architecture, p: ParallelConfig, t: TrainConfig, seq_len: in
     return None
 
 
-def load_trainer_config(path: str | Path | None, overrides: list[str] | None = None,
-                        world_size: int | None = None, *, no_link: bool = False) -> TrainerConfig:
+def load_trainer_config(
+    path: str | Path | None, overrides: list[str] | None = None, world_size: int | None = None, *, no_link: bool = False
+) -> TrainerConfig:
     """The trainer's sections of a run config file; with `world_size`, the layout is checked for it.
     `no_link`: the file is the one the supervisor wrote (RUN_DIR/config.yaml), read without following a link."""
-    return load_section(TrainerConfig, path, overrides,
-                        check=(lambda c: c.check_layout(world_size)) if world_size else None, no_link=no_link)
+    return load_section(
+        TrainerConfig,
+        path,
+        overrides,
+        check=(lambda c: c.check_layout(world_size)) if world_size else None,
+        no_link=no_link,
+    )

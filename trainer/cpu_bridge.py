@@ -66,8 +66,16 @@ def _is_cuda(device: object) -> bool:
 
 
 _CPU = torch.device("cpu")
-_TYPE_NAMES = {"torch.FloatTensor", "torch.HalfTensor", "torch.BFloat16Tensor", "torch.DoubleTensor",
-               "torch.IntTensor", "torch.LongTensor", "torch.ByteTensor", "torch.BoolTensor"}
+_TYPE_NAMES = {
+    "torch.FloatTensor",
+    "torch.HalfTensor",
+    "torch.BFloat16Tensor",
+    "torch.DoubleTensor",
+    "torch.IntTensor",
+    "torch.LongTensor",
+    "torch.ByteTensor",
+    "torch.BoolTensor",
+}
 
 
 class CudaToCpu(TorchFunctionMode):
@@ -160,6 +168,7 @@ def install_megatron_training_bridge() -> None:
     cuda.set_device = lambda device: None
     cuda.current_device = lambda: 0
     cuda.get_device_properties = lambda device=None: types.SimpleNamespace(
-        name="cpu", major=9, minor=0, total_memory=1 << 34, multi_processor_count=1)
+        name="cpu", major=9, minor=0, total_memory=1 << 34, multi_processor_count=1
+    )
     cuda.get_rng_state = lambda device="cuda": torch.empty(0, dtype=torch.uint8)
     cuda.set_rng_state = lambda state, device="cuda": None

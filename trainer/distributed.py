@@ -29,13 +29,19 @@ def init_distributed(env: RankEnv, layout: Layout, *, timeout_s: float) -> torch
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         key = rendezvous.rendezvous_key(env)
-        store = (rendezvous.rendezvous_store(env, key, timeout_s) if key is not None
-                 else _rendezvous_store(env.master_addr, env.master_port, env.rank, env.world_size, timeout_s))
-        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        store = (
+            rendezvous.rendezvous_store(env, key, timeout_s)
+            if key is not None
+            else _rendezvous_store(env.master_addr, env.master_port, env.rank, env.world_size, timeout_s)
+        )
+        dist.init_process_group(
+            backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s)
+        )
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp, context_parallel_size=layout.cp,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        context_parallel_size=layout.cp,
         distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
     )
     return device
@@ -58,8 +64,15 @@ def _rendezvous_store(addr: str, port: int, rank: int, world_size: int, timeout_
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(sockaddr)
     listener.listen(1024)
-    store = dist.TCPStore(addr, port, world_size=world_size, is_master=True, timeout=timeout,
-                          master_listen_fd=listener.fileno(), use_libuv=True)
+    store = dist.TCPStore(
+        addr,
+        port,
+        world_size=world_size,
+        is_master=True,
+        timeout=timeout,
+        master_listen_fd=listener.fileno(),
+        use_libuv=True,
+    )
     _LISTENERS.append(listener)  # the server uses the fd for the life of the process group
     return store
 

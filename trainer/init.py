@@ -28,13 +28,15 @@ def _global_name(chunk: torch.nn.Module, name: str) -> str:
     if not match:
         return name
     layer_number = chunk.decoder.layers[int(match.group(1))].layer_number  # 1-based, global
-    return f"decoder.layers.{layer_number - 1}.{name[match.end():]}"
+    return f"decoder.layers.{layer_number - 1}.{name[match.end() :]}"
 
 
 @torch.no_grad()
 def init_layout_invariant(chunks: list[torch.nn.Module], seed: int) -> None:
-    tp, tp_rank = (parallel_state.get_tensor_model_parallel_world_size(),
-                   parallel_state.get_tensor_model_parallel_rank())
+    tp, tp_rank = (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_tensor_model_parallel_rank(),
+    )
     for wrapped in chunks:
         chunk = unwrap(wrapped)
         config = chunk.config

@@ -71,8 +71,11 @@ class FaultInjection:
                 return e.get("attempt", self.attempt) == self.attempt
 
             self._nan_steps = {int(e["step"]) for e in doc.get("nan_loss", []) if mine(e)}
-            flips = [BitFlip(int(e["step"]), e.get("target", "weights"), e.get("bit"), e.get("parameter"),
-                             e.get("index")) for e in doc.get("bitflip", []) if mine(e) and e.get("rank") == self.rank]
+            flips = [
+                BitFlip(int(e["step"]), e.get("target", "weights"), e.get("bit"), e.get("parameter"), e.get("index"))
+                for e in doc.get("bitflip", [])
+                if mine(e) and e.get("rank") == self.rank
+            ]
             if any(f.target not in TARGETS for f in flips):
                 raise ValueError(f"bitflip target must be one of {', '.join(TARGETS)}")
             self._flips = {f.step: f for f in flips}

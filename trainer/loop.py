@@ -45,12 +45,21 @@ log = logging.getLogger("trainer")
 def model_layout(cfg: TrainerConfig, *, on_gpu: bool) -> Layout:
     """The config's parallel and precision fields, as the model and optimizer builders take them."""
     p, t = cfg.parallel, cfg.train
-    return Layout(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, sequence_parallel=p.sequence_parallel,
-                  bf16=t.precision == "bf16" or (t.precision == "auto" and on_gpu),
-                  recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
-                  recompute_num_layers=t.recompute_num_layers, distributed_optimizer=p.distributed_optimizer,
-                  overlap_grad_reduce=p.overlap_grad_reduce, overlap_param_gather=p.overlap_param_gather,
-                  grad_reduce_in_fp32=t.grad_reduce_in_fp32)
+    return Layout(
+        tp=p.tp,
+        pp=p.pp,
+        cp=p.cp,
+        vpp=p.vpp,
+        sequence_parallel=p.sequence_parallel,
+        bf16=t.precision == "bf16" or (t.precision == "auto" and on_gpu),
+        recompute_granularity=t.recompute_granularity,
+        recompute_method=t.recompute_method,
+        recompute_num_layers=t.recompute_num_layers,
+        distributed_optimizer=p.distributed_optimizer,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
+        grad_reduce_in_fp32=t.grad_reduce_in_fp32,
+    )
 
 
 @dataclass(frozen=True)
@@ -101,15 +110,19 @@ class Trainer:
         cfg, env = self.cfg, self.env
         # Every attempt, before the first collective: the whole path to the directories this rank writes is
         # this user's alone (the supervisor checked too; a rank run without one checks on its own).
-        permissions.require_private([self.run_dir, cfg.checkpoint.root(self.run_dir)], allowed=env.allow_shared_dir,
-                                    flag="supervisor.allow_shared_dir=true")
+        permissions.require_private(
+            [self.run_dir, cfg.checkpoint.root(self.run_dir)],
+            allowed=env.allow_shared_dir,
+            flag="supervisor.allow_shared_dir=true",
+        )
         arch = cfg.model.architecture()
         # Input checks run on every rank before the first collective, so a bad path fails all ranks
         # at once with the config exit code instead of leaving the others waiting at a barrier.
         vocab = check_inputs(cfg.data)
         if vocab > arch.vocab_size:
-            raise ConfigError(f"data.tokenizer: vocabulary of {vocab} tokens exceeds the model's vocab_size "
-                              f"{arch.vocab_size}")
+            raise ConfigError(
+                f"data.tokenizer: vocabulary of {vocab} tokens exceeds the model's vocab_size {arch.vocab_size}"
+            )
         p = cfg.parallel
         on_gpu = torch.cuda.is_available()
         if not on_gpu and (problem := cpu_refusal(cfg)):
@@ -123,38 +136,74 @@ class Trainer:
             init_layout_invariant(self.chunks, cfg.train.seed)
         self.optimizer = build_optimizer(self.chunks, cfg.train, self.layout)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
-        self.runner = StepRunner(self.chunks, self.optimizer, seq_len=cfg.seq_len, micro_batch=cfg.train.micro_batch,
-                                 device=self.device)
+        self.runner = StepRunner(
+            self.chunks, self.optimizer, seq_len=cfg.seq_len, micro_batch=cfg.train.micro_batch, device=self.device
+        )
         if env.rank == 0:
             prepare_if_needed(cfg.data, self.run_dir)
         dist.barrier()
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-        loader = build_train_loader(cfg.data, run_dir=self.run_dir, seq_len=cfg.seq_len,
-                                    global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch,
-                                    dp_rank=dp_rank, dp_size=dp_size, seed=cfg.train.seed)
-        self.val_batches = (build_validation_batches(cfg.data, run_dir=self.run_dir, seq_len=cfg.seq_len,
-                                                     micro_batch=cfg.train.micro_batch, dp_rank=dp_rank,
-                                                     dp_size=dp_size) if cfg.train.eval_every else [])
+        loader = build_train_loader(
+            cfg.data,
+            run_dir=self.run_dir,
+            seq_len=cfg.seq_len,
+            global_batch=cfg.train.global_batch,
+            micro_batch=cfg.train.micro_batch,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            seed=cfg.train.seed,
+        )
+        self.val_batches = (
+            build_validation_batches(
+                cfg.data,
+                run_dir=self.run_dir,
+                seq_len=cfg.seq_len,
+                micro_batch=cfg.train.micro_batch,
+                dp_rank=dp_rank,
+                dp_size=dp_size,
+            )
+            if cfg.train.eval_every
+            else []
+        )
         if p.vpp:  # the interleaved schedule runs whole groups of pp micro-batches
-            self.val_batches = self.val_batches[:len(self.val_batches) - len(self.val_batches) % p.pp]
+            self.val_batches = self.val_batches[: len(self.val_batches) - len(self.val_batches) % p.pp]
             if cfg.train.eval_every and not self.val_batches:
                 raise ConfigError(f"data.validation_docs: too few validation windows for pp={p.pp} with vpp")
         identity = arch.model_dump(exclude={"published_params"})
         identity["padded_vocab"] = padded_vocab(arch.vocab_size, p.tp)
-        self.state = TrainState(self.chunks, self.optimizer, self.scheduler, numerics.SkippingLoader(loader),
-                                identity=identity)
+        self.state = TrainState(
+            self.chunks, self.optimizer, self.scheduler, numerics.SkippingLoader(loader), identity=identity
+        )
         self.losses = numerics.LossHistory()
         self.grad_norms = numerics.LossHistory()
         self.injection = FaultInjection(self.run_dir, env.attempt, env.rank)
         self.flipper = BitFlipper(self.chunks)
         self.runner.after_grad_reduce = self.flipper.after_grad_reduce
-        self.sdc = (SdcGuard(cfg.numerics, self.chunks, Topology.gather(env), device=self.device, run_dir=self.run_dir,
-                             attempt=env.attempt) if cfg.numerics.replica_check_interval_steps else None)
+        self.sdc = (
+            SdcGuard(
+                cfg.numerics,
+                self.chunks,
+                Topology.gather(env),
+                device=self.device,
+                run_dir=self.run_dir,
+                attempt=env.attempt,
+            )
+            if cfg.numerics.replica_check_interval_steps
+            else None
+        )
         self._withdrawn: dict[str, list[int]] = {"disk": [], "memory": []}
-        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, final_step=cfg.train.steps, device=self.device,
-                                         attempt=env.attempt, history=env.history, on_commit=self._on_commit,
-                                         on_save_start=self._on_save_start, local_world=env.local_world_size,
-                                         allow_shared_dir=env.allow_shared_dir)
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint,
+            self.run_dir,
+            final_step=cfg.train.steps,
+            device=self.device,
+            attempt=env.attempt,
+            history=env.history,
+            on_commit=self._on_commit,
+            on_save_start=self._on_save_start,
+            local_world=env.local_world_size,
+            allow_shared_dir=env.allow_shared_dir,
+        )
         self.flops_per_token = flops_per_token(arch, cfg.seq_len)
         self.peak = device_peak_flops(self.device, cfg.train.peak_flops)
 
@@ -176,8 +225,9 @@ class Trainer:
         flags = torch.stack([loss.detach().float(), torch.tensor(float(self.stop_flag.requested), device=self.device)])
         dist.all_reduce(flags)
         loss_sum, stops = flags.tolist()
-        return StepResult(loss_sum / self._loss_ranks, grad_norm, int(self.runner.loss_bits), window, compute_time,
-                          stops > 0)
+        return StepResult(
+            loss_sum / self._loss_ranks, grad_norm, int(self.runner.loss_bits), window, compute_time, stops > 0
+        )
 
     @property
     def _loss_ranks(self) -> int:
@@ -213,15 +263,22 @@ class Trainer:
         self._build()
         cfg, state = self.cfg, self.state
         if self.is_logger:
-            ledger.append(self.run_dir, LedgerEvent.RANK_INIT, rank=0, attempt=self.env.attempt,
-                          seconds=round(time.time() - started, 3))
+            ledger.append(
+                self.run_dir,
+                LedgerEvent.RANK_INIT,
+                rank=0,
+                attempt=self.env.attempt,
+                seconds=round(time.time() - started, 3),
+            )
         self._beat(Phase.RESTORE, 0)
         resumed = self.checkpointer.resume(state)
         if resumed is not None:
             log.info("resumed from step %d (%d samples consumed)", resumed, state.consumed_samples)
         if state.step > cfg.train.steps:  # would end at once with its final step neither trained nor saved
-            raise ConfigError(f"train.steps: {cfg.train.steps} is below the step the run resumed at ({state.step}); "
-                              "raise it to continue the run")
+            raise ConfigError(
+                f"train.steps: {cfg.train.steps} is below the step the run resumed at ({state.step}); "
+                "raise it to continue the run"
+            )
         self.checkpointer.start(state.step)
         self._beat(Phase.STEP, state.step, consumed_samples=state.consumed_samples)  # training starts here
         tokens_per_step = cfg.train.global_batch * cfg.seq_len
@@ -240,8 +297,14 @@ class Trainer:
             if self.sdc is not None and verdict.fault is None and not self.sdc.reexecuting and self.sdc.due(state.step):
                 check = self.sdc.check(state.step)
                 self.checkpointer.last_agreeing_step = self.sdc.last_agreeing
-            self._record_step(r.loss, r.grad_norm, step_time, r.compute_time, tokens_per_step,
-                              **({"replica_check_s": check.seconds} if check is not None else {}))
+            self._record_step(
+                r.loss,
+                r.grad_norm,
+                step_time,
+                r.compute_time,
+                tokens_per_step,
+                **({"replica_check_s": check.seconds} if check is not None else {}),
+            )
             self.losses.add(state.step, r.loss)
             self.grad_norms.add(state.step, r.grad_norm)
             if self.sdc is not None:
@@ -291,11 +354,16 @@ class Trainer:
         """The step's loss, then its gradient norm (the same values on every rank: one verdict)."""
         train, factor = self.cfg.train, self.cfg.numerics.grad_norm_spike_factor
         step = self.state.step
-        verdict = numerics.judge_loss(r.loss, self.losses.before(step), spike_factor=train.loss_spike_factor,
-                                      window=train.loss_spike_window)
+        verdict = numerics.judge_loss(
+            r.loss, self.losses.before(step), spike_factor=train.loss_spike_factor, window=train.loss_spike_window
+        )
         if verdict.fault is None:
-            verdict = numerics.judge_grad_norm(r.grad_norm, self.grad_norms.before(step) if factor else [],
-                                               spike_factor=factor, window=train.loss_spike_window)
+            verdict = numerics.judge_grad_norm(
+                r.grad_norm,
+                self.grad_norms.before(step) if factor else [],
+                spike_factor=factor,
+                window=train.loss_spike_window,
+            )
         return verdict
 
     # -- silent data corruption ---------------------------------------------------------------------
@@ -324,8 +392,11 @@ class Trainer:
         loaded = self._load_trusted(self.sdc.last_agreeing)
         if loaded is None:
             self.sdc.suspicion = None
-            log.warning("step %d: no checkpoint at or before the last agreeing step %s to re-execute from",
-                        self.state.step, self.sdc.last_agreeing)
+            log.warning(
+                "step %d: no checkpoint at or before the last agreeing step %s to re-execute from",
+                self.state.step,
+                self.sdc.last_agreeing,
+            )
             self._roll_back(verdict, r.loss, r.window)
             return
         self.sdc.reexecute_from(loaded)
@@ -341,8 +412,9 @@ class Trainer:
         self._distrust_after(bound)
         loaded = self._load_trusted(bound)
         if loaded is None:
-            self._found(self.sdc.unattributed(check, bound, f"no checkpoint at or before step {bound} to "
-                                                            "re-execute from"))
+            self._found(
+                self.sdc.unattributed(check, bound, f"no checkpoint at or before step {bound} to re-execute from")
+            )
         self.sdc.reexecute_from(loaded)
 
     def _conclude(self, verdict: numerics.Verdict, r: StepResult) -> None:
@@ -353,11 +425,17 @@ class Trainer:
         if not attribution.reproduced:
             self._found(self.sdc.by_reexecution(suspicion, attribution, again))
         if suspicion.kind == MISMATCH:
-            raise numerics.NumericFaultError(f"step {suspicion.step}: replicas diverge the same way again when "
-                                             f"re-executed from step {suspicion.from_step} ({suspicion.reason}): "
-                                             "not a transient fault")
-        log.warning("step %d: the re-execution from step %d reproduced it: %s", suspicion.step, suspicion.from_step,
-                    suspicion.reason)
+            raise numerics.NumericFaultError(
+                f"step {suspicion.step}: replicas diverge the same way again when "
+                f"re-executed from step {suspicion.from_step} ({suspicion.reason}): "
+                "not a transient fault"
+            )
+        log.warning(
+            "step %d: the re-execution from step %d reproduced it: %s",
+            suspicion.step,
+            suspicion.from_step,
+            suspicion.reason,
+        )
         if verdict.fault is not None:  # every result reproduced bitwise, so the verdict did too
             self._roll_back(verdict, r.loss, r.window, reexecuted_from=suspicion.from_step)
 
@@ -396,26 +474,38 @@ class Trainer:
         nodes = self.sdc.topology.nodes_of(finding.suspects)
         code = verdicts.exit_code_for(self.env.rank, self.env.node_rank, nodes, action)
         named = f"rank(s) {', '.join(map(str, finding.suspects))}" if finding.suspects else "no rank could be named"
-        message = (f"step {finding.step}: silent data corruption ({finding.kind}, {finding.how}): {named}; resuming "
-                   f"from the newest checkpoint at or before step {finding.trusted_until}")
+        message = (
+            f"step {finding.step}: silent data corruption ({finding.kind}, {finding.how}): {named}; resuming "
+            f"from the newest checkpoint at or before step {finding.trusted_until}"
+        )
         log.error("%s", message)
         if code is not None:
             raise SilentDataCorruption(message, code)
         raise _AwaitStop(message)
 
-    def _roll_back(self, verdict: numerics.Verdict, loss: float, window_start: int, *,
-                   reexecuted_from: int | None = None) -> None:
+    def _roll_back(
+        self, verdict: numerics.Verdict, loss: float, window_start: int, *, reexecuted_from: int | None = None
+    ) -> None:
         """Undo the faulty step: reload the newest checkpoint and skip the samples that step consumed."""
         state, train = self.state, self.cfg.train
         step, window = state.step, (window_start, state.loader.position)
         self.checkpointer.finish()  # a save in flight holds good state: commit it first
         committed = layout.committed_steps(self.checkpointer.root)
-        allowed, why = numerics.rollback_allowed(len(state.loader.skips), train.max_rollbacks,
-                                                 committed[-1] if committed else None)
+        allowed, why = numerics.rollback_allowed(
+            len(state.loader.skips), train.max_rollbacks, committed[-1] if committed else None
+        )
         if self.is_logger:
             reproduced = {} if reexecuted_from is None else {"reproduced_from": reexecuted_from}
-            ledger.append(self.run_dir, LedgerEvent.NUMERIC_FAULT, step=step, kind=verdict.fault, loss=str(loss),
-                          reason=verdict.reason, action=train.numeric_fault_action if allowed else "fail", **reproduced)
+            ledger.append(
+                self.run_dir,
+                LedgerEvent.NUMERIC_FAULT,
+                step=step,
+                kind=verdict.fault,
+                loss=str(loss),
+                reason=verdict.reason,
+                action=train.numeric_fault_action if allowed else "fail",
+                **reproduced,
+            )
         if train.numeric_fault_action == "fail" or not allowed:
             raise numerics.NumericFaultError(f"step {step}: {verdict.reason}; {why if not allowed else 'policy fail'}")
         state.loader.skip(*window)
@@ -425,38 +515,84 @@ class Trainer:
         self.losses.forget_after(resumed)
         self.grad_norms.forget_after(resumed)
         if self.is_logger:
-            ledger.append(self.run_dir, LedgerEvent.DATA_SKIP, step=step, from_sample=window[0], to_sample=window[1],
-                          rollback_to=resumed)
-        log.warning("step %d: %s; rolled back to step %d, skipping samples [%d, %d)", step, verdict.reason,
-                    resumed, *window)
+            ledger.append(
+                self.run_dir,
+                LedgerEvent.DATA_SKIP,
+                step=step,
+                from_sample=window[0],
+                to_sample=window[1],
+                rollback_to=resumed,
+            )
+        log.warning(
+            "step %d: %s; rolled back to step %d, skipping samples [%d, %d)", step, verdict.reason, resumed, *window
+        )
         self._beat(Phase.STEP, state.step, consumed_samples=state.consumed_samples)
 
-    def _record_step(self, loss: float, grad_norm: float, step_time: float, compute_time: float,
-                     tokens_per_step: int, **extra: float) -> None:
+    def _record_step(
+        self, loss: float, grad_norm: float, step_time: float, compute_time: float, tokens_per_step: int, **extra: float
+    ) -> None:
         state = self.state
         tokens_per_s = tokens_per_step / step_time
         mfu = tokens_per_s * self.flops_per_token / (self.peak * self.env.world_size)
         lr = self.optimizer.param_groups[0]["lr"]
-        record = {"ts": time.time(), "attempt": self.env.attempt, "step": state.step, "loss": loss, "lr": lr,
-                  "grad_norm": grad_norm, "step_time": step_time, "tokens": state.consumed_tokens,
-                  "tokens_per_s": tokens_per_s, "mfu": mfu, "consumed_samples": state.consumed_samples, **extra}
+        record = {
+            "ts": time.time(),
+            "attempt": self.env.attempt,
+            "step": state.step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "step_time": step_time,
+            "tokens": state.consumed_tokens,
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu,
+            "consumed_samples": state.consumed_samples,
+            **extra,
+        }
         if self.device.type == "cuda":  # rank 0's high-water mark, for checking the planner's memory model
             record["max_memory_allocated"] = torch.cuda.max_memory_allocated(self.device)
-        self._beat(Phase.STEP, state.step, loss=loss, lr=lr, grad_norm=grad_norm, step_time=step_time,
-                   compute_time=compute_time,
-                   tokens=state.consumed_tokens, tokens_per_s=tokens_per_s, mfu=mfu,
-                   consumed_samples=state.consumed_samples, ckpt_intervals=self.checkpointer.intervals)
+        self._beat(
+            Phase.STEP,
+            state.step,
+            loss=loss,
+            lr=lr,
+            grad_norm=grad_norm,
+            step_time=step_time,
+            compute_time=compute_time,
+            tokens=state.consumed_tokens,
+            tokens_per_s=tokens_per_s,
+            mfu=mfu,
+            consumed_samples=state.consumed_samples,
+            ckpt_intervals=self.checkpointer.intervals,
+        )
         if not self.is_logger:
             return
         ledger.append_jsonl(RunDir(self.run_dir).train_log, record)
         if state.step % self.cfg.train.log_every == 0 or state.step == self.cfg.train.steps:
-            log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s step %.3fs mfu %.2f%%",
-                     state.step, self.cfg.train.steps, loss, lr, grad_norm, tokens_per_s, step_time, 100 * mfu)
+            log.info(
+                "step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s step %.3fs mfu %.2f%%",
+                state.step,
+                self.cfg.train.steps,
+                loss,
+                lr,
+                grad_norm,
+                tokens_per_s,
+                step_time,
+                100 * mfu,
+            )
 
     def _record_eval(self, val_loss: float) -> None:
         self._beat(Phase.STEP, self.state.step, val_loss=val_loss)  # back to the step timeout
         if self.is_logger:
-            ledger.append_jsonl(RunDir(self.run_dir).train_log, {"ts": time.time(), "attempt": self.env.attempt,
-                                                     "step": self.state.step, "val_loss": val_loss,
-                                                     "val_log_ppl": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+            ledger.append_jsonl(
+                RunDir(self.run_dir).train_log,
+                {
+                    "ts": time.time(),
+                    "attempt": self.env.attempt,
+                    "step": self.state.step,
+                    "val_loss": val_loss,
+                    "val_log_ppl": val_loss,
+                    "val_ppl": math.exp(min(val_loss, 50)),
+                },
+            )
             log.info("step %d validation loss %.4f (ppl %.1f)", self.state.step, val_loss, math.exp(min(val_loss, 50)))

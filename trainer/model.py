@@ -43,8 +43,9 @@ class Layout:
     grad_reduce_in_fp32: bool = True
 
 
-def transformer_config(arch: Architecture, layout: Layout, *, on_gpu: bool,
-                       initialize: bool = True) -> TransformerConfig:
+def transformer_config(
+    arch: Architecture, layout: Layout, *, on_gpu: bool, initialize: bool = True
+) -> TransformerConfig:
     """Llama: RMSNorm, SwiGLU, no biases, no dropout, RoPE; bf16 or fp32 parameters."""
     dtype = torch.bfloat16 if layout.bf16 else torch.float32
     layers = stage_layers(arch.num_layers, layout.pp)
@@ -113,8 +114,16 @@ def _layer_spec(use_te: bool):
     return get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
-def build_chunk(arch: Architecture, config: TransformerConfig, *, tp: int, vp_stage: int | None,
-                pre_process: bool, post_process: bool, use_te: bool) -> GPTModel:
+def build_chunk(
+    arch: Architecture,
+    config: TransformerConfig,
+    *,
+    tp: int,
+    vp_stage: int | None,
+    pre_process: bool,
+    post_process: bool,
+    use_te: bool,
+) -> GPTModel:
     """One (virtual) pipeline stage of the model."""
     return GPTModel(
         config=config,
@@ -149,12 +158,12 @@ def build_model(arch: Architecture, layout: Layout, *, device: torch.device) -> 
         vp_stage = vp if layout.vpp else None
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-        chunk = build_chunk(arch, config, tp=layout.tp, vp_stage=vp_stage, pre_process=pre, post_process=post,
-                            use_te=use_te).to(device)
+        chunk = build_chunk(
+            arch, config, tp=layout.tp, vp_stage=vp_stage, pre_process=pre, post_process=post, use_te=use_te
+        ).to(device)
         # As Megatron-LM: later chunks' reduces already overlap the earlier chunks' backward, so
         # only the first chunk is split into buckets.
-        chunks.append(DistributedDataParallel(config, ddp_config, chunk,
-                                              disable_bucketing=vp > 0))
+        chunks.append(DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=vp > 0))
     return chunks
 
 
@@ -176,12 +185,19 @@ def stage_parameter_count(arch: Architecture, layout: Layout, *, pp_rank: int) -
         for vp in range(layout.vpp or 1):
             vp_stage = vp if layout.vpp else None
             layers = get_num_layers_to_build(full, vp_stage=vp_stage, pp_rank=pp_rank)
-            stage = transformer_config(arch.model_copy(update={"num_layers": layers}), Layout(), on_gpu=False,
-                                       initialize=False)
+            stage = transformer_config(
+                arch.model_copy(update={"num_layers": layers}), Layout(), on_gpu=False, initialize=False
+            )
             stage.use_cpu_initialization = False
-            chunk = build_chunk(arch, stage, tp=1, vp_stage=None, use_te=False,
-                                pre_process=pp_rank == 0 and vp == 0,
-                                post_process=pp_rank == layout.pp - 1 and vp == (layout.vpp or 1) - 1)
+            chunk = build_chunk(
+                arch,
+                stage,
+                tp=1,
+                vp_stage=None,
+                use_te=False,
+                pre_process=pp_rank == 0 and vp == 0,
+                post_process=pp_rank == layout.pp - 1 and vp == (layout.vpp or 1) - 1,
+            )
             total += sum(p.numel() for p in chunk.parameters())
     return total
 
@@ -205,4 +221,3 @@ def params_gathered(chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
     finally:
         for chunk in hooked:
             chunk.enable_forward_pre_hook()
-

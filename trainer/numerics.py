@@ -49,8 +49,7 @@ def judge_grad_norm(norm: float, recent: Sequence[float], *, spike_factor: float
     return _judge("gradient norm", "grad_norm_", norm, recent, spike_factor, window)
 
 
-def _judge(what: str, prefix: str, value: float, recent: Sequence[float], spike_factor: float,
-           window: int) -> Verdict:
+def _judge(what: str, prefix: str, value: float, recent: Sequence[float], spike_factor: float, window: int) -> Verdict:
     if math.isnan(value):
         return Verdict(f"{prefix}nan", f"{what} is NaN")
     if math.isinf(value):
@@ -59,8 +58,9 @@ def _judge(what: str, prefix: str, value: float, recent: Sequence[float], spike_
     if spike_factor > 0 and len(level) >= window:
         typical = statistics.median(level)
         if typical > 0 and value > spike_factor * typical:
-            return Verdict(f"{prefix}spike", f"{what} {value:.4g} exceeds {spike_factor:g} x the recent median "
-                                             f"{typical:.4g}")
+            return Verdict(
+                f"{prefix}spike", f"{what} {value:.4g} exceeds {spike_factor:g} x the recent median {typical:.4g}"
+            )
     return Verdict(None, f"{what} is finite and within the spike bound")
 
 

@@ -27,8 +27,15 @@ from trainer.sdc.digest import bit_sum
 class StepRunner:
     """Binds the model chunks, the optimizer and the schedule for a fixed sequence length."""
 
-    def __init__(self, chunks: list[torch.nn.Module], optimizer: MegatronOptimizer, *, seq_len: int,
-                 micro_batch: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        chunks: list[torch.nn.Module],
+        optimizer: MegatronOptimizer,
+        *,
+        seq_len: int,
+        micro_batch: int,
+        device: torch.device,
+    ) -> None:
         self.chunks, self.optimizer = chunks, optimizer
         self.seq_len, self.micro_batch, self.device = seq_len, micro_batch, device
         self.schedule = get_forward_backward_func()
@@ -50,8 +57,11 @@ class StepRunner:
             config.param_sync_func = sync[0] if len(sync) == 1 else sync
         self.positions = torch.arange(seq_len, device=device).unsqueeze(0)
         self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-        self.cp_group = (parallel_state.get_context_parallel_group()
-                         if parallel_state.get_context_parallel_world_size() > 1 else None)
+        self.cp_group = (
+            parallel_state.get_context_parallel_group()
+            if parallel_state.get_context_parallel_world_size() > 1
+            else None
+        )
 
     def _finalize_grads(self, *args, **kwargs):
         # The first collective every rank of the step waits in: the time before it is this rank's own
@@ -64,15 +74,19 @@ class StepRunner:
 
     def _forward(self, poison: float, data_iterator, model) -> tuple[torch.Tensor, Callable]:
         tokens = next(data_iterator).to(self.device, non_blocking=True)
-        batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
-                 "position_ids": self.positions.expand(tokens.shape[0], -1)}
+        batch = {
+            "tokens": tokens[:, :-1],
+            "labels": tokens[:, 1:],
+            "position_ids": self.positions.expand(tokens.shape[0], -1),
+        }
         if self.cp_group is not None:
             batch = split_for_context_parallel(batch, self.cp_group)
         per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return per_token, partial(_loss, poison)
 
-    def run(self, micro_batches: Sequence[torch.Tensor], *, forward_only: bool = False,
-            poison: float = 1.0) -> torch.Tensor:
+    def run(
+        self, micro_batches: Sequence[torch.Tensor], *, forward_only: bool = False, poison: float = 1.0
+    ) -> torch.Tensor:
         """Forward (and backward) over the micro-batches; returns this rank's mean loss (a tensor:
         the micro-batch mean on the last pipeline stage, 0 elsewhere)."""
         iterators = [iter(micro_batches) for _ in self.chunks]  # every virtual stage walks them all

@@ -33,8 +33,10 @@ sys.path.insert(0, str(REPO))
 
 from tests.alerting import AlertWatch, LiveRun, gpus  # noqa: E402
 
-BAD = {"xid": (gpus({"index": 0, "xids": [79]}, {"index": 1}), "ResilientGpuXidCritical"),
-       "lost": (gpus({"index": 0, "lost": True}, {"index": 1}), "ResilientGpuLost")}
+BAD = {
+    "xid": (gpus({"index": 0, "xids": [79]}, {"index": 1}), "ResilientGpuXidCritical"),
+    "lost": (gpus({"index": 0, "lost": True}, {"index": 1}), "ResilientGpuLost"),
+}
 SETS = ["health.monitor_interval_s=1", "supervisor.warm_spares=false", "checkpoint.interval_steps=1000"]
 
 
@@ -51,9 +53,15 @@ def trial(work: Path, node: str, kind: str, textfile_dir: Path | None, repo: Pat
     finally:
         run.stop()
     fatal = [e for e in run.events("health") if e.get("severity") == "fatal"]
-    return {"node": node, "kind": kind, "tree": "baseline" if textfile_dir is None else "this", "exit_code": code,
-            "injected": injected, "inject_to_exit_s": exited - injected,
-            "verdict_to_exit_s": exited - fatal[0]["ts"] if fatal else None}
+    return {
+        "node": node,
+        "kind": kind,
+        "tree": "baseline" if textfile_dir is None else "this",
+        "exit_code": code,
+        "injected": injected,
+        "inject_to_exit_s": exited - injected,
+        "verdict_to_exit_s": exited - fatal[0]["ts"] if fatal else None,
+    }
 
 
 def facts_write_cost(directory: Path, writes: int = 400) -> dict:
@@ -64,8 +72,10 @@ def facts_write_cost(directory: Path, writes: int = 400) -> dict:
     from resilient.metrics.textfile import NodeFacts
 
     facts = NodeFacts(directory, "bench-write")
-    reports = [HealthReport("bench-write", [ok("gpu.xid", "no XID")]),
-               HealthReport("bench-write", [fatal("gpu.xid", "critical XID 79 on gpu0")])]
+    reports = [
+        HealthReport("bench-write", [ok("gpu.xid", "no XID")]),
+        HealthReport("bench-write", [fatal("gpu.xid", "critical XID 79 on gpu0")]),
+    ]
     gpu = {str(i): {"last_xid": 0.0, "ecc_uncorrectable": 0.0, "lost": 0.0, "remap_failed": 0.0} for i in range(8)}
     times = []
     for i in range(writes):  # alternating verdicts: every call rewrites the file
@@ -75,8 +85,13 @@ def facts_write_cost(directory: Path, writes: int = 400) -> dict:
         times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     facts.on_exit(ExitCode.UNHEALTHY_NODE, "unhealthy (training) node bench-write: gpu.xid: critical XID 79 on gpu0")
-    return {"verdict_write_s_median": statistics.median(times), "verdict_write_s_max": max(times),
-            "exit_write_s": time.perf_counter() - t0, "writes": writes, "gpus": len(gpu)}
+    return {
+        "verdict_write_s_median": statistics.median(times),
+        "verdict_write_s_max": max(times),
+        "exit_write_s": time.perf_counter() - t0,
+        "writes": writes,
+        "gpus": len(gpu),
+    }
 
 
 def main() -> int:
@@ -95,7 +110,7 @@ def main() -> int:
                 trees = [("this", REPO, watch.textfile_dir)]
                 if args.baseline_tree is not None:
                     trees.append(("baseline", args.baseline_tree.resolve(), None))
-                for name, repo, textfile_dir in (trees if i % 2 == 0 else trees[::-1]):
+                for name, repo, textfile_dir in trees if i % 2 == 0 else trees[::-1]:
                     row = trial(work, f"bench-{kind}-{name}-{i}", kind, textfile_dir, repo, watch)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
@@ -121,10 +136,13 @@ def main() -> int:
     summary: dict = {}
     for kind in args.kinds.split(","):
         mine = [r for r in rows if r["tree"] == "this" and r["kind"] == kind]
-        s = {"alert": BAD[kind][1], "fired": f"{sum(r['fired'] for r in mine)}/{len(mine)}",
-             "exit_codes": sorted({r["exit_code"] for r in rows if r["kind"] == kind}),
-             "inject_to_firing_s_median": med("this", kind, "inject_to_firing_s"),
-             "inject_to_firing_s_max": max((r["inject_to_firing_s"] or 0) for r in mine) if mine else None}
+        s = {
+            "alert": BAD[kind][1],
+            "fired": f"{sum(r['fired'] for r in mine)}/{len(mine)}",
+            "exit_codes": sorted({r["exit_code"] for r in rows if r["kind"] == kind}),
+            "inject_to_firing_s_median": med("this", kind, "inject_to_firing_s"),
+            "inject_to_firing_s_max": max((r["inject_to_firing_s"] or 0) for r in mine) if mine else None,
+        }
         for key in ("inject_to_exit_s", "verdict_to_exit_s"):
             s[f"{key}_median_this"] = med("this", kind, key)
             if args.baseline_tree is not None:

@@ -45,7 +45,9 @@ def disk_save(async_save: bool) -> Callable[[Trainer], Callable[[], None]]:
         def save() -> None:
             ckpt.cfg.async_save = async_save
             ckpt.save(trainer.state)
+
         return save
+
     return setup
 
 
@@ -100,9 +102,16 @@ def block(trainer: Trainer, interval: int, save: Callable[[], None] | None) -> d
     trainer.checkpointer.finish()
     tail = time.perf_counter() - t0
     loop1, cpu1, kids1, faults1 = usage()
-    return {"wall": time.perf_counter() - started, "blocking": blocking, "steps": steps, "finish_wait": tail,
-            "loop_cpu": loop1 - loop0, "cpu": cpu1 - cpu0, "children_cpu": kids1 - kids0,
-            "minor_faults": faults1 - faults0}
+    return {
+        "wall": time.perf_counter() - started,
+        "blocking": blocking,
+        "steps": steps,
+        "finish_wait": tail,
+        "loop_cpu": loop1 - loop0,
+        "cpu": cpu1 - cpu0,
+        "children_cpu": kids1 - kids0,
+        "minor_faults": faults1 - faults0,
+    }
 
 
 def floors(tensors: list[torch.Tensor]) -> dict[str, float]:
@@ -126,8 +135,12 @@ def main() -> None:
     for _ in range(2):  # warm-up: optimizer state allocated, caches warm
         step(trainer)
     tensors = state_tensors(trainer)
-    result = {"rank": dist.get_rank(), "state_bytes": sum(t.numel() * t.element_size() for t in tensors),
-              **floors(tensors), "blocks": {m: [] for m in modes}}
+    result = {
+        "rank": dist.get_rank(),
+        "state_bytes": sum(t.numel() * t.element_size() for t in tensors),
+        **floors(tensors),
+        "blocks": {m: [] for m in modes},
+    }
     del tensors
     saves = {m: (MODES[m](trainer) if MODES[m] else None) for m in modes}
     for m in modes:  # the first saves of each mode, reported apart (the first): the rest is the steady state
@@ -136,7 +149,7 @@ def main() -> None:
                 first = block(trainer, 1, saves[m])
                 result.setdefault(f"first_{m}", first)
     for r in range(repeats):
-        for m in modes[r % len(modes):] + modes[:r % len(modes)]:  # rotate the order
+        for m in modes[r % len(modes) :] + modes[: r % len(modes)]:  # rotate the order
             result["blocks"][m].append(block(trainer, interval, saves[m]))
     gathered: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
     dist.all_gather_object(gathered, result)

@@ -72,16 +72,30 @@ def bench_ours(cfg: DataConfig, run_dir: Path, workers: int) -> dict:
     started = time.perf_counter()
     manifest = json.loads(prepare_if_needed(cfg, run_dir, workers=workers).read_text())
     prepared = time.perf_counter()
-    loader = build_train_loader(cfg, run_dir=run_dir, seq_len=SEQ_LEN, global_batch=GLOBAL_BATCH,
-                                micro_batch=MICRO_BATCH, dp_rank=0, dp_size=1, seed=1)
+    loader = build_train_loader(
+        cfg,
+        run_dir=run_dir,
+        seq_len=SEQ_LEN,
+        global_batch=GLOBAL_BATCH,
+        micro_batch=MICRO_BATCH,
+        dp_rank=0,
+        dp_size=1,
+        seed=1,
+    )
     windows = 0
     for _ in range(len(loader.dataset) // GLOBAL_BATCH):
         windows += sum(mb.shape[0] for mb in loader.next_step())
     loader.close()
     done = time.perf_counter()
-    return {"tokens": manifest["tokens"], "documents": manifest["documents"], "windows": windows,
-            "prepare_s": prepared - started, "pack_s": done - prepared, "seconds": done - started,
-            "tokens_per_s": manifest["tokens"] / (done - started)}
+    return {
+        "tokens": manifest["tokens"],
+        "documents": manifest["documents"],
+        "windows": windows,
+        "prepare_s": prepared - started,
+        "pack_s": done - prepared,
+        "seconds": done - started,
+        "tokens_per_s": manifest["tokens"] / (done - started),
+    }
 
 
 def bench_datasets(files: list[Path], batched: bool) -> dict:
@@ -94,8 +108,11 @@ def bench_datasets(files: list[Path], batched: bool) -> dict:
     started = time.perf_counter()
     stream = load_dataset("json", data_files=[str(f) for f in files], streaming=True, split="train")
     if batched:
-        encodings = (enc for batch in stream.iter(batch_size=256)
-                     for enc in tokenizer.encode_batch_fast(batch["text"], add_special_tokens=False))
+        encodings = (
+            enc
+            for batch in stream.iter(batch_size=256)
+            for enc in tokenizer.encode_batch_fast(batch["text"], add_special_tokens=False)
+        )
     else:
         encodings = (tokenizer.encode(example["text"], add_special_tokens=False) for example in stream)
     buffer: list[int] = []
@@ -110,8 +127,13 @@ def bench_datasets(files: list[Path], batched: bool) -> dict:
             windows += 1
             del buffer[:SEQ_LEN]
     seconds = time.perf_counter() - started
-    return {"tokens": tokens, "documents": documents, "windows": windows, "seconds": seconds,
-            "tokens_per_s": tokens / seconds}
+    return {
+        "tokens": tokens,
+        "documents": documents,
+        "windows": windows,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+    }
 
 
 def bench_resume(cfg: DataConfig, run_dir: Path, repeats: int) -> dict:
@@ -119,8 +141,16 @@ def bench_resume(cfg: DataConfig, run_dir: Path, repeats: int) -> dict:
 
     def once(position: int) -> float:
         started = time.perf_counter()
-        loader = build_train_loader(cfg, run_dir=run_dir, seq_len=SEQ_LEN, global_batch=GLOBAL_BATCH,
-                                    micro_batch=MICRO_BATCH, dp_rank=0, dp_size=1, seed=1)
+        loader = build_train_loader(
+            cfg,
+            run_dir=run_dir,
+            seq_len=SEQ_LEN,
+            global_batch=GLOBAL_BATCH,
+            micro_batch=MICRO_BATCH,
+            dp_rank=0,
+            dp_size=1,
+            seed=1,
+        )
         loader.load_state_dict({**loader.state_dict(), "consumed_samples": position})
         loader.next_step()
         elapsed = time.perf_counter() - started
@@ -133,8 +163,13 @@ def bench_resume(cfg: DataConfig, run_dir: Path, repeats: int) -> dict:
         for position in times:
             times[position].append(once(position))
     zero, far = min(times[0]), min(times[FAR])
-    return {"position_0_s": zero, "position_1e7_s": far, "ratio": far / zero,
-            "all_0_s": times[0], "all_1e7_s": times[FAR]}
+    return {
+        "position_0_s": zero,
+        "position_1e7_s": far,
+        "ratio": far / zero,
+        "all_0_s": times[0],
+        "all_1e7_s": times[FAR],
+    }
 
 
 def main() -> int:
@@ -168,8 +203,14 @@ def main() -> int:
     ours = best["ours"]
     results = {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "loadavg_1m": os.getloadavg()[0]},
-        "data": {"shards": len(files), "json_mb": args.mb, "gz_bytes": gz_bytes, "tokens": ours["tokens"],
-                 "documents": ours["documents"], "seq_len": SEQ_LEN},
+        "data": {
+            "shards": len(files),
+            "json_mb": args.mb,
+            "gz_bytes": gz_bytes,
+            "tokens": ours["tokens"],
+            "documents": ours["documents"],
+            "seq_len": SEQ_LEN,
+        },
         "best": best,
         "all_seconds": {name: [r["seconds"] for r in results] for name, results in runs.items()},
         "speedup_vs_batched": ours["tokens_per_s"] / best["datasets_batched"]["tokens_per_s"],
@@ -178,13 +219,16 @@ def main() -> int:
         "resume": resume,
     }
     print(json.dumps(results, indent=1))
-    print(f"\nthroughput, tokens/s: ours {ours['tokens_per_s']:,.0f} (prepare {ours['prepare_s']:.1f} s + pack "
-          f"{ours['pack_s']:.1f} s); datasets streaming batched "
-          f"{best['datasets_batched']['tokens_per_s']:,.0f} ({results['speedup_vs_batched']:.2f}x), per example "
-          f"{best['datasets_per_example']['tokens_per_s']:,.0f} ({results['speedup_vs_per_example']:.2f}x); "
-          f"goal >= 2x\nafter prepare the loader alone reads {results['loader_after_prepare_tokens_per_s']:,.0f}"
-          f" tokens/s\nresume: position 0 {resume['position_0_s'] * 1000:.0f} ms, position 1e7 "
-          f"{resume['position_1e7_s'] * 1000:.0f} ms, ratio {resume['ratio']:.3f} (goal <= 1.1)", file=sys.stderr)
+    print(
+        f"\nthroughput, tokens/s: ours {ours['tokens_per_s']:,.0f} (prepare {ours['prepare_s']:.1f} s + pack "
+        f"{ours['pack_s']:.1f} s); datasets streaming batched "
+        f"{best['datasets_batched']['tokens_per_s']:,.0f} ({results['speedup_vs_batched']:.2f}x), per example "
+        f"{best['datasets_per_example']['tokens_per_s']:,.0f} ({results['speedup_vs_per_example']:.2f}x); "
+        f"goal >= 2x\nafter prepare the loader alone reads {results['loader_after_prepare_tokens_per_s']:,.0f}"
+        f" tokens/s\nresume: position 0 {resume['position_0_s'] * 1000:.0f} ms, position 1e7 "
+        f"{resume['position_1e7_s'] * 1000:.0f} ms, ratio {resume['ratio']:.3f} (goal <= 1.1)",
+        file=sys.stderr,
+    )
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -51,11 +51,15 @@ FAILED_GPU = {"available": True, "device_count": 1, "devices": [{"index": 0, "lo
 FAULTS = ["rank", "cold", "unhealthy", "frozen", "cut", "coordinator", "requeue"]
 GOALS = [
     ("silent node detected <= 5 s", lambda r: r["frozen"]["detect_s"]["p95"] <= 5.0),
-    ("node replacement <= 3x the rank restart (p50)", lambda r: r["frozen"]["recover_s"]["p50"]
-     <= 3 * r["rank"]["recover_s"]["p50"]),
+    (
+        "node replacement <= 3x the rank restart (p50)",
+        lambda r: r["frozen"]["recover_s"]["p50"] <= 3 * r["rank"]["recover_s"]["p50"],
+    ),
     ("node 0's supervisor loss survived in-job", lambda r: r["coordinator"]["same_job"] == r["coordinator"]["n"]),
-    ("a failure 3 s after a restart <= 0.3x a cold start (p50)", lambda r: r["rank"]["rank_3s_s"]["p50"]
-     <= 0.3 * r["cold"]["recover_s"]["p50"]),
+    (
+        "a failure 3 s after a restart <= 0.3x a cold start (p50)",
+        lambda r: r["rank"]["rank_3s_s"]["p50"] <= 0.3 * r["cold"]["recover_s"]["p50"],
+    ),
 ]
 
 
@@ -65,8 +69,9 @@ class Cluster:
 
     def start(self) -> None:
         env = {**self.env, "CLUSTER_NODES": "3", "CLUSTER_NETNS": "1"}
-        subprocess.run([str(CLUSTER_SH), "start", str(self.state)], check=True, env=env, capture_output=True,
-                       timeout=300)
+        subprocess.run(
+            [str(CLUSTER_SH), "start", str(self.state)], check=True, env=env, capture_output=True, timeout=300
+        )
 
     def stop(self) -> None:
         subprocess.run([str(CLUSTER_SH), "stop", str(self.state)], env=self.env, capture_output=True, timeout=300)
@@ -87,15 +92,29 @@ def write_config(tmp: Path, name: str, *, spares: int, warm: bool = True) -> tup
     for node in ("n0", "n1", "n2"):
         (nvml / f"{node}.json").write_text(json.dumps(HEALTHY_GPU))
     run_dir = tmp / name
-    cfg = {"run_dir": str(run_dir), "nodes": 2, "model": {"preset": "tiny"},
-           "train": {"steps": 400, "global_batch": 4, "micro_batch": 2, "seq_len": 64, "warmup_steps": 2},
-           "data": {"path": str(REPO / "examples/data/c4-sample"), "tokenizer": str(REPO / "examples/tokenizer.json"),
-                    "validation_docs": 20, "num_workers": 0},
-           "checkpoint": {"interval_steps": 1000, "memory_interval_steps": 2},
-           "supervisor": {"nproc_per_node": 1, "store_port": free_port(), "warm_spares": warm},
-           "metrics": {"port": 0}, "health": {"fake_nvml_dir": str(nvml), "monitor_interval_s": 1.0},
-           "slurm": {"time_limit_minutes": 30, "signal_seconds": 60, "exclusive": False, "spare_nodes": spares,
-                     "max_crash_requeues": 0}}
+    cfg = {
+        "run_dir": str(run_dir),
+        "nodes": 2,
+        "model": {"preset": "tiny"},
+        "train": {"steps": 400, "global_batch": 4, "micro_batch": 2, "seq_len": 64, "warmup_steps": 2},
+        "data": {
+            "path": str(REPO / "examples/data/c4-sample"),
+            "tokenizer": str(REPO / "examples/tokenizer.json"),
+            "validation_docs": 20,
+            "num_workers": 0,
+        },
+        "checkpoint": {"interval_steps": 1000, "memory_interval_steps": 2},
+        "supervisor": {"nproc_per_node": 1, "store_port": free_port(), "warm_spares": warm},
+        "metrics": {"port": 0},
+        "health": {"fake_nvml_dir": str(nvml), "monitor_interval_s": 1.0},
+        "slurm": {
+            "time_limit_minutes": 30,
+            "signal_seconds": 60,
+            "exclusive": False,
+            "spare_nodes": spares,
+            "max_crash_requeues": 0,
+        },
+    }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path, run_dir
@@ -116,8 +135,13 @@ def supervisor(job: str, slot: int) -> psutil.Process | None:
     for proc in psutil.process_iter(["cmdline"]):
         try:
             cmd, env = proc.info["cmdline"] or [], proc.environ()
-            if "supervise" in cmd and "srun" not in cmd[0] and env.get("SLURM_JOB_ID") == job \
-                    and env.get("SLURM_NODEID") == str(slot) and env.get("SLURM_STEP_ID") == "0":
+            if (
+                "supervise" in cmd
+                and "srun" not in cmd[0]
+                and env.get("SLURM_JOB_ID") == job
+                and env.get("SLURM_NODEID") == str(slot)
+                and env.get("SLURM_STEP_ID") == "0"
+            ):
                 return proc
         except psutil.Error:
             continue
@@ -137,8 +161,14 @@ def rank1(job: str) -> psutil.Process | None:
 
 
 def launch(cluster: Cluster, config: Path) -> str:
-    out = subprocess.run([sys.executable, "-m", "resilient.cli", "launch", str(config)], env=cluster.env,
-                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-m", "resilient.cli", "launch", str(config)],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     if not out.stdout.startswith("submitted job "):
         raise RuntimeError(out.stderr)
     return out.stdout.split()[2]
@@ -234,8 +264,11 @@ def main() -> None:
     result: dict[str, Any] = {}
     for fault in args.faults:
         mine = [r for r in rows if r["fault"] == fault]
-        result[fault] = {"n": len(mine), "same_job": sum(bool(r.get("same_job")) for r in mine),
-                         "tiers": sorted({str(r.get("tier")) for r in mine})}
+        result[fault] = {
+            "n": len(mine),
+            "same_job": sum(bool(r.get("same_job")) for r in mine),
+            "tiers": sorted({str(r.get("tier")) for r in mine}),
+        }
         for key in ("recover_s", "detect_s", "elected_s", "rank_3s_s", "load_s", "step_s_before", "step_s_refilling"):
             values = [r[key] for r in mine if key in r]
             if values:
@@ -245,8 +278,10 @@ def main() -> None:
     for fault, r in result.items():
         det = r.get("detect_s")
         detected = f"{det['p50']:.1f} / {det['p95']:.1f}" if det else "-"
-        print(f"| {fault} | {r['n']} | {r['recover_s']['p50']:.1f} / {r['recover_s']['p95']:.1f} | "
-              f"{detected} | {r['same_job']}/{r['n']} | {', '.join(r['tiers'])} |")
+        print(
+            f"| {fault} | {r['n']} | {r['recover_s']['p50']:.1f} / {r['recover_s']['p95']:.1f} | "
+            f"{detected} | {r['same_job']}/{r['n']} | {', '.join(r['tiers'])} |"
+        )
     if "rank" in result:
         r = result["rank"]["rank_3s_s"]
         print(f"| rank, 3 s after a recovery | {result['rank']['n']} | {r['p50']:.1f} / {r['p95']:.1f} | - | | |")

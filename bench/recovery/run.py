@@ -105,10 +105,16 @@ def _command(launcher: str, config: Path, run_dir: Path, nproc: int) -> list[str
         exe = shutil.which("ft_launcher")
         if exe is None:
             raise SystemExit("ft_launcher not found: pip install nvidia-resiliency-ext==0.4.1")
-        return [exe, "--standalone", f"--nproc-per-node={nproc}", "--max-restarts=2", "--monitor-interval=0.1",
-                *rank]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "--max-restarts=2", *rank]
+        return [exe, "--standalone", f"--nproc-per-node={nproc}", "--max-restarts=2", "--monitor-interval=0.1", *rank]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "--max-restarts=2",
+        *rank,
+    ]
 
 
 def _end(proc: subprocess.Popen, run_dir: Path) -> None:
@@ -125,8 +131,9 @@ def _end(proc: subprocess.Popen, run_dir: Path) -> None:
         for p in psutil.process_iter():
             try:
                 env = p.environ()
-                if (env.get("RESILIENT_RUN_DIR") == target or env.get("BENCH_RECOVERY_RUN") == target) \
-                        and p.status() != psutil.STATUS_ZOMBIE:
+                if (
+                    env.get("RESILIENT_RUN_DIR") == target or env.get("BENCH_RECOVERY_RUN") == target
+                ) and p.status() != psutil.STATUS_ZOMBIE:
                     out.append(p)
             except psutil.Error:
                 continue
@@ -140,8 +147,7 @@ def _end(proc: subprocess.Popen, run_dir: Path) -> None:
     _wait(lambda: not leftovers(), 10)
 
 
-def trial(launcher: str, config: Path, sets: list[str], work: Path, number: int, kill_at: int,
-          timeout: float) -> dict:
+def trial(launcher: str, config: Path, sets: list[str], work: Path, number: int, kill_at: int, timeout: float) -> dict:
     run_dir = work / f"{launcher}-{number}"
     run_dir.mkdir(mode=0o700)
     cfg = load_config(config, [*sets, f"run_dir={run_dir}"])
@@ -160,8 +166,10 @@ def trial(launcher: str, config: Path, sets: list[str], work: Path, number: int,
             return {**out, "error": f"no first step within {timeout:g}s"}
         out["cold_start_s"] = first[0]["ts"] - launched
         root = cfg.checkpoint.root(run_dir)
-        ready = _wait(lambda: (newest_complete_step(root) or 0) > 0
-                      and max(r["step"] for r in _train_steps(run_dir)) >= kill_at, timeout)
+        ready = _wait(
+            lambda: (newest_complete_step(root) or 0) > 0 and max(r["step"] for r in _train_steps(run_dir)) >= kill_at,
+            timeout,
+        )
         if not ready:
             return {**out, "error": f"no committed checkpoint and step {kill_at} within {timeout:g}s"}
         if launcher == "resilient":  # a failure hours in finds the spares refilled: wait until they are warm
@@ -169,8 +177,9 @@ def trial(launcher: str, config: Path, sets: list[str], work: Path, number: int,
             out["spares_wait_s"] = -time.time()
             _wait(lambda: _warm_lines(run_dir) >= 2 * nproc, min(timeout, 90))
             out["spares_wait_s"] += time.time()
-        victim = _wait(lambda: (_status_rank1(run_dir) if launcher == "resilient"
-                                else _rank1(psutil.Process(proc.pid))), 10)
+        victim = _wait(
+            lambda: _status_rank1(run_dir) if launcher == "resilient" else _rank1(psutil.Process(proc.pid)), 10
+        )
         if victim is None:
             return {**out, "error": "rank 1 not found"}
         killed_after = max(r["step"] for r in _train_steps(run_dir))
@@ -188,6 +197,7 @@ def trial(launcher: str, config: Path, sets: list[str], work: Path, number: int,
             # The new attempt's first step: a step the old rank 0 finished just after the kill is not one.
             # resilient numbers its attempts; under the peers (attempt 0 always) it is a step done again.
             return r["attempt"] > attempt if launcher == "resilient" else r["step"] <= killed_after
+
         nxt = _wait(lambda: [r for r in _train_steps(run_dir) if r["ts"] > killed and resumed(r)][:1], timeout)
         if not nxt:
             return {**out, "error": f"no step within {timeout:g}s of the kill", "killed_after_step": killed_after}
@@ -202,8 +212,11 @@ def trial(launcher: str, config: Path, sets: list[str], work: Path, number: int,
 def _warm_lines(run_dir: Path) -> int:
     """Spares of this run that finished their imports (resilient.rank.park says so in the spares log)."""
     logs = list((run_dir / "logs").glob("spares.node*.log"))
-    return sum(line.startswith("resilient park: pid") and " warm after " in line
-               for log in logs for line in log.read_text(errors="replace").splitlines())
+    return sum(
+        line.startswith("resilient park: pid") and " warm after " in line
+        for log in logs
+        for line in log.read_text(errors="replace").splitlines()
+    )
 
 
 def _phases(run_dir: Path, killed: float, step: dict) -> dict:
@@ -219,10 +232,15 @@ def _phases(run_dir: Path, killed: float, step: dict) -> dict:
     if not (failure and restart and spawned and init):
         return {}
     load_s = load["seconds"] if load else 0.0
-    return {"detection": failure["ts"] - killed, "teardown": restart["ts"] - failure["ts"],
-            "restart": spawned["ts"] - restart["ts"], "init": init["ts"] - spawned["ts"],
-            "checkpoint_load": load_s, "first_step": step["ts"] - init["ts"] - load_s,
-            "warm_ranks": spawned.get("warm_ranks")}
+    return {
+        "detection": failure["ts"] - killed,
+        "teardown": restart["ts"] - failure["ts"],
+        "restart": spawned["ts"] - restart["ts"],
+        "init": init["ts"] - spawned["ts"],
+        "checkpoint_load": load_s,
+        "first_step": step["ts"] - init["ts"] - load_s,
+        "warm_ranks": spawned.get("warm_ranks"),
+    }
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -238,9 +256,13 @@ def summarize(trials: list[dict]) -> dict:
         mine = [t for t in trials if t["launcher"] == name]
         rec = [t["recovery_s"] for t in mine if "recovery_s" in t]
         cold = [t["cold_start_s"] for t in mine if "cold_start_s" in t]
-        out[name] = {"trials": len(mine), "failed": [t.get("error") for t in mine if "recovery_s" not in t],
-                     "recovery_p50_s": statistics.median(rec) if rec else None, "recovery_p95_s": _pct(rec, 0.95),
-                     "cold_start_p50_s": statistics.median(cold) if cold else None}
+        out[name] = {
+            "trials": len(mine),
+            "failed": [t.get("error") for t in mine if "recovery_s" not in t],
+            "recovery_p50_s": statistics.median(rec) if rec else None,
+            "recovery_p95_s": _pct(rec, 0.95),
+            "cold_start_p50_s": statistics.median(cold) if cold else None,
+        }
     res = out["resilient"]
     if res["recovery_p50_s"] is not None:
         ratios = {"resilient_p50_over_cold_start": res["recovery_p50_s"] / res["cold_start_p50_s"]}
@@ -250,8 +272,9 @@ def summarize(trials: list[dict]) -> dict:
         out["ratios"] = ratios
         phases = [t["phases_s"] for t in trials if t.get("phases_s")]
         if phases:
-            out["resilient"]["phases_p50_s"] = {k: statistics.median(p[k] for p in phases)
-                                                for k in phases[0] if k != "warm_ranks"}
+            out["resilient"]["phases_p50_s"] = {
+                k: statistics.median(p[k] for p in phases) for k in phases[0] if k != "warm_ranks"
+            }
     return out
 
 
@@ -271,8 +294,12 @@ def main() -> None:
     unknown = set(launchers) - set(LAUNCHERS)
     if unknown:
         raise SystemExit(f"--launchers: unknown {sorted(unknown)} (known: {', '.join(LAUNCHERS)})")
-    sets = [f"train.steps={args.steps}", "train.eval_every=0", f"checkpoint.interval_steps={args.ckpt_every}",
-            "metrics.port=0"]
+    sets = [
+        f"train.steps={args.steps}",
+        "train.eval_every=0",
+        f"checkpoint.interval_steps={args.ckpt_every}",
+        "metrics.port=0",
+    ]
     work = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
     trials = []
     for number in range(args.trials):
@@ -280,22 +307,34 @@ def main() -> None:
         for name in order:
             t = trial(name, args.config, sets, work, number, args.kill_at, args.timeout)
             trials.append(t)
-            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in t.items()
-                              if k != "phases_s"}), flush=True)
-    result = {"config": str(args.config), "kill_at": args.kill_at, "ckpt_every": args.ckpt_every,
-              "cpus": os.cpu_count(), "work": str(work), "trials": trials, "summary": summarize(trials)}
+            print(
+                json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in t.items() if k != "phases_s"}),
+                flush=True,
+            )
+    result = {
+        "config": str(args.config),
+        "kill_at": args.kill_at,
+        "ckpt_every": args.ckpt_every,
+        "cpus": os.cpu_count(),
+        "work": str(work),
+        "trials": trials,
+        "summary": summarize(trials),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"recovery-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(result, indent=1))
     s = result["summary"]
+
     def fmt(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}s"
 
     for name in launchers:
         r = s[name]
-        print(f"{name:<12} cold start p50 {fmt(r['cold_start_p50_s'])}  SIGKILL -> next step p50 "
-              f"{fmt(r['recovery_p50_s'])} p95 {fmt(r['recovery_p95_s'])}  ({r['trials']} trials, "
-              f"{len(r['failed'])} failed)")
+        print(
+            f"{name:<12} cold start p50 {fmt(r['cold_start_p50_s'])}  SIGKILL -> next step p50 "
+            f"{fmt(r['recovery_p50_s'])} p95 {fmt(r['recovery_p95_s'])}  ({r['trials']} trials, "
+            f"{len(r['failed'])} failed)"
+        )
     if "phases_p50_s" in s.get("resilient", {}):
         phases = s["resilient"]["phases_p50_s"]
         print("resilient phases (p50): " + ", ".join(f"{k} {v:.3f}s" for k, v in phases.items()))

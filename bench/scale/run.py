@@ -40,39 +40,56 @@ sys.path.insert(0, str(REPO))
 
 from bench.scale.simulate import scenario  # noqa: E402
 
-COLUMNS = [("ops_per_s", "store ops/s", "{:.0f}"), ("fail_to_stop_s", "fail->all stopped s", "{:.2f}"),
-           ("decide_to_go_s", "decision->all past barrier s", "{:.2f}"),
-           ("lease_to_stop_s", "silent node->all stopped s", "{:.2f}"),
-           ("lease_to_go_s", "silent node->spare past barrier s", "{:.2f}"),
-           ("election_s", "silent coordinator->elected s", "{:.2f}"),
-           ("election_to_go_s", "silent coordinator->all past barrier s", "{:.2f}"),
-           ("preempt_to_stop_s", "preempt->all stopped s", "{:.2f}"),
-           ("status_kb", "status.json KB", "{:.0f}"), ("status_cmd_s", "`status --json` s", "{:.2f}"),
-           ("status_cmd_cpu_s", "`status` CPU s", "{:.2f}"), ("node0_cpu", "node 0 CPU share", "{:.1%}"),
-           ("poll_s", "poll interval s", "{:.3g}")]
+COLUMNS = [
+    ("ops_per_s", "store ops/s", "{:.0f}"),
+    ("fail_to_stop_s", "fail->all stopped s", "{:.2f}"),
+    ("decide_to_go_s", "decision->all past barrier s", "{:.2f}"),
+    ("lease_to_stop_s", "silent node->all stopped s", "{:.2f}"),
+    ("lease_to_go_s", "silent node->spare past barrier s", "{:.2f}"),
+    ("election_s", "silent coordinator->elected s", "{:.2f}"),
+    ("election_to_go_s", "silent coordinator->all past barrier s", "{:.2f}"),
+    ("preempt_to_stop_s", "preempt->all stopped s", "{:.2f}"),
+    ("status_kb", "status.json KB", "{:.0f}"),
+    ("status_cmd_s", "`status --json` s", "{:.2f}"),
+    ("status_cmd_cpu_s", "`status` CPU s", "{:.2f}"),
+    ("node0_cpu", "node 0 CPU share", "{:.1%}"),
+    ("poll_s", "poll interval s", "{:.3g}"),
+]
 
 
 def status_command(run_dir: Path) -> tuple[float, float]:
     """Wall and CPU seconds of `resilient status RUN_DIR --json` as an operator runs it."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "resilient.cli", "status", str(run_dir), "--json"], cwd=REPO, check=True,
-                   stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
+    subprocess.run(
+        [sys.executable, "-m", "resilient.cli", "status", str(run_dir), "--json"],
+        cwd=REPO,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-GOALS = [("fail_to_stop_s", "failure -> all stopped <= 2 s", lambda r: r["fail_to_stop_s"] <= 2.0),
-         ("lease_to_stop_s", "lease expiry -> all stopped <= 5 s",
-          lambda r: r["lease_to_stop_s"] - r["lease_s"] <= 5.0),
-         ("election_to_go_s", "coordinator lost -> every survivor restarted, within 3 leases",
-          lambda r: r["election_to_go_s"] <= 3 * r["lease_s"]),
-         ("decide_to_go_s", "decision -> all past the barrier <= 2 s", lambda r: r["decide_to_go_s"] <= 2.0),
-         ("preempt_to_stop_s", "preemption -> all stopped <= 2 s", lambda r: r["preempt_to_stop_s"] <= 2.0),
-         ("ops_per_s", "store ops/s within 2..10 per node and the 8000 budget",
-          lambda r: 2 * r["nodes"] < r["ops_per_s"] < min(10 * r["nodes"], 8000)),
-         ("status_cmd_cpu_s", "`status --json` CPU <= 0.5 s", lambda r: not r["status_cmd_cpu_s"] > 0.5)]
+GOALS = [
+    ("fail_to_stop_s", "failure -> all stopped <= 2 s", lambda r: r["fail_to_stop_s"] <= 2.0),
+    ("lease_to_stop_s", "lease expiry -> all stopped <= 5 s", lambda r: r["lease_to_stop_s"] - r["lease_s"] <= 5.0),
+    (
+        "election_to_go_s",
+        "coordinator lost -> every survivor restarted, within 3 leases",
+        lambda r: r["election_to_go_s"] <= 3 * r["lease_s"],
+    ),
+    ("decide_to_go_s", "decision -> all past the barrier <= 2 s", lambda r: r["decide_to_go_s"] <= 2.0),
+    ("preempt_to_stop_s", "preemption -> all stopped <= 2 s", lambda r: r["preempt_to_stop_s"] <= 2.0),
+    (
+        "ops_per_s",
+        "store ops/s within 2..10 per node and the 8000 budget",
+        lambda r: 2 * r["nodes"] < r["ops_per_s"] < min(10 * r["nodes"], 8000),
+    ),
+    ("status_cmd_cpu_s", "`status --json` CPU <= 0.5 s", lambda r: not r["status_cmd_cpu_s"] > 0.5),
+]
 
 
 def goal_lines(rows: list[dict]) -> list[str]:

@@ -66,8 +66,18 @@ class Marks:
 class SimNode(threading.Thread):
     """One supervisor's coordination with `ranks` fake ranks; `fail()`, `signal()`, `freeze()` inject events."""
 
-    def __init__(self, topo: Topology, nodes: int, cfg: SupervisorConfig, sealer: Sealer, ranks: int, step_s: float,
-                 marks: Marks, run_dir: Path | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        topo: Topology,
+        nodes: int,
+        cfg: SupervisorConfig,
+        sealer: Sealer,
+        ranks: int,
+        step_s: float,
+        marks: Marks,
+        run_dir: Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(name=f"sim-slot-{topo.slot}", daemon=True)
         self.topo, self.cfg, self.sealer, self.nranks, self.step_s, self.marks = topo, cfg, sealer, ranks, step_s, marks
         self.slot, self.slots, self.run_dir, self.clock = topo.slot, topo.slots, run_dir, clock
@@ -169,8 +179,10 @@ class SimNode(threading.Thread):
         while True:
             try:
                 if self.node is not None and outcome is not None:
-                    self.coord.report(self.attempt, NodeReport(self.node, outcome, self._start_step,
-                                                               self.reached_step, slot=self.slot))
+                    self.coord.report(
+                        self.attempt,
+                        NodeReport(self.node, outcome, self._start_step, self.reached_step, slot=self.slot),
+                    )
                 return self._decide()
             except failover.NoMajority:
                 raise
@@ -199,8 +211,13 @@ class SimNode(threading.Thread):
             self.reached_step = self._start_step + int((now - spawned) / self.step_s)
             if self._fail.is_set():
                 self._fail.clear()
-                coord.request_restart(self.attempt, kind="rank_exit", rank=self.node * self.nranks,
-                                      step=self.reached_step, reason="simulated rank failure")
+                coord.request_restart(
+                    self.attempt,
+                    kind="rank_exit",
+                    rank=self.node * self.nranks,
+                    step=self.reached_step,
+                    reason="simulated rank failure",
+                )
                 return self._stop_ranks(NodeOutcome.FAILED)
             if self._signal.is_set():
                 self._signal.clear()
@@ -222,8 +239,13 @@ class SimNode(threading.Thread):
         """A spare's attempt: until the decision is out (the coordinator: until every report is in)."""
         self._set_state(State.STANDBY)
         self.marks.past_barrier[(self.attempt, self.slot)] = self.clock()
-        self._wait(lambda: (True if self._reports_ready() is not None else None) if self.coord.hosting
-                   else (True if self.coord.decision(self.attempt) is not None else None))
+        self._wait(
+            lambda: (
+                (True if self._reports_ready() is not None else None)
+                if self.coord.hosting
+                else (True if self.coord.decision(self.attempt) is not None else None)
+            )
+        )
         self.marks.stopped[(self.attempt, self.slot)] = self.clock()
         return None
 
@@ -243,8 +265,9 @@ class SimNode(threading.Thread):
             return
         self._next_lease_check = now + renew_every(self.cfg.node_lease_s)
         members = [s for s in self.roster.members if s != self.slot]
-        found = election.judge_leases(self.roster, self.slot, self.slots, self.liveness.lost(members, now), {},
-                                      self._lost)
+        found = election.judge_leases(
+            self.roster, self.slot, self.slots, self.liveness.lost(members, now), {}, self._lost
+        )
         if not found.quorum:
             raise failover.NoMajority(f"slot {self.slot} coordinates without a majority: {found.why}")
         for slot, reason in found.newly_lost.items():
@@ -252,8 +275,14 @@ class SimNode(threading.Thread):
             node = self.plan.node_rank(slot)
             if node is not None and (self.attempt, slot) not in self._posted:
                 self._posted.add((self.attempt, slot))
-                self.coord.request_restart(self.attempt, kind="node_lost", rank=None, step=self.reached_step,
-                                           reason=f"node {node} (slot {slot}) lost: {reason}", culprit_slot=slot)
+                self.coord.request_restart(
+                    self.attempt,
+                    kind="node_lost",
+                    rank=None,
+                    step=self.reached_step,
+                    reason=f"node {node} (slot {slot}) lost: {reason}",
+                    culprit_slot=slot,
+                )
         if found.gone_spares:
             self._set_roster(rosters.drop_spares(self.roster, found.gone_spares))
 
@@ -282,10 +311,17 @@ class SimNode(threading.Thread):
         request, the newest committed step, lost nodes, spares); the daemon records it in the ledger, the
         simulation only carries the streak."""
         lost = {k: self._lost[s] for k, s in enumerate(self.plan.nodes) if s in self._lost}
-        context = AttemptContext(nnodes=len(self.plan.nodes), restarts_done=self.restarts,
-                                 no_progress_streak=self.no_progress_streak, train_steps=self.train_steps,
-                                 stop=self.coord.stop_requested(), newest_committed=self.newest_committed,
-                                 save_on_finish=self.save_on_finish, lost=lost, spares=len(self.roster.spares))
+        context = AttemptContext(
+            nnodes=len(self.plan.nodes),
+            restarts_done=self.restarts,
+            no_progress_streak=self.no_progress_streak,
+            train_steps=self.train_steps,
+            stop=self.coord.stop_requested(),
+            newest_committed=self.newest_committed,
+            save_on_finish=self.save_on_finish,
+            lost=lost,
+            spares=len(self.roster.spares),
+        )
         decision = decisions.decide_attempt(reports, context, self.cfg)
         self.no_progress_streak = decision.no_progress_streak
         self.decisions.append(decision)
@@ -297,9 +333,16 @@ class SimNode(threading.Thread):
 
     def _start_liveness(self, join_s: float) -> None:
         store = self.coord.second_connection(self.cfg, self.sealer, _forged)
-        self.liveness = Liveness(store, self.slot, self.slots, self.cfg.node_lease_s, read_all=self.coord.hosting,
-                                 join_s=join_s, value=lambda: {"host": self.topo.node_name, "node": self.node},
-                                 clock=self.clock).start()
+        self.liveness = Liveness(
+            store,
+            self.slot,
+            self.slots,
+            self.cfg.node_lease_s,
+            read_all=self.coord.hosting,
+            join_s=join_s,
+            value=lambda: {"host": self.topo.node_name, "node": self.node},
+            clock=self.clock,
+        ).start()
 
     def _failover(self, err: CoordinationLost) -> None:
         """As daemon.Supervisor._failover: stop, elect, continue on the new coordinator's store."""
@@ -308,10 +351,18 @@ class SimNode(threading.Thread):
         self.liveness.stop()
         self.coord.close()
         self._set_state(State.ELECTING, publish=False)
-        me = Join(self.slot, self.attempt, self.roster, self.restarts, self.no_progress_streak, self.first_attempt,
-                  self.coord.stop_record())
-        self.coord, won, takeover = failover.elect(self.topo, self.cfg, self.sealer, _forged, me, lost,
-                                                   clock=self.clock)
+        me = Join(
+            self.slot,
+            self.attempt,
+            self.roster,
+            self.restarts,
+            self.no_progress_streak,
+            self.first_attempt,
+            self.coord.stop_record(),
+        )
+        self.coord, won, takeover = failover.elect(
+            self.topo, self.cfg, self.sealer, _forged, me, lost, clock=self.clock
+        )
         self.roster = self.plan = takeover.roster
         self.attempt, self.restarts = takeover.attempt, takeover.restarts
         self.no_progress_streak = takeover.no_progress_streak
@@ -341,19 +392,40 @@ class SimNode(threading.Thread):
         self._next_status = now + self.coord.intervals.status_s
         wall = time.time()
         running = self.state is State.RUNNING
-        rows = [{"rank": (self.node or 0) * self.nranks + local, "local_rank": local, "node": self.node,
-                 "node_name": self.topo.node_name, "pid": 100000 + self.slot * self.nranks + local,
-                 "phase": "step" if running else "init", "step": self.reached_step,
-                 "last_heartbeat": wall, "heartbeat_age_s": 0.0, "exit_code": None}
-                for local in range(self.nranks if self.node is not None else 0)]  # the shape of publishing.rank_rows
-        self.coord.publish_status(publishing.node_status(self.topo, self.state, rows, None, node=self.node,
-                                                         role=str(self.roster.role(self.slot))))
+        rows = [
+            {
+                "rank": (self.node or 0) * self.nranks + local,
+                "local_rank": local,
+                "node": self.node,
+                "node_name": self.topo.node_name,
+                "pid": 100000 + self.slot * self.nranks + local,
+                "phase": "step" if running else "init",
+                "step": self.reached_step,
+                "last_heartbeat": wall,
+                "heartbeat_age_s": 0.0,
+                "exit_code": None,
+            }
+            for local in range(self.nranks if self.node is not None else 0)
+        ]  # the shape of publishing.rank_rows
+        self.coord.publish_status(
+            publishing.node_status(
+                self.topo, self.state, rows, None, node=self.node, role=str(self.roster.role(self.slot))
+            )
+        )
         if self.coord.hosting and self.run_dir is not None and now >= self._next_merge:
             self._next_merge = now + self.coord.intervals.merge_s
-            publishing.write_run_status(self.run_dir, self.coord.node_statuses(), state=self.state,
-                                        attempt=self.attempt, reached_step=self.reached_step,
-                                        restarts=self.restarts, last_failure=None, stop=self.coord.stop_requested(),
-                                        roster=self.roster, lost=self._lost)
+            publishing.write_run_status(
+                self.run_dir,
+                self.coord.node_statuses(),
+                state=self.state,
+                attempt=self.attempt,
+                reached_step=self.reached_step,
+                restarts=self.restarts,
+                last_failure=None,
+                stop=self.coord.stop_requested(),
+                roster=self.roster,
+                lost=self._lost,
+            )
         self.cpu_s = time.thread_time()
 
     # -- waiting ---------------------------------------------------------------------------------------
@@ -391,8 +463,18 @@ def sim_config(**overrides: Any) -> SupervisorConfig:
     return SupervisorConfig(**{"backoff_initial_s": 0.0, "backoff_max_s": 0.0, "store_timeout_s": 120.0, **overrides})
 
 
-def _worker(slots: list[int], total: int, nodes: int, port: int, secret: bytes, ranks: int, step_s: float,
-            cfg: dict[str, Any], run_dir: Path | None, conn) -> None:
+def _worker(
+    slots: list[int],
+    total: int,
+    nodes: int,
+    port: int,
+    secret: bytes,
+    ranks: int,
+    step_s: float,
+    cfg: dict[str, Any],
+    run_dir: Path | None,
+    conn,
+) -> None:
     """A process of simulated slots, driven over `conn`: ('fail'|'signal'|'freeze', slot), ('ops',), ('cpu',),
     ('marks',), ('decisions', slot), ('join',)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -402,8 +484,12 @@ def _worker(slots: list[int], total: int, nodes: int, port: int, secret: bytes, 
     sealer = Sealer(secret, "sim")
     config = sim_config(**cfg)
     hosts = ("127.0.0.1",) * total
-    sims = {s: SimNode(Topology(s, total, hosts, port, f"sim{s:04d}", "sim"), nodes, config, sealer, ranks, step_s,
-                       marks, run_dir) for s in slots}
+    sims = {
+        s: SimNode(
+            Topology(s, total, hosts, port, f"sim{s:04d}", "sim"), nodes, config, sealer, ranks, step_s, marks, run_dir
+        )
+        for s in slots
+    }
     for sim in sims.values():
         sim.start()
     while True:
@@ -412,8 +498,13 @@ def _worker(slots: list[int], total: int, nodes: int, port: int, secret: bytes, 
             getattr(sims[args[0]], cmd)()
             conn.send(None)
         elif cmd == "ops":
-            conn.send(sum(s.coord.store.ops + (s.liveness.store.ops if s.liveness else 0)
-                          for s in sims.values() if s.coord is not None))
+            conn.send(
+                sum(
+                    s.coord.store.ops + (s.liveness.store.ops if s.liveness else 0)
+                    for s in sims.values()
+                    if s.coord is not None
+                )
+            )
         elif cmd == "cpu":
             usage = resource.getrusage(resource.RUSAGE_SELF)
             conn.send(usage.ru_utime + usage.ru_stime)
@@ -424,8 +515,16 @@ def _worker(slots: list[int], total: int, nodes: int, port: int, secret: bytes, 
         elif cmd == "join":
             for s in sims.values():
                 s.join(timeout=30)
-            conn.send((marks, {s: [[str(d.outcome or "restart"), d.reason] for d in sim.decisions]
-                               for s, sim in sims.items() if sim.decisions}))
+            conn.send(
+                (
+                    marks,
+                    {
+                        s: [[str(d.outcome or "restart"), d.reason] for d in sim.decisions]
+                        for s, sim in sims.items()
+                        if sim.decisions
+                    },
+                )
+            )
             return
 
 
@@ -449,8 +548,17 @@ class Cluster:
     the first store; freezing it is SIGSTOP), the others as threads of a few worker processes (one
     interpreter for a thousand slots would measure its GIL)."""
 
-    def __init__(self, slots: int, run_dir: Path | None, *, ranks: int = 8, step_s: float = 1.0, spares: int = 0,
-                 workers: int = 0, cfg: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        slots: int,
+        run_dir: Path | None,
+        *,
+        ranks: int = 8,
+        step_s: float = 1.0,
+        spares: int = 0,
+        workers: int = 0,
+        cfg: dict[str, Any] | None = None,
+    ) -> None:
         secret = os.urandom(32)
         self.slots, self.run_dir, self.marks = slots, run_dir, Marks()
         port = _free_pair()
@@ -460,8 +568,11 @@ class Cluster:
         self._procs, self._conns, self._home = [], [], {}
         for w, group in enumerate(g for g in groups if g):
             ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(group, slots, slots - spares, port, secret, ranks, step_s,
-                                                     cfg or {}, run_dir, theirs), daemon=True)
+            proc = ctx.Process(
+                target=_worker,
+                args=(group, slots, slots - spares, port, secret, ranks, step_s, cfg or {}, run_dir, theirs),
+                daemon=True,
+            )
             proc.start()
             self._procs.append(proc)
             self._conns.append(ours)
@@ -520,8 +631,10 @@ class Cluster:
                 return max(marks[k] for k in keys)
             ended = {s: e for s, e in everything.exits.items() if e != "frozen"}
             if ended or time.monotonic() > deadline:  # a slot that ended early holds the others up
-                raise TimeoutError(f"{len(missing)} of {len(keys)} {which} marks missing, e.g. {missing[:3]}; "
-                                   f"slots ended: {dict(list(ended.items())[:3])}")
+                raise TimeoutError(
+                    f"{len(missing)} of {len(keys)} {which} marks missing, e.g. {missing[:3]}; "
+                    f"slots ended: {dict(list(ended.items())[:3])}"
+                )
             time.sleep(0.1)
 
     def close(self) -> tuple[dict[int, Outcome | str], dict[int, list[list[str]]]]:
@@ -541,9 +654,16 @@ class Cluster:
             proc.join()
 
 
-def scenario(slots: int, run_dir: Path, steady_s: float, *, ranks: int = 8, spares: int = 1,
-             status_probe: Callable[[Path], tuple[float, float]] | None = None,
-             cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+def scenario(
+    slots: int,
+    run_dir: Path,
+    steady_s: float,
+    *,
+    ranks: int = 8,
+    spares: int = 1,
+    status_probe: Callable[[Path], tuple[float, float]] | None = None,
+    cfg: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Start N slots (the last `spares` of them spares), measure steady state, then:
     a rank failure on the last node (-> every node restarts), the last node going silent (its lease expires
     -> every node stopped, a spare takes its place), slot 0 -- the coordinator -- going silent (-> the
@@ -551,8 +671,9 @@ def scenario(slots: int, run_dir: Path, steady_s: float, *, ranks: int = 8, spar
     every slot stops). The figures bench/scale tabulates, plus the coordinators' decisions as [outcome or
     "restart", reason]. Raises unless every live slot ended preempted."""
     if spares < 2 or slots - 2 < slots // 2 + 1:
-        raise ValueError("the scenario loses two slots: it needs two spares, and a majority of at least 6 slots "
-                         "left to elect")
+        raise ValueError(
+            "the scenario loses two slots: it needs two spares, and a majority of at least 6 slots left to elect"
+        )
     cluster = Cluster(slots, run_dir, ranks=ranks, spares=spares, cfg=cfg)
     nodes = slots - spares
     every = list(range(slots))
@@ -597,9 +718,21 @@ def scenario(slots: int, run_dir: Path, steady_s: float, *, ranks: int = 8, spar
         decisions += made.get(1, [])
     finally:
         cluster.shutdown()
-    return {"nodes": slots, "ranks": nodes * ranks, "ops_per_s": (ops1 - ops0) / (t1 - t0),
-            "fail_to_stop_s": fail_to_stop, "decide_to_go_s": decide_to_go, "lease_to_stop_s": lease_to_stop,
-            "lease_to_go_s": lease_to_go, "election_s": elected, "election_to_go_s": election_to_go,
-            "preempt_to_stop_s": preempt_to_stop, "status_kb": status_kb, "status_cmd_s": status_wall,
-            "status_cmd_cpu_s": status_cpu, "node0_cpu": (cpu1 - cpu0) / (t1 - t0),
-            "lease_s": sim_config(**(cfg or {})).node_lease_s, "decisions": decisions}
+    return {
+        "nodes": slots,
+        "ranks": nodes * ranks,
+        "ops_per_s": (ops1 - ops0) / (t1 - t0),
+        "fail_to_stop_s": fail_to_stop,
+        "decide_to_go_s": decide_to_go,
+        "lease_to_stop_s": lease_to_stop,
+        "lease_to_go_s": lease_to_go,
+        "election_s": elected,
+        "election_to_go_s": election_to_go,
+        "preempt_to_stop_s": preempt_to_stop,
+        "status_kb": status_kb,
+        "status_cmd_s": status_wall,
+        "status_cmd_cpu_s": status_cpu,
+        "node0_cpu": (cpu1 - cpu0) / (t1 - t0),
+        "lease_s": sim_config(**(cfg or {})).node_lease_s,
+        "decisions": decisions,
+    }

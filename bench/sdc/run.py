@@ -36,8 +36,14 @@ from resilient.planner import Layout, make_plan, replica_check_overhead  # noqa:
 from tests.ranks import run_ranks  # noqa: E402
 
 WARMUP = 5
-TINY = ["train.warmup_steps=10", "train.eval_every=0", "train.log_every=100000", "train.seq_len=64",
-        "checkpoint.interval_steps=0", "data.num_workers=0"]
+TINY = [
+    "train.warmup_steps=10",
+    "train.eval_every=0",
+    "train.log_every=100000",
+    "train.seq_len=64",
+    "checkpoint.interval_steps=0",
+    "data.num_workers=0",
+]
 
 
 def load_average() -> float:
@@ -61,36 +67,65 @@ def overhead(base: Path, args: argparse.Namespace) -> dict:
     for rnd in range(args.rounds):
         for every in settings:
             run_dir = base / f"overhead-r{rnd}-every{every}"
-            train(run_dir, [*TINY, f"train.steps={args.steps}", "train.global_batch=8", "train.micro_batch=2",
-                            f"numerics.replica_check_interval_steps={every}"], world=2)
+            train(
+                run_dir,
+                [
+                    *TINY,
+                    f"train.steps={args.steps}",
+                    "train.global_batch=8",
+                    "train.micro_batch=2",
+                    f"numerics.replica_check_interval_steps={every}",
+                ],
+                world=2,
+            )
             recs = records(run_dir)[WARMUP:]
             loop_s = (recs[-1]["ts"] - recs[0]["ts"]) / (len(recs) - 1)
             per_step[every].append(loop_s)
             check_s = sum(r.get("replica_check_s", 0.0) for r in recs[1:])
             check_share[every].append(check_s / (recs[-1]["ts"] - recs[0]["ts"]))
-            print(f"round {rnd} every {every or 'off'}: {loop_s * 1e3:.2f} ms/step, checks "
-                  f"{100 * check_share[every][-1]:.3f}% of the loop (load {load_average():.1f})", flush=True)
+            print(
+                f"round {rnd} every {every or 'off'}: {loop_s * 1e3:.2f} ms/step, checks "
+                f"{100 * check_share[every][-1]:.3f}% of the loop (load {load_average():.1f})",
+                flush=True,
+            )
     off = statistics.median(per_step[0])
-    return {str(k or "off"): {"ms_per_step": [round(v * 1e3, 3) for v in per_step[k]],
-                              "overhead_vs_off": round(statistics.median(per_step[k]) / off - 1, 5),
-                              "check_share_of_loop": round(statistics.median(check_share[k]), 6)}
-            for k in settings}
+    return {
+        str(k or "off"): {
+            "ms_per_step": [round(v * 1e3, 3) for v in per_step[k]],
+            "overhead_vs_off": round(statistics.median(per_step[k]) / off - 1, 5),
+            "check_share_of_loop": round(statistics.median(check_share[k]), 6),
+        }
+        for k in settings
+    }
 
 
 def detection(base: Path, args: argparse.Namespace) -> dict:
     out: dict = {"dp3_majority": [], "dp2_reexecution": None}
-    common = [*TINY, "train.steps=30", "train.micro_batch=2", "checkpoint.interval_steps=4",
-              "numerics.replica_check_interval_steps=10"]
+    common = [
+        *TINY,
+        "train.steps=30",
+        "train.micro_batch=2",
+        "checkpoint.interval_steps=4",
+        "numerics.replica_check_interval_steps=10",
+    ]
     for flip in args.flips:
         run_dir = base / f"flip-dp3-{flip}"
         run_dir.mkdir(parents=True)
         (run_dir / "faults.json").write_text(json.dumps({"bitflip": [{"step": flip, "rank": 1, "attempt": 0}]}))
         train(run_dir, [*common, "train.global_batch=6"], world=3)
         [found] = [e for e in ledger.read(run_dir) if e["event"] == "sdc_confirmed"]
-        out["dp3_majority"].append({"flip_step": flip, "found_at_step": found["step"],
-                                    "latency_steps": found["step"] - flip, "ranks": found["ranks"]})
-        print(f"DP3 flip at step {flip}: found at step {found['step']} ({found['how']}), ranks {found['ranks']}",
-              flush=True)
+        out["dp3_majority"].append(
+            {
+                "flip_step": flip,
+                "found_at_step": found["step"],
+                "latency_steps": found["step"] - flip,
+                "ranks": found["ranks"],
+            }
+        )
+        print(
+            f"DP3 flip at step {flip}: found at step {found['step']} ({found['how']}), ranks {found['ranks']}",
+            flush=True,
+        )
     flip = args.flips[0]
     run_dir = base / f"flip-dp2-{flip}"
     run_dir.mkdir(parents=True)
@@ -99,9 +134,14 @@ def detection(base: Path, args: argparse.Namespace) -> dict:
     events = list(ledger.read(run_dir))
     [suspected] = [e for e in events if e["event"] == "sdc_suspected"]
     [found] = [e for e in events if e["event"] == "sdc_confirmed"]
-    out["dp2_reexecution"] = {"flip_step": flip, "found_at_step": found["step"], "latency_steps": found["step"] - flip,
-                              "reexecuted_steps": found["step"] - suspected["reexecute_from"],
-                              "mismatch_to_finding_s": round(found["ts"] - suspected["ts"], 3), "ranks": found["ranks"]}
+    out["dp2_reexecution"] = {
+        "flip_step": flip,
+        "found_at_step": found["step"],
+        "latency_steps": found["step"] - flip,
+        "reexecuted_steps": found["step"] - suspected["reexecute_from"],
+        "mismatch_to_finding_s": round(found["ts"] - suspected["ts"], 3),
+        "ranks": found["ranks"],
+    }
     print(f"DP2 flip at step {flip}: {out['dp2_reexecution']}", flush=True)
     return out
 
@@ -110,8 +150,13 @@ def planner_estimate(intervals: list[int]) -> dict:
     cfg = load_config(REPO / "examples" / "llama31-405b.yaml")
     p = cfg.parallel
     layout = Layout(tp=p.tp, pp=p.pp, cp=p.cp, dp=cfg.dp(cfg.world_size), distributed_optimizer=p.distributed_optimizer)
-    plan = make_plan(cfg.model.architecture(), layout, seq_len=cfg.seq_len, micro_batch=cfg.train.micro_batch,
-                     global_batch=cfg.train.global_batch)
+    plan = make_plan(
+        cfg.model.architecture(),
+        layout,
+        seq_len=cfg.seq_len,
+        micro_batch=cfg.train.micro_batch,
+        global_batch=cfg.train.global_batch,
+    )
     out = {}
     for every in intervals:
         share, why = replica_check_overhead(plan, every)
@@ -131,13 +176,19 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     base = args.run_dir or Path(tempfile.mkdtemp(prefix="bench-sdc-"))
     started, load = time.time(), load_average()
-    result = {"overhead": overhead(base, args), "detection": detection(base, args),
-              "planner_405b": planner_estimate(args.intervals),
-              "load_average": {"start": load, "end": load_average()}, "seconds": round(time.time() - started, 1)}
+    result = {
+        "overhead": overhead(base, args),
+        "detection": detection(base, args),
+        "planner_405b": planner_estimate(args.intervals),
+        "load_average": {"start": load, "end": load_average()},
+        "seconds": round(time.time() - started, 1),
+    }
     default = str(load_config(REPO / "examples" / "tiny.yaml").numerics.replica_check_interval_steps)
-    result["goal"] = {"default_interval": default,
-                      "direct_check_share": result["overhead"][default]["check_share_of_loop"],
-                      "met": result["overhead"][default]["check_share_of_loop"] <= 0.01}
+    result["goal"] = {
+        "default_interval": default,
+        "direct_check_share": result["overhead"][default]["check_share_of_loop"],
+        "met": result["overhead"][default]["check_share_of_loop"] <= 0.01,
+    }
     print(json.dumps(result, indent=1))
     results = REPO / "bench" / "results"
     results.mkdir(exist_ok=True)

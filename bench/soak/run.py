@@ -41,13 +41,35 @@ FAULTS = ["kill_rank", "hang_rank", "preempt", "kill_supervisor", "ckpt_write_ki
 
 
 def _overrides(steps: int, ckpt_every: int, *, adaptive: bool, mtbf_s: float) -> list[str]:
-    interval = ([f"checkpoint.adaptive={str(adaptive).lower()}", f"checkpoint.prior_mtbf_hours={mtbf_s / 3600:.6g}",
-                 "checkpoint.min_interval_steps=2", "checkpoint.max_interval_steps=1000"] if adaptive else [])
-    return [f"train.steps={steps}", "train.warmup_steps=20", "train.eval_every=0", "train.log_every=500",
-            f"checkpoint.interval_steps={ckpt_every}", "checkpoint.keep_last=3", "metrics.port=0", *interval,
-            "supervisor.termination_grace_s=2", "supervisor.backoff_initial_s=0.5", "supervisor.backoff_max_s=2",
-            "supervisor.max_restarts=1000", "supervisor.step_timeout_floor_s=4", "supervisor.step_timeout_factor=3",
-            "supervisor.status_interval_s=0.25", "supervisor.checkpoint_timeout_s=30", "health.monitor_interval_s=1"]
+    interval = (
+        [
+            f"checkpoint.adaptive={str(adaptive).lower()}",
+            f"checkpoint.prior_mtbf_hours={mtbf_s / 3600:.6g}",
+            "checkpoint.min_interval_steps=2",
+            "checkpoint.max_interval_steps=1000",
+        ]
+        if adaptive
+        else []
+    )
+    return [
+        f"train.steps={steps}",
+        "train.warmup_steps=20",
+        "train.eval_every=0",
+        "train.log_every=500",
+        f"checkpoint.interval_steps={ckpt_every}",
+        "checkpoint.keep_last=3",
+        "metrics.port=0",
+        *interval,
+        "supervisor.termination_grace_s=2",
+        "supervisor.backoff_initial_s=0.5",
+        "supervisor.backoff_max_s=2",
+        "supervisor.max_restarts=1000",
+        "supervisor.step_timeout_floor_s=4",
+        "supervisor.step_timeout_factor=3",
+        "supervisor.status_interval_s=0.25",
+        "supervisor.checkpoint_timeout_s=30",
+        "health.monitor_interval_s=1",
+    ]
 
 
 def restart_costs(train_log: list[dict], faults: list[dict]) -> list[float]:
@@ -132,10 +154,18 @@ def main() -> None:
 
     run_dir = args.run_dir or Path(f"/tmp/bench-soak-{int(time.time())}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    overrides = [*_overrides(args.steps, args.ckpt_every, adaptive=not args.fixed, mtbf_s=args.mtbf),
-                 f"checkpoint.cost_window_steps={args.cost_window}"]
-    opts = DrillOptions(config=args.config, run_dir=run_dir, overrides=overrides, timeout_s=args.duration,
-                        detect_timeout_s=90, max_launches=1000)
+    overrides = [
+        *_overrides(args.steps, args.ckpt_every, adaptive=not args.fixed, mtbf_s=args.mtbf),
+        f"checkpoint.cost_window_steps={args.cost_window}",
+    ]
+    opts = DrillOptions(
+        config=args.config,
+        run_dir=run_dir,
+        overrides=overrides,
+        timeout_s=args.duration,
+        detect_timeout_s=90,
+        max_launches=1000,
+    )
     report = run_drill(opts, build_schedule(f"mtbf:{args.mtbf}", FAULTS, args.seed), FAULTS, seed=args.seed)
 
     records = list(ledger.read(run_dir))
@@ -151,8 +181,11 @@ def main() -> None:
     tau = spacing * step_s
     restarts = restart_costs(train_log, injected)
     if not restarts or not tau:
-        print("bench/soak: no fault was followed by a step of a later attempt, or no two saves in one attempt, "
-              "within --duration: Daly's inputs are not measured; run longer", file=sys.stderr)
+        print(
+            "bench/soak: no fault was followed by a step of a later attempt, or no two saves in one attempt, "
+            "within --duration: Daly's inputs are not measured; run longer",
+            file=sys.stderr,
+        )
     restart = statistics.mean(restarts) if restarts else 0.0
     mtbf = gp["wall_s"] / max(1, len(injected))
     predicted = predicted_goodput(tau, delta, restart, mtbf) if restarts and tau else None
@@ -164,20 +197,41 @@ def main() -> None:
     at_optimum = predicted_goodput(best_tau, delta, restart, mtbf) if predicted and delta > 0 else None
     changes = [r for r in records if r["event"] == "ckpt_interval"]
     result = {
-        "config": str(args.config), "duration_s": args.duration, "mtbf_target_s": args.mtbf, "seed": args.seed,
-        "cpus": os.cpu_count(), "run_dir": str(run_dir), "adaptive": not args.fixed,
-        "faults_injected": len(report["faults"]), "faults_detected": len(injected),
+        "config": str(args.config),
+        "duration_s": args.duration,
+        "mtbf_target_s": args.mtbf,
+        "seed": args.seed,
+        "cpus": os.cpu_count(),
+        "run_dir": str(run_dir),
+        "adaptive": not args.fixed,
+        "faults_injected": len(report["faults"]),
+        "faults_detected": len(injected),
         "faults_by_kind": {k: sum(f["kind"] == k for f in report["faults"]) for k in FAULTS},
         "detection_latency_s": {k: [f["detection_latency_s"] for f in injected if f["kind"] == k] for k in FAULTS},
-        "not_injected": report["not_injected"], "orphans": report["orphans"],
-        "goodput_measured": gp["ratio"], "badput_s": gp["badput_s"], "wall_s": gp["wall_s"],
-        "productive_steps": gp["productive_steps"], "recomputed_steps": gp["recomputed_steps"],
-        "daly": {"tau_s": tau, "delta_s": delta, "restart_s": restart, "mtbf_s": mtbf, "step_s": step_s,
-                 "iteration_s": gap_s, "save_spacing_steps": spacing, "saves_measured": len(costs),
-                 "blocking_s": blocking, "optimal_tau_s": best_tau,
-                 "optimal_interval_steps": best_tau / step_s if step_s else None},
-        "interval_changes": [{k: c.get(k) for k in ("attempt", "step", "previous", "steps", "save_cost_s", "mtbf_s",
-                                                     "failures")} for c in changes],
+        "not_injected": report["not_injected"],
+        "orphans": report["orphans"],
+        "goodput_measured": gp["ratio"],
+        "badput_s": gp["badput_s"],
+        "wall_s": gp["wall_s"],
+        "productive_steps": gp["productive_steps"],
+        "recomputed_steps": gp["recomputed_steps"],
+        "daly": {
+            "tau_s": tau,
+            "delta_s": delta,
+            "restart_s": restart,
+            "mtbf_s": mtbf,
+            "step_s": step_s,
+            "iteration_s": gap_s,
+            "save_spacing_steps": spacing,
+            "saves_measured": len(costs),
+            "blocking_s": blocking,
+            "optimal_tau_s": best_tau,
+            "optimal_interval_steps": best_tau / step_s if step_s else None,
+        },
+        "interval_changes": [
+            {k: c.get(k) for k in ("attempt", "step", "previous", "steps", "save_cost_s", "mtbf_s", "failures")}
+            for c in changes
+        ],
         "goodput_predicted": predicted,
         "goodput_predicted_at_optimum": at_optimum,
         "goodput_predicted_with_blocking_cost": predicted_goodput(tau, blocking, restart, mtbf) if predicted else None,

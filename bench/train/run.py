@@ -31,11 +31,34 @@ LAYOUTS = {
 
 def run_once(tree: Path, overrides: list[str], steps: int, warmup: int) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    sets = [a for o in [f"train.steps={steps}", "train.eval_every=0", "checkpoint.interval_steps=0",
-                        "checkpoint.save_on_finish=false", *overrides] for a in ("--set", o)]
+    sets = [
+        a
+        for o in [
+            f"train.steps={steps}",
+            "train.eval_every=0",
+            "checkpoint.interval_steps=0",
+            "checkpoint.save_on_finish=false",
+            *overrides,
+        ]
+        for a in ("--set", o)
+    ]
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "resilient.cli", "run", str(tree / "examples" / "tiny.yaml"),
-                           "--run-dir", str(run_dir), *sets], cwd=tree, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "resilient.cli",
+            "run",
+            str(tree / "examples" / "tiny.yaml"),
+            "--run-dir",
+            str(run_dir),
+            *sets,
+        ],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         sys.exit(f"{tree} {overrides}: run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     steps_log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
@@ -43,7 +66,8 @@ def run_once(tree: Path, overrides: list[str], steps: int, warmup: int) -> dict:
     return {
         "median_tokens_per_s": statistics.median(s["tokens_per_s"] for s in steps_log),
         "median_step_time_s": statistics.median(s["step_time"] for s in steps_log),
-        "first_loss": steps_log[0]["loss"], "last_loss": steps_log[-1]["loss"],
+        "first_loss": steps_log[0]["loss"],
+        "last_loss": steps_log[-1]["loss"],
         "steps_measured": len(steps_log),
     }
 
@@ -68,8 +92,10 @@ def main() -> None:
             if name not in results or got["median_tokens_per_s"] > results[name]["median_tokens_per_s"]:
                 results[name] = got
     for name, r in results.items():
-        print(f"{name:12s} {r['median_tokens_per_s']:8,.0f} tokens/s  step {r['median_step_time_s'] * 1000:6.1f} ms  "
-              f"loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}")
+        print(
+            f"{name:12s} {r['median_tokens_per_s']:8,.0f} tokens/s  step {r['median_step_time_s'] * 1000:6.1f} ms  "
+            f"loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}"
+        )
     if "baseline" in results and "default" in results:
         ratio = results["default"]["median_tokens_per_s"] / results["baseline"]["median_tokens_per_s"]
         print(f"new/baseline tokens/s: {ratio:.3f}")

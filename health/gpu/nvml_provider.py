@@ -48,8 +48,9 @@ class NvmlProvider:
             return
         for i in range(nv.nvmlDeviceGetCount()):
             try:
-                nv.nvmlDeviceRegisterEvents(nv.nvmlDeviceGetHandleByIndex(i), nv.nvmlEventTypeXidCriticalError,
-                                            self._events)
+                nv.nvmlDeviceRegisterEvents(
+                    nv.nvmlDeviceGetHandleByIndex(i), nv.nvmlEventTypeXidCriticalError, self._events
+                )
             except nv.NVMLError:
                 continue  # not supported or lost: the per-device queries report it
 

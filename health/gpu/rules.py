@@ -82,8 +82,11 @@ def row_remap(prev: GpuSample | None, cur: GpuSample, cfg: HealthConfig) -> Chec
         problems.append(f"row remapping pending on {_gpus(pending)} (GPU reset needed)")
     if retired:
         problems.append(f"page retirement pending on {_gpus(retired)} (reboot needed)")
-    values = {"failed": [d.index for d in failed], "pending": [d.index for d in pending],
-              "retired_pending": [d.index for d in retired]}
+    values = {
+        "failed": [d.index for d in failed],
+        "pending": [d.index for d in pending],
+        "retired_pending": [d.index for d in retired],
+    }
     if problems:
         return fatal(name, "; ".join(problems), **values)
     known = any(d.remap_pending is not None or d.retired_pages_pending is not None for d in cur.devices)
@@ -121,9 +124,11 @@ def _growth_rule(name: str, field: str, what: str, warn_attr: str, fatal_attr: s
         now = {d.index: getattr(d, field) for d in cur.devices if getattr(d, field) is not None}
         if not now:
             return skipped(name, f"{what} not reported")
-        before = {} if prev is None or not prev.available else {
-            d.index: getattr(d, field) for d in prev.devices if getattr(d, field) is not None
-        }
+        before = (
+            {}
+            if prev is None or not prev.available
+            else {d.index: getattr(d, field) for d in prev.devices if getattr(d, field) is not None}
+        )
         growth = {i: now[i] - before[i] for i in now if i in before}
         if not growth:
             return ok(name, f"{what}: baseline recorded", counters=now)
@@ -139,13 +144,24 @@ def _growth_rule(name: str, field: str, what: str, warn_attr: str, fatal_attr: s
     return rule
 
 
-pcie_replay = _growth_rule("gpu.pcie_replay", "pcie_replay", "PCIe replay counter",
-                           "pcie_replay_growth_warn", "pcie_replay_growth_fatal")
-nvlink_errors = _growth_rule("gpu.nvlink", "nvlink_errors", "NVLink error counters",
-                             "nvlink_error_growth_warn", "nvlink_error_growth_fatal")
+pcie_replay = _growth_rule(
+    "gpu.pcie_replay", "pcie_replay", "PCIe replay counter", "pcie_replay_growth_warn", "pcie_replay_growth_fatal"
+)
+nvlink_errors = _growth_rule(
+    "gpu.nvlink", "nvlink_errors", "NVLink error counters", "nvlink_error_growth_warn", "nvlink_error_growth_fatal"
+)
 
-RULES: tuple[Rule, ...] = (device_count, gpu_lost, xid, ecc, row_remap, throttle, temperature, pcie_replay,
-                          nvlink_errors)
+RULES: tuple[Rule, ...] = (
+    device_count,
+    gpu_lost,
+    xid,
+    ecc,
+    row_remap,
+    throttle,
+    temperature,
+    pcie_replay,
+    nvlink_errors,
+)
 
 
 def evaluate(prev: GpuSample | None, cur: GpuSample, cfg: HealthConfig) -> list[CheckResult]:
@@ -160,10 +176,16 @@ def evaluate(prev: GpuSample | None, cur: GpuSample, cfg: HealthConfig) -> list[
 def telemetry(cur: GpuSample) -> CheckResult:
     """Not a rule: each GPU's raw readings, for the metrics exporter and `health check --json`."""
     gpus = {
-        dev.index: {"temperature_c": dev.temperature_c, "power_w": dev.power_w,
-                    "ecc_uncorrectable": dev.ecc_uncorrected, "last_xid": dev.xids[-1] if dev.xids else 0,
-                    "remap_pending": dev.remap_pending, "remap_failed": dev.remap_failed, "lost": dev.lost,
-                    "throttle_reasons": list(dev.throttle)}
+        dev.index: {
+            "temperature_c": dev.temperature_c,
+            "power_w": dev.power_w,
+            "ecc_uncorrectable": dev.ecc_uncorrected,
+            "last_xid": dev.xids[-1] if dev.xids else 0,
+            "remap_pending": dev.remap_pending,
+            "remap_failed": dev.remap_failed,
+            "lost": dev.lost,
+            "throttle_reasons": list(dev.throttle),
+        }
         for dev in cur.devices
     }
     return CheckResult("gpu.telemetry", Severity.OK, f"{len(gpus)} GPU(s) read", {"gpus": gpus})

@@ -73,7 +73,9 @@ def verdicts(report: Mapping[str, Any], *, reference_digest: str | None, expect_
         failed["injected"] = f"faults whose moment never came: {report['not_injected']}"
     gp = report["goodput"]
     if not gp["lost_progress_matches"]:
-        failed["lost_progress"] = (f"goodput counts {gp['recomputed_steps']} recomputed steps / "
-                                   f"{gp['badput_s']['lost_progress']:.3f}s, the train log shows "
-                                   f"{gp['expected_recomputed_steps']} / {gp['expected_lost_s']:.3f}s")
+        failed["lost_progress"] = (
+            f"goodput counts {gp['recomputed_steps']} recomputed steps / "
+            f"{gp['badput_s']['lost_progress']:.3f}s, the train log shows "
+            f"{gp['expected_recomputed_steps']} / {gp['expected_lost_s']:.3f}s"
+        )
     return failed

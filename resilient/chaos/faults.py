@@ -46,8 +46,15 @@ class Injection:
         return None if self.detected_ts is None else round(self.detected_ts - self.ts, 3)
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "ts": self.ts, "step": self.step, "attempt": self.attempt, **self.details,
-                "detected_by": self.detected_event, "detection_latency_s": self.latency_s}
+        return {
+            "kind": self.kind,
+            "ts": self.ts,
+            "step": self.step,
+            "attempt": self.attempt,
+            **self.details,
+            "detected_by": self.detected_event,
+            "detection_latency_s": self.latency_s,
+        }
 
 
 class Fault:
@@ -80,6 +87,7 @@ class Fault:
 def _failure(kind: str):
     def detects(self, inj: Injection, rec: dict[str, Any], d: Drill) -> bool:
         return rec.get("event") == "failure" and rec.get("kind") == kind
+
     return detects
 
 
@@ -220,8 +228,11 @@ class SlowRank(Fault):
         self._done.clear()
         self._thread = threading.Thread(target=self._cycle, args=(proc,), name="chaos-straggler", daemon=True)
         self._thread.start()
-        return {"rank": rank, "pid": proc.pid, "duty_cycle": f"stopped {self.STOP_S}s of every "
-                                                            f"{self.STOP_S + self.RUN_S:.2f}s"}
+        return {
+            "rank": rank,
+            "pid": proc.pid,
+            "duty_cycle": f"stopped {self.STOP_S}s of every {self.STOP_S + self.RUN_S:.2f}s",
+        }
 
     def _cycle(self, proc: psutil.Process) -> None:
         try:
@@ -253,8 +264,14 @@ def _arm(run_dir: Path, kind: str, entry: dict[str, Any]) -> None:
 def _when_step_ran(inj: Injection, d: Drill, step: int, before_ts: float, *, nan: bool = False) -> None:
     """The fault happened when its step ran, not when it was armed: the train log's last NaN record of the
     step before the reaction (`nan`), else its first record after the arming."""
-    ran = [r["ts"] for r in d.train_records if r.get("step") == step and "loss" in r and inj.ts <= r["ts"] <= before_ts
-           and (not nan or (isinstance(r["loss"], float) and math.isnan(r["loss"])))]
+    ran = [
+        r["ts"]
+        for r in d.train_records
+        if r.get("step") == step
+        and "loss" in r
+        and inj.ts <= r["ts"] <= before_ts
+        and (not nan or (isinstance(r["loss"], float) and math.isnan(r["loss"])))
+    ]
     if ran:
         inj.ts = ran[-1] if nan else ran[0]
 
@@ -306,8 +323,12 @@ class BitFlip(Fault):
 
     def _arm(self, d: Drill, step: int, attempt: int) -> dict[str, Any]:
         world = d.cfg.nodes * d.cfg.supervisor.nproc_per_node
-        entry: dict[str, Any] = {"step": step, "rank": d.rng.randrange(world), "attempt": attempt,
-                                 "target": d.opts.bitflip_target}
+        entry: dict[str, Any] = {
+            "step": step,
+            "rank": d.rng.randrange(world),
+            "attempt": attempt,
+            "target": d.opts.bitflip_target,
+        }
         if d.opts.bitflip_bit is not None:
             entry["bit"] = d.opts.bitflip_bit
         _arm(d.run_dir, "bitflip", entry)
@@ -320,8 +341,11 @@ class BitFlip(Fault):
         return self._arm(d, d.step + self.AHEAD, d.attempt() or 0)
 
     def detects(self, inj: Injection, rec: dict[str, Any], d: Drill) -> bool:
-        if rec.get("event") != "sdc_confirmed" or inj.details["rank"] not in rec.get("ranks", []) \
-                or rec.get("step", -1) < inj.details["target_step"]:
+        if (
+            rec.get("event") != "sdc_confirmed"
+            or inj.details["rank"] not in rec.get("ranks", [])
+            or rec.get("step", -1) < inj.details["target_step"]
+        ):
             return False
         inj.details["found_at_step"] = rec["step"]
         _when_step_ran(inj, d, inj.details["target_step"], rec["ts"])
@@ -346,6 +370,19 @@ class GpuHealth(Fault):
     detects = _failure("health")  # the drill clears the state when the supervisor exits UNHEALTHY_NODE
 
 
-FAULTS: dict[str, type[Fault]] = {f.name: f for f in (KillRank, HangRank, Preempt, KillSupervisor, KillDuringSave,
-                                                      CorruptCheckpoint, FillDisk, SlowRank, NanLoss, GpuHealth,
-                                                      BitFlip)}
+FAULTS: dict[str, type[Fault]] = {
+    f.name: f
+    for f in (
+        KillRank,
+        HangRank,
+        Preempt,
+        KillSupervisor,
+        KillDuringSave,
+        CorruptCheckpoint,
+        FillDisk,
+        SlowRank,
+        NanLoss,
+        GpuHealth,
+        BitFlip,
+    )
+}

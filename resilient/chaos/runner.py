@@ -118,9 +118,13 @@ class Drill:
             tail = (self.run_dir / "chaos-supervisor.log").read_text(errors="replace").splitlines()[-8:]
         except OSError:
             tail = []
-        return {"step": self.step, "state": status.get("state"),
-                "phases": [(r.get("rank"), r.get("phase")) for r in status.get("ranks", [])],
-                "events": [r.get("event") for r in self.ledger_records[-6:]], "log": tail}
+        return {
+            "step": self.step,
+            "state": status.get("state"),
+            "phases": [(r.get("rank"), r.get("phase")) for r in status.get("ranks", [])],
+            "events": [r.get("event") for r in self.ledger_records[-6:]],
+            "log": tail,
+        }
 
     def attempt(self) -> int | None:
         status = self._status()
@@ -182,9 +186,22 @@ class Drill:
         try:
             self.launched_at = time.time()
             self.supervisor = psutil.Popen(
-                [sys.executable, "-m", "resilient.cli", "run", str(self.opts.config), "--run-dir", str(self.run_dir),
-                 *sets], cwd=REPO, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                env={**os.environ, "RESILIENT_NODE_NAME": self.node_name, "PYTHONWARNINGS": "ignore"})
+                [
+                    sys.executable,
+                    "-m",
+                    "resilient.cli",
+                    "run",
+                    str(self.opts.config),
+                    "--run-dir",
+                    str(self.run_dir),
+                    *sets,
+                ],
+                cwd=REPO,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "RESILIENT_NODE_NAME": self.node_name, "PYTHONWARNINGS": "ignore"},
+            )
         finally:
             os.close(log)
 
@@ -193,8 +210,19 @@ class Drill:
             return
         self.fill_mount.mkdir(mode=0o700, exist_ok=True)
         if not os.path.ismount(self.fill_mount):
-            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.opts.fill_size_mb}m,mode=0700", "tmpfs",
-                            str(self.fill_mount)], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    "mount",
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    f"size={self.opts.fill_size_mb}m,mode=0700",
+                    "tmpfs",
+                    str(self.fill_mount),
+                ],
+                check=True,
+                capture_output=True,
+            )
 
     def unmount_fill_fs(self) -> None:
         if self.fill_mount is not None and os.path.ismount(self.fill_mount):
@@ -231,8 +259,9 @@ class Pending:
     injection: Injection
 
 
-def run_drill(opts: DrillOptions, schedule: list[Trigger], faults: list[str], *, seed: int,
-              reference_digest: str | None = None) -> dict[str, Any]:
+def run_drill(
+    opts: DrillOptions, schedule: list[Trigger], faults: list[str], *, seed: int, reference_digest: str | None = None
+) -> dict[str, Any]:
     """Run the schedule to the end of the run; returns the report (see `checks.verdicts`)."""
     d = Drill(opts, faults, seed)
     instances = {name: FAULTS[name]() for name in faults}
@@ -333,8 +362,14 @@ def final_digest(ckpt_root: Path, step: int) -> str | None:
     return digest(layout.step_dir(ckpt_root, step))
 
 
-def _report(d: Drill, injections: list[Injection], not_injected: list[dict[str, Any]],
-            instances: dict[str, Fault], reference_digest: str | None, seed: int) -> dict[str, Any]:
+def _report(
+    d: Drill,
+    injections: list[Injection],
+    not_injected: list[dict[str, Any]],
+    instances: dict[str, Fault],
+    reference_digest: str | None,
+    seed: int,
+) -> dict[str, Any]:
     finished = bool(d.exit_codes) and d.exit_codes[-1] == ExitCode.FINISHED
     end_ts = max((r.get("ts", 0) for r in d.ledger_records), default=time.time())
     gp = run_goodput(d.run_dir, now=end_ts)
@@ -352,12 +387,15 @@ def _report(d: Drill, injections: list[Injection], not_injected: list[dict[str, 
         "not_injected": not_injected,
         "orphans": checks.orphans(d.run_dir, wait_s=d.opts.orphan_wait_s, exclude=[os.getpid()]),
         "goodput": {
-            "ratio": round(gp.ratio, 4), "wall_s": round(gp.wall_seconds, 3),
+            "ratio": round(gp.ratio, 4),
+            "wall_s": round(gp.wall_seconds, 3),
             "productive_s": round(gp.productive_seconds, 3),
             "badput_s": {k: round(v, 3) for k, v in gp.badput_seconds.items()},
-            "productive_steps": gp.productive_steps, "recomputed_steps": gp.recomputed_steps,
+            "productive_steps": gp.productive_steps,
+            "recomputed_steps": gp.recomputed_steps,
             "failed_saves": gp.failed_saves,
-            "expected_recomputed_steps": expected_n, "expected_lost_s": round(expected_s, 3),
+            "expected_recomputed_steps": expected_n,
+            "expected_lost_s": round(expected_s, 3),
             "lost_progress_matches": gp.recomputed_steps == expected_n
             and abs(gp.badput_seconds.get("lost_progress", 0.0) - expected_s) < 1e-6,
         },

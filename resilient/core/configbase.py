@@ -96,8 +96,14 @@ def parse_section(model: type[S], tree: dict[str, Any], check: Callable[[S], Non
         raise ConfigError(str(err)) from None
 
 
-def load_section(model: type[S], path: str | Path | None, overrides: list[str] | None = None,
-                 check: Callable[[S], None] | None = None, *, no_link: bool = False) -> S:
+def load_section(
+    model: type[S],
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    check: Callable[[S], None] | None = None,
+    *,
+    no_link: bool = False,
+) -> S:
     """Read a YAML config file (None: defaults; `no_link`: see read_tree), apply dotted overrides, validate
     as `model`."""
     return parse_section(model, apply_overrides(read_tree(path, no_link=no_link), overrides or []), check)

@@ -35,7 +35,6 @@ class RunDirBusy(ResilientError):
     label = "run dir busy"
 
 
-
 class StorageFault(ResilientError):
     """The run or checkpoint directory vanished, was replaced, or holds something that must not be used
     (a link in place of a log): the run stops as a storage fault, never blamed on a node."""

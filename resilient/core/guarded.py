@@ -30,8 +30,11 @@ def write(path: str | Path, do_write: Callable[[], None]) -> bool:
     except OSError as err:
         key = str(path)
         if key not in _failed:
-            print(f"resilient: cannot write {key}: {err.strerror or err}; going on without it", file=sys.stderr,
-                  flush=True)
+            print(
+                f"resilient: cannot write {key}: {err.strerror or err}; going on without it",
+                file=sys.stderr,
+                flush=True,
+            )
             _failed[key] = {"error": err.strerror or str(err), "since": time.time(), "lost_writes": 0}
         _failed[key]["lost_writes"] = int(_failed[key]["lost_writes"]) + 1  # type: ignore[call-overload]
         return False

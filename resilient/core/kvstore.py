@@ -82,6 +82,7 @@ def bound_listener(addr: str, port: int) -> socket.socket:
 
 # -- framing -----------------------------------------------------------------------------------------
 
+
 def _pack(*fields: bytes) -> bytes:
     return b"".join(struct.pack(">I", len(f)) + f for f in fields)
 
@@ -95,7 +96,7 @@ def _unpack(data: bytes) -> list[bytes]:
         i += 4
         if i + n > len(data):
             raise ValueError("truncated field")
-        out.append(bytes(data[i:i + n]))
+        out.append(bytes(data[i : i + n]))
         i += n
     return out
 
@@ -133,6 +134,7 @@ class _Session:
 
 # -- the server ------------------------------------------------------------------------------------
 
+
 def _peer_host(sock: socket.socket) -> str:
     try:
         return str(sock.getpeername()[0])
@@ -154,8 +156,13 @@ class _Conn:
 class StoreServer:
     """The key-value server on one bound listener; `serve_forever` runs on its own daemon thread."""
 
-    def __init__(self, listener: socket.socket, key: bytes, limits: StoreLimits = StoreLimits(),
-                 on_limit: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        listener: socket.socket,
+        key: bytes,
+        limits: StoreLimits = StoreLimits(),
+        on_limit: Callable[[str], None] | None = None,
+    ) -> None:
         self.listener, self._key, self.limits = listener, key, limits
         self._on_limit = on_limit or (lambda why: print(f"resilient: coordination store: {why}", file=sys.stderr))
         self._limit_said: set[str] = set()
@@ -209,8 +216,11 @@ class StoreServer:
         peer = _peer_host(sock)
         waiting = [c for c in self._conns.values() if c.session is None]
         from_peer = sum(1 for c in waiting if c.peer == peer)
-        if len(waiting) >= _MAX_PENDING or from_peer >= _MAX_PENDING_PER_PEER \
-                or len(self._conns) - len(waiting) >= self.limits.max_clients:
+        if (
+            len(waiting) >= _MAX_PENDING
+            or from_peer >= _MAX_PENDING_PER_PEER
+            or len(self._conns) - len(waiting) >= self.limits.max_clients
+        ):
             self.rejected += 1
             sock.close()
             return
@@ -256,10 +266,10 @@ class StoreServer:
         if conn.client_nonce is None:  # hello: magic + client nonce
             if len(conn.rbuf) < len(_MAGIC) + _NONCE:
                 return
-            if bytes(conn.rbuf[:len(_MAGIC)]) != _MAGIC:
+            if bytes(conn.rbuf[: len(_MAGIC)]) != _MAGIC:
                 raise ValueError("not a store client")
-            conn.client_nonce = bytes(conn.rbuf[len(_MAGIC):len(_MAGIC) + _NONCE])
-            del conn.rbuf[:len(_MAGIC) + _NONCE]
+            conn.client_nonce = bytes(conn.rbuf[len(_MAGIC) : len(_MAGIC) + _NONCE])
+            del conn.rbuf[: len(_MAGIC) + _NONCE]
             conn.wbuf += conn.server_nonce + _proof(self._key, b"server", conn.client_nonce, conn.server_nonce)
         if conn.session is None:  # the client's proof
             if len(conn.rbuf) < 32:
@@ -279,8 +289,8 @@ class StoreServer:
                 raise ValueError("frame too large")
             if len(conn.rbuf) < 4 + n:
                 return
-            body = bytes(conn.rbuf[4:4 + n])
-            del conn.rbuf[:4 + n]
+            body = bytes(conn.rbuf[4 : 4 + n])
+            del conn.rbuf[: 4 + n]
             payload = conn.session.open(body)
             if payload is None or not payload:
                 raise ValueError("bad MAC")
@@ -361,6 +371,7 @@ class StoreServer:
 
 # -- the client ------------------------------------------------------------------------------------
 
+
 class StoreClient:
     """One authenticated connection; every call has a deadline. Safe to share between threads (calls are
     serialized); a thread that must not wait behind another (the lease) opens its own."""
@@ -425,8 +436,9 @@ class StoreClient:
                 if isinstance(err, StoreUnavailable):
                     raise
                 what = "no answer" if isinstance(err, TimeoutError) else str(err)
-                raise StoreUnavailable(f"coordination store at {self.addr}:{self.port}: {what} "
-                                       f"(deadline {self.op_timeout_s:g}s)") from None
+                raise StoreUnavailable(
+                    f"coordination store at {self.addr}:{self.port}: {what} (deadline {self.op_timeout_s:g}s)"
+                ) from None
             if payload is None:
                 self._sock.close()
                 self._sock = None
@@ -474,9 +486,8 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def host_store(addr: str, port: int, key: bytes, limits: StoreLimits = StoreLimits(),
-               on_limit: Callable[[str], None] | None = None) -> StoreServer:
+def host_store(
+    addr: str, port: int, key: bytes, limits: StoreLimits = StoreLimits(), on_limit: Callable[[str], None] | None = None
+) -> StoreServer:
     """The store's server listening on `addr`:`port` only (port 0: any free port)."""
     return StoreServer(bound_listener(addr, port), key, limits, on_limit)
-
-

@@ -56,8 +56,12 @@ def acquire(root: Path, run_id: str | None = None) -> RunLock:
     except BlockingIOError:
         os.close(fd)
         raise RunDirBusy(f"{root} is in use by {holder(root)}; one run per run dir") from None
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id or f"local-{os.getpid()}",
-              "since": time.time()}
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "run_id": run_id or f"local-{os.getpid()}",
+        "since": time.time(),
+    }
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)

@@ -34,10 +34,14 @@ _EXIT_CODES = {
     Outcome.UNHEALTHY: (ExitCode.UNHEALTHY_NODE, "a node failed its health check; requeue without it"),
     Outcome.BUDGET_EXHAUSTED: (ExitCode.RESTART_BUDGET_EXHAUSTED, "restart budget exhausted; do not requeue"),
     Outcome.NO_PROGRESS: (ExitCode.NO_PROGRESS, "attempts keep failing without progress; do not requeue"),
-    Outcome.COORDINATION_LOST: (ExitCode.COORDINATOR_LOST,
-                                "lost the job's coordination (node 0's supervisor, or a node's report); requeue"),
-    Outcome.STORAGE_FAULT: (ExitCode.STORAGE_FAULT,
-                            "checkpoint storage is full or failing (not a node fault); free space, then rerun"),
+    Outcome.COORDINATION_LOST: (
+        ExitCode.COORDINATOR_LOST,
+        "lost the job's coordination (node 0's supervisor, or a node's report); requeue",
+    ),
+    Outcome.STORAGE_FAULT: (
+        ExitCode.STORAGE_FAULT,
+        "checkpoint storage is full or failing (not a node fault); free space, then rerun",
+    ),
     Outcome.CONFIG_ERROR: (ExitCode.CONFIG_ERROR, "a rank found a configuration error; fix it, then rerun"),
     Outcome.CHECKPOINT_DAMAGED: (ExitCode.CHECKPOINT_DAMAGED, "no loadable checkpoint; restarting cannot help"),
 }

@@ -35,8 +35,10 @@ def judge_dir(path: Path, st: os.stat_result, euid: int, *, leaf: bool) -> str |
     if st.st_uid not in (0, euid):
         return f"{path}, a parent directory, is owned by uid {st.st_uid} (neither root nor this user, uid {euid})"
     if writable and not st.st_mode & stat.S_ISVTX:
-        return (f"{path}, a parent directory, is writable by other users and not sticky "
-                f"(mode {stat.S_IMODE(st.st_mode):04o})")
+        return (
+            f"{path}, a parent directory, is writable by other users and not sticky "
+            f"(mode {stat.S_IMODE(st.st_mode):04o})"
+        )
     return None
 
 
@@ -66,7 +68,7 @@ def path_problem(path: Path, *, euid: int | None = None, _links: int = 0) -> str
             if _links >= _MAX_LINKS:
                 return f"{nxt}: too many levels of symbolic links"
             resolved = Path(os.path.realpath(nxt))
-            rest = Path(resolved, *target.parts[index + 1:])
+            rest = Path(resolved, *target.parts[index + 1 :])
             return path_problem(rest, euid=euid, _links=_links + 1)
         if not stat.S_ISDIR(st.st_mode):
             return None  # not a directory: whoever creates the path reports it

@@ -10,8 +10,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def track(items: Iterable[T], description: str, *, total: float | None = None,
-          weight: Callable[[T], float] | None = None) -> Iterator[T]:
+def track(
+    items: Iterable[T], description: str, *, total: float | None = None, weight: Callable[[T], float] | None = None
+) -> Iterator[T]:
     """Yield `items`, advancing a bar by 1 (or by `weight(item)`, e.g. bytes) after each one."""
     if not sys.stderr.isatty():
         yield from items
@@ -19,8 +20,13 @@ def track(items: Iterable[T], description: str, *, total: float | None = None,
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-               *([] if weight else [MofNCompleteColumn()]), TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        *([] if weight else [MofNCompleteColumn()]),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(description, total=total)
         for item in items:

@@ -27,11 +27,13 @@ _SECRET_BYTES = 32
 
 def _refusal(path: Path, err: OSError) -> ConfigError:
     if err.errno == errno.ELOOP:
-        return ConfigError(f"{path} is a symbolic link; refusing it as the run secret (remove it, or restore "
-                           "the run's own .secret)")
+        return ConfigError(
+            f"{path} is a symbolic link; refusing it as the run secret (remove it, or restore the run's own .secret)"
+        )
     if err.errno == errno.EISDIR:
-        return ConfigError(f"{path} is not a regular file; refusing it as the run secret (remove it, or "
-                           "restore the run's own .secret)")
+        return ConfigError(
+            f"{path} is not a regular file; refusing it as the run secret (remove it, or restore the run's own .secret)"
+        )
     return ConfigError(f"{path}: cannot read the run secret ({err.strerror or err})")
 
 
@@ -50,8 +52,10 @@ def _read(run_dir: Path) -> bytes:
         if st.st_uid != os.geteuid():
             raise ConfigError(f"{path}: owned by uid {st.st_uid}, not by this user; refusing the run secret")
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(f"{path}: mode {stat.S_IMODE(st.st_mode):04o} lets others read it; "
-                              f"the run secret must be 0600 (chmod 600 {path})")
+            raise ConfigError(
+                f"{path}: mode {stat.S_IMODE(st.st_mode):04o} lets others read it; "
+                f"the run secret must be 0600 (chmod 600 {path})"
+            )
         raw = os.read(fd, 4 * _SECRET_BYTES).strip()
     finally:
         os.close(fd)

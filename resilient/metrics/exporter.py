@@ -106,8 +106,10 @@ class NodeMetrics:
         try:
             self._server = http.serve(self.registry, self.cfg.address, self.cfg.port)
         except OSError as err:
-            raise ConfigError(f"metrics.port {self.cfg.port} on {self.cfg.address}: {err.strerror} "
-                              "(set metrics.port=0 for any free port)") from None
+            raise ConfigError(
+                f"metrics.port {self.cfg.port} on {self.cfg.address}: {err.strerror} "
+                "(set metrics.port=0 for any free port)"
+            ) from None
         return int(self._server.server_port)
 
     def stop(self) -> None:
@@ -189,9 +191,15 @@ class NodeMetrics:
             if hb.get("phase") == "step" and step_time is not None and (previous is None or step > previous):
                 self.m.step_time.labels(node).observe(step_time)
                 self.m.rank_step_time.labels(node, r).set(step_time)
-        for key, family in (("loss", "loss"), ("val_loss", "validation_loss"), ("lr", "learning_rate"),
-                            ("grad_norm", "grad_norm"), ("tokens", "consumed_tokens"),
-                            ("tokens_per_s", "tokens_per_second"), ("mfu", "mfu")):
+        for key, family in (
+            ("loss", "loss"),
+            ("val_loss", "validation_loss"),
+            ("lr", "learning_rate"),
+            ("grad_norm", "grad_norm"),
+            ("tokens", "consumed_tokens"),
+            ("tokens_per_s", "tokens_per_second"),
+            ("mfu", "mfu"),
+        ):
             value = _num(hb.get(key))
             if value is not None:
                 getattr(self.m, family).labels(node).set(value)

@@ -41,8 +41,10 @@ from resilient.core.exit_codes import ExitCode
 GPU_FACTS = {
     # key in a health report's per-GPU values -> (metric, help): the same names as the live exporter's
     "last_xid": ("resilient_gpu_last_xid", "Latest XID error code seen (0: none), at the node's last verdict"),
-    "ecc_uncorrectable": ("resilient_gpu_ecc_uncorrectable_errors",
-                          "Uncorrectable ECC errors since the driver loaded, at the node's last verdict"),
+    "ecc_uncorrectable": (
+        "resilient_gpu_ecc_uncorrectable_errors",
+        "Uncorrectable ECC errors since the driver loaded, at the node's last verdict",
+    ),
     "lost": ("resilient_gpu_lost", "1 if the GPU fell off the bus or NVML lost it, at the node's last verdict"),
     "remap_failed": ("resilient_gpu_row_remap_failed", "1 if a row remap failed, at the node's last verdict"),
 }
@@ -65,8 +67,11 @@ class _Verdict:
     ts: float
 
     def same_facts(self, other: _Verdict) -> bool:
-        return (self.verdict.verdict, self.verdict.checks, self.gpus) == \
-            (other.verdict.verdict, other.verdict.checks, other.gpus)
+        return (self.verdict.verdict, self.verdict.checks, self.gpus) == (
+            other.verdict.verdict,
+            other.verdict.checks,
+            other.gpus,
+        )
 
 
 class NodeFacts:
@@ -95,8 +100,12 @@ class NodeFacts:
 
     def on_health(self, verdict: HealthVerdict, gpus: Mapping[str, Mapping[str, float]], ts: float) -> bool:
         """Record the node's verdict and the GPU readings behind it; True when the file was rewritten."""
-        facts = tuple(sorted((gpu, tuple(sorted((k, float(v)) for k, v in values.items() if k in GPU_FACTS)))
-                             for gpu, values in gpus.items()))
+        facts = tuple(
+            sorted(
+                (gpu, tuple(sorted((k, float(v)) for k, v in values.items() if k in GPU_FACTS)))
+                for gpu, values in gpus.items()
+            )
+        )
         new = _Verdict(verdict, facts, ts)
         if self._verdict is not None and self._verdict.same_facts(new):
             return False
@@ -113,23 +122,39 @@ class NodeFacts:
         registry, node = CollectorRegistry(), self.node
         if self._verdict is not None:
             v = self._verdict
-            Gauge("resilient_node_health_verdict", "The node's last health verdict (1), with the checks behind it "
-                  "and the reason", ("node", "verdict", "check", "reason"), registry=registry).labels(
-                node, v.verdict.verdict.value, ",".join(v.verdict.checks), v.verdict.reason[:REASON_MAX]).set(1)
-            Gauge("resilient_node_health_verdict_timestamp_seconds", "Unix time the node reached its last health "
-                  "verdict", ("node",), registry=registry).labels(node).set(v.ts)
-            gauges = {key: Gauge(metric, help_, ("node", "gpu"), registry=registry)
-                      for key, (metric, help_) in GPU_FACTS.items()}
+            Gauge(
+                "resilient_node_health_verdict",
+                "The node's last health verdict (1), with the checks behind it and the reason",
+                ("node", "verdict", "check", "reason"),
+                registry=registry,
+            ).labels(node, v.verdict.verdict.value, ",".join(v.verdict.checks), v.verdict.reason[:REASON_MAX]).set(1)
+            Gauge(
+                "resilient_node_health_verdict_timestamp_seconds",
+                "Unix time the node reached its last health verdict",
+                ("node",),
+                registry=registry,
+            ).labels(node).set(v.ts)
+            gauges = {
+                key: Gauge(metric, help_, ("node", "gpu"), registry=registry)
+                for key, (metric, help_) in GPU_FACTS.items()
+            }
             for gpu, values in v.gpus:
                 for key, value in values:
                     gauges[key].labels(node, gpu).set(value)
         if self._exit is not None:
             code, reason, ts = self._exit
-            Gauge("resilient_supervisor_exit_code", "Exit code of the node's last supervisor, with its name and "
-                  "reason", ("node", "outcome", "reason"), registry=registry).labels(
-                node, code.name.lower(), reason[:REASON_MAX]).set(int(code))
-            Gauge("resilient_supervisor_exit_timestamp_seconds", "Unix time the node's last supervisor exited",
-                  ("node",), registry=registry).labels(node).set(ts)
+            Gauge(
+                "resilient_supervisor_exit_code",
+                "Exit code of the node's last supervisor, with its name and reason",
+                ("node", "outcome", "reason"),
+                registry=registry,
+            ).labels(node, code.name.lower(), reason[:REASON_MAX]).set(int(code))
+            Gauge(
+                "resilient_supervisor_exit_timestamp_seconds",
+                "Unix time the node's last supervisor exited",
+                ("node",),
+                registry=registry,
+            ).labels(node).set(ts)
         return generate_latest(registry)
 
     def _write(self) -> bool:

@@ -18,5 +18,16 @@ from resilient.rank.heartbeat import Fields, Heartbeat, HeartbeatClient, NullHea
 from resilient.rank.orphan import die_with_parent
 from resilient.rank.stop import StopFlag
 
-__all__ = ["ExitCode", "Fields", "Heartbeat", "HeartbeatClient", "NullHeartbeat", "Phase", "RankEnv", "StopFlag",
-           "connect", "die_with_parent", "node_name"]
+__all__ = [
+    "ExitCode",
+    "Fields",
+    "Heartbeat",
+    "HeartbeatClient",
+    "NullHeartbeat",
+    "Phase",
+    "RankEnv",
+    "StopFlag",
+    "connect",
+    "die_with_parent",
+    "node_name",
+]

@@ -104,8 +104,7 @@ class RankEnv:
             EXPOSURE_S: repr(self.history.exposure_s),
             **({ALLOW_SHARED_DIR: "1"} if self.allow_shared_dir else {}),
         }
-        optional = {RUN_DIR: self.run_dir, HEARTBEAT_SOCKET: self.heartbeat_socket,
-                    SUPERVISOR_PID: self.supervisor_pid}
+        optional = {RUN_DIR: self.run_dir, HEARTBEAT_SOCKET: self.heartbeat_socket, SUPERVISOR_PID: self.supervisor_pid}
         env.update({k: str(v) for k, v in optional.items() if v is not None})
         return env
 

@@ -166,4 +166,3 @@ def send(phase: Phase) -> None:
 def iteration() -> int:
     """The iteration the hooks counted to (0 before `setup`)."""
     return _hooks.iteration if _hooks is not None else 0
-

@@ -84,8 +84,13 @@ class KVStore(dist.Store):
     def clone(self) -> KVStore:
         """A store on a connection of its own (torch uses one per process group)."""
         c = self._client
-        return KVStore(kvstore.StoreClient(c.addr, c.port, self._key, connect_timeout_s=self._timeout.total_seconds(),
-                                           op_timeout_s=c.op_timeout_s), self._key, self._timeout)
+        return KVStore(
+            kvstore.StoreClient(
+                c.addr, c.port, self._key, connect_timeout_s=self._timeout.total_seconds(), op_timeout_s=c.op_timeout_s
+            ),
+            self._key,
+            self._timeout,
+        )
 
     def set_timeout(self, timeout: timedelta) -> None:
         self._timeout = timeout
@@ -100,6 +105,7 @@ def rendezvous_store(env: RankEnv, key: bytes, timeout_s: float) -> KVStore:
     if env.rank == 0:
         _KEEP.append(kvstore.host_store(env.master_addr, env.master_port, key))
     # A frozen rank 0 is found by the collectives' own timeout; calls to the store get the same deadline.
-    client = kvstore.StoreClient(env.master_addr, env.master_port, key, connect_timeout_s=timeout_s,
-                                 op_timeout_s=timeout_s)
+    client = kvstore.StoreClient(
+        env.master_addr, env.master_port, key, connect_timeout_s=timeout_s, op_timeout_s=timeout_s
+    )
     return KVStore(client, key, timedelta(seconds=timeout_s))

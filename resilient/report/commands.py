@@ -9,9 +9,10 @@ import typer
 
 def register(app: typer.Typer) -> None:
     @app.command("report")
-    def report(run_dir: Path = typer.Argument(..., help="Run directory."),
-               out: Path | None = typer.Option(None, "--out", help="HTML file (default: RUN_DIR/report.html).")
-               ) -> None:
+    def report(
+        run_dir: Path = typer.Argument(..., help="Run directory."),
+        out: Path | None = typer.Option(None, "--out", help="HTML file (default: RUN_DIR/report.html)."),
+    ) -> None:
         """Write one self-contained HTML report: loss, throughput/MFU, step time per rank, timeline, goodput."""
         from resilient.core.atomic import atomic_write
         from resilient.report.data import load

@@ -15,8 +15,15 @@ from resilient.core.rundir import RunDir
 from resilient.report import rank_steps
 
 # Ledger events that end an attempt on the timeline.
-_ATTEMPT_ENDS = (LedgerEvent.FAILURE, LedgerEvent.RESTART, LedgerEvent.FINISHED, LedgerEvent.PREEMPTED,
-                 LedgerEvent.GAVE_UP, LedgerEvent.JOB_END, LedgerEvent.RUN_START)
+_ATTEMPT_ENDS = (
+    LedgerEvent.FAILURE,
+    LedgerEvent.RESTART,
+    LedgerEvent.FINISHED,
+    LedgerEvent.PREEMPTED,
+    LedgerEvent.GAVE_UP,
+    LedgerEvent.JOB_END,
+    LedgerEvent.RUN_START,
+)
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 from resilient.goodput import BADPUT_CATEGORIES, GoodputReport  # noqa: E402
 from resilient.report.data import RunData, Span, attempt_spans, by_attempt, per_rank_step_times, timeline_marks  # noqa: E402
 
-_BADPUT_COLOURS = dict(zip(BADPUT_CATEGORIES, ("#8c564b", "#ff7f0e", "#9467bd", "#d62728", "#7f7f7f", "#bcbd22"),
-                           strict=True))
-_OUTCOME_COLOURS = {"failure": "#d62728", "restart": "#d62728", "finished": "#2ca02c", "preempted": "#ff7f0e",
-                    "gave_up": "#7f0000", "running": "#1f77b4"}
+_BADPUT_COLOURS = dict(
+    zip(BADPUT_CATEGORIES, ("#8c564b", "#ff7f0e", "#9467bd", "#d62728", "#7f7f7f", "#bcbd22"), strict=True)
+)
+_OUTCOME_COLOURS = {
+    "failure": "#d62728",
+    "restart": "#d62728",
+    "finished": "#2ca02c",
+    "preempted": "#ff7f0e",
+    "gave_up": "#7f0000",
+    "running": "#1f77b4",
+}
 
 
 def _png(fig: Any) -> str:
@@ -94,8 +101,12 @@ def timeline(data: RunData, t0: float, end: float) -> str | None:
     h = lambda ts: (ts - t0) / 3600  # noqa: E731
     fig, ax = plt.subplots(figsize=(11, 2.8))
     for s in spans:
-        ax.broken_barh([(h(s.start), max(h(s.end) - h(s.start), 1e-4))], (2.6, 0.8),
-                       color=_OUTCOME_COLOURS.get(s.outcome, "#1f77b4"), alpha=0.8)
+        ax.broken_barh(
+            [(h(s.start), max(h(s.end) - h(s.start), 1e-4))],
+            (2.6, 0.8),
+            color=_OUTCOME_COLOURS.get(s.outcome, "#1f77b4"),
+            alpha=0.8,
+        )
         ax.text(h(s.start), 3.5, f"a{s.attempt}", fontsize=7)
     styles = (("|", "#2ca02c"), ("x", "#d62728"), ("D", "#7f0000"), ("v", "#ff7f0e"))
     marks = timeline_marks(data.ledger)
@@ -124,8 +135,11 @@ def goodput_waterfall(report: GoodputReport) -> str | None:
         ax.text(i, top / scale, f"{v / scale:.2f}", ha="center", va="bottom", fontsize=8)
         top -= v
     ax.bar(len(BADPUT_CATEGORIES) + 1, report.productive_seconds / scale, color="#2ca02c")
-    ax.set_xticks(range(len(BADPUT_CATEGORIES) + 2),
-                  ["wall", *(c.replace("_", "\n") for c in BADPUT_CATEGORIES), "productive"], fontsize=8)
+    ax.set_xticks(
+        range(len(BADPUT_CATEGORIES) + 2),
+        ["wall", *(c.replace("_", "\n") for c in BADPUT_CATEGORIES), "productive"],
+        fontsize=8,
+    )
     ax.set(ylabel=unit, title=f"Goodput {report.ratio:.1%}: where the wall time went")
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)

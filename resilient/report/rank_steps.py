@@ -44,8 +44,9 @@ class RankStepLog:
             ranks = {str(r): {"step": self._steps[r], "step_time": round(s / n, 6)} for r, (s, n) in self._sums.items()}
             self._sums.clear()
             try:
-                ledger.append_jsonl(self.path, {"ts": time.time(), "attempt": self._attempt, "node": self.node,
-                                                "ranks": ranks})
+                ledger.append_jsonl(
+                    self.path, {"ts": time.time(), "attempt": self._attempt, "node": self.node, "ranks": ranks}
+                )
             except OSError:
                 pass  # observability only
 

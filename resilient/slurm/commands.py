@@ -36,8 +36,9 @@ def launch(
 def on_exit(
     run_dir: Path = typer.Argument(..., help="Run directory."),
     exit_code: int = typer.Argument(..., help="Exit code of the supervisors' srun step."),
-    since: float = typer.Option(0.0, "--since",
-                                help="Unix time the allocation started (ledger records before it are ignored)."),
+    since: float = typer.Option(
+        0.0, "--since", help="Unix time the allocation started (ledger records before it are ignored)."
+    ),
 ) -> None:
     """Called by the batch script when its supervisors have exited: requeue (without bad nodes) or stop;
     exits with the run's code."""

@@ -101,8 +101,9 @@ def _known(code: int) -> ExitCode | None:
         return None
 
 
-def _requeue(cause: Cause, reason: str, end: JobEnd, cfg: SlurmConfig, bad: tuple[str, ...],
-             stragglers: tuple[str, ...]) -> tuple[RequeueDecision, str]:
+def _requeue(
+    cause: Cause, reason: str, end: JobEnd, cfg: SlurmConfig, bad: tuple[str, ...], stragglers: tuple[str, ...]
+) -> tuple[RequeueDecision, str]:
     exclude = tuple(sorted({*bad, *stragglers, *end.repeat_bad_nodes}))
     if stragglers:
         reason += f"; straggler node(s) {', '.join(stragglers)} excluded"
@@ -116,8 +117,14 @@ def _requeue(cause: Cause, reason: str, end: JobEnd, cfg: SlurmConfig, bad: tupl
     if request != end.nodes:
         reason += f"; {request} node(s) from now on" + (f" ({spares} spare)" if end.spares else "")
     drain = _drain(end, cfg, bad)
-    return RequeueDecision(Action.REQUEUE, cause, exclude, drain, request if request != end.nodes else None,
-                           spares if spares != end.spares else None), reason
+    return RequeueDecision(
+        Action.REQUEUE,
+        cause,
+        exclude,
+        drain,
+        request if request != end.nodes else None,
+        spares if spares != end.spares else None,
+    ), reason
 
 
 def _drain(end: JobEnd, cfg: SlurmConfig, bad: Iterable[str] = ()) -> tuple[str, ...]:
@@ -171,16 +178,18 @@ def decide_requeue(end: JobEnd, cfg: SlurmConfig, *, exclude_stragglers: bool = 
             f"supervisors failed ({what}) after {end.crash_requeues} crash requeue(s) "
             f"(slurm.max_crash_requeues={cfg.max_crash_requeues}); not requeued"
         )
-    reason = (f"supervisors failed ({what}): requeued, crash requeue {end.crash_requeues + 1} of "
-              f"{cfg.max_crash_requeues}")
+    reason = (
+        f"supervisors failed ({what}): requeued, crash requeue {end.crash_requeues + 1} of {cfg.max_crash_requeues}"
+    )
     return _requeue(Cause.CRASH, reason, end, cfg, replaced, stragglers)
 
 
 _OUTCOME_CODES = {"finished": int(ExitCode.FINISHED), "preempted": int(ExitCode.PREEMPTED)}
 
 
-def job_end_from_ledger(records: Iterable[Mapping[str, Any]], *, exit_code: int, since: float,
-                        nodes: int, spares: int = 0) -> JobEnd:
+def job_end_from_ledger(
+    records: Iterable[Mapping[str, Any]], *, exit_code: int, since: float, nodes: int, spares: int = 0
+) -> JobEnd:
     """Collect this allocation's records (written at or after `since`), the run's crash requeues and the
     nodes the bad-node ledger took out twice or more."""
     gave_up: list[GaveUp] = []
@@ -218,22 +227,36 @@ def job_end_from_ledger(records: Iterable[Mapping[str, Any]], *, exit_code: int,
                 final = (epoch, code)
     if final is not None:  # a decision of a coordinator that was succeeded by an election no longer counts
         gave_up = [g for g in gave_up if g.epoch >= final[0]]
-    return JobEnd(exit_code=exit_code, gave_up=tuple(gave_up), nodes=nodes, crash_requeues=crashes,
-                  fatal_nodes=tuple(fatal), straggler_nodes=tuple(stragglers), spares=spares,
-                  outcome_code=None if final is None else final[1], unhealthy_nodes=tuple(unhealthy),
-                  repeat_bad_nodes=tuple(sorted(n for n, count in outs.items() if count >= 2)))
+    return JobEnd(
+        exit_code=exit_code,
+        gave_up=tuple(gave_up),
+        nodes=nodes,
+        crash_requeues=crashes,
+        fatal_nodes=tuple(fatal),
+        straggler_nodes=tuple(stragglers),
+        spares=spares,
+        outcome_code=None if final is None else final[1],
+        unhealthy_nodes=tuple(unhealthy),
+        repeat_bad_nodes=tuple(sorted(n for n, count in outs.items() if count >= 2)),
+    )
 
 
-def unrecorded_requeue(records: Iterable[Mapping[str, Any]], restart_count: int,
-                       job_id: str | None) -> dict[str, Any] | None:
+def unrecorded_requeue(
+    records: Iterable[Mapping[str, Any]], restart_count: int, job_id: str | None
+) -> dict[str, Any] | None:
     """The `requeue` record of an allocation that Slurm requeued itself, found at the next allocation's start:
     its batch host was lost (NODE_FAIL), so `slurm on-exit` never ran and nothing recorded why. None when the
     previous allocation of this job ended through `slurm on-exit` (or there was none)."""
     if restart_count <= 0:
         return None
     records = list(records)
-    previous = [r for r in records if r.get("event") == "run_start" and r.get("slurm_job_id") == job_id
-                and r.get("slurm_restart_count") == restart_count - 1]
+    previous = [
+        r
+        for r in records
+        if r.get("event") == "run_start"
+        and r.get("slurm_job_id") == job_id
+        and r.get("slurm_restart_count") == restart_count - 1
+    ]
     if not previous:
         return None
     since = min(float(r.get("ts", 0)) for r in previous)
@@ -241,10 +264,18 @@ def unrecorded_requeue(records: Iterable[Mapping[str, Any]], restart_count: int,
         return None
     batch_host = next((r.get("host") for r in previous if r.get("slot") == 0), None)
     out = [str(r.get("node")) for r in records if r.get("event") == "bad_node" and float(r.get("ts", 0)) >= since]
-    reason = (f"Slurm requeued the job itself: the allocation ended without `slurm on-exit` (its batch host "
-              f"{batch_host or '?'} lost, NODE_FAIL)" + (f"; nodes out before: {', '.join(out)}" if out else ""))
-    return {"job_id": job_id, "cause": "slurm", "exclude": [], "reason": reason, "lost_batch_host": batch_host,
-            "slurm_restart_count": restart_count - 1}
+    reason = (
+        f"Slurm requeued the job itself: the allocation ended without `slurm on-exit` (its batch host "
+        f"{batch_host or '?'} lost, NODE_FAIL)" + (f"; nodes out before: {', '.join(out)}" if out else "")
+    )
+    return {
+        "job_id": job_id,
+        "cause": "slurm",
+        "exclude": [],
+        "reason": reason,
+        "lost_batch_host": batch_host,
+        "slurm_restart_count": restart_count - 1,
+    }
 
 
 def job_ref(env: Mapping[str, str]) -> str:

@@ -28,8 +28,10 @@ def _model(cfg: RunConfig) -> tuple[Architecture, bool, str]:
         return cfg.model.architecture(), cfg.checkpoint.async_save, "the model section"
     arch, where = run.architecture()
     if arch is None:
-        raise ConfigError(f"slurm.signal_seconds: cannot size the Megatron-LM run's checkpoints ({where}); set it, "
-                          "in seconds: the longest step + 2 x one node's checkpoint write + a margin")
+        raise ConfigError(
+            f"slurm.signal_seconds: cannot size the Megatron-LM run's checkpoints ({where}); set it, "
+            "in seconds: the longest step + 2 x one node's checkpoint write + a margin"
+        )
     return arch, run.has("--async-save"), where
 
 
@@ -54,6 +56,8 @@ def signal_seconds(cfg: RunConfig) -> tuple[int, str]:
         f"(at {s.storage_write_gbps_per_node:g} GB/s per node; model {where}) + margin {s.signal_margin_seconds}s"
     )
     if not math.isfinite(needed):  # a bandwidth so small the save never ends: no lead time can cover it
-        raise ConfigError(f"slurm.storage_write_gbps_per_node: {s.storage_write_gbps_per_node:g} GB/s makes the final "
-                          f"checkpoint's write endless; give the real bandwidth, or set slurm.signal_seconds")
+        raise ConfigError(
+            f"slurm.storage_write_gbps_per_node: {s.storage_write_gbps_per_node:g} GB/s makes the final "
+            f"checkpoint's write endless; give the real bandwidth, or set slurm.signal_seconds"
+        )
     return min(math.ceil(needed), SLURM_MAX_SIGNAL_S), reason

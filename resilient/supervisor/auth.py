@@ -33,8 +33,9 @@ class Sealer:
         # A dedicated key per purpose: the file's secret is never used as a cipher key directly.
         self._aead = AESGCM(hmac.new(secret, b"resilient coordination store v1", hashlib.sha256).digest())
         self._instance = instance.encode()
-        self.store_key = hmac.new(secret, b"resilient coordination store auth v1\0" + self._instance,
-                                  hashlib.sha256).digest()
+        self.store_key = hmac.new(
+            secret, b"resilient coordination store auth v1\0" + self._instance, hashlib.sha256
+        ).digest()
         """Proves a connection to the store (store.py) belongs to this job instance."""
 
     def _aad(self, key: str) -> bytes:

@@ -55,11 +55,14 @@ def parse(text: str) -> tuple[Calibration, str | None]:
         raw = json.loads(text)
         if not isinstance(raw, dict):
             raise ValueError("not a JSON object")
-        cal = Calibration(failures=[f for f in raw.get("failures", []) if isinstance(f, dict)],
-                          exposure_s=float(raw.get("exposure_s", 0.0)),
-                          step_times=[float(t) for t in raw.get("step_times", [])],
-                          ckpt_times=[float(t) for t in raw.get("ckpt_times", [])],
-                          open=bool(raw.get("open", False)), signature=str(raw.get("signature", "")))
+        cal = Calibration(
+            failures=[f for f in raw.get("failures", []) if isinstance(f, dict)],
+            exposure_s=float(raw.get("exposure_s", 0.0)),
+            step_times=[float(t) for t in raw.get("step_times", [])],
+            ckpt_times=[float(t) for t in raw.get("ckpt_times", [])],
+            open=bool(raw.get("open", False)),
+            signature=str(raw.get("signature", "")),
+        )
     except (ValueError, TypeError) as err:
         return Calibration(), f"{type(err).__name__}: {err}"
     return cal, None
@@ -103,16 +106,25 @@ def signature(*parts: Any) -> str:
 class CalibrationStore:
     """The supervisor's handle on its node's record: seeds the tracker, records failures, keeps time."""
 
-    def __init__(self, run_dir: Path, node: int, tracker: HeartbeatTracker, signature: str,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        node: int,
+        tracker: HeartbeatTracker,
+        signature: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = RunDir(run_dir).calibration_file(node)
         self.tracker, self.clock = tracker, clock
         self.cal = load(self.path)
         self.died_before = self.cal.open
         if self.cal.signature != signature:
             if self.cal.step_times or self.cal.ckpt_times:
-                print(f"resilient: {self.path}: step and save times were measured on another model, layout or "
-                      "topology; calibrating again", file=sys.stderr)
+                print(
+                    f"resilient: {self.path}: step and save times were measured on another model, layout or "
+                    "topology; calibrating again",
+                    file=sys.stderr,
+                )
             self.cal.step_times, self.cal.ckpt_times, self.cal.signature = [], [], signature
         tracker.step_times.extend(self.cal.step_times)
         tracker.ckpt_times.extend(self.cal.ckpt_times)
@@ -130,8 +142,9 @@ class CalibrationStore:
 
     def on_failure(self, record: dict[str, Any], attempt: int) -> None:
         """A failure this node recorded in the ledger (its `Failure.record()`)."""
-        self.cal.failures.append({"ts": time.time(), "attempt": attempt, "kind": record.get("kind"),
-                                  "step": record.get("step")})
+        self.cal.failures.append(
+            {"ts": time.time(), "attempt": attempt, "kind": record.get("kind"), "step": record.get("step")}
+        )
         self.write()
 
     def history(self) -> FailureHistory:

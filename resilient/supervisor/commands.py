@@ -31,8 +31,11 @@ def private_dirs(cfg: RunConfig) -> list[Path]:
     """Every directory the run writes whose whole path must be this user's alone: the run directory,
     the checkpoint directory, the memory tier's directory when one is configured (the default one, in
     /dev/shm under a name derived from the run's secret, is the ranks' to check: they fall back to disk)."""
-    return [cfg.run_dir, cfg.checkpoint.root(cfg.run_dir),
-            *([cfg.checkpoint.memory_dir] if cfg.checkpoint.memory_dir is not None else [])]
+    return [
+        cfg.run_dir,
+        cfg.checkpoint.root(cfg.run_dir),
+        *([cfg.checkpoint.memory_dir] if cfg.checkpoint.memory_dir is not None else []),
+    ]
 
 
 def _supervise(cfg: RunConfig, topo: Topology) -> None:
@@ -63,8 +66,9 @@ def _record_slurm_requeue(run_dir: Path) -> None:
     from resilient.core.events import LedgerEvent
     from resilient.slurm.policy import unrecorded_requeue
 
-    record = unrecorded_requeue(ledger.read(run_dir), int(os.environ.get("SLURM_RESTART_COUNT") or 0),
-                                os.environ.get("SLURM_JOB_ID"))
+    record = unrecorded_requeue(
+        ledger.read(run_dir), int(os.environ.get("SLURM_RESTART_COUNT") or 0), os.environ.get("SLURM_JOB_ID")
+    )
     if record is not None:
         ledger.append(run_dir, LedgerEvent.REQUEUE, **record)
         print(f"resilient: {record['reason']}", file=sys.stderr)
@@ -74,29 +78,43 @@ def register(app: typer.Typer) -> None:
     """Add this component's commands to the `resilient` app."""
 
     @app.command("run")
-    def run(config: Path = typer.Argument(..., help="Run config (YAML)."),
-            run_dir: Path | None = _RUN_DIR, set_: list[str] = _SET) -> None:
+    def run(
+        config: Path = typer.Argument(..., help="Run config (YAML)."),
+        run_dir: Path | None = _RUN_DIR,
+        set_: list[str] = _SET,
+    ) -> None:
         """Train on this machine: one supervisor (node 0 of 1) spawning supervisor.nproc_per_node ranks."""
         cfg = _load(config, run_dir, set_)
         _supervise(cfg, local(node_name(os.environ)))
 
     @app.command("supervise")
-    def supervise(config: Path = typer.Argument(..., help="Run config (YAML)."),
-                  node_rank: int | None = typer.Option(
-                      None, help="This supervisor's place in the allocation (default: SLURM_NODEID)."),
-                  nnodes: int | None = typer.Option(
-                      None, help="Supervisors in the allocation, spare nodes included (default: SLURM_NNODES)."),
-                  master_addr: str | None = typer.Option(
-                      None, help="Host of every supervisor when --hosts is not given (one machine)."),
-                  hosts: str | None = typer.Option(
-                      None, help="Host of each supervisor, comma-separated in node-rank order "
-                                 "(default: SLURM_JOB_NODELIST)."),
-                  master_port: int | None = typer.Option(
-                      None, help="Coordination store port (default: supervisor.store_port)."),
-                  run_dir: Path | None = _RUN_DIR, set_: list[str] = _SET) -> None:
+    def supervise(
+        config: Path = typer.Argument(..., help="Run config (YAML)."),
+        node_rank: int | None = typer.Option(
+            None, help="This supervisor's place in the allocation (default: SLURM_NODEID)."
+        ),
+        nnodes: int | None = typer.Option(
+            None, help="Supervisors in the allocation, spare nodes included (default: SLURM_NNODES)."
+        ),
+        master_addr: str | None = typer.Option(
+            None, help="Host of every supervisor when --hosts is not given (one machine)."
+        ),
+        hosts: str | None = typer.Option(
+            None, help="Host of each supervisor, comma-separated in node-rank order (default: SLURM_JOB_NODELIST)."
+        ),
+        master_port: int | None = typer.Option(None, help="Coordination store port (default: supervisor.store_port)."),
+        run_dir: Path | None = _RUN_DIR,
+        set_: list[str] = _SET,
+    ) -> None:
         """Supervise this node's ranks as one node of a multi-node job (one per node, e.g. under srun)."""
         cfg = _load(config, run_dir, set_)
-        topo = resolve_topology(os.environ, node_rank=node_rank, nnodes=nnodes, master_addr=master_addr,
-                                master_port=master_port, default_port=cfg.supervisor.store_port,
-                                hosts=hosts.split(",") if hosts else None)
+        topo = resolve_topology(
+            os.environ,
+            node_rank=node_rank,
+            nnodes=nnodes,
+            master_addr=master_addr,
+            master_port=master_port,
+            default_port=cfg.supervisor.store_port,
+            hosts=hosts.split(",") if hosts else None,
+        )
         _supervise(cfg, topo)

@@ -155,8 +155,11 @@ class SupervisorConfig(Section):
         for arg in argv:
             for name in _PLACEHOLDER.findall(arg):
                 if name not in PLACEHOLDERS:
-                    raise ValueError(f"unknown placeholder {{{name}}} in {arg!r} (known: "
-                                     + ", ".join(f"{{{p}}}" for p in PLACEHOLDERS) + ")")
+                    raise ValueError(
+                        f"unknown placeholder {{{name}}} in {arg!r} (known: "
+                        + ", ".join(f"{{{p}}}" for p in PLACEHOLDERS)
+                        + ")"
+                    )
         return argv
 
     @model_validator(mode="after")

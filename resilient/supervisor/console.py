@@ -15,5 +15,7 @@ def progress_line(hb: dict[str, Any], train: TrainConfig) -> str | None:
     step, total = hb["step"], train.steps
     if step % train.log_every and step != total:
         return None
-    return (f"resilient: step {step}/{total} loss {hb['loss']:.4f} {hb.get('tokens_per_s', 0):,.0f} tok/s "
-            f"step {hb.get('step_time', 0):.3f}s mfu {100 * hb.get('mfu', 0):.1f}%")
+    return (
+        f"resilient: step {step}/{total} loss {hb['loss']:.4f} {hb.get('tokens_per_s', 0):,.0f} tok/s "
+        f"step {hb.get('step_time', 0):.3f}s mfu {100 * hb.get('mfu', 0):.1f}%"
+    )

@@ -92,10 +92,16 @@ def intervals(nnodes: int, cfg: SupervisorConfig) -> Intervals:
     status = max(cfg.status_interval_s, nnodes / (0.25 * cfg.store_ops_budget))
     merge = max(status, nnodes / _MERGED_NODES_PER_S)
     load = nnodes / poll + nnodes / status + nnodes * 4 / cfg.node_lease_s
-    return Intervals(poll, wait, cfg.poll_interval_s / 4, status, merge,
-                     f"{nnodes} node(s) poll every {poll:.3g}s (waits: {wait:.3g}s), publish status every "
-                     f"{status:.3g}s and renew leases every {cfg.node_lease_s / 4:.3g}s: ~{load:.0f} store ops/s "
-                     f"of the {cfg.store_ops_budget:g} budget; status.json every {merge:.3g}s")
+    return Intervals(
+        poll,
+        wait,
+        cfg.poll_interval_s / 4,
+        status,
+        merge,
+        f"{nnodes} node(s) poll every {poll:.3g}s (waits: {wait:.3g}s), publish status every "
+        f"{status:.3g}s and renew leases every {cfg.node_lease_s / 4:.3g}s: ~{load:.0f} store ops/s "
+        f"of the {cfg.store_ops_budget:g} budget; status.json every {merge:.3g}s",
+    )
 
 
 def limits(slots: int, cfg: SupervisorConfig) -> StoreLimits:
@@ -110,12 +116,21 @@ def _guard(fn):
             raise CoordinationLost(f"coordination store at {self.address} lost: {str(err).splitlines()[0]}") from None
         except StoreRefused as err:
             raise CoordinationLost(f"coordination store at {self.address} refused a write: {err}") from None
+
     return wrapped
 
 
 class Coordinator:
-    def __init__(self, store: SealedStore, slot: int, slots: int, cfg: SupervisorConfig, address: str,
-                 host: str | None = None, server: StoreServer | None = None) -> None:
+    def __init__(
+        self,
+        store: SealedStore,
+        slot: int,
+        slots: int,
+        cfg: SupervisorConfig,
+        address: str,
+        host: str | None = None,
+        server: StoreServer | None = None,
+    ) -> None:
         self.store, self.slot, self.slots, self.address, self.server = store, slot, slots, address, server
         self.intervals = intervals(slots, cfg)
         self.wait_s = self.intervals.leader_wait_s if server is not None else self.intervals.wait_s
@@ -125,9 +140,18 @@ class Coordinator:
         self._last_status: dict[str, Any] | None = None
 
     @classmethod
-    def open(cls, topo: Topology, cfg: SupervisorConfig, sealer: Sealer, on_forged: Callable[[str, str], None], *,
-             coordinator: int = 0, epoch: int = 0, connect_timeout_s: float | None = None,
-             on_limit: Callable[[str], None] | None = None) -> Coordinator:
+    def open(
+        cls,
+        topo: Topology,
+        cfg: SupervisorConfig,
+        sealer: Sealer,
+        on_forged: Callable[[str, str], None],
+        *,
+        coordinator: int = 0,
+        epoch: int = 0,
+        connect_timeout_s: float | None = None,
+        on_limit: Callable[[str], None] | None = None,
+    ) -> Coordinator:
         """The store of `epoch`: slot `coordinator` hosts it on its named address; every slot connects."""
         addr, port = topo.store_address(coordinator, epoch)
         server = None
@@ -135,23 +159,35 @@ class Coordinator:
             if topo.slot == coordinator:
                 server = host_store(addr, port, sealer.store_key, limits(topo.slots, cfg), on_limit)
                 port = server.port
-            client = StoreClient(addr, port, sealer.store_key, op_timeout_s=cfg.node_lease_s,
-                                 connect_timeout_s=cfg.store_timeout_s if connect_timeout_s is None
-                                 else connect_timeout_s)
+            client = StoreClient(
+                addr,
+                port,
+                sealer.store_key,
+                op_timeout_s=cfg.node_lease_s,
+                connect_timeout_s=cfg.store_timeout_s if connect_timeout_s is None else connect_timeout_s,
+            )
         except OSError as err:
             if server is not None:
                 server.close()
-            raise CoordinationLost(f"cannot reach the coordination store at {addr}:{port}: "
-                                   f"{str(err).splitlines()[0]}") from None
-        return cls(SealedStore(client, sealer, on_forged), topo.slot, topo.slots, cfg, f"{addr}:{port}",
-                   topo.node_name, server)
+            raise CoordinationLost(
+                f"cannot reach the coordination store at {addr}:{port}: {str(err).splitlines()[0]}"
+            ) from None
+        return cls(
+            SealedStore(client, sealer, on_forged), topo.slot, topo.slots, cfg, f"{addr}:{port}", topo.node_name, server
+        )
 
-    def second_connection(self, cfg: SupervisorConfig, sealer: Sealer,
-                          on_forged: Callable[[str, str], None]) -> SealedStore:
+    def second_connection(
+        self, cfg: SupervisorConfig, sealer: Sealer, on_forged: Callable[[str, str], None]
+    ) -> SealedStore:
         """Another connection to this store (the lease thread's: it must not wait behind the main loop's calls)."""
         addr, port = self.address.rsplit(":", 1)
-        return SealedStore(StoreClient(addr, int(port), sealer.store_key, connect_timeout_s=cfg.node_lease_s,
-                                       op_timeout_s=cfg.node_lease_s), sealer, on_forged)
+        return SealedStore(
+            StoreClient(
+                addr, int(port), sealer.store_key, connect_timeout_s=cfg.node_lease_s, op_timeout_s=cfg.node_lease_s
+            ),
+            sealer,
+            on_forged,
+        )
 
     @property
     def hosting(self) -> bool:
@@ -331,8 +367,9 @@ class Coordinator:
     @_guard
     def joins(self, slots: Iterable[int]) -> dict[int, dict[str, Any]]:
         keys = [f"join/{s}" for s in slots]
-        return {int(k.rsplit("/", 1)[1]): v for k, v in zip(keys, self.store.get_many(keys), strict=True)
-                if v is not None}
+        return {
+            int(k.rsplit("/", 1)[1]): v for k, v in zip(keys, self.store.get_many(keys), strict=True) if v is not None
+        }
 
     # -- status ------------------------------------------------------------------------------------
 

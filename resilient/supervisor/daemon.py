@@ -100,9 +100,21 @@ class Supervisor:
         self.state: State | Outcome = State.STARTING
         self.ranks: list[RankProcess] = []
         self.tracker = HeartbeatTracker(self.scfg.step_timeout_window)
-        self.calibration = CalibrationStore(run_dir, self.slot, self.tracker, calibration.signature(
-            cfg.model.model_dump(), cfg.parallel.model_dump(), cfg.train.global_batch, cfg.train.micro_batch,
-            cfg.seq_len, cfg.nodes, self.scfg.nproc_per_node, self.scfg.rank_command))  # seeds the tracker
+        self.calibration = CalibrationStore(
+            run_dir,
+            self.slot,
+            self.tracker,
+            calibration.signature(
+                cfg.model.model_dump(),
+                cfg.parallel.model_dump(),
+                cfg.train.global_batch,
+                cfg.train.micro_batch,
+                cfg.seq_len,
+                cfg.nodes,
+                self.scfg.nproc_per_node,
+                self.scfg.rank_command,
+            ),
+        )  # seeds the tracker
         self.last_failure: dict[str, Any] | None = None
         self.metrics_port: int | None = None
         self._signal: str | None = None
@@ -124,8 +136,9 @@ class Supervisor:
         self.server: HeartbeatServer | None = None
         self.metrics = NodeMetrics(cfg.metrics, topo.node_name)
         self.metrics.declare_failure_kinds(FailureKind)
-        self.health = HealthWatch(cfg.health, topo.node_name, run_dir, cfg.checkpoint.root(run_dir),
-                                  self.scfg.nproc_per_node, self.metrics)
+        self.health = HealthWatch(
+            cfg.health, topo.node_name, run_dir, cfg.checkpoint.root(run_dir), self.scfg.nproc_per_node, self.metrics
+        )
         self.stragglers = StragglerLedger(cfg.health, run_dir, topo.node_name, self.metrics)
         self.goodput: GoodputRefresh | None = None  # the first slot's, while metrics are served
         self.rank_steps = RankStepLog(run_dir, self.slot)  # per-rank step times for `resilient report`
@@ -150,8 +163,14 @@ class Supervisor:
             minority = isinstance(err, NoMajority)
             self.coord = None  # status stays local from here on; a minority writes no decision
             self._record_failure(self._failure(FailureKind.SUPERVISOR, None, str(err)))
-            ledger.append(self.run_dir, LedgerEvent.COORDINATOR_LOST, node=self.slot, attempt=self.attempt,
-                          reason=str(err), minority=minority)
+            ledger.append(
+                self.run_dir,
+                LedgerEvent.COORDINATOR_LOST,
+                node=self.slot,
+                attempt=self.attempt,
+                reason=str(err),
+                minority=minority,
+            )
             # A minority's ranks are killed at once: a stop signal would let them save (touch checkpoints).
             stop_all(self.ranks, 0.0 if minority else self.scfg.termination_grace_s)
             outcome = Outcome.PREEMPTED if self._stop_seen and not minority else Outcome.COORDINATION_LOST
@@ -191,8 +210,9 @@ class Supervisor:
         self.server = HeartbeatServer(RunDir(self.run_dir).heartbeat_socket(self.slot))
         self._start_spares()
         self.sealer = Sealer(load_or_create(self.run_dir), self.topo.instance)
-        self.coord = Coordinator.open(self.topo, self.scfg, self.sealer, self._on_forged, coordinator=0, epoch=0,
-                                      on_limit=self._on_store_limit)
+        self.coord = Coordinator.open(
+            self.topo, self.scfg, self.sealer, self._on_forged, coordinator=0, epoch=0, on_limit=self._on_store_limit
+        )
         self._status_due.interval_s = self.coord.intervals.status_s
         self._merge_due.interval_s = self.coord.intervals.merge_s
         self._start_liveness(join_s=self.scfg.store_timeout_s)
@@ -203,14 +223,22 @@ class Supervisor:
             self.coord.publish_first_attempt(first)
         first = self._wait_for(self.coord.first_attempt, self.scfg.store_timeout_s)
         if first is None:
-            raise CoordinationLost("the coordinator did not publish the first attempt within "
-                                   f"{self.scfg.store_timeout_s:g}s")
+            raise CoordinationLost(
+                f"the coordinator did not publish the first attempt within {self.scfg.store_timeout_s:g}s"
+            )
         self.attempt = self.first_attempt = first
         self.calibration.begin(first)
-        ledger.append(self.run_dir, LedgerEvent.RUN_START, attempt=first, node=self.slot, slot=self.slot,
-                      host=self.topo.node_name, role=str(self.roster.role(self.slot)),
-                      slurm_job_id=os.environ.get("SLURM_JOB_ID"),
-                      slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
+        ledger.append(
+            self.run_dir,
+            LedgerEvent.RUN_START,
+            attempt=first,
+            node=self.slot,
+            slot=self.slot,
+            host=self.topo.node_name,
+            role=str(self.roster.role(self.slot)),
+            slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+            slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+        )
         while True:
             decision = self._attempt_and_decision()
             if decision is None:
@@ -288,9 +316,14 @@ class Supervisor:
         self.coord.arrive(self.attempt, self.node)
         gate = self._wait_for(self._barrier, self.scfg.store_timeout_s)
         if gate is None:
-            self._post_failure(self._failure(FailureKind.SUPERVISOR, None,
-                                             f"not all {len(self.plan.nodes)} nodes joined attempt "
-                                             f"{self.attempt} within {self.scfg.store_timeout_s:g}s"))
+            self._post_failure(
+                self._failure(
+                    FailureKind.SUPERVISOR,
+                    None,
+                    f"not all {len(self.plan.nodes)} nodes joined attempt "
+                    f"{self.attempt} within {self.scfg.store_timeout_s:g}s",
+                )
+            )
             return NodeOutcome.FAILED
         if gate is not Gate.GO:
             return NodeOutcome.PREEMPTED if gate is Gate.STOP else NodeOutcome.FAILED
@@ -330,6 +363,7 @@ class Supervisor:
                 self._spare_unfit(verdict.reason)
         self.health.start_monitor()
         try:
+
             def over() -> bool | None:
                 if (verdict := self.health.fatal()) is not None and self._spare_unhealthy is None:
                     self._spare_unfit(verdict.reason)
@@ -353,20 +387,33 @@ class Supervisor:
         self._stop_seen = self._stop_seen or gate is Gate.STOP
         return gate
 
-    def _rank_specs(self, port: int, attempt: int, node: int,
-                    history: FailureHistory = FailureHistory()) -> list[RankEnv]:
+    def _rank_specs(
+        self, port: int, attempt: int, node: int, history: FailureHistory = FailureHistory()
+    ) -> list[RankEnv]:
         assert self.server is not None
         nproc = self.scfg.nproc_per_node
-        return [RankEnv(
-            rank=node * nproc + local, local_rank=local, world_size=len(self.plan.nodes) * nproc,
-            local_world_size=nproc, node_rank=node, node_name=self.topo.node_name,
-            master_addr=self.plan.host(self.plan.nodes[0]), master_port=port, attempt=attempt,
-            run_dir=self.run_dir, heartbeat_socket=self.server.path, supervisor_pid=os.getpid(),
-            allow_shared_dir=self.scfg.allow_shared_dir,
-            stop_signals=tuple(dict.fromkeys((self.scfg.stop_signal().name, *DEFAULT_STOP_SIGNALS,
-                                              self.scfg.preempt_signal))),
-            history=history,
-        ) for local in range(nproc)]
+        return [
+            RankEnv(
+                rank=node * nproc + local,
+                local_rank=local,
+                world_size=len(self.plan.nodes) * nproc,
+                local_world_size=nproc,
+                node_rank=node,
+                node_name=self.topo.node_name,
+                master_addr=self.plan.host(self.plan.nodes[0]),
+                master_port=port,
+                attempt=attempt,
+                run_dir=self.run_dir,
+                heartbeat_socket=self.server.path,
+                supervisor_pid=os.getpid(),
+                allow_shared_dir=self.scfg.allow_shared_dir,
+                stop_signals=tuple(
+                    dict.fromkeys((self.scfg.stop_signal().name, *DEFAULT_STOP_SIGNALS, self.scfg.preempt_signal))
+                ),
+                history=history,
+            )
+            for local in range(nproc)
+        ]
 
     def _spawn_ranks(self) -> None:
         assert self.coord is not None and self.node is not None
@@ -383,17 +430,26 @@ class Supervisor:
             views.append(RankView(spec.rank, spec.local_rank, proc.pid, last_progress=proc.spawned_at))
         self.tracker.track(views)
         self._refill_at = time.monotonic() if self.spares is not None else None
-        ledger.append(self.run_dir, LedgerEvent.ATTEMPT_START, attempt=self.attempt, node=self.node, slot=self.slot,
-                      host=self.topo.node_name, warm_ranks=warm, pids=[r.pid for r in self.ranks])
+        ledger.append(
+            self.run_dir,
+            LedgerEvent.ATTEMPT_START,
+            attempt=self.attempt,
+            node=self.node,
+            slot=self.slot,
+            host=self.topo.node_name,
+            warm_ranks=warm,
+            pids=[r.pid for r in self.ranks],
+        )
         if self._idle_refill and self.spares is not None:  # spares import at SCHED_IDLE: refilled at once,
-            self._refill_spares()                             # they take no CPU from the ranks
+            self._refill_spares()  # they take no CPU from the ranks
 
     def _start_spares(self) -> None:
         """Park one process per local rank, if the rank command can be parked (else say why not)."""
         if not self.scfg.warm_spares:
             return
-        cmd, reason = spares.park_argv(self.scfg.rank_argv(self.config_path, self.run_dir), sys.executable,
-                                       self.scfg.warm_imports)
+        cmd, reason = spares.park_argv(
+            self.scfg.rank_argv(self.config_path, self.run_dir), sys.executable, self.scfg.warm_imports
+        )
         refill = "refilled at once at idle priority" if self._idle_refill else "refilled once the ranks step"
         print(f"resilient: slot {self.slot}: warm spares: {reason}; {refill}", file=sys.stderr)
         if cmd is not None:
@@ -452,13 +508,17 @@ class Supervisor:
                     elif stopped := next((r for r in exits if r.returncode == ExitCode.PREEMPTED), None):
                         said = self.tracker.views[stopped.spec.rank].done_message
                         preempt_deadline = self._begin_preempt(
-                            f"rank {stopped.spec.rank} exited PREEMPTED" + (f": {said}" if said else ""), now)
+                            f"rank {stopped.spec.rank} exited PREEMPTED" + (f": {said}" if said else ""), now
+                        )
                 if preempt_deadline is not None:
                     if all(r.returncode is not None for r in self.ranks):
                         return NodeOutcome.PREEMPTED
                     if now > preempt_deadline:
-                        print(f"resilient: node {self.node}: ranks did not stop within "
-                              f"{self.scfg.preempt_grace_s:g}s of the stop request; killing them", file=sys.stderr)
+                        print(
+                            f"resilient: node {self.node}: ranks did not stop within "
+                            f"{self.scfg.preempt_grace_s:g}s of the stop request; killing them",
+                            file=sys.stderr,
+                        )
                         stop_all(self.ranks, 0.0)
                         return NodeOutcome.PREEMPTED
                     continue
@@ -468,9 +528,15 @@ class Supervisor:
                     continue
                 if failure is not None:
                     # Evidence before teardown (stacks of a hang, a crash's log tail): RUN_DIR/incidents/.
-                    incident = incidents.capture(self.run_dir, self.attempt, str(failure.kind), failure.rank,
-                                                 failure.reason, incidents.targets(self.ranks, self.tracker.views),
-                                                 node=self.node)
+                    incident = incidents.capture(
+                        self.run_dir,
+                        self.attempt,
+                        str(failure.kind),
+                        failure.rank,
+                        failure.reason,
+                        incidents.targets(self.ranks, self.tracker.views),
+                        node=self.node,
+                    )
                     self._post_failure(dataclasses.replace(failure, incident=incident))
                     return NodeOutcome.FAILED
                 if all(r.returncode == 0 for r in self.ranks):
@@ -478,8 +544,11 @@ class Supervisor:
                 if timeouts.all_done([(self.tracker.views[r.spec.rank].phase, r.returncode) for r in self.ranks]):
                     done_since = done_since or now
                     if now - done_since > self.scfg.done_grace_s:
-                        print(f"resilient: node {self.node}: every rank reported done; stopping the ones still "
-                              f"running {self.scfg.done_grace_s:g}s later", file=sys.stderr)
+                        print(
+                            f"resilient: node {self.node}: every rank reported done; stopping the ones still "
+                            f"running {self.scfg.done_grace_s:g}s later",
+                            file=sys.stderr,
+                        )
                         stop_all(self.ranks, self.scfg.termination_grace_s)
                         return NodeOutcome.FINISHED
                 else:
@@ -491,9 +560,16 @@ class Supervisor:
                         preempt_deadline = self._begin_preempt(_stop_seen_reason(self.coord.stop_requested()), now)
                     elif seen is Gate.RESTART and (request := self.coord.restart_requested(self.attempt)) is not None:
                         # Another node's hang: add this node's stacks to its incident before teardown.
-                        incidents.capture(self.run_dir, self.attempt, request.get("kind", ""), request.get("rank"),
-                                          request.get("reason", ""), incidents.targets(self.ranks, self.tracker.views),
-                                          node=self.node, peer=True)
+                        incidents.capture(
+                            self.run_dir,
+                            self.attempt,
+                            request.get("kind", ""),
+                            request.get("rank"),
+                            request.get("reason", ""),
+                            incidents.targets(self.ranks, self.tracker.views),
+                            node=self.node,
+                            peer=True,
+                        )
                         return NodeOutcome.FAILED
                 self._maybe_refill_spares(now)
                 self._maybe_publish_status()
@@ -502,10 +578,11 @@ class Supervisor:
 
     def _detect(self, exits: list[RankProcess], now: float) -> Failure | None:
         """This node's first failure now: a reported error, a bad exit, a hang, a fatal health verdict."""
-        failure = (failures.reported_error(self.tracker, self.node)
-                   or failures.exit_failure(exits, self.node, self.tracker.current_step(), now)
-                   or failures.hang_failure(self.ranks, self.tracker, self.scfg, self.node, now,
-                                            heard_only=self.exit_only))
+        failure = (
+            failures.reported_error(self.tracker, self.node)
+            or failures.exit_failure(exits, self.node, self.tracker.current_step(), now)
+            or failures.hang_failure(self.ranks, self.tracker, self.scfg, self.node, now, heard_only=self.exit_only)
+        )
         if failure is None and (verdict := self.health.fatal()) is not None:
             kind = FailureKind.STORAGE if verdict.verdict is Verdict.STORAGE else FailureKind.HEALTH
             failure = self._failure(kind, None, verdict.reason)
@@ -531,10 +608,17 @@ class Supervisor:
         if decisions.rank_exit_is_final(rank_exit.code) and self._final_exit is None:
             self._final_exit = rank_exit
         elif decisions.rank_exit_condemns_node(rank_exit.code) and self._unhealthy is None:
-            self._unhealthy = (f"node {self.topo.node_name}: {rank_exit.reason} "
-                               "(UNHEALTHY_NODE: the rank found this node unfit)")
-            ledger.append(self.run_dir, LedgerEvent.HEALTH, node=self.topo.node_name, severity="fatal",
-                          check="rank.exit", reason=self._unhealthy)
+            self._unhealthy = (
+                f"node {self.topo.node_name}: {rank_exit.reason} (UNHEALTHY_NODE: the rank found this node unfit)"
+            )
+            ledger.append(
+                self.run_dir,
+                LedgerEvent.HEALTH,
+                node=self.topo.node_name,
+                severity="fatal",
+                check="rank.exit",
+                reason=self._unhealthy,
+            )
 
     def _begin_preempt(self, reason: str, now: float, kind: StopKind = StopKind.PREEMPTED) -> float:
         assert self.coord is not None
@@ -550,13 +634,24 @@ class Supervisor:
     def _start_liveness(self, join_s: float) -> None:
         assert self.sealer is not None and self.coord is not None
         store = self.coord.second_connection(self.scfg, self.sealer, self._on_forged)
-        self.liveness = Liveness(store, self.slot, self.topo.slots, self.scfg.node_lease_s,
-                                 read_all=self.coord.hosting, join_s=join_s, value=self._lease_value).start()
+        self.liveness = Liveness(
+            store,
+            self.slot,
+            self.topo.slots,
+            self.scfg.node_lease_s,
+            read_all=self.coord.hosting,
+            join_s=join_s,
+            value=self._lease_value,
+        ).start()
 
     def _lease_value(self) -> dict[str, Any]:
         """What this slot's lease tells the coordinator besides being alive (read on the lease thread)."""
-        return {"host": self.topo.node_name, "role": str(self.roster.role(self.slot)), "node": self.node,
-                "unhealthy": self._spare_unhealthy}
+        return {
+            "host": self.topo.node_name,
+            "role": str(self.roster.role(self.slot)),
+            "node": self.node,
+            "unhealthy": self._spare_unhealthy,
+        }
 
     def _check_liveness(self, now: float) -> None:
         """Every slot: a lease renewal that went unanswered means the coordinator is lost. The coordinator:
@@ -567,10 +662,12 @@ class Supervisor:
             return
         self._next_lease_check = now + renew_every(self.scfg.node_lease_s)
         members = [s for s in self.roster.members if s != self.slot]
-        unfit = {s: str(v["unhealthy"]) for s in self.roster.spares
-                 if (v := self.liveness.value_of(s)).get("unhealthy")}
-        found = election.judge_leases(self.roster, self.slot, self.topo.slots, self.liveness.lost(members, now),
-                                      unfit, self._lost)
+        unfit = {
+            s: str(v["unhealthy"]) for s in self.roster.spares if (v := self.liveness.value_of(s)).get("unhealthy")
+        }
+        found = election.judge_leases(
+            self.roster, self.slot, self.topo.slots, self.liveness.lost(members, now), unfit, self._lost
+        )
         if not found.quorum:
             raise NoMajority(f"slot {self.slot} coordinates without a majority: {found.why}")
         for slot, reason in found.newly_lost.items():
@@ -589,19 +686,31 @@ class Supervisor:
         node = self.plan.node_rank(slot)
         if node is not None and (self.attempt, slot) not in self._lost_posted:
             self._lost_posted.add((self.attempt, slot))
-            failure = Failure(FailureKind.NODE_LOST, None, node, self.tracker.current_step(),
-                              f"node {node} ({host}, slot {slot}) lost: {reason}")
+            failure = Failure(
+                FailureKind.NODE_LOST,
+                None,
+                node,
+                self.tracker.current_step(),
+                f"node {node} ({host}, slot {slot}) lost: {reason}",
+            )
             self._record_failure(failure)  # recorded even when another failure came first: it is the culprit
-            self.coord.request_restart(self.attempt, kind=str(failure.kind), rank=None, step=failure.step,
-                                       reason=failure.reason, culprit_slot=slot)
+            self.coord.request_restart(
+                self.attempt,
+                kind=str(failure.kind),
+                rank=None,
+                step=failure.step,
+                reason=failure.reason,
+                culprit_slot=slot,
+            )
         self._fence(slot)
 
     def _fence(self, slot: int) -> None:
         host, pid = self.roster.host(slot), self.roster.pid(slot)
 
         def done(ok: bool, detail: str) -> None:
-            ledger.append(self.run_dir, LedgerEvent.FENCE, node=self.roster.name(slot), slot=slot, pid=pid, ok=ok,
-                          detail=detail)
+            ledger.append(
+                self.run_dir, LedgerEvent.FENCE, node=self.roster.name(slot), slot=slot, pid=pid, ok=ok, detail=detail
+            )
 
         fencing.fence(host, pid, done)
 
@@ -609,18 +718,28 @@ class Supervisor:
         """The coordinator's new roster: published with the supervisors' pids its leases know."""
         assert self.coord is not None and self.liveness is not None
         leases = {s: self.liveness.value_of(s) for s in range(self.topo.slots)}
-        self.roster = rosters.with_identities(roster, {**{s: v.get("pid") for s, v in leases.items()},
-                                                       self.slot: os.getpid()},
-                                              {**{s: v.get("host") for s, v in leases.items()},
-                                               self.slot: self.topo.node_name})
+        self.roster = rosters.with_identities(
+            roster,
+            {**{s: v.get("pid") for s, v in leases.items()}, self.slot: os.getpid()},
+            {**{s: v.get("host") for s, v in leases.items()}, self.slot: self.topo.node_name},
+        )
         self.coord.publish_roster(self.roster)
         self.metrics.on_roster(len(self.roster.spares), len(self.roster.out), self.topo.slots - self.cfg.nodes)
 
     def _bad_node(self, slot: int, node: int | None, kind: str, reason: str, replaced_by: int | None) -> None:
         """The run's bad-node ledger: one record per node taken out."""
-        ledger.append(self.run_dir, LedgerEvent.BAD_NODE, node=self.roster.name(slot), slot=slot, node_rank=node,
-                      kind=kind, reason=reason, attempt=self.attempt, epoch=self.roster.epoch,
-                      replaced_by=None if replaced_by is None else self.roster.name(replaced_by))
+        ledger.append(
+            self.run_dir,
+            LedgerEvent.BAD_NODE,
+            node=self.roster.name(slot),
+            slot=slot,
+            node_rank=node,
+            kind=kind,
+            reason=reason,
+            attempt=self.attempt,
+            epoch=self.roster.epoch,
+            replaced_by=None if replaced_by is None else self.roster.name(replaced_by),
+        )
 
     def _failover(self, err: CoordinationLost) -> None:
         """The coordinator is lost: stop the ranks (they cannot go on without it), elect the next one with
@@ -628,8 +747,14 @@ class Supervisor:
         assert self.sealer is not None
         lost = self.roster.coordinator
         print(f"resilient: slot {self.slot}: {err}; electing a new coordinator", file=sys.stderr, flush=True)
-        ledger.append(self.run_dir, LedgerEvent.COORDINATOR_LOST, node=self.slot, attempt=self.attempt,
-                      reason=str(err), minority=False)
+        ledger.append(
+            self.run_dir,
+            LedgerEvent.COORDINATOR_LOST,
+            node=self.slot,
+            attempt=self.attempt,
+            reason=str(err),
+            minority=False,
+        )
         stop_all(self.ranks, 0.0)
         stop_record = self.coord.stop_record() if self.coord is not None else None
         if self.liveness is not None:
@@ -638,10 +763,18 @@ class Supervisor:
             self.coord.close()
         self.coord = None
         self._set_state(State.ELECTING)
-        me = Join(self.slot, self.attempt, self.roster, self.restarts, self.no_progress_streak, self.first_attempt,
-                  stop_record)
-        coord, won, takeover = failover.elect(self.topo, self.scfg, self.sealer, self._on_forged, me, lost,
-                                              on_limit=self._on_store_limit)
+        me = Join(
+            self.slot,
+            self.attempt,
+            self.roster,
+            self.restarts,
+            self.no_progress_streak,
+            self.first_attempt,
+            stop_record,
+        )
+        coord, won, takeover = failover.elect(
+            self.topo, self.scfg, self.sealer, self._on_forged, me, lost, on_limit=self._on_store_limit
+        )
         self.coord = coord
         self._status_due.interval_s = coord.intervals.status_s
         self._merge_due.interval_s = coord.intervals.merge_s
@@ -663,8 +796,15 @@ class Supervisor:
             self._set_roster(self.roster)
             if self.roster.role(lost) is Role.OUT:  # a lost spare; a lost node is replaced by the decision
                 self._bad_node(lost, None, "lost", reason, None)
-            ledger.append(self.run_dir, LedgerEvent.ELECTED, node=self.topo.node_name, slot=self.slot,
-                          epoch=self.roster.epoch, lost=lost, attempt=self.attempt)
+            ledger.append(
+                self.run_dir,
+                LedgerEvent.ELECTED,
+                node=self.topo.node_name,
+                slot=self.slot,
+                epoch=self.roster.epoch,
+                lost=lost,
+                attempt=self.attempt,
+            )
             self._fence(lost)
         self.node = self.plan.node_rank(self.slot) if self.plan.nodes else None
         self._next_lease_check = 0.0
@@ -672,14 +812,16 @@ class Supervisor:
     # -- failures ----------------------------------------------------------------------------------
 
     def _failure(self, kind: FailureKind, rank: int | None, reason: str) -> Failure:
-        return Failure(kind, rank, self.node if self.node is not None else self.slot, self.tracker.current_step(),
-                       reason)
+        return Failure(
+            kind, rank, self.node if self.node is not None else self.slot, self.tracker.current_step(), reason
+        )
 
     def _post_failure(self, failure: Failure) -> None:
         """Ask every node to restart; only the first request of an attempt is recorded as its failure."""
         assert self.coord is not None
-        if self.coord.request_restart(self.attempt, kind=str(failure.kind), rank=failure.rank, step=failure.step,
-                                      reason=failure.reason):
+        if self.coord.request_restart(
+            self.attempt, kind=str(failure.kind), rank=failure.rank, step=failure.step, reason=failure.reason
+        ):
             self._record_failure(failure)
 
     def _record_failure(self, failure: Failure) -> None:
@@ -693,8 +835,9 @@ class Supervisor:
 
     def _storage_fault(self, reason: str) -> str:
         """Record storage trouble (ledger, metric, stderr) as its own fault class; returns the reason."""
-        ledger.append(self.run_dir, LedgerEvent.STORAGE_FAULT, node=self.node, step=self.tracker.current_step(),
-                      reason=reason)
+        ledger.append(
+            self.run_dir, LedgerEvent.STORAGE_FAULT, node=self.node, step=self.tracker.current_step(), reason=reason
+        )
         self.metrics.on_storage_fault()
         print(f"resilient: node {self.node}: storage fault: {reason}", file=sys.stderr, flush=True)
         if self.coord is not None:
@@ -725,8 +868,10 @@ class Supervisor:
         architecture = self.cfg.model.architecture().model_dump(exclude={"published_params"})
         mismatch = recorded_mismatch(self.cfg.checkpoint.root(self.run_dir), architecture)
         if mismatch:
-            raise ConfigError(f"{self.run_dir} holds checkpoints of another model ({mismatch}); config.yaml "
-                              "not overwritten: use a new run dir, or the model settings of the checkpoints")
+            raise ConfigError(
+                f"{self.run_dir} holds checkpoints of another model ({mismatch}); config.yaml "
+                "not overwritten: use a new run dir, or the model settings of the checkpoints"
+            )
         atomic_write(self.config_path, dump_config(self.cfg))
 
     # -- end of an attempt -------------------------------------------------------------------------
@@ -734,9 +879,18 @@ class Supervisor:
     def _report(self, outcome: NodeOutcome) -> None:
         """Post this node's account of the attempt; a node condemned this attempt reports UNHEALTHY."""
         assert self.coord is not None and self.node is not None
-        self.coord.report(self.attempt, NodeReport(
-            self.node, NodeOutcome.UNHEALTHY if self._unhealthy is not None else outcome, self.tracker.start_step,
-            self.tracker.reached_step, self._unhealthy, self._final_exit, self.slot))
+        self.coord.report(
+            self.attempt,
+            NodeReport(
+                self.node,
+                NodeOutcome.UNHEALTHY if self._unhealthy is not None else outcome,
+                self.tracker.start_step,
+                self.tracker.reached_step,
+                self._unhealthy,
+                self._final_exit,
+                self.slot,
+            ),
+        )
 
     def _lost_nodes(self) -> dict[int, str]:
         """Node ranks of the current plan whose slot was lost, with why."""
@@ -777,10 +931,16 @@ class Supervisor:
         assert self.coord is not None
         stop = self.coord.stop_requested()
         context = AttemptContext(
-            nnodes=len(self.plan.nodes), restarts_done=self.restarts, no_progress_streak=self.no_progress_streak,
-            train_steps=self.cfg.train.steps, stop=stop, newest_committed=self._newest_committed(),
-            save_on_finish=self.cfg.checkpoint.save_on_finish, lost=self._lost_nodes(),
-            spares=len(self.roster.spares))
+            nnodes=len(self.plan.nodes),
+            restarts_done=self.restarts,
+            no_progress_streak=self.no_progress_streak,
+            train_steps=self.cfg.train.steps,
+            stop=stop,
+            newest_committed=self._newest_committed(),
+            save_on_finish=self.cfg.checkpoint.save_on_finish,
+            lost=self._lost_nodes(),
+            spares=len(self.roster.spares),
+        )
         decision = decisions.decide_attempt(reports, context, self.scfg)
         self.no_progress_streak = decision.no_progress_streak
         self._record_decision(decision, stop)
@@ -820,18 +980,36 @@ class Supervisor:
         failure = self.coord.restart_requested(self.attempt)
         epoch = self.roster.epoch
         if d.restart:
-            ledger.append(self.run_dir, LedgerEvent.RESTART, attempt=self.attempt + 1, backoff_seconds=d.backoff_s,
-                          reason=f"{failure['reason'] if failure else 'restart'}; {d.reason}", origin=_origin(failure),
-                          epoch=epoch)
+            ledger.append(
+                self.run_dir,
+                LedgerEvent.RESTART,
+                attempt=self.attempt + 1,
+                backoff_seconds=d.backoff_s,
+                reason=f"{failure['reason'] if failure else 'restart'}; {d.reason}",
+                origin=_origin(failure),
+                epoch=epoch,
+            )
         elif d.outcome is Outcome.FINISHED:
             ledger.append(self.run_dir, LedgerEvent.FINISHED, step=d.reached_step, epoch=epoch)
         elif d.outcome is Outcome.PREEMPTED:
-            ledger.append(self.run_dir, LedgerEvent.PREEMPTED, step=d.reached_step,
-                          node=stop.node if stop else self.slot, origin=_stop_origin(stop),
-                          reason=stop.reason if stop else None, epoch=epoch)
+            ledger.append(
+                self.run_dir,
+                LedgerEvent.PREEMPTED,
+                step=d.reached_step,
+                node=stop.node if stop else self.slot,
+                origin=_stop_origin(stop),
+                reason=stop.reason if stop else None,
+                epoch=epoch,
+            )
         else:
-            ledger.append(self.run_dir, LedgerEvent.GAVE_UP, reason=d.reason, exit_code=int(d.exit_code),
-                          epoch=epoch, node=_condemned_host(d, self.plan, self.roster))
+            ledger.append(
+                self.run_dir,
+                LedgerEvent.GAVE_UP,
+                reason=d.reason,
+                exit_code=int(d.exit_code),
+                epoch=epoch,
+                node=_condemned_host(d, self.plan, self.roster),
+            )
 
     def _finish(self, decision: AttemptDecision) -> ExitCode:
         """Publish the final state, then let the coordinator keep the store up until every live slot has read
@@ -890,18 +1068,34 @@ class Supervisor:
             spare = {"count": len(self.spares), "rss_bytes": self.spares.rss_bytes()}
             self.metrics.on_spares(spare["count"], spare["rss_bytes"])
         role = self.roster.role(self.slot)
-        self.coord.publish_status(publishing.node_status(self.topo, self.state, rows, self.metrics_port, spare,
-                                                         node=self.node, role=str(role),
-                                                         unhealthy=self._spare_unhealthy))
+        self.coord.publish_status(
+            publishing.node_status(
+                self.topo,
+                self.state,
+                rows,
+                self.metrics_port,
+                spare,
+                node=self.node,
+                role=str(role),
+                unhealthy=self._spare_unhealthy,
+            )
+        )
         if self.coord.hosting and self._merge_due.due():
             self._write_status()
 
     def _write_status(self) -> None:
-        publishing.write_run_status(self.run_dir, self.coord.node_statuses(), state=self.state,
-                                    attempt=self.attempt, reached_step=self.tracker.reached_step,
-                                    restarts=self.restarts, last_failure=self.last_failure,
-                                    stop=self.coord.stop_requested(), roster=self.roster,
-                                    lost=self._lost)
+        publishing.write_run_status(
+            self.run_dir,
+            self.coord.node_statuses(),
+            state=self.state,
+            attempt=self.attempt,
+            reached_step=self.tracker.reached_step,
+            restarts=self.restarts,
+            last_failure=self.last_failure,
+            stop=self.coord.stop_requested(),
+            roster=self.roster,
+            lost=self._lost,
+        )
 
     # -- waiting, signals, files -------------------------------------------------------------------
 

@@ -37,8 +37,9 @@ def backoff_seconds(restart_number: int, cfg: SupervisorConfig) -> float:
     return float(wait(state))
 
 
-def final_step_to_check(own_trainer: bool, configured: bool | None, train_steps: int,
-                        reached_step: int | None, newest_committed: int | None) -> int | None:
+def final_step_to_check(
+    own_trainer: bool, configured: bool | None, train_steps: int, reached_step: int | None, newest_committed: int | None
+) -> int | None:
     """The step that must be committed before a run may end "finished", or None where it is not checked.
     The own trainer's final step is `train.steps`; another script's is the step its heartbeats reached.
     `configured` (supervisor.final_save_check) decides; unset, another script is checked only once its
@@ -56,16 +57,19 @@ def final_step_committed(final_step: int, newest_committed: int | None) -> tuple
     if newest_committed is not None and newest_committed >= final_step:
         return True, f"final step {final_step} is committed"
     newest = "none" if newest_committed is None else f"step {newest_committed}"
-    return False, (f"ranks finished step {final_step} but it is not in a committed checkpoint "
-                   f"(newest committed: {newest})")
+    return False, (
+        f"ranks finished step {final_step} but it is not in a committed checkpoint (newest committed: {newest})"
+    )
 
 
 # A rank exiting with one of these found something no restart can change (bad config or data, no
 # loadable checkpoint, a checkpoint or run directory gone or replaced): the run ends at once with the
 # rank's own code.
-_FINAL_RANK_EXITS = {int(ExitCode.CONFIG_ERROR): Outcome.CONFIG_ERROR,
-                     int(ExitCode.CHECKPOINT_DAMAGED): Outcome.CHECKPOINT_DAMAGED,
-                     int(ExitCode.STORAGE_FAULT): Outcome.STORAGE_FAULT}
+_FINAL_RANK_EXITS = {
+    int(ExitCode.CONFIG_ERROR): Outcome.CONFIG_ERROR,
+    int(ExitCode.CHECKPOINT_DAMAGED): Outcome.CHECKPOINT_DAMAGED,
+    int(ExitCode.STORAGE_FAULT): Outcome.STORAGE_FAULT,
+}
 
 
 def rank_exit_is_final(code: int | None) -> bool:
@@ -154,8 +158,7 @@ class AttemptDecision:
         return None if self.outcome is None else exit_code_for(self.outcome)[0]
 
 
-def decide_attempt(reports: Mapping[int, NodeReport], ctx: AttemptContext,
-                   cfg: SupervisorConfig) -> AttemptDecision:
+def decide_attempt(reports: Mapping[int, NodeReport], ctx: AttemptContext, cfg: SupervisorConfig) -> AttemptDecision:
     """Restart or stop after an attempt ended, from every node's report (a node without one is lost, when its
     lease expired, else missing). Checked from most to least specific: a rank's final exit, storage (before
     "finished": success is only reported when the final step is committed), finished; faulty nodes that the
@@ -168,8 +171,11 @@ def decide_attempt(reports: Mapping[int, NodeReport], ctx: AttemptContext,
     progressed, _ = made_progress(min(starts, default=None), reached)
     streak = 0 if progressed else ctx.no_progress_streak + 1
     faults = tuple(NodeFault(n, NodeFaultKind.UNHEALTHY, why) for n in nodes if (why := reports[n].unhealthy))
-    faults += tuple(NodeFault(n, NodeFaultKind.LOST, f"node {n}: {why}") for n, why in sorted(ctx.lost.items())
-                    if n not in reports or reports[n].unhealthy is None)
+    faults += tuple(
+        NodeFault(n, NodeFaultKind.LOST, f"node {n}: {why}")
+        for n, why in sorted(ctx.lost.items())
+        if n not in reports or reports[n].unhealthy is None
+    )
     missing = tuple(n for n in range(ctx.nnodes) if n not in reports and n not in ctx.lost)
     faults += tuple(NodeFault(n, NodeFaultKind.MISSING, f"the supervisor of node {n} did not report") for n in missing)
 
@@ -181,11 +187,13 @@ def decide_attempt(reports: Mapping[int, NodeReport], ctx: AttemptContext,
         return stop(_FINAL_RANK_EXITS[final_exit.code], f"{final_exit.reason}; not retried")
     if ctx.stop is not None and ctx.stop.kind is StopKind.STORAGE:
         return stop(Outcome.STORAGE_FAULT, ctx.stop.reason)
-    finished = not faults and len(nodes) == ctx.nnodes and all(reports[n].outcome is NodeOutcome.FINISHED
-                                                               for n in nodes)
+    finished = (
+        not faults and len(nodes) == ctx.nnodes and all(reports[n].outcome is NodeOutcome.FINISHED for n in nodes)
+    )
     if finished and ctx.save_on_finish:
-        final = final_step_to_check(cfg.runs_own_trainer, cfg.final_save_check, ctx.train_steps, reached,
-                                    ctx.newest_committed)
+        final = final_step_to_check(
+            cfg.runs_own_trainer, cfg.final_save_check, ctx.train_steps, reached, ctx.newest_committed
+        )
         if final is not None:
             committed, why = final_step_committed(final, ctx.newest_committed)
             if not committed:
@@ -196,8 +204,15 @@ def decide_attempt(reports: Mapping[int, NodeReport], ctx: AttemptContext,
     if faults and len(faults) <= ctx.spares and not preempted:
         # A lost or unhealthy node is not the run's fault: no backoff, the budget and streak are not spent.
         spares = f"{len(faults)} of {ctx.spares} spare node(s)"
-        return AttemptDecision(None, f"replace {', '.join(f'node {f.node} ({f.kind})' for f in faults)} with "
-                               f"{spares} and restart at once", 0.0, reached, ctx.no_progress_streak, faults, True)
+        return AttemptDecision(
+            None,
+            f"replace {', '.join(f'node {f.node} ({f.kind})' for f in faults)} with {spares} and restart at once",
+            0.0,
+            reached,
+            ctx.no_progress_streak,
+            faults,
+            True,
+        )
     short = "" if not ctx.spares else f" ({len(faults)} faulty node(s), {ctx.spares} spare(s))"
     unhealthy = [f.reason for f in faults if f.kind is NodeFaultKind.UNHEALTHY]
     if unhealthy:  # requeued without it
@@ -205,17 +220,24 @@ def decide_attempt(reports: Mapping[int, NodeReport], ctx: AttemptContext,
     if preempted:
         return stop(Outcome.PREEMPTED, f"stop requested ({ctx.stop.reason})" if ctx.stop else "preemption requested")
     if faults:  # lost or missing: requeued (a node that goes silent twice is excluded then, see slurm/policy.py)
-        return stop(Outcome.COORDINATION_LOST, "; ".join(f.reason if f.kind is NodeFaultKind.LOST else
-                                                         f"the supervisor of node {f.node} did not report"
-                                                         for f in faults) + short)
+        return stop(
+            Outcome.COORDINATION_LOST,
+            "; ".join(
+                f.reason if f.kind is NodeFaultKind.LOST else f"the supervisor of node {f.node} did not report"
+                for f in faults
+            )
+            + short,
+        )
     if ctx.restarts_done >= cfg.max_restarts:
         return stop(Outcome.BUDGET_EXHAUSTED, f"restart budget of {cfg.max_restarts} exhausted")
     if streak >= cfg.max_attempts_without_progress:
         return stop(Outcome.NO_PROGRESS, f"{streak} consecutive attempts made no progress")
     number = ctx.restarts_done + 1
     if streak == 0:  # the failed attempt made progress: not a crash loop, no backoff
-        return AttemptDecision(None, f"restart {number} of {cfg.max_restarts} at once (the attempt made progress)",
-                               0.0, reached, streak)
+        return AttemptDecision(
+            None, f"restart {number} of {cfg.max_restarts} at once (the attempt made progress)", 0.0, reached, streak
+        )
     wait = backoff_seconds(number, cfg)
-    return AttemptDecision(None, f"restart {number} of {cfg.max_restarts} after {wait:g}s backoff", wait, reached,
-                           streak)
+    return AttemptDecision(
+        None, f"restart {number} of {cfg.max_restarts} after {wait:g}s backoff", wait, reached, streak
+    )

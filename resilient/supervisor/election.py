@@ -44,8 +44,14 @@ class LeaseFindings:
     why: str
 
 
-def judge_leases(roster: Roster, me: int, slots: int, expired: Mapping[int, str], unfit: Mapping[int, str],
-                 known_lost: Mapping[int, str]) -> LeaseFindings:
+def judge_leases(
+    roster: Roster,
+    me: int,
+    slots: int,
+    expired: Mapping[int, str],
+    unfit: Mapping[int, str],
+    known_lost: Mapping[int, str],
+) -> LeaseFindings:
     """The coordinator `me` goes on only while the live members are a majority of the allocation."""
     gone = {**known_lost, **expired}
     live = [s for s in roster.members if s == me or s not in gone]
@@ -95,6 +101,11 @@ def merge(joins: Mapping[int, Join]) -> Takeover:
     newest = max(joins.values(), key=lambda j: (j.roster.version, j.attempt))
     attempt = max(j.attempt for j in joins.values())
     stop = next((j.stop for j in joins.values() if j.stop is not None), None)
-    return Takeover(attempt, newest.roster, max(j.restarts for j in joins.values()),
-                    max(j.no_progress_streak for j in joins.values()), min(j.first_attempt for j in joins.values()),
-                    stop)
+    return Takeover(
+        attempt,
+        newest.roster,
+        max(j.restarts for j in joins.values()),
+        max(j.no_progress_streak for j in joins.values()),
+        min(j.first_attempt for j in joins.values()),
+        stop,
+    )

@@ -44,19 +44,41 @@ def election_timeout_s(cfg: SupervisorConfig) -> float:
 
 
 def join_to_store(j: Join) -> dict[str, Any]:
-    return {"slot": j.slot, "attempt": j.attempt, "roster": rosters.to_store(j.roster), "restarts": j.restarts,
-            "no_progress_streak": j.no_progress_streak, "first_attempt": j.first_attempt, "stop": j.stop}
+    return {
+        "slot": j.slot,
+        "attempt": j.attempt,
+        "roster": rosters.to_store(j.roster),
+        "restarts": j.restarts,
+        "no_progress_streak": j.no_progress_streak,
+        "first_attempt": j.first_attempt,
+        "stop": j.stop,
+    }
 
 
 def join_from_store(v: dict[str, Any]) -> Join:
-    return Join(int(v["slot"]), int(v["attempt"]), rosters.from_store(v["roster"]), int(v["restarts"]),
-                int(v["no_progress_streak"]), int(v["first_attempt"]), v.get("stop"))
+    return Join(
+        int(v["slot"]),
+        int(v["attempt"]),
+        rosters.from_store(v["roster"]),
+        int(v["restarts"]),
+        int(v["no_progress_streak"]),
+        int(v["first_attempt"]),
+        v.get("stop"),
+    )
 
 
-def elect(topo: Topology, cfg: SupervisorConfig, sealer: Sealer, on_forged: Callable[[str, str], None], me: Join,
-          lost: int, *, on_limit: Callable[[str], None] | None = None,
-          clock: Callable[[], float] = time.monotonic,
-          sleep: Callable[[float], None] = time.sleep) -> tuple[Coordinator, bool, Takeover]:
+def elect(
+    topo: Topology,
+    cfg: SupervisorConfig,
+    sealer: Sealer,
+    on_forged: Callable[[str, str], None],
+    me: Join,
+    lost: int,
+    *,
+    on_limit: Callable[[str], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[Coordinator, bool, Takeover]:
     """Run the election of epoch `me.roster.epoch + 1` after coordinator slot `lost` was lost; returns the new
     epoch's store, whether this supervisor won it, and what the run continues from (the new roster, the
     attempt that ended with the loss, the restart count and streak)."""
@@ -66,8 +88,15 @@ def elect(topo: Topology, cfg: SupervisorConfig, sealer: Sealer, on_forged: Call
         if candidate == topo.slot:
             return _stand(topo, cfg, sealer, on_forged, me, lost, epoch, on_limit, clock, sleep)
         try:
-            coord = Coordinator.open(topo, cfg, sealer, on_forged, coordinator=candidate, epoch=epoch,
-                                     connect_timeout_s=candidate_window_s(cfg))
+            coord = Coordinator.open(
+                topo,
+                cfg,
+                sealer,
+                on_forged,
+                coordinator=candidate,
+                epoch=epoch,
+                connect_timeout_s=candidate_window_s(cfg),
+            )
         except CoordinationLost as err:
             print(f"resilient: slot {topo.slot}: candidate slot {candidate} not reached: {err}", file=sys.stderr)
             continue
@@ -79,24 +108,52 @@ def elect(topo: Topology, cfg: SupervisorConfig, sealer: Sealer, on_forged: Call
                 roster = coord.roster()
                 if roster is not None and roster.epoch == epoch:
                     state = coord.store.get(FAILOVER_KEY)
-                    return coord, False, election.Takeover(int(state["attempt"]), roster, int(state["restarts"]),
-                                                    int(state["no_progress_streak"]), int(state["first_attempt"]),
-                                                    None)
+                    return (
+                        coord,
+                        False,
+                        election.Takeover(
+                            int(state["attempt"]),
+                            roster,
+                            int(state["restarts"]),
+                            int(state["no_progress_streak"]),
+                            int(state["first_attempt"]),
+                            None,
+                        ),
+                    )
                 sleep(poll)
         except CoordinationLost as err:
             coord.close()
             raise NoMajority(f"candidate slot {candidate} of epoch {epoch} lost after joining it: {err}") from None
         coord.close()
-        raise NoMajority(f"joined candidate slot {candidate} for epoch {epoch}, which found no majority within "
-                         f"{election_timeout_s(cfg):g}s")
+        raise NoMajority(
+            f"joined candidate slot {candidate} for epoch {epoch}, which found no majority within "
+            f"{election_timeout_s(cfg):g}s"
+        )
     raise NoMajority(f"no candidate of epoch {epoch} reached")
 
 
-def _stand(topo: Topology, cfg: SupervisorConfig, sealer: Sealer, on_forged: Callable[[str, str], None], me: Join,
-           lost: int, epoch: int, on_limit: Callable[[str], None] | None, clock: Callable[[], float],
-           sleep: Callable[[float], None]) -> tuple[Coordinator, bool, Takeover]:
-    coord = Coordinator.open(topo, cfg, sealer, on_forged, coordinator=topo.slot, epoch=epoch,
-                             connect_timeout_s=cfg.node_lease_s, on_limit=on_limit)
+def _stand(
+    topo: Topology,
+    cfg: SupervisorConfig,
+    sealer: Sealer,
+    on_forged: Callable[[str, str], None],
+    me: Join,
+    lost: int,
+    epoch: int,
+    on_limit: Callable[[str], None] | None,
+    clock: Callable[[], float],
+    sleep: Callable[[float], None],
+) -> tuple[Coordinator, bool, Takeover]:
+    coord = Coordinator.open(
+        topo,
+        cfg,
+        sealer,
+        on_forged,
+        coordinator=topo.slot,
+        epoch=epoch,
+        connect_timeout_s=cfg.node_lease_s,
+        on_limit=on_limit,
+    )
     coord.join(join_to_store(me))
     deadline = clock() + election_timeout_s(cfg)
     while True:
@@ -108,14 +165,22 @@ def _stand(topo: Topology, cfg: SupervisorConfig, sealer: Sealer, on_forged: Cal
             coord.close()
             raise NoMajority(f"stood for epoch {epoch}: {why} within {election_timeout_s(cfg):g}s")
         sleep(cfg.poll_interval_s / 2)
-    print(f"resilient: slot {topo.slot}: coordinator of epoch {epoch}: slots {sorted(joins)} joined ({why})",
-          file=sys.stderr)
+    print(
+        f"resilient: slot {topo.slot}: coordinator of epoch {epoch}: slots {sorted(joins)} joined ({why})",
+        file=sys.stderr,
+    )
     takeover = election.merge(joins)
     reason = f"coordinator slot {lost} ({takeover.roster.name(lost)}) lost"
     takeover = dataclasses.replace(takeover, roster=rosters.take_over(takeover.roster, topo.slot, lost, reason))
     # What the joiners continue from, then the roster that tells them the election is over.
-    coord.store.set(FAILOVER_KEY, {"attempt": takeover.attempt, "restarts": takeover.restarts,
-                                   "no_progress_streak": takeover.no_progress_streak,
-                                   "first_attempt": takeover.first_attempt})
+    coord.store.set(
+        FAILOVER_KEY,
+        {
+            "attempt": takeover.attempt,
+            "restarts": takeover.restarts,
+            "no_progress_streak": takeover.no_progress_streak,
+            "first_attempt": takeover.first_attempt,
+        },
+    )
     coord.publish_roster(takeover.roster)
     return coord, True, takeover

@@ -68,8 +68,13 @@ def reported_error(tracker: HeartbeatTracker, node: int) -> Failure | None:
     """A rank whose last heartbeat was phase `error`."""
     for view in tracker.views.values():
         if view.error is not None:
-            return Failure(FailureKind.RANK_ERROR, view.rank, node, tracker.current_step(),
-                           f"rank {view.rank} reported an error: {view.error}")
+            return Failure(
+                FailureKind.RANK_ERROR,
+                view.rank,
+                node,
+                tracker.current_step(),
+                f"rank {view.rank} reported an error: {view.error}",
+            )
     return None
 
 
@@ -80,8 +85,14 @@ def exit_failure(exits: Sequence[RankProcess], node: int, step: int | None, now:
         if code is None or code == 0:
             continue
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        return Failure(FailureKind.RANK_EXIT, r.spec.rank, node, step, f"rank {r.spec.rank} (pid {r.pid}) {how}",
-                       now - (r.exited_at or now))
+        return Failure(
+            FailureKind.RANK_EXIT,
+            r.spec.rank,
+            node,
+            step,
+            f"rank {r.spec.rank} (pid {r.pid}) {how}",
+            now - (r.exited_at or now),
+        )
     return None
 
 
@@ -96,8 +107,15 @@ def rank_exit(failure: Failure, exits: Sequence[RankProcess], tracker: Heartbeat
     return None if code is None else RankExit(int(code), failure.reason)
 
 
-def hang_failure(ranks: Sequence[RankProcess], tracker: HeartbeatTracker, cfg: SupervisorConfig, node: int,
-                 now: float, *, heard_only: bool = False) -> Failure | None:
+def hang_failure(
+    ranks: Sequence[RankProcess],
+    tracker: HeartbeatTracker,
+    cfg: SupervisorConfig,
+    node: int,
+    now: float,
+    *,
+    heard_only: bool = False,
+) -> Failure | None:
     """The live rank that holds the others up, when any is past its phase's (calibrated) timeout.
     `heard_only` (exit-only ranks): judge only ranks that have sent a heartbeat."""
     step_timeout, _ = timeouts.calibrated_step_timeout(list(tracker.step_times), cfg)
@@ -115,11 +133,18 @@ def hang_failure(ranks: Sequence[RankProcess], tracker: HeartbeatTracker, cfg: S
     if not stale:
         return None
     views = tracker.views
-    rank, blame = timeouts.blame_hang([(rank, views[rank].step, views[rank].last_progress, process_state(r.pid))
-                                        for rank, (r, _) in stale.items()])
+    rank, blame = timeouts.blame_hang(
+        [(rank, views[rank].step, views[rank].last_progress, process_state(r.pid)) for rank, (r, _) in stale.items()]
+    )
     r, reason = stale[rank]
-    return Failure(FailureKind.HANG, rank, node, tracker.current_step(),
-                   f"rank {rank} (pid {r.pid}): {reason}; {blame}", now - views[rank].last_progress)
+    return Failure(
+        FailureKind.HANG,
+        rank,
+        node,
+        tracker.current_step(),
+        f"rank {rank} (pid {r.pid}): {reason}; {blame}",
+        now - views[rank].last_progress,
+    )
 
 
 def process_state(pid: int) -> str:

@@ -23,8 +23,18 @@ def fence_command(env: Mapping[str, str], host: str, pid: int) -> list[str] | No
     job = env.get("SLURM_JOB_ID")
     if not job or pid <= 0:
         return None
-    return ["srun", f"--jobid={job}", "--overlap", f"--nodelist={host}", "--nodes=1", "--ntasks=1", "--quiet",
-            "kill", "-KILL", str(pid)]
+    return [
+        "srun",
+        f"--jobid={job}",
+        "--overlap",
+        f"--nodelist={host}",
+        "--nodes=1",
+        "--ntasks=1",
+        "--quiet",
+        "kill",
+        "-KILL",
+        str(pid),
+    ]
 
 
 def fence(host: str, pid: int | None, done: Callable[[bool, str], None], env: Mapping[str, str] = os.environ) -> bool:

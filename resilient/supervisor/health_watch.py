@@ -22,8 +22,9 @@ class HealthWatch:
     """Health of one node for its supervisor: `preflight()` and `fatal()` return the verdict that ends an
     attempt (UNHEALTHY or STORAGE), None otherwise."""
 
-    def __init__(self, cfg: HealthConfig, node: str, run_dir: Path, ckpt_dir: Path, nproc: int,
-                 metrics: NodeMetrics) -> None:
+    def __init__(
+        self, cfg: HealthConfig, node: str, run_dir: Path, ckpt_dir: Path, nproc: int, metrics: NodeMetrics
+    ) -> None:
         self.cfg, self.node, self.run_dir, self.ckpt_dir, self.nproc = cfg, node, run_dir, ckpt_dir, nproc
         self.metrics = metrics
         self.monitor: HealthMonitor | None = None

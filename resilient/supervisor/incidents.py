@@ -63,12 +63,23 @@ class Target:
 
 def targets(ranks: Iterable[RankProcess], views: dict[int, Any]) -> list[Target]:
     """Targets from the supervisor's RankProcess list and RankView map."""
-    return [Target(r.spec.rank, r.pid, getattr(views.get(r.spec.rank), "step", None), log_path(r.spec),
-                   r.returncode) for r in ranks]
+    return [
+        Target(r.spec.rank, r.pid, getattr(views.get(r.spec.rank), "step", None), log_path(r.spec), r.returncode)
+        for r in ranks
+    ]
 
 
-def capture(run_dir: Path, attempt: int, kind: str, rank: int | None, reason: str, ranks: list[Target], *,
-            node: int = 0, peer: bool = False) -> str | None:
+def capture(
+    run_dir: Path,
+    attempt: int,
+    kind: str,
+    rank: int | None,
+    reason: str,
+    ranks: list[Target],
+    *,
+    node: int = 0,
+    peer: bool = False,
+) -> str | None:
     """Write the incident for failure `kind` and return its directory relative to the run dir (None if
     the kind has no evidence to take or collecting failed). `peer`: the failure is another node's; only
     a hang needs this node's stacks too."""
@@ -93,18 +104,25 @@ def capture(run_dir: Path, attempt: int, kind: str, rank: int | None, reason: st
 
 def render_summary(s: dict[str, Any]) -> str:
     c = s.get("culprit") or {}
-    lines = [f"{s['kind']} in attempt {s['attempt']}: {s['reason']}",
-             f"culprit: rank {c.get('rank')} at {c.get('frame') or '?'}", f"why: {c.get('reason')}", ""]
+    lines = [
+        f"{s['kind']} in attempt {s['attempt']}: {s['reason']}",
+        f"culprit: rank {c.get('rank')} at {c.get('frame') or '?'}",
+        f"why: {c.get('reason')}",
+        "",
+    ]
     if "exit" in s:
         lines.append(f"exit: {s['exit']}")
     for r in s.get("ranks", []):
-        lines.append(f"rank {r['rank']:>4} node {r.get('node', '-')!s:>3} pid {r['pid']:>7} {r['state']:<12} "
-                     f"step {r['step']!s:>8} "
-                     f"{'in collective ' if r.get('in_collective') else ''}{r.get('frame') or ''}")
+        lines.append(
+            f"rank {r['rank']:>4} node {r.get('node', '-')!s:>3} pid {r['pid']:>7} {r['state']:<12} "
+            f"step {r['step']!s:>8} "
+            f"{'in collective ' if r.get('in_collective') else ''}{r.get('frame') or ''}"
+        )
     return "\n".join(lines) + "\n"
 
 
 # -- hang ----------------------------------------------------------------------------------------------
+
 
 def _hang(out: Path, ranks: list[Target], node: int) -> dict[str, Any]:
     live = [t for t in ranks if t.returncode is None]
@@ -116,16 +134,33 @@ def _hang(out: Path, ranks: list[Target], node: int) -> dict[str, Any]:
     for t in live:
         (out / f"rank{t.rank}.txt").write_text(dumps[t.rank])
         stack = main_stack(parse_pyspy(dumps[t.rank]))
-        rows.append({"rank": t.rank, "node": node, "pid": t.pid, "state": states[t.rank], "step": t.step,
-                     "in_collective": in_collective(stack), "frame": str(stack[0]) if stack else None,
-                     "stack": [str(f) for f in stack]})
+        rows.append(
+            {
+                "rank": t.rank,
+                "node": node,
+                "pid": t.pid,
+                "state": states[t.rank],
+                "step": t.step,
+                "in_collective": in_collective(stack),
+                "frame": str(stack[0]) if stack else None,
+                "stack": [str(f) for f in stack],
+            }
+        )
     _copy_nccl_dumps(out, live, triggered)
     atomic_write(out / f"node{node}.json", json.dumps(rows, indent=1), durable=False)
     rows = sorted((r for f in out.glob("node*.json") for r in json.loads(f.read_text())), key=lambda r: r["rank"])
-    culprit = find_culprit([RankEvidence(r["rank"], r["state"], r["step"],
-                                         tuple(f for f in map(parse_frame, r["stack"]) if f)) for r in rows])
-    return {"culprit": asdict(culprit), "ranks": rows, "nodes": sorted({r["node"] for r in rows}),
-            "nccl_dumps": sorted(p.name for p in out.glob("nccl_trace_rank*"))}
+    culprit = find_culprit(
+        [
+            RankEvidence(r["rank"], r["state"], r["step"], tuple(f for f in map(parse_frame, r["stack"]) if f))
+            for r in rows
+        ]
+    )
+    return {
+        "culprit": asdict(culprit),
+        "ranks": rows,
+        "nodes": sorted({r["node"] for r in rows}),
+        "nccl_dumps": sorted(p.name for p in out.glob("nccl_trace_rank*")),
+    }
 
 
 def _pyspy() -> str | None:
@@ -140,8 +175,13 @@ def _pyspy_dump(pid: int) -> str:
     if exe is None:
         return "py-spy is not installed (pip install py-spy); no stack taken\n"
     try:
-        done = subprocess.run([exe, "dump", "--pid", str(pid), "--nonblocking"], capture_output=True, text=True,
-                              timeout=DUMP_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            [exe, "dump", "--pid", str(pid), "--nonblocking"],
+            capture_output=True,
+            text=True,
+            timeout=DUMP_TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
         return f"py-spy dump --pid {pid} did not finish within {DUMP_TIMEOUT_S:g}s\n"
     if done.returncode != 0:
@@ -193,6 +233,7 @@ def _copy_nccl_dumps(out: Path, live: list[Target], triggered: bool) -> None:
 
 # -- crash ---------------------------------------------------------------------------------------------
 
+
 def _crash(out: Path, rank: int | None, ranks: list[Target]) -> dict[str, Any]:
     t = next((t for t in ranks if t.rank == rank), None)
     if t is None:
@@ -204,12 +245,28 @@ def _crash(out: Path, rank: int | None, ranks: list[Target]) -> dict[str, Any]:
     if code is not None and code < 0:
         exit_info["signal"] = signal.Signals(-code).name
     frame = last_traceback_frame(tail)
-    how = (f"killed by {exit_info['signal']}" if "signal" in exit_info
-           else f"exited with code {code}" if code is not None else "reported an error")
-    return {"culprit": asdict(Culprit(t.rank, str(frame) if frame else None, f"rank {t.rank} {how}")),
-            "exit": exit_info, "log": str(t.log) if t.log else None, "log_tail_lines": len(tail),
-            "ranks": [{"rank": t.rank, "pid": t.pid, "state": "exited" if code is not None else "error",
-                       "step": t.step, "frame": str(frame) if frame else None}]}
+    how = (
+        f"killed by {exit_info['signal']}"
+        if "signal" in exit_info
+        else f"exited with code {code}"
+        if code is not None
+        else "reported an error"
+    )
+    return {
+        "culprit": asdict(Culprit(t.rank, str(frame) if frame else None, f"rank {t.rank} {how}")),
+        "exit": exit_info,
+        "log": str(t.log) if t.log else None,
+        "log_tail_lines": len(tail),
+        "ranks": [
+            {
+                "rank": t.rank,
+                "pid": t.pid,
+                "state": "exited" if code is not None else "error",
+                "step": t.step,
+                "frame": str(frame) if frame else None,
+            }
+        ],
+    }
 
 
 def _log_tail(log: Path | None, max_bytes: int = 65536) -> list[str]:

@@ -56,8 +56,10 @@ def find_culprit(evidence: list[RankEvidence]) -> Culprit:
     if waiting and outside:
         e = _behind(outside)
         peers = ", ".join(str(w.rank) for w in sorted(waiting, key=lambda w: w.rank))
-        return Culprit(e.rank, _frame(e), f"rank {e.rank} is outside any collective while rank(s) {peers} "
-                                          f"wait inside one")
+        return Culprit(
+            e.rank, _frame(e), f"rank {e.rank} is outside any collective while rank(s) {peers} wait inside one"
+        )
     e = _behind(evidence)
-    return Culprit(e.rank, _frame(e), f"no rank stands apart by its stack; rank {e.rank} is at the lowest step "
-                                      f"({e.step})")
+    return Culprit(
+        e.rank, _frame(e), f"no rank stands apart by its stack; rank {e.rank} is at the lowest step ({e.step})"
+    )

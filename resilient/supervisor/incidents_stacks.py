@@ -11,13 +11,37 @@ _TRACEBACK_FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+), 
 
 # Where a rank waits for its peers: torch.distributed and megatron's communication wrappers. A bare
 # `wait` is only a collective under these packages: threading's Condition.wait is a data stall.
-_COLLECTIVE_FILES = ("torch/distributed/", "torch/nn/parallel/distributed", "megatron/core/distributed/",
-                     "megatron/core/tensor_parallel/mappings", "megatron/core/pipeline_parallel/p2p")
-_COLLECTIVE_FUNCS = frozenset({
-    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
-    "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "barrier", "monitored_barrier", "all_to_all",
-    "all_to_all_single", "reduce", "gather", "scatter", "send", "recv", "isend", "irecv", "batch_isend_irecv",
-})
+_COLLECTIVE_FILES = (
+    "torch/distributed/",
+    "torch/nn/parallel/distributed",
+    "megatron/core/distributed/",
+    "megatron/core/tensor_parallel/mappings",
+    "megatron/core/pipeline_parallel/p2p",
+)
+_COLLECTIVE_FUNCS = frozenset(
+    {
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "all_gather_object",
+        "reduce_scatter",
+        "reduce_scatter_tensor",
+        "broadcast",
+        "broadcast_object_list",
+        "barrier",
+        "monitored_barrier",
+        "all_to_all",
+        "all_to_all_single",
+        "reduce",
+        "gather",
+        "scatter",
+        "send",
+        "recv",
+        "isend",
+        "irecv",
+        "batch_isend_irecv",
+    }
+)
 
 
 @dataclass(frozen=True)

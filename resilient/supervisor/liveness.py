@@ -24,9 +24,18 @@ def lease_key(slot: int) -> str:
 
 
 class Liveness:
-    def __init__(self, store: SealedStore, slot: int, slots: int, lease_s: float, *, read_all: bool,
-                 join_s: float, value: Callable[[], dict[str, Any]],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        store: SealedStore,
+        slot: int,
+        slots: int,
+        lease_s: float,
+        *,
+        read_all: bool,
+        join_s: float,
+        value: Callable[[], dict[str, Any]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store, self.slot, self.slots, self.lease_s = store, slot, slots, lease_s
         self._value, self._clock, self._read_all = value, clock, read_all
         self.table = LeaseTable(range(slots), lease_s, join_s, clock()) if read_all else None

@@ -110,8 +110,13 @@ def _thread_defaults(local_ranks: int) -> dict[str, str]:
 def rank_environ(spec: RankEnv, argv: list[str]) -> dict[str, str]:
     """The whole environment of rank `spec` running `argv`: the supervisor's, thread defaults, the rank's
     identity, the import path rule."""
-    return {**_thread_defaults(spec.local_world_size), **os.environ, **spec.to_environ(), "PYTHONUNBUFFERED": "1",
-            **import_path_environ(argv)}
+    return {
+        **_thread_defaults(spec.local_world_size),
+        **os.environ,
+        **spec.to_environ(),
+        "PYTHONUNBUFFERED": "1",
+        **import_path_environ(argv),
+    }
 
 
 def spawn(spec: RankEnv, argv: list[str]) -> RankProcess:

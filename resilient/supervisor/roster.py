@@ -84,9 +84,11 @@ class Roster:
 
 def with_identities(roster: Roster, pids: Mapping[int, int | None], names: Mapping[int, str | None]) -> Roster:
     """The roster with the supervisors' pids and node names the coordinator knows (unknown ones kept)."""
-    return replace(roster, pids=tuple(pids.get(s) or roster.pid(s) for s in range(roster.slots)),
-                   names=tuple(names.get(s) or (roster.names[s] if s < len(roster.names) else None)
-                               for s in range(roster.slots)))
+    return replace(
+        roster,
+        pids=tuple(pids.get(s) or roster.pid(s) for s in range(roster.slots)),
+        names=tuple(names.get(s) or (roster.names[s] if s < len(roster.names) else None) for s in range(roster.slots)),
+    )
 
 
 def initial(nodes: int, slots: int, hosts: Sequence[str] = ()) -> Roster:
@@ -116,8 +118,11 @@ def replace_nodes(roster: Roster, faulty: Mapping[int, str]) -> tuple[Roster, tu
         out.append((nodes[rank], faulty[rank]))
         nodes[rank] = spare
     new = replace(roster, version=roster.version + 1, nodes=tuple(nodes), spares=tuple(spares), out=tuple(out))
-    why = "; ".join(f"node {r.node_rank}: {roster.name(r.spare_slot)} (slot {r.spare_slot}) replaces "
-                    f"{roster.name(r.failed_slot)} (slot {r.failed_slot}): {r.reason}" for r in done)
+    why = "; ".join(
+        f"node {r.node_rank}: {roster.name(r.spare_slot)} (slot {r.spare_slot}) replaces "
+        f"{roster.name(r.failed_slot)} (slot {r.failed_slot}): {r.reason}"
+        for r in done
+    )
     return new, tuple(done), why
 
 
@@ -126,8 +131,12 @@ def drop_spares(roster: Roster, gone: Mapping[int, str]) -> Roster:
     dropped = {s: why for s, why in gone.items() if s in roster.spares}
     if not dropped:
         return roster
-    return replace(roster, version=roster.version + 1, spares=tuple(s for s in roster.spares if s not in dropped),
-                   out=(*roster.out, *dropped.items()))
+    return replace(
+        roster,
+        version=roster.version + 1,
+        spares=tuple(s for s in roster.spares if s not in dropped),
+        out=(*roster.out, *dropped.items()),
+    )
 
 
 def take_over(roster: Roster, slot: int, lost: int, reason: str) -> Roster:
@@ -138,13 +147,28 @@ def take_over(roster: Roster, slot: int, lost: int, reason: str) -> Roster:
 
 
 def to_store(r: Roster) -> dict[str, Any]:
-    return {"version": r.version, "epoch": r.epoch, "coordinator": r.coordinator, "nodes": list(r.nodes),
-            "spares": list(r.spares), "out": [[s, why] for s, why in r.out], "hosts": list(r.hosts),
-            "pids": list(r.pids), "names": list(r.names)}
+    return {
+        "version": r.version,
+        "epoch": r.epoch,
+        "coordinator": r.coordinator,
+        "nodes": list(r.nodes),
+        "spares": list(r.spares),
+        "out": [[s, why] for s, why in r.out],
+        "hosts": list(r.hosts),
+        "pids": list(r.pids),
+        "names": list(r.names),
+    }
 
 
 def from_store(v: Mapping[str, Any]) -> Roster:
-    return Roster(int(v["version"]), int(v["epoch"]), int(v["coordinator"]), tuple(int(s) for s in v["nodes"]),
-                  tuple(int(s) for s in v["spares"]), tuple((int(s), str(why)) for s, why in v["out"]),
-                  tuple(str(h) for h in v["hosts"]), tuple(None if p is None else int(p) for p in v.get("pids", ())),
-                  tuple(None if n is None else str(n) for n in v.get("names", ())))
+    return Roster(
+        int(v["version"]),
+        int(v["epoch"]),
+        int(v["coordinator"]),
+        tuple(int(s) for s in v["nodes"]),
+        tuple(int(s) for s in v["spares"]),
+        tuple((int(s), str(why)) for s, why in v["out"]),
+        tuple(str(h) for h in v["hosts"]),
+        tuple(None if p is None else int(p) for p in v.get("pids", ())),
+        tuple(None if n is None else str(n) for n in v.get("names", ())),
+    )

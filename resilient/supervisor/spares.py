@@ -26,8 +26,14 @@ from resilient.core.rundir import RunDir
 from resilient.rank.env import RankEnv
 from resilient.supervisor.ranks import RankProcess, log_path, open_log, rank_environ
 
-OWN_TRAINER_IMPORTS = ("torch", "megatron.core", "megatron.core.datasets.indexed_dataset", "trainer.config",
-                       "trainer.loop", "resilient.rank")
+OWN_TRAINER_IMPORTS = (
+    "torch",
+    "megatron.core",
+    "megatron.core.datasets.indexed_dataset",
+    "trainer.config",
+    "trainer.loop",
+    "resilient.rank",
+)
 """What `python -m trainer` imports lazily in main(): importing them is most of a rank's start-up."""
 MEGATRON_LM_IMPORTS = ("torch", "megatron.core", "megatron.training", "trainer.megatron_lm.wrapper")
 """What `python -m trainer.megatron_lm SCRIPT` imports besides the script's own top-level imports."""
@@ -43,8 +49,11 @@ def park_argv(argv: list[str], python: str, extra: Iterable[str] = ()) -> tuple[
         script: list[str] = []
         what = f"Megatron-LM script {argv[3]}"
     elif len(argv) >= 3 and argv[1] == "-m":
-        imports = (list(OWN_TRAINER_IMPORTS) if argv[2] == "trainer"
-                   else [*module_imports(argv[2]), argv[2].rpartition(".")[0]])
+        imports = (
+            list(OWN_TRAINER_IMPORTS)
+            if argv[2] == "trainer"
+            else [*module_imports(argv[2]), argv[2].rpartition(".")[0]]
+        )
         script = []
         what = f"module {argv[2]}"
     elif len(argv) >= 2 and not argv[1].startswith("-") and Path(argv[1]).is_file():
@@ -157,8 +166,15 @@ class Spares:
                 print(f"resilient: node {self.node}: no spare: {err}", file=sys.stderr)
                 return started
             try:
-                proc = subprocess.Popen(self.cmd, env=rank_environ(spec, self.cmd), stdin=subprocess.PIPE, stdout=fd,
-                                        stderr=subprocess.STDOUT, process_group=0, close_fds=True)
+                proc = subprocess.Popen(
+                    self.cmd,
+                    env=rank_environ(spec, self.cmd),
+                    stdin=subprocess.PIPE,
+                    stdout=fd,
+                    stderr=subprocess.STDOUT,
+                    process_group=0,
+                    close_fds=True,
+                )
             except OSError as err:
                 print(f"resilient: node {self.node}: cannot start a spare: {err}", file=sys.stderr)
                 return started
@@ -199,8 +215,11 @@ class Spares:
     def _reap(self) -> None:
         for local, spare in list(self.parked.items()):
             if spare.proc.poll() is not None:
-                print(f"resilient: node {self.node}: spare for local rank {local} exited "
-                      f"{spare.proc.returncode}; starting another", file=sys.stderr)
+                print(
+                    f"resilient: node {self.node}: spare for local rank {local} exited "
+                    f"{spare.proc.returncode}; starting another",
+                    file=sys.stderr,
+                )
                 _kill(spare.proc)
                 del self.parked[local]
 

@@ -23,4 +23,3 @@ class State(enum.StrEnum):
     """A spare node: warm standby ranks, continuous health checks, ready to take a failed node's place."""
     ELECTING = "electing"
     """The coordinator was lost: choosing the next one with the other survivors."""
-

@@ -13,7 +13,7 @@ from resilient.supervisor.config import SupervisorConfig
 
 def calibrated_step_timeout(step_times: Sequence[float], cfg: SupervisorConfig) -> tuple[float, str]:
     """Step timeout from recent step times: factor x the slowest, never below the floor."""
-    recent = [t for t in step_times[-cfg.step_timeout_window:] if t > 0]
+    recent = [t for t in step_times[-cfg.step_timeout_window :] if t > 0]
     if len(recent) < cfg.step_timeout_min_samples:
         return cfg.step_timeout_initial_s, (
             f"initial step timeout {cfg.step_timeout_initial_s:g}s "
@@ -26,8 +26,9 @@ def calibrated_step_timeout(step_times: Sequence[float], cfg: SupervisorConfig) 
             f"step timeout floor {cfg.step_timeout_floor_s:g}s "
             f"(> {cfg.step_timeout_factor:g} x slowest recent step {slowest:.3g}s)"
         )
-    return scaled, (f"calibrated step timeout {scaled:.3g}s = {cfg.step_timeout_factor:g} x slowest recent step "
-                    f"{slowest:.3g}s")
+    return scaled, (
+        f"calibrated step timeout {scaled:.3g}s = {cfg.step_timeout_factor:g} x slowest recent step {slowest:.3g}s"
+    )
 
 
 def calibrated_checkpoint_timeout(blocking_times: Sequence[float], cfg: SupervisorConfig) -> tuple[float, str]:
@@ -41,8 +42,9 @@ def calibrated_checkpoint_timeout(blocking_times: Sequence[float], cfg: Supervis
     return scaled, f"calibrated checkpoint timeout {scaled:.3g}s (slowest observed save {max(recent):.3g}s)"
 
 
-def phase_timeout(phase: str, step_timeout: float, cfg: SupervisorConfig,
-                  checkpoint_timeout: float | None = None) -> tuple[float, str]:
+def phase_timeout(
+    phase: str, step_timeout: float, cfg: SupervisorConfig, checkpoint_timeout: float | None = None
+) -> tuple[float, str]:
     """Which timeout governs a rank whose last heartbeat was in `phase`."""
     fixed: dict[str, float] = {  # Phase is a StrEnum: a heartbeat's phase string finds its member
         Phase.INIT: cfg.init_timeout_s,
@@ -58,8 +60,14 @@ def phase_timeout(phase: str, step_timeout: float, cfg: SupervisorConfig,
     return step_timeout, f"step timeout {step_timeout:.3g}s"
 
 
-def is_hung(phase: str, last_progress: float, now: float, step_timeout: float,
-            cfg: SupervisorConfig, checkpoint_timeout: float | None = None) -> tuple[bool, str]:
+def is_hung(
+    phase: str,
+    last_progress: float,
+    now: float,
+    step_timeout: float,
+    cfg: SupervisorConfig,
+    checkpoint_timeout: float | None = None,
+) -> tuple[bool, str]:
     """A rank is hung when it made no heartbeat progress (new phase or step) within its phase's timeout."""
     limit, which = phase_timeout(phase, step_timeout, cfg, checkpoint_timeout)
     idle = now - last_progress
@@ -72,6 +80,7 @@ def blame_hang(stale: list[tuple[int, int | None, float, str]]) -> tuple[int, st
     """Among ranks past their timeout, given as (rank, last step, last progress time, process state),
     the one that holds the others up: peers of a stuck rank wait in its collective and go stale too.
     A stopped process (SIGSTOP, a debugger) first, then the lowest step, then the oldest progress."""
+
     def key(item: tuple[int, int | None, float, str]) -> tuple[int, int, float, int]:
         rank, step, last, state = item
         return (0 if state in ("stopped", "tracing-stop") else 1, -1 if step is None else step, last, rank)

@@ -52,8 +52,9 @@ def job_instance(env: Mapping[str, str], nnodes: int) -> str:
         return f"env:{env['RESILIENT_JOB_INSTANCE']}"
     if nnodes == 1:
         return f"local:{secrets.token_hex(8)}"
-    raise ConfigError("RESILIENT_JOB_INSTANCE must be set (the same on every node, new per job) "
-                      "for several nodes outside Slurm")
+    raise ConfigError(
+        "RESILIENT_JOB_INSTANCE must be set (the same on every node, new per job) for several nodes outside Slurm"
+    )
 
 
 def expand_hostlist(nodelist: str) -> list[str]:
@@ -70,7 +71,7 @@ def expand_hostlist(nodelist: str) -> list[str]:
         names = [""]
         for text, group in re.findall(r"([^\[\]]*)(?:\[([^\]]*)\])?", part):
             expanded = []
-            for item in (group.split(",") if group else [""]):
+            for item in group.split(",") if group else [""]:
                 lo, dash, hi = item.partition("-")
                 if dash and lo.isdigit() and hi.isdigit() and int(lo) <= int(hi):
                     expanded += [str(n).zfill(len(lo)) for n in range(int(lo), int(hi) + 1)]
@@ -90,12 +91,20 @@ def first_host(nodelist: str) -> str:
     return expand_hostlist(nodelist)[0]
 
 
-def resolve_topology(env: Mapping[str, str], *, node_rank: int | None, nnodes: int | None,
-                     master_addr: str | None, master_port: int | None, default_port: int,
-                     hosts: list[str] | None = None) -> Topology:
+def resolve_topology(
+    env: Mapping[str, str],
+    *,
+    node_rank: int | None,
+    nnodes: int | None,
+    master_addr: str | None,
+    master_port: int | None,
+    default_port: int,
+    hosts: list[str] | None = None,
+) -> Topology:
     """Flags win; otherwise Slurm's environment; otherwise a single node on this machine. `node_rank` and
     `nnodes` are the slot and the allocation's size (nodes + spare nodes); without `hosts` or Slurm's
     node list every slot is at `master_addr` (supervisors of one machine)."""
+
     def slurm_int(key: str) -> int | None:
         raw = env.get(key)
         if raw is None:

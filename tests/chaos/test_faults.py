@@ -50,22 +50,33 @@ def test_kill_rank_loses_only_recomputed_steps(tmp_path, reference):
 def test_the_current_megatron_core_line_recovers_to_the_same_bits(tmp_path, reference):
     # megatron-core 0.19 ranks, the memory tier on: a killed rank resumes from memory, a preemption from
     # disk, and the run ends on the bits of the fault-free 0.16.1 reference (the two lines compute alike)
-    report = _passed(drill(tmp_path / "run", "steps:7,15", ["kill_rank", "preempt"], reference=reference,
-                           overrides=("checkpoint.memory_interval_steps=2",), python=current_python()))
+    report = _passed(
+        drill(
+            tmp_path / "run",
+            "steps:7,15",
+            ["kill_rank", "preempt"],
+            reference=reference,
+            overrides=("checkpoint.memory_interval_steps=2",),
+            python=current_python(),
+        )
+    )
     assert report["digest"] == reference
     assert report["exit_codes"] == [ExitCode.PREEMPTED, ExitCode.FINISHED]
     loads = [e for e in _events(report, "ckpt_load") if e.get("rank") == 0]
     assert [e["tier"] for e in loads][:2] == ["memory-own", "disk"], loads
 
 
-@pytest.mark.parametrize("fault, exits", [
-    ("hang_rank", [ExitCode.FINISHED]),
-    ("preempt", [ExitCode.PREEMPTED, ExitCode.FINISHED]),
-    ("kill_supervisor", [-9, ExitCode.FINISHED]),
-    ("ckpt_write_kill", [ExitCode.FINISHED]),
-    ("gpu_health", [ExitCode.UNHEALTHY_NODE, ExitCode.FINISHED]),
-    ("straggler", [ExitCode.FINISHED]),
-])
+@pytest.mark.parametrize(
+    "fault, exits",
+    [
+        ("hang_rank", [ExitCode.FINISHED]),
+        ("preempt", [ExitCode.PREEMPTED, ExitCode.FINISHED]),
+        ("kill_supervisor", [-9, ExitCode.FINISHED]),
+        ("ckpt_write_kill", [ExitCode.FINISHED]),
+        ("gpu_health", [ExitCode.UNHEALTHY_NODE, ExitCode.FINISHED]),
+        ("straggler", [ExitCode.FINISHED]),
+    ],
+)
 def test_fault_leaves_the_same_bits(tmp_path, reference, fault, exits):
     report = _passed(drill(tmp_path / "run", "steps:6", [fault], reference=reference))
     assert report["digest"] == reference
@@ -73,8 +84,9 @@ def test_fault_leaves_the_same_bits(tmp_path, reference, fault, exits):
     if fault == "preempt":  # the stop saved the step it stopped at: the rerun loses no step
         stopped = [e["step"] for e in _events(report, "preempted") if "node" in e][-1]
         assert stopped in [e["step"] for e in _events(report, "ckpt_save")]
-        resumed = [r["step"] for r in read_jsonl(tmp_path / "run" / "train_log.jsonl") if r.get("attempt") == 1
-                   and "loss" in r]
+        resumed = [
+            r["step"] for r in read_jsonl(tmp_path / "run" / "train_log.jsonl") if r.get("attempt") == 1 and "loss" in r
+        ]
         assert resumed[0] == stopped + 1
 
 
@@ -83,10 +95,28 @@ def test_two_nodes_restart_together_and_end_on_the_same_bits(tmp_path, reference
     # restarts both nodes, and the run ends on the single-node reference bits (same world size).
     port, run_dir = free_port(), tmp_path / "run"
     sets = [a for s in [*COMMON, "nodes=2", "supervisor.nproc_per_node=1"] for a in ("--set", s)]
-    nodes = [start(["supervise", str(CONFIG), "--run-dir", str(run_dir), "--node-rank", str(n), "--nnodes", "2",
-                    "--master-addr", "127.0.0.1", "--master-port", str(port), *sets],
-                   env={"RESILIENT_NODE_NAME": f"node{n}", "RESILIENT_JOB_INSTANCE": str(port)},
-                   log=tmp_path / f"node{n}.log") for n in (0, 1)]
+    nodes = [
+        start(
+            [
+                "supervise",
+                str(CONFIG),
+                "--run-dir",
+                str(run_dir),
+                "--node-rank",
+                str(n),
+                "--nnodes",
+                "2",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                *sets,
+            ],
+            env={"RESILIENT_NODE_NAME": f"node{n}", "RESILIENT_JOB_INSTANCE": str(port)},
+            log=tmp_path / f"node{n}.log",
+        )
+        for n in (0, 1)
+    ]
     try:
         wait_until(lambda: len(ledger_events(run_dir, "ckpt_save")) >= 2, 300, "two checkpoints")
         ranks_of(nodes[1].pid)[1].send_signal(signal.SIGKILL)
@@ -96,17 +126,30 @@ def test_two_nodes_restart_together_and_end_on_the_same_bits(tmp_path, reference
             p.kill()
     [failure] = ledger_events(run_dir, "failure")
     assert (failure["kind"], failure["rank"], failure["node"]) == ("rank_exit", 1, 1)
-    assert sorted((e["attempt"], e["node"]) for e in ledger_events(run_dir, "attempt_start")) == \
-        [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert sorted((e["attempt"], e["node"]) for e in ledger_events(run_dir, "attempt_start")) == [
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 1),
+    ]
     assert digest(run_dir) == reference
 
 
 def test_a_killed_supervisor_leaves_no_rank(tmp_path):
-    proc = start(["run", str(CONFIG), "--run-dir", str(tmp_path / "run"),
-                  *(a for s in [*COMMON, "train.steps=1000"] for a in ("--set", s))], log=tmp_path / "supervisor.log")
+    proc = start(
+        [
+            "run",
+            str(CONFIG),
+            "--run-dir",
+            str(tmp_path / "run"),
+            *(a for s in [*COMMON, "train.steps=1000"] for a in ("--set", s)),
+        ],
+        log=tmp_path / "supervisor.log",
+    )
     try:
-        ranks = wait_until(lambda: list(ranks_of(proc.pid).values()) if len(ranks_of(proc.pid)) == 2 else None, 120,
-                           "two ranks")
+        ranks = wait_until(
+            lambda: list(ranks_of(proc.pid).values()) if len(ranks_of(proc.pid)) == 2 else None, 120, "two ranks"
+        )
         wait_until(lambda: ledger_events(tmp_path / "run", "rank_init"), 300, "the ranks to start")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)

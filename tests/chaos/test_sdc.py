@@ -59,17 +59,32 @@ def reference_dp3(tmp_path_factory) -> dict:
 
 
 def test_dp3_weight_flip_is_outvoted_named_and_rolled_back_to_the_last_agreeing_state(tmp_path, reference_dp3):
-    report = _passed(drill(tmp_path / "run", f"steps:{FLIP}", ["bitflip"], steps=STEPS,
-                           reference=reference_dp3["digest"], overrides=DP3 + CHECKS + RESTART + MEMORY))
+    report = _passed(
+        drill(
+            tmp_path / "run",
+            f"steps:{FLIP}",
+            ["bitflip"],
+            steps=STEPS,
+            reference=reference_dp3["digest"],
+            overrides=DP3 + CHECKS + RESTART + MEMORY,
+        )
+    )
     assert report["digest"] == reference_dp3["digest"]
     assert report["exit_codes"] == [ExitCode.FINISHED]  # restarted in the job, on the same machine
     [fault] = report["faults"]
     [found] = _events(report, "sdc_confirmed")
-    assert (found["step"], found["how"], found["ranks"], found["nodes"]) == \
-        (FOUND, "majority vote", [fault["rank"]], ["chaos-node0"])
+    assert (found["step"], found["how"], found["ranks"], found["nodes"]) == (
+        FOUND,
+        "majority vote",
+        [fault["rank"]],
+        ["chaos-node0"],
+    )
     assert fault["found_at_step"] == FOUND  # the next check after the flip
-    assert (found["trusted_until"], found["action"], found["withdrawn"]) == \
-        (AGREED, "restart", {"disk": [12], "memory": [14]})
+    assert (found["trusted_until"], found["action"], found["withdrawn"]) == (
+        AGREED,
+        "restart",
+        {"disk": [12], "memory": [14]},
+    )
     assert list((tmp_path / "run" / "checkpoints").glob("step_0000012.sdc-*"))  # kept aside, never loaded
     load = next(e for e in _events(report, "ckpt_load") if e["ts"] > found["ts"])
     assert (load["step"], load["tier"]) == (AGREED, "memory-own")  # not the newer snapshot of step 14

@@ -80,8 +80,12 @@ class Saves:
 
 def write_all(out: Path) -> Saves:
     """Run the three writers side by side (each one process) into `out`."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
     python = {"core16": sys.executable, "training": str(MCORE_CURRENT), "fsdp": str(MCORE_CURRENT)}
     target = {"core16": out / "16", "training": out / "19", "fsdp": out / "19"}
     failures, running = {}, {}
@@ -90,9 +94,13 @@ def write_all(out: Path) -> Saves:
             failures[writer] = f"{interpreter} is missing: run scripts/setup.sh --test"
             continue
         log = open(out / f"{writer}.log", "wb")
-        running[writer] = subprocess.Popen([interpreter, "-m", "tests.checkpoint.megatron_lm_writer", writer,
-                                            str(target[writer])], cwd=REPO, env=env, stdout=log,
-                                           stderr=subprocess.STDOUT)
+        running[writer] = subprocess.Popen(
+            [interpreter, "-m", "tests.checkpoint.megatron_lm_writer", writer, str(target[writer])],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
     for writer, proc in running.items():
         if proc.wait(timeout=600) != 0:
@@ -101,6 +109,7 @@ def write_all(out: Path) -> Saves:
 
 
 # -- megatron-core 0.16.1 ------------------------------------------------------------------------------
+
 
 def write_core16(out: Path) -> None:
     import torch
@@ -120,12 +129,14 @@ def write_core16(out: Path) -> None:
     parallel_state.initialize_model_parallel()
     torch.manual_seed(0)
     layout = Layout(distributed_optimizer=True)
-    arch = PRESETS["tiny"].model_copy(update={"num_layers": 1, "hidden_size": 32, "ffn_hidden_size": 64,
-                                               "vocab_size": 128})
+    arch = PRESETS["tiny"].model_copy(
+        update={"num_layers": 1, "hidden_size": 32, "ffn_hidden_size": 64, "vocab_size": 128}
+    )
     [chunk] = build_model(arch, layout, device=torch.device("cpu"))
     optimizer = build_optimizer([chunk], TrainConfig(), layout)
-    args = argparse.Namespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                              use_distributed_optimizer=True)
+    args = argparse.Namespace(
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=1, use_distributed_optimizer=True
+    )
 
     def common(iteration: int) -> dict:
         return {"args": args, "checkpoint_version": 3.0, "iteration": iteration}
@@ -135,23 +146,31 @@ def write_core16(out: Path) -> None:
         ckpt = _iteration_dir(save, iteration)
         ckpt.mkdir(parents=True)
         model_sd = unwrap(chunk).sharded_state_dict()
-        dist_checkpointing.save({**common(iteration), "model": model_sd,
-                                 "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_SHARDING)},
-                                str(ckpt))
+        dist_checkpointing.save(
+            {
+                **common(iteration),
+                "model": model_sd,
+                "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_SHARDING),
+            },
+            str(ckpt),
+        )
         _write_tracker(save, iteration)
 
     save = out / "torch_dcp"
-    dcp.save({**common(10), "model": unwrap(chunk).state_dict_for_save_checkpoint(),
-              "optimizer": optimizer.state_dict()},
-             storage_writer=dcp.FileSystemWriter(str(_iteration_dir(save, 10))))
+    dcp.save(
+        {**common(10), "model": unwrap(chunk).state_dict_for_save_checkpoint(), "optimizer": optimizer.state_dict()},
+        storage_writer=dcp.FileSystemWriter(str(_iteration_dir(save, 10))),
+    )
     _write_tracker(save, 10)
 
     save = out / "torch"
     rank_dir = _iteration_dir(save, 10) / "mp_rank_00"
     rank_dir.mkdir(parents=True)
     optimizer.save_parameter_state(str(rank_dir / "distrib_optim.pt"))
-    torch.save({**common(10), "model": unwrap(chunk).state_dict_for_save_checkpoint(),
-                "optimizer": optimizer.state_dict()}, rank_dir / "model_optim_rng.pt")
+    torch.save(
+        {**common(10), "model": unwrap(chunk).state_dict_for_save_checkpoint(), "optimizer": optimizer.state_dict()},
+        rank_dir / "model_optim_rng.pt",
+    )
     _write_tracker(save, 10)
     dist.destroy_process_group()
 
@@ -166,12 +185,14 @@ def _write_tracker(save: Path, iteration: int) -> None:
 
 # -- megatron-core 0.19: Megatron-LM's own save_checkpoint ---------------------------------------------
 
-_MODEL = ("--num-layers 1 --hidden-size 16 --num-attention-heads 2 --seq-length 16 --max-position-embeddings 16 "
-          "--micro-batch-size 1 --global-batch-size 1 --train-iters 100 --lr 1e-3 --vocab-size 64 "
-          "--tokenizer-type NullTokenizer --mock-data --distributed-backend gloo --transformer-impl local "
-          "--no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-gelu-fusion "
-          "--no-bias-dropout-fusion --no-rope-fusion --no-persist-layer-norm --normalization RMSNorm "
-          "--position-embedding-type rope --use-distributed-optimizer --save-interval 10").split()
+_MODEL = (
+    "--num-layers 1 --hidden-size 16 --num-attention-heads 2 --seq-length 16 --max-position-embeddings 16 "
+    "--micro-batch-size 1 --global-batch-size 1 --train-iters 100 --lr 1e-3 --vocab-size 64 "
+    "--tokenizer-type NullTokenizer --mock-data --distributed-backend gloo --transformer-impl local "
+    "--no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-gelu-fusion "
+    "--no-bias-dropout-fusion --no-rope-fusion --no-persist-layer-norm --normalization RMSNorm "
+    "--position-embedding-type rope --use-distributed-optimizer --save-interval 10"
+).split()
 
 
 def _bridge_megatron_training() -> None:
@@ -202,8 +223,11 @@ def write_training(out: Path, fsdp: bool) -> None:
     from megatron.training.initialize import initialize_megatron
     from megatron.training.training import setup_model_and_optimizer, train_step
 
-    fmt = ["--ckpt-format", "fsdp_dtensor", "--use-megatron-fsdp", "--no-gradient-reduce-div-fusion"] if fsdp \
+    fmt = (
+        ["--ckpt-format", "fsdp_dtensor", "--use-megatron-fsdp", "--no-gradient-reduce-div-fusion"]
+        if fsdp
         else ["--ckpt-format", "torch_dist", "--non-persistent-ckpt-type", "global"]
+    )
     sys.argv = ["pretrain", *_MODEL, "--save", str(out / "unused"), *fmt]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -211,11 +235,22 @@ def write_training(out: Path, fsdp: bool) -> None:
     cfg = pretrain_cfg_container_from_args(args, gpt_config_from_args(args))
     initialize_megatron(allow_no_cuda=True)
     model, optimizer, scheduler = setup_model_and_optimizer(
-        ModelType.encoder_or_decoder, checkpointing_context={}, cfg_container=cfg,
-        pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+        ModelType.encoder_or_decoder,
+        checkpointing_context={},
+        cfg_container=cfg,
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+    )
     # One real step, so the optimizer holds the state it saves (Adam moments, step).
-    train_step(_forward_step, RerunDataIterator(_batches(args.seq_length, args.padded_vocab_size)), model,
-               optimizer, scheduler, get_model_config(model[0]), get_forward_backward_func(), iteration=0)
+    train_step(
+        _forward_step,
+        RerunDataIterator(_batches(args.seq_length, args.padded_vocab_size)),
+        model,
+        optimizer,
+        scheduler,
+        get_model_config(model[0]),
+        get_forward_backward_func(),
+        iteration=0,
+    )
 
     def save(directory: str, iteration: int, ckpt_format: str, **kwargs) -> None:
         args.save, args.ckpt_format, args.use_dist_ckpt = str(out / directory), ckpt_format, ckpt_format != "torch"
@@ -256,8 +291,12 @@ def _batches(seq_length: int, vocab: int):
     generator = torch.Generator().manual_seed(0)
     while True:
         tokens = torch.randint(0, vocab, (1, seq_length + 1), generator=generator)
-        yield {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(1, seq_length),
-               "position_ids": torch.arange(seq_length).unsqueeze(0)}
+        yield {
+            "tokens": tokens[:, :-1],
+            "labels": tokens[:, 1:],
+            "loss_mask": torch.ones(1, seq_length),
+            "position_ids": torch.arange(seq_length).unsqueeze(0),
+        }
 
 
 if __name__ == "__main__":

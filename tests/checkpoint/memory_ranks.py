@@ -25,7 +25,8 @@ def gloo_rank(rank: int, root: str, init: str, results) -> None:
 
     from trainer.checkpoint.memory.transport import GlooTransport
 
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
     results.put((rank, transfer_scenario(rank, GlooTransport(dist.group.WORLD), Path(root))))
     dist.destroy_process_group()

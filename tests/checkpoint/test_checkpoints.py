@@ -110,8 +110,16 @@ def _saves(run_dir: Path) -> int:
 
 def test_retention_keeps_exactly_the_promised_set(tmp_path):
     run_dir = tmp_path / "retention"
-    codes = run_ranks(run_dir, ["train.steps=10", "train.eval_every=0", "checkpoint.interval_steps=1",
-                                "checkpoint.keep_last=2", "checkpoint.keep_every=4"])
+    codes = run_ranks(
+        run_dir,
+        [
+            "train.steps=10",
+            "train.eval_every=0",
+            "checkpoint.interval_steps=1",
+            "checkpoint.keep_last=2",
+            "checkpoint.keep_every=4",
+        ],
+    )
     assert codes == [0, 0]
     assert layout.committed_steps(run_dir / "checkpoints") == [4, 8, 9, 10]
     assert sorted(layout.step_dirs(run_dir / "checkpoints")) == [4, 8, 9, 10]

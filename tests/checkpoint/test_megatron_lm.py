@@ -49,6 +49,7 @@ def _flip_byte(path: Path, offset: int) -> None:
 
 # -- what each writer wrote, and that all of it is understood ---------------------------------------------
 
+
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_every_layout_lists_verifies_and_needs_no_repair(megatron_lm_saves, name):
     layout, save = LAYOUTS[name], megatron_lm_saves.path(name)
@@ -73,17 +74,22 @@ def test_the_writers_wrote_what_each_line_writes(megatron_lm_saves):
     assert "metadata.json" in files("core19-torch_dist+non_persistent", 20)
     np = megatron_lm_saves.path("core19-torch_dist+non_persistent") / mlm.NON_PERSISTENT
     assert mlm.read_tracker(np) == 25 and list(mlm.iterations(np)) == [25]
-    integrity = json.loads((mlm.iteration_dir(megatron_lm_saves.path("core19-verify_integrity"), 10)
-                            / "integrity.json").read_text())
+    integrity = json.loads(
+        (mlm.iteration_dir(megatron_lm_saves.path("core19-verify_integrity"), 10) / "integrity.json").read_text()
+    )
     assert integrity["algorithm"] == "sha256" and set(integrity["files"]) == files("core19-verify_integrity") - {
-        "integrity.json"}
+        "integrity.json"
+    }
     assert files("core19-release", "release") >= {"metadata.json", ".metadata"}
     for name in ("core16-torch_dcp", "core19-torch_dcp", "core19-fsdp_dtensor"):
         assert "metadata.json" not in files(name) and ".metadata" in files(name), name
     assert files("core16-torch-distrib_optim") == {"mp_rank_00/model_optim_rng.pt", "mp_rank_00/distrib_optim.pt"}
     assert files("core19-torch-distrib_optim-2x2") == {
-        f"mp_rank_{tp:02d}_{pp:03d}/{f}" for tp in (0, 1) for pp in (0, 1)
-        for f in ("model_optim_rng.pt", "distrib_optim.pt")}
+        f"mp_rank_{tp:02d}_{pp:03d}/{f}"
+        for tp in (0, 1)
+        for pp in (0, 1)
+        for f in ("model_optim_rng.pt", "distrib_optim.pt")
+    }
 
 
 def test_reading_a_megatron_lm_save_imports_neither_torch_nor_megatron(copy):
@@ -96,6 +102,7 @@ def test_reading_a_megatron_lm_save_imports_neither_torch_nor_megatron(copy):
 
 
 # -- the acceptance: 0.19's save_checkpoint, verified, then a truncated shard caught ----------------------
+
 
 def test_verify_accepts_a_save_checkpoint_save_and_catches_a_truncated_shard(copy):
     save = copy("core19-torch_dist+non_persistent")
@@ -126,11 +133,15 @@ def test_missing_shard_repair_points_the_tracker_back_and_leaves_the_other_tier(
 
 # -- non-persistent global checkpoints ---------------------------------------------------------------------
 
+
 def test_a_newer_non_persistent_save_is_what_megatron_resumes_from(megatron_lm_saves):
     save = megatron_lm_saves.path("core19-torch_dist+non_persistent")
     assert mlm.resumes_from(save) == (mlm.NON_PERSISTENT, 25)
     assert [(r["step"], r["tier"], r["latest"]) for r in mlm.listing(save)] == [
-        (10, "persistent", False), (20, "persistent", True), (25, "non_persistent", True)]
+        (10, "persistent", False),
+        (20, "persistent", True),
+        (25, "non_persistent", True),
+    ]
     out = resilient_cli("ckpt", "verify", str(save), "--json")
     assert json.loads(out.stdout)["step"] == 25 and json.loads(out.stdout)["ok"]
 
@@ -148,6 +159,7 @@ def test_a_damaged_non_persistent_save_is_damage_repair_cannot_undo_without_dele
 
 
 # -- torch_dist: common state, unfinished saves, integrity.json --------------------------------------------
+
 
 def test_torch_dist_needs_its_common_state(copy):
     save = copy("core16-torch_dist-common.pt")
@@ -185,6 +197,7 @@ def test_integrity_json_digests_are_checked(copy):
 
 # -- torch_dcp / fsdp_dtensor --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["core16-torch_dcp", "core19-torch_dcp", "core19-fsdp_dtensor"])
 def test_dcp_saves_truncated_or_unfinished_are_incomplete(copy, name):
     save = copy(name)
@@ -198,6 +211,7 @@ def test_dcp_saves_truncated_or_unfinished_are_incomplete(copy, name):
 
 
 # -- legacy torch format with the distributed optimizer -----------------------------------------------------
+
 
 def test_legacy_rank_grid_and_distrib_optim_are_checked(copy):
     save = copy("core19-torch-distrib_optim-2x2")
@@ -227,6 +241,7 @@ def test_a_missing_distrib_optim_beside_the_others_is_missing(copy):
 
 # -- release -------------------------------------------------------------------------------------------------
 
+
 def test_release_tracker_names_the_release_directory(copy):
     save = copy("core19-release")
     assert [(r["step"], r["latest"]) for r in mlm.listing(save)] == [("release", True)]
@@ -238,6 +253,7 @@ def test_release_tracker_names_the_release_directory(copy):
 
 
 # -- bad input: one line, a distinct exit code, nothing lost --------------------------------------------------
+
 
 def test_a_non_utf8_or_garbage_tracker_is_one_line_and_repair_rewrites_it(copy):
     save = copy("core19-torch_dcp")
@@ -258,7 +274,8 @@ def test_a_tracker_that_is_a_directory_is_refused_and_kept(copy):
     out = resilient_cli("ckpt", "repair", str(save))
     assert out.returncode == ExitCode.CHECKPOINT_DAMAGED and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [
-        f"resilient: checkpoint error: {save / mlm.TRACKER} is a directory; repair deletes nothing: move it aside"]
+        f"resilient: checkpoint error: {save / mlm.TRACKER} is a directory; repair deletes nothing: move it aside"
+    ]
     assert (save / mlm.TRACKER).is_dir()
 
 

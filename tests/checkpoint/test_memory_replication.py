@@ -55,14 +55,22 @@ def payload(rank: int, step: int) -> bytes:
     return bytes([rank + 1, step % 256]) * (1000 + 37 * rank)
 
 
-def stage_bytes(directory: Path, rank: int, step: int, data: bytes, fmt: SnapshotFormat,
-                allocate=slots.shm_file) -> Staged:
+def stage_bytes(
+    directory: Path, rank: int, step: int, data: bytes, fmt: SnapshotFormat, allocate=slots.shm_file
+) -> Staged:
     """What `SnapshotFormat.stage` leaves, for bytes instead of a training state."""
     files.make_dir(directory)
     buffer = allocate(naming.data_file(directory, rank), len(data))
-    buffer[:len(data)] = data
-    meta = {"format": snapshot.FORMAT, "step": step, "rank": rank, "layout": fmt.layout, "tensors": [],
-            "common": {"start": 0, "nbytes": 0}, "bytes": len(data)}
+    buffer[: len(data)] = data
+    meta = {
+        "format": snapshot.FORMAT,
+        "step": step,
+        "rank": rank,
+        "layout": fmt.layout,
+        "tensors": [],
+        "common": {"start": 0, "nbytes": 0},
+        "bytes": len(data),
+    }
     return Staged(step, directory, meta, buffer)
 
 
@@ -71,6 +79,7 @@ def commit(directory: Path) -> None:
 
 
 # -- the ring -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("nodes,local", [(2, 1), (3, 2), (4, 8)])
 def test_every_rank_has_one_holder_on_the_next_node_and_holds_for_one(nodes, local):
@@ -93,6 +102,7 @@ def test_one_node_holds_no_replicas():
 
 
 # -- the in-process transport ---------------------------------------------------------------
+
 
 def test_a_send_returns_only_once_received():
     # Both ranks send first: over gloo two large sends wait for each other forever; here too, until
@@ -123,18 +133,20 @@ def test_messages_and_votes():
 
 # -- the exchange after a snapshot ----------------------------------------------------------
 
+
 @pytest.mark.parametrize("nodes", [2, 3])  # an odd ring must make progress too
 def test_each_rank_stores_the_copy_of_the_rank_it_holds_for(tmp_path, nodes):
     ring, fmt, step = Ring(nodes * 2, 2), SnapshotFormat(KEY, LAYOUT), 15
 
     def body(rank: int, transport: Transport) -> None:
         node = ring.node_of(rank)
-        staged = stage_bytes(naming.step_dir(naming.own_dir(tmp_path, node), step), rank, step,
-                             payload(rank, step), fmt)
+        staged = stage_bytes(
+            naming.step_dir(naming.own_dir(tmp_path, node), step), rank, step, payload(rank, step), fmt
+        )
         meta = fmt.seal(staged)
         src = ring.replica_of(rank)
         held = slots.Slots(naming.replica_dir(tmp_path, node, ring.node_of(src)), src)
-        data = memoryview(staged.buffer)[:staged.nbytes]
+        data = memoryview(staged.buffer)[: staged.nbytes]
         replication.exchange(transport, ring, tmp_path, rank, data, meta, held.take)
         data.release()
         held.close()
@@ -156,6 +168,7 @@ def test_each_rank_stores_the_copy_of_the_rank_it_holds_for(tmp_path, nodes):
 
 
 # -- the transfer at a restart --------------------------------------------------------------
+
 
 def held_replica(root: Path, step: int, fmt: SnapshotFormat) -> Path:
     """2 nodes of 1 rank: the replica of rank 1's step `step` that rank 0 holds, committed."""

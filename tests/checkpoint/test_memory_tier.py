@@ -26,6 +26,7 @@ MEMORY = REFERENCE + ["checkpoint.memory_interval_steps=5"]  # memory 5, 10, 15,
 
 # -- the decision ---------------------------------------------------------------------------
 
+
 def test_own_memory_newer_than_disk_wins():
     invs = [Inventory({10: None, 15: None}), Inventory({10: None, 15: None})]
     choice = choose_tier(invs, disk_step=12)
@@ -40,8 +41,10 @@ def test_lost_node_uses_the_replica_its_peer_holds():
 
 
 def test_stale_replica_falls_back_to_the_step_every_rank_has():
-    invs = [Inventory({15: None, 20: None}, replica_of=1, replica={15: None}),
-            Inventory({}, replica_of=0, replica={15: None, 20: None})]
+    invs = [
+        Inventory({15: None, 20: None}, replica_of=1, replica={15: None}),
+        Inventory({}, replica_of=0, replica={15: None, 20: None}),
+    ]
     choice = choose_tier(invs, disk_step=12)
     assert choice.step == 15 and "step 20: no valid copy for rank 1" in choice.reason
 
@@ -56,8 +59,10 @@ def test_corrupt_copy_falls_back_only_as_far_as_needed():
 def test_a_copy_that_fails_its_checksum_at_load_is_replaced_by_the_next_valid_one():
     # A restart checks only metadata up front and verifies the copies it picks: a bad one is marked
     # and the choice taken again, a replica of the same step before an older step.
-    invs = [Inventory({10: None, 15: None}, replica_of=1, replica={10: None, 15: None}),
-            Inventory({10: None, 15: None}, replica_of=0, replica={10: None, 15: None})]
+    invs = [
+        Inventory({10: None, 15: None}, replica_of=1, replica={10: None, 15: None}),
+        Inventory({10: None, 15: None}, replica_of=0, replica={10: None, 15: None}),
+    ]
     first = choose_tier(invs, disk_step=None)
     assert (first.step, first.sources) == (15, ("own", "own"))
     invs = mark_failed(invs, first, [None, "checksum mismatch"])
@@ -85,6 +90,7 @@ def test_should_snapshot():
 
 # -- real ranks -----------------------------------------------------------------------------
 
+
 def memory_root(run_dir: Path) -> Path:
     return CheckpointConfig().memory_root(run_dir, RunKey.of(run_dir))
 
@@ -93,13 +99,17 @@ def memory_root(run_dir: Path) -> Path:
 TWO_NODES = {"LOCAL_WORLD_SIZE": "1"}
 
 
-def kill_after(run_dir: Path, overrides: list[str], step: int, extra_env: dict | None = None,
-               committed: Path | None = None) -> None:
+def kill_after(
+    run_dir: Path, overrides: list[str], step: int, extra_env: dict | None = None, committed: Path | None = None
+) -> None:
     """Train until rank 0 logged `step` (and `committed` exists), then SIGKILL every rank."""
     procs = spawn_ranks(run_dir, overrides, extra_env=extra_env)
     log = run_dir / "train_log.jsonl"
-    while not (log.exists() and max(train_losses(run_dir), default=0) >= step
-               and (committed is None or (memory_root(run_dir) / committed).exists())):
+    while not (
+        log.exists()
+        and max(train_losses(run_dir), default=0) >= step
+        and (committed is None or (memory_root(run_dir) / committed).exists())
+    ):
         assert all(p.poll() is None for p in procs), (run_dir / "rank0.log").read_text()[-3000:]
         time.sleep(0.1)
     for p in procs:
@@ -142,7 +152,10 @@ def test_resume_from_memory_is_bit_identical(reference_run, killed_run, tmp_path
     try:
         rows = json.loads(resilient_cli("ckpt", "list", str(run_dir), "--json").stdout)
         assert {(r["tier"], r["step"], r["state"]) for r in rows} >= {
-            ("disk", 12, "complete"), ("memory-own", 10, "complete"), ("memory-own", 15, "complete")}
+            ("disk", 12, "complete"),
+            ("memory-own", 10, "complete"),
+            ("memory-own", 15, "complete"),
+        }
         snapshots = [e["step"] for e in ledger.read(run_dir) if e["event"] == "mem_snapshot"]
         assert snapshots[:2] == [5, 10]  # commits reach the ledger (status.json shows the newest)
         assert run_ranks(run_dir, MEMORY) == [0, 0]
@@ -228,7 +241,7 @@ def test_snapshots_reuse_the_pruned_file_and_its_mapping(tmp_path):
         taken.append((path.stat().st_ino, id(buffer)))
         (path.parent / COMMITTED).write_text("{}")
         prune(tmp_path, keep_last=2)
-        assert len(slots.maps) <= 3 and list(steps_in(tmp_path))[-2:] == [step - 1, step][-min(step, 2):]
+        assert len(slots.maps) <= 3 and list(steps_in(tmp_path))[-2:] == [step - 1, step][-min(step, 2) :]
     # Steps 1-3 needed fresh files; from step 4 on each reuses the one pruned two steps before, mapping
     # included, so three files (two kept, one spare) serve every snapshot.
     assert len({ino for ino, _ in taken}) == 3 and taken[3] == taken[0] and taken[6] == taken[3]
@@ -249,8 +262,9 @@ def test_memory_root_made_by_someone_else_or_open_to_others_or_of_another_run_is
     assert root_problem(tmp_path / "mine", "run-a", tmp_path / "a") is None
     assert (tmp_path / "mine").stat().st_mode & 0o777 == 0o700
     assert root_problem(tmp_path / "mine", "run-a", tmp_path / "moved") is None  # the same run, moved
-    assert "holds the snapshots of run run-a, not of this run (run-b)" in root_problem(tmp_path / "mine", "run-b",
-                                                                                        tmp_path / "b")
+    assert "holds the snapshots of run run-a, not of this run (run-b)" in root_problem(
+        tmp_path / "mine", "run-b", tmp_path / "b"
+    )
     (tmp_path / "open").mkdir(mode=0o777)
     (tmp_path / "open").chmod(0o777)
     assert "owner-only" in root_problem(tmp_path / "open", "run-a", tmp_path / "a")

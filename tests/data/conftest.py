@@ -40,8 +40,9 @@ def write_c4_dir(directory: Path, shards: int, docs_per_shard: int, validation_d
     """`shards` training shards and one validation shard in the allenai/c4 naming."""
     records = sample_records()
     for s in range(shards):
-        write_shard(directory / f"c4-train.{s:05d}-of-01024.json.gz",
-                    records[s * docs_per_shard:(s + 1) * docs_per_shard])
+        write_shard(
+            directory / f"c4-train.{s:05d}-of-01024.json.gz", records[s * docs_per_shard : (s + 1) * docs_per_shard]
+        )
     write_shard(directory / "c4-validation.00000-of-00008.json.gz", records[-validation_docs:])
     return directory
 

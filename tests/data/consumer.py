@@ -36,8 +36,16 @@ def main() -> None:
     args = p.parse_args()
 
     cfg = data_config(args.data).model_copy(update={"num_workers": args.workers})
-    loader = build_train_loader(cfg, run_dir=args.run_dir, seq_len=SEQ_LEN, global_batch=GLOBAL_BATCH,
-                                micro_batch=MICRO_BATCH, dp_rank=0, dp_size=1, seed=SEED)
+    loader = build_train_loader(
+        cfg,
+        run_dir=args.run_dir,
+        seq_len=SEQ_LEN,
+        global_batch=GLOBAL_BATCH,
+        micro_batch=MICRO_BATCH,
+        dp_rank=0,
+        dp_size=1,
+        seed=SEED,
+    )
     step = 0
     if args.state.exists():
         saved = json.loads(args.state.read_text())

@@ -24,8 +24,11 @@ def damaged(tmp_path):
     records = sample_records()
     data = tmp_path / "data"
     for s in range(4):
-        write_shard(data / f"c4-train.{s:05d}-of-01024.json.gz", records[s * 30:(s + 1) * 30],
-                    extra_lines=BAD_LINES if s == 2 else None)
+        write_shard(
+            data / f"c4-train.{s:05d}-of-01024.json.gz",
+            records[s * 30 : (s + 1) * 30],
+            extra_lines=BAD_LINES if s == 2 else None,
+        )
     truncated = data / "c4-train.00001-of-01024.json.gz"
     raw = truncated.read_bytes()
     truncated.write_bytes(raw[: len(raw) * 6 // 10])
@@ -43,7 +46,8 @@ def test_prepare_skips_counts_and_logs_the_damage(damaged, caplog):
     assert per_shard["c4-train.00002-of-01024.json.gz"]["documents"] == 30
     assert 0 < per_shard["c4-train.00001-of-01024.json.gz"]["documents"] < 30
     assert per_shard["c4-train.00002-of-01024.json.gz"]["skipped"]["c4-train.00002-of-01024.json.gz"][
-        "malformed_lines"] == len(BAD_LINES)
+        "malformed_lines"
+    ] == len(BAD_LINES)
     logged = caplog.text
     assert "c4-train.00002-of-01024.json.gz: line 4:" in logged  # bad line 3 is the file's 4th line
     assert "c4-train.00001-of-01024.json.gz: gzip stream damaged after line" in logged
@@ -68,8 +72,9 @@ def test_training_and_resume_across_the_damaged_shard_are_exact(damaged):
     prepare_if_needed(cfg, tmp / "run", workers=1)
 
     def loader():
-        return build_train_loader(cfg, run_dir=tmp / "run", seq_len=128, global_batch=16, micro_batch=4,
-                                  dp_rank=0, dp_size=1, seed=5)
+        return build_train_loader(
+            cfg, run_dir=tmp / "run", seq_len=128, global_batch=16, micro_batch=4, dp_rank=0, dp_size=1, seed=5
+        )
 
     steps = 40  # 640 samples: more than one epoch of ~430 windows, so every window is read
     straight = loader()

@@ -13,8 +13,19 @@ N_BEFORE, N_AFTER = 5, 7
 
 
 def _loaders(cfg, run_dir, dp):
-    return [build_train_loader(cfg, run_dir=run_dir, seq_len=SEQ_LEN, global_batch=GLOBAL_BATCH,
-                               micro_batch=MICRO_BATCH, dp_rank=r, dp_size=dp, seed=SEED) for r in range(dp)]
+    return [
+        build_train_loader(
+            cfg,
+            run_dir=run_dir,
+            seq_len=SEQ_LEN,
+            global_batch=GLOBAL_BATCH,
+            micro_batch=MICRO_BATCH,
+            dp_rank=r,
+            dp_size=dp,
+            seed=SEED,
+        )
+        for r in range(dp)
+    ]
 
 
 def _global_batch(loaders) -> torch.Tensor:

@@ -19,8 +19,23 @@ KILL_AFTER_STEPS = (3, 9, 18)  # between checkpoints, so some steps are lost and
 
 def _start(prepared, state: Path, log: Path) -> subprocess.Popen:
     cfg, run_dir = prepared
-    cmd = [sys.executable, "-m", "tests.data.consumer", str(cfg.path), str(run_dir), str(state), str(log),
-           "--steps", str(STEPS), "--ckpt-every", str(CKPT_EVERY), "--step-sleep", "0.1", "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tests.data.consumer",
+        str(cfg.path),
+        str(run_dir),
+        str(state),
+        str(log),
+        "--steps",
+        str(STEPS),
+        "--ckpt-every",
+        str(CKPT_EVERY),
+        "--step-sleep",
+        "0.1",
+        "--workers",
+        "1",
+    ]
     # Own session: the kill takes the DataLoader worker with it, as a node failure would.
     return subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stderr=subprocess.PIPE, text=True)
 

@@ -26,8 +26,9 @@ def test_a_directory_of_bin_idx_pairs_trains_like_the_text_it_came_from(prepared
     assert (mmanifest["documents"], mmanifest["tokens"]) == (manifest["documents"], manifest["tokens"])
 
     def batches(c, rd):
-        loader = build_train_loader(c, run_dir=rd, seq_len=16, global_batch=8, micro_batch=2,
-                                    dp_rank=0, dp_size=1, seed=9)
+        loader = build_train_loader(
+            c, run_dir=rd, seq_len=16, global_batch=8, micro_batch=2, dp_rank=0, dp_size=1, seed=9
+        )
         return [torch.cat(loader.next_step()) for _ in range(5)]
 
     assert all(torch.equal(a, b) for a, b in zip(batches(cfg, run_dir), batches(mcfg, tmp_path / "run"), strict=True))

@@ -43,7 +43,7 @@ def test_global_order_at_a_far_position_equals_walking_there():
     order, far = GlobalOrder(97, seed=3), GlobalOrder(97, seed=3)
     walked = [order.window(s) for s in range(0, 97 * 5 + 13)]
     assert far.window(97 * 5 + 12) == walked[-1]
-    assert sorted(walked[97 * 2:97 * 3]) == list(range(97))
+    assert sorted(walked[97 * 2 : 97 * 3]) == list(range(97))
 
 
 def test_windows_share_one_token_and_drop_the_tail():
@@ -53,8 +53,13 @@ def test_windows_share_one_token_and_drop_the_tail():
 def test_resume_state_checks_name_the_mismatch():
     good = {"version": 1, "consumed_samples": 80, "fingerprint": "abc", "seed": 1, "seq_len": 16}
     assert check_resume(good, fingerprint="abc", seed=1, seq_len=16) == (True, "resume at global sample 80")
-    cases = {"fingerprint": ("zzz", "trained on data zzz"), "seed": (2, "seed 2"), "seq_len": (32, "seq_len 32"),
-             "consumed_samples": (-1, "invalid consumed_samples"), "version": (9, "unknown version")}
+    cases = {
+        "fingerprint": ("zzz", "trained on data zzz"),
+        "seed": (2, "seed 2"),
+        "seq_len": (32, "seq_len 32"),
+        "consumed_samples": (-1, "invalid consumed_samples"),
+        "version": (9, "unknown version"),
+    }
     for key, (value, expected) in cases.items():
         ok, reason = check_resume({**good, key: value}, fingerprint="abc", seed=1, seq_len=16)
         assert not ok and expected in reason and "\n" not in reason

@@ -19,16 +19,22 @@ SHARDS, DOCS = 4, 480
 
 
 def _cli(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-W", "ignore", "-m", "resilient.cli", "data", *args], cwd=REPO,
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-W", "ignore", "-m", "resilient.cli", "data", *args],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def test_prepare_killed_midway_resumes_per_shard_and_matches_a_clean_prepare(tmp_path):
     records = sample_records()
     data = tmp_path / "data"
     for s in range(SHARDS):
-        write_shard(data / f"c4-train.{s:05d}-of-01024.json.gz", (records[s * 100:] + records[:s * 100])[:DOCS])
+        write_shard(data / f"c4-train.{s:05d}-of-01024.json.gz", (records[s * 100 :] + records[: s * 100])[:DOCS])
     write_shard(data / "c4-validation.00000-of-00008.json.gz", records[-10:])
     run_dir = tmp_path / "run"
     config = tmp_path / "run.yaml"

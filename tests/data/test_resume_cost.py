@@ -15,8 +15,16 @@ FAR = 10**7
 
 
 def _resume(cfg, run_dir, position: int):
-    loader = build_train_loader(cfg, run_dir=run_dir, seq_len=SEQ_LEN, global_batch=GLOBAL_BATCH,
-                                micro_batch=MICRO_BATCH, dp_rank=1, dp_size=2, seed=SEED)
+    loader = build_train_loader(
+        cfg,
+        run_dir=run_dir,
+        seq_len=SEQ_LEN,
+        global_batch=GLOBAL_BATCH,
+        micro_batch=MICRO_BATCH,
+        dp_rank=1,
+        dp_size=2,
+        seed=SEED,
+    )
     state = {**loader.state_dict(), "consumed_samples": position}
     loader.load_state_dict(state)
     return loader, loader.next_step()

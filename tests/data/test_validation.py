@@ -23,17 +23,22 @@ def test_first_k_documents_in_order_across_validation_shards(tmp_path):
     prepare_if_needed(cfg, tmp_path / "run", workers=1)
 
     tokenizer, eos = load_tokenizer(TOKENIZER)
-    stream = [t for r in records[100:100 + k] for t in tokenizer.encode(r["text"]).ids + [eos]]
-    windows = [stream[w * SEQ_LEN: w * SEQ_LEN + SEQ_LEN + 1] for w in range((len(stream) - 1) // SEQ_LEN)]
+    stream = [t for r in records[100 : 100 + k] for t in tokenizer.encode(r["text"]).ids + [eos]]
+    windows = [stream[w * SEQ_LEN : w * SEQ_LEN + SEQ_LEN + 1] for w in range((len(stream) - 1) // SEQ_LEN)]
 
-    single = build_validation_batches(cfg, run_dir=tmp_path / "run", seq_len=SEQ_LEN, micro_batch=MICRO_BATCH,
-                                      dp_rank=0, dp_size=1)
+    single = build_validation_batches(
+        cfg, run_dir=tmp_path / "run", seq_len=SEQ_LEN, micro_batch=MICRO_BATCH, dp_rank=0, dp_size=1
+    )
     usable = len(windows) // MICRO_BATCH * MICRO_BATCH
     assert torch.cat(single).tolist() == windows[:usable]
 
     dp = 3
-    shares = [build_validation_batches(cfg, run_dir=tmp_path / "run", seq_len=SEQ_LEN, micro_batch=MICRO_BATCH,
-                                       dp_rank=r, dp_size=dp) for r in range(dp)]
+    shares = [
+        build_validation_batches(
+            cfg, run_dir=tmp_path / "run", seq_len=SEQ_LEN, micro_batch=MICRO_BATCH, dp_rank=r, dp_size=dp
+        )
+        for r in range(dp)
+    ]
     assert len({len(s) for s in shares}) == 1  # every rank runs the same number of forward passes
     interleaved = [shares[r][k] for k in range(len(shares[0])) for r in range(dp)]
     rounds = len(windows) // (MICRO_BATCH * dp)

@@ -7,9 +7,19 @@ from health.config import HealthConfig
 
 
 def healthy_device(index: int, **over) -> dict:
-    return {"index": index, "xids": [], "ecc_uncorrected": 0, "remap_pending": False, "remap_failed": False,
-            "retired_pages_pending": False, "throttle": [], "temperature_c": 50, "pcie_replay": 10,
-            "nvlink_errors": 0, **over}
+    return {
+        "index": index,
+        "xids": [],
+        "ecc_uncorrected": 0,
+        "remap_pending": False,
+        "remap_failed": False,
+        "retired_pages_pending": False,
+        "throttle": [],
+        "temperature_c": 50,
+        "pcie_replay": 10,
+        "nvlink_errors": 0,
+        **over,
+    }
 
 
 @pytest.fixture

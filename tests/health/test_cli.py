@@ -10,14 +10,26 @@ from resilient.core.exit_codes import ExitCode
 from tests.health.conftest import healthy_device
 
 REPO = Path(__file__).resolve().parents[2]
-LAX = ["--set", "health.shm_min_gib=0.01", "--set", "health.mem_min_available_gib=0.01",
-       "--set", "health.ckpt_min_free_gib=0"]
+LAX = [
+    "--set",
+    "health.shm_min_gib=0.01",
+    "--set",
+    "health.mem_min_available_gib=0.01",
+    "--set",
+    "health.ckpt_min_free_gib=0",
+]
 
 
 def health_check(tmp_path: Path, *args: str, node: str = "n1") -> subprocess.CompletedProcess:
     env = {**os.environ, "RESILIENT_NODE_NAME": node}
-    return subprocess.run([sys.executable, "-m", "resilient.cli", "health", "check", "--run-dir", str(tmp_path / "run"),
-                           *LAX, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "resilient.cli", "health", "check", "--run-dir", str(tmp_path / "run"), *LAX, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 def test_healthy_json_says_what_it_could_not_check(tmp_path):
@@ -48,14 +60,25 @@ def test_fatal_gpu_exits_unhealthy_node(tmp_path):
     assert text.stderr.strip() == "resilient: unhealthy node: node n1: gpu.xid: critical XID 79 on gpu1"
     # The verdict is the node's new fact for node_exporter (as after a repair, or from Slurm's HealthCheckProgram).
     facts = (textfiles / "resilient_n1.prom").read_text()
-    assert 'resilient_node_health_verdict{check="gpu.xid",node="n1",reason="unhealthy (check) node n1: gpu.xid: ' \
-           'critical XID 79 on gpu1",verdict="unhealthy"} 1.0' in facts
+    assert (
+        'resilient_node_health_verdict{check="gpu.xid",node="n1",reason="unhealthy (check) node n1: gpu.xid: '
+        'critical XID 79 on gpu1",verdict="unhealthy"} 1.0' in facts
+    )
     assert 'resilient_gpu_last_xid{gpu="1",node="n1"} 79.0' in facts
 
 
 def test_collective_probe_from_the_cli(tmp_path):
-    proc = health_check(tmp_path, "--json", "--collective", "--nproc", "2", "--set", "health.collective_nbytes=65536",
-                        "--set", "health.collective_iters=2")
+    proc = health_check(
+        tmp_path,
+        "--json",
+        "--collective",
+        "--nproc",
+        "2",
+        "--set",
+        "health.collective_nbytes=65536",
+        "--set",
+        "health.collective_iters=2",
+    )
     assert proc.returncode == 0, proc.stderr
     probe = {r["name"]: r for r in json.loads(proc.stdout)["results"]}["collective.allreduce"]
     assert probe["severity"] == "ok" and probe["values"]["busbw_gbps"] > 0 and probe["values"]["world_size"] == 2

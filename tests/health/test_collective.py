@@ -96,12 +96,28 @@ def test_culprits_from_pairs():
 def test_combine_names_the_rank_that_stopped_early():
     cfg = HealthConfig(**SMALL)
     failed = ProbeResult(completed=False, world_size=3, error="rank 0: timed out")
-    out = combine(3, "gloo", cfg, joined={0: "1", 1: "1", 2: "1"}, progress={0: 5, 1: 3, 2: 5},
-                  results={0: failed, 2: failed}, exit_codes={0: 0, 1: -9, 2: 0}, node="n0")
+    out = combine(
+        3,
+        "gloo",
+        cfg,
+        joined={0: "1", 1: "1", 2: "1"},
+        progress={0: 5, 1: 3, 2: 5},
+        results={0: failed, 2: failed},
+        exit_codes={0: 0, 1: -9, 2: 0},
+        node="n0",
+    )
     assert not out.completed and out.error == "rank 0: timed out"
     assert [(c.rank, c.reason) for c in out.culprits] == [(1, "gave no result (exit code -9)")]
-    out = combine(3, "gloo", cfg, joined={0: "1", 1: "1", 2: "1"}, progress={0: 5, 1: 3, 2: 5},
-                  results={0: failed, 1: failed, 2: failed}, exit_codes={0: 0, 1: 0, 2: 0}, node="n0")
+    out = combine(
+        3,
+        "gloo",
+        cfg,
+        joined={0: "1", 1: "1", 2: "1"},
+        progress={0: 5, 1: 3, 2: 5},
+        results={0: failed, 1: failed, 2: failed},
+        exit_codes={0: 0, 1: 0, 2: 0},
+        node="n0",
+    )
     assert [c.rank for c in out.culprits] == [1] and "stopped at probe step 3" in out.culprits[0].reason
 
 

@@ -31,8 +31,18 @@ def sample(*devices) -> dict:
 
 def test_healthy_node_passes_every_rule(script):
     results = run_rules(script("n1", sample(healthy_device(0), healthy_device(1)), gpus_per_node=2))
-    assert set(results) == {"gpu.count", "gpu.lost", "gpu.xid", "gpu.ecc", "gpu.row_remap", "gpu.throttle",
-                            "gpu.temperature", "gpu.pcie_replay", "gpu.nvlink", "gpu.telemetry"}
+    assert set(results) == {
+        "gpu.count",
+        "gpu.lost",
+        "gpu.xid",
+        "gpu.ecc",
+        "gpu.row_remap",
+        "gpu.throttle",
+        "gpu.temperature",
+        "gpu.pcie_replay",
+        "gpu.nvlink",
+        "gpu.telemetry",
+    }
     assert all(r.severity is Severity.OK for r in results.values()), results
     readings = results["gpu.telemetry"].values["gpus"]
     assert sorted(readings) == [0, 1] and readings[1]["lost"] is False and readings[1]["last_xid"] == 0
@@ -110,8 +120,11 @@ def test_pcie_replay_storm_is_fatal(script):
 
 
 def test_nvlink_error_growth(script):
-    cfg = script("n1", sample(healthy_device(0), healthy_device(1, nvlink_errors=3)),
-                 sample(healthy_device(0), healthy_device(1, nvlink_errors=7)))
+    cfg = script(
+        "n1",
+        sample(healthy_device(0), healthy_device(1, nvlink_errors=3)),
+        sample(healthy_device(0), healthy_device(1, nvlink_errors=7)),
+    )
     r = run_rules(cfg, polls=2)["gpu.nvlink"]
     assert r.severity is Severity.WARN and "grew by 4 on gpu1" in r.reason
     steady = script("n1", sample(healthy_device(0, nvlink_errors=3)), sample(healthy_device(0, nvlink_errors=3)))

@@ -15,8 +15,9 @@ from health.types import Severity
 def small_tmpfs(tmp_path: Path):
     mnt = tmp_path / "run"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.fail(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     try:

@@ -63,8 +63,13 @@ def test_preflight_combines_gpu_and_node_checks(script, tmp_path):
 
 
 def test_monitor_sees_a_gpu_going_bad_during_training(script, tmp_path):
-    cfg = script("n5", {"devices": [healthy_device(0)]}, {"devices": [healthy_device(0)]},
-                 {"devices": [healthy_device(0, xids=[94])]}, **LAX)
+    cfg = script(
+        "n5",
+        {"devices": [healthy_device(0)]},
+        {"devices": [healthy_device(0)]},
+        {"devices": [healthy_device(0, xids=[94])]},
+        **LAX,
+    )
     monitor = HealthMonitor(cfg, "n5", tmp_path, interval_s=0.05).start()
     try:
         deadline = time.monotonic() + 10

@@ -14,26 +14,35 @@ def _end(**kw) -> LoopEnd:
     return LoopEnd(**{**base, **kw})
 
 
-@pytest.mark.parametrize("end, code, words", [
-    (_end(), ExitCode.FINISHED, "reached --train-iters 100"),
-    (_end(megatron_code=0), ExitCode.FINISHED, "reached --train-iters 100"),
-    (_end(megatron_code=0, iteration=40, stop_requested=True), ExitCode.PREEMPTED,
-     "stopped on request at iteration 40"),
-    # a stop that arrives as the last iteration ends: the run is finished all the same
-    (_end(megatron_code=0, stop_requested=True), ExitCode.FINISHED, "reached --train-iters"),
-    (_end(megatron_code=0, iteration=50, exit_interval=25), ExitCode.PREEMPTED, "--exit-interval 25 reached"),
-    (_end(megatron_code=0, iteration=37, exit_duration_mins=60), ExitCode.PREEMPTED, "--exit-duration-in-mins 60"),
-    (_end(megatron_code=16, iteration=12), ExitCode.UNHEALTHY_NODE, "rerun state machine exited 16"),
-    (_end(megatron_code=17, iteration=12), ExitCode.UNHEALTHY_NODE, "did not reproduce on this node"),
-    (_end(megatron_code=2, trained=False, args_parsed=False, train_iters=None), ExitCode.CONFIG_ERROR, "exit 2"),
-    (_end(error="AssertionError: bad", trained=False, args_parsed=False, train_iters=None), ExitCode.CONFIG_ERROR,
-     "rejected its arguments (AssertionError: bad)"),
-    (_end(error="RuntimeError: gloo timeout", iteration=7), ExitCode.RANK_FAILED, "RuntimeError: gloo timeout at"),
-    (_end(megatron_code=1, iteration=7), ExitCode.RANK_FAILED, "exited 1 at iteration 7"),
-    # an exit 2 once training ran is a crash like any other, not a command-line problem
-    (_end(megatron_code=2, iteration=7), ExitCode.RANK_FAILED, "exited 2"),
-    (_end(megatron_code=0, iteration=40), ExitCode.RANK_FAILED, "without a reason"),
-])
+@pytest.mark.parametrize(
+    "end, code, words",
+    [
+        (_end(), ExitCode.FINISHED, "reached --train-iters 100"),
+        (_end(megatron_code=0), ExitCode.FINISHED, "reached --train-iters 100"),
+        (
+            _end(megatron_code=0, iteration=40, stop_requested=True),
+            ExitCode.PREEMPTED,
+            "stopped on request at iteration 40",
+        ),
+        # a stop that arrives as the last iteration ends: the run is finished all the same
+        (_end(megatron_code=0, stop_requested=True), ExitCode.FINISHED, "reached --train-iters"),
+        (_end(megatron_code=0, iteration=50, exit_interval=25), ExitCode.PREEMPTED, "--exit-interval 25 reached"),
+        (_end(megatron_code=0, iteration=37, exit_duration_mins=60), ExitCode.PREEMPTED, "--exit-duration-in-mins 60"),
+        (_end(megatron_code=16, iteration=12), ExitCode.UNHEALTHY_NODE, "rerun state machine exited 16"),
+        (_end(megatron_code=17, iteration=12), ExitCode.UNHEALTHY_NODE, "did not reproduce on this node"),
+        (_end(megatron_code=2, trained=False, args_parsed=False, train_iters=None), ExitCode.CONFIG_ERROR, "exit 2"),
+        (
+            _end(error="AssertionError: bad", trained=False, args_parsed=False, train_iters=None),
+            ExitCode.CONFIG_ERROR,
+            "rejected its arguments (AssertionError: bad)",
+        ),
+        (_end(error="RuntimeError: gloo timeout", iteration=7), ExitCode.RANK_FAILED, "RuntimeError: gloo timeout at"),
+        (_end(megatron_code=1, iteration=7), ExitCode.RANK_FAILED, "exited 1 at iteration 7"),
+        # an exit 2 once training ran is a crash like any other, not a command-line problem
+        (_end(megatron_code=2, iteration=7), ExitCode.RANK_FAILED, "exited 2"),
+        (_end(megatron_code=0, iteration=40), ExitCode.RANK_FAILED, "without a reason"),
+    ],
+)
 def test_classify(end, code, words):
     got, reason = classify(end)
     assert got == code and words in reason, reason

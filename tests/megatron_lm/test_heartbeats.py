@@ -24,17 +24,35 @@ ITERS = 6
 
 def test_every_phase_of_megatrons_loop_reaches_the_supervisor(tmp_path):
     server = HeartbeatServer(tmp_path / "hb.sock")
-    argv = [a.replace("{run_dir}", str(tmp_path)) for a in
-            yaml.safe_load((REPO / "examples" / "megatron_lm.yaml").read_text())["supervisor"]["rank_command"][1:]]
+    argv = [
+        a.replace("{run_dir}", str(tmp_path))
+        for a in yaml.safe_load((REPO / "examples" / "megatron_lm.yaml").read_text())["supervisor"]["rank_command"][1:]
+    ]
     argv[argv.index("--train-iters") + 1], argv[argv.index("--save-interval") + 1] = str(ITERS), "3"
     argv += ["--async-save", "--async-strategy", "mcore"]  # megatron's own async writer (its default needs NVRx)
     port, procs = free_port(), []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RESILIENT_HEARTBEAT_SOCKET": str(server.path),
-               "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        procs.append(subprocess.Popen([current_python(), *argv], cwd=REPO, env=env, stderr=subprocess.STDOUT,
-                                      stdout=open(tmp_path / f"rank{rank}.log", "w")))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RESILIENT_HEARTBEAT_SOCKET": str(server.path),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONWARNINGS": "ignore",
+        }
+        procs.append(
+            subprocess.Popen(
+                [current_python(), *argv],
+                cwd=REPO,
+                env=env,
+                stderr=subprocess.STDOUT,
+                stdout=open(tmp_path / f"rank{rank}.log", "w"),
+            )
+        )
     beats = []
     try:
         deadline = time.monotonic() + 400

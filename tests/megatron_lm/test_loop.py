@@ -46,9 +46,13 @@ def _config(tmp_path: Path, *extra: str, iters: int = TRAIN_ITERS) -> Path:
 
 def _start(config: Path, run_dir: Path) -> subprocess.Popen:
     log = open(run_dir.parent / f"{run_dir.name}.supervisor.log", "ab")
-    return subprocess.Popen([current_python(), "-m", "resilient.cli", "run", str(config), "--run-dir", str(run_dir)],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [current_python(), "-m", "resilient.cli", "run", str(config), "--run-dir", str(run_dir)],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
+    )
 
 
 def _run(config: Path, run_dir: Path, timeout: float = 400) -> int:
@@ -61,8 +65,12 @@ def _events(run_dir: Path, kind: str) -> list[dict]:
 
 def _rank_lines(run_dir: Path, attempt: int) -> list[str]:
     """What the wrapper said about why each rank of `attempt` exited."""
-    return sorted(line for log in (run_dir / "logs").glob(f"attempt{attempt}.node0.rank*.log")
-                  for line in log.read_text().splitlines() if line.startswith("resilient: rank"))
+    return sorted(
+        line
+        for log in (run_dir / "logs").glob(f"attempt{attempt}.node0.rank*.log")
+        for line in log.read_text().splitlines()
+        if line.startswith("resilient: rank")
+    )
 
 
 def _loaded(run_dir: Path, attempt: int) -> int | None:
@@ -92,8 +100,11 @@ def test_a_killed_rank_and_a_preemption_resume_from_megatrons_checkpoints(tmp_pa
         wait_until(lambda: checkpoints.read_tracker(save) == 10, 300, "Megatron's checkpoint at iteration 10")
         victim = wait_until(lambda: _rank_pid(run_dir, 1), 30, "rank 1's pid")
         os.kill(victim, signal.SIGKILL)
-        wait_until(lambda: _loaded(run_dir, 1) if (run_dir / "logs" / "attempt1.node0.rank0.log").exists() else None,
-                   300, "attempt 1 to load a checkpoint")
+        wait_until(
+            lambda: _loaded(run_dir, 1) if (run_dir / "logs" / "attempt1.node0.rank0.log").exists() else None,
+            300,
+            "attempt 1 to load a checkpoint",
+        )
         assert _loaded(run_dir, 1) == 10
         wait_until(lambda: (checkpoints.read_tracker(save) or 0) >= 20, 300, "the next checkpoint in attempt 1")
         supervisor.send_signal(signal.SIGTERM)  # preemption: save and stop
@@ -105,22 +116,25 @@ def test_a_killed_rank_and_a_preemption_resume_from_megatrons_checkpoints(tmp_pa
     stopped_at = checkpoints.read_tracker(save)
     assert stopped_at is not None and 20 <= stopped_at < TRAIN_ITERS
     assert checkpoints.check(checkpoints.iteration_dir(save, stopped_at)) is None
-    assert _rank_lines(run_dir, 1) == [f"resilient: rank {r}: stopped on request at iteration {stopped_at} after "
-                                       f"saving (exit 75)" for r in (0, 1)]
+    assert _rank_lines(run_dir, 1) == [
+        f"resilient: rank {r}: stopped on request at iteration {stopped_at} after saving (exit 75)" for r in (0, 1)
+    ]
 
     assert _run(config, run_dir) == ExitCode.FINISHED  # the requeued job
     assert _loaded(run_dir, 2) == stopped_at
     assert checkpoints.read_tracker(save) == TRAIN_ITERS
-    assert _rank_lines(run_dir, 2) == [f"resilient: rank {r}: reached --train-iters {TRAIN_ITERS} (exit 0)"
-                                       for r in (0, 1)]
+    assert _rank_lines(run_dir, 2) == [
+        f"resilient: rank {r}: reached --train-iters {TRAIN_ITERS} (exit 0)" for r in (0, 1)
+    ]
     assert _events(run_dir, LedgerEvent.FINISHED)[-1]["step"] == TRAIN_ITERS
 
 
 def test_exit_interval_is_a_requeue_not_finished(tmp_path):
     run_dir = tmp_path / "run"
     assert _run(_config(tmp_path, "--exit-interval", "5", iters=20), run_dir) == ExitCode.PREEMPTED
-    assert _rank_lines(run_dir, 0) == [f"resilient: rank {r}: --exit-interval 5 reached at iteration 5; requeue to "
-                                       f"continue (exit 75)" for r in (0, 1)]
+    assert _rank_lines(run_dir, 0) == [
+        f"resilient: rank {r}: --exit-interval 5 reached at iteration 5; requeue to continue (exit 75)" for r in (0, 1)
+    ]
     assert checkpoints.read_tracker(run_dir / "megatron") == 5  # Megatron saved before leaving
     assert not _events(run_dir, LedgerEvent.FINISHED)
 

@@ -16,29 +16,64 @@ RANKS = (0, 1)
 
 def heartbeat(rank: int, step: int, **extra) -> dict:
     """A step heartbeat with the contract's fields, as a rank sends it."""
-    return {"phase": "step", "step": step, "rank": rank, "local_rank": rank, "pid": 1000 + rank, "attempt": 0,
-            "loss": 4.0 - step * 0.001, "lr": 3e-3, "grad_norm": 1.5, "step_time": 0.4 + 0.1 * rank,
-            "tokens": step * 8192, "tokens_per_s": 20480.0, "mfu": 0.41, "consumed_samples": step * 8, **extra}
+    return {
+        "phase": "step",
+        "step": step,
+        "rank": rank,
+        "local_rank": rank,
+        "pid": 1000 + rank,
+        "attempt": 0,
+        "loss": 4.0 - step * 0.001,
+        "lr": 3e-3,
+        "grad_norm": 1.5,
+        "step_time": 0.4 + 0.1 * rank,
+        "tokens": step * 8192,
+        "tokens_per_s": 20480.0,
+        "mfu": 0.41,
+        "consumed_samples": step * 8,
+        **extra,
+    }
 
 
 def health_report() -> HealthReport:
-    gpus = {str(i): {"temperature_c": 60 + i, "power_w": 350.0, "ecc_uncorrectable": 0, "last_xid": 0,
-                     "remap_pending": False, "remap_failed": False, "lost": False, "throttle_reasons": 0}
-            for i in range(2)}
+    gpus = {
+        str(i): {
+            "temperature_c": 60 + i,
+            "power_w": 350.0,
+            "ecc_uncorrectable": 0,
+            "last_xid": 0,
+            "remap_pending": False,
+            "remap_failed": False,
+            "lost": False,
+            "throttle_reasons": 0,
+        }
+        for i in range(2)
+    }
     gpus["1"].update(temperature_c=91, throttle_reasons=0x40, last_xid=79)
-    return HealthReport(NODE, [
-        CheckResult("gpu.state", Severity.FATAL, "gpu 1: XID 79", {"gpus": gpus}),
-        CheckResult("node.collective", Severity.OK, "bus bandwidth ok", {"busbw_gbps": 180.0}),
-        CheckResult("node.disk", Severity.WARN, "ckpt dir 91% full", {"used_ratio": 0.91}),
-    ])
+    return HealthReport(
+        NODE,
+        [
+            CheckResult("gpu.state", Severity.FATAL, "gpu 1: XID 79", {"gpus": gpus}),
+            CheckResult("node.collective", Severity.OK, "bus bandwidth ok", {"busbw_gbps": 180.0}),
+            CheckResult("node.disk", Severity.WARN, "ckpt dir 91% full", {"used_ratio": 0.91}),
+        ],
+    )
 
 
 def supervisor_ledger(now: float) -> list[dict]:
-    return [{"ts": now - 100, "event": "run_start", "attempt": 0, "node": NODE},
-            {"ts": now - 95, "event": "rank_init", "rank": 0, "attempt": 0, "seconds": 5.0},
-            {"ts": now - 50, "event": "ckpt_save", "step": 20, "blocking_seconds": 1.0, "total_seconds": 3.0,
-             "bytes": 1 << 20},
-            {"ts": now - 40, "event": "sdc_confirmed", "step": 25, "ranks": [1], "nodes": [NODE]}]
+    return [
+        {"ts": now - 100, "event": "run_start", "attempt": 0, "node": NODE},
+        {"ts": now - 95, "event": "rank_init", "rank": 0, "attempt": 0, "seconds": 5.0},
+        {
+            "ts": now - 50,
+            "event": "ckpt_save",
+            "step": 20,
+            "blocking_seconds": 1.0,
+            "total_seconds": 3.0,
+            "bytes": 1 << 20,
+        },
+        {"ts": now - 40, "event": "sdc_confirmed", "step": 25, "ranks": [1], "nodes": [NODE]},
+    ]
 
 
 class Feeder:
@@ -65,8 +100,13 @@ class Feeder:
         self.step += 1
         ckpt = {}
         if self.step % 10 == 0:
-            ckpt = {"ckpt_step": self.step, "ckpt_blocking_s": 0.3, "ckpt_total_s": 1.2, "ckpt_bytes": 1 << 20,
-                    "ckpt_intervals": {"disk": 10, "memory": 2}}  # an adaptive run's tiers
+            ckpt = {
+                "ckpt_step": self.step,
+                "ckpt_blocking_s": 0.3,
+                "ckpt_total_s": 1.2,
+                "ckpt_bytes": 1 << 20,
+                "ckpt_intervals": {"disk": 10, "memory": 2},
+            }  # an adaptive run's tiers
         for rank in RANKS:
             extra = {"val_loss": 3.9} if self.step % 5 == 0 else {}
             self.metrics.on_heartbeat(rank, rank, heartbeat(rank, self.step, **ckpt, **extra))
@@ -91,9 +131,16 @@ class Feeder:
 
 
 # The dcgm-exporter fields the GPU dashboard and alerts read, with dcgm-exporter's labels.
-DCGM_FIELDS = {"DCGM_FI_DEV_GPU_TEMP": 61.0, "DCGM_FI_DEV_POWER_USAGE": 350.0, "DCGM_FI_DEV_GPU_UTIL": 97.0,
-               "DCGM_FI_DEV_FB_USED": 61000.0, "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL": 0.0, "DCGM_FI_DEV_XID_ERRORS": 0.0,
-               "DCGM_FI_DEV_ROW_REMAP_PENDING": 0.0, "DCGM_FI_DEV_ROW_REMAP_FAILURE": 0.0}
+DCGM_FIELDS = {
+    "DCGM_FI_DEV_GPU_TEMP": 61.0,
+    "DCGM_FI_DEV_POWER_USAGE": 350.0,
+    "DCGM_FI_DEV_GPU_UTIL": 97.0,
+    "DCGM_FI_DEV_FB_USED": 61000.0,
+    "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL": 0.0,
+    "DCGM_FI_DEV_XID_ERRORS": 0.0,
+    "DCGM_FI_DEV_ROW_REMAP_PENDING": 0.0,
+    "DCGM_FI_DEV_ROW_REMAP_FAILURE": 0.0,
+}
 DCGM_COUNTERS = ("DCGM_FI_DEV_THERMAL_VIOLATION", "DCGM_FI_DEV_POWER_VIOLATION")  # microseconds, rising
 
 

@@ -74,10 +74,12 @@ def _panels(panels: list[dict]) -> Iterator[dict]:
 
 def panel_queries() -> list[tuple[str, str, str]]:
     """(dashboard file, panel title, expression with variables substituted) for every panel target."""
-    return [(name, panel["title"], substitute(target["expr"]))
-            for name, dash in dashboards().items()
-            for panel in _panels(dash["panels"])
-            for target in panel.get("targets", [])]
+    return [
+        (name, panel["title"], substitute(target["expr"]))
+        for name, dash in dashboards().items()
+        for panel in _panels(dash["panels"])
+        for target in panel.get("targets", [])
+    ]
 
 
 def variable_queries() -> list[tuple[str, str, str]]:
@@ -102,9 +104,17 @@ class PrometheusServer:
     `scrape_interval`, plus static `jobs` ({job: [target, ...]}) and, with `file_sd`, the targets written by
     `add_targets` (job `job`)."""
 
-    def __init__(self, workdir: Path, targets: list[str], job: str = "resilient", *, scrape_interval: str = "1s",
-                 evaluation_interval: str = "1s", jobs: dict[str, list[str]] | None = None,
-                 file_sd: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        targets: list[str],
+        job: str = "resilient",
+        *,
+        scrape_interval: str = "1s",
+        evaluation_interval: str = "1s",
+        jobs: dict[str, list[str]] | None = None,
+        file_sd: bool = False,
+    ) -> None:
         self.workdir, self.port, self.job = workdir, free_port(), job
         self.url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -116,8 +126,10 @@ class PrometheusServer:
         config = {
             "global": {"scrape_interval": scrape_interval, "evaluation_interval": evaluation_interval},
             "rule_files": [str(RULES)],
-            "scrape_configs": [main, *({"job_name": name, "static_configs": [{"targets": t}]}
-                                       for name, t in (jobs or {}).items())],
+            "scrape_configs": [
+                main,
+                *({"job_name": name, "static_configs": [{"targets": t}]} for name, t in (jobs or {}).items()),
+            ],
         }
         self.config_path = workdir / "prometheus.yml"
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -138,9 +150,19 @@ class PrometheusServer:
                 if resp.status != 200:
                     raise OSError(f"HTTP {resp.status}")
 
-        self.proc = start_server("prometheus", [
-            PROMETHEUS, f"--config.file={self.config_path}", f"--storage.tsdb.path={self.workdir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"], self.log_path, ready, timeout)
+        self.proc = start_server(
+            "prometheus",
+            [
+                PROMETHEUS,
+                f"--config.file={self.config_path}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            self.log_path,
+            ready,
+            timeout,
+        )
         return self
 
     def stop(self) -> None:
@@ -184,10 +206,20 @@ class NodeExporter:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> NodeExporter:
-        self.proc = start_server("node_exporter", [
-            NODE_EXPORTER, "--collector.disable-defaults", "--collector.textfile",
-            f"--collector.textfile.directory={self.textfile_dir}", f"--web.listen-address={self.address}",
-            "--log.level=warn"], self.log_path, self.scrape, timeout)
+        self.proc = start_server(
+            "node_exporter",
+            [
+                NODE_EXPORTER,
+                "--collector.disable-defaults",
+                "--collector.textfile",
+                f"--collector.textfile.directory={self.textfile_dir}",
+                f"--web.listen-address={self.address}",
+                "--log.level=warn",
+            ],
+            self.log_path,
+            self.scrape,
+            timeout,
+        )
         return self
 
     def scrape(self) -> str:
@@ -198,8 +230,9 @@ class NodeExporter:
         stop_server(self.proc)
 
 
-def start_server(name: str, argv: list[str], log_path: Path, ready: Callable[[], Any],
-                 timeout: float) -> subprocess.Popen:
+def start_server(
+    name: str, argv: list[str], log_path: Path, ready: Callable[[], Any], timeout: float
+) -> subprocess.Popen:
     """Start a server process (output to `log_path`) and return once `ready()` stops raising OSError."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)

@@ -20,12 +20,24 @@ pytestmark = [
 def _tool_installed():
     require("promtool")
 
+
 TESTS = sorted((GRAFANA / "alerts" / "tests").glob("*.yml"))
 REQUIRED = {
-    "ResilientGpuXidCritical", "ResilientGpuEccUncorrectable", "ResilientGpuRowRemapPending",
-    "ResilientGpuRowRemapFailed", "ResilientGpuLost", "ResilientGpuThermalThrottling", "ResilientRankHeartbeatStale",
-    "ResilientRestartLoop", "ResilientNoProgress", "ResilientThroughputDrop", "ResilientCheckpointTooOld",
-    "ResilientLossNaN", "ResilientLossSpike", "ResilientScrapeTargetDown", "ResilientStorageFault",
+    "ResilientGpuXidCritical",
+    "ResilientGpuEccUncorrectable",
+    "ResilientGpuRowRemapPending",
+    "ResilientGpuRowRemapFailed",
+    "ResilientGpuLost",
+    "ResilientGpuThermalThrottling",
+    "ResilientRankHeartbeatStale",
+    "ResilientRestartLoop",
+    "ResilientNoProgress",
+    "ResilientThroughputDrop",
+    "ResilientCheckpointTooOld",
+    "ResilientLossNaN",
+    "ResilientLossSpike",
+    "ResilientScrapeTargetDown",
+    "ResilientStorageFault",
     "ResilientNodeUnhealthy",
     "ResilientSilentDataCorruption",
 }
@@ -58,16 +70,24 @@ def tests_by_alert() -> dict[str, list[Path]]:
     """Alert name -> the unit-test files with a case for it."""
     out: dict[str, list[Path]] = {}
     for test_file in TESTS:
-        names = {case["alertname"] for t in yaml.safe_load(test_file.read_text())["tests"]
-                 for case in t.get("alert_rule_test", [])}
+        names = {
+            case["alertname"]
+            for t in yaml.safe_load(test_file.read_text())["tests"]
+            for case in t.get("alert_rule_test", [])
+        }
         for name in names:
             out.setdefault(name, []).append(test_file)
     return out
 
 
 def firing_cases() -> set[str]:
-    return {case["alertname"] for f in TESTS for t in yaml.safe_load(f.read_text())["tests"]
-            for case in t.get("alert_rule_test", []) if case.get("exp_alerts")}
+    return {
+        case["alertname"]
+        for f in TESTS
+        for t in yaml.safe_load(f.read_text())["tests"]
+        for case in t.get("alert_rule_test", [])
+        if case.get("exp_alerts")
+    }
 
 
 def run_mutated(tmp_path: Path, alert: str, mutate) -> subprocess.CompletedProcess:
@@ -98,6 +118,7 @@ def test_unit_tests_notice_an_alert_that_never_fires(tmp_path, alert):
 @pytest.mark.parametrize("alert", sorted(REQUIRED))
 def test_unit_tests_notice_an_alert_that_fires_on_healthy_series(tmp_path, alert):
     """Reduce the expression to its first selector, so it fires for every series: a quiet case must fail."""
+
     def first_selector(expr: str) -> str:
         match = re.search(r"(resilient_\w+|up)(\{[^}]*\})?", expr)
         assert match, expr

@@ -19,8 +19,11 @@ from .prom import GRAFANA, dashboards
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 SCHEMAS = Path(__file__).with_name("grafana_schema")  # see its README.md: no Grafana server installs here
-NODE_FACTS = {"resilient_node_health_verdict", "resilient_supervisor_exit_code",
-              *(metric for metric, _ in GPU_FACTS.values())}
+NODE_FACTS = {
+    "resilient_node_health_verdict",
+    "resilient_supervisor_exit_code",
+    *(metric for metric, _ in GPU_FACTS.values()),
+}
 
 
 def validator(kind: str, definition: str) -> jsonschema.Draft7Validator:
@@ -39,11 +42,15 @@ def schema_errors(dash: dict) -> list[str]:
         if panel["type"] == "timeseries":
             checks.append(("FieldConfig", panel["fieldConfig"]["defaults"].get("custom", {})))
         for definition, value in checks:
-            errors += [f"{panel['title']} {definition} {list(e.absolute_path)}: {e.message}"
-                       for e in validator(panel["type"], definition).iter_errors(value)]
+            errors += [
+                f"{panel['title']} {definition} {list(e.absolute_path)}: {e.message}"
+                for e in validator(panel["type"], definition).iter_errors(value)
+            ]
         for target in panel["targets"]:
-            errors += [f"{panel['title']} query {list(e.absolute_path)}: {e.message}"
-                       for e in validator("prometheus", "dataquery").iter_errors(target)]
+            errors += [
+                f"{panel['title']} query {list(e.absolute_path)}: {e.message}"
+                for e in validator("prometheus", "dataquery").iter_errors(target)
+            ]
     return errors
 
 
@@ -116,16 +123,18 @@ def test_committed_dashboards_are_the_generators_output():
     gen = _generator()
     assert set(gen.DASHBOARDS) == set(dashboards())
     for name in gen.DASHBOARDS:
-        assert (GRAFANA / "dashboards" / name).read_text() == gen.render(name), \
+        assert (GRAFANA / "dashboards" / name).read_text() == gen.render(name), (
             f"{name} differs from grafana/generate.py's output: run python grafana/generate.py"
+        )
 
 
 def test_gpu_panels_read_nvml_or_dcgm_exporter_by_variable():
     dash = dashboards()["gpu-node-health.json"]
     source = {v["name"]: v for v in dash["templating"]["list"]}["gpu_source"]
     assert source["type"] == "custom" and source["query"] == "nvml : 1, dcgm-exporter : 2"
-    gpu_panels = [p for p in dash["panels"]
-                  if p["type"] != "row" and any('gpu=~"$gpu"' in t["expr"] for t in p["targets"])]
+    gpu_panels = [
+        p for p in dash["panels"] if p["type"] != "row" and any('gpu=~"$gpu"' in t["expr"] for t in p["targets"])
+    ]
     both = 0
     for panel in gpu_panels:
         gates = {re.search(r"vector\(\$gpu_source\) == (\d)", t["expr"])[1] for t in panel["targets"]}

@@ -14,23 +14,50 @@ from resilient.metrics.exporter import NodeMetrics, throttle_flags
 from .feed import NODE, Feeder, heartbeat
 
 FAMILIES = {
-    "resilient_run_state", "resilient_attempt", "resilient_step", "resilient_consumed_tokens", "resilient_loss",
-    "resilient_validation_loss", "resilient_learning_rate", "resilient_grad_norm", "resilient_tokens_per_second",
-    "resilient_mfu_ratio", "resilient_step_time_seconds", "resilient_rank_step", "resilient_rank_step_time_seconds",
-    "resilient_heartbeat_age_seconds", "resilient_straggler_score",
-    "resilient_checkpoint_save_blocking_seconds", "resilient_checkpoint_save_total_seconds",
-    "resilient_checkpoint_size_bytes", "resilient_checkpoint_written_bytes", "resilient_checkpoint_last_step",
-    "resilient_checkpoint_last_complete_timestamp_seconds", "resilient_checkpoint_last_complete_age_seconds",
-    "resilient_checkpoint_age_limit_seconds", "resilient_checkpoint_save_failures",
+    "resilient_run_state",
+    "resilient_attempt",
+    "resilient_step",
+    "resilient_consumed_tokens",
+    "resilient_loss",
+    "resilient_validation_loss",
+    "resilient_learning_rate",
+    "resilient_grad_norm",
+    "resilient_tokens_per_second",
+    "resilient_mfu_ratio",
+    "resilient_step_time_seconds",
+    "resilient_rank_step",
+    "resilient_rank_step_time_seconds",
+    "resilient_heartbeat_age_seconds",
+    "resilient_straggler_score",
+    "resilient_checkpoint_save_blocking_seconds",
+    "resilient_checkpoint_save_total_seconds",
+    "resilient_checkpoint_size_bytes",
+    "resilient_checkpoint_written_bytes",
+    "resilient_checkpoint_last_step",
+    "resilient_checkpoint_last_complete_timestamp_seconds",
+    "resilient_checkpoint_last_complete_age_seconds",
+    "resilient_checkpoint_age_limit_seconds",
+    "resilient_checkpoint_save_failures",
     "resilient_heartbeat_age_limit_seconds",
     "resilient_sdc_findings",
     "resilient_checkpoint_interval_steps",
-    "resilient_restarts", "resilient_failures",
-    "resilient_gpu_temperature_celsius", "resilient_gpu_power_watts", "resilient_gpu_ecc_uncorrectable_errors",
-    "resilient_gpu_last_xid", "resilient_gpu_row_remap_pending", "resilient_gpu_row_remap_failed",
-    "resilient_gpu_throttle_active", "resilient_gpu_lost", "resilient_health_check_severity",
-    "resilient_node_health_severity", "resilient_collective_bus_bandwidth_bytes_per_second",
-    "resilient_goodput_ratio", "resilient_productive_seconds", "resilient_run_wall_seconds", "resilient_badput_seconds",
+    "resilient_restarts",
+    "resilient_failures",
+    "resilient_gpu_temperature_celsius",
+    "resilient_gpu_power_watts",
+    "resilient_gpu_ecc_uncorrectable_errors",
+    "resilient_gpu_last_xid",
+    "resilient_gpu_row_remap_pending",
+    "resilient_gpu_row_remap_failed",
+    "resilient_gpu_throttle_active",
+    "resilient_gpu_lost",
+    "resilient_health_check_severity",
+    "resilient_node_health_severity",
+    "resilient_collective_bus_bandwidth_bytes_per_second",
+    "resilient_goodput_ratio",
+    "resilient_productive_seconds",
+    "resilient_run_wall_seconds",
+    "resilient_badput_seconds",
 }
 
 
@@ -134,8 +161,9 @@ def test_new_attempt_clears_rank_series_and_moves_state(exporter):
 
 def test_malformed_heartbeat_fields_are_ignored(exporter):
     metrics, port = exporter
-    metrics.on_heartbeat(0, 0, {"phase": "step", "step": "seven", "loss": "nan?", "tokens_per_s": None,
-                                "ckpt_step": True, "mfu": [1]})
+    metrics.on_heartbeat(
+        0, 0, {"phase": "step", "step": "seven", "loss": "nan?", "tokens_per_s": None, "ckpt_step": True, "mfu": [1]}
+    )
     metrics.on_heartbeat(0, 0, {"phase": "step", "step": 5, "loss": float("nan"), "step_time": 0.5})
     samples = scrape(port)
     assert one(samples, "resilient_step") == 5
@@ -159,12 +187,23 @@ def test_checkpoint_age_is_nan_until_a_checkpoint_is_known_then_follows_the_cloc
     now = [1000.0]
     metrics = NodeMetrics(MetricsConfig(port=0), NODE, clock=lambda: now[0])
     metrics.set_state("running", 0)
+
     def age() -> float:
         return metrics.registry.get_sample_value("resilient_checkpoint_last_complete_age_seconds", {"node": NODE})
 
     assert math.isnan(age())
-    metrics.on_heartbeat(0, 0, {"phase": "checkpoint", "step": 10, "ckpt_step": 10, "ckpt_blocking_s": 0.2,
-                                "ckpt_total_s": 2.0, "ckpt_bytes": 100})
+    metrics.on_heartbeat(
+        0,
+        0,
+        {
+            "phase": "checkpoint",
+            "step": 10,
+            "ckpt_step": 10,
+            "ckpt_blocking_s": 0.2,
+            "ckpt_total_s": 2.0,
+            "ckpt_bytes": 100,
+        },
+    )
     now[0] = 1030.0
     assert age() == 30.0
 
@@ -172,6 +211,7 @@ def test_checkpoint_age_is_nan_until_a_checkpoint_is_known_then_follows_the_cloc
 def test_checkpoint_interval_gauge_per_known_tier_only():
     metrics = NodeMetrics(MetricsConfig(port=0), NODE)
     metrics.on_heartbeat(0, 0, heartbeat(0, 5, ckpt_intervals={"disk": 37, "memory": 4, "step 5": 1}))
+
     def interval(tier: str) -> float | None:
         return metrics.registry.get_sample_value("resilient_checkpoint_interval_steps", {"node": NODE, "tier": tier})
 
@@ -181,7 +221,12 @@ def test_checkpoint_interval_gauge_per_known_tier_only():
 
 
 def test_throttle_flags_from_bitmask_or_names():
-    assert throttle_flags(0x40 | 0x4) == {"sw_power_cap": 1, "hw_slowdown": 0, "sw_thermal": 0, "hw_thermal": 1,
-                                          "hw_power_brake": 0}
+    assert throttle_flags(0x40 | 0x4) == {
+        "sw_power_cap": 1,
+        "hw_slowdown": 0,
+        "sw_thermal": 0,
+        "hw_thermal": 1,
+        "hw_power_brake": 0,
+    }
     assert throttle_flags(["sw_thermal"])["sw_thermal"] == 1
     assert sum(throttle_flags(None).values()) == 0

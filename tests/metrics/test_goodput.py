@@ -10,9 +10,18 @@ T0 = 1_700_000_000.0
 
 
 def steps(first: int, last: int, start_ts: float, step_time: float, attempt: int = 0) -> list[dict]:
-    return [{"ts": start_ts + (s - first + 1) * step_time, "attempt": attempt, "step": s, "loss": 3.0,
-             "step_time": step_time, "tokens": s * 1000, "tokens_per_s": 1000 / step_time}
-            for s in range(first, last + 1)]
+    return [
+        {
+            "ts": start_ts + (s - first + 1) * step_time,
+            "attempt": attempt,
+            "step": s,
+            "loss": 3.0,
+            "step_time": step_time,
+            "tokens": s * 1000,
+            "tokens_per_s": 1000 / step_time,
+        }
+        for s in range(first, last + 1)
+    ]
 
 
 def test_clean_run_is_all_productive_except_startup_and_saves():
@@ -41,8 +50,16 @@ def test_injected_failure_loses_the_recomputed_steps():
         {"ts": T0, "event": "run_start", "attempt": 0, "node": "n0"},
         {"ts": T0 + 5, "event": "rank_init", "rank": 0, "attempt": 0, "seconds": 5.0},
         {"ts": T0 + 56, "event": "ckpt_save", "step": 50, "blocking_seconds": 1.0, "total_seconds": 3.0, "bytes": 10},
-        {"ts": T0 + 80, "event": "failure", "kind": "rank_exit", "rank": 1, "node": "n0", "step": 70,
-         "latency_seconds": 0.5, "reason": "exit 1"},
+        {
+            "ts": T0 + 80,
+            "event": "failure",
+            "kind": "rank_exit",
+            "rank": 1,
+            "node": "n0",
+            "step": 70,
+            "latency_seconds": 0.5,
+            "reason": "exit 1",
+        },
         {"ts": T0 + 81, "event": "restart", "attempt": 1, "backoff_seconds": 4.0, "reason": "rank_exit"},
         {"ts": T0 + 91, "event": "rank_init", "rank": 0, "attempt": 1, "seconds": 5.0},
         {"ts": T0 + 94, "event": "ckpt_load", "rank": 0, "attempt": 1, "step": 50, "seconds": 3.0},

@@ -38,8 +38,11 @@ WAIT_S = 600.0  # the slowest alert (no progress) fires about 6 minutes after th
 def faults(run: LiveRun, watch: AlertWatch, notes: dict) -> None:
     watch.add_supervisor(run.node, run.metrics_port())
     # A counter's first sample is no increase: Prometheus must have scraped it at 0 before the restarts.
-    run.wait(lambda: watch.prometheus.query(f'resilient_restarts_total{{node="{run.node}"}}')["data"]["result"],
-             120, "Prometheus's first scrape of the run")
+    run.wait(
+        lambda: watch.prometheus.query(f'resilient_restarts_total{{node="{run.node}"}}')["data"]["result"],
+        120,
+        "Prometheus's first scrape of the run",
+    )
     run.wait(lambda: run.events("ckpt_save"), 300, "a committed checkpoint (the NaN rollback's target)")
     attempt, _ = run.running_rank()
     step = max(r["step"] for r in run.train_log())
@@ -71,9 +74,17 @@ def storage(run: LiveRun, watch: AlertWatch, notes: dict) -> None:
 
 
 RUNS = {
-    HANG: (hang, ["checkpoint.interval_steps=3", "supervisor.warm_spares=false", "metrics.checkpoint_max_age_s=20",
-                  "metrics.heartbeat_max_age_s=20", "supervisor.step_timeout_initial_s=3600",
-                  "supervisor.step_timeout_floor_s=3600"]),
+    HANG: (
+        hang,
+        [
+            "checkpoint.interval_steps=3",
+            "supervisor.warm_spares=false",
+            "metrics.checkpoint_max_age_s=20",
+            "metrics.heartbeat_max_age_s=20",
+            "supervisor.step_timeout_initial_s=3600",
+            "supervisor.step_timeout_floor_s=3600",
+        ],
+    ),
     FAULTS: (faults, ["checkpoint.interval_steps=5", "health.monitor_interval_s=1", "supervisor.max_restarts=10"]),
     STORAGE: (storage, ["health.ckpt_min_free_gib=1000000", "supervisor.warm_spares=false"]),
 }

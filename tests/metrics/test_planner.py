@@ -79,8 +79,9 @@ def test_memory_shrinks_with_tp_and_distributed_optimizer():
 
 
 def run_plan(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "resilient.cli", "plan", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "resilient.cli", "plan", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_plan_cli_405b_on_1024_h100s():
@@ -108,8 +109,9 @@ def test_replica_check_cost_is_one_read_of_the_weights_and_a_latency_bound_gathe
 def test_plan_cli_gpus_and_mtbf_change_the_interval():
     base = json.loads(run_plan(str(PLAN_405B), "--json", "--mtbf-hours", "24").stdout)
     assert base["mtbf_seconds"] == 24 * HOUR
-    doubled = json.loads(run_plan(str(PLAN_405B), "--json", "--gpus", "2048", "--mtbf-hours", "24",
-                                  "--ckpt-write-gbps", "400").stdout)
+    doubled = json.loads(
+        run_plan(str(PLAN_405B), "--json", "--gpus", "2048", "--mtbf-hours", "24", "--ckpt-write-gbps", "400").stdout
+    )
     assert doubled["gpus"] == 2048 and doubled["layout"]["dp"] == 16
     assert doubled["ckpt_write_seconds"] == pytest.approx(base["ckpt_write_seconds"] / 4)
     assert doubled["daly_seconds"] < base["daly_seconds"]
@@ -145,8 +147,17 @@ def test_spare_nodes_cover_node_failures_poisson_and_raise_the_predicted_goodput
     assert math.isclose(two.covered_share, covered)
     assert spare_cover(3, 0.0).probability == 1.0
     layout = Layout(tp=1, pp=1, cp=1, dp=16)
-    plans = [make_plan(PRESETS["tiny"], layout, seq_len=64, micro_batch=1, global_batch=16,
-                       assume=Assumptions(mtbf_hours=2.0, gpus_per_node=8, spare_nodes=k)) for k in (0, 4)]
+    plans = [
+        make_plan(
+            PRESETS["tiny"],
+            layout,
+            seq_len=64,
+            micro_batch=1,
+            global_batch=16,
+            assume=Assumptions(mtbf_hours=2.0, gpus_per_node=8, spare_nodes=k),
+        )
+        for k in (0, 4)
+    ]
     assert plans[0].predicted_goodput == plans[0].predicted_goodput_without_spares
     assert plans[1].predicted_goodput > plans[1].predicted_goodput_without_spares
     assert plans[1].node_restart_seconds < plans[1].node_restart_without_spares_seconds

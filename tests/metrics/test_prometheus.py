@@ -44,8 +44,11 @@ def prometheus(tmp_path_factory) -> Iterator[PrometheusServer]:
     node_exporter = NodeExporter(textfiles, tmp_path_factory.mktemp("node_exporter")).start()
     dcgm = DcgmExporter()
     dcgm_port = dcgm.start()
-    server = PrometheusServer(tmp_path_factory.mktemp("prometheus"), [f"127.0.0.1:{port}", f"127.0.0.1:{dcgm_port}"],
-                              jobs={"node": [node_exporter.address]})
+    server = PrometheusServer(
+        tmp_path_factory.mktemp("prometheus"),
+        [f"127.0.0.1:{port}", f"127.0.0.1:{dcgm_port}"],
+        jobs={"node": [node_exporter.address]},
+    )
     try:
         server.start()
         # Enough scrapes for rate() and increase() windows, with checkpoints saved in between.
@@ -97,5 +100,6 @@ def test_fed_faults_raise_the_matching_alerts(prometheus):
     assert {(a["metric"]["node"], a["metric"]["gpu"]) for a in firing} == {("node0", "1")} and len(firing) == 1
     assert prometheus.wait_for('resilient_gpu_last_xid{job="node", node="node0", gpu="1"} == 79')
     quiet = prometheus.query(
-        'ALERTS{alertname=~"ResilientRankHeartbeatStale|ResilientLossNaN|ResilientScrapeTargetDown"}')
+        'ALERTS{alertname=~"ResilientRankHeartbeatStale|ResilientLossNaN|ResilientScrapeTargetDown"}'
+    )
     assert quiet["status"] == "success" and quiet["data"]["result"] == []

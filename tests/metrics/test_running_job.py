@@ -30,11 +30,25 @@ pytestmark = [pytest.mark.slow, pytest.mark.prometheus]
 def _tool_installed():
     require("prometheus")
 
+
 NODE = "metricsnode"
 # Every reading a real NVML gives, so every GPU panel has data.
-HEALTHY_GPUS = {"available": True, "device_count": 2, "devices": [
-    {"index": i, "temperature_c": t, "power_w": w, "xids": [], "ecc_uncorrected": 0, "remap_pending": False,
-     "remap_failed": False} for i, t, w in ((0, 55, 310.0), (1, 61, 295.5))]}
+HEALTHY_GPUS = {
+    "available": True,
+    "device_count": 2,
+    "devices": [
+        {
+            "index": i,
+            "temperature_c": t,
+            "power_w": w,
+            "xids": [],
+            "ecc_uncorrected": 0,
+            "remap_pending": False,
+            "remap_failed": False,
+        }
+        for i, t, w in ((0, 55, 310.0), (1, 61, 295.5))
+    ],
+}
 
 
 def scrape(port: int) -> dict[str, dict[tuple, float]]:
@@ -56,9 +70,18 @@ def running_job(tmp_path_factory) -> Iterator[tuple[Path, int, Path]]:
     textfiles = work / "textfiles"
     textfiles.mkdir()
     run_dir = work / "run"
-    sets = ["train.steps=100000", "train.eval_every=10", "checkpoint.interval_steps=10", "metrics.port=0",
-            "metrics.goodput_interval_s=1", f"health.fake_nvml_dir={fake}", "health.monitor_interval_s=1",
-            "health.preflight_collective=true", "health.collective_nbytes=65536", f"metrics.textfile_dir={textfiles}"]
+    sets = [
+        "train.steps=100000",
+        "train.eval_every=10",
+        "checkpoint.interval_steps=10",
+        "metrics.port=0",
+        "metrics.goodput_interval_s=1",
+        f"health.fake_nvml_dir={fake}",
+        "health.monitor_interval_s=1",
+        "health.preflight_collective=true",
+        "health.collective_nbytes=65536",
+        f"metrics.textfile_dir={textfiles}",
+    ]
 
     def command(run: Path, *more: str) -> list[str]:
         cmd = [sys.executable, "-m", "resilient.cli", "run", str(TINY), "--run-dir", str(run)]
@@ -67,12 +90,17 @@ def running_job(tmp_path_factory) -> Iterator[tuple[Path, int, Path]]:
     env = {**os.environ, "RESILIENT_NODE_NAME": NODE, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     # An earlier supervisor on the node stopped at once (its checkpoint filesystem too small): the node's
     # facts keep why, beside the running job's verdict.
-    earlier = subprocess.run(command(work / "earlier", "health.ckpt_min_free_gib=1000000",
-                                     "supervisor.warm_spares=false"),
-                             cwd=REPO, env=env, capture_output=True, timeout=300)
+    earlier = subprocess.run(
+        command(work / "earlier", "health.ckpt_min_free_gib=1000000", "supervisor.warm_spares=false"),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     assert earlier.returncode == ExitCode.STORAGE_FAULT, earlier.stderr.decode()[-2000:]
-    proc = subprocess.Popen(command(run_dir), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=open(work / "sup.log", "wb"))
+    proc = subprocess.Popen(
+        command(run_dir), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(work / "sup.log", "wb")
+    )
     try:
         deadline, port = time.monotonic() + 120, None
         while time.monotonic() < deadline and port is None:
@@ -100,9 +128,15 @@ def test_metrics_endpoint_of_a_running_job(running_job):
     assert step(second) > step(first) >= 2
     assert max(second["resilient_tokens_per_second"].values()) > 0
     assert 0 < max(second["resilient_loss"].values()) < 20
-    for family in ("resilient_run_state", "resilient_attempt", "resilient_consumed_tokens",
-                   "resilient_mfu_ratio", "resilient_step_time_seconds_count", "resilient_heartbeat_age_seconds",
-                   "resilient_gpu_temperature_celsius"):
+    for family in (
+        "resilient_run_state",
+        "resilient_attempt",
+        "resilient_consumed_tokens",
+        "resilient_mfu_ratio",
+        "resilient_step_time_seconds_count",
+        "resilient_heartbeat_age_seconds",
+        "resilient_gpu_temperature_celsius",
+    ):
         assert any(name.startswith(family) for name in second), family
 
 
@@ -114,8 +148,11 @@ def test_real_prometheus_scrapes_the_job(running_job, tmp_path):
     # and node_exporter, which serves the node facts.
     dcgm = DcgmExporter()
     node_exporter = NodeExporter(textfiles, tmp_path).start()
-    server = PrometheusServer(tmp_path / "prometheus", [f"127.0.0.1:{port}", f"127.0.0.1:{dcgm.start()}"],
-                              jobs={"node": [node_exporter.address]}).start()
+    server = PrometheusServer(
+        tmp_path / "prometheus",
+        [f"127.0.0.1:{port}", f"127.0.0.1:{dcgm.start()}"],
+        jobs={"node": [node_exporter.address]},
+    ).start()
     try:
         server.wait_for('up{job="resilient"} == 1')
         server.wait_for("count_over_time(resilient_step[1m]) >= 4")

@@ -28,10 +28,28 @@ def samples(text: str) -> dict[str, dict[tuple, float]]:
 
 def gpu_report(node: str, *, xid: int = 0, ecc: int = 0, lost: bool = False, temp: int = 60) -> HealthReport:
     """A report as the monitor makes it: the GPU rule results and the telemetry of two GPUs."""
-    gpus = {0: {"temperature_c": temp, "power_w": 300.0, "ecc_uncorrectable": ecc, "last_xid": xid,
-                "remap_pending": False, "remap_failed": False, "lost": False, "throttle_reasons": []},
-            1: {"temperature_c": temp, "power_w": 300.0, "ecc_uncorrectable": 0, "last_xid": 0,
-                "remap_pending": False, "remap_failed": False, "lost": lost, "throttle_reasons": []}}
+    gpus = {
+        0: {
+            "temperature_c": temp,
+            "power_w": 300.0,
+            "ecc_uncorrectable": ecc,
+            "last_xid": xid,
+            "remap_pending": False,
+            "remap_failed": False,
+            "lost": False,
+            "throttle_reasons": [],
+        },
+        1: {
+            "temperature_c": temp,
+            "power_w": 300.0,
+            "ecc_uncorrectable": 0,
+            "last_xid": 0,
+            "remap_pending": False,
+            "remap_failed": False,
+            "lost": lost,
+            "throttle_reasons": [],
+        },
+    }
     results = [CheckResult("gpu.telemetry", Severity.OK, "2 GPU(s) read", {"gpus": gpus})]
     results.append(fatal("gpu.xid", f"critical XID {xid} on gpu0") if xid else ok("gpu.xid", "no XID"))
     results.append(fatal("gpu.lost", "gpu1 lost") if lost else ok("gpu.lost", "no GPU lost"))
@@ -90,7 +108,8 @@ def test_a_new_supervisor_keeps_the_previous_exit_until_its_own(tmp_path):
     after.on_health(decide_health(report, "preflight"), {}, report.ts)
     got = samples(after.path.read_text())
     assert got["resilient_supervisor_exit_code"] == {
-        (("node", "n1"), ("outcome", "storage_fault"), ("reason", "checkpoint storage is full")): 82}
+        (("node", "n1"), ("outcome", "storage_fault"), ("reason", "checkpoint storage is full")): 82
+    }
     assert got["resilient_supervisor_exit_timestamp_seconds"][(("node", "n1"),)] == 100.0
     after.on_exit(ExitCode.FINISHED, "the run reached its final step")
     got = samples(after.path.read_text())
@@ -133,8 +152,11 @@ def test_node_exporter_serves_the_facts_of_two_nodes_from_one_directory(tmp_path
     textfiles.mkdir()
     for node, report in (("n0", gpu_report("n0")), ("n1", gpu_report("n1", xid=79))):
         facts = NodeFacts(textfiles, node)
-        facts.on_health(decide_health(report, "training"), {"0": {"last_xid": report.results[0].values["gpus"][0]
-                                                                  ["last_xid"]}}, report.ts)
+        facts.on_health(
+            decide_health(report, "training"),
+            {"0": {"last_xid": report.results[0].values["gpus"][0]["last_xid"]}},
+            report.ts,
+        )
         facts.on_exit(ExitCode.UNHEALTHY_NODE if node == "n1" else ExitCode.FINISHED, "why")
     exporter = NodeExporter(textfiles, tmp_path).start()
     try:

@@ -17,8 +17,13 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _report(run_dir, out):
-    return subprocess.run([sys.executable, "-m", "resilient.cli", "report", str(run_dir), "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.run(
+        [sys.executable, "-m", "resilient.cli", "report", str(run_dir), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 def test_report_is_self_contained_and_links_incidents(tmp_path):
@@ -56,10 +61,25 @@ def test_report_renders_in_headless_chromium(tmp_path):
     out = tmp_path / "report.html"
     assert _report(run_dir, out).returncode == 0
     shot = tmp_path / "shot.png"
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--no-first-run",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,3000",
-                    out.as_uri()], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,3000",
+            out.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     img = Image.open(shot).convert("RGB")
     assert img.size == (1200, 3000)
     assert max(ImageStat.Stat(img).stddev) > 20  # not blank
@@ -94,10 +114,28 @@ def test_values_from_the_run_are_escaped_and_labels_are_text(tmp_path):
     run_dir = make_run(tmp_path / "run")
     status = json.loads((run_dir / "status.json").read_text())
     (run_dir / "status.json").write_text(json.dumps({**status, "step": "<script>alert(1)</script>"}))
-    append_jsonl(run_dir / "train_log.jsonl", {"ts": 1_790_000_900.0, "attempt": "$\\undefined{$", "step": 141,
-                                               "loss": 2.5, "step_time": 2.0, "tokens_per_s": 4000, "mfu": 0.4})
-    append_jsonl(run_dir / "ledger.jsonl", {"ts": 1_790_000_901.0, "event": "failure", "kind": "rank_exit",
-                                            "rank": 0, "reason": "<img src=x onerror=alert(2)>"})
+    append_jsonl(
+        run_dir / "train_log.jsonl",
+        {
+            "ts": 1_790_000_900.0,
+            "attempt": "$\\undefined{$",
+            "step": 141,
+            "loss": 2.5,
+            "step_time": 2.0,
+            "tokens_per_s": 4000,
+            "mfu": 0.4,
+        },
+    )
+    append_jsonl(
+        run_dir / "ledger.jsonl",
+        {
+            "ts": 1_790_000_901.0,
+            "event": "failure",
+            "kind": "rank_exit",
+            "rank": 0,
+            "reason": "<img src=x onerror=alert(2)>",
+        },
+    )
     out = tmp_path / "report.html"
     done = _report(run_dir, out)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]

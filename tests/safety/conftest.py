@@ -18,8 +18,13 @@ ATTACKER_PY = "/usr/bin/python3"
 
 def as_nobody(*argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     """Run `argv` as uid/gid 65534 with no supplementary groups."""
-    return subprocess.run(["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups", *argv],
-                          check=check, capture_output=True, text=True, **kw)
+    return subprocess.run(
+        ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups", *argv],
+        check=check,
+        capture_output=True,
+        text=True,
+        **kw,
+    )
 
 
 def nobody_popen(*argv: str, **kw) -> subprocess.Popen:
@@ -44,8 +49,9 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     def mount(size: str, name: str = "fs") -> Path:
         mnt = tmp_path / name
         mnt.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mnt)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mnt)], capture_output=True, text=True
+        )
         if proc.returncode:
             pytest.fail(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
         mounted.append(mnt)

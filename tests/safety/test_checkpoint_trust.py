@@ -36,8 +36,16 @@ def plant(root: Path, step: int, marker: Path, key: RunKey | None = None) -> Pat
     ckpt = layout.step_dir(root, step)
     ckpt.mkdir(parents=True)
     (ckpt / ".metadata").write_bytes(pickle.dumps(_Payload(f"open({str(marker)!r}, 'w').write('ran')")))
-    (ckpt / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
-                                                    "common_backend": "torch", "common_backend_version": 1}))
+    (ckpt / "metadata.json").write_text(
+        json.dumps(
+            {
+                "sharded_backend": "torch_dist",
+                "sharded_backend_version": 1,
+                "common_backend": "torch",
+                "common_backend_version": 1,
+            }
+        )
+    )
     (ckpt / "common.pt").write_bytes(b"")
     manifest.commit(ckpt, {"step": step}, key)
     layout.write_latest(root, step)
@@ -48,8 +56,13 @@ def plant(root: Path, step: int, marker: Path, key: RunKey | None = None) -> Pat
 def test_ckpt_commands_refuse_a_planted_metadata_pickle_without_running_it(tmp_path, command):
     marker = tmp_path / "pwned"
     plant(tmp_path / "checkpoints", 8, marker)
-    p = subprocess.run([sys.executable, "-m", "resilient.cli", "ckpt", command, str(tmp_path)], cwd=REPO,
-                       capture_output=True, text=True, timeout=240)
+    p = subprocess.run(
+        [sys.executable, "-m", "resilient.cli", "ckpt", command, str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert not marker.exists(), "the planted pickle ran"
     assert p.returncode == ExitCode.CHECKPOINT_DAMAGED, p.stdout + p.stderr
     assert "builtins.exec is not a checkpoint metadata type" in p.stdout + p.stderr

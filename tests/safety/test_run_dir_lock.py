@@ -21,15 +21,15 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "resilient.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "resilient.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_second_run_on_a_live_run_dir_refuses_and_touches_nothing(tmp_path):
     cfg = write_config(tmp_path / "cfg.yaml", steps=400)
     run_dir = tmp_path / "run"
-    first = start(["run", str(cfg), "--run-dir", str(run_dir)], env={"FAKE_STEP_S": "0.2"},
-                  log=tmp_path / "first.log")
+    first = start(["run", str(cfg), "--run-dir", str(run_dir)], env={"FAKE_STEP_S": "0.2"}, log=tmp_path / "first.log")
     try:
         wait_until(lambda: steps_done(run_dir), 90, "first run stepping")
         rd = RunDir(run_dir)

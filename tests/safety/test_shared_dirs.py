@@ -17,8 +17,13 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _run(cfg, run_dir, *extra):
-    return subprocess.Popen([sys.executable, "-m", "resilient.cli", "run", str(cfg), "--run-dir", str(run_dir),
-                             *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "resilient.cli", "run", str(cfg), "--run-dir", str(run_dir), *extra],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_shared_run_and_checkpoint_dirs_are_refused_unless_allowed(tmp_path):
@@ -39,8 +44,11 @@ def test_shared_run_and_checkpoint_dirs_are_refused_unless_allowed(tmp_path):
         "allowed": _run(cfg, world, "--set", "supervisor.allow_shared_dir=true"),
     }
     out = {k: (p.wait(280), p.communicate()[1]) for k, p in procs.items()}
-    for key, text in (("world", "writable by other users (mode 0777)"),
-                      ("foreign", f"owned by uid {NOBODY}"), ("ckpt", "writable by other users")):
+    for key, text in (
+        ("world", "writable by other users (mode 0777)"),
+        ("foreign", f"owned by uid {NOBODY}"),
+        ("ckpt", "writable by other users"),
+    ):
         code, err = out[key]
         assert code == ExitCode.CONFIG_ERROR and text in err and "allow_shared_dir" in err, err
         assert len(err.strip().splitlines()) == 1, err
@@ -72,11 +80,12 @@ def test_parents_another_user_controls_are_refused_before_anything_starts(tmp_pa
         "sticky": _run(config("e"), shared / "run"),
     }
     out = {k: (p.wait(280), p.communicate()[1]) for k, p in procs.items()}
-    for key, text in (("parent_owned", f"{shared / 'evil'}, a parent directory, is owned by uid {NOBODY}"),
-                      ("parent_open",
-                       f"{shared / 'open'}, a parent directory, is writable by other users and not sticky"),
-                      ("ckpt_parent", f"{shared / 'evil'}, a parent directory, is owned by uid {NOBODY}"),
-                      ("memory_dir", f"{shared / 'squat'} is owned by uid {NOBODY}")):
+    for key, text in (
+        ("parent_owned", f"{shared / 'evil'}, a parent directory, is owned by uid {NOBODY}"),
+        ("parent_open", f"{shared / 'open'}, a parent directory, is writable by other users and not sticky"),
+        ("ckpt_parent", f"{shared / 'evil'}, a parent directory, is owned by uid {NOBODY}"),
+        ("memory_dir", f"{shared / 'squat'} is owned by uid {NOBODY}"),
+    ):
         code, err = out[key]
         assert code == ExitCode.CONFIG_ERROR and text in err and "allow_shared_dir" in err, (key, err)
         assert len(err.strip().splitlines()) == 1, err

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.timeout(300)
 def test_rank_lingering_after_done_finishes_after_a_short_grace(tmp_path):
     cfg = write_config(tmp_path / "cfg.yaml", steps=3, supervisor={"done_grace_s": 1.0})
     t0 = time.monotonic()
-    proc = start(["run", str(cfg), "--run-dir", str(tmp_path / "run")], env={"FAKE_LINGER_S": "600"},
-                 log=tmp_path / "sup.log")
+    proc = start(
+        ["run", str(cfg), "--run-dir", str(tmp_path / "run")], env={"FAKE_LINGER_S": "600"}, log=tmp_path / "sup.log"
+    )
     assert proc.wait(200) == ExitCode.FINISHED, (tmp_path / "sup.log").read_text()[-2000:]
     assert time.monotonic() - t0 < 200  # not the 900 s done timeout
     assert "every rank reported done" in (tmp_path / "sup.log").read_text()
@@ -33,6 +34,11 @@ def test_latest_as_a_directory_skips_saves_on_every_rank_and_list_survives(tmp_p
     assert codes == [0, 0], (run_dir / "rank0.log").read_text()[-2000:]  # no rank stuck in a collective
     failed = [e for e in ledger.read(run_dir) if e["event"] == "ckpt_save_failed"]
     assert [e["step"] for e in failed] == [2, 4] and "is not a file" in failed[0]["error"]
-    p = subprocess.run([sys.executable, "-m", "resilient.cli", "ckpt", "list", str(run_dir)], cwd=REPO,
-                       capture_output=True, text=True, timeout=240)
+    p = subprocess.run(
+        [sys.executable, "-m", "resilient.cli", "ckpt", "list", str(run_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr

@@ -51,8 +51,11 @@ def test_low_space_mid_run_saves_and_stops_as_storage_fault_not_unhealthy_node(t
     health = {"ckpt_min_free_gib": 2 / 1024, "write_test_bytes": 4096, "monitor_interval_s": 0.5}
     cfg = _config(tmp_path / "cfg.yaml", 400, ckpt_dir=ckpt, health=health)
     run_dir = tmp_path / "run"
-    proc = start(["run", str(cfg), "--run-dir", str(run_dir)], env={"FAKE_STEP_S": "0.2", "FAKE_CKPT_EVERY": "1000"},
-                 log=tmp_path / "sup.log")
+    proc = start(
+        ["run", str(cfg), "--run-dir", str(run_dir)],
+        env={"FAKE_STEP_S": "0.2", "FAKE_CKPT_EVERY": "1000"},
+        log=tmp_path / "sup.log",
+    )
     try:
         wait_until(lambda: len(steps_done(run_dir)) >= 3, 120, "training")
         fill(ckpt, leave_bytes=1 << 20)  # 1 MiB left: below the 2 MiB threshold, room for a save

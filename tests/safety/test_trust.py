@@ -37,8 +37,13 @@ def supervisor(args: list[str], log: Path, cwd: Path = REPO, env: dict | None = 
     """`resilient ARGS` as the operator starts it: `-P`, as the console script does not put the working
     directory on sys.path either (what is under test is what the supervisor's children import)."""
     out = open(log, "ab")
-    return subprocess.Popen([sys.executable, "-P", "-m", "resilient.cli", *args], cwd=cwd,
-                            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, stdout=out, stderr=out)
+    return subprocess.Popen(
+        [sys.executable, "-P", "-m", "resilient.cli", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        stdout=out,
+        stderr=out,
+    )
 
 
 # -- a parent directory the attacker owns --------------------------------------------------------
@@ -64,8 +69,11 @@ def test_an_attacker_owned_parent_gets_neither_threads_nor_the_run_dir(shared, t
     flood = None
     try:
         wait_until(lambda: len(steps_done(run_dir)) >= 5, 120, "training")
-        port = wait_until(lambda: next(iter(json.loads((run_dir / "status.json").read_text())["metrics_ports"]
-                                            .values()), None), 30, "the metrics port")
+        port = wait_until(
+            lambda: next(iter(json.loads((run_dir / "status.json").read_text())["metrics_ports"].values()), None),
+            30,
+            "the metrics port",
+        )
         threads = psutil.Process(proc.pid).num_threads()
         flood = nobody_popen(ATTACKER_PY, "-I", "-c", FLOOD, str(port), stdout=subprocess.PIPE, text=True)
         assert flood.stdout.readline().strip() == "open"
@@ -77,10 +85,12 @@ def test_an_attacker_owned_parent_gets_neither_threads_nor_the_run_dir(shared, t
         wait_until(lambda: len(steps_done(run_dir)) > before + 3, 60, "training to go on after the flood")
 
         planted = {"config.yaml": "train: {steps: 1}\n", "checkpoints/step_0000060/COMMITTED.json": '{"files": {}}'}
-        script = (f"import os; os.rename({str(run_dir)!r}, {str(run_dir) + '.old'!r}); os.mkdir({str(run_dir)!r})\n"
-                  f"for name, text in {planted!r}.items():\n"
-                  f"    p = os.path.join({str(run_dir)!r}, name); os.makedirs(os.path.dirname(p), exist_ok=True)\n"
-                  f"    open(p, 'w').write(text)\n")
+        script = (
+            f"import os; os.rename({str(run_dir)!r}, {str(run_dir) + '.old'!r}); os.mkdir({str(run_dir)!r})\n"
+            f"for name, text in {planted!r}.items():\n"
+            f"    p = os.path.join({str(run_dir)!r}, name); os.makedirs(os.path.dirname(p), exist_ok=True)\n"
+            f"    open(p, 'w').write(text)\n"
+        )
         as_nobody(ATTACKER_PY, "-I", "-c", script)
         code = proc.wait(60)
     finally:
@@ -115,8 +125,9 @@ def test_a_path_opened_to_others_mid_run_ends_the_run_at_the_next_attempt(tmp_pa
         proc.kill()
     log = (tmp_path / "sup.log").read_text()
     assert code == ExitCode.CONFIG_ERROR, log[-3000:]
-    assert (f"{parent}, a parent directory, is writable by other users and not sticky (mode 0777); "
-            "refusing to go on") in log
+    assert (
+        f"{parent}, a parent directory, is writable by other users and not sticky (mode 0777); refusing to go on"
+    ) in log
     assert {e["attempt"] for e in events(run_dir, "attempt_start")} == {0}
 
 
@@ -131,8 +142,13 @@ def test_a_link_in_place_of_a_rank_log_is_refused_not_written_through(shared, tm
     run_dir.chmod(0o777)
     logs = run_dir / "logs"
     names = ["spares.node0.log", *(f"attempt0.node0.rank{r}.log" for r in range(2))]
-    as_nobody(ATTACKER_PY, "-I", "-c", f"import os; os.mkdir({str(logs)!r}, 0o777)\n"
-              f"for n in {names!r}: os.symlink({str(target)!r}, os.path.join({str(logs)!r}, n))")
+    as_nobody(
+        ATTACKER_PY,
+        "-I",
+        "-c",
+        f"import os; os.mkdir({str(logs)!r}, 0o777)\n"
+        f"for n in {names!r}: os.symlink({str(target)!r}, os.path.join({str(logs)!r}, n))",
+    )
     cfg = write_config(tmp_path / "cfg.yaml", steps=5, supervisor={"allow_shared_dir": True})
     proc = supervisor(["run", str(cfg), "--run-dir", str(run_dir)], tmp_path / "sup.log")
     code = proc.wait(120)
@@ -150,9 +166,14 @@ def test_a_linked_config_is_refused_by_the_rank(tmp_path):
     run_dir.mkdir(mode=0o700)
     (tmp_path / "planted.yaml").write_text("train: {steps: 1}\n")
     (run_dir / "config.yaml").symlink_to(tmp_path / "planted.yaml")
-    p = subprocess.run([sys.executable, "-m", "trainer", "--config", str(run_dir / "config.yaml")], cwd=REPO,
-                       capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "RESILIENT_RUN_DIR": str(run_dir), "PYTHONWARNINGS": "ignore"})
+    p = subprocess.run(
+        [sys.executable, "-m", "trainer", "--config", str(run_dir / "config.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RESILIENT_RUN_DIR": str(run_dir), "PYTHONWARNINGS": "ignore"},
+    )
     assert p.returncode == ExitCode.CONFIG_ERROR, p.stderr[-2000:]
     assert "config.yaml: is a symbolic link; refusing to read the run's config through it" in p.stderr
     assert "Traceback" not in p.stderr
@@ -165,10 +186,17 @@ PLANT = "import pathlib; pathlib.Path({marker!r}).write_text('ran as ' + __name_
 
 def _real_run(run_dir: Path, cwd: Path, log: Path, *extra: str) -> subprocess.Popen:
     data = REPO / "examples"
-    sets = ["train.eval_every=0", "train.warmup_steps=2", f"data.path={data / 'data' / 'c4-sample'}",
-            f"data.tokenizer={data / 'tokenizer.json'}", "checkpoint.memory_interval_steps=2", *extra]
-    return supervisor(["run", str(TINY), "--run-dir", str(run_dir), *(a for s in sets for a in ("--set", s))], log,
-                      cwd=cwd)
+    sets = [
+        "train.eval_every=0",
+        "train.warmup_steps=2",
+        f"data.path={data / 'data' / 'c4-sample'}",
+        f"data.tokenizer={data / 'tokenizer.json'}",
+        "checkpoint.memory_interval_steps=2",
+        *extra,
+    ]
+    return supervisor(
+        ["run", str(TINY), "--run-dir", str(run_dir), *(a for s in sets for a in ("--set", s))], log, cwd=cwd
+    )
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +210,12 @@ def planted_cwd_runs(tmp_path_factory):
     marker = cwd / "marker"
     for package in ("megatron", "trainer"):
         as_nobody("mkdir", str(cwd / package))
-        as_nobody(ATTACKER_PY, "-I", "-c", f"open({str(cwd / package / '__init__.py')!r}, 'w')"
-                                           f".write({PLANT.format(marker=str(marker))!r})")
+        as_nobody(
+            ATTACKER_PY,
+            "-I",
+            "-c",
+            f"open({str(cwd / package / '__init__.py')!r}, 'w').write({PLANT.format(marker=str(marker))!r})",
+        )
     run_dir = tmp / "run"
     out = {"cwd": cwd, "marker": marker, "run_dir": run_dir, "tmp": tmp}
     try:
@@ -197,9 +229,17 @@ def planted_cwd_runs(tmp_path_factory):
             a.wait(60)
         finally:
             a.kill()
-        wait_until(lambda: not [p for p in psutil.process_iter(["environ"])
-                                if (p.info["environ"] or {}).get("RESILIENT_RUN_DIR") == str(run_dir)], 60,
-                   "run A's ranks to die with their supervisor")
+        wait_until(
+            lambda: (
+                not [
+                    p
+                    for p in psutil.process_iter(["environ"])
+                    if (p.info["environ"] or {}).get("RESILIENT_RUN_DIR") == str(run_dir)
+                ]
+            ),
+            60,
+            "run A's ranks to die with their supervisor",
+        )
         shutil.rmtree(run_dir)  # the operator starts over in the same place
         b = _real_run(run_dir, cwd, tmp / "b.log", "train.steps=100", "checkpoint.interval_steps=4")
         try:
@@ -244,13 +284,15 @@ def test_a_checkpoint_dir_removed_mid_run_is_a_storage_fault_not_a_crash(planted
     log = (r["tmp"] / "b.log").read_text()
     assert r["code_b"] == ExitCode.STORAGE_FAULT, log[-3000:]
     assert f"{r['run_dir'] / 'checkpoints'} vanished while the run was using it" in log
-    assert [e["event"] for e in ledger.read(r["run_dir"]) if e["event"] in ("storage_fault", "gave_up")][:1] == \
-        ["storage_fault"]
+    assert [e["event"] for e in ledger.read(r["run_dir"]) if e["event"] in ("storage_fault", "gave_up")][:1] == [
+        "storage_fault"
+    ]
     assert {e["kind"] for e in events(r["run_dir"], "failure")} <= {"storage"}, "a rank or node was blamed"
     assert not [p for p in (r["run_dir"] / "logs").glob("attempt*.log") if "Traceback" in p.read_text()]
 
 
 # -- checkpoints bound to their run --------------------------------------------------------------
+
 
 def test_another_runs_checkpoint_is_refused_and_one_of_before_is_adopted_explicitly(reference_run, shared, tmp_path):
     """Another run's step 24 in this run's checkpoint directory: refused by `ckpt verify` and by the ranks,
@@ -282,8 +324,16 @@ def test_another_runs_checkpoint_is_refused_and_one_of_before_is_adopted_explici
 
     squatted = shared / "squatted"
     as_nobody("mkdir", "-m", "0700", str(squatted))
-    codes = run_ranks(run_dir, ["train.steps=24", "train.eval_every=0", "checkpoint.memory_interval_steps=2",
-                                f"checkpoint.memory_dir={squatted}"], timeout=280)
+    codes = run_ranks(
+        run_dir,
+        [
+            "train.steps=24",
+            "train.eval_every=0",
+            "checkpoint.memory_interval_steps=2",
+            f"checkpoint.memory_dir={squatted}",
+        ],
+        timeout=280,
+    )
     assert codes == [0, 0], (run_dir / "rank0.log").read_text()[-2000:]
     assert [e["step"] for e in events(run_dir, "ckpt_load")] == [24]
     [off] = events(run_dir, "mem_tier_off")
@@ -294,16 +344,31 @@ def test_another_runs_checkpoint_is_refused_and_one_of_before_is_adopted_explici
 
 # -- what the operator's terminal and browser show ----------------------------------------------
 
+
 def test_status_spells_out_control_characters(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     reason = "\x1b[2J\x1b]0;pwned\x07 [bold]not markup[/bold]"
-    (run_dir / "status.json").write_text(json.dumps({
-        "state": "running\x1b[31m", "attempt": 1, "step": 5, "written_at": time.time(),
-        "last_failure": {"kind": "rank_exit", "rank": 0, "node": 0, "step": 5, "reason": reason},
-        "ranks": [{"rank": 0, "node": 0, "pid": 1, "phase": "step\x1b[1A", "step": 5}]}))
-    p = subprocess.run([sys.executable, "-m", "resilient.cli", "status", str(run_dir)], cwd=REPO, capture_output=True,
-                       text=True, timeout=120, env={**os.environ, "COLUMNS": "400"})
+    (run_dir / "status.json").write_text(
+        json.dumps(
+            {
+                "state": "running\x1b[31m",
+                "attempt": 1,
+                "step": 5,
+                "written_at": time.time(),
+                "last_failure": {"kind": "rank_exit", "rank": 0, "node": 0, "step": 5, "reason": reason},
+                "ranks": [{"rank": 0, "node": 0, "pid": 1, "phase": "step\x1b[1A", "step": 5}],
+            }
+        )
+    )
+    p = subprocess.run(
+        [sys.executable, "-m", "resilient.cli", "status", str(run_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "400"},
+    )
     assert p.returncode == 0, p.stderr
     assert "\x1b" not in p.stdout and "\x07" not in p.stdout
     assert "\\x1b[2J\\x1b]0;pwned\\x07 [bold]not markup[/bold]" in p.stdout

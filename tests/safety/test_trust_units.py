@@ -24,17 +24,20 @@ def _st(uid: int, mode: int) -> os.stat_result:
     return os.stat_result((stat.S_IFDIR | mode, 0, 0, 2, uid, 0, 0, 0, 0, 0))
 
 
-@pytest.mark.parametrize("uid, mode, leaf, problem", [
-    (1000, 0o700, True, None),
-    (0, 0o700, True, "owned by uid 0, not by this user"),
-    (1000, 0o770, True, "writable by other users (mode 0770)"),
-    (1000, 0o1777, True, "writable by other users"),  # sticky does not make the run's own dir private
-    (0, 0o755, False, None),
-    (1000, 0o755, False, None),
-    (0, 0o1777, False, None),  # /tmp
-    (0, 0o777, False, "writable by other users and not sticky"),
-    (2000, 0o755, False, "owned by uid 2000 (neither root nor this user"),
-])
+@pytest.mark.parametrize(
+    "uid, mode, leaf, problem",
+    [
+        (1000, 0o700, True, None),
+        (0, 0o700, True, "owned by uid 0, not by this user"),
+        (1000, 0o770, True, "writable by other users (mode 0770)"),
+        (1000, 0o1777, True, "writable by other users"),  # sticky does not make the run's own dir private
+        (0, 0o755, False, None),
+        (1000, 0o755, False, None),
+        (0, 0o1777, False, None),  # /tmp
+        (0, 0o777, False, "writable by other users and not sticky"),
+        (2000, 0o755, False, "owned by uid 2000 (neither root nor this user"),
+    ],
+)
 def test_the_directory_rule(uid, mode, leaf, problem):
     got = permissions.judge_dir(permissions.Path("/x"), _st(uid, mode), 1000, leaf=leaf)
     assert (got is None) if problem is None else (problem in got)
@@ -91,8 +94,10 @@ def test_a_manifest_seal_names_its_run(tmp_path):
     foreign, why = manifest.seal_problem(_manifest(), A, "step_5")
     assert foreign and "sealed by no run" in why and manifest.ADOPT_HINT in why
     edited = {**sealed, "files": {"a": {"size": 1, "xxh3": "ff"}}}
-    assert manifest.seal_problem(edited, A, "step_5") == (False, "step_5: its seal does not verify (the manifest "
-                                                                 "was altered or forged)")
+    assert manifest.seal_problem(edited, A, "step_5") == (
+        False,
+        "step_5: its seal does not verify (the manifest was altered or forged)",
+    )
     ckpt = tmp_path / "step_0000005"
     ckpt.mkdir()
     (ckpt / manifest.MARKER).write_text(json.dumps(sealed))
@@ -102,8 +107,15 @@ def test_a_manifest_seal_names_its_run(tmp_path):
 
 def test_a_snapshot_seal_names_its_run(tmp_path):
     data = bytearray(b"x" * 100)
-    meta = {"format": FORMAT, "step": 5, "rank": 0, "layout": None, "tensors": [], "common": {"start": 0, "nbytes": 0},
-            "bytes": len(data)}
+    meta = {
+        "format": FORMAT,
+        "step": 5,
+        "rank": 0,
+        "layout": None,
+        "tensors": [],
+        "common": {"start": 0, "nbytes": 0},
+        "bytes": len(data),
+    }
     SnapshotFormat(A).seal(Staged(5, tmp_path, meta, data))  # type: ignore[arg-type]
     written = json.loads(naming.meta_file(tmp_path, 0).read_text())
     assert SnapshotFormat(A).verify(written, data, 0) == data

@@ -47,8 +47,9 @@ class Cluster:
 
     def node(self, action: str, node: str) -> str:
         """cluster.sh freeze|thaw|cut|heal|pids NODE."""
-        out = subprocess.run([str(CLUSTER_SH), action, str(self.state_dir), node], capture_output=True, text=True,
-                             timeout=60)
+        out = subprocess.run(
+            [str(CLUSTER_SH), action, str(self.state_dir), node], capture_output=True, text=True, timeout=60
+        )
         if out.returncode != 0:
             raise AssertionError(f"cluster.sh {action} {node}: {out.stderr.strip()}")
         return out.stdout

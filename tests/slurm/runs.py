@@ -19,8 +19,14 @@ HEALTHY_GPU = {"available": True, "device_count": 1, "devices": [{"index": 0}]}
 FAILED_GPU = {"available": True, "device_count": 1, "devices": [{"index": 0, "lost": True}]}
 
 
-def write_run_config(tmp: Path, name: str, *, hosts: tuple[str, ...] = ("n0", "n1"),
-                     sections: dict[str, dict[str, Any]] | None = None, **slurm) -> tuple[Path, Path]:
+def write_run_config(
+    tmp: Path,
+    name: str,
+    *,
+    hosts: tuple[str, ...] = ("n0", "n1"),
+    sections: dict[str, dict[str, Any]] | None = None,
+    **slurm,
+) -> tuple[Path, Path]:
     """A tiny two-node run; returns (config path, run dir). Each node's GPU state is scripted in nvml/.
     `sections` adds to (or replaces) keys of the config's sections; the training stays the reference's."""
     nvml = tmp / f"{name}-nvml"
@@ -33,8 +39,12 @@ def write_run_config(tmp: Path, name: str, *, hosts: tuple[str, ...] = ("n0", "n
         "nodes": 2,
         "model": {"preset": "tiny"},
         "train": {"steps": STEPS, "global_batch": 4, "micro_batch": 2, "seq_len": 64, "warmup_steps": 2},
-        "data": {"path": str(REPO / "examples/data/c4-sample"), "tokenizer": str(REPO / "examples/tokenizer.json"),
-                 "validation_docs": 20, "num_workers": 0},
+        "data": {
+            "path": str(REPO / "examples/data/c4-sample"),
+            "tokenizer": str(REPO / "examples/tokenizer.json"),
+            "validation_docs": 20,
+            "num_workers": 0,
+        },
         "checkpoint": {"interval_steps": 8},
         "supervisor": {"nproc_per_node": 1, "store_port": free_port()},
         "metrics": {"port": 0},
@@ -64,8 +74,12 @@ def last_step(run_dir: Path) -> int:
 
 
 def digest(run_dir: Path) -> str:
-    out = subprocess.run([sys.executable, "-m", "resilient.cli", "ckpt", "digest", str(run_dir)],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "resilient.cli", "ckpt", "digest", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.split("\n")
     assert lines[0] == f"step {STEPS}", out.stdout

@@ -59,8 +59,9 @@ def test_preemption_signal_saves_requeues_and_resumes_to_the_same_weights(slurm_
     assert 3 <= saved < STEPS
     assert [c["step"] for c in events(run_dir, "ckpt_save")].count(saved) == 1
     requeue = events(run_dir, "requeue")
-    assert [(r["cause"], r["exit_code"], r["exclude"], r["slurm_restart_count"]) for r in requeue] == \
-        [("preempted", 75, [], 0)]
+    assert [(r["cause"], r["exit_code"], r["exclude"], r["slurm_restart_count"]) for r in requeue] == [
+        ("preempted", 75, [], 0)
+    ]
     second = [r for r in events(run_dir, "run_start") if r["slurm_restart_count"] == 1]
     assert sorted(r["node"] for r in second) == [0, 1]
     loads = [r for r in events(run_dir, "ckpt_load") if r["ts"] > requeue[0]["ts"]]
@@ -87,8 +88,9 @@ def test_unhealthy_node_is_excluded_drained_and_the_run_finishes_on_the_other(sl
 
     assert job["Restarts"] == "1" and job["NodeList"] == "n0" and job["ExcNodeList"] == "n1"
     requeue = events(run_dir, "requeue")
-    assert [(r["cause"], r["exclude"], r["nodes"], r["drained"]) for r in requeue] == \
-        [("unhealthy_node", ["n1"], 1, ["n1"])]
+    assert [(r["cause"], r["exclude"], r["nodes"], r["drained"]) for r in requeue] == [
+        ("unhealthy_node", ["n1"], 1, ["n1"])
+    ]
     assert any(h["node"] == "n1" and h["severity"] == "fatal" for h in events(run_dir, "health"))
     assert [r["node"] for r in events(run_dir, "run_start") if r["slurm_restart_count"] == 1] == [0]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["nodes"] == 1
@@ -109,8 +111,13 @@ def _supervisor_of_node(job_id: str, node: int):
         try:
             cmdline, env = proc.info["cmdline"] or [], proc.environ()
             # the step's task, not the batch script's srun (same command line and job environment)
-            if "supervise" in cmdline and "srun" not in cmdline[0] and env.get("SLURM_JOB_ID") == job_id \
-                    and env.get("SLURM_PROCID") == str(node) and env.get("SLURM_NODEID") == str(node):
+            if (
+                "supervise" in cmdline
+                and "srun" not in cmdline[0]
+                and env.get("SLURM_JOB_ID") == job_id
+                and env.get("SLURM_PROCID") == str(node)
+                and env.get("SLURM_NODEID") == str(node)
+            ):
                 return proc
         except psutil.Error:
             continue
@@ -159,9 +166,13 @@ def test_losing_node1_and_its_memory_resumes_from_node0s_replica(slurm_cluster, 
         wait_until(lambda: (run_dir / ".secret").exists(), 120, "the run's secret")
         root = CheckpointConfig().memory_root(run_dir, RunKey.of(run_dir))  # named from the run's secret
         # the disk save of step 8 commits in the background: it may come after memory step 10 (CI once)
-        wait_until(lambda: (root / "node0/replica/node1/step_0000010/COMMITTED").exists()
-                   and list(events(run_dir, "ckpt_save")), 300,
-                   "node 1's step-10 snapshot replicated to node 0, and a disk checkpoint committed")
+        wait_until(
+            lambda: (
+                (root / "node0/replica/node1/step_0000010/COMMITTED").exists() and list(events(run_dir, "ckpt_save"))
+            ),
+            300,
+            "node 1's step-10 snapshot replicated to node 0, and a disk checkpoint committed",
+        )
         node1 = wait_until(lambda: _supervisor_of_node(job_id, 1), 30, "node 1's supervisor")
         victims = [node1, *node1.children(recursive=True)]
         for proc in victims:
@@ -184,8 +195,9 @@ def test_losing_node1_and_its_memory_resumes_from_node0s_replica(slurm_cluster, 
             shutil.rmtree(root, ignore_errors=True)
 
 
-def test_silent_data_corruption_removes_the_suspect_node_and_ends_on_the_fault_free_bits(slurm_cluster, reference,
-                                                                                        tmp_path):
+def test_silent_data_corruption_removes_the_suspect_node_and_ends_on_the_fault_free_bits(
+    slurm_cluster, reference, tmp_path
+):
     """Silent data corruption on the cluster: one rank per node (two replicas), a weight bit flipped in node 1's
     rank at step 10. The check at step 12 finds the replicas apart; both re-execute from step 8 and rank 1 alone
     does not reproduce its own token losses at step 10: sdc_confirmed names it and n1, its ranks exit
@@ -201,8 +213,13 @@ def test_silent_data_corruption_removes_the_suspect_node_and_ends_on_the_fault_f
     job = finished_job(slurm_cluster, launch(slurm_cluster, config), run_dir, timeout=900)
     assert job["Restarts"] == "1" and job["NodeList"] == "n0" and job["ExcNodeList"] == "n1"
     [found] = events(run_dir, "sdc_confirmed")
-    assert (found["step"], found["ranks"], found["nodes"], found["how"], found["action"]) == \
-        (12, [1], ["n1"], "re-execution", "remove")
+    assert (found["step"], found["ranks"], found["nodes"], found["how"], found["action"]) == (
+        12,
+        [1],
+        ["n1"],
+        "re-execution",
+        "remove",
+    )
     requeues = [(r["cause"], r["exclude"], r["nodes"]) for r in events(run_dir, "requeue")]
     assert requeues == [("unhealthy_node", ["n1"], 1)]
     resumed = next(e["step"] for e in events(run_dir, "ckpt_load") if e["ts"] > found["ts"])
@@ -218,4 +235,3 @@ def test_silent_data_corruption_removes_the_suspect_node_and_ends_on_the_fault_f
     threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
     assert run_ranks(clean, ["supervisor.nproc_per_node=1"], world=1, config=config, extra_env=threads) == [0]
     assert digest(run_dir) == digest(clean)
-

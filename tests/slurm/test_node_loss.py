@@ -46,10 +46,19 @@ def write_config(tmp: Path, name: str, **slurm) -> tuple[Path, Path]:
     """The reference's training (tests/slurm/runs.py) on two nodes plus a spare; memory snapshots every few
     steps, replicated to the next node, and disk only at the end: every restart takes a memory snapshot, so a
     replacement must fetch the lost node's copy from its peer."""
-    return write_run_config(tmp, name, hosts=NODES, spare_nodes=1, time_limit_minutes=15, **slurm, sections={
-        "checkpoint": {"interval_steps": 1000, "memory_interval_steps": MEMORY_EVERY},
-        "supervisor": {"node_lease_s": 4.0},
-        "health": {"monitor_interval_s": 1.0}})
+    return write_run_config(
+        tmp,
+        name,
+        hosts=NODES,
+        spare_nodes=1,
+        time_limit_minutes=15,
+        **slurm,
+        sections={
+            "checkpoint": {"interval_steps": 1000, "memory_interval_steps": MEMORY_EVERY},
+            "supervisor": {"node_lease_s": 4.0},
+            "health": {"monitor_interval_s": 1.0},
+        },
+    )
 
 
 def finished(cluster: Cluster, job_id: str, run_dir: Path, timeout: float = 600) -> dict[str, str]:
@@ -60,11 +69,17 @@ def finished(cluster: Cluster, job_id: str, run_dir: Path, timeout: float = 600)
 
 def status(run_dir: Path) -> tuple[dict, str]:
     """`resilient status` as JSON and as the operator reads it."""
+
     def run(*extra: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "resilient.cli", "status", str(run_dir), *extra],
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-m", "resilient.cli", "status", str(run_dir), *extra],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
         return out.stdout
+
     return json.loads(run("--json")), run()
 
 
@@ -73,8 +88,13 @@ def supervisor(job_id: str, slot: int) -> psutil.Process | None:
     for proc in psutil.process_iter(["cmdline"]):
         try:
             cmdline, env = proc.info["cmdline"] or [], proc.environ()
-            if "supervise" in cmdline and "srun" not in cmdline[0] and env.get("SLURM_JOB_ID") == job_id \
-                    and env.get("SLURM_NODEID") == str(slot) and env.get("SLURM_STEP_ID") == "0":
+            if (
+                "supervise" in cmdline
+                and "srun" not in cmdline[0]
+                and env.get("SLURM_JOB_ID") == job_id
+                and env.get("SLURM_NODEID") == str(slot)
+                and env.get("SLURM_STEP_ID") == "0"
+            ):
                 return proc
         except psutil.Error:
             continue
@@ -103,6 +123,7 @@ def attempts_started(run_dir: Path) -> dict[int, list[dict]]:
 
 def stepping_in(run_dir: Path, attempt: int, beyond: int = 0):
     """Probe: attempt `attempt` completed a step beyond `beyond` (the train log records each step's attempt)."""
+
     def probe() -> bool:
         path = run_dir / "train_log.jsonl"
         if not path.exists():
@@ -112,14 +133,17 @@ def stepping_in(run_dir: Path, attempt: int, beyond: int = 0):
             if row.get("attempt") == attempt and row.get("step", 0) > beyond:
                 return True
         return False
+
     return probe
 
 
 def spare_stepping(run_dir: Path):
     """Probe: the spare (n2) runs a node rank and its attempt completed a step."""
+
     def probe() -> bool:
         started = [r["attempt"] for r in events(run_dir, "attempt_start") if r["host"] == "n2"]
         return bool(started) and stepping_in(run_dir, started[0])()
+
     return probe
 
 
@@ -137,8 +161,10 @@ def assert_same_job_on_the_spare(run_dir: Path, job: dict, bad: str, kind: str) 
     [out] = [r for r in events(run_dir, "bad_node") if r["node"] == bad]
     assert out["kind"] == kind and out["replaced_by"] == "n2" and out["node_rank"] in (0, 1), out
     final = max(attempts_started(run_dir))
-    assert {(r["node"], r["host"]) for r in attempts_started(run_dir)[final]} == \
-        {(out["node_rank"], "n2"), (1 - out["node_rank"], ({"n0", "n1"} - {bad}).pop())}
+    assert {(r["node"], r["host"]) for r in attempts_started(run_dir)[final]} == {
+        (out["node_rank"], "n2"),
+        (1 - out["node_rank"], ({"n0", "n1"} - {bad}).pop()),
+    }
     got, shown = status(run_dir)
     assert got["bad_nodes"][bad]["kind"] == kind and got["roster"]["spares"] == [] and bad in got["roster"]["out"]
     assert f"bad node {bad}: {kind} x1" in shown and "spare nodes: none left" in shown

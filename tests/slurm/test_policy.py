@@ -38,8 +38,12 @@ def test_unhealthy_node_shrinks_the_job_down_to_min_nodes_only():
 
 
 def test_code_a_requeue_cannot_fix_wins_over_preemption_and_bad_nodes():
-    for code in (ExitCode.CONFIG_ERROR, ExitCode.RESTART_BUDGET_EXHAUSTED, ExitCode.NO_PROGRESS,
-                 ExitCode.CHECKPOINT_DAMAGED):
+    for code in (
+        ExitCode.CONFIG_ERROR,
+        ExitCode.RESTART_BUDGET_EXHAUSTED,
+        ExitCode.NO_PROGRESS,
+        ExitCode.CHECKPOINT_DAMAGED,
+    ):
         records = (GaveUp(int(code), None, "why not"), GaveUp(int(ExitCode.UNHEALTHY_NODE), "n1", ""))
         d, reason = decide_requeue(end(ExitCode.PREEMPTED, *records), SlurmConfig())
         assert d.action is Action.STOP, code
@@ -84,10 +88,15 @@ def test_job_ref_is_array_aware():
 
 def test_bad_node_falls_back_to_the_fatal_health_record():
     e = job_end_from_ledger(
-        [{"ts": 5, "event": "health", "node": "n0", "severity": "warn"},
-         {"ts": 6, "event": "health", "node": "n1", "severity": "fatal"},
-         {"ts": 7, "event": "gave_up", "exit_code": 76, "reason": "node 1 unhealthy"}],
-        exit_code=76, since=0, nodes=2)
+        [
+            {"ts": 5, "event": "health", "node": "n0", "severity": "warn"},
+            {"ts": 6, "event": "health", "node": "n1", "severity": "fatal"},
+            {"ts": 7, "event": "gave_up", "exit_code": 76, "reason": "node 1 unhealthy"},
+        ],
+        exit_code=76,
+        since=0,
+        nodes=2,
+    )
     d, reason = decide_requeue(e, SlurmConfig(min_nodes=1))
     assert (d.exclude, d.nodes) == (("n1",), 1) and "1 node(s) from now on" in reason
 
@@ -102,11 +111,14 @@ def test_stragglers_are_excluded_only_when_health_says_so():
 
 # -- spare nodes, the coordinator's recorded outcome, the bad-node ledger --------------------
 
+
 def test_the_coordinators_recorded_outcome_is_the_runs_whatever_srun_says_of_a_fenced_node():
-    records = [{"ts": 20, "event": "bad_node", "node": "n1", "kind": "unhealthy", "reason": "xid 79"},
-               {"ts": 21, "event": "bad_node", "node": "n0", "kind": "lost", "reason": "lease"},
-               {"ts": 30, "event": "gave_up", "exit_code": 76, "node": "n0", "reason": "minority", "epoch": 0},
-               {"ts": 40, "event": "finished", "step": 24, "epoch": 1}]
+    records = [
+        {"ts": 20, "event": "bad_node", "node": "n1", "kind": "unhealthy", "reason": "xid 79"},
+        {"ts": 21, "event": "bad_node", "node": "n0", "kind": "lost", "reason": "lease"},
+        {"ts": 30, "event": "gave_up", "exit_code": 76, "node": "n0", "reason": "minority", "epoch": 0},
+        {"ts": 40, "event": "finished", "step": 24, "epoch": 1},
+    ]
     e = job_end_from_ledger(records, exit_code=137, since=10, nodes=3, spares=1)  # srun: n0's supervisor killed
     assert (e.outcome_code, e.unhealthy_nodes, e.repeat_bad_nodes) == (0, ("n1",), ())
     d, reason = decide_requeue(e, SlurmConfig(drain_bad_nodes=True))
@@ -114,11 +126,13 @@ def test_the_coordinators_recorded_outcome_is_the_runs_whatever_srun_says_of_a_f
 
 
 def test_a_node_out_twice_is_never_taken_back_and_replaced_unhealthy_nodes_stay_out():
-    records = [{"ts": 1, "event": "bad_node", "node": "n2", "kind": "lost"},
-               {"ts": 2, "event": "requeue", "cause": "preempted"},
-               {"ts": 11, "event": "bad_node", "node": "n2", "kind": "lost"},
-               {"ts": 12, "event": "bad_node", "node": "n1", "kind": "unhealthy"},
-               {"ts": 13, "event": "preempted", "step": 9, "epoch": 0}]
+    records = [
+        {"ts": 1, "event": "bad_node", "node": "n2", "kind": "lost"},
+        {"ts": 2, "event": "requeue", "cause": "preempted"},
+        {"ts": 11, "event": "bad_node", "node": "n2", "kind": "lost"},
+        {"ts": 12, "event": "bad_node", "node": "n1", "kind": "unhealthy"},
+        {"ts": 13, "event": "preempted", "step": 9, "epoch": 0},
+    ]
     e = job_end_from_ledger(records, exit_code=75, since=10, nodes=4, spares=2)
     d, reason = decide_requeue(e, SlurmConfig())
     assert d.cause is Cause.PREEMPTED and d.exclude == ("n1", "n2") and "n2 failed twice" in reason
@@ -127,8 +141,9 @@ def test_a_node_out_twice_is_never_taken_back_and_replaced_unhealthy_nodes_stay_
 
 def test_a_smaller_allocation_gives_up_spares_before_training_nodes():
     bad = [GaveUp(int(ExitCode.UNHEALTHY_NODE), "n2", "xid")]
-    e = JobEnd(int(ExitCode.UNHEALTHY_NODE), tuple(bad), nodes=3, crash_requeues=0, spares=1,
-               unhealthy_nodes=("n1",))  # n1 replaced by the spare n2, then n2 failed with no spare left
+    e = JobEnd(
+        int(ExitCode.UNHEALTHY_NODE), tuple(bad), nodes=3, crash_requeues=0, spares=1, unhealthy_nodes=("n1",)
+    )  # n1 replaced by the spare n2, then n2 failed with no spare left
     d, reason = decide_requeue(e, SlurmConfig())
     assert d.exclude == ("n1", "n2") and (d.nodes, d.spares) == (2, 0) and "2 node(s) from now on (0 spare)" in reason
     d, _ = decide_requeue(e, SlurmConfig(min_nodes=1))
@@ -138,9 +153,11 @@ def test_a_smaller_allocation_gives_up_spares_before_training_nodes():
 def test_a_requeue_slurm_did_itself_is_recorded_at_the_next_start():
     from resilient.slurm.policy import unrecorded_requeue
 
-    records = [{"ts": 1, "event": "run_start", "slurm_job_id": "7", "slurm_restart_count": 0, "slot": 0, "host": "n0"},
-               {"ts": 1, "event": "run_start", "slurm_job_id": "7", "slurm_restart_count": 0, "slot": 1, "host": "n1"},
-               {"ts": 5, "event": "bad_node", "node": "n0", "kind": "lost"}]  # the survivors saw n0 go
+    records = [
+        {"ts": 1, "event": "run_start", "slurm_job_id": "7", "slurm_restart_count": 0, "slot": 0, "host": "n0"},
+        {"ts": 1, "event": "run_start", "slurm_job_id": "7", "slurm_restart_count": 0, "slot": 1, "host": "n1"},
+        {"ts": 5, "event": "bad_node", "node": "n0", "kind": "lost"},
+    ]  # the survivors saw n0 go
     got = unrecorded_requeue(records, 1, "7")
     assert got["cause"] == "slurm" and got["lost_batch_host"] == "n0" and got["slurm_restart_count"] == 0
     assert "batch host n0 lost" in got["reason"] and "nodes out before: n0" in got["reason"]

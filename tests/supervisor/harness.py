@@ -21,8 +21,15 @@ FAKE_RANK = Path(__file__).with_name("fake_rank.py")
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_config(path: Path, *, steps: int = 20, nodes: int = 1, nproc: int = 2,
-                 supervisor: dict[str, Any] | None = None, health: bool = True) -> Path:
+def write_config(
+    path: Path,
+    *,
+    steps: int = 20,
+    nodes: int = 1,
+    nproc: int = 2,
+    supervisor: dict[str, Any] | None = None,
+    health: bool = True,
+) -> Path:
     tree = {
         "nodes": nodes,
         "train": {"steps": steps},
@@ -46,8 +53,13 @@ def write_config(path: Path, *, steps: int = 20, nodes: int = 1, nproc: int = 2,
 def start(args: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen:
     """`resilient ARGS` as a real process (stderr to `log` when given)."""
     out = open(log, "ab") if log else subprocess.DEVNULL
-    return subprocess.Popen([sys.executable, "-m", "resilient.cli", *args], cwd=REPO,
-                            env={**os.environ, **(env or {})}, stdout=out, stderr=out)
+    return subprocess.Popen(
+        [sys.executable, "-m", "resilient.cli", *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=out,
+        stderr=out,
+    )
 
 
 def wait_until(probe: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -18,19 +18,32 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 # Both tiers start outside the bounds [4, 8] (disk every 3 steps, memory every 2): every decision is a
 # change, whatever the machine measures.
-SETS = ["train.eval_every=0", "train.warmup_steps=4", "metrics.port=0", "checkpoint.adaptive=true",
-        "checkpoint.interval_steps=3", "checkpoint.memory_interval_steps=2", "checkpoint.min_interval_steps=4",
-        "checkpoint.max_interval_steps=8",
-        "checkpoint.cost_window_steps=2", "checkpoint.prior_mtbf_hours=0.01", "supervisor.termination_grace_s=3",
-        "supervisor.backoff_initial_s=0.1", "supervisor.nproc_per_node=1"]
+SETS = [
+    "train.eval_every=0",
+    "train.warmup_steps=4",
+    "metrics.port=0",
+    "checkpoint.adaptive=true",
+    "checkpoint.interval_steps=3",
+    "checkpoint.memory_interval_steps=2",
+    "checkpoint.min_interval_steps=4",
+    "checkpoint.max_interval_steps=8",
+    "checkpoint.cost_window_steps=2",
+    "checkpoint.prior_mtbf_hours=0.01",
+    "supervisor.termination_grace_s=3",
+    "supervisor.backoff_initial_s=0.1",
+    "supervisor.nproc_per_node=1",
+]
 
 
 def assert_saves_follow_the_schedule(run_dir, attempt: int, configured: int) -> None:
     """The disk saves of one attempt came at the intervals the schedule chose: after the save at step a,
     the next is the first step b with b - a >= the interval in force at b (the newest change recorded
     at a step before b: a decision is taken after that step's save decision)."""
-    changes = sorted((e["step"], e["steps"]) for e in events(run_dir, "ckpt_interval")
-                     if e["tier"] == "disk" and e["attempt"] == attempt)
+    changes = sorted(
+        (e["step"], e["steps"])
+        for e in events(run_dir, "ckpt_interval")
+        if e["tier"] == "disk" and e["attempt"] == attempt
+    )
 
     def interval_at(step: int) -> int:
         return ([steps for at, steps in changes if at < step] or [configured])[-1]
@@ -42,14 +55,23 @@ def assert_saves_follow_the_schedule(run_dir, attempt: int, configured: int) -> 
 
 
 def _run(run_dir, log, steps):
-    return start(["run", str(REPO / "examples" / "tiny.yaml"), "--run-dir", str(run_dir),
-                  *[a for s in [*SETS, f"train.steps={steps}"] for a in ("--set", s)]], log=log)
+    return start(
+        [
+            "run",
+            str(REPO / "examples" / "tiny.yaml"),
+            "--run-dir",
+            str(run_dir),
+            *[a for s in [*SETS, f"train.steps={steps}"] for a in ("--set", s)],
+        ],
+        log=log,
+    )
 
 
 def test_interval_change_reaches_the_ledger_and_history_survives_the_supervisor(tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "supervisor.log"
     proc = _run(run_dir, log, steps=100_000)  # killed long before
     try:
+
         def first_per_tier():
             tiers: dict = {}
             for e in events(run_dir, "ckpt_interval"):
@@ -63,10 +85,16 @@ def test_interval_change_reaches_the_ledger_and_history_survives_the_supervisor(
         for e in tiers.values():
             assert 4 <= e["steps"] <= 8 and e["save_cost_s"] >= 0 and e["step_s"] > 0
             assert "save cost measured" in e["reason"]
-        wait_until(lambda: any(e["step"] > first["step"] for e in events(run_dir, "ckpt_save")), 240,
-                   "a disk save at the changed interval")
-        wait_until(lambda: json.loads(RunDir(run_dir).calibration_file(0).read_text())["step_times"], 30,
-                   "step times persisted")
+        wait_until(
+            lambda: any(e["step"] > first["step"] for e in events(run_dir, "ckpt_save")),
+            240,
+            "a disk save at the changed interval",
+        )
+        wait_until(
+            lambda: json.loads(RunDir(run_dir).calibration_file(0).read_text())["step_times"],
+            30,
+            "step times persisted",
+        )
         ranks = list(ranks_of(proc.pid).values())
         proc.send_signal(signal.SIGKILL)  # no clean end: the calibration file stays open
         proc.wait(10)

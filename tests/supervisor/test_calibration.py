@@ -108,14 +108,22 @@ def test_times_from_another_layout_are_dropped_and_failures_kept(tmp_path, capsy
 
 
 def test_failure_history_sums_failures_and_takes_the_longest_node():
-    nodes = [Calibration(failures=[{"kind": "crash", "step": 5}, {"kind": "hang", "step": 9}], exposure_s=100.0),
-             Calibration(failures=[{"kind": "supervisor_lost", "step": None}], exposure_s=90.0), Calibration()]
+    nodes = [
+        Calibration(failures=[{"kind": "crash", "step": 5}, {"kind": "hang", "step": 9}], exposure_s=100.0),
+        Calibration(failures=[{"kind": "supervisor_lost", "step": None}], exposure_s=90.0),
+        Calibration(),
+    ]
     assert failure_history(nodes) == FailureHistory(3, 100.0)
 
 
 def test_a_failure_at_the_step_of_the_last_one_lost_nothing_and_counts_once():
-    unhealthy = [{"kind": "health", "step": 33}, {"kind": "health", "step": 33}, {"kind": "crash", "step": 40},
-                 {"kind": "supervisor_lost", "step": None}, {"kind": "supervisor_lost", "step": None}]
+    unhealthy = [
+        {"kind": "health", "step": 33},
+        {"kind": "health", "step": 33},
+        {"kind": "crash", "step": 40},
+        {"kind": "supervisor_lost", "step": None},
+        {"kind": "supervisor_lost", "step": None},
+    ]
     assert failure_history([Calibration(failures=unhealthy, exposure_s=10.0)]) == FailureHistory(4, 10.0)
     assert failure_history([]) == FailureHistory(0, 0.0)
 
@@ -140,8 +148,14 @@ def test_the_history_the_supervisor_passes_is_the_one_the_trainer_uses(tmp_path)
     environ = RankEnv(rank=3, history=node0.history()).to_environ()  # what node 0's ranks get
 
     env = RankEnv.from_environ(environ)  # the trainer's side
-    schedule = AdaptiveInterval(CheckpointConfig(adaptive=True), tmp_path, attempt=1, is_logger=False,
-                                device=torch.device("cpu"), history=env.history)
+    schedule = AdaptiveInterval(
+        CheckpointConfig(adaptive=True),
+        tmp_path,
+        attempt=1,
+        is_logger=False,
+        device=torch.device("cpu"),
+        history=env.history,
+    )
     assert (schedule.failures, schedule.exposure_s) == (2, 70.0)
     # node 1 counts the same failures; its own time up to now (the ranks agree on the largest)
     assert node1.history() == FailureHistory(2, 120.0)

@@ -20,8 +20,10 @@ def test_heartbeats_arrive_with_identity_fields(tmp_path):
     client.send("step", 7, loss=2.5, step_time=0.1)
     client.send("error", 7, message="boom")
     got = server.drain()
-    assert [(m["phase"], m["step"], m["rank"], m["local_rank"], m["attempt"], m["pid"]) for m in got] == \
-        [("step", 7, 5, 1, 3, os.getpid()), ("error", 7, 5, 1, 3, os.getpid())]
+    assert [(m["phase"], m["step"], m["rank"], m["local_rank"], m["attempt"], m["pid"]) for m in got] == [
+        ("step", 7, 5, 1, 3, os.getpid()),
+        ("error", 7, 5, 1, 3, os.getpid()),
+    ]
     assert got[0]["loss"] == 2.5 and got[1]["message"] == "boom"
     assert server.drain() == []
     server.close()
@@ -56,10 +58,22 @@ def test_client_is_null_when_unsupervised(monkeypatch):
 
 
 def test_rank_env_round_trips_through_the_environment(tmp_path):
-    env = RankEnv(rank=9, local_rank=1, world_size=16, local_world_size=8, node_rank=1, node_name="n1",
-                  master_addr="10.0.0.1", master_port=1234, attempt=2, run_dir=tmp_path,
-                  heartbeat_socket=tmp_path / "s.hb", supervisor_pid=77, stop_signals=("SIGTERM", "SIGUSR2"),
-                  history=FailureHistory(3, 1234.567890123))
+    env = RankEnv(
+        rank=9,
+        local_rank=1,
+        world_size=16,
+        local_world_size=8,
+        node_rank=1,
+        node_name="n1",
+        master_addr="10.0.0.1",
+        master_port=1234,
+        attempt=2,
+        run_dir=tmp_path,
+        heartbeat_socket=tmp_path / "s.hb",
+        supervisor_pid=77,
+        stop_signals=("SIGTERM", "SIGUSR2"),
+        history=FailureHistory(3, 1234.567890123),
+    )
     assert RankEnv.from_environ(env.to_environ()) == env
     plain = RankEnv.from_environ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})  # torchrun's variables only
     assert (plain.rank, plain.world_size, plain.local_world_size, plain.supervised) == (3, 4, 4, False)
@@ -72,8 +86,9 @@ def test_overlong_socket_path_is_a_config_error(tmp_path):
 
 
 def _child(code: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_rank_with_a_different_parent_kills_itself():
@@ -92,12 +107,19 @@ def test_die_with_parent_is_a_no_op_unsupervised(monkeypatch):
 
 
 def test_status_round_trip_owner_only_and_rendered(tmp_path):
-    status = {"state": "running", "attempt": 2, "step": 40, "last_checkpoint": 30, "last_memory_snapshot": 38,
-              "restarts": 1,
-              "last_failure": {"kind": "hang", "rank": 1, "node": 0, "step": 33, "reason": "no progress"},
-              "metrics_ports": {"n0": 9464},
-              "ranks": [{"rank": 0, "node": 0, "node_name": "n0", "pid": 11, "phase": "step", "step": 40,
-                         "last_heartbeat": 1000.0}]}
+    status = {
+        "state": "running",
+        "attempt": 2,
+        "step": 40,
+        "last_checkpoint": 30,
+        "last_memory_snapshot": 38,
+        "restarts": 1,
+        "last_failure": {"kind": "hang", "rank": 1, "node": 0, "step": 33, "reason": "no progress"},
+        "metrics_ports": {"n0": 9464},
+        "ranks": [
+            {"rank": 0, "node": 0, "node_name": "n0", "pid": 11, "phase": "step", "step": 40, "last_heartbeat": 1000.0}
+        ],
+    }
     write_status(tmp_path, status)
     assert stat.S_IMODE(os.stat(tmp_path / "status.json").st_mode) == 0o600
     back = read_status(tmp_path)

@@ -34,10 +34,12 @@ from trainer.checkpoint.layout import MARKER, step_dir
 
 STEPS = 16
 # (rank command, supervisor.final_save_check, checkpoint.save_on_finish): whose final step is checked, and how
-VARIANTS = {"own trainer": ("[python, -m, trainer, --config, '{config}']", "null", "true"),
-            "another script": ("[python, train.py]", "null", "true"),
-            "another script, checked": ("[python, train.py]", "true", "true"),
-            "own trainer, no final save": ("[python, -m, trainer, --config, '{config}']", "null", "false")}
+VARIANTS = {
+    "own trainer": ("[python, -m, trainer, --config, '{config}']", "null", "true"),
+    "another script": ("[python, train.py]", "null", "true"),
+    "another script, checked": ("[python, train.py]", "true", "true"),
+    "own trainer, no final save": ("[python, -m, trainer, --config, '{config}']", "null", "false"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +48,21 @@ def supervisors(tmp_path_factory):
     out = {}
     for name, (command, check, save) in VARIANTS.items():
         run_dir = tmp_path_factory.mktemp("run")
-        cfg = load_config(None, [f"train.steps={STEPS}", "supervisor.max_restarts=3",
-                                 "supervisor.max_attempts_without_progress=2", "supervisor.backoff_max_s=5",
-                                 f"supervisor.rank_command={command}", f"supervisor.final_save_check={check}",
-                                 f"checkpoint.save_on_finish={save}", "metrics.enabled=false",
-                                 "health.enabled=false", "supervisor.warm_spares=false"])
+        cfg = load_config(
+            None,
+            [
+                f"train.steps={STEPS}",
+                "supervisor.max_restarts=3",
+                "supervisor.max_attempts_without_progress=2",
+                "supervisor.backoff_max_s=5",
+                f"supervisor.rank_command={command}",
+                f"supervisor.final_save_check={check}",
+                f"checkpoint.save_on_finish={save}",
+                "metrics.enabled=false",
+                "health.enabled=false",
+                "supervisor.warm_spares=false",
+            ],
+        )
         out[name] = Supervisor(cfg, Topology(0, 1, ("127.0.0.1",), 0, "n0", "test"), run_dir)
     return out
 
@@ -91,10 +103,20 @@ def committed_dir(root: Path, newest: int | None) -> Path:
     return root
 
 
-def both_paths(store: SealedStore, sup: Supervisor, tmp: Path, reports: list[NodeReport], nnodes: int, *,
-               restarts: int = 0, streak: int = 0, stop: tuple[int, StopKind] | None = None,
-               newest: int | None = None, spares: int = 0,
-               lost: dict[int, str] | None = None) -> tuple[AttemptDecision, AttemptDecision]:
+def both_paths(
+    store: SealedStore,
+    sup: Supervisor,
+    tmp: Path,
+    reports: list[NodeReport],
+    nnodes: int,
+    *,
+    restarts: int = 0,
+    streak: int = 0,
+    stop: tuple[int, StopKind] | None = None,
+    newest: int | None = None,
+    spares: int = 0,
+    lost: dict[int, str] | None = None,
+) -> tuple[AttemptDecision, AttemptDecision]:
     """(daemon's decision, simulator's decision) for `reports` posted by their nodes in a job of `nnodes` with
     `spares` spare nodes, where the coordinator's leases found the node ranks `lost` lost."""
     job = Job(store, nnodes)
@@ -151,11 +173,19 @@ def test_generated_report_sets_get_the_same_decision_on_both_paths(store, superv
         reports = random_reports(rng, nnodes)
         kind = rng.choice([None, None, StopKind.PREEMPTED, StopKind.STORAGE])
         stop = None if kind is None else (rng.randrange(nnodes), kind)
-        silent = {n: "lease not renewed for 4.2s" for n in range(nnodes) if n not in {r.node for r in reports}
-                  and rng.random() < 0.7}  # most nodes without a report lost their lease; the others are missing
-        inputs = dict(restarts=rng.randint(0, 4), streak=rng.randint(0, 2), stop=stop,
-                      newest=rng.choice([None, 4, STEPS - 1, STEPS, STEPS + 2]), spares=rng.choice([0, 0, 1, 2]),
-                      lost=silent)
+        silent = {
+            n: "lease not renewed for 4.2s"
+            for n in range(nnodes)
+            if n not in {r.node for r in reports} and rng.random() < 0.7
+        }  # most nodes without a report lost their lease; the others are missing
+        inputs = dict(
+            restarts=rng.randint(0, 4),
+            streak=rng.randint(0, 2),
+            stop=stop,
+            newest=rng.choice([None, 4, STEPS - 1, STEPS, STEPS + 2]),
+            spares=rng.choice([0, 0, 1, 2]),
+            lost=silent,
+        )
         real, simulated = both_paths(store, supervisors[variant], tmp_path / str(case), reports, nnodes, **inputs)
         assert real == simulated, (reports, inputs)
         seen.add(real.outcome)
@@ -176,16 +206,21 @@ def test_finished_but_final_step_not_committed_is_a_storage_fault_on_both_paths(
 
 def test_a_storage_stop_is_a_storage_fault_on_both_paths(store, supervisors, tmp_path):
     stopped = [NodeReport(0, NodeOutcome.PREEMPTED, 8, 9), NodeReport(1, NodeOutcome.PREEMPTED, 8, 9)]
-    real, simulated = both_paths(store, supervisors["own trainer"], tmp_path / "ckpt", stopped, 2,
-                                 stop=(1, StopKind.STORAGE), newest=9)
+    real, simulated = both_paths(
+        store, supervisors["own trainer"], tmp_path / "ckpt", stopped, 2, stop=(1, StopKind.STORAGE), newest=9
+    )
     assert real == simulated and real.outcome is Outcome.STORAGE_FAULT and real.reason == "node 1: test stop"
 
 
-@pytest.mark.parametrize("code,outcome", [(ExitCode.CONFIG_ERROR, Outcome.CONFIG_ERROR),
-                                          (ExitCode.CHECKPOINT_DAMAGED, Outcome.CHECKPOINT_DAMAGED)])
+@pytest.mark.parametrize(
+    "code,outcome",
+    [(ExitCode.CONFIG_ERROR, Outcome.CONFIG_ERROR), (ExitCode.CHECKPOINT_DAMAGED, Outcome.CHECKPOINT_DAMAGED)],
+)
 def test_a_final_rank_exit_ends_the_run_on_both_paths(store, supervisors, tmp_path, code, outcome):
-    reports = [NodeReport(0, NodeOutcome.FAILED, 8, 9),
-               NodeReport(1, NodeOutcome.FAILED, 8, 9, final_rank_exit=RankExit(int(code), "rank 3 exited"))]
+    reports = [
+        NodeReport(0, NodeOutcome.FAILED, 8, 9),
+        NodeReport(1, NodeOutcome.FAILED, 8, 9, final_rank_exit=RankExit(int(code), "rank 3 exited")),
+    ]
     real, simulated = both_paths(store, supervisors["own trainer"], tmp_path / "ckpt", reports, 2)
     assert real == simulated and real.outcome is outcome and real.exit_code is code
 

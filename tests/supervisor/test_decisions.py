@@ -33,8 +33,15 @@ def unhealthy(node, why="gpu.xid: XID 79"):
 
 
 def ctx(restarts=0, streak=0, nnodes=1, stop=None, newest=None, steps=16, save_on_finish=True):
-    return AttemptContext(nnodes=nnodes, restarts_done=restarts, no_progress_streak=streak, train_steps=steps,
-                          stop=stop, newest_committed=newest, save_on_finish=save_on_finish)
+    return AttemptContext(
+        nnodes=nnodes,
+        restarts_done=restarts,
+        no_progress_streak=streak,
+        train_steps=steps,
+        stop=stop,
+        newest_committed=newest,
+        save_on_finish=save_on_finish,
+    )
 
 
 def stop(kind=StopKind.PREEMPTED, reason="node 0: supervisor received SIGTERM"):
@@ -100,8 +107,11 @@ def test_every_node_at_fault_is_named_unhealthy_first_then_missing():
     got = decision([unhealthy(2), moved(0), unhealthy(1, "rank.exit: UNHEALTHY_NODE")], ctx(nnodes=4))
     assert got.outcome is Outcome.UNHEALTHY and got.exit_code is ExitCode.UNHEALTHY_NODE
     assert "node n1: rank.exit" in got.reason and "node n2: gpu.xid" in got.reason
-    assert [(f.node, f.kind) for f in got.faulty_nodes] == [(1, NodeFaultKind.UNHEALTHY), (2, NodeFaultKind.UNHEALTHY),
-                                                           (3, NodeFaultKind.MISSING)]
+    assert [(f.node, f.kind) for f in got.faulty_nodes] == [
+        (1, NodeFaultKind.UNHEALTHY),
+        (2, NodeFaultKind.UNHEALTHY),
+        (3, NodeFaultKind.MISSING),
+    ]
 
 
 def test_a_rank_exiting_unhealthy_node_condemns_its_node_not_the_run_config():
@@ -153,16 +163,27 @@ def test_a_report_is_unhealthy_exactly_when_it_says_why():
 
 
 def test_reports_and_decisions_survive_the_store_encoding():
-    report = NodeReport(3, NodeOutcome.UNHEALTHY, 4, 9, "node n3: rank 25 exited with code 76",
-                        RankExit(64, "rank 24 exited with code 64"))
+    report = NodeReport(
+        3,
+        NodeOutcome.UNHEALTHY,
+        4,
+        9,
+        "node n3: rank 25 exited with code 76",
+        RankExit(64, "rank 24 exited with code 64"),
+    )
     assert wire.report_from_store(json.loads(json.dumps(wire.report_to_store(report)))) == report
-    for got in (decision([unhealthy(1), moved(0)], ctx(nnodes=3)), decision([stuck()], ctx(restarts=1)),
-                decision([moved(0, FINISHED)], ctx(newest=2))):
+    for got in (
+        decision([unhealthy(1), moved(0)], ctx(nnodes=3)),
+        decision([stuck()], ctx(restarts=1)),
+        decision([moved(0, FINISHED)], ctx(newest=2)),
+    ):
         assert wire.decision_from_store(json.loads(json.dumps(wire.decision_to_store(got)))) == got
 
 
-@pytest.mark.parametrize("start,reached,progress", [(None, None, False), (100, None, False), (100, 100, False),
-                                                    (100, 101, True), (None, 1, True)])
+@pytest.mark.parametrize(
+    "start,reached,progress",
+    [(None, None, False), (100, None, False), (100, 100, False), (100, 101, True), (None, 1, True)],
+)
 def test_progress_means_a_step_beyond_the_resume_point(start, reached, progress):
     assert d.made_progress(start, reached)[0] is progress
 
@@ -182,8 +203,16 @@ def test_final_step_to_check_knows_whose_checkpoints_it_can_read():
     assert d.final_step_to_check(True, False, 16, 16, None) is None
 
 
-@pytest.mark.parametrize("nodelist,host", [("gpu[007-012,20],cpu1", "gpu007"), ("n1,n2", "n1"), ("single", "single"),
-                                           ("rack[2-3]-n[01-04]", "rack2-n01"), ("a[5]", "a5")])
+@pytest.mark.parametrize(
+    "nodelist,host",
+    [
+        ("gpu[007-012,20],cpu1", "gpu007"),
+        ("n1,n2", "n1"),
+        ("single", "single"),
+        ("rack[2-3]-n[01-04]", "rack2-n01"),
+        ("a[5]", "a5"),
+    ],
+)
 def test_first_host_of_a_slurm_nodelist(nodelist, host):
     assert first_host(nodelist) == host
 
@@ -196,11 +225,21 @@ def test_a_slurm_nodelist_expands_in_order():
 
 
 def test_topology_from_slurm_environment():
-    env = {"SLURM_JOB_ID": "7", "SLURM_NODEID": "2", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[10-13]",
-           "SLURMD_NODENAME": "gpu12"}
+    env = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_NODEID": "2",
+        "SLURM_NNODES": "4",
+        "SLURM_JOB_NODELIST": "gpu[10-13]",
+        "SLURMD_NODENAME": "gpu12",
+    }
     topo = resolve_topology(env, node_rank=None, nnodes=None, master_addr=None, master_port=None, default_port=29400)
-    assert (topo.slot, topo.slots, topo.hosts, topo.store_port, topo.node_name) == \
-        (2, 4, ("gpu10", "gpu11", "gpu12", "gpu13"), 29400, "gpu12")
+    assert (topo.slot, topo.slots, topo.hosts, topo.store_port, topo.node_name) == (
+        2,
+        4,
+        ("gpu10", "gpu11", "gpu12", "gpu13"),
+        29400,
+        "gpu12",
+    )
     assert topo.store_address(0, 0) == ("gpu10", 29400) and topo.store_address(1, 1) == ("gpu11", 29401)
 
 
@@ -208,14 +247,20 @@ def test_topology_flags_override_slurm():
     env = {"SLURM_JOB_ID": "7", "SLURM_NODEID": "2", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[10-13]"}
     topo = resolve_topology(env, node_rank=1, nnodes=2, master_addr="h0", master_port=1234, default_port=29400)
     assert (topo.slot, topo.slots, topo.hosts, topo.store_port) == (1, 2, ("h0", "h0"), 1234)
-    topo = resolve_topology(env, node_rank=1, nnodes=2, master_addr=None, master_port=None, default_port=29400,
-                            hosts=["a", "b"])
+    topo = resolve_topology(
+        env, node_rank=1, nnodes=2, master_addr=None, master_port=None, default_port=29400, hosts=["a", "b"]
+    )
     assert topo.hosts == ("a", "b")
 
 
-@pytest.mark.parametrize("kwargs,msg", [({"node_rank": 3, "nnodes": 2}, "not within"),
-                                        ({"node_rank": 0, "nnodes": 2}, "--master-addr or --hosts is required"),
-                                        ({"node_rank": 0, "nnodes": 2, "hosts": ["a"]}, "1 host")])
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        ({"node_rank": 3, "nnodes": 2}, "not within"),
+        ({"node_rank": 0, "nnodes": 2}, "--master-addr or --hosts is required"),
+        ({"node_rank": 0, "nnodes": 2, "hosts": ["a"]}, "1 host"),
+    ],
+)
 def test_topology_errors_are_config_errors(kwargs, msg):
     with pytest.raises(ConfigError, match=msg):
         resolve_topology({}, master_addr=None, master_port=None, default_port=29400, **kwargs)

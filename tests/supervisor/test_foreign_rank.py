@@ -20,13 +20,34 @@ SCRIPT = Path(__file__).with_name("plain_ddp_script.py")
 
 
 def _config(path: Path, train_iters: int) -> Path:
-    argv = [sys.executable, str(SCRIPT), "--save", "{run_dir}/save", "--train-iters", str(train_iters),
-            "--save-interval", "5", "--log", "{run_dir}/iterations.jsonl"]
-    path.write_text(yaml.safe_dump({
-        "supervisor": {"nproc_per_node": 2, "rank_command": argv, "rank_protocol": "exit_only",
-                       "progress_dir": "save", "backoff_initial_s": 0.1, "termination_grace_s": 2.0},
-        "health": {"enabled": False}, "metrics": {"enabled": False},
-    }))
+    argv = [
+        sys.executable,
+        str(SCRIPT),
+        "--save",
+        "{run_dir}/save",
+        "--train-iters",
+        str(train_iters),
+        "--save-interval",
+        "5",
+        "--log",
+        "{run_dir}/iterations.jsonl",
+    ]
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "supervisor": {
+                    "nproc_per_node": 2,
+                    "rank_command": argv,
+                    "rank_protocol": "exit_only",
+                    "progress_dir": "save",
+                    "backoff_initial_s": 0.1,
+                    "termination_grace_s": 2.0,
+                },
+                "health": {"enabled": False},
+                "metrics": {"enabled": False},
+            }
+        )
+    )
     return path
 
 
@@ -41,8 +62,9 @@ def _reached(run_dir: Path, n: int):
 
 def test_sigkilled_rank_restarts_from_its_checkpoint_and_finishes(tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(["run", str(_config(tmp_path / "cfg.yaml", 30)), "--run-dir", str(run_dir)],
-                 log=tmp_path / "supervisor.log")
+    proc = start(
+        ["run", str(_config(tmp_path / "cfg.yaml", 30)), "--run-dir", str(run_dir)], log=tmp_path / "supervisor.log"
+    )
     wait_until(_reached(run_dir, 7), 90, "iteration 7 (after the first save)")
     ranks_of(proc.pid)[1].send_signal(signal.SIGKILL)
     assert proc.wait(120) == ExitCode.FINISHED, (tmp_path / "supervisor.log").read_text()[-2000:]
@@ -57,8 +79,9 @@ def test_sigkilled_rank_restarts_from_its_checkpoint_and_finishes(tmp_path):
 
 def test_preemption_saves_exits_75_and_a_rerun_finishes(tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(["run", str(_config(tmp_path / "cfg.yaml", 100000)), "--run-dir", str(run_dir)],
-                 log=tmp_path / "supervisor.log")
+    proc = start(
+        ["run", str(_config(tmp_path / "cfg.yaml", 100000)), "--run-dir", str(run_dir)], log=tmp_path / "supervisor.log"
+    )
     wait_until(_reached(run_dir, 3), 90, "iteration 3")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == ExitCode.PREEMPTED
@@ -66,8 +89,10 @@ def test_preemption_saves_exits_75_and_a_rerun_finishes(tmp_path):
     assert saved == max(i["iteration"] for i in _iterations(run_dir))  # the script saved where it stopped
     assert [e["event"] for e in events(run_dir, "failure")] == []
 
-    proc = start(["run", str(_config(tmp_path / "cfg2.yaml", saved + 4)), "--run-dir", str(run_dir)],
-                 log=tmp_path / "supervisor.log")
+    proc = start(
+        ["run", str(_config(tmp_path / "cfg2.yaml", saved + 4)), "--run-dir", str(run_dir)],
+        log=tmp_path / "supervisor.log",
+    )
     assert proc.wait(90) == ExitCode.FINISHED
     rerun = [i["iteration"] for i in _iterations(run_dir) if i["resumed_from"] == saved]
     assert rerun == list(range(saved + 1, saved + 5))

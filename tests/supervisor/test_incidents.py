@@ -21,12 +21,12 @@ from tests.supervisor.harness import REPO, events, ranks_of, start, wait_until, 
 pytestmark = pytest.mark.timeout(120)
 
 STUCK_RANK = Path(__file__).with_name("stuck_rank.py")
-_ALL_REDUCE = (Frame("all_reduce", "torch/distributed/distributed_c10d.py", 2800),
-               Frame("train", "train.py", 10))
+_ALL_REDUCE = (Frame("all_reduce", "torch/distributed/distributed_c10d.py", 2800), Frame("train", "train.py", 10))
 _SLEEP = (Frame("forward", "train.py", 5), Frame("train", "train.py", 9))
 
 
 # -- the rules, without processes ---------------------------------------------------------------------
+
 
 def test_stopped_process_is_blamed_first():
     c = find_culprit([RankEvidence(0, "sleeping", 7, _SLEEP), RankEvidence(3, "stopped", 9, _ALL_REDUCE)])
@@ -34,36 +34,61 @@ def test_stopped_process_is_blamed_first():
 
 
 def test_rank_outside_the_collective_is_blamed():
-    c = find_culprit([RankEvidence(0, "sleeping", 5, _ALL_REDUCE), RankEvidence(1, "sleeping", 5, _SLEEP),
-                      RankEvidence(2, "sleeping", 4, _ALL_REDUCE)])
+    c = find_culprit(
+        [
+            RankEvidence(0, "sleeping", 5, _ALL_REDUCE),
+            RankEvidence(1, "sleeping", 5, _SLEEP),
+            RankEvidence(2, "sleeping", 4, _ALL_REDUCE),
+        ]
+    )
     assert (c.rank, c.frame) == (1, "forward (train.py:5)") and "0, 2 wait" in c.reason
 
 
 def test_lowest_step_when_stacks_do_not_tell():
-    c = find_culprit([RankEvidence(0, "sleeping", 5, _ALL_REDUCE), RankEvidence(1, "sleeping", 4, _ALL_REDUCE),
-                      RankEvidence(2, "running", None, ())])
+    c = find_culprit(
+        [
+            RankEvidence(0, "sleeping", 5, _ALL_REDUCE),
+            RankEvidence(1, "sleeping", 4, _ALL_REDUCE),
+            RankEvidence(2, "running", None, ()),
+        ]
+    )
     assert c.rank == 2 and "lowest step" in c.reason  # no step known: the rank that never got going
 
 
 def test_threading_wait_is_not_a_collective_and_tracebacks_are_read():
-    threads = parse_pyspy('Process 1: python x.py\n\nThread 0x7F (idle): "MainThread"\n'
-                          "    wait (threading.py:327)\n    get (queue.py:171)\n    main (x.py:3)\n"
-                          'Thread 12 (active): "hb"\n    run (hb.py:1)\n')
+    threads = parse_pyspy(
+        'Process 1: python x.py\n\nThread 0x7F (idle): "MainThread"\n'
+        "    wait (threading.py:327)\n    get (queue.py:171)\n    main (x.py:3)\n"
+        'Thread 12 (active): "hb"\n    run (hb.py:1)\n'
+    )
     assert [t.name for t in threads] == ["MainThread", "hb"] and not any(f.in_collective for f in threads[0].frames)
-    tb = ["Traceback (most recent call last):", '  File "/a/loop.py", line 9, in train',
-          '  File "/a/model.py", line 3, in forward', "RuntimeError: CUDA error"]
+    tb = [
+        "Traceback (most recent call last):",
+        '  File "/a/loop.py", line 9, in train',
+        '  File "/a/model.py", line 3, in forward',
+        "RuntimeError: CUDA error",
+    ]
     assert last_traceback_frame(tb) == Frame("forward", "/a/model.py", 3)
 
 
 # -- real hung ranks ----------------------------------------------------------------------------------
+
 
 def _stuck_job(tmp_path: Path, mode: str) -> list[subprocess.Popen]:
     port, ready = free_port(), tmp_path / mode
     ready.mkdir()
     procs = []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "READY_DIR": str(ready), "STUCK_MODE": mode, "OMP_NUM_THREADS": "1"}
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "READY_DIR": str(ready),
+            "STUCK_MODE": mode,
+            "OMP_NUM_THREADS": "1",
+        }
         procs.append(subprocess.Popen([sys.executable, str(STUCK_RANK)], env=env, cwd=REPO))
     return procs
 
@@ -74,20 +99,31 @@ def test_hung_jobs_name_the_rank_outside_the_collective(tmp_path):
     skipped the all_reduce and stalls on data; the peer waits in all_reduce each time."""
     jobs = {mode: _stuck_job(tmp_path, mode) for mode in ("sleep", "skip")}
     try:
-        wait_until(lambda: all((tmp_path / m / f"rank{r}").exists() for m in jobs for r in range(2)), 240,
-                   "all ranks stuck")
+        wait_until(
+            lambda: all((tmp_path / m / f"rank{r}").exists() for m in jobs for r in range(2)), 240, "all ranks stuck"
+        )
         time.sleep(0.5)  # rank 0 from its marker into all_reduce
         t0 = time.monotonic()
-        rels = {mode: incidents.capture(tmp_path / mode, 0, "hang", 0, "test",
-                                        [incidents.Target(r, p.pid, 3, None, None) for r, p in enumerate(procs)])
-                for mode, procs in jobs.items()}
+        rels = {
+            mode: incidents.capture(
+                tmp_path / mode,
+                0,
+                "hang",
+                0,
+                "test",
+                [incidents.Target(r, p.pid, 3, None, None) for r, p in enumerate(procs)],
+            )
+            for mode, procs in jobs.items()
+        }
         took = (time.monotonic() - t0) / 2
     finally:
         for p in (p for procs in jobs.values() for p in procs):
             p.kill()
             p.wait()
-    for mode, frame, deeper in (("sleep", "forward (tests/supervisor/stuck_rank.py", "main"),
-                                ("skip", "Condition.wait (threading.py", "next_batch")):
+    for mode, frame, deeper in (
+        ("sleep", "forward (tests/supervisor/stuck_rank.py", "main"),
+        ("skip", "Condition.wait (threading.py", "next_batch"),
+    ):
         where = tmp_path / mode / rels[mode]
         summary = json.loads((where / "summary.json").read_text())
         assert summary["culprit"]["rank"] == 1 and summary["culprit"]["frame"].startswith(frame), summary
@@ -99,6 +135,7 @@ def test_hung_jobs_name_the_rank_outside_the_collective(tmp_path):
 
 
 # -- through the supervisor ---------------------------------------------------------------------------
+
 
 def _supervise(tmp_path, sup, env=None):
     cfg = write_config(tmp_path / "cfg.yaml", steps=1000, supervisor={"max_restarts": 0, **sup}, health=False)
@@ -121,11 +158,27 @@ def test_sigstop_hang_records_an_incident_naming_the_stopped_rank_from_every_nod
     sup = {"max_restarts": 0, "step_timeout_floor_s": 1.5, "step_timeout_factor": 3.0, "step_timeout_min_samples": 3}
     cfg = write_config(tmp_path / "cfg.yaml", steps=5000, nodes=2, nproc=1, supervisor=sup, health=False)
     run_dir, port = tmp_path / "run", free_port()
-    nodes = [start(["supervise", str(cfg), "--run-dir", str(run_dir), "--node-rank", str(n), "--nnodes", "2",
-                    "--master-addr", "127.0.0.1", "--master-port", str(port)],
-                   env={"RESILIENT_NODE_NAME": f"fake{n}", "FAKE_STEP_S": "0.05", "RESILIENT_JOB_INSTANCE": str(port)},
-                   log=tmp_path / f"node{n}.log")
-             for n in (0, 1)]
+    nodes = [
+        start(
+            [
+                "supervise",
+                str(cfg),
+                "--run-dir",
+                str(run_dir),
+                "--node-rank",
+                str(n),
+                "--nnodes",
+                "2",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+            ],
+            env={"RESILIENT_NODE_NAME": f"fake{n}", "FAKE_STEP_S": "0.05", "RESILIENT_JOB_INSTANCE": str(port)},
+            log=tmp_path / f"node{n}.log",
+        )
+        for n in (0, 1)
+    ]
     try:
         wait_until(lambda: _rank_step(run_dir, 1) >= 3, 90, "rank 1 stepping")  # past init: the step timeout applies
         ranks_of(nodes[1].pid)[1].send_signal(signal.SIGSTOP)
@@ -140,9 +193,15 @@ def test_sigstop_hang_records_an_incident_naming_the_stopped_rank_from_every_nod
     assert failure["kind"] == "hang" and failure["incident"] == "incidents/0-hang"
     assert "stopped" in summary["culprit"]["reason"] and "fake_rank.py" in summary["culprit"]["frame"]
     assert {"rank0.txt", "rank1.txt", "node0.json", "node1.json", "summary.txt"} <= {
-        p.name for p in (run_dir / failure["incident"]).iterdir()}
-    shown = subprocess.run([sys.executable, "-m", "resilient.cli", "status", str(run_dir)], cwd=REPO,
-                           capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+        p.name for p in (run_dir / failure["incident"]).iterdir()
+    }
+    shown = subprocess.run(
+        [sys.executable, "-m", "resilient.cli", "status", str(run_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert "incidents/0-hang" in shown.stdout and "culprit rank 1" in shown.stdout, shown.stdout
 
 

@@ -19,8 +19,12 @@ from trainer.megatron_lm import checkpoints as megatron_lm
 
 def test_placeholders_are_filled_and_nothing_is_appended():
     cfg = SupervisorConfig(rank_command=["pretrain_gpt.py", "--save={run_dir}/ckpt", "--cfg", "{config}"])
-    assert cfg.rank_argv(Path("/r/config.yaml"), Path("/r")) == ["pretrain_gpt.py", "--save=/r/ckpt", "--cfg",
-                                                                "/r/config.yaml"]
+    assert cfg.rank_argv(Path("/r/config.yaml"), Path("/r")) == [
+        "pretrain_gpt.py",
+        "--save=/r/ckpt",
+        "--cfg",
+        "/r/config.yaml",
+    ]
     assert SupervisorConfig().rank_argv(Path("/r/c.yaml"), Path("/r"))[-2:] == ["--config", "/r/c.yaml"]
 
 
@@ -29,8 +33,10 @@ def test_unknown_placeholder_is_refused():
         SupervisorConfig(rank_command=["x", "{cfg}"])
 
 
-@pytest.mark.parametrize("protocol,configured,expected", [
-    ("heartbeat", None, signal.SIGUSR1), ("exit_only", None, signal.SIGTERM), ("exit_only", "SIGINT", signal.SIGINT)])
+@pytest.mark.parametrize(
+    "protocol,configured,expected",
+    [("heartbeat", None, signal.SIGUSR1), ("exit_only", None, signal.SIGTERM), ("exit_only", "SIGINT", signal.SIGINT)],
+)
 def test_stop_signal_follows_the_protocol_unless_configured(protocol, configured, expected):
     cfg = SupervisorConfig(rank_protocol=protocol, rank_stop_signal=configured)
     assert cfg.stop_signal() is expected and cfg.rank_protocol is RankProtocol(protocol)
@@ -60,8 +66,10 @@ def test_newest_complete_step_in_every_megatron_lm_layout(megatron_lm_saves, nam
 def test_a_newer_non_persistent_save_is_progress_until_it_is_damaged(megatron_lm_saves, tmp_path):
     save = Path(shutil.copytree(megatron_lm_saves.path("core19-torch_dist+non_persistent"), tmp_path / "save"))
     assert made_progress(20, newest_complete_step(save)) == (True, "reached step 25 from step 20")
-    newest_of_each_tier = (megatron_lm.iteration_dir(save / megatron_lm.NON_PERSISTENT, 25),
-                           megatron_lm.iteration_dir(save, 20))
+    newest_of_each_tier = (
+        megatron_lm.iteration_dir(save / megatron_lm.NON_PERSISTENT, 25),
+        megatron_lm.iteration_dir(save, 20),
+    )
     for damaged in newest_of_each_tier:
         shard = damaged / "__0_0.distcp"
         os.truncate(shard, shard.stat().st_size - 1)

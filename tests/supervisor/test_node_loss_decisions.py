@@ -25,6 +25,7 @@ CFG = load_config(None, ["supervisor.max_restarts=2", "supervisor.node_lease_s=4
 
 # -- leases ----------------------------------------------------------------------------------------
 
+
 def test_a_lease_expires_when_its_number_stops_changing_on_the_readers_clock():
     table = LeaseTable(range(3), lease_s=4.0, join_s=30.0, now=100.0)
     for t in (101.0, 102.0, 103.0):
@@ -54,6 +55,7 @@ def test_lease_boundary_and_renewal_period():
 
 # -- election --------------------------------------------------------------------------------------
 
+
 def test_majority_of_the_allocation_and_no_two_disjoint_majorities():
     assert [election.majority(n) for n in range(1, 7)] == [1, 2, 2, 3, 3, 4]
     for slots in range(1, 8):
@@ -81,6 +83,7 @@ def test_merge_takes_the_newest_roster_the_furthest_attempt_and_any_stop():
 
 # -- the roster ------------------------------------------------------------------------------------
 
+
 def test_a_spare_takes_the_failed_nodes_rank_and_the_failed_slot_goes_out():
     r = rosters.initial(2, 4, ["n0", "n1", "n2", "n3"])
     assert (r.nodes, r.spares, r.role(2), r.node_rank(1)) == ((0, 1), (2, 3), rosters.Role.SPARE, 1)
@@ -99,9 +102,18 @@ def test_a_spare_takes_the_failed_nodes_rank_and_the_failed_slot_goes_out():
 
 # -- the replacement decision ------------------------------------------------------------------------
 
+
 def _ctx(nnodes=2, *, spares=0, lost=None, restarts=0, streak=0, stop=None):
-    return AttemptContext(nnodes=nnodes, restarts_done=restarts, no_progress_streak=streak, train_steps=100,
-                          stop=stop, newest_committed=None, lost=lost or {}, spares=spares)
+    return AttemptContext(
+        nnodes=nnodes,
+        restarts_done=restarts,
+        no_progress_streak=streak,
+        train_steps=100,
+        stop=stop,
+        newest_committed=None,
+        lost=lost or {},
+        spares=spares,
+    )
 
 
 def test_a_lost_node_is_replaced_at_once_without_waiting_for_its_report_or_spending_the_budget():
@@ -141,6 +153,7 @@ def test_a_finished_attempt_with_a_lost_node_is_not_finished():
 
 
 # -- the election protocol, between real stores ------------------------------------------------------
+
 
 def _topo(slot: int, slots: int, port: int) -> Topology:
     return Topology(slot, slots, ("127.0.0.1",) * slots, port, f"n{slot}", "test")

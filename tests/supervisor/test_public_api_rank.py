@@ -29,10 +29,21 @@ def test_the_docs_show_the_example_verbatim():
 
 def _run(tmp_path: Path, steps: int, supervisor: dict | None = None):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"supervisor": {
-        "nproc_per_node": 2, "backoff_initial_s": 0.1, "termination_grace_s": 2.0,
-        "rank_command": [sys.executable, str(EXAMPLE), "--steps", str(steps), "--save", "{run_dir}/state"],
-        **(supervisor or {})}, "health": {"enabled": False}, "metrics": {"enabled": False}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "supervisor": {
+                    "nproc_per_node": 2,
+                    "backoff_initial_s": 0.1,
+                    "termination_grace_s": 2.0,
+                    "rank_command": [sys.executable, str(EXAMPLE), "--steps", str(steps), "--save", "{run_dir}/state"],
+                    **(supervisor or {}),
+                },
+                "health": {"enabled": False},
+                "metrics": {"enabled": False},
+            }
+        )
+    )
     run_dir = tmp_path / "run"
     return start(["run", str(cfg), "--run-dir", str(run_dir)], log=tmp_path / "supervisor.log"), run_dir
 
@@ -92,9 +103,19 @@ def test_megatron_lm_hook_points_become_heartbeats(tmp_path):
     mlm_hooks.shutdown()
     got += server.drain()
     assert [(b["phase"], b["step"]) for b in got] == [
-                   ("init", 0), ("restore", 100), ("checkpoint", 100), ("step", 100), ("step", 101),
-                   ("checkpoint", 101), ("step", 101), ("step", 102), ("eval", 102), ("checkpoint", 102),
-                   ("step", 102), ("done", 102)]
+        ("init", 0),
+        ("restore", 100),
+        ("checkpoint", 100),
+        ("step", 100),
+        ("step", 101),
+        ("checkpoint", 101),
+        ("step", 101),
+        ("step", 102),
+        ("eval", 102),
+        ("checkpoint", 102),
+        ("step", 102),
+        ("done", 102),
+    ]
     assert got[4]["loss"] == 2.5 and got[4]["step_time"] >= 0 and "ckpt_step" not in got[3]
     assert got[10]["ckpt_step"] == 102 and got[10]["ckpt_blocking_s"] >= 0
     assert hooks.iteration == 102 and got[-1]["phase"] == Phase.DONE

@@ -48,8 +48,14 @@ def test_planner_restart_cost_uses_the_measured_coordination_at_the_node_count()
     large, why = restart_coordination_seconds(1024)
     assert 0 < small < large < 10 and "measured" in why
     assert "extrapolated" in restart_coordination_seconds(16384)[1]
-    plan = make_plan(PRESETS["tiny"], Layout(tp=1, pp=1, cp=1, dp=16), seq_len=64, micro_batch=1, global_batch=16,
-                     assume=Assumptions(mtbf_hours=10.0, gpus_per_node=8))
+    plan = make_plan(
+        PRESETS["tiny"],
+        Layout(tp=1, pp=1, cp=1, dp=16),
+        seq_len=64,
+        micro_batch=1,
+        global_batch=16,
+        assume=Assumptions(mtbf_hours=10.0, gpus_per_node=8),
+    )
     coordination, _ = restart_coordination_seconds(2)
     assert plan.restart_coordination_seconds == coordination
     assert plan.restart_seconds == coordination + Assumptions.restart_overhead_s + plan.ckpt_write_seconds

@@ -23,6 +23,7 @@ EXAMPLE = REPO / "examples" / "supervised_rank.py"
 
 # -- pure -------------------------------------------------------------------------------------------
 
+
 def test_own_trainer_is_parked_with_torch_megatron_and_its_modules():
     cmd, reason = spares.park_argv([PY, "-m", "trainer", "--config", "c.yaml"], PY, ["extra.mod"])
     assert cmd is not None and cmd[:3] == [PY, "-m", "resilient.rank.park"], reason
@@ -37,9 +38,14 @@ def test_a_script_is_parked_with_its_top_level_imports_and_directory():
     assert "resilient.rank" in cmd and "argparse" in cmd
 
 
-@pytest.mark.parametrize("argv,why", [(["/usr/bin/env", "python", "x.py"], "not this interpreter"),
-                                      ([PY, "-u", "x.py"], "interpreter options"),
-                                      ([PY, "/no/such/script.py"], "interpreter options")])
+@pytest.mark.parametrize(
+    "argv,why",
+    [
+        (["/usr/bin/env", "python", "x.py"], "not this interpreter"),
+        ([PY, "-u", "x.py"], "interpreter options"),
+        ([PY, "/no/such/script.py"], "interpreter options"),
+    ],
+)
 def test_other_commands_get_no_spares(argv, why):
     cmd, reason = spares.park_argv(argv, PY)
     assert cmd is None and why in reason
@@ -54,6 +60,7 @@ def test_refill_waits_for_stepping_ranks_or_the_delay():
 
 
 # -- processes ---------------------------------------------------------------------------------------
+
 
 def _parked(supervisor_pid: int) -> set[int]:
     return {c.pid for c in psutil.Process(supervisor_pid).children() if is_parked(c.pid)}
@@ -74,8 +81,10 @@ def _kill_rank1_spares_take_over(proc, log) -> set[int]:
 
 def test_spares_take_the_ranks_of_the_next_attempt(tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(["run", str(write_config(tmp_path / "cfg.yaml", steps=40, health=False)), "--run-dir",
-                  str(run_dir)], log=tmp_path / "supervisor.log")
+    proc = start(
+        ["run", str(write_config(tmp_path / "cfg.yaml", steps=40, health=False)), "--run-dir", str(run_dir)],
+        log=tmp_path / "supervisor.log",
+    )
     wait_until(lambda: any(s["step"] >= 5 for s in steps_done(run_dir)), 60, "step 5")
     parked = _kill_rank1_spares_take_over(proc, tmp_path / "supervisor.log")
     second = [e for e in events(run_dir, "attempt_start") if e["attempt"] == 1]
@@ -98,10 +107,20 @@ def test_without_spares_every_rank_starts_cold(tmp_path):
 
 def test_a_foreign_python_script_runs_from_a_spare(tmp_path):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"supervisor": {
-        "nproc_per_node": 2, "backoff_initial_s": 0.1, "termination_grace_s": 2.0,
-        "rank_command": [PY, str(EXAMPLE), "--steps", "200", "--save", "{run_dir}/state"]},
-        "health": {"enabled": False}, "metrics": {"enabled": False}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "supervisor": {
+                    "nproc_per_node": 2,
+                    "backoff_initial_s": 0.1,
+                    "termination_grace_s": 2.0,
+                    "rank_command": [PY, str(EXAMPLE), "--steps", "200", "--save", "{run_dir}/state"],
+                },
+                "health": {"enabled": False},
+                "metrics": {"enabled": False},
+            }
+        )
+    )
     run_dir = tmp_path / "run"
     proc = start(["run", str(cfg), "--run-dir", str(run_dir)], log=tmp_path / "supervisor.log")
 
@@ -118,13 +137,18 @@ def test_a_foreign_python_script_runs_from_a_spare(tmp_path):
 
 def test_a_spare_dies_with_its_supervisor(tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(["run", str(write_config(tmp_path / "cfg.yaml", steps=100000, health=False)), "--run-dir",
-                  str(run_dir)], log=tmp_path / "supervisor.log")
+    proc = start(
+        ["run", str(write_config(tmp_path / "cfg.yaml", steps=100000, health=False)), "--run-dir", str(run_dir)],
+        log=tmp_path / "supervisor.log",
+    )
     parked = wait_until(lambda: len(_parked(proc.pid)) == 2 and _parked(proc.pid), 60, "two parked spares")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                               for p in parked), 10, "spares gone")
+    wait_until(
+        lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in parked),
+        10,
+        "spares gone",
+    )
 
 
 FDS_BOUND = 4
@@ -137,13 +161,20 @@ RSS_BOUND = 16 * 2**20
 def test_100_warm_restarts_leak_no_fds_processes_or_memory(tmp_path):
     restarts = 100
     run_dir = tmp_path / "run"
-    cfg = write_config(tmp_path / "cfg.yaml", steps=100000, health=False,
-                       supervisor={"max_restarts": restarts, "status_interval_s": 5.0})
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        steps=100000,
+        health=False,
+        supervisor={"max_restarts": restarts, "status_interval_s": 5.0},
+    )
     data = yaml.safe_load(cfg.read_text())
     data["metrics"] = {"enabled": False}
     cfg.write_text(yaml.safe_dump(data))
-    proc = start(["run", str(cfg), "--run-dir", str(run_dir)], log=tmp_path / "supervisor.log",
-                 env={"FAKE_STEP_S": "0.02", "FAKE_CRASH": "every:5"})
+    proc = start(
+        ["run", str(cfg), "--run-dir", str(run_dir)],
+        log=tmp_path / "supervisor.log",
+        env={"FAKE_STEP_S": "0.02", "FAKE_CRASH": "every:5"},
+    )
     sup = psutil.Process(proc.pid)
     samples = []  # (attempt, open fds, processes under the supervisor, rss)
     while proc.poll() is None:
@@ -172,6 +203,9 @@ def test_status_shows_the_spares_and_their_memory(tmp_path):
     from resilient.status import render_status
 
     console = Console(record=True, width=200)
-    render_status({"state": "running", "ranks": [], "spares": {"vm": {"count": 2, "rss_bytes": 3 * 2**29}}},
-                  console, run_dir=tmp_path)
+    render_status(
+        {"state": "running", "ranks": [], "spares": {"vm": {"count": 2, "rss_bytes": 3 * 2**29}}},
+        console,
+        run_dir=tmp_path,
+    )
     assert "warm spares: vm 2 (1.50 GiB)" in console.export_text()

@@ -102,17 +102,45 @@ def test_an_unprivileged_client_can_neither_read_write_stop_restart_nor_flood_th
     cfg = write_config(tmp_path / "cfg.yaml", steps=300, nproc=2, health=False)
     run_dir, port = tmp_path / "run", _free_port()
     os.chmod(tmp_path, 0o755)  # the attacker may look around; the run dir itself is 0700
-    proc = start(["supervise", str(cfg), "--run-dir", str(run_dir), "--node-rank", "0", "--nnodes", "1",
-                  "--master-addr", "127.0.0.1", "--master-port", str(port)],
-                 env={"FAKE_STEP_S": "0.05", "FAKE_CKPT_EVERY": "1"}, log=tmp_path / "supervisor.log")
+    proc = start(
+        [
+            "supervise",
+            str(cfg),
+            "--run-dir",
+            str(run_dir),
+            "--node-rank",
+            "0",
+            "--nnodes",
+            "1",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+        ],
+        env={"FAKE_STEP_S": "0.05", "FAKE_CKPT_EVERY": "1"},
+        log=tmp_path / "supervisor.log",
+    )
     try:
         wait_until(_progress(run_dir, 5), 60, "step 5")
         secret = run_dir / ".secret"
         assert secret.stat().st_mode & 0o777 == 0o600
         rss_before = psutil.Process(proc.pid).memory_info().rss
-        got = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                              "/usr/bin/python3", "-c", ATTACK, str(run_dir), str(port)],
-                             capture_output=True, text=True, timeout=120)
+        got = subprocess.run(
+            [
+                "setpriv",
+                f"--reuid={NOBODY}",
+                f"--regid={NOBODY}",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-c",
+                ATTACK,
+                str(run_dir),
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert got.returncode == 0, got.stderr[-2000:]
         out = json.loads(got.stdout.strip().splitlines()[-1])
         assert out["uid"] == NOBODY and out["secret"] == "PermissionError"
@@ -170,8 +198,9 @@ def test_a_frozen_store_is_lost_within_the_deadline_not_never():
     listener.listen()  # accepts connections, never answers: what a SIGSTOPped coordinator looks like
     try:
         with pytest.raises(StoreUnavailable, match="no answer|bad proof|cannot reach"):
-            StoreClient("127.0.0.1", listener.getsockname()[1], sealer.store_key, connect_timeout_s=0.5,
-                        op_timeout_s=0.5)
+            StoreClient(
+                "127.0.0.1", listener.getsockname()[1], sealer.store_key, connect_timeout_s=0.5, op_timeout_s=0.5
+            )
     finally:
         listener.close()
 
@@ -198,10 +227,12 @@ def test_sealed_values_bind_key_and_job_instance():
     sealer = Sealer(b"k" * 32, "slurm:7.0")
     blob = sealer.seal("stop", {"reason": "x"})
     assert sealer.open("stop", blob) == {"reason": "x"}
-    for wrong in (lambda: sealer.open("a/0/restart", blob),                       # moved to another key
-                  lambda: Sealer(b"k" * 32, "slurm:7.1").open("stop", blob),        # replayed into a requeue
-                  lambda: Sealer(b"j" * 32, "slurm:7.0").open("stop", blob),        # another secret
-                  lambda: sealer.open("stop", blob[:-1] + bytes([blob[-1] ^ 1]))):  # tampered
+    for wrong in (
+        lambda: sealer.open("a/0/restart", blob),  # moved to another key
+        lambda: Sealer(b"k" * 32, "slurm:7.1").open("stop", blob),  # replayed into a requeue
+        lambda: Sealer(b"j" * 32, "slurm:7.0").open("stop", blob),  # another secret
+        lambda: sealer.open("stop", blob[:-1] + bytes([blob[-1] ^ 1])),
+    ):  # tampered
         with pytest.raises(Forged):
             wrong()
 
@@ -232,8 +263,15 @@ def test_the_rank_rendezvous_store_admits_only_this_attempts_ranks(tmp_path):
 
     load_or_create(tmp_path)
     port = _free_port()
-    env = RankEnv(rank=0, world_size=2, master_addr="127.0.0.1", master_port=port, attempt=3, run_dir=tmp_path,
-                  supervisor_pid=os.getpid())
+    env = RankEnv(
+        rank=0,
+        world_size=2,
+        master_addr="127.0.0.1",
+        master_port=port,
+        attempt=3,
+        run_dir=tmp_path,
+        supervisor_pid=os.getpid(),
+    )
     rank0 = rendezvous_store(env, rendezvous_key(env), 10.0)
     rank0.set("rank0", b"10.0.0.1:4242")
     rank1 = rendezvous_store(dataclasses.replace(env, rank=1), rendezvous_key(env), 10.0)
@@ -243,9 +281,21 @@ def test_the_rank_rendezvous_store_admits_only_this_attempts_ranks(tmp_path):
     stale = rendezvous_key(dataclasses.replace(env, attempt=2))  # a rank left over from the last attempt
     with pytest.raises(StoreUnavailable, match="bad proof"):
         StoreClient("127.0.0.1", port, stale, connect_timeout_s=0.5, op_timeout_s=0.5)
-    got = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                          "/usr/bin/python3", "-c", RENDEZVOUS_ATTACK, str(port)], capture_output=True, text=True,
-                         timeout=60)
+    got = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            RENDEZVOUS_ATTACK,
+            str(port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert got.returncode == 0, got.stderr[-2000:]
     assert json.loads(got.stdout) == {"tcpstore_get": "", "tcpstore_set": ""}  # closed: nothing read or written
     assert rank1.get("rank0") == b"10.0.0.1:4242" and rank1.num_keys() == 2

@@ -84,9 +84,11 @@ def test_supervisor_signal_preempts_and_rerun_resumes_at_that_step(tmp_path, sig
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "preempted"
 
-    proc = start(["run", str(tmp_path / "cfg.yaml"), "--run-dir", str(run_dir),
-                  "--set", "train.steps=" + str(saved + 5)],
-                 env={"FAKE_CKPT_EVERY": "1000"}, log=tmp_path / "supervisor.log")
+    proc = start(
+        ["run", str(tmp_path / "cfg.yaml"), "--run-dir", str(run_dir), "--set", "train.steps=" + str(saved + 5)],
+        env={"FAKE_CKPT_EVERY": "1000"},
+        log=tmp_path / "supervisor.log",
+    )
     assert proc.wait(60) == ExitCode.FINISHED
     resumed = [s["step"] for s in steps_done(run_dir) if s["attempt"] == 1]
     assert resumed == list(range(saved + 1, saved + 6))  # zero lost steps, none repeated
@@ -94,8 +96,9 @@ def test_supervisor_signal_preempts_and_rerun_resumes_at_that_step(tmp_path, sig
 
 
 def test_ranks_ignoring_the_stop_request_are_killed_after_the_grace(tmp_path):
-    proc, run_dir = _run(tmp_path, {"steps": 1000, "supervisor": {"preempt_grace_s": 2.0}},
-                         env={"FAKE_IGNORE_STOP": "1"})
+    proc, run_dir = _run(
+        tmp_path, {"steps": 1000, "supervisor": {"preempt_grace_s": 2.0}}, env={"FAKE_IGNORE_STOP": "1"}
+    )
     wait_until(_progress(run_dir, 0, 2), 60, "attempt 0 at step 2")
     ranks = list(ranks_of(proc.pid).values())
     signalled = time.monotonic()
@@ -142,11 +145,27 @@ def _free_port() -> int:
 def test_two_supervisors_as_two_nodes_restart_together(tmp_path):
     cfg = write_config(tmp_path / "cfg.yaml", steps=30, nodes=2, nproc=1)
     run_dir, port = tmp_path / "run", _free_port()
-    nodes = [start(["supervise", str(cfg), "--run-dir", str(run_dir), "--node-rank", str(n), "--nnodes", "2",
-                    "--master-addr", "127.0.0.1", "--master-port", str(port)],
-                   env={"RESILIENT_NODE_NAME": f"fake{n}", "RESILIENT_JOB_INSTANCE": run_dir.name + str(port)},
-                   log=tmp_path / f"node{n}.log")
-             for n in (0, 1)]
+    nodes = [
+        start(
+            [
+                "supervise",
+                str(cfg),
+                "--run-dir",
+                str(run_dir),
+                "--node-rank",
+                str(n),
+                "--nnodes",
+                "2",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+            ],
+            env={"RESILIENT_NODE_NAME": f"fake{n}", "RESILIENT_JOB_INSTANCE": run_dir.name + str(port)},
+            log=tmp_path / f"node{n}.log",
+        )
+        for n in (0, 1)
+    ]
     wait_until(_progress(run_dir, 0, 5), 60, "attempt 0 at step 5")
     wait_until(lambda: 1 in ranks_of(nodes[1].pid), 10, "rank 1 under node 1")
     ranks_of(nodes[1].pid)[1].send_signal(signal.SIGKILL)
@@ -185,9 +204,20 @@ def test_fatal_health_during_training_ends_unhealthy_naming_the_node(tmp_path):
     state.write_text(json.dumps({"available": True, "device_count": 1, "devices": [{"index": 0}]}))
     cfg = write_config(tmp_path / "cfg.yaml", steps=1000)
     run_dir = tmp_path / "run"
-    proc = start(["run", str(cfg), "--run-dir", str(run_dir), "--set", f"health.fake_nvml_dir={nvml}",
-                  "--set", "health.monitor_interval_s=0.5"],
-                 env={"RESILIENT_NODE_NAME": "gpunode7"}, log=tmp_path / "supervisor.log")
+    proc = start(
+        [
+            "run",
+            str(cfg),
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            f"health.fake_nvml_dir={nvml}",
+            "--set",
+            "health.monitor_interval_s=0.5",
+        ],
+        env={"RESILIENT_NODE_NAME": "gpunode7"},
+        log=tmp_path / "supervisor.log",
+    )
     wait_until(_progress(run_dir, 0, 3), 60, "attempt 0 at step 3")
     state.write_text(json.dumps({"available": True, "device_count": 1, "devices": [{"index": 0, "xids": [79]}]}))
     assert proc.wait(60) == ExitCode.UNHEALTHY_NODE
@@ -201,8 +231,11 @@ def test_fatal_health_during_training_ends_unhealthy_naming_the_node(tmp_path):
 
 @pytest.mark.parametrize("how", ["exit", "error heartbeat"])
 def test_a_rank_exiting_unhealthy_node_condemns_its_node_and_the_job_is_requeued_without_it(tmp_path, how):
-    verdict = ({"FAKE_CRASH": "every:3", "FAKE_CRASH_CODE": "76"} if how == "exit"
-               else {"FAKE_ERROR_AT": "3", "FAKE_ERROR_CODE": "76"})
+    verdict = (
+        {"FAKE_CRASH": "every:3", "FAKE_CRASH_CODE": "76"}
+        if how == "exit"
+        else {"FAKE_ERROR_AT": "3", "FAKE_ERROR_CODE": "76"}
+    )
     proc, run_dir = _run(tmp_path, {"steps": 30}, env={**verdict, "RESILIENT_NODE_NAME": "badnode"})
     assert proc.wait(90) == ExitCode.UNHEALTHY_NODE
     assert len(events(run_dir, "attempt_start")) == 1  # no restart on a condemned node

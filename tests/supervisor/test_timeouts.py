@@ -5,9 +5,17 @@ import pytest
 from resilient.supervisor import timeouts as t
 from resilient.supervisor.config import SupervisorConfig
 
-CFG = SupervisorConfig(step_timeout_initial_s=100, step_timeout_floor_s=10, step_timeout_factor=4,
-                       step_timeout_min_samples=3, step_timeout_window=5, init_timeout_s=50,
-                       restore_timeout_s=60, checkpoint_timeout_s=70, eval_timeout_s=80)
+CFG = SupervisorConfig(
+    step_timeout_initial_s=100,
+    step_timeout_floor_s=10,
+    step_timeout_factor=4,
+    step_timeout_min_samples=3,
+    step_timeout_window=5,
+    init_timeout_s=50,
+    restore_timeout_s=60,
+    checkpoint_timeout_s=70,
+    eval_timeout_s=80,
+)
 
 
 def test_step_timeout_uses_initial_value_until_enough_samples():
@@ -30,8 +38,9 @@ def test_step_timeout_never_below_floor():
     assert timeout == 10 and "floor" in reason
 
 
-@pytest.mark.parametrize("phase,expected", [("init", 50), ("restore", 60), ("checkpoint", 70), ("done", 70),
-                                            ("eval", 80), ("step", 7.5)])
+@pytest.mark.parametrize(
+    "phase,expected", [("init", 50), ("restore", 60), ("checkpoint", 70), ("done", 70), ("eval", 80), ("step", 7.5)]
+)
 def test_phase_selects_its_timeout(phase, expected):
     assert t.phase_timeout(phase, 7.5, CFG)[0] == expected
 

@@ -45,10 +45,12 @@ def test_free_saves_take_the_lower_bound_and_unmeasured_steps_the_upper():
 
 
 def test_more_failures_mean_shorter_intervals():
-    calm = choose_interval(save_cost_s=1.0, step_s=0.2, mtbf_s=estimate_mtbf(HOUR, 0, 600)[0], min_steps=1,
-                           max_steps=10_000)[0]
-    stormy = choose_interval(save_cost_s=1.0, step_s=0.2, mtbf_s=estimate_mtbf(HOUR, 20, 600)[0], min_steps=1,
-                             max_steps=10_000)[0]
+    calm = choose_interval(
+        save_cost_s=1.0, step_s=0.2, mtbf_s=estimate_mtbf(HOUR, 0, 600)[0], min_steps=1, max_steps=10_000
+    )[0]
+    stormy = choose_interval(
+        save_cost_s=1.0, step_s=0.2, mtbf_s=estimate_mtbf(HOUR, 20, 600)[0], min_steps=1, max_steps=10_000
+    )[0]
     assert stormy < calm
 
 
@@ -173,8 +175,15 @@ def test_config_refuses_crossed_bounds_and_adaptive_without_a_start():
 
 def test_an_adaptive_interval_counts_from_the_last_save_a_fixed_one_at_multiples():
     def due(cfg: CheckpointConfig, step: int, last: int | None) -> bool:
-        return should_save(cfg, interval_steps=cfg.interval_steps, step=step, final_step=1000, last_save_step=last,
-                           seconds_since_save=0.0, stop_requested=False).yes
+        return should_save(
+            cfg,
+            interval_steps=cfg.interval_steps,
+            step=step,
+            final_step=1000,
+            last_save_step=last,
+            seconds_since_save=0.0,
+            stop_requested=False,
+        ).yes
 
     fixed = CheckpointConfig(interval_steps=127)
     adaptive = CheckpointConfig(interval_steps=127, adaptive=True)

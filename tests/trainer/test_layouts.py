@@ -25,8 +25,13 @@ from trainer.config import cpu_refusal, load_trainer_config
 
 pytestmark = pytest.mark.slow
 
-BASE = ["train.steps=6", "train.warmup_steps=2", "train.eval_every=0", "checkpoint.interval_steps=3",
-        "model.overrides.num_layers=4"]
+BASE = [
+    "train.steps=6",
+    "train.warmup_steps=2",
+    "train.eval_every=0",
+    "checkpoint.interval_steps=3",
+    "model.overrides.num_layers=4",
+]
 LAYOUTS = {
     "dp2": (2, []),
     "pp2": (2, ["parallel.pp=2"]),
@@ -75,10 +80,13 @@ def test_stop_and_rerun_on_the_same_layout_is_bit_identical(runs, tmp_path, name
     assert {s: got[s] for s in (4, 5, 6)} == {s: ref[s] for s in (4, 5, 6)}
 
 
-@pytest.mark.parametrize("name, one_rank", [
-    ("pp2", []),
-    ("dp2_distopt", ["parallel.distributed_optimizer=true"]),
-])
+@pytest.mark.parametrize(
+    "name, one_rank",
+    [
+        ("pp2", []),
+        ("dp2_distopt", ["parallel.distributed_optimizer=true"]),
+    ],
+)
 def test_checkpoint_resumes_resharded_on_one_rank(runs, tmp_path, name, one_rank):
     run_dir = tmp_path / f"{name}_to_one_rank"
     shutil.copytree(runs[name], run_dir, ignore=shutil.ignore_patterns("rank*.log"))
@@ -90,15 +98,21 @@ def test_checkpoint_resumes_resharded_on_one_rank(runs, tmp_path, name, one_rank
         assert got[step] == pytest.approx(ref[step], rel=RESHARD_RTOL), (step, got[step], ref[step])
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (["parallel.cp=2"], "parallel.cp: context parallelism needs transformer-engine attention on GPU"),
-    (["parallel.pp=2", "parallel.vpp=3"], "parallel.pp: 2 layers cannot fill 2 pipeline stages x 3 virtual stages"),
-    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel: needs tp > 1"),
-    (["parallel.tp=2", "parallel.sequence_parallel=true"], "parallel.sequence_parallel: needs transformer-engine"),
-    (["parallel.overlap_param_gather=true"], "parallel.overlap_param_gather: needs distributed_optimizer"),
-    (["train.recompute_granularity=full"], "train.recompute_granularity: full recomputation needs"),
-    (["train.recompute_granularity=selective"], "train.recompute_granularity: activation recomputation runs on GPU"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["parallel.cp=2"], "parallel.cp: context parallelism needs transformer-engine attention on GPU"),
+        (["parallel.pp=2", "parallel.vpp=3"], "parallel.pp: 2 layers cannot fill 2 pipeline stages x 3 virtual stages"),
+        (["parallel.sequence_parallel=true"], "parallel.sequence_parallel: needs tp > 1"),
+        (["parallel.tp=2", "parallel.sequence_parallel=true"], "parallel.sequence_parallel: needs transformer-engine"),
+        (["parallel.overlap_param_gather=true"], "parallel.overlap_param_gather: needs distributed_optimizer"),
+        (["train.recompute_granularity=full"], "train.recompute_granularity: full recomputation needs"),
+        (
+            ["train.recompute_granularity=selective"],
+            "train.recompute_granularity: activation recomputation runs on GPU",
+        ),
+    ],
+)
 def test_a_layout_the_trainer_cannot_run_is_refused_naming_the_field(overrides, needle):
     with pytest.raises(ConfigError) as err:
         cfg = load_trainer_config(TINY, overrides, world_size=2)
@@ -108,10 +122,24 @@ def test_a_layout_the_trainer_cannot_run_is_refused_naming_the_field(overrides, 
 
 
 def test_a_refused_layout_ends_the_rank_with_one_line_and_exit_64(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "trainer", "--config", str(TINY),
-                           "--set", "supervisor.nproc_per_node=2", "--set", "parallel.cp=2"],
-                          cwd=REPO, env=rank_env(0, 2, 29999, tmp_path),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "--config",
+            str(TINY),
+            "--set",
+            "supervisor.nproc_per_node=2",
+            "--set",
+            "parallel.cp=2",
+        ],
+        cwd=REPO,
+        env=rank_env(0, 2, 29999, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == ExitCode.CONFIG_ERROR, proc.stderr
     assert len(lines) == 1 and "parallel.cp: context parallelism needs" in lines[0], proc.stderr
@@ -125,8 +153,14 @@ def test_chaos_drills_pass_with_pp2_and_the_distributed_optimizer(tmp_path, monk
     layout_sets = ("parallel.pp=2", "parallel.distributed_optimizer=true")
     reference = drill(tmp_path / "ref", "none", [], steps=12, overrides=layout_sets)
     assert reference["passed"] and reference["digest"], reference
-    report = drill(tmp_path / "run", "steps:5,9", ["kill_rank", "preempt"], steps=12, reference=reference["digest"],
-                   overrides=layout_sets)
+    report = drill(
+        tmp_path / "run",
+        "steps:5,9",
+        ["kill_rank", "preempt"],
+        steps=12,
+        reference=reference["digest"],
+        overrides=layout_sets,
+    )
     assert report["passed"], why_failed(report)
     assert report["digest"] == reference["digest"]
     assert [f["kind"] for f in report["faults"]] == ["kill_rank", "preempt"]

@@ -19,15 +19,28 @@ from tests.ranks import REPO, TINY, digest
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 STEPS, STOP = 12, 5
-SETS = [f"train.steps={STEPS}", "train.warmup_steps=2", "train.eval_every=0", "checkpoint.interval_steps=4",
-        "parallel.pp=2", "parallel.distributed_optimizer=true", "supervisor.warm_spares=false", "metrics.port=0"]
+SETS = [
+    f"train.steps={STEPS}",
+    "train.warmup_steps=2",
+    "train.eval_every=0",
+    "checkpoint.interval_steps=4",
+    "parallel.pp=2",
+    "parallel.distributed_optimizer=true",
+    "supervisor.warm_spares=false",
+    "metrics.port=0",
+]
 
 
 def _run(python: str, run_dir: Path, *extra: str) -> int:
     sets = [a for s in [*SETS, *extra] for a in ("--set", s)]
-    out = subprocess.run([python, "-m", "resilient.cli", "run", str(TINY), "--run-dir", str(run_dir), *sets],
-                         cwd=REPO, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [python, "-m", "resilient.cli", "run", str(TINY), "--run-dir", str(run_dir), *sets],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
+    )
     return out.returncode
 
 
@@ -50,9 +63,22 @@ def test_pp2_distributed_optimizer_stop_and_rerun_ends_on_the_uninterrupted_bits
 def test_a_current_line_checkpoint_is_refused_by_0_16_with_one_line(tmp_path):
     run_dir = tmp_path / "run"
     assert _run(python_for("0.19"), run_dir, "train.steps=4", "parallel.pp=1") == ExitCode.FINISHED
-    out = subprocess.run([python_for("0.16"), "-m", "resilient.cli", "run", str(TINY), "--run-dir", str(run_dir),
-                          *(a for s in [*SETS, "train.steps=8", "parallel.pp=1"] for a in ("--set", s))],
-                         cwd=REPO, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    out = subprocess.run(
+        [
+            python_for("0.16"),
+            "-m",
+            "resilient.cli",
+            "run",
+            str(TINY),
+            "--run-dir",
+            str(run_dir),
+            *(a for s in [*SETS, "train.steps=8", "parallel.pp=1"] for a in ("--set", s)),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert out.returncode == ExitCode.CONFIG_ERROR, out.stderr[-2000:]
     assert "written by megatron-core >= 0.19" in out.stderr and "Traceback" not in out.stderr

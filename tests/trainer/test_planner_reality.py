@@ -34,8 +34,9 @@ def test_405b_example_first_and_last_stage_parameters_match_the_planner(single_p
         assert built == stages[pp_rank].params, pp_rank
     assert stages[0].params == stages[-1].params - arch.hidden_size  # 15 layers + embedding / + output, norm
     full_layout = planner.Layout(tp=p.tp, pp=p.pp, cp=p.cp, dp=cfg.dp(cfg.world_size))
-    plan = planner.make_plan(arch, full_layout, seq_len=cfg.seq_len,
-                             micro_batch=cfg.train.micro_batch, global_batch=cfg.train.global_batch)
+    plan = planner.make_plan(
+        arch, full_layout, seq_len=cfg.seq_len, micro_batch=cfg.train.micro_batch, global_batch=cfg.train.global_batch
+    )
     assert plan.memory.total < 80 * 2**30
 
 
@@ -51,8 +52,9 @@ def _measure(rank: int, world: int, port: int, out: str) -> None:
     from trainer.model import Layout, build_model
     from trainer.optim import build_optimizer
 
-    env = RankEnv(rank=rank, local_rank=rank, world_size=world, local_world_size=world, master_addr="127.0.0.1",
-                  master_port=port)
+    env = RankEnv(
+        rank=rank, local_rank=rank, world_size=world, local_world_size=world, master_addr="127.0.0.1", master_port=port
+    )
     layout = Layout(pp=2, distributed_optimizer=True)
     device = distributed.init_distributed(env, layout, timeout_s=120)
     chunks = build_model(PRESETS["tiny"].model_copy(update={"num_layers": 4}), layout, device=device)
@@ -63,8 +65,13 @@ def _measure(rank: int, world: int, port: int, out: str) -> None:
     for inner in (o.optimizer for o in optimizer.chained_optimizers):
         for st in inner.state.values():
             moments += sum(v.numel() * v.element_size() for k, v in st.items() if k != "step")
-    record = {"rank": rank, "stage": parallel_state.get_pipeline_model_parallel_rank(),
-              "params": params, "grads": grads, "optimizer": moments}
+    record = {
+        "rank": rank,
+        "stage": parallel_state.get_pipeline_model_parallel_rank(),
+        "params": params,
+        "grads": grads,
+        "optimizer": moments,
+    }
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))
     distributed.shutdown()
 
@@ -74,8 +81,14 @@ def test_planner_memory_components_match_a_real_pp2_dp2_distributed_optimizer_ra
     world = 4
     mp.start_processes(_measure, args=(world, free_port(), str(tmp_path)), nprocs=world, start_method="spawn")
     arch = PRESETS["tiny"].model_copy(update={"num_layers": 4})
-    stages = planner.memory_per_stage(arch, planner.Layout(tp=1, pp=2, cp=1, dp=2), seq_len=128, micro_batch=2,
-                                      grad_accum=2, state=planner.StateBytes.fp32())
+    stages = planner.memory_per_stage(
+        arch,
+        planner.Layout(tp=1, pp=2, cp=1, dp=2),
+        seq_len=128,
+        micro_batch=2,
+        grad_accum=2,
+        state=planner.StateBytes.fp32(),
+    )
     for rank in range(world):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         want = stages[got["stage"]]

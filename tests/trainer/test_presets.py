@@ -18,6 +18,12 @@ def test_preset_parameter_count_matches_published(single_process_megatron, prese
 
 def test_405b_shape_is_the_published_one():
     arch = PRESETS["llama31-405b"]
-    assert (arch.num_layers, arch.hidden_size, arch.num_attention_heads, arch.num_query_groups,
-            arch.ffn_hidden_size, arch.vocab_size, arch.max_position_embeddings) == (
-        126, 16384, 128, 8, 53248, 128256, 8192)
+    assert (
+        arch.num_layers,
+        arch.hidden_size,
+        arch.num_attention_heads,
+        arch.num_query_groups,
+        arch.ffn_hidden_size,
+        arch.vocab_size,
+        arch.max_position_embeddings,
+    ) == (126, 16384, 128, 8, 53248, 128256, 8192)

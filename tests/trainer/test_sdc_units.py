@@ -119,10 +119,18 @@ def test_flip_bit_and_its_default_bits():
 
 
 def test_injection_reads_this_ranks_entries_once_and_poisons_a_window_again(tmp_path):
-    (tmp_path / "faults.json").write_text(json.dumps({
-        "nan_loss": [{"step": 4}],
-        "bitflip": [{"step": 6, "rank": 1, "attempt": 0, "target": "gradients", "bit": 3},
-                    {"step": 7, "rank": 0, "attempt": 0}, {"step": 8, "rank": 1, "attempt": 1}]}))
+    (tmp_path / "faults.json").write_text(
+        json.dumps(
+            {
+                "nan_loss": [{"step": 4}],
+                "bitflip": [
+                    {"step": 6, "rank": 1, "attempt": 0, "target": "gradients", "bit": 3},
+                    {"step": 7, "rank": 0, "attempt": 0},
+                    {"step": 8, "rank": 1, "attempt": 1},
+                ],
+            }
+        )
+    )
     rank1 = FaultInjection(tmp_path, attempt=0, rank=1)
     flip = rank1.bitflip(6)
     assert (flip.step, flip.target, flip.bit) == (6, "gradients", 3)

@@ -21,8 +21,9 @@ def twin_runs(reference_run, tmp_path_factory) -> tuple[Path, Path]:
     """The reference run (replica checks on, every 10 steps by default) and a second run of the same config
     with the checks off: checks read the parameters' bits and must never change them."""
     twin = tmp_path_factory.mktemp("twin")
-    assert run_ranks(twin, [*REFERENCE, "numerics.replica_check_interval_steps=0"]) == [0, 0], \
-        (twin / "rank0.log").read_text()[-3000:]
+    assert run_ranks(twin, [*REFERENCE, "numerics.replica_check_interval_steps=0"]) == [0, 0], (
+        twin / "rank0.log"
+    ).read_text()[-3000:]
     return reference_run, twin
 
 
@@ -62,30 +63,49 @@ def test_first_step_loss_independent_of_parallel_layout(tmp_path):
         assert abs(value - reference) / reference < 1e-4, first
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (["model.preset=llama5"], "model: unknown preset 'llama5'"),
-    (["train.stepz=3"], "train.stepz"),
-    (["supervisor.nproc_per_node=3", "parallel.tp=3"], "not divisible by tp=3"),
-    (["train.global_batch=7"], "train.global_batch: 7 is not divisible"),
-    (["data.path=/nonexistent/c4"], "/nonexistent/c4"),
-    (["data.tokenizer=EMPTY"], "data.tokenizer"),
-    (["data.tokenizer=GARBAGE"], "data.tokenizer"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["model.preset=llama5"], "model: unknown preset 'llama5'"),
+        (["train.stepz=3"], "train.stepz"),
+        (["supervisor.nproc_per_node=3", "parallel.tp=3"], "not divisible by tp=3"),
+        (["train.global_batch=7"], "train.global_batch: 7 is not divisible"),
+        (["data.path=/nonexistent/c4"], "/nonexistent/c4"),
+        (["data.tokenizer=EMPTY"], "data.tokenizer"),
+        (["data.tokenizer=GARBAGE"], "data.tokenizer"),
+    ],
+)
 def test_bad_input_is_refused_naming_the_key(tmp_path, overrides, needle):
     (tmp_path / "empty.json").write_text("")
     (tmp_path / "garbage.json").write_text("{not json")
-    overrides = [o.replace("EMPTY", str(tmp_path / "empty.json")).replace("GARBAGE", str(tmp_path / "garbage.json"))
-                 for o in overrides]
+    overrides = [
+        o.replace("EMPTY", str(tmp_path / "empty.json")).replace("GARBAGE", str(tmp_path / "garbage.json"))
+        for o in overrides
+    ]
     with pytest.raises(ConfigError) as err:  # what a rank checks before its first collective
         check_inputs(load_trainer_config(TINY, ["supervisor.nproc_per_node=1", *overrides], world_size=1).data)
     assert needle in err.value.one_line()
 
 
 def test_bad_input_ends_the_rank_with_one_line_and_exit_64(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "trainer", "--config", str(TINY),
-                           "--set", "supervisor.nproc_per_node=1", "--set", "data.path=/nonexistent/c4"],
-                          cwd=REPO, env=rank_env(0, 1, 29999, tmp_path),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "--config",
+            str(TINY),
+            "--set",
+            "supervisor.nproc_per_node=1",
+            "--set",
+            "data.path=/nonexistent/c4",
+        ],
+        cwd=REPO,
+        env=rank_env(0, 1, 29999, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 64, proc.stderr
     assert len(lines) == 1 and "/nonexistent/c4" in lines[0] and "config error" in lines[0], proc.stderr

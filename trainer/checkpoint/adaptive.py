@@ -50,8 +50,12 @@ def last_decisions(run_dir: Path) -> dict[str, LastDecision]:
     last = dict.fromkeys(TIER_FIELDS, LastDecision())
     for rec in ledger.read(run_dir):
         if rec.get("event") == LedgerEvent.CKPT_INTERVAL and rec.get("tier") in last:
-            last[rec["tier"]] = LastDecision(float(rec.get("save_cost_s") or 0.0), float(rec.get("step_s") or 0.0),
-                                             int(rec.get("steps") or 0), rec.get("configured"))
+            last[rec["tier"]] = LastDecision(
+                float(rec.get("save_cost_s") or 0.0),
+                float(rec.get("step_s") or 0.0),
+                int(rec.get("steps") or 0),
+                rec.get("configured"),
+            )
     return last
 
 
@@ -59,13 +63,22 @@ class AdaptiveInterval:
     """The one owner of each tier's current interval: the configured one, moved as `cfg.adaptive`
     decides. `cfg` itself never changes."""
 
-    def __init__(self, cfg: CheckpointConfig, run_dir: Path, *, attempt: int, is_logger: bool,
-                 device: torch.device, history: FailureHistory,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        run_dir: Path,
+        *,
+        attempt: int,
+        is_logger: bool,
+        device: torch.device,
+        history: FailureHistory,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.cfg, self.run_dir, self.attempt, self.is_logger = cfg, run_dir, attempt, is_logger
         self.device, self.clock = device, clock
-        self.meters = {tier: interval.CostMeter(cfg.cost_window_steps)
-                       for tier, name in TIER_FIELDS.items() if getattr(cfg, name)}
+        self.meters = {
+            tier: interval.CostMeter(cfg.cost_window_steps) for tier, name in TIER_FIELDS.items() if getattr(cfg, name)
+        }
         self.configured = {tier: getattr(cfg, name) for tier, name in TIER_FIELDS.items()}
         self.current = dict(self.configured)
         """Each tier's interval now (0: the tier is off)."""
@@ -86,12 +99,18 @@ class AdaptiveInterval:
         for tier, meter in self.meters.items():
             meter.seed(last[tier].cost_s)
             self._restore(tier, step, last[tier])
-            self._decide(tier, step, last[tier].cost_s, last[tier].step_s,
-                         why="at start, from the last measurement and the failure history")
+            self._decide(
+                tier,
+                step,
+                last[tier].cost_s,
+                last[tier].step_s,
+                why="at start, from the last measurement and the failure history",
+            )
         self._last_end = self.clock()
 
-    def iteration_done(self, step: int, saved: str | None, in_flight: bool, excluded_s: float = 0.0,
-                       blocking_s: float = 0.0) -> None:
+    def iteration_done(
+        self, step: int, saved: str | None, in_flight: bool, excluded_s: float = 0.0, blocking_s: float = 0.0
+    ) -> None:
         """At the end of each loop iteration (every rank): `saved` names the tier this iteration saved
         to; `in_flight` while a disk save's background write is unfinished (the same on every rank:
         finalizing is collective). A memory snapshot's window is its fixed `cost_window_steps`: its
@@ -114,12 +133,23 @@ class AdaptiveInterval:
         """Take up the interval the previous attempts chose (within this config's bounds), so that a
         restart continues from it rather than from the configured start; hysteresis then applies to it.
         An operator who changed the configured interval since has the last word."""
-        restored = interval.restored_interval(last.steps, last.configured, self.current[tier],
-                                              min_steps=self.cfg.min_interval_steps,
-                                              max_steps=self.cfg.max_interval_steps)
-        self._set(tier, step, restored, f"at start: the interval chosen before the restart ({last.steps} steps), "
-                  "restored", save_cost_s=last.cost_s, step_s=last.step_s, failures=self.failures,
-                  exposure_s=self.exposure_s)
+        restored = interval.restored_interval(
+            last.steps,
+            last.configured,
+            self.current[tier],
+            min_steps=self.cfg.min_interval_steps,
+            max_steps=self.cfg.max_interval_steps,
+        )
+        self._set(
+            tier,
+            step,
+            restored,
+            f"at start: the interval chosen before the restart ({last.steps} steps), restored",
+            save_cost_s=last.cost_s,
+            step_s=last.step_s,
+            failures=self.failures,
+            exposure_s=self.exposure_s,
+        )
 
     def _decide(self, tier: str, step: int, cost: float, step_s: float, *, why: str) -> None:
         exposure = self.exposure_s + (self.clock() - self.started)
@@ -129,13 +159,27 @@ class AdaptiveInterval:
         if step_s <= 0:
             return  # nothing measured yet: keep the configured interval
         mtbf, mtbf_why = interval.estimate_mtbf(self.cfg.prior_mtbf_hours * 3600, int(failures), exposure)
-        steps, reason = interval.choose_interval(save_cost_s=cost, step_s=step_s, mtbf_s=mtbf,
-                                                 min_steps=self.cfg.min_interval_steps,
-                                                 max_steps=self.cfg.max_interval_steps)
-        if interval.worth_changing(self.current[tier], steps,
-                                   min_steps=self.cfg.min_interval_steps, max_steps=self.cfg.max_interval_steps):
-            self._set(tier, step, steps, f"{why}: {reason}; {mtbf_why}", save_cost_s=cost, step_s=step_s,
-                      mtbf_s=mtbf, failures=int(failures), exposure_s=exposure)
+        steps, reason = interval.choose_interval(
+            save_cost_s=cost,
+            step_s=step_s,
+            mtbf_s=mtbf,
+            min_steps=self.cfg.min_interval_steps,
+            max_steps=self.cfg.max_interval_steps,
+        )
+        if interval.worth_changing(
+            self.current[tier], steps, min_steps=self.cfg.min_interval_steps, max_steps=self.cfg.max_interval_steps
+        ):
+            self._set(
+                tier,
+                step,
+                steps,
+                f"{why}: {reason}; {mtbf_why}",
+                save_cost_s=cost,
+                step_s=step_s,
+                mtbf_s=mtbf,
+                failures=int(failures),
+                exposure_s=exposure,
+            )
 
     def _set(self, tier: str, step: int, steps: int, reason: str, **measured: float) -> None:
         """Change `tier`'s interval to `steps` (if it differs): the interval, the log, the ledger."""
@@ -146,6 +190,15 @@ class AdaptiveInterval:
         log.info("checkpoint interval (%s) %d -> %d steps at step %d: %s", tier, previous, steps, step, reason)
         if self.is_logger:
             rounded = {k: round(v, 1 if k in ("mtbf_s", "exposure_s") else 4) for k, v in measured.items()}
-            ledger.append(self.run_dir, LedgerEvent.CKPT_INTERVAL, tier=tier, steps=steps, previous=previous,
-                          configured=self.configured[tier], step=step, attempt=self.attempt, **rounded,
-                          reason=reason)
+            ledger.append(
+                self.run_dir,
+                LedgerEvent.CKPT_INTERVAL,
+                tier=tier,
+                steps=steps,
+                previous=previous,
+                configured=self.configured[tier],
+                step=step,
+                attempt=self.attempt,
+                **rounded,
+                reason=reason,
+            )

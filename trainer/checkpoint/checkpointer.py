@@ -47,8 +47,11 @@ log = logging.getLogger(__name__)
 
 def schedule_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
     """Scheduler settings that differ between a checkpoint and this run: name -> [saved, now]."""
-    return {k: [saved[k], current[k]] for k in sorted(saved.keys() & current.keys())
-            if k != "num_steps" and saved[k] != current[k]}
+    return {
+        k: [saved[k], current[k]]
+        for k in sorted(saved.keys() & current.keys())
+        if k != "num_steps" and saved[k] != current[k]
+    }
 
 
 @dataclass(frozen=True)
@@ -66,11 +69,20 @@ class StepSave:
 class Checkpointer:
     """One per rank; every public method is called by all ranks at the same step boundary."""
 
-    def __init__(self, cfg: CheckpointConfig, run_dir: Path, *, final_step: int, device: torch.device,
-                 attempt: int = 0, history: FailureHistory = FailureHistory(),
-                 on_commit: Callable[[int, float, int], None] | None = None,
-                 on_save_start: Callable[[int], None] | None = None, local_world: int | None = None,
-                 allow_shared_dir: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        run_dir: Path,
+        *,
+        final_step: int,
+        device: torch.device,
+        attempt: int = 0,
+        history: FailureHistory = FailureHistory(),
+        on_commit: Callable[[int, float, int], None] | None = None,
+        on_save_start: Callable[[int], None] | None = None,
+        local_world: int | None = None,
+        allow_shared_dir: bool = False,
+    ) -> None:
         """`final_step`: the run's last step (always saved; never snapshot); `device`: where the schedule's
         agreement collective runs; `history`: the run's failure history (the adaptive interval's MTBF);
         `on_commit(step, total_seconds, bytes)` runs on rank 0 once a checkpoint is committed;
@@ -110,14 +122,19 @@ class Checkpointer:
             problem = self._agree(problem or root_problem(memory_root, self.key.run_id, run_dir))
             if problem is None:
                 self.memory = MemoryTier(
-                    memory_root, rank=self.rank, ring=Ring(self.world, local_world or self.world),
-                    fmt=SnapshotFormat(self.key, self._layout()), keep_last=cfg.memory_keep_last,
-                    on_commit=self._on_memory_commit if self.rank == 0 else None)
+                    memory_root,
+                    rank=self.rank,
+                    ring=Ring(self.world, local_world or self.world),
+                    fmt=SnapshotFormat(self.key, self._layout()),
+                    keep_last=cfg.memory_keep_last,
+                    on_commit=self._on_memory_commit if self.rank == 0 else None,
+                )
             elif self.rank == 0:  # never the end of the run: disk checkpoints go on as configured
                 log.warning("memory tier off: %s; saving to disk only", problem)
                 ledger.append(run_dir, LedgerEvent.MEM_TIER_OFF, attempt=attempt, reason=problem[:500])
-        self.schedule = AdaptiveInterval(cfg, run_dir, attempt=attempt, is_logger=self.rank == 0, device=device,
-                                         history=history)
+        self.schedule = AdaptiveInterval(
+            cfg, run_dir, attempt=attempt, is_logger=self.rank == 0, device=device, history=history
+        )
         dist.barrier()
         self.root_id = permissions.DirId.of(self.root)
         """The checkpoint directory as this attempt found it: one that vanishes or is replaced is a storage
@@ -136,9 +153,12 @@ class Checkpointer:
         return permissions.identity_problem(self.root, self.root_id, permissions.DirId.of(self.root))
 
     def _layout(self) -> dict[str, int]:
-        return {"world": self.world, "tp": parallel_state.get_tensor_model_parallel_world_size(),
-                "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-                "dp": parallel_state.get_data_parallel_world_size()}
+        return {
+            "world": self.world,
+            "tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "dp": parallel_state.get_data_parallel_world_size(),
+        }
 
     # -- the schedule -----------------------------------------------------------------------
 
@@ -159,10 +179,15 @@ class Checkpointer:
         time a save could have cost."""
         self.poll()
         step, tier, blocking = state.step, None, 0.0
-        decision = policy.should_save(self.cfg, interval_steps=self.schedule.current["disk"], step=step,
-                                      final_step=self.final_step, last_save_step=self.last_save_step,
-                                      seconds_since_save=time.monotonic() - self.last_save_time,
-                                      stop_requested=stop_requested)
+        decision = policy.should_save(
+            self.cfg,
+            interval_steps=self.schedule.current["disk"],
+            step=step,
+            final_step=self.final_step,
+            last_save_step=self.last_save_step,
+            seconds_since_save=time.monotonic() - self.last_save_time,
+            stop_requested=stop_requested,
+        )
         if decision.yes:
             if self.on_save_start is not None:
                 self.on_save_start(step)
@@ -171,21 +196,25 @@ class Checkpointer:
             decision = self._snapshot_due(step)
             if decision.yes:
                 tier, blocking = "memory", self.snapshot(state)
-        self.schedule.iteration_done(step, tier, in_flight=self.in_flight, excluded_s=excluded_s,
-                                     blocking_s=blocking)
+        self.schedule.iteration_done(step, tier, in_flight=self.in_flight, excluded_s=excluded_s, blocking_s=blocking)
         return StepSave(tier, decision.reason, blocking)
 
     def _snapshot_due(self, step: int) -> policy.SaveDecision:
         last = self.memory.last_step if self.memory and self.cfg.adaptive else None
-        return policy.should_snapshot(self.schedule.current["memory"] if self.memory else 0, step=step,
-                                      final_step=self.final_step, disk_saved=self.last_save_step == step,
-                                      last_snapshot=last)
+        return policy.should_snapshot(
+            self.schedule.current["memory"] if self.memory else 0,
+            step=step,
+            final_step=self.final_step,
+            disk_saved=self.last_save_step == step,
+            last_snapshot=last,
+        )
 
     # -- saving ---------------------------------------------------------------------------
 
     def _on_memory_commit(self, step: int, size: int, replicated: bool) -> None:
-        ledger.append(self.run_dir, LedgerEvent.MEM_SNAPSHOT, step=step, attempt=self.attempt, bytes=size,
-                      replicated=replicated)
+        ledger.append(
+            self.run_dir, LedgerEvent.MEM_SNAPSHOT, step=step, attempt=self.attempt, bytes=size, replicated=replicated
+        )
 
     def snapshot(self, state: TrainState) -> float:
         """Copy `state` into the memory tier; returns the seconds the loop was blocked."""
@@ -230,11 +259,22 @@ class Checkpointer:
                 # live tensors while the loop waits, so nothing is copied.
                 request = request._replace(
                     async_fn=writer.writer_fn(request, ckpt_dir, self.rank),
-                    preload_fn=partial(self.staging.stage, request.async_fn_args[1]) if self.cfg.async_save else None)
+                    preload_fn=partial(self.staging.stage, request.async_fn_args[1]) if self.cfg.async_save else None,
+                )
             request = request._replace(
-                finalize_fns=[*request.finalize_fns,
-                              partial(self._commit, step, ckpt_dir, started, state.consumed_samples,
-                                      state.consumed_tokens, state.identity, self.last_agreeing_step)],
+                finalize_fns=[
+                    *request.finalize_fns,
+                    partial(
+                        self._commit,
+                        step,
+                        ckpt_dir,
+                        started,
+                        state.consumed_samples,
+                        state.consumed_tokens,
+                        state.identity,
+                        self.last_agreeing_step,
+                    ),
+                ],
             )
             self.queue.idle = self.cfg.async_save
             self.queue.schedule_async_request(request)
@@ -273,8 +313,9 @@ class Checkpointer:
         rank's state times the model-parallel ranks) plus 10%, against the free space of the filesystem."""
         committed = layout.committed_steps(self.root)
         try:
-            need = (manifest.read_manifest(layout.step_dir(self.root, committed[-1])).get("bytes", 0) if committed
-                    else None)
+            need = (
+                manifest.read_manifest(layout.step_dir(self.root, committed[-1])).get("bytes", 0) if committed else None
+            )
         except ValueError:
             need = None  # an unreadable marker: size the save as the first one
         if need is None:
@@ -336,20 +377,42 @@ class Checkpointer:
         if self.memory.node_leader:
             self.memory.remove_node_dir()
 
-    def _commit(self, step: int, ckpt_dir: Path, started: float, consumed_samples: int,
-                consumed_tokens: int, identity: dict[str, Any], last_agreeing_step: int | None) -> None:
+    def _commit(
+        self,
+        step: int,
+        ckpt_dir: Path,
+        started: float,
+        consumed_samples: int,
+        consumed_tokens: int,
+        identity: dict[str, Any],
+        last_agreeing_step: int | None,
+    ) -> None:
         if self.rank != 0:
             return
-        meta = {"step": step, "consumed_samples": consumed_samples, "consumed_tokens": consumed_tokens,
-                "world_size": self.world, "identity": identity, "last_agreeing_step": last_agreeing_step,
-                "parallel": {"tp": parallel_state.get_tensor_model_parallel_world_size(),
-                             "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-                             "dp": parallel_state.get_data_parallel_world_size()}}
+        meta = {
+            "step": step,
+            "consumed_samples": consumed_samples,
+            "consumed_tokens": consumed_tokens,
+            "world_size": self.world,
+            "identity": identity,
+            "last_agreeing_step": last_agreeing_step,
+            "parallel": {
+                "tp": parallel_state.get_tensor_model_parallel_world_size(),
+                "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+                "dp": parallel_state.get_data_parallel_world_size(),
+            },
+        }
         written = manifest.commit(ckpt_dir, meta, self.key)
         layout.write_latest(self.root, step)
         total = time.monotonic() - started
-        ledger.append(self.run_dir, LedgerEvent.CKPT_SAVE, step=step, blocking_seconds=round(self._pending_blocking, 6),
-                      total_seconds=round(total, 6), bytes=written["bytes"])
+        ledger.append(
+            self.run_dir,
+            LedgerEvent.CKPT_SAVE,
+            step=step,
+            blocking_seconds=round(self._pending_blocking, 6),
+            total_seconds=round(total, 6),
+            bytes=written["bytes"],
+        )
         if self.on_commit is not None:
             self.on_commit(step, total, written["bytes"])
         self._start_retention(step)
@@ -357,8 +420,12 @@ class Checkpointer:
     def _start_retention(self, newest: int) -> None:
         committed = layout.committed_steps(self.root)
         trusted = policy.newest_at_most(committed, self.last_agreeing_step)
-        doomed = policy.to_delete(committed, keep_last=self.cfg.keep_last, keep_every=self.cfg.keep_every,
-                                  protected={newest} | ({trusted} if trusted is not None else set()))
+        doomed = policy.to_delete(
+            committed,
+            keep_last=self.cfg.keep_last,
+            keep_every=self.cfg.keep_every,
+            protected={newest} | ({trusted} if trusted is not None else set()),
+        )
         if not doomed:
             return
         if self._retention is not None:
@@ -412,8 +479,9 @@ class Checkpointer:
             ckpt_dir = layout.step_dir(self.root, step)
             problems: list[str | None] = [None] * self.world
             # Another run's checkpoint (or one sealed by none) raises CheckpointError on every rank alike.
-            local = manifest.verify(ckpt_dir, checksums=self.cfg.verify_checksums, share=(self.rank, self.world),
-                                    key=self.key)
+            local = manifest.verify(
+                ckpt_dir, checksums=self.cfg.verify_checksums, share=(self.rank, self.world), key=self.key
+            )
             dist.all_gather_object(problems, local)
             problem = next((p for p in problems if p), None)
             if problem:
@@ -440,9 +508,16 @@ class Checkpointer:
                     ledger.append(self.run_dir, LedgerEvent.CKPT_FALLBACK, from_step=bad, to_step=step, reason=why)
                 if changed:
                     ledger.append(self.run_dir, LedgerEvent.LR_SCHEDULE_CHANGED, step=step, changes=changed)
-                ledger.append(self.run_dir, LedgerEvent.CKPT_LOAD, rank=0, step=step,
-                              seconds=round(time.monotonic() - started, 6),
-                              attempt=self.attempt, tier="disk", **({"reason": why} if why else {}))
+                ledger.append(
+                    self.run_dir,
+                    LedgerEvent.CKPT_LOAD,
+                    rank=0,
+                    step=step,
+                    seconds=round(time.monotonic() - started, 6),
+                    attempt=self.attempt,
+                    tier="disk",
+                    **({"reason": why} if why else {}),
+                )
             self.last_save_step = step
             return step
         if load_step is not None:
@@ -487,12 +562,26 @@ class Checkpointer:
             why = f"memory step {chosen.step} did not load ({problem}); {chosen.reason}"
             if self.rank == 0:
                 log.warning("%s; falling back to disk", why)
-                ledger.append(self.run_dir, LedgerEvent.CKPT_FALLBACK, from_step=chosen.step, to_step=None,
-                              from_tier=chosen.tier, reason=why[:500])
+                ledger.append(
+                    self.run_dir,
+                    LedgerEvent.CKPT_FALLBACK,
+                    from_step=chosen.step,
+                    to_step=None,
+                    from_tier=chosen.tier,
+                    reason=why[:500],
+                )
             return None, why
         if self.rank == 0:
-            ledger.append(self.run_dir, LedgerEvent.CKPT_LOAD, rank=0, step=chosen.step,
-                          seconds=round(time.monotonic() - started, 6), attempt=self.attempt,
-                          tier=chosen.tier, sources=list(chosen.sources), reason=chosen.reason[:500])
+            ledger.append(
+                self.run_dir,
+                LedgerEvent.CKPT_LOAD,
+                rank=0,
+                step=chosen.step,
+                seconds=round(time.monotonic() - started, 6),
+                attempt=self.attempt,
+                tier=chosen.tier,
+                sources=list(chosen.sources),
+                reason=chosen.reason[:500],
+            )
         log.info("resumed from memory tier (%s) step %d: %s", chosen.tier, chosen.step, chosen.reason)
         return chosen.step, chosen.reason

@@ -25,8 +25,12 @@ from trainer.checkpoint import layout, manifest
 from trainer.checkpoint.config import CheckpointConfig
 from trainer.megatron_lm import checkpoints as megatron_lm
 
-_RUN_DIR = typer.Option(None, "--run-dir", help="the run the checkpoints belong to (default: DIR, or the run "
-                                                  "directory DIR/.. when DIR is its checkpoints directory)")
+_RUN_DIR = typer.Option(
+    None,
+    "--run-dir",
+    help="the run the checkpoints belong to (default: DIR, or the run "
+    "directory DIR/.. when DIR is its checkpoints directory)",
+)
 
 
 def _run_key(directory: Path, root: Path, run_dir: Path | None) -> RunKey | None:
@@ -41,14 +45,20 @@ def _run_key(directory: Path, root: Path, run_dir: Path | None) -> RunKey | None
     return None
 
 
-ckpt_app = typer.Typer(help="Inspect, check and repair checkpoints (DIR: RUN_DIR, RUN_DIR/checkpoints or a "
-                            "Megatron-LM save directory).", no_args_is_help=True)
+ckpt_app = typer.Typer(
+    help="Inspect, check and repair checkpoints (DIR: RUN_DIR, RUN_DIR/checkpoints or a Megatron-LM save directory).",
+    no_args_is_help=True,
+)
 
 
 @ckpt_app.command("list")
-def list_cmd(directory: Path, as_json: bool = typer.Option(False, "--json", help="JSON output"),
-             memory_dir: Path | None = typer.Option(
-                 None, "--memory-dir", help="the run's memory tier (default: the one derived from RUN_DIR)")) -> None:
+def list_cmd(
+    directory: Path,
+    as_json: bool = typer.Option(False, "--json", help="JSON output"),
+    memory_dir: Path | None = typer.Option(
+        None, "--memory-dir", help="the run's memory tier (default: the one derived from RUN_DIR)"
+    ),
+) -> None:
     """Every step (iteration) directory, complete or not, and which one `latest` (the tracker) names, with the
     last step whose replica check agreed when it was saved; for a run directory also the memory tier: each
     node's own snapshots and the replicas it holds (checksums verified)."""
@@ -75,8 +85,10 @@ def list_cmd(directory: Path, as_json: bool = typer.Option(False, "--json", help
     for row in rows:
         why = f"  ({row['problem']})" if row.get("problem") else ""
         if row.get("state") == "stale":
-            print(f"{'-':>9}  {'stale':<10} {row['bytes']:>14,} B  memory tier {row['path']}{why}; "
-                  "`resilient ckpt clean` removes it")
+            print(
+                f"{'-':>9}  {'stale':<10} {row['bytes']:>14,} B  memory tier {row['path']}{why}; "
+                "`resilient ckpt clean` removes it"
+            )
             continue
         latest = "  <- latest" if row.get("latest") else ""
         if row.get("last_agreeing_step") is not None:
@@ -91,12 +103,13 @@ def list_cmd(directory: Path, as_json: bool = typer.Option(False, "--json", help
 
 
 @ckpt_app.command("verify")
-def verify_cmd(directory: Path,
-               step: int | None = typer.Option(
-                   None, help="step (default: newest complete; Megatron-LM: what each tracker names)"),
-               sizes_only: bool = typer.Option(False, "--sizes-only", help="skip checksums"),
-               as_json: bool = typer.Option(False, "--json", help="JSON output"),
-               run_dir: Path | None = _RUN_DIR) -> None:
+def verify_cmd(
+    directory: Path,
+    step: int | None = typer.Option(None, help="step (default: newest complete; Megatron-LM: what each tracker names)"),
+    sizes_only: bool = typer.Option(False, "--sizes-only", help="skip checksums"),
+    as_json: bool = typer.Option(False, "--json", help="JSON output"),
+    run_dir: Path | None = _RUN_DIR,
+) -> None:
     """Own layout: the marker, every file's size and checksum. Megatron-LM: what each tracker (persistent,
     non_persistent/) names, in any --ckpt-format: every file the storage metadata names with its recorded
     size, the common state, every model-parallel rank's files, integrity.json's sha256 digests.
@@ -115,8 +128,16 @@ def verify_cmd(directory: Path,
     problems = [problem for _, _, problem in checks if problem is not None]
     if as_json:
         tiers = [{"tier": tier, "step": at, "ok": problem is None, "problem": problem} for tier, at, problem in checks]
-        print(json.dumps({"step": checks[0][1], "ok": not problems, "problem": problems[0] if problems else None,
-                          **({"tiers": tiers} if len(checks) > 1 else {})}))
+        print(
+            json.dumps(
+                {
+                    "step": checks[0][1],
+                    "ok": not problems,
+                    "problem": problems[0] if problems else None,
+                    **({"tiers": tiers} if len(checks) > 1 else {}),
+                }
+            )
+        )
     else:
         for tier, at, problem in checks:
             verdict = "intact" + unsealed if problem is None else f"DAMAGED: {problem}"
@@ -169,8 +190,11 @@ def repair_cmd(directory: Path) -> None:
 
 
 @ckpt_app.command("adopt")
-def adopt_cmd(directory: Path, step: int | None = typer.Option(None, help="step (default: every committed one)"),
-              run_dir: Path | None = _RUN_DIR) -> None:
+def adopt_cmd(
+    directory: Path,
+    step: int | None = typer.Option(None, help="step (default: every committed one)"),
+    run_dir: Path | None = _RUN_DIR,
+) -> None:
     """Seal checkpoints for the run they sit in after verifying them in full: how checkpoints written before
     run seals (or copied from another run on purpose) become loadable by this run. Exit CHECKPOINT_DAMAGED
     when one could not be adopted."""
@@ -189,8 +213,10 @@ def adopt_cmd(directory: Path, step: int | None = typer.Option(None, help="step 
 
 
 @ckpt_app.command("clean")
-def clean_cmd(paths: list[Path] | None = typer.Argument(None, help="only these (default: every stale one)"),
-              dry_run: bool = typer.Option(False, "--dry-run", help="only say what would be removed")) -> None:
+def clean_cmd(
+    paths: list[Path] | None = typer.Argument(None, help="only these (default: every stale one)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="only say what would be removed"),
+) -> None:
     """Remove this user's memory-tier directories in /dev/shm whose run is gone (its run directory deleted,
     re-created or moved, or the directory older than run records): what `ckpt list` reports as stale. A
     directory named that is not stale is left alone (exit CONFIG_ERROR)."""
@@ -210,8 +236,11 @@ def clean_cmd(paths: list[Path] | None = typer.Argument(None, help="only these (
 
 
 @ckpt_app.command("inspect")
-def inspect_cmd(directory: Path, step: int | None = typer.Option(None, help="step (default: newest complete)"),
-                as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+def inspect_cmd(
+    directory: Path,
+    step: int | None = typer.Option(None, help="step (default: newest complete)"),
+    as_json: bool = typer.Option(False, "--json", help="JSON output"),
+) -> None:
     """Step, consumed samples, model and parallel layout, bytes."""
     root = ck.resolve_root(directory)
     info = ck.inspect(root, ck.pick_step(root, step))

@@ -62,8 +62,9 @@ class CheckpointConfig(Section):
     @model_validator(mode="after")
     def _adaptive_bounds(self) -> "CheckpointConfig":
         if self.min_interval_steps > self.max_interval_steps:
-            raise ValueError(f"min_interval_steps {self.min_interval_steps} exceeds max_interval_steps "
-                             f"{self.max_interval_steps}")
+            raise ValueError(
+                f"min_interval_steps {self.min_interval_steps} exceeds max_interval_steps {self.max_interval_steps}"
+            )
         if self.adaptive and not self.interval_steps:
             raise ValueError("adaptive needs interval_steps > 0 as the starting interval (saves are what it measures)")
         return self

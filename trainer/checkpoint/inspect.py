@@ -49,8 +49,16 @@ def listing(root: Path) -> list[dict[str, Any]]:
             agreed = meta.get("meta", {}).get("last_agreeing_step")
         except ValueError:
             state, size = "incomplete", sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-        rows.append({"step": step, "state": state, "bytes": size, "latest": step == latest, "path": str(path),
-                     "last_agreeing_step": agreed})
+        rows.append(
+            {
+                "step": step,
+                "state": state,
+                "bytes": size,
+                "latest": step == latest,
+                "path": str(path),
+                "last_agreeing_step": agreed,
+            }
+        )
     return rows
 
 
@@ -64,8 +72,11 @@ def repair(root: Path) -> tuple[int | None, int | None, str]:
             return before, before, f"latest already names complete step {before}"
     else:
         problem = "latest is missing or names no step directory"
-    good = [s for s in reversed(layout.committed_steps(root))
-            if manifest.verify(layout.step_dir(root, s), checksums=False) is None]
+    good = [
+        s
+        for s in reversed(layout.committed_steps(root))
+        if manifest.verify(layout.step_dir(root, s), checksums=False) is None
+    ]
     if not good:
         return before, None, f"{problem}; no complete step to point it at"
     layout.write_latest(root, good[0])
@@ -92,8 +103,13 @@ def adopt(root: Path, key: RunKey, steps: list[int]) -> list[tuple[int, bool, st
         if problem:
             done.append((step, False, f"not adopted: {problem}"))
             continue
-        was = ("sealed by no run" if "mac" not in found
-               else f"run {found.get('run_id')!s:.40}" if sealed[0] else "a broken seal")
+        was = (
+            "sealed by no run"
+            if "mac" not in found
+            else f"run {found.get('run_id')!s:.40}"
+            if sealed[0]
+            else "a broken seal"
+        )
         atomic_write(ckpt_dir / layout.MARKER, json.dumps(manifest.seal(found, key), indent=1, sort_keys=True).encode())
         done.append((step, True, f"adopted by run {key.run_id} (was: {was})"))
     return done
@@ -104,8 +120,13 @@ def inspect(root: Path, step: int) -> dict[str, Any]:
         found = manifest.read_manifest(layout.step_dir(root, step))
     except ValueError as err:
         raise CheckpointError(str(err)) from None
-    return {"step": step, **found["meta"], "bytes": found["bytes"], "files": len(found["files"]),
-            "committed_at": found["committed_at"]}
+    return {
+        "step": step,
+        **found["meta"],
+        "bytes": found["bytes"],
+        "files": len(found["files"]),
+        "committed_at": found["committed_at"],
+    }
 
 
 def _single_process_group() -> None:

@@ -44,8 +44,9 @@ def estimate_mtbf(prior_s: float, failures: int, exposure_s: float) -> tuple[flo
     return mtbf, (f"MTBF {mtbf:.4g}s = (prior {prior_s:.4g}s + {exposure_s:.4g}s run) / (1 + {failures} failures)")
 
 
-def choose_interval(*, save_cost_s: float, step_s: float, mtbf_s: float, min_steps: int,
-                    max_steps: int) -> tuple[int, str]:
+def choose_interval(
+    *, save_cost_s: float, step_s: float, mtbf_s: float, min_steps: int, max_steps: int
+) -> tuple[int, str]:
     """Steps between saves: Daly's optimum for a save costing `save_cost_s` and a failure every
     `mtbf_s`, over iterations of `step_s`, clamped to [min_steps, max_steps]."""
     if step_s <= 0 or mtbf_s <= 0:
@@ -55,8 +56,10 @@ def choose_interval(*, save_cost_s: float, step_s: float, mtbf_s: float, min_ste
     tau = daly_interval(save_cost_s, mtbf_s)
     raw = tau / step_s
     steps = min(max_steps, max(min_steps, round(raw)))
-    why = (f"Daly {tau:.4g}s of compute = {raw:.1f} steps of {step_s:.3g}s "
-           f"(save costs the loop {save_cost_s:.3g}s, MTBF {mtbf_s:.4g}s)")
+    why = (
+        f"Daly {tau:.4g}s of compute = {raw:.1f} steps of {step_s:.3g}s "
+        f"(save costs the loop {save_cost_s:.3g}s, MTBF {mtbf_s:.4g}s)"
+    )
     if steps != round(raw):
         why += f", bounded to [{min_steps}, {max_steps}]"
     return steps, why
@@ -75,8 +78,9 @@ def worth_changing(previous: int, proposed: int, *, min_steps: int, max_steps: i
     return abs(proposed - previous) > HYSTERESIS * previous
 
 
-def restored_interval(last: int, last_configured: int | None, configured: int, *, min_steps: int,
-                      max_steps: int) -> int:
+def restored_interval(
+    last: int, last_configured: int | None, configured: int, *, min_steps: int, max_steps: int
+) -> int:
     """The interval a new attempt starts from: the last one chosen (`last`, 0 if none), held within
     today's bounds (the config may have changed across a requeue); the configured one when nothing
     was chosen yet, or when the configured interval is no longer the one the last choice started from
@@ -91,8 +95,9 @@ class CostMeter:
     start with it: at least `window`, and on while its background write is in flight (up to `longest`),
     or until the next save. Feed `iteration(...)` once per step and `saved()` at a save."""
 
-    def __init__(self, window: int, warmup: int = 2, keep: int = 200, longest: int = 1000,
-                 first_saves: int = 1) -> None:
+    def __init__(
+        self, window: int, warmup: int = 2, keep: int = 200, longest: int = 1000, first_saves: int = 1
+    ) -> None:
         self.window, self.warmup, self.keep, self.longest = window, warmup, keep, max(window, longest)
         self.first_saves = first_saves
         """Saves of this process whose cost is not recorded: the first one allocates what later ones
@@ -139,7 +144,7 @@ class CostMeter:
             return False
         if self._open is None:
             if quiet and not in_flight:
-                self.plain = (self.plain + [seconds])[-self.keep:]
+                self.plain = (self.plain + [seconds])[-self.keep :]
             return measured
         self._open.append(seconds)
         self.fastest = min(self.fastest, seconds)
@@ -154,7 +159,7 @@ class CostMeter:
         self._windows += 1
         if self._windows <= self.first_saves:
             return False
-        self.costs = (self.costs + [max(self._floor, save_cost(window, self.baseline()))])[-self.keep:]
+        self.costs = (self.costs + [max(self._floor, save_cost(window, self.baseline()))])[-self.keep :]
         return True
 
     def baseline(self) -> float:

@@ -112,8 +112,13 @@ def build_manifest(ckpt_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     for path in sorted(ckpt_dir.iterdir()):
         if path.is_file() and path.name not in files and path.name != MARKER and not path.name.startswith(SUMS_PREFIX):
             files[path.name] = describe(path)
-    return {"format": 1, "committed_at": time.time(), "meta": meta, "files": files,
-            "bytes": sum(f["size"] for f in files.values())}
+    return {
+        "format": 1,
+        "committed_at": time.time(),
+        "meta": meta,
+        "files": files,
+        "bytes": sum(f["size"] for f in files.values()),
+    }
 
 
 def _sealed_bytes(manifest: dict[str, Any]) -> bytes:
@@ -131,11 +136,15 @@ def seal_problem(manifest: dict[str, Any], key: RunKey, name: str) -> tuple[bool
     another run's or sealed by none (the run must refuse it), not when its seal fails (damage or tampering:
     the checkpoint is passed over like a damaged one)."""
     if "mac" not in manifest:
-        return True, (f"{name} is sealed by no run (written before checkpoints were bound to their run, or "
-                      f"planted); refusing to load it. If it is this run's own: {ADOPT_HINT}")
+        return True, (
+            f"{name} is sealed by no run (written before checkpoints were bound to their run, or "
+            f"planted); refusing to load it. If it is this run's own: {ADOPT_HINT}"
+        )
     if manifest.get("run_id") != key.run_id:
-        return True, (f"{name} belongs to run {manifest.get('run_id')!s:.40}, not to this run ({key.run_id}); "
-                      "refusing to load another run's checkpoint (move it out of the checkpoint directory)")
+        return True, (
+            f"{name} belongs to run {manifest.get('run_id')!s:.40}, not to this run ({key.run_id}); "
+            "refusing to load another run's checkpoint (move it out of the checkpoint directory)"
+        )
     if not key.verify(SEAL, _sealed_bytes(manifest), manifest["mac"]):
         return False, f"{name}: its seal does not verify (the manifest was altered or forged)"
     return None
@@ -169,8 +178,9 @@ def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify(ckpt_dir: Path, *, checksums: bool, share: tuple[int, int] = (0, 1),
-           key: RunKey | None = None) -> str | None:
+def verify(
+    ckpt_dir: Path, *, checksums: bool, share: tuple[int, int] = (0, 1), key: RunKey | None = None
+) -> str | None:
     """None if intact, else the first problem found. With `key`, the seal first: a checkpoint of another
     run (or sealed by none) raises CheckpointError, one whose seal fails is a problem. `share=(i, n)`
     hashes only every n-th file from i, so n ranks verify a checkpoint together; sizes are always
@@ -187,8 +197,9 @@ def verify(ckpt_dir: Path, *, checksums: bool, share: tuple[int, int] = (0, 1),
     index, count = share
     files = sorted(manifest["files"].items())
     total = sum(e["size"] for _, e in files)
-    for i, (name, expected) in track(enumerate(files), f"verifying {ckpt_dir.name}", total=total,
-                                     weight=lambda item: item[1][1]["size"]):
+    for i, (name, expected) in track(
+        enumerate(files), f"verifying {ckpt_dir.name}", total=total, weight=lambda item: item[1][1]["size"]
+    ):
         if "/" in name or name in (".", ".."):
             return f"{ckpt_dir.name}: the manifest names {name!r}, not a file of the checkpoint"
         path = ckpt_dir / name

@@ -14,8 +14,16 @@ class SaveDecision:
     reason: str
 
 
-def should_save(cfg: CheckpointConfig, *, interval_steps: int, step: int, final_step: int,
-                last_save_step: int | None, seconds_since_save: float, stop_requested: bool) -> SaveDecision:
+def should_save(
+    cfg: CheckpointConfig,
+    *,
+    interval_steps: int,
+    step: int,
+    final_step: int,
+    last_save_step: int | None,
+    seconds_since_save: float,
+    stop_requested: bool,
+) -> SaveDecision:
     """Save after `step`? Stop requests and the final step always save (unless just saved).
     `interval_steps` is the disk tier's current interval (`cfg.interval_steps` is only where an
     adaptive one starts)."""
@@ -65,8 +73,9 @@ def newest_at_most(committed: list[int], bound: int | None) -> int | None:
     return max(eligible) if eligible else None
 
 
-def should_snapshot(interval_steps: int, *, step: int, final_step: int, disk_saved: bool,
-                    last_snapshot: int | None = None) -> SaveDecision:
+def should_snapshot(
+    interval_steps: int, *, step: int, final_step: int, disk_saved: bool, last_snapshot: int | None = None
+) -> SaveDecision:
     """Take a memory-tier snapshot after `step`? Not when the disk tier just saved the same step (a
     restart would prefer disk at an equal step) and not at the final step (nothing left to resume).
     With `last_snapshot` (an adaptive interval) the interval counts from it, else from step 0."""

@@ -18,9 +18,18 @@ from resilient.core.errors import CheckpointError
 METADATA = ".metadata"
 _DCP = "torch.distributed.checkpoint."
 _ALLOWED: dict[str, frozenset[str]] = {
-    _DCP + "metadata": frozenset({"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
-                                  "TensorStorageMetadata", "ChunkStorageMetadata", "BytesStorageMetadata",
-                                  "_MEM_FORMAT_ENCODING"}),
+    _DCP + "metadata": frozenset(
+        {
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "ChunkStorageMetadata",
+            "BytesStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        }
+    ),
     _DCP + "planner": frozenset({"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"}),
     _DCP + "filesystem": frozenset({"_StorageInfo"}),
     "torch.serialization": frozenset({"_get_layout"}),  # looks a layout up by name
@@ -28,13 +37,43 @@ _ALLOWED: dict[str, frozenset[str]] = {
     "pathlib": frozenset({"PosixPath"}),  # StorageMeta.checkpoint_id of a torch.distributed.checkpoint save
 }
 # torch pickles a dtype as the global `torch.<name>`; tests keep this in step with the installed torch.
-DTYPES = frozenset({
-    "bfloat16", "bool", "complex32", "complex64", "complex128", "float16", "float32", "float64",
-    "float4_e2m1fn_x2", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
-    "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "qint8", "qint32", "quint8",
-    "quint2x4", "quint4x2", "bits8", "bits16", "bits1x8", "bits2x4", "bits4x2",
-    *(f"{sign}int{bits}" for sign in ("", "u") for bits in range(1, 8)),
-})
+DTYPES = frozenset(
+    {
+        "bfloat16",
+        "bool",
+        "complex32",
+        "complex64",
+        "complex128",
+        "float16",
+        "float32",
+        "float64",
+        "float4_e2m1fn_x2",
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "qint8",
+        "qint32",
+        "quint8",
+        "quint2x4",
+        "quint4x2",
+        "bits8",
+        "bits16",
+        "bits1x8",
+        "bits2x4",
+        "bits4x2",
+        *(f"{sign}int{bits}" for sign in ("", "u") for bits in range(1, 8)),
+    }
+)
 
 
 class Record:

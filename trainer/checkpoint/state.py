@@ -107,8 +107,11 @@ def _load_optimizer(optimizer: MegatronOptimizer, loaded: dict[str, Any]) -> Non
             if "step" in st:
                 steps[param] = st.pop("step").detach().clone()
 
-    inners = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])
-              if isinstance(o, DistributedOptimizer) and isinstance(o.optimizer, torch.optim.Adam | torch.optim.AdamW)]
+    inners = [
+        o.optimizer
+        for o in getattr(optimizer, "chained_optimizers", [optimizer])
+        if isinstance(o, DistributedOptimizer) and isinstance(o.optimizer, torch.optim.Adam | torch.optim.AdamW)
+    ]
     hooks = [inner.register_load_state_dict_post_hook(take_steps) for inner in inners]
     try:
         optimizer.load_state_dict(loaded)

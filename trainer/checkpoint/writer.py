@@ -92,8 +92,9 @@ class _HashingStream:
         self.file.flush()
 
 
-def write_share(transforms: Any, ckpt_dir: Path, rank: int, _rank: int, buckets: list[Bucket],
-                results_queue: queue.Queue) -> None:
+def write_share(
+    transforms: Any, ckpt_dir: Path, rank: int, _rank: int, buckets: list[Bucket], results_queue: queue.Queue
+) -> None:
     """Write this rank's files (one per bucket, fsynced), their checksums for the manifest, and hand
     megatron's finalize the write results (or the exception) as its own writer does."""
     results: dict[int, list[Any]] | Exception = {}
@@ -102,9 +103,12 @@ def write_share(transforms: Any, ckpt_dir: Path, rank: int, _rank: int, buckets:
         for index, (path, storage_key, (byte_items, tensor_items)) in enumerate(buckets):
             with open(path, "wb") as f:
                 stream = _HashingStream(f)
-                results[index] = [_write_item(transforms, stream, data, item, storage_key,
-                                              serialization_format=SerializationFormat.TORCH_SAVE)
-                                  for item, data in [*byte_items, *tensor_items]]
+                results[index] = [
+                    _write_item(
+                        transforms, stream, data, item, storage_key, serialization_format=SerializationFormat.TORCH_SAVE
+                    )
+                    for item, data in [*byte_items, *tensor_items]
+                ]
                 f.flush()
                 os.fsync(f.fileno())
                 sums[Path(path).name] = {"size": f.tell(), manifest.CHECKSUM: stream.digest.hexdigest()}

@@ -21,8 +21,9 @@ def prepare_cmd(
     config: Path = typer.Argument(..., help="Run config (YAML)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: --set data.path=/c4/en (repeatable)."),
     run_dir: Path | None = typer.Option(None, "--run-dir", help="Run directory (default: the config's run_dir)."),
-    workers: int | None = typer.Option(None, "--workers", min=1,
-                                          help="Tokenizing processes (default: data.prepare_workers)."),
+    workers: int | None = typer.Option(
+        None, "--workers", min=1, help="Tokenizing processes (default: data.prepare_workers)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
 ) -> None:
     """Pre-tokenize the configured data into the cache (megatron .bin/.idx).
@@ -41,9 +42,11 @@ def prepare_cmd(
     if as_json:
         print(json.dumps(summary, indent=1))
     else:
-        print(f"{summary['shards']} shards, {summary['documents']:,} documents, {summary['tokens']:,} tokens, "
-              f"{summary['skipped_lines']} malformed lines skipped, truncated shards: "
-              f"{', '.join(summary['truncated_shards']) or 'none'}\nmanifest: {manifest_path}")
+        print(
+            f"{summary['shards']} shards, {summary['documents']:,} documents, {summary['tokens']:,} tokens, "
+            f"{summary['skipped_lines']} malformed lines skipped, truncated shards: "
+            f"{', '.join(summary['truncated_shards']) or 'none'}\nmanifest: {manifest_path}"
+        )
 
 
 @data_app.command("inspect")
@@ -65,12 +68,23 @@ def inspect_cmd(
 
     print(f"{'shard':<44} {'documents':>11} {'file bytes':>14} {'text bytes':>14} {'tokens':>14} damage")
     for s in report["per_shard"]:
-        damage = ", ".join(filter(None, [f"{s['malformed_lines']} bad lines" if s["malformed_lines"] else "",
-                                         "truncated" if s["truncated"] else ""]))
-        print(f"{s['name']:<44} {fmt(s['documents']):>11} {fmt(s['file_bytes']):>14} {fmt(s['text_bytes']):>14} "
-              f"{fmt(s['tokens']):>14} {damage}")
-    print(f"{'total (' + str(report['shards']) + ' shards)':<44} {fmt(report['documents']):>11} "
-          f"{fmt(report['file_bytes']):>14} {fmt(report['text_bytes']):>14} {fmt(report['tokens']):>14}")
+        damage = ", ".join(
+            filter(
+                None,
+                [
+                    f"{s['malformed_lines']} bad lines" if s["malformed_lines"] else "",
+                    "truncated" if s["truncated"] else "",
+                ],
+            )
+        )
+        print(
+            f"{s['name']:<44} {fmt(s['documents']):>11} {fmt(s['file_bytes']):>14} {fmt(s['text_bytes']):>14} "
+            f"{fmt(s['tokens']):>14} {damage}"
+        )
+    print(
+        f"{'total (' + str(report['shards']) + ' shards)':<44} {fmt(report['documents']):>11} "
+        f"{fmt(report['file_bytes']):>14} {fmt(report['text_bytes']):>14} {fmt(report['tokens']):>14}"
+    )
 
 
 def register(app: typer.Typer) -> None:

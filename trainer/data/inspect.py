@@ -28,17 +28,30 @@ def _text_shard(path: Path, tokenizer, eos_id: int | None) -> dict:
             pass
     else:
         tokens = sum(len(ids) for ids in encode_documents(texts(), tokenizer, eos_id))
-    return {"name": path.name, "file_bytes": path.stat().st_size, "documents": docs, "text_bytes": text_bytes,
-            "tokens": tokens, "malformed_lines": skips.malformed_lines, "truncated": skips.truncated}
+    return {
+        "name": path.name,
+        "file_bytes": path.stat().st_size,
+        "documents": docs,
+        "text_bytes": text_bytes,
+        "tokens": tokens,
+        "malformed_lines": skips.malformed_lines,
+        "truncated": skips.truncated,
+    }
 
 
 def _indexed_shard(prefix: Path) -> dict:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(str(prefix))
-    return {"name": prefix.name, "file_bytes": prefix.with_name(prefix.name + ".bin").stat().st_size,
-            "documents": int(len(ds.document_indices) - 1), "text_bytes": None,
-            "tokens": int(ds.sequence_lengths.sum(dtype=np.int64)), "malformed_lines": 0, "truncated": False}
+    return {
+        "name": prefix.name,
+        "file_bytes": prefix.with_name(prefix.name + ".bin").stat().st_size,
+        "documents": int(len(ds.document_indices) - 1),
+        "text_bytes": None,
+        "tokens": int(ds.sequence_lengths.sum(dtype=np.int64)),
+        "malformed_lines": 0,
+        "truncated": False,
+    }
 
 
 def inspect_data(path: Path, tokenizer: Path | None = None, eos_token: str = "<|endoftext|>") -> dict:
@@ -59,9 +72,14 @@ def inspect_data(path: Path, tokenizer: Path | None = None, eos_token: str = "<|
         return None if any(v is None for v in values) else sum(values)
 
     return {
-        "path": str(path), "kind": kind, "shards": len(shards),
-        "documents": total("documents"), "file_bytes": total("file_bytes"), "text_bytes": total("text_bytes"),
-        "tokens": total("tokens"), "malformed_lines": total("malformed_lines"),
+        "path": str(path),
+        "kind": kind,
+        "shards": len(shards),
+        "documents": total("documents"),
+        "file_bytes": total("file_bytes"),
+        "text_bytes": total("text_bytes"),
+        "tokens": total("tokens"),
+        "malformed_lines": total("malformed_lines"),
         "truncated_shards": [s["name"] for s in shards if s["truncated"]],
         "per_shard": shards,
     }

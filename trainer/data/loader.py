@@ -44,16 +44,18 @@ class WindowDataset(Dataset):
 class RankBatchSampler(Sampler[list[int]]):
     """This rank's micro-batches (lists of window indices), step after step, from `start`."""
 
-    def __init__(self, order: GlobalOrder, start: int, global_batch: int, micro_batch: int,
-                 dp_rank: int, dp_size: int) -> None:
+    def __init__(
+        self, order: GlobalOrder, start: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int
+    ) -> None:
         self.order, self.start = order, start
         self.global_batch, self.micro_batch, self.dp_rank, self.dp_size = global_batch, micro_batch, dp_rank, dp_size
 
     def __iter__(self) -> Iterator[list[int]]:
         consumed = self.start
         while True:
-            micro_batches = rank_micro_batches(consumed, self.global_batch, self.micro_batch, self.dp_rank,
-                                               self.dp_size)
+            micro_batches = rank_micro_batches(
+                consumed, self.global_batch, self.micro_batch, self.dp_rank, self.dp_size
+            )
             for samples in micro_batches:
                 yield [self.order.window(s) for s in samples]
             consumed += self.global_batch
@@ -62,8 +64,19 @@ class RankBatchSampler(Sampler[list[int]]):
 class TrainLoader:
     """Grad-accumulation micro-batches for one data-parallel rank, resumable from a position."""
 
-    def __init__(self, dataset: WindowDataset, *, fingerprint: str, seed: int, global_batch: int,
-                 micro_batch: int, dp_rank: int, dp_size: int, num_workers: int, prefetch_factor: int) -> None:
+    def __init__(
+        self,
+        dataset: WindowDataset,
+        *,
+        fingerprint: str,
+        seed: int,
+        global_batch: int,
+        micro_batch: int,
+        dp_rank: int,
+        dp_size: int,
+        num_workers: int,
+        prefetch_factor: int,
+    ) -> None:
         rank_micro_batches(0, global_batch, micro_batch, dp_rank, dp_size)  # validates the layout
         self.dataset = dataset
         self.order = GlobalOrder(len(dataset), seed)
@@ -75,12 +88,16 @@ class TrainLoader:
         self._it: Iterator[torch.Tensor] | None = None
 
     def _start(self) -> Iterator[torch.Tensor]:
-        sampler = RankBatchSampler(self.order, self.consumed_samples, self.global_batch, self.micro_batch,
-                                   self.dp_rank, self.dp_size)
+        sampler = RankBatchSampler(
+            self.order, self.consumed_samples, self.global_batch, self.micro_batch, self.dp_rank, self.dp_size
+        )
         loader = StatefulDataLoader(
-            self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
-            persistent_workers=False, pin_memory=False,
+            persistent_workers=False,
+            pin_memory=False,
         )
         return iter(loader)
 
@@ -94,8 +111,13 @@ class TrainLoader:
 
     def state_dict(self) -> dict:
         """JSON-able position: global samples consumed and what they are valid for."""
-        return {"version": STATE_VERSION, "consumed_samples": self.consumed_samples,
-                "fingerprint": self.fingerprint, "seed": self.seed, "seq_len": self.dataset.seq_len}
+        return {
+            "version": STATE_VERSION,
+            "consumed_samples": self.consumed_samples,
+            "fingerprint": self.fingerprint,
+            "seed": self.seed,
+            "seq_len": self.dataset.seq_len,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at the saved position (ConfigError if it belongs to other data/seed/seq_len)."""
@@ -116,26 +138,46 @@ class TrainLoader:
 def _open_train(cfg: DataConfig, run_dir: Path) -> tuple[TokenStream, str]:
     path = train_manifest_path(cfg, run_dir)
     if not path.exists():
-        raise ConfigError(f"data: {cfg.path} is not prepared (no {path}); call prepare_if_needed on rank 0 "
-                          f"first or run `resilient data prepare`")
+        raise ConfigError(
+            f"data: {cfg.path} is not prepared (no {path}); call prepare_if_needed on rank 0 "
+            f"first or run `resilient data prepare`"
+        )
     manifest = json.loads(path.read_text())
     return TokenStream.from_manifest(manifest), manifest["fingerprint"]
 
 
-def build_train_loader(cfg: DataConfig, *, run_dir: Path, seq_len: int, global_batch: int, micro_batch: int,
-                       dp_rank: int, dp_size: int, seed: int) -> TrainLoader:
+def build_train_loader(
+    cfg: DataConfig,
+    *,
+    run_dir: Path,
+    seq_len: int,
+    global_batch: int,
+    micro_batch: int,
+    dp_rank: int,
+    dp_size: int,
+    seed: int,
+) -> TrainLoader:
     """The loader of this DP rank at position 0 (`load_state_dict` moves it); data must be prepared."""
     stream, fingerprint = _open_train(cfg, Path(run_dir))
     dataset = WindowDataset(stream, seq_len)
     if len(dataset) == 0:
         raise ConfigError(f"data.path: {cfg.path}: {stream.total} tokens are fewer than one window of {seq_len + 1}")
-    return TrainLoader(dataset, fingerprint=fingerprint, seed=seed, global_batch=global_batch,
-                       micro_batch=micro_batch, dp_rank=dp_rank, dp_size=dp_size,
-                       num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor)
+    return TrainLoader(
+        dataset,
+        fingerprint=fingerprint,
+        seed=seed,
+        global_batch=global_batch,
+        micro_batch=micro_batch,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        num_workers=cfg.num_workers,
+        prefetch_factor=cfg.prefetch_factor,
+    )
 
 
-def build_validation_batches(cfg: DataConfig, *, run_dir: Path, seq_len: int, micro_batch: int,
-                             dp_rank: int, dp_size: int) -> list[torch.Tensor]:
+def build_validation_batches(
+    cfg: DataConfig, *, run_dir: Path, seq_len: int, micro_batch: int, dp_rank: int, dp_size: int
+) -> list[torch.Tensor]:
     """This rank's share of the validation windows, in order, as [micro_batch, seq_len+1] batches.
 
     The first `validation_docs` documents are packed into windows like the training data, and the
@@ -149,10 +191,9 @@ def build_validation_batches(cfg: DataConfig, *, run_dir: Path, seq_len: int, mi
     per_round = micro_batch * dp_size
     rounds = len(dataset) // per_round
     if rounds == 0:
-        raise ConfigError(f"data.validation_docs: {cfg.validation_docs} documents give {len(dataset)} windows of "
-                          f"{seq_len + 1} tokens, fewer than micro_batch x dp = {per_round}")
+        raise ConfigError(
+            f"data.validation_docs: {cfg.validation_docs} documents give {len(dataset)} windows of "
+            f"{seq_len + 1} tokens, fewer than micro_batch x dp = {per_round}"
+        )
     first = dp_rank * micro_batch
-    return [
-        torch.stack([dataset[k * per_round + first + i] for i in range(micro_batch)])
-        for k in range(rounds)
-    ]
+    return [torch.stack([dataset[k * per_round + first + i] for i in range(micro_batch)]) for k in range(rounds)]

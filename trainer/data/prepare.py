@@ -249,11 +249,16 @@ def _megatron_manifest(prefixes: list[Path]) -> dict:
     shards = []
     for prefix in prefixes:
         ds = IndexedDataset(str(prefix))
-        shards.append({
-            "name": prefix.name, "path": str(prefix.resolve()), "dtype": np.dtype(ds.index.dtype).name,
-            "documents": int(len(ds.document_indices) - 1), "tokens": int(ds.sequence_lengths.sum(dtype=np.int64)),
-            "skipped": {},
-        })
+        shards.append(
+            {
+                "name": prefix.name,
+                "path": str(prefix.resolve()),
+                "dtype": np.dtype(ds.index.dtype).name,
+                "documents": int(len(ds.document_indices) - 1),
+                "tokens": int(ds.sequence_lengths.sum(dtype=np.int64)),
+                "skipped": {},
+            }
+        )
     return _manifest(shards, tok_sha=None, eos_id=None)
 
 
@@ -288,8 +293,11 @@ def _prepare_train(cfg: DataConfig, run_dir: Path, workers: int | None) -> Path:
     _, eos_id = load_tokenizer(cfg.tokenizer, cfg.eos_token)
     tok_sha = tokenizer_digest(cfg.tokenizer)
     prefixes = [shard_prefix(root, s, shard_key(s, tok_sha, eos_id)) for s in shards]
-    todo = [ShardJob((s,), p, cfg.tokenizer.resolve(), cfg.eos_token)
-            for s, p in zip(shards, prefixes, strict=True) if not _meta_path(p).exists()]
+    todo = [
+        ShardJob((s,), p, cfg.tokenizer.resolve(), cfg.eos_token)
+        for s, p in zip(shards, prefixes, strict=True)
+        if not _meta_path(p).exists()
+    ]
     if todo:
         log.info("data: tokenizing %d of %d shards into %s", len(todo), len(shards), root)
     _run_jobs(todo, cfg.prepare_workers if workers is None else workers)
@@ -304,8 +312,11 @@ def _prepare_train(cfg: DataConfig, run_dir: Path, workers: int | None) -> Path:
         raise ConfigError(f"data.path: {cfg.path}: the shards hold no readable documents")
     atomic_write(manifest_path, json.dumps(manifest, indent=1))
     if manifest["skipped_lines"] or manifest["truncated_shards"]:
-        log.warning("data: prepare skipped %d malformed lines; truncated shards: %s",
-                    manifest["skipped_lines"], ", ".join(manifest["truncated_shards"]) or "none")
+        log.warning(
+            "data: prepare skipped %d malformed lines; truncated shards: %s",
+            manifest["skipped_lines"],
+            ", ".join(manifest["truncated_shards"]) or "none",
+        )
     return manifest_path
 
 
@@ -316,8 +327,10 @@ def _prepare_train(cfg: DataConfig, run_dir: Path, workers: int | None) -> Path:
 def validation_shards(cfg: DataConfig) -> list[Path]:
     """The validation shards, in order; ConfigError (one line) when there are none."""
     if cfg.validation_path is None and megatron_prefixes(cfg.path):
-        raise ConfigError(f"data.validation_path: {cfg.path} holds Megatron .bin/.idx data; "
-                          f"set validation_path to C4 validation shards to evaluate")
+        raise ConfigError(
+            f"data.validation_path: {cfg.path} holds Megatron .bin/.idx data; "
+            f"set validation_path to C4 validation shards to evaluate"
+        )
     location = cfg.validation_path if cfg.validation_path is not None else _data_dir(cfg.path)
     return find_shards(location, cfg.validation_glob, what="data.validation_path")
 

@@ -24,15 +24,18 @@ class TokenStream:
         for path, dtype, n in zip(self.bins, self.dtypes, self.bounds[1:] - self.bounds[:-1], strict=True):
             size = path.stat().st_size if path.exists() else -1
             if size != int(n) * dtype.itemsize:
-                raise ConfigError(f"data: prepared file {path} is damaged or missing ({size} bytes, expected "
-                                  f"{int(n) * dtype.itemsize}); delete it and prepare again")
+                raise ConfigError(
+                    f"data: prepared file {path} is damaged or missing ({size} bytes, expected "
+                    f"{int(n) * dtype.itemsize}); delete it and prepare again"
+                )
         self._maps: list[np.memmap] | None = None
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> TokenStream:
         shards = manifest["shards"]
-        return cls([Path(s["path"] + ".bin") for s in shards], [s["dtype"] for s in shards],
-                   [s["tokens"] for s in shards])
+        return cls(
+            [Path(s["path"] + ".bin") for s in shards], [s["dtype"] for s in shards], [s["tokens"] for s in shards]
+        )
 
     @classmethod
     def from_meta_file(cls, meta_path: Path) -> TokenStream:
@@ -56,7 +59,7 @@ class TokenStream:
         while filled < count:
             lo = start + filled - int(self.bounds[i])
             take = min(count - filled, int(self.bounds[i + 1] - self.bounds[i]) - lo)
-            out[filled:filled + take] = self._maps[i][lo:lo + take]
+            out[filled : filled + take] = self._maps[i][lo : lo + take]
             filled += take
             i += 1
         return out

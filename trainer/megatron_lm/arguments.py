@@ -23,7 +23,7 @@ class MegatronRun:
         """The run behind a rank command that uses the wrapper, else None."""
         for i, arg in enumerate(rank_command[:-1]):
             if arg == "-m" and rank_command[i + 1] == WRAPPER:
-                return cls(tuple(rank_command[i + 3:]))  # after the script
+                return cls(tuple(rank_command[i + 3 :]))  # after the script
         return None
 
     def value(self, flag: str) -> str | None:
@@ -47,8 +47,11 @@ class MegatronRun:
         """The model as Megatron would build it (GPT; the vocabulary only when `--vocab-size` names it, else
         the embeddings are left out: about 1% of a large model), or None and the flags that are missing."""
         layers, hidden, heads = (self.number(f) for f in ("--num-layers", "--hidden-size", "--num-attention-heads"))
-        missing = [f for f, v in (("--num-layers", layers), ("--hidden-size", hidden),
-                                  ("--num-attention-heads", heads)) if not v]
+        missing = [
+            f
+            for f, v in (("--num-layers", layers), ("--hidden-size", hidden), ("--num-attention-heads", heads))
+            if not v
+        ]
         if missing:
             return None, f"the command line has no {', '.join(missing)}"
         assert layers and hidden and heads
@@ -57,8 +60,15 @@ class MegatronRun:
         ffn = self.number("--ffn-hidden-size") or 4 * hidden
         if not self.has("--swiglu"):  # a GELU MLP's two matrices hold what SwiGLU's three hold at 2/3 the width
             ffn = max(1, ffn * 2 // 3)
-        arch = Architecture(num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                            num_query_groups=groups or heads, ffn_hidden_size=ffn,
-                            vocab_size=vocab or 1, max_position_embeddings=self.number("--seq-length") or 1)
-        return arch, ("from the Megatron-LM command line"
-                      + ("" if vocab else " (embeddings not counted: no --vocab-size)"))
+        arch = Architecture(
+            num_layers=layers,
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_query_groups=groups or heads,
+            ffn_hidden_size=ffn,
+            vocab_size=vocab or 1,
+            max_position_embeddings=self.number("--seq-length") or 1,
+        )
+        return arch, (
+            "from the Megatron-LM command line" + ("" if vocab else " (embeddings not counted: no --vocab-size)")
+        )

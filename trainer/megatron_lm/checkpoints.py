@@ -151,9 +151,18 @@ def listing(root: Path) -> list[dict[str, Any]]:
         tracked = _tracked_or_none(path)
         for key, ckpt in checkpoints(path).items():
             problem = check(ckpt)
-            rows.append({"step": key, "tier": tier, "format": save_formats.save_format(ckpt),
-                         "state": "complete" if problem is None else "incomplete", "problem": problem,
-                         "bytes": _bytes(ckpt), "latest": key == tracked, "path": str(ckpt)})
+            rows.append(
+                {
+                    "step": key,
+                    "tier": tier,
+                    "format": save_formats.save_format(ckpt),
+                    "state": "complete" if problem is None else "incomplete",
+                    "problem": problem,
+                    "bytes": _bytes(ckpt),
+                    "latest": key == tracked,
+                    "path": str(ckpt),
+                }
+            )
     return rows
 
 
@@ -188,8 +197,10 @@ def tracker_problem(root: Path, *, checksums: bool = False) -> str | None:
 
 def verify(root: Path, *, checksums: bool = True) -> list[TierCheck]:
     """Each tier's tracker against the checkpoint it names."""
-    return [TierCheck(tier, _tracked_or_none(path), tracker_problem(path, checksums=checksums))
-            for tier, path in tiers(root)]
+    return [
+        TierCheck(tier, _tracked_or_none(path), tracker_problem(path, checksums=checksums))
+        for tier, path in tiers(root)
+    ]
 
 
 def resumes_from(root: Path) -> tuple[str, Key] | None:
@@ -218,8 +229,11 @@ def repair(root: Path) -> list[tuple[str, Key | None, Key | None, str]]:
             continue
         target = _newest_complete_iteration(path)
         if target is None:
-            hint = (" (Megatron-LM resumes from it while it is at least the persistent iteration: move it aside)"
-                    if tier == NON_PERSISTENT else "")
+            hint = (
+                " (Megatron-LM resumes from it while it is at least the persistent iteration: move it aside)"
+                if tier == NON_PERSISTENT
+                else ""
+            )
             done.append((tier, before, None, f"{problem}; no complete iteration to point it at{hint}"))
             continue
         write_tracker(path, target)

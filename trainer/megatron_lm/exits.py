@@ -51,8 +51,11 @@ def classify(end: LoopEnd) -> tuple[ExitCode, str]:
     code = end.megatron_code
     at = f"at iteration {end.iteration}"
     if code in (RESUME_TO_DISAMBIGUATE, FAILED_ON_RESULT_VALIDATION):
-        what = ("a result did not reproduce on this node's hardware" if code == FAILED_ON_RESULT_VALIDATION
-                else "a result must be rerun on other hardware to tell a fault from the data")
+        what = (
+            "a result did not reproduce on this node's hardware"
+            if code == FAILED_ON_RESULT_VALIDATION
+            else "a result must be rerun on other hardware to tell a fault from the data"
+        )
         return ExitCode.UNHEALTHY_NODE, f"Megatron's rerun state machine exited {code} {at}: {what}"
     if not end.args_parsed and (end.error is not None or code == ARGPARSE_ERROR):
         why = end.error or "exit 2"
@@ -68,8 +71,9 @@ def classify(end: LoopEnd) -> tuple[ExitCode, str]:
     if end.exit_interval and end.iteration % end.exit_interval == 0:
         return ExitCode.PREEMPTED, f"--exit-interval {end.exit_interval} reached {at}; requeue to continue"
     if end.exit_duration_mins:
-        return ExitCode.PREEMPTED, (f"--exit-duration-in-mins {end.exit_duration_mins:g} reached {at}; "
-                                    "requeue to continue")
+        return ExitCode.PREEMPTED, (
+            f"--exit-duration-in-mins {end.exit_duration_mins:g} reached {at}; requeue to continue"
+        )
     if code is None and end.train_iters is None:
         return ExitCode.FINISHED, f"the script returned {at}"
     return ExitCode.RANK_FAILED, f"Megatron-LM stopped {at} before --train-iters {end.train_iters} without a reason"

@@ -71,8 +71,9 @@ def check(ckpt_dir: Path, *, checksums: bool = False) -> str | None:
     try:
         fmt = save_format(ckpt_dir)
         if fmt == UNKNOWN:
-            raise _Damaged(f"{ckpt_dir.name}: neither {SHARDED_CONFIG}, {STORAGE_METADATA} nor mp_rank_* "
-                           "(the save never finished)")
+            raise _Damaged(
+                f"{ckpt_dir.name}: neither {SHARDED_CONFIG}, {STORAGE_METADATA} nor mp_rank_* (the save never finished)"
+            )
         checks[fmt](ckpt_dir, checksums)
         _check_integrity(ckpt_dir, checksums)
     except _Damaged as damage:
@@ -88,6 +89,7 @@ def _children(path: Path) -> list[Path]:
 
 
 # -- torch_dist and torch.distributed.checkpoint ---------------------------------------------------------
+
 
 def _check_torch_dist(ckpt_dir: Path, checksums: bool) -> None:
     try:
@@ -105,16 +107,19 @@ def _check_torch_dist(ckpt_dir: Path, checksums: bool) -> None:
     elif COMMON_STATE_ITEM in _items(metadata):
         _check_item(ckpt_dir, metadata, COMMON_STATE_ITEM, checksums)
     else:
-        raise _Damaged(f"{ckpt_dir.name}: no common state (neither {COMMON} nor a common_state item in "
-                       f"{STORAGE_METADATA})")
+        raise _Damaged(
+            f"{ckpt_dir.name}: no common state (neither {COMMON} nor a common_state item in {STORAGE_METADATA})"
+        )
 
 
 def _check_dcp(ckpt_dir: Path, checksums: bool) -> None:
     metadata = _storage_metadata(ckpt_dir)
     missing = [key for key in DCP_ITEMS if key not in _items(metadata)]
     if missing:
-        raise _Damaged(f"{ckpt_dir.name}: {STORAGE_METADATA} records no {missing[0]!r} item and there is no "
-                       f"{SHARDED_CONFIG}: an unfinished torch_dist save, or not Megatron-LM's")
+        raise _Damaged(
+            f"{ckpt_dir.name}: {STORAGE_METADATA} records no {missing[0]!r} item and there is no "
+            f"{SHARDED_CONFIG}: an unfinished torch_dist save, or not Megatron-LM's"
+        )
     _check_extents(ckpt_dir, metadata)
     _check_item(ckpt_dir, metadata, "iteration", checksums)
 
@@ -196,6 +201,7 @@ def _check_archive(source: Path | io.BytesIO, label: str, checksums: bool) -> No
 
 # -- legacy torch format ---------------------------------------------------------------------------------
 
+
 def _check_legacy(ckpt_dir: Path, checksums: bool) -> None:
     ranks: dict[tuple[int, ...], Path] = {}
     for child in _children(ckpt_dir):
@@ -209,8 +215,10 @@ def _check_legacy(ckpt_dir: Path, checksums: bool) -> None:
     with_optimizer = [d for d in ranks.values() if (d / LEGACY_OPTIMIZER).exists()]
     for rank_dir in ranks.values():
         if with_optimizer and rank_dir not in with_optimizer:
-            raise _Damaged(f"{ckpt_dir.name}/{rank_dir.name}/{LEGACY_OPTIMIZER}: missing (the distributed "
-                           f"optimizer wrote it beside {with_optimizer[0].name})")
+            raise _Damaged(
+                f"{ckpt_dir.name}/{rank_dir.name}/{LEGACY_OPTIMIZER}: missing (the distributed "
+                f"optimizer wrote it beside {with_optimizer[0].name})"
+            )
         if not (rank_dir / LEGACY_MODEL).exists():
             raise _Damaged(f"{ckpt_dir.name}/{rank_dir.name}/{LEGACY_MODEL}: missing")
         for path in sorted(rank_dir.glob("*.pt")):
@@ -222,8 +230,10 @@ def _check_rank_grid(ckpt_dir: Path, ranks: dict[tuple[int, ...], Path]) -> None
     the ranks seen, from 0 up, must be there. (A missing highest rank on every axis cannot be told:
     the parallel sizes live only inside the pickled args.)"""
     if len({len(key) for key in ranks}) > 1:
-        raise _Damaged(f"{ckpt_dir.name}: model-parallel rank directories of different shapes "
-                       f"({', '.join(d.name for d in ranks.values())})")
+        raise _Damaged(
+            f"{ckpt_dir.name}: model-parallel rank directories of different shapes "
+            f"({', '.join(d.name for d in ranks.values())})"
+        )
     axes = len(next(iter(ranks)))
     sizes = [max(key[axis] for key in ranks) + 1 for axis in range(axes)]
     expected = [()]
@@ -232,11 +242,13 @@ def _check_rank_grid(ckpt_dir: Path, ranks: dict[tuple[int, ...], Path]) -> None
     absent = [key for key in expected if key not in ranks]
     if absent:
         name = "mp_rank_" + "_".join(f"{i:02d}" if n == 0 else f"{i:03d}" for n, i in enumerate(absent[0]))
-        raise _Damaged(f"{ckpt_dir.name}/{name}: missing ({len(absent)} of {len(expected)} model-parallel "
-                       "rank directories absent)")
+        raise _Damaged(
+            f"{ckpt_dir.name}/{name}: missing ({len(absent)} of {len(expected)} model-parallel rank directories absent)"
+        )
 
 
 # -- --verify-integrity --------------------------------------------------------------------------------
+
 
 def _check_integrity(ckpt_dir: Path, checksums: bool) -> None:
     """integrity.json (dist_checkpointing's `verify_integrity`): {"algorithm": "sha256", "files": {name:

@@ -37,8 +37,15 @@ from trainer.megatron_lm import exits
 log = logging.getLogger("trainer.megatron_lm")
 
 # Chained after Megatron's own; `setup` and `shutdown` are the wrapper's (before and after the script).
-_FT_HOOKS = ("on_training_step_start", "on_training_step_end", "on_eval_step_start", "on_eval_step_end",
-             "on_checkpointing_start", "on_checkpointing_end", "on_checkpoint_loaded")
+_FT_HOOKS = (
+    "on_training_step_start",
+    "on_training_step_end",
+    "on_eval_step_start",
+    "on_eval_step_end",
+    "on_checkpointing_start",
+    "on_checkpointing_end",
+    "on_checkpoint_loaded",
+)
 USAGE = "usage: python -m trainer.megatron_lm SCRIPT [ARGS...]  (a Megatron-LM training script and its arguments)"
 
 
@@ -70,8 +77,10 @@ def check_argv(args: list[str]) -> tuple[Path, list[str]]:
         raise ValueError(f"{script}: no such training script")
     rest = list(args[1:])
     if "--exit-signal-handler-for-training" in rest:
-        raise ValueError("--exit-signal-handler-for-training exits without saving on SIGTERM; under resilient a "
-                         "stop saves first (--exit-signal-handler, added for you): drop the flag")
+        raise ValueError(
+            "--exit-signal-handler-for-training exits without saving on SIGTERM; under resilient a "
+            "stop saves first (--exit-signal-handler, added for you): drop the flag"
+        )
     if "--exit-signal-handler" not in rest:
         rest.append("--exit-signal-handler")  # a stop request saves, then exits
     return script, rest
@@ -155,11 +164,16 @@ class Wrapper:
     def _end(self, code: int | None, error: str | None) -> exits.LoopEnd:
         args = _megatron_args()
         return exits.LoopEnd(
-            megatron_code=code, iteration=ft_hooks.iteration(),
-            train_iters=getattr(args, "train_iters", None), stop_requested=self.stop.requested or _megatron_stopped(),
+            megatron_code=code,
+            iteration=ft_hooks.iteration(),
+            train_iters=getattr(args, "train_iters", None),
+            stop_requested=self.stop.requested or _megatron_stopped(),
             exit_interval=getattr(args, "exit_interval", None),
-            exit_duration_mins=getattr(args, "exit_duration_in_mins", None), trained=self.trained, error=error,
-            args_parsed=args is not None)
+            exit_duration_mins=getattr(args, "exit_duration_in_mins", None),
+            trained=self.trained,
+            error=error,
+            args_parsed=args is not None,
+        )
 
 
 def _describe(err: Exception) -> str:

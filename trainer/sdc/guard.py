@@ -92,8 +92,16 @@ class Finding:
 
 
 class SdcGuard:
-    def __init__(self, cfg: NumericsConfig, chunks: Sequence[torch.nn.Module], topology: Topology, *,
-                 device: torch.device, run_dir: Path, attempt: int) -> None:
+    def __init__(
+        self,
+        cfg: NumericsConfig,
+        chunks: Sequence[torch.nn.Module],
+        topology: Topology,
+        *,
+        device: torch.device,
+        run_dir: Path,
+        attempt: int,
+    ) -> None:
         self.cfg, self.chunks, self.topology, self.device = cfg, chunks, topology, device
         self.run_dir, self.attempt = run_dir, attempt
         self.rank = dist.get_rank()
@@ -164,8 +172,15 @@ class SdcGuard:
         self.suspicion.from_step = step
         self.results = {s: r for s, r in self.results.items() if s <= step}
         if self.rank == 0:
-            ledger.append(self.run_dir, LedgerEvent.SDC_SUSPECTED, step=self.suspicion.step, kind=self.suspicion.kind,
-                          reason=self.suspicion.reason, reexecute_from=step, attempt=self.attempt)
+            ledger.append(
+                self.run_dir,
+                LedgerEvent.SDC_SUSPECTED,
+                step=self.suspicion.step,
+                kind=self.suspicion.kind,
+                reason=self.suspicion.reason,
+                reexecute_from=step,
+                attempt=self.attempt,
+            )
         log.warning("step %d: %s; re-executing from step %d", self.suspicion.step, self.suspicion.reason, step)
 
     def conclude(self) -> tuple[Suspicion, verdicts.Attribution, Check | None]:
@@ -180,29 +195,42 @@ class SdcGuard:
                 s.first = verdicts.moment(s.step, verdicts.DIGEST)
         firsts = gather_int(-1 if s.first is None else s.first, self.device)
         mismatched = s.check.verdict.mismatched if s.check is not None else ()
-        attribution = verdicts.attribute([None if m < 0 else m for m in firsts], self.topology.replicas,
-                                         self.topology.positions, mismatched)
+        attribution = verdicts.attribute(
+            [None if m < 0 else m for m in firsts], self.topology.replicas, self.topology.positions, mismatched
+        )
         self.suspicion = None
         return s, attribution, again
 
     # -- findings ---------------------------------------------------------------------------------
 
     def by_vote(self, check: Check, trusted_until: int | None) -> Finding:
-        return Finding(check.step, MISMATCH, "majority vote", check.verdict.suspects, trusted_until,
-                       check.verdict.reason, check)
+        return Finding(
+            check.step, MISMATCH, "majority vote", check.verdict.suspects, trusted_until, check.verdict.reason, check
+        )
 
     def unattributed(self, check: Check, trusted_until: int | None, why: str) -> Finding:
         """A mismatch no re-execution can attribute: the run restarts from trusted state, no node blamed."""
-        return Finding(check.step, MISMATCH, "replica check", (), trusted_until, f"{check.verdict.reason}; {why}",
-                       check)
+        return Finding(
+            check.step, MISMATCH, "replica check", (), trusted_until, f"{check.verdict.reason}; {why}", check
+        )
 
     def by_reexecution(self, s: Suspicion, attribution: verdicts.Attribution, again: Check | None) -> Finding:
-        details = {"from_step": s.from_step, "first_unreproduced_step": attribution.first_step,
-                   "outcome": attribution.reason,
-                   "replicas_agree_after": None if again is None else again.verdict.agree}
-        return Finding(s.step, s.kind, "re-execution", attribution.suspects,
-                       verdicts.trusted_until(self.last_agreeing, attribution.first_step),
-                       f"{s.reason}; {attribution.reason}", s.check, details)
+        details = {
+            "from_step": s.from_step,
+            "first_unreproduced_step": attribution.first_step,
+            "outcome": attribution.reason,
+            "replicas_agree_after": None if again is None else again.verdict.agree,
+        }
+        return Finding(
+            s.step,
+            s.kind,
+            "re-execution",
+            attribution.suspects,
+            verdicts.trusted_until(self.last_agreeing, attribution.first_step),
+            f"{s.reason}; {attribution.reason}",
+            s.check,
+            details,
+        )
 
     def report(self, finding: Finding, *, action: str, withdrawn: dict[str, list[int]]) -> None:
         """Rank 0: the incident directory and the ledger record (sdc_confirmed when a rank is named,
@@ -211,12 +239,20 @@ class SdcGuard:
             return
         topo = self.topology
         nodes = topo.nodes_of(finding.suspects)
-        fields = {"step": finding.step, "kind": finding.kind, "how": finding.how, "ranks": list(finding.suspects),
-                  "nodes": [topo.node_names[topo.nodes.index(n)] for n in nodes],
-                  "trusted_until": finding.trusted_until,
-                  "reason": finding.reason[:1000], "attempt": self.attempt,
-                  "action": action if finding.suspects else "restart", "withdrawn": withdrawn}
-        fields["incident"] = incident.write(self.run_dir, self.attempt, fields, finding.check, finding.reexecution,
-                                            topo)
+        fields = {
+            "step": finding.step,
+            "kind": finding.kind,
+            "how": finding.how,
+            "ranks": list(finding.suspects),
+            "nodes": [topo.node_names[topo.nodes.index(n)] for n in nodes],
+            "trusted_until": finding.trusted_until,
+            "reason": finding.reason[:1000],
+            "attempt": self.attempt,
+            "action": action if finding.suspects else "restart",
+            "withdrawn": withdrawn,
+        }
+        fields["incident"] = incident.write(
+            self.run_dir, self.attempt, fields, finding.check, finding.reexecution, topo
+        )
         event = LedgerEvent.SDC_CONFIRMED if finding.suspects else LedgerEvent.SDC_SUSPECTED
         ledger.append(self.run_dir, event, **fields)

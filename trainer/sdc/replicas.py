@@ -27,8 +27,9 @@ class Topology:
     def gather(cls, env: RankEnv) -> Topology:
         """All ranks call it (one all_gather_object)."""
         tp = parallel_state.get_tensor_model_parallel_world_size()
-        model_rank = (parallel_state.get_pipeline_model_parallel_rank() * tp
-                      + parallel_state.get_tensor_model_parallel_rank())
+        model_rank = (
+            parallel_state.get_pipeline_model_parallel_rank() * tp + parallel_state.get_tensor_model_parallel_rank()
+        )
         mine = (model_rank, parallel_state.get_data_parallel_rank(), env.node_rank, env.node_name)
         rows: list[tuple[int, int, int, str]] = [None] * dist.get_world_size()  # type: ignore[list-item]
         dist.all_gather_object(rows, mine)

@@ -52,12 +52,15 @@ def judge_replicas(digests: Sequence[int], positions: Sequence[int]) -> ReplicaV
         if votes * 2 > len(ranks):
             odd = [r for r in ranks if digests[r] != value]
             suspects += odd
-            notes.append(f"position {position}: rank(s) {_ranks(odd)} differ from the {votes} of {len(ranks)} "
-                         "replicas that agree")
+            notes.append(
+                f"position {position}: rank(s) {_ranks(odd)} differ from the {votes} of {len(ranks)} "
+                "replicas that agree"
+            )
         else:
             unresolved.append(position)
-            notes.append(f"position {position}: {len(counts)} different digests over ranks {_ranks(ranks)}, "
-                         "no majority")
+            notes.append(
+                f"position {position}: {len(counts)} different digests over ranks {_ranks(ranks)}, no majority"
+            )
     if not mismatched:
         return ReplicaVerdict(True, reason=f"{len(positions)} ranks agree in {len(groups)} position(s)")
     return ReplicaVerdict(False, tuple(sorted(suspects)), tuple(mismatched), tuple(unresolved), "; ".join(notes))
@@ -99,8 +102,9 @@ class Attribution:
         return self.first_step is None
 
 
-def attribute(first: Sequence[int | None], replicas: Sequence[int], positions: Sequence[int],
-              mismatched: Collection[int] = ()) -> Attribution:
+def attribute(
+    first: Sequence[int | None], replicas: Sequence[int], positions: Sequence[int], mismatched: Collection[int] = ()
+) -> Attribution:
     """Who did not reproduce their own result first, from each rank's first differing `moment` (None: it
     reproduced everything). The replicas that differed first are suspect; with a digest mismatch, only
     their ranks at the mismatched positions (where the bits actually parted)."""
@@ -115,10 +119,17 @@ def attribute(first: Sequence[int | None], replicas: Sequence[int], positions: S
     suspects = tuple(narrowed or ranks)
     result = RESULTS[what]
     if len(bad) == len(set(replicas)) > 1:
-        return Attribution((), step, f"every replica's {result} at step {step} differs from its first run: "
-                                     "a fault no replica can be blamed for alone")
-    return Attribution(suspects, step, f"rank(s) {_ranks(suspects)} did not reproduce their own {result} at "
-                                       f"step {step}; the other replicas did")
+        return Attribution(
+            (),
+            step,
+            f"every replica's {result} at step {step} differs from its first run: "
+            "a fault no replica can be blamed for alone",
+        )
+    return Attribution(
+        suspects,
+        step,
+        f"rank(s) {_ranks(suspects)} did not reproduce their own {result} at step {step}; the other replicas did",
+    )
 
 
 def trusted_until(last_agreeing: int | None, first_bad_step: int | None) -> int | None:

@@ -20,7 +20,7 @@ def replica_source(holder: int) -> str:
 
 def holder_in(source: str) -> int | None:
     """The holder rank a source names (None: the rank's own copy, or disk)."""
-    return int(source[len(_REPLICA):]) if source.startswith(_REPLICA) else None
+    return int(source[len(_REPLICA) :]) if source.startswith(_REPLICA) else None
 
 
 @dataclass(frozen=True)

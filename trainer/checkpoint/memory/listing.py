@@ -15,8 +15,10 @@ from trainer.checkpoint.memory.snapshot import SnapshotFormat
 def inventory(root: Path, ring: Ring, rank: int, fmt: SnapshotFormat, checksums: bool = True) -> Inventory:
     """This rank's usable (committed, same layout; with `checksums`, verified) own copies and the
     replicas it holds for the rank the ring gives it."""
-    own = {step: fmt.problem(path, rank, checksums)
-           for step, path in naming.steps_in(naming.own_dir(root, ring.node_of(rank))).items()}
+    own = {
+        step: fmt.problem(path, rank, checksums)
+        for step, path in naming.steps_in(naming.own_dir(root, ring.node_of(rank))).items()
+    }
     src = ring.replica_of(rank)
     if src is None:
         return Inventory(own)
@@ -39,8 +41,17 @@ def listing(root: Path, key: RunKey | None = None) -> list[dict[str, Any]]:
                 committed = (path / naming.COMMITTED).exists()
                 state = "complete" if committed and not problems else ("damaged" if committed else "incomplete")
                 size = sum(p.stat().st_size for p in path.glob("rank*.bin"))
-                rows.append({"tier": tier, "node": node, "of_node": src, "step": step, "ranks": ranks,
-                             "state": state, "bytes": size, "problem": "; ".join(problems) or None,
-                             "path": str(path)})
+                rows.append(
+                    {
+                        "tier": tier,
+                        "node": node,
+                        "of_node": src,
+                        "step": step,
+                        "ranks": ranks,
+                        "state": state,
+                        "bytes": size,
+                        "problem": "; ".join(problems) or None,
+                        "path": str(path),
+                    }
+                )
     return rows
-

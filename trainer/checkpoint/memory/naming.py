@@ -71,7 +71,7 @@ def numbered(parent: Path, prefix: str) -> dict[int, Path]:
     found = {}
     if parent.is_dir():
         for path in parent.iterdir():
-            tail = path.name[len(prefix):]
+            tail = path.name[len(prefix) :]
             if path.name.startswith(prefix) and tail.isdigit():
                 found[int(tail)] = path
     return dict(sorted(found.items()))

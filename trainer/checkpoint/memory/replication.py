@@ -23,8 +23,15 @@ UNAVAILABLE = "unavailable"
 """The key of a holder's answer in place of a replica's metadata."""
 
 
-def exchange(transport: Transport, ring: Ring, root: Path, rank: int, data: memoryview, meta: bytes,
-             allocate: Callable[[Path, int], mmap.mmap]) -> None:
+def exchange(
+    transport: Transport,
+    ring: Ring,
+    root: Path,
+    rank: int,
+    data: memoryview,
+    meta: bytes,
+    allocate: Callable[[Path, int], mmap.mmap],
+) -> None:
     """Send this rank's sealed snapshot (`data`, and `meta`: its metadata's bytes) to its holder and
     store the one this rank holds (into a mapped file from `allocate`), uncommitted: the tier commits it."""
     holder, src = ring.holder_of(rank), ring.replica_of(rank)
@@ -33,8 +40,9 @@ def exchange(transport: Transport, ring: Ring, root: Path, rank: int, data: memo
     if first:
         transport.send(holder, meta, data)
     text, size = transport.recv_meta(src)
-    directory = naming.step_dir(naming.replica_dir(root, ring.node_of(rank), ring.node_of(src)),
-                                json.loads(text)["step"])
+    directory = naming.step_dir(
+        naming.replica_dir(root, ring.node_of(rank), ring.node_of(src)), json.loads(text)["step"]
+    )
     files.make_dir(directory)
     (directory / naming.COMMITTED).unlink(missing_ok=True)  # a step trained again is a new snapshot
     naming.meta_file(directory, src).unlink(missing_ok=True)
@@ -48,8 +56,9 @@ def exchange(transport: Transport, ring: Ring, root: Path, rank: int, data: memo
         transport.send(holder, meta, data)
 
 
-def transfer(transport: Transport, ring: Ring, root: Path, rank: int, step: int,
-             sources: tuple[str, ...]) -> tuple[dict[str, Any], bytearray] | None:
+def transfer(
+    transport: Transport, ring: Ring, root: Path, rank: int, step: int, sources: tuple[str, ...]
+) -> tuple[dict[str, Any], bytearray] | None:
     """Every rank calls this with the same `sources` (`choice.TierChoice.sources`): each holder sends
     the replica it keeps to the rank that lacks its own copy, pair by pair in rank order (so no cycle
     of blocked sends). Returns what this rank received, if anything: (metadata, bytes), the metadata

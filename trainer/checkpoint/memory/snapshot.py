@@ -85,8 +85,9 @@ class SnapshotFormat:
 
     # -- writing ------------------------------------------------------------------------------
 
-    def stage(self, state: TrainState, directory: Path, rank: int,
-              allocate: Callable[[Path, int], mmap.mmap]) -> Staged:
+    def stage(
+        self, state: TrainState, directory: Path, rank: int, allocate: Callable[[Path, int], mmap.mmap]
+    ) -> Staged:
         """The loop's part: build the sharded state and copy it into directory/rank<r>.bin (a mapped
         file of at least the size needed from `allocate`)."""
         tree = sharded_state(state, include_rng=True)
@@ -96,8 +97,15 @@ class SnapshotFormat:
             if isinstance(item, ShardedTensor):
                 data = item.data.detach()
                 nbytes = data.numel() * data.element_size()
-                entries.append({"id": _ident(item), "dtype": str(data.dtype), "shape": list(data.shape),
-                                "start": offset, "nbytes": nbytes})
+                entries.append(
+                    {
+                        "id": _ident(item),
+                        "dtype": str(data.dtype),
+                        "shape": list(data.shape),
+                        "start": offset,
+                        "nbytes": nbytes,
+                    }
+                )
                 tensors.append(data)
                 offset += -(-nbytes // ALIGN) * ALIGN
             elif isinstance(item, ShardedObject):
@@ -116,18 +124,25 @@ class SnapshotFormat:
         for entry, data in zip(entries, tensors, strict=True):
             if entry["nbytes"]:
                 start = entry["start"]
-                flat[start:start + entry["nbytes"]].view(data.dtype).view(data.shape).copy_(data)
+                flat[start : start + entry["nbytes"]].view(data.dtype).view(data.shape).copy_(data)
         del flat
         buffer[offset:total] = blob_bytes
-        meta = {"format": FORMAT, "step": state.step, "rank": rank, "layout": self.layout, "tensors": entries,
-                "common": {"start": offset, "nbytes": len(blob_bytes)}, "bytes": total}
+        meta = {
+            "format": FORMAT,
+            "step": state.step,
+            "rank": rank,
+            "layout": self.layout,
+            "tensors": entries,
+            "common": {"start": offset, "nbytes": len(blob_bytes)},
+            "bytes": total,
+        }
         return Staged(state.step, directory, meta, buffer)
 
     def seal(self, staged: Staged) -> bytes:
         """The background part: seal the staged bytes and write rank<r>.json; returns the metadata's
         bytes (what a replica carries with the data)."""
         assert self.key is not None, "only a run's own tier writes snapshots"
-        staged.meta["xxh3"] = manifest.hexdigest(memoryview(staged.buffer)[:staged.nbytes], "xxh3")
+        staged.meta["xxh3"] = manifest.hexdigest(memoryview(staged.buffer)[: staged.nbytes], "xxh3")
         staged.meta["run_id"] = self.key.run_id
         staged.meta["mac"] = self.key.mac(SEAL, _sealed_bytes(staged.meta))
         text = json.dumps(staged.meta).encode()
@@ -142,8 +157,9 @@ class SnapshotFormat:
             raise ValueError(f"format {meta.get('format')!s:.20}, not {FORMAT} (written by another version)")
         if self.key is not None:
             if meta.get("run_id") != self.key.run_id:
-                raise ValueError(f"a snapshot of run {meta.get('run_id')!s:.40}, not of this run ({self.key.run_id}); "
-                                 "refusing it")
+                raise ValueError(
+                    f"a snapshot of run {meta.get('run_id')!s:.40}, not of this run ({self.key.run_id}); refusing it"
+                )
             if not self.key.verify(SEAL, _sealed_bytes(meta), meta.get("mac")):
                 raise ValueError("its seal does not verify (metadata altered or forged)")
         if meta.get("rank") != rank:
@@ -209,9 +225,9 @@ def load(state: TrainState, meta: dict[str, Any], data: bytearray) -> None:
     tensors = {}
     for entry in meta["tensors"]:
         start, nbytes = entry["start"], entry["nbytes"]
-        tensors[entry["id"]] = flat[start:start + nbytes].view(_dtype(entry["dtype"])).view(entry["shape"])
+        tensors[entry["id"]] = flat[start : start + nbytes].view(_dtype(entry["dtype"])).view(entry["shape"])
     c = meta["common"]
-    blob = torch.load(io.BytesIO(bytes(buffer[c["start"]:c["start"] + c["nbytes"]])), weights_only=True)
+    blob = torch.load(io.BytesIO(bytes(buffer[c["start"] : c["start"] + c["nbytes"]])), weights_only=True)
     common, objects = blob["common"], blob["objects"]
 
     tree = sharded_state(state, include_rng=True, is_loading=True)

@@ -59,8 +59,16 @@ def stale_roots(shm: Path = naming.SHM) -> list[dict[str, Any]]:
         why = stale_reason(path)
         if why is not None:
             size = sum(f.lstat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
-            rows.append({"tier": "memory-stale", "step": None, "state": "stale", "bytes": size, "path": str(path),
-                         "problem": why})
+            rows.append(
+                {
+                    "tier": "memory-stale",
+                    "step": None,
+                    "state": "stale",
+                    "bytes": size,
+                    "path": str(path),
+                    "problem": why,
+                }
+            )
     return rows
 
 

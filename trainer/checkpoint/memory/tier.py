@@ -44,9 +44,17 @@ def root_problem(root: Path, run_id: str, run_dir: Path) -> str | None:
 class MemoryTier:
     """One per rank. `snapshot` is called by all ranks at the same step boundary."""
 
-    def __init__(self, root: Path, *, rank: int, ring: Ring, fmt: SnapshotFormat, keep_last: int,
-                 on_commit: Callable[[int, int, bool], None] | None = None,
-                 transport: Transport | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        rank: int,
+        ring: Ring,
+        fmt: SnapshotFormat,
+        keep_last: int,
+        on_commit: Callable[[int, int, bool], None] | None = None,
+        transport: Transport | None = None,
+    ) -> None:
         """`root` passed `root_problem` on every rank; `transport` defaults to a gloo group of the tier's own
         (its collectives run off the loop)."""
         self.root, self.rank, self.ring, self.fmt, self.keep_last = root, rank, ring, fmt, keep_last
@@ -83,8 +91,9 @@ class MemoryTier:
             if slots is not None:
                 slots.forget_gone()
         try:
-            staged: Staged | int = self.fmt.stage(state, naming.step_dir(self.own.base, state.step), self.rank,
-                                                  self.own.take)
+            staged: Staged | int = self.fmt.stage(
+                state, naming.step_dir(self.own.base, state.step), self.rank, self.own.take
+            )
         except OSError as err:  # /dev/shm full or failing: this step has no memory copy, training goes on
             log.error("memory snapshot of step %d not staged: %s", state.step, err)
             staged = state.step  # the background still joins the commit vote (with a no)
@@ -114,7 +123,7 @@ class MemoryTier:
         try:
             meta = self.fmt.seal(staged)
             if self.held is not None:
-                data = memoryview(staged.buffer)[:staged.nbytes]
+                data = memoryview(staged.buffer)[: staged.nbytes]
                 replication.exchange(self.transport, self.ring, self.root, self.rank, data, meta, self.held.take)
                 data.release()  # on an error it goes with the frame
         except Exception:
@@ -126,8 +135,9 @@ class MemoryTier:
         self.last_committed = staged.step
         if self.node_leader:
             for base in self.bases:
-                files.write_private(naming.step_dir(base, staged.step) / naming.COMMITTED,
-                                    json.dumps({"step": staged.step}).encode())
+                files.write_private(
+                    naming.step_dir(base, staged.step) / naming.COMMITTED, json.dumps({"step": staged.step}).encode()
+                )
                 retention.prune(base, self.keep_last)
         if self.on_commit is not None:
             self.on_commit(staged.step, staged.nbytes, self.held is not None)

@@ -106,7 +106,7 @@ class InProcessTransport:
 
     def recv_payload(self, src: int, into: memoryview) -> None:
         message = self.pending.pop(src)
-        into[:len(message.payload)] = message.payload
+        into[: len(message.payload)] = message.payload
         message.received.set()
 
     def all_ok(self, ok: bool) -> bool:
