@@ -66,7 +66,7 @@ def _target(q: Q, ref: str) -> prometheus.Dataquery:
 # -- panels ----------------------------------------------------------------------------------------------
 
 
-class Layout:
+class Grid:
     """Places panels left to right in rows of 24 columns."""
 
     def __init__(self) -> None:
@@ -99,7 +99,7 @@ def _common(panel, title: str, queries: Sequence[Q], pos: dm.GridPos, unit: str 
 
 
 def stat_panel(
-    layout: Layout,
+    layout: Grid,
     title: str,
     q: Q,
     w: int,
@@ -129,7 +129,7 @@ def stat_panel(
 
 
 def series_panel(
-    layout: Layout,
+    layout: Grid,
     title: str,
     queries: Sequence[Q],
     w: int,
@@ -154,7 +154,7 @@ def series_panel(
     return p
 
 
-def table_panel(layout: Layout, title: str, q: Q, w: int, h: int = 8, *, description: str | None = None):
+def table_panel(layout: Grid, title: str, q: Q, w: int, h: int = 8, *, description: str | None = None):
     return (
         _common(table.Panel(), title, [Q(q.expr, q.legend, table=True)], layout.place(w, h), None, description)
         .frame_index(0)
@@ -162,7 +162,7 @@ def table_panel(layout: Layout, title: str, q: Q, w: int, h: int = 8, *, descrip
     )
 
 
-def row(layout: Layout, title: str) -> db.Row:
+def row(layout: Grid, title: str) -> db.Row:
     return db.Row(title).grid_pos(layout.row()).collapsed(False)
 
 
@@ -215,7 +215,7 @@ def base(uid: str, title: str, *extra_variables) -> db.Dashboard:
 
 
 def run_overview() -> db.Dashboard:
-    L = Layout()
+    L = Grid()
     by_rank = "{{node}} rank {{rank}}"
     rate = "[$__rate_interval]"
     step_hist = f"rate(resilient_step_time_seconds_bucket{{{JOB_NODE}}}{rate})"
@@ -390,7 +390,7 @@ def run_overview() -> db.Dashboard:
 
 
 def checkpoints_goodput() -> db.Dashboard:
-    L = Layout()
+    L = Grid()
 
     def mean(metric: str) -> str:
         return f"increase({metric}_sum{{{JOB_NODE}}}[$__range]) / increase({metric}_count{{{JOB_NODE}}}[$__range])"
@@ -510,7 +510,7 @@ def checkpoints_goodput() -> db.Dashboard:
 
 
 def gpu_node_health() -> db.Dashboard:
-    L = Layout()
+    L = Grid()
     per_gpu = "{{node}} gpu {{gpu}}"
 
     def nvml(metric: str, by: str = "node, gpu") -> str:

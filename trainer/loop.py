@@ -23,7 +23,7 @@ from resilient.rank import Phase, RankEnv, StopFlag, connect
 from resilient.rank.env import assigned_at
 from trainer import distributed, numerics
 from trainer.bitflip import BitFlipper
-from trainer.checkpoint import layout
+from trainer.checkpoint import ondisk
 from trainer.checkpoint.checkpointer import Checkpointer
 from trainer.checkpoint.state import TrainState
 from trainer.config import TrainerConfig, cpu_refusal
@@ -377,7 +377,7 @@ class Trainer:
         self.checkpointer.last_agreeing_step = self.sdc.last_agreeing
         if check.verdict.agree:
             return
-        committed = layout.committed_steps(self.checkpointer.root)
+        committed = ondisk.committed_steps(self.checkpointer.root)
         trusted = max((s for s in committed if s <= self.state.step), default=None)
         if check.verdict.needs_reexecution:
             self._found(self.sdc.unattributed(check, trusted, "replicas disagree on the state they resumed"))
@@ -490,7 +490,7 @@ class Trainer:
         state, train = self.state, self.cfg.train
         step, window = state.step, (window_start, state.loader.position)
         self.checkpointer.finish()  # a save in flight holds good state: commit it first
-        committed = layout.committed_steps(self.checkpointer.root)
+        committed = ondisk.committed_steps(self.checkpointer.root)
         allowed, why = numerics.rollback_allowed(
             len(state.loader.skips), train.max_rollbacks, committed[-1] if committed else None
         )

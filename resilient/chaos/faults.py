@@ -23,7 +23,7 @@ import psutil
 
 from resilient.core.atomic import atomic_write
 from resilient.core.rundir import RunDir
-from trainer.checkpoint import layout
+from trainer.checkpoint import ondisk
 
 if TYPE_CHECKING:
     from resilient.chaos.runner import Drill
@@ -164,11 +164,11 @@ class CorruptCheckpoint(Fault):
     name = "corrupt_ckpt"
 
     def ready(self, d: Drill) -> bool:
-        return d.training() and d.save_in_flight() is None and len(layout.committed_steps(d.ckpt_root)) >= 2
+        return d.training() and d.save_in_flight() is None and len(ondisk.committed_steps(d.ckpt_root)) >= 2
 
     def inject(self, d: Drill) -> dict[str, Any]:
-        step = layout.committed_steps(d.ckpt_root)[-1]
-        shard = max(layout.step_dir(d.ckpt_root, step).glob("*.distcp"), key=lambda p: p.stat().st_size)
+        step = ondisk.committed_steps(d.ckpt_root)[-1]
+        shard = max(ondisk.step_dir(d.ckpt_root, step).glob("*.distcp"), key=lambda p: p.stat().st_size)
         with open(shard, "r+b") as f:
             f.seek(shard.stat().st_size // 2)
             byte = f.read(1)
@@ -288,7 +288,7 @@ class NanLoss(Fault):
     AHEAD = 3
 
     def ready(self, d: Drill) -> bool:
-        return d.training() and bool(layout.committed_steps(d.ckpt_root))
+        return d.training() and bool(ondisk.committed_steps(d.ckpt_root))
 
     def arm(self, run_dir: Path, step: int, attempt: int | None) -> None:
         _arm(run_dir, "nan_loss", {"step": step} if attempt is None else {"step": step, "attempt": attempt})

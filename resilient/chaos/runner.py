@@ -32,7 +32,7 @@ from resilient.core.events import LedgerEvent
 from resilient.core.exit_codes import ExitCode
 from resilient.core.rundir import RunDir
 from resilient.status import read_status, run_goodput
-from trainer.checkpoint import layout
+from trainer.checkpoint import ondisk
 from trainer.injection import TARGETS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -166,15 +166,15 @@ class Drill:
 
     def save_in_flight(self) -> int | None:
         """Step of a checkpoint being written now (its directory exists, has no marker, and is fresh)."""
-        committed = layout.committed_steps(self.ckpt_root)
+        committed = ondisk.committed_steps(self.ckpt_root)
         newest = committed[-1] if committed else 0
         now = time.time()
-        for step, path in layout.step_dirs(self.ckpt_root).items():
+        for step, path in ondisk.step_dirs(self.ckpt_root).items():
             try:
                 fresh = now - path.stat().st_mtime < IN_FLIGHT_S
             except FileNotFoundError:
                 continue
-            if step > newest and fresh and not (path / layout.MARKER).exists():
+            if step > newest and fresh and not (path / ondisk.MARKER).exists():
                 return step
         return None
 
@@ -357,9 +357,9 @@ def final_digest(ckpt_root: Path, step: int) -> str | None:
     """Digest of the committed checkpoint of `step` (None when there is none)."""
     from trainer.checkpoint.inspect import digest
 
-    if step not in layout.committed_steps(ckpt_root):
+    if step not in ondisk.committed_steps(ckpt_root):
         return None
-    return digest(layout.step_dir(ckpt_root, step))
+    return digest(ondisk.step_dir(ckpt_root, step))
 
 
 def _report(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class RunDir:
-    """The layout of RUN_DIR; each property is a path, nothing is created here."""
+    """The paths of RUN_DIR; each property is a path, nothing is created here."""
 
     root: Path
 

@@ -53,13 +53,13 @@ class SupervisorConfig(Section):
     which Megatron-LM's --exit-signal-handler listens for)."""
     progress_dir: Path | None = None
     """Checkpoint directory whose newest complete step measures exit-only progress and holds the final
-    save the supervisor checks (ours or Megatron-LM's layout). Default: the rank command's `--save`
+    save the supervisor checks (ours or Megatron-LM's format). Default: the rank command's `--save`
     directory (Megatron-LM), else checkpoint.dir, else RUN_DIR/checkpoints; relative: to RUN_DIR."""
     final_save_check: bool | None = None
     """Whether a run ends "finished" only once the final step is in a committed checkpoint in
     `progress_dir` (a refused save then ends the run `storage_fault`, exit 82). Default: on for the own
-    trainer; for another script, on once a checkpoint in a layout the supervisor reads exists there.
-    Set it for a script that saves in such a layout, so that a run whose every save was refused is
+    trainer; for another script, on once a checkpoint in a format the supervisor reads exists there.
+    Set it for a script that saves in such a format, so that a run whose every save was refused is
     caught too."""
     warm_spares: bool = True
     """Keep one parked process per local rank (torch, megatron-core and the rank command's imports loaded,

@@ -53,6 +53,7 @@ from resilient.supervisor import (
     publishing,
     spares,
     timeouts,
+    watch,
 )
 from resilient.supervisor import roster as rosters
 from resilient.supervisor.auth import Sealer
@@ -475,45 +476,55 @@ class Supervisor:
             self._refill_spares()
 
     def _watch(self) -> NodeOutcome:
-        """Until this attempt ends on this node: FINISHED, FAILED (here or on another node) or PREEMPTED."""
+        """Until this attempt ends on this node: FINISHED, FAILED (here or on another node) or PREEMPTED.
+        The states and their transitions are `watch.advance`'s; this loop gathers what each poll sees and
+        carries the moves out."""
         assert self.coord is not None and self.server is not None
         sel = selectors.DefaultSelector()
         sel.register(self.server, selectors.EVENT_READ)
         sel.register(self._wake_r, selectors.EVENT_READ)
         for r in self.ranks:
             sel.register(r.pidfd, selectors.EVENT_READ, r)
-        preempt_deadline: float | None = None
-        done_since: float | None = None
+        state = watch.Watch()
         next_store_poll = 0.0
         try:
             while True:
-                events = sel.select(self.coord.intervals.poll_s)
-                now = time.monotonic()
-                for key, _ in events:
+                for key, _ in sel.select(self.coord.intervals.poll_s):
                     if isinstance(key.data, RankProcess):
                         sel.unregister(key.fileobj)
-                self._drain_wakeups()
-                for hb in self.server.drain():
-                    if self.tracker.observe(hb, self.attempt, now):
-                        self.metrics.on_heartbeat(hb["rank"], hb.get("local_rank", 0), hb)
-                        self.stragglers.observe(hb)
-                        self.rank_steps.observe(hb)
-                        if line := progress_line(hb, self.cfg.train):
-                            print(line, file=sys.stderr, flush=True)
-                self._check_liveness(now)
-                exits = [r for r in self.ranks if r.returncode is None and r.poll(now) is not None]
-                if preempt_deadline is None:
-                    if self._signal is not None:
-                        preempt_deadline = self._begin_preempt(f"supervisor received {self._signal}", now)
-                    elif stopped := next((r for r in exits if r.returncode == ExitCode.PREEMPTED), None):
-                        said = self.tracker.views[stopped.spec.rank].done_message
-                        preempt_deadline = self._begin_preempt(
-                            f"rank {stopped.spec.rank} exited PREEMPTED" + (f": {said}" if said else ""), now
-                        )
-                if preempt_deadline is not None:
-                    if all(r.returncode is not None for r in self.ranks):
+                now = time.monotonic()
+                exits = self._observe(now)
+                stop: tuple[StopKind, str] | None = None
+                failure: Failure | None = None
+                peer: dict[str, Any] | None = None
+                if state.mode is not watch.Mode.STOPPING:
+                    stop = self._local_stop(exits)
+                    if stop is None and (failure := self._detect(exits, now)) is not None:
+                        if failure.kind is FailureKind.STORAGE:  # save while there is room
+                            stop, failure = (StopKind.STORAGE, self._storage_fault(failure.reason)), None
+                    succeeded = all(r.returncode == 0 for r in self.ranks)
+                    if stop is None and failure is None and not succeeded and now >= next_store_poll:
+                        next_store_poll = now + self.coord.intervals.poll_s
+                        stop, peer = self._store_verdict()
+                seen = watch.Seen(
+                    stop=stop is not None,
+                    failed=failure is not None or peer is not None,
+                    all_exited=all(r.returncode is not None for r in self.ranks),
+                    all_succeeded=all(r.returncode == 0 for r in self.ranks),
+                    all_done=timeouts.all_done(
+                        [(self.tracker.views[r.spec.rank].phase, r.returncode) for r in self.ranks]
+                    ),
+                )
+                state, move = watch.advance(
+                    state, seen, now, stop_grace_s=self.scfg.preempt_grace_s, done_grace_s=self.scfg.done_grace_s
+                )
+                match move:
+                    case watch.Move.BEGIN_STOP:
+                        assert stop is not None
+                        self._begin_preempt(stop[1], stop[0])
+                    case watch.Move.PREEMPTED:
                         return NodeOutcome.PREEMPTED
-                    if now > preempt_deadline:
+                    case watch.Move.PREEMPT_KILLING_REST:
                         print(
                             f"resilient: node {self.node}: ranks did not stop within "
                             f"{self.scfg.preempt_grace_s:g}s of the stop request; killing them",
@@ -521,29 +532,12 @@ class Supervisor:
                         )
                         stop_all(self.ranks, 0.0)
                         return NodeOutcome.PREEMPTED
-                    continue
-                failure = self._detect(exits, now)
-                if failure is not None and failure.kind is FailureKind.STORAGE:  # save while there is room
-                    preempt_deadline = self._begin_preempt(self._storage_fault(failure.reason), now, StopKind.STORAGE)
-                    continue
-                if failure is not None:
-                    # Evidence before teardown (stacks of a hang, a crash's log tail): RUN_DIR/incidents/.
-                    incident = incidents.capture(
-                        self.run_dir,
-                        self.attempt,
-                        str(failure.kind),
-                        failure.rank,
-                        failure.reason,
-                        incidents.targets(self.ranks, self.tracker.views),
-                        node=self.node,
-                    )
-                    self._post_failure(dataclasses.replace(failure, incident=incident))
-                    return NodeOutcome.FAILED
-                if all(r.returncode == 0 for r in self.ranks):
-                    return NodeOutcome.FINISHED
-                if timeouts.all_done([(self.tracker.views[r.spec.rank].phase, r.returncode) for r in self.ranks]):
-                    done_since = done_since or now
-                    if now - done_since > self.scfg.done_grace_s:
+                    case watch.Move.FAILED:
+                        self._capture_failure(failure, peer)
+                        return NodeOutcome.FAILED
+                    case watch.Move.FINISHED:
+                        return NodeOutcome.FINISHED
+                    case watch.Move.FINISH_STOPPING_REST:
                         print(
                             f"resilient: node {self.node}: every rank reported done; stopping the ones still "
                             f"running {self.scfg.done_grace_s:g}s later",
@@ -551,30 +545,65 @@ class Supervisor:
                         )
                         stop_all(self.ranks, self.scfg.termination_grace_s)
                         return NodeOutcome.FINISHED
-                else:
-                    done_since = None
-                if now >= next_store_poll:
-                    next_store_poll = now + self.coord.intervals.poll_s
-                    seen = self.coord.poll(self.attempt)  # one round trip
-                    if seen is Gate.STOP:
-                        preempt_deadline = self._begin_preempt(_stop_seen_reason(self.coord.stop_requested()), now)
-                    elif seen is Gate.RESTART and (request := self.coord.restart_requested(self.attempt)) is not None:
-                        # Another node's hang: add this node's stacks to its incident before teardown.
-                        incidents.capture(
-                            self.run_dir,
-                            self.attempt,
-                            request.get("kind", ""),
-                            request.get("rank"),
-                            request.get("reason", ""),
-                            incidents.targets(self.ranks, self.tracker.views),
-                            node=self.node,
-                            peer=True,
-                        )
-                        return NodeOutcome.FAILED
-                self._maybe_refill_spares(now)
-                self._maybe_publish_status()
+                if state.mode is not watch.Mode.STOPPING:
+                    self._maybe_refill_spares(now)
+                    self._maybe_publish_status()
         finally:
             sel.close()
+
+    def _observe(self, now: float) -> list[RankProcess]:
+        """One poll's intake: signal wakeups, heartbeats, leases; returns the ranks that exited just now."""
+        assert self.server is not None
+        self._drain_wakeups()
+        for hb in self.server.drain():
+            if self.tracker.observe(hb, self.attempt, now):
+                self.metrics.on_heartbeat(hb["rank"], hb.get("local_rank", 0), hb)
+                self.stragglers.observe(hb)
+                self.rank_steps.observe(hb)
+                if line := progress_line(hb, self.cfg.train):
+                    print(line, file=sys.stderr, flush=True)
+        self._check_liveness(now)
+        return [r for r in self.ranks if r.returncode is None and r.poll(now) is not None]
+
+    def _local_stop(self, exits: list[RankProcess]) -> tuple[StopKind, str] | None:
+        """A stop asked on this node: a signal to the supervisor, or a rank that exited PREEMPTED."""
+        if self._signal is not None:
+            return StopKind.PREEMPTED, f"supervisor received {self._signal}"
+        if stopped := next((r for r in exits if r.returncode == ExitCode.PREEMPTED), None):
+            said = self.tracker.views[stopped.spec.rank].done_message
+            return StopKind.PREEMPTED, f"rank {stopped.spec.rank} exited PREEMPTED" + (f": {said}" if said else "")
+        return None
+
+    def _store_verdict(self) -> tuple[tuple[StopKind, str] | None, dict[str, Any] | None]:
+        """What the other nodes asked through the store (one round trip): (a stop, another node's restart request)."""
+        assert self.coord is not None
+        seen = self.coord.poll(self.attempt)
+        if seen is Gate.STOP:
+            return (StopKind.PREEMPTED, _stop_seen_reason(self.coord.stop_requested())), None
+        if seen is Gate.RESTART:
+            return None, self.coord.restart_requested(self.attempt)
+        return None, None
+
+    def _capture_failure(self, failure: Failure | None, peer: dict[str, Any] | None) -> None:
+        """Evidence before teardown (stacks of a hang, a crash's log tail) in RUN_DIR/incidents/: this node's
+        failure, posted as the attempt's restart request, or this node's stacks added to another node's incident."""
+        targets = incidents.targets(self.ranks, self.tracker.views)
+        if failure is not None:
+            incident = incidents.capture(
+                self.run_dir, self.attempt, str(failure.kind), failure.rank, failure.reason, targets, node=self.node
+            )
+            self._post_failure(dataclasses.replace(failure, incident=incident))
+        elif peer is not None:
+            incidents.capture(
+                self.run_dir,
+                self.attempt,
+                peer.get("kind", ""),
+                peer.get("rank"),
+                peer.get("reason", ""),
+                targets,
+                node=self.node,
+                peer=True,
+            )
 
     def _detect(self, exits: list[RankProcess], now: float) -> Failure | None:
         """This node's first failure now: a reported error, a bad exit, a hang, a fatal health verdict."""
@@ -620,14 +649,13 @@ class Supervisor:
                 reason=self._unhealthy,
             )
 
-    def _begin_preempt(self, reason: str, now: float, kind: StopKind = StopKind.PREEMPTED) -> float:
+    def _begin_preempt(self, reason: str, kind: StopKind) -> None:
         assert self.coord is not None
         self._stop_seen = True
         self.coord.request_stop(kind, f"node {self.node}: {reason}")
         self._set_state(State.PREEMPTING)
         for r in self.ranks:
             r.signal_rank(self.scfg.stop_signal())
-        return now + self.scfg.preempt_grace_s
 
     # -- liveness, leases, elections -----------------------------------------------------------------
 

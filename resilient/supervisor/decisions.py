@@ -43,7 +43,7 @@ def final_step_to_check(
     """The step that must be committed before a run may end "finished", or None where it is not checked.
     The own trainer's final step is `train.steps`; another script's is the step its heartbeats reached.
     `configured` (supervisor.final_save_check) decides; unset, another script is checked only once its
-    checkpoints are found in a layout the supervisor reads (ours or Megatron-LM's). An exit-only script
+    checkpoints are found in a format the supervisor reads (ours or Megatron-LM's). An exit-only script
     reports no step (docs/rank-protocol.md)."""
     check = configured if configured is not None else (own_trainer or newest_committed is not None)
     if not check:

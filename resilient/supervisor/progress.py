@@ -1,6 +1,6 @@
 """Progress of an exit-only rank: the newest complete checkpoint step in its checkpoint directory.
 
-Both layouts count: ours (`step_NNNNNNN/` with a completion marker) and Megatron-LM's
+Both formats count: ours (`step_NNNNNNN/` with a completion marker) and Megatron-LM's
 (`iter_NNNNNNN/` in any --ckpt-format, and the global non-persistent ones in `non_persistent/`:
 a complete one newer than every persistent iteration is progress too).
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.checkpoint import layout
+from trainer.checkpoint import ondisk
 from trainer.megatron_lm import checkpoints as megatron_lm
 
 
@@ -23,9 +23,9 @@ def newest_complete_step(root: Path) -> int | None:
     """The newest step (iteration) whose checkpoint is complete, or None (also when the directory
     cannot be read: the supervisor then sees no progress rather than failing)."""
     try:
-        if megatron_lm.is_layout(root):
+        if megatron_lm.holds_checkpoints(root):
             return megatron_lm.newest_complete(root)
-        committed = layout.committed_steps(root)
+        committed = ondisk.committed_steps(root)
     except OSError:
         return None
     return committed[-1] if committed else None

@@ -1,4 +1,4 @@
-"""Write every checkpoint layout Megatron-LM writes, with the real save calls of each megatron-core line.
+"""Write every checkpoint format Megatron-LM writes, with the real save calls of each megatron-core line.
 
     python3 -m tests.checkpoint.megatron_lm_writer core16 OUT
         megatron-core 0.16.1 (no megatron.training in that line): a tiny GPT with the distributed
@@ -9,7 +9,7 @@
                          optimizer's save_parameter_state into mp_rank_00/distrib_optim.pt
     .venv/mcore-current/bin/python -m tests.checkpoint.megatron_lm_writer training OUT
         megatron-core 0.19 with Megatron-LM's own loop: initialize_megatron once (world size 1, gloo),
-        one real train_step, then megatron.training.checkpointing.save_checkpoint for each layout:
+        one real train_step, then megatron.training.checkpointing.save_checkpoint for each format:
         OUT/torch_dist   iter 10, 20 (common state inside the .distcp files, no common.pt), and a
                          global non-persistent save at 25 (non_persistent/ with its own tracker)
         OUT/integrity    iter 10 with --verify-integrity (integrity.json)
@@ -22,7 +22,7 @@
         OUT/fsdp_dtensor iter 10 with --use-megatron-fsdp --ckpt-format fsdp_dtensor (needs einops)
 
 Each save directory's tracker is written the way each line's Megatron-LM writes it. Tests use
-`write_all` (one session fixture, tests/conftest.py) and the LAYOUTS table.
+`write_all` (one session fixture, tests/conftest.py) and the SAVE_FORMATS table.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ MCORE_CURRENT = REPO / ".venv" / "mcore-current" / "bin" / "python"  # scripts/s
 
 
 @dataclass(frozen=True)
-class Layout:
+class SaveFormat:
     """One save directory the writers leave: which writer, where, and what it must hold."""
 
     writer: str
@@ -53,29 +53,29 @@ class Layout:
     """The newest complete iteration of any tier: what exit-only progress must see."""
 
 
-LAYOUTS = {
-    "core16-torch_dist-common.pt": Layout("core16", "16/torch_dist", "torch_dist", 20, 20),
-    "core16-torch_dcp": Layout("core16", "16/torch_dcp", "torch_dcp/fsdp_dtensor", 10, 10),
-    "core16-torch-distrib_optim": Layout("core16", "16/torch", "torch", 10, 10),
-    "core19-torch_dist+non_persistent": Layout("training", "19/torch_dist", "torch_dist", 20, 25),
-    "core19-verify_integrity": Layout("training", "19/integrity", "torch_dist", 10, 10),
-    "core19-release": Layout("training", "19/release", "torch_dist", "release", None),
-    "core19-torch_dcp": Layout("training", "19/torch_dcp", "torch_dcp/fsdp_dtensor", 10, 10),
-    "core19-torch-distrib_optim-2x2": Layout("training", "19/torch", "torch", 10, 10),
-    "core19-fsdp_dtensor": Layout("fsdp", "19/fsdp_dtensor", "torch_dcp/fsdp_dtensor", 10, 10),
+SAVE_FORMATS = {
+    "core16-torch_dist-common.pt": SaveFormat("core16", "16/torch_dist", "torch_dist", 20, 20),
+    "core16-torch_dcp": SaveFormat("core16", "16/torch_dcp", "torch_dcp/fsdp_dtensor", 10, 10),
+    "core16-torch-distrib_optim": SaveFormat("core16", "16/torch", "torch", 10, 10),
+    "core19-torch_dist+non_persistent": SaveFormat("training", "19/torch_dist", "torch_dist", 20, 25),
+    "core19-verify_integrity": SaveFormat("training", "19/integrity", "torch_dist", 10, 10),
+    "core19-release": SaveFormat("training", "19/release", "torch_dist", "release", None),
+    "core19-torch_dcp": SaveFormat("training", "19/torch_dcp", "torch_dcp/fsdp_dtensor", 10, 10),
+    "core19-torch-distrib_optim-2x2": SaveFormat("training", "19/torch", "torch", 10, 10),
+    "core19-fsdp_dtensor": SaveFormat("fsdp", "19/fsdp_dtensor", "torch_dcp/fsdp_dtensor", 10, 10),
 }
 
 
 class Saves:
-    """The written save directories; a layout whose writer failed fails the tests that use it."""
+    """The written save directories; a format whose writer failed fails the tests that use it."""
 
     def __init__(self, root: Path, failures: dict[str, str]) -> None:
         self.root, self.failures = root, failures
 
     def path(self, name: str) -> Path:
-        layout = LAYOUTS[name]
-        assert layout.writer not in self.failures, f"writer {layout.writer} failed:\n{self.failures[layout.writer]}"
-        return self.root / layout.subdir
+        fmt = SAVE_FORMATS[name]
+        assert fmt.writer not in self.failures, f"writer {fmt.writer} failed:\n{self.failures[fmt.writer]}"
+        return self.root / fmt.subdir
 
 
 def write_all(out: Path) -> Saves:

@@ -15,7 +15,7 @@ from resilient.core import ledger
 from resilient.core.exit_codes import ExitCode
 from tests.conftest import REFERENCE
 from tests.ranks import digest, resilient_cli, run_ranks, spawn_ranks, train_losses, wait_all
-from trainer.checkpoint import layout, manifest
+from trainer.checkpoint import manifest, ondisk
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ def test_stop_at_n_and_rerun_matches_uninterrupted_run(reference_run, tmp_path):
     run_dir = tmp_path / "resumed"
     codes = run_ranks(run_dir, REFERENCE + ["train.exit_at_step=10"])
     assert codes == [ExitCode.PREEMPTED] * 2
-    assert layout.read_latest(run_dir / "checkpoints") == 10
+    assert ondisk.read_latest(run_dir / "checkpoints") == 10
     assert run_ranks(run_dir, REFERENCE) == [0, 0]
     assert "resumed from step 10" in (run_dir / "rank0.log").read_text()
     assert digest(run_dir) == digest(reference_run)
@@ -40,7 +40,7 @@ def test_stop_at_n_and_rerun_matches_uninterrupted_run(reference_run, tmp_path):
 @pytest.mark.parametrize("damage", ["flip_byte", "truncate_shard", "delete_marker"])
 def test_damaged_latest_fails_verify_and_next_run_falls_back(reference_run, tmp_path, damage):
     run_dir = copy_run(reference_run, tmp_path / damage)
-    ckpt = layout.step_dir(run_dir / "checkpoints", 24)
+    ckpt = ondisk.step_dir(run_dir / "checkpoints", 24)
     shard = sorted(ckpt.glob("__*.distcp"))[0]
     if damage == "flip_byte":
         data = bytearray(shard.read_bytes())
@@ -52,7 +52,7 @@ def test_damaged_latest_fails_verify_and_next_run_falls_back(reference_run, tmp_
             f.truncate(shard.stat().st_size // 2)
         reason = "size"
     else:
-        (ckpt / layout.MARKER).unlink()
+        (ckpt / ondisk.MARKER).unlink()
         reason = "no completion marker"
     out = resilient_cli("ckpt", "verify", str(run_dir), "--step", "24", "--json")
     assert out.returncode == ExitCode.CHECKPOINT_DAMAGED
@@ -91,9 +91,9 @@ def test_sigkill_during_async_writes_never_leaves_a_bad_latest(tmp_path):
             p.send_signal(signal.SIGKILL)
         wait_all(procs, timeout=30)
         root = run_dir / "checkpoints"
-        latest = layout.read_latest(root)
+        latest = ondisk.read_latest(root)
         assert latest is not None, f"trial {trial}: no latest"
-        assert manifest.verify(layout.step_dir(root, latest), checksums=True) is None, f"trial {trial}"
+        assert manifest.verify(ondisk.step_dir(root, latest), checksums=True) is None, f"trial {trial}"
         latest_after_kill.append(latest)
     loads = [r["step"] for r in ledger.read(run_dir) if r["event"] == "ckpt_load"]
     # Each relaunch resumed from the newest complete checkpoint the previous kill left, which is the one
@@ -121,8 +121,8 @@ def test_retention_keeps_exactly_the_promised_set(tmp_path):
         ],
     )
     assert codes == [0, 0]
-    assert layout.committed_steps(run_dir / "checkpoints") == [4, 8, 9, 10]
-    assert sorted(layout.step_dirs(run_dir / "checkpoints")) == [4, 8, 9, 10]
+    assert ondisk.committed_steps(run_dir / "checkpoints") == [4, 8, 9, 10]
+    assert sorted(ondisk.step_dirs(run_dir / "checkpoints")) == [4, 8, 9, 10]
     saves = [r["step"] for r in ledger.read(run_dir) if r["event"] == "ckpt_save"]
     assert saves == list(range(1, 11))
 

@@ -1,4 +1,4 @@
-"""`resilient ckpt list|verify|repair` on every checkpoint layout Megatron-LM writes, each written by the
+"""`resilient ckpt list|verify|repair` on every checkpoint format Megatron-LM writes, each written by the
 real save calls of megatron-core 0.16.1 and 0.19 (the session fixture `megatron_lm_saves`)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from resilient.core.exit_codes import ExitCode
-from tests.checkpoint.megatron_lm_writer import LAYOUTS
+from tests.checkpoint.megatron_lm_writer import SAVE_FORMATS
 from tests.ranks import resilient_cli
 from trainer.checkpoint import safe_pickle
 from trainer.megatron_lm import checkpoints as mlm
@@ -22,7 +22,7 @@ from trainer.megatron_lm import save_formats
 
 @pytest.fixture
 def copy(megatron_lm_saves, tmp_path):
-    """A private copy of one layout, to damage."""
+    """A private copy of one format's save, to damage."""
     return lambda name: Path(shutil.copytree(megatron_lm_saves.path(name), tmp_path / name))
 
 
@@ -50,17 +50,17 @@ def _flip_byte(path: Path, offset: int) -> None:
 # -- what each writer wrote, and that all of it is understood ---------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_every_layout_lists_verifies_and_needs_no_repair(megatron_lm_saves, name):
-    layout, save = LAYOUTS[name], megatron_lm_saves.path(name)
+@pytest.mark.parametrize("name", sorted(SAVE_FORMATS))
+def test_every_save_format_lists_verifies_and_needs_no_repair(megatron_lm_saves, name):
+    fmt, save = SAVE_FORMATS[name], megatron_lm_saves.path(name)
     rows = mlm.listing(save)
     assert rows and all(r["state"] == "complete" and r["problem"] is None for r in rows), rows
-    assert {r["format"] for r in rows} == {layout.format}
-    assert [r["step"] for r in rows if r["latest"] and r["tier"] == mlm.PERSISTENT] == [layout.tracked]
-    assert mlm.read_tracker(save) == layout.tracked
+    assert {r["format"] for r in rows} == {fmt.format}
+    assert [r["step"] for r in rows if r["latest"] and r["tier"] == mlm.PERSISTENT] == [fmt.tracked]
+    assert mlm.read_tracker(save) == fmt.tracked
     assert all(c.problem is None for c in mlm.verify(save, checksums=True))
     assert all(mlm.tracker_problem(path) is None for _, path in mlm.tiers(save))  # repair leaves it
-    assert mlm.newest_complete(save) == layout.newest
+    assert mlm.newest_complete(save) == fmt.newest
 
 
 def test_the_writers_wrote_what_each_line_writes(megatron_lm_saves):
@@ -314,15 +314,15 @@ def test_not_a_directory_is_a_one_line_config_error(tmp_path):
 
 def test_repair_points_our_latest_back_to_the_newest_step_that_verifies(tmp_path):
     from trainer.checkpoint import inspect as ck
-    from trainer.checkpoint import layout
+    from trainer.checkpoint import ondisk
 
     for step in (10, 20):
-        ckpt = layout.step_dir(tmp_path, step)
+        ckpt = ondisk.step_dir(tmp_path, step)
         ckpt.mkdir()
         (ckpt / "__0_0.distcp").write_bytes(b"abc")
-        (ckpt / layout.MARKER).write_text(json.dumps({"files": {"__0_0.distcp": {"size": 3, "blake2b": "-"}}}))
-    layout.write_latest(tmp_path, 20)
+        (ckpt / ondisk.MARKER).write_text(json.dumps({"files": {"__0_0.distcp": {"size": 3, "blake2b": "-"}}}))
+    ondisk.write_latest(tmp_path, 20)
     assert ck.repair(tmp_path) == (20, 20, "latest already names complete step 20")
-    os.truncate(layout.step_dir(tmp_path, 20) / "__0_0.distcp", 1)
+    os.truncate(ondisk.step_dir(tmp_path, 20) / "__0_0.distcp", 1)
     before, after, what = ck.repair(tmp_path)
-    assert (before, after) == (20, 10) and "size 1 != 3" in what and layout.read_latest(tmp_path) == 10
+    assert (before, after) == (20, 10) and "size 1 != 3" in what and ondisk.read_latest(tmp_path) == 10

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from trainer.checkpoint import layout, manifest, policy
+from trainer.checkpoint import manifest, ondisk, policy
 from trainer.checkpoint.config import CheckpointConfig
 
 
@@ -37,9 +37,9 @@ def test_load_candidates_newest_first_or_the_requested_one():
 
 
 def test_latest_pointer_is_replaced_atomically(tmp_path):
-    layout.write_latest(tmp_path, 7)
-    layout.write_latest(tmp_path, 12)
-    assert layout.read_latest(tmp_path) == 12
+    ondisk.write_latest(tmp_path, 7)
+    ondisk.write_latest(tmp_path, 12)
+    assert ondisk.read_latest(tmp_path) == 12
     assert [p.name for p in tmp_path.iterdir()] == ["latest"]
     assert oct((tmp_path / "latest").stat().st_mode & 0o777) == "0o600"
 
@@ -63,7 +63,7 @@ def test_verify_reports_size_checksum_missing_and_marker(tmp_path):
     assert "size 10 != 1000" in manifest.verify(ckpt, checksums=False)
     (ckpt / "__0_0.distcp").unlink()
     assert "missing" in manifest.verify(ckpt, checksums=False)
-    (ckpt / layout.MARKER).write_text("{torn")
+    (ckpt / ondisk.MARKER).write_text("{torn")
     assert "not valid JSON" in manifest.verify(ckpt, checksums=False)
     assert json.loads(json.dumps(written))  # the manifest is plain JSON
 
@@ -77,9 +77,9 @@ def test_checkpoints_written_with_older_sums_still_verify(tmp_path, legacy_algor
     written = manifest.commit(ckpt, {"step": 5}, None)
     assert set(written["files"]["__0_0.distcp"]) == {"size", manifest.CHECKSUM}
     legacy = {"size": 1000, legacy_algorithm: manifest.hash_file(shard, legacy_algorithm)}
-    marker = json.loads((ckpt / layout.MARKER).read_text())
+    marker = json.loads((ckpt / ondisk.MARKER).read_text())
     marker["files"]["__0_0.distcp"] = legacy
-    (ckpt / layout.MARKER).write_text(json.dumps(marker))
+    (ckpt / ondisk.MARKER).write_text(json.dumps(marker))
     assert manifest.verify(ckpt, checksums=True) is None
     shard.write_bytes(b"b" * 1000)
     assert "checksum mismatch" in manifest.verify(ckpt, checksums=True)

@@ -15,7 +15,7 @@ from resilient.core.exit_codes import ExitCode
 from resilient.core.secret import RunKey
 from tests.ranks import run_ranks
 from tests.supervisor.harness import REPO
-from trainer.checkpoint import layout, manifest, safe_pickle
+from trainer.checkpoint import manifest, ondisk, safe_pickle
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -33,7 +33,7 @@ class _Payload:
 def plant(root: Path, step: int, marker: Path, key: RunKey | None = None) -> Path:
     """A checkpoint whose .metadata pickle writes `marker`, committed with a correct manifest (sealed with
     `key`: what an attacker who had the run's secret could do)."""
-    ckpt = layout.step_dir(root, step)
+    ckpt = ondisk.step_dir(root, step)
     ckpt.mkdir(parents=True)
     (ckpt / ".metadata").write_bytes(pickle.dumps(_Payload(f"open({str(marker)!r}, 'w').write('ran')")))
     (ckpt / "metadata.json").write_text(
@@ -48,7 +48,7 @@ def plant(root: Path, step: int, marker: Path, key: RunKey | None = None) -> Pat
     )
     (ckpt / "common.pt").write_bytes(b"")
     manifest.commit(ckpt, {"step": step}, key)
-    layout.write_latest(root, step)
+    ondisk.write_latest(root, step)
     return ckpt
 
 
@@ -71,8 +71,8 @@ def test_ckpt_commands_refuse_a_planted_metadata_pickle_without_running_it(tmp_p
 
 def test_real_checkpoint_metadata_passes_the_allowlist(reference_run):
     root = reference_run / "checkpoints"
-    for step in layout.committed_steps(root):
-        assert manifest.verify(layout.step_dir(root, step), checksums=False) is None
+    for step in ondisk.committed_steps(root):
+        assert manifest.verify(ondisk.step_dir(root, step), checksums=False) is None
 
 
 def test_the_allowlist_names_every_dtype_torch_pickles_and_rebuilds_them_inert(tmp_path):

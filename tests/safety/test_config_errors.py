@@ -13,7 +13,7 @@ from resilient.config import load_config
 from resilient.core.exit_codes import ExitCode
 from resilient.core.rundir import RunDir
 from tests.supervisor.harness import REPO, events, write_config
-from trainer.checkpoint import layout
+from trainer.checkpoint import ondisk
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -63,9 +63,9 @@ def test_rerun_with_another_model_keeps_the_recorded_config(tmp_path):
     cfg = write_config(tmp_path / "cfg.yaml", steps=4)
     run_dir = tmp_path / "run"
     arch = load_config(cfg).model.architecture().model_dump(exclude={"published_params"})
-    step = layout.step_dir(RunDir(run_dir).checkpoints, 4)
+    step = ondisk.step_dir(RunDir(run_dir).checkpoints, 4)
     step.mkdir(parents=True)
-    (step / layout.MARKER).write_text(json.dumps({"files": {}, "meta": {"step": 4, "identity": arch}}))
+    (step / ondisk.MARKER).write_text(json.dumps({"files": {}, "meta": {"step": 4, "identity": arch}}))
     RunDir(run_dir).config.write_text("recorded: true\n")
     out = _cli(
         "run", str(cfg), "--run-dir", str(run_dir), "--set", f"model.overrides.hidden_size={arch['hidden_size'] * 2}"

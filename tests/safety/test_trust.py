@@ -27,7 +27,7 @@ from resilient.core.secret import RunKey
 from tests.ranks import REPO, TINY, resilient_cli, run_ranks
 from tests.safety.conftest import ATTACKER_PY, NOBODY, as_nobody, nobody_popen
 from tests.supervisor.harness import events, ranks_of, steps_done, wait_until, write_config
-from trainer.checkpoint import layout
+from trainer.checkpoint import ondisk
 from trainer.checkpoint.config import CheckpointConfig
 
 pytestmark = pytest.mark.timeout(420)
@@ -301,8 +301,8 @@ def test_another_runs_checkpoint_is_refused_and_one_of_before_is_adopted_explici
     directory was squatted by the attacker: the tier falls back to disk with a warning."""
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True, mode=0o700)
-    shutil.copytree(layout.step_dir(reference_run / "checkpoints", 24), layout.step_dir(run_dir / "checkpoints", 24))
-    layout.write_latest(run_dir / "checkpoints", 24)
+    shutil.copytree(ondisk.step_dir(reference_run / "checkpoints", 24), ondisk.step_dir(run_dir / "checkpoints", 24))
+    ondisk.write_latest(run_dir / "checkpoints", 24)
     mine, theirs = RunKey.of(run_dir).run_id, RunKey.of(reference_run).run_id
 
     verify = resilient_cli("ckpt", "verify", str(run_dir))
@@ -313,7 +313,7 @@ def test_another_runs_checkpoint_is_refused_and_one_of_before_is_adopted_explici
     assert "refusing to load another run's checkpoint" in (run_dir / "rank0.log").read_text()
     assert not events(run_dir, "ckpt_load")
 
-    marker = layout.step_dir(run_dir / "checkpoints", 24) / layout.MARKER
+    marker = ondisk.step_dir(run_dir / "checkpoints", 24) / ondisk.MARKER
     legacy = {k: v for k, v in json.loads(marker.read_text()).items() if k not in ("mac", "run_id")}
     marker.write_text(json.dumps(legacy))
     verify = resilient_cli("ckpt", "verify", str(run_dir))

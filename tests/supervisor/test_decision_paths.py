@@ -30,7 +30,7 @@ from resilient.supervisor.reports import NodeOutcome, NodeReport, RankExit, Stop
 from resilient.supervisor.roster import initial
 from resilient.supervisor.store import SealedStore
 from resilient.supervisor.topology import Topology
-from trainer.checkpoint.layout import MARKER, step_dir
+from trainer.checkpoint.ondisk import MARKER, step_dir
 
 STEPS = 16
 # (rank command, supervisor.final_save_check, checkpoint.save_on_finish): whose final step is checked, and how

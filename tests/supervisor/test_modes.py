@@ -1,5 +1,5 @@
 """Supervisor modes from the config: rank argv placeholders, stop signal, exit-only progress (no rank
-processes; the Megatron-LM layouts come from the session's writers, tests/checkpoint/megatron_lm_writer.py)."""
+processes; the Megatron-LM save formats come from the session's writers, tests/checkpoint/megatron_lm_writer.py)."""
 
 import os
 import shutil
@@ -12,8 +12,8 @@ from pydantic import ValidationError
 from resilient.supervisor.config import RankProtocol, SupervisorConfig
 from resilient.supervisor.decisions import made_progress
 from resilient.supervisor.progress import newest_complete_step, progress_dir
-from tests.checkpoint.megatron_lm_writer import LAYOUTS
-from trainer.checkpoint import layout
+from tests.checkpoint.megatron_lm_writer import SAVE_FORMATS
+from trainer.checkpoint import ondisk
 from trainer.megatron_lm import checkpoints as megatron_lm
 
 
@@ -48,19 +48,19 @@ def test_progress_dir_precedence_relative_to_the_run_dir(tmp_path):
     assert progress_dir(Path("save"), Path("/ck"), tmp_path) == tmp_path / "save"
 
 
-def test_newest_complete_step_in_our_layout(tmp_path):
+def test_newest_complete_step_in_our_format(tmp_path):
     assert newest_complete_step(tmp_path) is None
     for step, marked in ((10, True), (20, True), (30, False)):
-        layout.step_dir(tmp_path, step).mkdir()
+        ondisk.step_dir(tmp_path, step).mkdir()
         if marked:
-            (layout.step_dir(tmp_path, step) / layout.MARKER).write_text("{}")
+            (ondisk.step_dir(tmp_path, step) / ondisk.MARKER).write_text("{}")
     assert newest_complete_step(tmp_path) == 20
 
 
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_newest_complete_step_in_every_megatron_lm_layout(megatron_lm_saves, name):
-    """Every layout Megatron-LM writes (both megatron-core lines); a release checkpoint is no progress."""
-    assert newest_complete_step(megatron_lm_saves.path(name)) == LAYOUTS[name].newest
+@pytest.mark.parametrize("name", sorted(SAVE_FORMATS))
+def test_newest_complete_step_in_every_megatron_lm_save_format(megatron_lm_saves, name):
+    """Every format Megatron-LM writes (both megatron-core lines); a release checkpoint is no progress."""
+    assert newest_complete_step(megatron_lm_saves.path(name)) == SAVE_FORMATS[name].newest
 
 
 def test_a_newer_non_persistent_save_is_progress_until_it_is_damaged(megatron_lm_saves, tmp_path):

@@ -20,7 +20,7 @@ import pytest
 from resilient.core.errors import ConfigError
 from resilient.core.exit_codes import ExitCode
 from tests.ranks import REPO, TINY, digest, rank_env, run_ranks, train_losses
-from trainer.checkpoint import layout
+from trainer.checkpoint import ondisk
 from trainer.config import cpu_refusal, load_trainer_config
 
 pytestmark = pytest.mark.slow
@@ -90,7 +90,7 @@ def test_stop_and_rerun_on_the_same_layout_is_bit_identical(runs, tmp_path, name
 def test_checkpoint_resumes_resharded_on_one_rank(runs, tmp_path, name, one_rank):
     run_dir = tmp_path / f"{name}_to_one_rank"
     shutil.copytree(runs[name], run_dir, ignore=shutil.ignore_patterns("rank*.log"))
-    shutil.rmtree(layout.step_dir(run_dir / "checkpoints", 6))
+    shutil.rmtree(ondisk.step_dir(run_dir / "checkpoints", 6))
     _train(run_dir, 1, one_rank)
     assert "resumed from step 3" in (run_dir / "rank0.log").read_text()
     ref, got = train_losses(runs[name]), train_losses(run_dir)

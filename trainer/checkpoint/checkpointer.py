@@ -32,7 +32,7 @@ from resilient.core.events import LedgerEvent
 from resilient.core.secret import RunKey
 from resilient.rank.env import FailureHistory
 from trainer import compat
-from trainer.checkpoint import layout, manifest, policy, writer
+from trainer.checkpoint import manifest, ondisk, policy, writer
 from trainer.checkpoint.adaptive import AdaptiveInterval
 from trainer.checkpoint.config import CheckpointConfig
 from trainer.checkpoint.memory import choice, snapshot
@@ -228,16 +228,16 @@ class Checkpointer:
         """Start saving `state.step`; returns the seconds the training loop was blocked."""
         started = time.monotonic()
         self.poll(blocking=True)  # one save in flight at a time: finish the previous first
-        step, ckpt_dir = state.step, layout.step_dir(self.root, state.step)
+        step, ckpt_dir = state.step, ondisk.step_dir(self.root, state.step)
         gone = self._agree(self.root_problem())
         if gone:  # every rank stops alike (STORAGE_FAULT): nothing is saved into, or loaded from, what took its place
             raise StorageFault(gone)
-        if (ckpt_dir / layout.MARKER).exists():
+        if (ckpt_dir / ondisk.MARKER).exists():
             self.last_save_step = step
             return time.monotonic() - started
         problem = self._space_problem(state)
         if self.rank == 0 and problem is None:
-            problem = layout.latest_problem(self.root)  # rank 0 alone would fail it, after the collectives
+            problem = ondisk.latest_problem(self.root)  # rank 0 alone would fail it, after the collectives
         if self.rank == 0 and problem is None:
             try:
                 if ckpt_dir.exists():
@@ -311,10 +311,10 @@ class Checkpointer:
     def _space_problem(self, state: TrainState) -> str | None:
         """Refuse a save that cannot fit: the last checkpoint's size (or, before the first one, this
         rank's state times the model-parallel ranks) plus 10%, against the free space of the filesystem."""
-        committed = layout.committed_steps(self.root)
+        committed = ondisk.committed_steps(self.root)
         try:
             need = (
-                manifest.read_manifest(layout.step_dir(self.root, committed[-1])).get("bytes", 0) if committed else None
+                manifest.read_manifest(ondisk.step_dir(self.root, committed[-1])).get("bytes", 0) if committed else None
             )
         except ValueError:
             need = None  # an unreadable marker: size the save as the first one
@@ -348,18 +348,18 @@ class Checkpointer:
         out: dict[str, list[int]] = {"disk": [], "memory": []}
         if self.rank == 0:
             stamp = int(time.time())
-            for found in layout.committed_steps(self.root):
+            for found in ondisk.committed_steps(self.root):
                 if step is None or found > step:
-                    path = layout.step_dir(self.root, found)
+                    path = ondisk.step_dir(self.root, found)
                     path.rename(path.with_name(f"{path.name}.sdc-{stamp}"))
                     out["disk"].append(found)
             if out["disk"]:
                 fsync_dir(self.root)
-                left = layout.committed_steps(self.root)
+                left = ondisk.committed_steps(self.root)
                 if left:
-                    layout.write_latest(self.root, left[-1])
+                    ondisk.write_latest(self.root, left[-1])
                 else:
-                    (self.root / layout.LATEST).unlink(missing_ok=True)
+                    (self.root / ondisk.LATEST).unlink(missing_ok=True)
         withdrawn = self.memory.distrust_after(step) if self.memory is not None else []
         if self.last_save_step is not None and (step is None or self.last_save_step > step):
             self.last_save_step = None
@@ -403,7 +403,7 @@ class Checkpointer:
             },
         }
         written = manifest.commit(ckpt_dir, meta, self.key)
-        layout.write_latest(self.root, step)
+        ondisk.write_latest(self.root, step)
         total = time.monotonic() - started
         ledger.append(
             self.run_dir,
@@ -418,7 +418,7 @@ class Checkpointer:
         self._start_retention(step)
 
     def _start_retention(self, newest: int) -> None:
-        committed = layout.committed_steps(self.root)
+        committed = ondisk.committed_steps(self.root)
         trusted = policy.newest_at_most(committed, self.last_agreeing_step)
         doomed = policy.to_delete(
             committed,
@@ -435,8 +435,8 @@ class Checkpointer:
 
     def _delete(self, steps: list[int]) -> None:
         for step in steps:
-            path = layout.step_dir(self.root, step)
-            (path / layout.MARKER).unlink(missing_ok=True)  # uncommit first: never half a "complete" one
+            path = ondisk.step_dir(self.root, step)
+            (path / ondisk.MARKER).unlink(missing_ok=True)  # uncommit first: never half a "complete" one
             shutil.rmtree(path, ignore_errors=True)
 
     def _quarantine(self, ckpt_dir: Path) -> None:
@@ -448,8 +448,8 @@ class Checkpointer:
 
     def _clean_leftovers(self) -> None:
         """Directories a crash left without a marker, and stray temp files, are removed at start."""
-        for path in layout.step_dirs(self.root).values():
-            if not (path / layout.MARKER).exists():
+        for path in ondisk.step_dirs(self.root).values():
+            if not (path / ondisk.MARKER).exists():
                 log.info("removing incomplete checkpoint %s", path.name)
                 shutil.rmtree(path, ignore_errors=True)
         for tmp in self.root.glob(".latest.tmp.*"):
@@ -472,11 +472,11 @@ class Checkpointer:
             step, why = self._resume_memory(state, at_most)
             if step is not None:
                 return step
-        committed = [s for s in layout.committed_steps(self.root) if at_most is None or s <= at_most]
+        committed = [s for s in ondisk.committed_steps(self.root) if at_most is None or s <= at_most]
         candidates = policy.load_candidates(committed, load_step=load_step)
         skipped: list[tuple[int, str]] = []
         for step in candidates:
-            ckpt_dir = layout.step_dir(self.root, step)
+            ckpt_dir = ondisk.step_dir(self.root, step)
             problems: list[str | None] = [None] * self.world
             # Another run's checkpoint (or one sealed by none) raises CheckpointError on every rank alike.
             local = manifest.verify(
@@ -534,7 +534,7 @@ class Checkpointer:
         started = time.monotonic()
         inventories: list[choice.Inventory] = [None] * self.world  # type: ignore[list-item]
         dist.all_gather_object(inventories, self.memory.inventory())
-        disk_step = policy.newest_at_most(layout.committed_steps(self.root), at_most)
+        disk_step = policy.newest_at_most(ondisk.committed_steps(self.root), at_most)
         while True:  # verify only the copies chosen; a bad one is passed over and the choice taken again
             chosen = choice.choose_tier(inventories, disk_step=disk_step, at_most=at_most)
             if chosen.step is None:

@@ -2,7 +2,7 @@
 
 DIR is a run directory, its checkpoints/ directory, or a Megatron-LM save directory
 (`latest_checkpointed_iteration.txt` + `iter_NNNNNNN/` or `release/`, and `non_persistent/`, in every
---ckpt-format); list, verify and repair understand both layouts. The own layout's seals (which run a
+--ckpt-format); list, verify and repair understand both formats. Our format's seals (which run a
 checkpoint belongs to) are checked with the secret of the run directory DIR is or sits in (`--run-dir`
 names another); `adopt` seals checkpoints of before for their run, `clean` removes stale memory tiers.
 """
@@ -21,7 +21,7 @@ from resilient.core.errors import CheckpointError, ConfigError
 from resilient.core.exit_codes import ExitCode
 from resilient.core.secret import RunKey
 from trainer.checkpoint import inspect as ck
-from trainer.checkpoint import layout, manifest
+from trainer.checkpoint import manifest, ondisk
 from trainer.checkpoint.config import CheckpointConfig
 from trainer.megatron_lm import checkpoints as megatron_lm
 
@@ -65,7 +65,7 @@ def list_cmd(
     if not directory.is_dir():
         raise ConfigError(f"{directory}: no such directory")
     root = ck.resolve_root(directory)
-    if megatron_lm.is_layout(root):
+    if megatron_lm.holds_checkpoints(root):
         with _readable(root):
             rows = megatron_lm.listing(root)
     else:
@@ -110,21 +110,21 @@ def verify_cmd(
     as_json: bool = typer.Option(False, "--json", help="JSON output"),
     run_dir: Path | None = _RUN_DIR,
 ) -> None:
-    """Own layout: the marker, every file's size and checksum. Megatron-LM: what each tracker (persistent,
+    """Our format: the marker, every file's size and checksum. Megatron-LM: what each tracker (persistent,
     non_persistent/) names, in any --ckpt-format: every file the storage metadata names with its recorded
     size, the common state, every model-parallel rank's files, integrity.json's sha256 digests.
-    Own layout: the seal too, with the run's secret (another run's checkpoint, or one of before run seals,
+    Our format: the seal too, with the run's secret (another run's checkpoint, or one of before run seals,
     is refused). Exit 0 intact, CHECKPOINT_DAMAGED otherwise."""
     root = ck.resolve_root(directory)
     unsealed = ""
-    if megatron_lm.is_layout(root):
+    if megatron_lm.holds_checkpoints(root):
         with _readable(root):
             checks = _verify_megatron_lm(root, step, checksums=not sizes_only)
     else:
         chosen = ck.pick_step(root, step)
         key = _run_key(directory, root, run_dir)
         unsealed = "" if key is not None else " (seal not checked: no run secret found; see --run-dir)"
-        checks = [("disk", chosen, manifest.verify(layout.step_dir(root, chosen), checksums=not sizes_only, key=key))]
+        checks = [("disk", chosen, manifest.verify(ondisk.step_dir(root, chosen), checksums=not sizes_only, key=key))]
     problems = [problem for _, _, problem in checks if problem is not None]
     if as_json:
         tiers = [{"tier": tier, "step": at, "ok": problem is None, "problem": problem} for tier, at, problem in checks]
@@ -178,7 +178,7 @@ def repair_cmd(directory: Path) -> None:
     at the newest complete one, atomically; a pointer naming a complete checkpoint is left alone; nothing
     is deleted. Exit 0 when every pointer names a complete checkpoint afterwards, CHECKPOINT_DAMAGED if not."""
     root = ck.resolve_root(directory)
-    if megatron_lm.is_layout(root):
+    if megatron_lm.holds_checkpoints(root):
         with _readable(root):
             done = megatron_lm.repair(root)
     else:
@@ -202,8 +202,8 @@ def adopt_cmd(
     key = _run_key(directory, root, run_dir)
     if key is None:
         raise ConfigError(f"{directory}: no run secret found next to it; pass --run-dir RUN_DIR")
-    steps = [step] if step is not None else layout.committed_steps(root)
-    if step is not None and step not in layout.step_dirs(root):
+    steps = [step] if step is not None else ondisk.committed_steps(root)
+    if step is not None and step not in ondisk.step_dirs(root):
         raise CheckpointError(f"no checkpoint directory for step {step} in {root}")
     done = ck.adopt(root, key, steps)
     for at, _, what in done:
@@ -257,7 +257,7 @@ def digest_cmd(directory: Path, step: int | None = typer.Option(None, help="step
     root = ck.resolve_root(directory)
     chosen = ck.pick_step(root, step)
     print(f"step {chosen}")
-    print(ck.digest(layout.step_dir(root, chosen)))
+    print(ck.digest(ondisk.step_dir(root, chosen)))
 
 
 def register(app: typer.Typer) -> None:

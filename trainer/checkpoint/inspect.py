@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from resilient.core.atomic import atomic_write
 from resilient.core.errors import CheckpointError, ConfigError
 from resilient.core.secret import RunKey
-from trainer.checkpoint import layout, manifest
+from trainer.checkpoint import manifest, ondisk
 
 if TYPE_CHECKING:  # `ckpt list|verify|inspect` read files only; torch loads for `digest`
     import torch
@@ -29,19 +29,19 @@ def resolve_root(path: Path) -> Path:
 def pick_step(root: Path, step: int | None) -> int:
     """The requested step, or the newest committed one."""
     if step is not None:
-        if step not in layout.step_dirs(root):
+        if step not in ondisk.step_dirs(root):
             raise CheckpointError(f"no checkpoint directory for step {step} in {root}")
         return step
-    committed = layout.committed_steps(root)
+    committed = ondisk.committed_steps(root)
     if not committed:
         raise CheckpointError(f"no complete checkpoint in {root}")
     return committed[-1]
 
 
 def listing(root: Path) -> list[dict[str, Any]]:
-    latest = layout.read_latest(root)
+    latest = ondisk.read_latest(root)
     rows = []
-    for step, path in layout.step_dirs(root).items():
+    for step, path in ondisk.step_dirs(root).items():
         agreed = None
         try:
             meta = manifest.read_manifest(path)
@@ -65,21 +65,21 @@ def listing(root: Path) -> list[dict[str, Any]]:
 def repair(root: Path) -> tuple[int | None, int | None, str]:
     """Point `latest` at the newest step that verifies (sizes) when it names one that does not;
     returns (before, after, what happened), `after` None when no step verifies."""
-    before = layout.read_latest(root)
-    if before is not None and before in layout.step_dirs(root):
-        problem = manifest.verify(layout.step_dir(root, before), checksums=False)
+    before = ondisk.read_latest(root)
+    if before is not None and before in ondisk.step_dirs(root):
+        problem = manifest.verify(ondisk.step_dir(root, before), checksums=False)
         if problem is None:
             return before, before, f"latest already names complete step {before}"
     else:
         problem = "latest is missing or names no step directory"
     good = [
         s
-        for s in reversed(layout.committed_steps(root))
-        if manifest.verify(layout.step_dir(root, s), checksums=False) is None
+        for s in reversed(ondisk.committed_steps(root))
+        if manifest.verify(ondisk.step_dir(root, s), checksums=False) is None
     ]
     if not good:
         return before, None, f"{problem}; no complete step to point it at"
-    layout.write_latest(root, good[0])
+    ondisk.write_latest(root, good[0])
     return before, good[0], f"{problem}; latest now names step {good[0]}"
 
 
@@ -89,7 +89,7 @@ def adopt(root: Path, key: RunKey, steps: list[int]) -> list[tuple[int, bool, st
     run on purpose, becomes this run's. Returns (step, adopted or already this run's, what happened)."""
     done = []
     for step in steps:
-        ckpt_dir = layout.step_dir(root, step)
+        ckpt_dir = ondisk.step_dir(root, step)
         try:
             found = manifest.read_manifest(ckpt_dir)
         except ValueError as err:
@@ -110,14 +110,14 @@ def adopt(root: Path, key: RunKey, steps: list[int]) -> list[tuple[int, bool, st
             if sealed[0]
             else "a broken seal"
         )
-        atomic_write(ckpt_dir / layout.MARKER, json.dumps(manifest.seal(found, key), indent=1, sort_keys=True).encode())
+        atomic_write(ckpt_dir / ondisk.MARKER, json.dumps(manifest.seal(found, key), indent=1, sort_keys=True).encode())
         done.append((step, True, f"adopted by run {key.run_id} (was: {was})"))
     return done
 
 
 def inspect(root: Path, step: int) -> dict[str, Any]:
     try:
-        found = manifest.read_manifest(layout.step_dir(root, step))
+        found = manifest.read_manifest(ondisk.step_dir(root, step))
     except ValueError as err:
         raise CheckpointError(str(err)) from None
     return {

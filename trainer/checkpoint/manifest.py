@@ -31,8 +31,8 @@ from resilient.core.atomic import atomic_write
 from resilient.core.errors import CheckpointError
 from resilient.core.progress import track
 from resilient.core.secret import RunKey
-from trainer.checkpoint import layout, safe_pickle
-from trainer.checkpoint.layout import MARKER
+from trainer.checkpoint import ondisk, safe_pickle
+from trainer.checkpoint.ondisk import MARKER
 
 SUMS_PREFIX = ".sums.rank"
 _CHUNK = 8 << 20
@@ -239,11 +239,11 @@ def identity_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | N
 def recorded_mismatch(root: Path, architecture: dict[str, Any]) -> str | None:
     """How the newest committed checkpoint under `root` differs from `architecture` (the model's fields),
     or None (also when there is none). Read from the marker (JSON): nothing is unpickled."""
-    steps = layout.committed_steps(root)
+    steps = ondisk.committed_steps(root)
     if not steps:
         return None
     try:
-        saved = read_manifest(layout.step_dir(root, steps[-1])).get("meta", {}).get("identity") or {}
+        saved = read_manifest(ondisk.step_dir(root, steps[-1])).get("meta", {}).get("identity") or {}
     except ValueError:
         return None  # a damaged marker is the loader's business (it falls back or refuses)
     saved = {k: v for k, v in saved.items() if k != "padded_vocab"}  # follows tp, which may change

@@ -5,7 +5,7 @@ without torch or megatron (the supervisor and the read-only commands import this
     SAVE_DIR/iter_0000100/                       one checkpoint per saved iteration, in any --ckpt-format
                                                  (trainer.megatron_lm.save_formats says when one is whole)
     SAVE_DIR/release/                            a release checkpoint, loaded when the tracker says `release`
-    SAVE_DIR/non_persistent/                     --non-persistent-ckpt-type global: the same layout with its
+    SAVE_DIR/non_persistent/                     --non-persistent-ckpt-type global: the same format with its
                                                  own tracker; Megatron-LM keeps only its newest iteration and
                                                  resumes from it when that is at least the persistent one
 
@@ -121,7 +121,7 @@ def tiers(root: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def is_layout(root: Path) -> bool:
+def holds_checkpoints(root: Path) -> bool:
     """Whether `root` looks like a Megatron-LM save directory."""
     return bool(tiers(root))
 
