@@ -161,34 +161,26 @@ class SimNode(threading.Thread):
             self.attempt += 1
 
     def _attempt_and_decision(self) -> AttemptDecision:
-        outcome: NodeOutcome | None = None
-        try:
-            self.plan = self._wait(lambda: self.coord.plan(self.attempt))
-            if self.plan.version >= self.roster.version:
-                self.roster = self.plan
-            self.node = self.plan.node_rank(self.slot)
-            role = self.plan.role(self.slot)
-            if role is Role.OUT:
-                raise _Frozen()  # a slot put out of the run leaves (in the simulation: only frozen ones are)
-            outcome = self._one_attempt() if role is Role.NODE else self._stand_by()
-        except failover.NoMajority:
-            raise
-        except CoordinationLost as err:
-            self._failover(err)
-            outcome = NodeOutcome.FAILED
-        while True:
-            try:
-                if self.node is not None and outcome is not None:
-                    self.coord.report(
-                        self.attempt,
-                        NodeReport(self.node, outcome, self._start_step, self.reached_step, slot=self.slot),
-                    )
-                return self._decide()
-            except failover.NoMajority:
-                raise
-            except CoordinationLost as err:
-                self._failover(err)
-                outcome = NodeOutcome.FAILED
+        return failover.attempt_then_decision(self._attempt_in_role, self._report, self._decide, self._failover)
+
+    def _attempt_in_role(self) -> NodeOutcome | None:
+        self.plan = self._wait(lambda: self.coord.plan(self.attempt))
+        if self.plan.version >= self.roster.version:
+            self.roster = self.plan
+        self.node = self.plan.node_rank(self.slot)
+        role = self.plan.role(self.slot)
+        if role is Role.OUT:
+            raise _Frozen()  # a slot put out of the run leaves (in the simulation: only frozen ones are)
+        if role is Role.NODE:
+            return self._one_attempt()
+        self._stand_by()
+        return None
+
+    def _report(self, outcome: NodeOutcome) -> None:
+        if self.node is not None:
+            self.coord.report(
+                self.attempt, NodeReport(self.node, outcome, self._start_step, self.reached_step, slot=self.slot)
+            )
 
     def _one_attempt(self) -> NodeOutcome:
         coord = self.coord

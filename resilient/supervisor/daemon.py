@@ -79,6 +79,12 @@ from resilient.supervisor.tracking import HeartbeatTracker, RankView
 from trainer.checkpoint.manifest import recorded_mismatch
 
 T = TypeVar("T")
+
+
+class _PutOut(Exception):
+    """The plan puts this slot out of the run."""
+
+
 # Coordinating a final decision: the coordinator keeps the store up this long for the others to read it.
 _ACK_WAIT_S = 10.0
 
@@ -255,31 +261,25 @@ class Supervisor:
     def _attempt_and_decision(self) -> AttemptDecision | None:
         """Run attempt `self.attempt` in this slot's role, report, and get the coordinator's decision, across
         elections; None when the plan puts this slot out of the run."""
-        outcome: NodeOutcome | None = None
         try:
-            plan = self._wait_for(lambda: self.coord.plan(self.attempt), self.scfg.store_timeout_s)
-            if plan is None:
-                raise CoordinationLost(f"no plan for attempt {self.attempt} within {self.scfg.store_timeout_s:g}s")
-            self._adopt(plan)
-            role = plan.role(self.slot)
-            if role is Role.OUT:
-                return None
-            outcome = self._one_attempt() if role is Role.NODE else self._stand_by()
-        except NoMajority:
-            raise
-        except CoordinationLost as err:
-            self._failover(err)
-            outcome = NodeOutcome.FAILED
-        while True:
-            try:
-                if self.node is not None and outcome is not None:
-                    self._report(outcome)
-                return self._decide()
-            except NoMajority:
-                raise
-            except CoordinationLost as err:
-                self._failover(err)
-                outcome = NodeOutcome.FAILED
+            return failover.attempt_then_decision(self._attempt_in_role, self._report, self._decide, self._failover)
+        except _PutOut:
+            return None
+
+    def _attempt_in_role(self) -> NodeOutcome | None:
+        assert self.coord is not None
+        coord = self.coord
+        plan = self._wait_for(lambda: coord.plan(self.attempt), self.scfg.store_timeout_s)
+        if plan is None:
+            raise CoordinationLost(f"no plan for attempt {self.attempt} within {self.scfg.store_timeout_s:g}s")
+        self._adopt(plan)
+        role = plan.role(self.slot)
+        if role is Role.OUT:
+            raise _PutOut()
+        if role is Role.NODE:
+            return self._one_attempt()
+        self._stand_by()
+        return None
 
     def _adopt(self, plan: Roster) -> None:
         self.plan = plan
@@ -905,8 +905,11 @@ class Supervisor:
     # -- end of an attempt -------------------------------------------------------------------------
 
     def _report(self, outcome: NodeOutcome) -> None:
-        """Post this node's account of the attempt; a node condemned this attempt reports UNHEALTHY."""
-        assert self.coord is not None and self.node is not None
+        """Post this node's account of the attempt; a node condemned this attempt reports UNHEALTHY. A spare
+        slot (no node rank) has nothing to report, even after a failover."""
+        assert self.coord is not None
+        if self.node is None:
+            return
         self.coord.report(
             self.attempt,
             NodeReport(

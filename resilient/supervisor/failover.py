@@ -12,7 +12,7 @@ import dataclasses
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from resilient.core.exit_codes import ExitCode
 from resilient.supervisor import election
@@ -21,7 +21,10 @@ from resilient.supervisor.auth import Sealer
 from resilient.supervisor.config import SupervisorConfig
 from resilient.supervisor.coordination import CoordinationLost, Coordinator
 from resilient.supervisor.election import Join, Takeover
+from resilient.supervisor.reports import NodeOutcome
 from resilient.supervisor.topology import Topology
+
+T = TypeVar("T")
 
 FAILOVER_KEY = "run/failover"
 """Where a new coordinator puts the attempt, restarts and streak the joiners continue from."""
@@ -31,6 +34,35 @@ class NoMajority(CoordinationLost):
     """This supervisor is not with a majority of the allocation: it stops its ranks and touches nothing."""
 
     exit_code = ExitCode.COORDINATOR_LOST
+
+
+def attempt_then_decision(
+    run: Callable[[], NodeOutcome | None],
+    report: Callable[[NodeOutcome], None],
+    decide: Callable[[], T],
+    fail_over: Callable[[CoordinationLost], None],
+) -> T:
+    """One attempt in a slot's role, its report and the coordinator's decision, across coordinator losses
+    (the daemon's and the scale simulation's loop): losing the coordinator during the attempt ends it
+    FAILED; after each failover the report goes again, to the new coordinator. `run` returns None when
+    there is nothing to report (a spare's standby); NoMajority passes: that side stops."""
+    try:
+        outcome = run()
+    except NoMajority:
+        raise
+    except CoordinationLost as err:
+        fail_over(err)
+        outcome = NodeOutcome.FAILED
+    while True:
+        try:
+            if outcome is not None:
+                report(outcome)
+            return decide()
+        except NoMajority:
+            raise
+        except CoordinationLost as err:
+            fail_over(err)
+            outcome = NodeOutcome.FAILED
 
 
 def candidate_window_s(cfg: SupervisorConfig) -> float:
