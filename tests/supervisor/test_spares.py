@@ -188,7 +188,9 @@ def test_100_warm_restarts_leak_no_fds_processes_or_memory(tmp_path):
     starts = events(run_dir, "attempt_start")
     assert len(starts) == restarts + 1
     warm = sum(e["warm_ranks"] for e in starts[1:])
-    assert warm >= restarts  # most attempts' ranks came from spares (a crash before the refill goes cold)
+    # spares are refilled as soon as a rank is handed over: all but a few restarted ranks start warm
+    # (200 of 200 on 2 busy cores; a crash that beats a refill starts cold)
+    assert warm >= 0.95 * 2 * restarts, f"{warm} of {2 * restarts} restarted ranks started warm"
     early = [s for s in samples if 5 <= s[0] <= 15]
     late = [s for s in samples if s[0] >= restarts - 10]
     assert early and late
