@@ -69,11 +69,9 @@ def test_the_current_megatron_core_line_recovers_to_the_same_bits(tmp_path, refe
 @pytest.mark.parametrize(
     "fault, exits",
     [
-        ("hang_rank", [ExitCode.FINISHED]),
+        # hang_rank, kill_supervisor and gpu_health alone: the mixed schedule below, which checks the same
         ("preempt", [ExitCode.PREEMPTED, ExitCode.FINISHED]),
-        ("kill_supervisor", [-9, ExitCode.FINISHED]),
         ("ckpt_write_kill", [ExitCode.FINISHED]),
-        ("gpu_health", [ExitCode.UNHEALTHY_NODE, ExitCode.FINISHED]),
         ("straggler", [ExitCode.FINISHED]),
     ],
 )
@@ -194,3 +192,7 @@ def test_mixed_schedule_of_five_faults(tmp_path, reference):
     report = _passed(drill(tmp_path / "run", "steps:4,8,12,16,20,24", faults, reference=reference))
     assert [f["kind"] for f in report["faults"]] == faults
     assert report["digest"] == reference and report["goodput"]["ratio"] < 1.0
+    # each fault ends its launch the way it alone would: a preemption, the killed supervisor, the bad GPU
+    assert report["exit_codes"] == [ExitCode.PREEMPTED, -9, ExitCode.UNHEALTHY_NODE, ExitCode.FINISHED]
+    [hang] = [e for e in _events(report, "failure") if e["kind"] == "hang"]
+    assert hang["rank"] == next(f["rank"] for f in report["faults"] if f["kind"] == "hang_rank")

@@ -81,8 +81,11 @@ RUNS = {
             "supervisor.warm_spares=false",
             "metrics.checkpoint_max_age_s=20",
             "metrics.heartbeat_max_age_s=20",
-            "supervisor.step_timeout_initial_s=3600",
-            "supervisor.step_timeout_floor_s=3600",
+            # the run lives until the session's end: no phase of the stopped rank may time out before it
+            "supervisor.step_timeout_initial_s=7200",
+            "supervisor.step_timeout_floor_s=7200",
+            "supervisor.checkpoint_timeout_s=7200",
+            "supervisor.eval_timeout_s=7200",
         ],
     ),
     FAULTS: (faults, ["checkpoint.interval_steps=5", "health.monitor_interval_s=1", "supervisor.max_restarts=10"]),

@@ -3,7 +3,8 @@ parallel layouts with megatron's DDP and distributed optimizer.
 
 One 4-layer tiny model, 6 steps, checkpoints at 3 and 6, trained once per layout (module fixture):
 - every layout's loss falls, and its first-step loss equals the plain DP2 run's (same initial
-  weights whatever the layout: trainer.init; same global batches: the data order ignores layout);
+  weights whatever the layout: trainer.init; same global batches: the data order ignores layout),
+  one rank accumulating the whole global batch included;
 - stopping at step 3 and rerunning on the same layout ends with the same bits;
 - a PP2 or DP2 (distributed optimizer) checkpoint resumed on one rank continues the loss trajectory.
 """
@@ -34,6 +35,7 @@ BASE = [
 ]
 LAYOUTS = {
     "dp2": (2, []),
+    "dp1_two_micro_batches": (1, []),  # the same global batch accumulated on one rank
     "pp2": (2, ["parallel.pp=2"]),
     "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
     "tp2": (2, ["parallel.tp=2"]),
