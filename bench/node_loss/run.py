@@ -257,7 +257,10 @@ def main() -> None:
         try:
             for fault in args.faults:
                 for n in range(args.trials):
-                    rows.append(trial(cluster, Path(tmp), fault, n))
+                    try:
+                        rows.append(trial(cluster, Path(tmp), fault, n))
+                    except (AssertionError, RuntimeError, OSError, subprocess.SubprocessError) as err:
+                        rows.append({"fault": fault, "trial": n, "error": str(err)[:500]})  # counted, not hidden
                     print(json.dumps(rows[-1]), flush=True)
         finally:
             cluster.stop()
@@ -266,6 +269,7 @@ def main() -> None:
         mine = [r for r in rows if r["fault"] == fault]
         result[fault] = {
             "n": len(mine),
+            "errors": sum("error" in r for r in mine),
             "same_job": sum(bool(r.get("same_job")) for r in mine),
             "tiers": sorted({str(r.get("tier")) for r in mine}),
         }
@@ -278,11 +282,14 @@ def main() -> None:
     for fault, r in result.items():
         det = r.get("detect_s")
         detected = f"{det['p50']:.1f} / {det['p95']:.1f}" if det else "-"
+        if "recover_s" not in r:
+            print(f"| {fault} | {r['n']} | every trial failed ({r['errors']}) | - | - | - |")
+            continue
         print(
             f"| {fault} | {r['n']} | {r['recover_s']['p50']:.1f} / {r['recover_s']['p95']:.1f} | "
             f"{detected} | {r['same_job']}/{r['n']} | {', '.join(r['tiers'])} |"
         )
-    if "rank" in result:
+    if "rank_3s_s" in result.get("rank", {}):
         r = result["rank"]["rank_3s_s"]
         print(f"| rank, 3 s after a recovery | {result['rank']['n']} | {r['p50']:.1f} / {r['p95']:.1f} | - | | |")
     for title, ok in GOALS:
