@@ -497,12 +497,12 @@ class Supervisor:
                 stop: tuple[StopKind, str] | None = None
                 failure: Failure | None = None
                 peer: dict[str, Any] | None = None
+                succeeded = all(r.returncode == 0 for r in self.ranks)
                 if state.mode is not watch.Mode.STOPPING:
                     stop = self._local_stop(exits)
                     if stop is None and (failure := self._detect(exits, now)) is not None:
                         if failure.kind is FailureKind.STORAGE:  # save while there is room
                             stop, failure = (StopKind.STORAGE, self._storage_fault(failure.reason)), None
-                    succeeded = all(r.returncode == 0 for r in self.ranks)
                     if stop is None and failure is None and not succeeded and now >= next_store_poll:
                         next_store_poll = now + self.coord.intervals.poll_s
                         stop, peer = self._store_verdict()
@@ -510,7 +510,7 @@ class Supervisor:
                     stop=stop is not None,
                     failed=failure is not None or peer is not None,
                     all_exited=all(r.returncode is not None for r in self.ranks),
-                    all_succeeded=all(r.returncode == 0 for r in self.ranks),
+                    all_succeeded=succeeded,
                     all_done=timeouts.all_done(
                         [(self.tracker.views[r.spec.rank].phase, r.returncode) for r in self.ranks]
                     ),
