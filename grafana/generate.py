@@ -98,72 +98,78 @@ def _common(panel, title: str, queries: Sequence[Q], pos: dm.GridPos, unit: str 
     return panel.description(description) if description else panel
 
 
-def stat_panel(
-    layout: Grid,
-    title: str,
-    q: Q,
-    w: int,
-    h: int,
-    unit: str | None = None,
-    *,
-    text_mode: cm.BigValueTextMode = cm.BigValueTextMode.AUTO,
-    thresholds: Sequence[tuple[float, str]] | None = None,
-    description: str | None = None,
-):
-    """`thresholds`: (value, color) steps; the first is the base, which Grafana reads as -Infinity whatever its
-    value (Grafana writes null there, Grafana's published schema asks for a number)."""
-    p = _common(stat.Panel(), title, [q], layout.place(w, h), unit, description)
-    p = (
-        p.reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).fields("").values(False))
-        .color_mode(cm.BigValueColorMode.VALUE)
-        .graph_mode(cm.BigValueGraphMode.AREA)
-        .text_mode(text_mode)
-    )
-    if thresholds:
-        p = p.thresholds(
-            db.ThresholdsConfig()
-            .mode(dm.ThresholdsMode.ABSOLUTE)
-            .steps([dm.Threshold(value=v, color=c) for v, c in thresholds])
+class Board:
+    """A dashboard under construction: each method adds a row or panel after the last, placed by a Grid."""
+
+    def __init__(self, dashboard: db.Dashboard) -> None:
+        self.dashboard, self.layout = dashboard, Grid()
+
+    def stat(
+        self,
+        title: str,
+        q: Q,
+        w: int,
+        h: int,
+        unit: str | None = None,
+        *,
+        text_mode: cm.BigValueTextMode = cm.BigValueTextMode.AUTO,
+        thresholds: Sequence[tuple[float, str]] | None = None,
+        description: str | None = None,
+    ) -> Board:
+        """`thresholds`: (value, color) steps; the first is the base, which Grafana reads as -Infinity whatever
+        its value (Grafana writes null there, Grafana's published schema asks for a number)."""
+        p = _common(stat.Panel(), title, [q], self.layout.place(w, h), unit, description)
+        p = (
+            p.reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).fields("").values(False))
+            .color_mode(cm.BigValueColorMode.VALUE)
+            .graph_mode(cm.BigValueGraphMode.AREA)
+            .text_mode(text_mode)
         )
-    return p
+        if thresholds:
+            p = p.thresholds(
+                db.ThresholdsConfig()
+                .mode(dm.ThresholdsMode.ABSOLUTE)
+                .steps([dm.Threshold(value=v, color=c) for v, c in thresholds])
+            )
+        return self._add(p)
 
+    def series(
+        self,
+        title: str,
+        queries: Sequence[Q],
+        w: int,
+        h: int = 8,
+        unit: str | None = None,
+        *,
+        description: str | None = None,
+        bars: bool = False,
+        stacked: bool = False,
+    ) -> Board:
+        p = _common(timeseries.Panel(), title, queries, self.layout.place(w, h), unit, description)
+        p = p.legend(
+            cb.VizLegendOptions()
+            .display_mode(cm.LegendDisplayMode.LIST)
+            .placement(cm.LegendPlacement.BOTTOM)
+            .show_legend(True)
+        ).tooltip(cb.VizTooltipOptions().mode(cm.TooltipDisplayMode.MULTI).sort(cm.SortOrder.DESCENDING))
+        if bars:
+            p = p.draw_style(cm.GraphDrawStyle.BARS)
+        if stacked:
+            p = p.stacking(cb.StackingConfig().mode(cm.StackingMode.NORMAL)).fill_opacity(30)
+        return self._add(p)
 
-def series_panel(
-    layout: Grid,
-    title: str,
-    queries: Sequence[Q],
-    w: int,
-    h: int = 8,
-    unit: str | None = None,
-    *,
-    description: str | None = None,
-    bars: bool = False,
-    stacked: bool = False,
-):
-    p = _common(timeseries.Panel(), title, queries, layout.place(w, h), unit, description)
-    p = p.legend(
-        cb.VizLegendOptions()
-        .display_mode(cm.LegendDisplayMode.LIST)
-        .placement(cm.LegendPlacement.BOTTOM)
-        .show_legend(True)
-    ).tooltip(cb.VizTooltipOptions().mode(cm.TooltipDisplayMode.MULTI).sort(cm.SortOrder.DESCENDING))
-    if bars:
-        p = p.draw_style(cm.GraphDrawStyle.BARS)
-    if stacked:
-        p = p.stacking(cb.StackingConfig().mode(cm.StackingMode.NORMAL)).fill_opacity(30)
-    return p
+    def table(self, title: str, q: Q, w: int, h: int = 8, *, description: str | None = None) -> Board:
+        pos = self.layout.place(w, h)
+        p = _common(table.Panel(), title, [Q(q.expr, q.legend, table=True)], pos, None, description)
+        return self._add(p.frame_index(0).show_header(True))
 
+    def row(self, title: str) -> Board:
+        self.dashboard = self.dashboard.with_row(db.Row(title).grid_pos(self.layout.row()).collapsed(False))
+        return self
 
-def table_panel(layout: Grid, title: str, q: Q, w: int, h: int = 8, *, description: str | None = None):
-    return (
-        _common(table.Panel(), title, [Q(q.expr, q.legend, table=True)], layout.place(w, h), None, description)
-        .frame_index(0)
-        .show_header(True)
-    )
-
-
-def row(layout: Grid, title: str) -> db.Row:
-    return db.Row(title).grid_pos(layout.row()).collapsed(False)
+    def _add(self, panel) -> Board:
+        self.dashboard = self.dashboard.with_panel(panel)
+        return self
 
 
 # -- variables -------------------------------------------------------------------------------------------
@@ -215,302 +221,198 @@ def base(uid: str, title: str, *extra_variables) -> db.Dashboard:
 
 
 def run_overview() -> db.Dashboard:
-    L = Grid()
     by_rank = "{{node}} rank {{rank}}"
     rate = "[$__rate_interval]"
     step_hist = f"rate(resilient_step_time_seconds_bucket{{{JOB_NODE}}}{rate})"
     return (
-        base(
-            "resilient-run",
-            "resilient / run overview",
-            query_variable("rank", "Rank", f"label_values(resilient_rank_step{{{JOB_NODE}}}, rank)"),
-        )
-        .with_row(row(L, "Progress"))
-        .with_panel(
-            stat_panel(
-                L,
-                "State",
-                Q(f"max by (state) (resilient_run_state{{{JOB_NODE}}}) == 1", "{{state}}"),
-                4,
-                4,
-                text_mode=cm.BigValueTextMode.NAME,
+        Board(
+            base(
+                "resilient-run",
+                "resilient / run overview",
+                query_variable("rank", "Rank", f"label_values(resilient_rank_step{{{JOB_NODE}}}, rank)"),
             )
         )
-        .with_panel(stat_panel(L, "Step", Q(f"max(resilient_step{{{JOB_NODE}}})", "step"), 4, 4))
-        .with_panel(stat_panel(L, "Attempt", Q(f"max(resilient_attempt{{{JOB_NODE}}})", "attempt"), 4, 4))
-        .with_panel(
-            stat_panel(
-                L, "Consumed tokens", Q(f"max(resilient_consumed_tokens{{{JOB_NODE}}})", "tokens"), 4, 4, "short"
-            )
+        .row("Progress")
+        .stat(
+            "State",
+            Q(f"max by (state) (resilient_run_state{{{JOB_NODE}}}) == 1", "{{state}}"),
+            4,
+            4,
+            text_mode=cm.BigValueTextMode.NAME,
         )
-        .with_panel(
-            stat_panel(L, "Goodput", Q(f"max(resilient_goodput_ratio{{{JOB_NODE}}})", "goodput"), 4, 4, "percentunit")
+        .stat("Step", Q(f"max(resilient_step{{{JOB_NODE}}})", "step"), 4, 4)
+        .stat("Attempt", Q(f"max(resilient_attempt{{{JOB_NODE}}})", "attempt"), 4, 4)
+        .stat("Consumed tokens", Q(f"max(resilient_consumed_tokens{{{JOB_NODE}}})", "tokens"), 4, 4, "short")
+        .stat("Goodput", Q(f"max(resilient_goodput_ratio{{{JOB_NODE}}})", "goodput"), 4, 4, "percentunit")
+        .stat(
+            "Restarts in range", Q(f"max(increase(resilient_restarts_total{{{JOB_NODE}}}[$__range]))", "restarts"), 4, 4
         )
-        .with_panel(
-            stat_panel(
-                L,
-                "Restarts in range",
-                Q(f"max(increase(resilient_restarts_total{{{JOB_NODE}}}[$__range]))", "restarts"),
-                4,
-                4,
-            )
+        .series(
+            "Loss",
+            [
+                Q(f"max(resilient_loss{{{JOB_NODE}}})", "train"),
+                Q(f"max(resilient_validation_loss{{{JOB_NODE}}})", "validation"),
+            ],
+            12,
         )
-        .with_panel(
-            series_panel(
-                L,
-                "Loss",
-                [
-                    Q(f"max(resilient_loss{{{JOB_NODE}}})", "train"),
-                    Q(f"max(resilient_validation_loss{{{JOB_NODE}}})", "validation"),
-                ],
-                12,
-            )
+        .series("Throughput", [Q(f"max(resilient_tokens_per_second{{{JOB_NODE}}})", "tokens/s")], 6, unit="short")
+        .series("MFU", [Q(f"max(resilient_mfu_ratio{{{JOB_NODE}}})", "MFU")], 6, unit="percentunit")
+        .series(
+            "Step time",
+            [
+                Q(f"histogram_quantile(0.5, sum by (le) ({step_hist}))", "p50"),
+                Q(f"histogram_quantile(0.99, sum by (le) ({step_hist}))", "p99"),
+                Q(
+                    f"sum(rate(resilient_step_time_seconds_sum{{{JOB_NODE}}}{rate})) / "
+                    f"sum(rate(resilient_step_time_seconds_count{{{JOB_NODE}}}{rate}))",
+                    "mean",
+                ),
+            ],
+            8,
+            unit="s",
         )
-        .with_panel(
-            series_panel(
-                L, "Throughput", [Q(f"max(resilient_tokens_per_second{{{JOB_NODE}}})", "tokens/s")], 6, unit="short"
-            )
+        .series("Learning rate", [Q(f"max(resilient_learning_rate{{{JOB_NODE}}})", "lr")], 8)
+        .series("Gradient norm", [Q(f"max(resilient_grad_norm{{{JOB_NODE}}})", "grad norm")], 8)
+        .row("Ranks")
+        .series(
+            "Heartbeat age",
+            [Q(f"max by (node, rank) (resilient_heartbeat_age_seconds{{{RANK}}})", by_rank)],
+            8,
+            unit="s",
+            description="Seconds since each rank's last heartbeat; a rising line is a hang.",
         )
-        .with_panel(
-            series_panel(L, "MFU", [Q(f"max(resilient_mfu_ratio{{{JOB_NODE}}})", "MFU")], 6, unit="percentunit")
+        .series(
+            "Straggler score",
+            [Q(f"max by (node, rank) (resilient_straggler_score{{{RANK}}})", by_rank)],
+            8,
+            description="Rank step time over the run's median; 1 is typical.",
         )
-        .with_panel(
-            series_panel(
-                L,
-                "Step time",
-                [
-                    Q(f"histogram_quantile(0.5, sum by (le) ({step_hist}))", "p50"),
-                    Q(f"histogram_quantile(0.99, sum by (le) ({step_hist}))", "p99"),
-                    Q(
-                        f"sum(rate(resilient_step_time_seconds_sum{{{JOB_NODE}}}{rate})) / "
-                        f"sum(rate(resilient_step_time_seconds_count{{{JOB_NODE}}}{rate}))",
-                        "mean",
-                    ),
-                ],
-                8,
-                unit="s",
-            )
+        .series(
+            "Rank step time",
+            [Q(f"max by (node, rank) (resilient_rank_step_time_seconds{{{RANK}}})", by_rank)],
+            8,
+            unit="s",
         )
-        .with_panel(series_panel(L, "Learning rate", [Q(f"max(resilient_learning_rate{{{JOB_NODE}}})", "lr")], 8))
-        .with_panel(series_panel(L, "Gradient norm", [Q(f"max(resilient_grad_norm{{{JOB_NODE}}})", "grad norm")], 8))
-        .with_row(row(L, "Ranks"))
-        .with_panel(
-            series_panel(
-                L,
-                "Heartbeat age",
-                [Q(f"max by (node, rank) (resilient_heartbeat_age_seconds{{{RANK}}})", by_rank)],
-                8,
-                unit="s",
-                description="Seconds since each rank's last heartbeat; a rising line is a hang.",
-            )
+        .series(
+            "Step spread across ranks",
+            [Q(f"max(resilient_rank_step{{{RANK}}}) - min(resilient_rank_step{{{RANK}}})", "max - min")],
+            8,
+            description="Ranks should be on the same step; a growing spread points at a stuck rank.",
         )
-        .with_panel(
-            series_panel(
-                L,
-                "Straggler score",
-                [Q(f"max by (node, rank) (resilient_straggler_score{{{RANK}}})", by_rank)],
-                8,
-                description="Rank step time over the run's median; 1 is typical.",
-            )
+        .row("Failures")
+        .series(
+            "Failures by kind",
+            [Q(f"sum by (kind) (increase(resilient_failures_total{{{JOB_NODE}}}{rate}))", "{{kind}}")],
+            12,
+            bars=True,
+            description="Each failure's evidence (stacks, culprit rank) is in "
+            "RUN_DIR/incidents/<attempt>-<kind>/; `resilient status RUN_DIR` names it.",
         )
-        .with_panel(
-            series_panel(
-                L,
-                "Rank step time",
-                [Q(f"max by (node, rank) (resilient_rank_step_time_seconds{{{RANK}}})", by_rank)],
-                8,
-                unit="s",
-            )
+        .series(
+            "Restarts", [Q(f"max(increase(resilient_restarts_total{{{JOB_NODE}}}{rate}))", "restarts")], 12, bars=True
         )
-        .with_panel(
-            series_panel(
-                L,
-                "Step spread across ranks",
-                [Q(f"max(resilient_rank_step{{{RANK}}}) - min(resilient_rank_step{{{RANK}}})", "max - min")],
-                8,
-                description="Ranks should be on the same step; a growing spread points at a stuck rank.",
-            )
+        .row("Nodes")
+        .stat(
+            "Spare nodes left",
+            Q(f"max(resilient_spare_nodes_available{{{JOB_NODE}}})", "spares"),
+            4,
+            4,
+            description="Healthy spares ready to take a failed node's place in-job (0 with "
+            "spares configured: ResilientNoSpareNodeLeft).",
         )
-        .with_row(row(L, "Failures"))
-        .with_panel(
-            series_panel(
-                L,
-                "Failures by kind",
-                [Q(f"sum by (kind) (increase(resilient_failures_total{{{JOB_NODE}}}{rate}))", "{{kind}}")],
-                12,
-                bars=True,
-                description="Each failure's evidence (stacks, culprit rank) is in "
-                "RUN_DIR/incidents/<attempt>-<kind>/; `resilient status RUN_DIR` names it.",
-            )
+        .stat(
+            "Bad nodes",
+            Q(f"max(resilient_bad_nodes{{{JOB_NODE}}})", "bad nodes"),
+            4,
+            4,
+            description="Nodes taken out of the run in this allocation; `resilient status` "
+            "lists them with why, when and how often.",
         )
-        .with_panel(
-            series_panel(
-                L,
-                "Restarts",
-                [Q(f"max(increase(resilient_restarts_total{{{JOB_NODE}}}{rate}))", "restarts")],
-                12,
-                bars=True,
-            )
+        .series(
+            "Node replacements",
+            [Q(f"max(increase(resilient_node_replacements_total{{{JOB_NODE}}}{rate}))", "replaced")],
+            16,
+            h=4,
+            bars=True,
+            description="A spare took a lost or unhealthy node's place (same node rank).",
         )
-        .with_row(row(L, "Nodes"))
-        .with_panel(
-            stat_panel(
-                L,
-                "Spare nodes left",
-                Q(f"max(resilient_spare_nodes_available{{{JOB_NODE}}})", "spares"),
-                4,
-                4,
-                description="Healthy spares ready to take a failed node's place in-job (0 with "
-                "spares configured: ResilientNoSpareNodeLeft).",
-            )
-        )
-        .with_panel(
-            stat_panel(
-                L,
-                "Bad nodes",
-                Q(f"max(resilient_bad_nodes{{{JOB_NODE}}})", "bad nodes"),
-                4,
-                4,
-                description="Nodes taken out of the run in this allocation; `resilient status` "
-                "lists them with why, when and how often.",
-            )
-        )
-        .with_panel(
-            series_panel(
-                L,
-                "Node replacements",
-                [Q(f"max(increase(resilient_node_replacements_total{{{JOB_NODE}}}{rate}))", "replaced")],
-                16,
-                h=4,
-                bars=True,
-                description="A spare took a lost or unhealthy node's place (same node rank).",
-            )
-        )
+        .dashboard
     )
 
 
 def checkpoints_goodput() -> db.Dashboard:
-    L = Grid()
 
     def mean(metric: str) -> str:
         return f"increase({metric}_sum{{{JOB_NODE}}}[$__range]) / increase({metric}_count{{{JOB_NODE}}}[$__range])"
 
     return (
-        base("resilient-goodput", "resilient / checkpoints and goodput")
-        .with_row(row(L, "Goodput"))
-        .with_panel(
-            stat_panel(L, "Goodput", Q(f"max(resilient_goodput_ratio{{{JOB_NODE}}})", "goodput"), 6, 5, "percentunit")
+        Board(base("resilient-goodput", "resilient / checkpoints and goodput"))
+        .row("Goodput")
+        .stat("Goodput", Q(f"max(resilient_goodput_ratio{{{JOB_NODE}}})", "goodput"), 6, 5, "percentunit")
+        .stat("Productive time", Q(f"max(resilient_productive_seconds{{{JOB_NODE}}})", "productive"), 6, 5, "s")
+        .stat("Wall time", Q(f"max(resilient_run_wall_seconds{{{JOB_NODE}}})", "wall"), 6, 5, "s")
+        .stat(
+            "Failed checkpoint saves",
+            Q(f"max(resilient_checkpoint_save_failures_total{{{JOB_NODE}}})", "failed saves"),
+            6,
+            5,
         )
-        .with_panel(
-            stat_panel(
-                L, "Productive time", Q(f"max(resilient_productive_seconds{{{JOB_NODE}}})", "productive"), 6, 5, "s"
-            )
+        .series(
+            "Goodput over time", [Q(f"max(resilient_goodput_ratio{{{JOB_NODE}}})", "goodput")], 12, unit="percentunit"
         )
-        .with_panel(stat_panel(L, "Wall time", Q(f"max(resilient_run_wall_seconds{{{JOB_NODE}}})", "wall"), 6, 5, "s"))
-        .with_panel(
-            stat_panel(
-                L,
-                "Failed checkpoint saves",
-                Q(f"max(resilient_checkpoint_save_failures_total{{{JOB_NODE}}})", "failed saves"),
-                6,
-                5,
-            )
+        .series(
+            "Badput by category",
+            [Q(f"max by (category) (resilient_badput_seconds{{{JOB_NODE}}})", "{{category}}")],
+            12,
+            stacked=True,
         )
-        .with_panel(
-            series_panel(
-                L,
-                "Goodput over time",
-                [Q(f"max(resilient_goodput_ratio{{{JOB_NODE}}})", "goodput")],
-                12,
-                unit="percentunit",
-            )
+        .row("Checkpoints")
+        .stat("Last complete checkpoint", Q(f"max(resilient_checkpoint_last_step{{{JOB_NODE}}})", "step"), 6, 5)
+        .stat(
+            "Checkpoint age", Q(f"min(resilient_checkpoint_last_complete_age_seconds{{{JOB_NODE}}})", "age"), 6, 5, "s"
         )
-        .with_panel(
-            series_panel(
-                L,
-                "Badput by category",
-                [Q(f"max by (category) (resilient_badput_seconds{{{JOB_NODE}}})", "{{category}}")],
-                12,
-                stacked=True,
-            )
+        .stat(
+            "Completed at",
+            Q(f"max(resilient_checkpoint_last_complete_timestamp_seconds{{{JOB_NODE}}}) * 1000", "completed"),
+            6,
+            5,
+            "dateTimeFromNow",
         )
-        .with_row(row(L, "Checkpoints"))
-        .with_panel(
-            stat_panel(
-                L, "Last complete checkpoint", Q(f"max(resilient_checkpoint_last_step{{{JOB_NODE}}})", "step"), 6, 5
-            )
+        .stat("Checkpoint size", Q(f"max(resilient_checkpoint_size_bytes{{{JOB_NODE}}})", "size"), 6, 5, "bytes")
+        .series(
+            "Save time (mean over the range)",
+            [
+                Q(f"max({mean('resilient_checkpoint_save_blocking_seconds')})", "blocking"),
+                Q(f"max({mean('resilient_checkpoint_save_total_seconds')})", "total"),
+            ],
+            8,
+            unit="s",
         )
-        .with_panel(
-            stat_panel(
-                L,
-                "Checkpoint age",
+        .series(
+            "Checkpoint age vs limit",
+            [
                 Q(f"min(resilient_checkpoint_last_complete_age_seconds{{{JOB_NODE}}})", "age"),
-                6,
-                5,
-                "s",
-            )
+                Q(f"max(resilient_checkpoint_age_limit_seconds{{{JOB_NODE}}})", "alert limit"),
+            ],
+            8,
+            unit="s",
         )
-        .with_panel(
-            stat_panel(
-                L,
-                "Completed at",
-                Q(f"max(resilient_checkpoint_last_complete_timestamp_seconds{{{JOB_NODE}}}) * 1000", "completed"),
-                6,
-                5,
-                "dateTimeFromNow",
-            )
+        .series(
+            "Checkpoint write rate",
+            [Q(f"max(rate(resilient_checkpoint_written_bytes_total{{{JOB_NODE}}}[$__rate_interval]))", "written")],
+            8,
+            unit="Bps",
         )
-        .with_panel(
-            stat_panel(
-                L, "Checkpoint size", Q(f"max(resilient_checkpoint_size_bytes{{{JOB_NODE}}})", "size"), 6, 5, "bytes"
-            )
+        .series(
+            "Checkpoint interval (steps; adaptive: Daly)",
+            [Q(f"max by (tier) (resilient_checkpoint_interval_steps{{{JOB_NODE}}})", "{{tier}}")],
+            8,
         )
-        .with_panel(
-            series_panel(
-                L,
-                "Save time (mean over the range)",
-                [
-                    Q(f"max({mean('resilient_checkpoint_save_blocking_seconds')})", "blocking"),
-                    Q(f"max({mean('resilient_checkpoint_save_total_seconds')})", "total"),
-                ],
-                8,
-                unit="s",
-            )
-        )
-        .with_panel(
-            series_panel(
-                L,
-                "Checkpoint age vs limit",
-                [
-                    Q(f"min(resilient_checkpoint_last_complete_age_seconds{{{JOB_NODE}}})", "age"),
-                    Q(f"max(resilient_checkpoint_age_limit_seconds{{{JOB_NODE}}})", "alert limit"),
-                ],
-                8,
-                unit="s",
-            )
-        )
-        .with_panel(
-            series_panel(
-                L,
-                "Checkpoint write rate",
-                [Q(f"max(rate(resilient_checkpoint_written_bytes_total{{{JOB_NODE}}}[$__rate_interval]))", "written")],
-                8,
-                unit="Bps",
-            )
-        )
-        .with_panel(
-            series_panel(
-                L,
-                "Checkpoint interval (steps; adaptive: Daly)",
-                [Q(f"max by (tier) (resilient_checkpoint_interval_steps{{{JOB_NODE}}})", "{{tier}}")],
-                8,
-            )
-        )
+        .dashboard
     )
 
 
 def gpu_node_health() -> db.Dashboard:
-    L = Grid()
     per_gpu = "{{node}} gpu {{gpu}}"
 
     def nvml(metric: str, by: str = "node, gpu") -> str:
@@ -538,163 +440,116 @@ def gpu_node_health() -> db.Dashboard:
         return f'label_replace(max by (node, gpu) ({metric}{{{FACTS}}}), "fact", "{name}", "", "")'
 
     return (
-        base("resilient-health", "resilient / GPU and node health", source, gpu, facts_job)
-        .with_row(row(L, "Node facts (kept after the supervisor exits)"))
-        .with_panel(
-            stat_panel(
-                L,
-                "Unhealthy nodes",
-                Q(
-                    f'count(max by (node) (resilient_node_health_verdict{{{FACTS}, verdict="unhealthy"}}))'
-                    " or vector(0)",
-                    "unhealthy",
-                ),
-                6,
-                8,
-                thresholds=[(0, "green"), (1, "red")],
-                description="Nodes whose last health verdict is unhealthy: the ResilientNodeUnhealthy alert.",
-            )
+        Board(base("resilient-health", "resilient / GPU and node health", source, gpu, facts_job))
+        .row("Node facts (kept after the supervisor exits)")
+        .stat(
+            "Unhealthy nodes",
+            Q(
+                f'count(max by (node) (resilient_node_health_verdict{{{FACTS}, verdict="unhealthy"}})) or vector(0)',
+                "unhealthy",
+            ),
+            6,
+            8,
+            thresholds=[(0, "green"), (1, "red")],
+            description="Nodes whose last health verdict is unhealthy: the ResilientNodeUnhealthy alert.",
         )
-        .with_panel(
-            table_panel(
-                L,
-                "Last health verdict per node",
-                Q(f"max by (node, verdict, check, reason) (resilient_node_health_verdict{{{FACTS}}})"),
-                18,
-                description="Written by each node's supervisor (and `resilient health check`) for node_exporter; "
-                "it stays after the supervisor exits and the job moves to other nodes.",
-            )
+        .table(
+            "Last health verdict per node",
+            Q(f"max by (node, verdict, check, reason) (resilient_node_health_verdict{{{FACTS}}})"),
+            18,
+            description="Written by each node's supervisor (and `resilient health check`) for node_exporter; "
+            "it stays after the supervisor exits and the job moves to other nodes.",
         )
-        .with_panel(
-            table_panel(
-                L,
-                "GPU faults at the last verdict",
-                Q(
-                    f"{fact('resilient_gpu_last_xid', 'last XID')} "
-                    f"or {fact('resilient_gpu_ecc_uncorrectable_errors', 'uncorrectable ECC errors')} "
-                    f"or {fact('resilient_gpu_lost', 'lost')} "
-                    f"or {fact('resilient_gpu_row_remap_failed', 'row remap failed')}"
-                ),
-                12,
-            )
+        .table(
+            "GPU faults at the last verdict",
+            Q(
+                f"{fact('resilient_gpu_last_xid', 'last XID')} "
+                f"or {fact('resilient_gpu_ecc_uncorrectable_errors', 'uncorrectable ECC errors')} "
+                f"or {fact('resilient_gpu_lost', 'lost')} "
+                f"or {fact('resilient_gpu_row_remap_failed', 'row remap failed')}"
+            ),
+            12,
         )
-        .with_panel(
-            table_panel(
-                L,
-                "Last supervisor exit per node",
-                Q(f"max by (node, outcome, reason) (resilient_supervisor_exit_code{{{FACTS}}})"),
-                12,
-                description="Exit code (value), its name and reason: why each node's last supervisor stopped.",
-            )
+        .table(
+            "Last supervisor exit per node",
+            Q(f"max by (node, outcome, reason) (resilient_supervisor_exit_code{{{FACTS}}})"),
+            12,
+            description="Exit code (value), its name and reason: why each node's last supervisor stopped.",
         )
-        .with_row(row(L, "Nodes"))
-        .with_panel(
-            stat_panel(
-                L,
-                "Node health (0 ok, 1 warn, 2 fatal)",
-                Q(f"max by (node) (resilient_node_health_severity{{{JOB_NODE}}})", "{{node}}"),
-                12,
-                5,
-                thresholds=[(0, "green"), (1, "orange"), (2, "red")],
-            )
+        .row("Nodes")
+        .stat(
+            "Node health (0 ok, 1 warn, 2 fatal)",
+            Q(f"max by (node) (resilient_node_health_severity{{{JOB_NODE}}})", "{{node}}"),
+            12,
+            5,
+            thresholds=[(0, "green"), (1, "orange"), (2, "red")],
         )
-        .with_panel(stat_panel(L, "Metrics targets up", Q('up{job=~"$job"}', "{{instance}}"), 12, 5))
-        .with_panel(
-            table_panel(
-                L, "Health checks", Q(f"max by (node, check) (resilient_health_check_severity{{{JOB_NODE}}})"), 12
-            )
+        .stat("Metrics targets up", Q('up{job=~"$job"}', "{{instance}}"), 12, 5)
+        .table("Health checks", Q(f"max by (node, check) (resilient_health_check_severity{{{JOB_NODE}}})"), 12)
+        .series(
+            "Collective bus bandwidth",
+            [Q(f"max by (node) (resilient_collective_bus_bandwidth_bytes_per_second{{{JOB_NODE}}})", "{{node}}")],
+            12,
+            unit="Bps",
         )
-        .with_panel(
-            series_panel(
-                L,
-                "Collective bus bandwidth",
-                [Q(f"max by (node) (resilient_collective_bus_bandwidth_bytes_per_second{{{JOB_NODE}}})", "{{node}}")],
-                12,
-                unit="Bps",
-            )
+        .row("GPUs")
+        .series(
+            "Temperature",
+            [Q(nvml("resilient_gpu_temperature_celsius"), per_gpu), Q(dc("DCGM_FI_DEV_GPU_TEMP"), per_gpu)],
+            8,
+            unit="celsius",
         )
-        .with_row(row(L, "GPUs"))
-        .with_panel(
-            series_panel(
-                L,
-                "Temperature",
-                [Q(nvml("resilient_gpu_temperature_celsius"), per_gpu), Q(dc("DCGM_FI_DEV_GPU_TEMP"), per_gpu)],
-                8,
-                unit="celsius",
-            )
+        .series(
+            "Power",
+            [Q(nvml("resilient_gpu_power_watts"), per_gpu), Q(dc("DCGM_FI_DEV_POWER_USAGE"), per_gpu)],
+            8,
+            unit="watt",
         )
-        .with_panel(
-            series_panel(
-                L,
-                "Power",
-                [Q(nvml("resilient_gpu_power_watts"), per_gpu), Q(dc("DCGM_FI_DEV_POWER_USAGE"), per_gpu)],
-                8,
-                unit="watt",
-            )
+        .series(
+            "Throttling",
+            [
+                Q(nvml("resilient_gpu_throttle_active", "node, gpu, reason"), per_gpu + " {{reason}}"),
+                Q(dc("DCGM_FI_DEV_THERMAL_VIOLATION", rate), per_gpu + " thermal"),
+                Q(dc("DCGM_FI_DEV_POWER_VIOLATION", rate), per_gpu + " power"),
+            ],
+            8,
+            description="NVML: 1 while throttled for the reason; dcgm-exporter: share of time throttled.",
         )
-        .with_panel(
-            series_panel(
-                L,
-                "Throttling",
-                [
-                    Q(nvml("resilient_gpu_throttle_active", "node, gpu, reason"), per_gpu + " {{reason}}"),
-                    Q(dc("DCGM_FI_DEV_THERMAL_VIOLATION", rate), per_gpu + " thermal"),
-                    Q(dc("DCGM_FI_DEV_POWER_VIOLATION", rate), per_gpu + " power"),
-                ],
-                8,
-                description="NVML: 1 while throttled for the reason; dcgm-exporter: share of time throttled.",
-            )
+        .series(
+            "Uncorrectable ECC errors",
+            [
+                Q(nvml("resilient_gpu_ecc_uncorrectable_errors"), per_gpu),
+                Q(dc("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL"), per_gpu),
+            ],
+            8,
         )
-        .with_panel(
-            series_panel(
-                L,
-                "Uncorrectable ECC errors",
-                [
-                    Q(nvml("resilient_gpu_ecc_uncorrectable_errors"), per_gpu),
-                    Q(dc("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL"), per_gpu),
-                ],
-                8,
-            )
+        .series("Last XID", [Q(nvml("resilient_gpu_last_xid"), per_gpu), Q(dc("DCGM_FI_DEV_XID_ERRORS"), per_gpu)], 8)
+        .series(
+            "Row remap pending / failed, GPU lost",
+            [
+                Q(nvml("resilient_gpu_row_remap_pending"), per_gpu + " remap pending"),
+                Q(nvml("resilient_gpu_row_remap_failed"), per_gpu + " remap failed"),
+                Q(nvml("resilient_gpu_lost"), per_gpu + " lost"),
+                Q(dc("DCGM_FI_DEV_ROW_REMAP_PENDING"), per_gpu + " remap pending"),
+                Q(dc("DCGM_FI_DEV_ROW_REMAP_FAILURE"), per_gpu + " remap failed"),
+            ],
+            8,
         )
-        .with_panel(
-            series_panel(
-                L, "Last XID", [Q(nvml("resilient_gpu_last_xid"), per_gpu), Q(dc("DCGM_FI_DEV_XID_ERRORS"), per_gpu)], 8
-            )
+        .series(
+            "Utilization (dcgm-exporter)",
+            [Q(dc("DCGM_FI_DEV_GPU_UTIL"), per_gpu)],
+            12,
+            unit="percent",
+            description="dcgm-exporter only: NVML metrics carry no utilization.",
         )
-        .with_panel(
-            series_panel(
-                L,
-                "Row remap pending / failed, GPU lost",
-                [
-                    Q(nvml("resilient_gpu_row_remap_pending"), per_gpu + " remap pending"),
-                    Q(nvml("resilient_gpu_row_remap_failed"), per_gpu + " remap failed"),
-                    Q(nvml("resilient_gpu_lost"), per_gpu + " lost"),
-                    Q(dc("DCGM_FI_DEV_ROW_REMAP_PENDING"), per_gpu + " remap pending"),
-                    Q(dc("DCGM_FI_DEV_ROW_REMAP_FAILURE"), per_gpu + " remap failed"),
-                ],
-                8,
-            )
+        .series(
+            "Framebuffer used (dcgm-exporter)",
+            [Q(dc("DCGM_FI_DEV_FB_USED"), per_gpu)],
+            12,
+            unit="decmbytes",
+            description="dcgm-exporter only (MiB).",
         )
-        .with_panel(
-            series_panel(
-                L,
-                "Utilization (dcgm-exporter)",
-                [Q(dc("DCGM_FI_DEV_GPU_UTIL"), per_gpu)],
-                12,
-                unit="percent",
-                description="dcgm-exporter only: NVML metrics carry no utilization.",
-            )
-        )
-        .with_panel(
-            series_panel(
-                L,
-                "Framebuffer used (dcgm-exporter)",
-                [Q(dc("DCGM_FI_DEV_FB_USED"), per_gpu)],
-                12,
-                unit="decmbytes",
-                description="dcgm-exporter only (MiB).",
-            )
-        )
+        .dashboard
     )
 
 

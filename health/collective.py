@@ -52,6 +52,19 @@ class ProbeResult(BaseModel):
     slow_links: list[SlowLink] = Field(default_factory=list)
     error: str = ""
 
+    @classmethod
+    def configured(cls, cfg: HealthConfig, world_size: int, backend: str, **fields: Any) -> ProbeResult:
+        """A result not (yet) completed, carrying the probe settings of `cfg`: size, iterations, threshold."""
+        return cls(
+            completed=False,
+            world_size=world_size,
+            backend=backend,
+            nbytes=cfg.collective_nbytes,
+            iters=cfg.collective_iters,
+            min_busbw_gbps=cfg.collective_min_busbw_gbps,
+            **fields,
+        )
+
 
 # ---- pure parts -------------------------------------------------------------------------------
 
@@ -150,14 +163,7 @@ def probe_collective(cfg: HealthConfig, *, node: str = "", store: Any = None, de
 
     rank, n = dist.get_rank(), dist.get_world_size()
     backend = str(dist.get_backend())
-    result = ProbeResult(
-        completed=False,
-        world_size=n,
-        backend=backend,
-        nbytes=cfg.collective_nbytes,
-        iters=cfg.collective_iters,
-        min_busbw_gbps=cfg.collective_min_busbw_gbps,
-    )
+    result = ProbeResult.configured(cfg, n, backend)
     progress = 0
 
     def mark() -> None:

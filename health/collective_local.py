@@ -110,15 +110,8 @@ def combine(
                 )
             )
     errors = [res.error for res in results.values() if res.error]
-    return ProbeResult(
-        completed=False,
-        world_size=world_size,
-        backend=backend,
-        nbytes=cfg.collective_nbytes,
-        iters=cfg.collective_iters,
-        min_busbw_gbps=cfg.collective_min_busbw_gbps,
-        culprits=culprits,
-        error=errors[0] if errors else "probe did not complete",
+    return ProbeResult.configured(
+        cfg, world_size, backend, culprits=culprits, error=errors[0] if errors else "probe did not complete"
     )
 
 

@@ -15,6 +15,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from trainer.checkpoint.interval import daly_interval, young_interval
 from trainer.flops import flops_per_token, layer_params, padded_vocab, parameter_count
@@ -126,29 +127,9 @@ def memory_per_stage(
     return stages
 
 
-def memory_per_gpu(
-    arch: Architecture,
-    layout: Layout,
-    *,
-    seq_len: int,
-    micro_batch: int,
-    grad_accum: int,
-    state: StateBytes = StateBytes(),
-    act_bytes_factor: float = 34.0,
-) -> MemoryEstimate:
-    """The busiest pipeline stage of `memory_per_stage`."""
-    return max(
-        memory_per_stage(
-            arch,
-            layout,
-            seq_len=seq_len,
-            micro_batch=micro_batch,
-            grad_accum=grad_accum,
-            state=state,
-            act_bytes_factor=act_bytes_factor,
-        ),
-        key=lambda m: m.total,
-    )
+def memory_per_gpu(arch: Architecture, layout: Layout, **workload: Any) -> MemoryEstimate:
+    """The busiest pipeline stage of `memory_per_stage`, which takes the same keyword arguments."""
+    return max(memory_per_stage(arch, layout, **workload), key=lambda m: m.total)
 
 
 # -- time and checkpoint intervals --------------------------------------------------------------
