@@ -23,6 +23,7 @@ cancelled once the measurement is in. Prints a table with p50/p95 and the issue'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -249,9 +250,16 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--faults", nargs="+", default=FAULTS, choices=FAULTS)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--keep", type=Path, default=None, help="keep each trial's run directory under this folder")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="node-loss-") as tmp:
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    with (
+        contextlib.nullcontext(tempfile.mkdtemp(prefix="node-loss-", dir=args.keep))
+        if args.keep
+        else tempfile.TemporaryDirectory(prefix="node-loss-") as tmp
+    ):
         cluster = Cluster(Path(tmp) / "cluster")
         cluster.start()
         try:

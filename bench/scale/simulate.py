@@ -32,7 +32,7 @@ from resilient.supervisor.config import SupervisorConfig
 from resilient.supervisor.coordination import CoordinationLost, Coordinator, Gate
 from resilient.supervisor.decisions import AttemptContext, AttemptDecision
 from resilient.supervisor.election import Join
-from resilient.supervisor.leases import renew_every
+from resilient.supervisor.leases import read_every
 from resilient.supervisor.liveness import Liveness
 from resilient.supervisor.reports import NodeOutcome, NodeReport, StopKind
 from resilient.supervisor.roster import Role, Roster
@@ -255,7 +255,7 @@ class SimNode(threading.Thread):
             raise CoordinationLost(f"coordinator slot {self.roster.coordinator} lost: {self.liveness.failed}")
         if not self.coord.hosting or now < self._next_lease_check:
             return
-        self._next_lease_check = now + renew_every(self.cfg.node_lease_s)
+        self._next_lease_check = now + read_every(self.cfg.node_lease_s)
         members = [s for s in self.roster.members if s != self.slot]
         found = election.judge_leases(
             self.roster, self.slot, self.slots, self.liveness.lost(members, now), {}, self._lost

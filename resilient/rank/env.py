@@ -27,6 +27,9 @@ EXPOSURE_S = "RESILIENT_EXPOSURE_S"
 ALLOW_SHARED_DIR = "RESILIENT_ALLOW_SHARED_DIR"
 ASSIGNED_AT = "RESILIENT_ASSIGNED_AT"
 """Set by a parked spare (resilient.rank.park) when it takes a rank: Unix time the rank began."""
+PARK_READY_FD = "RESILIENT_PARK_READY_FD"
+"""A parked spare's inherited pipe: it writes one byte there once its imports are done (the supervisor
+then counts it warm) and closes it."""
 
 
 def assigned_at(env: Mapping[str, str] = os.environ) -> float | None:

@@ -32,7 +32,7 @@ from typing import Any
 
 from resilient.core import beneath, sched
 from resilient.core.exit_codes import ExitCode
-from resilient.rank.env import ASSIGNED_AT
+from resilient.rank.env import ASSIGNED_AT, PARK_READY_FD
 from resilient.rank.orphan import die_with_parent
 
 IMPORT_FAILED = "resilient park: warm import"
@@ -113,6 +113,7 @@ def main() -> int:
     for line in warm(args.modules):
         print(line, file=sys.stderr, flush=True)
     print(f"resilient park: pid {os.getpid()} warm after {time.monotonic() - t0:.2f}s", file=sys.stderr, flush=True)
+    _say_ready()
     reader.join()
     if not received or not received[0].strip():
         return 0
@@ -120,6 +121,23 @@ def main() -> int:
         sys.path.pop(0)
     run_assignment(json.loads(received[0]))
     return 0
+
+
+def _say_ready() -> None:
+    """Tell the supervisor the imports are done (one byte on the pipe it passed); a supervisor that took
+    this spare before that closed its end: nothing to tell then."""
+    fd = os.environ.pop(PARK_READY_FD, None)
+    if fd is None or not fd.isdigit():
+        return
+    try:
+        os.write(int(fd), b"1")
+    except OSError:
+        pass
+    finally:
+        try:
+            os.close(int(fd))
+        except OSError:
+            pass
 
 
 def _receive(out: list[bytes], idle: bool) -> None:

@@ -66,6 +66,11 @@ class SupervisorConfig(Section):
     no process group yet) that takes the rank of the next attempt instead of a cold start; replenished
     once the new ranks step; costs their resident memory (status.json, resilient_spares_rss_bytes).
     Python rank commands only (`{python} -m MODULE ...` or `{python} SCRIPT ...`)."""
+    spares_per_rank: int = Field(2, ge=1, le=4)
+    """Parked processes per local rank (with `warm_spares`). Two: a failure seconds after a restart, while
+    the spares taken by it are still being replaced (their imports take ~15 s at idle priority next to
+    busy ranks on few cores), finds the second one warm. Each costs its resident memory (~0.4 GB with
+    torch and megatron-core imported, no CUDA context)."""
     warm_imports: list[str] = Field(default_factory=list)
     """Modules a spare imports besides the defaults (own trainer: torch, megatron.core, its modules;
     another script: its top-level imports)."""

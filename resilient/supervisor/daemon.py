@@ -67,7 +67,7 @@ from resilient.supervisor.failover import NoMajority
 from resilient.supervisor.failures import Failure, FailureKind
 from resilient.supervisor.goodput_refresh import GoodputRefresh
 from resilient.supervisor.health_watch import HealthWatch
-from resilient.supervisor.leases import renew_every
+from resilient.supervisor.leases import read_every
 from resilient.supervisor.liveness import Liveness
 from resilient.supervisor.ranks import RankProcess, free_port, spawn, stop_all
 from resilient.supervisor.reports import NodeOutcome, NodeReport, RankExit, StopKind, StopRequest
@@ -422,11 +422,12 @@ class Supervisor:
         port = self._wait_for(lambda: self.coord.master_port(self.attempt), self.scfg.store_timeout_s)
         if port is None:
             raise CoordinationLost(f"no process-group port for attempt {self.attempt}")
-        self.ranks, views, warm = [], [], 0
+        self.ranks, views, warm, parked = [], [], 0, 0
         for spec in self._rank_specs(port, self.attempt, self.node, self.calibration.history()):
-            proc = self.spares.take(spec, argv) if self.spares is not None else None
-            warm += proc is not None
-            proc = proc or spawn(spec, argv)
+            taken = self.spares.take(spec, argv) if self.spares is not None else None
+            warm += taken is not None and taken.warm
+            parked += taken is not None
+            proc = taken.proc if taken is not None else spawn(spec, argv)
             self.ranks.append(proc)
             views.append(RankView(spec.rank, spec.local_rank, proc.pid, last_progress=proc.spawned_at))
         self.tracker.track(views)
@@ -439,6 +440,7 @@ class Supervisor:
             slot=self.slot,
             host=self.topo.node_name,
             warm_ranks=warm,
+            spare_ranks=parked,
             pids=[r.pid for r in self.ranks],
         )
         if self._idle_refill and self.spares is not None:  # spares import at SCHED_IDLE: refilled at once,
@@ -454,7 +456,7 @@ class Supervisor:
         refill = "refilled at once at idle priority" if self._idle_refill else "refilled once the ranks step"
         print(f"resilient: slot {self.slot}: warm spares: {reason}; {refill}", file=sys.stderr)
         if cmd is not None:
-            self.spares = spares.Spares(cmd, self.run_dir, self.slot)
+            self.spares = spares.Spares(cmd, self.run_dir, self.slot, self.scfg.spares_per_rank)
             self._refill_spares()
 
     def _refill_spares(self) -> None:
@@ -688,7 +690,7 @@ class Supervisor:
             raise CoordinationLost(f"coordinator slot {self.roster.coordinator} lost: {self.liveness.failed}")
         if self.coord is None or not self.coord.hosting or self.liveness is None or now < self._next_lease_check:
             return
-        self._next_lease_check = now + renew_every(self.scfg.node_lease_s)
+        self._next_lease_check = now + read_every(self.scfg.node_lease_s)
         members = [s for s in self.roster.members if s != self.slot]
         unfit = {
             s: str(v["unhealthy"]) for s in self.roster.spares if (v := self.liveness.value_of(s)).get("unhealthy")

@@ -1,8 +1,8 @@
 """Node liveness as leases, judged on the reader's clock.
 
 Every supervisor renews one sealed key (`lease/<slot>`) with an increasing sequence number every
-`renew_every(lease_s)`; the coordinator reads them all in one round trip and notes, on its own
-monotonic clock, when each sequence number last changed. A slot whose number has not changed for
+`renew_every(lease_s)`; the coordinator reads them all in one round trip every `read_every(lease_s)`
+and notes, on its own monotonic clock, when each sequence number last changed. A slot whose number has not changed for
 `lease_s` is lost, whatever its ranks are doing (frozen host, kernel hang, cut link, dead supervisor).
 No clocks are compared across hosts. A slot never heard from gets `join_s` (supervisors start at
 different times) before it counts as lost. Pure: the caller passes the time in.
@@ -18,6 +18,12 @@ from typing import Any
 def renew_every(lease_s: float) -> float:
     """Renewal period: four renewals per lease, so one late or lost renewal never expires a live node."""
     return lease_s / 4
+
+
+def read_every(lease_s: float) -> float:
+    """How often the coordinator reads every lease and judges them: twice per renewal, so a renewal is seen
+    at most this late and an expiry is noticed at most this late (detection <= lease_s + 2 x this)."""
+    return lease_s / 8
 
 
 def lease_expired(last_change: float, now: float, lease_s: float) -> tuple[bool, str]:

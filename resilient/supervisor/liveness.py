@@ -1,6 +1,6 @@
 """This supervisor's lease, renewed on a thread and a store connection of its own (the main loop may be
 busy stopping ranks for seconds; a lease must not expire for that). On the coordinator the same thread
-reads every slot's lease into the LeaseTable (leases.py) in one round trip per renewal.
+reads every slot's lease into the LeaseTable (leases.py) in one round trip, twice per renewal.
 
 A renewal the store does not answer within `node_lease_s` means the coordinator is lost: the thread
 records why and stops; the main loop turns that into CoordinationLost (and an election).
@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from resilient.core.kvstore import StoreRefused
-from resilient.supervisor.leases import LeaseTable, renew_every
+from resilient.supervisor.leases import LeaseTable, read_every, renew_every
 from resilient.supervisor.store import SealedStore
 
 
@@ -62,15 +62,21 @@ class Liveness:
             pass
 
     def _run(self) -> None:
-        while not self._stop.wait(renew_every(self.lease_s)):
-            self._renew()
+        period = read_every(self.lease_s) if self._read_all else renew_every(self.lease_s)
+        per_renewal = round(renew_every(self.lease_s) / period)
+        tick = 0
+        while not self._stop.wait(period):
+            tick += 1
+            self._renew(write=tick % per_renewal == 0)
             if self.failed is not None:
                 return
 
-    def _renew(self) -> None:
-        self._seq += 1
+    def _renew(self, write: bool = True) -> None:
+        """Renew this slot's lease (`write`) and, on the coordinator, read every lease."""
         try:
-            self.store.set(lease_key(self.slot), {"seq": self._seq, "pid": os.getpid(), **self._value()})
+            if write:
+                self._seq += 1
+                self.store.set(lease_key(self.slot), {"seq": self._seq, "pid": os.getpid(), **self._value()})
             if self._read_all:
                 slots = list(range(self.slots))
                 values = self.store.get_many([lease_key(s) for s in slots])

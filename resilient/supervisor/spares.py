@@ -1,10 +1,11 @@
-"""Warm standby ranks: one parked process per local rank (resilient.rank.park), kept ahead of need.
+"""Warm standby ranks: parked processes per local rank (resilient.rank.park), kept ahead of need.
 
-A new attempt hands each local rank to its spare (an assignment on the spare's stdin) instead of
-paying for interpreter start and imports; spares are replenished once the new attempt's ranks are
-stepping (so the imports do not compete with their start-up for the cores), and their resident
-memory is reported. Only Python rank commands (`PYTHON -m MODULE ...`, `PYTHON SCRIPT ...` with
-the supervisor's own interpreter) can be parked; any other command is spawned cold.
+A new attempt hands each local rank to one of its spares (an assignment on the spare's stdin) instead of
+paying for interpreter start and imports, a warm one (imports done, said on a pipe) first; spares are
+replenished at idle priority the moment they are taken (or, where that priority cannot be left again,
+once the new ranks step), and their resident memory is reported. Only Python rank commands
+(`PYTHON -m MODULE ...`, `PYTHON SCRIPT ...` with the supervisor's own interpreter) can be parked;
+any other command is spawned cold.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -23,7 +25,7 @@ from pathlib import Path
 from resilient.core import sched
 from resilient.core.errors import StorageFault
 from resilient.core.rundir import RunDir
-from resilient.rank.env import RankEnv
+from resilient.rank.env import PARK_READY_FD, RankEnv
 from resilient.supervisor.ranks import RankProcess, log_path, open_log, rank_environ
 
 OWN_TRAINER_IMPORTS = (
@@ -141,56 +143,99 @@ class Spare:
     local_rank: int
     proc: subprocess.Popen
     spawned_at: float
+    ready_fd: int
+    """Read end of the pipe on which the spare says its imports are done."""
+    warm: bool = False
+
+    def is_warm(self) -> bool:
+        """Whether its imports are done (it said so on its pipe); a spare still importing is not."""
+        if not self.warm and select.select([self.ready_fd], [], [], 0)[0]:
+            try:
+                self.warm = os.read(self.ready_fd, 1) == b"1"
+            except OSError:
+                pass
+        return self.warm
+
+    def close(self) -> None:
+        try:
+            os.close(self.ready_fd)
+        except OSError:
+            pass
+
+
+@dataclass
+class Taken:
+    """A rank handed to a spare, and whether the spare had finished its imports (warm) when it took it."""
+
+    proc: RankProcess
+    warm: bool
 
 
 class Spares:
-    """This node's parked processes, one per local rank."""
+    """This node's parked processes, `depth` per local rank: a failure seconds after a restart, while the
+    refill still imports, finds the other one warm."""
 
-    def __init__(self, cmd: list[str], run_dir: Path, node: int) -> None:
-        self.cmd, self.run_dir, self.node = cmd, run_dir, node
-        self.parked: dict[int, Spare] = {}
-        """Ranks handed to spares so far (for tests and status)."""
+    def __init__(self, cmd: list[str], run_dir: Path, node: int, depth: int = 1) -> None:
+        self.cmd, self.run_dir, self.node, self.depth = cmd, run_dir, node, depth
+        self.parked: dict[int, list[Spare]] = {}
+        """Each local rank's spares, oldest first."""
 
     def fill(self, specs: list[RankEnv]) -> int:
-        """Start a spare for every local rank in `specs` that has none; call from the main thread
+        """Start spares until every local rank in `specs` has `depth`; call from the main thread
         (PR_SET_PDEATHSIG follows the forking thread). Returns how many were started."""
         self._reap()
         log = RunDir(self.run_dir).logs / f"spares.node{self.node}.log"
         started = 0
         for spec in specs:
-            if spec.local_rank in self.parked:
-                continue
-            try:
-                fd = open_log(self.run_dir, log)
-            except StorageFault as err:
-                print(f"resilient: node {self.node}: no spare: {err}", file=sys.stderr)
-                return started
-            try:
-                proc = subprocess.Popen(
-                    self.cmd,
-                    env=rank_environ(spec, self.cmd),
-                    stdin=subprocess.PIPE,
-                    stdout=fd,
-                    stderr=subprocess.STDOUT,
-                    process_group=0,
-                    close_fds=True,
-                )
-            except OSError as err:
-                print(f"resilient: node {self.node}: cannot start a spare: {err}", file=sys.stderr)
-                return started
-            finally:
-                os.close(fd)
-            self.parked[spec.local_rank] = Spare(spec.local_rank, proc, time.monotonic())
-            started += 1
+            pool = self.parked.setdefault(spec.local_rank, [])
+            while len(pool) < self.depth:
+                spare = self._start(spec, log)
+                if spare is None:
+                    return started
+                pool.append(spare)
+                started += 1
         return started
 
-    def take(self, spec: RankEnv, argv: list[str]) -> RankProcess | None:
-        """Hand rank `spec` to its spare; None when there is none (or it died): spawn cold then."""
-        spare = self.parked.pop(spec.local_rank, None)
-        if spare is None or spare.proc.poll() is not None:
-            if spare is not None:
-                _kill(spare.proc)
+    def _start(self, spec: RankEnv, log: Path) -> Spare | None:
+        try:
+            fd = open_log(self.run_dir, log)
+        except StorageFault as err:
+            print(f"resilient: node {self.node}: no spare: {err}", file=sys.stderr)
             return None
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            proc = subprocess.Popen(
+                self.cmd,
+                env={**rank_environ(spec, self.cmd), PARK_READY_FD: str(ready_w)},
+                stdin=subprocess.PIPE,
+                stdout=fd,
+                stderr=subprocess.STDOUT,
+                process_group=0,
+                close_fds=True,
+                pass_fds=(ready_w,),
+            )
+        except OSError as err:
+            print(f"resilient: node {self.node}: cannot start a spare: {err}", file=sys.stderr)
+            os.close(ready_r)
+            return None
+        finally:
+            os.close(fd)
+            os.close(ready_w)
+        return Spare(spec.local_rank, proc, time.monotonic(), ready_r)
+
+    def take(self, spec: RankEnv, argv: list[str]) -> Taken | None:
+        """Hand rank `spec` to one of its spares (a warm one first, the oldest first); None when there is
+        none left alive: spawn cold then."""
+        pool = self.parked.get(spec.local_rank, [])
+        for spare in [s for s in pool if s.proc.poll() is not None]:
+            pool.remove(spare)
+            _discard(spare)
+        if not pool:
+            return None
+        spare = next((s for s in pool if s.is_warm()), pool[0])
+        pool.remove(spare)
+        warm = spare.is_warm()
+        spare.close()
         assert spec.run_dir is not None
         log = log_path(spec)
         # created here, a regular file: the spare appends to it without following links
@@ -204,30 +249,42 @@ class Spares:
             _kill(spare.proc)
             return None
         spare.proc.stdin = None
-        return RankProcess(spec, spare.proc, os.pidfd_open(spare.proc.pid), time.monotonic())
+        return Taken(RankProcess(spec, spare.proc, os.pidfd_open(spare.proc.pid), time.monotonic()), warm)
+
+    def all(self) -> list[Spare]:
+        return [s for pool in self.parked.values() for s in pool]
 
     def rss_bytes(self) -> int:
-        return sum(rss_bytes(s.proc.pid) for s in self.parked.values())
+        return sum(rss_bytes(s.proc.pid) for s in self.all())
+
+    def warm_count(self) -> int:
+        """Spares whose imports are done."""
+        return sum(s.is_warm() for s in self.all())
 
     def __len__(self) -> int:
-        return len(self.parked)
+        return len(self.all())
 
     def _reap(self) -> None:
-        for local, spare in list(self.parked.items()):
-            if spare.proc.poll() is not None:
+        for local, pool in self.parked.items():
+            for spare in [s for s in pool if s.proc.poll() is not None]:
                 print(
                     f"resilient: node {self.node}: spare for local rank {local} exited "
                     f"{spare.proc.returncode}; starting another",
                     file=sys.stderr,
                 )
-                _kill(spare.proc)
-                del self.parked[local]
+                pool.remove(spare)
+                _discard(spare)
 
     def close(self) -> None:
         """Kill every spare (and whatever it started) and reap it."""
-        for spare in self.parked.values():
-            _kill(spare.proc)
+        for spare in self.all():
+            _discard(spare)
         self.parked.clear()
+
+
+def _discard(spare: Spare) -> None:
+    _kill(spare.proc)
+    spare.close()
 
 
 def _kill(proc: subprocess.Popen) -> None:

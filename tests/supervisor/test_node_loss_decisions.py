@@ -16,7 +16,7 @@ from resilient.supervisor import roster as rosters
 from resilient.supervisor.auth import Sealer
 from resilient.supervisor.decisions import AttemptContext, NodeFaultKind, decide_attempt
 from resilient.supervisor.election import Join
-from resilient.supervisor.leases import LeaseTable, lease_expired, renew_every
+from resilient.supervisor.leases import LeaseTable, lease_expired, read_every, renew_every
 from resilient.supervisor.reports import NodeOutcome, NodeReport, StopKind, StopRequest
 from resilient.supervisor.topology import Topology
 
@@ -51,6 +51,27 @@ def test_lease_boundary_and_renewal_period():
     assert lease_expired(10.0, 14.0, 4.0)[0] is False
     assert lease_expired(10.0, 14.01, 4.0)[0] is True
     assert renew_every(4.0) == 1.0  # four renewals per lease: one late renewal never expires a live node
+    assert read_every(4.0) == 0.5  # the coordinator reads and judges every lease twice per renewal
+
+
+@pytest.mark.parametrize("phase", [0.0, 0.13, 0.37, 0.5, 0.71, 0.99])
+def test_a_silent_slot_is_noticed_within_the_lease_plus_two_reads(phase):
+    """The coordinator's cadence (read every lease, judge) against a slot that renews every second and goes
+    silent at t=10 + `phase`: noticed no earlier than the lease after its last renewal, and no later than
+    the lease plus two read periods after it went silent (the bench's detection goal is <= 5 s at 4 s)."""
+    lease, read = 4.0, read_every(4.0)
+    silent_at = 10.0 + phase
+    renewals = [r * renew_every(lease) + 0.3 for r in range(20)]  # an offset of its own
+    table = LeaseTable([1], lease_s=lease, join_s=30.0, now=0.0)
+    t, noticed = 0.0, None
+    while noticed is None and t < 30:
+        t += read
+        seq = len([r for r in renewals if r <= min(t, silent_at)])
+        table.observe(1, {"seq": seq}, t)
+        if table.lost([1], t):
+            noticed = t
+    last_renewal = max(r for r in renewals if r <= silent_at)
+    assert noticed is not None and last_renewal + lease < noticed <= silent_at + lease + 2 * read
 
 
 # -- election --------------------------------------------------------------------------------------
