@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from resilient.core.exit_codes import ExitCode
 from resilient.supervisor.ranks import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,19 +36,23 @@ def rank_env(rank: int, world: int, port: int, run_dir: Path, extra: dict | None
     return env
 
 
+def _trainer_argv(config: Path, world: int, overrides: list[str]) -> list[str]:
+    sets = [a for o in [f"supervisor.nproc_per_node={world}", *overrides] for a in ("--set", o)]
+    return [sys.executable, "-m", "trainer", "--config", str(config), *sets]
+
+
 def spawn_ranks(
     run_dir: Path, overrides: list[str], *, world: int = 2, config: Path = TINY, extra_env: dict | None = None
 ) -> list[subprocess.Popen]:
     """Start `world` ranks on this machine, logs in run_dir/rank{R}.log."""
     run_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    sets = [a for o in [f"supervisor.nproc_per_node={world}", *overrides] for a in ("--set", o)]
     procs = []
     for rank in range(world):
         log = open(run_dir / f"rank{rank}.log", "ab")
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "trainer", "--config", str(config), *sets],
+                _trainer_argv(config, world, overrides),
                 cwd=REPO,
                 env=rank_env(rank, world, port, run_dir, extra_env),
                 stdout=log,
@@ -74,15 +79,34 @@ def run_ranks(run_dir: Path, overrides: list[str], *, world: int = 2, timeout: f
     return wait_all(spawn_ranks(run_dir, overrides, world=world, **kw), timeout)
 
 
-def resilient_cli(*args: str, timeout: float = 120, python: str = sys.executable) -> subprocess.CompletedProcess:
-    """`resilient ARGS` with `python` (another megatron-core line's interpreter, when given)."""
+def refusal_line(run_dir: Path, overrides: list[str], *, world: int) -> str:
+    """Rank 0 of `world` on TINY with `overrides`, a config it must refuse: it exits CONFIG_ERROR (64) with
+    exactly one line on stderr, which is returned."""
+    proc = subprocess.run(
+        _trainer_argv(TINY, world, overrides),
+        cwd=REPO,
+        env=rank_env(0, world, 29999, run_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == ExitCode.CONFIG_ERROR == 64, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def resilient_cli(
+    *args: str, timeout: float = 120, python: str = sys.executable, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`resilient ARGS` with `python` (another megatron-core line's interpreter, when given), `env` added to ours."""
     return subprocess.run(
         [python, "-m", "resilient.cli", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
     )
 
 

@@ -29,14 +29,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from tests.data.consumer import open_loader, resume_at  # noqa: E402
 from trainer.data.config import DataConfig  # noqa: E402
-from trainer.data.loader import build_train_loader  # noqa: E402
 from trainer.data.prepare import prepare_if_needed  # noqa: E402
 from trainer.data.tokenizer import load_tokenizer  # noqa: E402
 
 SAMPLE = REPO / "examples/data/c4-sample"
 TOKENIZER = REPO / "examples/tokenizer.json"
 SEQ_LEN, GLOBAL_BATCH, MICRO_BATCH = 2048, 32, 4
+SHAPE = {"seq_len": SEQ_LEN, "global_batch": GLOBAL_BATCH, "micro_batch": MICRO_BATCH, "seed": 1}  # one DP rank
 FAR = 10**7
 
 
@@ -72,16 +73,7 @@ def bench_ours(cfg: DataConfig, run_dir: Path, workers: int) -> dict:
     started = time.perf_counter()
     manifest = json.loads(prepare_if_needed(cfg, run_dir, workers=workers).read_text())
     prepared = time.perf_counter()
-    loader = build_train_loader(
-        cfg,
-        run_dir=run_dir,
-        seq_len=SEQ_LEN,
-        global_batch=GLOBAL_BATCH,
-        micro_batch=MICRO_BATCH,
-        dp_rank=0,
-        dp_size=1,
-        seed=1,
-    )
+    loader = open_loader(cfg, run_dir, **SHAPE)
     windows = 0
     for _ in range(len(loader.dataset) // GLOBAL_BATCH):
         windows += sum(mb.shape[0] for mb in loader.next_step())
@@ -141,18 +133,7 @@ def bench_resume(cfg: DataConfig, run_dir: Path, repeats: int) -> dict:
 
     def once(position: int) -> float:
         started = time.perf_counter()
-        loader = build_train_loader(
-            cfg,
-            run_dir=run_dir,
-            seq_len=SEQ_LEN,
-            global_batch=GLOBAL_BATCH,
-            micro_batch=MICRO_BATCH,
-            dp_rank=0,
-            dp_size=1,
-            seed=1,
-        )
-        loader.load_state_dict({**loader.state_dict(), "consumed_samples": position})
-        loader.next_step()
+        loader, _ = resume_at(position, cfg, run_dir, **SHAPE)
         elapsed = time.perf_counter() - started
         loader.close()
         return elapsed

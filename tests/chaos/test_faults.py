@@ -20,7 +20,7 @@ from tests.chaos.drills import COMMON, CONFIG, drill, why_failed
 from tests.mcore import current_python
 from tests.ranks import digest
 from tests.supervisor.harness import events as ledger_events
-from tests.supervisor.harness import ranks_of, start, wait_until
+from tests.supervisor.harness import ranks_of, start, start_nodes, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -93,28 +93,7 @@ def test_two_nodes_restart_together_and_end_on_the_same_bits(tmp_path, reference
     # restarts both nodes, and the run ends on the single-node reference bits (same world size).
     port, run_dir = free_port(), tmp_path / "run"
     sets = [a for s in [*COMMON, "nodes=2", "supervisor.nproc_per_node=1"] for a in ("--set", s)]
-    nodes = [
-        start(
-            [
-                "supervise",
-                str(CONFIG),
-                "--run-dir",
-                str(run_dir),
-                "--node-rank",
-                str(n),
-                "--nnodes",
-                "2",
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                str(port),
-                *sets,
-            ],
-            env={"RESILIENT_NODE_NAME": f"node{n}", "RESILIENT_JOB_INSTANCE": str(port)},
-            log=tmp_path / f"node{n}.log",
-        )
-        for n in (0, 1)
-    ]
+    nodes = start_nodes(CONFIG, run_dir, port, tmp_path, name="node", args=sets)
     try:
         wait_until(lambda: len(ledger_events(run_dir, "ckpt_save")) >= 2, 300, "two checkpoints")
         ranks_of(nodes[1].pid)[1].send_signal(signal.SIGKILL)

@@ -2,6 +2,8 @@
 logs a hash of every sample, and "checkpoints" the loader state every K steps (atomically).
 
     python -m tests.data.consumer DATA_DIR RUN_DIR STATE LOG --steps N --ckpt-every K
+
+Its loader (`open_loader`, and `resume_at` a position) serves the resume-cost test and bench/loader too.
 """
 
 from __future__ import annotations
@@ -13,10 +15,25 @@ import os
 import time
 from pathlib import Path
 
-from tests.data.conftest import data_config
-from trainer.data.loader import build_train_loader
+from trainer.data.config import DataConfig
+from trainer.data.loader import TrainLoader, build_train_loader
 
 SEQ_LEN, GLOBAL_BATCH, MICRO_BATCH, SEED = 16, 8, 2, 7
+
+
+def open_loader(cfg: DataConfig, run_dir: Path, *, dp_rank: int = 0, dp_size: int = 1, **shape: int) -> TrainLoader:
+    """The training loader over data prepared in `run_dir`, in this consumer's shape (SEQ_LEN, GLOBAL_BATCH,
+    MICRO_BATCH, SEED) where `shape` (seq_len, global_batch, micro_batch, seed) does not say otherwise."""
+    shape = {"seq_len": SEQ_LEN, "global_batch": GLOBAL_BATCH, "micro_batch": MICRO_BATCH, "seed": SEED, **shape}
+    return build_train_loader(cfg, run_dir=run_dir, dp_rank=dp_rank, dp_size=dp_size, **shape)
+
+
+def resume_at(position: int, cfg: DataConfig, run_dir: Path, **shape: int) -> tuple[TrainLoader, list]:
+    """`open_loader(cfg, run_dir, **shape)` restored at global sample `position`, and its first step's
+    micro-batches: what a restart does before training on."""
+    loader = open_loader(cfg, run_dir, **shape)
+    loader.load_state_dict({**loader.state_dict(), "consumed_samples": position})
+    return loader, loader.next_step()
 
 
 def sample_hashes(batches) -> list[str]:
@@ -35,17 +52,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     args = p.parse_args()
 
-    cfg = data_config(args.data).model_copy(update={"num_workers": args.workers})
-    loader = build_train_loader(
-        cfg,
-        run_dir=args.run_dir,
-        seq_len=SEQ_LEN,
-        global_batch=GLOBAL_BATCH,
-        micro_batch=MICRO_BATCH,
-        dp_rank=0,
-        dp_size=1,
-        seed=SEED,
-    )
+    from tests.data.conftest import data_config  # here: importing the helpers above needs no pytest (bench/loader)
+
+    loader = open_loader(data_config(args.data).model_copy(update={"num_workers": args.workers}), args.run_dir)
     step = 0
     if args.state.exists():
         saved = json.loads(args.state.read_text())

@@ -8,26 +8,14 @@ import pstats
 
 import torch
 
-from trainer.data.loader import build_train_loader
+from tests.data.consumer import GLOBAL_BATCH, MICRO_BATCH, resume_at
 
-SEQ_LEN, GLOBAL_BATCH, MICRO_BATCH, SEED = 16, 8, 2, 3
+SEED = 3
 FAR = 10**7
 
 
 def _resume(cfg, run_dir, position: int):
-    loader = build_train_loader(
-        cfg,
-        run_dir=run_dir,
-        seq_len=SEQ_LEN,
-        global_batch=GLOBAL_BATCH,
-        micro_batch=MICRO_BATCH,
-        dp_rank=1,
-        dp_size=2,
-        seed=SEED,
-    )
-    state = {**loader.state_dict(), "consumed_samples": position}
-    loader.load_state_dict(state)
-    return loader, loader.next_step()
+    return resume_at(position, cfg, run_dir, dp_rank=1, dp_size=2, seed=SEED)
 
 
 def _calls(cfg, run_dir, position: int) -> int:

@@ -361,14 +361,7 @@ def test_status_spells_out_control_characters(tmp_path):
             }
         )
     )
-    p = subprocess.run(
-        [sys.executable, "-m", "resilient.cli", "status", str(run_dir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "400"},
-    )
+    p = resilient_cli("status", str(run_dir), env={"COLUMNS": "400"})
     assert p.returncode == 0, p.stderr
     assert "\x1b" not in p.stdout and "\x07" not in p.stdout
     assert "\\x1b[2J\\x1b]0;pwned\\x07 [bold]not markup[/bold]" in p.stdout

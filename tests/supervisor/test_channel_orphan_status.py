@@ -1,5 +1,6 @@
 """Heartbeat channel, parent-death arming and status.json with real sockets, processes and files."""
 
+import dataclasses
 import os
 import stat
 import subprocess
@@ -58,22 +59,27 @@ def test_client_is_null_when_unsupervised(monkeypatch):
 
 
 def test_rank_env_round_trips_through_the_environment(tmp_path):
-    env = RankEnv(
-        rank=9,
-        local_rank=1,
-        world_size=16,
-        local_world_size=8,
-        node_rank=1,
-        node_name="n1",
-        master_addr="10.0.0.1",
-        master_port=1234,
-        attempt=2,
-        run_dir=tmp_path,
-        heartbeat_socket=tmp_path / "s.hb",
-        supervisor_pid=77,
-        stop_signals=("SIGTERM", "SIGUSR2"),
-        history=FailureHistory(3, 1234.567890123),
-    )
+    unlike_default = {
+        "rank": 9,
+        "local_rank": 1,
+        "world_size": 16,
+        "local_world_size": 8,
+        "node_rank": 1,
+        "node_name": "n1",
+        "master_addr": "10.0.0.1",
+        "master_port": 1234,
+        "attempt": 2,
+        "run_dir": tmp_path,
+        "heartbeat_socket": tmp_path / "s.hb",
+        "supervisor_pid": 77,
+        "stop_signals": ("SIGTERM", "SIGUSR2"),
+        "history": FailureHistory(3, 1234.567890123),
+        "allow_shared_dir": True,
+    }
+    # every field, each away from its default: a field the environment drops cannot pass unnoticed
+    assert set(unlike_default) == {f.name for f in dataclasses.fields(RankEnv)}
+    env = RankEnv(**unlike_default)
+    assert all(getattr(env, name) != getattr(RankEnv(), name) for name in unlike_default)
     assert RankEnv.from_environ(env.to_environ()) == env
     plain = RankEnv.from_environ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})  # torchrun's variables only
     assert (plain.rank, plain.world_size, plain.local_world_size, plain.supervised) == (3, 4, 4, False)

@@ -16,7 +16,8 @@ from resilient.supervisor import incidents
 from resilient.supervisor.incidents_culprit import RankEvidence, find_culprit
 from resilient.supervisor.incidents_stacks import Frame, last_traceback_frame, parse_pyspy
 from resilient.supervisor.ranks import free_port
-from tests.supervisor.harness import REPO, events, ranks_of, start, wait_until, write_config
+from tests.ranks import resilient_cli
+from tests.supervisor.harness import REPO, events, ranks_of, start, start_nodes, wait_until, write_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -158,27 +159,7 @@ def test_sigstop_hang_records_an_incident_naming_the_stopped_rank_from_every_nod
     sup = {"max_restarts": 0, "step_timeout_floor_s": 1.5, "step_timeout_factor": 3.0, "step_timeout_min_samples": 3}
     cfg = write_config(tmp_path / "cfg.yaml", steps=5000, nodes=2, nproc=1, supervisor=sup, health=False)
     run_dir, port = tmp_path / "run", free_port()
-    nodes = [
-        start(
-            [
-                "supervise",
-                str(cfg),
-                "--run-dir",
-                str(run_dir),
-                "--node-rank",
-                str(n),
-                "--nnodes",
-                "2",
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                str(port),
-            ],
-            env={"RESILIENT_NODE_NAME": f"fake{n}", "FAKE_STEP_S": "0.05", "RESILIENT_JOB_INSTANCE": str(port)},
-            log=tmp_path / f"node{n}.log",
-        )
-        for n in (0, 1)
-    ]
+    nodes = start_nodes(cfg, run_dir, port, tmp_path, name="fake", env={"FAKE_STEP_S": "0.05"})
     try:
         wait_until(lambda: _rank_step(run_dir, 1) >= 3, 90, "rank 1 stepping")  # past init: the step timeout applies
         ranks_of(nodes[1].pid)[1].send_signal(signal.SIGSTOP)
@@ -195,13 +176,7 @@ def test_sigstop_hang_records_an_incident_naming_the_stopped_rank_from_every_nod
     assert {"rank0.txt", "rank1.txt", "node0.json", "node1.json", "summary.txt"} <= {
         p.name for p in (run_dir / failure["incident"]).iterdir()
     }
-    shown = subprocess.run(
-        [sys.executable, "-m", "resilient.cli", "status", str(run_dir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "COLUMNS": "200"},
-    )
+    shown = resilient_cli("status", str(run_dir), env={"COLUMNS": "200"})
     assert "incidents/0-hang" in shown.stdout and "culprit rank 1" in shown.stdout, shown.stdout
 
 

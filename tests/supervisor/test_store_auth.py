@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 
 import psutil
 import pytest
@@ -19,10 +18,11 @@ from resilient.core.exit_codes import ExitCode
 from resilient.core.kvstore import StoreClient, StoreLimits, StoreRefused, StoreUnavailable, host_store
 from resilient.core.secret import load_or_create
 from resilient.supervisor.auth import Forged, Sealer
-from tests.supervisor.harness import events, start, steps_done, wait_until, write_config
+from resilient.supervisor.ranks import free_port
+from tests.safety.conftest import ATTACKER_PY, NOBODY, as_nobody
+from tests.supervisor.harness import events, start, steps_done, supervise_args, wait_until, write_config
 
 pytestmark = pytest.mark.timeout(120)
-NOBODY = 65534
 
 # The attacker: an unprivileged local user (setpriv to uid 65534), the system interpreter, the standard library.
 ATTACK = r"""
@@ -87,12 +87,6 @@ print(json.dumps(out))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _progress(run_dir, step):
     return lambda: any(s["step"] >= step for s in steps_done(run_dir))
 
@@ -100,23 +94,10 @@ def _progress(run_dir, step):
 def test_an_unprivileged_client_can_neither_read_write_stop_restart_nor_flood_the_store(tmp_path):
     """Issues 14 and 23: what a local user who reaches the store port can do to a running supervisor: nothing."""
     cfg = write_config(tmp_path / "cfg.yaml", steps=300, nproc=2, health=False)
-    run_dir, port = tmp_path / "run", _free_port()
+    run_dir, port = tmp_path / "run", free_port()
     os.chmod(tmp_path, 0o755)  # the attacker may look around; the run dir itself is 0700
     proc = start(
-        [
-            "supervise",
-            str(cfg),
-            "--run-dir",
-            str(run_dir),
-            "--node-rank",
-            "0",
-            "--nnodes",
-            "1",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(port),
-        ],
+        supervise_args(cfg, run_dir, port),
         env={"FAKE_STEP_S": "0.05", "FAKE_CKPT_EVERY": "1"},
         log=tmp_path / "supervisor.log",
     )
@@ -125,22 +106,7 @@ def test_an_unprivileged_client_can_neither_read_write_stop_restart_nor_flood_th
         secret = run_dir / ".secret"
         assert secret.stat().st_mode & 0o777 == 0o600
         rss_before = psutil.Process(proc.pid).memory_info().rss
-        got = subprocess.run(
-            [
-                "setpriv",
-                f"--reuid={NOBODY}",
-                f"--regid={NOBODY}",
-                "--clear-groups",
-                "/usr/bin/python3",
-                "-c",
-                ATTACK,
-                str(run_dir),
-                str(port),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        got = as_nobody(ATTACKER_PY, "-c", ATTACK, str(run_dir), str(port), check=False, timeout=120)
         assert got.returncode == 0, got.stderr[-2000:]
         out = json.loads(got.stdout.strip().splitlines()[-1])
         assert out["uid"] == NOBODY and out["secret"] == "PermissionError"
@@ -262,7 +228,7 @@ def test_the_rank_rendezvous_store_admits_only_this_attempts_ranks(tmp_path):
     from resilient.rank.rendezvous import rendezvous_key, rendezvous_store
 
     load_or_create(tmp_path)
-    port = _free_port()
+    port = free_port()
     env = RankEnv(
         rank=0,
         world_size=2,
@@ -281,21 +247,7 @@ def test_the_rank_rendezvous_store_admits_only_this_attempts_ranks(tmp_path):
     stale = rendezvous_key(dataclasses.replace(env, attempt=2))  # a rank left over from the last attempt
     with pytest.raises(StoreUnavailable, match="bad proof"):
         StoreClient("127.0.0.1", port, stale, connect_timeout_s=0.5, op_timeout_s=0.5)
-    got = subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={NOBODY}",
-            f"--regid={NOBODY}",
-            "--clear-groups",
-            "/usr/bin/python3",
-            "-c",
-            RENDEZVOUS_ATTACK,
-            str(port),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    got = as_nobody(ATTACKER_PY, "-c", RENDEZVOUS_ATTACK, str(port), check=False, timeout=60)
     assert got.returncode == 0, got.stderr[-2000:]
     assert json.loads(got.stdout) == {"tcpstore_get": "", "tcpstore_set": ""}  # closed: nothing read or written
     assert rank1.get("rank0") == b"10.0.0.1:4242" and rank1.num_keys() == 2

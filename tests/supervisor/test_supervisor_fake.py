@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 
 import psutil
@@ -15,7 +14,17 @@ from resilient.core import ledger
 from resilient.core.exit_codes import ExitCode
 from resilient.slurm.config import SlurmConfig
 from resilient.slurm.policy import Action, decide_requeue, job_end_from_ledger
-from tests.supervisor.harness import events, ranks_of, start, steps_done, wait_until, write_config
+from resilient.supervisor.ranks import free_port
+from tests.supervisor.harness import (
+    events,
+    hang_step_timeout,
+    ranks_of,
+    start,
+    start_nodes,
+    steps_done,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,7 +52,7 @@ def test_rank_sigkill_restarts_and_finishes(tmp_path):
     assert proc.wait(90) == ExitCode.FINISHED
     [failure] = events(run_dir, "failure")
     assert failure["kind"] == "rank_exit" and failure["rank"] == 1 and "SIGKILL" in failure["reason"]
-    assert failure["latency_seconds"] < 1.0
+    assert failure["latency_seconds"] == 0  # decided in the poll that reaped the rank, not at a later one
     assert [e["attempt"] for e in events(run_dir, "restart")] == [1]
     assert [e["attempt"] for e in events(run_dir, "attempt_start")] == [0, 1]
     _assert_all_steps_done(run_dir, 30)
@@ -60,7 +69,9 @@ def test_sigstop_is_detected_as_a_hang_within_timeout(tmp_path):
     assert proc.wait(90) == ExitCode.FINISHED
     [failure] = events(run_dir, "failure")
     assert failure["kind"] == "hang" and failure["rank"] == 0 and "step timeout" in failure["reason"]
-    assert failure["ts"] - stopped_at < 1.5 + 2.0
+    # declared after the stop, under the step timeout calibrated from the steps seen (at least the floor),
+    # not the 20 s initial one
+    assert failure["ts"] > stopped_at and 1.5 <= hang_step_timeout(failure) < 20.0, failure
     _assert_all_steps_done(run_dir, 40)
 
 
@@ -102,10 +113,10 @@ def test_ranks_ignoring_the_stop_request_are_killed_after_the_grace(tmp_path):
     )
     wait_until(_progress(run_dir, 0, 2), 60, "attempt 0 at step 2")
     ranks = list(ranks_of(proc.pid).values())
-    signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == ExitCode.PREEMPTED
-    assert time.monotonic() - signalled < 2.0 + 5.0  # grace, then SIGKILL, reap and exit
+    # the supervisor itself ended the grace and killed the ranks (they never stop on their own)
+    assert "ranks did not stop within 2s of the stop request; killing them" in (tmp_path / "supervisor.log").read_text()
     assert psutil.wait_procs(ranks, timeout=1)[1] == []
 
 
@@ -137,36 +148,10 @@ def test_no_progress_loop_exit_code(tmp_path):
     assert gave_up["exit_code"] == ExitCode.NO_PROGRESS and "no progress" in gave_up["reason"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_supervisors_as_two_nodes_restart_together(tmp_path):
     cfg = write_config(tmp_path / "cfg.yaml", steps=30, nodes=2, nproc=1)
-    run_dir, port = tmp_path / "run", _free_port()
-    nodes = [
-        start(
-            [
-                "supervise",
-                str(cfg),
-                "--run-dir",
-                str(run_dir),
-                "--node-rank",
-                str(n),
-                "--nnodes",
-                "2",
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                str(port),
-            ],
-            env={"RESILIENT_NODE_NAME": f"fake{n}", "RESILIENT_JOB_INSTANCE": run_dir.name + str(port)},
-            log=tmp_path / f"node{n}.log",
-        )
-        for n in (0, 1)
-    ]
+    run_dir, port = tmp_path / "run", free_port()
+    nodes = start_nodes(cfg, run_dir, port, tmp_path, name="fake")
     wait_until(_progress(run_dir, 0, 5), 60, "attempt 0 at step 5")
     wait_until(lambda: 1 in ranks_of(nodes[1].pid), 10, "rank 1 under node 1")
     ranks_of(nodes[1].pid)[1].send_signal(signal.SIGKILL)

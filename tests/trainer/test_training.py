@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from resilient.core.errors import ConfigError
 from tests.conftest import REFERENCE
-from tests.ranks import REPO, TINY, digest, rank_env, run_ranks, train_losses
+from tests.ranks import TINY, digest, refusal_line, run_ranks, train_losses
 from trainer.config import load_trainer_config
 from trainer.data.prepare import check_inputs
 
@@ -70,24 +68,5 @@ def test_bad_input_is_refused_naming_the_key(tmp_path, overrides, needle):
 
 
 def test_bad_input_ends_the_rank_with_one_line_and_exit_64(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trainer",
-            "--config",
-            str(TINY),
-            "--set",
-            "supervisor.nproc_per_node=1",
-            "--set",
-            "data.path=/nonexistent/c4",
-        ],
-        cwd=REPO,
-        env=rank_env(0, 1, 29999, tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 64, proc.stderr
-    assert len(lines) == 1 and "/nonexistent/c4" in lines[0] and "config error" in lines[0], proc.stderr
+    line = refusal_line(tmp_path, ["data.path=/nonexistent/c4"], world=1)
+    assert "/nonexistent/c4" in line and "config error" in line, line
