@@ -78,6 +78,12 @@ def _memory(status: dict[str, Any]) -> str:
     return f" (memory {step})" if step is not None else ""
 
 
+def _warm_of(spares: dict[str, Any]) -> str:
+    """ ", 1 importing" where some of a node's spares have not finished their imports yet."""
+    count, warm = spares.get("count"), spares.get("warm")
+    return f", {count - warm} importing" if isinstance(count, int) and isinstance(warm, int) and warm < count else ""
+
+
 def _mapping(value: Any) -> dict[Any, Any]:
     return value if isinstance(value, dict) else {}
 
@@ -116,7 +122,8 @@ def _renderable(status: dict[str, Any], now: float, run_dir: str | Path, inciden
             _line(
                 "warm spares: "
                 + ", ".join(
-                    f"{n} {s.get('count')} ({(s.get('rss_bytes') or 0) / 2**30:.2f} GiB)" for n, s in spares.items()
+                    f"{n} {s.get('count')}{_warm_of(s)} ({(s.get('rss_bytes') or 0) / 2**30:.2f} GiB)"
+                    for n, s in spares.items()
                 )
             )
         )

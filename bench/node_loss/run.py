@@ -5,7 +5,8 @@ node): failure -> next completed step, p50/p95 over several trials per fault.
                                   [--out bench/results/node_loss.json]
 
 Every trial is a job of its own (`nodes: 2`, `slurm.spare_nodes: 1`, the tiny model, one rank per node, a
-memory snapshot every 2 steps replicated to the next node): it trains until a snapshot is replicated, then
+memory snapshot every 2 steps replicated to the next node, one intra-op thread per rank): it trains until a
+snapshot is replicated and every node's spares are warm, then
   rank         SIGKILL of rank 1, then again 3 s after the recovery completed a step ("rank" is the first
                recovery, "rank_3s" the second: a failure seconds after a restart);
   cold         the same first kill with `supervisor.warm_spares=false` (every rank a new interpreter);
@@ -66,7 +67,10 @@ GOALS = [
 
 class Cluster:
     def __init__(self, state: Path) -> None:
-        self.state, self.env = state, {**os.environ, "SLURM_CONF": str(state / "slurm.conf")}
+        # One intra-op thread per rank: the three nodes share this machine's cores, where each would have
+        # its own (the supervisor's default, cores / local ranks, counts every core as the node's).
+        self.state = state
+        self.env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf"), "OMP_NUM_THREADS": "1"}
 
     def start(self) -> None:
         env = {**self.env, "CLUSTER_NODES": "3", "CLUSTER_NETNS": "1"}
@@ -97,7 +101,7 @@ def write_config(tmp: Path, name: str, *, spares: int, warm: bool = True) -> tup
         "run_dir": str(run_dir),
         "nodes": 2,
         "model": {"preset": "tiny"},
-        "train": {"steps": 400, "global_batch": 4, "micro_batch": 2, "seq_len": 64, "warmup_steps": 2},
+        "train": {"steps": 5000, "global_batch": 4, "micro_batch": 2, "seq_len": 64, "warmup_steps": 2},
         "data": {
             "path": str(REPO / "examples/data/c4-sample"),
             "tokenizer": str(REPO / "examples/tokenizer.json"),
@@ -123,6 +127,15 @@ def write_config(tmp: Path, name: str, *, spares: int, warm: bool = True) -> tup
 
 def steps(run_dir: Path) -> list[dict]:
     return list(ledger.read_jsonl(run_dir / "train_log.jsonl"))
+
+
+def spares_warm(run_dir: Path) -> bool:
+    """Every node's parked spares finished their imports (status.json), as they have in a run hours old."""
+    try:
+        spares = json.loads((run_dir / "status.json").read_text()).get("spares") or {}
+    except (OSError, ValueError):
+        return False
+    return len(spares) == 3 and all(s and s["count"] and s["warm"] == s["count"] for s in spares.values())
 
 
 def first_step_after(run_dir: Path, t0: float) -> float | None:
@@ -182,6 +195,8 @@ def trial(cluster: Cluster, tmp: Path, fault: str, n: int) -> dict[str, Any]:
     out: dict[str, Any] = {"fault": fault, "trial": n}
     try:
         wait_until(lambda: [e for e in events(run_dir, "mem_snapshot") if e["step"] >= 2], 600, "a replicated snapshot")
+        if fault != "cold":
+            wait_until(lambda: spares_warm(run_dir), 600, "warm spares on every node")
         t0 = time.time()
         if fault in ("rank", "cold"):
             rank1(job).send_signal(signal.SIGKILL)

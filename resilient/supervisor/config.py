@@ -67,16 +67,18 @@ class SupervisorConfig(Section):
     once the new ranks step; costs their resident memory (status.json, resilient_spares_rss_bytes).
     Python rank commands only (`{python} -m MODULE ...` or `{python} SCRIPT ...`)."""
     spares_per_rank: int = Field(2, ge=1, le=4)
-    """Parked processes per local rank (with `warm_spares`). Two: a failure seconds after a restart, while
-    the spares taken by it are still being replaced (their imports take ~15 s at idle priority next to
-    busy ranks on few cores), finds the second one warm. Each costs its resident memory (~0.4 GB with
+    """Parked processes per local rank (with `warm_spares`). Two: a failure seconds after a restart finds
+    the second one warm while the one taken is not replaced yet (see `spare_refill_delay_s`; the imports
+    take 10-40 s at idle priority next to ranks that keep every core busy). Each costs its resident memory (~0.4 GB with
     torch and megatron-core imported, no CUDA context)."""
     warm_imports: list[str] = Field(default_factory=list)
     """Modules a spare imports besides the defaults (own trainer: torch, megatron.core, its modules;
     another script: its top-level imports)."""
     spare_refill_delay_s: float = Field(15.0, ge=0)
-    """Ranks that send no heartbeats: start the next spares this long after a new attempt's ranks were
-    spawned (ranks that send heartbeats: once every local rank reports a step)."""
+    """Replace the spares a restart took this long after it spawned the ranks, once every local rank
+    reports a step, while each local rank still has a spare (failures cluster after a restart: its first
+    steps run without the imports beside them); with none left, at once (at idle priority where it can be
+    left again). Ranks that send no heartbeats: this long after the spawn."""
     allow_shared_dir: bool = False
     """Use a run or checkpoint directory that another user owns or can write (refused by default: that
     user could plant checkpoints or configs)."""

@@ -443,8 +443,7 @@ class Supervisor:
             spare_ranks=parked,
             pids=[r.pid for r in self.ranks],
         )
-        if self._idle_refill and self.spares is not None:  # spares import at SCHED_IDLE: refilled at once,
-            self._refill_spares()  # they take no CPU from the ranks
+        self._maybe_refill_spares(time.monotonic())  # at once if a local rank has no spare left
 
     def _start_spares(self) -> None:
         """Park one process per local rank, if the rank command can be parked (else say why not)."""
@@ -453,7 +452,7 @@ class Supervisor:
         cmd, reason = spares.park_argv(
             self.scfg.rank_argv(self.config_path, self.run_dir), sys.executable, self.scfg.warm_imports
         )
-        refill = "refilled at once at idle priority" if self._idle_refill else "refilled once the ranks step"
+        refill = "importing at idle priority" if self._idle_refill else "refilled once the ranks step"
         print(f"resilient: slot {self.slot}: warm spares: {reason}; {refill}", file=sys.stderr)
         if cmd is not None:
             self.spares = spares.Spares(cmd, self.run_dir, self.slot, self.scfg.spares_per_rank)
@@ -473,7 +472,13 @@ class Supervisor:
             return
         views = [self.tracker.views[r.spec.rank] for r in self.ranks]
         phases = [v.phase if v.last_heartbeat is not None else None for v in views]
-        due, _ = spares.refill_due(phases, now - self._refill_at, self.scfg.spare_refill_delay_s)
+        due, _ = spares.refill_due(
+            phases,
+            now - self._refill_at,
+            self.scfg.spare_refill_delay_s,
+            idle=self._idle_refill,
+            spare_left=self.spares.left(len(self.ranks)),
+        )
         if due:
             self._refill_spares()
 
@@ -1098,7 +1103,7 @@ class Supervisor:
                 self.metrics.heartbeat_age(row["rank"], row["heartbeat_age_s"])
         spare = None
         if self.spares is not None:
-            spare = {"count": len(self.spares), "rss_bytes": self.spares.rss_bytes()}
+            spare = {"count": len(self.spares), "warm": self.spares.warm_count(), "rss_bytes": self.spares.rss_bytes()}
             self.metrics.on_spares(spare["count"], spare["rss_bytes"])
         role = self.roster.role(self.slot)
         self.coord.publish_status(

@@ -55,8 +55,8 @@ def node_status(
     role: str = "node",
     unhealthy: str | None = None,
 ) -> dict[str, Any]:
-    """What one slot publishes to the store; `spares`: {"count", "rss_bytes"} of its warm standby ranks;
-    `role`: node, spare or out; `unhealthy`: a spare's fatal verdict on itself."""
+    """What one slot publishes to the store; `spares`: {"count", "warm" (imports done), "rss_bytes"} of its
+    standby ranks; `role`: node, spare or out; `unhealthy`: a spare's fatal verdict on itself."""
     return {
         "node": node,
         "slot": topo.slot,

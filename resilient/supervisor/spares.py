@@ -100,11 +100,21 @@ def module_imports(name: str) -> list[str]:
     return script_imports(Path(spec.origin))
 
 
-def refill_due(phases: list[str | None], since_spawn_s: float, delay_s: float) -> tuple[bool, str]:
+def refill_due(
+    phases: list[str | None], since_spawn_s: float, delay_s: float, *, idle: bool, spare_left: bool
+) -> tuple[bool, str]:
     """Whether to start the next spares now. `phases`: each local rank's latest heartbeat phase (None: none
-    heard yet). Ranks that send heartbeats: once every one is stepping, so the spares' imports never compete
-    with the ranks' start-up; ranks that send none: `delay_s` after they were spawned."""
+    heard yet); `idle`: spares import at SCHED_IDLE; `spare_left`: every local rank still has a spare.
+
+    With none left and idle priority: at once (the next failure must not find the node empty-handed).
+    Otherwise the imports would compete with the new ranks: once every one is stepping (ranks that send no
+    heartbeats: `delay_s` after the spawn), and, while a spare is left, also `delay_s` after the spawn
+    (failures cluster after a restart, and the first steps then run at full speed)."""
+    if idle and not spare_left:
+        return True, "no spare left for a local rank: refilled at once, at idle priority"
     if phases and all(p in ("step", "checkpoint", "eval", "done") for p in phases):
+        if spare_left and since_spawn_s < delay_s:
+            return False, f"a spare is left: refilled {delay_s:g}s after the spawn"
         return True, "every local rank is stepping"
     if any(p is not None for p in phases):
         return False, "ranks still starting"
@@ -256,6 +266,10 @@ class Spares:
 
     def rss_bytes(self) -> int:
         return sum(rss_bytes(s.proc.pid) for s in self.all())
+
+    def left(self, local_ranks: int) -> bool:
+        """Whether every one of `local_ranks` local ranks still has a parked spare."""
+        return all(self.parked.get(local) for local in range(local_ranks))
 
     def warm_count(self) -> int:
         """Spares whose imports are done."""

@@ -5,8 +5,8 @@ run's weights (the session's two-node reference run: the same training), and the
 and in `resilient status`.
 
 Runs (each shared by the faults the issue allows in one job; a spare covers one node fault):
-  - warm: a rank killed three times, 3 s after each recovery (every recovery warm), then (a) a fatal
-    health verdict on node 1;
+  - warm: a rank killed three times, 3 s after each recovery (every recovery warm: three spares per rank,
+    each one's imports done), then (a) a fatal health verdict on node 1;
   - frozen: (b) every process of node 1 frozen, then node 1 thawed and, with no spare left, a fatal verdict
     on the spare that replaced it: the requeue path as before (without that node), nothing lost;
   - cut: (c) node 1's link cut (no FIN, no RST);
@@ -42,7 +42,7 @@ def cluster(tmp_path_factory):
     yield from start_cluster(tmp_path_factory.mktemp("slurm-3"), nodes=3, netns=True)
 
 
-def write_config(tmp: Path, name: str, **slurm) -> tuple[Path, Path]:
+def write_config(tmp: Path, name: str, supervisor: dict | None = None, **slurm) -> tuple[Path, Path]:
     """The reference's training (tests/slurm/runs.py) on two nodes plus a spare; memory snapshots every few
     steps, replicated to the next node, and disk only at the end: every restart takes a memory snapshot, so a
     replacement must fetch the lost node's copy from its peer."""
@@ -55,7 +55,7 @@ def write_config(tmp: Path, name: str, **slurm) -> tuple[Path, Path]:
         **slurm,
         sections={
             "checkpoint": {"interval_steps": 1000, "memory_interval_steps": MEMORY_EVERY},
-            "supervisor": {"node_lease_s": 4.0},
+            "supervisor": {"node_lease_s": 4.0, **(supervisor or {})},
             "health": {"monitor_interval_s": 1.0},
         },
     )
@@ -176,12 +176,38 @@ def assert_replica_loaded(run_dir: Path, sources: list[str]) -> None:
     assert load["tier"] == "memory-replica" and load["sources"] == sources, load
 
 
+def spares_warm(run_dir: Path, hosts: tuple[str, ...]):
+    """Probe: every parked spare of `hosts` finished its imports (status.json, as `resilient status` shows)."""
+
+    def probe() -> bool:
+        try:
+            spares = json.loads((run_dir / "status.json").read_text()).get("spares") or {}
+        except (OSError, ValueError):
+            return False
+        return all((s := spares.get(h)) and s["count"] and s["warm"] == s["count"] for h in hosts)
+
+    return probe
+
+
 def test_rank_kills_recover_warm_and_an_unhealthy_node_is_replaced_by_the_spare(cluster, reference, tmp_path):
-    config, run_dir = write_config(tmp_path, "warm")
+    # three spares per rank: a burst of three failures inside one refill (the replacements import at idle
+    # priority next to ranks that keep both cores busy: 7-15 s here) is warm throughout
+    config, run_dir = write_config(tmp_path, "warm", supervisor={"spares_per_rank": 3})
     job_id = launch(cluster, config)
     try:
         # (e) rank 1 killed three times, each 3 s after the previous recovery completed a step
         wait_until(lambda: last_step(run_dir) >= 3, 300, "training to reach step 3")
+        # A long run's spares are warm long before its first failure. This one is 24 steps long and its ranks
+        # keep both cores busy, which starves the spares' idle-priority imports: hold the ranks (stopped,
+        # well inside the step timeout) until every spare of the running nodes is warm.
+        held = [rank_process(job_id, rank) for rank in (0, 1)]
+        for proc in held:
+            proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(spares_warm(run_dir, ("n0", "n1")), 120, "the running nodes' spares warm")
+        finally:
+            for proc in held:
+                proc.send_signal(signal.SIGCONT)
         for kill in range(3):
             attempt = max(attempts_started(run_dir))
             rank_process(job_id, 1).send_signal(signal.SIGKILL)
@@ -189,7 +215,8 @@ def test_rank_kills_recover_warm_and_an_unhealthy_node_is_replaced_by_the_spare(
             time.sleep(3.0)
         started = attempts_started(run_dir)
         for attempt in sorted(started)[1:4]:
-            assert sorted(r["warm_ranks"] for r in started[attempt]) == [1, 1], started[attempt]  # every one warm
+            # every rank went to a spare that had finished its imports
+            assert sorted((r["spare_ranks"], r["warm_ranks"]) for r in started[attempt]) == [(1, 1)] * 2, started
         # (a) a fatal health verdict on node 1, once node 0 holds a replica of its memory snapshot
         wait_until(snapshot_since(run_dir, events(run_dir, "restart")[-1]["ts"]), 300, "a replicated snapshot")
         (tmp_path / "warm-nvml" / "n1.json").write_text(json.dumps(FAILED_GPU))
