@@ -75,10 +75,9 @@ class SupervisorConfig(Section):
     """Modules a spare imports besides the defaults (own trainer: torch, megatron.core, its modules;
     another script: its top-level imports)."""
     spare_refill_delay_s: float = Field(15.0, ge=0)
-    """Replace the spares a restart took this long after it spawned the ranks, once every local rank
-    reports a step, while each local rank still has a spare (failures cluster after a restart: its first
-    steps run without the imports beside them); with none left, at once (at idle priority where it can be
-    left again). Ranks that send no heartbeats: this long after the spawn."""
+    """Replace the spares a restart took once every local rank reports a step: at once if a local rank has
+    none left, else this long after the spawn (failures cluster after a restart: its first steps run
+    without the imports beside them). Ranks that send no heartbeats: this long after the spawn."""
     allow_shared_dir: bool = False
     """Use a run or checkpoint directory that another user owns or can write (refused by default: that
     user could plant checkpoints or configs)."""

@@ -158,7 +158,6 @@ class Supervisor:
         """The run and checkpoint directories as this supervisor found them: one that vanishes or is replaced
         while the run uses it is a storage fault (never written to, never loaded from)."""
         self._dirs_checked = 0.0
-        self._idle_refill = spares.idle_priority_allowed()
 
     # -- entry point --------------------------------------------------------------------------------
 
@@ -443,17 +442,15 @@ class Supervisor:
             spare_ranks=parked,
             pids=[r.pid for r in self.ranks],
         )
-        self._maybe_refill_spares(time.monotonic())  # at once if a local rank has no spare left
 
     def _start_spares(self) -> None:
-        """Park one process per local rank, if the rank command can be parked (else say why not)."""
+        """Park `spares_per_rank` processes per local rank, if the rank command can be parked (else say why not)."""
         if not self.scfg.warm_spares:
             return
         cmd, reason = spares.park_argv(
             self.scfg.rank_argv(self.config_path, self.run_dir), sys.executable, self.scfg.warm_imports
         )
-        refill = "importing at idle priority" if self._idle_refill else "refilled once the ranks step"
-        print(f"resilient: slot {self.slot}: warm spares: {reason}; {refill}", file=sys.stderr)
+        print(f"resilient: slot {self.slot}: warm spares: {reason}", file=sys.stderr)
         if cmd is not None:
             self.spares = spares.Spares(cmd, self.run_dir, self.slot, self.scfg.spares_per_rank)
             self._refill_spares()
@@ -476,7 +473,6 @@ class Supervisor:
             phases,
             now - self._refill_at,
             self.scfg.spare_refill_delay_s,
-            idle=self._idle_refill,
             spare_left=self.spares.left(len(self.ranks)),
         )
         if due:

@@ -2,8 +2,8 @@
 
 A new attempt hands each local rank to one of its spares (an assignment on the spare's stdin) instead of
 paying for interpreter start and imports, a warm one (imports done, said on a pipe) first; spares are
-replenished at idle priority the moment they are taken (or, where that priority cannot be left again,
-once the new ranks step), and their resident memory is reported. Only Python rank commands
+replenished once the new ranks step (`refill_due`), importing at idle priority where they can leave it
+again (resilient.rank.park), and their resident memory is reported. Only Python rank commands
 (`PYTHON -m MODULE ...`, `PYTHON SCRIPT ...` with the supervisor's own interpreter) can be parked;
 any other command is spawned cold.
 """
@@ -22,7 +22,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from resilient.core import sched
 from resilient.core.errors import StorageFault
 from resilient.core.rundir import RunDir
 from resilient.rank.env import PARK_READY_FD, RankEnv
@@ -100,18 +99,14 @@ def module_imports(name: str) -> list[str]:
     return script_imports(Path(spec.origin))
 
 
-def refill_due(
-    phases: list[str | None], since_spawn_s: float, delay_s: float, *, idle: bool, spare_left: bool
-) -> tuple[bool, str]:
+def refill_due(phases: list[str | None], since_spawn_s: float, delay_s: float, *, spare_left: bool) -> tuple[bool, str]:
     """Whether to start the next spares now. `phases`: each local rank's latest heartbeat phase (None: none
-    heard yet); `idle`: spares import at SCHED_IDLE; `spare_left`: every local rank still has a spare.
+    heard yet); `spare_left`: every local rank still has a spare.
 
-    With none left and idle priority: at once (the next failure must not find the node empty-handed).
-    Otherwise the imports would compete with the new ranks: once every one is stepping (ranks that send no
-    heartbeats: `delay_s` after the spawn), and, while a spare is left, also `delay_s` after the spawn
-    (failures cluster after a restart, and the first steps then run at full speed)."""
-    if idle and not spare_left:
-        return True, "no spare left for a local rank: refilled at once, at idle priority"
+    Never before every new rank is stepping: the imports would compete with the restart itself, even at
+    idle priority on few cores (ranks that send no heartbeats: `delay_s` after the spawn). Then at once if a
+    local rank has no spare left; while one is left, `delay_s` after the spawn (failures cluster after a
+    restart, and its first steps then run without imports beside them)."""
     if phases and all(p in ("step", "checkpoint", "eval", "done") for p in phases):
         if spare_left and since_spawn_s < delay_s:
             return False, f"a spare is left: refilled {delay_s:g}s after the spawn"
@@ -121,14 +116,6 @@ def refill_due(
     if since_spawn_s >= delay_s:
         return True, f"no heartbeats {since_spawn_s:.1f}s after the ranks were spawned"
     return False, "no heartbeats yet"
-
-
-def idle_priority_allowed() -> bool:
-    """Whether a parked spare can import at SCHED_IDLE and return to normal priority when it takes a rank
-    (the spare probes the same way, resilient.rank.park): then spares are refilled the moment a new
-    attempt's ranks are spawned, so a failure seconds later still finds them warm; otherwise only once the
-    ranks step (the imports would slow their start-up)."""
-    return sched.idle_is_reversible()
 
 
 def rss_bytes(pid: int) -> int:

@@ -60,29 +60,18 @@ def test_other_commands_get_no_spares(argv, why):
 
 
 def test_refill_waits_for_stepping_ranks_or_the_delay():
-    def due(phases, since, *, idle=False, left=False):
-        return spares.refill_due(phases, since, 15.0, idle=idle, spare_left=left)[0]
+    def due(phases, since, *, left=False):
+        return spares.refill_due(phases, since, 15.0, spare_left=left)
 
-    assert due(["step", "step"], 1.0)
-    assert not due(["step", "init"], 1.0)
-    assert not due(["restore", "init"], 100.0)  # heartbeats: wait for steps
-    assert not due([None, None], 14.9)
-    assert due([None, None], 15.0)  # no heartbeats: after the delay
-
-
-def test_refill_with_a_spare_left_waits_and_without_one_starts_at_once():
-    def due(phases, since, *, idle, left):
-        return spares.refill_due(phases, since, 15.0, idle=idle, spare_left=left)
-
-    assert due(["init"], 0.0, idle=True, left=False) == (
-        True,
-        "no spare left for a local rank: refilled at once, at idle priority",
-    )
-    assert not due(["init"], 0.0, idle=False, left=False)[0]  # normal priority: the start-up comes first
+    assert due(["step", "step"], 1.0) == (True, "every local rank is stepping")  # none left: at once
+    assert not due(["step", "init"], 1.0)[0]
+    assert not due(["restore", "init"], 100.0)[0]  # heartbeats: wait for steps
+    assert not due([None, None], 14.9)[0]
+    assert due([None, None], 15.0)[0]  # no heartbeats: after the delay
     # a spare left: the first steps after a restart run without imports beside them
-    assert due(["step"], 14.9, idle=True, left=True) == (False, "a spare is left: refilled 15s after the spawn")
-    assert due(["step"], 15.0, idle=True, left=True)[0]
-    assert not due(["init"], 100.0, idle=True, left=True)[0]
+    assert due(["step"], 14.9, left=True) == (False, "a spare is left: refilled 15s after the spawn")
+    assert due(["step"], 15.0, left=True)[0]
+    assert not due(["init"], 100.0, left=True)[0]
 
 
 # -- processes ---------------------------------------------------------------------------------------

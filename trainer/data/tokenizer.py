@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -15,8 +16,21 @@ ENCODE_BATCH = 256  # documents per tokenizer call: amortises the Python<->Rust 
 
 
 def load_tokenizer(path: str | Path, eos_token: str = DEFAULT_EOS) -> tuple[Tokenizer, int]:
-    """The tokenizer in `path` and the id of its EOS token; ConfigError (one line) if unusable."""
+    """The tokenizer in `path` and the id of its EOS token; ConfigError (one line) if unusable. Parsed once
+    per process and file version: a rank's start asks for it several times (a 128k-vocabulary file takes
+    most of a second to parse, and a restart pays it on the critical path)."""
     path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"data.tokenizer: {path}: no such file") from None
+    except OSError as err:
+        raise ConfigError(f"data.tokenizer: {path}: unreadable ({type(err).__name__})") from None
+    return _parse(path, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, eos_token)
+
+
+@functools.lru_cache(maxsize=4)
+def _parse(path: Path, _dev: int, _ino: int, _mtime_ns: int, _size: int, eos_token: str) -> tuple[Tokenizer, int]:
     try:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
