@@ -36,20 +36,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-import yaml
-
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from resilient.core import ledger  # noqa: E402
-from resilient.supervisor.ranks import free_port  # noqa: E402
-from resilient.supervisor.spares import is_parked  # noqa: E402
+from tests.slurm.runs import FAILED_GPU, rank_process, supervisor_process, write_run_config  # noqa: E402
 from tests.supervisor.harness import events, wait_until  # noqa: E402
 
 CLUSTER_SH = REPO / "deploy" / "slurm" / "cluster.sh"
-HEALTHY_GPU = {"available": True, "device_count": 1, "devices": [{"index": 0}]}
-FAILED_GPU = {"available": True, "device_count": 1, "devices": [{"index": 0, "lost": True}]}
 FAULTS = ["rank", "cold", "unhealthy", "frozen", "cut", "coordinator", "requeue"]
 GOALS = [
     ("silent node detected <= 5 s", lambda r: r["frozen"]["detect_s"]["p95"] <= 5.0),
@@ -92,37 +86,22 @@ class Cluster:
 
 
 def write_config(tmp: Path, name: str, *, spares: int, warm: bool = True) -> tuple[Path, Path]:
-    nvml = tmp / f"{name}-nvml"
-    nvml.mkdir()
-    for node in ("n0", "n1", "n2"):
-        (nvml / f"{node}.json").write_text(json.dumps(HEALTHY_GPU))
-    run_dir = tmp / name
-    cfg = {
-        "run_dir": str(run_dir),
-        "nodes": 2,
-        "model": {"preset": "tiny"},
-        "train": {"steps": 5000, "global_batch": 4, "micro_batch": 2, "seq_len": 64, "warmup_steps": 2},
-        "data": {
-            "path": str(REPO / "examples/data/c4-sample"),
-            "tokenizer": str(REPO / "examples/tokenizer.json"),
-            "validation_docs": 20,
-            "num_workers": 0,
+    """The Slurm tests' training (tests/slurm/runs.py), long enough for every trial, on two nodes plus
+    `spares`; memory snapshots every 2 steps replicated to the next node, disk only at the end."""
+    return write_run_config(
+        tmp,
+        name,
+        hosts=("n0", "n1", "n2"),
+        spare_nodes=spares,
+        time_limit_minutes=30,
+        max_crash_requeues=0,
+        sections={
+            "train": {"steps": 5000},
+            "checkpoint": {"interval_steps": 100000, "memory_interval_steps": 2},
+            "supervisor": {"warm_spares": warm},
+            "health": {"monitor_interval_s": 1.0},
         },
-        "checkpoint": {"interval_steps": 1000, "memory_interval_steps": 2},
-        "supervisor": {"nproc_per_node": 1, "store_port": free_port(), "warm_spares": warm},
-        "metrics": {"port": 0},
-        "health": {"fake_nvml_dir": str(nvml), "monitor_interval_s": 1.0},
-        "slurm": {
-            "time_limit_minutes": 30,
-            "signal_seconds": 60,
-            "exclusive": False,
-            "spare_nodes": spares,
-            "max_crash_requeues": 0,
-        },
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path, run_dir
+    )
 
 
 def steps(run_dir: Path) -> list[dict]:
@@ -143,35 +122,6 @@ def first_step_after(run_dir: Path, t0: float) -> float | None:
     later = {e["attempt"] for e in events(run_dir, "attempt_start") if e["ts"] > t0}
     done = [s["ts"] for s in steps(run_dir) if s.get("attempt") in later and s.get("step") is not None]
     return min(done, default=None)
-
-
-def supervisor(job: str, slot: int) -> psutil.Process | None:
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            cmd, env = proc.info["cmdline"] or [], proc.environ()
-            if (
-                "supervise" in cmd
-                and "srun" not in cmd[0]
-                and env.get("SLURM_JOB_ID") == job
-                and env.get("SLURM_NODEID") == str(slot)
-                and env.get("SLURM_STEP_ID") == "0"
-            ):
-                return proc
-        except psutil.Error:
-            continue
-    return None
-
-
-def rank1(job: str) -> psutil.Process | None:
-    for slot in range(3):
-        sup = supervisor(job, slot)
-        for child in sup.children() if sup else []:
-            try:
-                if not is_parked(child.pid) and child.environ().get("RANK") == "1":
-                    return child
-            except psutil.Error:
-                continue
-    return None
 
 
 def launch(cluster: Cluster, config: Path) -> str:
@@ -199,7 +149,7 @@ def trial(cluster: Cluster, tmp: Path, fault: str, n: int) -> dict[str, Any]:
             wait_until(lambda: spares_warm(run_dir), 600, "warm spares on every node")
         t0 = time.time()
         if fault in ("rank", "cold"):
-            rank1(job).send_signal(signal.SIGKILL)
+            rank_process(job, 1).send_signal(signal.SIGKILL)
         elif fault in ("unhealthy", "requeue"):
             (tmp / f"{fault}{n}-nvml" / "n1.json").write_text(json.dumps(FAILED_GPU))
         elif fault == "frozen":
@@ -207,7 +157,7 @@ def trial(cluster: Cluster, tmp: Path, fault: str, n: int) -> dict[str, Any]:
         elif fault == "cut":
             cluster.sh("cut", "n1")
         elif fault == "coordinator":
-            node0 = supervisor(job, 0)
+            node0 = supervisor_process(job, 0)
             for proc in [node0, *node0.children(recursive=True)]:
                 proc.send_signal(signal.SIGSTOP)
         done = wait_until(lambda: first_step_after(run_dir, t0), 900, f"{fault}: the next step")
@@ -221,7 +171,7 @@ def trial(cluster: Cluster, tmp: Path, fault: str, n: int) -> dict[str, Any]:
         if fault == "rank":  # again, 3 s after the recovery's first step
             time.sleep(3.0)
             t1 = time.time()
-            rank1(job).send_signal(signal.SIGKILL)
+            rank_process(job, 1).send_signal(signal.SIGKILL)
             out["rank_3s_s"] = wait_until(lambda: first_step_after(run_dir, t1), 600, "the second recovery") - t1
             started = [e for e in events(run_dir, "attempt_start") if e["ts"] > t1]
             out["warm_3s"] = all(e["warm_ranks"] == 1 for e in started)

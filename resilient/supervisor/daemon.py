@@ -169,14 +169,7 @@ class Supervisor:
             minority = isinstance(err, NoMajority)
             self.coord = None  # status stays local from here on; a minority writes no decision
             self._record_failure(self._failure(FailureKind.SUPERVISOR, None, str(err)))
-            ledger.append(
-                self.run_dir,
-                LedgerEvent.COORDINATOR_LOST,
-                node=self.slot,
-                attempt=self.attempt,
-                reason=str(err),
-                minority=minority,
-            )
+            self._record_coordinator_lost(err, minority)
             # A minority's ranks are killed at once: a stop signal would let them save (touch checkpoints).
             stop_all(self.ranks, 0.0 if minority else self.scfg.termination_grace_s)
             outcome = Outcome.PREEMPTED if self._stop_seen and not minority else Outcome.COORDINATION_LOST
@@ -772,20 +765,23 @@ class Supervisor:
             replaced_by=None if replaced_by is None else self.roster.name(replaced_by),
         )
 
-    def _failover(self, err: CoordinationLost) -> None:
-        """The coordinator is lost: stop the ranks (they cannot go on without it), elect the next one with
-        the other survivors, continue on its store. Raises NoMajority on the minority side."""
-        assert self.sealer is not None
-        lost = self.roster.coordinator
-        print(f"resilient: slot {self.slot}: {err}; electing a new coordinator", file=sys.stderr, flush=True)
+    def _record_coordinator_lost(self, err: CoordinationLost, minority: bool) -> None:
         ledger.append(
             self.run_dir,
             LedgerEvent.COORDINATOR_LOST,
             node=self.slot,
             attempt=self.attempt,
             reason=str(err),
-            minority=False,
+            minority=minority,
         )
+
+    def _failover(self, err: CoordinationLost) -> None:
+        """The coordinator is lost: stop the ranks (they cannot go on without it), elect the next one with
+        the other survivors, continue on its store. Raises NoMajority on the minority side."""
+        assert self.sealer is not None
+        lost = self.roster.coordinator
+        print(f"resilient: slot {self.slot}: {err}; electing a new coordinator", file=sys.stderr, flush=True)
+        self._record_coordinator_lost(err, minority=False)
         stop_all(self.ranks, 0.0)
         stop_record = self.coord.stop_record() if self.coord is not None else None
         if self.liveness is not None:

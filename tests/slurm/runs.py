@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 from resilient.supervisor.ranks import free_port
+from resilient.supervisor.spares import is_parked
 from tests.slurm.conftest import REPO, Cluster
 
 STEPS = 24
@@ -94,3 +96,35 @@ def finished_job(cluster: Cluster, job_id: str, run_dir: Path, timeout: float = 
     job = cluster.wait_job(job_id, DONE, timeout=timeout)
     assert job["JobState"] == "COMPLETED", f"{job}\n{logs(run_dir)}"
     return job
+
+
+def supervisor_process(job_id: str, slot: int) -> psutil.Process | None:
+    """The `resilient supervise` process of `slot` in job `job_id` (every node's processes are on this host):
+    the step's task, not the batch script's srun (same command line and job environment)."""
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline, env = proc.info["cmdline"] or [], proc.environ()
+            if (
+                "supervise" in cmdline
+                and "srun" not in cmdline[0]
+                and env.get("SLURM_JOB_ID") == job_id
+                and env.get("SLURM_NODEID") == str(slot)
+                and env.get("SLURM_STEP_ID") == "0"
+            ):
+                return proc
+        except psutil.Error:
+            continue
+    return None
+
+
+def rank_process(job_id: str, rank: int, slots: int = 3) -> psutil.Process | None:
+    """The live (not parked) process of global rank `rank` in job `job_id`."""
+    for slot in range(slots):
+        sup = supervisor_process(job_id, slot)
+        for child in sup.children() if sup else []:
+            try:
+                if not is_parked(child.pid) and child.environ().get("RANK") == str(rank):
+                    return child
+            except psutil.Error:
+                continue
+    return None

@@ -17,7 +17,17 @@ import yaml
 from resilient.core import secret
 from resilient.core.exit_codes import ExitCode
 from tests.ranks import resilient_cli, run_ranks
-from tests.slurm.runs import FAILED_GPU, STEPS, digest, finished_job, last_step, launch, logs, write_run_config
+from tests.slurm.runs import (
+    FAILED_GPU,
+    STEPS,
+    digest,
+    finished_job,
+    last_step,
+    launch,
+    logs,
+    supervisor_process,
+    write_run_config,
+)
 from tests.supervisor.harness import events, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -103,27 +113,6 @@ def test_unhealthy_node_is_excluded_drained_and_the_run_finishes_on_the_other(sl
     assert not alert_watch.seen("ResilientNodeUnhealthy", node="n0")
 
 
-def _supervisor_of_node(job_id: str, node: int):
-    """The `resilient supervise` process of `node` in job `job_id` (slurmd runs every node on this host)."""
-    import psutil
-
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            cmdline, env = proc.info["cmdline"] or [], proc.environ()
-            # the step's task, not the batch script's srun (same command line and job environment)
-            if (
-                "supervise" in cmdline
-                and "srun" not in cmdline[0]
-                and env.get("SLURM_JOB_ID") == job_id
-                and env.get("SLURM_PROCID") == str(node)
-                and env.get("SLURM_NODEID") == str(node)
-            ):
-                return proc
-        except psutil.Error:
-            continue
-    return None
-
-
 def test_losing_node0s_supervisor_stops_every_node_and_requeues(slurm_cluster, tmp_path):
     """Node 0 hosts the coordination store: when its supervisor dies, node 1 stops its ranks, records
     `coordinator_lost`, finds no majority for an election (1 of 2) and exits COORDINATOR_LOST; the job
@@ -131,7 +120,7 @@ def test_losing_node0s_supervisor_stops_every_node_and_requeues(slurm_cluster, t
     config, run_dir = write_run_config(tmp_path, "node0-lost")
     job_id = launch(slurm_cluster, config)
     wait_until(lambda: last_step(run_dir) >= 3, 240, "training to reach step 3")
-    node0 = wait_until(lambda: _supervisor_of_node(job_id, 0), 30, "node 0's supervisor")
+    node0 = wait_until(lambda: supervisor_process(job_id, 0), 30, "node 0's supervisor")
     node0.kill()
 
     job = finished_job(slurm_cluster, job_id, run_dir)
@@ -173,7 +162,7 @@ def test_losing_node1_and_its_memory_resumes_from_node0s_replica(slurm_cluster, 
             300,
             "node 1's step-10 snapshot replicated to node 0, and a disk checkpoint committed",
         )
-        node1 = wait_until(lambda: _supervisor_of_node(job_id, 1), 30, "node 1's supervisor")
+        node1 = wait_until(lambda: supervisor_process(job_id, 1), 30, "node 1's supervisor")
         victims = [node1, *node1.children(recursive=True)]
         for proc in victims:
             proc.kill()

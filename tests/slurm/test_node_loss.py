@@ -26,9 +26,17 @@ import psutil
 import pytest
 import yaml
 
-from resilient.supervisor.spares import is_parked
 from tests.slurm.conftest import Cluster, start_cluster
-from tests.slurm.runs import FAILED_GPU, digest, finished_job, last_step, launch, write_run_config
+from tests.slurm.runs import (
+    FAILED_GPU,
+    digest,
+    finished_job,
+    last_step,
+    launch,
+    rank_process,
+    write_run_config,
+)
+from tests.slurm.runs import supervisor_process as supervisor
 from tests.supervisor.harness import events, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -81,37 +89,6 @@ def status(run_dir: Path) -> tuple[dict, str]:
         return out.stdout
 
     return json.loads(run("--json")), run()
-
-
-def supervisor(job_id: str, slot: int) -> psutil.Process | None:
-    """The `resilient supervise` process of `slot` in job `job_id` (every node's processes are on this host)."""
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            cmdline, env = proc.info["cmdline"] or [], proc.environ()
-            if (
-                "supervise" in cmdline
-                and "srun" not in cmdline[0]
-                and env.get("SLURM_JOB_ID") == job_id
-                and env.get("SLURM_NODEID") == str(slot)
-                and env.get("SLURM_STEP_ID") == "0"
-            ):
-                return proc
-        except psutil.Error:
-            continue
-    return None
-
-
-def rank_process(job_id: str, rank: int) -> psutil.Process | None:
-    """The live (not parked) process of global rank `rank` in job `job_id`."""
-    for slot in range(3):
-        sup = supervisor(job_id, slot)
-        for child in sup.children() if sup else []:
-            try:
-                if not is_parked(child.pid) and child.environ().get("RANK") == str(rank):
-                    return child
-            except psutil.Error:
-                continue
-    return None
 
 
 def attempts_started(run_dir: Path) -> dict[int, list[dict]]:
