@@ -111,13 +111,13 @@ def steps(run_dir: Path) -> list[dict]:
     return list(ledger.read_jsonl(run_dir / "train_log.jsonl"))
 
 
-def spares_warm(run_dir: Path) -> bool:
-    """Every node's parked spares finished their imports (status.json), as they have in a run hours old."""
+def spares_warm(run_dir: Path, nodes: int) -> bool:
+    """The parked spares of all `nodes` nodes finished their imports (status.json), as in a run hours old."""
     try:
         spares = json.loads((run_dir / "status.json").read_text()).get("spares") or {}
     except (OSError, ValueError):
         return False
-    return len(spares) == 3 and all(s and s["count"] and s["warm"] == s["count"] for s in spares.values())
+    return len(spares) == nodes and all(s and s["count"] and s["warm"] == s["count"] for s in spares.values())
 
 
 def first_step_after(run_dir: Path, t0: float) -> float | None:
@@ -149,7 +149,7 @@ def trial(cluster: Cluster, tmp: Path, fault: str, n: int) -> dict[str, Any]:
     try:
         wait_until(lambda: [e for e in events(run_dir, "mem_snapshot") if e["step"] >= 2], 600, "a replicated snapshot")
         if fault != "cold":
-            wait_until(lambda: spares_warm(run_dir), 600, "warm spares on every node")
+            wait_until(lambda: spares_warm(run_dir, 2 + spares), 600, "warm spares on every node")
         t0 = time.time()
         if fault in ("rank", "cold"):
             rank_process(job, 1).send_signal(signal.SIGKILL)
