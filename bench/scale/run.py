@@ -127,6 +127,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, nargs="+", default=[8, 32, 128, 512, 1024])
     parser.add_argument("--steady-s", type=float, default=4.0)
+    parser.add_argument(
+        "--lease-s",
+        type=float,
+        default=None,
+        help="supervisor.node_lease_s (default the config's): every simulated node shares this machine's cores",
+    )
     parser.add_argument("--out", type=Path, default=None, help="Write the rows and fits as JSON here.")
     args = parser.parse_args()
     rows = []
@@ -134,7 +140,8 @@ def main() -> None:
         for n in args.nodes:
             run_dir = Path(tmp) / f"n{n}"
             run_dir.mkdir(mode=0o700)
-            rows.append(scenario(n, run_dir, args.steady_s, status_probe=status_command, spares=2))
+            cfg = {"node_lease_s": args.lease_s} if args.lease_s else None
+            rows.append(scenario(n, run_dir, args.steady_s, status_probe=status_command, spares=2, cfg=cfg))
             print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
     print("\n".join(goal_lines(rows)))

@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from resilient.core import kvstore
 from resilient.core.outcome import Outcome
 from resilient.supervisor import decisions, election, failover, publishing
 from resilient.supervisor import roster as rosters
 from resilient.supervisor.auth import Sealer
 from resilient.supervisor.config import SupervisorConfig
-from resilient.supervisor.coordination import CoordinationLost, Coordinator, Gate
+from resilient.supervisor.coordination import CoordinationLost, Coordinator, Gate, intervals
 from resilient.supervisor.decisions import AttemptContext, AttemptDecision
 from resilient.supervisor.election import Join
 from resilient.supervisor.leases import read_every
@@ -40,6 +41,11 @@ from resilient.supervisor.states import State
 from resilient.supervisor.topology import Topology
 
 T = TypeVar("T")
+
+# Every simulated slot connects from 127.0.0.1, where real nodes each have an address of their own: the
+# store's cap on pending handshakes per address (one host must not take every pending place) would count
+# the whole allocation as one host. Here it is the cap on all pending handshakes.
+kvstore._MAX_PENDING_PER_PEER = kvstore._MAX_PENDING
 
 
 @dataclass
@@ -726,5 +732,6 @@ def scenario(
         "status_cmd_cpu_s": status_cpu,
         "node0_cpu": (cpu1 - cpu0) / (t1 - t0),
         "lease_s": sim_config(**(cfg or {})).node_lease_s,
+        "poll_s": intervals(slots, sim_config(**(cfg or {}))).poll_s,
         "decisions": decisions,
     }

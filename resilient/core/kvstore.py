@@ -8,7 +8,8 @@ other node. Here:
 
 - The server (a thread of the process that hosts it) listens on one named address only.
   A connection must prove the key (HMAC challenge both ways; keys are derived from the run's secret for one
-  purpose, resilient.core.secret) within `AUTH_WINDOW_S`, or it is closed; after that every frame carries a
+  purpose, resilient.core.secret) within `AUTH_WINDOW_S`, or it is closed; the server confirms the proof
+  (a client counts itself connected only then, and retries otherwise); after that every frame carries a
   MAC under a per-connection key with a sequence number (no injection, no replay). A client without the
   secret can open a bounded number of connections and send bytes that are dropped: it can read, write or
   delete nothing.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import random
 import selectors
 import socket
 import struct
@@ -43,6 +45,9 @@ _MAX_PENDING = 64
 """Unauthenticated connections held at once; more are closed at accept."""
 _MAX_PENDING_PER_PEER = 16
 """Unauthenticated connections held at once from one address: one host cannot take every pending place."""
+
+_RETRY_FIRST_S, _RETRY_MAX_S = 0.05, 1.0
+"""A client's pause before its first retry to connect, doubling up to the most (each with +-50% jitter)."""
 
 # Operations (one byte) and reply status.
 _SET, _MGET, _CHECK, _CAS, _DEL, _DELPREFIX, _COUNT, _PING = b"S", b"G", b"C", b"X", b"K", b"D", b"N", b"P"
@@ -283,6 +288,7 @@ class StoreServer:
                 self._limit(f"{authed} supervisors connected: connection limit reached")
                 raise ValueError("too many clients")
             conn.session = _Session(self._key, conn.client_nonce, conn.server_nonce, server=True)
+            conn.wbuf += _OK  # the client counts itself connected only now (a handshake may expire unfinished)
         while len(conn.rbuf) >= 4:
             (n,) = struct.unpack_from(">I", conn.rbuf)
             if n > _MAX_FRAME:
@@ -385,7 +391,11 @@ class StoreClient:
         self._connect(time.monotonic() + connect_timeout_s)
 
     def _connect(self, deadline: float) -> None:
+        """Connect and prove the secret, retrying until `deadline`. Retries back off exponentially with
+        jitter: a server holding its most pending handshakes closes the rest at accept, and a whole
+        allocation's supervisors retrying in lockstep would keep it full."""
         last: Exception | None = None
+        pause = _RETRY_FIRST_S
         while True:
             left = deadline - time.monotonic()
             try:
@@ -398,9 +408,11 @@ class StoreClient:
                 return
             except (OSError, ValueError) as err:
                 last = err
-            if time.monotonic() + 0.1 > deadline:
+            wait = pause * random.uniform(0.5, 1.5)
+            if time.monotonic() + wait > deadline:
                 raise StoreUnavailable(f"cannot reach the coordination store at {self.addr}:{self.port}: {last}")
-            time.sleep(0.1)
+            time.sleep(wait)
+            pause = min(2 * pause, _RETRY_MAX_S)
 
     def _handshake(self, sock: socket.socket) -> None:
         sock.settimeout(self.op_timeout_s)
@@ -412,6 +424,10 @@ class StoreClient:
         if not hmac.compare_digest(proof, _proof(self._key, b"server", nonce, server_nonce)):
             raise StoreUnavailable(f"{self.addr}:{self.port} is not this job's coordination store (bad proof)")
         sock.sendall(_proof(self._key, b"client", server_nonce, nonce))
+        # An overloaded server may close a handshake it did not finish within AUTH_WINDOW_S: its accept is
+        # what makes this connection usable, and a connection closed here is retried within the deadline.
+        if _recv_exactly(sock, 1) != _OK:
+            raise StoreUnavailable(f"{self.addr}:{self.port}: the store did not accept the proof")
         self._sock, self._session = sock, _Session(self._key, nonce, server_nonce, server=False)
 
     def close(self) -> None:

@@ -179,15 +179,17 @@ class Coordinator:
     def second_connection(
         self, cfg: SupervisorConfig, sealer: Sealer, on_forged: Callable[[str, str], None]
     ) -> SealedStore:
-        """Another connection to this store (the lease thread's: it must not wait behind the main loop's calls)."""
+        """Another connection to this store (the lease thread's: it must not wait behind the main loop's calls).
+        This store answered a moment ago: its connect may take up to three leases (a whole allocation
+        connects to a new coordinator at once after an election); no answer by then is a lost coordinator."""
         addr, port = self.address.rsplit(":", 1)
-        return SealedStore(
-            StoreClient(
-                addr, int(port), sealer.store_key, connect_timeout_s=cfg.node_lease_s, op_timeout_s=cfg.node_lease_s
-            ),
-            sealer,
-            on_forged,
-        )
+        try:
+            client = StoreClient(
+                addr, int(port), sealer.store_key, connect_timeout_s=3 * cfg.node_lease_s, op_timeout_s=cfg.node_lease_s
+            )
+        except OSError as err:
+            raise CoordinationLost(f"cannot reach the coordination store at {self.address}: {err}") from None
+        return SealedStore(client, sealer, on_forged)
 
     @property
     def hosting(self) -> bool:
