@@ -15,6 +15,7 @@ Runs (each shared by the faults the issue allows in one job; a spare covers one 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -153,6 +154,20 @@ def assert_replica_loaded(run_dir: Path, sources: list[str]) -> None:
     assert load["tier"] == "memory-replica" and load["sources"] == sources, load
 
 
+@contextlib.contextmanager
+def held(job_id: str):
+    """Ranks 0 and 1 of the job stopped (SIGSTOP) for the block, then continued (those still alive)."""
+    procs = [p for p in (rank_process(job_id, rank) for rank in (0, 1)) if p is not None]
+    for proc in procs:
+        proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGCONT)
+
+
 def spares_warm(run_dir: Path, hosts: tuple[str, ...]):
     """Probe: every parked spare of `hosts` finished its imports (status.json, as `resilient status` shows)."""
 
@@ -167,36 +182,34 @@ def spares_warm(run_dir: Path, hosts: tuple[str, ...]):
 
 
 def test_rank_kills_recover_warm_and_an_unhealthy_node_is_replaced_by_the_spare(cluster, reference, tmp_path):
-    # three spares per rank: a burst of three failures inside one refill (the replacements import at idle
-    # priority next to ranks that keep both cores busy: 7-15 s here) is warm throughout
+    # three spares per rank: a burst of three failures inside one refill (replacements are refilled only
+    # after a restart, and import at idle priority next to ranks that keep both cores busy) is warm throughout
     config, run_dir = write_config(tmp_path, "warm", supervisor={"spares_per_rank": 3})
     job_id = launch(cluster, config)
     try:
         # (e) rank 1 killed three times, each 3 s after the previous recovery completed a step
         wait_until(lambda: last_step(run_dir) >= 3, 300, "training to reach step 3")
-        # A long run's spares are warm long before its first failure. This one is 24 steps long and its ranks
-        # keep both cores busy, which starves the spares' idle-priority imports: hold the ranks (stopped,
-        # well inside the step timeout) until every spare of the running nodes is warm.
-        held = [rank_process(job_id, rank) for rank in (0, 1)]
-        for proc in held:
-            proc.send_signal(signal.SIGSTOP)
-        try:
+        # A long run's spares are warm long before its first failure; this one is 24 steps long, and its ranks
+        # keep both cores busy, which starves the spares' idle-priority imports. So the ranks are held
+        # (stopped, well inside the step timeout) until every spare of the running nodes is warm, and during
+        # each 3 s wait and the verdict below, so that the run is still training when each fault comes.
+        with held(job_id):
             wait_until(spares_warm(run_dir, ("n0", "n1")), 120, "the running nodes' spares warm")
-        finally:
-            for proc in held:
-                proc.send_signal(signal.SIGCONT)
         for kill in range(3):
             attempt = max(attempts_started(run_dir))
             rank_process(job_id, 1).send_signal(signal.SIGKILL)
             wait_until(stepping_in(run_dir, attempt + 1), 180, f"recovery {kill + 1} stepping")
-            time.sleep(3.0)
+            with held(job_id):
+                time.sleep(3.0)
         started = attempts_started(run_dir)
         for attempt in sorted(started)[1:4]:
             # every rank went to a spare that had finished its imports
             assert sorted((r["spare_ranks"], r["warm_ranks"]) for r in started[attempt]) == [(1, 1)] * 2, started
         # (a) a fatal health verdict on node 1, once node 0 holds a replica of its memory snapshot
         wait_until(snapshot_since(run_dir, events(run_dir, "restart")[-1]["ts"]), 300, "a replicated snapshot")
-        (tmp_path / "warm-nvml" / "n1.json").write_text(json.dumps(FAILED_GPU))
+        with held(job_id):
+            (tmp_path / "warm-nvml" / "n1.json").write_text(json.dumps(FAILED_GPU))
+            wait_until(lambda: events(run_dir, "bad_node"), 120, "node 1 replaced")
         job = finished(cluster, job_id, run_dir)
     finally:
         cluster.run("scancel", "--full", "--signal=KILL", job_id, check=False)  # a plain scancel would requeue
@@ -225,8 +238,9 @@ def test_a_frozen_node_is_replaced_in_seconds_then_with_no_spare_left_the_job_re
         # no spare left: node rank 1 (now on n2) found unfit ends the allocation as before, without n2
         replaced_at = last_step(run_dir)
         wait_until(lambda: last_step(run_dir) >= replaced_at + 2, 180, "progress on the spare")
-        (tmp_path / "frozen-nvml" / "n2.json").write_text(json.dumps(FAILED_GPU))
-        wait_until(lambda: events(run_dir, "requeue"), 180, "the requeue")
+        with held(job_id):  # the run is still training when the verdict comes (steps are fast here)
+            (tmp_path / "frozen-nvml" / "n2.json").write_text(json.dumps(FAILED_GPU))
+            wait_until(lambda: events(run_dir, "requeue"), 180, "the requeue")
         job = finished(cluster, job_id, run_dir, timeout=900)
     finally:
         cluster.run("scancel", "--full", "--signal=KILL", job_id, check=False)  # a plain scancel would requeue
