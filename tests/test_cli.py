@@ -79,6 +79,8 @@ def test_status_watch_refreshes_in_place_until_interrupted(tmp_path):
         stdout=slave,
         stderr=slave,
         env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"},
+        # as from an interactive terminal: a suite started in the background inherits SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     os.close(slave)
     drawn = b""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -260,8 +261,8 @@ def planted_cwd_runs(tmp_path_factory):
 def test_spares_and_ranks_never_import_from_the_working_directory(planted_cwd_runs):
     r = planted_cwd_runs
     assert not r["marker_after_a"] and not r["marker"].exists(), r["marker"].read_text()
-    warm = [e["warm_ranks"] for e in events(r["run_dir"], "attempt_start")]
-    assert warm and warm[0] == 2, "the ranks were parked spares (what imported megatron while parked)"
+    parked = [e["spare_ranks"] for e in events(r["run_dir"], "attempt_start")]
+    assert parked and parked[0] == 2, "the ranks were parked spares (what imported megatron while parked)"
 
 
 def test_a_new_run_never_resumes_a_dead_runs_snapshot_which_ckpt_list_and_clean_report_and_remove(planted_cwd_runs):
@@ -283,7 +284,11 @@ def test_a_checkpoint_dir_removed_mid_run_is_a_storage_fault_not_a_crash(planted
     r = planted_cwd_runs
     log = (r["tmp"] / "b.log").read_text()
     assert r["code_b"] == ExitCode.STORAGE_FAULT, log[-3000:]
-    assert f"{r['run_dir'] / 'checkpoints'} vanished while the run was using it" in log
+    # gone, or (when a save re-created the path meanwhile) another directory: never written to either way
+    assert re.search(
+        f"{re.escape(str(r['run_dir'] / 'checkpoints'))} (vanished|was replaced by another directory) while the run",
+        log,
+    ), log[-3000:]
     assert [e["event"] for e in ledger.read(r["run_dir"]) if e["event"] in ("storage_fault", "gave_up")][:1] == [
         "storage_fault"
     ]

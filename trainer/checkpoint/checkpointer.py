@@ -10,6 +10,7 @@ done (megatron's collective finalize) rank 0 writes the marker with the manifest
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -136,11 +137,16 @@ class Checkpointer:
             cfg, run_dir, attempt=attempt, is_logger=self.rank == 0, device=device, history=history
         )
         dist.barrier()
-        self.root_id = permissions.DirId.of(self.root)
+        try:
+            # Held open for the life of the process: while it is, the directory's inode cannot be reused,
+            # so a directory removed and re-created at the same path (by a save racing the removal, on a
+            # file system that hands the freed inode number straight back) never passes for the original.
+            self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            raise StorageFault(f"checkpoint directory {self.root} vanished at start") from None
+        self.root_id = permissions.DirId.of_fd(self._root_fd)
         """The checkpoint directory as this attempt found it: one that vanishes or is replaced is a storage
         fault, never written to or loaded from."""
-        if self.root_id is None:
-            raise StorageFault(f"checkpoint directory {self.root} vanished at start")
 
     def _agree(self, problem: str | None) -> str | None:
         """The first rank's problem, on every rank (a collective)."""
