@@ -139,7 +139,6 @@ def is_parked(pid: int) -> bool:
 class Spare:
     local_rank: int
     proc: subprocess.Popen
-    spawned_at: float
     ready_fd: int
     """Read end of the pipe on which the spare says its imports are done."""
     warm: bool = False
@@ -218,7 +217,7 @@ class Spares:
         finally:
             os.close(fd)
             os.close(ready_w)
-        return Spare(spec.local_rank, proc, time.monotonic(), ready_r)
+        return Spare(spec.local_rank, proc, ready_r)
 
     def take(self, spec: RankEnv, argv: list[str]) -> Taken | None:
         """Hand rank `spec` to one of its spares (a warm one first, the oldest first); None when there is
