@@ -439,7 +439,7 @@ def gpu_node_health() -> db.Dashboard:
     def fact(metric: str, name: str) -> str:  # one table row per (node, gpu, fact)
         return f'label_replace(max by (node, gpu) ({metric}{{{FACTS}}}), "fact", "{name}", "", "")'
 
-    return (
+    board = (
         Board(base("resilient-health", "resilient / GPU and node health", source, gpu, facts_job))
         .row("Node facts (kept after the supervisor exits)")
         .stat(
@@ -535,22 +535,19 @@ def gpu_node_health() -> db.Dashboard:
             ],
             8,
         )
-        .series(
-            "Utilization (dcgm-exporter)",
-            [Q(dc("DCGM_FI_DEV_GPU_UTIL"), per_gpu)],
-            12,
-            unit="percent",
-            description="dcgm-exporter only: NVML metrics carry no utilization.",
-        )
-        .series(
-            "Framebuffer used (dcgm-exporter)",
-            [Q(dc("DCGM_FI_DEV_FB_USED"), per_gpu)],
-            12,
-            unit="decmbytes",
-            description="dcgm-exporter only (MiB).",
-        )
-        .dashboard
     )
+    for title, metric, unit, note in _DCGM_ONLY:
+        board = board.series(
+            f"{title} (dcgm-exporter)", [Q(dc(metric), per_gpu)], 12, unit=unit, description="dcgm-exporter only" + note
+        )
+    return board.dashboard
+
+
+_DCGM_ONLY = (
+    ("Utilization", "DCGM_FI_DEV_GPU_UTIL", "percent", ": NVML metrics carry no utilization."),
+    ("Framebuffer used", "DCGM_FI_DEV_FB_USED", "decmbytes", " (MiB)."),
+)
+"""GPU panels only dcgm-exporter feeds: (title, metric, unit, what the description adds)."""
 
 
 DASHBOARDS = {

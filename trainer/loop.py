@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NoReturn
 
@@ -43,23 +43,12 @@ log = logging.getLogger("trainer")
 
 
 def model_layout(cfg: TrainerConfig, *, on_gpu: bool) -> Layout:
-    """The config's parallel and precision fields, as the model and optimizer builders take them."""
-    p, t = cfg.parallel, cfg.train
-    return Layout(
-        tp=p.tp,
-        pp=p.pp,
-        cp=p.cp,
-        vpp=p.vpp,
-        sequence_parallel=p.sequence_parallel,
-        bf16=t.precision == "bf16" or (t.precision == "auto" and on_gpu),
-        recompute_granularity=t.recompute_granularity,
-        recompute_method=t.recompute_method,
-        recompute_num_layers=t.recompute_num_layers,
-        distributed_optimizer=p.distributed_optimizer,
-        overlap_grad_reduce=p.overlap_grad_reduce,
-        overlap_param_gather=p.overlap_param_gather,
-        grad_reduce_in_fp32=t.grad_reduce_in_fp32,
-    )
+    """The config's parallel and precision fields, as the model and optimizer builders take them: every
+    field of Layout but `bf16` is the parallel.* or train.* field of its name."""
+    t = cfg.train
+    named = {**cfg.parallel.model_dump(), **t.model_dump()}
+    same = {f.name: named[f.name] for f in fields(Layout) if f.name != "bf16"}
+    return Layout(**same, bf16=t.precision == "bf16" or (t.precision == "auto" and on_gpu))
 
 
 @dataclass(frozen=True)
@@ -98,9 +87,9 @@ class Trainer:
         checkpointer = getattr(self, "checkpointer", None)
         return checkpointer.root_problem() if checkpointer is not None else None
 
-    def _beat(self, phase: Phase, step: int, **fields) -> None:
+    def _beat(self, phase: Phase, step: int, **figures) -> None:
         self._last_beat = (phase, step)
-        self.heartbeat.send(phase, step, **fields)
+        self.heartbeat.send(phase, step, **figures)
 
     def _on_commit(self, step: int, total_s: float, size: int) -> None:
         # Same phase and step as the last heartbeat: reports the commit without counting as progress.
@@ -195,14 +184,11 @@ class Trainer:
         self.checkpointer = Checkpointer(
             cfg.checkpoint,
             self.run_dir,
+            env,
             final_step=cfg.train.steps,
             device=self.device,
-            attempt=env.attempt,
-            history=env.history,
             on_commit=self._on_commit,
             on_save_start=self._on_save_start,
-            local_world=env.local_world_size,
-            allow_shared_dir=env.allow_shared_dir,
         )
         self.flops_per_token = flops_per_token(arch, cfg.seq_len)
         self.peak = device_peak_flops(self.device, cfg.train.peak_flops)
@@ -535,10 +521,8 @@ class Trainer:
         tokens_per_s = tokens_per_step / step_time
         mfu = tokens_per_s * self.flops_per_token / (self.peak * self.env.world_size)
         lr = self.optimizer.param_groups[0]["lr"]
-        record = {
-            "ts": time.time(),
-            "attempt": self.env.attempt,
-            "step": state.step,
+        # The step's figures as the train log and the heartbeat both carry them.
+        figures = {
             "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
@@ -547,24 +531,13 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "mfu": mfu,
             "consumed_samples": state.consumed_samples,
-            **extra,
         }
+        self._beat(
+            Phase.STEP, state.step, **figures, compute_time=compute_time, ckpt_intervals=self.checkpointer.intervals
+        )
+        record = {"ts": time.time(), "attempt": self.env.attempt, "step": state.step, **figures, **extra}
         if self.device.type == "cuda":  # rank 0's high-water mark, for checking the planner's memory model
             record["max_memory_allocated"] = torch.cuda.max_memory_allocated(self.device)
-        self._beat(
-            Phase.STEP,
-            state.step,
-            loss=loss,
-            lr=lr,
-            grad_norm=grad_norm,
-            step_time=step_time,
-            compute_time=compute_time,
-            tokens=state.consumed_tokens,
-            tokens_per_s=tokens_per_s,
-            mfu=mfu,
-            consumed_samples=state.consumed_samples,
-            ckpt_intervals=self.checkpointer.intervals,
-        )
         if not self.is_logger:
             return
         ledger.append_jsonl(RunDir(self.run_dir).train_log, record)

@@ -2,7 +2,7 @@
 
 Each simulated slot runs the supervisor's cycle (the coordinator's plan, barrier, watch, report, the
 coordinator's decision, status merge) through the same Coordinator, typed reports, roster, lease table
-(`Liveness`, one lease thread and connection per slot), `election.judge_leases`, `decisions.decide_attempt`,
+(`Liveness`, one lease thread and connection per slot), `LostSlots`, `decisions.decide_attempt`,
 `failover.elect` and status functions as resilient/supervisor/daemon.py; only the rank processes are
 replaced by fake ranks that step on the clock (they save nothing: `newest_committed` stands for the run's
 checkpoints). Slot 0 hosts the first store in a worker process of its own, so that freezing it (SIGSTOP)
@@ -26,15 +26,15 @@ from typing import Any, TypeVar
 
 from resilient.core import kvstore
 from resilient.core.outcome import Outcome
-from resilient.supervisor import decisions, election, failover, publishing
+from resilient.supervisor import decisions, failover, publishing
 from resilient.supervisor import roster as rosters
 from resilient.supervisor.auth import Sealer
 from resilient.supervisor.config import SupervisorConfig
-from resilient.supervisor.coordination import CoordinationLost, Coordinator, Gate, intervals
+from resilient.supervisor.coordination import Access, CoordinationLost, Coordinator, Gate, intervals
 from resilient.supervisor.decisions import AttemptContext, AttemptDecision
 from resilient.supervisor.election import Join
-from resilient.supervisor.leases import read_every
 from resilient.supervisor.liveness import Liveness
+from resilient.supervisor.lost_slots import LostSlots
 from resilient.supervisor.reports import NodeOutcome, NodeReport, StopKind
 from resilient.supervisor.roster import Role, Roster
 from resilient.supervisor.states import State
@@ -85,7 +85,8 @@ class SimNode(threading.Thread):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(name=f"sim-slot-{topo.slot}", daemon=True)
-        self.topo, self.cfg, self.sealer, self.nranks, self.step_s, self.marks = topo, cfg, sealer, ranks, step_s, marks
+        self.topo, self.cfg, self.nranks, self.step_s, self.marks = topo, cfg, ranks, step_s, marks
+        self.access = Access(topo, cfg, sealer, _forged)
         self.slot, self.slots, self.run_dir, self.clock = topo.slot, topo.slots, run_dir, clock
         self.roster = self.plan = rosters.initial(nodes, topo.slots, topo.hosts)
         self.node: int | None = None
@@ -105,9 +106,7 @@ class SimNode(threading.Thread):
         """The coordinator: its decision for each attempt, in order."""
         self.cpu_s = 0.0
         """This thread's CPU time so far (the coordinator's share of the work, for the bench)."""
-        self._lost: dict[int, str] = {}
-        self._posted: set[tuple[int, int]] = set()
-        self._next_lease_check = 0.0
+        self.lost = LostSlots(cfg.node_lease_s)
         self._start_step = 0
         self._next_status = 0.0
         self._next_merge = 0.0
@@ -145,7 +144,7 @@ class SimNode(threading.Thread):
                 self.liveness.stop()
 
     def _run(self) -> Outcome:
-        self.coord = Coordinator.open(self.topo, self.cfg, self.sealer, _forged, coordinator=0, epoch=0)
+        self.coord = Coordinator.open(self.access, coordinator=0, epoch=0)
         self._start_liveness(self.cfg.store_timeout_s)
         if self.coord.hosting:
             self._set_roster(self.roster)
@@ -158,7 +157,7 @@ class SimNode(threading.Thread):
                 self.coord.ack(self.attempt)
                 self._set_state(decision.outcome)
                 if self.coord.hosting:
-                    live = [s for s in self.roster.members if s not in self._lost]
+                    live = self.lost.live(self.roster)
                     self._wait(lambda live=live: self.coord.all_acked(self.attempt, live))
                 return decision.outcome
             self.restarts += 1
@@ -259,20 +258,14 @@ class SimNode(threading.Thread):
             raise _Frozen()
         if self.liveness is not None and self.liveness.failed is not None:
             raise CoordinationLost(f"coordinator slot {self.roster.coordinator} lost: {self.liveness.failed}")
-        if not self.coord.hosting or now < self._next_lease_check:
+        if not self.coord.hosting:
             return
-        self._next_lease_check = now + read_every(self.cfg.node_lease_s)
-        members = [s for s in self.roster.members if s != self.slot]
-        found = election.judge_leases(
-            self.roster, self.slot, self.slots, self.liveness.lost(members, now), {}, self._lost
-        )
-        if not found.quorum:
-            raise failover.NoMajority(f"slot {self.slot} coordinates without a majority: {found.why}")
+        found = self.lost.look(now, self.roster, self.slot, self.slots, self.liveness, {})
+        if found is None:
+            return
         for slot, reason in found.newly_lost.items():
-            self._lost[slot] = reason
             node = self.plan.node_rank(slot)
-            if node is not None and (self.attempt, slot) not in self._posted:
-                self._posted.add((self.attempt, slot))
+            if node is not None and self.lost.first_post(self.attempt, slot):
                 self.coord.request_restart(
                     self.attempt,
                     kind="node_lost",
@@ -286,9 +279,8 @@ class SimNode(threading.Thread):
 
     def _reports_ready(self) -> dict[int, NodeReport] | None:
         self._check_liveness(self.clock())
-        lost = {k for k, s in enumerate(self.plan.nodes) if s in self._lost}
         got = self.coord.reports(self.attempt, self.plan, range(len(self.plan.nodes)))
-        return None if any(k not in got and k not in lost for k in range(len(self.plan.nodes))) else got
+        return None if self.lost.waiting_for(self.plan, got) else got
 
     def _decide(self) -> AttemptDecision:
         self._set_state(State.DECIDING)
@@ -308,7 +300,6 @@ class SimNode(threading.Thread):
         """The coordinator's decision, from what it knows as the daemon's coordinator does (the store's stop
         request, the newest committed step, lost nodes, spares); the daemon records it in the ledger, the
         simulation only carries the streak."""
-        lost = {k: self._lost[s] for k, s in enumerate(self.plan.nodes) if s in self._lost}
         context = AttemptContext(
             nnodes=len(self.plan.nodes),
             restarts_done=self.restarts,
@@ -317,7 +308,7 @@ class SimNode(threading.Thread):
             stop=self.coord.stop_requested(),
             newest_committed=self.newest_committed,
             save_on_finish=self.save_on_finish,
-            lost=lost,
+            lost=self.lost.node_ranks(self.plan),
             spares=len(self.roster.spares),
         )
         decision = decisions.decide_attempt(reports, context, self.cfg)
@@ -330,7 +321,7 @@ class SimNode(threading.Thread):
         self.coord.publish_roster(roster)
 
     def _start_liveness(self, join_s: float) -> None:
-        store = self.coord.second_connection(self.cfg, self.sealer, _forged)
+        store = self.coord.second_connection(self.access)
         self.liveness = Liveness(
             store,
             self.slot,
@@ -349,31 +340,20 @@ class SimNode(threading.Thread):
         self.liveness.stop()
         self.coord.close()
         self._set_state(State.ELECTING, publish=False)
-        me = Join(
-            self.slot,
-            self.attempt,
-            self.roster,
-            self.restarts,
-            self.no_progress_streak,
-            self.first_attempt,
-            self.coord.stop_record(),
-        )
-        self.coord, won, takeover = failover.elect(
-            self.topo, self.cfg, self.sealer, _forged, me, lost, clock=self.clock
-        )
-        self.roster = self.plan = takeover.roster
-        self.attempt, self.restarts = takeover.attempt, takeover.restarts
-        self.no_progress_streak = takeover.no_progress_streak
+        me = Join.of(self, self.coord.stop_record())
+        self.coord, won, takeover = failover.elect(self.access, me, lost, clock=self.clock)
+        takeover.carry_on(self)
+        self.plan = self.roster
         self._start_liveness(failover.election_timeout_s(self.cfg))
         if won:
             self.marks.elected[self.roster.epoch] = self.clock()
-            self._lost, self._posted = {lost: str(err)}, set()
+            self.lost.after_election(lost, str(err))
             if takeover.stop is not None:
                 self.coord.adopt_stop(dict(takeover.stop))
             self.coord.publish_first_attempt(takeover.first_attempt)
             self.coord.publish_plan(self.attempt, self.plan)
         self.node = self.plan.node_rank(self.slot)
-        self._next_lease_check = 0.0
+        self.lost.look_now()
 
     # -- status ---------------------------------------------------------------------------------------
 
@@ -422,7 +402,7 @@ class SimNode(threading.Thread):
                 last_failure=None,
                 stop=self.coord.stop_requested(),
                 roster=self.roster,
-                lost=self._lost,
+                lost=self.lost.lost,
             )
         self.cpu_s = time.thread_time()
 

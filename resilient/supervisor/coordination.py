@@ -30,7 +30,7 @@ import os
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from resilient.core.errors import ResilientError
 from resilient.core.exit_codes import ExitCode
@@ -44,6 +44,8 @@ from resilient.supervisor.reports import NodeReport, StopKind, StopRequest
 from resilient.supervisor.roster import Roster
 from resilient.supervisor.store import SealedStore
 from resilient.supervisor.topology import Topology
+
+T = TypeVar("T")
 
 
 class Gate(enum.Enum):
@@ -104,8 +106,29 @@ def intervals(nnodes: int, cfg: SupervisorConfig) -> Intervals:
     )
 
 
+@dataclass(frozen=True)
+class Access:
+    """What a supervisor needs to host or reach any epoch's store: where the slots are, the store's
+    settings, the job's key, and what to do with a value that fails authentication or a refused write."""
+
+    topo: Topology
+    cfg: SupervisorConfig
+    sealer: Sealer
+    on_forged: Callable[[str, str], None]
+    """Called with (key, reason) for a store value that fails authentication (it is ignored)."""
+    on_limit: Callable[[str], None] | None = None
+    """Called when the hosted store refuses a write at one of its bounds."""
+
+
 def limits(slots: int, cfg: SupervisorConfig) -> StoreLimits:
     return StoreLimits(max_keys=cfg.store_max_keys, max_bytes=cfg.store_max_bytes, max_clients=4 * slots + 16)
+
+
+def _stop_or_restart(stop: Any, restart: Any) -> Gate | None:
+    """A stop request outranks a restart request: a job asked to stop saves and stops."""
+    if stop is not None:
+        return Gate.STOP
+    return Gate.RESTART if restart is not None else None
 
 
 def _guard(fn):
@@ -141,28 +164,20 @@ class Coordinator:
 
     @classmethod
     def open(
-        cls,
-        topo: Topology,
-        cfg: SupervisorConfig,
-        sealer: Sealer,
-        on_forged: Callable[[str, str], None],
-        *,
-        coordinator: int = 0,
-        epoch: int = 0,
-        connect_timeout_s: float | None = None,
-        on_limit: Callable[[str], None] | None = None,
+        cls, access: Access, *, coordinator: int = 0, epoch: int = 0, connect_timeout_s: float | None = None
     ) -> Coordinator:
         """The store of `epoch`: slot `coordinator` hosts it on its named address; every slot connects."""
+        topo, cfg = access.topo, access.cfg
         addr, port = topo.store_address(coordinator, epoch)
         server = None
         try:
             if topo.slot == coordinator:
-                server = host_store(addr, port, sealer.store_key, limits(topo.slots, cfg), on_limit)
+                server = host_store(addr, port, access.sealer.store_key, limits(topo.slots, cfg), access.on_limit)
                 port = server.port
             client = StoreClient(
                 addr,
                 port,
-                sealer.store_key,
+                access.sealer.store_key,
                 op_timeout_s=cfg.node_lease_s,
                 connect_timeout_s=cfg.store_timeout_s if connect_timeout_s is None else connect_timeout_s,
             )
@@ -172,24 +187,22 @@ class Coordinator:
             raise CoordinationLost(
                 f"cannot reach the coordination store at {addr}:{port}: {str(err).splitlines()[0]}"
             ) from None
-        return cls(
-            SealedStore(client, sealer, on_forged), topo.slot, topo.slots, cfg, f"{addr}:{port}", topo.node_name, server
-        )
+        store = SealedStore(client, access.sealer, access.on_forged)
+        return cls(store, topo.slot, topo.slots, cfg, f"{addr}:{port}", topo.node_name, server)
 
-    def second_connection(
-        self, cfg: SupervisorConfig, sealer: Sealer, on_forged: Callable[[str, str], None]
-    ) -> SealedStore:
+    def second_connection(self, access: Access) -> SealedStore:
         """Another connection to this store (the lease thread's: it must not wait behind the main loop's calls).
         This store answered a moment ago: its connect may take up to three leases (a whole allocation
         connects to a new coordinator at once after an election); no answer by then is a lost coordinator."""
         addr, port = self.address.rsplit(":", 1)
+        lease_s = access.cfg.node_lease_s
         try:
             client = StoreClient(
-                addr, int(port), sealer.store_key, connect_timeout_s=3 * cfg.node_lease_s, op_timeout_s=cfg.node_lease_s
+                addr, int(port), access.sealer.store_key, connect_timeout_s=3 * lease_s, op_timeout_s=lease_s
             )
         except OSError as err:
             raise CoordinationLost(f"cannot reach the coordination store at {self.address}: {err}") from None
-        return SealedStore(client, sealer, on_forged)
+        return SealedStore(client, access.sealer, access.on_forged)
 
     @property
     def hosting(self) -> bool:
@@ -217,6 +230,11 @@ class Coordinator:
                 if v is not None:
                     self._cache[k] = v
         return [self._cache.get(k) for k in keys]
+
+    def _written(self, attempt: int, name: str, decode: Callable[[Any], T]) -> T | None:
+        """Write-once key `name` of `attempt`, decoded, once it is there."""
+        got = self._watched([f"a/{attempt}/{name}"])[0]
+        return None if got is None else decode(got)
 
     def _first_wins(self, key: str, value: dict[str, Any]) -> bool:
         won, _ = self.store.first_wins(key, {**value, **self.origin})
@@ -268,8 +286,7 @@ class Coordinator:
     @_guard
     def plan(self, attempt: int) -> Roster | None:
         """The roster attempt `attempt` runs with, once the coordinator published it."""
-        got = self._watched([f"a/{attempt}/plan"])[0]
-        return None if got is None else rosters.from_store(got)
+        return self._written(attempt, "plan", rosters.from_store)
 
     @_guard
     def publish_master_port(self, attempt: int, port: int) -> None:
@@ -277,7 +294,7 @@ class Coordinator:
 
     @_guard
     def master_port(self, attempt: int) -> int | None:
-        return self._watched([f"a/{attempt}/master_port"])[0]
+        return self._written(attempt, "master_port", int)
 
     @_guard
     def arrive(self, attempt: int, node_rank: int) -> None:
@@ -288,10 +305,8 @@ class Coordinator:
         """STOP, RESTART or GO once attempt `attempt` may (not) start; None while waiting. The
         coordinator opens it when every node rank's ready key holds the slot the plan gives it."""
         stop, restart, go = self._watched(["stop", f"a/{attempt}/restart", f"a/{attempt}/go"])
-        if stop is not None:
-            return Gate.STOP
-        if restart is not None:
-            return Gate.RESTART
+        if (ended := _stop_or_restart(stop, restart)) is not None:
+            return ended
         if go is None and self.hosting:
             keys = [f"a/{attempt}/ready/{k}" for k in range(len(plan.nodes))]
             if self.store.all_present(keys) and self.store.get_many(keys) == list(plan.nodes):
@@ -306,17 +321,12 @@ class Coordinator:
 
     @_guard
     def restart_requested(self, attempt: int) -> dict[str, Any] | None:
-        return self._watched([f"a/{attempt}/restart"])[0]
+        return self._written(attempt, "restart", dict)
 
     @_guard
     def poll(self, attempt: int) -> Gate | None:
         """The running attempt's one round trip per poll interval: STOP, RESTART or None."""
-        stop, restart = self._watched(["stop", f"a/{attempt}/restart"])
-        if stop is not None:
-            return Gate.STOP
-        if restart is not None:
-            return Gate.RESTART
-        return None
+        return _stop_or_restart(*self._watched(["stop", f"a/{attempt}/restart"]))
 
     # -- the end of an attempt ---------------------------------------------------------------------
 
@@ -344,8 +354,7 @@ class Coordinator:
 
     @_guard
     def decision(self, attempt: int) -> AttemptDecision | None:
-        got = self._watched([f"a/{attempt}/decision"])[0]
-        return None if got is None else wire.decision_from_store(got)
+        return self._written(attempt, "decision", wire.decision_from_store)
 
     @_guard
     def ack(self, attempt: int) -> None:

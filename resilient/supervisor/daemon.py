@@ -20,7 +20,6 @@ import dataclasses
 import os
 import selectors
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -29,7 +28,7 @@ from typing import Any, TypeVar
 
 from health.actions import Verdict
 from resilient.config import RunConfig, dump_config
-from resilient.core import guarded, ledger, permissions
+from resilient.core import ledger
 from resilient.core.atomic import atomic_write
 from resilient.core.errors import ConfigError, ResilientError, StorageFault
 from resilient.core.events import LedgerEvent
@@ -44,13 +43,13 @@ from resilient.report.rank_steps import RankStepLog
 from resilient.supervisor import (
     calibration,
     decisions,
-    election,
     failover,
     failures,
     fencing,
     incidents,
     progress,
     publishing,
+    records,
     spares,
     timeouts,
     watch,
@@ -60,22 +59,24 @@ from resilient.supervisor.auth import Sealer
 from resilient.supervisor.calibration import CalibrationStore
 from resilient.supervisor.config import RankProtocol
 from resilient.supervisor.console import progress_line
-from resilient.supervisor.coordination import CoordinationLost, Coordinator, Gate
+from resilient.supervisor.coordination import Access, CoordinationLost, Coordinator, Gate
 from resilient.supervisor.decisions import AttemptContext, AttemptDecision
 from resilient.supervisor.election import Join
 from resilient.supervisor.failover import NoMajority
 from resilient.supervisor.failures import Failure, FailureKind
 from resilient.supervisor.goodput_refresh import GoodputRefresh
 from resilient.supervisor.health_watch import HealthWatch
-from resilient.supervisor.leases import read_every
 from resilient.supervisor.liveness import Liveness
+from resilient.supervisor.lost_slots import LostSlots
 from resilient.supervisor.ranks import RankProcess, free_port, spawn, stop_all
 from resilient.supervisor.reports import NodeOutcome, NodeReport, RankExit, StopKind, StopRequest
 from resilient.supervisor.roster import Role, Roster
+from resilient.supervisor.run_dirs import RunDirs
 from resilient.supervisor.states import State
 from resilient.supervisor.straggler_ledger import StragglerLedger
 from resilient.supervisor.topology import Topology
 from resilient.supervisor.tracking import HeartbeatTracker, RankView
+from resilient.supervisor.wakeups import Wakeups
 from trainer.checkpoint.manifest import recorded_mismatch
 
 T = TypeVar("T")
@@ -124,7 +125,7 @@ class Supervisor:
         )  # seeds the tracker
         self.last_failure: dict[str, Any] | None = None
         self.metrics_port: int | None = None
-        self._signal: str | None = None
+        self.wakeups: Wakeups | None = None  # signals, once run() installed their handlers
         self._stop_seen = False
         self._status_due = publishing.Throttle(self.scfg.status_interval_s)  # the store's pace once it is open
         self._merge_due = publishing.Throttle(self.scfg.status_interval_s)
@@ -134,12 +135,10 @@ class Supervisor:
         self._spare_unhealthy: str | None = None  # a spare's own fatal verdict (its lease carries it)
         self._spare_checked = False
         self.coord: Coordinator | None = None
-        self.sealer: Sealer | None = None
+        self.access: Access | None = None
         self.liveness: Liveness | None = None
-        self._lost: dict[int, str] = {}
-        """The coordinator: slots whose lease expired (or that were the lost coordinator), with why."""
-        self._lost_posted: set[tuple[int, int]] = set()
-        self._next_lease_check = 0.0
+        self.lost = LostSlots(self.scfg.node_lease_s)
+        """The coordinator's lost slots (from its lease reads, or the coordinator it replaced)."""
         self.server: HeartbeatServer | None = None
         self.metrics = NodeMetrics(cfg.metrics, topo.node_name)
         self.metrics.declare_failure_kinds(FailureKind)
@@ -153,23 +152,19 @@ class Supervisor:
         self.exit_only = self.scfg.rank_protocol is RankProtocol.EXIT_ONLY
         self.progress_root = progress.progress_dir(self.scfg.progress_dir, cfg.checkpoint.dir, run_dir)
         self.spares: spares.Spares | None = None
-        self._refill_at: float | None = None  # when the current attempt's ranks were spawned, until refilled
-        self.dirs: dict[Path, permissions.DirId] = {}
-        """The run and checkpoint directories as this supervisor found them: one that vanishes or is replaced
-        while the run uses it is a storage fault (never written to, never loaded from)."""
-        self._dirs_checked = 0.0
+        self.dirs: RunDirs | None = None  # captured at the start of run()
 
     # -- entry point --------------------------------------------------------------------------------
 
     def run(self) -> int:
-        self._install_signals()
+        self.wakeups = Wakeups((signal.SIGTERM, signal.SIGINT, signal.Signals[self.scfg.preempt_signal]))
         try:
             return int(self._run())
         except CoordinationLost as err:
             minority = isinstance(err, NoMajority)
             self.coord = None  # status stays local from here on; a minority writes no decision
             self._record_failure(self._failure(FailureKind.SUPERVISOR, None, str(err)))
-            self._record_coordinator_lost(err, minority)
+            records.coordinator_lost(self.run_dir, self.slot, self.attempt, str(err), minority=minority)
             # A minority's ranks are killed at once: a stop signal would let them save (touch checkpoints).
             stop_all(self.ranks, 0.0 if minority else self.scfg.termination_grace_s)
             outcome = Outcome.PREEMPTED if self._stop_seen and not minority else Outcome.COORDINATION_LOST
@@ -200,7 +195,7 @@ class Supervisor:
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         ckpt_root = self.cfg.checkpoint.root(self.run_dir)
         ckpt_root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.dirs = permissions.capture([self.run_dir, ckpt_root])
+        self.dirs = RunDirs(self.run_dir, [self.run_dir, ckpt_root])
         if self.slot == 0:
             self._write_config()
         self.metrics_port = self.metrics.start()
@@ -208,10 +203,9 @@ class Supervisor:
             self.goodput = GoodputRefresh(self.run_dir, self.cfg.metrics.goodput_interval_s, self.metrics).start()
         self.server = HeartbeatServer(RunDir(self.run_dir).heartbeat_socket(self.slot))
         self._start_spares()
-        self.sealer = Sealer(load_or_create(self.run_dir), self.topo.instance)
-        self.coord = Coordinator.open(
-            self.topo, self.scfg, self.sealer, self._on_forged, coordinator=0, epoch=0, on_limit=self._on_store_limit
-        )
+        sealer = Sealer(load_or_create(self.run_dir), self.topo.instance)
+        self.access = Access(self.topo, self.scfg, sealer, self._on_forged, self._on_store_limit)
+        self.coord = Coordinator.open(self.access, coordinator=0, epoch=0)
         self._status_due.interval_s = self.coord.intervals.status_s
         self._merge_due.interval_s = self.coord.intervals.merge_s
         self._start_liveness(join_s=self.scfg.store_timeout_s)
@@ -287,10 +281,11 @@ class Supervisor:
         self.tracker.new_attempt()
         self._final_exit = self._unhealthy = None
         self._set_state(State.PREFLIGHT)
-        if changed := self._changed_dir():  # every node stops; the coordinator decides STORAGE_FAULT
+        assert self.dirs is not None
+        if changed := self.dirs.changed():  # every node stops; the coordinator decides STORAGE_FAULT
             self._storage_fault(changed)
             return NodeOutcome.PREEMPTED
-        if not self.scfg.allow_shared_dir and (shared := self._shared_dir()):  # made shared since the start
+        if not self.scfg.allow_shared_dir and (shared := self.dirs.shared()):  # made shared since the start
             self._final_exit = RankExit(int(ExitCode.CONFIG_ERROR), shared)
             self._record_failure(self._failure(FailureKind.SUPERVISOR, None, shared))
             return NodeOutcome.FAILED
@@ -423,7 +418,8 @@ class Supervisor:
             self.ranks.append(proc)
             views.append(RankView(spec.rank, spec.local_rank, proc.pid, last_progress=proc.spawned_at))
         self.tracker.track(views)
-        self._refill_at = time.monotonic() if self.spares is not None else None
+        if self.spares is not None:
+            self.spares.handed_out(time.monotonic())
         ledger.append(
             self.run_dir,
             LedgerEvent.ATTEMPT_START,
@@ -445,31 +441,25 @@ class Supervisor:
         )
         print(f"resilient: slot {self.slot}: warm spares: {reason}", file=sys.stderr)
         if cmd is not None:
-            self.spares = spares.Spares(cmd, self.run_dir, self.slot, self.scfg.spares_per_rank)
-            self._refill_spares()
+            self.spares = spares.Spares(
+                cmd, self.run_dir, self.slot, self.scfg.spares_per_rank, self.scfg.spare_refill_delay_s
+            )
+            self.spares.fill(self._spare_specs())
 
-    def _refill_spares(self) -> None:
-        """Replace the spares the last attempt took; they carry their future rank's identity, with
-        placeholders (attempt -1, port 0, no failure history) for what the assignment sets."""
-        assert self.spares is not None
-        self._refill_at = None
-        node = self.node if self.node is not None else self.roster.node_rank(self.slot)  # a spare node: rank 0's
-        if self.spares.fill(self._rank_specs(0, -1, node or 0)):
-            self._status_due.force()  # their count and memory go out with the next status
+    def _spare_specs(self) -> list[RankEnv]:
+        """Spares carry their future rank's identity, with placeholders (attempt -1, port 0, no failure
+        history) for what the assignment sets; a spare node's are node rank 0's."""
+        node = self.node if self.node is not None else self.roster.node_rank(self.slot)
+        return self._rank_specs(0, -1, node or 0)
 
     def _maybe_refill_spares(self, now: float) -> None:
-        if self._refill_at is None or self.spares is None:
+        """Replace the spares the last attempt took, once its ranks step (`spares.refill_due`)."""
+        if self.spares is None or not self.spares.refill_pending:
             return
         views = [self.tracker.views[r.spec.rank] for r in self.ranks]
         phases = [v.phase if v.last_heartbeat is not None else None for v in views]
-        due, _ = spares.refill_due(
-            phases,
-            now - self._refill_at,
-            self.scfg.spare_refill_delay_s,
-            spare_left=self.spares.left(len(self.ranks)),
-        )
-        if due:
-            self._refill_spares()
+        if self.spares.refill_if_due(now, phases, self._spare_specs):
+            self._status_due.force()  # their count and memory go out with the next status
 
     def _watch(self) -> NodeOutcome:
         """Until this attempt ends on this node: FINISHED, FAILED (here or on another node) or PREEMPTED.
@@ -478,7 +468,8 @@ class Supervisor:
         assert self.coord is not None and self.server is not None
         sel = selectors.DefaultSelector()
         sel.register(self.server, selectors.EVENT_READ)
-        sel.register(self._wake_r, selectors.EVENT_READ)
+        assert self.wakeups is not None
+        sel.register(self.wakeups.reader, selectors.EVENT_READ)
         for r in self.ranks:
             sel.register(r.pidfd, selectors.EVENT_READ, r)
         state = watch.Watch()
@@ -521,12 +512,8 @@ class Supervisor:
                     case watch.Move.PREEMPTED:
                         return NodeOutcome.PREEMPTED
                     case watch.Move.PREEMPT_KILLING_REST:
-                        print(
-                            f"resilient: node {self.node}: ranks did not stop within "
-                            f"{self.scfg.preempt_grace_s:g}s of the stop request; killing them",
-                            file=sys.stderr,
-                        )
-                        stop_all(self.ranks, 0.0)
+                        late = f"did not stop within {self.scfg.preempt_grace_s:g}s of the stop request"
+                        self._stop_rest(late + "; killing them", 0.0)
                         return NodeOutcome.PREEMPTED
                     case watch.Move.FAILED:
                         self._capture_failure(failure, peer)
@@ -534,12 +521,8 @@ class Supervisor:
                     case watch.Move.FINISHED:
                         return NodeOutcome.FINISHED
                     case watch.Move.FINISH_STOPPING_REST:
-                        print(
-                            f"resilient: node {self.node}: every rank reported done; stopping the ones still "
-                            f"running {self.scfg.done_grace_s:g}s later",
-                            file=sys.stderr,
-                        )
-                        stop_all(self.ranks, self.scfg.termination_grace_s)
+                        late = f"still running {self.scfg.done_grace_s:g}s after every rank reported done"
+                        self._stop_rest(late + "; stopping them", self.scfg.termination_grace_s)
                         return NodeOutcome.FINISHED
                 if state.mode is not watch.Mode.STOPPING:
                     self._maybe_refill_spares(now)
@@ -547,10 +530,16 @@ class Supervisor:
         finally:
             sel.close()
 
+    def _stop_rest(self, why: str, grace_s: float) -> None:
+        """Stop the ranks still running at the end of an attempt's grace, saying why."""
+        late = [r.spec.rank for r in self.ranks if r.returncode is None]
+        print(f"resilient: node {self.node}: ranks {late} {why}", file=sys.stderr)
+        stop_all(self.ranks, grace_s)
+
     def _observe(self, now: float) -> list[RankProcess]:
         """One poll's intake: signal wakeups, heartbeats, leases; returns the ranks that exited just now."""
-        assert self.server is not None
-        self._drain_wakeups()
+        assert self.server is not None and self.wakeups is not None
+        self.wakeups.drain()
         for hb in self.server.drain():
             if self.tracker.observe(hb, self.attempt, now):
                 self.metrics.on_heartbeat(hb["rank"], hb.get("local_rank", 0), hb)
@@ -563,8 +552,9 @@ class Supervisor:
 
     def _local_stop(self, exits: list[RankProcess]) -> tuple[StopKind, str] | None:
         """A stop asked on this node: a signal to the supervisor, or a rank that exited PREEMPTED."""
-        if self._signal is not None:
-            return StopKind.PREEMPTED, f"supervisor received {self._signal}"
+        assert self.wakeups is not None
+        if self.wakeups.received is not None:
+            return StopKind.PREEMPTED, f"supervisor received {self.wakeups.received}"
         if stopped := next((r for r in exits if r.returncode == ExitCode.PREEMPTED), None):
             said = self.tracker.views[stopped.spec.rank].done_message
             return StopKind.PREEMPTED, f"rank {stopped.spec.rank} exited PREEMPTED" + (f": {said}" if said else "")
@@ -613,10 +603,8 @@ class Supervisor:
             failure = self._failure(kind, None, verdict.reason)
             if kind is FailureKind.HEALTH:
                 self._unhealthy = verdict.reason
-        if failure is None and now - self._dirs_checked >= 1.0:
-            self._dirs_checked = now
-            if changed := self._changed_dir():
-                failure = self._failure(FailureKind.STORAGE, None, changed)
+        if failure is None and self.dirs is not None and (changed := self.dirs.changed_now(now)):
+            failure = self._failure(FailureKind.STORAGE, None, changed)
         if failure is not None:
             rank_exit = failures.rank_exit(failure, exits, self.tracker)
             self._judge_rank_exit(rank_exit)
@@ -656,8 +644,8 @@ class Supervisor:
     # -- liveness, leases, elections -----------------------------------------------------------------
 
     def _start_liveness(self, join_s: float) -> None:
-        assert self.sealer is not None and self.coord is not None
-        store = self.coord.second_connection(self.scfg, self.sealer, self._on_forged)
+        assert self.access is not None and self.coord is not None
+        store = self.coord.second_connection(self.access)
         self.liveness = Liveness(
             store,
             self.slot,
@@ -682,25 +670,23 @@ class Supervisor:
         find lost and unfit slots (leases), act on them, and stop if it no longer holds a majority."""
         if self.liveness is not None and self.liveness.failed is not None:
             raise CoordinationLost(f"coordinator slot {self.roster.coordinator} lost: {self.liveness.failed}")
-        if self.coord is None or not self.coord.hosting or self.liveness is None or now < self._next_lease_check:
+        if self.coord is None or not self.coord.hosting or self.liveness is None:
             return
-        self._next_lease_check = now + read_every(self.scfg.node_lease_s)
-        members = [s for s in self.roster.members if s != self.slot]
         unfit = {
             s: str(v["unhealthy"]) for s in self.roster.spares if (v := self.liveness.value_of(s)).get("unhealthy")
         }
-        found = election.judge_leases(
-            self.roster, self.slot, self.topo.slots, self.liveness.lost(members, now), unfit, self._lost
-        )
-        if not found.quorum:
-            raise NoMajority(f"slot {self.slot} coordinates without a majority: {found.why}")
+        found = self.lost.look(now, self.roster, self.slot, self.topo.slots, self.liveness, unfit)
+        if found is None:
+            return
         for slot, reason in found.newly_lost.items():
-            self._lost[slot] = reason
             self._on_lost(slot, reason)
         if found.gone_spares:
             self._set_roster(rosters.drop_spares(self.roster, found.gone_spares))
             for slot, reason in found.gone_spares.items():
-                self._bad_node(slot, None, "lost" if slot in self._lost else "unhealthy", reason, None)
+                kind = "lost" if slot in self.lost.lost else "unhealthy"
+                records.bad_node(
+                    self.run_dir, self.roster, slot, node_rank=None, kind=kind, reason=reason, attempt=self.attempt
+                )
 
     def _on_lost(self, slot: int, reason: str) -> None:
         """A slot's lease expired: a node rank it runs ends the attempt now (every node stops its ranks
@@ -708,8 +694,7 @@ class Supervisor:
         host = self.roster.name(slot)
         print(f"resilient: slot {self.slot}: {host} (slot {slot}) lost: {reason}", file=sys.stderr, flush=True)
         node = self.plan.node_rank(slot)
-        if node is not None and (self.attempt, slot) not in self._lost_posted:
-            self._lost_posted.add((self.attempt, slot))
+        if node is not None and self.lost.first_post(self.attempt, slot):
             failure = Failure(
                 FailureKind.NODE_LOST,
                 None,
@@ -729,14 +714,10 @@ class Supervisor:
         self._fence(slot)
 
     def _fence(self, slot: int) -> None:
-        host, pid = self.roster.host(slot), self.roster.pid(slot)
-
-        def done(ok: bool, detail: str) -> None:
-            ledger.append(
-                self.run_dir, LedgerEvent.FENCE, node=self.roster.name(slot), slot=slot, pid=pid, ok=ok, detail=detail
-            )
-
-        fencing.fence(host, pid, done)
+        roster, pid = self.roster, self.roster.pid(slot)
+        fencing.fence(
+            roster.host(slot), pid, lambda ok, detail: records.fenced(self.run_dir, roster, slot, pid, ok, detail)
+        )
 
     def _set_roster(self, roster: Roster) -> None:
         """The coordinator's new roster: published with the supervisors' pids its leases know."""
@@ -750,38 +731,13 @@ class Supervisor:
         self.coord.publish_roster(self.roster)
         self.metrics.on_roster(len(self.roster.spares), len(self.roster.out), self.topo.slots - self.cfg.nodes)
 
-    def _bad_node(self, slot: int, node: int | None, kind: str, reason: str, replaced_by: int | None) -> None:
-        """The run's bad-node ledger: one record per node taken out."""
-        ledger.append(
-            self.run_dir,
-            LedgerEvent.BAD_NODE,
-            node=self.roster.name(slot),
-            slot=slot,
-            node_rank=node,
-            kind=kind,
-            reason=reason,
-            attempt=self.attempt,
-            epoch=self.roster.epoch,
-            replaced_by=None if replaced_by is None else self.roster.name(replaced_by),
-        )
-
-    def _record_coordinator_lost(self, err: CoordinationLost, minority: bool) -> None:
-        ledger.append(
-            self.run_dir,
-            LedgerEvent.COORDINATOR_LOST,
-            node=self.slot,
-            attempt=self.attempt,
-            reason=str(err),
-            minority=minority,
-        )
-
     def _failover(self, err: CoordinationLost) -> None:
         """The coordinator is lost: stop the ranks (they cannot go on without it), elect the next one with
         the other survivors, continue on its store. Raises NoMajority on the minority side."""
-        assert self.sealer is not None
+        assert self.access is not None
         lost = self.roster.coordinator
         print(f"resilient: slot {self.slot}: {err}; electing a new coordinator", file=sys.stderr, flush=True)
-        self._record_coordinator_lost(err, minority=False)
+        records.coordinator_lost(self.run_dir, self.slot, self.attempt, str(err), minority=False)
         stop_all(self.ranks, 0.0)
         stop_record = self.coord.stop_record() if self.coord is not None else None
         if self.liveness is not None:
@@ -790,31 +746,18 @@ class Supervisor:
             self.coord.close()
         self.coord = None
         self._set_state(State.ELECTING)
-        me = Join(
-            self.slot,
-            self.attempt,
-            self.roster,
-            self.restarts,
-            self.no_progress_streak,
-            self.first_attempt,
-            stop_record,
-        )
-        coord, won, takeover = failover.elect(
-            self.topo, self.scfg, self.sealer, self._on_forged, me, lost, on_limit=self._on_store_limit
-        )
+        coord, won, takeover = failover.elect(self.access, Join.of(self, stop_record), lost)
         self.coord = coord
         self._status_due.interval_s = coord.intervals.status_s
         self._merge_due.interval_s = coord.intervals.merge_s
-        self.roster, self.attempt, self.first_attempt = takeover.roster, takeover.attempt, takeover.first_attempt
-        self.restarts, self.no_progress_streak = takeover.restarts, takeover.no_progress_streak
+        takeover.carry_on(self)
         # The attempt that ended with the loss is judged against the newest roster any survivor had (the
         # plan of the furthest attempt: a decision publishes its next plan before the decision itself).
         self.plan = self.roster
         self._start_liveness(join_s=failover.election_timeout_s(self.scfg))
         if won:
             reason = f"coordinator slot {lost} ({self.roster.name(lost)}) lost: {err}"
-            self._lost = {lost: reason}
-            self._lost_posted = set()
+            self.lost.after_election(lost, reason)
             if takeover.stop is not None:
                 coord.adopt_stop(dict(takeover.stop))
                 self._stop_seen = True
@@ -822,7 +765,9 @@ class Supervisor:
             coord.publish_plan(self.attempt, self.plan)
             self._set_roster(self.roster)
             if self.roster.role(lost) is Role.OUT:  # a lost spare; a lost node is replaced by the decision
-                self._bad_node(lost, None, "lost", reason, None)
+                records.bad_node(
+                    self.run_dir, self.roster, lost, node_rank=None, kind="lost", reason=reason, attempt=self.attempt
+                )
             ledger.append(
                 self.run_dir,
                 LedgerEvent.ELECTED,
@@ -834,7 +779,7 @@ class Supervisor:
             )
             self._fence(lost)
         self.node = self.plan.node_rank(self.slot) if self.plan.nodes else None
-        self._next_lease_check = 0.0
+        self.lost.look_now()
 
     # -- failures ----------------------------------------------------------------------------------
 
@@ -871,24 +816,6 @@ class Supervisor:
             self.coord.request_stop(StopKind.STORAGE, reason)  # every node saves and stops; first request wins
         return reason
 
-    def _changed_dir(self) -> str | None:
-        """Why a directory of the run vanished or was replaced, or None; a replaced run dir is written to no
-        more (ledger, status): what takes its place is not the run's."""
-        changed = permissions.changed_dirs(self.dirs)
-        if changed is None:
-            return None
-        path, reason = changed
-        if path == self.run_dir:
-            guarded.fence(self.run_dir, reason)
-        return reason
-
-    def _shared_dir(self) -> str | None:
-        """Why a directory of the run (or the path to it) is no longer this user's alone, or None."""
-        for path in self.dirs:
-            if problem := permissions.path_problem(path):
-                return f"{problem}; refusing to go on (fix its owner/mode, or set supervisor.allow_shared_dir)"
-        return None
-
     def _write_config(self) -> None:
         """Record the resolved config for ranks and requeues, unless it contradicts the checkpoints:
         the recorded config must stay the one that can resume them."""
@@ -922,18 +849,12 @@ class Supervisor:
             ),
         )
 
-    def _lost_nodes(self) -> dict[int, str]:
-        """Node ranks of the current plan whose slot was lost, with why."""
-        return {k: self._lost[s] for k, s in enumerate(self.plan.nodes) if s in self._lost}
-
     def _reports_ready(self) -> dict[int, NodeReport] | None:
         """The coordinator: every report it waits for (node ranks whose slot is not lost), once all are in."""
         assert self.coord is not None
         self._check_liveness(time.monotonic())
-        lost = self._lost_nodes()
         got = self.coord.reports(self.attempt, self.plan, range(len(self.plan.nodes)))
-        waiting = [k for k in range(len(self.plan.nodes)) if k not in got and k not in lost]
-        return None if waiting else got
+        return None if self.lost.waiting_for(self.plan, got) else got
 
     def _decide(self) -> AttemptDecision:
         """The coordinator turns every node's report into the decision; the others wait for it."""
@@ -968,12 +889,24 @@ class Supervisor:
             stop=stop,
             newest_committed=self._newest_committed(),
             save_on_finish=self.cfg.checkpoint.save_on_finish,
-            lost=self._lost_nodes(),
+            lost=self.lost.node_ranks(self.plan),
             spares=len(self.roster.spares),
         )
         decision = decisions.decide_attempt(reports, context, self.scfg)
         self.no_progress_streak = decision.no_progress_streak
-        self._record_decision(decision, stop)
+        if decision.final_step_uncommitted:
+            self._storage_fault(decision.reason)
+        failure = self.coord.restart_requested(self.attempt)
+        records.decision(
+            self.run_dir,
+            decision,
+            attempt=self.attempt,
+            failure=failure,
+            stop=stop,
+            plan=self.plan,
+            roster=self.roster,
+            slot=self.slot,
+        )
         return decision
 
     def _plan_next(self, decision: AttemptDecision) -> None:
@@ -987,7 +920,16 @@ class Supervisor:
             print(f"resilient: slot {self.slot}: {why}", file=sys.stderr, flush=True)
             kinds = {f.node: f.kind for f in decision.faulty_nodes}  # replacements come in node-rank order
             for r in replacements:
-                self._bad_node(r.failed_slot, r.node_rank, str(kinds[r.node_rank]), r.reason, r.spare_slot)
+                records.bad_node(
+                    self.run_dir,
+                    self.roster,
+                    r.failed_slot,
+                    node_rank=r.node_rank,
+                    kind=str(kinds[r.node_rank]),
+                    reason=r.reason,
+                    attempt=self.attempt,
+                    replaced_by=r.spare_slot,
+                )
                 self.metrics.on_replacement()
         self._set_roster(roster)
         self.coord.publish_plan(self.attempt + 1, self.roster)
@@ -1002,45 +944,6 @@ class Supervisor:
             print(f"resilient: slot {self.slot}: cannot read {self.progress_root}: {err}", file=sys.stderr)
             return None
 
-    def _record_decision(self, d: AttemptDecision, stop: StopRequest | None) -> None:
-        """The coordinator's ledger record of its decision (and of the storage fault the decision found)."""
-        assert self.coord is not None
-        if d.final_step_uncommitted:
-            self._storage_fault(d.reason)
-        failure = self.coord.restart_requested(self.attempt)
-        epoch = self.roster.epoch
-        if d.restart:
-            ledger.append(
-                self.run_dir,
-                LedgerEvent.RESTART,
-                attempt=self.attempt + 1,
-                backoff_seconds=d.backoff_s,
-                reason=f"{failure['reason'] if failure else 'restart'}; {d.reason}",
-                origin=_origin(failure),
-                epoch=epoch,
-            )
-        elif d.outcome is Outcome.FINISHED:
-            ledger.append(self.run_dir, LedgerEvent.FINISHED, step=d.reached_step, epoch=epoch)
-        elif d.outcome is Outcome.PREEMPTED:
-            ledger.append(
-                self.run_dir,
-                LedgerEvent.PREEMPTED,
-                step=d.reached_step,
-                node=stop.node if stop else self.slot,
-                origin=_stop_origin(stop),
-                reason=stop.reason if stop else None,
-                epoch=epoch,
-            )
-        else:
-            ledger.append(
-                self.run_dir,
-                LedgerEvent.GAVE_UP,
-                reason=d.reason,
-                exit_code=int(d.exit_code),
-                epoch=epoch,
-                node=_condemned_host(d, self.plan, self.roster),
-            )
-
     def _finish(self, decision: AttemptDecision) -> ExitCode:
         """Publish the final state, then let the coordinator keep the store up until every live slot has read
         the decision."""
@@ -1049,7 +952,7 @@ class Supervisor:
         try:
             self.coord.ack(self.attempt)
             if self.coord.hosting and self.topo.slots > 1:
-                live = [s for s in self.roster.members if s not in self._lost]
+                live = self.lost.live(self.roster)
                 self._wait_for(lambda: self.coord.all_acked(self.attempt, live), _ACK_WAIT_S)
                 self._write_status()
         except CoordinationLost as err:  # the decision is known: the store going away now changes nothing
@@ -1095,7 +998,7 @@ class Supervisor:
                 self.metrics.heartbeat_age(row["rank"], row["heartbeat_age_s"])
         spare = None
         if self.spares is not None:
-            spare = {"count": len(self.spares), "warm": self.spares.warm_count(), "rss_bytes": self.spares.rss_bytes()}
+            spare = self.spares.summary()
             self.metrics.on_spares(spare["count"], spare["rss_bytes"])
         role = self.roster.role(self.slot)
         self.coord.publish_status(
@@ -1124,7 +1027,7 @@ class Supervisor:
             last_failure=self.last_failure,
             stop=self.coord.stop_requested(),
             roster=self.roster,
-            lost=self._lost,
+            lost=self.lost.lost,
         )
 
     # -- waiting, signals, files -------------------------------------------------------------------
@@ -1140,80 +1043,38 @@ class Supervisor:
         """The coordination store refused a write at a bound (keys, bytes, connections): said once per bound."""
         print(f"resilient: slot {self.slot}: coordination store: {why}", file=sys.stderr, flush=True)
 
-    def _install_signals(self) -> None:
-        self._wake_r, wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        self._wake_w = wake_w  # kept alive: the wakeup fd must stay open
-        signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in {signal.SIGTERM, signal.SIGINT, signal.Signals[self.scfg.preempt_signal]}:
-            signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum: int, _frame: Any) -> None:
-        self._signal = signal.Signals(signum).name
-
-    def _drain_wakeups(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-
     def _sleep_interruptibly(self, seconds: float) -> None:
-        with selectors.DefaultSelector() as sel:
-            sel.register(self._wake_r, selectors.EVENT_READ)
-            deadline = time.monotonic() + seconds
-            while (left := deadline - time.monotonic()) > 0 and self._signal is None:
-                sel.select(min(left, self.scfg.poll_interval_s))
-                self._drain_wakeups()
-                self._check_liveness(time.monotonic())
-                self._maybe_publish_status()
+        assert self.wakeups is not None
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and self.wakeups.received is None:
+            self.wakeups.wait(min(left, self.scfg.poll_interval_s))
+            self._check_liveness(time.monotonic())
+            self._maybe_publish_status()
 
     def _wait_for(self, probe: Callable[[], T | None], timeout_s: float) -> T | None:
         """Poll `probe` until it returns something or time runs out; a signal meanwhile becomes a stop request;
         liveness is checked on every round (a lost coordinator raises, the coordinator acts on lost slots)."""
+        assert self.wakeups is not None
         deadline = time.monotonic() + timeout_s
         while True:
-            if self._signal is not None and not self._stop_seen and self.coord is not None:
+            signalled = self.wakeups.received
+            if signalled is not None and not self._stop_seen and self.coord is not None:
                 self._stop_seen = True
-                self.coord.request_stop(StopKind.PREEMPTED, f"slot {self.slot}: supervisor received {self._signal}")
+                self.coord.request_stop(StopKind.PREEMPTED, f"slot {self.slot}: supervisor received {signalled}")
             self._check_liveness(time.monotonic())
             got = probe()
             if got is not None or time.monotonic() > deadline:
                 return got
             self._maybe_publish_status()
-            if self._refill_at is not None:
-                self._maybe_refill_spares(time.monotonic())
-            with selectors.DefaultSelector() as sel:
-                sel.register(self._wake_r, selectors.EVENT_READ)
-                poll = self.coord.wait_s if self.coord is not None else self.scfg.poll_interval_s
-                sel.select(min(poll, max(0.0, deadline - time.monotonic())))
-            self._drain_wakeups()
-
-
-def _origin(record: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Who (authenticated) asked for a restart."""
-    return None if record is None else {k: record.get(k) for k in ("node", "host", "pid")}
-
-
-def _stop_origin(stop: StopRequest | None) -> dict[str, Any] | None:
-    """Who (authenticated) asked for a stop."""
-    return None if stop is None else {"node": stop.node, "host": stop.host, "pid": stop.pid}
+            self._maybe_refill_spares(time.monotonic())
+            poll = self.coord.wait_s if self.coord is not None else self.scfg.poll_interval_s
+            self.wakeups.wait(min(poll, deadline - time.monotonic()))
 
 
 def _stop_seen_reason(stop: StopRequest | None) -> str:
     if stop is None:  # the poll saw the key, the read lost it: the store is going away
         return "stop requested by another node"
     return f"stop requested by node {stop.node} ({stop.host}, pid {stop.pid}): {stop.reason}"
-
-
-def _condemned_host(d: AttemptDecision, plan: Roster, roster: Roster) -> str | None:
-    """The name of the first unhealthy node a stop decision names (what `slurm on-exit` excludes): its slot
-    from the attempt's plan, its name from the newest roster (names come with the leases)."""
-    for f in d.faulty_nodes:
-        if str(f.kind) == "unhealthy" and f.node < len(plan.nodes):
-            return roster.name(plan.nodes[f.node])
-    return None
 
 
 def _next_attempt(run_dir: Path) -> int:

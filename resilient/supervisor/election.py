@@ -67,6 +67,11 @@ def candidates(roster: Roster, lost: Iterable[int]) -> list[int]:
     return [s for s in roster.members if s not in gone]
 
 
+CARRIED = ("attempt", "roster", "restarts", "no_progress_streak", "first_attempt")
+"""What an election carries over of a supervisor's view of the run (`Join`, `Takeover`), besides its slot:
+attributes of the same names on the daemon's Supervisor and the simulator's SimNode."""
+
+
 @dataclass(frozen=True)
 class Join:
     """What a supervisor brings to a candidate: its view of the run when the coordinator was lost."""
@@ -80,6 +85,11 @@ class Join:
     stop: Mapping[str, Any] | None = None
     """The job's stop request, if this supervisor had seen one (sealed fields, as in the store)."""
 
+    @classmethod
+    def of(cls, me: Any, stop: Mapping[str, Any] | None) -> Join:
+        """The view of supervisor `me` (its slot and the CARRIED attributes)."""
+        return cls(slot=me.slot, stop=stop, **{name: getattr(me, name) for name in CARRIED})
+
 
 @dataclass(frozen=True)
 class Takeover:
@@ -92,6 +102,11 @@ class Takeover:
     no_progress_streak: int
     first_attempt: int
     stop: Mapping[str, Any] | None
+
+    def carry_on(self, me: Any) -> None:
+        """Supervisor `me` continues from this takeover (the CARRIED attributes)."""
+        for name in CARRIED:
+            setattr(me, name, getattr(self, name))
 
 
 def merge(joins: Mapping[int, Join]) -> Takeover:

@@ -17,12 +17,11 @@ from typing import Any, TypeVar
 from resilient.core.exit_codes import ExitCode
 from resilient.supervisor import election
 from resilient.supervisor import roster as rosters
-from resilient.supervisor.auth import Sealer
 from resilient.supervisor.config import SupervisorConfig
-from resilient.supervisor.coordination import CoordinationLost, Coordinator
+from resilient.supervisor.coordination import Access, CoordinationLost, Coordinator
 from resilient.supervisor.election import Join, Takeover
 from resilient.supervisor.reports import NodeOutcome
-from resilient.supervisor.topology import Topology
+from resilient.supervisor.roster import Roster
 
 T = TypeVar("T")
 
@@ -100,34 +99,25 @@ def join_from_store(v: dict[str, Any]) -> Join:
 
 
 def elect(
-    topo: Topology,
-    cfg: SupervisorConfig,
-    sealer: Sealer,
-    on_forged: Callable[[str, str], None],
+    access: Access,
     me: Join,
     lost: int,
     *,
-    on_limit: Callable[[str], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> tuple[Coordinator, bool, Takeover]:
     """Run the election of epoch `me.roster.epoch + 1` after coordinator slot `lost` was lost; returns the new
     epoch's store, whether this supervisor won it, and what the run continues from (the new roster, the
     attempt that ended with the loss, the restart count and streak)."""
+    topo, cfg = access.topo, access.cfg
     epoch = me.roster.epoch + 1
     poll = cfg.poll_interval_s / 2
     for candidate in election.candidates(me.roster, [lost]):
         if candidate == topo.slot:
-            return _stand(topo, cfg, sealer, on_forged, me, lost, epoch, on_limit, clock, sleep)
+            return _stand(access, me, lost, epoch, clock, sleep)
         try:
             coord = Coordinator.open(
-                topo,
-                cfg,
-                sealer,
-                on_forged,
-                coordinator=candidate,
-                epoch=epoch,
-                connect_timeout_s=candidate_window_s(cfg),
+                access, coordinator=candidate, epoch=epoch, connect_timeout_s=candidate_window_s(cfg)
             )
         except CoordinationLost as err:
             print(f"resilient: slot {topo.slot}: candidate slot {candidate} not reached: {err}", file=sys.stderr)
@@ -139,19 +129,7 @@ def elect(
             while clock() < deadline:
                 roster = coord.roster()
                 if roster is not None and roster.epoch == epoch:
-                    state = coord.store.get(FAILOVER_KEY)
-                    return (
-                        coord,
-                        False,
-                        election.Takeover(
-                            int(state["attempt"]),
-                            roster,
-                            int(state["restarts"]),
-                            int(state["no_progress_streak"]),
-                            int(state["first_attempt"]),
-                            None,
-                        ),
-                    )
+                    return coord, False, _takeover_from_store(coord.store.get(FAILOVER_KEY), roster)
                 sleep(poll)
         except CoordinationLost as err:
             coord.close()
@@ -165,27 +143,15 @@ def elect(
 
 
 def _stand(
-    topo: Topology,
-    cfg: SupervisorConfig,
-    sealer: Sealer,
-    on_forged: Callable[[str, str], None],
+    access: Access,
     me: Join,
     lost: int,
     epoch: int,
-    on_limit: Callable[[str], None] | None,
     clock: Callable[[], float],
     sleep: Callable[[float], None],
 ) -> tuple[Coordinator, bool, Takeover]:
-    coord = Coordinator.open(
-        topo,
-        cfg,
-        sealer,
-        on_forged,
-        coordinator=topo.slot,
-        epoch=epoch,
-        connect_timeout_s=cfg.node_lease_s,
-        on_limit=on_limit,
-    )
+    topo, cfg = access.topo, access.cfg
+    coord = Coordinator.open(access, coordinator=topo.slot, epoch=epoch, connect_timeout_s=cfg.node_lease_s)
     coord.join(join_to_store(me))
     deadline = clock() + election_timeout_s(cfg)
     while True:
@@ -205,14 +171,23 @@ def _stand(
     reason = f"coordinator slot {lost} ({takeover.roster.name(lost)}) lost"
     takeover = dataclasses.replace(takeover, roster=rosters.take_over(takeover.roster, topo.slot, lost, reason))
     # What the joiners continue from, then the roster that tells them the election is over.
-    coord.store.set(
-        FAILOVER_KEY,
-        {
-            "attempt": takeover.attempt,
-            "restarts": takeover.restarts,
-            "no_progress_streak": takeover.no_progress_streak,
-            "first_attempt": takeover.first_attempt,
-        },
-    )
+    coord.store.set(FAILOVER_KEY, _takeover_to_store(takeover))
     coord.publish_roster(takeover.roster)
     return coord, True, takeover
+
+
+def _takeover_to_store(t: Takeover) -> dict[str, int]:
+    """What the joiners continue from; the roster goes separately (its publication ends the election) and
+    the stop request is in the store already."""
+    return {
+        "attempt": t.attempt,
+        "restarts": t.restarts,
+        "no_progress_streak": t.no_progress_streak,
+        "first_attempt": t.first_attempt,
+    }
+
+
+def _takeover_from_store(v: dict[str, Any], roster: Roster) -> Takeover:
+    return Takeover(
+        int(v["attempt"]), roster, int(v["restarts"]), int(v["no_progress_streak"]), int(v["first_attempt"]), None
+    )

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,10 +171,30 @@ class Spares:
     """This node's parked processes, `depth` per local rank: a failure seconds after a restart, while the
     refill still imports, finds the other one warm."""
 
-    def __init__(self, cmd: list[str], run_dir: Path, node: int, depth: int = 1) -> None:
+    def __init__(self, cmd: list[str], run_dir: Path, node: int, depth: int = 1, refill_delay_s: float = 0.0) -> None:
         self.cmd, self.run_dir, self.node, self.depth = cmd, run_dir, node, depth
+        self.refill_delay_s = refill_delay_s
         self.parked: dict[int, list[Spare]] = {}
         """Each local rank's spares, oldest first."""
+        self._handed_out_at: float | None = None  # an attempt's ranks started then, and no refill since
+
+    def handed_out(self, now: float) -> None:
+        """An attempt's ranks were just started (from spares or cold): refill once they step (`refill_due`)."""
+        self._handed_out_at = now
+
+    @property
+    def refill_pending(self) -> bool:
+        return self._handed_out_at is not None
+
+    def refill_if_due(self, now: float, phases: list[str | None], specs: Callable[[], list[RankEnv]]) -> bool:
+        """Refill from `specs()` if `refill_due` says so for the ranks' `phases`; whether it refilled."""
+        if self._handed_out_at is None:
+            return False
+        due, _ = refill_due(phases, now - self._handed_out_at, self.refill_delay_s, spare_left=self.left(len(phases)))
+        if due:
+            self._handed_out_at = None
+            self.fill(specs())
+        return due
 
     def fill(self, specs: list[RankEnv]) -> int:
         """Start spares until every local rank in `specs` has `depth`; call from the main thread
@@ -260,6 +280,10 @@ class Spares:
     def warm_count(self) -> int:
         """Spares whose imports are done."""
         return sum(s.is_warm() for s in self.all())
+
+    def summary(self) -> dict[str, int]:
+        """What status.json and the metrics say of this node's spares."""
+        return {"count": len(self), "warm": self.warm_count(), "rss_bytes": self.rss_bytes()}
 
     def __len__(self) -> int:
         return len(self.all())

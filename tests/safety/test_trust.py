@@ -245,7 +245,9 @@ def planted_cwd_runs(tmp_path_factory):
         b = _real_run(run_dir, cwd, tmp / "b.log", "train.steps=100", "checkpoint.interval_steps=4")
         try:
             wait_until(lambda: events(run_dir, "ckpt_save") or b.poll() is not None, 300, "run B's first checkpoint")
-            shutil.rmtree(run_dir / "checkpoints")
+            # Gone from its path in one step (a save writing into it meanwhile would make rmtree fail), then removed.
+            (run_dir / "checkpoints").rename(tmp / "checkpoints-removed")
+            shutil.rmtree(tmp / "checkpoints-removed", ignore_errors=True)
             out["code_b"] = b.wait(240)
         finally:
             b.kill()

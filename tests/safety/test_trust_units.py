@@ -9,9 +9,10 @@ import stat
 
 import pytest
 
-from resilient.core import permissions, secret
+from resilient.core import guarded, permissions, secret
 from resilient.core.errors import CheckpointError, ConfigError
 from resilient.core.secret import RunKey
+from resilient.supervisor.run_dirs import RunDirs
 from tests.safety.conftest import NOBODY
 from trainer.checkpoint import manifest
 from trainer.checkpoint.memory import files, naming, stale
@@ -65,6 +66,26 @@ def test_a_directory_that_vanished_or_was_replaced(tmp_path):
     assert permissions.changed_dirs(seen) == (run, f"{run} vanished while the run was using it")
     run.mkdir()
     assert "was replaced by another directory" in permissions.changed_dirs(seen)[1]
+
+
+def test_the_supervisor_fences_a_replaced_run_dir_and_refuses_one_made_shared(tmp_path):
+    run, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    run.mkdir(mode=0o700)
+    ckpt.mkdir(mode=0o700)
+    dirs = RunDirs(run, [run, ckpt])
+    assert dirs.changed() is None and dirs.changed_now(100.0) is None and dirs.shared() is None
+    ckpt.chmod(0o777)
+    assert f"{ckpt}" in dirs.shared() and "supervisor.allow_shared_dir" in dirs.shared()
+    ckpt.chmod(0o700)
+    ckpt.rename(tmp_path / "ckpt-old")
+    assert dirs.changed_now(100.5) is None  # looked 0.5 s ago: not yet
+    assert dirs.changed_now(101.0) == f"{ckpt} vanished while the run was using it"
+    assert guarded.write(run / "status.json", lambda: (run / "status.json").write_text("{}"))
+    run.rename(tmp_path / "run-old")
+    run.mkdir(mode=0o700)  # someone else's directory now stands at the run's path
+    assert "was replaced by another directory" in dirs.changed()
+    assert not guarded.write(run / "status.json", lambda: (run / "status.json").write_text("{}"))
+    assert not (run / "status.json").exists()  # fenced: nothing of the run is written into it
 
 
 def test_the_secret_is_one_0600_file_and_each_key_has_one_purpose(tmp_path):

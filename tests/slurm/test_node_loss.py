@@ -130,10 +130,10 @@ def snapshot_since(run_dir: Path, ts: float):
     return lambda: [r for r in events(run_dir, "mem_snapshot") if r["ts"] > ts and r["step"] > 0]
 
 
-def assert_same_job_on_the_spare(run_dir: Path, job: dict, bad: str, kind: str) -> None:
+def assert_same_job_on_the_spare(run_dir: Path, ended: dict, bad: str, kind: str) -> None:
     """The fault was survived in the same Slurm job: no Slurm restart, the spare (which stood by until then)
     took the bad node's rank."""
-    assert job["Restarts"] == "0"
+    assert ended["Restarts"] == "0"
     assert [r["host"] for r in events(run_dir, "run_start") if r["role"] == "spare"] == ["n2"]
     assert {r["slurm_restart_count"] for r in events(run_dir, "run_start")} == {0}
     [out] = [r for r in events(run_dir, "bad_node") if r["node"] == bad]
@@ -168,6 +168,30 @@ def held(job_id: str):
                 proc.send_signal(signal.SIGCONT)
 
 
+@contextlib.contextmanager
+def job(cluster: Cluster, config: Path, resume: str | None = None):
+    """The job of `config`, killed after the block (a plain scancel would requeue it); the nodes `resume`
+    (a Slurm node list) are back in service after it."""
+    job_id = launch(cluster, config)
+    try:
+        yield job_id
+    finally:
+        cluster.run("scancel", "--full", "--signal=KILL", job_id, check=False)
+        if resume is not None:
+            cluster.run("scontrol", "update", f"NodeName={resume}", "State=RESUME", check=False)
+
+
+def silenced_until_replaced(cluster: Cluster, run_dir: Path, fault: str, repair: str) -> None:
+    """Once node 0 holds a replica of node 1's memory snapshot, node 1 goes silent by `fault` until the spare
+    steps in its place (then `repair`)."""
+    wait_until(snapshot_since(run_dir, 0), 300, "a replicated snapshot")
+    cluster.node(fault, "n1")
+    try:
+        wait_until(spare_stepping(run_dir), 300, "node 1 replaced by the spare, stepping")
+    finally:
+        cluster.node(repair, "n1")
+
+
 def spares_warm(run_dir: Path, hosts: tuple[str, ...]):
     """Probe: every parked spare of `hosts` finished its imports (status.json, as `resilient status` shows)."""
 
@@ -185,8 +209,7 @@ def test_rank_kills_recover_warm_and_an_unhealthy_node_is_replaced_by_the_spare(
     # three spares per rank: a burst of three failures inside one refill (replacements are refilled only
     # after a restart, and import at idle priority next to ranks that keep both cores busy) is warm throughout
     config, run_dir = write_config(tmp_path, "warm", supervisor={"spares_per_rank": 3})
-    job_id = launch(cluster, config)
-    try:
+    with job(cluster, config) as job_id:
         # (e) rank 1 killed three times, each 3 s after the previous recovery completed a step
         wait_until(lambda: last_step(run_dir) >= 3, 300, "training to reach step 3")
         # A long run's spares are warm long before its first failure; this one is 24 steps long, and its ranks
@@ -210,10 +233,8 @@ def test_rank_kills_recover_warm_and_an_unhealthy_node_is_replaced_by_the_spare(
         with held(job_id):
             (tmp_path / "warm-nvml" / "n1.json").write_text(json.dumps(FAILED_GPU))
             wait_until(lambda: events(run_dir, "bad_node"), 120, "node 1 replaced")
-        job = finished(cluster, job_id, run_dir)
-    finally:
-        cluster.run("scancel", "--full", "--signal=KILL", job_id, check=False)  # a plain scancel would requeue
-    assert_same_job_on_the_spare(run_dir, job, "n1", "unhealthy")
+        ended = finished(cluster, job_id, run_dir)
+    assert_same_job_on_the_spare(run_dir, ended, "n1", "unhealthy")
     assert any(h["node"] == "n1" and h["severity"] == "fatal" for h in events(run_dir, "health"))
     assert_replica_loaded(run_dir, ["own", "replica@0"])  # node 1's state from node 0, which keeps its replica
     assert digest(run_dir) == reference[2], "the run ends on the fault-free run's weights"
@@ -221,14 +242,8 @@ def test_rank_kills_recover_warm_and_an_unhealthy_node_is_replaced_by_the_spare(
 
 def test_a_frozen_node_is_replaced_in_seconds_then_with_no_spare_left_the_job_requeues(cluster, reference, tmp_path):
     config, run_dir = write_config(tmp_path, "frozen")
-    job_id = launch(cluster, config)
-    try:
-        wait_until(snapshot_since(run_dir, 0), 300, "a replicated snapshot")
-        cluster.node("freeze", "n1")  # (b) slurmd, step daemon, supervisor, ranks, spares: silent
-        try:
-            wait_until(spare_stepping(run_dir), 300, "node 1 replaced by the spare, stepping")
-        finally:
-            cluster.node("thaw", "n1")
+    with job(cluster, config, resume="n1,n2") as job_id:
+        silenced_until_replaced(cluster, run_dir, "freeze", "thaw")  # (b) slurmd, step daemon, supervisor, ranks
         [lost] = [f for f in events(run_dir, "failure") if f["kind"] == "node_lost"]
         assert lost["node"] == 1 and "lease not renewed" in lost["reason"]
         replaced = events(run_dir, "bad_node")[0]["ts"]
@@ -241,13 +256,10 @@ def test_a_frozen_node_is_replaced_in_seconds_then_with_no_spare_left_the_job_re
         with held(job_id):  # the run is still training when the verdict comes (steps are fast here)
             (tmp_path / "frozen-nvml" / "n2.json").write_text(json.dumps(FAILED_GPU))
             wait_until(lambda: events(run_dir, "requeue"), 180, "the requeue")
-        job = finished(cluster, job_id, run_dir, timeout=900)
-    finally:
-        cluster.run("scancel", "--full", "--signal=KILL", job_id, check=False)  # a plain scancel would requeue
-        cluster.run("scontrol", "update", "NodeName=n1,n2", "State=RESUME", check=False)
+        ended = finished(cluster, job_id, run_dir, timeout=900)
     [requeue] = events(run_dir, "requeue")
     assert (requeue["cause"], requeue["exclude"], requeue["nodes"]) == ("unhealthy_node", ["n2"], 2)
-    assert job["Restarts"] == "1" and job["ExcNodeList"] == "n2" and job["NodeList"] == "n[0-1]"
+    assert ended["Restarts"] == "1" and ended["ExcNodeList"] == "n2" and ended["NodeList"] == "n[0-1]"
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["slurm"]["spare_nodes"] == 0
     load = [r for r in events(run_dir, "ckpt_load") if r["ts"] > requeue["ts"]][0]
     saved = max(r["step"] for r in events(run_dir, "mem_snapshot") if r["ts"] < requeue["ts"])
@@ -257,19 +269,10 @@ def test_a_frozen_node_is_replaced_in_seconds_then_with_no_spare_left_the_job_re
 
 def test_a_node_cut_off_without_fin_or_rst_is_replaced(cluster, reference, tmp_path):
     config, run_dir = write_config(tmp_path, "cut")
-    job_id = launch(cluster, config)
-    try:
-        wait_until(snapshot_since(run_dir, 0), 300, "a replicated snapshot")
-        cluster.node("cut", "n1")  # (c)
-        try:
-            wait_until(spare_stepping(run_dir), 300, "node 1 replaced by the spare, stepping")
-        finally:
-            cluster.node("heal", "n1")
-        job = finished(cluster, job_id, run_dir)
-    finally:
-        cluster.run("scancel", "--full", "--signal=KILL", job_id, check=False)  # a plain scancel would requeue
-        cluster.run("scontrol", "update", "NodeName=n1", "State=RESUME", check=False)
-    assert_same_job_on_the_spare(run_dir, job, "n1", "lost")
+    with job(cluster, config, resume="n1") as job_id:
+        silenced_until_replaced(cluster, run_dir, "cut", "heal")  # (c)
+        ended = finished(cluster, job_id, run_dir)
+    assert_same_job_on_the_spare(run_dir, ended, "n1", "lost")
     assert_replica_loaded(run_dir, ["own", "replica@0"])
     # the cut-off side had no majority: it stopped without deciding anything
     minority = [r for r in events(run_dir, "coordinator_lost") if r.get("minority")]
@@ -279,22 +282,19 @@ def test_a_node_cut_off_without_fin_or_rst_is_replaced(cluster, reference, tmp_p
 
 def test_losing_the_coordinator_elects_another_and_the_spare_takes_node_0(cluster, reference, tmp_path):
     config, run_dir = write_config(tmp_path, "coordinator")
-    job_id = launch(cluster, config)
-    try:
+    with job(cluster, config) as job_id:
         wait_until(snapshot_since(run_dir, 0), 300, "a replicated snapshot")
         node0 = supervisor(job_id, 0)
         frozen = [node0, *node0.children(recursive=True)]  # (d) its slurmd and the batch shell live on
         for proc in frozen:
             proc.send_signal(signal.SIGSTOP)
-        job = finished(cluster, job_id, run_dir)
-    finally:
-        cluster.run("scancel", "--full", "--signal=KILL", job_id, check=False)  # a plain scancel would requeue
+        ended = finished(cluster, job_id, run_dir)
     [elected] = events(run_dir, "elected")
     assert (elected["slot"], elected["epoch"], elected["lost"]) == (1, 1, 0)
     [fence] = events(run_dir, "fence")
     assert fence["node"] == "n0" and fence["ok"] and fence["pid"] == node0.pid
     assert not psutil.pid_exists(node0.pid) or psutil.Process(node0.pid).status() == psutil.STATUS_ZOMBIE
-    assert_same_job_on_the_spare(run_dir, job, "n0", "lost")
+    assert_same_job_on_the_spare(run_dir, ended, "n0", "lost")
     assert_replica_loaded(run_dir, ["replica@1", "own"])  # node 0's state from node 1, which keeps its replica
     assert events(run_dir, "finished")[-1]["epoch"] == 1
     assert digest(run_dir) == reference[2]

@@ -133,13 +133,13 @@ def both_paths(
 
     topo = Topology(0, nnodes + spares, ("127.0.0.1",) * (nnodes + spares), 0, "n0", "test")
     sim = SimNode(topo, nnodes, sup.scfg, Sealer(os.urandom(32), "test"), 1, 1.0, Marks())
-    sim.coord, sim.plan, sim.roster, sim._lost = node0, plan, plan, dict(lost_slots)
+    sim.coord, sim.plan, sim.roster, sim.lost.lost = node0, plan, plan, dict(lost_slots)
     sim.restarts, sim.no_progress_streak, sim.train_steps, sim.newest_committed = restarts, streak, STEPS, newest
     sim.save_on_finish = sup.cfg.checkpoint.save_on_finish
     simulated = sim.decide(posted)
 
     sup.coord, sup.attempt, sup.restarts, sup.no_progress_streak = node0, attempt, restarts, streak
-    sup.topo, sup.plan, sup.roster, sup._lost = topo, plan, plan, dict(lost_slots)
+    sup.topo, sup.plan, sup.roster, sup.lost.lost = topo, plan, plan, dict(lost_slots)
     sup.progress_root = committed_dir(tmp, newest)
     real = sup._coordinator_decision(posted)
     assert sup.no_progress_streak == sim.no_progress_streak == real.no_progress_streak

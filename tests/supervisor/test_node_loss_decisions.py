@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -14,9 +15,12 @@ from resilient.core.outcome import Outcome
 from resilient.supervisor import election, failover
 from resilient.supervisor import roster as rosters
 from resilient.supervisor.auth import Sealer
+from resilient.supervisor.coordination import Access
 from resilient.supervisor.decisions import AttemptContext, NodeFaultKind, decide_attempt
 from resilient.supervisor.election import Join
+from resilient.supervisor.failover import NoMajority
 from resilient.supervisor.leases import LeaseTable, lease_expired, read_every, renew_every
+from resilient.supervisor.lost_slots import LostSlots
 from resilient.supervisor.reports import NodeOutcome, NodeReport, StopKind, StopRequest
 from resilient.supervisor.topology import Topology
 
@@ -72,6 +76,75 @@ def test_a_silent_slot_is_noticed_within_the_lease_plus_two_reads(phase):
             noticed = t
     last_renewal = max(r for r in renewals if r <= silent_at)
     assert noticed is not None and last_renewal + lease < noticed <= silent_at + lease + 2 * read
+
+
+class _Leases:
+    """A lease table's answer at each look: slot -> why it expired."""
+
+    def __init__(self) -> None:
+        self.expired: dict[int, str] = {}
+
+    def lost(self, slots: list[int], now: float) -> dict[int, str]:
+        return {s: w for s, w in self.expired.items() if s in slots}
+
+
+def test_lost_slots_look_once_per_read_and_end_each_attempt_once():
+    """The coordinator's record of lost slots, as the daemon and the simulator keep it: one look per read
+    period, a lost node rank ends an attempt once, its report is no longer waited for, a lost spare leaves."""
+    roster = rosters.initial(3, 5)  # slots 0..2 run node ranks 0..2, slots 3 and 4 are spares
+    leases, lost = _Leases(), LostSlots(lease_s=4.0)
+    assert lost.look(0.0, roster, 0, 5, leases, {}) is not None
+    assert lost.look(0.1, roster, 0, 5, leases, {}) is None  # within the read period: no look
+    leases.expired = {2: "lease not renewed for 4.1s", 4: "lease not renewed for 4.2s"}
+    found = lost.look(0.5, roster, 0, 5, leases, {3: "gpu lost"})
+    assert found is not None and found.quorum
+    assert found.newly_lost == {2: "lease not renewed for 4.1s", 4: "lease not renewed for 4.2s"}
+    assert found.gone_spares == {3: "gpu lost", 4: "lease not renewed for 4.2s"}
+    again = lost.look(1.0, roster, 0, 5, leases, {})
+    assert again is not None and again.newly_lost == {}  # lost once for the allocation
+    assert lost.node_ranks(roster) == {2: "lease not renewed for 4.1s"}
+    assert lost.waiting_for(roster, {0: "report"}) == [1]  # node rank 2's report never comes
+    assert lost.live(roster) == [0, 1, 3]
+    assert [lost.first_post(7, 2), lost.first_post(7, 2), lost.first_post(8, 2)] == [True, False, True]
+    leases.expired = {1: "x", 2: "y", 3: "z", 4: "w"}
+    with pytest.raises(NoMajority, match="without a majority"):
+        lost.look(1.5, roster, 0, 5, leases, {})
+
+
+def test_a_new_coordinator_starts_from_the_one_it_replaced_and_looks_at_once():
+    roster = rosters.initial(2, 3)
+    lost = LostSlots(lease_s=4.0)
+    lost.look(0.0, roster, 1, 3, _Leases(), {})
+    lost.first_post(5, 1)
+    lost.after_election(0, "coordinator slot 0 lost")
+    assert lost.lost == {0: "coordinator slot 0 lost"}
+    assert lost.first_post(5, 1)  # a new epoch's record starts empty
+    assert lost.look(0.01, roster, 1, 3, _Leases(), {}) is not None
+
+
+@dataclass
+class _Node:
+    slot: int = 2
+    attempt: int = 9
+    roster: rosters.Roster = field(default_factory=lambda: rosters.initial(2, 3))
+    restarts: int = 3
+    no_progress_streak: int = 1
+    first_attempt: int = 4
+
+
+def test_a_join_carries_a_supervisors_standing_and_a_takeover_sets_it():
+    node = _Node()
+    stop = {"kind": "preempted"}
+    assert Join.of(node, stop) == Join(2, 9, node.roster, 3, 1, 4, stop)
+    newer, _, _ = rosters.replace_nodes(node.roster, {1: "lost"})
+    election.Takeover(11, newer, 5, 0, 2, None).carry_on(node)
+    assert (node.attempt, node.roster, node.restarts, node.no_progress_streak, node.first_attempt) == (
+        11,
+        newer,
+        5,
+        0,
+        2,
+    )
 
 
 # -- election --------------------------------------------------------------------------------------
@@ -193,7 +266,9 @@ def test_survivors_elect_the_lowest_live_member_and_a_lone_survivor_stops(tmp_pa
     def survivor(slot: int, roster: rosters.Roster) -> None:
         me = Join(slot, 5 + slot % 2, roster, 1, 0, 0)  # slot 3 had moved on to attempt 6 already
         try:
-            coord, won, takeover = failover.elect(_topo(slot, roster.slots, base), cfg, sealer, _forged, me, lost=0)
+            coord, won, takeover = failover.elect(
+                Access(_topo(slot, roster.slots, base), cfg, sealer, _forged), me, lost=0
+            )
             results[slot] = ("coordinator" if won else "member", coord, takeover)
         except failover.NoMajority as err:
             results[slot] = ("minority", str(err), None)

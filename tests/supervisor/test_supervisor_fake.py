@@ -116,7 +116,8 @@ def test_ranks_ignoring_the_stop_request_are_killed_after_the_grace(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == ExitCode.PREEMPTED
     # the supervisor itself ended the grace and killed the ranks (they never stop on their own)
-    assert "ranks did not stop within 2s of the stop request; killing them" in (tmp_path / "supervisor.log").read_text()
+    said = (tmp_path / "supervisor.log").read_text()
+    assert "node 0: ranks [0, 1] did not stop within 2s of the stop request; killing them" in said
     assert psutil.wait_procs(ranks, timeout=1)[1] == []
 
 

@@ -31,7 +31,7 @@ from resilient.core.atomic import fsync_dir
 from resilient.core.errors import CheckpointError, StorageFault
 from resilient.core.events import LedgerEvent
 from resilient.core.secret import RunKey
-from resilient.rank.env import FailureHistory
+from resilient.rank.env import RankEnv
 from trainer import compat
 from trainer.checkpoint import manifest, ondisk, policy, writer
 from trainer.checkpoint.adaptive import AdaptiveInterval
@@ -74,22 +74,20 @@ class Checkpointer:
         self,
         cfg: CheckpointConfig,
         run_dir: Path,
+        env: RankEnv,
         *,
         final_step: int,
         device: torch.device,
-        attempt: int = 0,
-        history: FailureHistory = FailureHistory(),
         on_commit: Callable[[int, float, int], None] | None = None,
         on_save_start: Callable[[int], None] | None = None,
-        local_world: int | None = None,
-        allow_shared_dir: bool = False,
     ) -> None:
-        """`final_step`: the run's last step (always saved; never snapshot); `device`: where the schedule's
-        agreement collective runs; `history`: the run's failure history (the adaptive interval's MTBF);
-        `on_commit(step, total_seconds, bytes)` runs on rank 0 once a checkpoint is committed;
-        `on_save_start(step)` runs on every rank before a disk save blocks the loop; `local_world` (ranks
-        per node, default: all on one node) places the memory tier's replicas; `allow_shared_dir`: a
-        configured memory directory whose path others own or can write is used anyway."""
+        """`env`: this rank's (its attempt; the run's failure history for the adaptive interval's MTBF; ranks
+        per node, which place the memory tier's replicas; whether a configured memory directory that others
+        own or can write is used anyway); `final_step`: the run's last step (always saved; never snapshot);
+        `device`: where the schedule's agreement collective runs; `on_commit(step, total_seconds, bytes)`
+        runs on rank 0 once a checkpoint is committed; `on_save_start(step)` runs on every rank before a disk
+        save blocks the loop."""
+        attempt = env.attempt
         self.cfg = cfg
         """As configured; the current intervals are the schedule's."""
         self.final_step = final_step
@@ -119,13 +117,13 @@ class Checkpointer:
         self.memory: MemoryTier | None = None
         if cfg.memory_interval_steps:
             memory_root = cfg.memory_root(run_dir, self.key)
-            problem = None if allow_shared_dir or cfg.memory_dir is None else permissions.path_problem(memory_root)
+            problem = None if env.allow_shared_dir or cfg.memory_dir is None else permissions.path_problem(memory_root)
             problem = self._agree(problem or root_problem(memory_root, self.key.run_id, run_dir))
             if problem is None:
                 self.memory = MemoryTier(
                     memory_root,
                     rank=self.rank,
-                    ring=Ring(self.world, local_world or self.world),
+                    ring=Ring(self.world, env.local_world_size),
                     fmt=SnapshotFormat(self.key, self._layout()),
                     keep_last=cfg.memory_keep_last,
                     on_commit=self._on_memory_commit if self.rank == 0 else None,
@@ -134,7 +132,7 @@ class Checkpointer:
                 log.warning("memory tier off: %s; saving to disk only", problem)
                 ledger.append(run_dir, LedgerEvent.MEM_TIER_OFF, attempt=attempt, reason=problem[:500])
         self.schedule = AdaptiveInterval(
-            cfg, run_dir, attempt=attempt, is_logger=self.rank == 0, device=device, history=history
+            cfg, run_dir, attempt=attempt, is_logger=self.rank == 0, device=device, history=env.history
         )
         dist.barrier()
         try:
