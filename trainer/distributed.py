@@ -15,10 +15,10 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from resilient.rank import rendezvous
 from resilient.rank.env import RankEnv
 from trainer.cpu_bridge import install_cpu_bridge
-from trainer.model import Layout
+from trainer.model import ModelBuild
 
 
-def init_distributed(env: RankEnv, layout: Layout, *, timeout_s: float) -> torch.device:
+def init_distributed(env: RankEnv, build: ModelBuild, *, timeout_s: float) -> torch.device:
     """Join the job's process group (NCCL on GPU, gloo on CPU) and build megatron's groups, all with
     the configured collective timeout."""
     if torch.cuda.is_available():
@@ -38,10 +38,10 @@ def init_distributed(env: RankEnv, layout: Layout, *, timeout_s: float) -> torch
             backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s)
         )
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
-        context_parallel_size=layout.cp,
+        tensor_model_parallel_size=build.tp,
+        pipeline_model_parallel_size=build.pp,
+        virtual_pipeline_model_parallel_size=build.vpp,
+        context_parallel_size=build.cp,
         distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
     )
     return device

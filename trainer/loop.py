@@ -32,7 +32,7 @@ from trainer.data.prepare import check_inputs, prepare_if_needed
 from trainer.flops import device_peak_flops, flops_per_token, padded_vocab
 from trainer.init import init_layout_invariant
 from trainer.injection import FaultInjection
-from trainer.model import Layout, build_model
+from trainer.model import ModelBuild, build_model
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.sdc import verdicts
 from trainer.sdc.guard import MISMATCH, Check, Finding, SdcGuard, SilentDataCorruption
@@ -42,13 +42,13 @@ from trainer.step import StepRunner
 log = logging.getLogger("trainer")
 
 
-def model_layout(cfg: TrainerConfig, *, on_gpu: bool) -> Layout:
+def model_build(cfg: TrainerConfig, *, on_gpu: bool) -> ModelBuild:
     """The config's parallel and precision fields, as the model and optimizer builders take them: every
-    field of Layout but `bf16` is the parallel.* or train.* field of its name."""
+    field of ModelBuild but `bf16` is the parallel.* or train.* field of its name."""
     t = cfg.train
     named = {**cfg.parallel.model_dump(), **t.model_dump()}
-    same = {f.name: named[f.name] for f in fields(Layout) if f.name != "bf16"}
-    return Layout(**same, bf16=t.precision == "bf16" or (t.precision == "auto" and on_gpu))
+    same = {f.name: named[f.name] for f in fields(ModelBuild) if f.name != "bf16"}
+    return ModelBuild(**same, bf16=t.precision == "bf16" or (t.precision == "auto" and on_gpu))
 
 
 @dataclass(frozen=True)
@@ -116,14 +116,14 @@ class Trainer:
         on_gpu = torch.cuda.is_available()
         if not on_gpu and (problem := cpu_refusal(cfg)):
             raise ConfigError(problem)
-        self.layout = model_layout(cfg, on_gpu=on_gpu)
-        self.device = distributed.init_distributed(env, self.layout, timeout_s=p.timeout_s)
+        self.model_build = model_build(cfg, on_gpu=on_gpu)
+        self.device = distributed.init_distributed(env, self.model_build, timeout_s=p.timeout_s)
         self._beat(Phase.BUILD, 0)
         distributed.seed_all(cfg.train.seed)
-        self.chunks = build_model(arch, self.layout, device=self.device)
+        self.chunks = build_model(arch, self.model_build, device=self.device)
         if not on_gpu:
             init_layout_invariant(self.chunks, cfg.train.seed)
-        self.optimizer = build_optimizer(self.chunks, cfg.train, self.layout)
+        self.optimizer = build_optimizer(self.chunks, cfg.train, self.model_build)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.runner = StepRunner(
             self.chunks, self.optimizer, seq_len=cfg.seq_len, micro_batch=cfg.train.micro_batch, device=self.device

@@ -24,7 +24,7 @@ from trainer.stages import stage_layers
 
 
 @dataclass(frozen=True)
-class Layout:
+class ModelBuild:
     """The parallel and precision choices a model build depends on; each field is the trainer config
     field of the same name (trainer.config: parallel.*, train.*), `bf16` resolved from train.precision."""
 
@@ -44,12 +44,12 @@ class Layout:
 
 
 def transformer_config(
-    arch: Architecture, layout: Layout, *, on_gpu: bool, initialize: bool = True
+    arch: Architecture, build: ModelBuild, *, on_gpu: bool, initialize: bool = True
 ) -> TransformerConfig:
     """Llama: RMSNorm, SwiGLU, no biases, no dropout, RoPE; bf16 or fp32 parameters."""
-    dtype = torch.bfloat16 if layout.bf16 else torch.float32
-    layers = stage_layers(arch.num_layers, layout.pp)
-    uneven = layout.pp > 1 and len(set(layers)) > 1
+    dtype = torch.bfloat16 if build.bf16 else torch.float32
+    layers = stage_layers(arch.num_layers, build.pp)
+    uneven = build.pp > 1 and len(set(layers)) > 1
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -64,19 +64,19 @@ def transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=0.02,
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
-        context_parallel_size=layout.cp,
-        sequence_parallel=layout.sequence_parallel,
+        tensor_model_parallel_size=build.tp,
+        pipeline_model_parallel_size=build.pp,
+        virtual_pipeline_model_parallel_size=build.vpp,
+        context_parallel_size=build.cp,
+        sequence_parallel=build.sequence_parallel,
         num_layers_in_first_pipeline_stage=layers[0] if uneven else None,
         num_layers_in_last_pipeline_stage=layers[-1] if uneven else None,
         pipeline_dtype=dtype,
         params_dtype=dtype,
-        bf16=layout.bf16,
-        recompute_granularity=layout.recompute_granularity,
-        recompute_method=layout.recompute_method,
-        recompute_num_layers=layout.recompute_num_layers,
+        bf16=build.bf16,
+        recompute_granularity=build.recompute_granularity,
+        recompute_method=build.recompute_method,
+        recompute_num_layers=build.recompute_num_layers,
         # CPU initialization draws the full weight and slices it, so TP=1 and TP=2 start equal.
         use_cpu_initialization=not on_gpu,
         perform_initialization=initialize,
@@ -139,27 +139,27 @@ def build_chunk(
     )
 
 
-def build_model(arch: Architecture, layout: Layout, *, device: torch.device) -> list[DistributedDataParallel]:
+def build_model(arch: Architecture, build: ModelBuild, *, device: torch.device) -> list[DistributedDataParallel]:
     """This rank's model chunks (one per virtual stage), each wrapped in megatron's DDP (gradient
     buffers; reduce-scatter instead of all-reduce with the distributed optimizer)."""
     on_gpu = device.type == "cuda"
     use_te = on_gpu and transformer_engine_available()
-    config = transformer_config(arch, layout, on_gpu=on_gpu)
+    config = transformer_config(arch, build, on_gpu=on_gpu)
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=layout.grad_reduce_in_fp32,
-        overlap_grad_reduce=layout.overlap_grad_reduce,
-        overlap_param_gather=layout.overlap_param_gather,
-        use_distributed_optimizer=layout.distributed_optimizer,
+        grad_reduce_in_fp32=build.grad_reduce_in_fp32,
+        overlap_grad_reduce=build.overlap_grad_reduce,
+        overlap_param_gather=build.overlap_param_gather,
+        use_distributed_optimizer=build.distributed_optimizer,
         check_for_nan_in_grad=False,  # NaN losses are judged (and rolled back) by the loop
     )
     chunks = []
-    vpp = layout.vpp or 1
+    vpp = build.vpp or 1
     for vp in range(vpp):
-        vp_stage = vp if layout.vpp else None
+        vp_stage = vp if build.vpp else None
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         chunk = build_chunk(
-            arch, config, tp=layout.tp, vp_stage=vp_stage, pre_process=pre, post_process=post, use_te=use_te
+            arch, config, tp=build.tp, vp_stage=vp_stage, pre_process=pre, post_process=post, use_te=use_te
         ).to(device)
         # As Megatron-LM: later chunks' reduces already overlap the earlier chunks' backward, so
         # only the first chunk is split into buckets.
@@ -172,21 +172,21 @@ def unwrap(chunk: torch.nn.Module) -> GPTModel:
     return chunk.module if isinstance(chunk, DistributedDataParallel) else chunk
 
 
-def stage_parameter_count(arch: Architecture, layout: Layout, *, pp_rank: int) -> int:
+def stage_parameter_count(arch: Architecture, build: ModelBuild, *, pp_rank: int) -> int:
     """Parameters of one pipeline stage, built on the meta device (no memory) at TP=1: megatron's
     own split decides the stage's layer count, the stage is then built as a one-stage model with
     that many layers, the embedding on the first stage and the output layer on the last.
     Needs an initialized process group and parallel_state (a 1-process gloo group will do)."""
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
-    full = transformer_config(arch, replace(layout, tp=1), on_gpu=False, initialize=False)
+    full = transformer_config(arch, replace(build, tp=1), on_gpu=False, initialize=False)
     total = 0
     with torch.device("meta"):
-        for vp in range(layout.vpp or 1):
-            vp_stage = vp if layout.vpp else None
+        for vp in range(build.vpp or 1):
+            vp_stage = vp if build.vpp else None
             layers = get_num_layers_to_build(full, vp_stage=vp_stage, pp_rank=pp_rank)
             stage = transformer_config(
-                arch.model_copy(update={"num_layers": layers}), Layout(), on_gpu=False, initialize=False
+                arch.model_copy(update={"num_layers": layers}), ModelBuild(), on_gpu=False, initialize=False
             )
             stage.use_cpu_initialization = False
             chunk = build_chunk(
@@ -196,7 +196,7 @@ def stage_parameter_count(arch: Architecture, layout: Layout, *, pp_rank: int) -
                 vp_stage=None,
                 use_te=False,
                 pre_process=pp_rank == 0 and vp == 0,
-                post_process=pp_rank == layout.pp - 1 and vp == (layout.vpp or 1) - 1,
+                post_process=pp_rank == build.pp - 1 and vp == (build.vpp or 1) - 1,
             )
             total += sum(p.numel() for p in chunk.parameters())
     return total
@@ -204,7 +204,7 @@ def stage_parameter_count(arch: Architecture, layout: Layout, *, pp_rank: int) -
 
 def meta_parameter_count(arch: Architecture) -> int:
     """Parameters of the whole megatron-core model (TP=1, PP=1), built on the meta device."""
-    return stage_parameter_count(arch, Layout(), pp_rank=0)
+    return stage_parameter_count(arch, ModelBuild(), pp_rank=0)
 
 
 @contextmanager

@@ -12,10 +12,10 @@ from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_mega
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from trainer.config import TrainConfig
-from trainer.model import Layout
+from trainer.model import ModelBuild
 
 
-def build_optimizer(chunks: list[torch.nn.Module], cfg: TrainConfig, layout: Layout) -> MegatronOptimizer:
+def build_optimizer(chunks: list[torch.nn.Module], cfg: TrainConfig, build: ModelBuild) -> MegatronOptimizer:
     """AdamW with weight decay on matrices only (megatron's default groups skip norms and biases)."""
     config = OptimizerConfig(
         optimizer="adam",
@@ -26,10 +26,10 @@ def build_optimizer(chunks: list[torch.nn.Module], cfg: TrainConfig, layout: Lay
         adam_beta2=cfg.beta2,
         adam_eps=1e-8,
         clip_grad=cfg.grad_clip,
-        bf16=layout.bf16,
-        params_dtype=torch.bfloat16 if layout.bf16 else torch.float32,
-        use_distributed_optimizer=layout.distributed_optimizer,
-        overlap_param_gather=layout.overlap_param_gather,
+        bf16=build.bf16,
+        params_dtype=torch.bfloat16 if build.bf16 else torch.float32,
+        use_distributed_optimizer=build.distributed_optimizer,
+        overlap_param_gather=build.overlap_param_gather,
     )
     optimizer = get_megatron_optimizer(config, chunks)
     init_optimizer_state(optimizer)
@@ -39,7 +39,7 @@ def build_optimizer(chunks: list[torch.nn.Module], cfg: TrainConfig, layout: Lay
 def init_optimizer_state(optimizer: MegatronOptimizer) -> None:
     """Create torch Adam's moments and step counters up front (megatron's own init_state_fn leaves
     `step` out, which its distributed optimizer's state_dict then asserts on), so a fresh and a
-    resumed run have the same state layout. TE/apex fused Adam keeps its step per group instead.
+    resumed run have the same state build. TE/apex fused Adam keeps its step per group instead.
     The step lives where torch expects it: on the parameter's device for fused or capturable Adam."""
     for inner in (o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])):
         if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):

@@ -120,7 +120,7 @@ def write_core16(out: Path) -> None:
     from trainer.checkpoint.state import OPTIMIZER_SHARDING
     from trainer.config import TrainConfig
     from trainer.cpu_bridge import install_cpu_bridge
-    from trainer.model import Layout, build_model, unwrap
+    from trainer.model import ModelBuild, build_model, unwrap
     from trainer.optim import build_optimizer
     from trainer.presets import PRESETS
 
@@ -128,12 +128,12 @@ def write_core16(out: Path) -> None:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
     torch.manual_seed(0)
-    layout = Layout(distributed_optimizer=True)
+    build = ModelBuild(distributed_optimizer=True)
     arch = PRESETS["tiny"].model_copy(
         update={"num_layers": 1, "hidden_size": 32, "ffn_hidden_size": 64, "vocab_size": 128}
     )
-    [chunk] = build_model(arch, layout, device=torch.device("cpu"))
-    optimizer = build_optimizer([chunk], TrainConfig(), layout)
+    [chunk] = build_model(arch, build, device=torch.device("cpu"))
+    optimizer = build_optimizer([chunk], TrainConfig(), build)
     args = argparse.Namespace(
         tensor_model_parallel_size=1, pipeline_model_parallel_size=1, use_distributed_optimizer=True
     )

@@ -20,7 +20,7 @@ EXAMPLE_405B = REPO / "examples" / "llama31-405b.yaml"
 
 
 def test_405b_example_first_and_last_stage_parameters_match_the_planner(single_process_megatron):
-    from trainer.model import Layout, stage_parameter_count
+    from trainer.model import ModelBuild, stage_parameter_count
 
     cfg = load_config(EXAMPLE_405B, [])
     arch, p = cfg.model.architecture(), cfg.parallel
@@ -30,7 +30,7 @@ def test_405b_example_first_and_last_stage_parameters_match_the_planner(single_p
     layout = planner.Layout(tp=1, pp=p.pp, cp=p.cp, dp=cfg.dp(cfg.world_size))
     stages = planner.memory_per_stage(arch, layout, seq_len=cfg.seq_len, micro_batch=1, grad_accum=cfg.grad_accum)
     for pp_rank in (0, p.pp - 1):
-        built = stage_parameter_count(arch, Layout(pp=p.pp), pp_rank=pp_rank)
+        built = stage_parameter_count(arch, ModelBuild(pp=p.pp), pp_rank=pp_rank)
         assert built == stages[pp_rank].params, pp_rank
     assert stages[0].params == stages[-1].params - arch.hidden_size  # 15 layers + embedding / + output, norm
     full_layout = planner.Layout(tp=p.tp, pp=p.pp, cp=p.cp, dp=cfg.dp(cfg.world_size))
@@ -49,16 +49,16 @@ def _measure(rank: int, world: int, port: int, out: str) -> None:
     from resilient.rank.env import RankEnv
     from trainer import distributed
     from trainer.config import TrainConfig
-    from trainer.model import Layout, build_model
+    from trainer.model import ModelBuild, build_model
     from trainer.optim import build_optimizer
 
     env = RankEnv(
         rank=rank, local_rank=rank, world_size=world, local_world_size=world, master_addr="127.0.0.1", master_port=port
     )
-    layout = Layout(pp=2, distributed_optimizer=True)
-    device = distributed.init_distributed(env, layout, timeout_s=120)
-    chunks = build_model(PRESETS["tiny"].model_copy(update={"num_layers": 4}), layout, device=device)
-    optimizer = build_optimizer(chunks, TrainConfig(), layout)
+    build = ModelBuild(pp=2, distributed_optimizer=True)
+    device = distributed.init_distributed(env, build, timeout_s=120)
+    chunks = build_model(PRESETS["tiny"].model_copy(update={"num_layers": 4}), build, device=device)
+    optimizer = build_optimizer(chunks, TrainConfig(), build)
     params = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
     grads = sum(b.grad_data.numel() * b.grad_data.element_size() for c in chunks for b in c.buffers)
     moments = 0
