@@ -535,11 +535,11 @@ class Trainer:
         self._beat(
             Phase.STEP, state.step, **figures, compute_time=compute_time, ckpt_intervals=self.checkpointer.intervals
         )
+        if not self.is_logger:
+            return
         record = {"ts": time.time(), "attempt": self.env.attempt, "step": state.step, **figures, **extra}
         if self.device.type == "cuda":  # rank 0's high-water mark, for checking the planner's memory model
             record["max_memory_allocated"] = torch.cuda.max_memory_allocated(self.device)
-        if not self.is_logger:
-            return
         ledger.append_jsonl(RunDir(self.run_dir).train_log, record)
         if state.step % self.cfg.train.log_every == 0 or state.step == self.cfg.train.steps:
             log.info(

@@ -768,15 +768,7 @@ class Supervisor:
                 records.bad_node(
                     self.run_dir, self.roster, lost, node_rank=None, kind="lost", reason=reason, attempt=self.attempt
                 )
-            ledger.append(
-                self.run_dir,
-                LedgerEvent.ELECTED,
-                node=self.topo.node_name,
-                slot=self.slot,
-                epoch=self.roster.epoch,
-                lost=lost,
-                attempt=self.attempt,
-            )
+            records.elected(self.run_dir, self.topo.node_name, self.slot, self.roster.epoch, lost, self.attempt)
             self._fence(lost)
         self.node = self.plan.node_rank(self.slot) if self.plan.nodes else None
         self.lost.look_now()

@@ -1,4 +1,5 @@
-"""The coordinator's ledger records of the run: its decisions, the nodes it takes out, a lost coordinator.
+"""The coordinator's ledger records of the run: its decisions, the nodes it takes out, a lost coordinator,
+an election won, a fence.
 
 Side effects only (appends to RUN_DIR/ledger.jsonl): what goes in each record is decided elsewhere
 (decisions.py, election.py); these functions say it the same way wherever it is decided.
@@ -102,6 +103,11 @@ def bad_node(
 
 def coordinator_lost(run_dir: Path, slot: int, attempt: int, reason: str, *, minority: bool) -> None:
     ledger.append(run_dir, LedgerEvent.COORDINATOR_LOST, node=slot, attempt=attempt, reason=reason, minority=minority)
+
+
+def elected(run_dir: Path, host: str, slot: int, epoch: int, lost: int, attempt: int) -> None:
+    """Slot `slot` won the election of `epoch` after coordinator slot `lost` was lost."""
+    ledger.append(run_dir, LedgerEvent.ELECTED, node=host, slot=slot, epoch=epoch, lost=lost, attempt=attempt)
 
 
 def fenced(run_dir: Path, roster: Roster, slot: int, pid: int | None, ok: bool, detail: str) -> None:
