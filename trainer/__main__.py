@@ -10,9 +10,38 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import traceback
 
 from resilient.core.exit_codes import ExitCode
+
+LEAVE_TIMEOUT_S = 10.0
+"""How long an error exit waits to leave the process group before exiting without tearing it down."""
+
+
+def _leave_group(code: int) -> int:
+    """Leave the process group, then exit with `code`. A gloo thread still joinable when the interpreter tears
+    down aborts the process (SIGABRT), and the rank's verdict, its exit code, would be lost. Bounded: if leaving
+    hangs on a peer, exit without teardown (nothing of a committed checkpoint depends on it)."""
+    distributed = sys.modules.get("trainer.distributed")
+    if distributed is None:  # never joined one
+        return code
+
+    def leave() -> None:
+        try:
+            distributed.shutdown()
+        except Exception:  # noqa: BLE001 - the exit code is the verdict; a failed teardown does not change it
+            pass
+
+    leaving = threading.Thread(target=leave, name="leave-group", daemon=True)
+    leaving.start()
+    leaving.join(LEAVE_TIMEOUT_S)
+    if leaving.is_alive():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,16 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     except ResilientError as err:
         print(f"resilient trainer: {err.one_line()}", file=sys.stderr)
         heartbeat.send(Phase.ERROR, -1, message=str(err), exit_code=int(err.exit_code))
-        return int(err.exit_code)
+        return _leave_group(int(err.exit_code))
     except Exception as err:
         vanished = trainer.storage_problem() if trainer is not None else None
         if vanished:  # e.g. a file of a checkpoint directory being removed: a storage fault, as the check would say
             print(f"resilient trainer: storage fault: {vanished} ({type(err).__name__}: {err})"[:1000], file=sys.stderr)
             heartbeat.send(Phase.ERROR, -1, message=vanished, exit_code=int(ExitCode.STORAGE_FAULT))
-            return int(ExitCode.STORAGE_FAULT)
+            return _leave_group(int(ExitCode.STORAGE_FAULT))
         traceback.print_exc()
         heartbeat.send(Phase.ERROR, -1, message=f"{type(err).__name__}: {err}"[:500])
-        return int(ExitCode.RANK_FAILED)
+        return _leave_group(int(ExitCode.RANK_FAILED))
 
 
 if __name__ == "__main__":
