@@ -20,9 +20,10 @@ LEAVE_TIMEOUT_S = 10.0
 
 
 def _leave_group(code: int) -> int:
-    """Leave the process group, then exit with `code`. A gloo thread still joinable when the interpreter tears
-    down aborts the process (SIGABRT), and the rank's verdict, its exit code, would be lost. Bounded: if leaving
-    hangs on a peer, exit without teardown (nothing of a committed checkpoint depends on it)."""
+    """Leave the process group after an error, and return `code`, the rank's verdict. A gloo thread still
+    joinable when the interpreter tears down aborts the process (SIGABRT), and the verdict would be lost.
+    Bounded: if leaving hangs on a peer, exit with `code` at once, without teardown (nothing of a committed
+    checkpoint depends on it)."""
     distributed = sys.modules.get("trainer.distributed")
     if distributed is None:  # never joined one
         return code
@@ -80,20 +81,22 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.loop import Trainer
 
         trainer = Trainer(cfg, env, env.run_dir or cfg.run_dir)
-        return int(trainer.run())
+        return int(trainer.run())  # a finished or stopped run has left its process group
     except ResilientError as err:
         print(f"resilient trainer: {err.one_line()}", file=sys.stderr)
         heartbeat.send(Phase.ERROR, -1, message=str(err), exit_code=int(err.exit_code))
-        return _leave_group(int(err.exit_code))
+        code = int(err.exit_code)
     except Exception as err:
         vanished = trainer.storage_problem() if trainer is not None else None
         if vanished:  # e.g. a file of a checkpoint directory being removed: a storage fault, as the check would say
             print(f"resilient trainer: storage fault: {vanished} ({type(err).__name__}: {err})"[:1000], file=sys.stderr)
             heartbeat.send(Phase.ERROR, -1, message=vanished, exit_code=int(ExitCode.STORAGE_FAULT))
-            return _leave_group(int(ExitCode.STORAGE_FAULT))
-        traceback.print_exc()
-        heartbeat.send(Phase.ERROR, -1, message=f"{type(err).__name__}: {err}"[:500])
-        return _leave_group(int(ExitCode.RANK_FAILED))
+            code = int(ExitCode.STORAGE_FAULT)
+        else:
+            traceback.print_exc()
+            heartbeat.send(Phase.ERROR, -1, message=f"{type(err).__name__}: {err}"[:500])
+            code = int(ExitCode.RANK_FAILED)
+    return _leave_group(code)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def build_optimizer(chunks: list[torch.nn.Module], cfg: TrainConfig, build: Mode
 def init_optimizer_state(optimizer: MegatronOptimizer) -> None:
     """Create torch Adam's moments and step counters up front (megatron's own init_state_fn leaves
     `step` out, which its distributed optimizer's state_dict then asserts on), so a fresh and a
-    resumed run have the same state build. TE/apex fused Adam keeps its step per group instead.
+    resumed run have the same state structure. TE/apex fused Adam keeps its step per group instead.
     The step lives where torch expects it: on the parameter's device for fused or capturable Adam."""
     for inner in (o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])):
         if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):

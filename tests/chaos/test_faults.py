@@ -86,8 +86,9 @@ def test_fault_leaves_the_same_bits(tmp_path, reference, fault, exits):
         # the rerun got) is the next one
         trained = [r for r in read_jsonl(tmp_path / "run" / "train_log.jsonl") if "loss" in r]
         after = trained[max(i for i, r in enumerate(trained) if r["step"] == stopped) + 1 :]
-        story = [(e["event"], e.get("attempt"), e.get("step"), e.get("reason")) for e in ledger.read(report["run_dir"])]
-        assert after and after[0]["step"] == stopped + 1, story
+        assert after and after[0]["step"] == stopped + 1, [  # on failure, the ledger's story
+            (e["event"], e.get("attempt"), e.get("step"), e.get("reason")) for e in ledger.read(report["run_dir"])
+        ]
 
 
 def test_two_nodes_restart_together_and_end_on_the_same_bits(tmp_path, reference):

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(120)
 
 CHILD = textwrap.dedent(
     """
-    import sys, threading, time, types
+    import sys, threading, types
     import trainer.__main__ as entry
 
     # a process group whose teardown never returns (a peer that never answers)
