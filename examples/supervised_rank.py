@@ -41,6 +41,7 @@ def main() -> int:
         os.replace(tmp, ckpt)
         beat.send(Phase.STEP, step, ckpt_step=step, ckpt_blocking_s=time.monotonic() - started)
 
+    beat.send(Phase.STEP, step)  # training starts: the first step, with its one-off costs, gets a longer timeout
     while step < args.steps:
         # With torch.distributed, all-reduce the flag here so every rank stops after the same step.
         if stop.requested:

@@ -117,7 +117,8 @@ class SupervisorConfig(Section):
     eval_timeout_s: float = Field(900.0, gt=0)
     """Longest `eval` phase before a hang is declared."""
     step_timeout_initial_s: float = Field(600.0, gt=0)
-    """Step timeout until enough step times were observed to calibrate it."""
+    """Step timeout until enough step times were observed to calibrate it, and for each rank's first step of an
+    attempt (lazy communicator setup, data-loader workers and compilation make it slower than the rest)."""
     step_timeout_factor: float = Field(5.0, ge=1.0)
     """Calibrated step timeout = factor x the longest recent step time (but at least the floor)."""
     step_timeout_floor_s: float = Field(30.0, gt=0)

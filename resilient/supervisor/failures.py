@@ -127,7 +127,9 @@ def hang_failure(
         view = tracker.views[r.spec.rank]
         if heard_only and view.last_heartbeat is None:
             continue
-        hung, reason = timeouts.is_hung(view.phase, view.last_progress, now, step_timeout, cfg, ckpt_timeout)
+        hung, reason = timeouts.is_hung(
+            view.phase, view.last_progress, now, step_timeout, cfg, ckpt_timeout, first_step=view.first_step_running
+        )
         if hung:
             stale[view.rank] = (r, reason)
     if not stale:

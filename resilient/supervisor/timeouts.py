@@ -43,9 +43,16 @@ def calibrated_checkpoint_timeout(blocking_times: Sequence[float], cfg: Supervis
 
 
 def phase_timeout(
-    phase: str, step_timeout: float, cfg: SupervisorConfig, checkpoint_timeout: float | None = None
+    phase: str,
+    step_timeout: float,
+    cfg: SupervisorConfig,
+    checkpoint_timeout: float | None = None,
+    *,
+    first_step: bool = False,
 ) -> tuple[float, str]:
-    """Which timeout governs a rank whose last heartbeat was in `phase`."""
+    """Which timeout governs a rank whose last heartbeat was in `phase`. A rank's `first_step` of an attempt
+    (or after a rollback) gets the initial step timeout: its one-off costs (lazy communicator setup, data-loader
+    workers, compilation) are not in the step times the calibrated timeout comes from."""
     fixed: dict[str, float] = {  # Phase is a StrEnum: a heartbeat's phase string finds its member
         Phase.INIT: cfg.init_timeout_s,
         Phase.BUILD: cfg.build_timeout_s,
@@ -57,6 +64,9 @@ def phase_timeout(
     }
     if phase in fixed:
         return fixed[phase], f"{phase} timeout {fixed[phase]:g}s"
+    if first_step:
+        limit = max(step_timeout, cfg.step_timeout_initial_s)
+        return limit, f"first step's timeout {limit:g}s"
     return step_timeout, f"step timeout {step_timeout:.3g}s"
 
 
@@ -67,9 +77,11 @@ def is_hung(
     step_timeout: float,
     cfg: SupervisorConfig,
     checkpoint_timeout: float | None = None,
+    *,
+    first_step: bool = False,
 ) -> tuple[bool, str]:
     """A rank is hung when it made no heartbeat progress (new phase or step) within its phase's timeout."""
-    limit, which = phase_timeout(phase, step_timeout, cfg, checkpoint_timeout)
+    limit, which = phase_timeout(phase, step_timeout, cfg, checkpoint_timeout, first_step=first_step)
     idle = now - last_progress
     if idle > limit:
         return True, f"no heartbeat progress for {idle:.1f}s in phase {phase} (exceeds {which})"

@@ -2,8 +2,10 @@
 
 import pytest
 
+from resilient.rank.heartbeat import Heartbeat
 from resilient.supervisor import timeouts as t
 from resilient.supervisor.config import SupervisorConfig
+from resilient.supervisor.tracking import HeartbeatTracker, RankView
 
 CFG = SupervisorConfig(
     step_timeout_initial_s=100,
@@ -80,3 +82,30 @@ def test_all_done_counts_ranks_lingering_after_done():
     assert t.all_done([("done", None), ("step", 0)])
     assert not t.all_done([("done", None), ("step", None)])
     assert not t.all_done([("done", None), ("done", 3)])
+
+
+def test_a_ranks_first_step_of_an_attempt_keeps_the_initial_step_timeout():
+    # lazy communicator setup, data-loader workers and compilation fall in the first step: a 4 s calibrated
+    # timeout from steady-state steps declared a 5 s first step after a restart hung
+    assert t.phase_timeout("step", 12.0, CFG, first_step=True)[0] == 100
+    assert t.phase_timeout("step", 400.0, CFG, first_step=True)[0] == 400  # never shorter than the calibrated one
+    assert not t.is_hung("step", 100.0, 150.0, 12.0, CFG, first_step=True)[0]
+    hung, reason = t.is_hung("step", 100.0, 201.0, 12.0, CFG, first_step=True)
+    assert hung and "first step's timeout 100s" in reason
+    assert t.is_hung("checkpoint", 100.0, 171.0, 12.0, CFG, first_step=True)[0]  # other phases keep theirs
+
+
+def test_the_tracker_knows_when_a_ranks_first_step_is_under_way():
+    tracker = HeartbeatTracker(window=4)
+    tracker.track([RankView(rank=0, local_rank=0, pid=1, last_progress=0.0)])
+    view = tracker.views[0]
+
+    def beat(phase: str, step: int) -> bool:
+        hb = Heartbeat(attempt=2, rank=0, local_rank=0, pid=1, phase=phase, step=step, ts=0.0)
+        assert tracker.observe(hb, attempt=2, now=1.0)
+        return view.first_step_running
+
+    assert [beat("init", 0), beat("restore", 0), beat("step", 9)] == [False, False, True]  # resumed at 9
+    assert [beat("step", 10), beat("checkpoint", 12), beat("step", 12), beat("eval", 12)] == [False] * 4
+    assert beat("step", 8)  # rolled back to 8: the loader and the first step start over
+    assert not beat("step", 9)
