@@ -209,6 +209,7 @@ def main() -> None:
         "faults_by_kind": {k: sum(f["kind"] == k for f in report["faults"]) for k in FAULTS},
         "detection_latency_s": {k: [f["detection_latency_s"] for f in injected if f["kind"] == k] for k in FAULTS},
         "not_injected": report["not_injected"],
+        "false_alarms": report["false_alarms"],
         "orphans": report["orphans"],
         "goodput_measured": gp["ratio"],
         "badput_s": gp["badput_s"],

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,19 @@ def recomputed_executions(train_log: Iterable[Mapping[str, Any]]) -> tuple[int, 
             seconds += float(rec["step_time"])
         seen.add(rec["step"])
     return count, seconds
+
+
+def false_alarms(failures: Iterable[Mapping[str, Any]], causes: Iterable[Collection[str]]) -> list[Mapping[str, Any]]:
+    """The `failure` records no injected fault explains, in ledger order: each injection explains one failure
+    of each kind it may set off (its `causes`), the earliest first."""
+    left = Counter(kind for kinds in causes for kind in kinds)
+    unexplained = []
+    for failure in failures:
+        if left[failure["kind"]] > 0:
+            left[failure["kind"]] -= 1
+        else:
+            unexplained.append(failure)
+    return unexplained
 
 
 def run_processes(run_dir: Path, exclude: Iterable[int] = ()) -> list[psutil.Process]:
@@ -69,6 +83,10 @@ def verdicts(report: Mapping[str, Any], *, reference_digest: str | None, expect_
     missed = [f["kind"] for f in report["faults"] if f["detection_latency_s"] is None]
     if missed:
         failed["detected"] = f"faults injected but never seen in the ledger: {missed}"
+    if report["false_alarms"]:
+        failed["false_alarms"] = "failures no injected fault explains: " + "; ".join(
+            f"{f['kind']} ({f['reason']})" for f in report["false_alarms"]
+        )
     if report["not_injected"]:
         failed["injected"] = f"faults whose moment never came: {report['not_injected']}"
     gp = report["goodput"]

@@ -63,6 +63,9 @@ class Fault:
     """True when the run, by design, ends on other bits than a fault-free run (NaN rollback skips data)."""
     ready_timeout_s: ClassVar[float] = 120.0
     """How long the runner waits for `ready` before recording the fault as not injected."""
+    causes: ClassVar[frozenset[str]] = frozenset()
+    """The ledger's `failure` kinds the fault sets off, at most one of each per injection: a drill with any
+    other failure raised a false alarm (a restart the run paid for nothing)."""
     armed_ahead: ClassVar[bool] = False
     """With a step trigger, `arm_at` writes the fault into RUN_DIR/faults.json before the run starts, for
     exactly that step (the rank inflicts it on itself), instead of `inject` acting when the step passed."""
@@ -101,6 +104,7 @@ class KillRank(Fault):
     """SIGKILL a random rank: the supervisor sees the exit and restarts every rank from the last checkpoint."""
 
     name = "kill_rank"
+    causes = frozenset({"rank_exit"})
     detects = _failure("rank_exit")
 
     def inject(self, d: Drill) -> dict[str, Any]:
@@ -111,6 +115,7 @@ class HangRank(Fault):
     """SIGSTOP a random rank: no more heartbeats; the step timeout declares a hang (the teardown's SIGKILL ends it)."""
 
     name = "hang_rank"
+    causes = frozenset({"hang"})
     detects = _failure("hang")
 
     def inject(self, d: Drill) -> dict[str, Any]:
@@ -147,6 +152,7 @@ class KillDuringSave(Fault):
     """SIGKILL a rank while a checkpoint is being written (a step directory without its marker exists)."""
 
     name = "ckpt_write_kill"
+    causes = frozenset({"rank_exit"})
     detects = _failure("rank_exit")
 
     def ready(self, d: Drill) -> bool:
@@ -162,6 +168,7 @@ class CorruptCheckpoint(Fault):
     the damage, quarantine it and fall back to the previous checkpoint."""
 
     name = "corrupt_ckpt"
+    causes = frozenset({"rank_exit"})
 
     def ready(self, d: Drill) -> bool:
         return d.training() and d.save_in_flight() is None and len(ondisk.committed_steps(d.ckpt_root)) >= 2
@@ -186,6 +193,7 @@ class FillDisk(Fault):
     space is freed once either was seen, and the run must still finish with the same bits."""
 
     name = "fill_disk"
+    causes = frozenset({"storage"})
     FILLER = ".chaos-filler"
 
     def ready(self, d: Drill) -> bool:
@@ -318,6 +326,7 @@ class BitFlip(Fault):
     that computes the step again must not flip it again); with a time trigger, just ahead of the run."""
 
     name = "bitflip"
+    causes = frozenset({"rank_error"})  # a rank reports the finding, which ends the attempt
     armed_ahead = True
     AHEAD = 3
 
@@ -358,6 +367,7 @@ class GpuHealth(Fault):
     the drill treats as a requeue onto a repaired node (the scripted state is cleared before relaunch)."""
 
     name = "gpu_health"
+    causes = frozenset({"health"})
 
     def ready(self, d: Drill) -> bool:
         return d.training() and d.fake_nvml_file is not None

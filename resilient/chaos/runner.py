@@ -385,6 +385,9 @@ def _report(
         "digest": final_digest(d.ckpt_root, d.cfg.train.steps) if finished else None,
         "faults": [i.to_json() for i in injections],
         "not_injected": not_injected,
+        "false_alarms": checks.false_alarms(
+            [r for r in d.ledger_records if r.get("event") == "failure"], [instances[i.kind].causes for i in injections]
+        ),
         "orphans": checks.orphans(d.run_dir, wait_s=d.opts.orphan_wait_s, exclude=[os.getpid()]),
         "goodput": {
             "ratio": round(gp.ratio, 4),

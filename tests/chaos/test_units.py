@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from resilient.chaos.checks import recomputed_executions
+from resilient.chaos.checks import false_alarms, recomputed_executions
 from resilient.chaos.schedule import Trigger, build_schedule, due
 from resilient.core.errors import ConfigError
 from trainer.numerics import LossHistory, SkippingLoader, judge_loss, rollback_allowed
@@ -99,3 +99,12 @@ def test_skipping_loader_jumps_windows_and_keeps_them_in_its_state():
 def test_recomputed_executions_counts_earlier_occurrences():
     log = [{"step": s, "step_time": 1.0} for s in (1, 2, 3, 4, 3, 4, 5)] + [{"step": 5, "val_loss": 1.0}]
     assert recomputed_executions(log) == (2, 2.0)
+
+
+def test_a_failure_no_injected_fault_explains_is_a_false_alarm():
+    hang, exit_, health = ({"kind": k, "reason": k} for k in ("hang", "rank_exit", "health"))
+    # a hang_rank and a gpu_health injection explain one hang and one health failure, in either order
+    assert false_alarms([health, hang], [{"hang"}, {"health"}]) == []
+    # a second hang (a slow first step after a restart, judged by the steady-state timeout) is not explained
+    assert false_alarms([hang, exit_, hang], [{"hang"}, {"rank_exit"}]) == [hang]
+    assert false_alarms([exit_], [set()]) == [exit_]  # a preemption sets off no failure
