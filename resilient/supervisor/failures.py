@@ -128,7 +128,7 @@ def hang_failure(
         if heard_only and view.last_heartbeat is None:
             continue
         hung, reason = timeouts.is_hung(
-            view.phase, view.last_progress, now, step_timeout, cfg, ckpt_timeout, first_step=view.first_step_running
+            view.phase, view.last_progress, now, step_timeout, cfg, ckpt_timeout, first_step=view.in_first_step
         )
         if hung:
             stale[view.rank] = (r, reason)

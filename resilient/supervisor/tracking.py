@@ -33,15 +33,15 @@ class RankView:
     """The exit code an `error` heartbeat announced, if any."""
     done_message: str | None = None
     """Why the rank's work ended, as its `done` heartbeat said (e.g. Megatron's --exit-interval)."""
-    start_step: int | None = None
-    """The step the rank (re)started training at: its first `step` heartbeat of the attempt, or one that went
+    trains_from: int | None = None
+    """The step the rank (re)started training from: its first `step` heartbeat of the attempt, or one that went
     back (a rollback). Until it moves past it, its first step, with the one-off costs, is under way."""
 
     @property
-    def first_step_running(self) -> bool:
+    def in_first_step(self) -> bool:
         """Training started (or restarted) and no step completed since: lazy communicator setup, data-loader
         workers and compilation fall in this step, so its duration says nothing about the steps after."""
-        return self.phase == Phase.STEP and self.step is not None and self.step == self.start_step
+        return self.phase == Phase.STEP and self.step is not None and self.step == self.trains_from
 
 
 @dataclass
@@ -73,8 +73,8 @@ class HeartbeatTracker:
         if view is None or hb.get("attempt") != attempt:
             return False
         phase, step = str(hb.get("phase")), hb["step"]
-        if phase == Phase.STEP and (view.start_step is None or (view.step is not None and step < view.step)):
-            view.start_step = step
+        if phase == Phase.STEP and (view.trains_from is None or (view.step is not None and step < view.step)):
+            view.trains_from = step
         if (phase, step) != view.progress_key:
             # Without a reported step time, the gap between two step heartbeats is the step time.
             if phase == Phase.STEP and view.progress_key[0] == Phase.STEP and not _positive(hb.get("step_time")):

@@ -103,7 +103,7 @@ def test_the_tracker_knows_when_a_ranks_first_step_is_under_way():
     def beat(phase: str, step: int) -> bool:
         hb = Heartbeat(attempt=2, rank=0, local_rank=0, pid=1, phase=phase, step=step, ts=0.0)
         assert tracker.observe(hb, attempt=2, now=1.0)
-        return view.first_step_running
+        return view.in_first_step
 
     assert [beat("init", 0), beat("restore", 0), beat("step", 9)] == [False, False, True]  # resumed at 9
     assert [beat("step", 10), beat("checkpoint", 12), beat("step", 12), beat("eval", 12)] == [False] * 4
