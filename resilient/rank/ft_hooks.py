@@ -7,7 +7,8 @@ these arguments; `python -m trainer.megatron_lm` chains the function of the same
     setup()                                    before initialize_megatron        -> init
     resumed(iteration)                         after load_checkpoint returned    -> restore at the resume point
     on_checkpoint_loaded(is_local_chkpt)       inside load_checkpoint            (no heartbeat: `resumed` follows)
-    on_training_step_start()                   before train_step
+    on_training_step_start()                   before train_step                 -> step, when training (re)starts
+                                                                                    or an evaluation ended
     on_training_step_end()                     after train_step                  -> step (one more), with its step time
     on_eval_step_start() / on_eval_step_end()  around each evaluation step       -> eval
     on_checkpointing_start()                   before save_checkpoint / async finalization -> checkpoint
@@ -47,6 +48,8 @@ class MegatronLMHeartbeats:
         self._send(Phase.RESTORE)
 
     def on_training_step_start(self) -> None:
+        if self.phase is not Phase.STEP:  # the first step (its one-off costs get their own timeout) or after eval
+            self._send(Phase.STEP)
         self._step_started = time.monotonic()
 
     def on_training_step_end(self, iteration: int | None = None, **fields: object) -> None:

@@ -90,6 +90,8 @@ def test_megatron_lm_hook_points_become_heartbeats(tmp_path):
     got = server.drain()  # a Unix datagram queue may hold as few as 10 (net.unix.max_dgram_qlen)
     mlm_hooks.on_eval_step_start()
     mlm_hooks.on_eval_step_start()
+    mlm_hooks.on_training_step_start()  # the evaluation ended: back to the step timeout
+    mlm_hooks.on_training_step_end()
     mlm_hooks.on_checkpointing_start()
     mlm_hooks.on_checkpointing_end(is_async_finalization=False)
     mlm_hooks.shutdown()
@@ -104,12 +106,28 @@ def test_megatron_lm_hook_points_become_heartbeats(tmp_path):
         ("step", 101),
         ("step", 102),
         ("eval", 102),
-        ("checkpoint", 102),
         ("step", 102),
-        ("done", 102),
+        ("step", 103),
+        ("checkpoint", 103),
+        ("step", 103),
+        ("done", 103),
     ]
     assert got[4]["loss"] == 2.5 and got[4]["step_time"] >= 0 and "ckpt_step" not in got[3]
-    assert got[10]["ckpt_step"] == 102 and got[10]["ckpt_blocking_s"] >= 0
-    assert hooks.iteration == 102 and got[-1]["phase"] == Phase.DONE
+    assert got[12]["ckpt_step"] == 103 and got[12]["ckpt_blocking_s"] >= 0
+    assert hooks.iteration == 103 and got[-1]["phase"] == Phase.DONE
     mlm_hooks.on_training_step_end()  # after shutdown: a no-op
     server.close()
+
+
+def test_megatron_lm_hooks_announce_trainings_start_without_an_async_save(tmp_path):
+    # Without --async-save no finalization hook runs before the first iteration: the step start says that
+    # training starts at the resumed iteration, so the supervisor gives that first step its own timeout
+    server = HeartbeatServer(tmp_path / "hb")
+    mlm_hooks.setup(RankEnv(rank=0, heartbeat_socket=server.path))
+    mlm_hooks.resumed(7)
+    for _ in range(2):
+        mlm_hooks.on_training_step_start()
+        mlm_hooks.on_training_step_end()
+    got = [(b["phase"], b["step"]) for b in server.drain()]
+    server.close()
+    assert got == [("init", 0), ("restore", 7), ("step", 7), ("step", 8), ("step", 9)]
