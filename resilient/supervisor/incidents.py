@@ -42,6 +42,8 @@ from resilient.supervisor.ranks import RankProcess, log_path
 
 HANG_KINDS = ("hang",)
 CRASH_KINDS = ("rank_exit", "rank_error")
+# A rank that gave up waiting on a peer is a hang its transport found: gloo's and NCCL's watchdog messages
+COLLECTIVE_TIMEOUTS = ("Timed out waiting", "Watchdog caught collective operation timeout")
 DUMP_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 60
 # PyTorch's NCCL flight recorder: ranks write `<TEMP_FILE><rank>`; writing to `<PIPE_FILE><rank>.pipe`
@@ -82,8 +84,9 @@ def capture(
 ) -> str | None:
     """Write the incident for failure `kind` and return its directory relative to the run dir (None if
     the kind has no evidence to take or collecting failed). `peer`: the failure is another node's; only
-    a hang needs this node's stacks too."""
-    if kind not in (HANG_KINDS if peer else HANG_KINDS + CRASH_KINDS):
+    a hang (or a rank's collective that timed out waiting for a peer) needs this node's stacks too."""
+    waited = kind in CRASH_KINDS and collective_timeout(reason)
+    if not (kind in HANG_KINDS or waited or (kind in CRASH_KINDS and not peer)):
         return None
     out = RunDir(run_dir).incidents / f"{attempt}-{kind}"
     rel = str(out.relative_to(run_dir))
@@ -92,6 +95,8 @@ def capture(
         summary = {"kind": kind, "attempt": attempt, "reason": reason, "failed_rank": rank, "created_at": time.time()}
         if kind in HANG_KINDS:
             summary |= _hang(out, ranks, node)
+        elif waited:  # the failed rank waited on another, maybe on another node: every live rank's stack
+            summary |= _crash(out, rank, ranks, tail_name=f"rank{rank}.log.txt") | _hang(out, ranks, node)
         else:
             summary |= _crash(out, rank, ranks)
         atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=str), durable=False)
@@ -100,6 +105,11 @@ def capture(
     except Exception as err:  # noqa: BLE001 - evidence is best effort; recovery goes on
         print(f"resilient: could not record the {kind} incident: {type(err).__name__}: {err}", file=sys.stderr)
         return None
+
+
+def collective_timeout(reason: str) -> bool:
+    """Whether a rank's error is a collective that timed out waiting for a peer (gloo, NCCL's watchdog)."""
+    return any(text in reason for text in COLLECTIVE_TIMEOUTS)
 
 
 def render_summary(s: dict[str, Any]) -> str:
@@ -234,12 +244,12 @@ def _copy_nccl_dumps(out: Path, live: list[Target], triggered: bool) -> None:
 # -- crash ---------------------------------------------------------------------------------------------
 
 
-def _crash(out: Path, rank: int | None, ranks: list[Target]) -> dict[str, Any]:
+def _crash(out: Path, rank: int | None, ranks: list[Target], tail_name: str | None = None) -> dict[str, Any]:
     t = next((t for t in ranks if t.rank == rank), None)
     if t is None:
         return {"culprit": asdict(Culprit(rank, None, "the failed rank is not on this node")), "ranks": []}
     tail = _log_tail(t.log)
-    (out / f"rank{t.rank}.txt").write_text("".join(line + "\n" for line in tail))
+    (out / (tail_name or f"rank{t.rank}.txt")).write_text("".join(line + "\n" for line in tail))
     code = t.returncode
     exit_info: dict[str, Any] = {"rank": t.rank, "pid": t.pid, "code": code}
     if code is not None and code < 0:

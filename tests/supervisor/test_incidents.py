@@ -115,6 +115,16 @@ def test_hung_jobs_name_the_rank_outside_the_collective(tmp_path):
             )
             for mode, procs in jobs.items()
         }
+        # rank 0 giving up in its all_reduce is the same hang, found by gloo: the same evidence
+        gloo = "rank 0 reported an error: RuntimeError: [unbound_buffer.cc:78] Timed out waiting 600000ms for recv"
+        waited = incidents.capture(
+            tmp_path / "skip",
+            1,
+            "rank_error",
+            0,
+            gloo,
+            [incidents.Target(r, p.pid, 3, None, None) for r, p in enumerate(jobs["skip"])],
+        )
     finally:
         for p in (p for procs in jobs.values() for p in procs):
             p.kill()
@@ -130,6 +140,16 @@ def test_hung_jobs_name_the_rank_outside_the_collective(tmp_path):
         assert r0["in_collective"] and "all_reduce" in (where / "rank0.txt").read_text()
         assert not r1["in_collective"] and any(deeper in f for f in r1["stack"])
         assert "culprit: rank 1" in (where / "summary.txt").read_text()
+    summary = json.loads((tmp_path / "skip" / waited / "summary.json").read_text())
+    assert (waited, summary["kind"], summary["culprit"]["rank"]) == ("incidents/1-rank_error", "rank_error", 1), summary
+    assert [r["in_collective"] for r in summary["ranks"]] == [True, False] and summary["exit"]["rank"] == 0
+    assert {"rank0.txt", "rank1.txt", "rank0.log.txt"} <= {p.name for p in (tmp_path / "skip" / waited).iterdir()}
+
+
+def test_a_collective_timeout_is_told_from_other_errors():
+    assert incidents.collective_timeout("RuntimeError: [unbound_buffer.cc:78] Timed out waiting 600000ms for recv")
+    assert incidents.collective_timeout("[Rank 3] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9)")
+    assert not incidents.collective_timeout("rank 1 reported an error: injected error")
 
 
 # -- through the supervisor ---------------------------------------------------------------------------
