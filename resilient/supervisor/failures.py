@@ -127,9 +127,8 @@ def hang_failure(
         view = tracker.views[r.spec.rank]
         if heard_only and view.last_heartbeat is None:
             continue
-        hung, reason = timeouts.is_hung(
-            view.phase, view.last_progress, now, step_timeout, cfg, ckpt_timeout, first_step=view.in_first_step
-        )
+        limit = timeouts.phase_timeout(view.phase, step_timeout, cfg, ckpt_timeout, first_step=view.in_first_step)
+        hung, reason = timeouts.is_hung(view.phase, view.last_progress, now, limit)
         if hung:
             stale[view.rank] = (r, reason)
     if not stale:

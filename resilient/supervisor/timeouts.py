@@ -70,18 +70,10 @@ def phase_timeout(
     return step_timeout, f"step timeout {step_timeout:.3g}s"
 
 
-def is_hung(
-    phase: str,
-    last_progress: float,
-    now: float,
-    step_timeout: float,
-    cfg: SupervisorConfig,
-    checkpoint_timeout: float | None = None,
-    *,
-    first_step: bool = False,
-) -> tuple[bool, str]:
-    """A rank is hung when it made no heartbeat progress (new phase or step) within its phase's timeout."""
-    limit, which = phase_timeout(phase, step_timeout, cfg, checkpoint_timeout, first_step=first_step)
+def is_hung(phase: str, last_progress: float, now: float, timeout: tuple[float, str]) -> tuple[bool, str]:
+    """A rank is hung when it made no heartbeat progress (new phase or step) within its phase's `timeout`
+    (`phase_timeout`'s answer: the limit and which one it is)."""
+    limit, which = timeout
     idle = now - last_progress
     if idle > limit:
         return True, f"no heartbeat progress for {idle:.1f}s in phase {phase} (exceeds {which})"

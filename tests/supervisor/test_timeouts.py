@@ -48,15 +48,15 @@ def test_phase_selects_its_timeout(phase, expected):
 
 
 def test_hang_declared_only_after_the_phase_timeout():
-    hung, reason = t.is_hung("step", last_progress=100.0, now=112.0, step_timeout=12.5, cfg=CFG)
+    hung, reason = t.is_hung("step", 100.0, 112.0, t.phase_timeout("step", 12.5, CFG))
     assert not hung and "within step timeout" in reason
-    hung, reason = t.is_hung("step", last_progress=100.0, now=113.0, step_timeout=12.5, cfg=CFG)
+    hung, reason = t.is_hung("step", 100.0, 113.0, t.phase_timeout("step", 12.5, CFG))
     assert hung and "13.0s" in reason and "step timeout 12.5s" in reason
 
 
 def test_restore_phase_is_not_judged_by_the_short_step_timeout():
-    assert not t.is_hung("restore", 0.0, 59.0, 1.0, CFG)[0]
-    assert t.is_hung("restore", 0.0, 61.0, 1.0, CFG)[0]
+    assert not t.is_hung("restore", 0.0, 59.0, t.phase_timeout("restore", 1.0, CFG))[0]
+    assert t.is_hung("restore", 0.0, 61.0, t.phase_timeout("restore", 1.0, CFG))[0]
 
 
 def test_blame_hang_prefers_the_stopped_process_then_the_lowest_step_then_the_oldest():
@@ -74,8 +74,8 @@ def test_checkpoint_timeout_calibrates_from_observed_saves():
     assert t.calibrated_checkpoint_timeout([0.2, 0.5], cfg)[0] == 6  # the floor
     assert t.calibrated_checkpoint_timeout([40.0], cfg)[0] == 120
     assert t.calibrated_checkpoint_timeout([400.0], cfg)[0] == 900  # never beyond the configured limit
-    assert t.is_hung("checkpoint", 100.0, 107.0, 1.0, cfg, checkpoint_timeout=6.0)[0]
-    assert not t.is_hung("checkpoint", 100.0, 107.0, 1.0, cfg)[0]
+    assert t.is_hung("checkpoint", 100.0, 107.0, t.phase_timeout("checkpoint", 1.0, cfg, 6.0))[0]
+    assert not t.is_hung("checkpoint", 100.0, 107.0, t.phase_timeout("checkpoint", 1.0, cfg))[0]
 
 
 def test_all_done_counts_ranks_lingering_after_done():
@@ -89,10 +89,12 @@ def test_a_ranks_first_step_of_an_attempt_keeps_the_initial_step_timeout():
     # timeout from steady-state steps declared a 5 s first step after a restart hung
     assert t.phase_timeout("step", 12.0, CFG, first_step=True)[0] == 100
     assert t.phase_timeout("step", 400.0, CFG, first_step=True)[0] == 400  # never shorter than the calibrated one
-    assert not t.is_hung("step", 100.0, 150.0, 12.0, CFG, first_step=True)[0]
-    hung, reason = t.is_hung("step", 100.0, 201.0, 12.0, CFG, first_step=True)
+    assert not t.is_hung("step", 100.0, 150.0, t.phase_timeout("step", 12.0, CFG, first_step=True))[0]
+    hung, reason = t.is_hung("step", 100.0, 201.0, t.phase_timeout("step", 12.0, CFG, first_step=True))
     assert hung and "first step's timeout 100s" in reason
-    assert t.is_hung("checkpoint", 100.0, 171.0, 12.0, CFG, first_step=True)[0]  # other phases keep theirs
+    assert t.is_hung("checkpoint", 100.0, 171.0, t.phase_timeout("checkpoint", 12.0, CFG, first_step=True))[
+        0
+    ]  # other phases keep theirs
 
 
 def test_the_tracker_knows_when_a_ranks_first_step_is_under_way():
