@@ -65,7 +65,8 @@ class Fault:
     """How long the runner waits for `ready` before recording the fault as not injected."""
     causes: ClassVar[frozenset[str]] = frozenset()
     """The ledger's `failure` kinds the fault sets off, at most one of each per injection: a drill with any
-    other failure raised a false alarm (a restart the run paid for nothing)."""
+    other failure raised a false alarm (a restart the run paid for nothing). Unless `detects` says otherwise,
+    such a failure is also how the drill sees that the run noticed the fault."""
     armed_ahead: ClassVar[bool] = False
     """With a step trigger, `arm_at` writes the fault into RUN_DIR/faults.json before the run starts, for
     exactly that step (the rank inflicts it on itself), instead of `inject` acting when the step passed."""
@@ -81,17 +82,11 @@ class Fault:
         raise NotImplementedError
 
     def detects(self, inj: Injection, rec: dict[str, Any], d: Drill) -> bool:
-        raise NotImplementedError
+        """By default the run noticed the fault by the failure it sets off (a kind of its `causes`)."""
+        return rec.get("event") == "failure" and rec.get("kind") in self.causes
 
     def cleanup(self, d: Drill, inj: Injection) -> None:
         """Undo lasting damage (called once the fault was detected, or given up on)."""
-
-
-def _failure(kind: str):
-    def detects(self, inj: Injection, rec: dict[str, Any], d: Drill) -> bool:
-        return rec.get("event") == "failure" and rec.get("kind") == kind
-
-    return detects
 
 
 def _signal_rank(d: Drill, sig: signal.Signals) -> dict[str, Any]:
@@ -105,7 +100,6 @@ class KillRank(Fault):
 
     name = "kill_rank"
     causes = frozenset({"rank_exit"})
-    detects = _failure("rank_exit")
 
     def inject(self, d: Drill) -> dict[str, Any]:
         return _signal_rank(d, signal.SIGKILL)
@@ -116,7 +110,6 @@ class HangRank(Fault):
 
     name = "hang_rank"
     causes = frozenset({"hang"})
-    detects = _failure("hang")
 
     def inject(self, d: Drill) -> dict[str, Any]:
         return _signal_rank(d, signal.SIGSTOP)
@@ -153,7 +146,6 @@ class KillDuringSave(Fault):
 
     name = "ckpt_write_kill"
     causes = frozenset({"rank_exit"})
-    detects = _failure("rank_exit")
 
     def ready(self, d: Drill) -> bool:
         return d.training() and d.save_in_flight() is not None
@@ -367,7 +359,7 @@ class GpuHealth(Fault):
     the drill treats as a requeue onto a repaired node (the scripted state is cleared before relaunch)."""
 
     name = "gpu_health"
-    causes = frozenset({"health"})
+    causes = frozenset({"health"})  # the drill clears the state when the supervisor exits UNHEALTHY_NODE
 
     def ready(self, d: Drill) -> bool:
         return d.training() and d.fake_nvml_file is not None
@@ -376,8 +368,6 @@ class GpuHealth(Fault):
         state = {"devices": [{"index": 0, "xids": [79]}]}
         atomic_write(d.fake_nvml_file, json.dumps(state))
         return {"node": d.node_name, "xid": 79}
-
-    detects = _failure("health")  # the drill clears the state when the supervisor exits UNHEALTHY_NODE
 
 
 FAULTS: dict[str, type[Fault]] = {
