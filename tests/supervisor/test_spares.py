@@ -173,9 +173,10 @@ def test_a_spare_dies_with_its_supervisor(tmp_path):
 
 
 FDS_BOUND = 4
-"""Open files the supervisor may hold after 100 restarts beyond its most after 10."""
+"""Open files the supervisor may hold after 100 restarts beyond its fewest after 10 (a leak raises the
+floor; a rank or spare starting or dying at the moment of a sample only adds a peak)."""
 RSS_BOUND = 16 * 2**20
-"""Resident memory the supervisor may gain between restart 10 and restart 100."""
+"""Resident memory the supervisor may gain between restart 10 and restart 100 (floor to floor, likewise)."""
 
 
 @pytest.mark.timeout(300)
@@ -216,9 +217,9 @@ def test_100_warm_restarts_leak_no_fds_processes_or_memory(tmp_path):
     early = [s for s in samples if 5 <= s[0] <= 15]
     late = [s for s in samples if s[0] >= restarts - 10]
     assert early and late
-    assert max(s[1] for s in late) <= max(s[1] for s in early) + FDS_BOUND
+    assert min(s[1] for s in late) <= min(s[1] for s in early) + FDS_BOUND
     assert max(s[2] for s in samples) <= 2 + 2 * DEPTH + 2  # two ranks, their spares (+ a dying rank not yet reaped)
-    assert max(s[3] for s in late) <= max(s[3] for s in early) + RSS_BOUND
+    assert min(s[3] for s in late) <= min(s[3] for s in early) + RSS_BOUND
 
 
 def test_status_shows_the_spares_and_their_memory(tmp_path):

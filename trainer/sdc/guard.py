@@ -233,10 +233,14 @@ class SdcGuard:
         )
 
     def report(self, finding: Finding, *, action: str, withdrawn: dict[str, list[int]]) -> None:
-        """Rank 0: the incident directory and the ledger record (sdc_confirmed when a rank is named,
-        else sdc_suspected: the run restarts from trusted state without blaming a node)."""
-        if self.rank != 0:
-            return
+        """All ranks: rank 0 writes the incident directory and the ledger record (sdc_confirmed when a rank
+        is named, else sdc_suspected: the run restarts from trusted state without blaming a node); no rank
+        returns before it is written, since a suspect's exit makes the supervisor stop every rank."""
+        if self.rank == 0:
+            self._record(finding, action=action, withdrawn=withdrawn)
+        dist.barrier()
+
+    def _record(self, finding: Finding, *, action: str, withdrawn: dict[str, list[int]]) -> None:
         topo = self.topology
         nodes = topo.nodes_of(finding.suspects)
         fields = {
