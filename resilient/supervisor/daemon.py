@@ -9,8 +9,8 @@ One attempt, on every slot of the allocation:
   the coordinator decides (restart, with spares in place of failed nodes, or stop with an exit code)
   -> every slot follows the decision. A coordinator that does not answer is replaced by an election
   among the survivors (failover.py); a side without a majority stops and touches nothing.
-Heartbeats are tracked in `tracking`, failures detected in `failures`, status published by
-`publishing`; this module sequences them. All process work happens on the main thread:
+Ranks are started by `launcher` (on warm spares), heartbeats tracked in `tracking`, failures detected in
+`failures`, status published by `publishing`; this module sequences them. All process work happens on the main thread:
 PR_SET_PDEATHSIG in the ranks follows the thread that forked them.
 """
 
@@ -37,7 +37,6 @@ from resilient.core.outcome import Outcome, exit_code_for
 from resilient.core.rundir import RunDir
 from resilient.core.secret import load_or_create
 from resilient.metrics.exporter import NodeMetrics
-from resilient.rank.env import DEFAULT_STOP_SIGNALS, FailureHistory, RankEnv
 from resilient.rank.heartbeat import HeartbeatServer
 from resilient.report.rank_steps import RankStepLog
 from resilient.supervisor import (
@@ -50,7 +49,6 @@ from resilient.supervisor import (
     progress,
     publishing,
     records,
-    spares,
     timeouts,
     watch,
 )
@@ -66,9 +64,10 @@ from resilient.supervisor.failover import NoMajority
 from resilient.supervisor.failures import Failure, FailureKind
 from resilient.supervisor.goodput_refresh import GoodputRefresh
 from resilient.supervisor.health_watch import HealthWatch
+from resilient.supervisor.launcher import RankLauncher
 from resilient.supervisor.liveness import Liveness
 from resilient.supervisor.lost_slots import LostSlots
-from resilient.supervisor.ranks import RankProcess, free_port, spawn, stop_all
+from resilient.supervisor.ranks import RankProcess, free_port, stop_all
 from resilient.supervisor.reports import NodeOutcome, NodeReport, RankExit, StopKind, StopRequest
 from resilient.supervisor.roster import Role, Roster
 from resilient.supervisor.run_dirs import RunDirs
@@ -129,7 +128,6 @@ class Supervisor:
         self._stop_seen = False
         self._status_due = publishing.Throttle(self.scfg.status_interval_s)  # the store's pace once it is open
         self._merge_due = publishing.Throttle(self.scfg.status_interval_s)
-        self._forged_keys: set[str] = set()
         self._final_exit: RankExit | None = None  # a rank's CONFIG_ERROR / CHECKPOINT_DAMAGED this attempt
         self._unhealthy: str | None = None  # this attempt's fatal verdict on this node, naming it
         self._spare_unhealthy: str | None = None  # a spare's own fatal verdict (its lease carries it)
@@ -151,7 +149,7 @@ class Supervisor:
         # exit_only: progress is the newest complete checkpoint, hangs are caught only for ranks that send heartbeats.
         self.exit_only = self.scfg.rank_protocol is RankProtocol.EXIT_ONLY
         self.progress_root = progress.progress_dir(self.scfg.progress_dir, cfg.checkpoint.dir, run_dir)
-        self.spares: spares.Spares | None = None
+        self.launcher: RankLauncher | None = None  # once the heartbeat socket is open
         self.dirs: RunDirs | None = None  # captured at the start of run()
 
     # -- entry point --------------------------------------------------------------------------------
@@ -182,8 +180,8 @@ class Supervisor:
             if self.liveness is not None:
                 self.liveness.stop()
             self.calibration.close()
-            if self.spares is not None:
-                self.spares.close()
+            if self.launcher is not None:
+                self.launcher.close()
             self.health.stop_monitor()
             if self.goodput is not None:
                 self.goodput.stop()
@@ -202,9 +200,12 @@ class Supervisor:
         if self.slot == 0 and self.metrics_port is not None:
             self.goodput = GoodputRefresh(self.run_dir, self.cfg.metrics.goodput_interval_s, self.metrics).start()
         self.server = HeartbeatServer(RunDir(self.run_dir).heartbeat_socket(self.slot))
-        self._start_spares()
+        argv = self.scfg.rank_argv(self.config_path, self.run_dir)
+        self.launcher = RankLauncher(self.scfg, self.topo, self.run_dir, argv, self.server.path)
+        self.launcher.park(self.plan, self.roster.node_rank(self.slot))
         sealer = Sealer(load_or_create(self.run_dir), self.topo.instance)
-        self.access = Access(self.topo, self.scfg, sealer, self._on_forged, self._on_store_limit)
+        complaints = records.StoreComplaints(self.run_dir, self.slot)
+        self.access = Access(self.topo, self.scfg, sealer, complaints.forged, complaints.limit)
         self.coord = Coordinator.open(self.access, coordinator=0, epoch=0)
         self._status_due.interval_s = self.coord.intervals.status_s
         self._merge_due.interval_s = self.coord.intervals.merge_s
@@ -375,51 +376,18 @@ class Supervisor:
         self._stop_seen = self._stop_seen or gate is Gate.STOP
         return gate
 
-    def _rank_specs(
-        self, port: int, attempt: int, node: int, history: FailureHistory = FailureHistory()
-    ) -> list[RankEnv]:
-        assert self.server is not None
-        nproc = self.scfg.nproc_per_node
-        return [
-            RankEnv(
-                rank=node * nproc + local,
-                local_rank=local,
-                world_size=len(self.plan.nodes) * nproc,
-                local_world_size=nproc,
-                node_rank=node,
-                node_name=self.topo.node_name,
-                master_addr=self.plan.host(self.plan.nodes[0]),
-                master_port=port,
-                attempt=attempt,
-                run_dir=self.run_dir,
-                heartbeat_socket=self.server.path,
-                supervisor_pid=os.getpid(),
-                allow_shared_dir=self.scfg.allow_shared_dir,
-                stop_signals=tuple(
-                    dict.fromkeys((self.scfg.stop_signal().name, *DEFAULT_STOP_SIGNALS, self.scfg.preempt_signal))
-                ),
-                history=history,
-            )
-            for local in range(nproc)
-        ]
-
     def _spawn_ranks(self) -> None:
-        assert self.coord is not None and self.node is not None
-        argv = self.scfg.rank_argv(self.config_path, self.run_dir)
+        assert self.coord is not None and self.node is not None and self.launcher is not None
         port = self._wait_for(lambda: self.coord.master_port(self.attempt), self.scfg.store_timeout_s)
         if port is None:
             raise CoordinationLost(f"no process-group port for attempt {self.attempt}")
-        self.ranks, views, warm, parked = [], [], 0, 0
-        for spec in self._rank_specs(port, self.attempt, self.node, self.calibration.history()):
-            taken = self.spares.take(spec, argv) if self.spares is not None else None
-            warm += taken is not None and taken.warm
-            parked += taken is not None
-            proc = taken.proc if taken is not None else spawn(spec, argv)
-            self.ranks.append(proc)
-            views.append(RankView(spec.rank, spec.local_rank, proc.pid, last_progress=proc.spawned_at))
-        self.tracker.track(views)
-        if self.spares is not None:
-            self.spares.handed_out(time.monotonic())
+        specs = self.launcher.specs(self.plan, port, self.attempt, self.node, self.calibration.history())
+        self.ranks = []
+        launched = self.launcher.launch(specs, time.monotonic())
+        self.ranks = launched.ranks
+        self.tracker.track(
+            [RankView(r.spec.rank, r.spec.local_rank, r.pid, last_progress=r.spawned_at) for r in self.ranks]
+        )
         ledger.append(
             self.run_dir,
             LedgerEvent.ATTEMPT_START,
@@ -427,38 +395,19 @@ class Supervisor:
             node=self.node,
             slot=self.slot,
             host=self.topo.node_name,
-            warm_ranks=warm,
-            spare_ranks=parked,
+            warm_ranks=launched.warm_ranks,
+            spare_ranks=launched.spare_ranks,
             pids=[r.pid for r in self.ranks],
         )
 
-    def _start_spares(self) -> None:
-        """Park `spares_per_rank` processes per local rank, if the rank command can be parked (else say why not)."""
-        if not self.scfg.warm_spares:
-            return
-        cmd, reason = spares.park_argv(
-            self.scfg.rank_argv(self.config_path, self.run_dir), sys.executable, self.scfg.warm_imports
-        )
-        print(f"resilient: slot {self.slot}: warm spares: {reason}", file=sys.stderr)
-        if cmd is not None:
-            self.spares = spares.Spares(
-                cmd, self.run_dir, self.slot, self.scfg.spares_per_rank, self.scfg.spare_refill_delay_s
-            )
-            self.spares.fill(self._spare_specs())
-
-    def _spare_specs(self) -> list[RankEnv]:
-        """Spares carry their future rank's identity, with placeholders (attempt -1, port 0, no failure
-        history) for what the assignment sets; a spare node's are node rank 0's."""
-        node = self.node if self.node is not None else self.roster.node_rank(self.slot)
-        return self._rank_specs(0, -1, node or 0)
-
     def _maybe_refill_spares(self, now: float) -> None:
         """Replace the spares the last attempt took, once its ranks step (`spares.refill_due`)."""
-        if self.spares is None or not self.spares.refill_pending:
+        if self.launcher is None or not self.launcher.refill_pending:
             return
         views = [self.tracker.views[r.spec.rank] for r in self.ranks]
         phases = [v.phase if v.last_heartbeat is not None else None for v in views]
-        if self.spares.refill_if_due(now, phases, self._spare_specs):
+        node = self.node if self.node is not None else self.roster.node_rank(self.slot)
+        if self.launcher.refill_if_due(now, phases, self.plan, node):
             self._status_due.force()  # their count and memory go out with the next status
 
     def _watch(self) -> NodeOutcome:
@@ -956,8 +905,8 @@ class Supervisor:
         everything here and exit, touching nothing the run still uses."""
         why = self.plan.why_out(self.slot) or "out of the run"
         stop_all(self.ranks, 0.0)
-        if self.spares is not None:
-            self.spares.close()
+        if self.launcher is not None:
+            self.launcher.close()
         unhealthy = self._unhealthy is not None or self._spare_unhealthy is not None
         outcome = Outcome.UNHEALTHY if unhealthy else Outcome.COORDINATION_LOST
         self.coord = None
@@ -989,8 +938,8 @@ class Supervisor:
             if row["heartbeat_age_s"] is not None and row["exit_code"] is None:
                 self.metrics.heartbeat_age(row["rank"], row["heartbeat_age_s"])
         spare = None
-        if self.spares is not None:
-            spare = self.spares.summary()
+        if self.launcher is not None and self.launcher.spares is not None:
+            spare = self.launcher.spares.summary()
             self.metrics.on_spares(spare["count"], spare["rss_bytes"])
         role = self.roster.role(self.slot)
         self.coord.publish_status(
@@ -1023,17 +972,6 @@ class Supervisor:
         )
 
     # -- waiting, signals, files -------------------------------------------------------------------
-
-    def _on_forged(self, key: str, reason: str) -> None:
-        """A store value that fails authentication: ignored, and recorded once per key."""
-        if key not in self._forged_keys:
-            self._forged_keys.add(key)
-            ledger.append(self.run_dir, LedgerEvent.AUTH_REJECTED, node=self.slot, key=key, reason=reason)
-            print(f"resilient: slot {self.slot}: rejected coordination value: {reason}", file=sys.stderr)
-
-    def _on_store_limit(self, why: str) -> None:
-        """The coordination store refused a write at a bound (keys, bytes, connections): said once per bound."""
-        print(f"resilient: slot {self.slot}: coordination store: {why}", file=sys.stderr, flush=True)
 
     def _sleep_interruptibly(self, seconds: float) -> None:
         assert self.wakeups is not None

@@ -1,5 +1,5 @@
 """The coordinator's ledger records of the run: its decisions, the nodes it takes out, a lost coordinator,
-an election won, a fence.
+an election won, a fence; and any slot's complaints about the coordination store.
 
 Side effects only (appends to RUN_DIR/ledger.jsonl): what goes in each record is decided elsewhere
 (decisions.py, election.py); these functions say it the same way wherever it is decided.
@@ -7,6 +7,7 @@ Side effects only (appends to RUN_DIR/ledger.jsonl): what goes in each record is
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +113,22 @@ def elected(run_dir: Path, host: str, slot: int, epoch: int, lost: int, attempt:
 
 def fenced(run_dir: Path, roster: Roster, slot: int, pid: int | None, ok: bool, detail: str) -> None:
     ledger.append(run_dir, LedgerEvent.FENCE, node=roster.name(slot), slot=slot, pid=pid, ok=ok, detail=detail)
+
+
+class StoreComplaints:
+    """What slot `slot` says when the coordination store misbehaves (the callbacks of its `Access`)."""
+
+    def __init__(self, run_dir: Path, slot: int) -> None:
+        self.run_dir, self.slot = run_dir, slot
+        self._forged_keys: set[str] = set()
+
+    def forged(self, key: str, reason: str) -> None:
+        """A store value that fails authentication: ignored, and recorded once per key."""
+        if key not in self._forged_keys:
+            self._forged_keys.add(key)
+            ledger.append(self.run_dir, LedgerEvent.AUTH_REJECTED, node=self.slot, key=key, reason=reason)
+            print(f"resilient: slot {self.slot}: rejected coordination value: {reason}", file=sys.stderr)
+
+    def limit(self, why: str) -> None:
+        """The hosted store refused a write at a bound (keys, bytes, connections)."""
+        print(f"resilient: slot {self.slot}: coordination store: {why}", file=sys.stderr, flush=True)

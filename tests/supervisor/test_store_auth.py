@@ -1,4 +1,4 @@
-"""Issues 14.1 and 23: the coordination store is bound to the named address, admits only clients that prove
+"""The coordination store is bound to the named address, admits only clients that prove
 the run's secret, bounds keys and bytes, answers within a deadline, and every value is sealed with the run's
 secret. A real supervisor (fake ranks) against an attacker process running as another uid."""
 
@@ -13,12 +13,16 @@ import socket
 import psutil
 import pytest
 
+from resilient.core import ledger
 from resilient.core.errors import ConfigError
+from resilient.core.events import LedgerEvent
 from resilient.core.exit_codes import ExitCode
 from resilient.core.kvstore import StoreClient, StoreLimits, StoreRefused, StoreUnavailable, host_store
 from resilient.core.secret import load_or_create
 from resilient.supervisor.auth import Forged, Sealer
 from resilient.supervisor.ranks import free_port
+from resilient.supervisor.records import StoreComplaints
+from resilient.supervisor.store import SealedStore
 from tests.safety.conftest import ATTACKER_PY, NOBODY, as_nobody
 from tests.supervisor.harness import events, start, steps_done, supervise_args, wait_until, write_config
 
@@ -92,7 +96,7 @@ def _progress(run_dir, step):
 
 
 def test_an_unprivileged_client_can_neither_read_write_stop_restart_nor_flood_the_store(tmp_path):
-    """Issues 14 and 23: what a local user who reaches the store port can do to a running supervisor: nothing."""
+    """What a local user who reaches the store port can do to a running supervisor: nothing."""
     cfg = write_config(tmp_path / "cfg.yaml", steps=300, nproc=2, health=False)
     run_dir, port = tmp_path / "run", free_port()
     os.chmod(tmp_path, 0o755)  # the attacker may look around; the run dir itself is 0700
@@ -151,6 +155,25 @@ def test_the_store_bounds_keys_and_bytes_and_says_so_once():
         assert client.multi_get(["a", "b", "d"]) == [b"w" * 100, b"v", None]  # nothing half-written
         assert said == ["key limit of 3 reached", "byte limit of 10000 reached"]  # one line per bound
         assert client.delete_prefix("") == 3 and server.bytes_held == 0
+    finally:
+        client.close()
+        server.close()
+
+
+def test_a_forged_value_is_ignored_and_recorded_once_per_key(tmp_path):
+    """A value another job's key (or a tamperer) wrote reads as absent; the slot records each such key once."""
+    sealer = Sealer(b"k" * 32, "test")
+    server = host_store("127.0.0.1", 0, sealer.store_key, StoreLimits(max_keys=10, max_bytes=10_000))
+    client = StoreClient("127.0.0.1", server.port, sealer.store_key, connect_timeout_s=5, op_timeout_s=5)
+    store = SealedStore(client, sealer, StoreComplaints(tmp_path, 3).forged)
+    try:
+        client.set("stop", Sealer(b"j" * 32, "test").seal("stop", {"reason": "not ours"}))
+        client.set("a/0/restart", sealer.seal("stop", {"reason": "moved from another key"}))
+        store.set("a/0/decision", {"restart": False})
+        for _ in range(3):
+            assert store.get_many(["stop", "a/0/restart", "a/0/decision"]) == [None, None, {"restart": False}]
+        rejected = [e for e in ledger.read(tmp_path) if e["event"] == LedgerEvent.AUTH_REJECTED]
+        assert [(e["key"], e["node"]) for e in rejected] == [("stop", 3), ("a/0/restart", 3)]
     finally:
         client.close()
         server.close()
