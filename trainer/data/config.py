@@ -34,3 +34,7 @@ class DataConfig(Section):
     """DataLoader worker processes per rank reading windows (0: read in the training process)."""
     prefetch_factor: int = Field(4, ge=1)
     """Micro-batches each DataLoader worker keeps ready ahead of the training loop."""
+    worker_timeout_s: float = Field(60.0, gt=0)
+    """Seconds the training loop waits for its workers' next micro-batch before it replaces them (once per
+    step; a worker that hangs at its start is replaced in-process instead of costing a restart). Keep it
+    under `supervisor.step_timeout_initial_s`."""

@@ -13,6 +13,7 @@ the loader at that position, with no replay.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from trainer.data.config import DataConfig
 from trainer.data.order import STATE_VERSION, GlobalOrder, check_resume, num_windows, rank_micro_batches
 from trainer.data.prepare import train_manifest_path, validation_meta_path
 from trainer.data.tokens import TokenStream
+
+log = logging.getLogger(__name__)
 
 
 class WindowDataset(Dataset):
@@ -76,6 +79,7 @@ class TrainLoader:
         dp_size: int,
         num_workers: int,
         prefetch_factor: int,
+        worker_timeout_s: float = 60.0,
     ) -> None:
         rank_micro_batches(0, global_batch, micro_batch, dp_rank, dp_size)  # validates the layout
         self.dataset = dataset
@@ -84,6 +88,7 @@ class TrainLoader:
         self.global_batch, self.micro_batch, self.dp_rank, self.dp_size = global_batch, micro_batch, dp_rank, dp_size
         self.grad_accum = global_batch // (micro_batch * dp_size)
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.worker_timeout_s = worker_timeout_s
         self.consumed_samples = 0
         self._it: Iterator[torch.Tensor] | None = None
 
@@ -98,14 +103,26 @@ class TrainLoader:
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
             persistent_workers=False,
             pin_memory=False,
+            timeout=self.worker_timeout_s if self.num_workers else 0,
         )
         return iter(loader)
 
     def next_step(self) -> list[torch.Tensor]:
         """The `grad_accum` micro-batches of the next step, each [micro_batch, seq_len+1] int64."""
-        if self._it is None:
-            self._it = self._start()
-        batches = [next(self._it) for _ in range(self.grad_accum)]
+        for last in (False, True):
+            if self._it is None:
+                self._it = self._start()
+            try:
+                batches = [next(self._it) for _ in range(self.grad_accum)]
+                break
+            except RuntimeError as err:
+                # torch's words for a worker that did not deliver in time (one stuck at its start: seen after a
+                # fork); the step is fetched again from its first micro-batch by new workers, so the bits are
+                # those of an uninterrupted loader.
+                if last or "DataLoader timed out" not in str(err):
+                    raise
+                log.warning("data: %s waiting for a worker; replacing the workers", err)
+                self.close()
         self.consumed_samples += self.global_batch
         return batches
 
@@ -172,6 +189,7 @@ def build_train_loader(
         dp_size=dp_size,
         num_workers=cfg.num_workers,
         prefetch_factor=cfg.prefetch_factor,
+        worker_timeout_s=cfg.worker_timeout_s,
     )
 
 
