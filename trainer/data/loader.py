@@ -79,7 +79,7 @@ class TrainLoader:
         dp_size: int,
         num_workers: int,
         prefetch_factor: int,
-        worker_timeout_s: float = 60.0,
+        worker_timeout_s: float,
     ) -> None:
         rank_micro_batches(0, global_batch, micro_batch, dp_rank, dp_size)  # validates the layout
         self.dataset = dataset
